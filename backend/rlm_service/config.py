@@ -1,0 +1,159 @@
+"""Service configuration: one typed settings model, read from the environment and `.env`.
+
+Nothing else in the service reads `os.environ`; the settings object is built once at start
+(or by a test) and handed to whatever needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_size(value: object) -> object:
+    """Turn `"1GiB"`, `"500 MB"` or `"1048576"` into a number of bytes; leave other values to pydantic."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        return value
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=1)]
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable names are the field names, upper-cased."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True,
+        populate_by_name=True,
+    )
+
+    openai_api_base: str = Field(
+        "https://api.openai.com/v1",
+        validation_alias=AliasChoices("OPENAI_API_BASE", "OPENAI_BASE_URL", "openai_api_base"),
+    )
+    openai_api_key: SecretStr | None = None
+    openai_model_name: str | None = None
+    openai_sub_model_name: str | None = None
+
+    rlm_max_iterations: int = Field(20, ge=1, le=1000)
+    rlm_max_subcalls: int = Field(1000, ge=1)
+    rlm_subcall_concurrency: int = Field(16, ge=1, le=1024)
+    rlm_exec_timeout_s: float = Field(300.0, gt=0)
+    rlm_max_output_chars: int = Field(8192, ge=200)
+    rlm_context_preview_chars: int = Field(500, ge=0)
+    rlm_max_input_bytes: ByteSize = 1024**3
+    rlm_max_concurrent_runs: int = Field(32, ge=1)
+    rlm_worker_memory_mb: int = Field(4096, ge=64)
+    rlm_worker_network: Literal["off", "on"] = "off"
+    rlm_api_token: SecretStr | None = None
+    rlm_root_protocol: Literal["tools", "text"] = "tools"
+    rlm_repl: Literal["subprocess", "inprocess"] = "subprocess"
+
+    rlm_subcall_timeout_s: float = Field(120.0, gt=0)
+    """Wall time of one sub-LLM request (each attempt)."""
+    rlm_root_timeout_s: float = Field(300.0, gt=0)
+    """Wall time of one root-model request (each attempt)."""
+    rlm_model_retries: int = Field(3, ge=0, le=10)
+    """Retries of a failed model request (429, 5xx, timeouts) before giving up."""
+    rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["*"]
+    rlm_log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("openai_api_base")
+    @classmethod
+    def _check_base(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        return value.rstrip("/")
+
+    @field_validator("openai_model_name", "openai_sub_model_name")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @property
+    def root_model(self) -> str | None:
+        return self.openai_model_name
+
+    @property
+    def sub_model(self) -> str | None:
+        return self.openai_sub_model_name or self.openai_model_name
+
+    @property
+    def endpoint_is_local(self) -> bool:
+        """Whether the endpoint is on this machine or a private network (no key needed there)."""
+        host = urlsplit(self.openai_api_base).hostname or ""
+        if host == "localhost" or host.endswith(".local") or host.endswith(".internal") or "." not in host:
+            return True
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return address.is_private or address.is_loopback or address.is_link_local
+
+    @property
+    def api_key_configured(self) -> bool:
+        return self.openai_api_key is not None and bool(self.openai_api_key.get_secret_value())
+
+    def api_key_value(self) -> str:
+        """The key to send, or a placeholder for local servers that take none."""
+        if self.api_key_configured:
+            assert self.openai_api_key is not None
+            return self.openai_api_key.get_secret_value()
+        return "not-needed"
+
+    def setup_problem(self) -> str | None:
+        """Why runs cannot start with this configuration, or None when they can."""
+        if not self.openai_model_name:
+            return "No model configured: set OPENAI_MODEL_NAME (and OPENAI_API_BASE for a non-OpenAI endpoint)."
+        if not self.api_key_configured and not self.endpoint_is_local:
+            return (f"No API key for {self.openai_api_base}: set OPENAI_API_KEY, "
+                    "or point OPENAI_API_BASE at a local server.")
+        return None
+
+
+def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...]) -> str:
+    name = str(loc[0]) if loc else "?"
+    field = settings_cls.model_fields.get(name)
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        return str(field.validation_alias.choices[0])
+    return name.upper()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning a validation failure into one line that names the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = _field_env_name(Settings, tuple(first["loc"]))
+        given = first.get("input")
+        secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN")
+        shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}{shown}") from None

@@ -1,0 +1,49 @@
+"""What the controller sees of a REPL, whichever kind runs the code."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+AsyncBatch = Callable[[list[str]], Awaitable[list[str]]]
+"""Serves `llm_batch` on the server's event loop: prompts in, replies (or `Error: …`) out, in order."""
+
+
+class ReplError(Exception):
+    """The REPL itself failed (not the generated code): the run cannot go on."""
+
+
+@dataclass
+class ReplOptions:
+    max_output_chars: int = 8192
+    memory_mb: int = 4096
+    network: bool = False
+    cpu_seconds: int = 3600
+    sandbox: bool = True
+
+
+@dataclass
+class CellOutcome:
+    """One executed cell as the controller reports it."""
+
+    stdout: str
+    error: str | None
+    truncated: bool
+    duration_ms: int
+    answer_content: str
+    answer_ready: bool
+    notes: list[str] = field(default_factory=list)
+    restarted: bool = False
+    """The REPL was restarted during this cell: every variable but the provided ones is gone."""
+
+
+class Repl(Protocol):
+    async def start(self) -> None:
+        """Load the input and get ready to run cells."""
+
+    async def execute(self, code: str, timeout: float) -> CellOutcome:
+        """Run one cell; errors in the code come back in the outcome, never as exceptions."""
+
+    async def close(self) -> None:
+        """Stop everything this REPL started. Safe to call twice and from a cancelled task."""

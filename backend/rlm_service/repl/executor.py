@@ -1,0 +1,181 @@
+"""Runs generated code cells in one persistent namespace, as a notebook kernel would.
+
+Standard library only: the REPL worker imports this module. The same class serves the `subprocess`
+worker and the `inprocess` REPL; what differs is who provides `llm_batch` underneath.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import linecache
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .capture import BoundedText, StreamRouter, activate, deactivate, install_router
+
+BatchFn = Callable[[list[str]], list[str]]
+
+PROTECTED = ("context", "input_data", "llm_query", "llm_batch")
+
+
+@dataclass
+class CellResult:
+    """What one cell did: the text the root model sees, the error, and the answer afterwards."""
+
+    stdout: str
+    error: str | None
+    truncated: bool
+    answer_content: str
+    answer_ready: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _make_llm_functions(batch: BatchFn) -> tuple[Callable[[str], str], Callable[[Iterable[str]], list[str]]]:
+    def llm_batch(prompts: Iterable[str]) -> list[str]:
+        """Ask the sub-model every prompt in parallel; results come back in the same order.
+
+        A call that failed after retries yields a string starting with "Error:"; the others are kept.
+        """
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("llm_batch() takes a list of prompts; for one prompt use llm_query()")
+        items = list(prompts)
+        for index, prompt in enumerate(items):
+            if not isinstance(prompt, str):
+                raise TypeError(f"llm_batch(): prompt {index} is {type(prompt).__name__}, not str")
+        if not items:
+            return []
+        return batch(items)
+
+    def llm_query(prompt: str) -> str:
+        """Ask the sub-model one prompt and return its reply (a string starting with "Error:" on failure)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"llm_query() takes a str, not {type(prompt).__name__}")
+        return batch([prompt])[0]
+
+    return llm_query, llm_batch
+
+
+def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
+    """A traceback that shows only the generated code's frames, then the exception itself."""
+    if isinstance(exc, SyntaxError):
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
+              if frame.filename.startswith(filename_prefix)]
+    text = "".join(traceback.format_exception_only(type(exc), exc))
+    if frames:
+        text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + text
+    return text
+
+
+class CellRunner:
+    """One run's namespace and the cells executed in it."""
+
+    def __init__(self, context: str, batch: BatchFn, *, max_output_chars: int = 8192,
+                 extra_names: dict[str, Any] | None = None, capture_all_threads: bool = False,
+                 answer: str = "") -> None:
+        """`capture_all_threads`: also capture output of threads the code starts (one run per process)."""
+        llm_query, llm_batch = _make_llm_functions(batch)
+        self.max_output_chars = max_output_chars
+        self.capture_all_threads = capture_all_threads
+        self._protected: dict[str, Any] = {
+            "context": context, "input_data": context, "llm_query": llm_query, "llm_batch": llm_batch,
+            **(extra_names or {}),
+        }
+        self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+        self.namespace.update(self._protected)
+        self.namespace["answer"] = {"content": answer, "ready": False}
+        self._answer = (answer, False)
+        self.cells = 0
+        install_router()
+
+    @property
+    def answer(self) -> tuple[str, bool]:
+        return self._answer
+
+    def run(self, code: str) -> CellResult:
+        """Execute one cell; never raises for errors in the code itself."""
+        self.cells += 1
+        filename = f"<cell {self.cells}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        sink = BoundedText(self.max_output_chars)
+        token = activate(sink)
+        if self.capture_all_threads:
+            StreamRouter.fallback = sink
+        error: str | None = None
+        try:
+            self._execute(code, filename, sink)
+        except BaseException as exc:  # noqa: BLE001 - generated code may raise anything, SystemExit included
+            error = _format_error(exc)
+        finally:
+            deactivate(token)
+            StreamRouter.fallback = None
+        notes = self._restore_protected() + self._normalize_answer()
+        content, ready = self._answer
+        return CellResult(stdout=sink.getvalue(), error=error, truncated=sink.truncated,
+                          answer_content=content, answer_ready=ready, notes=notes)
+
+    def _execute(self, code: str, filename: str, sink: BoundedText) -> None:
+        tree = ast.parse(code, filename, "exec")
+        last: ast.expr | None = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = tree.body.pop().value  # type: ignore[attr-defined]
+        if tree.body:
+            exec(compile(tree, filename, "exec"), self.namespace)  # noqa: S102 - this is the REPL
+        if last is not None:
+            value = eval(compile(ast.Expression(last), filename, "eval"), self.namespace)  # noqa: S307
+            if value is not None:
+                self.namespace["_"] = value
+                text = repr(value)
+                if sink.total and not _ends_with_newline(sink):
+                    sink.write("\n")
+                sink.write(text)
+
+    def _restore_protected(self) -> list[str]:
+        notes = []
+        for name, value in self._protected.items():
+            if self.namespace.get(name) is not value:
+                self.namespace[name] = value
+                notes.append(f"`{name}` is provided by the REPL and was restored; store your own data "
+                             f"under another name.")
+        return notes
+
+    def _normalize_answer(self) -> list[str]:
+        value = self.namespace.get("answer")
+        previous_content, _ = self._answer
+        if isinstance(value, str):
+            value = {"content": value, "ready": False}
+            self.namespace["answer"] = value
+            note = ("`answer` must be a dict; your string was put in answer['content'] with ready=False. "
+                    "Use answer['content'] = ... and answer['ready'] = True.")
+            return [note] + self._normalize_answer()
+        if not isinstance(value, dict):
+            self.namespace["answer"] = {"content": previous_content, "ready": False}
+            self._answer = (previous_content, False)
+            return [f"`answer` must be a dict like {{'content': str, 'ready': bool}}, not "
+                    f"{type(value).__name__}; it was reset to its previous content."]
+        notes = []
+        content = value.get("content", "")
+        if not isinstance(content, str):
+            content = "" if content is None else str(content)
+            notes.append("answer['content'] was converted to str.")
+        ready = value.get("ready", False)
+        if not isinstance(ready, bool):
+            ready = bool(ready)
+            notes.append("answer['ready'] was converted to bool.")
+        if ready and not content.strip():
+            ready = False
+            notes.append("answer['ready'] was set but answer['content'] is empty, so it stays not ready.")
+        value["content"], value["ready"] = content, ready
+        self._answer = (content, ready)
+        return notes
+
+
+def _ends_with_newline(sink: BoundedText) -> bool:
+    value = sink.getvalue()
+    return not value or value.endswith("\n")

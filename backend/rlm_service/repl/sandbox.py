@@ -1,0 +1,357 @@
+"""The worker confines itself before it runs any generated code. Standard library only.
+
+Layers, each applied when the kernel and the worker's privileges allow it (`apply` reports which):
+
+- resource limits: address space, CPU time, processes, file size, no core dumps;
+- when started as root: a per-run unprivileged uid, with every capability dropped except, where the
+  Python installation is not world-readable, CAP_DAC_READ_SEARCH (Landlock then limits what it can read);
+- `no_new_privs`, and death when the server dies;
+- Landlock: read-only access to the Python installation and system libraries, read-write access to the
+  worker's own directory only, and (ABI 6+) no signals or abstract sockets outside the worker's own
+  process tree;
+- seccomp: no `socket()` when networking is off, no ptrace, process_vm_*, io_uring, bpf, namespaces,
+  keyrings, no leaving the worker's process group, and no signal to the server's pid.
+
+None of it needs privileges: an unprivileged server gets every layer but the uid switch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import resource
+import signal
+import stat
+import struct
+import sys
+from dataclasses import dataclass, field
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
+PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+SECCOMP_MODE_FILTER = 2
+CAP_DAC_READ_SEARCH = 2
+
+_ARCH = platform.machine()
+# Syscall numbers for the two architectures we ship on.
+_SYSCALLS = {
+    "x86_64": dict(
+        socket=41, ptrace=101, kill=62, tkill=200, tgkill=234, setsid=112, setpgid=109, capset=126,
+        process_vm_readv=310, process_vm_writev=311, io_uring_setup=425, io_uring_enter=426,
+        io_uring_register=427, pidfd_open=434, pidfd_send_signal=424, unshare=272, setns=308, mount=165,
+        bpf=321, userfaultfd=323, perf_event_open=298, keyctl=250, add_key=248, request_key=249,
+        clone=56, clone3=435, landlock_create_ruleset=444, landlock_add_rule=445,
+        landlock_restrict_self=446,
+    ),
+    "aarch64": dict(
+        socket=198, ptrace=117, kill=129, tkill=130, tgkill=131, setsid=157, setpgid=154, capset=91,
+        process_vm_readv=270, process_vm_writev=271, io_uring_setup=425, io_uring_enter=426,
+        io_uring_register=427, pidfd_open=434, pidfd_send_signal=424, unshare=97, setns=268, mount=40,
+        bpf=280, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
+        clone=220, clone3=435, landlock_create_ruleset=444, landlock_add_rule=445,
+        landlock_restrict_self=446,
+    ),
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+@dataclass
+class SandboxOptions:
+    memory_mb: int = 4096
+    cpu_seconds: int = 3600
+    extra_processes: int = 256
+    max_file_bytes: int = 1024**3
+    network: bool = False
+    workdir: str = "."
+    readable_files: list[str] = field(default_factory=list)
+    uid: int | None = None
+    server_pid: int | None = None
+
+
+@dataclass
+class SandboxReport:
+    """Which layers took effect, for the server's log and the security tests."""
+
+    layers: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _syscall(name: str, *args: object) -> int:
+    number = _SYSCALLS[_ARCH][name]
+    result = _libc.syscall(number, *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+    return result
+
+
+def _prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
+    if _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4),
+                   ctypes.c_ulong(arg5)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def die_with_parent(expected_parent: int | None) -> None:
+    """Get SIGKILL when the server dies; exit now if it already has."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os._exit(0)
+
+
+# --- uid switch ------------------------------------------------------------------------------
+
+def _world_traversable(path: str) -> bool:
+    """Whether a user with no special rights can reach and read `path`."""
+    current = os.path.realpath(path)
+    while True:
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return False
+        needed = stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
+        if not mode & needed:
+            return False
+        parent = os.path.dirname(current)
+        if parent == current:
+            return True
+        current = parent
+
+
+def _capset(effective: int, permitted: int) -> None:
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = struct.pack("=6I", effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, 0,
+                       effective >> 32, permitted >> 32, 0)
+    hbuf = ctypes.create_string_buffer(header, len(header))
+    dbuf = ctypes.create_string_buffer(data, len(data))
+    _syscall("capset", hbuf, dbuf)
+
+
+def drop_to_uid(uid: int, needed_paths: list[str]) -> str:
+    """As root, become `uid` with no capabilities (but read-search where the install needs it)."""
+    keep = 0 if all(_world_traversable(p) for p in needed_paths) else 1 << CAP_DAC_READ_SEARCH
+    for cap in range(64):
+        try:
+            _prctl(PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # past the last capability this kernel knows
+                break
+            raise
+    _prctl(PR_SET_KEEPCAPS, 1)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    _capset(keep, keep)
+    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    return f"uid {uid}" + (" (+read-search)" if keep else "")
+
+
+# --- resource limits -------------------------------------------------------------------------
+
+def _tasks_of_uid(uid: int) -> int:
+    count = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                text = status.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        if fields.get("Uid", "").split()[:1] == [str(uid)]:
+            count += int(fields.get("Threads", "1"))
+    return count
+
+
+def set_limits(options: SandboxOptions) -> None:
+    memory = options.memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_CPU, (options.cpu_seconds, options.cpu_seconds + 5))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (options.max_file_bytes, options.max_file_bytes))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    nproc = _tasks_of_uid(os.getuid()) + options.extra_processes
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+# --- Landlock --------------------------------------------------------------------------------
+
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+_LL_READ = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
+_LL_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1,
+                 5: (1 << 16) - 1}
+_LL_SCOPE_ABSTRACT_UNIX, _LL_SCOPE_SIGNAL = 1, 2
+_LL_RULE_PATH_BENEATH = 1
+
+_SYSTEM_READ_PATHS = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/proc",
+                      "/sys/devices/system/cpu", "/dev/urandom", "/dev/random", "/dev/zero",
+                      "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
+                      "/etc/pki", "/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf",
+                      "/etc/gai.conf", "/etc/host.conf", "/etc/services", "/etc/protocols",
+                      "/etc/mime.types", "/etc/passwd", "/etc/group", "/etc/matplotlibrc"]
+
+
+def python_paths() -> list[str]:
+    """Directories the interpreter and its packages are loaded from."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def landlock_abi() -> int:
+    try:
+        return _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    except OSError:
+        return 0
+
+
+def _add_path_rule(ruleset: int, path: str, access: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        attr = struct.pack("=Qi", access, fd)
+        buf = ctypes.create_string_buffer(attr, len(attr))
+        _syscall("landlock_add_rule", ctypes.c_int(ruleset), ctypes.c_int(_LL_RULE_PATH_BENEATH), buf,
+                 ctypes.c_uint32(0))
+    finally:
+        os.close(fd)
+
+
+def apply_landlock(options: SandboxOptions, abi: int) -> str:
+    handled = _LL_FS_BY_ABI.get(abi, _LL_FS_BY_ABI[5])
+    scoped = (_LL_SCOPE_ABSTRACT_UNIX | _LL_SCOPE_SIGNAL) if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("=QQQ", handled, 0, scoped)
+    elif abi >= 4:
+        attr = struct.pack("=QQ", handled, 0)
+    else:
+        attr = struct.pack("=Q", handled)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = _syscall("landlock_create_ruleset", buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    try:
+        file_read = _LL_EXECUTE | _LL_READ_FILE
+        for path in _SYSTEM_READ_PATHS + python_paths():
+            is_dir = os.path.isdir(path)
+            _add_path_rule(ruleset, path, (_LL_READ if is_dir else file_read) & handled)
+        for path in options.readable_files:
+            _add_path_rule(ruleset, path, _LL_READ_FILE)
+        _add_path_rule(ruleset, "/dev/null", _LL_READ_FILE | _LL_WRITE_FILE)
+        _add_path_rule(ruleset, options.workdir, handled)
+        _syscall("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint32(0))
+    finally:
+        os.close(ruleset)
+    return f"landlock (ABI {abi}{', signal scope' if scoped else ''})"
+
+
+# --- seccomp ---------------------------------------------------------------------------------
+
+_RET_ALLOW = 0x7FFF0000
+_RET_KILL = 0x80000000
+
+
+def _errno(code: int) -> int:
+    return 0x00050000 | code
+
+
+def _stmt(code: int, k: int) -> bytes:
+    return struct.pack("=HBBI", code, 0, 0, k & 0xFFFFFFFF)
+
+
+def _jump(code: int, k: int, jt: int, jf: int) -> bytes:
+    return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+_LD_NR = _stmt(0x20, 0)          # A = seccomp_data.nr
+_LD_ARCH = _stmt(0x20, 4)        # A = seccomp_data.arch
+_LD_ARG0 = _stmt(0x20, 16)       # A = low 32 bits of args[0]
+_JEQ, _JGE, _JSET, _JA, _RET = 0x15, 0x35, 0x45, 0x05, 0x06
+
+
+def _deny_if_arg0(nr: int, values: list[int], reply: int) -> list[bytes]:
+    """If the syscall is `nr` and its first argument (32 bits) is one of `values`, return `reply`."""
+    count = len(values)
+    prog = [_jump(_JEQ, nr, 0, count + 3), _LD_ARG0]
+    for index, value in enumerate(values):
+        prog.append(_jump(_JEQ, value & 0xFFFFFFFF, count - index, 0))
+    prog += [_stmt(_JA, 1), _stmt(_RET, reply), _LD_NR]
+    return prog
+
+
+def build_seccomp_filter(options: SandboxOptions) -> bytes:
+    numbers = _SYSCALLS[_ARCH]
+    eperm = _errno(errno.EPERM)
+    prog: list[bytes] = [_LD_ARCH, _jump(_JEQ, _AUDIT_ARCH[_ARCH], 1, 0), _stmt(_RET, _RET_KILL), _LD_NR]
+    if _ARCH == "x86_64":  # the x32 ABI has its own numbers; refuse it outright
+        prog += [_jump(_JGE, 0x40000000, 0, 1), _stmt(_RET, eperm)]
+    denied = ["ptrace", "process_vm_readv", "process_vm_writev", "io_uring_setup", "io_uring_enter",
+              "io_uring_register", "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key",
+              "request_key", "unshare", "setns", "mount", "setsid", "setpgid", "tkill",
+              "pidfd_send_signal"]
+    if not options.network:
+        denied.append("socket")
+    for name in denied:
+        reply = _errno(errno.EACCES) if name == "socket" else eperm
+        prog += [_jump(_JEQ, numbers[name], 0, 1), _stmt(_RET, reply)]
+    # clone3 hides its flags in memory: make libc fall back to clone(), whose flags we can read.
+    prog += [_jump(_JEQ, numbers["clone3"], 0, 1), _stmt(_RET, _errno(errno.ENOSYS))]
+    namespaces = 0x7E020000
+    prog += [_jump(_JEQ, numbers["clone"], 0, 4), _LD_ARG0, _jump(_JSET, namespaces, 0, 1),
+             _stmt(_RET, eperm), _LD_NR]
+    if options.server_pid:
+        pid = options.server_pid
+        prog += _deny_if_arg0(numbers["kill"], [pid, -pid, -1], eperm)
+        prog += _deny_if_arg0(numbers["tgkill"], [pid], eperm)
+        prog += _deny_if_arg0(numbers["pidfd_open"], [pid], eperm)
+    prog.append(_stmt(_RET, _RET_ALLOW))
+    return b"".join(prog)
+
+
+def apply_seccomp(options: SandboxOptions) -> str:
+    program = build_seccomp_filter(options)
+    count = len(program) // 8
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("=HxxxxxxQ", count, ctypes.addressof(code))
+    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fbuf))
+    return "seccomp" + ("" if options.network else " (no sockets)")
+
+
+# --- all together ----------------------------------------------------------------------------
+
+def apply(options: SandboxOptions) -> SandboxReport:
+    """Confine the calling process; layers the system cannot provide are listed as skipped."""
+    report = SandboxReport()
+    if options.uid is not None and os.geteuid() == 0:
+        needed = python_paths() + options.readable_files + [options.workdir]
+        report.layers.append(drop_to_uid(options.uid, needed))
+    set_limits(options)
+    report.layers.append("rlimits")
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    abi = landlock_abi()
+    if abi:
+        try:
+            report.layers.append(apply_landlock(options, abi))
+        except OSError as exc:
+            report.skipped["landlock"] = str(exc)
+    else:
+        report.skipped["landlock"] = "not available in this kernel"
+    if _ARCH in _SYSCALLS:
+        try:
+            report.layers.append(apply_seccomp(options))
+        except OSError as exc:
+            report.skipped["seccomp"] = str(exc)
+    else:
+        report.skipped["seccomp"] = f"unsupported architecture {_ARCH}"
+    return report

@@ -1,0 +1,268 @@
+"""`RLM_REPL=subprocess`: each run's code runs in its own confined worker process.
+
+The server side of `worker.py`. It starts the worker with an empty environment (an allow-list, not a
+copy of ours), in the run's working directory, in a new session so that killing the process group
+takes every child along. While a cell runs it serves the worker's `llm_batch` requests on the event
+loop. A cell past its timeout, or a worker that dies, gets a fresh worker with `context` reloaded;
+the outcome says the variables were lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from . import protocol
+from .base import AsyncBatch, CellOutcome, ReplError, ReplOptions
+from .workspace import Workspace
+
+_BACKEND_DIR = str(Path(__file__).resolve().parents[2])
+_BOOT = (
+    "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.worker import main; "
+    "del sys.path[0]; main()"
+)
+_WORKER_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def worker_environment(workdir: Path) -> dict[str, str]:
+    """The whole environment of a worker: built here, never copied from the server's."""
+    return {
+        "PATH": _WORKER_PATH,
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
+    }
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "the worker process stopped answering"
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else ""
+        hint = " (most often: it ran out of memory or hit a process limit)" if returncode == -signal.SIGKILL else ""
+        return f"the worker process was killed by signal {-returncode} {name}{hint}".replace("  ", " ")
+    return f"the worker process exited with status {returncode}"
+
+
+class _Worker:
+    """One live worker process and its end of the channel."""
+
+    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, stderr_tail: deque[bytes]) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+        self.stderr_tail = stderr_tail
+        self.send_lock = asyncio.Lock()
+        self.layers: list[str] = []
+        self.skipped: dict[str, str] = {}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        async with self.send_lock:
+            self.writer.write(protocol.encode(message))
+            await self.writer.drain()
+
+    async def recv(self) -> dict[str, Any]:
+        try:
+            header = await self.reader.readexactly(protocol.HEADER.size)
+            (size,) = protocol.HEADER.unpack(header)
+            return protocol.decode(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise protocol.ChannelClosed() from exc
+
+    def kill(self, uid: int | None) -> None:
+        """SIGKILL the worker's whole process group (and, with a private uid, every process of it)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        if uid is not None:
+            _kill_uid(uid)
+        self.writer.close()
+
+    def stderr_text(self) -> str:
+        return b"".join(self.stderr_tail).decode("utf-8", "replace").strip()[-2000:]
+
+
+def _kill_uid(uid: int) -> None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+
+
+async def _drain_stderr(stream: asyncio.StreamReader, tail: deque[bytes]) -> None:
+    with contextlib.suppress(Exception):
+        while chunk := await stream.read(4096):
+            tail.append(chunk)
+
+
+class SubprocessRepl:
+    """A REPL whose cells run in a confined worker process, restarted when a cell is killed."""
+
+    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions) -> None:
+        self.workspace = workspace
+        self.batch = batch
+        self.options = options
+        self._worker: _Worker | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._answer_content = ""
+        self.starts = 0
+
+    @property
+    def layers(self) -> list[str]:
+        return self._worker.layers if self._worker else []
+
+    async def start(self) -> None:
+        await self._spawn()
+
+    async def _spawn(self) -> None:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(child_sock.fileno()),
+                pass_fds=(child_sock.fileno(),), cwd=self.workspace.workdir,
+                env=worker_environment(self.workspace.workdir), start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+        tail: deque[bytes] = deque(maxlen=16)
+        assert process.stderr is not None
+        self._track(_drain_stderr(process.stderr, tail))
+        worker = _Worker(process, reader, writer, tail)
+        self._worker = worker
+        self.starts += 1
+        size = self.workspace.input_path.stat().st_size
+        await worker.send({
+            "op": "init", "input_path": str(self.workspace.input_path), "memory_mb": self.options.memory_mb,
+            "cpu_seconds": self.options.cpu_seconds, "network": self.options.network,
+            "max_output_chars": self.options.max_output_chars, "uid": self.workspace.worker_uid,
+            "server_pid": os.getpid(), "sandbox": self.options.sandbox, "answer": self._answer_content,
+        })
+        try:
+            async with asyncio.timeout(30 + size / 50e6):
+                ready = await worker.recv()
+        except (protocol.ChannelClosed, TimeoutError) as exc:
+            worker.kill(self.workspace.worker_uid)
+            await self._reap(worker)
+            detail = worker.stderr_text()
+            raise ReplError(f"the REPL worker did not start: {_describe_exit(worker.process.returncode)}"
+                            + (f": {detail}" if detail else "")) from exc
+        if ready["op"] != "ready":
+            worker.kill(self.workspace.worker_uid)
+            await self._reap(worker)
+            raise ReplError(f"the REPL worker did not start: {ready.get('error', ready)}")
+        worker.layers = list(ready.get("layers", []))
+        worker.skipped = dict(ready.get("skipped", {}))
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reap(self, worker: _Worker) -> None:
+        with contextlib.suppress(TimeoutError, ProcessLookupError):
+            async with asyncio.timeout(2):
+                await worker.process.wait()
+
+    async def _restart(self) -> None:
+        if self._worker is not None:
+            self._worker.kill(self.workspace.worker_uid)
+            await self._reap(self._worker)
+            self._worker = None
+        await self._spawn()
+
+    async def execute(self, code: str, timeout: float) -> CellOutcome:
+        if self._worker is None:
+            await self._spawn()
+        worker = self._worker
+        assert worker is not None
+        started = time.monotonic()
+        batches: set[asyncio.Task[None]] = set()
+        try:
+            async with asyncio.timeout(timeout):
+                await worker.send({"op": "exec", "code": code})
+                while True:
+                    message = await worker.recv()
+                    if message["op"] == "batch":
+                        task = asyncio.create_task(self._serve_batch(worker, message))
+                        batches.add(task)
+                        task.add_done_callback(batches.discard)
+                    elif message["op"] == "done":
+                        outcome = self._outcome(message, started)
+                        self._answer_content = outcome.answer_content
+                        return outcome
+        except TimeoutError:
+            reason = (f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped "
+                      "(RLM_EXEC_TIMEOUT_S).")
+        except (protocol.ChannelClosed, ConnectionError, ValueError):
+            await self._reap(worker)
+            reason = f"WorkerDied: {_describe_exit(worker.process.returncode)} while running this cell."
+            if worker.process.returncode == -signal.SIGKILL:
+                reason += f" The worker's memory limit is {self.options.memory_mb} MB."
+        finally:
+            for task in batches:
+                task.cancel()
+        await self._restart()
+        return CellOutcome(
+            stdout="", truncated=False, duration_ms=int((time.monotonic() - started) * 1000),
+            error=reason + " The REPL was restarted: every variable you defined is lost; `context`, the "
+                           "llm functions and answer['content'] are back.",
+            answer_content=self._answer_content, answer_ready=False, restarted=True,
+        )
+
+    async def _serve_batch(self, worker: _Worker, message: dict[str, Any]) -> None:
+        prompts = message.get("prompts")
+        request_id = message.get("id")
+        reply: dict[str, Any] = {"op": "reply", "id": request_id}
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            reply["error"] = "llm_batch() takes a list of strings"
+        else:
+            try:
+                reply["results"] = await self.batch(prompts)
+            except Exception as exc:  # noqa: BLE001 - reported to the generated code, not raised here
+                reply["error"] = f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await worker.send(reply)
+
+    @staticmethod
+    def _outcome(message: dict[str, Any], started: float) -> CellOutcome:
+        return CellOutcome(
+            stdout=str(message.get("stdout", "")), error=message.get("error"),
+            truncated=bool(message.get("truncated")), duration_ms=int((time.monotonic() - started) * 1000),
+            answer_content=str(message.get("answer_content", "")),
+            answer_ready=bool(message.get("answer_ready")), notes=list(message.get("notes", [])),
+        )
+
+    async def close(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill(self.workspace.worker_uid)
+        for task in list(self._tasks):
+            task.cancel()
+        if worker is not None:
+            await self._reap(worker)

@@ -1,0 +1,134 @@
+"""The REPL worker process: one per run, started by `SubprocessRepl`. Standard library only.
+
+It talks to the server over one inherited socket (file descriptor given as the only argument) using
+`protocol`; it confines itself with `sandbox`, loads `context` from a file and then runs cells on
+request. `llm_query`/`llm_batch` send a request frame and wait for the server's reply, so the worker
+never holds a key or opens a connection of its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import mmap
+import os
+import queue
+import socket
+import sys
+import threading
+from typing import Any
+
+from . import protocol, sandbox
+from .executor import CellRunner
+
+_CHUNK = 64 * 1024 * 1024
+
+
+def load_text(path: str) -> str:
+    """Read a UTF-8 file into one `str` without a second full-size copy when the file is ASCII.
+
+    The usual `read()` holds the bytes and the decoded text at once (twice the input). For ASCII,
+    by far the common case for logs and transcripts, the text is built in place chunk by chunk.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return ""
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        ascii_only = all(mapped[start:start + _CHUNK].isascii() for start in range(0, size, _CHUNK))
+        if not ascii_only:
+            return str(mapped, "utf-8", "replace")
+        text = _new_ascii_str(size)
+        data = id(text) + sys.getsizeof("") - 1  # compact ASCII strings keep their bytes after the header
+        for start in range(0, size, _CHUNK):
+            chunk = mapped[start:start + _CHUNK]
+            ctypes.memmove(data + start, chunk, len(chunk))
+            if hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED, start, len(chunk))
+        return text
+
+
+def _new_ascii_str(size: int) -> str:
+    new = ctypes.pythonapi.PyUnicode_New
+    new.restype = ctypes.py_object
+    new.argtypes = (ctypes.c_ssize_t, ctypes.c_uint32)
+    return new(size, 127)
+
+
+class Channel:
+    """The worker's end of the socket: a reader thread routes replies to waiting callers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, queue.SimpleQueue[dict[str, Any]]] = {}
+        self.commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        threading.Thread(target=self._read_forever, name="rlm-channel", daemon=True).start()
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._send_lock:
+            protocol.send_blocking(self.sock, message)
+
+    def _read_forever(self) -> None:
+        try:
+            while True:
+                message = protocol.recv_blocking(self.sock)
+                if message["op"] == "reply":
+                    waiter = self._waiting.pop(message.get("id", -1), None)
+                    if waiter is not None:
+                        waiter.put(message)
+                else:
+                    self.commands.put(message)
+        except (protocol.ChannelClosed, OSError, ValueError):
+            os._exit(0)  # the server is gone: nothing left to do
+
+    def batch(self, prompts: list[str]) -> list[str]:
+        request_id = next(self._ids)
+        waiter: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._waiting[request_id] = waiter
+        self.send({"op": "batch", "id": request_id, "prompts": prompts})
+        reply = waiter.get()
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+        results = reply.get("results")
+        if not isinstance(results, list) or len(results) != len(prompts):
+            raise RuntimeError("the server sent a malformed reply to llm_batch")
+        return [str(item) for item in results]
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    sock = socket.socket(fileno=fd)
+    init = protocol.recv_blocking(sock)
+    sandbox.die_with_parent(init.get("server_pid"))
+    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+    options = sandbox.SandboxOptions(
+        memory_mb=int(init["memory_mb"]), cpu_seconds=int(init["cpu_seconds"]),
+        network=bool(init["network"]), workdir=os.getcwd(), readable_files=[init["input_path"]],
+        uid=init.get("uid"), server_pid=init.get("server_pid"),
+    )
+    report = sandbox.apply(options) if init.get("sandbox", True) else sandbox.SandboxReport()
+    try:
+        context = load_text(init["input_path"])
+    except MemoryError:
+        protocol.send_blocking(sock, {"op": "failed", "error": "the input does not fit in the worker's "
+                                      f"memory limit ({options.memory_mb} MB)"})
+        return
+    channel = Channel(sock)
+    runner = CellRunner(context, channel.batch, max_output_chars=int(init["max_output_chars"]),
+                        capture_all_threads=True, answer=str(init.get("answer", "")))
+    channel.start()
+    channel.send({"op": "ready", "chars": len(context), "layers": report.layers, "skipped": report.skipped})
+    while True:
+        command = channel.commands.get()
+        if command is None or command["op"] == "exit":
+            return
+        if command["op"] == "exec":
+            result = runner.run(str(command.get("code", "")))
+            channel.send({"op": "done", **result.to_dict()})
+
+
+if __name__ == "__main__":
+    main()
