@@ -1,0 +1,232 @@
+"""The root loop: a PydanticAI agent writes code, the REPL runs it, events report every step.
+
+One `Controller` drives one run. With the `tools` protocol the agent has a single tool, `run_python`,
+whose calls run one at a time and in order; with `text` the agent has no tools and every ```repl or
+```python block of its reply runs. Either way the loop walks `agent.iter` node by node, so it can
+stop right after the cell that marks the answer ready, or when the iteration budget is spent.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic_ai import Agent, Tool
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
+from pydantic_ai.models import Model
+from pydantic_ai.usage import RunUsage as AgentUsage
+from pydantic_ai.usage import UsageLimits
+
+from . import prompts
+from .events import (AnswerEvent, CodeEvent, OutputEvent, SubcallsEvent, ThoughtEvent, Usage, UsageEvent,
+                     _Event)
+from .llm import SubcallSession
+from .repl.base import CellOutcome, Repl
+
+Emit = Callable[[_Event], None]
+
+_FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+PROGRESS_INTERVAL_S = 0.1
+
+
+def extract_code_blocks(text: str) -> tuple[list[str], str]:
+    """The ```repl/```python blocks of a reply, in order, and the prose around them."""
+    blocks = [match.group(1) for match in _FENCE.finditer(text)]
+    prose = _FENCE.sub("", text).strip()
+    return [block for block in blocks if block.strip()], prose
+
+
+@dataclass
+class RunLimits:
+    max_iterations: int
+    max_subcalls: int
+    exec_timeout_s: float
+    max_output_chars: int
+
+
+@dataclass
+class RunOutcome:
+    answer: str
+    ready: bool
+    iterations: int
+
+
+class _CellProgress:
+    """Throttled `subcalls` events for one cell, summed over the batches it sends."""
+
+    def __init__(self, emit: Callable[[int, int, int], None]) -> None:
+        self._emit = emit
+        self.done = self.failed = self.total = 0
+        self._last = 0.0
+
+    def batch_reporter(self) -> Callable[[int, int, int], None]:
+        base_done, base_failed, base_total = self.done, self.failed, self.total
+        first = True
+
+        def report(done: int, failed: int, total: int) -> None:
+            nonlocal first
+            self.done, self.failed, self.total = base_done + done, base_failed + failed, base_total + total
+            now = time.monotonic()
+            if first or self.done >= self.total or now - self._last >= PROGRESS_INTERVAL_S:
+                first = False
+                self._last = now
+                self._emit(self.done, self.failed, self.total)
+
+        return report
+
+
+class Controller:
+    """Drives one run's root model and REPL, emitting the contract's events through `emit`."""
+
+    def __init__(self, *, run_id: str, model: Model, protocol: str, limits: RunLimits, repl: Repl,
+                 subcalls: SubcallSession, emit: Emit, root_usage: Usage) -> None:
+        self.run_id = run_id
+        self.model = model
+        self.protocol = protocol
+        self.limits = limits
+        self.repl = repl
+        self.subcalls = subcalls
+        self.emit = emit
+        self.root_usage = root_usage
+        self.iteration = 0
+        self.answer = ("", False)
+        self.last_prose = ""
+        self._progress: _CellProgress | None = None
+        self._agent_usage = AgentUsage()
+
+    # --- the REPL's side ---------------------------------------------------------------------
+
+    async def serve_batch(self, prompts_: list[str]) -> list[str]:
+        """`llm_batch` for the REPL: runs the sub-calls and reports their progress."""
+        progress = self._progress or _CellProgress(self._emit_progress)
+        return await self.subcalls.batch(prompts_, progress.batch_reporter())
+
+    def _emit_progress(self, done: int, failed: int, total: int) -> None:
+        self.emit(SubcallsEvent(run_id=self.run_id, iteration=self.iteration, done=done, failed=failed,
+                                total=total))
+
+    async def run_cell(self, code: str) -> str:
+        """Run one cell, emit its events, and return the report the root model reads."""
+        if self.answer[1]:
+            return prompts.SKIPPED_AFTER_READY
+        self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
+        self._progress = _CellProgress(self._emit_progress)
+        try:
+            outcome = await self.repl.execute(code, self.limits.exec_timeout_s)
+        finally:
+            self._progress = None
+        self._report_outcome(outcome)
+        return prompts.cell_report(outcome, turns_left=self.limits.max_iterations - self.iteration)
+
+    def _report_outcome(self, outcome: CellOutcome) -> None:
+        self.emit(OutputEvent(run_id=self.run_id, iteration=self.iteration, stdout=outcome.stdout,
+                              error=outcome.error, truncated=outcome.truncated, duration_ms=outcome.duration_ms))
+        answer = (outcome.answer_content, outcome.answer_ready)
+        if answer != self.answer:
+            self.answer = answer
+            self.emit(AnswerEvent(run_id=self.run_id, content=answer[0], ready=answer[1]))
+
+    # --- the root model's side ---------------------------------------------------------------
+
+    def _agent(self) -> Agent[None, str]:
+        limits = prompts.PromptLimits(self.limits.max_iterations, self.limits.max_subcalls,
+                                      self.limits.exec_timeout_s, self.limits.max_output_chars)
+        tools = []
+        if self.protocol == "tools":
+            tools.append(Tool(self._run_python_tool(), name="run_python", sequential=True, takes_ctx=False))
+        return Agent(self.model, instructions=prompts.system_prompt(self.protocol, limits), tools=tools,
+                     output_type=str, retries=2)
+
+    def _run_python_tool(self) -> Callable[[str], object]:
+        async def run_python(code: str) -> str:
+            """Run Python code in the persistent REPL and return what it printed.
+
+            Args:
+                code: Python source. Variables persist between calls; `context`, `llm_query`,
+                    `llm_batch` and `answer` are predefined. The value of a bare last expression is
+                    shown, as in a notebook.
+            """
+            return await self.run_cell(code)
+
+        return run_python
+
+    def _usage_limits(self) -> UsageLimits:
+        # Our own iteration count is the real limit; this only keeps PydanticAI from stopping at 50.
+        return UsageLimits(request_limit=self.limits.max_iterations * 3 + 10)
+
+    def _note_response(self, response: ModelResponse) -> None:
+        texts = [part.content for part in response.parts if isinstance(part, TextPart) and part.content.strip()]
+        if not texts:
+            return
+        text = "\n\n".join(texts)
+        if self.protocol == "text":
+            _, text = extract_code_blocks(text)
+        if text.strip():
+            self.last_prose = text.strip()
+            self.emit(ThoughtEvent(run_id=self.run_id, iteration=self.iteration, text=text.strip()))
+
+    def _emit_usage(self) -> None:
+        self.root_usage.requests = self._agent_usage.requests
+        self.root_usage.input_tokens = self._agent_usage.input_tokens
+        self.root_usage.output_tokens = self._agent_usage.output_tokens
+        self.emit(UsageEvent(run_id=self.run_id, root=self.root_usage.model_copy(),
+                             sub=self.subcalls.usage.model_copy()))
+
+    async def _segment(self, agent: Agent[None, str], message: str,
+                       history: list[ModelMessage] | None) -> tuple[list[ModelMessage], str | None]:
+        """Walk one `agent.iter` run; returns the history and the reply text if the model ended in prose.
+
+        Returns early (reply None) once the answer is ready or the iteration budget is spent.
+        """
+        async with agent.iter(message, message_history=history, usage=self._agent_usage,
+                              usage_limits=self._usage_limits()) as run:
+            node = run.next_node
+            while not Agent.is_end_node(node):
+                if Agent.is_model_request_node(node):
+                    if self.iteration >= self.limits.max_iterations:
+                        return run.all_messages(), None
+                    self.iteration += 1
+                    node = await run.next(node)
+                    if Agent.is_call_tools_node(node):
+                        self._note_response(node.model_response)
+                elif Agent.is_call_tools_node(node):
+                    node = await run.next(node)
+                    if self.protocol == "tools":
+                        self._emit_usage()
+                    if self.answer[1]:
+                        return run.all_messages(), None
+                else:
+                    node = await run.next(node)
+            return run.all_messages(), str(node.data.output)
+
+    async def run(self, task_message: str) -> RunOutcome:
+        """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
+        agent = self._agent()
+        history: list[ModelMessage] | None = None
+        message = task_message
+        reminded = False
+        prose_answer = ""
+        while not self.answer[1] and self.iteration < self.limits.max_iterations:
+            history, reply = await self._segment(agent, message, history)
+            if reply is None:
+                break
+            blocks = extract_code_blocks(reply)[0] if self.protocol == "text" else []
+            if blocks:
+                reports = []
+                for number, code in enumerate(blocks, 1):
+                    report = await self.run_cell(code)
+                    reports.append(f"[block {number}]\n{report}" if len(blocks) > 1 else report)
+                self._emit_usage()
+                message = "\n\n".join(reports)
+                continue
+            if self.protocol == "text":
+                self._emit_usage()
+            if reminded:
+                prose_answer = self.last_prose
+                break
+            reminded = True
+            message = prompts.REMINDER_TEXT if self.protocol == "text" else prompts.REMINDER_TOOLS
+        content, ready = self.answer
+        return RunOutcome(answer=content or prose_answer, ready=ready, iterations=self.iteration)

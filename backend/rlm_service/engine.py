@@ -1,0 +1,261 @@
+"""The engine's public face: `async for event in engine.run(prompt, input)`.
+
+An `Engine` holds what runs share (settings, one HTTP connection pool, the root model, the sub-LLM
+client). Each call of `run` sets up a private workspace and REPL, drives a `Controller`, and yields
+the contract's events; the last one is always exactly one `final` or `error`.
+
+What cancels what: closing the `run` generator (or cancelling the task iterating it) cancels the
+run's driver task. That cancels the root model request or the cell in flight; the cell's pending
+sub-calls are cancelled with it; and the driver's `finally` kills the worker's process group and
+removes the workspace. Nothing of a run outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx2
+import openai
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_ai import exceptions as ai_exceptions
+from pydantic_ai.models import Model
+from pydantic_ai.models.openai import OpenAIChatModel
+from pydantic_ai.profiles.openai import OpenAIModelProfile
+from pydantic_ai.providers.openai import OpenAIProvider
+
+from . import prompts
+from .config import Settings
+from .controller import Controller, RunLimits
+from .events import (ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event,
+                     is_terminal)
+from .inputs import RunInput
+from .llm import ChatClient, ModelCallError, SubcallSession
+from .repl.base import Repl, ReplError, ReplOptions
+from .repl.inprocess_repl import InprocessRepl
+from .repl.subprocess_repl import SubprocessRepl
+from .repl.workspace import Workspace
+
+log = logging.getLogger("rlm_service")
+
+
+class RunSettings(BaseModel):
+    """Per-run settings a request may pass: each may only lower the server's configured value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_iterations: int | None = Field(None, ge=1)
+    max_subcalls: int | None = Field(None, ge=1)
+    exec_timeout_s: float | None = Field(None, ge=1)
+
+
+class SettingsRefused(ValueError):
+    """A per-run setting above the server's limit."""
+
+
+def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLimits:
+    requested = requested or RunSettings()
+    limits = RunLimits(max_iterations=settings.rlm_max_iterations, max_subcalls=settings.rlm_max_subcalls,
+                       exec_timeout_s=settings.rlm_exec_timeout_s, max_output_chars=settings.rlm_max_output_chars)
+    for name, env in (("max_iterations", "RLM_MAX_ITERATIONS"), ("max_subcalls", "RLM_MAX_SUBCALLS"),
+                      ("exec_timeout_s", "RLM_EXEC_TIMEOUT_S")):
+        value = getattr(requested, name)
+        if value is None:
+            continue
+        ceiling = getattr(limits, name)
+        if value > ceiling:
+            raise SettingsRefused(f"settings.{name} may not exceed the server's {env} ({ceiling:g})")
+        setattr(limits, name, value)
+    return limits
+
+
+def build_root_model(settings: Settings, http: httpx2.AsyncClient) -> OpenAIChatModel:
+    """The root model on PydanticAI, talking to the configured OpenAI-compatible endpoint."""
+    client = openai.AsyncOpenAI(base_url=settings.openai_api_base, api_key=settings.api_key_value(),
+                                http_client=http, max_retries=settings.rlm_model_retries,
+                                timeout=settings.rlm_root_timeout_s)
+    profile = None
+    if "api.openai.com" not in settings.openai_api_base:
+        # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
+        profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
+                                     openai_chat_supports_max_completion_tokens=False)
+    return OpenAIChatModel(settings.openai_model_name or "", provider=OpenAIProvider(openai_client=client),
+                           profile=profile)
+
+
+def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
+    """Map a failure to the contract's error code and a message for the user."""
+    if isinstance(exc, ai_exceptions.UsageLimitExceeded):
+        return "budget", f"The run hit a usage limit: {exc}"
+    status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+    if isinstance(exc, (ai_exceptions.ModelAuthenticationError, openai.AuthenticationError,
+                        openai.PermissionDeniedError)) or status in (401, 403):
+        return "auth", f"The model server refused the API key: {exc}. Check OPENAI_API_KEY."
+    if isinstance(exc, ModelCallError):
+        return ("auth" if exc.kind == "auth" else "model_unavailable"), str(exc)
+    if isinstance(exc, (ai_exceptions.ModelAPIError, ai_exceptions.UnexpectedModelBehavior, openai.APIError)):
+        return "model_unavailable", f"The root model failed: {exc}"
+    if isinstance(exc, ReplError):
+        return "internal", f"The REPL failed: {exc}"
+    if isinstance(exc, TimeoutError):
+        return "timeout", "The run took too long."
+    return "internal", f"Internal error: {type(exc).__name__}: {exc}"
+
+
+def _input_info(run_input: RunInput) -> InputInfo:
+    return InputInfo(chars=run_input.chars, lines=run_input.lines)
+
+
+class Engine:
+    """Runs RLM tasks. Use as `async with Engine(settings) as engine:`, then `engine.run(...)`."""
+
+    def __init__(self, settings: Settings, *, root_model: Model | Callable[[], Model] | None = None,
+                 http: httpx2.AsyncClient | None = None) -> None:
+        self.settings = settings
+        self._own_http = http is None
+        self.http = http or httpx2.AsyncClient(
+            limits=httpx2.Limits(max_connections=2048, max_keepalive_connections=512),
+            timeout=httpx2.Timeout(settings.rlm_subcall_timeout_s, connect=10.0),
+        )
+        self.sub_client = ChatClient(self.http, settings.openai_api_base, settings.api_key_value(),
+                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries)
+        self._root_model = root_model
+        self._default_root: Model | None = None
+        self.active_runs = 0
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._own_http:
+            await self.http.aclose()
+
+    def root_model(self) -> Model:
+        if callable(self._root_model) and not isinstance(self._root_model, Model):
+            return self._root_model()
+        if isinstance(self._root_model, Model):
+            return self._root_model
+        if self._default_root is None:
+            self._default_root = build_root_model(self.settings, self.http)
+        return self._default_root
+
+    async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
+                  *, run_id: str | None = None) -> AsyncIterator[_Event]:
+        """Run one task; yields its events, ending with exactly one `final` or `error`."""
+        limits = effective_limits(self.settings, settings)
+        run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
+        run_id = run_id or uuid.uuid4().hex[:16]
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        driver = asyncio.create_task(self._drive(run_id, prompt, run_input, limits, queue.put_nowait))
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if is_terminal(event):
+                    break
+        finally:
+            if not driver.done():
+                driver.cancel()
+            try:
+                await driver
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already reported as an event
+                pass
+
+    def _make_repl(self, workspace: Workspace, controller: Controller, limits: RunLimits) -> Repl:
+        options = ReplOptions(
+            max_output_chars=limits.max_output_chars, memory_mb=self.settings.rlm_worker_memory_mb,
+            network=self.settings.rlm_worker_network == "on",
+            cpu_seconds=int(limits.exec_timeout_s * limits.max_iterations) + 60,
+        )
+        kind = InprocessRepl if self.settings.rlm_repl == "inprocess" else SubprocessRepl
+        return kind(workspace, controller.serve_batch, options)
+
+    async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,
+                     emit: Callable[[_Event], None]) -> None:
+        started = time.monotonic()
+        usage = RunUsage()
+        settings = self.settings
+        sub_model = settings.sub_model or ""
+        controller: Controller | None = None
+        outcome = "error"
+        workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
+        self.active_runs += 1
+        try:
+            if run_input.path is not None:
+                workspace.adopt_input(run_input.path)
+            else:
+                await asyncio.to_thread(workspace.write_input, run_input.text or "")
+            emit(StartEvent(
+                run_id=run_id, model=settings.root_model or "", sub_model=sub_model, input=_input_info(run_input),
+                limits=Limits(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
+                              exec_timeout_s=limits.exec_timeout_s,
+                              subcall_concurrency=settings.rlm_subcall_concurrency,
+                              max_output_chars=limits.max_output_chars),
+                protocol=settings.rlm_root_protocol, repl=settings.rlm_repl,
+            ))
+            subcalls = SubcallSession(self.sub_client, sub_model, max_calls=limits.max_subcalls,
+                                      concurrency=settings.rlm_subcall_concurrency, usage=usage.sub)
+            controller = Controller(run_id=run_id, model=self.root_model(), protocol=settings.rlm_root_protocol,
+                                    limits=limits, repl=None, subcalls=subcalls, emit=emit,  # type: ignore[arg-type]
+                                    root_usage=usage.root)
+            repl = self._make_repl(workspace, controller, limits)
+            controller.repl = repl
+            try:
+                await repl.start()
+                preview = run_input.head[: settings.rlm_context_preview_chars]
+                message = prompts.task_message(prompt, chars=run_input.chars, lines=run_input.lines,
+                                               kind=prompts.describe_kind(run_input.head), preview=preview)
+                result = await controller.run(message)
+            finally:
+                await repl.close()
+            outcome = "final" if result.ready else "final (not ready)"
+            emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready, iterations=result.iterations,
+                            usage=usage, elapsed_ms=int((time.monotonic() - started) * 1000)))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure ends the stream with an error event
+            code, message = classify_error(exc)
+            outcome = f"error:{code}"
+            if code == "internal":
+                log.exception("run %s failed", run_id)
+            answer = controller.answer[0] if controller and controller.answer[0] else None
+            emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=answer))
+        finally:
+            workspace.remove()
+            run_input.discard()
+            self.active_runs -= 1
+            log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
+                     run_id, outcome, controller.iteration if controller else 0,
+                     controller.subcalls.used if controller else 0,
+                     controller.subcalls.failed if controller else 0,
+                     usage.root.input_tokens, usage.root.output_tokens, usage.sub.input_tokens,
+                     usage.sub.output_tokens, time.monotonic() - started)
+
+    def _redact(self, text: str) -> str:
+        key = self.settings.api_key_value()
+        return text.replace(key, "***") if self.settings.api_key_configured and key else text
+
+
+def run_blocking(settings: Settings, prompt: str, input_data: str = "", run_settings: RunSettings | None = None,
+                 *, on_event: Callable[[_Event], Any] | None = None, **engine_kwargs: Any) -> _Event:
+    """Run one task to the end from synchronous code; returns the terminal event."""
+
+    async def main() -> _Event:
+        async with Engine(settings, **engine_kwargs) as engine:
+            last: _Event | None = None
+            async for event in engine.run(prompt, input_data, run_settings):
+                if on_event:
+                    on_event(event)
+                last = event
+            assert last is not None
+            return last
+
+    return asyncio.run(main())

@@ -1,0 +1,102 @@
+"""A run's input: where it is, how big it is, and the preview the root model gets.
+
+An input is a string (JSON requests, the Python API) or a file spooled to disk as it arrives
+(uploads). `InputSpooler` writes an upload chunk by chunk, replacing undecodable UTF-8 bytes, counting
+characters and lines on the way and refusing it as soon as it passes the size limit, so the server
+never holds the whole upload in memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+HEAD_CHARS = 65536
+
+
+class InputTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the input is larger than RLM_MAX_INPUT_BYTES ({limit:,} bytes)")
+        self.limit = limit
+
+
+@dataclass
+class RunInput:
+    """The input of one run: either `text` in memory or a spooled file at `path` (owned by the run)."""
+
+    chars: int
+    lines: int
+    size_bytes: int
+    head: str
+    text: str | None = None
+    path: Path | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_text(cls, text: str) -> RunInput:
+        lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+        return cls(chars=len(text), lines=lines, size_bytes=len(text.encode("utf-8", "replace")),
+                   head=text[:HEAD_CHARS], text=text)
+
+    def discard(self) -> None:
+        """Remove the spooled file if nobody took it over."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class InputSpooler:
+    """Writes an upload to a temporary file as UTF-8, counting as it goes."""
+
+    def __init__(self, limit: int, *, directory: str | None = None, name: str | None = None) -> None:
+        self.limit = limit
+        self.name = name
+        fd, path = tempfile.mkstemp(prefix="rlm-upload-", suffix=".txt", dir=directory)
+        self.path = Path(path)
+        self._file = os.fdopen(fd, "wb")
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.received = 0
+        self.chars = 0
+        self.newlines = 0
+        self._last_char = ""
+        self._head: list[str] = []
+        self._head_len = 0
+        self.size_bytes = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Add a chunk; raises `InputTooLarge` (and removes the file) once past the limit."""
+        self.received += len(chunk)
+        if self.received > self.limit:
+            self.abort()
+            raise InputTooLarge(self.limit)
+        clean_ascii = not self._decoder.getstate()[0] and chunk.isascii()
+        self._write(self._decoder.decode(chunk), chunk if clean_ascii else None)
+
+    def _write(self, text: str, raw: bytes | None) -> None:
+        if not text:
+            return
+        self.chars += len(text)
+        self.newlines += text.count("\n")
+        self._last_char = text[-1]
+        if self._head_len < HEAD_CHARS:
+            piece = text[: HEAD_CHARS - self._head_len]
+            self._head.append(piece)
+            self._head_len += len(piece)
+        # ASCII chunks go out as they came; anything else is re-encoded from the repaired text.
+        data = raw if raw is not None else text.encode("utf-8")
+        self.size_bytes += len(data)
+        self._file.write(data)
+
+    def finish(self) -> RunInput:
+        self._write(self._decoder.decode(b"", final=True), None)
+        self._file.close()
+        lines = self.newlines + (1 if self.chars and self._last_char != "\n" else 0)
+        return RunInput(chars=self.chars, lines=lines, size_bytes=self.size_bytes, head="".join(self._head),
+                        path=self.path, name=self.name)
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)

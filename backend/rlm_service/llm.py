@@ -1,0 +1,215 @@
+"""Sub-LLM calls: `llm_query`/`llm_batch` as seen from the server.
+
+A `ChatClient` speaks the chat-completions protocol of any OpenAI-compatible endpoint over one shared
+`httpx2` connection pool (the transport the `openai` SDK itself uses, minus its per-request overhead,
+which dominates at high fan-out: see BENCHMARKS.md). It retries what is worth retrying (429, 5xx,
+timeouts, dropped connections, garbled replies), honouring `Retry-After`.
+
+A `SubcallSession` is one run's share: its budget of calls, its concurrency limit, its token usage.
+A failed call becomes an `Error: …` string in its slot; the other slots are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx2
+
+from .events import Usage
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_S = 60.0
+
+
+@dataclass
+class Completion:
+    text: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class ModelCallError(Exception):
+    """A model request that failed for good; `kind` is `auth`, `timeout` or `unavailable`."""
+
+    def __init__(self, message: str, *, kind: str = "unavailable", status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, delay: float | None = None, kind: str = "unavailable",
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.delay = delay
+        self.kind = kind
+        self.status = status
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse a `Retry-After` header: seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _error_detail(response: httpx2.Response) -> str:
+    try:
+        body = response.json()
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        if isinstance(message, str):
+            return message[:300]
+    except ValueError:
+        pass
+    return response.text[:300].strip()
+
+
+def parse_completion(payload: Any) -> Completion:
+    """Pull the reply text and usage out of a chat-completions response body."""
+    if not isinstance(payload, dict):
+        raise _Retry("the model server sent a reply that is not a JSON object")
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Retry("the model server sent a reply without choices")
+    message = choices[0].get("message") or {}
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, list):  # some servers send content parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if content is None:
+        reason = choices[0].get("finish_reason")
+        raise _Retry(f"the model returned no content (finish_reason: {reason})")
+    usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+    return Completion(
+        text=str(content),
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+class ChatClient:
+    """Chat completions against one OpenAI-compatible endpoint, with retries."""
+
+    def __init__(self, http: httpx2.AsyncClient, base_url: str, api_key: str, *, timeout: float = 120.0,
+                 retries: int = 3, backoff: float = 0.5) -> None:
+        self.http = http
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    async def complete(self, model: str, prompt: str) -> Completion:
+        """One user message in, the reply out; raises `ModelCallError` once retries are spent."""
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]},
+                          ensure_ascii=False).encode("utf-8", "surrogatepass")
+        last: _Retry | None = None
+        for attempt in range(self.retries + 1):
+            if last is not None:
+                delay = last.delay if last.delay is not None else self.backoff * 2 ** (attempt - 1)
+                await asyncio.sleep(min(delay, MAX_RETRY_AFTER_S) * (1 + 0.25 * random.random()))
+            try:
+                return await self._attempt(body)
+            except _Retry as retry:
+                last = retry
+        assert last is not None
+        raise ModelCallError(f"{last} (after {self.retries + 1} attempts)", kind=last.kind, status=last.status)
+
+    async def _attempt(self, body: bytes) -> Completion:
+        try:
+            response = await self.http.post(self.url, content=body, headers=self.headers, timeout=self.timeout)
+        except httpx2.TimeoutException as exc:
+            raise _Retry(f"the model server did not answer within {self.timeout:g} s", kind="timeout") from exc
+        except httpx2.TransportError as exc:
+            raise _Retry(f"could not reach the model server ({type(exc).__name__}: {exc})") from exc
+        status = response.status_code
+        if status in (401, 403):
+            raise ModelCallError(f"the model server refused the key (HTTP {status}): {_error_detail(response)}",
+                                 kind="auth", status=status)
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise _Retry(f"HTTP {status} from the model server: {_error_detail(response)}",
+                         delay=retry_after_seconds(response.headers.get("retry-after")), status=status)
+        if status >= 400:
+            raise ModelCallError(f"HTTP {status} from the model server: {_error_detail(response)}", status=status)
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise _Retry("the model server sent malformed JSON") from exc
+        return parse_completion(payload)
+
+
+ProgressFn = Callable[[int, int, int], None]
+"""Called with (done, failed, total) as the calls of one batch finish."""
+
+
+class SubcallSession:
+    """One run's sub-calls: a budget across all batches, a concurrency limit, summed usage."""
+
+    def __init__(self, client: ChatClient, model: str, *, max_calls: int, concurrency: int,
+                 usage: Usage | None = None) -> None:
+        self.client = client
+        self.model = model
+        self.max_calls = max_calls
+        self.used = 0
+        self.failed = 0
+        self.usage = usage if usage is not None else Usage()
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self.concurrency = concurrency
+
+    @property
+    def remaining(self) -> int:
+        return max(self.max_calls - self.used, 0)
+
+    async def query(self, prompt: str) -> str:
+        return (await self.batch([prompt]))[0]
+
+    async def batch(self, prompts: list[str], progress: ProgressFn | None = None) -> list[str]:
+        """Results in input order; failures and calls past the budget become `Error: …` strings."""
+        total = len(prompts)
+        allowed = min(total, self.remaining)
+        self.used += allowed
+        budget_note = (f"Error: sub-call budget exhausted ({self.max_calls} calls per run, "
+                       "RLM_MAX_SUBCALLS); this prompt was not sent.")
+        results: list[str] = [budget_note] * total
+        done = total - allowed
+        failed = total - allowed
+        self.failed += failed
+        if progress:
+            progress(done, failed, total)
+        pending = iter(range(allowed))
+
+        async def drain() -> None:
+            nonlocal done, failed
+            for index in pending:
+                async with self._semaphore:
+                    try:
+                        completion = await self.client.complete(self.model, prompts[index])
+                    except Exception as exc:  # noqa: BLE001 - every failure becomes its slot's text
+                        text = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
+                        results[index] = f"Error: {text}"
+                        failed += 1
+                        self.failed += 1
+                    else:
+                        results[index] = completion.text
+                        self.usage.add(1, completion.input_tokens, completion.output_tokens)
+                done += 1
+                if progress:
+                    progress(done, failed, total)
+
+        workers = min(allowed, self.concurrency)
+        if workers:
+            await asyncio.gather(*(drain() for _ in range(workers)))
+        return results

@@ -1,0 +1,126 @@
+"""Everything the root model reads: the system prompt, the task message, cell results, reminders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .repl.base import CellOutcome
+
+_COMMON = """\
+You are the controller of a Recursive Language Model. The user's input is NOT in this conversation: it
+sits in a persistent Python REPL as the string variable `context` (also called `input_data`). You only
+see its size, its shape and a short preview. It may be far larger than anything you could read, so you
+work on it with code and delegate the reading of pieces to a sub-model.
+
+In the REPL you have:
+- `context`: the whole input, a str.
+- `llm_query(prompt: str) -> str`: ask the sub-model one question and get its reply.
+- `llm_batch(prompts: list[str]) -> list[str]`: ask many questions in parallel; replies come back in the
+  same order. A reply that starts with "Error:" failed; the others are fine.
+- `answer`: a dict {{"content": str, "ready": bool}}. The run ends after the first cell that leaves
+  answer["ready"] True, and answer["content"] is what the user gets.
+Variables survive from cell to cell, also after an error. The standard library and numpy are
+available; the network is not. A cell may run for {exec_timeout_s:g} s at most. You have {max_iterations}
+turns and {max_subcalls} sub-model calls in all. Only the first {max_output_chars} characters or so of a
+cell's output come back to you, so print summaries and samples, never the whole input.
+
+How to work:
+1. Look first: print len(context), a few slices, the line structure, separators, formats. Never guess
+   what the data holds when you can check it.
+2. Compute what code can compute: counting, searching, parsing, arithmetic, statistics. Code is exact
+   and free; sub-model calls cost time and money.
+3. When the content must be read or understood, split it into chunks that each fit comfortably in the
+   sub-model's window (about 50,000 to 100,000 characters each is a good default), build one precise
+   prompt per chunk that includes the chunk and says exactly what to return, and send them all in
+   one `llm_batch` call. Keep the results in variables.
+4. Aggregate with code. If the partial results still need to be combined by a model, pass them to
+   `llm_query` (or another `llm_batch` when they are too long for one prompt).
+5. Write the answer into answer["content"], print it (or a check of it), and set answer["ready"] = True
+   only once output you have seen confirms it is complete and correct."""
+
+TOOLS_SYSTEM_PROMPT = _COMMON + """
+
+Run code by calling the `run_python` tool with the code as its argument. You may make several calls in
+one reply; they run one after another, in order. Keep prose short: the user sees your final answer
+through answer["content"], not through your messages."""
+
+TEXT_SYSTEM_PROMPT = _COMMON + """
+
+You run code by writing it in a fenced block that starts with ```repl (or ```python) and ends with ```.
+Every block in your reply runs, in order, and their outputs come back to you in the next message: do
+not guess at output in the same reply. Keep prose short: the user sees your final answer through
+answer["content"], not through your messages."""
+
+
+@dataclass
+class PromptLimits:
+    max_iterations: int
+    max_subcalls: int
+    exec_timeout_s: float
+    max_output_chars: int
+
+
+def system_prompt(protocol: str, limits: PromptLimits) -> str:
+    template = TEXT_SYSTEM_PROMPT if protocol == "text" else TOOLS_SYSTEM_PROMPT
+    return template.format(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
+                           exec_timeout_s=limits.exec_timeout_s, max_output_chars=limits.max_output_chars)
+
+
+def task_message(prompt: str, *, chars: int, lines: int, kind: str, preview: str) -> str:
+    """The first user message: the task, and what the input looks like (never the input itself)."""
+    shown = len(preview)
+    more = "" if shown >= chars else f" (the first {shown:,} of {chars:,} characters)"
+    return (
+        f"Task: {prompt}\n\n"
+        f"The input is in `context`: {chars:,} characters, {lines:,} lines, {kind}.\n"
+        f"Preview{more}:\n<<<\n{preview}\n>>>\n\n"
+        "Start by exploring `context` with code."
+    )
+
+
+def cell_report(outcome: CellOutcome, *, turns_left: int | None = None) -> str:
+    """What the root model reads after one cell ran."""
+    parts = []
+    if outcome.stdout:
+        cut = " (cut: print less, or print slices)" if outcome.truncated else ""
+        parts.append(f"Output{cut}:\n{outcome.stdout}")
+    if outcome.error:
+        parts.append(f"Error:\n{outcome.error.rstrip()}")
+    if not parts:
+        parts.append("(no output)")
+    parts.extend(f"Note: {note}" for note in outcome.notes)
+    state = "ready" if outcome.answer_ready else "not ready"
+    parts.append(f"[answer: {len(outcome.answer_content):,} characters, {state}]")
+    if turns_left is not None and turns_left <= 2:
+        parts.append(f"[{turns_left} turn{'s' if turns_left != 1 else ''} left: finish the answer and mark "
+                     "it ready]" if turns_left else "[no turns left]")
+    return "\n".join(parts)
+
+
+SKIPPED_AFTER_READY = "Not run: the answer was already marked ready by an earlier cell."
+
+REMINDER_TOOLS = (
+    "The answer is not marked ready yet, and the run only ends with answer['ready'] = True. Keep working "
+    "by calling run_python: build the answer in answer['content'], check it, then set answer['ready'] = True."
+)
+REMINDER_TEXT = (
+    "The answer is not marked ready yet, and the run only ends with answer['ready'] = True. Keep working "
+    "by writing code in a ```repl block: build the answer in answer['content'], check it, then set "
+    "answer['ready'] = True."
+)
+
+
+def describe_kind(head: str) -> str:
+    """A guess at the input's format from its first characters, for the task message."""
+    stripped = head.lstrip()
+    if not stripped:
+        return "empty" if not head else "whitespace only"
+    if stripped[0] in "[{":
+        return "looks like JSON"
+    first_lines = [line for line in head.splitlines()[:5] if line.strip()]
+    if len(first_lines) >= 2:
+        for sep, name in ((",", "CSV"), ("\t", "TSV")):
+            counts = {line.count(sep) for line in first_lines[:-1]}
+            if len(counts) == 1 and counts != {0}:
+                return f"looks like {name}"
+    return "plain text"

@@ -1,0 +1,129 @@
+"""`RLM_REPL=inprocess`: cells run in a thread of the server process. For trusted, single-user use.
+
+Limits, by design of running in-process: generated code can read everything the server can (its
+environment, its files, its memory, the API key included), it shares the server's memory, and a cell
+that blocks inside C code cannot be stopped. On timeout or cancellation we raise an exception inside
+the cell's thread, which stops pure-Python loops; a cell that still does not stop is abandoned, and
+the run goes on in a fresh namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import threading
+import time
+
+from .base import AsyncBatch, CellOutcome, ReplOptions
+from .executor import CellResult, CellRunner
+from .worker import load_text
+from .workspace import Workspace
+
+_GRACE_S = 1.0
+
+
+class CellInterrupted(BaseException):
+    """Raised inside a cell's thread to stop it (a BaseException, so `except Exception` cannot eat it)."""
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    if thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CellInterrupted))
+
+
+class InprocessRepl:
+    """A REPL whose namespace lives in the server process."""
+
+    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions) -> None:
+        self.workspace = workspace
+        self.batch = batch
+        self.options = options
+        self._runner: CellRunner | None = None
+        self._context = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._calls: set[concurrent.futures.Future[list[str]]] = set()
+        self._thread: threading.Thread | None = None
+        self.layers: list[str] = []
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._context = await asyncio.to_thread(load_text, str(self.workspace.input_path))
+        self._runner = self._new_runner("")
+
+    def _new_runner(self, answer: str) -> CellRunner:
+        return CellRunner(self._context, self._sync_batch, max_output_chars=self.options.max_output_chars,
+                          answer=answer)
+
+    def _sync_batch(self, prompts: list[str]) -> list[str]:
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self.batch(prompts), self._loop)
+        self._calls.add(future)
+        try:
+            return future.result()
+        finally:
+            self._calls.discard(future)
+
+    def _cancel_calls(self) -> None:
+        for future in list(self._calls):
+            future.cancel()
+
+    async def execute(self, code: str, timeout: float) -> CellOutcome:
+        assert self._runner is not None and self._loop is not None
+        runner = self._runner
+        done: asyncio.Future[CellResult] = self._loop.create_future()
+        loop = self._loop
+
+        def target() -> None:
+            try:
+                result = runner.run(code)
+            except BaseException as exc:  # noqa: BLE001 - an interrupt that landed outside the cell
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(RuntimeError(str(exc))))
+                return
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+
+        started = time.monotonic()
+        thread = threading.Thread(target=target, name="rlm-cell", daemon=True)
+        self._thread = thread
+        thread.start()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(done), timeout)
+        except TimeoutError:
+            return await self._stop_cell(thread, done, started, timeout)
+        except asyncio.CancelledError:
+            self._cancel_calls()
+            _interrupt(thread)
+            raise
+        finally:
+            self._thread = None
+        return CellOutcome(stdout=result.stdout, error=result.error, truncated=result.truncated,
+                           duration_ms=int((time.monotonic() - started) * 1000),
+                           answer_content=result.answer_content, answer_ready=result.answer_ready,
+                           notes=result.notes)
+
+    async def _stop_cell(self, thread: threading.Thread, done: asyncio.Future[CellResult], started: float,
+                         timeout: float) -> CellOutcome:
+        self._cancel_calls()
+        _interrupt(thread)
+        message = f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped (RLM_EXEC_TIMEOUT_S)."
+        restarted = False
+        try:
+            result = await asyncio.wait_for(asyncio.shield(done), _GRACE_S)
+            stdout, truncated, answer = result.stdout, result.truncated, result.answer_content
+        except (TimeoutError, RuntimeError):
+            assert self._runner is not None
+            answer = self._runner.answer[0]
+            self._runner = self._new_runner(answer)
+            stdout, truncated, restarted = "", False, True
+            message += (" It could not be interrupted, so it was abandoned and the REPL restarted: every "
+                        "variable you defined is lost; `context`, the llm functions and answer['content'] "
+                        "are back.")
+        return CellOutcome(stdout=stdout, error=message, truncated=truncated,
+                           duration_ms=int((time.monotonic() - started) * 1000), answer_content=answer,
+                           answer_ready=False, restarted=restarted)
+
+    async def close(self) -> None:
+        self._cancel_calls()
+        if self._thread is not None:
+            _interrupt(self._thread)
+        self._runner = None
