@@ -1,0 +1,243 @@
+"""The HTTP service: `POST /process` streams a run as Server-Sent Events; the UI and a few JSON routes.
+
+This layer knows requests and events, not REPL internals: it validates, refuses early with a JSON
+error, then hands the run to the engine and encodes each event as one SSE message.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+
+from . import __version__
+from .config import Settings
+from .engine import Engine, RunSettings, SettingsRefused, effective_limits
+from .events import _Event
+from .uploads import FORM_OVERHEAD_BYTES, ParsedRequest, ProcessRequest, RequestRefused, read_json, read_multipart
+
+log = logging.getLogger("rlm_service.api")
+
+FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
+PING_SECONDS = 10
+BODY_IDLE_TIMEOUT_S = 30.0
+
+
+def refuse(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+
+class RunSlots:
+    """Counts runs in progress; past the limit, new runs are refused with 429."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def try_take(self) -> Callable[[], None] | None:
+        if self.active >= self.limit:
+            return None
+        self.active += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.active -= 1
+
+        return release
+
+
+class RunStream:
+    """The SSE body: engine events as `ServerSentEvent`s; closing it cancels the run."""
+
+    def __init__(self, events: AsyncIterator[_Event], on_close: Callable[[], None]) -> None:
+        self._events = events
+        self._on_close = on_close
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> ServerSentEvent:
+        try:
+            event = await self._events.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+        return ServerSentEvent(data=event.model_dump_json(), event=event.type)
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()  # type: ignore[attr-defined]
+        finally:
+            self._on_close()
+
+
+def _openapi_schema(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    request_schema = ProcessRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(request_schema.pop("$defs", {}))
+    components["ProcessRequest"] = request_schema
+    schema["paths"]["/process"]["post"]["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ProcessRequest"}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["prompt"],
+                "properties": {
+                    "prompt": {"type": "string", "minLength": 1},
+                    "settings": {"type": "string", "description": "JSON text of the settings object"},
+                    "input_file": {"type": "string", "format": "binary"},
+                },
+            }},
+        },
+    }
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwargs: Any) -> FastAPI:
+    """Build the app. The engine (and its HTTP client) is built inside the running loop, at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = engine is None
+        app.state.engine = engine or Engine(settings, **engine_kwargs)
+        try:
+            yield
+        finally:
+            if own:
+                await app.state.engine.aclose()
+
+    app = FastAPI(title="RLM service", version=__version__, lifespan=lifespan,
+                  description="A Recursive Language Model: a root model drives a Python REPL that holds "
+                              "the input, and delegates reading to sub-models. `POST /process` streams "
+                              "the run as Server-Sent Events.")
+    app.state.settings = settings
+    slots = RunSlots(settings.rlm_max_concurrent_runs)
+    app.state.slots = slots
+    app.add_middleware(CORSMiddleware, allow_origins=settings.rlm_cors_origins, allow_credentials=False,
+                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type"])
+
+    token = settings.rlm_api_token.get_secret_value().encode() if settings.rlm_api_token else None
+
+    async def require_token(request: Request) -> None:
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            raise RequestRefused(401, "missing or wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'")
+
+    @app.exception_handler(RequestRefused)
+    async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        return refuse(exc.status, exc.message, **headers)
+
+    @app.get("/health", tags=["service"])
+    async def health() -> dict[str, str]:
+        """Liveness: answers without touching any model."""
+        return {"status": "ok"}
+
+    @app.get("/api/config", tags=["service"], dependencies=[Depends(require_token)])
+    async def config() -> dict[str, Any]:
+        """What the UI needs to know: models, limits, whether a key is configured. Never a secret."""
+        return {
+            "version": __version__,
+            "model": settings.root_model,
+            "sub_model": settings.sub_model,
+            "api_base": settings.openai_api_base,
+            "key_configured": settings.api_key_configured,
+            "setup_problem": settings.setup_problem(),
+            "auth_required": token is not None,
+            "protocol": settings.rlm_root_protocol,
+            "repl": settings.rlm_repl,
+            "limits": {
+                "max_iterations": settings.rlm_max_iterations,
+                "max_subcalls": settings.rlm_max_subcalls,
+                "exec_timeout_s": settings.rlm_exec_timeout_s,
+                "subcall_concurrency": settings.rlm_subcall_concurrency,
+                "max_output_chars": settings.rlm_max_output_chars,
+                "max_input_bytes": settings.rlm_max_input_bytes,
+                "max_concurrent_runs": settings.rlm_max_concurrent_runs,
+            },
+            "active_runs": slots.active,
+        }
+
+    @app.post("/process", tags=["runs"], dependencies=[Depends(require_token)],
+              responses={200: {"content": {"text/event-stream": {}}, "description": "The run, as SSE."},
+                         400: {"description": "Malformed body"}, 401: {"description": "Bad or missing token"},
+                         413: {"description": "Input too large"}, 415: {"description": "Unsupported type"},
+                         422: {"description": "Invalid fields"}, 429: {"description": "Too many runs"},
+                         503: {"description": "No model configured"}})
+    async def process(request: Request) -> Any:
+        """Start a run and stream its events. JSON body, or multipart with an `input_file` upload."""
+        problem = settings.setup_problem()
+        if problem:
+            return refuse(503, problem)
+        release = slots.try_take()
+        if release is None:
+            return refuse(429, f"{slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
+                               "retry when one has finished", **{"Retry-After": "5"})
+        try:
+            parsed = await _read_request(request, settings)
+            try:
+                limits = effective_limits(settings, parsed.settings)
+            except SettingsRefused as exc:
+                parsed.run_input.discard()
+                raise RequestRefused(422, str(exc)) from None
+        except BaseException:
+            release()
+            raise
+
+        def finish() -> None:
+            release()
+            parsed.run_input.discard()
+
+        engine: Engine = request.app.state.engine
+        events = engine.run(parsed.prompt, parsed.run_input, parsed.settings)
+        log.debug("run starting with limits %s", limits)
+        return EventSourceResponse(
+            RunStream(events, finish), ping=PING_SECONDS, background=BackgroundTask(finish),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
+    if FRONTEND_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    return app
+
+
+async def _read_request(request: Request, settings: Settings) -> ParsedRequest:
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    limit = settings.rlm_max_input_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
+        raise RequestRefused(413, f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES "
+                                  f"({limit:,} bytes)")
+    if media_type == "application/json":
+        return await read_json(request.stream(), limit, BODY_IDLE_TIMEOUT_S)
+    if media_type == "multipart/form-data":
+        return await read_multipart(request.stream(), content_type, limit, BODY_IDLE_TIMEOUT_S)
+    shown = media_type or "none"
+    raise RequestRefused(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")
+
+
+__all__ = ["create_app", "RunSettings"]

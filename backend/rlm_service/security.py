@@ -1,0 +1,72 @@
+"""Hardening of the server process itself, applied once at start by `main.py`.
+
+Generated code runs in workers that must not learn the server's secrets. Two things protect the
+secrets the server was started with:
+
+- the server marks itself non-dumpable, so `/proc/<server pid>/environ` and `/mem` need
+  CAP_SYS_PTRACE, which no worker has (workers drop every capability, and run as another uid when
+  the server is root);
+- the secret values are wiped from the process's original environment block, the memory that
+  `/proc/<pid>/environ` shows, and removed from `os.environ`, so even a reader with privileges finds
+  nothing there. Settings have already been read by then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+log = logging.getLogger("rlm_service")
+
+SECRET_VARIABLES = ("OPENAI_API_KEY", "RLM_API_TOKEN")
+PR_SET_DUMPABLE = 4
+
+
+def _environment_block() -> tuple[int, bytes] | None:
+    """The address and contents of this process's original environment block."""
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            stat = handle.read()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        # Fields after the command name start at field 3; env_start and env_end are fields 50 and 51.
+        env_start, env_end = int(fields[50 - 3]), int(fields[51 - 3])
+        return env_start, ctypes.string_at(env_start, env_end - env_start)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wipe_secrets_from_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> int:
+    """Zero the values of `names` in the original environment block and drop them from `os.environ`.
+
+    Returns how many values were wiped in the block.
+    """
+    wiped = 0
+    block = _environment_block()
+    if block is not None:
+        start, contents = block
+        offset = 0
+        for entry in contents.split(b"\0"):
+            name, sep, value = entry.partition(b"=")
+            if sep and name.decode("latin-1") in names and value:
+                ctypes.memset(start + offset + len(name) + 1, 0, len(value))
+                wiped += 1
+            offset += len(entry) + 1
+    for name in names:
+        os.environ.pop(name, None)
+    return wiped
+
+
+def make_non_dumpable() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except OSError:
+        return False
+
+
+def harden_server_process() -> None:
+    """Apply both protections; log what could not be done."""
+    if not make_non_dumpable():
+        log.warning("could not mark the server non-dumpable; workers of the same user may read its memory")
+    wipe_secrets_from_environment()

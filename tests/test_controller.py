@@ -1,0 +1,203 @@
+"""The root loop, scripted turn by turn with PydanticAI's FunctionModel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.messages import (ModelMessage, ModelRequest, ModelResponse, TextPart, ToolCallPart, ToolReturnPart,
+                                  UserPromptPart)
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from rlm_service.controller import extract_code_blocks
+from rlm_service.engine import Engine, RunSettings
+from rlm_service.events import _Event
+from tests.conftest import make_settings
+from tests.fake_openai import FakeOpenAI
+
+Turn = list[Any]
+
+
+def code(source: str) -> ToolCallPart:
+    return ToolCallPart("run_python", {"code": source})
+
+
+def scripted(*turns: Turn, seen: list[list[ModelMessage]] | None = None) -> FunctionModel:
+    """A root model that plays `turns` in order (then keeps repeating prose)."""
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if seen is not None:
+            seen.append(list(messages))
+        index = sum(1 for message in messages if isinstance(message, ModelResponse))
+        parts = turns[index] if index < len(turns) else [TextPart("nothing more")]
+        return ModelResponse(parts=[TextPart(p) if isinstance(p, str) else p for p in parts])
+
+    return FunctionModel(respond)
+
+
+async def collect(fake: FakeOpenAI, model: FunctionModel | Callable[..., Any], *, prompt: str = "do it",
+                  input_data: str = "some input", run_settings: RunSettings | None = None,
+                  **overrides: Any) -> list[_Event]:
+    settings = make_settings(fake, **overrides)
+    async with Engine(settings, root_model=model) as engine:
+        return [event async for event in engine.run(prompt, input_data, run_settings)]
+
+
+def types(events: list[_Event]) -> list[str]:
+    return [event.type for event in events]  # type: ignore[attr-defined]
+
+
+def tool_returns(messages: list[ModelMessage]) -> list[str]:
+    return [str(part.content) for message in messages if isinstance(message, ModelRequest)
+            for part in message.parts if isinstance(part, ToolReturnPart)]
+
+
+def user_prompts(messages: list[ModelMessage]) -> list[str]:
+    return [str(part.content) for message in messages if isinstance(message, ModelRequest)
+            for part in message.parts if isinstance(part, UserPromptPart)]
+
+
+async def test_event_sequence_of_a_run(fake: FakeOpenAI) -> None:
+    model = scripted(
+        ["Looking first.", code("print(len(context))")],
+        [code("notes = llm_batch(['a', 'b'])\nnotes")],
+        [code("answer['content'] = ' & '.join(notes)\nanswer['ready'] = True")],
+    )
+    events = await collect(fake, model, input_data="0123456789")
+    assert types(events) == ["start", "thought", "code", "output", "usage",
+                             "code", "subcalls", "subcalls", "output", "usage",
+                             "code", "output", "answer", "usage", "final"]
+    start, final = events[0], events[-1]
+    assert start.input.chars == 10 and start.model == "root-model" and start.sub_model == "sub-model"
+    assert events[3].stdout == "10\n"
+    assert final.ready and final.iterations == 3 and final.answer.count("sub-model reply") == 2
+    assert final.usage.root.requests == 3 and final.usage.sub.requests == 2
+    assert len({event.run_id for event in events}) == 1
+
+
+async def test_stops_right_after_the_ready_cell(fake: FakeOpenAI) -> None:
+    seen: list[list[ModelMessage]] = []
+    model = scripted([code("steps = ['one']"),
+                      code("answer.update(content='done', ready=True)"),
+                      code("steps.append('never')")], seen=seen)
+    events = await collect(fake, model)
+    assert types(events).count("code") == 2
+    assert events[-1].type == "final" and events[-1].ready and events[-1].iterations == 1
+    assert len(seen) == 1
+
+
+async def test_tool_calls_of_one_reply_run_in_order(fake: FakeOpenAI) -> None:
+    model = scripted(
+        [code("order = []"), *[code(f"import time\ntime.sleep(0.0{5 - i})\norder.append({i})") for i in range(5)]],
+        [code("answer['content'] = str(order)\nanswer['ready'] = True")],
+    )
+    events = await collect(fake, model)
+    assert events[-1].answer == "[0, 1, 2, 3, 4]"
+
+
+async def test_iteration_limit_ends_with_best_answer_not_ready(fake: FakeOpenAI) -> None:
+    model = scripted(*[[code(f"answer['content'] = 'draft {i}'")] for i in range(10)])
+    events = await collect(fake, model, rlm_max_iterations=3)
+    final = events[-1]
+    assert final.type == "final" and not final.ready
+    assert final.answer == "draft 2" and final.iterations == 3
+    assert types(events).count("code") == 3
+
+
+async def test_per_run_settings_lower_the_limits(fake: FakeOpenAI) -> None:
+    model = scripted(*[[code("x = 1")] for _ in range(10)])
+    events = await collect(fake, model, run_settings=RunSettings(max_iterations=2))
+    assert events[0].limits.max_iterations == 2 and events[-1].iterations == 2
+
+
+async def test_prose_reply_gets_one_reminder(fake: FakeOpenAI) -> None:
+    seen: list[list[ModelMessage]] = []
+    model = scripted(["I think the answer is 42."],
+                     [code("answer['content'] = '42'\nanswer['ready'] = True")], seen=seen)
+    events = await collect(fake, model)
+    assert events[-1].type == "final" and events[-1].ready and events[-1].answer == "42"
+    assert "not marked ready" in user_prompts(seen[-1])[-1]
+
+
+async def test_prose_after_the_reminder_ends_the_run(fake: FakeOpenAI) -> None:
+    model = scripted(["Thinking about it."], ["The answer is 42."])
+    events = await collect(fake, model)
+    final = events[-1]
+    assert final.type == "final" and not final.ready and final.answer == "The answer is 42."
+    assert [e.text for e in events if e.type == "thought"] == ["Thinking about it.", "The answer is 42."]
+
+
+async def test_traceback_is_fed_back_to_the_model(fake: FakeOpenAI) -> None:
+    seen: list[list[ModelMessage]] = []
+    model = scripted([code("ratio = 1 / 0")], [code("answer.update(content='fixed', ready=True)")], seen=seen)
+    events = await collect(fake, model)
+    output = next(e for e in events if e.type == "output")
+    assert "ZeroDivisionError" in output.error
+    returned = tool_returns(seen[1])[-1]
+    assert "Error:" in returned and "ZeroDivisionError" in returned and '<cell 1>", line 1' in returned
+
+
+async def test_root_model_never_receives_the_input(fake: FakeOpenAI) -> None:
+    seen: list[list[ModelMessage]] = []
+    secret = "NEEDLE-IN-THE-HAYSTACK"
+    data = "x" * 5000 + secret + "y" * 5000
+    model = scripted([code("len(context)")], [code("answer.update(content='ok', ready=True)")], seen=seen)
+    await collect(fake, model, input_data=data)
+    sent = repr(seen)
+    assert secret not in sent
+    assert "10,022 characters" in user_prompts(seen[0])[0]
+
+
+async def test_text_protocol_runs_every_block(fake: FakeOpenAI) -> None:
+    seen: list[list[ModelMessage]] = []
+    infos: list[AgentInfo] = []
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(list(messages))
+        infos.append(info)
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        replies = [
+            "First a look.\n```repl\nx = len(context)\nprint(x)\n```\nand\n```python\nprint(x * 2)\n```",
+            "```repl\nanswer['content'] = f'{x} chars'\nanswer['ready'] = True\n```",
+        ]
+        return ModelResponse(parts=[TextPart(replies[min(turn, 1)])])
+
+    events = await collect(fake, FunctionModel(respond), input_data="abcd", rlm_root_protocol="text")
+    assert types(events) == ["start", "thought", "code", "output", "code", "output", "usage",
+                             "code", "output", "answer", "usage", "final"]
+    assert events[1].text == "First a look.\n\nand"
+    assert events[-1].answer == "4 chars" and events[-1].ready
+    assert not infos[0].function_tools
+    feedback = user_prompts(seen[1])[-1]
+    assert "[block 1]" in feedback and "4\n" in feedback and "[block 2]" in feedback and "8\n" in feedback
+
+
+async def test_root_http_errors_map_to_error_codes(fake: FakeOpenAI) -> None:
+    for status, expected in ((401, "auth"), (403, "auth"), (500, "model_unavailable")):
+        def fail(messages: list[ModelMessage], info: AgentInfo, status: int = status) -> ModelResponse:
+            raise ModelHTTPError(status, "root-model", {"error": "nope"})
+
+        events = await collect(fake, FunctionModel(fail))
+        assert types(events) == ["start", "error"]
+        assert events[-1].code == expected
+
+
+async def test_error_event_carries_the_answer_so_far(fake: FakeOpenAI) -> None:
+    calls = 0
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return ModelResponse(parts=[code("answer['content'] = 'partial'")])
+        raise ModelHTTPError(502, "root-model", "bad gateway")
+
+    events = await collect(fake, FunctionModel(respond))
+    assert events[-1].type == "error" and events[-1].answer == "partial"
+
+
+def test_code_blocks_are_extracted_with_their_prose() -> None:
+    blocks, prose = extract_code_blocks("a\n```repl\n1\n```\nb\n```python\n2\n```\n```js\nno\n```")
+    assert blocks == ["1\n", "2\n"]
+    assert prose.startswith("a") and "```js" in prose

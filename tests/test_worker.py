@@ -1,0 +1,144 @@
+"""The `subprocess` REPL: a confined worker per run, killed and replaced when a cell misbehaves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from rlm_service.repl.base import ReplOptions
+from rlm_service.repl.inprocess_repl import InprocessRepl
+from rlm_service.repl.subprocess_repl import SubprocessRepl
+from rlm_service.repl.worker import load_text
+from rlm_service.repl.workspace import Workspace
+from tests.conftest import wait_until, worker_processes
+
+
+async def echo(prompts: list[str]) -> list[str]:
+    await asyncio.sleep(0)
+    return [f"reply:{p}" for p in prompts]
+
+
+@pytest.fixture
+async def repl() -> AsyncIterator[SubprocessRepl]:
+    workspace = Workspace.create()
+    workspace.write_input("line one\nline two\n")
+    handle = SubprocessRepl(workspace, echo, ReplOptions(memory_mb=1024))
+    await handle.start()
+    yield handle
+    await handle.close()
+    workspace.remove()
+
+
+async def test_cells_share_a_namespace_and_reach_the_server(repl: SubprocessRepl) -> None:
+    assert (await repl.execute("n = len(context)\nn", 10)).stdout == "18"
+    outcome = await repl.execute("llm_batch(['a', 'b']), llm_query('c'), n", 10)
+    assert outcome.stdout == "(['reply:a', 'reply:b'], 'reply:c', 18)"
+
+
+async def test_hung_cell_is_killed(repl: SubprocessRepl) -> None:
+    await repl.execute("kept = 1", 10)
+    outcome = await repl.execute("while True:\n    pass", 1)
+    assert outcome.restarted
+    assert "TimeoutError" in (outcome.error or "") and "variable" in (outcome.error or "")
+    after = await repl.execute("len(context), 'kept' in globals()", 10)
+    assert after.stdout == "(18, False)"
+
+
+async def test_answer_survives_a_restart(repl: SubprocessRepl) -> None:
+    await repl.execute("answer['content'] = 'draft'", 10)
+    outcome = await repl.execute("import time\ntime.sleep(60)", 1)
+    assert outcome.answer_content == "draft"
+    assert (await repl.execute("answer['content']", 10)).stdout == "'draft'"
+
+
+async def test_huge_allocation_fails_cleanly(repl: SubprocessRepl) -> None:
+    outcome = await repl.execute("blob = bytearray(3 * 1024 ** 3)", 20)
+    assert "MemoryError" in (outcome.error or "")
+    assert (await repl.execute("1 + 1", 10)).stdout == "2"
+
+
+async def test_worker_environment_holds_no_secret(repl: SubprocessRepl, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
+    outcome = await repl.execute("import os\nsorted(os.environ)", 10)
+    assert "OPENAI" not in outcome.stdout and "sk-should-not-leak" not in outcome.stdout
+    assert "'PATH'" in outcome.stdout
+
+
+async def test_worker_has_its_own_directory(repl: SubprocessRepl) -> None:
+    outcome = await repl.execute("import os\nopen('notes.txt', 'w').write('x')\nos.getcwd()", 10)
+    assert outcome.error is None
+    assert outcome.stdout.strip("'") == str(repl.workspace.workdir)
+
+
+async def test_no_worker_left_after_close() -> None:
+    workspace = Workspace.create()
+    workspace.write_input("x")
+    handle = SubprocessRepl(workspace, echo, ReplOptions())
+    await handle.start()
+    pid = handle._worker.process.pid  # type: ignore[union-attr]
+    await handle.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])", 10)
+    await handle.close()
+    workspace.remove()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or pid not in worker_processes())
+    assert wait_until(lambda: not any(b"sleep\x00300" in _cmdline(p) for p in _pids()))
+
+
+async def test_cancelled_cell_ends_the_worker() -> None:
+    workspace = Workspace.create()
+    workspace.write_input("x")
+    handle = SubprocessRepl(workspace, echo, ReplOptions())
+    await handle.start()
+    pid = handle._worker.process.pid  # type: ignore[union-attr]
+    task = asyncio.create_task(handle.execute("import time\ntime.sleep(300)", 600))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await handle.close()
+    workspace.remove()
+    assert wait_until(lambda: pid not in worker_processes(), timeout=1.0)
+
+
+async def test_inprocess_repl_interrupts_a_python_loop() -> None:
+    workspace = Workspace.create(isolate_uid=False)
+    workspace.write_input("abc")
+    handle = InprocessRepl(workspace, echo, ReplOptions())
+    await handle.start()
+    await handle.execute("kept = 7", 10)
+    outcome = await handle.execute("while True:\n    pass", 0.5)
+    assert "TimeoutError" in (outcome.error or "")
+    assert not outcome.restarted
+    assert (await handle.execute("kept, len(context), llm_query('q')", 10)).stdout == "(7, 3, 'reply:q')"
+    await handle.close()
+    workspace.remove()
+
+
+def test_load_text_reads_ascii_and_utf8(tmp_path: object) -> None:
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    ascii_file = folder / "a.txt"
+    ascii_file.write_bytes(b"plain ascii\n" * 1000)
+    text = load_text(str(ascii_file))
+    assert text == "plain ascii\n" * 1000 and hash(text) == hash("plain ascii\n" * 1000)
+    utf8_file = folder / "u.txt"
+    utf8_file.write_text("héllo → wörld\n", encoding="utf-8")
+    assert load_text(str(utf8_file)) == "héllo → wörld\n"
+    empty = folder / "e.txt"
+    empty.write_bytes(b"")
+    assert load_text(str(empty)) == ""
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
