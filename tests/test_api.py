@@ -1,0 +1,267 @@
+"""The service over real sockets: uvicorn on one free port, the fake OpenAI server on another."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import (LiveServer, make_settings, names, parse_sse, script, stream_run, wait_until,
+                            worker_processes)
+from tests.fake_openai import FakeOpenAI
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def test_full_run_streams_events_in_order(live: LiveServer) -> None:
+    response, events = stream_run(live.url, json_body={"prompt": "summarize", "input_data": "alpha\nbeta\ngamma"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+    assert names(events) == ["start", "thought", "code", "output", "usage",
+                             "thought", "code", "subcalls", "subcalls", "output", "usage",
+                             "thought", "code", "output", "answer", "usage", "final"]
+    assert [e.event for e in events].count("final") == 1
+    final = events[-1].data
+    assert final["ready"] and final["answer"].startswith("## Summary") and final["iterations"] == 3
+    assert all(e.data["run_id"] == events[0].data["run_id"] for e in events)
+
+
+def test_health_config_docs_and_page(live: LiveServer) -> None:
+    with httpx2.Client(base_url=live.url) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        config = client.get("/api/config").json()
+        assert config["model"] == "root-model" and config["key_configured"] is True
+        assert "sk-test-key" not in json.dumps(config)
+        assert client.get("/docs").status_code == 200
+        spec = client.get("/openapi.json").json()
+        assert "multipart/form-data" in spec["paths"]["/process"]["post"]["requestBody"]["content"]
+        page = client.get("/")
+        assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+def test_file_of_50_mb_reaches_the_repl_whole(live: LiveServer) -> None:
+    size = 50 * 1024 * 1024
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz log line with some text\n"
+    blob = (line * (size // len(line) + 1))[:size]
+    prompt = script({"code": ["print(len(context), context.count('\\n'))"]},
+                    {"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    response, events = stream_run(live.url, data={"prompt": prompt}, files={"input_file": ("big.log", blob)})
+    assert response.status_code == 200, response.text
+    newlines = blob.count(b"\n")
+    start = events[0].data
+    assert start["input"]["chars"] == size and start["input"]["lines"] == newlines + 1
+    output = next(e for e in events if e.event == "output").data
+    assert output["stdout"] == f"{size} {newlines}\n"
+    assert events[-1].data["answer"] == str(size)
+
+
+def test_undecodable_bytes_are_replaced(live: LiveServer) -> None:
+    prompt = script({"code": ["answer.update(content=repr(context), ready=True)"]})
+    _, events = stream_run(live.url, data={"prompt": prompt}, files={"input_file": ("x.bin", b"ok \xff\xfe end")})
+    assert events[-1].data["answer"] == repr("ok \ufffd\ufffd end")
+
+
+def _post(url: str, **kwargs: Any) -> httpx2.Response:
+    return httpx2.post(f"{url}/process", timeout=30, **kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "status", "fragment"), [
+    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, "object"),
+    ({"json": {"prompt": ""}}, 422, "prompt"),
+    ({"json": {"prompt": "   "}}, 422, "must not be empty"),
+    ({"json": {"input_data": "x"}}, 422, "prompt"),
+    ({"json": {"prompt": 5}}, 422, "prompt"),
+    ({"json": {"prompt": "x", "input_data": 7}}, 422, "input_data"),
+    ({"json": {"prompt": "x", "settings": {"max_iterations": 0}}}, 422, "max_iterations"),
+    ({"json": {"prompt": "x", "settings": {"max_iterations": 999}}}, 422, "RLM_MAX_ITERATIONS"),
+    ({"json": {"prompt": "x", "settings": {"exec_timeout_s": 10_000}}}, 422, "RLM_EXEC_TIMEOUT_S"),
+    ({"json": {"prompt": "x", "settings": {"colour": "blue"}}}, 422, "unknown field"),
+    ({"json": {"prompt": "x", "extra": 1}}, 422, "unknown field"),
+    ({"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "Content-Type"),
+    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
+    ({"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
+    ({"files": {"prompt": (None, "x"), "settings": (None, "{bad")}}, 422, "settings"),
+    ({"files": {"prompt": (None, "x"), "settings": (None, "[1]")}}, 422, "settings"),
+    ({"files": {"settings": (None, "{}")}}, 422, "prompt"),
+    ({"files": {"prompt": (None, "x"), "input_file": ("a", b"1"), "file": ("b", b"2")}}, 422, "one input file"),
+])
+def test_refusals_are_json_with_the_contract_status(live: LiveServer, kwargs: dict[str, Any], status: int,
+                                                     fragment: str) -> None:
+    response = _post(live.url, **kwargs)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["detail"]
+
+
+def test_refusals_for_configuration_and_capacity(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake, openai_model_name=None)) as server:
+        response = _post(server.url, json={"prompt": "x"})
+        assert response.status_code == 503 and "OPENAI_MODEL_NAME" in response.json()["detail"]
+    remote = make_settings(fake, openai_api_base="https://api.openai.com/v1", openai_api_key=None)
+    with LiveServer(remote) as server:
+        response = _post(server.url, json={"prompt": "x"})
+        assert response.status_code == 503 and "OPENAI_API_KEY" in response.json()["detail"]
+        assert httpx2.get(f"{server.url}/health").status_code == 200
+        assert httpx2.get(f"{server.url}/api/config").json()["key_configured"] is False
+    with LiveServer(make_settings(fake, rlm_max_concurrent_runs=1)) as server:
+        slow = script({"code": ["import time\ntime.sleep(2)\nanswer.update(content='slow', ready=True)"]})
+        first: dict[str, Any] = {}
+        thread = threading.Thread(target=lambda: first.update(r=stream_run(server.url, json_body={"prompt": slow})))
+        thread.start()
+        assert wait_until(lambda: server.app.state.slots.active == 1)
+        response = _post(server.url, json={"prompt": "x"})
+        assert response.status_code == 429 and "RLM_MAX_CONCURRENT_RUNS" in response.json()["detail"]
+        thread.join()
+        assert first["r"][1][-1].data["answer"] == "slow"
+        assert wait_until(lambda: server.app.state.slots.active == 0)
+        assert stream_run(server.url, json_body={"prompt": "x"})[0].status_code == 200
+
+
+def _raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, bytes]:
+    """Send a request body piece by piece; stop as soon as the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = "POST /process HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(head.encode() + b"\r\n")
+        sock.setblocking(False)
+        received = b""
+        for chunk in chunks:
+            try:
+                received += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            if received:
+                break
+            try:
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sock.setblocking(False)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.setblocking(True)
+        while b"\r\n\r\n" not in received:
+            more = sock.recv(65536)
+            if not more:
+                break
+            received += more
+    status = int(received.split(b" ", 2)[1])
+    return status, received.split(b"\r\n\r\n", 1)[1]
+
+
+def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) -> None:
+    limit = 2 * 1024 * 1024
+    with LiveServer(make_settings(fake, rlm_max_input_bytes=limit)) as server:
+        status, body = _raw_post(server.port, {"Content-Type": "application/json", "Content-Length": str(2 * 1024**3)},
+                                 [b"x" * 65536] * 10)
+        assert status == 413 and b"RLM_MAX_INPUT_BYTES" in body
+        before = rss_bytes()
+        boundary = "b0undary"
+        preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
+                    f"--{boundary}\r\nContent-Disposition: form-data; name=\"input_file\"; filename=\"f\"\r\n\r\n")
+        sent = 0
+
+        def body_chunks() -> Any:
+            nonlocal sent
+            data = preamble.encode()
+            yield f"{len(data):x}\r\n".encode() + data + b"\r\n"
+            piece = b"y" * (1024 * 1024)
+            for _ in range(300):  # up to 300 MB; the server must stop us long before
+                sent += len(piece)
+                yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+        status, body = _raw_post(server.port, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                               "Transfer-Encoding": "chunked"}, body_chunks())
+        assert status == 413 and b"RLM_MAX_INPUT_BYTES" in body
+        assert sent < 50 * 1024 * 1024
+        assert rss_bytes() - before < 40 * 1024 * 1024
+
+
+def test_closing_the_client_cancels_the_run(fake: FakeOpenAI) -> None:
+    fake.sub_latency = 0.3
+    with LiveServer(make_settings(fake, rlm_subcall_concurrency=2)) as server:
+        prompt = script({"code": ["replies = llm_batch([f'q{i}' for i in range(200)])"]})
+        with httpx2.Client(timeout=30) as client, client.stream("POST", f"{server.url}/process",
+                                                                json={"prompt": prompt}) as response:
+            for event in parse_sse(response.iter_lines()):
+                if event.event == "subcalls" and event.data["done"] >= 2:
+                    break
+        closed = time.monotonic()
+        assert wait_until(lambda: not worker_processes(), timeout=1.5)
+        time.sleep(max(0.0, closed + 1.0 - time.monotonic()))
+        requests_after_one_second = fake.stats.sub_requests
+        time.sleep(1.0)
+        assert fake.stats.sub_requests == requests_after_one_second
+        assert requests_after_one_second < 20
+        assert wait_until(lambda: server.app.state.slots.active == 0)
+
+
+def test_twenty_concurrent_runs_do_not_cross_talk(live: LiveServer) -> None:
+    prompt = script({"code": ["import time\ntime.sleep(0.2)\nreply = llm_query('echo ' + context)\n"
+                              "answer.update(content=context + ' | ' + reply, ready=True)"]})
+    results: dict[int, list[Any]] = {}
+
+    def one(index: int) -> None:
+        results[index] = stream_run(live.url, json_body={"prompt": prompt, "input_data": f"input-{index}"})[1]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(20):
+        final = results[index][-1].data
+        assert final["answer"].startswith(f"input-{index} | ")
+        assert re.search(rf"'echo input-{index}'", final["answer"])
+
+
+def test_token_guards_process_and_api(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake, rlm_api_token="s3cret-token")) as server:
+        assert _post(server.url, json={"prompt": "x"}).status_code == 401
+        wrong = _post(server.url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and "RLM_API_TOKEN" in wrong.json()["detail"]
+        assert httpx2.get(f"{server.url}/api/config").status_code == 401
+        assert httpx2.get(f"{server.url}/health").status_code == 200
+        assert httpx2.get(f"{server.url}/").status_code == 200
+        response, events = stream_run(server.url, json_body={"prompt": "x"},
+                                      headers={"Authorization": "Bearer s3cret-token"})
+        assert response.status_code == 200 and events[-1].event == "final"
+
+
+def test_one_megabyte_split_in_twenty_and_batched(fake: FakeOpenAI) -> None:
+    """End to end: the fake server plays root and sub; 20 chunks, one llm_batch, a combined answer."""
+    text = "".join(f"record {i:07d} " + "z" * 40 + "\n" for i in range(20000))[: 1024 * 1024]
+
+    def sub(prompt: str) -> str:
+        number, _, chunk = prompt.partition("\n")
+        return f"{number.split()[1]}:{len(chunk)}"
+
+    fake.sub = sub
+    fake.root = lambda messages, body: [
+        {"code": ["size = len(context) // 20 + 1\n"
+                  "chunks = [context[i * size:(i + 1) * size] for i in range(20)]\n"
+                  "replies = llm_batch([f'chunk {i}\\n{c}' for i, c in enumerate(chunks)])\n"
+                  "print(replies[:3])"]},
+        {"code": ["answer['content'] = '\\n'.join(replies)\nanswer['ready'] = True"]},
+    ][sum(1 for m in messages if m.get("role") == "assistant")]
+    with LiveServer(make_settings(fake)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": "count", "input_data": text})
+    final = events[-1].data
+    assert final["ready"]
+    lines = final["answer"].splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(i) for i in range(20)]
+    assert sum(int(line.split(":")[1]) for line in lines) == len(text)
+    assert fake.stats.sub_requests == 20
+    assert all(text[:2000] not in json.dumps(body) for body in fake.stats.root_bodies)
