@@ -25,6 +25,8 @@ def _configure() -> Settings:
         raise SystemExit(2) from None
     logging.basicConfig(level=settings.rlm_log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "openai"):  # one line per request would drown the one line per run
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     harden_server_process()
     problem = settings.setup_problem()
     if problem:

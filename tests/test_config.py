@@ -1,0 +1,98 @@
+"""Configuration: environment and .env, one clear line for a bad value, secrets kept secret."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from rlm_service.config import ConfigError, Settings, load_settings
+from tests.conftest import free_port
+
+MAIN = Path(__file__).resolve().parents[1] / "backend" / "main.py"
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_", "HOST", "PORT"))}
+    env.update(values)
+    return env
+
+
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLM_MAX_ITERATIONS", "many")
+    with pytest.raises(ConfigError) as error:
+        load_settings(_env_file=None)
+    assert str(error.value).startswith("RLM_MAX_ITERATIONS:") and "'many'" in str(error.value)
+
+
+@pytest.mark.parametrize(("name", "value"), [("RLM_REPL", "docker"), ("OPENAI_API_BASE", "ftp://x"),
+                                             ("RLM_WORKER_NETWORK", "maybe"), ("PORT", "99999")])
+def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"^{name}:"):
+        load_settings(_env_file=None)
+
+
+def test_env_file_and_aliases_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("OPENAI_", "RLM_")):
+            monkeypatch.delenv(key)
+    (tmp_path / ".env").write_text("OPENAI_BASE_URL=http://localhost:11434/v1\nOPENAI_MODEL_NAME=llama3\n"
+                                   "RLM_MAX_INPUT_BYTES=500MB\nRLM_CORS_ORIGINS=http://a.test, http://b.test\n"
+                                   "OPENAI_SUB_MODEL_NAME=\n")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.openai_api_base == "http://localhost:11434/v1"
+    assert settings.root_model == settings.sub_model == "llama3"
+    assert settings.rlm_max_input_bytes == 500_000_000
+    assert settings.rlm_cors_origins == ["http://a.test", "http://b.test"]
+    assert settings.endpoint_is_local and settings.setup_problem() is None
+
+
+def test_secrets_never_show_in_repr() -> None:
+    settings = Settings(_env_file=None, openai_api_key="sk-very-secret", rlm_api_token="tok-secret")  # type: ignore[call-arg]
+    assert "sk-very-secret" not in repr(settings) and "tok-secret" not in str(settings.model_dump())
+
+
+def test_remote_endpoint_without_key_is_a_setup_problem() -> None:
+    settings = Settings(_env_file=None, openai_model_name="gpt-x")  # type: ignore[call-arg]
+    assert "OPENAI_API_KEY" in (settings.setup_problem() or "")
+    assert "OPENAI_MODEL_NAME" in (Settings(_env_file=None).setup_problem() or "")  # type: ignore[call-arg]
+
+
+def test_main_fails_at_start_with_one_line() -> None:
+    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(RLM_EXEC_TIMEOUT_S="-3"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Configuration error: RLM_EXEC_TIMEOUT_S:")
+
+
+def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(HOST="127.0.0.1", PORT=str(port), OPENAI_API_KEY="sk-hide-me-123",
+                    OPENAI_API_BASE="http://127.0.0.1:9/v1", OPENAI_MODEL_NAME="m")
+    process = subprocess.Popen([sys.executable, str(MAIN)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "ok"}
+                break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+        with open(f"/proc/{process.pid}/environ", "rb") as handle:
+            assert b"sk-hide-me-123" not in handle.read()
+        config = httpx2.get(f"http://127.0.0.1:{port}/api/config").text
+        assert "sk-hide-me-123" not in config and '"key_configured":true' in config
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=10)[0].decode()
+    assert "sk-hide-me-123" not in output
