@@ -265,3 +265,60 @@ def test_one_megabyte_split_in_twenty_and_batched(fake: FakeOpenAI) -> None:
     assert sum(int(line.split(":")[1]) for line in lines) == len(text)
     assert fake.stats.sub_requests == 20
     assert all(text[:2000] not in json.dumps(body) for body in fake.stats.root_bodies)
+
+
+def _our_temp_files() -> set[str]:
+    import tempfile
+    from pathlib import Path
+
+    return {p.name for p in Path(tempfile.gettempdir()).glob("rlm-*")}
+
+
+def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI) -> None:
+    before = _our_temp_files()
+    with LiveServer(make_settings(fake, rlm_max_input_bytes=1024 * 1024)) as server:
+        ok = script({"code": ["answer.update(content='ok', ready=True)"]})
+        stream_run(server.url, data={"prompt": ok}, files={"input_file": ("a.txt", b"hello")})
+        fake.inject("status", role="root", status=500, count=10)
+        _, failed = stream_run(server.url, data={"prompt": "x"}, files={"input_file": ("b.txt", b"hello")})
+        assert failed[-1].event == "error" and failed[-1].data["code"] == "model_unavailable"
+        too_big = _post(server.url, data={"prompt": "x"}, files={"input_file": ("c.txt", b"x" * (2 * 1024 * 1024))})
+        assert too_big.status_code == 413
+        refused = _post(server.url, files={"prompt": (None, "x"), "settings": (None, '{"max_iterations": 0}'),
+                                           "input_file": ("d.txt", b"hello")})
+        assert refused.status_code == 422
+        slow = script({"code": ["import time\ntime.sleep(30)"]})
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process", data={"prompt": slow}, files={"input_file": ("e.txt", b"hi")}) as r:
+            for event in parse_sse(r.iter_lines()):
+                if event.event == "code":
+                    break
+        assert wait_until(lambda: _our_temp_files() == before, timeout=3)
+
+
+def test_one_log_line_per_run_without_key_or_input(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="rlm_service")
+    secret_input = "PRIVATE-INPUT-" + "q" * 50
+    _, events = stream_run(live.url, json_body={"prompt": "summarize", "input_data": secret_input})
+    run_id = events[0].data["run_id"]
+    lines = [r.getMessage() for r in caplog.records if run_id in r.getMessage()]
+    assert len(lines) == 1
+    assert "final" in lines[0] and "3 iterations" in lines[0] and "4 sub-calls" in lines[0] and "tokens" in lines[0]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert "PRIVATE-INPUT" not in everything and "sk-test-key" not in everything
+
+
+def test_cors_lets_a_page_opened_as_a_file_call_the_api(live: LiveServer) -> None:
+    preflight = httpx2.options(f"{live.url}/process", headers={
+        "Origin": "null", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,authorization"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] in ("*", "null")
+    response = httpx2.get(f"{live.url}/api/config", headers={"Origin": "null"})
+    assert response.headers["access-control-allow-origin"] in ("*", "null")
+
+
+def test_no_worker_remains_after_runs_end(live: LiveServer) -> None:
+    for _ in range(3):
+        assert stream_run(live.url, json_body={"prompt": "x"})[1][-1].event == "final"
+    assert wait_until(lambda: worker_processes() == [], timeout=2)

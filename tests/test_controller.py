@@ -201,3 +201,14 @@ def test_code_blocks_are_extracted_with_their_prose() -> None:
     blocks, prose = extract_code_blocks("a\n```repl\n1\n```\nb\n```python\n2\n```\n```js\nno\n```")
     assert blocks == ["1\n", "2\n"]
     assert prose.startswith("a") and "```js" in prose
+
+
+def test_blocking_helper_returns_the_terminal_event(fake: FakeOpenAI) -> None:
+    from rlm_service.engine import run_blocking
+
+    seen: list[str] = []
+    model = scripted([code("answer.update(content=context.upper(), ready=True)")])
+    final = run_blocking(make_settings(fake), "shout", "hello", root_model=model,
+                         on_event=lambda e: seen.append(e.type))
+    assert final.type == "final" and final.answer == "HELLO"
+    assert seen[0] == "start" and seen[-1] == "final"
