@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rlm_service.api import create_app  # noqa: E402
-from rlm_service.config import ConfigError, Settings, load_settings  # noqa: E402
-from rlm_service.security import harden_server_process  # noqa: E402
+from rlm_service.api import create_app
+from rlm_service.config import ConfigError, Settings, load_settings
+from rlm_service.security import harden_server_process
 
 
 def _configure() -> Settings:

@@ -32,9 +32,10 @@ TURNS = [
     {"text": "A two-hour podcast transcript. Let me look at its structure first.",
      "code": ["lines = context.splitlines()\nprint(len(context), 'chars,', len(lines), 'lines')\n"
               "speakers = {l.split(']')[1].split(':')[0].strip() for l in lines if ']' in l}\nspeakers"]},
-    {"text": "I will summarize it in 40 slices of three minutes each, in parallel.",
+    {"text": "I will summarize it in slices of a few minutes each, in parallel.",
      "code": ["answer['content'] = '## Podcast summary\\n\\n_(reading the transcript…)_'\n"
-              "size = len(lines) // 40 + 1\nslices = ['\\n'.join(lines[i:i + size]) for i in range(0, len(lines), size)]\n"
+              "size = len(lines) // 40 + 1\n"
+              "slices = ['\\n'.join(lines[i:i + size]) for i in range(0, len(lines), size)]\n"
               "notes = llm_batch([f'Summarize the key points of this part:\\n{s}' for s in slices])\n"
               "print(len(notes), 'notes;', sum(n.startswith('Error') for n in notes), 'failed')"]},
     {"text": "Combining the notes.",
@@ -49,7 +50,8 @@ HERO = """<!doctype html><html><head><meta charset="utf-8"><link rel="stylesheet
   .hero h1 { font-size: 3rem; margin-bottom: 4px; }
   .hero .lead { color: var(--muted); font-size: 1.25rem; margin: 0 0 30px; }
   .flow { display: grid; grid-template-columns: 1fr auto 1.3fr auto 1fr; align-items: center; gap: 18px; }
-  .box { padding: 18px 20px; border-radius: 14px; border: 1px solid var(--glass-border); background: rgba(8,12,26,.55); }
+  .box { padding: 18px 20px; border-radius: 14px; border: 1px solid var(--glass-border);
+         background: rgba(8,12,26,.55); }
   .box h3 { margin: 0 0 6px; color: var(--accent); font-size: 1.1rem; }
   .box p { margin: 0; color: var(--text); font-size: .98rem; }
   .box code { font-family: var(--mono); color: #9ee6b0; }
@@ -63,7 +65,8 @@ HERO = """<!doctype html><html><head><meta charset="utf-8"><link rel="stylesheet
   <p class="lead">Recursive Language Models: the input never enters the prompt. A root model writes code
   against it in a REPL and hands the reading to sub-models, in parallel.</p>
   <div class="flow">
-    <div class="box"><h3>Root model</h3><p>sees only the size, shape and a preview; writes Python, turn by turn</p></div>
+    <div class="box"><h3>Root model</h3>
+      <p>sees only the size, shape and a preview; writes Python, turn by turn</p></div>
     <div class="arrow">⇄</div>
     <div class="box"><h3>Sandboxed REPL</h3><p><code>context</code> holds 1 GB as easily as 1 KB;
       slices, regexes, numpy; builds <code>answer</code> until it is ready</p></div>

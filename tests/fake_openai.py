@@ -197,10 +197,12 @@ class FakeOpenAI:
             self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
-    async def serve(self) -> None:
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run in the current event loop (for the standalone process)."""
         self._server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
+        if on_ready:
+            on_ready()
         async with self._server:
             await self._server.serve_forever()
 
@@ -374,7 +376,8 @@ class FakeOpenAI:
             await self._respond(writer, 200, b'{"choices": [ this is not json')
             return True
         if kind == "empty_choices":
-            await self._respond(writer, 200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode())
+            payload = {"id": "x", "object": "chat.completion", "choices": []}
+            await self._respond(writer, 200, json.dumps(payload).encode())
             return True
         if kind == "null_content":
             payload = {"id": "x", "object": "chat.completion", "choices": [
@@ -409,14 +412,7 @@ def main() -> None:
     server = FakeOpenAI(root_model=args.root_model, latency=args.latency, sub_latency=args.sub_latency,
                         record=False, host=args.host, port=args.port)
 
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        while server._server is None:
-            await asyncio.sleep(0.01)
-        print(f"listening on {server.url}", flush=True)
-        await task
-
-    asyncio.run(run())
+    asyncio.run(server.serve(lambda: print(f"listening on {server.url}", flush=True)))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import (LiveServer, make_settings, names, parse_sse, script, stream_run, wait_until,
-                            worker_processes)
+from tests.conftest import LiveServer, make_settings, names, parse_sse, script, stream_run, wait_until, worker_processes
 from tests.fake_openai import FakeOpenAI
 
 

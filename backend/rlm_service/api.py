@@ -240,4 +240,4 @@ async def _read_request(request: Request, settings: Settings) -> ParsedRequest:
     raise RequestRefused(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")
 
 
-__all__ = ["create_app", "RunSettings"]
+__all__ = ["RunSettings", "create_app"]

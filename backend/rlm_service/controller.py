@@ -20,8 +20,7 @@ from pydantic_ai.usage import RunUsage as AgentUsage
 from pydantic_ai.usage import UsageLimits
 
 from . import prompts
-from .events import (AnswerEvent, CodeEvent, OutputEvent, SubcallsEvent, ThoughtEvent, Usage, UsageEvent,
-                     _Event)
+from .events import AnswerEvent, CodeEvent, OutputEvent, SubcallsEvent, ThoughtEvent, Usage, UsageEvent, _Event
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
 

@@ -31,8 +31,7 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from . import prompts
 from .config import Settings
 from .controller import Controller, RunLimits
-from .events import (ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event,
-                     is_terminal)
+from .events import ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event, is_terminal
 from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallSession
 from .repl.base import Repl, ReplError, ReplOptions
@@ -165,7 +164,7 @@ class Engine:
                 driver.cancel()
             try:
                 await driver
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - already reported as an event
+            except (asyncio.CancelledError, Exception):
                 pass
 
     def _make_repl(self, workspace: Workspace, controller: Controller, limits: RunLimits) -> Repl:
@@ -221,7 +220,7 @@ class Engine:
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure ends the stream with an error event
+        except Exception as exc:
             code, message = classify_error(exc)
             outcome = f"error:{code}"
             if code == "internal":

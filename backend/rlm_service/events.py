@@ -6,7 +6,7 @@ model's dump, `run_id` included. The service encodes them; the UI switches on th
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -117,8 +117,8 @@ class ErrorEvent(_Event):
 
 
 Event = Annotated[
-    Union[StartEvent, ThoughtEvent, CodeEvent, SubcallsEvent, OutputEvent, AnswerEvent, UsageEvent,
-          FinalEvent, ErrorEvent],
+    StartEvent | ThoughtEvent | CodeEvent | SubcallsEvent | OutputEvent | AnswerEvent | UsageEvent | FinalEvent
+    | ErrorEvent,
     Field(discriminator="type"),
 ]
 

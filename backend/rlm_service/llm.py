@@ -197,7 +197,7 @@ class SubcallSession:
                 async with self._semaphore:
                     try:
                         completion = await self.client.complete(self.model, prompts[index])
-                    except Exception as exc:  # noqa: BLE001 - every failure becomes its slot's text
+                    except Exception as exc:
                         text = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
                         results[index] = f"Error: {text}"
                         failed += 1

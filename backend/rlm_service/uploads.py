@@ -191,15 +191,11 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
         else:
             run_input = RunInput.from_text(fields.get("input_data", ""))
         return ParsedRequest(request.prompt, run_input, request.settings)
-    except InputTooLarge as exc:
+    except BaseException as exc:
         reader.abort()
-        raise RequestRefused(413, f"{exc}; raise RLM_MAX_INPUT_BYTES on the server to allow it") from None
-    except RequestRefused:
-        reader.abort()
-        raise
-    except Exception as exc:  # noqa: BLE001 - python-multipart raises assorted errors on garbage
-        reader.abort()
+        if isinstance(exc, InputTooLarge):
+            raise RequestRefused(413, f"{exc}; raise RLM_MAX_INPUT_BYTES on the server to allow it") from None
+        if isinstance(exc, RequestRefused) or not isinstance(exc, Exception):
+            raise
+        # python-multipart raises assorted errors on garbage
         raise RequestRefused(400, f"the multipart body could not be parsed: {exc}") from None
-    except BaseException:
-        reader.abort()
-        raise

@@ -110,7 +110,7 @@ class CellRunner:
         error: str | None = None
         try:
             self._execute(code, filename, sink)
-        except BaseException as exc:  # noqa: BLE001 - generated code may raise anything, SystemExit included
+        except BaseException as exc:
             error = _format_error(exc)
         finally:
             deactivate(token)
@@ -126,9 +126,9 @@ class CellRunner:
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = tree.body.pop().value  # type: ignore[attr-defined]
         if tree.body:
-            exec(compile(tree, filename, "exec"), self.namespace)  # noqa: S102 - this is the REPL
+            exec(compile(tree, filename, "exec"), self.namespace)
         if last is not None:
-            value = eval(compile(ast.Expression(last), filename, "eval"), self.namespace)  # noqa: S307
+            value = eval(compile(ast.Expression(last), filename, "eval"), self.namespace)
             if value is not None:
                 self.namespace["_"] = value
                 text = repr(value)
@@ -153,7 +153,7 @@ class CellRunner:
             self.namespace["answer"] = value
             note = ("`answer` must be a dict; your string was put in answer['content'] with ready=False. "
                     "Use answer['content'] = ... and answer['ready'] = True.")
-            return [note] + self._normalize_answer()
+            return [note, *self._normalize_answer()]
         if not isinstance(value, dict):
             self.namespace["answer"] = {"content": previous_content, "ready": False}
             self._answer = (previous_content, False)

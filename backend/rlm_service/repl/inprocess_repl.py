@@ -77,8 +77,9 @@ class InprocessRepl:
         def target() -> None:
             try:
                 result = runner.run(code)
-            except BaseException as exc:  # noqa: BLE001 - an interrupt that landed outside the cell
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(RuntimeError(str(exc))))
+            except BaseException as exc:  # an interrupt that landed outside the cell's own code
+                failure = RuntimeError(f"{type(exc).__name__}: {exc}")
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(failure))
                 return
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
 

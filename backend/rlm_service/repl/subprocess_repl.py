@@ -244,7 +244,7 @@ class SubprocessRepl:
         else:
             try:
                 reply["results"] = await self.batch(prompts)
-            except Exception as exc:  # noqa: BLE001 - reported to the generated code, not raised here
+            except Exception as exc:
                 reply["error"] = f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(reply)
