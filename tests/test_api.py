@@ -151,7 +151,13 @@ def _raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, byt
             except (BrokenPipeError, ConnectionResetError):
                 break
         sock.setblocking(True)
-        while b"\r\n\r\n" not in received:
+
+        def complete() -> bool:
+            head, sep, body = received.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            return bool(sep) and (length is None or len(body) >= int(length.group(1)))
+
+        while not complete():
             more = sock.recv(65536)
             if not more:
                 break

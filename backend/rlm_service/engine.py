@@ -33,7 +33,7 @@ from .config import Settings
 from .controller import Controller, RunLimits
 from .events import ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event, is_terminal
 from .inputs import RunInput
-from .llm import ChatClient, ModelCallError, SubcallSession
+from .llm import ChatClient, ModelCallError, SubcallSession, make_http_client
 from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
 from .repl.subprocess_repl import SubprocessRepl
@@ -116,10 +116,7 @@ class Engine:
                  http: httpx2.AsyncClient | None = None) -> None:
         self.settings = settings
         self._own_http = http is None
-        self.http = http or httpx2.AsyncClient(
-            limits=httpx2.Limits(max_connections=2048, max_keepalive_connections=512),
-            timeout=httpx2.Timeout(settings.rlm_subcall_timeout_s, connect=10.0),
-        )
+        self.http = http or make_http_client(timeout=settings.rlm_subcall_timeout_s)
         self.sub_client = ChatClient(self.http, settings.openai_api_base, settings.api_key_value(),
                                      timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries)
         self._root_model = root_model

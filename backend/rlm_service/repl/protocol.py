@@ -23,6 +23,10 @@ from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 2**32 - 1
+MAX_WORKER_FRAME = 512 * 1024 * 1024
+"""The server reads no larger message from a worker: a hostile worker cannot make it allocate more."""
+MAX_REQUEST_CHARS = 128 * 1024 * 1024
+"""Characters of prompts in one `llm_batch` call (well under `MAX_WORKER_FRAME` once JSON-encoded)."""
 
 
 class ChannelClosed(Exception):

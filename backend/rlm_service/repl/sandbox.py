@@ -289,6 +289,18 @@ def _deny_if_arg0(nr: int, values: list[int], reply: int) -> list[bytes]:
     return prog
 
 
+def _kill_rule(nr: int, server_pid: int, own_group: int, reply: int) -> list[bytes]:
+    """kill(): never the server; to a process group (pid < 0) only our own, so never -1 (everyone)."""
+    return [
+        _jump(_JEQ, nr, 0, 5), _LD_ARG0,
+        _jump(_JEQ, (server_pid or -1) & 0xFFFFFFFF, 2, 0),   # the server: refused
+        _jump(_JSET, 0x80000000, 0, 2),                       # pid >= 0: allowed
+        _jump(_JEQ, -own_group & 0xFFFFFFFF, 1, 0),           # our own group: allowed
+        _stmt(_RET, reply),
+        _LD_NR,
+    ]
+
+
 def build_seccomp_filter(options: SandboxOptions) -> bytes:
     numbers = _SYSCALLS[_ARCH]
     eperm = _errno(errno.EPERM)
@@ -309,11 +321,10 @@ def build_seccomp_filter(options: SandboxOptions) -> bytes:
     namespaces = 0x7E020000
     prog += [_jump(_JEQ, numbers["clone"], 0, 4), _LD_ARG0, _jump(_JSET, namespaces, 0, 1),
              _stmt(_RET, eperm), _LD_NR]
+    prog += _kill_rule(numbers["kill"], options.server_pid or 0, os.getpid(), eperm)
     if options.server_pid:
-        pid = options.server_pid
-        prog += _deny_if_arg0(numbers["kill"], [pid, -pid, -1], eperm)
-        prog += _deny_if_arg0(numbers["tgkill"], [pid], eperm)
-        prog += _deny_if_arg0(numbers["pidfd_open"], [pid], eperm)
+        prog += _deny_if_arg0(numbers["tgkill"], [options.server_pid], eperm)
+        prog += _deny_if_arg0(numbers["pidfd_open"], [options.server_pid], eperm)
     prog.append(_stmt(_RET, _RET_ALLOW))
     return b"".join(prog)
 

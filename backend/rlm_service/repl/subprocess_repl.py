@@ -30,6 +30,7 @@ _BOOT = (
     "del sys.path[0]; main()"
 )
 _WORKER_PATH = "/usr/local/bin:/usr/bin:/bin"
+MAX_ANSWER_CHARS = 16 * 1024 * 1024
 
 
 def worker_environment(workdir: Path) -> dict[str, str]:
@@ -82,6 +83,8 @@ class _Worker:
         try:
             header = await self.reader.readexactly(protocol.HEADER.size)
             (size,) = protocol.HEADER.unpack(header)
+            if size > protocol.MAX_WORKER_FRAME:
+                raise ValueError(f"the worker sent a message of {size:,} bytes")
             return protocol.decode(await self.reader.readexactly(size))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise protocol.ChannelClosed() from exc
@@ -249,13 +252,17 @@ class SubprocessRepl:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await worker.send(reply)
 
-    @staticmethod
-    def _outcome(message: dict[str, Any], started: float) -> CellOutcome:
+    def _outcome(self, message: dict[str, Any], started: float) -> CellOutcome:
+        """Build the outcome from a worker's message, trusting none of its types or sizes."""
+        error = message.get("error")
+        notes = message.get("notes")
+        shown = self.options.max_output_chars + 200
         return CellOutcome(
-            stdout=str(message.get("stdout", "")), error=message.get("error"),
-            truncated=bool(message.get("truncated")), duration_ms=int((time.monotonic() - started) * 1000),
-            answer_content=str(message.get("answer_content", "")),
-            answer_ready=bool(message.get("answer_ready")), notes=list(message.get("notes", [])),
+            stdout=str(message.get("stdout", ""))[:shown], error=None if error is None else str(error)[:4 * shown],
+            truncated=message.get("truncated") is True, duration_ms=int((time.monotonic() - started) * 1000),
+            answer_content=str(message.get("answer_content", ""))[:MAX_ANSWER_CHARS],
+            answer_ready=message.get("answer_ready") is True,
+            notes=[str(note)[:500] for note in notes[:20]] if isinstance(notes, list) else [],
         )
 
     async def close(self) -> None:

@@ -59,6 +59,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.owner = os.getpid()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._waiting: dict[int, queue.SimpleQueue[dict[str, Any]]] = {}
@@ -68,8 +69,15 @@ class Channel:
         threading.Thread(target=self._read_forever, name="rlm-channel", daemon=True).start()
 
     def send(self, message: dict[str, Any]) -> None:
+        if os.getpid() != self.owner:
+            raise RuntimeError("llm_query/llm_batch work only in the REPL's own process, not in a forked child")
         with self._send_lock:
             protocol.send_blocking(self.sock, message)
+
+    def forked(self) -> None:
+        """In a child that generated code forked: let go of the channel, it belongs to the parent."""
+        self._send_lock = threading.Lock()
+        self.sock.close()
 
     def _read_forever(self) -> None:
         try:
@@ -85,6 +93,10 @@ class Channel:
             os._exit(0)  # the server is gone: nothing left to do
 
     def batch(self, prompts: list[str]) -> list[str]:
+        size = sum(len(prompt) for prompt in prompts)
+        if size > protocol.MAX_REQUEST_CHARS:
+            raise ValueError(f"llm_batch() got {size:,} characters of prompts; at most "
+                             f"{protocol.MAX_REQUEST_CHARS:,} per call: split it into several calls")
         request_id = next(self._ids)
         waiter: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._waiting[request_id] = waiter
@@ -117,6 +129,7 @@ def main() -> None:
                                       f"memory limit ({options.memory_mb} MB)"})
         return
     channel = Channel(sock)
+    os.register_at_fork(after_in_child=channel.forked)
     runner = CellRunner(context, channel.batch, max_output_chars=int(init["max_output_chars"]),
                         capture_all_threads=True, answer=str(init.get("answer", "")))
     channel.start()
@@ -127,6 +140,8 @@ def main() -> None:
             return
         if command["op"] == "exec":
             result = runner.run(str(command.get("code", "")))
+            if os.getpid() != channel.owner:
+                os._exit(0)  # a child forked by the cell finished the cell's code too: it has no say
             channel.send({"op": "done", **result.to_dict()})
 
 

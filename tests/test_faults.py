@@ -1,0 +1,126 @@
+"""Unreliable model servers: every fault the fake OpenAI server can inject, for sub-calls and for the root."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from rlm_service.engine import Engine
+from rlm_service.events import _Event
+from tests.conftest import free_port, make_settings, script
+from tests.fake_openai import FakeOpenAI
+
+BATCH_CELL = "replies = llm_batch(['a', 'b', 'c'])\nfor r in replies:\n    print(r[:80])"
+FINISH = "answer.update(content='\\n'.join(replies), ready=True)"
+
+
+async def run(fake: FakeOpenAI | None, prompt: str, **overrides: Any) -> list[_Event]:
+    settings = make_settings(fake, **overrides)
+    async with Engine(settings) as engine:
+        return [event async for event in engine.run(prompt, "input text")]
+
+
+def batch_prompt() -> str:
+    return script({"code": [BATCH_CELL]}, {"code": [FINISH]})
+
+
+TRANSIENT_SUB_FAULTS = [
+    {"kind": "status", "status": 429, "retry_after": "1"},
+    {"kind": "status", "status": 429},
+    {"kind": "status", "status": 500},
+    {"kind": "status", "status": 502},
+    {"kind": "status", "status": 503},
+    {"kind": "timeout"},
+    {"kind": "disconnect"},
+    {"kind": "malformed"},
+    {"kind": "empty_choices"},
+    {"kind": "null_content"},
+    {"kind": "cut_stream"},
+    {"kind": "trickle"},
+]
+
+
+@pytest.mark.parametrize("fault", TRANSIENT_SUB_FAULTS, ids=lambda f: f"{f['kind']}-{f.get('status', '')}")
+async def test_sub_call_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]) -> None:
+    fake.inject(role="sub", count=2, **fault)
+    started = time.monotonic()
+    events = await run(fake, batch_prompt(), rlm_subcall_timeout_s=1.5)
+    final = events[-1]
+    assert final.type == "final" and final.ready
+    assert "Error" not in final.answer and final.answer.count("sub-model reply") == 3
+    if fault.get("retry_after"):
+        assert time.monotonic() - started >= 1.0
+
+
+@pytest.mark.parametrize("fault", [{"kind": "status", "status": 500}, {"kind": "malformed"},
+                                   {"kind": "null_content"}, {"kind": "disconnect"}],
+                         ids=lambda f: f["kind"])
+async def test_sub_call_that_keeps_failing_becomes_an_error_slot(fake: FakeOpenAI, fault: dict[str, Any]) -> None:
+    fake.inject(role="sub", count=1000, **fault)
+    events = await run(fake, batch_prompt(), rlm_model_retries=1)
+    final = events[-1]
+    assert final.type == "final" and final.ready
+    assert [line.startswith("Error: ") for line in final.answer.splitlines()] == [True] * 3
+    progress = [e for e in events if e.type == "subcalls"][-1]
+    assert progress.done == progress.total == progress.failed == 3
+
+
+async def test_one_bad_sub_call_keeps_the_others(fake: FakeOpenAI) -> None:
+    fake.inject("status", role="sub", status=400, count=1)
+    events = await run(fake, batch_prompt())
+    lines = events[-1].answer.splitlines()
+    assert sum(line.startswith("Error: HTTP 400") for line in lines) == 1
+    assert sum("sub-model reply" in line for line in lines) == 2
+
+
+@pytest.mark.parametrize("fault", [{"kind": "status", "status": 429}, {"kind": "status", "status": 503},
+                                   {"kind": "disconnect"}], ids=lambda f: f"{f['kind']}-{f.get('status', '')}")
+async def test_root_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]) -> None:
+    fake.inject(role="root", count=1, **fault)
+    events = await run(fake, batch_prompt())
+    assert events[-1].type == "final" and events[-1].ready
+
+
+@pytest.mark.parametrize(("fault", "code"), [
+    ({"kind": "status", "status": 401}, "auth"),
+    ({"kind": "status", "status": 403}, "auth"),
+    ({"kind": "status", "status": 500}, "model_unavailable"),
+    ({"kind": "status", "status": 502}, "model_unavailable"),
+    ({"kind": "status", "status": 503}, "model_unavailable"),
+    ({"kind": "status", "status": 429, "retry_after": "0"}, "model_unavailable"),
+    ({"kind": "status", "status": 404}, "model_unavailable"),
+    ({"kind": "timeout"}, "model_unavailable"),
+    ({"kind": "malformed"}, "model_unavailable"),
+    ({"kind": "empty_choices"}, "model_unavailable"),
+    ({"kind": "cut_stream"}, "model_unavailable"),
+    ({"kind": "trickle"}, "model_unavailable"),
+    ({"kind": "disconnect"}, "model_unavailable"),
+], ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v.get('status', '')}")
+async def test_root_fault_that_persists_ends_with_the_right_code(fake: FakeOpenAI, fault: dict[str, Any],
+                                                                 code: str) -> None:
+    fake.inject(role="root", count=1000, **fault)
+    events = await run(fake, batch_prompt(), rlm_model_retries=1, rlm_root_timeout_s=1.5)
+    assert [e.type for e in events] == ["start", "error"]
+    assert events[-1].code == code
+    assert "sk-test-key" not in events[-1].message
+
+
+async def test_root_null_content_ends_the_run_cleanly(fake: FakeOpenAI) -> None:
+    fake.inject("null_content", role="root", count=1000)
+    events = await run(fake, batch_prompt(), rlm_model_retries=1)
+    assert events[-1].type in ("final", "error")
+    assert [e.type for e in events].count(events[-1].type) == 1
+
+
+async def test_connection_refused_is_model_unavailable() -> None:
+    events = await run(None, "anything", openai_api_base=f"http://127.0.0.1:{free_port()}/v1", rlm_model_retries=1)
+    assert [e.type for e in events] == ["start", "error"]
+    assert events[-1].code == "model_unavailable"
+
+
+async def test_wrong_key_is_auth(fake: FakeOpenAI) -> None:
+    fake.api_key = "sk-the-right-one"
+    events = await run(fake, "anything")
+    assert events[-1].type == "error" and events[-1].code == "auth"
