@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -19,6 +24,7 @@ from rlm_service.api import create_app
 from rlm_service.config import Settings
 from tests.fake_openai import FakeOpenAI
 
+REPO = Path(__file__).resolve().parents[1]
 ROOT_MODEL = "root-model"
 SUB_MODEL = "sub-model"
 
@@ -151,3 +157,112 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> 
             return True
         time.sleep(interval)
     return predicate()
+
+
+def post_process(url: str, **kwargs: Any) -> httpx2.Response:
+    """POST /process and return the whole response (for refusals)."""
+    return httpx2.post(f"{url}/process", timeout=30, **kwargs)
+
+
+def raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, bytes]:
+    """Send a request body piece by piece; stop as soon as the server answers."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        head = "POST /process HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(head.encode() + b"\r\n")
+        sock.setblocking(False)
+        received = b""
+        for chunk in chunks:
+            try:
+                received += sock.recv(65536)
+            except BlockingIOError:
+                pass
+            if received:
+                break
+            try:
+                sock.setblocking(True)
+                sock.sendall(chunk)
+                sock.setblocking(False)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        sock.setblocking(True)
+
+        def complete() -> bool:
+            head, sep, body = received.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            return bool(sep) and (length is None or len(body) >= int(length.group(1)))
+
+        while not complete():
+            more = sock.recv(65536)
+            if not more:
+                break
+            received += more
+    status = int(received.split(b" ", 2)[1])
+    return status, received.split(b"\r\n\r\n", 1)[1]
+
+
+@dataclass
+class RealServer:
+    """The service as users run it: `python backend/main.py` in its own process."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    fake: FakeOpenAI
+    cwd: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def run(self, *cells: str, **settings: Any) -> list[SseEvent]:
+        """One run whose first turn runs `cells`, then a turn that marks the answer ready."""
+        turns = [{"code": list(cells)}, {"code": ["answer.update(content=answer['content'] or 'done', ready=True)"]}]
+        body: dict[str, Any] = {"prompt": script(*turns), "input_data": "the input"}
+        if settings:
+            body["settings"] = settings
+        response, events = stream_run(self.url, json_body=body, timeout=120)
+        assert response.status_code == 200, response.text
+        return events
+
+    def assert_healthy(self) -> None:
+        assert self.process.poll() is None, "the server died"
+        assert httpx2.get(f"{self.url}/health", timeout=5).json() == {"status": "ok"}
+        events = self.run("print(len(context))")
+        assert events[-1].event == "final" and events[-1].data["ready"]
+        assert next(e for e in events if e.event == "output").data["stdout"] == "9\n"
+
+
+def _answers_health(url: str) -> bool:
+    try:
+        return httpx2.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx2.TransportError:
+        return False
+
+
+@contextmanager
+def spawn_server(cwd: Path, key: str = "sk-test-key", **env_overrides: str) -> Iterator[RealServer]:
+    """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server; stop both after."""
+    fake = FakeOpenAI().start()
+    (cwd / ".env").write_text(f"OPENAI_API_KEY={key}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
+    env.update(OPENAI_API_KEY=key, OPENAI_API_BASE=fake.url, OPENAI_MODEL_NAME=ROOT_MODEL,
+               OPENAI_SUB_MODEL_NAME=SUB_MODEL, PORT=str(port), HOST="127.0.0.1", RLM_LOG_LEVEL="warning",
+               **env_overrides)
+    process = subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_until(lambda: _answers_health(url), timeout=30):
+            raise RuntimeError("the server did not start")
+        yield RealServer(url, process, fake, cwd)
+    finally:
+        process.terminate()
+        process.wait(10)
+        fake.stop()

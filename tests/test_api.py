@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from typing import Any
@@ -12,7 +11,18 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import LiveServer, make_settings, names, parse_sse, script, stream_run, wait_until, worker_processes
+from tests.conftest import (
+    LiveServer,
+    make_settings,
+    names,
+    parse_sse,
+    post_process,
+    raw_post,
+    script,
+    stream_run,
+    wait_until,
+    worker_processes,
+)
 from tests.fake_openai import FakeOpenAI
 
 
@@ -74,45 +84,13 @@ def test_undecodable_bytes_are_replaced(live: LiveServer) -> None:
     assert events[-1].data["answer"] == repr("ok \ufffd\ufffd end")
 
 
-def _post(url: str, **kwargs: Any) -> httpx2.Response:
-    return httpx2.post(f"{url}/process", timeout=30, **kwargs)
-
-
-@pytest.mark.parametrize(("kwargs", "status", "fragment"), [
-    ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ({"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 400, "object"),
-    ({"json": {"prompt": ""}}, 422, "prompt"),
-    ({"json": {"prompt": "   "}}, 422, "must not be empty"),
-    ({"json": {"input_data": "x"}}, 422, "prompt"),
-    ({"json": {"prompt": 5}}, 422, "prompt"),
-    ({"json": {"prompt": "x", "input_data": 7}}, 422, "input_data"),
-    ({"json": {"prompt": "x", "settings": {"max_iterations": 0}}}, 422, "max_iterations"),
-    ({"json": {"prompt": "x", "settings": {"max_iterations": 999}}}, 422, "RLM_MAX_ITERATIONS"),
-    ({"json": {"prompt": "x", "settings": {"exec_timeout_s": 10_000}}}, 422, "RLM_EXEC_TIMEOUT_S"),
-    ({"json": {"prompt": "x", "settings": {"colour": "blue"}}}, 422, "unknown field"),
-    ({"json": {"prompt": "x", "extra": 1}}, 422, "unknown field"),
-    ({"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "Content-Type"),
-    ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
-    ({"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400, "boundary"),
-    ({"files": {"prompt": (None, "x"), "settings": (None, "{bad")}}, 422, "settings"),
-    ({"files": {"prompt": (None, "x"), "settings": (None, "[1]")}}, 422, "settings"),
-    ({"files": {"settings": (None, "{}")}}, 422, "prompt"),
-    ({"files": {"prompt": (None, "x"), "input_file": ("a", b"1"), "file": ("b", b"2")}}, 422, "one input file"),
-])
-def test_refusals_are_json_with_the_contract_status(live: LiveServer, kwargs: dict[str, Any], status: int,
-                                                     fragment: str) -> None:
-    response = _post(live.url, **kwargs)
-    assert response.status_code == status, response.text
-    assert fragment in response.json()["detail"]
-
-
 def test_refusals_for_configuration_and_capacity(fake: FakeOpenAI) -> None:
     with LiveServer(make_settings(fake, openai_model_name=None)) as server:
-        response = _post(server.url, json={"prompt": "x"})
+        response = post_process(server.url, json={"prompt": "x"})
         assert response.status_code == 503 and "OPENAI_MODEL_NAME" in response.json()["detail"]
     remote = make_settings(fake, openai_api_base="https://api.openai.com/v1", openai_api_key=None)
     with LiveServer(remote) as server:
-        response = _post(server.url, json={"prompt": "x"})
+        response = post_process(server.url, json={"prompt": "x"})
         assert response.status_code == 503 and "OPENAI_API_KEY" in response.json()["detail"]
         assert httpx2.get(f"{server.url}/health").status_code == 200
         assert httpx2.get(f"{server.url}/api/config").json()["key_configured"] is False
@@ -122,7 +100,7 @@ def test_refusals_for_configuration_and_capacity(fake: FakeOpenAI) -> None:
         thread = threading.Thread(target=lambda: first.update(r=stream_run(server.url, json_body={"prompt": slow})))
         thread.start()
         assert wait_until(lambda: server.app.state.slots.active == 1)
-        response = _post(server.url, json={"prompt": "x"})
+        response = post_process(server.url, json={"prompt": "x"})
         assert response.status_code == 429 and "RLM_MAX_CONCURRENT_RUNS" in response.json()["detail"]
         thread.join()
         assert first["r"][1][-1].data["answer"] == "slow"
@@ -130,47 +108,11 @@ def test_refusals_for_configuration_and_capacity(fake: FakeOpenAI) -> None:
         assert stream_run(server.url, json_body={"prompt": "x"})[0].status_code == 200
 
 
-def _raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, bytes]:
-    """Send a request body piece by piece; stop as soon as the server answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = "POST /process HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        sock.sendall(head.encode() + b"\r\n")
-        sock.setblocking(False)
-        received = b""
-        for chunk in chunks:
-            try:
-                received += sock.recv(65536)
-            except BlockingIOError:
-                pass
-            if received:
-                break
-            try:
-                sock.setblocking(True)
-                sock.sendall(chunk)
-                sock.setblocking(False)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-        sock.setblocking(True)
-
-        def complete() -> bool:
-            head, sep, body = received.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
-            return bool(sep) and (length is None or len(body) >= int(length.group(1)))
-
-        while not complete():
-            more = sock.recv(65536)
-            if not more:
-                break
-            received += more
-    status = int(received.split(b" ", 2)[1])
-    return status, received.split(b"\r\n\r\n", 1)[1]
-
-
 def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) -> None:
     limit = 2 * 1024 * 1024
     with LiveServer(make_settings(fake, rlm_max_input_bytes=limit)) as server:
-        status, body = _raw_post(server.port, {"Content-Type": "application/json", "Content-Length": str(2 * 1024**3)},
-                                 [b"x" * 65536] * 10)
+        headers = {"Content-Type": "application/json", "Content-Length": str(2 * 1024**3)}
+        status, body = raw_post(server.port, headers, [b"x" * 65536] * 10)
         assert status == 413 and b"RLM_MAX_INPUT_BYTES" in body
         before = rss_bytes()
         boundary = "b0undary"
@@ -187,8 +129,8 @@ def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) 
                 sent += len(piece)
                 yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
-        status, body = _raw_post(server.port, {"Content-Type": f"multipart/form-data; boundary={boundary}",
-                                               "Transfer-Encoding": "chunked"}, body_chunks())
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Transfer-Encoding": "chunked"}
+        status, body = raw_post(server.port, headers, body_chunks())
         assert status == 413 and b"RLM_MAX_INPUT_BYTES" in body
         assert sent < 50 * 1024 * 1024
         assert rss_bytes() - before < 40 * 1024 * 1024
@@ -234,8 +176,8 @@ def test_twenty_concurrent_runs_do_not_cross_talk(live: LiveServer) -> None:
 
 def test_token_guards_process_and_api(fake: FakeOpenAI) -> None:
     with LiveServer(make_settings(fake, rlm_api_token="s3cret-token")) as server:
-        assert _post(server.url, json={"prompt": "x"}).status_code == 401
-        wrong = _post(server.url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert post_process(server.url, json={"prompt": "x"}).status_code == 401
+        wrong = post_process(server.url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "RLM_API_TOKEN" in wrong.json()["detail"]
         assert httpx2.get(f"{server.url}/api/config").status_code == 401
         assert httpx2.get(f"{server.url}/health").status_code == 200
@@ -287,9 +229,10 @@ def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI) -> N
         fake.inject("status", role="root", status=500, count=10)
         _, failed = stream_run(server.url, data={"prompt": "x"}, files={"input_file": ("b.txt", b"hello")})
         assert failed[-1].event == "error" and failed[-1].data["code"] == "model_unavailable"
-        too_big = _post(server.url, data={"prompt": "x"}, files={"input_file": ("c.txt", b"x" * (2 * 1024 * 1024))})
+        big = b"x" * (2 * 1024 * 1024)
+        too_big = post_process(server.url, data={"prompt": "x"}, files={"input_file": ("c.txt", big)})
         assert too_big.status_code == 413
-        refused = _post(server.url, files={"prompt": (None, "x"), "settings": (None, '{"max_iterations": 0}'),
+        refused = post_process(server.url, files={"prompt": (None, "x"), "settings": (None, '{"max_iterations": 0}'),
                                            "input_file": ("d.txt", b"hello")})
         assert refused.status_code == 422
         slow = script({"code": ["import time\ntime.sleep(30)"]})

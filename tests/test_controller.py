@@ -208,6 +208,8 @@ def test_code_blocks_are_extracted_with_their_prose() -> None:
     blocks, prose = extract_code_blocks("a\n```repl\n1\n```\nb\n```python\n2\n```\n```js\nno\n```")
     assert blocks == ["1\n", "2\n"]
     assert prose.startswith("a") and "```js" in prose
+    blocks, prose = extract_code_blocks("look:\n```python\nprint(1)\n")
+    assert blocks == ["print(1)\n"] and prose == "look:"
 
 
 def test_blocking_helper_returns_the_terminal_event(fake: FakeOpenAI) -> None:

@@ -8,86 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import pytest
 
-from tests.conftest import SseEvent, free_port, script, stream_run, wait_until
-from tests.fake_openai import FakeOpenAI
+from tests.conftest import RealServer, SseEvent, spawn_server, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-hostile-test-key-0123456789"
 
 
-@dataclass
-class RealServer:
-    url: str
-    process: subprocess.Popen[bytes]
-    fake: FakeOpenAI
-    cwd: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-
-    def run(self, *cells: str, **settings: Any) -> list[SseEvent]:
-        """One run whose first turn runs `cells`, then a turn that marks the answer ready."""
-        turns = [{"code": list(cells)}, {"code": ["answer.update(content=answer['content'] or 'done', ready=True)"]}]
-        body: dict[str, Any] = {"prompt": script(*turns), "input_data": "the input"}
-        if settings:
-            body["settings"] = settings
-        response, events = stream_run(self.url, json_body=body, timeout=120)
-        assert response.status_code == 200, response.text
-        return events
-
-    def assert_healthy(self) -> None:
-        assert self.process.poll() is None, "the server died"
-        assert httpx2.get(f"{self.url}/health", timeout=5).json() == {"status": "ok"}
-        events = self.run("print(len(context))")
-        assert events[-1].event == "final" and events[-1].data["ready"]
-        assert next(e for e in events if e.event == "output").data["stdout"] == "9\n"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    with spawn_server(tmp_path_factory.mktemp("server"), KEY, RLM_EXEC_TIMEOUT_S="20",
+                      RLM_WORKER_MEMORY_MB="1536") as real:
+        yield real
 
 
 def outputs(events: list[SseEvent]) -> list[dict[str, Any]]:
     return [event.data for event in events if event.event == "output"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    fake = FakeOpenAI().start()
-    cwd = tmp_path_factory.mktemp("server")
-    (cwd / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-    env.update(OPENAI_API_KEY=KEY, OPENAI_API_BASE=fake.url, OPENAI_MODEL_NAME="root-model",
-               OPENAI_SUB_MODEL_NAME="sub-model", PORT=str(port), HOST="127.0.0.1", RLM_EXEC_TIMEOUT_S="20",
-               RLM_WORKER_MEMORY_MB="1536", RLM_LOG_LEVEL="warning")
-    process = subprocess.Popen([sys.executable, str(ROOT / "backend" / "main.py")], cwd=cwd, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: _up(url), timeout=30), "server did not start"
-    yield RealServer(url, process, fake, cwd)
-    process.terminate()
-    process.wait(10)
-    fake.stop()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx2.get(f"{url}/health", timeout=1).status_code == 200
-    except httpx2.TransportError:
-        return False
 
 
 def test_infinite_loop_is_stopped(server: RealServer) -> None:
@@ -207,7 +149,7 @@ def test_data_cannot_be_sent_out_over_the_network(server: RealServer) -> None:
     cells = [f"""
 import socket, urllib.request
 for name, fn in [('tcp', lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2)),
-                 ('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(context.encode(), ('127.0.0.1', {port}))),
+                 ('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port}))),
                  ('http', lambda: urllib.request.urlopen('http://127.0.0.1:{port}/v1/models', timeout=2)),
                  ('unix', lambda: socket.socket(socket.AF_UNIX).connect('/run/docker.sock'))]:
     try:

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
@@ -31,7 +31,6 @@ log = logging.getLogger("rlm_service.api")
 
 FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
 PING_SECONDS = 10
-BODY_IDLE_TIMEOUT_S = 30.0
 
 
 def refuse(status: int, message: str, **headers: str) -> JSONResponse:
@@ -219,9 +218,28 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
         )
 
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
-    if FRONTEND_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=FRONTEND_DIR, html=True), name="frontend")
+    _serve_frontend(app)
     return app
+
+
+def _serve_frontend(app: FastAPI) -> None:
+    """The page's own files by name (so that unknown paths stay JSON 404s), and its vendored libraries."""
+    if not FRONTEND_DIR.is_dir():
+        return
+    for path in sorted(FRONTEND_DIR.iterdir()):
+        if path.is_file():
+            routes = ["/", f"/{path.name}"] if path.name == "index.html" else [f"/{path.name}"]
+            for route in routes:
+                app.add_api_route(route, _file_endpoint(path), methods=["GET"], include_in_schema=False)
+    if (FRONTEND_DIR / "vendor").is_dir():
+        app.mount("/vendor", StaticFiles(directory=FRONTEND_DIR / "vendor"), name="vendor")
+
+
+def _file_endpoint(path: Path) -> Callable[[], Any]:
+    async def serve() -> FileResponse:
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return serve
 
 
 async def _read_request(request: Request, settings: Settings) -> ParsedRequest:
@@ -233,9 +251,9 @@ async def _read_request(request: Request, settings: Settings) -> ParsedRequest:
         raise RequestRefused(413, f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES "
                                   f"({limit:,} bytes)")
     if media_type == "application/json":
-        return await read_json(request.stream(), limit, BODY_IDLE_TIMEOUT_S)
+        return await read_json(request.stream(), limit, settings.rlm_body_timeout_s)
     if media_type == "multipart/form-data":
-        return await read_multipart(request.stream(), content_type, limit, BODY_IDLE_TIMEOUT_S)
+        return await read_multipart(request.stream(), content_type, limit, settings.rlm_body_timeout_s)
     shown = media_type or "none"
     raise RequestRefused(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")
 

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     """Wall time of one root-model request (each attempt)."""
     rlm_model_retries: int = Field(3, ge=0, le=10)
     """Retries of a failed model request (429, 5xx, timeouts) before giving up."""
+    rlm_body_timeout_s: float = Field(30.0, gt=0)
+    """A request body that sends nothing for this long is refused with 408."""
     rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["*"]
     rlm_log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -26,7 +26,8 @@ from .repl.base import CellOutcome, Repl
 
 Emit = Callable[[_Event], None]
 
-_FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# A block may be left open at the end of a reply (small models, or a reply cut at its token limit).
+_FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 PROGRESS_INTERVAL_S = 0.1
 
 

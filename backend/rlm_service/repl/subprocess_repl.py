@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ from typing import Any
 from . import protocol
 from .base import AsyncBatch, CellOutcome, ReplError, ReplOptions
 from .workspace import Workspace
+
+log = logging.getLogger("rlm_service")
 
 _BACKEND_DIR = str(Path(__file__).resolve().parents[2])
 _BOOT = (
@@ -49,6 +52,19 @@ def worker_environment(workdir: Path) -> dict[str, str]:
         "MPLBACKEND": "Agg",
         "MPLCONFIGDIR": str(workdir / ".matplotlib"),
     }
+
+
+_reported: list[bool] = []
+
+
+def _report_sandbox_once(layers: list[str], skipped: dict[str, str]) -> None:
+    """Log, once per server process, which confinement layers the workers get on this machine."""
+    if _reported:
+        return
+    _reported.append(True)
+    log.info("REPL workers are confined by: %s", ", ".join(layers) or "nothing")
+    for layer, reason in skipped.items():
+        log.warning("REPL sandbox layer %s is unavailable here: %s", layer, reason)
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -179,8 +195,9 @@ class SubprocessRepl:
             worker.kill(self.workspace.worker_uid)
             await self._reap(worker)
             raise ReplError(f"the REPL worker did not start: {ready.get('error', ready)}")
-        worker.layers = list(ready.get("layers", []))
-        worker.skipped = dict(ready.get("skipped", {}))
+        worker.layers = [str(layer) for layer in ready.get("layers", [])]
+        worker.skipped = {str(k): str(v) for k, v in dict(ready.get("skipped", {})).items()}
+        _report_sandbox_once(worker.layers, worker.skipped)
 
     def _track(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

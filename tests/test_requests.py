@@ -1,0 +1,160 @@
+"""A catalogue of bad requests: each gets its contract status and a JSON body that says what to change."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import LiveServer, make_settings, post_process, script, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+
+LIMIT = 256 * 1024
+JSON = {"content-type": "application/json"}
+
+CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
+    ("invalid JSON", {"content": b"{not json", "headers": JSON}, 400, "not valid JSON"),
+    ("truncated JSON", {"content": b'{"prompt": "x"', "headers": JSON}, 400, "not valid JSON"),
+    ("JSON array", {"content": b"[1, 2]", "headers": JSON}, 400, "object"),
+    ("JSON string", {"content": b'"prompt"', "headers": JSON}, 400, "object"),
+    ("JSON null", {"content": b"null", "headers": JSON}, 400, "object"),
+    ("empty JSON body", {"content": b"", "headers": JSON}, 400, "not valid JSON"),
+    ("non-UTF-8 JSON", {"content": b'{"prompt": "\xff\xfe"}', "headers": JSON}, 400, "not valid JSON"),
+    ("missing prompt", {"json": {"input_data": "x"}}, 422, "prompt: Field required"),
+    ("empty prompt", {"json": {"prompt": ""}}, 422, "prompt"),
+    ("blank prompt", {"json": {"prompt": " \n\t "}}, 422, "must not be empty"),
+    ("null prompt", {"json": {"prompt": None}}, 422, "prompt"),
+    ("number prompt", {"json": {"prompt": 5}}, 422, "prompt"),
+    ("list prompt", {"json": {"prompt": ["a"]}}, 422, "prompt"),
+    ("number input", {"json": {"prompt": "x", "input_data": 7}}, 422, "input_data"),
+    ("object input", {"json": {"prompt": "x", "input_data": {"a": 1}}}, 422, "input_data"),
+    ("settings not an object", {"json": {"prompt": "x", "settings": "fast"}}, 422, "settings"),
+    ("zero iterations", {"json": {"prompt": "x", "settings": {"max_iterations": 0}}}, 422, "max_iterations"),
+    ("negative sub-calls", {"json": {"prompt": "x", "settings": {"max_subcalls": -5}}}, 422, "max_subcalls"),
+    ("fractional iterations", {"json": {"prompt": "x", "settings": {"max_iterations": 2.5}}}, 422, "max_iterations"),
+    ("iterations as text", {"json": {"prompt": "x", "settings": {"max_iterations": "ten"}}}, 422, "max_iterations"),
+    ("iterations above server", {"json": {"prompt": "x", "settings": {"max_iterations": 999}}}, 422,
+     "RLM_MAX_ITERATIONS"),
+    ("sub-calls above server", {"json": {"prompt": "x", "settings": {"max_subcalls": 10**9}}}, 422,
+     "RLM_MAX_SUBCALLS"),
+    ("timeout above server", {"json": {"prompt": "x", "settings": {"exec_timeout_s": 10_000}}}, 422,
+     "RLM_EXEC_TIMEOUT_S"),
+    ("timeout below one", {"json": {"prompt": "x", "settings": {"exec_timeout_s": 0.5}}}, 422, "exec_timeout_s"),
+    ("unknown setting", {"json": {"prompt": "x", "settings": {"colour": "blue"}}}, 422, "unknown field"),
+    ("unknown field", {"json": {"prompt": "x", "input": "typo"}}, 422, "unknown field"),
+    ("huge JSON body", {"json": {"prompt": "x", "input_data": "y" * (LIMIT * 6)}}, 413, "RLM_MAX_INPUT_BYTES"),
+    ("input over the limit", {"json": {"prompt": "x", "input_data": "é" * (LIMIT // 2 + 10)}}, 413,
+     "RLM_MAX_INPUT_BYTES"),
+    ("urlencoded form", {"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+     415, "Content-Type"),
+    ("plain text", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
+    ("no content type", {"content": b'{"prompt": "x"}', "headers": {"content-type": ""}}, 415, "Content-Type"),
+    ("XML", {"content": b"<prompt/>", "headers": {"content-type": "application/xml"}}, 415, "Content-Type"),
+    ("multipart without boundary", {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400,
+     "boundary"),
+    ("multipart garbage", {"content": b"\x00\x01garbage", "headers": {
+        "content-type": "multipart/form-data; boundary=zzz"}}, 400, "multipart"),
+    ("multipart settings not JSON", {"files": {"prompt": (None, "x"), "settings": (None, "{bad")}}, 422, "settings"),
+    ("multipart settings a list", {"files": {"prompt": (None, "x"), "settings": (None, "[1]")}}, 422, "settings"),
+    ("multipart without prompt", {"files": {"settings": (None, "{}")}}, 422, "prompt"),
+    ("multipart empty prompt", {"files": {"prompt": (None, "")}}, 422, "prompt"),
+    ("two input files", {"files": {"prompt": (None, "x"), "input_file": ("a", b"1"), "file": ("b", b"2")}}, 422,
+     "one input file"),
+    ("upload over the limit", {"files": {"prompt": (None, "x"), "input_file": ("big.txt", b"z" * (LIMIT + 1))}}, 413,
+     "RLM_MAX_INPUT_BYTES"),
+    ("bad token", {"json": {"prompt": "x"}, "headers": {"Authorization": "Bearer wrong"}, "token": True}, 401,
+     "RLM_API_TOKEN"),
+    ("missing token", {"json": {"prompt": "x"}, "token": True}, 401, "RLM_API_TOKEN"),
+    ("token without Bearer", {"json": {"prompt": "x"}, "headers": {"Authorization": "tok-123"}, "token": True}, 401,
+     "RLM_API_TOKEN"),
+]
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, LiveServer]]:
+    fake = FakeOpenAI().start()
+    common = {"rlm_max_input_bytes": LIMIT, "rlm_body_timeout_s": 1.0, "rlm_max_iterations": 5}
+    with LiveServer(make_settings(fake, **common)) as open_server, \
+            LiveServer(make_settings(fake, rlm_api_token="tok-123", **common)) as guarded:
+        yield {"open": open_server, "guarded": guarded}
+    fake.stop()
+
+
+@pytest.mark.parametrize(("case", "request_kwargs", "status", "fragment"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_request_is_refused(servers: dict[str, LiveServer], case: str, request_kwargs: dict[str, Any],
+                                status: int, fragment: str) -> None:
+    kwargs = dict(request_kwargs)
+    server = servers["guarded" if kwargs.pop("token", False) else "open"]
+    response = post_process(server.url, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert fragment in response.json()["detail"]
+
+
+def test_catalogue_is_at_least_thirty_cases() -> None:
+    assert len(CATALOGUE) + 6 >= 30  # plus the cases below that need more than one request
+
+
+def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
+    port = servers["open"].port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        started = time.monotonic()
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply
+    assert time.monotonic() - started < 5
+
+
+def test_runs_beyond_the_limit_are_refused(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake, rlm_max_concurrent_runs=2)) as server:
+        slow = script({"code": ["import time\ntime.sleep(1.5)\nanswer.update(content='ok', ready=True)"]})
+        threads = [threading.Thread(target=stream_run, args=(server.url,), kwargs={"json_body": {"prompt": slow}})
+                   for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: server.app.state.slots.active == 2)
+        response = post_process(server.url, json={"prompt": "x"})
+        assert response.status_code == 429 and response.headers["retry-after"] == "5"
+        for thread in threads:
+            thread.join()
+        assert stream_run(server.url, json_body={"prompt": "x"})[1][-1].event == "final"
+
+
+@pytest.mark.parametrize(("name", "content"), [("../../etc/passwd", b"root:x:0:0"), ("..\\..\\boot.ini", b"[boot]"),
+                                               ("/etc/shadow", b"secret"), ("", b"no name")])
+def test_path_like_file_names_are_only_names(servers: dict[str, LiveServer], name: str, content: bytes) -> None:
+    prompt = script({"code": ["answer.update(content=context, ready=True)"]})
+    response, events = stream_run(servers["open"].url, files={"prompt": (None, prompt),
+                                                              "input_file": (name, content)})
+    assert response.status_code == 200
+    assert events[-1].data["answer"] == content.decode()
+
+
+def test_empty_and_non_utf8_files_are_accepted(servers: dict[str, LiveServer]) -> None:
+    prompt = script({"code": ["answer.update(content=repr(context) or 'x', ready=True)"]})
+    _, events = stream_run(servers["open"].url, files={"prompt": (None, prompt), "input_file": ("e.txt", b"")})
+    assert events[0].data["input"] == {"chars": 0, "lines": 0} and events[-1].data["answer"] == "''"
+    _, events = stream_run(servers["open"].url, files={"prompt": (None, prompt),
+                                                      "input_file": ("latin1.txt", "café".encode("latin-1"))})
+    assert events[-1].data["answer"] == repr("caf\ufffd")
+
+
+def test_other_methods_and_paths_answer_json(servers: dict[str, LiveServer]) -> None:
+    url = servers["open"].url
+    assert httpx2.get(f"{url}/process").status_code == 405
+    assert httpx2.put(f"{url}/process").json()["detail"] == "Method Not Allowed"
+    for path in ("/api/nothing-here", "/etc/passwd", "/../../etc/passwd", "/vendor/../../backend/main.py"):
+        missing = httpx2.get(f"{url}{path}")
+        assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+    assert httpx2.get(f"{url}/vendor/marked.esm.js").status_code == 200
+
+
+def test_server_still_serves_after_the_catalogue(servers: dict[str, LiveServer]) -> None:
+    response, events = stream_run(servers["open"].url, json_body={"prompt": "x", "input_data": "fine"})
+    assert response.status_code == 200 and events[-1].event == "final"
