@@ -133,19 +133,19 @@ def script(*turns: dict[str, Any]) -> str:
 
 
 def worker_processes() -> list[int]:
-    """Pids of live REPL workers started from this test process."""
+    """Pids of live REPL workers (the zygote names them `rlm-worker`)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                cmdline = handle.read()
             with open(f"/proc/{entry}/stat", "rb") as handle:
-                state = handle.read().rsplit(b")", 1)[1].split()[0]
+                stat = handle.read()
         except OSError:
             continue
-        if b"rlm_service.repl.worker" in cmdline and state != b"Z":
+        name = stat[stat.index(b"(") + 1:stat.rindex(b")")]
+        state = stat.rsplit(b")", 1)[1].split()[0]
+        if name == b"rlm-worker" and state != b"Z":
             found.append(int(entry))
     return found
 
@@ -218,7 +218,9 @@ class RealServer:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
 
     def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open file descriptors, not counting pooled keep-alive connections to the model server."""
+        pooled = _sockets_to_port(self.pid, int(self.fake.url.rsplit(":", 1)[1].split("/")[0]))
+        return len(os.listdir(f"/proc/{self.pid}/fd")) - pooled
 
     def run(self, *cells: str, **settings: Any) -> list[SseEvent]:
         """One run whose first turn runs `cells`, then a turn that marks the answer ready."""
@@ -238,6 +240,29 @@ class RealServer:
         assert next(e for e in events if e.event == "output").data["stdout"] == "9\n"
 
 
+def _sockets_to_port(pid: int, port: int) -> int:
+    """How many of a process's sockets are TCP connections to `port` on this machine."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as handle:
+                for line in list(handle)[1:]:
+                    fields = line.split()
+                    if int(fields[2].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(fields[9])
+        except OSError:
+            continue
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            count += 1
+    return count
+
+
 def _answers_health(url: str) -> bool:
     try:
         return httpx2.get(f"{url}/health", timeout=1).status_code == 200
@@ -246,17 +271,19 @@ def _answers_health(url: str) -> bool:
 
 
 @contextmanager
-def spawn_server(cwd: Path, key: str = "sk-test-key", **env_overrides: str) -> Iterator[RealServer]:
-    """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server; stop both after."""
+def spawn_server(cwd: Path, key: str = "sk-test-key", *, model_url: str | None = None,
+                 **env_overrides: str) -> Iterator[RealServer]:
+    """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server (or `model_url`)."""
     fake = FakeOpenAI().start()
     (cwd / ".env").write_text(f"OPENAI_API_KEY={key}\n")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-    env.update(OPENAI_API_KEY=key, OPENAI_API_BASE=fake.url, OPENAI_MODEL_NAME=ROOT_MODEL,
-               OPENAI_SUB_MODEL_NAME=SUB_MODEL, PORT=str(port), HOST="127.0.0.1", RLM_LOG_LEVEL="warning",
-               **env_overrides)
+    env.update({"OPENAI_API_KEY": key, "OPENAI_API_BASE": model_url or fake.url, "OPENAI_MODEL_NAME": ROOT_MODEL,
+                "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "PORT": str(port), "HOST": "127.0.0.1",
+                "RLM_LOG_LEVEL": "warning", **env_overrides})
     process = subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None)
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_until(lambda: _answers_health(url), timeout=30):

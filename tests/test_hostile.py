@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RealServer, SseEvent, spawn_server, wait_until
+from tests.conftest import RealServer, SseEvent, spawn_server, wait_until, worker_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-hostile-test-key-0123456789"
@@ -53,7 +53,7 @@ def test_fork_bomb_is_contained(server: RealServer) -> None:
     error = outputs(events)[0]["error"] or ""
     assert "Resource temporarily unavailable" in error or "TimeoutError" in error
     server.assert_healthy()
-    assert wait_until(lambda: _worker_tasks() == 0, timeout=5)
+    assert wait_until(lambda: worker_processes() == [], timeout=5)
 
 
 def test_printing_a_gigabyte_keeps_the_server_flat(server: RealServer) -> None:
@@ -182,21 +182,9 @@ for fd in range(3, 12):
     server.assert_healthy()
 
 
-def _worker_tasks() -> int:
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if b"rlm_service.repl.worker" in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    count += 1
-            except OSError:
-                pass
-    return count
-
-
 def test_no_worker_outlives_its_run(server: RealServer) -> None:
     server.run("import subprocess\nsubprocess.Popen(['sleep', '600'])")
-    assert wait_until(lambda: _worker_tasks() == 0, timeout=3)
+    assert wait_until(lambda: worker_processes() == [], timeout=3)
     time.sleep(0.2)
     assert not any(b"sleep\x00600" in _cmdline(int(p)) for p in os.listdir("/proc") if p.isdigit())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-import httpx2
 import pytest
 
 from rlm_service.llm import ChatClient, SubcallSession, retry_after_seconds
@@ -15,8 +14,9 @@ from tests.fake_openai import FakeOpenAI, HTTPFault
 
 @pytest.fixture
 async def client(fake: FakeOpenAI) -> AsyncIterator[ChatClient]:
-    async with httpx2.AsyncClient() as http:
-        yield ChatClient(http, fake.url, "sk-test", timeout=5, retries=2, backoff=0.05)
+    chat = ChatClient(fake.url, "sk-test", timeout=5, retries=2, backoff=0.05)
+    yield chat
+    await chat.aclose()
 
 
 def session(client: ChatClient, *, max_calls: int = 1000, concurrency: int = 16) -> SubcallSession:

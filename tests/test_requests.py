@@ -106,9 +106,11 @@ def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
         sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         started = time.monotonic()
-        reply = sock.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply
-    assert time.monotonic() - started < 5
+        reply = b""
+        while b"stalled" not in reply and (more := sock.recv(65536)):
+            reply += more
+    assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply, reply
+    assert time.monotonic() - started < 15
 
 
 def test_runs_beyond_the_limit_are_refused(fake: FakeOpenAI) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from rlm_service.repl.base import ReplOptions
 from rlm_service.repl.inprocess_repl import InprocessRepl
+from rlm_service.repl.spawner import Zygote
 from rlm_service.repl.subprocess_repl import SubprocessRepl
 from rlm_service.repl.worker import load_text
 from rlm_service.repl.workspace import Workspace
@@ -22,10 +23,17 @@ async def echo(prompts: list[str]) -> list[str]:
 
 
 @pytest.fixture
-async def repl() -> AsyncIterator[SubprocessRepl]:
+async def zygote() -> AsyncIterator[Zygote]:
+    spawner = Zygote()
+    yield spawner
+    await spawner.close()
+
+
+@pytest.fixture
+async def repl(zygote: Zygote) -> AsyncIterator[SubprocessRepl]:
     workspace = Workspace.create()
     workspace.write_input("line one\nline two\n")
-    handle = SubprocessRepl(workspace, echo, ReplOptions(memory_mb=1024))
+    handle = SubprocessRepl(workspace, echo, ReplOptions(memory_mb=1024), zygote)
     await handle.start()
     yield handle
     await handle.close()
@@ -73,10 +81,10 @@ async def test_worker_has_its_own_directory(repl: SubprocessRepl) -> None:
     assert outcome.stdout.strip("'") == str(repl.workspace.workdir)
 
 
-async def test_no_worker_left_after_close() -> None:
+async def test_no_worker_left_after_close(zygote: Zygote) -> None:
     workspace = Workspace.create()
     workspace.write_input("x")
-    handle = SubprocessRepl(workspace, echo, ReplOptions())
+    handle = SubprocessRepl(workspace, echo, ReplOptions(), zygote)
     await handle.start()
     pid = handle._worker.process.pid  # type: ignore[union-attr]
     await handle.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])", 10)
@@ -86,10 +94,10 @@ async def test_no_worker_left_after_close() -> None:
     assert wait_until(lambda: not any(b"sleep\x00300" in _cmdline(p) for p in _pids()))
 
 
-async def test_cancelled_cell_ends_the_worker() -> None:
+async def test_cancelled_cell_ends_the_worker(zygote: Zygote) -> None:
     workspace = Workspace.create()
     workspace.write_input("x")
-    handle = SubprocessRepl(workspace, echo, ReplOptions())
+    handle = SubprocessRepl(workspace, echo, ReplOptions(), zygote)
     await handle.start()
     pid = handle._worker.process.pid  # type: ignore[union-attr]
     task = asyncio.create_task(handle.execute("import time\ntime.sleep(300)", 600))

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["*"]
     rlm_log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    https_proxy: str | None = None
+    http_proxy: str | None = None
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
 
@@ -128,6 +131,12 @@ class Settings(BaseSettings):
             assert self.openai_api_key is not None
             return self.openai_api_key.get_secret_value()
         return "not-needed"
+
+    def proxy_for_endpoint(self) -> str | None:
+        """The HTTP(S)_PROXY to reach the endpoint through; never for local endpoints."""
+        if self.endpoint_is_local:
+            return None
+        return self.https_proxy if self.openai_api_base.startswith("https:") else self.http_proxy
 
     def setup_problem(self) -> str | None:
         """Why runs cannot start with this configuration, or None when they can."""

@@ -24,9 +24,6 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
-from pydantic_ai.models.openai import OpenAIChatModel
-from pydantic_ai.profiles.openai import OpenAIModelProfile
-from pydantic_ai.providers.openai import OpenAIProvider
 
 from . import prompts
 from .config import Settings
@@ -36,8 +33,10 @@ from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallSession, make_http_client
 from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
+from .repl.spawner import Zygote
 from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
+from .rootmodel import build_root_model
 
 log = logging.getLogger("rlm_service")
 
@@ -72,20 +71,6 @@ def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLi
     return limits
 
 
-def build_root_model(settings: Settings, http: httpx2.AsyncClient) -> OpenAIChatModel:
-    """The root model on PydanticAI, talking to the configured OpenAI-compatible endpoint."""
-    client = openai.AsyncOpenAI(base_url=settings.openai_api_base, api_key=settings.api_key_value(),
-                                http_client=http, max_retries=settings.rlm_model_retries,
-                                timeout=settings.rlm_root_timeout_s)
-    profile = None
-    if "api.openai.com" not in settings.openai_api_base:
-        # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
-        profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
-                                     openai_chat_supports_max_completion_tokens=False)
-    return OpenAIChatModel(settings.openai_model_name or "", provider=OpenAIProvider(openai_client=client),
-                           profile=profile)
-
-
 def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
     """Map a failure to the contract's error code and a message for the user."""
     if isinstance(exc, ai_exceptions.UsageLimitExceeded):
@@ -116,9 +101,11 @@ class Engine:
                  http: httpx2.AsyncClient | None = None) -> None:
         self.settings = settings
         self._own_http = http is None
-        self.http = http or make_http_client(timeout=settings.rlm_subcall_timeout_s)
-        self.sub_client = ChatClient(self.http, settings.openai_api_base, settings.api_key_value(),
-                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries)
+        self.http = http or make_http_client(timeout=settings.rlm_root_timeout_s)
+        self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
+                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries,
+                                     proxy=settings.proxy_for_endpoint())
+        self.zygote = Zygote()
         self._root_model = root_model
         self._default_root: Model | None = None
         self.active_runs = 0
@@ -130,6 +117,8 @@ class Engine:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self.zygote.close()
+        await self.sub_client.aclose()
         if self._own_http:
             await self.http.aclose()
 
@@ -170,8 +159,9 @@ class Engine:
             network=self.settings.rlm_worker_network == "on",
             cpu_seconds=int(limits.exec_timeout_s * limits.max_iterations) + 60,
         )
-        kind = InprocessRepl if self.settings.rlm_repl == "inprocess" else SubprocessRepl
-        return kind(workspace, controller.serve_batch, options)
+        if self.settings.rlm_repl == "inprocess":
+            return InprocessRepl(workspace, controller.serve_batch, options)
+        return SubprocessRepl(workspace, controller.serve_batch, options, self.zygote)
 
     async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,
                      emit: Callable[[_Event], None]) -> None:

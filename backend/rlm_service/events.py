@@ -6,6 +6,7 @@ model's dump, `run_id` included. The service encodes them; the UI switches on th
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
@@ -44,6 +45,8 @@ class Limits(BaseModel):
 
 class _Event(BaseModel):
     run_id: str
+    ts: float = Field(default_factory=time.time)
+    """When the event was created (Unix seconds), so clients can order, time and replay runs."""
 
 
 class StartEvent(_Event):

@@ -71,26 +71,39 @@ class InputSpooler:
         if self.received > self.limit:
             self.abort()
             raise InputTooLarge(self.limit)
-        clean_ascii = not self._decoder.getstate()[0] and chunk.isascii()
-        self._write(self._decoder.decode(chunk), chunk if clean_ascii else None)
+        if not chunk:
+            return
+        if not self._decoder.getstate()[0] and chunk.isascii():
+            # The common case, and the fast one: ASCII needs no decoding, and goes out as it came.
+            self.chars += len(chunk)
+            self.newlines += chunk.count(b"\n")
+            self._last_char = chr(chunk[-1])
+            if self._head_len < HEAD_CHARS:
+                self._keep_head(chunk[: HEAD_CHARS - self._head_len].decode("ascii"))
+            self._emit(chunk)
+        else:
+            self._write(self._decoder.decode(chunk))
 
-    def _write(self, text: str, raw: bytes | None) -> None:
+    def _write(self, text: str) -> None:
         if not text:
             return
         self.chars += len(text)
         self.newlines += text.count("\n")
         self._last_char = text[-1]
         if self._head_len < HEAD_CHARS:
-            piece = text[: HEAD_CHARS - self._head_len]
-            self._head.append(piece)
-            self._head_len += len(piece)
-        # ASCII chunks go out as they came; anything else is re-encoded from the repaired text.
-        data = raw if raw is not None else text.encode("utf-8")
+            self._keep_head(text[: HEAD_CHARS - self._head_len])
+        self._emit(text.encode("utf-8"))
+
+    def _keep_head(self, piece: str) -> None:
+        self._head.append(piece)
+        self._head_len += len(piece)
+
+    def _emit(self, data: bytes) -> None:
         self.size_bytes += len(data)
         self._file.write(data)
 
     def finish(self) -> RunInput:
-        self._write(self._decoder.decode(b"", final=True), None)
+        self._write(self._decoder.decode(b"", final=True))
         self._file.close()
         lines = self.newlines + (1 if self.chars and self._last_char != "\n" else 0)
         return RunInput(chars=self.chars, lines=lines, size_bytes=self.size_bytes, head="".join(self._head),

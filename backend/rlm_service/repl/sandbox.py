@@ -10,7 +10,7 @@ Layers, each applied when the kernel and the worker's privileges allow it (`appl
   worker's own directory only, and (ABI 6+) no signals or abstract sockets outside the worker's own
   process tree;
 - seccomp: no `socket()` when networking is off, no ptrace, process_vm_*, io_uring, bpf, namespaces,
-  keyrings, no leaving the worker's process group, and no signal to the server's pid.
+  keyrings, no leaving the worker's process group, and no signal to the server or the zygote.
 
 None of it needs privileges: an unprivileged server gets every layer but the uid switch.
 """
@@ -75,7 +75,8 @@ class SandboxOptions:
     workdir: str = "."
     readable_files: list[str] = field(default_factory=list)
     uid: int | None = None
-    server_pid: int | None = None
+    protected_pids: list[int] = field(default_factory=list)
+    """Processes no signal may reach: the server and the zygote."""
 
 
 @dataclass
@@ -100,6 +101,14 @@ def _prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int =
                    ctypes.c_ulong(arg5)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """Name this process (what `ps` and /proc/<pid>/comm show), 15 characters at most."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def die_with_parent(expected_parent: int | None) -> None:
@@ -289,16 +298,19 @@ def _deny_if_arg0(nr: int, values: list[int], reply: int) -> list[bytes]:
     return prog
 
 
-def _kill_rule(nr: int, server_pid: int, own_group: int, reply: int) -> list[bytes]:
-    """kill(): never the server; to a process group (pid < 0) only our own, so never -1 (everyone)."""
-    return [
-        _jump(_JEQ, nr, 0, 5), _LD_ARG0,
-        _jump(_JEQ, (server_pid or -1) & 0xFFFFFFFF, 2, 0),   # the server: refused
+def _kill_rule(nr: int, protected: list[int], own_group: int, reply: int) -> list[bytes]:
+    """kill(): never a protected pid; to a process group (pid < 0) only our own, so never -1 (everyone)."""
+    count = len(protected)
+    prog = [_jump(_JEQ, nr, 0, count + 4), _LD_ARG0]
+    for index, pid in enumerate(protected):
+        prog.append(_jump(_JEQ, pid & 0xFFFFFFFF, count - index + 1, 0))   # a protected process: refused
+    prog += [
         _jump(_JSET, 0x80000000, 0, 2),                       # pid >= 0: allowed
         _jump(_JEQ, -own_group & 0xFFFFFFFF, 1, 0),           # our own group: allowed
         _stmt(_RET, reply),
         _LD_NR,
     ]
+    return prog
 
 
 def build_seccomp_filter(options: SandboxOptions) -> bytes:
@@ -321,10 +333,10 @@ def build_seccomp_filter(options: SandboxOptions) -> bytes:
     namespaces = 0x7E020000
     prog += [_jump(_JEQ, numbers["clone"], 0, 4), _LD_ARG0, _jump(_JSET, namespaces, 0, 1),
              _stmt(_RET, eperm), _LD_NR]
-    prog += _kill_rule(numbers["kill"], options.server_pid or 0, os.getpid(), eperm)
-    if options.server_pid:
-        prog += _deny_if_arg0(numbers["tgkill"], [options.server_pid], eperm)
-        prog += _deny_if_arg0(numbers["pidfd_open"], [options.server_pid], eperm)
+    prog += _kill_rule(numbers["kill"], options.protected_pids, os.getpid(), eperm)
+    if options.protected_pids:
+        prog += _deny_if_arg0(numbers["tgkill"], options.protected_pids, eperm)
+        prog += _deny_if_arg0(numbers["pidfd_open"], options.protected_pids, eperm)
     prog.append(_stmt(_RET, _RET_ALLOW))
     return b"".join(prog)
 

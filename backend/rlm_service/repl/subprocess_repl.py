@@ -1,8 +1,8 @@
 """`RLM_REPL=subprocess`: each run's code runs in its own confined worker process.
 
-The server side of `worker.py`. It starts the worker with an empty environment (an allow-list, not a
-copy of ours), in the run's working directory, in a new session so that killing the process group
-takes every child along. While a cell runs it serves the worker's `llm_batch` requests on the event
+The server side of `worker.py`. The zygote forks the worker with an empty environment (an allow-list,
+not a copy of ours), in the run's working directory, in a new session so that killing the process
+group takes every child along. While a cell runs it serves the worker's `llm_batch` requests on the event
 loop. A cell past its timeout, or a worker that dies, gets a fresh worker with `context` reloaded;
 the outcome says the variables were lost.
 """
@@ -14,8 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -23,15 +21,11 @@ from typing import Any
 
 from . import protocol
 from .base import AsyncBatch, CellOutcome, ReplError, ReplOptions
+from .spawner import SpawnError, WorkerProcess, Zygote
 from .workspace import Workspace
 
 log = logging.getLogger("rlm_service")
 
-_BACKEND_DIR = str(Path(__file__).resolve().parents[2])
-_BOOT = (
-    "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.worker import main; "
-    "del sys.path[0]; main()"
-)
 _WORKER_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_ANSWER_CHARS = 16 * 1024 * 1024
 
@@ -80,7 +74,7 @@ def _describe_exit(returncode: int | None) -> str:
 class _Worker:
     """One live worker process and its end of the channel."""
 
-    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader,
+    def __init__(self, process: WorkerProcess, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, stderr_tail: deque[bytes]) -> None:
         self.process = process
         self.reader = reader
@@ -128,17 +122,26 @@ def _kill_uid(uid: int) -> None:
             continue
 
 
-async def _drain_stderr(stream: asyncio.StreamReader, tail: deque[bytes]) -> None:
-    with contextlib.suppress(Exception):
-        while chunk := await stream.read(4096):
-            tail.append(chunk)
+async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:
+    """Keep the last few kilobytes a worker wrote to its stderr, for the error if it crashes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        try:
+            with contextlib.suppress(Exception):
+                while chunk := await reader.read(4096):
+                    tail.append(chunk)
+        finally:
+            transport.close()
 
 
 class SubprocessRepl:
     """A REPL whose cells run in a confined worker process, restarted when a cell is killed."""
 
-    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions) -> None:
+    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions, zygote: Zygote) -> None:
         self.workspace = workspace
+        self.zygote = zygote
         self.batch = batch
         self.options = options
         self._worker: _Worker | None = None
@@ -154,23 +157,12 @@ class SubprocessRepl:
         await self._spawn()
 
     async def _spawn(self) -> None:
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(child_sock.fileno()),
-                pass_fds=(child_sock.fileno(),), cwd=self.workspace.workdir,
-                env=worker_environment(self.workspace.workdir), start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-            )
-        except BaseException:
-            parent_sock.close()
-            raise
-        finally:
-            child_sock.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
+            process = await self.zygote.spawn(self.workspace.workdir, worker_environment(self.workspace.workdir))
+        except SpawnError as exc:
+            raise ReplError(str(exc)) from exc
+        reader, writer = await asyncio.open_unix_connection(sock=process.channel)
         tail: deque[bytes] = deque(maxlen=16)
-        assert process.stderr is not None
         self._track(_drain_stderr(process.stderr, tail))
         worker = _Worker(process, reader, writer, tail)
         self._worker = worker

@@ -1,16 +1,14 @@
-"""The REPL worker process: one per run, started by `SubprocessRepl`. Standard library only.
+"""The REPL worker process: one per run, forked by the zygote for `SubprocessRepl`. Standard library only.
 
-It talks to the server over one inherited socket (file descriptor given as the only argument) using
-`protocol`; it confines itself with `sandbox`, loads `context` from a file and then runs cells on
-request. `llm_query`/`llm_batch` send a request frame and wait for the server's reply, so the worker
-never holds a key or opens a connection of its own.
+It talks to the server over one inherited socket using `protocol`; it confines itself with `sandbox`,
+loads `context` from a file and then runs cells on request. `llm_query`/`llm_batch` send a request
+frame and wait for the server's reply, so the worker never holds a key or opens a connection of its own.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
-import mmap
 import os
 import queue
 import socket
@@ -25,26 +23,33 @@ _CHUNK = 64 * 1024 * 1024
 
 
 def load_text(path: str) -> str:
-    """Read a UTF-8 file into one `str` without a second full-size copy when the file is ASCII.
+    """Read a UTF-8 file into one `str`, without a second full-size copy when the file is ASCII.
 
-    The usual `read()` holds the bytes and the decoded text at once (twice the input). For ASCII,
-    by far the common case for logs and transcripts, the text is built in place chunk by chunk.
+    The usual `read()` holds the bytes and the decoded text at once (twice the input). For ASCII, by
+    far the common case for logs and transcripts, the file is read straight into the memory of the
+    final string, chunk by chunk, so memory stays at one copy plus a chunk.
     """
     size = os.path.getsize(path)
     if size == 0:
         return ""
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        ascii_only = all(mapped[start:start + _CHUNK].isascii() for start in range(0, size, _CHUNK))
-        if not ascii_only:
-            return str(mapped, "utf-8", "replace")
+    with open(path, "rb", buffering=0) as handle:
         text = _new_ascii_str(size)
         data = id(text) + sys.getsizeof("") - 1  # compact ASCII strings keep their bytes after the header
-        for start in range(0, size, _CHUNK):
-            chunk = mapped[start:start + _CHUNK]
-            ctypes.memmove(data + start, chunk, len(chunk))
-            if hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_DONTNEED, start, len(chunk))
-        return text
+        target = memoryview((ctypes.c_char * size).from_address(data)).cast("B")
+        done = 0
+        while done < size:
+            count = handle.readinto(target[done:done + _CHUNK])
+            if not count:
+                raise OSError(f"{path} shrank while it was read")
+            if not bytes(target[done:done + count]).isascii():
+                break
+            done += count
+        else:
+            return text
+        target.release()
+        del text
+        handle.seek(0)
+        return str(handle.read(), "utf-8", "replace")
 
 
 def _new_ascii_str(size: int) -> str:
@@ -110,16 +115,16 @@ class Channel:
         return [str(item) for item in results]
 
 
-def main() -> None:
-    fd = int(sys.argv[1])
+def main(fd: int, *, expected_parent: int) -> None:
+    """Serve one run's cells over the channel socket `fd`; forked by the zygote (`expected_parent`)."""
     sock = socket.socket(fileno=fd)
+    sandbox.die_with_parent(expected_parent)
     init = protocol.recv_blocking(sock)
-    sandbox.die_with_parent(init.get("server_pid"))
-    os.dup2(os.open(os.devnull, os.O_RDWR), 0)
+    protected = [pid for pid in (init.get("server_pid"), expected_parent) if isinstance(pid, int)]
     options = sandbox.SandboxOptions(
         memory_mb=int(init["memory_mb"]), cpu_seconds=int(init["cpu_seconds"]),
         network=bool(init["network"]), workdir=os.getcwd(), readable_files=[init["input_path"]],
-        uid=init.get("uid"), server_pid=init.get("server_pid"),
+        uid=init.get("uid"), protected_pids=protected,
     )
     report = sandbox.apply(options) if init.get("sandbox", True) else sandbox.SandboxReport()
     try:
@@ -143,7 +148,3 @@ def main() -> None:
             if os.getpid() != channel.owner:
                 os._exit(0)  # a child forked by the cell finished the cell's code too: it has no say
             channel.send({"op": "done", **result.to_dict()})
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,185 @@
+"""The server's side of the worker zygote (`zygote.py`): start it, ask it for workers, hear of their exits.
+
+One `Zygote` per engine. It starts on first use, from an environment built here (never the server's),
+in a session of its own, and dies with the server. If it dies, the next spawn starts a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rlm_service")
+
+_BACKEND_DIR = str(Path(__file__).resolve().parents[2])
+_BOOT = (
+    "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.zygote import main; "
+    "del sys.path[0]; main()"
+)
+_ZYGOTE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+
+
+class SpawnError(Exception):
+    """No worker could be started."""
+
+
+@dataclass
+class WorkerProcess:
+    """A worker forked by the zygote: its pid, its end of the channel, its stderr, its exit."""
+
+    pid: int
+    channel: socket.socket
+    stderr: int
+    exited: asyncio.Future[int] = field(repr=False)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.exited.result() if self.exited.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+
+class Zygote:
+    """Forks REPL workers from a pre-loaded process: a millisecond instead of a fresh interpreter."""
+
+    def __init__(self) -> None:
+        self._process: asyncio.subprocess.Process | None = None
+        self._control: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._starting: asyncio.Lock | None = None
+        self.pid: int | None = None
+
+    async def spawn(self, cwd: Path, env: dict[str, str]) -> WorkerProcess:
+        await self._ensure_running()
+        assert self._control is not None and self._loop is not None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        stderr_read, stderr_write = os.pipe()
+        request_id = next(self._ids)
+        reply: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._pending[request_id] = reply
+        message = json.dumps({"op": "spawn", "id": request_id, "cwd": str(cwd), "env": env}).encode()
+        try:
+            socket.send_fds(self._control, [message], [child_end.fileno(), stderr_write])
+            answer = await asyncio.wait_for(reply, 30)
+        except BaseException:
+            parent_end.close()
+            os.close(stderr_read)
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+            child_end.close()
+            os.close(stderr_write)
+        if answer.get("op") != "spawned":
+            parent_end.close()
+            os.close(stderr_read)
+            raise SpawnError(f"the zygote could not fork a worker: {answer.get('error')}")
+        pid = int(answer["pid"])
+        exited = self._exits.setdefault(pid, self._loop.create_future())
+        return WorkerProcess(pid, parent_end, stderr_read, exited)
+
+    async def _ensure_running(self) -> None:
+        if self._process is not None and self._process.returncode is None and self._control is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._process is not None and self._process.returncode is None and self._control is not None:
+                return
+            await self._start()
+
+    async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        server_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(zygote_end.fileno()),
+                str(os.getpid()), pass_fds=(zygote_end.fileno(),), env=_ZYGOTE_ENV, cwd="/",
+                start_new_session=True, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            zygote_end.close()
+        server_end.setblocking(False)
+        ready = self._loop.create_future()
+        self._pending[0] = ready
+        self._control = server_end
+        self._loop.add_reader(server_end.fileno(), self._on_readable)
+        try:
+            hello = await asyncio.wait_for(ready, 60)
+        except TimeoutError as exc:
+            await self.close()
+            raise SpawnError("the worker zygote did not start") from exc
+        finally:
+            self._pending.pop(0, None)
+        self.pid = int(hello["pid"])
+        log.debug("worker zygote started, pid %s", self.pid)
+
+    def _on_readable(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                data = self._control.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            self._handle(json.loads(data))
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "ready":
+            future = self._pending.get(0)
+        elif op == "exited":
+            pid = int(message["pid"])
+            assert self._loop is not None
+            future = self._exits.pop(pid, None) or self._loop.create_future()
+            if not future.done():
+                future.set_result(int(message["returncode"]))
+            return
+        else:
+            future = self._pending.get(int(message.get("id", -1)))
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _lost(self) -> None:
+        """The zygote died: its workers die with it (PDEATHSIG); fail whatever waited on it."""
+        if self._control is not None and self._loop is not None:
+            self._loop.remove_reader(self._control.fileno())
+            self._control.close()
+        self._control = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_result({"op": "failed", "error": "the worker zygote exited"})
+        for future in self._exits.values():
+            if not future.done():
+                future.set_result(-signal.SIGKILL)
+        self._exits.clear()
+
+    async def close(self) -> None:
+        process = self._process
+        self._lost()
+        self._process = None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5)

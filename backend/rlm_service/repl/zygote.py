@@ -1,0 +1,120 @@
+"""The worker zygote: one long-lived process that forks REPL workers on request. Standard library only.
+
+Starting a fresh interpreter and importing the worker's modules (and numpy, which most generated code
+uses) costs about 100 ms of CPU per run; forking a process that has already done so costs about one.
+The zygote runs no generated code itself: each forked child confines itself (`sandbox`) before it
+reads its first cell. It is single-threaded, so forking it is safe.
+
+Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descriptors attached):
+    server → zygote: {"op": "spawn", "id", "cwd", "env"} with two fds: the worker's channel socket and
+                     the write end of a pipe for its stderr
+    zygote → server: {"op": "spawned", "id", "pid"} or {"op": "failed", "id", "error"};
+                     {"op": "exited", "pid", "returncode"} for every child that ends (negative: a signal)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+MAX_MESSAGE = 1024 * 1024
+
+
+def _send(control: socket.socket, message: dict[str, object]) -> None:
+    control.send(json.dumps(message).encode())
+
+
+def _preload() -> None:
+    """Import what every worker needs, and numpy, so that children start with them loaded."""
+    from . import worker  # noqa: F401
+
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        pass
+
+
+def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
+    from . import sandbox, worker
+
+    sandbox.set_process_name("rlm-worker")
+    channel_fd, stderr_fd = fds
+    control.close()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    os.chdir(str(message["cwd"]))
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in dict(message["env"]).items()})  # type: ignore[arg-type]
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.dup2(stderr_fd, 2)
+    os.close(devnull)
+    os.close(stderr_fd)
+    try:
+        worker.main(channel_fd, expected_parent=zygote)
+    finally:
+        os._exit(0)
+
+
+def _reap(control: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+
+
+def _spawn(control: socket.socket, message: dict[str, object], fds: list[int]) -> None:
+    zygote = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        _send(control, {"op": "failed", "id": message.get("id"), "error": str(exc)})
+    else:
+        if pid == 0:
+            _child(message, fds, control, zygote)
+        _send(control, {"op": "spawned", "id": message.get("id"), "pid": pid})
+    for fd in fds:
+        os.close(fd)
+
+
+def serve(control: socket.socket) -> None:
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        ready, _, _ = select.select([control, wake_read], [], [])
+        if wake_read in ready:
+            os.read(wake_read, 4096)
+            _reap(control)
+        if control in ready:
+            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 2)
+            if not data:
+                return  # the server is gone
+            message = json.loads(data)
+            if message.get("op") == "spawn" and len(fds) == 2:
+                _spawn(control, message, fds)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+
+def main() -> None:
+    from . import sandbox
+
+    control = socket.socket(fileno=int(sys.argv[1]))
+    sandbox.die_with_parent(int(sys.argv[2]))
+    sandbox.set_process_name("rlm-zygote")
+    _preload()
+    _send(control, {"op": "ready", "pid": os.getpid()})
+    serve(control)

@@ -1,0 +1,386 @@
+"""The benchmarks B1–B8 of BENCHMARKS.md, each a function of its sizes.
+
+`bench/run.py` calls them at full size and writes the table; `tests/test_bench_smoke.py` calls them
+at tiny sizes so they cannot rot. Every figure comes from a real run against the fake OpenAI server
+in its own process (tests/fake_openai.py) with the stated latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+
+from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes
+from rlm_service.config import Settings
+from rlm_service.engine import Engine
+from rlm_service.inputs import InputSpooler, RunInput
+from rlm_service.llm import ChatClient, Completion, SubcallSession, make_http_client
+from rlm_service.repl.base import ReplOptions
+from rlm_service.repl.spawner import Zygote
+from rlm_service.repl.subprocess_repl import SubprocessRepl
+from rlm_service.repl.workspace import Workspace
+
+RLMS_PYTHON = ROOT / "bench" / ".venv-rlms" / "bin" / "python"
+
+
+def settings_for(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"openai_api_base": url, "openai_model_name": "root-model",
+                              "openai_sub_model_name": "sub-model", "openai_api_key": "sk-bench",
+                              "rlm_max_subcalls": 100_000, "rlm_exec_timeout_s": 600, "rlm_max_iterations": 50}
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def script(*turns: dict[str, Any]) -> str:
+    return f"benchmark <<<SCRIPT {json.dumps(list(turns))} SCRIPT>>>"
+
+
+class OpenAISDKClient:
+    """The same sub-calls through the `openai` SDK (over httpx2), to compare with our aiohttp client."""
+
+    def __init__(self, http: httpx2.AsyncClient, url: str) -> None:
+        self.sdk = openai.AsyncOpenAI(base_url=url, api_key="sk-bench", http_client=http, max_retries=0)
+
+    async def complete(self, model: str, prompt: str) -> Completion:
+        reply = await self.sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
+        usage = reply.usage
+        return Completion(reply.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
+                          usage.completion_tokens if usage else 0)
+
+
+def _worker_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool = False, sequential: bool = False,
+                              warm: bool = False) -> dict[str, float]:
+    """llm_batch (or a loop of llm_query) from generated code in a worker, served by the server side.
+
+    `warm`: first open the connections with an untimed batch, as a running server's pool already has.
+    """
+    async with make_http_client(timeout=120) as http:
+        client: Any = OpenAISDKClient(http, url) if sdk else ChatClient(url, "sk-bench")
+        if warm:
+            await SubcallSession(client, "sub-model", max_calls=concurrency, concurrency=concurrency).batch(
+                ["warm-up"] * concurrency)
+        session = SubcallSession(client, "sub-model", max_calls=n, concurrency=concurrency)
+        workspace = Workspace.create()
+        workspace.write_input("x")
+        zygote = Zygote()
+        repl = SubprocessRepl(workspace, session.batch, ReplOptions(), zygote)
+        await repl.start()
+        try:
+            pid = repl._worker.process.pid  # type: ignore[union-attr]
+            if sequential:
+                code = f"r = [llm_query(f'prompt {{i}}') for i in range({n})]\nsum(x.startswith('Error') for x in r)"
+            else:
+                code = f"r = llm_batch([f'prompt {{i}}' for i in range({n})])\nsum(x.startswith('Error') for x in r)"
+            worker_cpu = _worker_cpu(pid)
+            with Stopwatch() as watch:
+                outcome = await repl.execute(code, 600)
+            worker_cpu = _worker_cpu(pid) - worker_cpu
+        finally:
+            await repl.close()
+            await zygote.close()
+            workspace.remove()
+            if isinstance(client, ChatClient):
+                await client.aclose()
+    return {"wall_s": watch.seconds, "server_cpu_s": watch.cpu, "worker_cpu_s": worker_cpu,
+            "errors": float(outcome.stdout or 0) if outcome.error is None else float(n)}
+
+
+def b1_batch(server: FakeServer, *, n: int, concurrency: int, latency: float) -> dict[str, Any]:
+    """B1: llm_batch of n prompts at a given concurrency and latency, ours (httpx2 and openai SDK) and rlms."""
+    ideal = n / concurrency * latency
+    ours = asyncio.run(_batch_through_repl(server.url, n, concurrency))
+    sdk = asyncio.run(_batch_through_repl(server.url, n, concurrency, sdk=True))
+    result: dict[str, Any] = {
+        "ideal_s": ideal, "ours_wall_s": ours["wall_s"], "ours_ratio": ours["wall_s"] / ideal,
+        "ours_cpu_ms_per_call": 1000 * (ours["server_cpu_s"] + ours["worker_cpu_s"]) / n,
+        "ours_errors": ours["errors"],
+        "sdk_wall_s": sdk["wall_s"], "sdk_ratio": sdk["wall_s"] / ideal,
+        "sdk_cpu_ms_per_call": 1000 * (sdk["server_cpu_s"] + sdk["worker_cpu_s"]) / n,
+    }
+    rlms = run_rlms("b1", "--url", server.url, "--n", str(n), "--concurrency", str(concurrency))
+    if rlms:
+        result.update(rlms_wall_s=rlms["wall_s"], rlms_ratio=rlms["wall_s"] / ideal,
+                      rlms_cpu_ms_per_call=1000 * rlms["cpu_s"] / n, rlms_errors=rlms.get("errors"))
+    return result
+
+
+def b2_speedup(server: FakeServer, *, n: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    """B2: n sub-calls one at a time, then as one llm_batch at each concurrency, with the connection
+    pool warm (as in a running server) and cold (the first batch of a fresh process)."""
+    sequential = asyncio.run(_batch_through_repl(server.url, n, 1, sequential=True, warm=True))["wall_s"]
+    result: dict[str, Any] = {"sequential_s": sequential}
+    for concurrency in concurrencies:
+        for pool, warm in (("", True), ("_cold", False)):
+            wall = asyncio.run(_batch_through_repl(server.url, n, concurrency, warm=warm))["wall_s"]
+            result[f"batch{concurrency}{pool}_s"] = wall
+            result[f"speedup{concurrency}{pool}"] = sequential / wall
+    return result
+
+
+async def _scripted_run(url: str, iterations: int, **overrides: Any) -> tuple[float, int, list[Any]]:
+    turns = [{"code": [f"x_{i} = {i}"]} for i in range(iterations - 1)]
+    turns.append({"code": ["answer.update(content='done', ready=True)"]})
+    async with Engine(settings_for(url, **overrides)) as engine:
+        with Stopwatch() as watch:
+            events = [event async for event in engine.run(script(*turns), "input")]
+    final = events[-1]
+    assert final.type == "final" and final.ready, final
+    return watch.seconds, final.iterations, events
+
+
+def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[str, Any]:
+    """B3: the cost of one root iteration at zero model latency.
+
+    `<name>_ms` is the marginal cost: (wall of a long run − wall of a short run) ÷ the extra iterations,
+    so one-time costs (clients, worker start) cancel out. `<name>_total_ms` is a whole run's wall time
+    divided by its iterations, one-time costs included. rlms is measured the same two ways.
+    """
+    result: dict[str, Any] = {}
+    for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
+                            ("subprocess_text", {"rlm_root_protocol": "text"})):
+        long_wall, done, _ = asyncio.run(_scripted_run(server.url, iterations, **overrides))
+        short_wall, short_done, _ = asyncio.run(_scripted_run(server.url, short, **overrides))
+        result[f"{name}_ms"] = 1000 * (long_wall - short_wall) / (done - short_done)
+        result[f"{name}_total_ms"] = 1000 * long_wall / done
+    long_run = run_rlms("b3", "--url", server.url, "--iterations", str(iterations))
+    short_run = run_rlms("b3", "--url", server.url, "--iterations", str(short))
+    if long_run and short_run:
+        extra = long_run["iterations"] - short_run["iterations"]
+        result["rlms_ms"] = 1000 * (long_run["wall_s"] - short_run["wall_s"]) / extra
+        result["rlms_total_ms"] = long_run["per_iteration_ms"]
+    return result
+
+
+def b4_worker_start(*, starts: int) -> dict[str, Any]:
+    """B4: time from spawning a worker to its `ready` (sandbox applied, context loaded)."""
+
+    async def measure() -> list[float]:
+        async def nothing(prompts: list[str]) -> list[str]:
+            return prompts
+
+        times = []
+        zygote = Zygote()
+        for _ in range(starts + 1):
+            workspace = Workspace.create()
+            workspace.write_input("x" * 1000)
+            repl = SubprocessRepl(workspace, nothing, ReplOptions(), zygote)
+            with Stopwatch() as watch:
+                await repl.start()
+            times.append(watch.seconds)
+            await repl.close()
+            workspace.remove()
+        await zygote.close()
+        return times[1:]  # the first start also starts the zygote, once per server
+
+    times = asyncio.run(measure())
+    ordered = sorted(times)
+    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))]}
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+class _PeakRss(threading.Thread):
+    """Samples the RSS of a process and its children every few milliseconds."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            total = rss_bytes(self.pid) + sum(rss_bytes(child) for child in _children(self.pid))
+            self.peak = max(self.peak, total)
+            time.sleep(0.01)
+
+
+def _write_input_file(path: Path, size: int) -> None:
+    line = b"2026-11-28T12:00:00Z INFO request served in 12 ms path=/api/items status=200 bytes=5120\n"
+    block = line * (4 * 1024 * 1024 // len(line))
+    with open(path, "wb") as handle:
+        written = 0
+        while written < size:
+            piece = block[: size - written]
+            handle.write(piece)
+            written += len(piece)
+
+
+def _sendfile_upload(port: int, path: Path, prompt: str) -> tuple[socket.socket, float]:
+    """POST /process as multipart with the file sent by the kernel (sendfile), so that the client costs
+    next to nothing and the figure is the server's. Returns the socket (response pending) and the time
+    until the response headers, which the server sends only once the whole body is parsed and spooled."""
+    boundary = "rlm-bench-boundary"
+    before = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n{prompt}\r\n"
+              f"--{boundary}\r\nContent-Disposition: form-data; name=\"input_file\"; filename=\"upload.log\"\r\n"
+              "Content-Type: text/plain\r\n\r\n").encode()
+    after = f"\r\n--{boundary}--\r\n".encode()
+    length = len(before) + path.stat().st_size + len(after)
+    head = (f"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
+            f"\r\nContent-Length: {length}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    started = time.perf_counter()
+    sock.sendall(head + before)
+    with open(path, "rb") as handle:
+        sock.sendfile(handle)
+    sock.sendall(after)
+    sock.recv(1, socket.MSG_PEEK)
+    return sock, time.perf_counter() - started
+
+
+def b5_large_upload(*, size: int, work: Path) -> dict[str, Any]:
+    """B5: a multipart upload of `size` bytes to the real server; throughput, latencies, peak RSS."""
+    from tests.conftest import parse_sse, spawn_server
+
+    source = work / "upload.log"
+    _write_input_file(source, size)
+    prompt = script({"code": ["print(len(context))"]}, {"code": ["answer.update(content='ok', ready=True)"]})
+    limits = {"RLM_MAX_INPUT_BYTES": str(size + 1024), "RLM_WORKER_MEMORY_MB": str(size // 2**20 + 1024)}
+    marks: dict[str, float] = {}
+    first_output = None
+    with spawn_server(work, **limits) as srv:
+        sampler = _PeakRss(srv.pid)
+        sampler.start()
+        started = time.perf_counter()
+        sock, marks["headers"] = _sendfile_upload(int(srv.url.rsplit(":", 1)[1]), source, prompt)
+        with sock, sock.makefile("r", encoding="utf-8", newline="\n") as stream:
+            status = stream.readline()
+            if " 200 " not in status:
+                raise RuntimeError(f"upload refused: {status.strip()}")
+            lines = (line.rstrip("\r\n") for line in stream)
+            for line in lines:  # the response head, up to its blank line
+                if not line:
+                    break
+            for event in parse_sse(line for line in lines if not _is_chunk_size(line)):
+                marks.setdefault(event.event, time.perf_counter() - started)
+                if event.event == "output" and first_output is None:
+                    first_output = event.data["stdout"].strip()
+                if event.event in ("final", "error"):
+                    break
+        sampler.running = False
+        sampler.join()
+    source.unlink()
+    assert first_output == str(size), first_output
+    return {"size_mb": size / 1e6, "throughput_mb_s": size / 1e6 / marks["headers"], "start_s": marks["start"],
+            "first_output_s": marks["output"], "peak_rss_mb": sampler.peak / 2**20,
+            "rss_budget_mb": (1.5 * size + 300 * 2**20) / 2**20}
+
+
+def _is_chunk_size(line: str) -> bool:
+    """Chunked transfer encoding puts hexadecimal sizes between the SSE lines; SSE lines never look so."""
+    return bool(line) and all(c in "0123456789abcdefABCDEF" for c in line)
+
+
+async def _tokens_for(url: str, size: int, iterations: int) -> tuple[int, int]:
+    spooler = InputSpooler(size + 1024)
+    line = "2026-11-28 INFO a log line of some length for the zero-rot benchmark\n"
+    block = (line * (1024 * 1024 // len(line) + 1)).encode()
+    remaining = size
+    while remaining > 0:
+        piece = block[: min(remaining, len(block))]
+        spooler.feed(piece)
+        remaining -= len(piece)
+    run_input: RunInput = spooler.finish()
+    turns = [{"code": [f"print(len(context) > {i})"]} for i in range(iterations - 1)]
+    turns.append({"code": ["answer.update(content='done', ready=True)"]})
+    async with Engine(settings_for(url, rlm_worker_memory_mb=size // 2**20 + 1024,
+                                   rlm_max_input_bytes=size + 2048)) as engine:
+        usage = [event async for event in engine.run(script(*turns), run_input) if event.type == "usage"]
+    return usage[0].root.input_tokens, usage[-1].root.input_tokens
+
+
+def b6_zero_rot(server: FakeServer, *, sizes: tuple[int, ...], iterations: int) -> dict[str, Any]:
+    """B6: root input tokens at iteration 1 and over the run, per input size; vs input in the prompt."""
+    result: dict[str, Any] = {}
+    for size in sizes:
+        first, total = asyncio.run(_tokens_for(server.url, size, iterations))
+        result[size] = {"first": first, "total": total, "in_prompt": size // 4}
+    firsts = [value["first"] for value in result.values()]
+    totals = [value["total"] for value in result.values()]
+    result["first_spread_pct"] = 100 * (max(firsts) / min(firsts) - 1)
+    result["total_spread_pct"] = 100 * (max(totals) / min(totals) - 1)
+    return result
+
+
+def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Path) -> dict[str, Any]:
+    """B7 and B8: `runs` runs at once through the real service, each 3 iterations and an llm_batch;
+    wall time against one run alone, and how long events take from creation to the client."""
+    from tests.conftest import spawn_server
+
+    cells = [{"code": ["print(len(context))"]},
+             {"code": [f"r = llm_batch([f'q {{i}}' for i in range({batch})])\nprint(len(r))"]},
+             {"code": ["answer.update(content='done', ready=True)"]}]
+    prompt = script(*cells)
+
+    async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> None:
+        async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    delays.append(time.time() - data["ts"])
+
+    async def measure(url: str, count: int) -> tuple[float, list[float]]:
+        delays: list[float] = []
+        async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
+            with Stopwatch() as watch:
+                await asyncio.gather(*(one(client, url, delays) for _ in range(count)))
+        return watch.seconds, delays
+
+    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
+    with spawn_server(work, model_url=server.url, **env) as srv:
+        singles = [asyncio.run(measure(srv.url, 1))[0] for _ in range(3)]
+        together, delays = asyncio.run(measure(srv.url, runs))
+    ordered = sorted(delays)
+    return {"single_s": statistics.median(singles), "together_s": together,
+            "ratio": together / statistics.median(singles),
+            "sse_p50_ms": 1000 * ordered[len(ordered) // 2],
+            "sse_p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "events": len(delays)}
+
+
+def run_rlms(*args: str) -> dict[str, Any] | None:
+    """Run bench/rlms_side.py in the rlms virtualenv; None when that venv is not set up."""
+    if not RLMS_PYTHON.exists():
+        return None
+    result = subprocess.run([str(RLMS_PYTHON), str(ROOT / "bench" / "rlms_side.py"), *args],
+                            capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        print(result.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(result.stdout)
+
+
+def temp_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="rlm-bench-"))
