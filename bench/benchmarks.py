@@ -8,6 +8,7 @@ in its own process (tests/fake_openai.py) with the stated latency.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -153,23 +154,32 @@ async def _scripted_run(url: str, iterations: int, **overrides: Any) -> tuple[fl
 def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[str, Any]:
     """B3: the cost of one root iteration at zero model latency.
 
-    `<name>_ms` is the marginal cost: (wall of a long run − wall of a short run) ÷ the extra iterations,
-    so one-time costs (clients, worker start) cancel out. `<name>_total_ms` is a whole run's wall time
-    divided by its iterations, one-time costs included. rlms is measured the same two ways.
+    `<name>_ms`: the steady state, the median time between consecutive iterations of one run (from
+    the events' timestamps), so one-time costs (clients, worker start) are left out. `<name>_total_ms`:
+    a whole run's wall time divided by its iterations, one-time costs included. rlms has no events:
+    its steady state is the slope between a long and a short run, `rlms_ms`. Model time is excluded
+    from all of them: the fake server's own CPU time per request (`<name>_fake_ms`) is subtracted.
     """
     result: dict[str, Any] = {}
     for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
                             ("subprocess_text", {"rlm_root_protocol": "text"})):
-        long_wall, done, _ = asyncio.run(_scripted_run(server.url, iterations, **overrides))
-        short_wall, short_done, _ = asyncio.run(_scripted_run(server.url, short, **overrides))
-        result[f"{name}_ms"] = 1000 * (long_wall - short_wall) / (done - short_done)
-        result[f"{name}_total_ms"] = 1000 * long_wall / done
+        fake_cpu = _worker_cpu(server.pid)
+        wall, done, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
+        fake_ms = 1000 * (_worker_cpu(server.pid) - fake_cpu) / done
+        stamps = [event.ts for event in events if event.type == "usage"]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
+        result[f"{name}_ms"] = 1000 * statistics.median(gaps) - fake_ms
+        result[f"{name}_total_ms"] = 1000 * wall / done - fake_ms
+        result[f"{name}_fake_ms"] = fake_ms
+    fake_cpu = _worker_cpu(server.pid)
     long_run = run_rlms("b3", "--url", server.url, "--iterations", str(iterations))
+    long_fake_ms = 1000 * (_worker_cpu(server.pid) - fake_cpu)
     short_run = run_rlms("b3", "--url", server.url, "--iterations", str(short))
     if long_run and short_run:
         extra = long_run["iterations"] - short_run["iterations"]
-        result["rlms_ms"] = 1000 * (long_run["wall_s"] - short_run["wall_s"]) / extra
-        result["rlms_total_ms"] = long_run["per_iteration_ms"]
+        fake_ms = long_fake_ms / long_run["iterations"]
+        result["rlms_ms"] = 1000 * (long_run["wall_s"] - short_run["wall_s"]) / extra - fake_ms
+        result["rlms_total_ms"] = long_run["per_iteration_ms"] - fake_ms
     return result
 
 
@@ -199,21 +209,27 @@ def b4_worker_start(*, starts: int) -> dict[str, Any]:
     return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))]}
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`: the zygote, and the workers it forked."""
+    parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
     return found
 
 
 class _PeakRss(threading.Thread):
-    """Samples the RSS of a process and its children every few milliseconds."""
+    """Samples the RSS of a process and all its descendants every few milliseconds."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
@@ -223,7 +239,7 @@ class _PeakRss(threading.Thread):
 
     def run(self) -> None:
         while self.running:
-            total = rss_bytes(self.pid) + sum(rss_bytes(child) for child in _children(self.pid))
+            total = rss_bytes(self.pid) + sum(rss_bytes(child) for child in _descendants(self.pid))
             self.peak = max(self.peak, total)
             time.sleep(0.01)
 

@@ -85,6 +85,8 @@ const state = {
   timer: null,
   stickToBottom: true,
   terminal: false,
+  openedRun: null,
+  historyBefore: null,
 };
 
 const defaultApiBase = () => {
@@ -254,6 +256,15 @@ function renderOutput(evt) {
   followLog();
 }
 
+function renderFigure(evt) {
+  const cell = state.lastCell.get(evt.iteration) || card(evt.iteration);
+  const image = el("img", "figure");
+  image.alt = `Figure made by the code of iteration ${evt.iteration}`;
+  image.src = `data:image/png;base64,${evt.data}`;  // only PNG is ever sent
+  cell.append(image);
+  followLog();
+}
+
 function renderAnswer(content, ready) {
   state.answer = content;
   const answer = $("answer");
@@ -305,6 +316,7 @@ export function handleEvent(evt) {
     case "code": renderCode(data); setStatus(`Iteration ${data.iteration}: running code…`, "running"); break;
     case "subcalls": renderSubcalls(data); break;
     case "output": renderOutput(data); setStatus(`Iteration ${data.iteration}: thinking…`, "running"); break;
+    case "figure": renderFigure(data); break;
     case "answer": renderAnswer(data.content, data.ready); break;
     case "usage": renderUsage(data.root, data.sub); break;
     case "final":
@@ -339,6 +351,7 @@ function buildRequest(prompt) {
     const raw = $(id).value.trim();
     if (raw !== "" && Number(raw) !== Number(serverValue)) settings[key] = Number(raw);
   }
+  if ($("keep-input").checked) settings.keep_input = true;
   if (state.file) {
     const form = new FormData();
     form.append("prompt", prompt);
@@ -362,6 +375,7 @@ async function startRun() {
   if (state.controller) return;
   hideBanner();
   resetRun();
+  showRunActions(null);
   const controller = new AbortController();
   state.controller = controller;
   $("run-button").disabled = true;
@@ -398,7 +412,106 @@ async function startRun() {
     state.controller = null;
     $("run-button").disabled = false;
     $("stop-button").disabled = true;
+    loadHistory();
   }
+}
+
+// ---------------------------------------------------------------- history and replay
+
+async function api(path, options = {}) {
+  const response = await fetch(`${apiBase()}${path}`, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+function renderHistory(runs, append) {
+  const list = $("history");
+  if (!append) list.replaceChildren();
+  for (const run of runs) {
+    const item = el("li");
+    const button = el("button");
+    button.type = "button";
+    button.dataset.runId = run.id;
+    const what = el("span", "what", run.prompt.replace(/<<<SCRIPT[\s\S]*SCRIPT>>>/, "").trim() || "(scripted run)");
+    const when = el("span", "when", new Date(run.created * 1000).toLocaleString());
+    const tag = el("span", `status-tag ${run.status}`, run.status === "finished" && !run.ready ? "not ready" : run.status);
+    when.append(tag);
+    button.append(what, when);
+    button.addEventListener("click", () => openRun(run.id));
+    item.append(button);
+    list.append(item);
+  }
+  $("history-empty").hidden = list.children.length > 0;
+}
+
+async function loadHistory(append = false) {
+  try {
+    const query = append && state.historyBefore ? `?before=${state.historyBefore}` : "";
+    const page = await (await api(`/api/runs${query}`)).json();
+    state.historyBefore = page.next_before;
+    renderHistory(page.runs, append);
+    $("history-more").hidden = !page.next_before;
+  } catch (error) {
+    $("history-empty").hidden = false;
+    $("history-empty").textContent = error.message.startsWith("404") ? "History is off on this server." :
+      `History unavailable (${error.message}).`;
+  }
+}
+
+/** Replay a stored run through the same render code as a live one. */
+export async function openRun(runId) {
+  if (state.controller) return;
+  try {
+    const { run, events } = await (await api(`/api/runs/${encodeURIComponent(runId)}`)).json();
+    hideBanner();
+    resetRun();
+    for (const event of events) handleEvent({ event: event.type, data: event });
+    if (!state.terminal) setStatus(`This run is ${run.status}: it never finished.`, "failed");
+    else if (run.status === "finished") setStatus(`Replayed run ${run.id}.`, "done");
+    $("prompt").value = run.prompt;
+    showRunActions(run.id);
+    for (const button of $("history").querySelectorAll("button")) {
+      button.setAttribute("aria-current", String(button.dataset.runId === run.id));
+    }
+  } catch (error) {
+    showBanner(`Could not open the run: ${error.message}`, { error: true });
+  }
+}
+
+function showRunActions(runId) {
+  state.openedRun = runId;
+  for (const id of ["export-json", "export-md", "delete-run"]) $(id).hidden = !runId;
+}
+
+async function exportRun(format) {
+  const response = await api(`/api/runs/${state.openedRun}/export?format=${format}`);
+  const blob = await response.blob();
+  const link = el("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `rlm-run-${state.openedRun}.${format}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+async function deleteRun() {
+  if (!state.openedRun || !confirm("Delete this run from the history?")) return;
+  await api(`/api/runs/${state.openedRun}`, { method: "DELETE" });
+  resetRun();
+  showRunActions(null);
+  setStatus("Run deleted.", "done");
+  loadHistory();
+}
+
+function wireHistory() {
+  $("history-refresh").addEventListener("click", () => loadHistory());
+  $("history-more").addEventListener("click", () => loadHistory(true));
+  $("export-json").addEventListener("click", () => exportRun("json").catch((e) => showBanner(e.message, { error: true })));
+  $("export-md").addEventListener("click", () => exportRun("md").catch((e) => showBanner(e.message, { error: true })));
+  $("delete-run").addEventListener("click", () => deleteRun().catch((e) => showBanner(e.message, { error: true })));
 }
 
 function stopRun() {
@@ -507,6 +620,7 @@ function init() {
   $("api-token").addEventListener("change", () => {
     localStorage.setItem("rlm.token", $("api-token").value.trim());
     loadConfig();
+    loadHistory();
   });
   $("run-form").addEventListener("submit", (event) => { event.preventDefault(); startRun(); });
   $("stop-button").addEventListener("click", stopRun);
@@ -516,7 +630,9 @@ function init() {
   wireInputs();
   wireAnswer();
   wireLog();
+  wireHistory();
   loadConfig();
+  loadHistory();
 }
 
 init();

@@ -42,6 +42,8 @@ def make_settings(fake: FakeOpenAI | None = None, **overrides: Any) -> Settings:
         "openai_api_base": fake.url if fake else "http://127.0.0.1:9/v1",
         "openai_model_name": ROOT_MODEL, "openai_sub_model_name": SUB_MODEL,
         "openai_api_key": "sk-test-key", "rlm_model_retries": 2, "rlm_exec_timeout_s": 30,
+        "rlm_worker_preload": ["numpy"],  # matplotlib costs a second per zygote; tests that plot import it
+        "rlm_history_db": "off",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -280,7 +282,8 @@ def spawn_server(cwd: Path, key: str = "sk-test-key", *, model_url: str | None =
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
     env.update({"OPENAI_API_KEY": key, "OPENAI_API_BASE": model_url or fake.url, "OPENAI_MODEL_NAME": ROOT_MODEL,
                 "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "PORT": str(port), "HOST": "127.0.0.1",
-                "RLM_LOG_LEVEL": "warning", **env_overrides})
+                "RLM_LOG_LEVEL": "warning", "RLM_WORKER_PRELOAD": "numpy",
+                "RLM_HISTORY_DB": str(cwd / "history.sqlite3"), **env_overrides})
     process = subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd, env=env,
                                stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None)

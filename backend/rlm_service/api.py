@@ -25,6 +25,8 @@ from . import __version__
 from .config import Settings
 from .engine import Engine, RunSettings, SettingsRefused, effective_limits
 from .events import _Event
+from .history import history_router
+from .store import SqliteRunStore
 from .uploads import FORM_OVERHEAD_BYTES, ParsedRequest, ProcessRequest, RequestRefused, read_json, read_multipart
 
 log = logging.getLogger("rlm_service.api")
@@ -116,12 +118,20 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
-        app.state.engine = engine or Engine(settings, **engine_kwargs)
+        store = None
+        if own and settings.history_path is not None:
+            store = SqliteRunStore(settings.history_path)
+        app.state.engine = engine or Engine(settings, store=store, **engine_kwargs)
+        app.state.store = app.state.engine.store
+        if own:
+            await app.state.engine.start()
         try:
             yield
         finally:
             if own:
                 await app.state.engine.aclose()
+            if store is not None:
+                store.close()
 
     app = FastAPI(title="RLM service", version=__version__, lifespan=lifespan,
                   description="A Recursive Language Model: a root model drives a Python REPL that holds "
@@ -217,6 +227,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    app.include_router(history_router(), dependencies=[Depends(require_token)])
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
@@ -77,6 +78,10 @@ class Settings(BaseSettings):
     """Wall time of one root-model request (each attempt)."""
     rlm_model_retries: int = Field(3, ge=0, le=10)
     """Retries of a failed model request (429, 5xx, timeouts) before giving up."""
+    rlm_worker_preload: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["numpy", "matplotlib.pyplot"]
+    """Modules imported once by the worker zygote, so that every run's code gets them at no cost."""
+    rlm_history_db: str = "~/.local/share/rlm-service/history.sqlite3"
+    """Where run history is kept (SQLite); `off` keeps none."""
     rlm_body_timeout_s: float = Field(30.0, gt=0)
     """A request body that sends nothing for this long is refused with 408."""
     rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["*"]
@@ -131,6 +136,11 @@ class Settings(BaseSettings):
             assert self.openai_api_key is not None
             return self.openai_api_key.get_secret_value()
         return "not-needed"
+
+    @property
+    def history_path(self) -> Path | None:
+        value = self.rlm_history_db.strip()
+        return None if value.lower() in ("", "off", "none", "false") else Path(value).expanduser()
 
     def proxy_for_endpoint(self) -> str | None:
         """The HTTP(S)_PROXY to reach the endpoint through; never for local endpoints."""

@@ -13,14 +13,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic_ai import Agent, Tool
+from pydantic_ai import Agent, RunContext, Tool
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models import Model
 from pydantic_ai.usage import RunUsage as AgentUsage
 from pydantic_ai.usage import UsageLimits
 
 from . import prompts
-from .events import AnswerEvent, CodeEvent, OutputEvent, SubcallsEvent, ThoughtEvent, Usage, UsageEvent, _Event
+from .events import (
+    AnswerEvent,
+    CodeEvent,
+    FigureEvent,
+    OutputEvent,
+    SubcallsEvent,
+    ThoughtEvent,
+    Usage,
+    UsageEvent,
+    _Event,
+)
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
 
@@ -80,10 +90,10 @@ class _CellProgress:
 class Controller:
     """Drives one run's root model and REPL, emitting the contract's events through `emit`."""
 
-    def __init__(self, *, run_id: str, model: Model, protocol: str, limits: RunLimits, repl: Repl,
-                 subcalls: SubcallSession, emit: Emit, root_usage: Usage) -> None:
+    def __init__(self, *, run_id: str, agent: Agent[Controller, str], protocol: str, limits: RunLimits,
+                 repl: Repl, subcalls: SubcallSession, emit: Emit, root_usage: Usage) -> None:
         self.run_id = run_id
-        self.model = model
+        self.agent = agent
         self.protocol = protocol
         self.limits = limits
         self.repl = repl
@@ -123,6 +133,8 @@ class Controller:
     def _report_outcome(self, outcome: CellOutcome) -> None:
         self.emit(OutputEvent(run_id=self.run_id, iteration=self.iteration, stdout=outcome.stdout,
                               error=outcome.error, truncated=outcome.truncated, duration_ms=outcome.duration_ms))
+        for image in outcome.figures:
+            self.emit(FigureEvent(run_id=self.run_id, iteration=self.iteration, data=image))
         answer = (outcome.answer_content, outcome.answer_ready)
         if answer != self.answer:
             self.answer = answer
@@ -130,27 +142,10 @@ class Controller:
 
     # --- the root model's side ---------------------------------------------------------------
 
-    def _agent(self) -> Agent[None, str]:
+    def _instructions(self) -> str:
         limits = prompts.PromptLimits(self.limits.max_iterations, self.limits.max_subcalls,
                                       self.limits.exec_timeout_s, self.limits.max_output_chars)
-        tools = []
-        if self.protocol == "tools":
-            tools.append(Tool(self._run_python_tool(), name="run_python", sequential=True, takes_ctx=False))
-        return Agent(self.model, instructions=prompts.system_prompt(self.protocol, limits), tools=tools,
-                     output_type=str, retries=2)
-
-    def _run_python_tool(self) -> Callable[[str], object]:
-        async def run_python(code: str) -> str:
-            """Run Python code in the persistent REPL and return what it printed.
-
-            Args:
-                code: Python source. Variables persist between calls; `context`, `llm_query`,
-                    `llm_batch` and `answer` are predefined. The value of a bare last expression is
-                    shown, as in a notebook.
-            """
-            return await self.run_cell(code)
-
-        return run_python
+        return prompts.system_prompt(self.protocol, limits)
 
     def _usage_limits(self) -> UsageLimits:
         # Our own iteration count is the real limit; this only keeps PydanticAI from stopping at 50.
@@ -174,14 +169,14 @@ class Controller:
         self.emit(UsageEvent(run_id=self.run_id, root=self.root_usage.model_copy(),
                              sub=self.subcalls.usage.model_copy()))
 
-    async def _segment(self, agent: Agent[None, str], message: str,
+    async def _segment(self, agent: Agent[Controller, str], message: str,
                        history: list[ModelMessage] | None) -> tuple[list[ModelMessage], str | None]:
         """Walk one `agent.iter` run; returns the history and the reply text if the model ended in prose.
 
         Returns early (reply None) once the answer is ready or the iteration budget is spent.
         """
-        async with agent.iter(message, message_history=history, usage=self._agent_usage,
-                              usage_limits=self._usage_limits()) as run:
+        async with agent.iter(message, message_history=history, usage=self._agent_usage, deps=self,
+                              instructions=self._instructions(), usage_limits=self._usage_limits()) as run:
             node = run.next_node
             while not Agent.is_end_node(node):
                 if Agent.is_model_request_node(node):
@@ -203,7 +198,7 @@ class Controller:
 
     async def run(self, task_message: str) -> RunOutcome:
         """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
-        agent = self._agent()
+        agent = self.agent
         history: list[ModelMessage] | None = None
         message = task_message
         reminded = False
@@ -230,3 +225,22 @@ class Controller:
             message = prompts.REMINDER_TEXT if self.protocol == "text" else prompts.REMINDER_TOOLS
         content, ready = self.answer
         return RunOutcome(answer=content or prose_answer, ready=ready, iterations=self.iteration)
+
+
+async def run_python(ctx: RunContext[Controller], code: str) -> str:
+    """Run Python code in the persistent REPL and return what it printed.
+
+    Args:
+        code: Python source. Variables persist between calls; `context`, `llm_query`, `llm_batch` and
+            `answer` are predefined. The value of a bare last expression is shown, as in a notebook.
+    """
+    return await ctx.deps.run_cell(code)
+
+
+def build_agent(model: Model, protocol: str) -> Agent[Controller, str]:
+    """The root agent: with the `run_python` tool for the tools protocol, without tools for text.
+
+    Runs can share one (the engine keeps it): building it parses the tool's docstring and schema.
+    """
+    tools = [Tool(run_python, name="run_python", sequential=True)] if protocol == "tools" else []
+    return Agent(model, deps_type=Controller, tools=tools, output_type=str, retries=2)

@@ -22,12 +22,13 @@ from typing import Any
 import httpx2
 import openai
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
 
 from . import prompts
 from .config import Settings
-from .controller import Controller, RunLimits
+from .controller import Controller, RunLimits, build_agent
 from .events import ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event, is_terminal
 from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallSession, make_http_client
@@ -37,6 +38,7 @@ from .repl.spawner import Zygote
 from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
+from .store import RunRecord, RunStore
 
 log = logging.getLogger("rlm_service")
 
@@ -49,6 +51,7 @@ class RunSettings(BaseModel):
     max_iterations: int | None = Field(None, ge=1)
     max_subcalls: int | None = Field(None, ge=1)
     exec_timeout_s: float | None = Field(None, ge=1)
+    keep_input: bool = Field(False, description="Keep the input in the run history (it is not, by default).")
 
 
 class SettingsRefused(ValueError):
@@ -98,20 +101,27 @@ class Engine:
     """Runs RLM tasks. Use as `async with Engine(settings) as engine:`, then `engine.run(...)`."""
 
     def __init__(self, settings: Settings, *, root_model: Model | Callable[[], Model] | None = None,
-                 http: httpx2.AsyncClient | None = None) -> None:
+                 http: httpx2.AsyncClient | None = None, store: RunStore | None = None) -> None:
         self.settings = settings
+        self.store = store
         self._own_http = http is None
         self.http = http or make_http_client(timeout=settings.rlm_root_timeout_s)
         self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
                                      timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries,
                                      proxy=settings.proxy_for_endpoint())
-        self.zygote = Zygote()
+        self.zygote = Zygote(settings.rlm_worker_preload)
         self._root_model = root_model
-        self._default_root: Model | None = None
+        self._agent: Agent[Controller, str] | None = None
         self.active_runs = 0
 
     async def __aenter__(self) -> Engine:
+        await self.start()
         return self
+
+    async def start(self) -> None:
+        """Warm up what the first run would otherwise wait for: the worker zygote."""
+        if self.settings.rlm_repl == "subprocess":
+            await self.zygote.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
@@ -122,14 +132,16 @@ class Engine:
         if self._own_http:
             await self.http.aclose()
 
-    def root_model(self) -> Model:
+    def root_agent(self) -> Agent[Controller, str]:
+        """The root agent for the next run: shared across runs unless a model factory was given."""
+        protocol = self.settings.rlm_root_protocol
         if callable(self._root_model) and not isinstance(self._root_model, Model):
-            return self._root_model()
-        if isinstance(self._root_model, Model):
-            return self._root_model
-        if self._default_root is None:
-            self._default_root = build_root_model(self.settings, self.http)
-        return self._default_root
+            return build_agent(self._root_model(), protocol)
+        if self._agent is None:
+            model = self._root_model if isinstance(self._root_model, Model) else build_root_model(
+                self.settings, self.http)
+            self._agent = build_agent(model, protocol)
+        return self._agent
 
     async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
                   *, run_id: str | None = None) -> AsyncIterator[_Event]:
@@ -138,12 +150,28 @@ class Engine:
         run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
         run_id = run_id or uuid.uuid4().hex[:16]
         queue: asyncio.Queue[_Event] = asyncio.Queue()
-        driver = asyncio.create_task(self._drive(run_id, prompt, run_input, limits, queue.put_nowait))
+        store = self.store
+
+        def emit(event: _Event) -> None:
+            queue.put_nowait(event)
+            if store is not None:
+                store.record(run_id, event.model_dump(mode="json"))
+
+        if store is not None:
+            store.begin(RunRecord(
+                id=run_id, created=time.time(), status="running", prompt=prompt,
+                settings=(settings or RunSettings()).model_dump(exclude_none=True), input_chars=run_input.chars,
+                input_lines=run_input.lines, input_bytes=run_input.size_bytes, input_sha256=run_input.sha256,
+                input_name=run_input.name))
+        keep_input = bool(settings and settings.keep_input and store is not None)
+        driver = asyncio.create_task(self._drive(run_id, prompt, run_input, limits, emit, keep_input))
+        finished = False
         try:
             while True:
                 event = await queue.get()
                 yield event
                 if is_terminal(event):
+                    finished = True
                     break
         finally:
             if not driver.done():
@@ -152,6 +180,8 @@ class Engine:
                 await driver
             except (asyncio.CancelledError, Exception):
                 pass
+            if store is not None and not finished:
+                store.abandon(run_id, "cancelled")
 
     def _make_repl(self, workspace: Workspace, controller: Controller, limits: RunLimits) -> Repl:
         options = ReplOptions(
@@ -164,7 +194,7 @@ class Engine:
         return SubprocessRepl(workspace, controller.serve_batch, options, self.zygote)
 
     async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,
-                     emit: Callable[[_Event], None]) -> None:
+                     emit: Callable[[_Event], None], keep_input: bool = False) -> None:
         started = time.monotonic()
         usage = RunUsage()
         settings = self.settings
@@ -178,6 +208,8 @@ class Engine:
                 workspace.adopt_input(run_input.path)
             else:
                 await asyncio.to_thread(workspace.write_input, run_input.text or "")
+            if keep_input and self.store is not None:
+                await asyncio.to_thread(self.store.keep_input, run_id, workspace.input_path)
             emit(StartEvent(
                 run_id=run_id, model=settings.root_model or "", sub_model=sub_model, input=_input_info(run_input),
                 limits=Limits(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
@@ -188,7 +220,7 @@ class Engine:
             ))
             subcalls = SubcallSession(self.sub_client, sub_model, max_calls=limits.max_subcalls,
                                       concurrency=settings.rlm_subcall_concurrency, usage=usage.sub)
-            controller = Controller(run_id=run_id, model=self.root_model(), protocol=settings.rlm_root_protocol,
+            controller = Controller(run_id=run_id, agent=self.root_agent(), protocol=settings.rlm_root_protocol,
                                     limits=limits, repl=None, subcalls=subcalls, emit=emit,  # type: ignore[arg-type]
                                     root_usage=usage.root)
             repl = self._make_repl(workspace, controller, limits)

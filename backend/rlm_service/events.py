@@ -88,6 +88,14 @@ class OutputEvent(_Event):
     duration_ms: int
 
 
+class FigureEvent(_Event):
+    type: Literal["figure"] = "figure"
+    iteration: int
+    mime: str = "image/png"
+    data: str
+    """The image, base64."""
+
+
 class AnswerEvent(_Event):
     type: Literal["answer"] = "answer"
     content: str
@@ -120,8 +128,8 @@ class ErrorEvent(_Event):
 
 
 Event = Annotated[
-    StartEvent | ThoughtEvent | CodeEvent | SubcallsEvent | OutputEvent | AnswerEvent | UsageEvent | FinalEvent
-    | ErrorEvent,
+    StartEvent | ThoughtEvent | CodeEvent | SubcallsEvent | OutputEvent | FigureEvent | AnswerEvent | UsageEvent
+    | FinalEvent | ErrorEvent,
     Field(discriminator="type"),
 ]
 

@@ -9,6 +9,7 @@ never holds the whole upload in memory.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -34,12 +35,14 @@ class RunInput:
     text: str | None = None
     path: Path | None = None
     name: str | None = None
+    sha256: str | None = None
 
     @classmethod
     def from_text(cls, text: str) -> RunInput:
         lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-        return cls(chars=len(text), lines=lines, size_bytes=len(text.encode("utf-8", "replace")),
-                   head=text[:HEAD_CHARS], text=text)
+        data = text.encode("utf-8", "replace")
+        return cls(chars=len(text), lines=lines, size_bytes=len(data), head=text[:HEAD_CHARS], text=text,
+                   sha256=hashlib.sha256(data).hexdigest())
 
     def discard(self) -> None:
         """Remove the spooled file if nobody took it over."""
@@ -64,6 +67,7 @@ class InputSpooler:
         self._head: list[str] = []
         self._head_len = 0
         self.size_bytes = 0
+        self._hash = hashlib.sha256()
 
     def feed(self, chunk: bytes) -> None:
         """Add a chunk; raises `InputTooLarge` (and removes the file) once past the limit."""
@@ -100,6 +104,7 @@ class InputSpooler:
 
     def _emit(self, data: bytes) -> None:
         self.size_bytes += len(data)
+        self._hash.update(data)
         self._file.write(data)
 
     def finish(self) -> RunInput:
@@ -107,7 +112,7 @@ class InputSpooler:
         self._file.close()
         lines = self.newlines + (1 if self.chars and self._last_char != "\n" else 0)
         return RunInput(chars=self.chars, lines=lines, size_bytes=self.size_bytes, head="".join(self._head),
-                        path=self.path, name=self.name)
+                        path=self.path, name=self.name, sha256=self._hash.hexdigest())
 
     def abort(self) -> None:
         if not self._file.closed:

@@ -34,6 +34,8 @@ class CellOutcome:
     answer_content: str
     answer_ready: bool
     notes: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    """PNG images, base64."""
     restarted: bool = False
     """The REPL was restarted during this cell: every variable but the provided ones is gone."""
 

@@ -7,9 +7,13 @@ worker and the `inprocess` REPL; what differs is who provides `llm_batch` undern
 from __future__ import annotations
 
 import ast
+import base64
 import builtins
+import io
 import linecache
+import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,6 +23,11 @@ from .capture import BoundedText, StreamRouter, activate, deactivate, install_ro
 BatchFn = Callable[[list[str]], list[str]]
 
 PROTECTED = ("context", "input_data", "llm_query", "llm_batch")
+MAX_FIGURES = 8
+MAX_FIGURE_BYTES = 2 * 1024 * 1024
+
+# With the Agg backend plt.show() draws nothing; figures are collected after each cell instead.
+warnings.filterwarnings("ignore", message=".*non-interactive.*cannot be shown")
 
 
 @dataclass
@@ -31,6 +40,8 @@ class CellResult:
     answer_content: str
     answer_ready: bool
     notes: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    """PNG images (base64) of the matplotlib figures the cell left open."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,9 +127,10 @@ class CellRunner:
             deactivate(token)
             StreamRouter.fallback = None
         notes = self._restore_protected() + self._normalize_answer()
+        figures, figure_notes = collect_figures()
         content, ready = self._answer
         return CellResult(stdout=sink.getvalue(), error=error, truncated=sink.truncated,
-                          answer_content=content, answer_ready=ready, notes=notes)
+                          answer_content=content, answer_ready=ready, notes=notes + figure_notes, figures=figures)
 
     def _execute(self, code: str, filename: str, sink: BoundedText) -> None:
         tree = ast.parse(code, filename, "exec")
@@ -179,3 +191,29 @@ class CellRunner:
 def _ends_with_newline(sink: BoundedText) -> bool:
     value = sink.getvalue()
     return not value or value.endswith("\n")
+
+
+def collect_figures() -> tuple[list[str], list[str]]:
+    """Render and close the matplotlib figures left open, if the code used matplotlib at all."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return [], []
+    numbers = pyplot.get_fignums()
+    images, notes = [], []
+    for number in numbers[:MAX_FIGURES]:
+        buffer = io.BytesIO()
+        try:
+            pyplot.figure(number).savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        except Exception as exc:
+            notes.append(f"figure {number} could not be rendered: {type(exc).__name__}: {exc}")
+            continue
+        if buffer.tell() > MAX_FIGURE_BYTES:
+            notes.append(f"figure {number} is larger than {MAX_FIGURE_BYTES // 2**20} MB as a PNG; not shown")
+            continue
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    if len(numbers) > MAX_FIGURES:
+        notes.append(f"only the first {MAX_FIGURES} of {len(numbers)} figures are shown")
+    pyplot.close("all")
+    if images:
+        notes.append(f"{len(images)} figure{'s' if len(images) > 1 else ''} shown to the user (closed now).")
+    return images, notes

@@ -100,7 +100,7 @@ class InprocessRepl:
         return CellOutcome(stdout=result.stdout, error=result.error, truncated=result.truncated,
                            duration_ms=int((time.monotonic() - started) * 1000),
                            answer_content=result.answer_content, answer_ready=result.answer_ready,
-                           notes=result.notes)
+                           notes=result.notes, figures=result.figures)
 
     async def _stop_cell(self, thread: threading.Thread, done: asyncio.Future[CellResult], started: float,
                          timeout: float) -> CellOutcome:

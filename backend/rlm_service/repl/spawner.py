@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ class WorkerProcess:
 class Zygote:
     """Forks REPL workers from a pre-loaded process: a millisecond instead of a fresh interpreter."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: list[str] | None = None) -> None:
+        self.preload = list(preload or [])
         self._process: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -64,6 +66,10 @@ class Zygote:
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._starting: asyncio.Lock | None = None
         self.pid: int | None = None
+
+    async def start(self) -> None:
+        """Start the zygote now rather than at the first spawn."""
+        await self._ensure_running()
 
     async def spawn(self, cwd: Path, env: dict[str, str]) -> WorkerProcess:
         await self._ensure_running()
@@ -106,10 +112,14 @@ class Zygote:
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         server_end, zygote_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # matplotlib's font cache, built once per machine and user rather than once per run.
+        cache = Path(tempfile.gettempdir()) / f"rlm-matplotlib-{os.getuid()}"
+        cache.mkdir(mode=0o700, exist_ok=True)
         try:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(zygote_end.fileno()),
-                str(os.getpid()), pass_fds=(zygote_end.fileno(),), env=_ZYGOTE_ENV, cwd="/",
+                str(os.getpid()), json.dumps(self.preload), pass_fds=(zygote_end.fileno(),),
+                env={**_ZYGOTE_ENV, "MPLCONFIGDIR": str(cache)}, cwd="/",
                 start_new_session=True, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )

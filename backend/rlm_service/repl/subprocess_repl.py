@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from typing import Any
 
 from . import protocol
 from .base import AsyncBatch, CellOutcome, ReplError, ReplOptions
+from .executor import MAX_FIGURE_BYTES, MAX_FIGURES
 from .spawner import SpawnError, WorkerProcess, Zygote
 from .workspace import Workspace
 
@@ -46,6 +48,17 @@ def worker_environment(workdir: Path) -> dict[str, str]:
         "MPLBACKEND": "Agg",
         "MPLCONFIGDIR": str(workdir / ".matplotlib"),
     }
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
+def _valid_figures(figures: object) -> list[str]:
+    """Figures from a worker: a few base64 strings of bounded size, nothing else."""
+    if not isinstance(figures, list):
+        return []
+    return [item for item in figures[:MAX_FIGURES]
+            if isinstance(item, str) and len(item) <= MAX_FIGURE_BYTES * 4 // 3 + 4 and _BASE64.fullmatch(item)]
 
 
 _reported: list[bool] = []
@@ -272,6 +285,7 @@ class SubprocessRepl:
             answer_content=str(message.get("answer_content", ""))[:MAX_ANSWER_CHARS],
             answer_ready=message.get("answer_ready") is True,
             notes=[str(note)[:500] for note in notes[:20]] if isinstance(notes, list) else [],
+            figures=_valid_figures(message.get("figures")),
         )
 
     async def close(self) -> None:

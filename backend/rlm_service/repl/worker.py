@@ -35,19 +35,23 @@ def load_text(path: str) -> str:
     with open(path, "rb", buffering=0) as handle:
         text = _new_ascii_str(size)
         data = id(text) + sys.getsizeof("") - 1  # compact ASCII strings keep their bytes after the header
-        target = memoryview((ctypes.c_char * size).from_address(data)).cast("B")
+        chunk = bytearray(min(_CHUNK, size))  # one buffer, reused: fresh 64 MB buffers cost page faults
+        view = memoryview(chunk)
+        source = (ctypes.c_char * len(chunk)).from_buffer(chunk)
         done = 0
         while done < size:
-            count = handle.readinto(target[done:done + _CHUNK])
+            count = handle.readinto(view[: min(len(chunk), size - done)])
             if not count:
                 raise OSError(f"{path} shrank while it was read")
-            if not bytes(target[done:done + count]).isascii():
+            if not (chunk.isascii() if count == len(chunk) else bytes(view[:count]).isascii()):
                 break
+            ctypes.memmove(data + done, source, count)
             done += count
         else:
             return text
-        target.release()
-        del text
+        del source
+        view.release()
+        del text, chunk
         handle.seek(0)
         return str(handle.read(), "utf-8", "replace")
 

@@ -28,14 +28,17 @@ def _send(control: socket.socket, message: dict[str, object]) -> None:
     control.send(json.dumps(message).encode())
 
 
-def _preload() -> None:
-    """Import what every worker needs, and numpy, so that children start with them loaded."""
+def _preload(modules: list[str]) -> None:
+    """Import what every worker needs, and `modules` (numpy, matplotlib…), so children start with them."""
+    import importlib
+
     from . import worker  # noqa: F401
 
-    try:
-        import numpy  # noqa: F401
-    except ImportError:
-        pass
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            print(f"rlm-zygote: could not preload {name}: {exc}", file=sys.stderr)
 
 
 def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
@@ -115,6 +118,6 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[1]))
     sandbox.die_with_parent(int(sys.argv[2]))
     sandbox.set_process_name("rlm-zygote")
-    _preload()
+    _preload(json.loads(sys.argv[3]) if len(sys.argv) > 3 else [])
     _send(control, {"op": "ready", "pid": os.getpid()})
     serve(control)

@@ -1,0 +1,76 @@
+"""Routes over the run history: list, open, delete and export past runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import FileResponse
+
+from .store import RunStore, export_markdown
+from .uploads import RequestRefused
+
+
+def _store(request: Request) -> RunStore:
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        raise RequestRefused(404, "run history is off on this server (RLM_HISTORY_DB=off)")
+    return store
+
+
+def history_router() -> APIRouter:
+    router = APIRouter(prefix="/api/runs", tags=["history"])
+
+    @router.get("")
+    async def list_runs(request: Request, limit: int = Query(20, ge=1, le=200),
+                        before: float | None = Query(None, description="`next_before` of the previous page")
+                        ) -> dict[str, Any]:
+        """Past runs, newest first, a page at a time."""
+        store = _store(request)
+        records = await asyncio.to_thread(store.list, limit=limit, before=before)
+        runs = [record.to_dict() for record in records]
+        return {"runs": runs, "next_before": runs[-1]["created"] if len(runs) == limit else None}
+
+    async def _load(request: Request, run_id: str) -> tuple[Any, list[dict[str, Any]]]:
+        found = await asyncio.to_thread(_store(request).get, run_id)
+        if found is None:
+            raise RequestRefused(404, f"no run {run_id!r} in the history")
+        return found
+
+    @router.get("/{run_id}")
+    async def get_run(request: Request, run_id: str) -> dict[str, Any]:
+        """One run with every event it streamed, in order."""
+        record, events = await _load(request, run_id)
+        return {"run": record.to_dict(), "events": events}
+
+    @router.delete("/{run_id}", status_code=204)
+    async def delete_run(request: Request, run_id: str) -> Response:
+        """Forget a run (and its kept input, if any)."""
+        if not await asyncio.to_thread(_store(request).delete, run_id):
+            raise RequestRefused(404, f"no run {run_id!r} in the history")
+        return Response(status_code=204)
+
+    @router.get("/{run_id}/export")
+    async def export_run(request: Request, run_id: str,
+                         format: Literal["json", "md"] = Query("json")) -> Response:
+        """The run as a JSON document or a Markdown report, as a download."""
+        record, events = await _load(request, run_id)
+        if format == "md":
+            body, media = export_markdown(record, events), "text/markdown; charset=utf-8"
+        else:
+            body = json.dumps({"run": record.to_dict(), "events": events}, ensure_ascii=False, indent=1)
+            media = "application/json"
+        headers = {"Content-Disposition": f'attachment; filename="rlm-run-{record.id}.{format}"'}
+        return Response(body, media_type=media, headers=headers)
+
+    @router.get("/{run_id}/input")
+    async def get_input(request: Request, run_id: str) -> FileResponse:
+        """The run's input, when the run asked to keep it (`settings.keep_input`)."""
+        path = _store(request).input_path(run_id)
+        if path is None:
+            raise RequestRefused(404, f"run {run_id!r} did not keep its input")
+        return FileResponse(path, media_type="text/plain; charset=utf-8", filename=f"rlm-input-{run_id}.txt")
+
+    return router

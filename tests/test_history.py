@@ -1,0 +1,226 @@
+"""Run history, figures, and the command line."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from rlm_service.engine import Engine, RunSettings
+from rlm_service.store import RunRecord, SqliteRunStore, export_markdown
+from tests.conftest import REPO, LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI, HTTPFault
+
+PLOT = ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
+        "values = np.random.default_rng(0).normal(size=500)\nplt.hist(values, bins=20)\n"
+        "plt.title('distribution')\nplt.show()")
+
+
+def _record(run_id: str, created: float) -> RunRecord:
+    return RunRecord(id=run_id, created=created, status="running", prompt=f"task {run_id}", settings={},
+                     input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
+
+
+def test_store_round_trip_and_pagination(tmp_path: Path) -> None:
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    for index in range(5):
+        store.begin(_record(f"r{index}", 1000.0 + index))
+        store.record(f"r{index}", {"type": "start", "run_id": f"r{index}"})
+        store.record(f"r{index}", {"type": "code", "run_id": f"r{index}", "iteration": 1, "code": "x = 1"})
+        store.record(f"r{index}", {"type": "final", "run_id": f"r{index}", "answer": f"answer {index}",
+                                   "ready": True, "iterations": 1, "usage": {}})
+    store.flush()
+    page = store.list(limit=2, before=None)
+    assert [r.id for r in page] == ["r4", "r3"]
+    assert [r.id for r in store.list(limit=2, before=page[-1].created)] == ["r2", "r1"]
+    record, events = store.get("r2")  # type: ignore[misc]
+    assert record.status == "finished" and record.answer == "answer 2" and record.ready
+    assert [e["type"] for e in events] == ["start", "code", "final"]
+    markdown = export_markdown(record, events)
+    assert "## Iteration 1" in markdown and "x = 1" in markdown and "answer 2" in markdown
+    assert store.delete("r2") and store.get("r2") is None and not store.delete("r2")
+    store.close()
+
+
+def test_a_run_left_running_is_marked_unfinished(tmp_path: Path) -> None:
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store.begin(_record("crashed", 1.0))
+    store.record("crashed", {"type": "start", "run_id": "crashed"})
+    store.close()
+    again = SqliteRunStore(tmp_path / "h.sqlite3")
+    record, events = again.get("crashed")  # type: ignore[misc]
+    assert record.status == "unfinished" and len(events) == 1
+    again.close()
+
+
+def test_server_crash_mid_run_leaves_an_unfinished_run(tmp_path: Path) -> None:
+    slow = script({"code": ["import time\ntime.sleep(60)"]})
+    with spawn_server(tmp_path) as server:
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+            for event in parse_sse(response.iter_lines()):
+                if event.event == "code":
+                    run_id = event.data["run_id"]
+                    time.sleep(0.3)  # the writer thread commits what it has
+                    os.kill(server.pid, signal.SIGKILL)
+                    break
+        server.process.wait(10)
+    with spawn_server(tmp_path) as server:
+        runs = httpx2.get(f"{server.url}/api/runs").json()["runs"]
+        assert runs[0]["id"] == run_id and runs[0]["status"] == "unfinished"
+        events = httpx2.get(f"{server.url}/api/runs/{run_id}").json()["events"]
+        assert events[0]["type"] == "start" and "code" in [e["type"] for e in events]
+
+
+def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:
+    settings = make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"), rlm_api_token="tok")
+    auth = {"Authorization": "Bearer tok"}
+    with LiveServer(settings) as server:
+        ids = []
+        for index in range(3):
+            _, events = stream_run(server.url, json_body={"prompt": f"task {index}", "input_data": f"data {index}"},
+                                   headers=auth)
+            ids.append(events[0].data["run_id"])
+        keep = script({"code": ["answer.update(content=context, ready=True)"]})
+        _, kept = stream_run(server.url, json_body={"prompt": keep, "input_data": "keep me",
+                                                    "settings": {"keep_input": True}}, headers=auth)
+        ids.append(kept[0].data["run_id"])
+        assert httpx2.get(f"{server.url}/api/runs").status_code == 401
+        client = httpx2.Client(base_url=server.url, headers=auth)
+        first = client.get("/api/runs", params={"limit": 2}).json()
+        assert [r["id"] for r in first["runs"]] == [ids[3], ids[2]] and first["next_before"]
+        second = client.get("/api/runs", params={"limit": 2, "before": first["next_before"]}).json()
+        assert [r["id"] for r in second["runs"]] == [ids[1], ids[0]]
+        run = client.get(f"/api/runs/{ids[1]}").json()
+        assert run["run"]["status"] == "finished" and run["run"]["prompt"] == "task 1"
+        assert run["run"]["input_chars"] == 6 and len(run["run"]["input_sha256"]) == 64
+        assert run["events"][0]["type"] == "start" and run["events"][-1]["type"] == "final"
+        exported = client.get(f"/api/runs/{ids[1]}/export", params={"format": "md"})
+        assert exported.headers["content-disposition"].endswith('.md"') and "# RLM run" in exported.text
+        as_json = client.get(f"/api/runs/{ids[1]}/export").json()
+        assert as_json["events"] == run["events"]
+        assert client.get(f"/api/runs/{ids[1]}/export", params={"format": "pdf"}).status_code == 422
+        assert client.get(f"/api/runs/{ids[3]}/input").text == "keep me"
+        assert client.get(f"/api/runs/{ids[1]}/input").status_code == 404
+        assert client.delete(f"/api/runs/{ids[1]}").status_code == 204
+        assert client.get(f"/api/runs/{ids[1]}").status_code == 404
+        assert client.delete(f"/api/runs/{ids[1]}").status_code == 404
+
+
+def test_history_off_answers_404(live: LiveServer) -> None:
+    response = httpx2.get(f"{live.url}/api/runs")
+    assert response.status_code == 404 and "RLM_HISTORY_DB" in response.json()["detail"]
+
+
+def test_a_cancelled_run_is_recorded_as_cancelled(tmp_path: Path, fake: FakeOpenAI) -> None:
+    settings = make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))
+    with LiveServer(settings) as server:
+        slow = script({"code": ["import time\ntime.sleep(30)"]})
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+            for event in parse_sse(response.iter_lines()):
+                if event.event == "code":
+                    break
+        assert wait_until(lambda: httpx2.get(f"{server.url}/api/runs").json()["runs"][0]["status"] == "cancelled")
+
+
+async def test_a_cell_that_plots_yields_a_figure_event(fake: FakeOpenAI) -> None:
+    from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import FunctionModel
+
+    seen = []
+
+    def root(messages: list, info: object) -> ModelResponse:
+        seen.append(messages)
+        turn = sum(1 for message in messages if isinstance(message, ModelResponse))
+        code = [PLOT, "answer.update(content='plotted', ready=True)"][min(turn, 1)]
+        return ModelResponse(parts=[TextPart("plotting"), ToolCallPart("run_python", {"code": code})])
+
+    async with Engine(make_settings(fake), root_model=FunctionModel(root)) as engine:
+        events = [event async for event in engine.run("plot the distribution", "1 2 3")]
+    figures = [event for event in events if event.type == "figure"]
+    assert len(figures) == 1 and figures[0].iteration == 1 and figures[0].mime == "image/png"
+    assert base64.b64decode(figures[0].data).startswith(b"\x89PNG\r\n\x1a\n")
+    output = next(event for event in events if event.type == "output")
+    assert "non-interactive" not in output.stdout
+    assert "1 figure shown to the user" in repr(seen[1])
+
+
+def _cli(*args: str, env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "rlm_service", *args], env=env, input=stdin,
+                          capture_output=True, timeout=120, cwd=REPO)
+
+
+def _cli_env(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
+    env.update(PYTHONPATH=str(REPO / "backend"), OPENAI_API_BASE=fake.url, OPENAI_MODEL_NAME="root-model",
+               OPENAI_SUB_MODEL_NAME="sub-model", RLM_WORKER_PRELOAD="numpy", RLM_HISTORY_DB="off", **extra)
+    return env
+
+
+def test_cli_against_the_engine(fake: FakeOpenAI, tmp_path: Path) -> None:
+    data = tmp_path / "notes.txt"
+    data.write_text("alpha\nbeta\n")
+    result = _cli("run", "Summarize", "--input", str(data), env=_cli_env(fake))
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().startswith("## Summary")
+    progress = result.stderr.decode()
+    assert "[1] >>> print(len(context)" in progress and "sub-calls [" in progress and "done: ready" in progress
+
+
+def test_cli_json_and_stdin(fake: FakeOpenAI) -> None:
+    prompt = script({"code": ["answer.update(content=context.upper(), ready=True)"]})
+    result = _cli("run", prompt, "--json", env=_cli_env(fake), stdin=b"from stdin")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert lines[0]["event"] == "start" and lines[-1]["event"] == "final"
+    assert lines[-1]["answer"] == "FROM STDIN"
+
+
+def test_cli_exit_codes(fake: FakeOpenAI) -> None:
+    def refuse(messages: list, body: dict) -> dict:
+        raise HTTPFault(401, "bad key")
+
+    fake.root = refuse
+    failed = _cli("run", "anything", "--input", "-", env=_cli_env(fake), stdin=b"x")
+    assert failed.returncode == 1 and "error (auth)" in failed.stderr.decode()
+    unconfigured = _cli("run", "anything", env={**_cli_env(fake), "OPENAI_MODEL_NAME": ""}, stdin=b"")
+    assert unconfigured.returncode == 2 and "OPENAI_MODEL_NAME" in unconfigured.stderr.decode()
+    missing = _cli("run", "anything", "--input", "/no/such/file", env=_cli_env(fake))
+    assert missing.returncode == 2
+
+
+def test_cli_against_a_server(fake: FakeOpenAI, tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("x" * 1234)
+    prompt = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    with LiveServer(make_settings(fake, rlm_api_token="tok")) as server:
+        env = _cli_env(fake)
+        ok = _cli("run", prompt, "--input", str(data), "--server", server.url, "--token", "tok", env=env)
+        assert ok.returncode == 0 and ok.stdout.decode().strip() == "1234", ok.stderr.decode()
+        refused = _cli("run", prompt, "--server", server.url, "--token", "nope", env=env, stdin=b"")
+        assert refused.returncode == 2 and "401" in refused.stderr.decode()
+        too_many = _cli("run", prompt, "--server", server.url, "--token", "tok", "--max-iterations", "999",
+                        env=env, stdin=b"")
+        assert too_many.returncode == 2 and "422" in too_many.stderr.decode()
+
+
+@pytest.mark.parametrize("kept", [False, True])
+async def test_engine_keeps_the_input_only_when_asked(tmp_path: Path, fake: FakeOpenAI, kept: bool) -> None:
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    async with Engine(make_settings(fake), store=store) as engine:
+        events = [e async for e in engine.run("x", "private data", RunSettings(keep_input=kept))]
+    store.flush()
+    run_id = events[0].run_id
+    assert (store.input_path(run_id) is not None) == kept
+    record, _ = store.get(run_id)  # type: ignore[misc]
+    assert record.input_kept == kept and record.settings == ({"keep_input": True} if kept else {"keep_input": False})
+    store.close()
