@@ -449,6 +449,12 @@ function renderHistory(runs, append) {
 }
 
 async function loadHistory(append = false) {
+  if (!state.config?.history) {
+    $("history-empty").textContent = state.config ? "History is off on this server (RLM_HISTORY_DB)." :
+      "Past runs appear here.";
+    $("history-more").hidden = true;
+    return;
+  }
   try {
     const query = append && state.historyBefore ? `?before=${state.historyBefore}` : "";
     const page = await (await api(`/api/runs${query}`)).json();
@@ -561,6 +567,38 @@ function wireInputs() {
   });
 }
 
+const EXAMPLES = {
+  summary: () => ({
+    prompt: "Summarize this podcast transcript: the main topics, and who argued what.",
+    input: Array.from({ length: 60 }, (_, i) => {
+      const minute = String(i * 2).padStart(2, "0");
+      return `[00:${minute}] HOST: What changes when the context no longer fits in the model?\n` +
+        `[00:${minute}] GUEST: You keep the data outside the prompt and let the model read it with code.`;
+    }).join("\n"),
+  }),
+  plot: () => ({
+    prompt: "Plot the distribution of these numbers and describe its shape.",
+    input: Array.from({ length: 2000 }, () => {
+      const u = 1 - Math.random();
+      const v = Math.random();
+      return (50 + 12 * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v)).toFixed(2);
+    }).join(" "),
+  }),
+};
+
+function wireExamples() {
+  for (const button of document.querySelectorAll("[data-example]")) {
+    button.addEventListener("click", () => {
+      const example = EXAMPLES[button.dataset.example]();
+      setFile(null);
+      selectTab("paste");
+      $("prompt").value = example.prompt;
+      $("input-text").value = example.input;
+      $("prompt").focus();
+    });
+  }
+}
+
 function wireAnswer() {
   $("copy-answer").addEventListener("click", async () => {
     try {
@@ -615,12 +653,11 @@ function init() {
   $("api-token").value = localStorage.getItem("rlm.token") || "";
   $("api-base").addEventListener("change", () => {
     localStorage.setItem("rlm.apiBase", $("api-base").value.trim());
-    loadConfig();
+    loadConfig().then(() => loadHistory());
   });
   $("api-token").addEventListener("change", () => {
     localStorage.setItem("rlm.token", $("api-token").value.trim());
-    loadConfig();
-    loadHistory();
+    loadConfig().then(() => loadHistory());
   });
   $("run-form").addEventListener("submit", (event) => { event.preventDefault(); startRun(); });
   $("stop-button").addEventListener("click", stopRun);
@@ -628,11 +665,11 @@ function init() {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); startRun(); }
   });
   wireInputs();
+  wireExamples();
   wireAnswer();
   wireLog();
   wireHistory();
-  loadConfig();
-  loadHistory();
+  loadConfig().then(() => loadHistory());
 }
 
 init();

@@ -7,7 +7,8 @@ and plays two roles:
 - the **root** model (requests naming `root_model`): a Python callable decides each reply, or else a
   script embedded in the task prompt between `<<<SCRIPT` and `SCRIPT>>>` (a JSON list of turns, each
   `{"text": str, "code": [str, ...]}`), or else a small built-in strategy that explores `context`,
-  batches over chunks and marks an answer ready. Code goes out as `run_python` tool calls when the
+  batches over chunks and marks an answer ready (or, when the task asks for a plot, plots the numbers
+  of the input). Code goes out as `run_python` tool calls when the
   request offers tools, otherwise as ```repl blocks in the text.
 - the **sub** model (any other model name): a callable maps the prompt to the reply.
 
@@ -44,6 +45,20 @@ DEMO_TURNS = [
     {"text": "Combining the notes into the answer.",
      "code": ["answer['content'] = '## Summary\\n\\n' + '\\n'.join(f'- {n}' for n in notes)\n"
               "print(answer['content'][:500])\nanswer['ready'] = True"]},
+]
+
+
+PLOT_TURNS = [
+    {"text": "The input is a list of numbers. Let me parse them and plot their distribution.",
+     "code": ["import numpy as np\nimport matplotlib.pyplot as plt\n"
+              "values = np.array([float(x) for x in context.split()])\n"
+              "fig, ax = plt.subplots(figsize=(6, 3.5))\nax.hist(values, bins=30, color='#7cc4ff')\n"
+              "ax.set_title('Distribution of the input values')\nax.set_xlabel('value')\nax.set_ylabel('count')\n"
+              "print(len(values), 'values; mean', round(values.mean(), 3), 'std', round(values.std(), 3))"]},
+    {"text": "The plot is shown; writing the answer.",
+     "code": ["answer['content'] = (f'**{len(values)} values**, mean {values.mean():.3f}, standard deviation '\n"
+              "    f'{values.std():.3f}, from {values.min():.3f} to {values.max():.3f}. The histogram is above.')\n"
+              "answer['ready'] = True"]},
 ]
 
 
@@ -101,8 +116,10 @@ def _first_user_text(messages: list[dict[str, Any]]) -> str:
 def scripted_root(messages: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
     """The prompt's embedded script, or the built-in demo, turn by turn."""
     turn = sum(1 for message in messages if message.get("role") == "assistant")
-    match = SCRIPT_RE.search(_first_user_text(messages))
-    turns = json.loads(match.group(1)) if match else DEMO_TURNS
+    task = _first_user_text(messages)
+    match = SCRIPT_RE.search(task)
+    plot = "plot" in task.split("The input is in `context`")[0].lower()
+    turns = json.loads(match.group(1)) if match else PLOT_TURNS if plot else DEMO_TURNS
     if turn < len(turns):
         return turns[turn]
     return {"text": "I have nothing more to add.", "code": []}

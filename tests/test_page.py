@@ -214,10 +214,11 @@ def test_page_works_at_phone_width_and_from_the_keyboard(browser: Any, live: Liv
         page.wait_for_function("document.getElementById('model-chip').textContent.includes('root-model')")
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390
-        page.keyboard.press("Tab")
-        page.keyboard.press("Tab")
-        focused = page.evaluate("document.activeElement.id")
-        assert focused in ("prompt", "tab-paste")
+        reached = []
+        for _ in range(12):  # every control is reachable with the keyboard, in reading order
+            page.keyboard.press("Tab")
+            reached.append(page.evaluate("document.activeElement.id || document.activeElement.dataset.example"))
+        assert reached.index("summary") < reached.index("prompt") < reached.index("tab-paste")
         page.fill("#prompt", script({"code": ["answer.update(content='phone', ready=True)"]}))
         page.focus("#prompt")
         page.keyboard.press("Control+Enter")
@@ -249,3 +250,44 @@ def test_text_contrast_meets_wcag_aa(page: Any, live: LiveServer) -> None:
         for background in (darkest_panel, brightest_panel):
             light, dark = sorted((_luminance(rgb), _luminance(background)), reverse=True)
             assert (light + 0.05) / (dark + 0.05) >= 4.5, name
+
+
+def test_a_plot_is_shown_in_the_log(page: Any, live: LiveServer) -> None:
+    open_page(page, live)
+    page.click("[data-example=plot]")
+    assert "Plot the distribution" in page.input_value("#prompt")
+    page.click("#run-button")
+    page.wait_for_selector("#answer-badge.ready", timeout=30000)
+    figure = page.locator(".card img.figure")
+    assert figure.count() == 1
+    assert page.evaluate("document.querySelector('.card img.figure').naturalWidth") > 100
+    assert "values" in page.locator("#answer").inner_text()
+    expect_clean_console(page)
+
+
+def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        open_page(page, server)
+        page.fill("#prompt", "Summarize the input")
+        page.fill("#input-text", "one\ntwo\nthree\n")
+        page.click("#run-button")
+        page.wait_for_selector("#answer-badge.ready")
+        live_log = page.inner_text("#log")
+        live_answer = page.inner_html("#answer")
+        live_usage = page.inner_text("#usage-root")
+        page.wait_for_selector("#history li button")
+        page.click("[data-example=summary]")  # change the page before replaying
+        page.locator("#history li button").first.click()
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('Replayed run')")
+        assert page.inner_text("#log") == live_log
+        assert page.inner_html("#answer") == live_answer
+        assert page.inner_text("#usage-root") == live_usage
+        assert page.input_value("#prompt") == "Summarize the input"
+        with page.expect_download() as download:
+            page.click("#export-md")
+        assert download.value.suggested_filename.endswith(".md")
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click("#delete-run")
+        page.wait_for_function("document.getElementById('status').textContent === 'Run deleted.'")
+        page.wait_for_function("document.querySelectorAll('#history li').length === 0")
+    expect_clean_console(page)

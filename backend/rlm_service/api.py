@@ -175,6 +175,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
             "key_configured": settings.api_key_configured,
             "setup_problem": settings.setup_problem(),
             "auth_required": token is not None,
+            "history": settings.history_path is not None,
             "protocol": settings.rlm_root_protocol,
             "repl": settings.rlm_repl,
             "limits": {
