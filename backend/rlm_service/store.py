@@ -12,6 +12,7 @@ Then it is a file beside the database, `inputs/<run id>.txt`.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import shutil
 import sqlite3
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("rlm_service")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -113,6 +116,17 @@ class RunStore(Protocol):
 _Job = Callable[[sqlite3.Connection], None]
 
 
+class _AfterCommit:
+    """A job that runs once the batch it is in has been committed."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self.callback = callback
+
+    def __call__(self, db: sqlite3.Connection) -> None:
+        self.callback()
+
+
+
 class SqliteRunStore:
     """The default store: one SQLite file, one writer thread."""
 
@@ -142,23 +156,40 @@ class SqliteRunStore:
                 job = self._jobs.get()
                 if job is None:
                     return
-                db.execute("BEGIN")
-                try:
-                    job(db)
-                    while True:  # batch what is already waiting into the same transaction
-                        try:
-                            job = self._jobs.get_nowait()
-                        except queue.Empty:
-                            break
-                        if job is None:
-                            db.execute("COMMIT")
-                            return
-                        job(db)
-                    db.execute("COMMIT")
-                except sqlite3.Error:
-                    db.execute("ROLLBACK")
+                batch = [job]
+                while len(batch) < 500:  # what is already waiting goes into the same transaction
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        self._commit(db, batch)
+                        return
+                    batch.append(job)
+                self._commit(db, batch)
         finally:
             db.close()
+
+    @staticmethod
+    def _commit(db: sqlite3.Connection, batch: list[_Job]) -> None:
+        """Run a batch in one transaction; if it fails, run its jobs one by one so one bad row loses
+        only itself. Flush markers run after the commit, so a flush sees everything before it."""
+        after = [job for job in batch if isinstance(job, _AfterCommit)]
+        writes = [job for job in batch if not isinstance(job, _AfterCommit)]
+        try:
+            db.execute("BEGIN")
+            for job in writes:
+                job(db)
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            db.execute("ROLLBACK")
+            for job in writes:
+                try:
+                    job(db)
+                except sqlite3.Error as exc:
+                    log.warning("run history: a write failed: %s", exc)
+        for job in after:
+            job(db)
 
     def _submit(self, job: _Job) -> None:
         self._jobs.put(job)
@@ -202,7 +233,7 @@ class SqliteRunStore:
 
     def flush(self) -> None:
         done = threading.Event()
-        self._submit(lambda db: done.set())
+        self._submit(_AfterCommit(done.set))
         done.wait(30)
 
     def list(self, *, limit: int, before: float | None) -> list[RunRecord]:
