@@ -9,11 +9,15 @@ never holds the whole upload in memory.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HEAD_CHARS = 65536
 
@@ -50,6 +54,35 @@ class RunInput:
             self.path.unlink(missing_ok=True)
 
 
+class _Sink(threading.Thread):
+    """Hashes and writes the spooled bytes in a thread of its own: both release the GIL, so they run on
+    another core while the event loop parses the next chunk."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__(name="rlm-spool", daemon=True)
+        self.handle = handle
+        self.hash = hashlib.sha256()
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=32)
+        self.error: OSError | None = None
+
+    def run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            if self.error is None:
+                self.hash.update(chunk)
+                try:
+                    self.handle.write(chunk)
+                except OSError as exc:
+                    self.error = exc
+
+    def close(self) -> None:
+        """Finish writing; raises the first write error, if any."""
+        if self.is_alive():
+            self.chunks.put(None)
+            self.join()
+        if self.error is not None:
+            raise self.error
+
+
 class InputSpooler:
     """Writes an upload to a temporary file as UTF-8, counting as it goes."""
 
@@ -58,7 +91,9 @@ class InputSpooler:
         self.name = name
         fd, path = tempfile.mkstemp(prefix="rlm-upload-", suffix=".txt", dir=directory)
         self.path = Path(path)
-        self._file = os.fdopen(fd, "wb")
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._sink = _Sink(self._file)
+        self._sink.start()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.received = 0
         self.chars = 0
@@ -67,7 +102,6 @@ class InputSpooler:
         self._head: list[str] = []
         self._head_len = 0
         self.size_bytes = 0
-        self._hash = hashlib.sha256()
 
     def feed(self, chunk: bytes) -> None:
         """Add a chunk; raises `InputTooLarge` (and removes the file) once past the limit."""
@@ -104,17 +138,22 @@ class InputSpooler:
 
     def _emit(self, data: bytes) -> None:
         self.size_bytes += len(data)
-        self._hash.update(data)
-        self._file.write(data)
+        self._sink.chunks.put(data)
 
     def finish(self) -> RunInput:
         self._write(self._decoder.decode(b"", final=True))
-        self._file.close()
+        try:
+            self._sink.close()
+        finally:
+            self._file.close()
         lines = self.newlines + (1 if self.chars and self._last_char != "\n" else 0)
         return RunInput(chars=self.chars, lines=lines, size_bytes=self.size_bytes, head="".join(self._head),
-                        path=self.path, name=self.name, sha256=self._hash.hexdigest())
+                        path=self.path, name=self.name, sha256=self._sink.hash.hexdigest())
 
     def abort(self) -> None:
+        self._sink.error = self._sink.error or OSError("aborted")
+        with contextlib.suppress(OSError):
+            self._sink.close()
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
