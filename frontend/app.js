@@ -79,8 +79,8 @@ const state = {
   controller: null,
   file: null,
   answer: "",
-  cards: new Map(),
-  lastCell: new Map(),
+  log: null,
+  children: new Map(),
   startedAt: 0,
   timer: null,
   stickToBottom: true,
@@ -165,9 +165,37 @@ function escapeHtml(text) {
   return div.innerHTML;
 }
 
+/** Where one run's iterations are drawn: the main log for the root, a fold under a cell for a child. */
+class RunLog {
+  constructor(container, { child = false } = {}) {
+    this.container = container;
+    this.child = child;
+    this.cards = new Map();
+    this.lastCell = new Map();
+  }
+
+  card(iteration) {
+    let node = this.cards.get(iteration);
+    if (!node) {
+      node = el(this.child ? "section" : "article", this.child ? "child-card" : "card");
+      node.dataset.iteration = iteration;
+      const head = el("div", "card-head");
+      head.append(el("strong", "", `Iteration ${iteration}`), el("span", "card-time", ""));
+      node.append(head);
+      this.container.append(node);
+      this.cards.set(iteration, node);
+    }
+    return node;
+  }
+
+  cell(iteration) {
+    return this.lastCell.get(iteration) || this.card(iteration);
+  }
+}
+
 function resetRun() {
-  state.cards.clear();
-  state.lastCell.clear();
+  state.log = new RunLog($("log"));
+  state.children = new Map();
   state.answer = "";
   state.terminal = false;
   const log = $("log");
@@ -180,47 +208,32 @@ function resetRun() {
   $("jump-latest").hidden = true;
 }
 
-function card(iteration) {
-  let node = state.cards.get(iteration);
-  if (!node) {
-    node = el("article", "card");
-    node.dataset.iteration = iteration;
-    const head = el("div", "card-head");
-    const title = el("strong", "", `Iteration ${iteration}`);
-    head.append(title, el("span", "card-time", ""));
-    node.append(head);
-    $("log").append(node);
-    state.cards.set(iteration, node);
-  }
-  return node;
-}
-
 function followLog() {
   const log = $("log");
   if (state.stickToBottom) log.scrollTop = log.scrollHeight;
   else $("jump-latest").hidden = false;
 }
 
-function renderThought(evt) {
-  card(evt.iteration).append(el("p", "thought", evt.text));
+function renderThought(log, evt) {
+  log.card(evt.iteration).append(el("p", "thought", evt.text));
   followLog();
 }
 
-function renderCode(evt) {
+function renderCode(log, evt) {
   const cell = el("div", "cell");
   const pre = el("pre", "code");
   const code = el("code", "language-python hljs");
   code.innerHTML = hljs.highlight(evt.code, { language: "python", ignoreIllegals: true }).value;
   pre.append(code);
   cell.append(pre);
-  card(evt.iteration).append(cell);
-  state.lastCell.set(evt.iteration, cell);
+  log.card(evt.iteration).append(cell);
+  log.lastCell.set(evt.iteration, cell);
   followLog();
 }
 
-function renderSubcalls(evt) {
-  const cell = state.lastCell.get(evt.iteration) || card(evt.iteration);
-  let bar = cell.querySelector(".progress");
+function renderSubcalls(log, evt) {
+  const cell = log.cell(evt.iteration);
+  let bar = cell.querySelector(":scope > .progress");
   if (!bar) {
     bar = el("div", "progress");
     bar.setAttribute("role", "progressbar");
@@ -244,8 +257,8 @@ function renderSubcalls(evt) {
   followLog();
 }
 
-function renderOutput(evt) {
-  const cell = state.lastCell.get(evt.iteration) || card(evt.iteration);
+function renderOutput(log, evt) {
+  const cell = log.cell(evt.iteration);
   if (evt.stdout) cell.append(el("pre", "stdout", evt.stdout));
   if (evt.error) cell.append(el("pre", "error", evt.error));
   const meta = el("div", "cell-meta");
@@ -256,12 +269,58 @@ function renderOutput(evt) {
   followLog();
 }
 
-function renderFigure(evt) {
-  const cell = state.lastCell.get(evt.iteration) || card(evt.iteration);
+function renderFigure(log, evt) {
   const image = el("img", "figure");
   image.alt = `Figure made by the code of iteration ${evt.iteration}`;
   image.src = `data:image/png;base64,${evt.data}`;  // only PNG is ever sent
-  cell.append(image);
+  log.cell(evt.iteration).append(image);
+  followLog();
+}
+
+/** A child run (rlm_query / rlm_batch), folded under the cell that started it. */
+function childFold(evt) {
+  const runId = evt.data.run_id;
+  let fold = state.children.get(runId);
+  if (!fold) {
+    const parent = evt.depth === 1 ? state.log : state.children.get(evt.parent.run_id)?.log || state.log;
+    const details = el("details", "child");
+    details.dataset.depth = evt.depth;
+    const summary = el("summary", "", `Child run · depth ${evt.depth}`);
+    const body = el("div", "child-body");
+    details.append(summary, body);
+    parent.cell(evt.parent.iteration).append(details);
+    fold = { details, summary, log: new RunLog(body, { child: true }), body };
+    state.children.set(runId, fold);
+  }
+  return fold;
+}
+
+function renderChild(evt) {
+  const fold = childFold(evt);
+  const data = evt.data;
+  switch (evt.event) {
+    case "start":
+      fold.summary.textContent = `Child run · depth ${evt.depth} · input ${number(data.input.chars)} chars`;
+      break;
+    case "thought": renderThought(fold.log, data); break;
+    case "code": renderCode(fold.log, data); break;
+    case "subcalls": renderSubcalls(fold.log, data); break;
+    case "output": renderOutput(fold.log, data); break;
+    case "figure": renderFigure(fold.log, data); break;
+    case "final": {
+      const result = el("div", "child-answer markdown");
+      result.innerHTML = DOMPurify.sanitize(marked.parse(data.answer || ""));
+      fold.body.append(result);
+      fold.summary.textContent += data.ready ? " · answered" : " · ended without a ready answer";
+      break;
+    }
+    case "error":
+      fold.body.append(el("pre", "error", `${data.code}: ${data.message}`));
+      fold.summary.textContent += " · failed";
+      break;
+    default:
+      break;
+  }
   followLog();
 }
 
@@ -312,11 +371,12 @@ export function handleEvent(evt) {
         `${number(data.input.lines)} lines · up to ${data.limits.max_iterations} iterations`;
       setStatus("Running…", "running");
       break;
-    case "thought": renderThought(data); break;
-    case "code": renderCode(data); setStatus(`Iteration ${data.iteration}: running code…`, "running"); break;
-    case "subcalls": renderSubcalls(data); break;
-    case "output": renderOutput(data); setStatus(`Iteration ${data.iteration}: thinking…`, "running"); break;
-    case "figure": renderFigure(data); break;
+    case "thought": renderThought(state.log, data); break;
+    case "code": renderCode(state.log, data); setStatus(`Iteration ${data.iteration}: running code…`, "running"); break;
+    case "subcalls": renderSubcalls(state.log, data); break;
+    case "output": renderOutput(state.log, data); setStatus(`Iteration ${data.iteration}: thinking…`, "running"); break;
+    case "figure": renderFigure(state.log, data); break;
+    case "child": renderChild(data); break;
     case "answer": renderAnswer(data.content, data.ready); break;
     case "usage": renderUsage(data.root, data.sub); break;
     case "final":
@@ -649,6 +709,7 @@ async function loadConfig() {
 }
 
 function init() {
+  state.log = new RunLog($("log"));
   $("api-base").value = defaultApiBase();
   $("api-token").value = localStorage.getItem("rlm.token") || "";
   $("api-base").addEventListener("change", () => {

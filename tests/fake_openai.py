@@ -4,7 +4,8 @@ It listens on a free loopback port (in a background thread, or as its own proces
 `python tests/fake_openai.py --port 0`), answers `POST /v1/chat/completions` in JSON or as a stream,
 and plays two roles:
 
-- the **root** model (requests naming `root_model`): a Python callable decides each reply, or else a
+- the **root** model (requests naming `root_model`, or carrying an RLM controller's system prompt, as
+  child runs do with the sub model's name): a Python callable decides each reply, or else a
   script embedded in the task prompt between `<<<SCRIPT` and `SCRIPT>>>` (a JSON list of turns, each
   `{"text": str, "code": [str, ...]}`), or else a small built-in strategy that explores `context`,
   batches over chunks and marks an answer ready (or, when the task asks for a plot, plots the numbers
@@ -32,7 +33,7 @@ from typing import Any
 RootFn = Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
 """(messages, request body) -> {"text": str, "code": [str]} for the next root turn."""
 
-SCRIPT_RE = re.compile(r"<<<SCRIPT\s*(.*?)\s*SCRIPT>>>", re.DOTALL)
+SCRIPT_RE = re.compile(r"<<<SCRIPT\s*(.*)\s*SCRIPT>>>", re.DOTALL)  # greedy: scripts nest (child runs)
 
 DEMO_TURNS = [
     {"text": "Let me look at the input first.",
@@ -101,6 +102,13 @@ class Stats:
 
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
+
+
+def _is_controller(request: dict[str, Any]) -> bool:
+    """A request from an RLM controller (a child run's root uses the sub model's name)."""
+    return any(message.get("role") in ("system", "developer")
+               and "Recursive Language Model" in str(message.get("content"))
+               for message in request.get("messages", []))
 
 
 def _first_user_text(messages: list[dict[str, Any]]) -> str:
@@ -270,7 +278,7 @@ class FakeOpenAI:
             await self._respond(writer, 401, b'{"error": {"message": "invalid api key"}}')
             return True
         request = json.loads(body)
-        role = "root" if request.get("model") == self.root_model else "sub"
+        role = "root" if request.get("model") == self.root_model or _is_controller(request) else "sub"
         self._count_start(role, request)
         try:
             return await self._complete(role, request, writer)

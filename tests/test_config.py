@@ -96,3 +96,24 @@ def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
         process.terminate()
         output = process.communicate(timeout=10)[0].decode()
     assert "sk-hide-me-123" not in output
+
+
+def test_env_example_is_a_valid_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(("OPENAI_", "RLM_")):
+            monkeypatch.delenv(key)
+    (tmp_path / ".env").write_text((MAIN.parents[1] / ".env.example").read_text())
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings()
+    assert settings.root_model == "gpt-4.1" and settings.rlm_max_depth == 1 and settings.rlm_prices == {}
+    assert settings.rlm_run_timeout_s is None and settings.history_path is not None
+    names = {line.split("=", 1)[0] for line in (MAIN.parents[1] / ".env.example").read_text().splitlines()
+             if line and not line.startswith("#")}
+    documented = {name.upper() for name in Settings.model_fields} | {"OPENAI_API_BASE"}
+    assert names <= documented
+    assert {name.upper() for name in Settings.model_fields} - {"OPENAI_API_BASE"} <= names | {"OPENAI_API_BASE"}
+
+
+def test_prices_are_read_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLM_PRICES", '{"gpt-4.1": [2, 8]}')
+    assert load_settings(_env_file=None).rlm_prices == {"gpt-4.1": (2.0, 8.0)}

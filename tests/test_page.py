@@ -291,3 +291,24 @@ def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI,
         page.wait_for_function("document.getElementById('status').textContent === 'Run deleted.'")
         page.wait_for_function("document.querySelectorAll('#history li').length === 0")
     expect_clean_console(page)
+
+
+def test_child_runs_fold_under_the_cell_that_started_them(page: Any, fake: FakeOpenAI) -> None:
+    child = ("Look closer. <<<SCRIPT " + json.dumps([
+        {"text": "Inside the child.", "code": ["n = len(context)\nprint('child sees', n)"]},
+        {"code": ["answer.update(content=f'**{n}** characters', ready=True)"]}]) + " SCRIPT>>>")
+    prompt = script({"code": [f"r = rlm_query({child!r}, context='0123456789')\nprint(r)"]},
+                    {"code": ["answer.update(content='child says ' + r, ready=True)"]})
+    with LiveServer(make_settings(fake, rlm_max_depth=2)) as server:
+        open_page(page, server)
+        page.fill("#prompt", prompt)
+        page.click("#run-button")
+        page.wait_for_selector("#answer-badge.ready")
+        fold = page.locator(".card[data-iteration='1'] details.child")
+        assert fold.count() == 1
+        assert "depth 1" in fold.locator("summary").inner_text() and "answered" in fold.locator("summary").inner_text()
+        fold.locator("summary").click()
+        assert "child sees 10" in fold.locator("pre.stdout").first.inner_text()
+        assert fold.locator(".child-answer strong").inner_text() == "10"
+        assert "child says" in page.inner_text("#answer")
+    expect_clean_console(page)

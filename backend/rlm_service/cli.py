@@ -69,6 +69,20 @@ class ProgressPrinter:
                        f"{sub.get('requests', 0)} sub requests, {data.get('elapsed_ms', 0) / 1000:.1f} s")
         elif name == "error":
             self._line(f"error ({data.get('code')}): {data.get('message')}")
+        elif name == "child":
+            self._child(int(data.get("depth", 1)), str(data.get("event")), data.get("data") or {})
+
+    def _child(self, depth: int, kind: str, data: dict[str, Any]) -> None:
+        prefix = "    " * depth + f"↳ child (depth {depth})"
+        if kind == "start":
+            self._line(f"{prefix} started on {data.get('input', {}).get('chars', 0):,} characters")
+        elif kind == "code":
+            lines = str(data.get("code", "")).strip().splitlines()
+            self._line(f"{prefix} [{data.get('iteration')}] >>> {lines[0][:80] if lines else ''}")
+        elif kind == "final":
+            self._line(f"{prefix} answered: {str(data.get('answer', '')).strip()[:100]!r}")
+        elif kind == "error":
+            self._line(f"{prefix} failed ({data.get('code')}): {data.get('message')}")
 
     def _bar(self, done: int, failed: int, total: int) -> None:
         width = 30

@@ -72,6 +72,14 @@ class Settings(BaseSettings):
     rlm_root_protocol: Literal["tools", "text"] = "tools"
     rlm_repl: Literal["subprocess", "inprocess"] = "subprocess"
 
+    rlm_max_depth: int = Field(1, ge=1, le=8)
+    """Depth of recursion: a run at depth d may start child RLMs only if d + 1 < RLM_MAX_DEPTH."""
+    rlm_run_timeout_s: float | None = Field(None, gt=0)
+    """Wall time of a whole run, its children included."""
+    rlm_max_cost_usd: float | None = Field(None, gt=0)
+    """Cost of a whole run, its children included, where the endpoint reports it or RLM_PRICES knows it."""
+    rlm_prices: dict[str, tuple[float, float]] = {}
+    """USD per million input and output tokens, by model: {"gpt-4.1": [2.0, 8.0]} (JSON)."""
     rlm_subcall_timeout_s: float = Field(120.0, gt=0)
     """Wall time of one sub-LLM request (each attempt)."""
     rlm_root_timeout_s: float = Field(300.0, gt=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pydantic_ai import Agent, RunContext, Tool
@@ -25,14 +25,16 @@ from .events import (
     CodeEvent,
     FigureEvent,
     OutputEvent,
+    RunUsage,
     SubcallsEvent,
     ThoughtEvent,
-    Usage,
     UsageEvent,
     _Event,
 )
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
+from .repl.executor import join_prompt
+from .tree import RunTree
 
 Emit = Callable[[_Event], None]
 
@@ -87,19 +89,34 @@ class _CellProgress:
         return report
 
 
+ChildRunner = Callable[["Controller", list[str], list[str | None]], Awaitable[list[str]]]
+"""Runs child RLMs for a controller's `rlm_batch`: prompts and contexts in, final answers out."""
+
+
 class Controller:
-    """Drives one run's root model and REPL, emitting the contract's events through `emit`."""
+    """Drives one run's root model and REPL, emitting the contract's events through `emit`.
+
+    A run is one node of a `RunTree` (depth 0 for the root): it draws its turns and sub-calls from the
+    tree's budgets, keeps its own usage, and starts children through `children` when the tree allows.
+    """
 
     def __init__(self, *, run_id: str, agent: Agent[Controller, str], protocol: str, limits: RunLimits,
-                 repl: Repl, subcalls: SubcallSession, emit: Emit, root_usage: Usage) -> None:
+                 repl: Repl, subcalls: SubcallSession, emit: Emit, usage: RunUsage, tree: RunTree,
+                 depth: int = 0, stream: Emit | None = None, children: ChildRunner | None = None) -> None:
         self.run_id = run_id
         self.agent = agent
         self.protocol = protocol
         self.limits = limits
         self.repl = repl
         self.subcalls = subcalls
+        self.usage = usage
+        self.tree = tree
+        self.depth = depth
+        self.stream = stream or emit
+        """The root's stream, where a child's events go (wrapped) whatever its depth."""
+        self.children = children
+        self._told_stop = False
         self.emit = emit
-        self.root_usage = root_usage
         self.iteration = 0
         self.answer = ("", False)
         self.last_prose = ""
@@ -112,6 +129,12 @@ class Controller:
         """`llm_batch` for the REPL: runs the sub-calls and reports their progress."""
         progress = self._progress or _CellProgress(self._emit_progress)
         return await self.subcalls.batch(prompts_, progress.batch_reporter())
+
+    async def serve_rlm(self, prompts_: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch` for the REPL: child runs where the tree allows, plain sub-calls where it does not."""
+        if self.children is None or not self.tree.can_recurse(self.depth):
+            return await self.serve_batch([join_prompt(p, c) for p, c in zip(prompts_, contexts, strict=True)])
+        return await self.children(self, prompts_, contexts)
 
     def _emit_progress(self, done: int, failed: int, total: int) -> None:
         self.emit(SubcallsEvent(run_id=self.run_id, iteration=self.iteration, done=done, failed=failed,
@@ -128,7 +151,12 @@ class Controller:
         finally:
             self._progress = None
         self._report_outcome(outcome)
-        return prompts.cell_report(outcome, turns_left=self.limits.max_iterations - self.iteration)
+        report = prompts.cell_report(outcome, turns_left=self.limits.max_iterations - self.iteration)
+        note = self.tree.note()
+        if note and not self._told_stop:
+            self._told_stop = True
+            report += f"\n[{note}]"
+        return report
 
     def _report_outcome(self, outcome: CellOutcome) -> None:
         self.emit(OutputEvent(run_id=self.run_id, iteration=self.iteration, stdout=outcome.stdout,
@@ -145,7 +173,7 @@ class Controller:
     def _instructions(self) -> str:
         limits = prompts.PromptLimits(self.limits.max_iterations, self.limits.max_subcalls,
                                       self.limits.exec_timeout_s, self.limits.max_output_chars)
-        return prompts.system_prompt(self.protocol, limits)
+        return prompts.system_prompt(self.protocol, limits, can_recurse=self.tree.can_recurse(self.depth))
 
     def _usage_limits(self) -> UsageLimits:
         # Our own iteration count is the real limit; this only keeps PydanticAI from stopping at 50.
@@ -162,12 +190,25 @@ class Controller:
             self.last_prose = text.strip()
             self.emit(ThoughtEvent(run_id=self.run_id, iteration=self.iteration, text=text.strip()))
 
+    def _account(self) -> None:
+        """Fold the agent's usage into the run's, and the new tokens into the tree's cost."""
+        root = self.usage.root
+        new_input = self._agent_usage.input_tokens - root.input_tokens
+        new_output = self._agent_usage.output_tokens - root.output_tokens
+        root.requests = self._agent_usage.requests
+        root.input_tokens = self._agent_usage.input_tokens
+        root.output_tokens = self._agent_usage.output_tokens
+        self.tree.add_cost(self.agent.model.model_name if hasattr(self.agent.model, "model_name") else "",
+                           new_input, new_output)
+
     def _emit_usage(self) -> None:
-        self.root_usage.requests = self._agent_usage.requests
-        self.root_usage.input_tokens = self._agent_usage.input_tokens
-        self.root_usage.output_tokens = self._agent_usage.output_tokens
-        self.emit(UsageEvent(run_id=self.run_id, root=self.root_usage.model_copy(),
-                             sub=self.subcalls.usage.model_copy()))
+        self._account()
+        if self.depth == 0 and self.tree.limits.max_depth > 1:
+            totals = self.tree.totals()
+            self.emit(UsageEvent(run_id=self.run_id, root=totals.root, sub=totals.sub, by_depth=self.tree.by_depth()))
+        else:
+            self.emit(UsageEvent(run_id=self.run_id, root=self.usage.root.model_copy(),
+                                 sub=self.usage.sub.model_copy()))
 
     async def _segment(self, agent: Agent[Controller, str], message: str,
                        history: list[ModelMessage] | None) -> tuple[list[ModelMessage], str | None]:
@@ -180,7 +221,7 @@ class Controller:
             node = run.next_node
             while not Agent.is_end_node(node):
                 if Agent.is_model_request_node(node):
-                    if self.iteration >= self.limits.max_iterations:
+                    if self.iteration >= self.limits.max_iterations or not self.tree.take_iteration(self.depth):
                         return run.all_messages(), None
                     self.iteration += 1
                     node = await run.next(node)

@@ -28,10 +28,22 @@ from pydantic_ai.models import Model
 
 from . import prompts
 from .config import Settings
-from .controller import Controller, RunLimits, build_agent
-from .events import ErrorCode, ErrorEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent, _Event, is_terminal
+from .controller import Controller, RunLimits, RunOutcome, build_agent
+from .events import (
+    ChildEvent,
+    ErrorCode,
+    ErrorEvent,
+    FinalEvent,
+    InputInfo,
+    Limits,
+    ParentRef,
+    RunUsage,
+    StartEvent,
+    _Event,
+    is_terminal,
+)
 from .inputs import RunInput
-from .llm import ChatClient, ModelCallError, SubcallSession, make_http_client
+from .llm import ChatClient, ModelCallError, SubcallBudget, SubcallSession, make_http_client
 from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
 from .repl.spawner import Zygote
@@ -39,8 +51,20 @@ from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
 from .store import RunRecord, RunStore
+from .tree import RunTree, TreeLimits
 
 log = logging.getLogger("rlm_service")
+RUN_TIMEOUT_GRACE_S = 5.0
+"""Past RLM_RUN_TIMEOUT_S runs stop at their next turn; this much later the tree is cancelled outright."""
+
+
+class _Node:
+    """A run's controller once it exists, so a failure can still report the answer it had started."""
+
+    controller: Controller | None = None
+
+    def answer(self) -> str | None:
+        return self.controller.answer[0] if self.controller and self.controller.answer[0] else None
 
 
 class RunSettings(BaseModel):
@@ -112,6 +136,7 @@ class Engine:
         self.zygote = Zygote(settings.rlm_worker_preload)
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
+        self._child_agent: Agent[Controller, str] | None = None
         self.active_runs = 0
 
     async def __aenter__(self) -> Engine:
@@ -131,6 +156,13 @@ class Engine:
         await self.sub_client.aclose()
         if self._own_http:
             await self.http.aclose()
+
+    def child_agent(self) -> Agent[Controller, str]:
+        """The agent of child runs: the sub model as their root (shared, like the root's)."""
+        if self._child_agent is None:
+            model = build_root_model(self.settings, self.http, model_name=self.settings.sub_model)
+            self._child_agent = build_agent(model, self.settings.rlm_root_protocol)
+        return self._child_agent
 
     def root_agent(self) -> Agent[Controller, str]:
         """The root agent for the next run: shared across runs unless a model factory was given."""
@@ -190,19 +222,62 @@ class Engine:
             cpu_seconds=int(limits.exec_timeout_s * limits.max_iterations) + 60,
         )
         if self.settings.rlm_repl == "inprocess":
-            return InprocessRepl(workspace, controller.serve_batch, options)
-        return SubprocessRepl(workspace, controller.serve_batch, options, self.zygote)
+            return InprocessRepl(workspace, controller.serve_batch, options, rlm=controller.serve_rlm)
+        return SubprocessRepl(workspace, controller.serve_batch, options, self.zygote, rlm=controller.serve_rlm)
+
+    def _tree(self, run_id: str, limits: RunLimits) -> RunTree:
+        settings = self.settings
+        prices = dict(settings.rlm_prices)
+        return RunTree(run_id, TreeLimits(max_depth=settings.rlm_max_depth, max_iterations=limits.max_iterations,
+                                          run_timeout_s=settings.rlm_run_timeout_s,
+                                          max_cost_usd=settings.rlm_max_cost_usd, prices=prices),
+                       SubcallBudget(limits.max_subcalls, settings.rlm_subcall_concurrency))
 
     async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,
                      emit: Callable[[_Event], None], keep_input: bool = False) -> None:
+        """The root run: its node, then exactly one `final` or `error`, and the run's log line."""
         started = time.monotonic()
-        usage = RunUsage()
-        settings = self.settings
-        sub_model = settings.sub_model or ""
-        controller: Controller | None = None
+        tree = self._tree(run_id, limits)
+        node = _Node()
         outcome = "error"
-        workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
         self.active_runs += 1
+        try:
+            timeout = self.settings.rlm_run_timeout_s
+            async with asyncio.timeout(timeout + RUN_TIMEOUT_GRACE_S if timeout else None):
+                result = await self._run_node(node, tree, 0, run_id, prompt, run_input, limits, emit, emit,
+                                              keep_input=keep_input)
+            outcome = "final" if result.ready else "final (not ready)"
+            totals = tree.totals()
+            recursive = tree.limits.max_depth > 1
+            emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready, iterations=result.iterations,
+                            usage=totals, elapsed_ms=int((time.monotonic() - started) * 1000),
+                            by_depth=tree.by_depth() if recursive else None,
+                            cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as exc:
+            code, message = classify_error(exc)
+            if isinstance(exc, TimeoutError) and self.settings.rlm_run_timeout_s:
+                message = f"The run took longer than RLM_RUN_TIMEOUT_S ({self.settings.rlm_run_timeout_s:g} s)."
+            outcome = f"error:{code}"
+            if code == "internal":
+                log.exception("run %s failed", run_id)
+            emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=node.answer()))
+        finally:
+            self.active_runs -= 1
+            totals = tree.totals()
+            log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
+                     run_id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,
+                     totals.root.input_tokens, totals.root.output_tokens, totals.sub.input_tokens,
+                     totals.sub.output_tokens, time.monotonic() - started)
+
+    async def _run_node(self, node: _Node, tree: RunTree, depth: int, run_id: str, prompt: str,
+                        run_input: RunInput, limits: RunLimits, emit: Callable[[_Event], None],
+                        stream: Callable[[_Event], None], *, keep_input: bool = False) -> RunOutcome:
+        """One run of a tree, root or child: its workspace, REPL and controller, from start to outcome."""
+        settings = self.settings
+        workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
         try:
             if run_input.path is not None:
                 workspace.adopt_input(run_input.path)
@@ -210,19 +285,24 @@ class Engine:
                 await asyncio.to_thread(workspace.write_input, run_input.text or "")
             if keep_input and self.store is not None:
                 await asyncio.to_thread(self.store.keep_input, run_id, workspace.input_path)
+            root_model = settings.root_model if depth == 0 else settings.sub_model
             emit(StartEvent(
-                run_id=run_id, model=settings.root_model or "", sub_model=sub_model, input=_input_info(run_input),
+                run_id=run_id, model=root_model or "", sub_model=settings.sub_model or "",
+                input=_input_info(run_input),
                 limits=Limits(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
                               exec_timeout_s=limits.exec_timeout_s,
                               subcall_concurrency=settings.rlm_subcall_concurrency,
                               max_output_chars=limits.max_output_chars),
                 protocol=settings.rlm_root_protocol, repl=settings.rlm_repl,
             ))
-            subcalls = SubcallSession(self.sub_client, sub_model, max_calls=limits.max_subcalls,
-                                      concurrency=settings.rlm_subcall_concurrency, usage=usage.sub)
-            controller = Controller(run_id=run_id, agent=self.root_agent(), protocol=settings.rlm_root_protocol,
-                                    limits=limits, repl=None, subcalls=subcalls, emit=emit,  # type: ignore[arg-type]
-                                    root_usage=usage.root)
+            usage = tree.register(depth)
+            subcalls = SubcallSession(self.sub_client, settings.sub_model or "", budget=tree.subcalls,
+                                      usage=usage.sub, on_cost=tree.sub_cost)
+            agent = self.root_agent() if depth == 0 else self.child_agent()
+            controller = Controller(run_id=run_id, agent=agent, protocol=settings.rlm_root_protocol, limits=limits,
+                                    repl=None, subcalls=subcalls, emit=emit, usage=usage,  # type: ignore[arg-type]
+                                    tree=tree, depth=depth, stream=stream, children=self._run_children)
+            node.controller = controller
             repl = self._make_repl(workspace, controller, limits)
             controller.repl = repl
             try:
@@ -230,32 +310,47 @@ class Engine:
                 preview = run_input.head[: settings.rlm_context_preview_chars]
                 message = prompts.task_message(prompt, chars=run_input.chars, lines=run_input.lines,
                                                kind=prompts.describe_kind(run_input.head), preview=preview)
-                result = await controller.run(message)
+                return await controller.run(message)
             finally:
                 await repl.close()
-            outcome = "final" if result.ready else "final (not ready)"
-            emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready, iterations=result.iterations,
-                            usage=usage, elapsed_ms=int((time.monotonic() - started) * 1000)))
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        except Exception as exc:
-            code, message = classify_error(exc)
-            outcome = f"error:{code}"
-            if code == "internal":
-                log.exception("run %s failed", run_id)
-            answer = controller.answer[0] if controller and controller.answer[0] else None
-            emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=answer))
         finally:
             workspace.remove()
             run_input.discard()
-            self.active_runs -= 1
-            log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
-                     run_id, outcome, controller.iteration if controller else 0,
-                     controller.subcalls.used if controller else 0,
-                     controller.subcalls.failed if controller else 0,
-                     usage.root.input_tokens, usage.root.output_tokens, usage.sub.input_tokens,
-                     usage.sub.output_tokens, time.monotonic() - started)
+
+    async def _run_children(self, parent: Controller, prompts_: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
+        tree, depth = parent.tree, parent.depth + 1
+        reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
+
+        async def child(prompt: str, context: str | None) -> str:
+            async with tree.children:
+                run_id = uuid.uuid4().hex[:16]
+                started = time.monotonic()
+
+                def emit(event: _Event) -> None:
+                    parent.stream(ChildEvent(run_id=tree.root_run_id, depth=depth, parent=reference,
+                                             event=str(getattr(event, "type", "")),
+                                             data=event.model_dump(mode="json")))
+
+                node = _Node()
+                try:
+                    result = await self._run_node(node, tree, depth, run_id, prompt, RunInput.from_text(context or ""),
+                                                  parent.limits, emit, parent.stream)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    code, message = classify_error(exc)
+                    emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=node.answer()))
+                    return f"Error: the child run failed ({code}): {self._redact(message)}"
+                own = node.controller.usage if node.controller else RunUsage()
+                emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready,
+                                iterations=result.iterations, usage=own,
+                                elapsed_ms=int((time.monotonic() - started) * 1000)))
+                if result.answer:
+                    return result.answer
+                return "Error: the child run ended without an answer."
+
+        return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
 
     def _redact(self, text: str) -> str:
         key = self.settings.api_key_value()

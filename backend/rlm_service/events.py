@@ -7,7 +7,7 @@ model's dump, `run_id` included. The service encodes them; the UI switches on th
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -106,6 +106,8 @@ class UsageEvent(_Event):
     type: Literal["usage"] = "usage"
     root: Usage
     sub: Usage
+    by_depth: dict[str, RunUsage] | None = None
+    """With recursion: usage of each depth of the tree (root and sub add up over all of them)."""
 
 
 class FinalEvent(_Event):
@@ -115,6 +117,24 @@ class FinalEvent(_Event):
     iterations: int
     usage: RunUsage
     elapsed_ms: int
+    by_depth: dict[str, RunUsage] | None = None
+    cost_usd: float | None = None
+    """Where the endpoint reports cost or RLM_PRICES knows the models."""
+
+
+class ParentRef(BaseModel):
+    run_id: str
+    iteration: int
+
+
+class ChildEvent(_Event):
+    """An event of a child run (started by `rlm_query`/`rlm_batch`), carried in its root's stream."""
+
+    type: Literal["child"] = "child"
+    depth: int
+    parent: ParentRef
+    event: str
+    data: dict[str, Any]
 
 
 ErrorCode = Literal["auth", "model_unavailable", "timeout", "cancelled", "budget", "internal"]
@@ -129,7 +149,7 @@ class ErrorEvent(_Event):
 
 Event = Annotated[
     StartEvent | ThoughtEvent | CodeEvent | SubcallsEvent | OutputEvent | FigureEvent | AnswerEvent | UsageEvent
-    | FinalEvent | ErrorEvent,
+    | FinalEvent | ErrorEvent | ChildEvent,
     Field(discriminator="type"),
 ]
 

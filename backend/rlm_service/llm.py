@@ -99,6 +99,8 @@ class Completion:
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
+    cost: float | None = None
+    """What the endpoint says the call cost in USD, when it says (OpenRouter does)."""
 
 
 class ModelCallError(Exception):
@@ -163,6 +165,7 @@ def parse_completion(payload: Any) -> Completion:
         text=str(content),
         input_tokens=int(usage.get("prompt_tokens") or 0),
         output_tokens=int(usage.get("completion_tokens") or 0),
+        cost=float(usage["cost"]) if isinstance(usage.get("cost"), (int, float)) else None,
     )
 
 
@@ -243,23 +246,55 @@ ProgressFn = Callable[[int, int, int], None]
 """Called with (done, failed, total) as the calls of one batch finish."""
 
 
-class SubcallSession:
-    """One run's sub-calls: a budget across all batches, a concurrency limit, summed usage."""
+CostFn = Callable[[str, Completion], None]
+"""Told of every completed sub-call (model, completion), to account for its cost."""
 
-    def __init__(self, client: ChatClient, model: str, *, max_calls: int, concurrency: int,
-                 usage: Usage | None = None) -> None:
-        self.client = client
-        self.model = model
+
+class SubcallBudget:
+    """Sub-calls shared by every run of a tree: how many may still go out, and how many at once."""
+
+    def __init__(self, max_calls: int, concurrency: int) -> None:
         self.max_calls = max_calls
+        self.concurrency = concurrency
         self.used = 0
         self.failed = 0
-        self.usage = usage if usage is not None else Usage()
-        self._semaphore = asyncio.Semaphore(concurrency)
-        self.concurrency = concurrency
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self.stopped: str | None = None
+        """Set when another budget of the tree (time, cost) is spent: then no call goes out."""
 
     @property
     def remaining(self) -> int:
-        return max(self.max_calls - self.used, 0)
+        return 0 if self.stopped else max(self.max_calls - self.used, 0)
+
+    def take(self, wanted: int) -> int:
+        allowed = min(wanted, self.remaining)
+        self.used += allowed
+        return allowed
+
+    def refusal(self) -> str:
+        if self.stopped:
+            return f"Error: the run's {self.stopped} budget is spent; this prompt was not sent."
+        return (f"Error: sub-call budget exhausted ({self.max_calls} calls per run, RLM_MAX_SUBCALLS); "
+                "this prompt was not sent.")
+
+
+class SubcallSession:
+    """One run's sub-calls: drawn from a budget (its own, or its tree's), with the run's own usage."""
+
+    def __init__(self, client: ChatClient, model: str, *, max_calls: int = 1000, concurrency: int = 16,
+                 usage: Usage | None = None, budget: SubcallBudget | None = None,
+                 on_cost: CostFn | None = None) -> None:
+        self.client = client
+        self.model = model
+        self.budget = budget or SubcallBudget(max_calls, concurrency)
+        self.usage = usage if usage is not None else Usage()
+        self.on_cost = on_cost
+        self.used = 0
+        self.failed = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.budget.remaining
 
     async def query(self, prompt: str) -> str:
         return (await self.batch([prompt]))[0]
@@ -267,14 +302,12 @@ class SubcallSession:
     async def batch(self, prompts: list[str], progress: ProgressFn | None = None) -> list[str]:
         """Results in input order; failures and calls past the budget become `Error: …` strings."""
         total = len(prompts)
-        allowed = min(total, self.remaining)
+        allowed = self.budget.take(total)
         self.used += allowed
-        budget_note = (f"Error: sub-call budget exhausted ({self.max_calls} calls per run, "
-                       "RLM_MAX_SUBCALLS); this prompt was not sent.")
-        results: list[str] = [budget_note] * total
-        done = total - allowed
-        failed = total - allowed
+        results: list[str] = [self.budget.refusal()] * total
+        done = failed = total - allowed
         self.failed += failed
+        self.budget.failed += failed
         if progress:
             progress(done, failed, total)
         pending = iter(range(allowed))
@@ -282,7 +315,7 @@ class SubcallSession:
         async def drain() -> None:
             nonlocal done, failed
             for index in pending:
-                async with self._semaphore:
+                async with self.budget.semaphore:
                     try:
                         completion = await self.client.complete(self.model, prompts[index])
                     except Exception as exc:
@@ -290,14 +323,17 @@ class SubcallSession:
                         results[index] = f"Error: {text}"
                         failed += 1
                         self.failed += 1
+                        self.budget.failed += 1
                     else:
                         results[index] = completion.text
                         self.usage.add(1, completion.input_tokens, completion.output_tokens)
+                        if self.on_cost:
+                            self.on_cost(self.model, completion)
                 done += 1
                 if progress:
                     progress(done, failed, total)
 
-        workers = min(allowed, self.concurrency)
+        workers = min(allowed, self.budget.concurrency)
         if workers:
             await asyncio.gather(*(drain() for _ in range(workers)))
         return results

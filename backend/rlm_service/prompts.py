@@ -52,6 +52,19 @@ not guess at output in the same reply. Keep prose short: the user sees your fina
 answer["content"], not through your messages."""
 
 
+RECURSION = """
+
+You may also start child RLMs, each with its own REPL and its own turns:
+- `rlm_query(prompt: str, context: str | None = None) -> str`: a child whose `context` is the given
+  string runs the task in `prompt` the way you do, with code, and returns its final answer.
+- `rlm_batch(prompts: list[str], contexts: list[str | None] | None = None) -> list[str]`: many children
+  in parallel, answers in the same order ("Error: …" for a child that failed).
+Children share your budgets (turns, sub-calls, time), so use them only when a sub-task itself needs
+code over a large piece: a section of megabytes that must be searched, counted or parsed before it can
+be answered. To read or summarize a piece that fits in the sub-model's window, llm_batch is far cheaper
+and faster."""
+
+
 @dataclass
 class PromptLimits:
     max_iterations: int
@@ -60,10 +73,11 @@ class PromptLimits:
     max_output_chars: int
 
 
-def system_prompt(protocol: str, limits: PromptLimits) -> str:
+def system_prompt(protocol: str, limits: PromptLimits, *, can_recurse: bool = False) -> str:
     template = TEXT_SYSTEM_PROMPT if protocol == "text" else TOOLS_SYSTEM_PROMPT
-    return template.format(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
+    text = template.format(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
                            exec_timeout_s=limits.exec_timeout_s, max_output_chars=limits.max_output_chars)
+    return text + RECURSION if can_recurse else text
 
 
 def task_message(prompt: str, *, chars: int, lines: int, kind: str, preview: str) -> str:

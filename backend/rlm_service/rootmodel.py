@@ -60,8 +60,10 @@ class DirectAsyncOpenAI(openai.AsyncOpenAI):
         return _DirectChat(self)
 
 
-def build_root_model(settings: Settings, http: httpx2.AsyncClient) -> OpenAIChatModel:
-    """The root model on PydanticAI, talking to the configured OpenAI-compatible endpoint."""
+def build_root_model(settings: Settings, http: httpx2.AsyncClient, *, model_name: str | None = None
+                     ) -> OpenAIChatModel:
+    """A root model on PydanticAI (the configured root model unless `model_name` is given; child runs of
+    a recursive run use the sub model), talking to the configured OpenAI-compatible endpoint."""
     client = DirectAsyncOpenAI(base_url=settings.openai_api_base, api_key=settings.api_key_value(),
                                http_client=http, max_retries=settings.rlm_model_retries,
                                timeout=settings.rlm_root_timeout_s)
@@ -70,5 +72,5 @@ def build_root_model(settings: Settings, http: httpx2.AsyncClient) -> OpenAIChat
         # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
         profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
                                      openai_chat_supports_max_completion_tokens=False)
-    return OpenAIChatModel(settings.openai_model_name or "", provider=OpenAIProvider(openai_client=client),
-                           profile=profile)
+    return OpenAIChatModel(model_name or settings.openai_model_name or "",
+                           provider=OpenAIProvider(openai_client=client), profile=profile)

@@ -9,6 +9,9 @@ from typing import Protocol
 AsyncBatch = Callable[[list[str]], Awaitable[list[str]]]
 """Serves `llm_batch` on the server's event loop: prompts in, replies (or `Error: …`) out, in order."""
 
+AsyncRlm = Callable[[list[str], list[str | None]], Awaitable[list[str]]]
+"""Serves `rlm_batch`: prompts and their contexts in, the child runs' final answers out, in order."""
+
 
 class ReplError(Exception):
     """The REPL itself failed (not the generated code): the run cannot go on."""

@@ -21,8 +21,10 @@ from typing import Any
 from .capture import BoundedText, StreamRouter, activate, deactivate, install_router
 
 BatchFn = Callable[[list[str]], list[str]]
+RlmFn = Callable[[list[str], list[str | None]], list[str]]
+"""Runs child RLMs: prompts and their contexts (None: no context of their own) in, final answers out."""
 
-PROTECTED = ("context", "input_data", "llm_query", "llm_batch")
+PROTECTED = ("context", "input_data", "llm_query", "llm_batch", "rlm_query", "rlm_batch")
 MAX_FIGURES = 8
 MAX_FIGURE_BYTES = 2 * 1024 * 1024
 
@@ -72,6 +74,29 @@ def _make_llm_functions(batch: BatchFn) -> tuple[Callable[[str], str], Callable[
     return llm_query, llm_batch
 
 
+def _make_rlm_functions(rlm: RlmFn) -> tuple[Callable[..., str], Callable[..., list[str]]]:
+    def rlm_batch(prompts: Iterable[str], contexts: Iterable[str | None] | None = None) -> list[str]:
+        """Run a child RLM per prompt, in parallel: each gets its own REPL with its context as `context`
+        and returns its final answer. Worth it when a sub-task itself needs code over a large piece;
+        for a question a model can answer by reading, llm_batch is cheaper."""
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("rlm_batch() takes a list of prompts; for one prompt use rlm_query()")
+        items = list(prompts)
+        pieces = [None] * len(items) if contexts is None else list(contexts)
+        if isinstance(contexts, (str, bytes)) or len(pieces) != len(items):
+            raise TypeError("rlm_batch(): contexts must be a list with one context (or None) per prompt")
+        for index, (prompt, piece) in enumerate(zip(items, pieces, strict=True)):
+            if not isinstance(prompt, str) or not (piece is None or isinstance(piece, str)):
+                raise TypeError(f"rlm_batch(): prompt {index} must be a str and its context a str or None")
+        return rlm(items, pieces) if items else []
+
+    def rlm_query(prompt: str, context: str | None = None) -> str:
+        """Run one child RLM on `prompt` (with `context` as its input) and return its final answer."""
+        return rlm_batch([prompt], [context])[0]
+
+    return rlm_query, rlm_batch
+
+
 def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
     """A traceback that shows only the generated code's frames, then the exception itself."""
     if isinstance(exc, SyntaxError):
@@ -87,16 +112,17 @@ def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
 class CellRunner:
     """One run's namespace and the cells executed in it."""
 
-    def __init__(self, context: str, batch: BatchFn, *, max_output_chars: int = 8192,
-                 extra_names: dict[str, Any] | None = None, capture_all_threads: bool = False,
-                 answer: str = "") -> None:
-        """`capture_all_threads`: also capture output of threads the code starts (one run per process)."""
+    def __init__(self, context: str, batch: BatchFn, *, rlm: RlmFn | None = None, max_output_chars: int = 8192,
+                 capture_all_threads: bool = False, answer: str = "") -> None:
+        """`rlm` runs child RLMs (by default they are plain sub-calls, the prompt and context joined);
+        `capture_all_threads` also captures output of threads the code starts (one run per process)."""
         llm_query, llm_batch = _make_llm_functions(batch)
+        rlm_query, rlm_batch = _make_rlm_functions(rlm or _as_llm_calls(batch))
         self.max_output_chars = max_output_chars
         self.capture_all_threads = capture_all_threads
         self._protected: dict[str, Any] = {
             "context": context, "input_data": context, "llm_query": llm_query, "llm_batch": llm_batch,
-            **(extra_names or {}),
+            "rlm_query": rlm_query, "rlm_batch": rlm_batch,
         }
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.namespace.update(self._protected)
@@ -186,6 +212,15 @@ class CellRunner:
         value["content"], value["ready"] = content, ready
         self._answer = (content, ready)
         return notes
+
+
+def _as_llm_calls(batch: BatchFn) -> RlmFn:
+    """Child RLMs where recursion is off: one sub-call each, the context appended to the prompt."""
+    return lambda prompts, contexts: batch([join_prompt(p, c) for p, c in zip(prompts, contexts, strict=True)])
+
+
+def join_prompt(prompt: str, context: str | None) -> str:
+    return prompt if not context else f"{prompt}\n\n---\n{context}"
 
 
 def _ends_with_newline(sink: BoundedText) -> bool:

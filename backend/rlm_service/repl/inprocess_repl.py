@@ -14,8 +14,9 @@ import concurrent.futures
 import ctypes
 import threading
 import time
+from typing import Any
 
-from .base import AsyncBatch, CellOutcome, ReplOptions
+from .base import AsyncBatch, AsyncRlm, CellOutcome, ReplOptions
 from .executor import CellResult, CellRunner
 from .worker import load_text
 from .workspace import Workspace
@@ -35,9 +36,11 @@ def _interrupt(thread: threading.Thread) -> None:
 class InprocessRepl:
     """A REPL whose namespace lives in the server process."""
 
-    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions) -> None:
+    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions,
+                 rlm: AsyncRlm | None = None) -> None:
         self.workspace = workspace
         self.batch = batch
+        self.rlm = rlm
         self.options = options
         self._runner: CellRunner | None = None
         self._context = ""
@@ -52,12 +55,21 @@ class InprocessRepl:
         self._runner = self._new_runner("")
 
     def _new_runner(self, answer: str) -> CellRunner:
-        return CellRunner(self._context, self._sync_batch, max_output_chars=self.options.max_output_chars,
+        rlm = self._sync_rlm if self.rlm is not None else None
+        return CellRunner(self._context, self._sync_batch, rlm=rlm, max_output_chars=self.options.max_output_chars,
                           answer=answer)
 
+    def _sync_rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        assert self.rlm is not None
+        return self._call(self.rlm(prompts, contexts))
+
     def _sync_batch(self, prompts: list[str]) -> list[str]:
+        return self._call(self.batch(prompts))
+
+    def _call(self, coroutine: Any) -> list[str]:
+        """Run a coroutine on the server's loop from the cell's thread, and wait for it."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(self.batch(prompts), self._loop)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         self._calls.add(future)
         try:
             return future.result()

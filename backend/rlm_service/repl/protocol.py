@@ -11,6 +11,7 @@ Messages, server to worker:
 Worker to server:
     {"op": "ready", "chars": int}       after init, once `context` is loaded
     {"op": "batch", "id": int, "prompts": [str]}   generated code called llm_query/llm_batch
+    {"op": "rlm", "id": int, "prompts": [str], "contexts": [str | null]}   ... or rlm_query/rlm_batch
     {"op": "done", ...CellResult}       the cell finished
 """
 

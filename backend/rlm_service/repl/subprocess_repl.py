@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .base import AsyncBatch, CellOutcome, ReplError, ReplOptions
-from .executor import MAX_FIGURE_BYTES, MAX_FIGURES
+from .base import AsyncBatch, AsyncRlm, CellOutcome, ReplError, ReplOptions
+from .executor import MAX_FIGURE_BYTES, MAX_FIGURES, join_prompt
 from .spawner import SpawnError, WorkerProcess, Zygote
 from .workspace import Workspace
 
@@ -152,9 +152,11 @@ async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:
 class SubprocessRepl:
     """A REPL whose cells run in a confined worker process, restarted when a cell is killed."""
 
-    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions, zygote: Zygote) -> None:
+    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions, zygote: Zygote,
+                 rlm: AsyncRlm | None = None) -> None:
         self.workspace = workspace
         self.zygote = zygote
+        self.rlm = rlm
         self.batch = batch
         self.options = options
         self._worker: _Worker | None = None
@@ -233,7 +235,7 @@ class SubprocessRepl:
                 await worker.send({"op": "exec", "code": code})
                 while True:
                     message = await worker.recv()
-                    if message["op"] == "batch":
+                    if message["op"] in ("batch", "rlm"):
                         task = asyncio.create_task(self._serve_batch(worker, message))
                         batches.add(task)
                         task.add_done_callback(batches.discard)
@@ -261,14 +263,24 @@ class SubprocessRepl:
         )
 
     async def _serve_batch(self, worker: _Worker, message: dict[str, Any]) -> None:
+        """Answer a worker's `batch` (llm_batch) or `rlm` (rlm_batch) request; it waits for the reply."""
         prompts = message.get("prompts")
-        request_id = message.get("id")
-        reply: dict[str, Any] = {"op": "reply", "id": request_id}
+        contexts = message.get("contexts")
+        reply: dict[str, Any] = {"op": "reply", "id": message.get("id")}
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            reply["error"] = "llm_batch() takes a list of strings"
+            reply["error"] = "takes a list of strings"
+        elif message["op"] == "rlm" and (not isinstance(contexts, list) or len(contexts) != len(prompts)
+                                         or not all(c is None or isinstance(c, str) for c in contexts)):
+            reply["error"] = "rlm_batch() takes one context (a str or None) per prompt"
         else:
             try:
-                reply["results"] = await self.batch(prompts)
+                if message["op"] == "batch":
+                    reply["results"] = await self.batch(prompts)
+                elif self.rlm is not None:
+                    reply["results"] = await self.rlm(prompts, contexts)  # type: ignore[arg-type]
+                else:
+                    pairs = zip(prompts, contexts, strict=True)  # type: ignore[arg-type]
+                    reply["results"] = await self.batch([join_prompt(p, c) for p, c in pairs])
             except Exception as exc:
                 reply["error"] = f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(ConnectionError, RuntimeError):

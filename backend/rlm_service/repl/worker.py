@@ -102,14 +102,23 @@ class Channel:
             os._exit(0)  # the server is gone: nothing left to do
 
     def batch(self, prompts: list[str]) -> list[str]:
-        size = sum(len(prompt) for prompt in prompts)
+        """`llm_batch`, served by the server."""
+        return self._request("batch", prompts, {"prompts": prompts})
+
+    def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch`: child RLMs, run by the server."""
+        return self._request("rlm", prompts, {"prompts": prompts, "contexts": contexts},
+                             extra=sum(len(c) for c in contexts if c))
+
+    def _request(self, op: str, prompts: list[str], payload: dict[str, Any], extra: int = 0) -> list[str]:
+        size = sum(len(prompt) for prompt in prompts) + extra
         if size > protocol.MAX_REQUEST_CHARS:
-            raise ValueError(f"llm_batch() got {size:,} characters of prompts; at most "
-                             f"{protocol.MAX_REQUEST_CHARS:,} per call: split it into several calls")
+            raise ValueError(f"{size:,} characters of prompts in one call; at most "
+                             f"{protocol.MAX_REQUEST_CHARS:,}: split it into several calls")
         request_id = next(self._ids)
         waiter: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._waiting[request_id] = waiter
-        self.send({"op": "batch", "id": request_id, "prompts": prompts})
+        self.send({"op": op, "id": request_id, **payload})
         reply = waiter.get()
         if "error" in reply:
             raise RuntimeError(reply["error"])
@@ -139,7 +148,7 @@ def main(fd: int, *, expected_parent: int) -> None:
         return
     channel = Channel(sock)
     os.register_at_fork(after_in_child=channel.forked)
-    runner = CellRunner(context, channel.batch, max_output_chars=int(init["max_output_chars"]),
+    runner = CellRunner(context, channel.batch, rlm=channel.rlm, max_output_chars=int(init["max_output_chars"]),
                         capture_all_threads=True, answer=str(init.get("answer", "")))
     channel.start()
     channel.send({"op": "ready", "chars": len(context), "layers": report.layers, "skipped": report.skipped})

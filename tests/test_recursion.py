@@ -1,0 +1,156 @@
+"""Recursive runs: children and grandchildren, budgets shared by the tree, events a client can fold."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx2
+
+from rlm_service.engine import Engine
+from rlm_service.events import _Event
+from tests.conftest import LiveServer, make_settings, parse_sse, script, wait_until, worker_processes
+from tests.fake_openai import FakeOpenAI
+
+
+def nested(prompt: str, *turns: dict[str, Any]) -> str:
+    """A prompt for a child run that the fake server plays with `turns`."""
+    return f"{prompt} <<<SCRIPT {json.dumps(list(turns))} SCRIPT>>>"
+
+
+async def run(fake: FakeOpenAI, prompt: str, input_data: str = "root input", **overrides: Any) -> list[_Event]:
+    async with Engine(make_settings(fake, **overrides)) as engine:
+        return [event async for event in engine.run(prompt, input_data)]
+
+
+def children(events: list[_Event]) -> list[Any]:
+    return [event for event in events if event.type == "child"]
+
+
+async def test_at_depth_one_rlm_query_is_a_sub_call(fake: FakeOpenAI) -> None:
+    prompt = script({"code": ["r = rlm_query('what is this?', 'a small context')\n"
+                              "answer.update(content=r, ready=True)"]})
+    events = await run(fake, prompt)
+    assert not children(events)
+    assert events[-1].type == "final" and events[-1].answer.startswith("sub-model reply")
+    assert fake.stats.sub_prompts == ["what is this?\n\n---\na small context"]
+
+
+async def test_depth_two_child_chunks_its_context_and_batches(fake: FakeOpenAI) -> None:
+    fake.sub = lambda prompt: f"<{prompt.split(':', 1)[1].strip()}>"
+    child_prompt = nested(
+        "Describe each piece.",
+        {"text": "Chunking my context.",
+         "code": ["pieces = [context[i:i + 4] for i in range(0, len(context), 4)]\n"
+                  "notes = llm_batch([f'piece: {p}' for p in pieces])\nprint(notes)"]},
+        {"code": ["answer.update(content=''.join(notes), ready=True)"]},
+    )
+    prompt = script({"code": [f"r = rlm_query({child_prompt!r}, context='abcdefghij')\nprint(r)"]},
+                    {"code": ["answer.update(content='child said ' + r, ready=True)"]})
+    events = await run(fake, prompt, rlm_max_depth=2)
+    root_id = events[0].run_id
+    final = events[-1]
+    assert final.type == "final" and final.ready and final.answer == "child said <abcd><efgh><ij>"
+    assert [e.type for e in events].count("final") == 1
+    kids = children(events)
+    assert {k.depth for k in kids} == {1}
+    assert all(k.parent.run_id == root_id and k.parent.iteration == 1 and k.run_id == root_id for k in kids)
+    child_sequence = [k.event for k in kids]
+    assert child_sequence[0] == "start" and child_sequence[-1] == "final"
+    assert {"code", "subcalls", "output", "answer", "usage"} <= set(child_sequence)
+    assert kids[0].data["input"]["chars"] == 10 and kids[0].data["model"] == "sub-model"
+    assert kids[-1].data["answer"] == "<abcd><efgh><ij>"
+    # the child's events sit between the root cell's code and output events
+    types = [e.type for e in events]
+    first_child, last_child = types.index("child"), len(types) - 1 - types[::-1].index("child")
+    assert types[first_child - 1] == "code" and types[last_child + 1] == "output"
+    assert final.by_depth["0"].root.requests == 2 and final.by_depth["1"].root.requests == 2
+    assert final.by_depth["1"].sub.requests == 3 and final.usage.sub.requests == 3
+    assert final.usage.root.requests == 4
+
+
+async def test_depth_three_stops_at_the_limit_and_shares_budgets(fake: FakeOpenAI) -> None:
+    grandchild = nested("Go deeper.",
+                        {"code": ["deeper = rlm_query('too deep?', 'x')\n"
+                                  "burst = llm_batch([f'q{i}' for i in range(10)])"]},
+                        *[{"code": [f"step_{i} = {i}"]} for i in range(20)])
+    child = nested("Delegate.", {"code": [f"g = rlm_query({grandchild!r}, context='grand input')"]},
+                   {"code": ["answer.update(content='child: ' + g, ready=True)"]})
+    prompt = script({"code": [f"c = rlm_query({child!r}, context='child input')"]},
+                    {"code": ["answer.update(content='root: ' + c, ready=True)"]})
+    events = await run(fake, prompt, rlm_max_depth=3, rlm_max_iterations=6, rlm_max_subcalls=4)
+    kids = children(events)
+    assert max(k.depth for k in kids) == 2
+    grand_outputs = [k for k in kids if k.depth == 2 and k.event == "output"]
+    assert grand_outputs and grand_outputs[0].data["error"] is None
+    assert events[-1].iterations <= 6
+    assert fake.stats.root_requests <= 6  # every root turn of the tree, counted together
+    assert fake.stats.sub_requests <= 4  # 'too deep?' went out as a sub-call, then 3 of the burst
+    assert "too deep?\n\n---\nx" in fake.stats.sub_prompts
+    budget_told = [k for k in kids if k.event == "final" and k.depth == 2]
+    assert budget_told and not budget_told[0].data["ready"]
+    assert [e.type for e in events].count("final") + [e.type for e in events].count("error") == 1
+
+
+async def test_usage_and_cost_are_summed_over_the_tree(fake: FakeOpenAI) -> None:
+    child = nested("Answer.", {"code": ["n = llm_query('count')\nanswer.update(content=n, ready=True)"]})
+    prompt = script({"code": [f"c = rlm_batch([{child!r}, {child!r}], ['one', 'two'])"]},
+                    {"code": ["answer.update(content=' / '.join(c), ready=True)"]})
+    prices = {"root-model": [1.0, 2.0], "sub-model": [3.0, 4.0]}
+    events = await run(fake, prompt, rlm_max_depth=2, rlm_prices=prices)
+    final = events[-1]
+    depth0, depth1 = final.by_depth["0"], final.by_depth["1"]
+    assert depth1.root.requests == 2 and depth1.sub.requests == 2 and depth0.sub.requests == 0
+    expected = (depth0.root.input_tokens * 1.0 + depth0.root.output_tokens * 2.0
+                + (depth1.root.input_tokens + depth1.sub.input_tokens) * 3.0
+                + (depth1.root.output_tokens + depth1.sub.output_tokens) * 4.0) / 1e6
+    assert abs(final.cost_usd - expected) < 1e-6
+    assert final.usage.root.input_tokens == depth0.root.input_tokens + depth1.root.input_tokens
+    usage_events = [e for e in events if e.type == "usage"]
+    assert usage_events[-1].by_depth is not None and set(usage_events[-1].by_depth) == {"0", "1"}
+
+
+async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI) -> None:
+    child = nested("Work.", *[{"code": [f"x_{i} = llm_query('more {i}')"]} for i in range(10)])
+    prompt = script({"code": [f"c = rlm_query({child!r}, 'ctx')"]},
+                    {"code": ["answer.update(content='stopped: ' + c, ready=True)"]})
+    seen: list[Any] = []
+    original = fake.root
+
+    def root(messages: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(messages)
+        return original(messages, body)
+
+    fake.root = root
+    events = await run(fake, prompt, rlm_max_depth=2, rlm_prices={"sub-model": [100000.0, 100000.0]},
+                       rlm_max_cost_usd=0.5)
+    final = events[-1]
+    assert final.type == "final" and final.cost_usd >= 0.5
+    child_turns = [k for k in children(events) if k.event == "code"]
+    assert len(child_turns) < 10
+    assert any("cost budget is spent" in json.dumps(messages) for messages in seen)
+
+
+async def test_run_timeout_ends_the_tree(fake: FakeOpenAI) -> None:
+    prompt = script({"code": ["import time\ntime.sleep(2.5)"]}, {"code": ["x = 1"]}, {"code": ["y = 2"]})
+    started = time.monotonic()
+    events = await run(fake, prompt, rlm_run_timeout_s=1.5)
+    assert time.monotonic() - started < 6
+    final = events[-1]
+    assert final.type == "final" and not final.ready and final.iterations == 2  # one last turn, then it stops
+
+
+def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:
+    grandchild = nested("Sleep.", {"code": ["import time\ntime.sleep(60)"]})
+    child = nested("Delegate.", {"code": [f"g = rlm_query({grandchild!r}, 'x')"]})
+    prompt = script({"code": [f"c = rlm_query({child!r}, 'y')"]})
+    with LiveServer(make_settings(fake, rlm_max_depth=3)) as server:
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": prompt}) as response:
+            for event in parse_sse(response.iter_lines()):
+                if event.event == "child" and event.data["depth"] == 2 and event.data["event"] == "code":
+                    assert len(worker_processes()) == 3
+                    break
+        assert wait_until(lambda: worker_processes() == [], timeout=2)
+        assert wait_until(lambda: server.app.state.slots.active == 0)
