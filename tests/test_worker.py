@@ -81,32 +81,22 @@ async def test_worker_has_its_own_directory(repl: SubprocessRepl) -> None:
     assert outcome.stdout.strip("'") == str(repl.workspace.workdir)
 
 
-async def test_no_worker_left_after_close(zygote: Zygote) -> None:
-    workspace = Workspace.create()
-    workspace.write_input("x")
-    handle = SubprocessRepl(workspace, echo, ReplOptions(), zygote)
-    await handle.start()
-    pid = handle._worker.process.pid  # type: ignore[union-attr]
-    await handle.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])", 10)
-    await handle.close()
-    workspace.remove()
+async def test_no_worker_left_after_close(repl: SubprocessRepl) -> None:
+    pid = repl._worker.process.pid  # type: ignore[union-attr]
+    await repl.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])", 10)
+    await repl.close()
     assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or pid not in worker_processes())
     assert wait_until(lambda: not any(b"sleep\x00300" in _cmdline(p) for p in _pids()))
 
 
-async def test_cancelled_cell_ends_the_worker(zygote: Zygote) -> None:
-    workspace = Workspace.create()
-    workspace.write_input("x")
-    handle = SubprocessRepl(workspace, echo, ReplOptions(), zygote)
-    await handle.start()
-    pid = handle._worker.process.pid  # type: ignore[union-attr]
-    task = asyncio.create_task(handle.execute("import time\ntime.sleep(300)", 600))
+async def test_cancelled_cell_ends_the_worker(repl: SubprocessRepl) -> None:
+    pid = repl._worker.process.pid  # type: ignore[union-attr]
+    task = asyncio.create_task(repl.execute("import time\ntime.sleep(300)", 600))
     await asyncio.sleep(0.3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await handle.close()
-    workspace.remove()
+    await repl.close()
     assert wait_until(lambda: pid not in worker_processes(), timeout=1.0)
 
 
