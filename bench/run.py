@@ -61,7 +61,7 @@ def bench_b1() -> list[dict[str, str]]:
 
 def bench_b2() -> list[dict[str, str]]:
     with fake_server(sub_latency=0.25) as server:
-        s = repeat(2, lambda: b.b2_speedup(server, n=64, concurrencies=(16, 64)))
+        s = repeat(3, lambda: b.b2_speedup(server, n=64, concurrencies=(16, 64)))
     rows = [row("B2", f"64 sub-calls at 250 ms: speed-up of `llm_batch` at concurrency {c} over one at a time "
                       "(connection pool warm, as in a running server)",
                 s[f"speedup{c}"].show(unit="×"), f"≥ {0.9 * c:g}×", s[f"speedup{c}"].median >= 0.9 * c)
@@ -73,7 +73,7 @@ def bench_b2() -> list[dict[str, str]]:
 
 def bench_b3() -> list[dict[str, str]]:
     with fake_server(latency=0.0, sub_latency=0.0) as server:
-        s = repeat(3, lambda: b.b3_overhead(server, iterations=20))
+        s = repeat(5, lambda: b.b3_overhead(server, iterations=20))
     rows = []
     rlms = s.get("rlms_ms")
     for key, label in (("subprocess_tools", "`subprocess` REPL, tools protocol"),
