@@ -28,11 +28,12 @@ from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes
 from rlm_service.config import Settings
 from rlm_service.engine import Engine
 from rlm_service.inputs import InputSpooler, RunInput
-from rlm_service.llm import ChatClient, Completion, SubcallSession, make_http_client
+from rlm_service.llm import ChatClient, Completion, SubcallSession
 from rlm_service.repl.base import ReplOptions
 from rlm_service.repl.spawner import Zygote
 from rlm_service.repl.subprocess_repl import SubprocessRepl
 from rlm_service.repl.workspace import Workspace
+from rlm_service.transport import make_http_client
 
 RLMS_PYTHON = ROOT / "bench" / ".venv-rlms" / "bin" / "python"
 

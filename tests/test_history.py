@@ -15,7 +15,8 @@ import httpx2
 import pytest
 
 from rlm_service.engine import Engine, RunSettings
-from rlm_service.store import RunRecord, SqliteRunStore, export_markdown
+from rlm_service.history import export_markdown
+from rlm_service.store import RunRecord, SqliteRunStore
 from tests.conftest import REPO, LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI, HTTPFault
 

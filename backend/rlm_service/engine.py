@@ -43,7 +43,7 @@ from .events import (
     is_terminal,
 )
 from .inputs import RunInput
-from .llm import ChatClient, ModelCallError, SubcallBudget, SubcallSession, make_http_client
+from .llm import ChatClient, ModelCallError, SubcallBudget, SubcallSession
 from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
 from .repl.spawner import Zygote
@@ -51,6 +51,7 @@ from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
 from .store import RunRecord, RunStore
+from .transport import make_http_client
 from .tree import RunTree, TreeLimits
 
 log = logging.getLogger("rlm_service")

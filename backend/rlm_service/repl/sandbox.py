@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import resource
 import signal
 import stat
@@ -28,41 +27,21 @@ import struct
 import sys
 from dataclasses import dataclass, field
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_libc.prctl.restype = ctypes.c_int
-
-PR_SET_PDEATHSIG = 1
-PR_SET_KEEPCAPS = 8
-PR_SET_SECCOMP = 22
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-SECCOMP_MODE_FILTER = 2
-CAP_DAC_READ_SEARCH = 2
-
-_ARCH = platform.machine()
-# Syscall numbers for the two architectures we ship on.
-_SYSCALLS = {
-    "x86_64": dict(
-        socket=41, ptrace=101, kill=62, tkill=200, tgkill=234, setsid=112, setpgid=109, capset=126,
-        process_vm_readv=310, process_vm_writev=311, io_uring_setup=425, io_uring_enter=426,
-        io_uring_register=427, pidfd_open=434, pidfd_send_signal=424, unshare=272, setns=308, mount=165,
-        bpf=321, userfaultfd=323, perf_event_open=298, keyctl=250, add_key=248, request_key=249,
-        clone=56, clone3=435, landlock_create_ruleset=444, landlock_add_rule=445,
-        landlock_restrict_self=446,
-    ),
-    "aarch64": dict(
-        socket=198, ptrace=117, kill=129, tkill=130, tgkill=131, setsid=157, setpgid=154, capset=91,
-        process_vm_readv=270, process_vm_writev=271, io_uring_setup=425, io_uring_enter=426,
-        io_uring_register=427, pidfd_open=434, pidfd_send_signal=424, unshare=97, setns=268, mount=40,
-        bpf=280, userfaultfd=282, perf_event_open=241, keyctl=219, add_key=217, request_key=218,
-        clone=220, clone3=435, landlock_create_ruleset=444, landlock_add_rule=445,
-        landlock_restrict_self=446,
-    ),
-}
-_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+from .seccomp import apply_seccomp
+from .syscalls import (
+    ARCH,
+    CAP_DAC_READ_SEARCH,
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_CAPBSET_DROP,
+    PR_SET_KEEPCAPS,
+    PR_SET_NO_NEW_PRIVS,
+    PR_SET_PDEATHSIG,
+    SYSCALLS,
+    libc,
+    prctl,
+    syscall,
+)
 
 
 @dataclass
@@ -87,33 +66,17 @@ class SandboxReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _syscall(name: str, *args: object) -> int:
-    number = _SYSCALLS[_ARCH][name]
-    result = _libc.syscall(number, *args)
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}: {os.strerror(err)}")
-    return result
-
-
-def _prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4),
-                   ctypes.c_ulong(arg5)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
 PR_SET_NAME = 15
 
 
 def set_process_name(name: str) -> None:
     """Name this process (what `ps` and /proc/<pid>/comm show), 15 characters at most."""
-    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def die_with_parent(expected_parent: int | None) -> None:
     """Get SIGKILL when the server dies; exit now if it already has."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(0)
 
@@ -143,7 +106,7 @@ def _capset(effective: int, permitted: int) -> None:
                        effective >> 32, permitted >> 32, 0)
     hbuf = ctypes.create_string_buffer(header, len(header))
     dbuf = ctypes.create_string_buffer(data, len(data))
-    _syscall("capset", hbuf, dbuf)
+    syscall("capset", hbuf, dbuf)
 
 
 def drop_to_uid(uid: int, needed_paths: list[str]) -> str:
@@ -151,17 +114,17 @@ def drop_to_uid(uid: int, needed_paths: list[str]) -> str:
     keep = 0 if all(_world_traversable(p) for p in needed_paths) else 1 << CAP_DAC_READ_SEARCH
     for cap in range(64):
         try:
-            _prctl(PR_CAPBSET_DROP, cap)
+            prctl(PR_CAPBSET_DROP, cap)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # past the last capability this kernel knows
                 break
             raise
-    _prctl(PR_SET_KEEPCAPS, 1)
+    prctl(PR_SET_KEEPCAPS, 1)
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
     _capset(keep, keep)
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     return f"uid {uid}" + (" (+read-search)" if keep else "")
 
 
@@ -219,7 +182,7 @@ def python_paths() -> list[str]:
 
 def landlock_abi() -> int:
     try:
-        return _syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+        return syscall("landlock_create_ruleset", None, ctypes.c_size_t(0), ctypes.c_uint32(1))
     except OSError:
         return 0
 
@@ -232,7 +195,7 @@ def _add_path_rule(ruleset: int, path: str, access: int) -> None:
     try:
         attr = struct.pack("=Qi", access, fd)
         buf = ctypes.create_string_buffer(attr, len(attr))
-        _syscall("landlock_add_rule", ctypes.c_int(ruleset), ctypes.c_int(_LL_RULE_PATH_BENEATH), buf,
+        syscall("landlock_add_rule", ctypes.c_int(ruleset), ctypes.c_int(_LL_RULE_PATH_BENEATH), buf,
                  ctypes.c_uint32(0))
     finally:
         os.close(fd)
@@ -248,7 +211,7 @@ def apply_landlock(options: SandboxOptions, abi: int) -> str:
     else:
         attr = struct.pack("=Q", handled)
     buf = ctypes.create_string_buffer(attr, len(attr))
-    ruleset = _syscall("landlock_create_ruleset", buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    ruleset = syscall("landlock_create_ruleset", buf, ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     try:
         file_read = _LL_EXECUTE | _LL_READ_FILE
         for path in _SYSTEM_READ_PATHS + python_paths():
@@ -258,97 +221,10 @@ def apply_landlock(options: SandboxOptions, abi: int) -> str:
             _add_path_rule(ruleset, path, _LL_READ_FILE)
         _add_path_rule(ruleset, "/dev/null", _LL_READ_FILE | _LL_WRITE_FILE)
         _add_path_rule(ruleset, options.workdir, handled)
-        _syscall("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint32(0))
+        syscall("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
     return f"landlock (ABI {abi}{', signal scope' if scoped else ''})"
-
-
-# --- seccomp ---------------------------------------------------------------------------------
-
-_RET_ALLOW = 0x7FFF0000
-_RET_KILL = 0x80000000
-
-
-def _errno(code: int) -> int:
-    return 0x00050000 | code
-
-
-def _stmt(code: int, k: int) -> bytes:
-    return struct.pack("=HBBI", code, 0, 0, k & 0xFFFFFFFF)
-
-
-def _jump(code: int, k: int, jt: int, jf: int) -> bytes:
-    return struct.pack("=HBBI", code, jt, jf, k & 0xFFFFFFFF)
-
-
-_LD_NR = _stmt(0x20, 0)          # A = seccomp_data.nr
-_LD_ARCH = _stmt(0x20, 4)        # A = seccomp_data.arch
-_LD_ARG0 = _stmt(0x20, 16)       # A = low 32 bits of args[0]
-_JEQ, _JGE, _JSET, _JA, _RET = 0x15, 0x35, 0x45, 0x05, 0x06
-
-
-def _deny_if_arg0(nr: int, values: list[int], reply: int) -> list[bytes]:
-    """If the syscall is `nr` and its first argument (32 bits) is one of `values`, return `reply`."""
-    count = len(values)
-    prog = [_jump(_JEQ, nr, 0, count + 3), _LD_ARG0]
-    for index, value in enumerate(values):
-        prog.append(_jump(_JEQ, value & 0xFFFFFFFF, count - index, 0))
-    prog += [_stmt(_JA, 1), _stmt(_RET, reply), _LD_NR]
-    return prog
-
-
-def _kill_rule(nr: int, protected: list[int], own_group: int, reply: int) -> list[bytes]:
-    """kill(): never a protected pid; to a process group (pid < 0) only our own, so never -1 (everyone)."""
-    count = len(protected)
-    prog = [_jump(_JEQ, nr, 0, count + 4), _LD_ARG0]
-    for index, pid in enumerate(protected):
-        prog.append(_jump(_JEQ, pid & 0xFFFFFFFF, count - index + 1, 0))   # a protected process: refused
-    prog += [
-        _jump(_JSET, 0x80000000, 0, 2),                       # pid >= 0: allowed
-        _jump(_JEQ, -own_group & 0xFFFFFFFF, 1, 0),           # our own group: allowed
-        _stmt(_RET, reply),
-        _LD_NR,
-    ]
-    return prog
-
-
-def build_seccomp_filter(options: SandboxOptions) -> bytes:
-    numbers = _SYSCALLS[_ARCH]
-    eperm = _errno(errno.EPERM)
-    prog: list[bytes] = [_LD_ARCH, _jump(_JEQ, _AUDIT_ARCH[_ARCH], 1, 0), _stmt(_RET, _RET_KILL), _LD_NR]
-    if _ARCH == "x86_64":  # the x32 ABI has its own numbers; refuse it outright
-        prog += [_jump(_JGE, 0x40000000, 0, 1), _stmt(_RET, eperm)]
-    denied = ["ptrace", "process_vm_readv", "process_vm_writev", "io_uring_setup", "io_uring_enter",
-              "io_uring_register", "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key",
-              "request_key", "unshare", "setns", "mount", "setsid", "setpgid", "tkill",
-              "pidfd_send_signal"]
-    if not options.network:
-        denied.append("socket")
-    for name in denied:
-        reply = _errno(errno.EACCES) if name == "socket" else eperm
-        prog += [_jump(_JEQ, numbers[name], 0, 1), _stmt(_RET, reply)]
-    # clone3 hides its flags in memory: make libc fall back to clone(), whose flags we can read.
-    prog += [_jump(_JEQ, numbers["clone3"], 0, 1), _stmt(_RET, _errno(errno.ENOSYS))]
-    namespaces = 0x7E020000
-    prog += [_jump(_JEQ, numbers["clone"], 0, 4), _LD_ARG0, _jump(_JSET, namespaces, 0, 1),
-             _stmt(_RET, eperm), _LD_NR]
-    prog += _kill_rule(numbers["kill"], options.protected_pids, os.getpid(), eperm)
-    if options.protected_pids:
-        prog += _deny_if_arg0(numbers["tgkill"], options.protected_pids, eperm)
-        prog += _deny_if_arg0(numbers["pidfd_open"], options.protected_pids, eperm)
-    prog.append(_stmt(_RET, _RET_ALLOW))
-    return b"".join(prog)
-
-
-def apply_seccomp(options: SandboxOptions) -> str:
-    program = build_seccomp_filter(options)
-    count = len(program) // 8
-    code = ctypes.create_string_buffer(program, len(program))
-    fprog = struct.pack("=HxxxxxxQ", count, ctypes.addressof(code))
-    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
-    _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fbuf))
-    return "seccomp" + ("" if options.network else " (no sockets)")
 
 
 # --- all together ----------------------------------------------------------------------------
@@ -361,7 +237,7 @@ def apply(options: SandboxOptions) -> SandboxReport:
         report.layers.append(drop_to_uid(options.uid, needed))
     set_limits(options)
     report.layers.append("rlimits")
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
     abi = landlock_abi()
     if abi:
         try:
@@ -370,11 +246,11 @@ def apply(options: SandboxOptions) -> SandboxReport:
             report.skipped["landlock"] = str(exc)
     else:
         report.skipped["landlock"] = "not available in this kernel"
-    if _ARCH in _SYSCALLS:
+    if ARCH in SYSCALLS:
         try:
-            report.layers.append(apply_seccomp(options))
+            report.layers.append(apply_seccomp(network=options.network, protected_pids=options.protected_pids))
         except OSError as exc:
             report.skipped["seccomp"] = str(exc)
     else:
-        report.skipped["seccomp"] = f"unsupported architecture {_ARCH}"
+        report.skipped["seccomp"] = f"unsupported architecture {ARCH}"
     return report
