@@ -46,7 +46,7 @@ from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallBudget, SubcallSession
 from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
-from .repl.spawner import Zygote
+from .repl.spawner import SpawnError, Zygote
 from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
@@ -147,7 +147,10 @@ class Engine:
     async def start(self) -> None:
         """Warm up what the first run would otherwise wait for: the worker zygote."""
         if self.settings.rlm_repl == "subprocess":
-            await self.zygote.start()
+            try:
+                await self.zygote.start()
+            except SpawnError as exc:  # runs will try again, and fail with a clear error if it persists
+                log.warning("the REPL worker zygote did not start: %s", exc)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()

@@ -113,10 +113,11 @@ class _Worker:
             raise protocol.ChannelClosed() from exc
 
     def kill(self, uid: int | None) -> None:
-        """SIGKILL the worker's whole process group (and, with a private uid, every process of it)."""
+        """SIGKILL the worker's whole process group. Where seccomp did not pin its descendants to that
+        group (they could setsid away), also every process of its private uid, if it has one."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-        if uid is not None:
+        if uid is not None and not any(layer.startswith("seccomp") for layer in self.layers):
             _kill_uid(uid)
         self.writer.close()
 
