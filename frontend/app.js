@@ -553,14 +553,17 @@ function showRunActions(runId) {
   for (const id of ["export-json", "export-md", "delete-run"]) $(id).hidden = !runId;
 }
 
-async function exportRun(format) {
-  const response = await api(`/api/runs/${state.openedRun}/export?format=${format}`);
-  const blob = await response.blob();
+function downloadBlob(blob, filename) {
   const link = el("a");
   link.href = URL.createObjectURL(blob);
-  link.download = `rlm-run-${state.openedRun}.${format}`;
+  link.download = filename;
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
+async function exportRun(format) {
+  const response = await api(`/api/runs/${state.openedRun}/export?format=${format}`);
+  downloadBlob(await response.blob(), `rlm-run-${state.openedRun}.${format}`);
 }
 
 async function deleteRun() {
@@ -669,12 +672,7 @@ function wireAnswer() {
     }
   });
   $("download-answer").addEventListener("click", () => {
-    const blob = new Blob([state.answer], { type: "text/markdown" });
-    const link = el("a");
-    link.href = URL.createObjectURL(blob);
-    link.download = "answer.md";
-    link.click();
-    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+    downloadBlob(new Blob([state.answer], { type: "text/markdown" }), "answer.md");
   });
 }
 

@@ -210,13 +210,13 @@ class Controller:
             self.emit(UsageEvent(run_id=self.run_id, root=self.usage.root.model_copy(),
                                  sub=self.usage.sub.model_copy()))
 
-    async def _segment(self, agent: Agent[Controller, str], message: str,
-                       history: list[ModelMessage] | None) -> tuple[list[ModelMessage], str | None]:
+    async def _segment(self, message: str, history: list[ModelMessage] | None
+                       ) -> tuple[list[ModelMessage], str | None]:
         """Walk one `agent.iter` run; returns the history and the reply text if the model ended in prose.
 
         Returns early (reply None) once the answer is ready or the iteration budget is spent.
         """
-        async with agent.iter(message, message_history=history, usage=self._agent_usage, deps=self,
+        async with self.agent.iter(message, message_history=history, usage=self._agent_usage, deps=self,
                               instructions=self._instructions(), usage_limits=self._usage_limits()) as run:
             node = run.next_node
             while not Agent.is_end_node(node):
@@ -239,13 +239,12 @@ class Controller:
 
     async def run(self, task_message: str) -> RunOutcome:
         """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
-        agent = self.agent
         history: list[ModelMessage] | None = None
         message = task_message
         reminded = False
         prose_answer = ""
         while not self.answer[1] and self.iteration < self.limits.max_iterations:
-            history, reply = await self._segment(agent, message, history)
+            history, reply = await self._segment(message, history)
             if reply is None:
                 break
             blocks = extract_code_blocks(reply)[0] if self.protocol == "text" else []

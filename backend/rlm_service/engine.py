@@ -138,7 +138,6 @@ class Engine:
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
         self._child_agent: Agent[Controller, str] | None = None
-        self.active_runs = 0
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -244,7 +243,6 @@ class Engine:
         tree = self._tree(run_id, limits)
         node = _Node()
         outcome = "error"
-        self.active_runs += 1
         try:
             timeout = self.settings.rlm_run_timeout_s
             async with asyncio.timeout(timeout + RUN_TIMEOUT_GRACE_S if timeout else None):
@@ -269,7 +267,6 @@ class Engine:
                 log.exception("run %s failed", run_id)
             emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=node.answer()))
         finally:
-            self.active_runs -= 1
             totals = tree.totals()
             log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
                      run_id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,

@@ -13,6 +13,11 @@ AsyncRlm = Callable[[list[str], list[str | None]], Awaitable[list[str]]]
 """Serves `rlm_batch`: prompts and their contexts in, the child runs' final answers out, in order."""
 
 
+RESTARTED_NOTE = ("The REPL was restarted: every variable you defined is lost; `context`, the llm functions "
+                  "and answer['content'] are back.")
+"""What the root model reads after a cell cost it its namespace (timeout, crash)."""
+
+
 class ReplError(Exception):
     """The REPL itself failed (not the generated code): the run cannot go on."""
 

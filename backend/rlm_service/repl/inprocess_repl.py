@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from .base import AsyncBatch, AsyncRlm, CellOutcome, ReplOptions
+from .base import RESTARTED_NOTE, AsyncBatch, AsyncRlm, CellOutcome, ReplOptions
 from .executor import CellResult, CellRunner
 from .worker import load_text
 from .workspace import Workspace
@@ -47,7 +47,6 @@ class InprocessRepl:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: set[concurrent.futures.Future[list[str]]] = set()
         self._thread: threading.Thread | None = None
-        self.layers: list[str] = []
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -128,9 +127,7 @@ class InprocessRepl:
             answer = self._runner.answer[0]
             self._runner = self._new_runner(answer)
             stdout, truncated, restarted = "", False, True
-            message += (" It could not be interrupted, so it was abandoned and the REPL restarted: every "
-                        "variable you defined is lost; `context`, the llm functions and answer['content'] "
-                        "are back.")
+            message += f" It could not be interrupted, so it was abandoned. {RESTARTED_NOTE}"
         return CellOutcome(stdout=stdout, error=message, truncated=truncated,
                            duration_ms=int((time.monotonic() - started) * 1000), answer_content=answer,
                            answer_ready=False, restarted=restarted)

@@ -27,9 +27,10 @@ _BOOT = (
     "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.zygote import main; "
     "del sys.path[0]; main()"
 )
-_ZYGOTE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+BASE_ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+                    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                    "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+"""The zygote's whole environment (built here, never copied from the server's); workers add to it."""
 
 
 class SpawnError(Exception):
@@ -119,7 +120,7 @@ class Zygote:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(zygote_end.fileno()),
                 str(os.getpid()), json.dumps(self.preload), pass_fds=(zygote_end.fileno(),),
-                env={**_ZYGOTE_ENV, "MPLCONFIGDIR": str(cache)}, cwd="/",
+                env={**BASE_ENVIRONMENT, "MPLCONFIGDIR": str(cache)}, cwd="/",
                 start_new_session=True, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )

@@ -21,33 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .base import AsyncBatch, AsyncRlm, CellOutcome, ReplError, ReplOptions
+from .base import RESTARTED_NOTE, AsyncBatch, AsyncRlm, CellOutcome, ReplError, ReplOptions
 from .executor import MAX_FIGURE_BYTES, MAX_FIGURES, join_prompt
-from .spawner import SpawnError, WorkerProcess, Zygote
+from .spawner import BASE_ENVIRONMENT, SpawnError, WorkerProcess, Zygote
 from .workspace import Workspace
 
 log = logging.getLogger("rlm_service")
 
-_WORKER_PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_ANSWER_CHARS = 16 * 1024 * 1024
 
 
 def worker_environment(workdir: Path) -> dict[str, str]:
-    """The whole environment of a worker: built here, never copied from the server's."""
-    return {
-        "PATH": _WORKER_PATH,
-        "HOME": str(workdir),
-        "TMPDIR": str(workdir),
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "PYTHONIOENCODING": "utf-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "MPLBACKEND": "Agg",
-        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
-    }
+    """The whole environment of a worker: the zygote's allow-list and its own directory, nothing else."""
+    return {**BASE_ENVIRONMENT, "HOME": str(workdir), "TMPDIR": str(workdir), "PYTHONIOENCODING": "utf-8",
+            "MPLCONFIGDIR": str(workdir / ".matplotlib")}
 
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
@@ -163,11 +150,6 @@ class SubprocessRepl:
         self._worker: _Worker | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._answer_content = ""
-        self.starts = 0
-
-    @property
-    def layers(self) -> list[str]:
-        return self._worker.layers if self._worker else []
 
     async def start(self) -> None:
         await self._spawn()
@@ -182,7 +164,6 @@ class SubprocessRepl:
         self._track(_drain_stderr(process.stderr, tail))
         worker = _Worker(process, reader, writer, tail)
         self._worker = worker
-        self.starts += 1
         size = self.workspace.input_path.stat().st_size
         await worker.send({
             "op": "init", "input_path": str(self.workspace.input_path), "memory_mb": self.options.memory_mb,
@@ -258,8 +239,7 @@ class SubprocessRepl:
         await self._restart()
         return CellOutcome(
             stdout="", truncated=False, duration_ms=int((time.monotonic() - started) * 1000),
-            error=reason + " The REPL was restarted: every variable you defined is lost; `context`, the "
-                           "llm functions and answer['content'] are back.",
+            error=f"{reason} {RESTARTED_NOTE}",
             answer_content=self._answer_content, answer_ready=False, restarted=True,
         )
 
