@@ -15,6 +15,7 @@ import httpx2
 import pytest
 
 from rlm_service.engine import Engine, RunSettings
+from rlm_service.events import CodeEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent
 from rlm_service.history import export_markdown
 from rlm_service.store import RunRecord, SqliteRunStore
 from tests.conftest import REPO, LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
@@ -30,14 +31,19 @@ def _record(run_id: str, created: float) -> RunRecord:
                      input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
 
 
+def _start(run_id: str) -> StartEvent:
+    limits = Limits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800)
+    return StartEvent(run_id=run_id, model="m", sub_model="s", input=InputInfo(chars=3, lines=1), limits=limits)
+
+
 def test_store_round_trip_and_pagination(tmp_path: Path) -> None:
     store = SqliteRunStore(tmp_path / "h.sqlite3")
     for index in range(5):
         store.begin(_record(f"r{index}", 1000.0 + index))
-        store.record(f"r{index}", {"type": "start", "run_id": f"r{index}"})
-        store.record(f"r{index}", {"type": "code", "run_id": f"r{index}", "iteration": 1, "code": "x = 1"})
-        store.record(f"r{index}", {"type": "final", "run_id": f"r{index}", "answer": f"answer {index}",
-                                   "ready": True, "iterations": 1, "usage": {}})
+        store.record(f"r{index}", _start(f"r{index}"))
+        store.record(f"r{index}", CodeEvent(run_id=f"r{index}", iteration=1, code="x = 1"))
+        store.record(f"r{index}", FinalEvent(run_id=f"r{index}", answer=f"answer {index}", ready=True,
+                                             iterations=1, usage=RunUsage(), elapsed_ms=5))
     store.flush()
     page = store.list(limit=2, before=None)
     assert [r.id for r in page] == ["r4", "r3"]
@@ -54,7 +60,7 @@ def test_store_round_trip_and_pagination(tmp_path: Path) -> None:
 def test_a_run_left_running_is_marked_unfinished(tmp_path: Path) -> None:
     store = SqliteRunStore(tmp_path / "h.sqlite3")
     store.begin(_record("crashed", 1.0))
-    store.record("crashed", {"type": "start", "run_id": "crashed"})
+    store.record("crashed", _start("crashed"))
     store.close()
     again = SqliteRunStore(tmp_path / "h.sqlite3")
     record, events = again.get("crashed")  # type: ignore[misc]

@@ -190,7 +190,7 @@ class Engine:
         def emit(event: _Event) -> None:
             queue.put_nowait(event)
             if store is not None:
-                store.record(run_id, event.model_dump(mode="json"))
+                store.record(run_id, event)
 
         if store is not None:
             store.begin(RunRecord(

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .events import ErrorEvent, FinalEvent, _Event
+
 log = logging.getLogger("rlm_service")
 
 SCHEMA = """
@@ -89,8 +91,9 @@ class RunStore(Protocol):
     def keep_input(self, run_id: str, source: Path) -> None:
         """The run asked to keep its input: copy it in (runs in a thread; inputs can be large)."""
 
-    def record(self, run_id: str, event: dict[str, Any]) -> None:
-        """One event of a run, in order. Terminal events also close the run's record."""
+    def record(self, run_id: str, event: _Event) -> None:
+        """One event of a run, in order (not changed after it is recorded). Terminal events also close
+        the run's record."""
 
     def abandon(self, run_id: str, status: str) -> None:
         """The run ended without a terminal event (cancelled by its client)."""
@@ -206,23 +209,21 @@ class SqliteRunStore:
         shutil.copyfile(source, self.inputs / f"{run_id}.txt")
         self._submit(lambda db: db.execute("UPDATE runs SET input_kept = 1 WHERE id = ?", (run_id,)))
 
-    def record(self, run_id: str, event: dict[str, Any]) -> None:
-        kind = str(event.get("type"))
-        data = json.dumps(event, ensure_ascii=False)
-
-        def write(db: sqlite3.Connection) -> None:
+    def record(self, run_id: str, event: _Event) -> None:
+        def write(db: sqlite3.Connection) -> None:  # in the writer thread: serializing is not the loop's work
+            kind = str(getattr(event, "type", ""))
             db.execute("INSERT INTO events (run_id, seq, type, data) VALUES "
                        "(?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_id = ?), ?, ?)",
-                       (run_id, run_id, kind, data))
-            if kind == "final":
+                       (run_id, run_id, kind, event.model_dump_json()))
+            if isinstance(event, FinalEvent):
                 db.execute("UPDATE runs SET status = 'finished', finished = ?, answer = ?, ready = ?, "
                            "iterations = ?, usage = ? WHERE id = ?",
-                           (time.time(), event.get("answer"), int(bool(event.get("ready"))),
-                            event.get("iterations"), json.dumps(event.get("usage")), run_id))
-            elif kind == "error":
+                           (time.time(), event.answer, int(event.ready), event.iterations,
+                            event.usage.model_dump_json(), run_id))
+            elif isinstance(event, ErrorEvent):
                 db.execute("UPDATE runs SET status = 'failed', finished = ?, answer = ?, error = ? WHERE id = ?",
-                           (time.time(), event.get("answer"),
-                            json.dumps({"code": event.get("code"), "message": event.get("message")}), run_id))
+                           (time.time(), event.answer, json.dumps({"code": event.code, "message": event.message}),
+                            run_id))
 
         self._submit(write)
 
