@@ -230,10 +230,9 @@ class Engine:
 
     def _tree(self, run_id: str, limits: RunLimits) -> RunTree:
         settings = self.settings
-        prices = dict(settings.rlm_prices)
         return RunTree(run_id, TreeLimits(max_depth=settings.rlm_max_depth, max_iterations=limits.max_iterations,
                                           run_timeout_s=settings.rlm_run_timeout_s,
-                                          max_cost_usd=settings.rlm_max_cost_usd, prices=prices),
+                                          max_cost_usd=settings.rlm_max_cost_usd, prices=settings.rlm_prices),
                        SubcallBudget(limits.max_subcalls, settings.rlm_subcall_concurrency))
 
     async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,

@@ -228,12 +228,11 @@ class SubcallSession:
         self.budget = budget or SubcallBudget(max_calls, concurrency)
         self.usage = usage if usage is not None else Usage()
         self.on_cost = on_cost
-        self.used = 0
-        self.failed = 0
 
     @property
-    def remaining(self) -> int:
-        return self.budget.remaining
+    def failed(self) -> int:
+        """Calls that failed or were refused, over everything sharing this session's budget."""
+        return self.budget.failed
 
     async def query(self, prompt: str) -> str:
         return (await self.batch([prompt]))[0]
@@ -242,10 +241,8 @@ class SubcallSession:
         """Results in input order; failures and calls past the budget become `Error: …` strings."""
         total = len(prompts)
         allowed = self.budget.take(total)
-        self.used += allowed
         results: list[str] = [self.budget.refusal()] * total
         done = failed = total - allowed
-        self.failed += failed
         self.budget.failed += failed
         if progress:
             progress(done, failed, total)
@@ -261,7 +258,6 @@ class SubcallSession:
                         text = str(exc) if isinstance(exc, ModelCallError) else f"{type(exc).__name__}: {exc}"
                         results[index] = f"Error: {text}"
                         failed += 1
-                        self.failed += 1
                         self.budget.failed += 1
                     else:
                         results[index] = completion.text

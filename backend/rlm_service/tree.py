@@ -102,11 +102,6 @@ class RunTree:
         self.iterations += 1
         return True
 
-    def time_left(self) -> float | None:
-        if self.limits.run_timeout_s is None:
-            return None
-        return self.limits.run_timeout_s - (time.monotonic() - self.started)
-
     def add_cost(self, model: str, input_tokens: int, output_tokens: int, reported: float | None = None) -> None:
         if reported is not None:
             self.cost_usd += reported
