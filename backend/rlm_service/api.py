@@ -35,10 +35,6 @@ FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
 PING_SECONDS = 10
 
 
-def refuse(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
-
-
 class RunSlots:
     """Counts runs in progress; past the limit, new runs are refused with 429."""
 
@@ -152,12 +148,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise RequestRefused(401, "missing or wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'")
+            raise RequestRefused(401, "missing or wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'",
+                                 {"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(RequestRefused)
     async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
-        return refuse(exc.status, exc.message, **headers)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers or None)
 
     @app.get("/health", tags=["service"])
     async def health() -> dict[str, str]:
@@ -200,15 +196,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
         """Start a run and stream its events. JSON body, or multipart with an `input_file` upload."""
         problem = settings.setup_problem()
         if problem:
-            return refuse(503, problem)
+            raise RequestRefused(503, problem)
         release = slots.try_take()
         if release is None:
-            return refuse(429, f"{slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                               "retry when one has finished", **{"Retry-After": "5"})
+            raise RequestRefused(429, f"{slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
+                                      "retry when one has finished", {"Retry-After": "5"})
         try:
             parsed = await _read_request(request, settings)
             try:
-                limits = effective_limits(settings, parsed.settings)
+                effective_limits(settings, parsed.settings)  # refuse now, before the stream starts
             except SettingsRefused as exc:
                 parsed.run_input.discard()
                 raise RequestRefused(422, str(exc)) from None
@@ -222,7 +218,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
 
         engine: Engine = request.app.state.engine
         events = engine.run(parsed.prompt, parsed.run_input, parsed.settings)
-        log.debug("run starting with limits %s", limits)
         return EventSourceResponse(
             RunStream(events, finish), ping=PING_SECONDS, background=BackgroundTask(finish),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

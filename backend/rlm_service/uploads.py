@@ -23,9 +23,12 @@ FORM_OVERHEAD_BYTES = 4 * 1024 * 1024
 
 
 class RequestRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """A request turned down before any work: the service answers `{"detail": message}` with `status`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.message = message
 
 
