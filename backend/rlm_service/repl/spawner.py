@@ -66,7 +66,6 @@ class Zygote:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._starting: asyncio.Lock | None = None
-        self.pid: int | None = None
 
     async def start(self) -> None:
         """Start the zygote now rather than at the first spawn."""
@@ -100,13 +99,16 @@ class Zygote:
         exited = self._exits.setdefault(pid, self._loop.create_future())
         return WorkerProcess(pid, parent_end, stderr_read, exited)
 
+    def _running(self) -> bool:
+        return self._process is not None and self._process.returncode is None and self._control is not None
+
     async def _ensure_running(self) -> None:
-        if self._process is not None and self._process.returncode is None and self._control is not None:
+        if self._running():
             return
         if self._starting is None:
             self._starting = asyncio.Lock()
         async with self._starting:
-            if self._process is not None and self._process.returncode is None and self._control is not None:
+            if self._running():
                 return
             await self._start()
 
@@ -138,8 +140,7 @@ class Zygote:
             raise SpawnError("the worker zygote did not start") from exc
         finally:
             self._pending.pop(0, None)
-        self.pid = int(hello["pid"])
-        log.debug("worker zygote started, pid %s", self.pid)
+        log.debug("worker zygote started, pid %s", hello["pid"])
 
     def _on_readable(self) -> None:
         assert self._control is not None
