@@ -103,9 +103,10 @@ async def read_json(stream: AsyncIterator[bytes], limit: int, idle_timeout: floa
     if not isinstance(data, dict):
         raise RequestRefused(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
     request = _validate(data)
-    if len(request.input_data.encode("utf-8", "replace")) > limit:
+    run_input = RunInput.from_text(request.input_data)
+    if run_input.size_bytes > limit:
         raise RequestRefused(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limit:,} bytes)")
-    return ParsedRequest(request.prompt, RunInput.from_text(request.input_data), request.settings)
+    return ParsedRequest(request.prompt, run_input, request.settings)
 
 
 class _FormReader:
