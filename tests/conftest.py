@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 
 from rlm_service.api import create_app
+from rlm_service.cli import SseFrames
 from rlm_service.config import Settings
 from tests.fake_openai import FakeOpenAI
 
@@ -97,19 +98,11 @@ class SseEvent:
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    """Blank-line framed SSE: `event:` names, `data:` lines joined; comments skipped."""
-    name, data = "message", []
+    """The events of an SSE response, read line by line (with the CLI's framing)."""
+    frames = SseFrames()
     for line in lines:
-        if line == "":
-            if data:
-                yield SseEvent(name, json.loads("\n".join(data)))
-            name, data = "message", []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].lstrip(" ") if line.startswith("data: ") else line[5:])
+        if (event := frames.feed(line)) is not None:
+            yield SseEvent(*event)
 
 
 def stream_run(base_url: str, *, json_body: dict[str, Any] | None = None, files: Any = None,

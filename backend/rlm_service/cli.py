@@ -26,6 +26,27 @@ class Refused(Exception):
     """The run could not start; the message says why."""
 
 
+class SseFrames:
+    """Server-Sent Events fed one line at a time: `event:` names, `data:` lines joined (one space after
+    the colon dropped, as the format says), comments skipped, a blank line completing an event."""
+
+    def __init__(self) -> None:
+        self.name, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        """The (name, parsed JSON data) this line completes, or None."""
+        if line == "":
+            event = (self.name, json.loads("\n".join(self.data))) if self.data else None
+            self.name, self.data = "message", []
+            return event
+        if line.startswith("event:"):
+            self.name = line[6:].strip()
+        elif line.startswith("data:"):
+            value = line[5:]
+            self.data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
 class ProgressPrinter:
     """Human-readable progress on a terminal (or a log, when stderr is not one)."""
 
@@ -182,16 +203,10 @@ async def _stream(client: Any, url: str, headers: dict[str, str],
                 except ValueError:
                     detail = response.text[:300]
                 raise Refused(f"the server refused the run ({response.status_code}): {detail}")
-            name, data = "message", []
+            frames = SseFrames()
             async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        yield name, json.loads("\n".join(data))
-                    name, data = "message", []
-                elif line.startswith("event:"):
-                    name = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].lstrip(" "))
+                if (event := frames.feed(line)) is not None:
+                    yield event
     except httpx2.TransportError as exc:
         raise Refused(f"could not reach {url}: {exc}") from None
 
