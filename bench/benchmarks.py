@@ -25,6 +25,7 @@ import httpx2
 import openai
 
 from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes
+from rlm_service.cli import SseFrames
 from rlm_service.config import Settings
 from rlm_service.engine import Engine
 from rlm_service.inputs import InputSpooler, RunInput
@@ -364,10 +365,10 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
 
     async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> None:
         async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
+            frames = SseFrames()
             async for line in response.aiter_lines():
-                if line.startswith("data:"):
-                    data = json.loads(line[5:])
-                    delays.append(time.time() - data["ts"])
+                if (event := frames.feed(line)) is not None:
+                    delays.append(time.time() - event[1]["ts"])
 
     async def measure(url: str, count: int) -> tuple[float, list[float]]:
         delays: list[float] = []
