@@ -34,7 +34,6 @@ from rlm_service.repl.base import ReplOptions
 from rlm_service.repl.spawner import Zygote
 from rlm_service.repl.subprocess_repl import SubprocessRepl
 from rlm_service.repl.workspace import Workspace
-from rlm_service.transport import make_http_client
 
 RLMS_PYTHON = ROOT / "bench" / ".venv-rlms" / "bin" / "python"
 
@@ -79,7 +78,8 @@ async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool =
 
     `warm`: first open the connections with an untimed batch, as a running server's pool already has.
     """
-    async with make_http_client(timeout=120) as http:
+    limits = httpx2.Limits(max_connections=2048, max_keepalive_connections=512)
+    async with httpx2.AsyncClient(timeout=120, limits=limits) as http:
         client: Any = OpenAISDKClient(http, url) if sdk else ChatClient(url, "sk-bench")
         if warm:
             await SubcallSession(client, "sub-model", max_calls=concurrency, concurrency=concurrency).batch(

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx2
 import openai
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import Agent
@@ -51,7 +50,6 @@ from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
 from .store import RunRecord, RunStore
-from .transport import make_http_client
 from .tree import RunTree, TreeLimits
 
 log = logging.getLogger("rlm_service")
@@ -126,14 +124,13 @@ class Engine:
     """Runs RLM tasks. Use as `async with Engine(settings) as engine:`, then `engine.run(...)`."""
 
     def __init__(self, settings: Settings, *, root_model: Model | Callable[[], Model] | None = None,
-                 http: httpx2.AsyncClient | None = None, store: RunStore | None = None) -> None:
+                 store: RunStore | None = None) -> None:
         self.settings = settings
         self.store = store
-        self._own_http = http is None
-        self.http = http or make_http_client(timeout=settings.rlm_root_timeout_s)
-        self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
-                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries,
-                                     proxy=settings.proxy_for_endpoint())
+        endpoint = {"base_url": settings.openai_api_base, "api_key": settings.api_key_value(),
+                    "retries": settings.rlm_model_retries, "proxy": settings.proxy_for_endpoint()}
+        self.root_client = ChatClient(**endpoint, timeout=settings.rlm_root_timeout_s)
+        self.sub_client = ChatClient(**endpoint, timeout=settings.rlm_subcall_timeout_s)
         self.zygote = Zygote(settings.rlm_worker_preload)
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
@@ -157,13 +154,12 @@ class Engine:
     async def aclose(self) -> None:
         await self.zygote.close()
         await self.sub_client.aclose()
-        if self._own_http:
-            await self.http.aclose()
+        await self.root_client.aclose()
 
     def child_agent(self) -> Agent[Controller, str]:
         """The agent of child runs: the sub model as their root (shared, like the root's)."""
         if self._child_agent is None:
-            model = build_root_model(self.settings, self.http, model_name=self.settings.sub_model)
+            model = build_root_model(self.settings, self.root_client, model_name=self.settings.sub_model)
             self._child_agent = build_agent(model, self.settings.rlm_root_protocol)
         return self._child_agent
 
@@ -174,7 +170,7 @@ class Engine:
             return build_agent(self._root_model(), protocol)
         if self._agent is None:
             model = self._root_model if isinstance(self._root_model, Model) else build_root_model(
-                self.settings, self.http)
+                self.settings, self.root_client)
             self._agent = build_agent(model, protocol)
         return self._agent
 

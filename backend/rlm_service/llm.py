@@ -7,8 +7,8 @@ through the `openai` SDK on the same machine (BENCHMARKS.md, B1). It retries wha
 (429, 5xx, timeouts, dropped connections, garbled replies), honouring `Retry-After`; each attempt has
 one deadline for the whole response, so a server that trickles bytes cannot hold a call.
 
-The root model keeps the `openai` SDK (through PydanticAI) over httpx2 (see `transport`): one
-request per turn, where its overhead does not matter.
+The root model's requests go through a `ChatClient` too (see `rootmodel`): at 32 runs at once the
+server's CPU is the limit, and the SDK's request path was a fifth of it (BENCHMARKS.md, B7).
 
 A `SubcallSession` is one run's share: its budget of calls, its concurrency limit, its token usage.
 A failed call becomes an `Error: …` string in its slot; the other slots are kept.
@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from .events import Usage
+
+T = TypeVar("T")
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 60.0
@@ -85,19 +87,25 @@ def _error_detail(raw: bytes) -> str:
     return raw[:300].decode("utf-8", "replace").strip()
 
 
-def parse_completion(payload: Any) -> Completion:
-    """Pull the reply text and usage out of a chat-completions response body."""
+def first_choice(payload: Any) -> dict[str, Any]:
+    """The first choice of a chat-completions response body; a reply without one is worth retrying."""
     if not isinstance(payload, dict):
         raise _Retry("the model server sent a reply that is not a JSON object")
     choices = payload.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise _Retry("the model server sent a reply without choices")
-    message = choices[0].get("message") or {}
+    return choices[0]
+
+
+def parse_completion(payload: Any) -> Completion:
+    """Pull the reply text and usage out of a chat-completions response body."""
+    choice = first_choice(payload)
+    message = choice.get("message") or {}
     content = message.get("content") if isinstance(message, dict) else None
     if isinstance(content, list):  # some servers send content parts
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     if content is None:
-        reason = choices[0].get("finish_reason")
+        reason = choice.get("finish_reason")
         raise _Retry(f"the model returned no content (finish_reason: {reason})")
     usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
     return Completion(
@@ -141,21 +149,26 @@ class ChatClient:
 
     async def complete(self, model: str, prompt: str) -> Completion:
         """One user message in, the reply out; raises `ModelCallError` once retries are spent."""
-        body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]},
-                          ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return await self.post({"model": model, "messages": [{"role": "user", "content": prompt}]},
+                               parse_completion)
+
+    async def post(self, request: dict[str, Any], parse: Callable[[Any], T]) -> T:
+        """POST a chat-completions request and `parse` the JSON reply, retrying what is worth retrying
+        (`parse` raises through `first_choice` on a reply without choices); raises `ModelCallError`."""
+        body = json.dumps(request, ensure_ascii=False).encode("utf-8", "surrogatepass")
         last: _Retry | None = None
         for attempt in range(self.retries + 1):
             if last is not None:
                 delay = last.delay if last.delay is not None else self.backoff * 2 ** (attempt - 1)
                 await asyncio.sleep(min(delay, MAX_RETRY_AFTER_S) * (1 + 0.25 * random.random()))
             try:
-                return await self._attempt(body)
+                return await self._attempt(body, parse)
             except _Retry as retry:
                 last = retry
         assert last is not None
         raise ModelCallError(f"{last} (after {self.retries + 1} attempts)", kind=last.kind, status=last.status)
 
-    async def _attempt(self, body: bytes) -> Completion:
+    async def _attempt(self, body: bytes, parse: Callable[[Any], T]) -> T:
         try:
             request = self._http().post(self.url, data=body, headers=self.headers, proxy=self.proxy)
             async with request as response:
@@ -178,7 +191,7 @@ class ChatClient:
             payload = json.loads(raw)
         except ValueError as exc:
             raise _Retry("the model server sent malformed JSON") from exc
-        return parse_completion(payload)
+        return parse(payload)
 
 
 ProgressFn = Callable[[int, int, int], None]

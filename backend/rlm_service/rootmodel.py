@@ -1,11 +1,13 @@
-"""The root model: PydanticAI's `OpenAIChatModel` on a lean `openai` client.
+"""The root model: PydanticAI's `OpenAIChatModel`, whose requests go out through our `ChatClient`.
 
-`DirectAsyncOpenAI` is the SDK's client with one change: chat completions skip the SDK's recursive
-"transform" of the request parameters. PydanticAI already builds plain JSON-ready dicts, and that
-transform walks every message of the history on every turn: measured at about 0.25 ms per message,
-it was most of the controller's own cost per iteration (BENCHMARKS.md, B3). The same place also
-sends `""` instead of `null` for the content of an assistant message that only calls tools, which
-llama.cpp's server rejects.
+PydanticAI maps the conversation to chat-completions parameters and reads the reply; the `openai`
+SDK's own request path in between (its recursive "transform" of the parameters, httpx2, its response
+parsing) was measured at about 3.5 ms of CPU per root request, a fifth of the server's CPU with 32
+runs at once (BENCHMARKS.md, B7), and the transform alone at 0.25 ms per history message per turn
+(B3). `DirectAsyncOpenAI` keeps the SDK's client for PydanticAI's sake but sends chat completions
+through aiohttp, with the same retries, `Retry-After` handling and whole-response deadline as
+sub-calls. The same place sends `""` instead of `null` for the content of an assistant message that
+only calls tools, which llama.cpp's server rejects.
 """
 
 from __future__ import annotations
@@ -13,64 +15,73 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
-import httpx2
 import openai
-from openai import AsyncStream, NotGiven, Omit
-from openai._base_client import make_request_options
+from openai import NotGiven, Omit
 from openai.resources.chat import AsyncChat
 from openai.resources.chat.completions import AsyncCompletions
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.profiles.openai import OpenAIModelProfile
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from .config import Settings
+from .llm import ChatClient, first_choice
 
 _REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
 
 
+def _chat_completion(payload: Any) -> ChatCompletion:
+    first_choice(payload)  # a reply without choices is retried like any garbled reply
+    return ChatCompletion.construct(**payload)
+
+
 class _DirectCompletions(AsyncCompletions):
+    def __init__(self, client: DirectAsyncOpenAI) -> None:
+        super().__init__(client)
+        self.chat_client = client.chat_client
+
     async def create(self, **params: Any) -> Any:  # type: ignore[override]
         options = {name: params.pop(name) for name in _REQUEST_OPTIONS if name in params}
+        if params.get("stream"):
+            raise NotImplementedError("the controller does not stream root requests")
         body = {name: value for name, value in params.items() if not isinstance(value, (Omit, NotGiven))}
+        if isinstance(options.get("extra_body"), dict):
+            body.update(options["extra_body"])
         body["messages"] = [
             {**message, "content": ""} if message.get("role") == "assistant" and message.get("content") is None
             else message
             for message in body.get("messages", [])
         ]
-        stream = bool(body.get("stream"))
-        return await self._post(
-            "/chat/completions", body=body, cast_to=ChatCompletion, stream=stream,
-            stream_cls=AsyncStream[ChatCompletionChunk],
-            options=make_request_options(**options, security={"bearer_auth": True}),
-        )
+        return await self.chat_client.post(body, _chat_completion)
 
 
 class _DirectChat(AsyncChat):
     @cached_property
     def completions(self) -> AsyncCompletions:
-        return _DirectCompletions(self._client)
+        return _DirectCompletions(self._client)  # type: ignore[arg-type]
 
 
 class DirectAsyncOpenAI(openai.AsyncOpenAI):
-    """`openai.AsyncOpenAI` whose chat completions send PydanticAI's parameters as they are."""
+    """`openai.AsyncOpenAI` whose chat completions go out through a `ChatClient`, as PydanticAI made them."""
+
+    def __init__(self, chat_client: ChatClient, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.chat_client = chat_client
 
     @cached_property
     def chat(self) -> AsyncChat:
         return _DirectChat(self)
 
 
-def build_root_model(settings: Settings, http: httpx2.AsyncClient, *, model_name: str | None = None
-                     ) -> OpenAIChatModel:
+def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> OpenAIChatModel:
     """A root model on PydanticAI (the configured root model unless `model_name` is given; child runs of
     a recursive run use the sub model), talking to the configured OpenAI-compatible endpoint."""
-    client = DirectAsyncOpenAI(base_url=settings.openai_api_base, api_key=settings.api_key_value(),
-                               http_client=http, max_retries=settings.rlm_model_retries,
-                               timeout=settings.rlm_root_timeout_s)
+    sdk = DirectAsyncOpenAI(client, base_url=settings.openai_api_base, api_key=settings.api_key_value(),
+                            max_retries=0)
     profile = None
     if "api.openai.com" not in settings.openai_api_base:
         # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
         profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
                                      openai_chat_supports_max_completion_tokens=False)
     return OpenAIChatModel(model_name or settings.openai_model_name or "",
-                           provider=OpenAIProvider(openai_client=client), profile=profile)
+                           provider=OpenAIProvider(openai_client=sdk), profile=profile)
