@@ -1,4 +1,8 @@
-"""Start the RLM service: `python backend/main.py` (or `uvicorn main:app --app-dir backend`).
+"""Start the RLM service: `python backend/main.py` (or `uvicorn main:app --app-dir backend --loop asyncio`).
+
+The event loop is asyncio's own: the REPL workers' channels and pipes are handed to it as sockets and
+file descriptors whose ownership uvloop treats differently (seen as closed descriptors under load),
+and uvloop measured no faster here (BENCHMARKS.md, B7).
 
 Reads the configuration (environment and `.env`), fails at once with one line naming a bad variable,
 hardens the process, and serves the API and the web UI on HOST:PORT.
@@ -44,7 +48,7 @@ def main() -> None:
     print(f"RLM service on http://{settings.host}:{settings.port} "
           f"(model: {settings.root_model or 'not set'}, REPL: {settings.rlm_repl})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.rlm_log_level,
-                timeout_graceful_shutdown=5)
+                loop="asyncio", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """Sub-LLM calls: `llm_query`/`llm_batch` as seen from the server.
 
-A `ChatClient` speaks the chat-completions protocol of any OpenAI-compatible endpoint over one
-aiohttp connection pool. Sub-calls are the hot path at high fan-out, and there the client's CPU cost
-per request decides the wall time: about 0.45 ms with aiohttp against 1.7 ms with httpx2 and 2.6 ms
-through the `openai` SDK on the same machine (BENCHMARKS.md, B1). It retries what is worth retrying
-(429, 5xx, timeouts, dropped connections, garbled replies), honouring `Retry-After`; each attempt has
-one deadline for the whole response, so a server that trickles bytes cannot hold a call.
+A `ChatClient` speaks the chat-completions protocol of any OpenAI-compatible endpoint over the
+keep-alive connections of an `http1.HttpClient`. Sub-calls are the hot path at high fan-out, and there
+the client's CPU cost per request decides the wall time: about 0.1 ms here, against 0.25–0.45 ms with
+aiohttp, 1.7 ms with httpx2 and 2.6 ms through the `openai` SDK on the same machine (BENCHMARKS.md,
+B1). It retries what is worth retrying (429, 5xx, timeouts, dropped connections, garbled replies),
+honouring `Retry-After`; each attempt has one deadline for the whole response, so a server that
+trickles bytes cannot hold a call.
 
-The root model's requests go through a `ChatClient` too (see `rootmodel`): at 32 runs at once the
+The root model's requests go through a `ChatClient` too (see `rootmodel`): with 32 runs at once the
 server's CPU is the limit, and the SDK's request path was a fifth of it (BENCHMARKS.md, B7).
 
 A `SubcallSession` is one run's share: its budget of calls, its concurrency limit, its token usage.
@@ -24,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import aiohttp
-
+from . import __version__
 from .events import Usage
+from .http1 import HttpClient, HttpError
 
 T = TypeVar("T")
+USER_AGENT = f"rlm-service/{__version__}"
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 60.0
@@ -119,33 +122,22 @@ def parse_completion(payload: Any) -> Completion:
 class ChatClient:
     """Chat completions against one OpenAI-compatible endpoint, with retries.
 
-    The aiohttp session is made on first use, inside the running event loop; `aclose` ends it.
+    Connections are opened on demand inside the running event loop; `aclose` closes the idle ones.
     """
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 0.5, proxy: str | None = None) -> None:
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.proxy = proxy
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        url = urlsplit(base_url.rstrip("/") + "/chat/completions")
+        self.path = url.path + (f"?{url.query}" if url.query else "")
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
+                        "Accept": "application/json", "User-Agent": USER_AGENT}
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._session: aiohttp.ClientSession | None = None
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            # trust_env would look up proxies and .netrc on every request: 0.8 ms each. The proxy comes
-            # from the settings instead.
-            self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=False,
-                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=10))
-        return self._session
+        self.http = HttpClient(f"{url.scheme}://{url.netloc}", proxy=proxy)
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self.http.close()
 
     async def complete(self, model: str, prompt: str) -> Completion:
         """One user message in, the reply out; raises `ModelCallError` once retries are spent."""
@@ -170,15 +162,14 @@ class ChatClient:
 
     async def _attempt(self, body: bytes, parse: Callable[[Any], T]) -> T:
         try:
-            request = self._http().post(self.url, data=body, headers=self.headers, proxy=self.proxy)
-            async with request as response:
-                status = response.status
-                raw = await response.read()
-                retry_after = response.headers.get("retry-after")
+            async with asyncio.timeout(self.timeout):
+                response = await self.http.post(self.path, body, self.headers)
         except TimeoutError as exc:
             raise _Retry(f"the model server did not answer within {self.timeout:g} s", kind="timeout") from exc
-        except aiohttp.ClientError as exc:
-            raise _Retry(f"could not reach the model server ({type(exc).__name__}: {exc})") from exc
+        except HttpError as exc:
+            raise _Retry(f"could not reach the model server ({exc})") from exc
+        status, raw = response.status, response.body
+        retry_after = response.headers.get("retry-after")
         if status in (401, 403):
             raise ModelCallError(f"the model server refused the key (HTTP {status}): {_error_detail(raw)}",
                                  kind="auth", status=status)

@@ -5,9 +5,9 @@ SDK's own request path in between (its recursive "transform" of the parameters, 
 parsing) was measured at about 3.5 ms of CPU per root request, a fifth of the server's CPU with 32
 runs at once (BENCHMARKS.md, B7), and the transform alone at 0.25 ms per history message per turn
 (B3). `DirectAsyncOpenAI` keeps the SDK's client for PydanticAI's sake but sends chat completions
-through aiohttp, with the same retries, `Retry-After` handling and whole-response deadline as
-sub-calls. The same place sends `""` instead of `null` for the content of an assistant message that
-only calls tools, which llama.cpp's server rejects.
+through our `ChatClient` (llm.py), with the retries, `Retry-After` handling and whole-response
+deadline of sub-calls. The same place sends `""` instead of `null` for the content of an assistant
+message that only calls tools, which llama.cpp's server rejects.
 """
 
 from __future__ import annotations
