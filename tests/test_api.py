@@ -136,6 +136,28 @@ def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) 
         assert rss_bytes() - before < 40 * 1024 * 1024
 
 
+def test_keep_alive_comments_fill_the_silences_and_only_them(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake), ping_s=0.2) as server:
+        prompt = script({"code": ["import time\ntime.sleep(1.1)"]},
+                        {"code": ["answer.update(content='ok', ready=True)"]})
+        with httpx2.Client(timeout=30) as client, client.stream("POST", f"{server.url}/process",
+                                                                json={"prompt": prompt}) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert response.headers["cache-control"] == "no-cache"
+            body = response.read().decode()
+    messages = body.split("\n\n")
+    assert messages[-1] == ""  # the stream ends after a whole message
+    pings = [m for m in messages if m.startswith(":")]
+    assert pings and all(m == ": ping" for m in pings)
+    assert 3 <= len(pings) <= 6  # about one per 0.2 s of the 1.1 s cell, none while events flow
+    events = [m for m in messages if m.startswith("event: ")]
+    assert all(re.fullmatch(r"event: [a-z]+\ndata: \{.*\}", m) for m in events), events
+    kinds = [m.split("\n")[0][len("event: "):] for m in events]
+    first_ping = messages.index(pings[0])
+    assert kinds[0] == "start" and kinds[-1] == "final"
+    assert messages[first_ping - 1].startswith("event: code")  # silence falls while the cell sleeps
+
+
 def test_closing_the_client_cancels_the_run(fake: FakeOpenAI) -> None:
     fake.sub_latency = 0.3
     with LiveServer(make_settings(fake, rlm_subcall_concurrency=2)) as server:

@@ -18,14 +18,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.background import BackgroundTask
 
 from . import __version__
 from .config import Settings
 from .engine import Engine, RunSettings, SettingsRefused, effective_limits
-from .events import _Event
 from .history import history_router
+from .sse import EventStreamResponse
 from .store import SqliteRunStore
 from .uploads import FORM_OVERHEAD_BYTES, ParsedRequest, ProcessRequest, RequestRefused, read_json, read_multipart
 
@@ -57,31 +55,6 @@ class RunSlots:
         return release
 
 
-class RunStream:
-    """The SSE body: engine events as `ServerSentEvent`s; closing it cancels the run."""
-
-    def __init__(self, events: AsyncIterator[_Event], on_close: Callable[[], None]) -> None:
-        self._events = events
-        self._on_close = on_close
-
-    def __aiter__(self) -> RunStream:
-        return self
-
-    async def __anext__(self) -> ServerSentEvent:
-        try:
-            event = await self._events.__anext__()
-        except BaseException:
-            await self.aclose()
-            raise
-        return ServerSentEvent(data=event.model_dump_json(), event=event.type)
-
-    async def aclose(self) -> None:
-        try:
-            await self._events.aclose()  # type: ignore[attr-defined]
-        finally:
-            self._on_close()
-
-
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema:
         return app.openapi_schema
@@ -108,8 +81,10 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwargs: Any) -> FastAPI:
-    """Build the app. The engine (and its HTTP client) is built inside the running loop, at startup."""
+def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: float = PING_SECONDS,
+               **engine_kwargs: Any) -> FastAPI:
+    """Build the app. The engine (and its HTTP client) is built inside the running loop, at startup.
+    `ping_s`: seconds of silence after which a run's stream gets a keep-alive comment."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -218,10 +193,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, **engine_kwa
 
         engine: Engine = request.app.state.engine
         events = engine.run(parsed.prompt, parsed.run_input, parsed.settings)
-        return EventSourceResponse(
-            RunStream(events, finish), ping=PING_SECONDS, background=BackgroundTask(finish),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return EventStreamResponse(events, finish, ping_s=ping_s, headers={"X-Accel-Buffering": "no"})
 
     app.include_router(history_router(), dependencies=[Depends(require_token)])
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import openai
@@ -175,7 +175,7 @@ class Engine:
         return self._agent
 
     async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
-                  *, run_id: str | None = None) -> AsyncIterator[_Event]:
+                  *, run_id: str | None = None) -> AsyncGenerator[_Event, None]:
         """Run one task; yields its events, ending with exactly one `final` or `error`."""
         limits = effective_limits(self.settings, settings)
         run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
