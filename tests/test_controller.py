@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -221,3 +223,47 @@ def test_blocking_helper_returns_the_terminal_event(fake: FakeOpenAI) -> None:
                          on_event=lambda e: seen.append(e.type))
     assert final.type == "final" and final.answer == "HELLO"
     assert seen[0] == "start" and seen[-1] == "final"
+
+
+async def test_the_worker_starts_while_the_root_writes_its_first_cell(fake: FakeOpenAI) -> None:
+    """A slow worker start (0.4 s here) and a slow first reply (0.4 s) overlap instead of adding up."""
+
+    async def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if len(messages) == 1:
+            await asyncio.sleep(0.4)
+            return ModelResponse(parts=[code("answer.update(content=str(len(context)), ready=True)")])
+        return ModelResponse(parts=[TextPart("done")])
+
+    async with Engine(make_settings(fake), root_model=FunctionModel(respond)) as engine:
+        spawn = engine.zygote.spawn
+
+        async def slow_spawn(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.4)
+            return await spawn(*args, **kwargs)
+
+        engine.zygote.spawn = slow_spawn  # type: ignore[method-assign]
+        started = time.monotonic()
+        events = [event async for event in engine.run("do it", "12345")]
+        elapsed = time.monotonic() - started
+    assert events[-1].type == "final" and events[-1].answer == "5"  # type: ignore[attr-defined]
+    assert elapsed < 0.75, elapsed
+
+
+async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: FakeOpenAI) -> None:
+    from rlm_service.repl.spawner import SpawnError
+
+    requests: list[int] = []
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        requests.append(len(messages))
+        return ModelResponse(parts=[code("print(1)")])
+
+    async with Engine(make_settings(fake), root_model=FunctionModel(respond)) as engine:
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise SpawnError("the zygote could not fork a worker: out of processes")
+
+        engine.zygote.spawn = broken  # type: ignore[method-assign]
+        events = [event async for event in engine.run("do it", "input")]
+    assert types(events) == ["start", "error"]
+    assert events[-1].code == "internal" and "out of processes" in events[-1].message  # type: ignore[attr-defined]
+    assert requests == [1]  # one root request, then the cell found no worker

@@ -8,6 +8,7 @@ stop right after the cell that marks the answer ready, or when the iteration bud
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -122,6 +123,8 @@ class Controller:
         self.last_prose = ""
         self._progress: _CellProgress | None = None
         self._agent_usage = AgentUsage()
+        self.repl_starting: asyncio.Future[None] | None = None
+        """The REPL's start, when it runs alongside the first model request; cells wait for it."""
 
     # --- the REPL's side ---------------------------------------------------------------------
 
@@ -144,6 +147,8 @@ class Controller:
         """Run one cell, emit its events, and return the report the root model reads."""
         if self.answer[1]:
             return prompts.SKIPPED_AFTER_READY
+        if self.repl_starting is not None:
+            await self.repl_starting  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self._progress = _CellProgress(self._emit_progress)
         try:
