@@ -240,17 +240,15 @@ class HttpClient:
             self._proxy_auth = f"Basic {base64.b64encode(credentials.encode()).decode()}"
         self._ssl = tls_context
         self._idle: list[_Connection] = []
+        self._heads: dict[tuple[object, ...], bytes] = {}
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
         """POST `body` to `path` (starting with `/`); raises `HttpError` when no reply came."""
-        target = self._origin + path if self._proxy is not None and not self.tls else path
-        head = [f"POST {target} HTTP/1.1", f"Host: {self.authority}", f"Content-Length: {len(body)}"]
-        for name, value in headers.items():
-            _check_header(name, value)
-            head.append(f"{name}: {value}")
-        if self._proxy_auth and not self.tls:
-            head.append(f"Proxy-Authorization: {self._proxy_auth}")
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        key = (path, *headers.items())
+        head = self._heads.get(key)
+        if head is None:
+            head = self._heads[key] = self._head(path, headers)
+        request = head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         while True:
             connection = self._take_idle()
             reused = connection is not None
@@ -272,6 +270,19 @@ class HttpClient:
             else:
                 connection.close()
             return response
+
+    def _head(self, path: str, headers: dict[str, str]) -> bytes:
+        """The request's head up to its length: the same for every request with these headers."""
+        target = self._origin + path if self._proxy is not None and not self.tls else path
+        lines = [f"POST {target} HTTP/1.1", f"Host: {self.authority}"]
+        for name, value in headers.items():
+            _check_header(name, value)
+            lines.append(f"{name}: {value}")
+        if self._proxy_auth and not self.tls:
+            lines.append(f"Proxy-Authorization: {self._proxy_auth}")
+        if len(self._heads) > 64:  # callers use a handful of header sets; this only bounds a misuse
+            self._heads.clear()
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1")
 
     def close(self) -> None:
         """Close the idle connections (requests in flight close theirs when they end)."""
