@@ -355,7 +355,9 @@ def b6_zero_rot(server: FakeServer, *, sizes: tuple[int, ...], iterations: int) 
 
 def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Path) -> dict[str, Any]:
     """B7 and B8: `runs` runs at once through the real service, each 3 iterations and an llm_batch;
-    wall time against one run alone, and how long events take from creation to the client."""
+    wall time against one run alone, and how long events take from creation to the client. Two bursts on
+    one server: the first ("cold") opens the connections to the model server, the second ("warm") finds
+    them in the pool, as a running server does."""
     from tests.conftest import spawn_server
 
     cells = [{"code": ["print(len(context))"]},
@@ -380,12 +382,17 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
     with spawn_server(work, model_url=server.url, **env) as srv:
         singles = [asyncio.run(measure(srv.url, 1))[0] for _ in range(3)]
-        together, delays = asyncio.run(measure(srv.url, runs))
+        cold, cold_delays = asyncio.run(measure(srv.url, runs))  # the first burst opens the connections
+        warm, delays = asyncio.run(measure(srv.url, runs))
+    single = statistics.median(singles)
+    return {"single_s": single, "together_s": warm, "ratio": warm / single, "cold_s": cold, "cold_ratio": cold / single,
+            **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays)}
+
+
+def _percentiles(name: str, delays: list[float]) -> dict[str, float]:
     ordered = sorted(delays)
-    return {"single_s": statistics.median(singles), "together_s": together,
-            "ratio": together / statistics.median(singles),
-            "sse_p50_ms": 1000 * ordered[len(ordered) // 2],
-            "sse_p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], "events": len(delays)}
+    return {f"{name}_p50_ms": 1000 * ordered[len(ordered) // 2],
+            f"{name}_p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
 def run_rlms(*args: str) -> dict[str, Any] | None:
