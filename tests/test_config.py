@@ -31,11 +31,21 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("name", "value"), [("RLM_REPL", "docker"), ("OPENAI_API_BASE", "ftp://x"),
-                                             ("RLM_WORKER_NETWORK", "maybe"), ("PORT", "99999")])
+                                             ("RLM_WORKER_NETWORK", "maybe"), ("PORT", "99999"),
+                                             ("HTTPS_PROXY", "socks5://proxy:1080"), ("HTTP_PROXY", "http://p:port")])
 def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=f"^{name}:"):
         load_settings(_env_file=None)
+
+
+def test_a_bad_proxy_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "https://user:hunter2@proxy.example:3128")
+    with pytest.raises(ConfigError, match=r"^HTTPS_PROXY: must be an http:// proxy URL") as error:
+        load_settings(_env_file=None)
+    assert "hunter2" not in str(error.value)
+    monkeypatch.setenv("HTTPS_PROXY", " ")
+    assert load_settings(_env_file=None).https_proxy is None
 
 
 def test_env_file_and_aliases_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

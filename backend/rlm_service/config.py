@@ -109,6 +109,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
         return value.rstrip("/")
 
+    @field_validator("https_proxy", "http_proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        if not value or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("must be an http:// proxy URL such as http://user:password@proxy.example:3128")
+        try:
+            parts.port  # noqa: B018 (raises on a malformed port)
+        except ValueError as exc:
+            raise ValueError("has a malformed port") from exc
+        return value.strip()
+
     @field_validator("openai_model_name", "openai_sub_model_name")
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
@@ -182,7 +196,7 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = _field_env_name(Settings, tuple(first["loc"]))
         given = first.get("input")
-        secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN")
+        secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY")  # proxies carry passwords
         shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}{shown}") from None
