@@ -261,3 +261,15 @@ async def test_https_endpoint_through_a_connect_tunnel(certificate: tuple[Path, 
     assert b"Proxy-Authorization: Basic dTpwdw==" in tunnels[0]
     assert origin_requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert b"Bearer k" in origin_requests[0] and b"Proxy-Authorization" not in origin_requests[0]
+
+
+async def test_connections_idle_past_the_keep_alive_are_closed_while_a_busy_one_lives_on() -> None:
+    async with raw_server(ok(b"fine")) as server:
+        client = HttpClient(server.url, keepalive_s=0.3)
+        await asyncio.gather(*(client.post("/x", b"", {}) for _ in range(5)))  # five connections at once
+        for _ in range(3):  # then one request at a time: the most recent connection serves them all
+            await asyncio.sleep(0.15)
+            await client.post("/x", b"", {})
+        await asyncio.sleep(0.05)
+        assert server.connections == 5 and server.closed_by_client == 4  # the other four expired
+        client.close()

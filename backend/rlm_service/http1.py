@@ -8,8 +8,9 @@ of that (BENCHMARKS.md, B1 and B7). It does what those requests need and no more
 
 - `POST` with a body; the reply's body by `Content-Length`, chunked, or up to the end of the
   connection; gzip or deflate bodies are inflated;
-- keep-alive connections reused most-recent-first, dropped once idle for `keepalive_s`; a request
-  that finds its reused connection already closed by the server goes again on a fresh one;
+- keep-alive connections reused most-recent-first, closed once idle for `keepalive_s` (checked at
+  each request); a request that finds its reused connection already closed by the server goes again
+  on a fresh one;
 - TLS with the system's trust store (`SSL_CERT_FILE` and `SSL_CERT_DIR` apply);
 - a proxy (`http://[user:pass@]host:port`): requests in absolute form for an `http` endpoint, a
   `CONNECT` tunnel for an `https` one.
@@ -24,6 +25,7 @@ import asyncio
 import base64
 import ssl
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -239,7 +241,8 @@ class HttpClient:
             credentials = f"{unquote(self._proxy.username)}:{unquote(self._proxy.password or '')}"
             self._proxy_auth = f"Basic {base64.b64encode(credentials.encode()).decode()}"
         self._ssl = tls_context
-        self._idle: list[_Connection] = []
+        self._idle: deque[_Connection] = deque()
+        """Idle connections, the longest idle first."""
         self._heads: dict[tuple[object, ...], bytes] = {}
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
@@ -290,12 +293,15 @@ class HttpClient:
             self._idle.pop().close()
 
     def _take_idle(self) -> _Connection | None:
+        """The most recently used live connection; those idle for `keepalive_s` are closed on the way."""
+        idle = self._idle
         now = asyncio.get_running_loop().time()
-        while self._idle:
-            connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < self.keepalive_s:
+        while idle and now - idle[0].idle_since >= self.keepalive_s:
+            idle.popleft().close()
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
                 return connection
-            connection.close()
         return None
 
     def _tls_context(self) -> ssl.SSLContext:
