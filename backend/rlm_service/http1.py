@@ -2,9 +2,9 @@
 
 Model requests are the server's hot path: an `llm_batch` of thousands of prompts, or dozens of runs
 at once, and each request's CPU cost on the one event loop decides how far they scale. aiohttp spent
-about 0.3 ms of CPU per request here, most of it in machinery a chat-completions call never uses
-(cookies, redirects, tracing, multidict headers, its stream reader); this client spends a fraction
-of that (BENCHMARKS.md, B1 and B7). It does what those requests need and no more:
+about 0.25 ms of CPU per request here, spread over general machinery a chat-completions call does not
+use (cookie jars, redirects, tracing hooks, multidict headers, a stream reader); this client spends
+about 0.1 ms (BENCHMARKS.md, B1 and B7). It does what those requests need and no more:
 
 - `POST` with a body; the reply's body by `Content-Length`, chunked, or up to the end of the
   connection; gzip or deflate bodies are inflated;
