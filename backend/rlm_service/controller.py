@@ -123,8 +123,8 @@ class Controller:
         self.last_prose = ""
         self._progress: _CellProgress | None = None
         self._agent_usage = AgentUsage()
-        self.repl_starting: asyncio.Future[None] | None = None
-        """The REPL's start, when it runs alongside the first model request; cells wait for it."""
+        self._repl_starting: asyncio.Future[None] | None = None
+        """The REPL's start, running alongside the first model request; cells wait for it."""
 
     # --- the REPL's side ---------------------------------------------------------------------
 
@@ -147,8 +147,8 @@ class Controller:
         """Run one cell, emit its events, and return the report the root model reads."""
         if self.answer[1]:
             return prompts.SKIPPED_AFTER_READY
-        if self.repl_starting is not None:
-            await self.repl_starting  # raises the start's error, if it failed
+        if self._repl_starting is not None:
+            await self._repl_starting  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self._progress = _CellProgress(self._emit_progress)
         try:
@@ -243,7 +243,16 @@ class Controller:
             return run.all_messages(), str(node.data.output)
 
     async def run(self, task_message: str) -> RunOutcome:
-        """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
+        """Start the REPL and drive the root model until the answer is ready, the budget is spent, or it
+        stops coding. The REPL starts while the root model writes its first cell; the cell waits for it."""
+        self._repl_starting = asyncio.ensure_future(self.repl.start())
+        try:
+            return await self._turns(task_message)
+        finally:
+            self._repl_starting.cancel()
+            await asyncio.gather(self._repl_starting, return_exceptions=True)
+
+    async def _turns(self, task_message: str) -> RunOutcome:
         history: list[ModelMessage] | None = None
         message = task_message
         reminded = False

@@ -301,16 +301,12 @@ class Engine:
             node.controller = controller
             repl = self._make_repl(workspace, controller, limits)
             controller.repl = repl
-            # The worker starts while the root model writes its first cell; `run_cell` waits for it.
-            controller.repl_starting = asyncio.ensure_future(repl.start())
             try:
                 preview = run_input.head[: settings.rlm_context_preview_chars]
                 message = prompts.task_message(prompt, chars=run_input.chars, lines=run_input.lines,
                                                kind=prompts.describe_kind(run_input.head), preview=preview)
                 return await controller.run(message)
             finally:
-                controller.repl_starting.cancel()
-                await asyncio.gather(controller.repl_starting, return_exceptions=True)
                 await repl.close()
         finally:
             workspace.remove()
