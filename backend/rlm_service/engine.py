@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import openai
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
@@ -102,12 +101,11 @@ def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
     if isinstance(exc, ai_exceptions.UsageLimitExceeded):
         return "budget", f"The run hit a usage limit: {exc}"
     status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
-    if isinstance(exc, (ai_exceptions.ModelAuthenticationError, openai.AuthenticationError,
-                        openai.PermissionDeniedError)) or status in (401, 403):
+    if isinstance(exc, ai_exceptions.ModelAuthenticationError) or status in (401, 403):
         return "auth", f"The model server refused the API key: {exc}. Check OPENAI_API_KEY."
     if isinstance(exc, ModelCallError):
         return ("auth" if exc.kind == "auth" else "model_unavailable"), str(exc)
-    if isinstance(exc, (ai_exceptions.ModelAPIError, ai_exceptions.UnexpectedModelBehavior, openai.APIError)):
+    if isinstance(exc, (ai_exceptions.ModelAPIError, ai_exceptions.UnexpectedModelBehavior)):
         return "model_unavailable", f"The root model failed: {exc}"
     if isinstance(exc, ReplError):
         return "internal", f"The REPL failed: {exc}"
