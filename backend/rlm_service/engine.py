@@ -125,10 +125,10 @@ class Engine:
                  store: RunStore | None = None) -> None:
         self.settings = settings
         self.store = store
-        endpoint = {"base_url": settings.openai_api_base, "api_key": settings.api_key_value(),
-                    "retries": settings.rlm_model_retries, "proxy": settings.proxy_for_endpoint()}
-        self.root_client = ChatClient(**endpoint, timeout=settings.rlm_root_timeout_s)
-        self.sub_client = ChatClient(**endpoint, timeout=settings.rlm_subcall_timeout_s)
+        self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
+                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries,
+                                     proxy=settings.proxy_for_endpoint())
+        self.root_client = self.sub_client.with_timeout(settings.rlm_root_timeout_s)  # one connection pool
         self.zygote = Zygote(settings.rlm_worker_preload)
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
@@ -151,8 +151,7 @@ class Engine:
 
     async def aclose(self) -> None:
         await self.zygote.close()
-        await self.sub_client.aclose()
-        await self.root_client.aclose()
+        await self.sub_client.aclose()  # the root client's pool too: they share it
 
     def child_agent(self) -> Agent[Controller, str]:
         """The agent of child runs: the sub model as their root (shared, like the root's)."""

@@ -18,6 +18,7 @@ A failed call becomes an `Error: …` string in its slot; the other slots are ke
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import random
 import time
@@ -135,6 +136,12 @@ class ChatClient:
         self.retries = retries
         self.backoff = backoff
         self.http = HttpClient(f"{url.scheme}://{url.netloc}", proxy=proxy)
+
+    def with_timeout(self, timeout: float) -> ChatClient:
+        """The same client, connections included, with another deadline per attempt."""
+        clone = copy.copy(self)
+        clone.timeout = timeout
+        return clone
 
     async def aclose(self) -> None:
         self.http.close()
