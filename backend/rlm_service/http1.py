@@ -53,16 +53,20 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self._buffer = bytearray()
+        self.no_body = False
+        """Set for a `CONNECT`, whose successful reply has a head and nothing else."""
         self._waiter: asyncio.Future[tuple[Response, bool]] | None = None
+        self._await_reply()
+
+    def _await_reply(self) -> None:
+        """Forget the last reply: the next bytes start a new one."""
+        self._buffer = bytearray()
         self._head: tuple[int, dict[str, str], bool] | None = None
         self._body_start = 0
         self._length: int | None = None
         self._chunked = False
         self._chunks: list[bytes] = []
         self._chunk_at = 0
-        self.no_body = False
-        """Set for a `CONNECT`, whose successful reply has a head and nothing else."""
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -97,11 +101,7 @@ class _Connection(asyncio.Protocol):
     async def exchange(self, request: bytes) -> tuple[Response, bool]:
         """Send one request; the reply, and whether the connection can carry another."""
         assert self.transport is not None
-        self._buffer.clear()
-        self._head = None
-        self._length = None
-        self._chunked = False
-        self._chunks = []
+        self._await_reply()
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         try:
