@@ -83,7 +83,7 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: float = PING_SECONDS,
                **engine_kwargs: Any) -> FastAPI:
-    """Build the app. The engine (and its HTTP client) is built inside the running loop, at startup.
+    """Build the app. The engine (its zygote, its model clients) is built inside the running loop, at startup.
     `ping_s`: seconds of silence after which a run's stream gets a keep-alive comment."""
 
     @asynccontextmanager
