@@ -46,6 +46,13 @@ async def test_cells_share_a_namespace_and_reach_the_server(repl: SubprocessRepl
     assert outcome.stdout == "(['reply:a', 'reply:b'], 'reply:c', 18)"
 
 
+async def test_worker_collections_leave_the_preloaded_modules_alone(repl: SubprocessRepl) -> None:
+    """The zygote freezes what it preloaded before forking: a worker's garbage collections neither walk nor
+    write to those objects, so the pages it shares with the zygote stay shared."""
+    outcome = await repl.execute("import gc\ngc.get_freeze_count() > 5_000, len(gc.get_objects()) < 2_000", 10)
+    assert outcome.stdout == "(True, True)", outcome
+
+
 async def test_hung_cell_is_killed(repl: SubprocessRepl) -> None:
     await repl.execute("kept = 1", 10)
     outcome = await repl.execute("while True:\n    pass", 1)

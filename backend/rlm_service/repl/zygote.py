@@ -14,6 +14,7 @@ Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descrip
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -119,5 +120,7 @@ def main() -> None:
     sandbox.die_with_parent(int(sys.argv[2]))
     sandbox.set_process_name("rlm-zygote")
     _preload(json.loads(sys.argv[3]) if len(sys.argv) > 3 else [])
+    gc.collect()
+    gc.freeze()  # the children's collections then leave the preloaded modules alone: no page copied for them
     _send(control, {"op": "ready", "pid": os.getpid()})
     serve(control)
