@@ -15,7 +15,8 @@ and plays two roles:
 
 It counts requests and the peak number in flight, and injects faults on demand: HTTP errors (with or
 without `Retry-After`), dropped connections, timeouts, malformed JSON, empty `choices`,
-`content: null`, a cut stream, a slow trickle.
+`content: null`, a cut stream, a slow trickle. With `loose` set, its replies take the looser shape some
+compatible servers send: a `null` `created`, no `finish_reason`, an unknown `service_tier`.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class FakeOpenAI:
         self.port = port
         self.stats = Stats()
         self.faults: list[Fault] = []
+        self.loose = False
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -338,6 +340,8 @@ class FakeOpenAI:
         payload = {"id": f"chatcmpl-{self.stats.requests}", "object": "chat.completion", "created": int(time.time()),
                    "model": request.get("model"), "usage": usage,
                    "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+        if self.loose:
+            payload.update(created=None, service_tier="on_demand", choices=[{"index": 0, "message": message}])
         await self._respond(writer, 200, json.dumps(payload).encode())
         return True
 

@@ -114,6 +114,13 @@ async def test_root_null_content_ends_the_run_cleanly(fake: FakeOpenAI) -> None:
     assert [e.type for e in events].count(events[-1].type) == 1
 
 
+async def test_replies_in_a_looser_shape_are_read(fake: FakeOpenAI) -> None:
+    fake.loose = True
+    events = await run(fake, batch_prompt())
+    assert events[-1].type == "final" and events[-1].ready, events[-1]
+    assert events[-1].answer.startswith("sub-model reply")
+
+
 async def test_connection_refused_is_model_unavailable() -> None:
     events = await run(None, "anything", openai_api_base=f"http://127.0.0.1:{free_port()}/v1", rlm_model_retries=1)
     assert [e.type for e in events] == ["start", "error"]

@@ -20,6 +20,7 @@ from openai import NotGiven, Omit
 from openai.resources.chat import AsyncChat
 from openai.resources.chat.completions import AsyncCompletions
 from openai.types.chat import ChatCompletion
+from pydantic import ValidationError
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.profiles.openai import OpenAIModelProfile
 from pydantic_ai.providers.openai import OpenAIProvider
@@ -31,8 +32,13 @@ _REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
 
 
 def _chat_completion(payload: Any) -> ChatCompletion:
+    """The reply as the SDK's type. Validation is fast (about 10 µs); a compatible server's reply that does
+    not fit the SDK's types exactly is taken field by field instead, as the SDK itself does (about 150 µs)."""
     first_choice(payload)  # a reply without choices is retried like any garbled reply
-    return ChatCompletion.construct(**payload)
+    try:
+        return ChatCompletion.model_validate(payload)
+    except ValidationError:
+        return ChatCompletion.construct(**payload)
 
 
 class _DirectCompletions(AsyncCompletions):
