@@ -63,13 +63,19 @@ class OpenAISDKClient:
                           usage.completion_tokens if usage else 0)
 
 
-def _worker_cpu(pid: int) -> float:
+def _cpu(pid: int, *, reaped: bool = False) -> float:
+    """CPU seconds (user + system) a process has used; with `reaped`, its children that ended too."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(value) for value in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and everything below it, living or ended (the server, its zygote, workers)."""
+    return _cpu(pid) + sum(_cpu(child, reaped=True) for child in _descendants(pid))
 
 
 async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool = False, sequential: bool = False,
@@ -96,10 +102,10 @@ async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool =
                 code = f"r = [llm_query(f'prompt {{i}}') for i in range({n})]\nsum(x.startswith('Error') for x in r)"
             else:
                 code = f"r = llm_batch([f'prompt {{i}}' for i in range({n})])\nsum(x.startswith('Error') for x in r)"
-            worker_cpu = _worker_cpu(pid)
+            worker_cpu = _cpu(pid)
             with Stopwatch() as watch:
                 outcome = await repl.execute(code, 600)
-            worker_cpu = _worker_cpu(pid) - worker_cpu
+            worker_cpu = _cpu(pid) - worker_cpu
         finally:
             await repl.close()
             await zygote.close()
@@ -165,17 +171,17 @@ def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[
     result: dict[str, Any] = {}
     for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
                             ("subprocess_text", {"rlm_root_protocol": "text"})):
-        fake_cpu = _worker_cpu(server.pid)
+        fake_cpu = _cpu(server.pid)
         wall, done, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
-        fake_ms = 1000 * (_worker_cpu(server.pid) - fake_cpu) / done
+        fake_ms = 1000 * (_cpu(server.pid) - fake_cpu) / done
         stamps = [event.ts for event in events if event.type == "usage"]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         result[f"{name}_ms"] = 1000 * statistics.median(gaps) - fake_ms
         result[f"{name}_total_ms"] = 1000 * wall / done - fake_ms
         result[f"{name}_fake_ms"] = fake_ms
-    fake_cpu = _worker_cpu(server.pid)
+    fake_cpu = _cpu(server.pid)
     long_run = run_rlms("b3", "--url", server.url, "--iterations", str(iterations))
-    long_fake_ms = 1000 * (_worker_cpu(server.pid) - fake_cpu)
+    long_fake_ms = 1000 * (_cpu(server.pid) - fake_cpu)
     short_run = run_rlms("b3", "--url", server.url, "--iterations", str(short))
     if long_run and short_run:
         extra = long_run["iterations"] - short_run["iterations"]
@@ -372,21 +378,81 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
                 if (event := frames.feed(line)) is not None:
                     delays.append(time.time() - event[1]["ts"])
 
-    async def measure(url: str, count: int) -> tuple[float, list[float]]:
+    async def measure(url: str, count: int) -> tuple[Stopwatch, list[float]]:
         delays: list[float] = []
         async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
             with Stopwatch() as watch:
                 await asyncio.gather(*(one(client, url, delays) for _ in range(count)))
-        return watch.seconds, delays
+        return watch, delays
 
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
     with spawn_server(work, model_url=server.url, **env) as srv:
-        singles = [asyncio.run(measure(srv.url, 1))[0] for _ in range(3)]
+        singles = [asyncio.run(measure(srv.url, 1))[0].seconds for _ in range(3)]
         cold, cold_delays = asyncio.run(measure(srv.url, runs))  # the first burst opens the connections
+        pid = srv.process.pid
+        before = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
         warm, delays = asyncio.run(measure(srv.url, runs))
+        after = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
     single = statistics.median(singles)
-    return {"single_s": single, "together_s": warm, "ratio": warm / single, "cold_s": cold, "cold_ratio": cold / single,
-            **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays)}
+    server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
+    return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
+            "cold_s": cold.seconds, "cold_ratio": cold.seconds / single,
+            **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays),
+            # CPU per run during the warm burst, by process: the service's, and the benchmark's own
+            "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
+            "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
+            "machine_busy_pct": 100 * (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)}
+
+
+def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:
+    """What PydanticAI's agent graph alone costs for one B7 run: the service's agent (`build_agent`) driven
+    node by node as the controller does, `turns` tool calls and no more, by a `FunctionModel` (no HTTP, no
+    mapping to the OpenAI format) whose tool returns at once (no REPL). `runs` runs at once, after the
+    warm-up; CPU per run, with the collector set as the server sets it (backend/main.py)."""
+    import gc
+
+    from pydantic_ai import Agent
+    from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+    from pydantic_ai.models.function import AgentInfo, FunctionModel
+    from pydantic_ai.usage import UsageLimits
+
+    from rlm_service.controller import build_agent
+
+    def reply(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        done = sum(1 for message in messages if message.kind == "response")
+        if done < turns:
+            return ModelResponse(parts=[ToolCallPart("run_python", {"code": f"x = {done}"})])
+        return ModelResponse(parts=[TextPart("done")])
+
+    class Cells:
+        async def run_cell(self, code: str) -> str:
+            return "ok"
+
+    agent = build_agent(FunctionModel(reply), "tools")
+
+    async def one() -> None:
+        async with agent.iter("task", deps=Cells(), usage_limits=UsageLimits(request_limit=turns + 2)) as run:  # type: ignore[arg-type]
+            node, calls = run.next_node, 0
+            while not Agent.is_end_node(node) and calls < turns:
+                calls += Agent.is_call_tools_node(node)
+                node = await run.next(node)
+
+    async def measure() -> float:
+        await asyncio.gather(*(one() for _ in range(runs)))  # warm-up
+        cpu = time.process_time()
+        await asyncio.gather(*(one() for _ in range(runs)))
+        return (time.process_time() - cpu) / runs
+
+    gc.collect()
+    gc.freeze()
+    threshold = gc.get_threshold()
+    gc.set_threshold(10_000, 10, 10)
+    try:
+        per_run = asyncio.run(measure())
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+    return {"cpu_ms": 1000 * per_run, "burst_s": runs * per_run}
 
 
 def _percentiles(name: str, delays: list[float]) -> dict[str, float]:

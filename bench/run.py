@@ -137,6 +137,8 @@ def bench_b7() -> list[dict[str, str]]:
             s = repeat(3, lambda: b.b7_b8_concurrent_runs(server, runs=32, batch=50, work=work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    floor = repeat(5, lambda: b.b7_agent_floor(runs=32))
+    cpu = "; ".join(s[key].show("{:.0f}") for key in ("server_cpu_ms", "workers_cpu_ms", "model_cpu_ms", "client_cpu_ms"))
     return [
         row("B7", "32 concurrent runs (3 iterations, `llm_batch` of 50 at 200 ms each): total wall ÷ one run's "
                   "(connection pool warm, as in a running server)",
@@ -144,6 +146,12 @@ def bench_b7() -> list[dict[str, str]]:
             "≤ 1.5×", s["ratio"].median <= 1.5),
         row("B7", "… the first burst of a fresh server (it opens 512 connections to the model server)",
             f"{s['cold_ratio'].show(unit='×')} ({s['cold_s'].show(unit=' s')})", "—", None),
+        row("B7", "… CPU per run during the warm burst, in ms: the server process; its REPL workers and zygote; "
+                  "the fake model server; the benchmark's client. Share of both cores busy with them",
+            f"{cpu}. {s['machine_busy_pct'].show('{:.0f}', '%')}", "—", None),
+        row("B7", "… PydanticAI's agent graph alone for the same 3 turns (`FunctionModel`: no HTTP, no REPL): "
+                  "CPU per run; for 32 runs, all on the one event loop",
+            f"{floor['cpu_ms'].show('{:.1f}', ' ms')}; {floor['burst_s'].show(unit=' s')}", "—", None),
         row("B8", "SSE delivery, event created → received by the client, during B7 (warm): p50; p99",
             f"{s['sse_p50_ms'].show('{:.1f}', ' ms')}; {s['sse_p99_ms'].show('{:.1f}', ' ms')}", "p99 < 50 ms",
             s["sse_p99_ms"].median < 50),
