@@ -395,13 +395,14 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
         after = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
     single = statistics.median(singles)
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
+    busy = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
     return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
             "cold_s": cold.seconds, "cold_ratio": cold.seconds / single,
             **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays),
             # CPU per run during the warm burst, by process: the service's, and the benchmark's own
             "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
             "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
-            "machine_busy_pct": 100 * (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)}
+            "machine_busy_pct": 100 * busy}
 
 
 def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:

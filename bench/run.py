@@ -138,7 +138,7 @@ def bench_b7() -> list[dict[str, str]]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor = repeat(5, lambda: b.b7_agent_floor(runs=32))
-    cpu = "; ".join(s[key].show("{:.0f}") for key in ("server_cpu_ms", "workers_cpu_ms", "model_cpu_ms", "client_cpu_ms"))
+    cpu = "; ".join(s[f"{part}_cpu_ms"].show("{:.0f}") for part in ("server", "workers", "model", "client"))
     return [
         row("B7", "32 concurrent runs (3 iterations, `llm_batch` of 50 at 200 ms each): total wall ÷ one run's "
                   "(connection pool warm, as in a running server)",
