@@ -16,7 +16,8 @@ and plays two roles:
 It counts requests and the peak number in flight, and injects faults on demand: HTTP errors (with or
 without `Retry-After`), dropped connections, timeouts, malformed JSON, empty `choices`,
 `content: null`, a cut stream, a slow trickle. With `loose` set, its replies take the looser shape some
-compatible servers send: a `null` `created`, no `finish_reason`, an unknown `service_tier`.
+compatible servers send: a `null` `created`, no `finish_reason`, an unknown `service_tier`. With
+`cost_per_token` set, each reply reports its cost in USD as OpenRouter does (`usage.cost`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class FakeOpenAI:
         self.stats = Stats()
         self.faults: list[Fault] = []
         self.loose = False
+        self.cost_per_token: float | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -333,6 +335,8 @@ class FakeOpenAI:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(json.dumps(message)),
                  "total_tokens": 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if self.cost_per_token is not None:
+            usage["cost"] = usage["total_tokens"] * self.cost_per_token
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         if request.get("stream"):
             await self._stream(writer, request, message, usage, finish)

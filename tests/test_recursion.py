@@ -111,6 +111,17 @@ async def test_usage_and_cost_are_summed_over_the_tree(fake: FakeOpenAI) -> None
     assert usage_events[-1].by_depth is not None and set(usage_events[-1].by_depth) == {"0", "1"}
 
 
+async def test_costs_the_endpoint_reports_are_summed_root_and_sub(fake: FakeOpenAI) -> None:
+    """Without RLM_PRICES, the cost is what the endpoint reports (OpenRouter's `usage.cost`) for every
+    request: the root model's as well as the sub-calls'."""
+    fake.cost_per_token = 1e-6
+    prompt = script({"code": ["r = llm_batch(['a', 'b'])"]}, {"code": ["answer.update(content='done', ready=True)"]})
+    final = (await run(fake, prompt))[-1]
+    assert final.type == "final" and final.usage.root.requests == 2 and final.usage.sub.requests == 2
+    tokens = sum(part.input_tokens + part.output_tokens for part in (final.usage.root, final.usage.sub))
+    assert final.cost_usd is not None and abs(final.cost_usd - tokens * 1e-6) < 1e-9
+
+
 async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI) -> None:
     child = nested("Work.", *[{"code": [f"x_{i} = llm_query('more {i}')"]} for i in range(10)])
     prompt = script({"code": [f"c = rlm_query({child!r}, 'ctx')"]},

@@ -35,6 +35,7 @@ from .events import (
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
 from .repl.executor import join_prompt
+from .rootmodel import REPORTED_COST
 from .tree import RunTree
 
 Emit = Callable[[_Event], None]
@@ -123,6 +124,7 @@ class Controller:
         self.last_prose = ""
         self._progress: _CellProgress | None = None
         self._agent_usage = AgentUsage()
+        self._reported_cost: float | None = None  # what the endpoint said the replies since `_account` cost
         self._repl_starting: asyncio.Future[None] | None = None
         """The REPL's start, running alongside the first model request; cells wait for it."""
 
@@ -185,6 +187,9 @@ class Controller:
         return UsageLimits(request_limit=self.limits.max_iterations * 3 + 10)
 
     def _note_response(self, response: ModelResponse) -> None:
+        reported = (response.provider_details or {}).get(REPORTED_COST)
+        if reported is not None:
+            self._reported_cost = (self._reported_cost or 0.0) + reported
         texts = [part.content for part in response.parts if isinstance(part, TextPart) and part.content.strip()]
         if not texts:
             return
@@ -204,7 +209,8 @@ class Controller:
         root.input_tokens = self._agent_usage.input_tokens
         root.output_tokens = self._agent_usage.output_tokens
         self.tree.add_cost(self.agent.model.model_name if hasattr(self.agent.model, "model_name") else "",
-                           new_input, new_output)
+                           new_input, new_output, self._reported_cost)
+        self._reported_cost = None
 
     def _emit_usage(self) -> None:
         self._account()

@@ -8,10 +8,14 @@ runs at once (BENCHMARKS.md, B7), and the transform alone at 0.25 ms per history
 through our `ChatClient` (llm.py), with the retries, `Retry-After` handling and whole-response
 deadline of sub-calls. The same place sends `""` instead of `null` for the content of an assistant
 message that only calls tools, which llama.cpp's server rejects.
+
+`RootChatModel` leaves pricing to the service, as for sub-calls: a cost the endpoint reports (OpenRouter's
+`usage.cost`) goes into the run's cost, and otherwise RLM_PRICES does.
 """
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import cached_property
 from typing import Any
 
@@ -21,6 +25,7 @@ from openai.resources.chat import AsyncChat
 from openai.resources.chat.completions import AsyncCompletions
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
+from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models.openai import OpenAIChatModel
 from pydantic_ai.profiles.openai import OpenAIModelProfile
 from pydantic_ai.providers.openai import OpenAIProvider
@@ -79,7 +84,32 @@ class DirectAsyncOpenAI(openai.AsyncOpenAI):
         return _DirectChat(self)
 
 
-def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> OpenAIChatModel:
+REPORTED_COST = "reported_cost"
+"""The key of `ModelResponse.provider_details` that holds the cost in USD the endpoint reported."""
+
+
+class RootChatModel(OpenAIChatModel):
+    """`OpenAIChatModel` priced by the service, not by PydanticAI.
+
+    A reply's reported cost is kept under `provider_details[REPORTED_COST]` (the controller adds it to
+    the run's cost) and as its `usage.cost`. Without one, `usage.cost` is zero rather than unset: unset,
+    PydanticAI would look the model up in its price tables after every reply (genai-prices: 0.1–0.3 ms
+    of CPU each, B7) for an estimate the service does not use.
+    """
+
+    def _process_response(self, response: ChatCompletion | str, **kwargs: Any) -> ModelResponse:
+        result = super()._process_response(response, **kwargs)
+        usage = getattr(response, "usage", None)
+        reported = (usage.model_extra or {}).get("cost") if usage is not None else None
+        if isinstance(reported, (int, float)) and not isinstance(reported, bool):
+            result.provider_details = {**(result.provider_details or {}), REPORTED_COST: float(reported)}
+            result.usage.cost = Decimal(str(reported))
+        elif result.usage.cost is None:
+            result.usage.cost = Decimal(0)
+        return result
+
+
+def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> RootChatModel:
     """A root model on PydanticAI (the configured root model unless `model_name` is given; child runs of
     a recursive run use the sub model), talking to the configured OpenAI-compatible endpoint."""
     sdk = DirectAsyncOpenAI(client, base_url=settings.openai_api_base, api_key=settings.api_key_value(),
@@ -89,5 +119,5 @@ def build_root_model(settings: Settings, client: ChatClient, *, model_name: str 
         # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
         profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
                                      openai_chat_supports_max_completion_tokens=False)
-    return OpenAIChatModel(model_name or settings.openai_model_name or "",
+    return RootChatModel(model_name or settings.openai_model_name or "",
                            provider=OpenAIProvider(openai_client=sdk), profile=profile)
