@@ -371,33 +371,41 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
              {"code": ["answer.update(content='done', ready=True)"]}]
     prompt = script(*cells)
 
-    async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> None:
+    async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> float:
+        """Streams one run; returns when (server time) its batch started: its first `subcalls` event."""
+        batch_started = 0.0
         async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
             frames = SseFrames()
             async for line in response.aiter_lines():
                 if (event := frames.feed(line)) is not None:
                     delays.append(time.time() - event[1]["ts"])
+                    if event[0] == "subcalls" and not batch_started:
+                        batch_started = event[1]["ts"]
+        return batch_started
 
-    async def measure(url: str, count: int) -> tuple[Stopwatch, list[float]]:
+    async def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
+        """The burst's stopwatch, its delivery delays, and how long after its start the last batch started."""
         delays: list[float] = []
         async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
+            began = time.time()
             with Stopwatch() as watch:
-                await asyncio.gather(*(one(client, url, delays) for _ in range(count)))
-        return watch, delays
+                starts = await asyncio.gather(*(one(client, url, delays) for _ in range(count)))
+        return watch, delays, max(starts) - began
 
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
     with spawn_server(work, model_url=server.url, **env) as srv:
-        singles = [asyncio.run(measure(srv.url, 1))[0].seconds for _ in range(3)]
-        cold, cold_delays = asyncio.run(measure(srv.url, runs))  # the first burst opens the connections
+        alone = [asyncio.run(measure(srv.url, 1)) for _ in range(3)]
+        cold, cold_delays, _ = asyncio.run(measure(srv.url, runs))  # the first burst opens the connections
         pid = srv.process.pid
         before = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
-        warm, delays = asyncio.run(measure(srv.url, runs))
+        warm, delays, last_batch_s = asyncio.run(measure(srv.url, runs))
         after = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
-    single = statistics.median(singles)
+    single = statistics.median(watch.seconds for watch, _, _ in alone)
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
     busy = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
     return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
-            "cold_s": cold.seconds, "cold_ratio": cold.seconds / single,
+            "cold_s": cold.seconds, "cold_ratio": cold.seconds / single, "last_batch_start_s": last_batch_s,
+            "single_batch_start_s": statistics.median(start for _, _, start in alone),
             **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays),
             # CPU per run during the warm burst, by process: the service's, and the benchmark's own
             "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,

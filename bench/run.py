@@ -146,6 +146,9 @@ def bench_b7() -> list[dict[str, str]]:
             "≤ 1.5×", s["ratio"].median <= 1.5),
         row("B7", "… the first burst of a fresh server (it opens 512 connections to the model server)",
             f"{s['cold_ratio'].show(unit='×')} ({s['cold_s'].show(unit=' s')})", "—", None),
+        row("B7", "… when the last of the 32 batches started, after the burst began (one run alone: its batch "
+                  "started after)", f"{s['last_batch_start_s'].show(unit=' s')} "
+                                  f"({s['single_batch_start_s'].show('{:.3f}', ' s')})", "—", None),
         row("B7", "… CPU per run during the warm burst, in ms: the server process; its REPL workers and zygote; "
                   "the fake model server; the benchmark's client. Share of both cores busy with them",
             f"{cpu}. {s['machine_busy_pct'].show('{:.0f}', '%')}", "—", None),
