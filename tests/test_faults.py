@@ -10,7 +10,7 @@ import pytest
 from rlm_service.engine import Engine
 from rlm_service.events import _Event
 from tests.conftest import free_port, make_settings, script
-from tests.fake_openai import FakeOpenAI
+from tests.fake_openai import FakeOpenAI, HTTPFault
 
 BATCH_CELL = "replies = llm_batch(['a', 'b', 'c'])\nfor r in replies:\n    print(r[:80])"
 FINISH = "answer.update(content='\\n'.join(replies), ready=True)"
@@ -112,6 +112,17 @@ async def test_root_null_content_ends_the_run_cleanly(fake: FakeOpenAI) -> None:
     events = await run(fake, batch_prompt(), rlm_model_retries=1)
     assert events[-1].type in ("final", "error")
     assert [e.type for e in events].count(events[-1].type) == 1
+
+
+async def test_a_server_quoting_the_key_back_does_not_reach_code_or_events(fake: FakeOpenAI) -> None:
+    def quoting(prompt: str) -> str:
+        raise HTTPFault(401, "Incorrect API key provided: sk-test-key. Find your key at your account page.")
+
+    fake.sub = quoting
+    events = await run(fake, script({"code": ["print(llm_query('a'))"]}, {"code": [FINISH.replace("replies", "[]")]}))
+    outputs = [e for e in events if e.type == "output"]
+    assert "refused the key" in outputs[0].stdout and "Incorrect API key provided: ***" in outputs[0].stdout
+    assert all("sk-test-key" not in e.model_dump_json() for e in events)
 
 
 async def test_replies_in_a_looser_shape_are_read(fake: FakeOpenAI) -> None:

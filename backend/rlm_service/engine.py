@@ -48,6 +48,7 @@ from .repl.spawner import SpawnError, Zygote
 from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
+from .security import redact
 from .store import RunRecord, RunStore
 from .tree import RunTree, TreeLimits
 
@@ -345,8 +346,7 @@ class Engine:
         return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
 
     def _redact(self, text: str) -> str:
-        key = self.settings.api_key_value()
-        return text.replace(key, "***") if self.settings.api_key_configured and key else text
+        return redact(text, self.settings.api_key_value())
 
 
 def run_blocking(settings: Settings, prompt: str, input_data: str = "", run_settings: RunSettings | None = None,

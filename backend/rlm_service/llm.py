@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 from . import __version__
 from .events import Usage
 from .http1 import HttpClient, HttpError
+from .security import redact
 
 T = TypeVar("T")
 USER_AGENT = f"rlm-service/{__version__}"
@@ -80,15 +81,17 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
 
 
-def _error_detail(raw: bytes) -> str:
+def _error_detail(raw: bytes, secret: str) -> str:
+    """The message of an error reply, short, and without the key should the server quote it back."""
+    text = raw.decode("utf-8", "replace")
     try:
-        body = json.loads(raw)
+        body = json.loads(text)
         message = body.get("error", {}).get("message") if isinstance(body, dict) else None
         if isinstance(message, str):
-            return message[:300]
+            text = message
     except ValueError:
         pass
-    return raw[:300].decode("utf-8", "replace").strip()
+    return redact(text, secret).strip()[:300]
 
 
 def first_choice(payload: Any) -> dict[str, Any]:
@@ -130,6 +133,7 @@ class ChatClient:
                  backoff: float = 0.5, proxy: str | None = None) -> None:
         url = urlsplit(base_url.rstrip("/") + "/chat/completions")
         self.path = url.path + (f"?{url.query}" if url.query else "")
+        self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                         "Accept": "application/json", "User-Agent": USER_AGENT}
         self.timeout = timeout
@@ -177,14 +181,15 @@ class ChatClient:
             raise _Retry(f"could not reach the model server ({exc})") from exc
         status, raw = response.status, response.body
         retry_after = response.headers.get("retry-after")
-        if status in (401, 403):
-            raise ModelCallError(f"the model server refused the key (HTTP {status}): {_error_detail(raw)}",
-                                 kind="auth", status=status)
-        if status in RETRYABLE_STATUS or status >= 500:
-            raise _Retry(f"HTTP {status} from the model server: {_error_detail(raw)}",
-                         delay=retry_after_seconds(retry_after), status=status)
         if status >= 400:
-            raise ModelCallError(f"HTTP {status} from the model server: {_error_detail(raw)}", status=status)
+            detail = _error_detail(raw, self.api_key)
+            if status in (401, 403):
+                raise ModelCallError(f"the model server refused the key (HTTP {status}): {detail}",
+                                     kind="auth", status=status)
+            if status in RETRYABLE_STATUS or status >= 500:
+                raise _Retry(f"HTTP {status} from the model server: {detail}",
+                             delay=retry_after_seconds(retry_after), status=status)
+            raise ModelCallError(f"HTTP {status} from the model server: {detail}", status=status)
         try:
             payload = json.loads(raw)
         except ValueError as exc:

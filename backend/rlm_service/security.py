@@ -21,6 +21,16 @@ log = logging.getLogger("rlm_service")
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "RLM_API_TOKEN")
 PR_SET_DUMPABLE = 4
+MIN_SECRET_CHARS = 8
+"""Shorter "keys" are placeholders (`x`, `none`), as local servers take: hiding them would garble text."""
+
+
+def redact(text: str, secret: str | None) -> str:
+    """`text` with every occurrence of `secret` replaced by `***`: for error messages that may quote the
+    key back (a model server's 401 body), before they reach generated code, events or logs."""
+    if secret and len(secret) >= MIN_SECRET_CHARS:
+        return text.replace(secret, "***")
+    return text
 
 
 def _environment_block() -> tuple[int, bytes] | None:
