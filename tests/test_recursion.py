@@ -122,6 +122,14 @@ async def test_costs_the_endpoint_reports_are_summed_root_and_sub(fake: FakeOpen
     assert final.cost_usd is not None and abs(final.cost_usd - tokens * 1e-6) < 1e-9
 
 
+async def test_a_cost_budget_spent_by_a_root_reply_holds_for_the_cell_it_asks_for(fake: FakeOpenAI) -> None:
+    prompt = script({"code": ["print(llm_batch(['a', 'b']))"]}, {"code": ["answer.update(content='x', ready=True)"]})
+    events = await run(fake, prompt, rlm_max_cost_usd=0.001, rlm_prices={"root-model": [1000.0, 1000.0]})
+    output = next(e for e in events if e.type == "output")
+    assert output.stdout.count("cost budget is spent") == 2 and fake.stats.sub_requests == 0
+    assert events[-1].type == "final" and events[-1].cost_usd > 0.001
+
+
 async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI) -> None:
     child = nested("Work.", *[{"code": [f"x_{i} = llm_query('more {i}')"]} for i in range(10)])
     prompt = script({"code": [f"c = rlm_query({child!r}, 'ctx')"]},

@@ -190,6 +190,7 @@ class Controller:
         reported = (response.provider_details or {}).get(REPORTED_COST)
         if reported is not None:
             self._reported_cost = (self._reported_cost or 0.0) + reported
+        self._account()  # now, so that a cost budget this reply spent holds for the cell it asks for
         texts = [part.content for part in response.parts if isinstance(part, TextPart) and part.content.strip()]
         if not texts:
             return
