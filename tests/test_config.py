@@ -31,12 +31,24 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(("name", "value"), [("RLM_REPL", "docker"), ("OPENAI_API_BASE", "ftp://x"),
+                                             ("OPENAI_BASE_URL", "ftp://x"),
                                              ("RLM_WORKER_NETWORK", "maybe"), ("PORT", "99999"),
                                              ("HTTPS_PROXY", "socks5://proxy:1080"), ("HTTP_PROXY", "http://p:port")])
 def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=f"^{name}:"):
         load_settings(_env_file=None)
+
+
+def test_a_bad_value_in_the_env_file_is_named_as_written_there(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(other, raising=False)
+    (tmp_path / ".env").write_text("OPENAI_BASE_URL=ftp://x\n")
+    with pytest.raises(ConfigError, match=r"^OPENAI_BASE_URL:"):
+        load_settings(_env_file=tmp_path / ".env")
 
 
 def test_a_bad_proxy_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,11 +7,13 @@ Nothing else in the service reads `os.environ`; the settings object is built onc
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -180,12 +182,20 @@ class Settings(BaseSettings):
         return None
 
 
-def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...]) -> str:
+def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...], env_file: object) -> str:
+    """The variable a bad value came from: of a field's names, the first one that is set (the one the
+    settings read), in the environment or in the `.env` file."""
     name = str(loc[0]) if loc else "?"
-    field = settings_cls.model_fields.get(name)
-    if field is not None and isinstance(field.validation_alias, AliasChoices):
-        return str(field.validation_alias.choices[0])
-    return name.upper()
+    choices = next((list(field.validation_alias.choices) for field_name, field in settings_cls.model_fields.items()
+                    if isinstance(field.validation_alias, AliasChoices)
+                    and name in (field_name, *field.validation_alias.choices)), None)
+    if choices is None:
+        return name.upper()
+    names = [str(choice) for choice in choices if str(choice).isupper()]
+    given = {key.upper() for key in os.environ}
+    if isinstance(env_file, (str, Path)) and Path(env_file).is_file():
+        given |= {key.upper() for key in dotenv_values(env_file)}
+    return next((candidate for candidate in names if candidate in given), names[0])
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -194,7 +204,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        name = _field_env_name(Settings, tuple(first["loc"]))
+        env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
+        name = _field_env_name(Settings, tuple(first["loc"]), env_file)
         given = first.get("input")
         secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY")  # proxies carry passwords
         shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
