@@ -75,10 +75,10 @@ def test_answer_stays_a_dict_with_str_and_bool() -> None:
     assert repl.run("answer").stdout == "{'content': '42', 'ready': False}"
 
 
-def test_ready_with_empty_content_stays_not_ready() -> None:
+def test_ready_with_empty_content_is_ready() -> None:
+    """The contract: the run ends after the first cell that leaves `ready` true, content or not."""
     result = runner().run("answer['ready'] = True")
-    assert result.answer_ready is False
-    assert any("empty" in note for note in result.notes)
+    assert (result.answer_content, result.answer_ready) == ("", True)
 
 
 def test_traceback_shows_only_generated_frames() -> None:

@@ -206,9 +206,6 @@ class CellRunner:
         if not isinstance(ready, bool):
             ready = bool(ready)
             notes.append("answer['ready'] was converted to bool.")
-        if ready and not content.strip():
-            ready = False
-            notes.append("answer['ready'] was set but answer['content'] is empty, so it stays not ready.")
         value["content"], value["ready"] = content, ready
         self._answer = (content, ready)
         return notes
