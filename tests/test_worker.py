@@ -70,9 +70,11 @@ async def test_answer_survives_a_restart(repl: SubprocessRepl) -> None:
 
 
 async def test_huge_allocation_fails_cleanly(repl: SubprocessRepl) -> None:
-    outcome = await repl.execute("blob = bytearray(3 * 1024 ** 3)", 20)
+    await repl.execute("kept = 1", 10)
+    outcome = await repl.execute("import numpy\nblob = numpy.ones(3 * 1024 ** 3, dtype=numpy.uint8)", 20)
     assert "MemoryError" in (outcome.error or "")
-    assert (await repl.execute("1 + 1", 10)).stdout == "2"
+    assert "memory limit of 1,024 MB (RLM_WORKER_MEMORY_MB)" in (outcome.error or ""), outcome.error
+    assert (await repl.execute("1 + kept", 10)).stdout == "2"
 
 
 async def test_worker_environment_holds_no_secret(repl: SubprocessRepl, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,13 +113,15 @@ class CellRunner:
     """One run's namespace and the cells executed in it."""
 
     def __init__(self, context: str, batch: BatchFn, *, rlm: RlmFn | None = None, max_output_chars: int = 8192,
-                 capture_all_threads: bool = False, answer: str = "") -> None:
+                 capture_all_threads: bool = False, answer: str = "", memory_limit_mb: int | None = None) -> None:
         """`rlm` runs child RLMs (by default they are plain sub-calls, the prompt and context joined);
-        `capture_all_threads` also captures output of threads the code starts (one run per process)."""
+        `capture_all_threads` also captures output of threads the code starts (one run per process);
+        `memory_limit_mb`, the limit the process runs under, is named when a cell runs out of memory."""
         llm_query, llm_batch = _make_llm_functions(batch)
         rlm_query, rlm_batch = _make_rlm_functions(rlm or _as_llm_calls(batch))
         self.max_output_chars = max_output_chars
         self.capture_all_threads = capture_all_threads
+        self.memory_limit_mb = memory_limit_mb
         self._protected: dict[str, Any] = {
             "context": context, "input_data": context, "llm_query": llm_query, "llm_batch": llm_batch,
             "rlm_query": rlm_query, "rlm_batch": rlm_batch,
@@ -149,6 +151,10 @@ class CellRunner:
             self._execute(code, filename, sink)
         except BaseException as exc:
             error = _format_error(exc)
+            if isinstance(exc, MemoryError) and self.memory_limit_mb:
+                error += (f"The cell went past this REPL's memory limit of {self.memory_limit_mb:,} MB "
+                          "(RLM_WORKER_MEMORY_MB); its variables are kept. Work on the input in pieces, or free "
+                          "large variables with del.\n")
         finally:
             deactivate(token)
             StreamRouter.fallback = None

@@ -149,7 +149,8 @@ def main(fd: int, *, expected_parent: int) -> None:
     channel = Channel(sock)
     os.register_at_fork(after_in_child=channel.forked)
     runner = CellRunner(context, channel.batch, rlm=channel.rlm, max_output_chars=int(init["max_output_chars"]),
-                        capture_all_threads=True, answer=str(init.get("answer", "")))
+                        capture_all_threads=True, answer=str(init.get("answer", "")),
+                        memory_limit_mb=options.memory_mb)
     channel.start()
     channel.send({"op": "ready", "chars": len(context), "layers": report.layers, "skipped": report.skipped})
     while True:
