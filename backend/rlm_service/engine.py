@@ -71,10 +71,12 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_iterations: int | None = Field(None, ge=1)
-    max_subcalls: int | None = Field(None, ge=1)
-    exec_timeout_s: float | None = Field(None, ge=1)
-    keep_input: bool = Field(False, description="Keep the input in the run history (it is not, by default).")
+    # strict: `true` or "3" is a mistake in the request, not 1 or 3
+    max_iterations: int | None = Field(None, ge=1, strict=True)
+    max_subcalls: int | None = Field(None, ge=1, strict=True)
+    exec_timeout_s: float | None = Field(None, ge=1, strict=True)
+    keep_input: bool = Field(False, strict=True,
+                             description="Keep the input in the run history (it is not, by default).")
 
 
 class SettingsRefused(ValueError):
