@@ -39,6 +39,10 @@ def _configure() -> Settings:
     return settings
 
 
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations (net of frees) between collections of young objects; CPython's default is 700."""
+
+
 def _settle_heap() -> None:
     """Keep the garbage collector off what lives as long as the process.
 
@@ -53,9 +57,6 @@ def _settle_heap() -> None:
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
 
-
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations (net of frees) between collections of young objects; CPython's default is 700."""
 
 settings = _configure()
 app = create_app(settings)
