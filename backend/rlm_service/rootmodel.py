@@ -120,4 +120,4 @@ def build_root_model(settings: Settings, client: ChatClient, *, model_name: str 
         profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
                                      openai_chat_supports_max_completion_tokens=False)
     return RootChatModel(model_name or settings.openai_model_name or "",
-                           provider=OpenAIProvider(openai_client=sdk), profile=profile)
+                         provider=OpenAIProvider(openai_client=sdk), profile=profile)
