@@ -10,7 +10,6 @@ hardens the process, and serves the API and the web UI on HOST:PORT.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rlm_service.api import create_app
 from rlm_service.config import ConfigError, Settings, load_settings
+from rlm_service.runtime import settle_heap
 from rlm_service.security import harden_server_process
 
 
@@ -39,28 +39,9 @@ def _configure() -> Settings:
     return settings
 
 
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations (net of frees) between collections of young objects; CPython's default is 700."""
-
-
-def _settle_heap() -> None:
-    """Keep the garbage collector off what lives as long as the process.
-
-    Everything imported by now (FastAPI, PydanticAI, pydantic's schemas: about 150,000 objects) is moved
-    out of the collector's reach, and young objects are collected in larger steps, so that most of a
-    run's short-lived objects are already freed when a collection comes. Measured during 32 runs at once
-    (BENCHMARKS.md, B7): the collector took about 5 ms of CPU per run, with pauses of over 100 ms on the
-    event loop at each full collection; after this, under 1 ms per run, and a full collection no longer walks
-    the imported modules.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
-
-
 settings = _configure()
 app = create_app(settings)
-_settle_heap()
+settle_heap()
 
 
 def main() -> None:

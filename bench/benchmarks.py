@@ -24,7 +24,7 @@ from typing import Any
 import httpx2
 import openai
 
-from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes
+from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes, server_heap
 from rlm_service.cli import SseFrames
 from rlm_service.config import Settings
 from rlm_service.engine import Engine
@@ -166,13 +166,15 @@ def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[
     the events' timestamps), so one-time costs (clients, worker start) are left out. `<name>_total_ms`:
     a whole run's wall time divided by its iterations, one-time costs included. rlms has no events:
     its steady state is the slope between a long and a short run, `rlms_ms`. Model time is excluded
-    from all of them: the fake server's own CPU time per request (`<name>_fake_ms`) is subtracted.
+    from all of them: the fake server's own CPU time per request (`<name>_fake_ms`) is subtracted. Our
+    runs have the collector set as the service's process sets it (`server_heap`).
     """
     result: dict[str, Any] = {}
     for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
                             ("subprocess_text", {"rlm_root_protocol": "text"})):
         fake_cpu = _cpu(server.pid)
-        wall, done, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
+        with server_heap():
+            wall, done, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
         fake_ms = 1000 * (_cpu(server.pid) - fake_cpu) / done
         stamps = [event.ts for event in events if event.type == "usage"]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
@@ -417,9 +419,7 @@ def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:
     """What PydanticAI's agent graph alone costs for one B7 run: the service's agent (`build_agent`) driven
     node by node as the controller does, `turns` tool calls and no more, by a `FunctionModel` (no HTTP, no
     mapping to the OpenAI format) whose tool returns at once (no REPL). `runs` runs at once, after the
-    warm-up; CPU per run, with the collector set as the server sets it (backend/main.py)."""
-    import gc
-
+    warm-up; CPU per run, with the collector set as the server's process sets it."""
     from pydantic_ai import Agent
     from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
     from pydantic_ai.models.function import AgentInfo, FunctionModel
@@ -452,15 +452,8 @@ def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:
         await asyncio.gather(*(one() for _ in range(runs)))
         return (time.process_time() - cpu) / runs
 
-    gc.collect()
-    gc.freeze()
-    threshold = gc.get_threshold()
-    gc.set_threshold(10_000, 10, 10)
-    try:
+    with server_heap():
         per_run = asyncio.run(measure())
-    finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
     return {"cpu_ms": 1000 * per_run, "burst_s": runs * per_run}
 
 

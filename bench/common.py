@@ -1,7 +1,9 @@
-"""What the benchmarks share: the fake OpenAI server as its own process, timing and statistics."""
+"""What the benchmarks share: the fake OpenAI server as its own process, the server's collector settings,
+timing and statistics."""
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import re
@@ -16,6 +18,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "backend"), str(ROOT)]
+
+from rlm_service.runtime import settle_heap  # noqa: E402  (the path above first)
+
+
+@contextmanager
+def server_heap() -> Iterator[None]:
+    """The collector set as the service's process sets it (`settle_heap`), for a benchmark that runs the
+    engine in this process; undone afterwards."""
+    threshold = gc.get_threshold()
+    settle_heap()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
 
 
 @dataclass

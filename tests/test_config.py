@@ -145,7 +145,8 @@ def test_main_keeps_the_collector_off_the_imported_modules() -> None:
     """The service's process leaves what it imported to the permanent generation, so that a full garbage
     collection during runs walks only what runs create (it used to stall the event loop for ~100 ms)."""
     probe = ("import gc, sys; sys.path.insert(0, sys.argv[1]); import main; "
-             "print(gc.get_freeze_count(), len(gc.get_objects()), gc.get_threshold()[0], main.GC_YOUNG_THRESHOLD)")
+             "from rlm_service.runtime import GC_YOUNG_THRESHOLD; "
+             "print(gc.get_freeze_count(), len(gc.get_objects()), gc.get_threshold()[0], GC_YOUNG_THRESHOLD)")
     result = subprocess.run([sys.executable, "-c", probe, str(MAIN.parent)], env=clean_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
