@@ -34,7 +34,7 @@ from .events import (
 )
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
-from .repl.executor import join_prompt
+from .repl.executor import as_sub_calls
 from .rootmodel import REPORTED_COST
 from .tree import RunTree
 
@@ -138,7 +138,7 @@ class Controller:
     async def serve_rlm(self, prompts_: list[str], contexts: list[str | None]) -> list[str]:
         """`rlm_batch` for the REPL: child runs where the tree allows, plain sub-calls where it does not."""
         if self.children is None or not self.tree.can_recurse(self.depth):
-            return await self.serve_batch([join_prompt(p, c) for p, c in zip(prompts_, contexts, strict=True)])
+            return await as_sub_calls(self.serve_batch)(prompts_, contexts)
         return await self.children(self, prompts_, contexts)
 
     def _emit_progress(self, done: int, failed: int, total: int) -> None:

@@ -16,10 +16,11 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .capture import BoundedText, StreamRouter, activate, deactivate, install_router
 
+R = TypeVar("R")
 BatchFn = Callable[[list[str]], list[str]]
 RlmFn = Callable[[list[str], list[str | None]], list[str]]
 """Runs child RLMs: prompts and their contexts (None: no context of their own) in, final answers out."""
@@ -118,7 +119,7 @@ class CellRunner:
         `capture_all_threads` also captures output of threads the code starts (one run per process);
         `memory_limit_mb`, the limit the process runs under, is named when a cell runs out of memory."""
         llm_query, llm_batch = _make_llm_functions(batch)
-        rlm_query, rlm_batch = _make_rlm_functions(rlm or _as_llm_calls(batch))
+        rlm_query, rlm_batch = _make_rlm_functions(rlm or as_sub_calls(batch))
         self.max_output_chars = max_output_chars
         self.capture_all_threads = capture_all_threads
         self.memory_limit_mb = memory_limit_mb
@@ -217,8 +218,9 @@ class CellRunner:
         return notes
 
 
-def _as_llm_calls(batch: BatchFn) -> RlmFn:
-    """Child RLMs where recursion is off: one sub-call each, the context appended to the prompt."""
+def as_sub_calls(batch: Callable[[list[str]], R]) -> Callable[[list[str], list[str | None]], R]:
+    """Child RLMs where recursion is off: one sub-call each, the context appended to the prompt. `batch`
+    may be sync or async: what it returns (the replies, or a coroutine of them) is handed back as it is."""
     return lambda prompts, contexts: batch([join_prompt(p, c) for p, c in zip(prompts, contexts, strict=True)])
 
 

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from .base import RESTARTED_NOTE, AsyncBatch, AsyncRlm, CellOutcome, ReplOptions
-from .executor import CellResult, CellRunner
+from .executor import CellResult, CellRunner, as_sub_calls
 from .worker import load_text
 from .workspace import Workspace
 
@@ -40,7 +40,7 @@ class InprocessRepl:
                  rlm: AsyncRlm | None = None) -> None:
         self.workspace = workspace
         self.batch = batch
-        self.rlm = rlm
+        self.rlm = rlm or as_sub_calls(batch)
         self.options = options
         self._runner: CellRunner | None = None
         self._context = ""
@@ -54,12 +54,10 @@ class InprocessRepl:
         self._runner = self._new_runner("")
 
     def _new_runner(self, answer: str) -> CellRunner:
-        rlm = self._sync_rlm if self.rlm is not None else None
-        return CellRunner(self._context, self._sync_batch, rlm=rlm, max_output_chars=self.options.max_output_chars,
-                          answer=answer)
+        return CellRunner(self._context, self._sync_batch, rlm=self._sync_rlm,
+                          max_output_chars=self.options.max_output_chars, answer=answer)
 
     def _sync_rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
-        assert self.rlm is not None
         return self._call(self.rlm(prompts, contexts))
 
     def _sync_batch(self, prompts: list[str]) -> list[str]:

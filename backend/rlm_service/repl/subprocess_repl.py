@@ -22,7 +22,7 @@ from typing import Any
 
 from . import protocol
 from .base import RESTARTED_NOTE, AsyncBatch, AsyncRlm, CellOutcome, ReplError, ReplOptions
-from .executor import MAX_FIGURE_BYTES, MAX_FIGURES, join_prompt
+from .executor import MAX_FIGURE_BYTES, MAX_FIGURES, as_sub_calls
 from .spawner import BASE_ENVIRONMENT, SpawnError, WorkerProcess, Zygote
 from .workspace import Workspace
 
@@ -144,7 +144,7 @@ class SubprocessRepl:
                  rlm: AsyncRlm | None = None) -> None:
         self.workspace = workspace
         self.zygote = zygote
-        self.rlm = rlm
+        self.rlm = rlm or as_sub_calls(batch)
         self.batch = batch
         self.options = options
         self._worker: _Worker | None = None
@@ -257,11 +257,8 @@ class SubprocessRepl:
             try:
                 if message["op"] == "batch":
                     reply["results"] = await self.batch(prompts)
-                elif self.rlm is not None:
-                    reply["results"] = await self.rlm(prompts, contexts)  # type: ignore[arg-type]
                 else:
-                    pairs = zip(prompts, contexts, strict=True)  # type: ignore[arg-type]
-                    reply["results"] = await self.batch([join_prompt(p, c) for p, c in pairs])
+                    reply["results"] = await self.rlm(prompts, contexts)  # type: ignore[arg-type]
             except Exception as exc:
                 reply["error"] = f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(ConnectionError, RuntimeError):
