@@ -129,7 +129,6 @@ class _AfterCommit:
         self.callback()
 
 
-
 class SqliteRunStore:
     """The default store: one SQLite file, one writer thread."""
 
@@ -211,10 +210,9 @@ class SqliteRunStore:
 
     def record(self, run_id: str, event: _Event) -> None:
         def write(db: sqlite3.Connection) -> None:  # in the writer thread: serializing is not the loop's work
-            kind = str(getattr(event, "type", ""))
             db.execute("INSERT INTO events (run_id, seq, type, data) VALUES "
                        "(?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_id = ?), ?, ?)",
-                       (run_id, run_id, kind, event.model_dump_json()))
+                       (run_id, run_id, event.type, event.model_dump_json()))
             if isinstance(event, FinalEvent):
                 db.execute("UPDATE runs SET status = 'finished', finished = ?, answer = ?, ready = ?, "
                            "iterations = ?, usage = ? WHERE id = ?",
