@@ -104,6 +104,12 @@ def first_choice(payload: Any) -> dict[str, Any]:
     return choices[0]
 
 
+def reported_cost(usage: Any) -> float | None:
+    """The cost in USD a reply's `usage` object reports, when the endpoint reports one (OpenRouter does)."""
+    cost = usage.get("cost") if isinstance(usage, dict) else None
+    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+
+
 def parse_completion(payload: Any) -> Completion:
     """Pull the reply text and usage out of a chat-completions response body."""
     choice = first_choice(payload)
@@ -119,7 +125,7 @@ def parse_completion(payload: Any) -> Completion:
         text=str(content),
         input_tokens=int(usage.get("prompt_tokens") or 0),
         output_tokens=int(usage.get("completion_tokens") or 0),
-        cost=float(usage["cost"]) if isinstance(usage.get("cost"), (int, float)) else None,
+        cost=reported_cost(usage),
     )
 
 

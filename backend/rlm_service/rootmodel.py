@@ -31,7 +31,7 @@ from pydantic_ai.profiles.openai import OpenAIModelProfile
 from pydantic_ai.providers.openai import OpenAIProvider
 
 from .config import Settings
-from .llm import ChatClient, first_choice
+from .llm import ChatClient, first_choice, reported_cost
 
 _REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
 
@@ -100,9 +100,9 @@ class RootChatModel(OpenAIChatModel):
     def _process_response(self, response: ChatCompletion | str, **kwargs: Any) -> ModelResponse:
         result = super()._process_response(response, **kwargs)
         usage = getattr(response, "usage", None)
-        reported = (usage.model_extra or {}).get("cost") if usage is not None else None
-        if isinstance(reported, (int, float)) and not isinstance(reported, bool):
-            result.provider_details = {**(result.provider_details or {}), REPORTED_COST: float(reported)}
+        reported = reported_cost(usage.model_extra) if usage is not None else None
+        if reported is not None:
+            result.provider_details = {**(result.provider_details or {}), REPORTED_COST: reported}
             result.usage.cost = Decimal(str(reported))
         elif result.usage.cost is None:
             result.usage.cost = Decimal(0)
