@@ -1,15 +1,11 @@
-"""Sub-LLM calls: `llm_query`/`llm_batch` as seen from the server.
+"""Model calls: `llm_query`/`llm_batch` as seen from the server, and the HTTP client for root requests.
 
-A `ChatClient` speaks the chat-completions protocol of any OpenAI-compatible endpoint over the
-keep-alive connections of an `http1.HttpClient`. Sub-calls are the hot path at high fan-out, and there
-the client's CPU cost per request decides the wall time: about 0.1 ms here, against 0.25–0.45 ms with
-aiohttp, 1.7 ms with httpx2 and 2.6 ms through the `openai` SDK on the same machine (BENCHMARKS.md,
-B1). It retries what is worth retrying (429, 5xx, timeouts, dropped connections, garbled replies),
-honouring `Retry-After`; each attempt has one deadline for the whole response, so a server that
-trickles bytes cannot hold a call.
-
-The root model's requests go through a `ChatClient` too (see `rootmodel`): with 32 runs at once the
-server's CPU is the limit, and the SDK's request path was a fifth of it (BENCHMARKS.md, B7).
+A `ChatClient` speaks the chat-completions protocol of any OpenAI-compatible endpoint over aiohttp's
+keep-alive connection pool. It retries what is worth retrying (429, 5xx, timeouts, dropped
+connections, garbled replies), honouring `Retry-After` and `retry-after-ms`; each attempt has one
+deadline for the whole response, so a server that trickles bytes cannot hold a call. The root model's
+requests go through the same client (see `rootmodel`), so both share one pool, one retry policy and
+one redaction of the key.
 
 A `SubcallSession` is one run's share: its budget of calls, its concurrency limit, its token usage.
 A failed call becomes an `Error: …` string in its slot; the other slots are kept.
@@ -21,16 +17,17 @@ import asyncio
 import copy
 import json
 import random
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+
+import aiohttp
 
 from . import __version__
 from .events import Usage
-from .http1 import HttpClient, HttpError
 from .security import redact
 
 T = TypeVar("T")
@@ -38,6 +35,8 @@ USER_AGENT = f"rlm-service/{__version__}"
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 60.0
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+KEEPALIVE_S = 30.0
 
 
 @dataclass
@@ -130,31 +129,34 @@ def parse_completion(payload: Any) -> Completion:
 
 
 class ChatClient:
-    """Chat completions against one OpenAI-compatible endpoint, with retries.
+    """Chat completions against one OpenAI-compatible endpoint, with retries, over aiohttp.
 
-    Connections are opened on demand inside the running event loop; `aclose` closes the idle ones.
+    The connection pool is made inside the running event loop at the first request; `aclose` closes it.
+    `proxy` is an `http://` proxy URL (HTTPS endpoints are reached through a CONNECT tunnel); TLS uses
+    the system's trust store (OpenSSL honours `SSL_CERT_FILE` and `SSL_CERT_DIR`).
     """
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 0.5, proxy: str | None = None) -> None:
-        url = urlsplit(base_url.rstrip("/") + "/chat/completions")
-        self.path = url.path + (f"?{url.query}" if url.query else "")
+                 backoff: float = 0.5, proxy: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: the context to verify the endpoint's certificate with (default: the system's trust store)."""
+        self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
                         "Accept": "application/json", "User-Agent": USER_AGENT}
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.http = HttpClient(f"{url.scheme}://{url.netloc}", proxy=proxy)
+        self.proxy = proxy
+        self._pool = _Pool(tls)
 
     def with_timeout(self, timeout: float) -> ChatClient:
-        """The same client, connections included, with another deadline per attempt."""
+        """The same client, connection pool included, with another deadline per attempt."""
         clone = copy.copy(self)
         clone.timeout = timeout
         return clone
 
     async def aclose(self) -> None:
-        self.http.close()
+        await self._pool.close()
 
     async def complete(self, model: str, prompt: str) -> Completion:
         """One user message in, the reply out; raises `ModelCallError` once retries are spent."""
@@ -178,29 +180,80 @@ class ChatClient:
         raise ModelCallError(f"{last} (after {self.retries + 1} attempts)", kind=last.kind, status=last.status)
 
     async def _attempt(self, body: bytes, parse: Callable[[Any], T]) -> T:
+        session = self._pool.session()
         try:
             async with asyncio.timeout(self.timeout):
-                response = await self.http.post(self.path, body, self.headers)
+                async with session.post(self.url, data=body, headers=self.headers, proxy=self.proxy) as response:
+                    status, retry_after = response.status, _retry_after(response.headers)
+                    raw = await _read_limited(response)
         except TimeoutError as exc:
             raise _Retry(f"the model server did not answer within {self.timeout:g} s", kind="timeout") from exc
-        except HttpError as exc:
-            raise _Retry(f"could not reach the model server ({exc})") from exc
-        status, raw = response.status, response.body
-        retry_after = response.headers.get("retry-after")
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Retry(f"could not reach the model server ({_describe(exc)})") from exc
         if status >= 400:
             detail = _error_detail(raw, self.api_key)
             if status in (401, 403):
                 raise ModelCallError(f"the model server refused the key (HTTP {status}): {detail}",
                                      kind="auth", status=status)
             if status in RETRYABLE_STATUS or status >= 500:
-                raise _Retry(f"HTTP {status} from the model server: {detail}",
-                             delay=retry_after_seconds(retry_after), status=status)
+                raise _Retry(f"HTTP {status} from the model server: {detail}", delay=retry_after, status=status)
             raise ModelCallError(f"HTTP {status} from the model server: {detail}", status=status)
         try:
             payload = json.loads(raw)
         except ValueError as exc:
             raise _Retry("the model server sent malformed JSON") from exc
         return parse(payload)
+
+
+class _Pool:
+    """One aiohttp session (its connection pool) shared by every clone of a `ChatClient`.
+
+    Made at the first request, inside the running loop. Concurrency is limited by the callers'
+    semaphores (`RLM_SUBCALL_CONCURRENCY` per run), so the pool itself sets no connection limit.
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self._tls = tls
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ssl=self._tls or True)
+            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
+                                                  timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    """The reply's body, refusing one larger than `MAX_REPLY_BYTES` (a server cannot fill our memory)."""
+    if response.content_length is not None and response.content_length > MAX_REPLY_BYTES:
+        raise _Retry(f"the model server's reply is larger than {MAX_REPLY_BYTES:,} bytes")
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_REPLY_BYTES:
+            raise _Retry(f"the model server's reply is larger than {MAX_REPLY_BYTES:,} bytes")
+    return bytes(body)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """How long a 429 or 5xx asks us to wait: `retry-after-ms` (OpenAI's, milliseconds) or `Retry-After`."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(float(milliseconds) / 1000, 0.0)
+        except ValueError:
+            pass
+    return retry_after_seconds(headers.get("retry-after"))
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 ProgressFn = Callable[[int, int, int], None]

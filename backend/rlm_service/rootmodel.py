@@ -1,123 +1,187 @@
-"""The root model: PydanticAI's `OpenAIChatModel`, whose requests go out through our `ChatClient`.
+"""The root model: a PydanticAI `Model` that speaks chat completions through our `ChatClient`.
 
-PydanticAI maps the conversation to chat-completions parameters and reads the reply; the `openai`
-SDK's own request path in between (its recursive "transform" of the parameters, httpx2, its response
-parsing) was measured at about 3.5 ms of CPU per root request, a fifth of the server's CPU with 32
-runs at once (BENCHMARKS.md, B7), and the transform alone at 0.25 ms per history message per turn
-(B3). `DirectAsyncOpenAI` keeps the SDK's client for PydanticAI's sake but sends chat completions
-through our `ChatClient` (llm.py), with the retries, `Retry-After` handling and whole-response
-deadline of sub-calls. The same place sends `""` instead of `null` for the content of an assistant
-message that only calls tools, which llama.cpp's server rejects.
+PydanticAI documents subclassing `Model` as the way to reach an API it has no adapter for; here it
+gives the root model's requests the same client as sub-calls (one connection pool, the same retries,
+`Retry-After` handling, whole-response deadline and key redaction) and keeps every request within what
+OpenAI-compatible servers share: system, user, assistant and tool messages, and function tools. It
+sends `""` rather than `null` as the content of an assistant message that only calls tools, which
+llama.cpp's server rejects, and never sends `strict` tool schemas, which most compatible servers refuse.
 
-`RootChatModel` leaves pricing to the service, as for sub-calls: a cost the endpoint reports (OpenRouter's
-`usage.cost`) goes into the run's cost, and otherwise RLM_PRICES does.
+A cost the endpoint reports (OpenRouter's `usage.cost`) goes into the response's usage and
+`provider_details[REPORTED_COST]`, where the controller adds it to the run's cost; otherwise the usage's
+cost is zero, and RLM_PRICES prices the run.
 """
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
-from functools import cached_property
 from typing import Any
 
-import openai
-from openai import NotGiven, Omit
-from openai.resources.chat import AsyncChat
-from openai.resources.chat.completions import AsyncCompletions
-from openai.types.chat import ChatCompletion
-from pydantic import ValidationError
-from pydantic_ai.messages import ModelResponse
-from pydantic_ai.models.openai import OpenAIChatModel
-from pydantic_ai.profiles.openai import OpenAIModelProfile
-from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    ModelResponsePart,
+    SystemPromptPart,
+    TextPart,
+    ThinkingPart,
+    ToolCallPart,
+    ToolReturnPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model, ModelRequestParameters
+from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RequestUsage
 
 from .config import Settings
 from .llm import ChatClient, first_choice, reported_cost
 
-_REQUEST_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
-
-
-def _chat_completion(payload: Any) -> ChatCompletion:
-    """The reply as the SDK's type. Validation is fast (about 10 µs); a compatible server's reply that does
-    not fit the SDK's types exactly is taken field by field instead, as the SDK itself does (about 150 µs)."""
-    first_choice(payload)  # a reply without choices is retried like any garbled reply
-    try:
-        return ChatCompletion.model_validate(payload)
-    except ValidationError:
-        return ChatCompletion.construct(**payload)
-
-
-class _DirectCompletions(AsyncCompletions):
-    def __init__(self, client: DirectAsyncOpenAI) -> None:
-        super().__init__(client)
-        self.chat_client = client.chat_client
-
-    async def create(self, **params: Any) -> Any:  # type: ignore[override]
-        options = {name: params.pop(name) for name in _REQUEST_OPTIONS if name in params}
-        if params.get("stream"):
-            raise NotImplementedError("the controller does not stream root requests")
-        body = {name: value for name, value in params.items() if not isinstance(value, (Omit, NotGiven))}
-        if isinstance(options.get("extra_body"), dict):
-            body.update(options["extra_body"])
-        body["messages"] = [
-            {**message, "content": ""} if message.get("role") == "assistant" and message.get("content") is None
-            else message
-            for message in body.get("messages", [])
-        ]
-        return await self.chat_client.post(body, _chat_completion)
-
-
-class _DirectChat(AsyncChat):
-    @cached_property
-    def completions(self) -> AsyncCompletions:
-        return _DirectCompletions(self._client)  # type: ignore[arg-type]
-
-
-class DirectAsyncOpenAI(openai.AsyncOpenAI):
-    """`openai.AsyncOpenAI` whose chat completions go out through a `ChatClient`, as PydanticAI made them."""
-
-    def __init__(self, chat_client: ChatClient, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.chat_client = chat_client
-
-    @cached_property
-    def chat(self) -> AsyncChat:
-        return _DirectChat(self)
-
-
 REPORTED_COST = "reported_cost"
 """The key of `ModelResponse.provider_details` that holds the cost in USD the endpoint reported."""
 
-
-class RootChatModel(OpenAIChatModel):
-    """`OpenAIChatModel` priced by the service, not by PydanticAI.
-
-    A reply's reported cost is kept under `provider_details[REPORTED_COST]` (the controller adds it to
-    the run's cost) and as its `usage.cost`. Without one, `usage.cost` is zero rather than unset: unset,
-    PydanticAI would look the model up in its price tables after every reply (genai-prices: 0.1–0.3 ms
-    of CPU each, B7) for an estimate the service does not use.
-    """
-
-    def _process_response(self, response: ChatCompletion | str, **kwargs: Any) -> ModelResponse:
-        result = super()._process_response(response, **kwargs)
-        usage = getattr(response, "usage", None)
-        reported = reported_cost(usage.model_extra) if usage is not None else None
-        if reported is not None:
-            result.provider_details = {**(result.provider_details or {}), REPORTED_COST: reported}
-            result.usage.cost = Decimal(str(reported))
-        elif result.usage.cost is None:
-            result.usage.cost = Decimal(0)
-        return result
+_FORWARDED_SETTINGS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_tokens",
+                       "seed": "seed", "presence_penalty": "presence_penalty",
+                       "frequency_penalty": "frequency_penalty", "stop_sequences": "stop"}
+"""`ModelSettings` keys sent with a request, and their names in the chat-completions body."""
 
 
-def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> RootChatModel:
-    """A root model on PydanticAI (the configured root model unless `model_name` is given; child runs of
-    a recursive run use the sub model), talking to the configured OpenAI-compatible endpoint."""
-    sdk = DirectAsyncOpenAI(client, base_url=settings.openai_api_base, api_key=settings.api_key_value(),
-                            max_retries=0)
-    profile = None
-    if "api.openai.com" not in settings.openai_api_base:
-        # Most compatible servers reject `strict` tool schemas and OpenAI-only parameters.
-        profile = OpenAIModelProfile(openai_supports_strict_tool_definition=False,
-                                     openai_chat_supports_max_completion_tokens=False)
-    return RootChatModel(model_name or settings.openai_model_name or "",
-                         provider=OpenAIProvider(openai_client=sdk), profile=profile)
+class UnsupportedMessage(ValueError):
+    """A message part that chat completions cannot carry (the controller never makes one)."""
+
+
+class ChatCompletionsModel(Model):
+    """A model behind any OpenAI-compatible `/chat/completions` endpoint."""
+
+    def __init__(self, client: ChatClient, model_name: str, *, base_url: str | None = None,
+                 settings: ModelSettings | None = None) -> None:
+        super().__init__(settings=settings)
+        self.client = client
+        self._model_name = model_name
+        self._base_url = base_url
+
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def system(self) -> str:
+        return "openai"
+
+    @property
+    def base_url(self) -> str | None:
+        return self._base_url
+
+    async def request(self, messages: list[ModelMessage], model_settings: ModelSettings | None,
+                      model_request_parameters: ModelRequestParameters) -> ModelResponse:
+        settings, parameters = self.prepare_request(model_settings, model_request_parameters)
+        body = self.request_body(self.prepare_messages(messages, parameters), settings, parameters)
+        return await self.client.post(body, self._response)
+
+    def request_body(self, messages: list[ModelMessage], settings: ModelSettings | None,
+                     parameters: ModelRequestParameters) -> dict[str, Any]:
+        """The chat-completions request for a prepared conversation."""
+        wire: list[dict[str, Any]] = []
+        instructions = "\n\n".join(part.content for part in parameters.instruction_parts or [] if part.content)
+        if instructions:
+            wire.append({"role": "system", "content": instructions})
+        for message in messages:
+            wire.extend(_request_messages(message) if isinstance(message, ModelRequest)
+                        else [_assistant_message(message)])
+        body: dict[str, Any] = {"model": self._model_name, "messages": wire}
+        tools = [*parameters.function_tools, *parameters.output_tools]
+        if tools:
+            body["tools"] = [{"type": "function", "function": {
+                "name": tool.name, "description": tool.description or "", "parameters": tool.parameters_json_schema,
+            }} for tool in tools]
+            if not parameters.allow_text_output:
+                body["tool_choice"] = "required"
+        for key, wire_key in _FORWARDED_SETTINGS.items():
+            value = (settings or {}).get(key)
+            if value is not None:
+                body[wire_key] = value
+        return body
+
+    def _response(self, payload: Any) -> ModelResponse:
+        """The reply as PydanticAI's response: text and tool calls, usage, and a reported cost."""
+        message = first_choice(payload).get("message")
+        message = message if isinstance(message, dict) else {}
+        parts: list[ModelResponsePart] = []
+        content = message.get("content")
+        if isinstance(content, list):  # some servers send content parts
+            content = "".join(str(item.get("text", "")) for item in content if isinstance(item, dict))
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(ThinkingPart(content=reasoning))
+        if isinstance(content, str) and content:
+            parts.append(TextPart(content=content))
+        for index, call in enumerate(message.get("tool_calls") or []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                continue
+            arguments = function.get("arguments")
+            parts.append(ToolCallPart(
+                tool_name=str(function.get("name", "")),
+                args=arguments if isinstance(arguments, (str, dict)) else json.dumps(arguments),
+                tool_call_id=str(call.get("id") or f"call_{index}"),
+            ))
+        usage_data = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        usage = RequestUsage(input_tokens=_count(usage_data.get("prompt_tokens")),
+                             output_tokens=_count(usage_data.get("completion_tokens")))
+        cost = reported_cost(usage_data)
+        usage.cost = Decimal(str(cost)) if cost is not None else Decimal(0)
+        finish = first_choice(payload).get("finish_reason")
+        return ModelResponse(
+            parts=parts, usage=usage, model_name=str(payload.get("model") or self._model_name),
+            provider_name="openai", provider_response_id=str(payload.get("id") or "") or None,
+            provider_details={REPORTED_COST: cost} if cost is not None else None,
+            finish_reason=_FINISH_REASONS.get(str(finish)) if finish else None,
+        )
+
+
+_FINISH_REASONS: dict[str, Any] = {"stop": "stop", "length": "length", "tool_calls": "tool_call",
+                                   "content_filter": "content_filter", "function_call": "tool_call"}
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _request_messages(message: ModelRequest) -> list[dict[str, Any]]:
+    wire: list[dict[str, Any]] = []
+    for part in message.parts:
+        if isinstance(part, SystemPromptPart):
+            wire.append({"role": "system", "content": part.content})
+        elif isinstance(part, UserPromptPart):
+            wire.append({"role": "user", "content": _user_text(part)})
+        elif isinstance(part, ToolReturnPart):
+            wire.append({"role": "tool", "tool_call_id": part.tool_call_id, "content": part.model_response_str()})
+        else:
+            raise UnsupportedMessage(f"chat completions cannot carry a {type(part).__name__}")
+    return wire
+
+
+def _user_text(part: UserPromptPart) -> str:
+    if isinstance(part.content, str):
+        return part.content
+    texts = [item for item in part.content if isinstance(item, str)]
+    if len(texts) != len(part.content):
+        raise UnsupportedMessage("the root model is sent text only")
+    return "\n".join(texts)
+
+
+def _assistant_message(message: ModelResponse) -> dict[str, Any]:
+    texts = [part.content for part in message.parts if isinstance(part, TextPart)]
+    calls = [{"id": part.tool_call_id, "type": "function",
+              "function": {"name": part.tool_name, "arguments": part.args_as_json_str()}}
+             for part in message.parts if isinstance(part, ToolCallPart)]
+    wire: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts)}
+    if calls:
+        wire["tool_calls"] = calls
+    return wire
+
+
+def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> ChatCompletionsModel:
+    """The configured root model (or `model_name`: child runs of a recursive run use the sub model)."""
+    return ChatCompletionsModel(client, model_name or settings.openai_model_name or "",
+                                base_url=settings.openai_api_base)
