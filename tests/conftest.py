@@ -162,7 +162,7 @@ def post_process(url: str, **kwargs: Any) -> httpx2.Response:
 def raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, bytes]:
     """Send a request body piece by piece; stop as soon as the server answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        head = "POST /process HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        head = "POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         sock.sendall(head.encode() + b"\r\n")
         sock.setblocking(False)
         received = b""

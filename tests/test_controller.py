@@ -21,7 +21,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from rlm_service.controller import extract_code_blocks
 from rlm_service.engine import Engine, RunSettings
-from rlm_service.events import _Event
+from rlm_service.events import EventBase
 from tests.conftest import make_settings
 from tests.fake_openai import FakeOpenAI
 
@@ -47,13 +47,13 @@ def scripted(*turns: Turn, seen: list[list[ModelMessage]] | None = None) -> Func
 
 async def collect(fake: FakeOpenAI, model: FunctionModel | Callable[..., Any], *, prompt: str = "do it",
                   input_data: str = "some input", run_settings: RunSettings | None = None,
-                  **overrides: Any) -> list[_Event]:
+                  **overrides: Any) -> list[EventBase]:
     settings = make_settings(fake, **overrides)
     async with Engine(settings, root_model=model) as engine:
         return [event async for event in engine.run(prompt, input_data, run_settings)]
 
 
-def types(events: list[_Event]) -> list[str]:
+def types(events: list[EventBase]) -> list[str]:
     return [event.type for event in events]  # type: ignore[attr-defined]
 
 
@@ -129,12 +129,21 @@ async def test_prose_reply_gets_one_reminder(fake: FakeOpenAI) -> None:
     assert "not marked ready" in user_prompts(seen[-1])[-1]
 
 
-async def test_prose_after_the_reminder_ends_the_run(fake: FakeOpenAI) -> None:
+async def test_a_model_that_never_writes_code_gets_no_answer_and_a_plain_note(fake: FakeOpenAI) -> None:
+    """Mutant caught: returning the model's last prose as the answer when no cell ever ran."""
     model = scripted(["Thinking about it."], ["The answer is 42."])
     events = await collect(fake, model)
     final = events[-1]
-    assert final.type == "final" and not final.ready and final.answer == "The answer is 42."
+    assert final.type == "final" and not final.ready and final.answer == ""
+    assert final.note and "wrote no code in 2 replies" in final.note and "RLM_ROOT_PROTOCOL=text" in final.note
     assert [e.text for e in events if e.type == "thought"] == ["Thinking about it.", "The answer is 42."]
+
+
+async def test_prose_after_cells_that_ran_ends_the_run_with_the_best_answer(fake: FakeOpenAI) -> None:
+    model = scripted([code("x = 1")], ["Thinking about it."], ["The answer is 42."])
+    events = await collect(fake, model)
+    final = events[-1]
+    assert final.type == "final" and not final.ready and final.answer == "The answer is 42." and final.note is None
 
 
 async def test_traceback_is_fed_back_to_the_model(fake: FakeOpenAI) -> None:

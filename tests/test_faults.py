@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rlm_service.engine import Engine
-from rlm_service.events import _Event
+from rlm_service.events import EventBase
 from tests.conftest import free_port, make_settings, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
@@ -16,7 +16,7 @@ BATCH_CELL = "replies = llm_batch(['a', 'b', 'c'])\nfor r in replies:\n    print
 FINISH = "answer.update(content='\\n'.join(replies), ready=True)"
 
 
-async def run(fake: FakeOpenAI | None, prompt: str, **overrides: Any) -> list[_Event]:
+async def run(fake: FakeOpenAI | None, prompt: str, **overrides: Any) -> list[EventBase]:
     settings = make_settings(fake, **overrides)
     async with Engine(settings) as engine:
         return [event async for event in engine.run(prompt, "input text")]

@@ -229,5 +229,5 @@ async def test_engine_keeps_the_input_only_when_asked(tmp_path: Path, fake: Fake
     run_id = events[0].run_id
     assert (store.input_path(run_id) is not None) == kept
     record, _ = store.get(run_id)  # type: ignore[misc]
-    assert record.input_kept == kept and record.settings == ({"keep_input": True} if kept else {"keep_input": False})
+    assert record.input_kept == kept and record.settings["keep_input"] == kept
     store.close()

@@ -9,7 +9,7 @@ from typing import Any
 import httpx2
 
 from rlm_service.engine import Engine
-from rlm_service.events import _Event
+from rlm_service.events import EventBase
 from tests.conftest import LiveServer, make_settings, parse_sse, script, wait_until, worker_processes
 from tests.fake_openai import FakeOpenAI
 
@@ -19,12 +19,12 @@ def nested(prompt: str, *turns: dict[str, Any]) -> str:
     return f"{prompt} <<<SCRIPT {json.dumps(list(turns))} SCRIPT>>>"
 
 
-async def run(fake: FakeOpenAI, prompt: str, input_data: str = "root input", **overrides: Any) -> list[_Event]:
+async def run(fake: FakeOpenAI, prompt: str, input_data: str = "root input", **overrides: Any) -> list[EventBase]:
     async with Engine(make_settings(fake, **overrides)) as engine:
         return [event async for event in engine.run(prompt, input_data)]
 
 
-def children(events: list[_Event]) -> list[Any]:
+def children(events: list[EventBase]) -> list[Any]:
     return [event for event in events if event.type == "child"]
 
 

@@ -109,7 +109,7 @@ def test_catalogue_is_at_least_thirty_cases() -> None:
 def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
     port = servers["open"].port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /process HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         started = time.monotonic()
         reply = b""

@@ -1,58 +1,38 @@
-"""The HTTP service: `POST /process` streams a run as Server-Sent Events; the UI and a few JSON routes.
+"""The HTTP service: wires the routes (runs, history, the page) and what guards them all.
 
-This layer knows requests and events, not REPL internals: it validates, refuses early with a JSON
-error, then hands the run to the engine and encodes each event as one SSE message.
+Guards, outermost first: the `Host` header must be one this server answers to (RLM_ALLOWED_HOSTS; on
+loopback only loopback names, so a DNS-rebinding page cannot reach a local server), cross-origin
+reads only from RLM_CORS_ORIGINS (none by default), and the token on `/process` and `/api/*`.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
+from .auth import token_check
 from .config import Settings
-from .engine import Engine, RunSettings, SettingsRefused, effective_limits
+from .engine import Engine
 from .history import history_router
-from .sse import EventStreamResponse
 from .store import SqliteRunStore
-from .uploads import FORM_OVERHEAD_BYTES, ParsedRequest, ProcessRequest, RequestRefused, read_json, read_multipart
+from .streaming import RunSlots, run_router
+from .uploads import ProcessRequest
 
 log = logging.getLogger("rlm_service.api")
 
 FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
 PING_SECONDS = 10
-
-
-class RunSlots:
-    """Counts runs in progress; past the limit, new runs are refused with 429."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def try_take(self) -> Callable[[], None] | None:
-        if self.active >= self.limit:
-            return None
-        self.active += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.active -= 1
-
-        return release
 
 
 def _openapi_schema(app: FastAPI) -> dict[str, Any]:
@@ -84,7 +64,7 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: float = PING_SECONDS,
                **engine_kwargs: Any) -> FastAPI:
     """Build the app. The engine (its zygote, its model clients) is built inside the running loop, at startup.
-    `ping_s`: seconds of silence after which a run's stream gets a keep-alive comment."""
+    `ping_s`: seconds of silence after which a stream gets a keep-alive comment."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -111,24 +91,12 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
     app.state.settings = settings
     slots = RunSlots(settings.rlm_max_concurrent_runs)
     app.state.slots = slots
-    app.add_middleware(CORSMiddleware, allow_origins=settings.rlm_cors_origins, allow_credentials=False,
-                       allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                       allow_headers=["Authorization", "Content-Type"])
-
-    token = settings.rlm_api_token.get_secret_value().encode() if settings.rlm_api_token else None
-
-    async def require_token(request: Request) -> None:
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            raise RequestRefused(401, "missing or wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'",
-                                 {"WWW-Authenticate": "Bearer"})
-
-    @app.exception_handler(RequestRefused)
-    async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers or None)
+    if settings.rlm_cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.rlm_cors_origins, allow_credentials=False,
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    require_token = token_check(settings)
 
     @app.get("/health", tags=["service"])
     async def health() -> dict[str, str]:
@@ -145,7 +113,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
             "api_base": settings.openai_api_base,
             "key_configured": settings.api_key_configured,
             "setup_problem": settings.setup_problem(),
-            "auth_required": token is not None,
+            "auth_required": settings.rlm_api_token is not None,
             "history": settings.history_path is not None,
             "protocol": settings.rlm_root_protocol,
             "repl": settings.rlm_repl,
@@ -156,45 +124,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
                 "subcall_concurrency": settings.rlm_subcall_concurrency,
                 "max_output_chars": settings.rlm_max_output_chars,
                 "max_input_bytes": settings.rlm_max_input_bytes,
+                "max_json_bytes": settings.rlm_max_json_bytes,
+                "max_prompt_chars": settings.rlm_max_prompt_chars,
                 "max_concurrent_runs": settings.rlm_max_concurrent_runs,
             },
             "active_runs": slots.active,
         }
 
-    @app.post("/process", tags=["runs"], dependencies=[Depends(require_token)],
-              responses={200: {"content": {"text/event-stream": {}}, "description": "The run, as SSE."},
-                         400: {"description": "Malformed body"}, 401: {"description": "Bad or missing token"},
-                         413: {"description": "Input too large"}, 415: {"description": "Unsupported type"},
-                         422: {"description": "Invalid fields"}, 429: {"description": "Too many runs"},
-                         503: {"description": "No model configured"}})
-    async def process(request: Request) -> Any:
-        """Start a run and stream its events. JSON body, or multipart with an `input_file` upload."""
-        problem = settings.setup_problem()
-        if problem:
-            raise RequestRefused(503, problem)
-        release = slots.try_take()
-        if release is None:
-            raise RequestRefused(429, f"{slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                                      "retry when one has finished", {"Retry-After": "5"})
-        try:
-            parsed = await _read_request(request, settings)
-            try:
-                effective_limits(settings, parsed.settings)  # refuse now, before the stream starts
-            except SettingsRefused as exc:
-                parsed.run_input.discard()
-                raise RequestRefused(422, str(exc)) from None
-        except BaseException:
-            release()
-            raise
-
-        def finish() -> None:
-            release()
-            parsed.run_input.discard()
-
-        engine: Engine = request.app.state.engine
-        events = engine.run(parsed.prompt, parsed.run_input, parsed.settings)
-        return EventStreamResponse(events, finish, ping_s=ping_s, headers={"X-Accel-Buffering": "no"})
-
+    app.include_router(run_router(settings, slots, ping_s=ping_s), dependencies=[Depends(require_token)])
     app.include_router(history_router(), dependencies=[Depends(require_token)])
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
@@ -219,22 +156,3 @@ def _file_endpoint(path: Path) -> Callable[[], Any]:
         return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     return serve
-
-
-async def _read_request(request: Request, settings: Settings) -> ParsedRequest:
-    content_type = request.headers.get("content-type", "")
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    limit = settings.rlm_max_input_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD_BYTES:
-        raise RequestRefused(413, f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES "
-                                  f"({limit:,} bytes)")
-    if media_type == "application/json":
-        return await read_json(request.stream(), limit, settings.rlm_body_timeout_s)
-    if media_type == "multipart/form-data":
-        return await read_multipart(request.stream(), content_type, limit, settings.rlm_body_timeout_s)
-    shown = media_type or "none"
-    raise RequestRefused(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")
-
-
-__all__ = ["RunSettings", "create_app"]

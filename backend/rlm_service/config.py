@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
-               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def parse_size(value: object) -> object:
-    """Turn `"1GiB"`, `"500 MB"` or `"1048576"` into a number of bytes; leave other values to pydantic."""
-    if not isinstance(value, str):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        return value
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
 
 
 def _split_csv(value: object) -> object:
@@ -37,7 +23,8 @@ def _split_csv(value: object) -> object:
     return value
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(ge=1)]
+Size = Annotated[ByteSize, Field(ge=1)]
+"""A size in bytes, also written with a unit: `1GiB`, `500 MB`, `64MiB`."""
 
 
 class ConfigError(Exception):
@@ -66,7 +53,11 @@ class Settings(BaseSettings):
     rlm_exec_timeout_s: float = Field(300.0, gt=0)
     rlm_max_output_chars: int = Field(8192, ge=200)
     rlm_context_preview_chars: int = Field(500, ge=0)
-    rlm_max_input_bytes: ByteSize = 1024**3
+    rlm_max_input_bytes: Size = ByteSize(1024**3)
+    rlm_max_json_bytes: Size = ByteSize(64 * 1024**2)
+    """Largest JSON body of `POST /process`; larger inputs go as a multipart upload."""
+    rlm_max_prompt_chars: int = Field(100_000, ge=1)
+    """Longest prompt: the root model reads it every turn, so long text belongs in the input."""
     rlm_max_concurrent_runs: int = Field(32, ge=1)
     rlm_worker_memory_mb: int = Field(4096, ge=64)
     rlm_worker_network: Literal["off", "on"] = "off"
@@ -93,8 +84,19 @@ class Settings(BaseSettings):
     rlm_history_db: str = "~/.local/share/rlm-service/history.sqlite3"
     """Where run history is kept (SQLite); `off` keeps none."""
     rlm_body_timeout_s: float = Field(30.0, gt=0)
-    """A request body that sends nothing for this long is refused with 408."""
-    rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["*"]
+    """A request body that sends nothing for this long, or arrives slower than RLM_BODY_MIN_RATE after it,
+    is refused with 408."""
+    rlm_body_min_rate: Size = ByteSize(64 * 1024)
+    """Bytes per second a request body must average once RLM_BODY_TIMEOUT_S has passed."""
+    rlm_send_timeout_s: float = Field(30.0, gt=0)
+    """A client that takes longer than this to accept one event of a stream is dropped (its run is
+    cancelled unless it was started detached)."""
+    rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = []
+    """Origins whose pages may call the API from a browser; unset: the service's own page only."""
+    rlm_allowed_hosts: Annotated[list[str] | None, NoDecode, BeforeValidator(_split_csv)] = None
+    """Host names requests may be addressed to (`Host` header; `*.example.com` allowed). Unset: only
+    loopback names when HOST is a loopback address (so DNS rebinding cannot reach a local server),
+    any otherwise."""
     rlm_log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     https_proxy: str | None = None
@@ -129,6 +131,16 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        if self.rlm_allowed_hosts is not None:
+            return self.rlm_allowed_hosts
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = self.host == "localhost"
+        return ["localhost", "127.0.0.1", "[::1]", "::1"] if loopback else ["*"]
 
     @property
     def root_model(self) -> str | None:

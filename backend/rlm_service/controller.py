@@ -24,13 +24,13 @@ from . import prompts
 from .events import (
     AnswerEvent,
     CodeEvent,
+    EventBase,
     FigureEvent,
     OutputEvent,
     RunUsage,
     SubcallsEvent,
     ThoughtEvent,
     UsageEvent,
-    _Event,
 )
 from .llm import SubcallSession
 from .repl.base import CellOutcome, Repl
@@ -38,7 +38,7 @@ from .repl.executor import as_sub_calls
 from .rootmodel import REPORTED_COST
 from .tree import RunTree
 
-Emit = Callable[[_Event], None]
+Emit = Callable[[EventBase], None]
 
 # A block may be left open at the end of a reply (small models, or a reply cut at its token limit).
 _FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -65,6 +65,8 @@ class RunOutcome:
     answer: str
     ready: bool
     iterations: int
+    note: str | None = None
+    """For the user, when the answer cannot be trusted: the root model never ran any code."""
 
 
 class _CellProgress:
@@ -120,6 +122,7 @@ class Controller:
         self._told_stop = False
         self.emit = emit
         self.iteration = 0
+        self.cells = 0
         self.answer = ("", False)
         self.last_prose = ""
         self._progress: _CellProgress | None = None
@@ -152,6 +155,7 @@ class Controller:
         if self._repl_starting is not None:
             await self._repl_starting  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
+        self.cells += 1
         self._progress = _CellProgress(self._emit_progress)
         try:
             outcome = await self.repl.execute(code, self.limits.exec_timeout_s)
@@ -285,6 +289,9 @@ class Controller:
             reminded = True
             message = prompts.REMINDER_TEXT if self.protocol == "text" else prompts.REMINDER_TOOLS
         content, ready = self.answer
+        if self.cells == 0:
+            return RunOutcome(answer="", ready=False, iterations=self.iteration, note=prompts.no_code_note(
+                self.iteration, self.protocol))
         return RunOutcome(answer=content or prose_answer, ready=ready, iterations=self.iteration)
 
 

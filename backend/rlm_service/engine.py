@@ -31,14 +31,13 @@ from .events import (
     ChildEvent,
     ErrorCode,
     ErrorEvent,
+    EventBase,
     FinalEvent,
     InputInfo,
     Limits,
     ParentRef,
     RunUsage,
     StartEvent,
-    _Event,
-    is_terminal,
 )
 from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallBudget, SubcallSession
@@ -48,6 +47,7 @@ from .repl.spawner import SpawnError, Zygote
 from .repl.subprocess_repl import SubprocessRepl
 from .repl.workspace import Workspace
 from .rootmodel import build_root_model
+from .runs import LiveRun, RunRegistry
 from .security import redact
 from .store import RunRecord, RunStore
 from .tree import RunTree, TreeLimits
@@ -77,6 +77,9 @@ class RunSettings(BaseModel):
     exec_timeout_s: float | None = Field(None, ge=1, strict=True)
     keep_input: bool = Field(False, strict=True,
                              description="Keep the input in the run history (it is not, by default).")
+    detach: bool = Field(False, strict=True,
+                         description="Closing the connection does not cancel the run: it goes on within its limits "
+                                     "and can be re-attached (GET /api/runs/{id}/events) or cancelled.")
 
 
 class SettingsRefused(ValueError):
@@ -136,6 +139,7 @@ class Engine:
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
         self._child_agent: Agent[Controller, str] | None = None
+        self.runs = RunRegistry()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -174,45 +178,47 @@ class Engine:
             self._agent = build_agent(model, protocol)
         return self._agent
 
-    async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
-                  *, run_id: str | None = None) -> AsyncGenerator[_Event, None]:
-        """Run one task; yields its events, ending with exactly one `final` or `error`."""
+    def launch(self, prompt: str, run_input: RunInput, settings: RunSettings | None = None, *,
+               run_id: str | None = None) -> LiveRun:
+        """Start a run on the event loop and return it; it goes on whoever follows it, until it ends.
+
+        The run ends with exactly one `final` or `error` event; `LiveRun.cancel` ends it with `error`
+        `cancelled`. Refuses (`SettingsRefused`) per-run settings above the server's limits.
+        """
         limits = effective_limits(self.settings, settings)
-        run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
-        run_id = run_id or uuid.uuid4().hex[:16]
-        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        run = LiveRun(run_id or uuid.uuid4().hex[:16], detached=bool(settings and settings.detach))
         store = self.store
 
-        def emit(event: _Event) -> None:
-            queue.put_nowait(event)
+        def emit(event: EventBase) -> None:
+            run.emit(event)  # type: ignore[arg-type]
             if store is not None:
-                store.record(run_id, event)
+                store.record(run.id, event)
 
         if store is not None:
             store.begin(RunRecord(
-                id=run_id, created=time.time(), status="running", prompt=prompt,
+                id=run.id, created=time.time(), status="running", prompt=prompt,
                 settings=(settings or RunSettings()).model_dump(exclude_none=True), input_chars=run_input.chars,
                 input_lines=run_input.lines, input_bytes=run_input.size_bytes, input_sha256=run_input.sha256,
                 input_name=run_input.name))
         keep_input = bool(settings and settings.keep_input and store is not None)
-        driver = asyncio.create_task(self._drive(run_id, prompt, run_input, limits, emit, keep_input))
-        finished = False
+        run.task = asyncio.create_task(self._drive(run, prompt, run_input, limits, emit, keep_input),
+                                       name=f"rlm-run-{run.id}")
+        self.runs.add(run)
+        return run
+
+    async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
+                  *, run_id: str | None = None) -> AsyncGenerator[EventBase, None]:
+        """Run one task; yields its events, ending with exactly one `final` or `error`. Closing the
+        generator early cancels the run (unless it was started with `settings.detach`)."""
+        run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
+        run = self.launch(prompt, run_input, settings, run_id=run_id)
         try:
-            while True:
-                event = await queue.get()
+            async for event in run.follow():
                 yield event
-                if is_terminal(event):
-                    finished = True
-                    break
         finally:
-            if not driver.done():
-                driver.cancel()
-            try:
-                await driver
-            except (asyncio.CancelledError, Exception):
-                pass
-            if store is not None and not finished:
-                store.abandon(run_id, "cancelled")
+            if not run.detached:
+                run.cancel("the client stopped reading")
+                await run.wait()
 
     def _make_repl(self, workspace: Workspace, controller: Controller, limits: RunLimits) -> Repl:
         options = ReplOptions(
@@ -231,46 +237,49 @@ class Engine:
                                           max_cost_usd=settings.rlm_max_cost_usd, prices=settings.rlm_prices),
                        SubcallBudget(limits.max_subcalls, settings.rlm_subcall_concurrency))
 
-    async def _drive(self, run_id: str, prompt: str, run_input: RunInput, limits: RunLimits,
-                     emit: Callable[[_Event], None], keep_input: bool = False) -> None:
+    async def _drive(self, run: LiveRun, prompt: str, run_input: RunInput, limits: RunLimits,
+                     emit: Callable[[EventBase], None], keep_input: bool = False) -> None:
         """The root run: its node, then exactly one `final` or `error`, and the run's log line."""
         started = time.monotonic()
-        tree = self._tree(run_id, limits)
+        tree = self._tree(run.id, limits)
         node = _Node()
         outcome = "error"
         try:
             timeout = self.settings.rlm_run_timeout_s
             async with asyncio.timeout(timeout + RUN_TIMEOUT_GRACE_S if timeout else None):
-                result = await self._run_node(node, tree, 0, run_id, prompt, run_input, limits, emit, emit,
+                result = await self._run_node(node, tree, 0, run.id, prompt, run_input, limits, emit, emit,
                                               keep_input=keep_input)
             outcome = "final" if result.ready else "final (not ready)"
             totals = tree.totals()
             recursive = tree.limits.max_depth > 1
-            emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready, iterations=result.iterations,
+            emit(FinalEvent(run_id=run.id, answer=result.answer, ready=result.ready, iterations=result.iterations,
                             usage=totals, elapsed_ms=int((time.monotonic() - started) * 1000),
                             by_depth=tree.by_depth() if recursive else None,
-                            cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None))
+                            cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note))
         except asyncio.CancelledError:
+            # Cancelled by a client (or the server shutting down): the run still ends with its terminal event.
             outcome = "cancelled"
-            raise
+            reason = run.cancel_reason or "the server is shutting down"
+            emit(ErrorEvent(run_id=run.id, code="cancelled", message=f"The run was cancelled: {reason}.",
+                            answer=node.answer()))
         except Exception as exc:
             code, message = classify_error(exc)
             if isinstance(exc, TimeoutError) and self.settings.rlm_run_timeout_s:
                 message = f"The run took longer than RLM_RUN_TIMEOUT_S ({self.settings.rlm_run_timeout_s:g} s)."
             outcome = f"error:{code}"
             if code == "internal":
-                log.exception("run %s failed", run_id)
-            emit(ErrorEvent(run_id=run_id, code=code, message=self._redact(message), answer=node.answer()))
+                log.exception("run %s failed", run.id)
+            emit(ErrorEvent(run_id=run.id, code=code, message=self._redact(message), answer=node.answer()))
         finally:
             totals = tree.totals()
             log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
-                     run_id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,
+                     run.id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,
                      totals.root.input_tokens, totals.root.output_tokens, totals.sub.input_tokens,
                      totals.sub.output_tokens, time.monotonic() - started)
 
     async def _run_node(self, node: _Node, tree: RunTree, depth: int, run_id: str, prompt: str,
-                        run_input: RunInput, limits: RunLimits, emit: Callable[[_Event], None],
-                        stream: Callable[[_Event], None], *, keep_input: bool = False) -> RunOutcome:
+                        run_input: RunInput, limits: RunLimits, emit: Callable[[EventBase], None],
+                        stream: Callable[[EventBase], None], *, keep_input: bool = False) -> RunOutcome:
         """One run of a tree, root or child: its workspace, REPL and controller, from start to outcome."""
         settings = self.settings
         workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
@@ -322,7 +331,7 @@ class Engine:
                 run_id = uuid.uuid4().hex[:16]
                 started = time.monotonic()
 
-                def emit(event: _Event) -> None:
+                def emit(event: EventBase) -> None:
                     parent.stream(ChildEvent(run_id=tree.root_run_id, depth=depth, parent=reference,
                                              event=str(getattr(event, "type", "")),
                                              data=event.model_dump(mode="json")))
@@ -352,12 +361,12 @@ class Engine:
 
 
 def run_blocking(settings: Settings, prompt: str, input_data: str = "", run_settings: RunSettings | None = None,
-                 *, on_event: Callable[[_Event], Any] | None = None, **engine_kwargs: Any) -> _Event:
+                 *, on_event: Callable[[EventBase], Any] | None = None, **engine_kwargs: Any) -> EventBase:
     """Run one task to the end from synchronous code; returns the terminal event."""
 
-    async def main() -> _Event:
+    async def main() -> EventBase:
         async with Engine(settings, **engine_kwargs) as engine:
-            last: _Event | None = None
+            last: EventBase | None = None
             async for event in engine.run(prompt, input_data, run_settings):
                 if on_event:
                     on_event(event)

@@ -1,15 +1,18 @@
-"""The events a run emits, as typed objects.
+"""The events a run emits, as typed objects: the one definition of the event stream.
 
-Each event's `type` literal is also its name on the wire (the SSE `event:` line); the JSON body is the
-model's dump, `run_id` included. The service encodes them; the UI switches on the same names.
+Each event's `type` literal is also its name on the wire (the SSE `event:` line) and its `seq` the
+SSE `id:`; the JSON body is the model's dump. `Event` is the discriminated union of them all; its JSON
+Schema (`python -m rlm_service.events`) ships with the page as `frontend/events.schema.json`, and a
+test checks that every consumer (the page, the command line, the Markdown export) handles every type.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 
 class Usage(BaseModel):
@@ -43,13 +46,18 @@ class Limits(BaseModel):
     max_output_chars: int
 
 
-class _Event(BaseModel):
+class EventBase(BaseModel):
+    """What every event carries; each subclass narrows `type` to its own literal."""
+
+    type: str
     run_id: str
+    seq: int = 0
+    """The event's number in its run (1, 2, 3…), set when the run emits it; also the SSE `id:`."""
     ts: float = Field(default_factory=time.time)
     """When the event was created (Unix seconds), so clients can order, time and replay runs."""
 
 
-class StartEvent(_Event):
+class StartEvent(EventBase):
     type: Literal["start"] = "start"
     model: str
     sub_model: str
@@ -57,21 +65,23 @@ class StartEvent(_Event):
     limits: Limits
     protocol: str = "tools"
     repl: str = "subprocess"
+    session_id: str | None = None
+    """The session this run belongs to (`settings.session`, or a follow-up), whose REPL outlives it."""
 
 
-class ThoughtEvent(_Event):
+class ThoughtEvent(EventBase):
     type: Literal["thought"] = "thought"
     iteration: int
     text: str
 
 
-class CodeEvent(_Event):
+class CodeEvent(EventBase):
     type: Literal["code"] = "code"
     iteration: int
     code: str
 
 
-class SubcallsEvent(_Event):
+class SubcallsEvent(EventBase):
     type: Literal["subcalls"] = "subcalls"
     iteration: int
     done: int
@@ -79,7 +89,7 @@ class SubcallsEvent(_Event):
     total: int
 
 
-class OutputEvent(_Event):
+class OutputEvent(EventBase):
     type: Literal["output"] = "output"
     iteration: int
     stdout: str
@@ -88,7 +98,7 @@ class OutputEvent(_Event):
     duration_ms: int
 
 
-class FigureEvent(_Event):
+class FigureEvent(EventBase):
     type: Literal["figure"] = "figure"
     iteration: int
     mime: str = "image/png"
@@ -96,13 +106,13 @@ class FigureEvent(_Event):
     """The image, base64."""
 
 
-class AnswerEvent(_Event):
+class AnswerEvent(EventBase):
     type: Literal["answer"] = "answer"
     content: str
     ready: bool
 
 
-class UsageEvent(_Event):
+class UsageEvent(EventBase):
     type: Literal["usage"] = "usage"
     root: Usage
     sub: Usage
@@ -110,7 +120,7 @@ class UsageEvent(_Event):
     """With recursion: usage of each depth of the tree (root and sub add up over all of them)."""
 
 
-class FinalEvent(_Event):
+class FinalEvent(EventBase):
     type: Literal["final"] = "final"
     answer: str
     ready: bool
@@ -120,6 +130,8 @@ class FinalEvent(_Event):
     by_depth: dict[str, RunUsage] | None = None
     cost_usd: float | None = None
     """Where the endpoint reports cost or RLM_PRICES knows the models."""
+    note: str | None = None
+    """Why the answer is empty or not to be trusted, in words for the user (the root model wrote no code)."""
 
 
 class ParentRef(BaseModel):
@@ -127,7 +139,7 @@ class ParentRef(BaseModel):
     iteration: int
 
 
-class ChildEvent(_Event):
+class ChildEvent(EventBase):
     """An event of a child run (started by `rlm_query`/`rlm_batch`), carried in its root's stream."""
 
     type: Literal["child"] = "child"
@@ -137,10 +149,11 @@ class ChildEvent(_Event):
     data: dict[str, Any]
 
 
-ErrorCode = Literal["auth", "model_unavailable", "timeout", "cancelled", "budget", "internal"]
+ErrorCode = Literal["auth", "model_unavailable", "timeout", "cancelled", "budget", "internal", "lost"]
+"""`lost`: the process that ran the run died; its followers are told within RLM_REPLICA_TIMEOUT_S."""
 
 
-class ErrorEvent(_Event):
+class ErrorEvent(EventBase):
     type: Literal["error"] = "error"
     code: ErrorCode
     message: str
@@ -153,8 +166,27 @@ Event = Annotated[
     Field(discriminator="type"),
 ]
 
+EVENT_TYPES: tuple[str, ...] = tuple(get_args(cls.model_fields["type"].annotation)[0]
+                                     for cls in get_args(get_args(Event)[0]))
+"""Every event name, in the union's order."""
 TERMINAL_EVENTS = ("final", "error")
 
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
-def is_terminal(event: _Event) -> bool:
-    return getattr(event, "type", None) in TERMINAL_EVENTS
+
+def is_terminal(event: EventBase) -> bool:
+    return event.type in TERMINAL_EVENTS
+
+
+def parse_event(data: dict[str, Any]) -> Event:
+    """An event from its JSON body (as stored or received); raises `pydantic.ValidationError`."""
+    return _ADAPTER.validate_python(data)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of every event, keyed by its `type`."""
+    return _ADAPTER.json_schema()
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=1))

@@ -7,17 +7,16 @@ import json
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from .store import RunRecord, RunStore
-from .uploads import RequestRefused
 
 
 def _store(request: Request) -> RunStore:
     store = getattr(request.app.state, "store", None)
     if store is None:
-        raise RequestRefused(404, "run history is off on this server (RLM_HISTORY_DB=off)")
+        raise HTTPException(404, "run history is off on this server (RLM_HISTORY_DB=off)")
     return store
 
 
@@ -37,7 +36,7 @@ def history_router() -> APIRouter:
     async def _load(request: Request, run_id: str) -> tuple[Any, list[dict[str, Any]]]:
         found = await asyncio.to_thread(_store(request).get, run_id)
         if found is None:
-            raise RequestRefused(404, f"no run {run_id!r} in the history")
+            raise HTTPException(404, f"no run {run_id!r} in the history")
         return found
 
     @router.get("/{run_id}")
@@ -50,7 +49,7 @@ def history_router() -> APIRouter:
     async def delete_run(request: Request, run_id: str) -> Response:
         """Forget a run (and its kept input, if any)."""
         if not await asyncio.to_thread(_store(request).delete, run_id):
-            raise RequestRefused(404, f"no run {run_id!r} in the history")
+            raise HTTPException(404, f"no run {run_id!r} in the history")
         return Response(status_code=204)
 
     @router.get("/{run_id}/export")
@@ -71,7 +70,7 @@ def history_router() -> APIRouter:
         """The run's input, when the run asked to keep it (`settings.keep_input`)."""
         path = _store(request).input_path(run_id)
         if path is None:
-            raise RequestRefused(404, f"run {run_id!r} did not keep its input")
+            raise HTTPException(404, f"run {run_id!r} did not keep its input")
         return FileResponse(path, media_type="text/plain; charset=utf-8", filename=f"rlm-input-{run_id}.txt")
 
     return router

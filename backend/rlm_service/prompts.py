@@ -124,6 +124,14 @@ REMINDER_TEXT = (
 )
 
 
+def no_code_note(replies: int, protocol: str) -> str:
+    """What the user reads when the root model never ran a cell: nothing was computed."""
+    fix = ("a root model that calls tools reliably, or RLM_ROOT_PROTOCOL=text for models without tool calling"
+           if protocol == "tools" else "a stronger root model")
+    return (f"The root model wrote no code in {replies} {'reply' if replies == 1 else 'replies'}, so nothing "
+            f"was computed and there is no answer. Its text is shown as its thoughts. Try {fix}.")
+
+
 def describe_kind(head: str) -> str:
     """A guess at the input's format from its first characters, for the task message."""
     stripped = head.lstrip()

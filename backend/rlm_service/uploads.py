@@ -1,35 +1,29 @@
 """Reading `POST /process` bodies: JSON, or multipart with a file streamed to disk as it arrives.
 
-Everything here refuses early: a body past its limit stops being read at that point, a stalled body
-times out, and every refusal is a `RequestRefused` carrying the HTTP status and a message that says
-what to change.
+Everything here refuses early, with an `HTTPException` whose message says what to change: a body past
+its limit stops being read at that point, and a body that stalls or trickles times out (a slow client
+cannot hold the server's attention for long). JSON is parsed off the event loop, so a large body never
+stalls other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from .config import Settings
 from .engine import RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
 
 MAX_FIELD_BYTES = 1024 * 1024
 FORM_OVERHEAD_BYTES = 4 * 1024 * 1024
-
-
-class RequestRefused(Exception):
-    """A request turned down before any work: the service answers `{"detail": message}` with `status`."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
-        self.message = message
 
 
 class ProcessRequest(BaseModel):
@@ -68,45 +62,95 @@ class ParsedRequest:
     settings: RunSettings
 
 
-async def _chunks(stream: AsyncIterator[bytes], idle_timeout: float) -> AsyncIterator[bytes]:
+@dataclass
+class BodyLimits:
+    """What a `POST /process` body may be: sizes, and how fast it must arrive."""
+
+    input_bytes: int
+    json_bytes: int
+    prompt_chars: int
+    idle_timeout: float
+    min_rate: int
+    """Bytes per second the body must average once `idle_timeout` has passed since it started."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> BodyLimits:
+        return cls(input_bytes=settings.rlm_max_input_bytes, json_bytes=settings.rlm_max_json_bytes,
+                   prompt_chars=settings.rlm_max_prompt_chars, idle_timeout=settings.rlm_body_timeout_s,
+                   min_rate=settings.rlm_body_min_rate)
+
+
+async def _chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> AsyncIterator[bytes]:
+    """The body's chunks; 408 once it stalls for `idle_timeout`, or falls behind `min_rate` after it."""
     iterator = stream.__aiter__()
+    started = time.monotonic()
+    received = 0
     while True:
+        deadline = started + limits.idle_timeout + received / limits.min_rate
+        wait = min(limits.idle_timeout, deadline - time.monotonic())
         try:
-            chunk = await asyncio.wait_for(iterator.__anext__(), idle_timeout)
+            if wait <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(iterator.__anext__(), wait)
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise RequestRefused(408, f"the request body stalled for {idle_timeout:g} s; send it at once") from None
+            raise HTTPException(408, f"the request body stalled or arrived too slowly ({received:,} bytes in "
+                                     f"{time.monotonic() - started:.0f} s); send it at once") from None
+        received += len(chunk)
         if chunk:
             yield chunk
 
 
-def _validate(data: object) -> ProcessRequest:
+def _validate(data: object, limits: BodyLimits) -> ProcessRequest:
     try:
-        return ProcessRequest.model_validate(data)
+        request = ProcessRequest.model_validate(data)
     except ValidationError as exc:
-        raise RequestRefused(422, describe_validation_error(exc)) from None
+        raise HTTPException(422, describe_validation_error(exc)) from None
+    if len(request.prompt) > limits.prompt_chars:
+        raise HTTPException(422, f"prompt: {len(request.prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
+                                 f"({limits.prompt_chars:,}): the root model reads the prompt every turn, so send "
+                                 "long text as the input (input_data, or the input_file upload) and ask about it")
+    return request
 
 
-async def read_json(stream: AsyncIterator[bytes], limit: int, idle_timeout: float) -> ParsedRequest:
-    body = bytearray()
-    async for chunk in _chunks(stream, idle_timeout):
-        body += chunk
-        if len(body) > limit + MAX_FIELD_BYTES:
-            raise RequestRefused(413, f"the JSON body is larger than RLM_MAX_INPUT_BYTES ({limit:,} bytes); "
-                                 "send large inputs as a multipart file upload (field input_file)")
+def _parse_json(body: bytes, limits: BodyLimits) -> ParsedRequest:
+    """Parse and check a JSON body (in a worker thread: a large one takes a while)."""
     try:
-        data = json.loads(bytes(body))
+        data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestRefused(400, f"the body is not valid JSON: {exc}") from None
-    del body
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
     if not isinstance(data, dict):
-        raise RequestRefused(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
-    request = _validate(data)
+        raise HTTPException(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
+    request = _validate(data, limits)
     run_input = RunInput.from_text(request.input_data)
-    if run_input.size_bytes > limit:
-        raise RequestRefused(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limit:,} bytes)")
+    if run_input.size_bytes > limits.input_bytes:
+        raise HTTPException(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limits.input_bytes:,} bytes)")
     return ParsedRequest(request.prompt, run_input, request.settings)
+
+
+def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException | None:
+    """The refusal of a JSON body of `size` bytes (None: it passed the cap), naming the limit it broke."""
+    if limits.json_bytes <= limits.input_bytes + MAX_FIELD_BYTES:
+        cap, name = limits.json_bytes, "RLM_MAX_JSON_BYTES"
+    else:
+        cap, name = limits.input_bytes + MAX_FIELD_BYTES, "RLM_MAX_INPUT_BYTES"
+    if size is not None and size <= cap:
+        return None
+    shown = f" ({size:,} bytes)" if size is not None else ""
+    return HTTPException(413, f"the JSON body{shown} is larger than {name} allows ({cap:,} bytes); send large "
+                              "inputs as a multipart/form-data upload (field input_file)")
+
+
+async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
+    body = bytearray()
+    async for chunk in _chunks(stream, limits):
+        body += chunk
+        if (refusal := json_too_large(limits, len(body))) is not None:
+            raise refusal
+    return await asyncio.to_thread(_parse_json, bytes(body), limits)
 
 
 class _FormReader:
@@ -149,7 +193,7 @@ class _FormReader:
         if name in ("input_file", "file") or (filename is not None and name not in ("prompt", "settings")):
             self.files += 1
             if self.files > 1:
-                raise RequestRefused(422, "send one input file per request (field input_file)")
+                raise HTTPException(422, "send one input file per request (field input_file)")
             display = filename.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1] if filename else None
             self.spooler = InputSpooler(self.limit, directory=self.spool_dir, name=display)
             self._target = self.spooler
@@ -164,32 +208,32 @@ class _FormReader:
             target.extend(data[start:end])
             cap = self.limit if self._name == "input_data" else MAX_FIELD_BYTES
             if len(target) > cap:
-                raise RequestRefused(413, f"the form field {self._name!r} is too large")
+                raise HTTPException(413, f"the form field {self._name!r} is too large")
 
     def abort(self) -> None:
         if self.spooler is not None:
             self.spooler.abort()
 
 
-async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit: int, idle_timeout: float,
+async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limits: BodyLimits,
                          spool_dir: str | None = None) -> ParsedRequest:
     _, options = parse_options_header(content_type.encode("latin-1", "replace"))
     boundary = options.get(b"boundary")
     if not boundary:
-        raise RequestRefused(400, "the multipart body has no boundary in its Content-Type header")
-    reader = _FormReader(limit, spool_dir)
+        raise HTTPException(400, "the multipart body has no boundary in its Content-Type header")
+    reader = _FormReader(limits.input_bytes, spool_dir)
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     try:
-        async for chunk in _chunks(stream, idle_timeout):
+        async for chunk in _chunks(stream, limits):
             parser.write(chunk)
         parser.finalize()
         fields = {name: value.decode("utf-8", "replace") for name, value in reader.fields.items()}
         try:
             settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
         except ValueError:
-            raise RequestRefused(422, "settings: must be a JSON object, e.g. {\"max_iterations\": 5}") from None
+            raise HTTPException(422, "settings: must be a JSON object, e.g. {\"max_iterations\": 5}") from None
         data = {"settings": settings} | ({"prompt": fields["prompt"]} if "prompt" in fields else {})
-        request = _validate(data)
+        request = _validate(data, limits)
         if reader.spooler is not None:
             run_input = reader.spooler.finish()
         else:
@@ -198,8 +242,8 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limit:
     except BaseException as exc:
         reader.abort()
         if isinstance(exc, InputTooLarge):
-            raise RequestRefused(413, f"{exc}; raise RLM_MAX_INPUT_BYTES on the server to allow it") from None
-        if isinstance(exc, RequestRefused) or not isinstance(exc, Exception):
+            raise HTTPException(413, f"{exc}; raise RLM_MAX_INPUT_BYTES on the server to allow it") from None
+        if isinstance(exc, HTTPException) or not isinstance(exc, Exception):
             raise
         # python-multipart raises assorted errors on garbage
-        raise RequestRefused(400, f"the multipart body could not be parsed: {exc}") from None
+        raise HTTPException(400, f"the multipart body could not be parsed: {exc}") from None

@@ -1,0 +1,202 @@
+"""The run routes: `POST /process` starts a run and streams it; clients re-attach to it and cancel it.
+
+Every stream is Server-Sent Events through sse-starlette: each event is `event: <type>`, `id: <seq>`
+and `data: <JSON>`, a `: ping` comment keeps quiet connections open, and a client that takes longer
+than RLM_SEND_TIMEOUT_S to accept an event is dropped. What a closed stream means depends on who
+opened it: the `/process` connection of a run started without `settings.detach` owns the run, so
+closing it cancels the run; every other stream only follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .config import Settings
+from .engine import Engine, SettingsRefused, effective_limits
+from .events import EventBase, parse_event
+from .runs import LiveRun, valid_run_id
+from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
+
+log = logging.getLogger("rlm_service.api")
+
+PROCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "The run, as Server-Sent Events."},
+    400: {"description": "Malformed body"}, 401: {"description": "Bad or missing token"},
+    408: {"description": "The body arrived too slowly"}, 413: {"description": "Body, input or prompt too large"},
+    415: {"description": "Unsupported content type"}, 422: {"description": "Invalid fields"},
+    429: {"description": "Too many runs at once"}, 503: {"description": "No model configured"},
+}
+
+
+class RunSlots:
+    """Runs in progress on this server, and request bodies being read; past the limits, 429."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.reading = 0
+        self.reading_limit = 2 * limit
+        """Bodies read at once: bounded on their own, so slow uploads cannot take run slots."""
+
+    def refuse_if_full(self) -> None:
+        if self.active >= self.limit:
+            raise HTTPException(429, f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
+                                     "retry when one has finished", headers={"Retry-After": "5"})
+
+    def take_for(self, run_started: LiveRun) -> None:
+        """Count a started run until it ends."""
+        self.active += 1
+
+        def release(_: LiveRun) -> None:
+            self.active -= 1
+
+        run_started.on_end(release)
+
+
+SEP = "\n"
+
+
+def _message(event: EventBase) -> ServerSentEvent:
+    return ServerSentEvent(data=event.model_dump_json(), event=event.type, id=str(event.seq), sep=SEP)
+
+
+async def _sse(events: Iterable[EventBase] | AsyncIterator[EventBase]) -> AsyncIterator[ServerSentEvent]:
+    if isinstance(events, AsyncIterator):
+        async for event in events:
+            yield _message(event)
+    else:
+        for event in events:
+            yield _message(event)
+
+
+def event_stream(settings: Settings, events: Iterable[EventBase] | AsyncIterator[EventBase], *,
+                 ping_s: float) -> EventSourceResponse:
+    """An SSE response of `events`, with keep-alive pings and a send timeout."""
+    return EventSourceResponse(
+        _sse(events), ping=ping_s, sep=SEP, send_timeout=settings.rlm_send_timeout_s,
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _owned(run: LiveRun) -> AsyncIterator[EventBase]:
+    """The stream of the connection that started `run`: leaving it cancels the run unless it is detached."""
+    try:
+        async for event in run.follow():
+            yield event
+    finally:
+        if not run.detached and not run.ended:
+            run.cancel("the client disconnected")
+
+
+def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRouter:
+    """`POST /process`, `GET /api/runs/{id}/events`, `POST /api/runs/{id}/cancel`."""
+    router = APIRouter()
+    body_limits = BodyLimits.of(settings)
+
+    @router.post("/process", tags=["runs"], responses=PROCESS_RESPONSES)
+    async def process(request: Request) -> Any:
+        """Start a run and stream its events. JSON body, or multipart with an `input_file` upload."""
+        problem = settings.setup_problem()
+        if problem:
+            raise HTTPException(503, problem)
+        slots.refuse_if_full()  # early, so a client does not upload for nothing
+        if slots.reading >= slots.reading_limit:
+            raise HTTPException(429, "too many request bodies are arriving at once; retry shortly",
+                                headers={"Retry-After": "5"})
+        slots.reading += 1
+        try:
+            parsed = await _read_request(request, settings, body_limits)
+        finally:
+            slots.reading -= 1
+        try:
+            effective_limits(settings, parsed.settings)
+            slots.refuse_if_full()  # the slot is taken only once the body is complete
+        except BaseException as exc:
+            parsed.run_input.discard()
+            if isinstance(exc, SettingsRefused):
+                raise HTTPException(422, str(exc)) from None
+            raise
+        engine: Engine = request.app.state.engine
+        run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings)
+        slots.take_for(run)
+        run.on_end(lambda _: parsed.run_input.discard())
+        return event_stream(settings, _owned(run), ping_s=ping_s)
+
+    @router.get("/api/runs/{run_id}/events", tags=["runs"],
+                responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "Unknown run"}})
+    async def run_events(request: Request, run_id: str,
+                         after: int | None = Query(None, ge=0, description="Send only events numbered above this."),
+                         last_event_id: str | None = Header(None)) -> Any:
+        """A run's events from the start (or after `Last-Event-ID` / `?after=N`), then live until it ends."""
+        start = after if after is not None else _event_number(last_event_id)
+        engine: Engine = request.app.state.engine
+        run = engine.runs.get(run_id) if valid_run_id(run_id) else None
+        if run is not None:
+            return event_stream(settings, run.follow(start), ping_s=ping_s)
+        stored = await _stored_events(request, run_id)
+        return event_stream(settings, [parse_event(data) for data in stored if data.get("seq", 0) > start],
+                            ping_s=ping_s)
+
+    @router.post("/api/runs/{run_id}/cancel", tags=["runs"], status_code=202,
+                 responses={404: {"description": "Unknown run"}, 409: {"description": "The run already ended"}})
+    async def cancel_run(request: Request, run_id: str) -> JSONResponse:
+        """End a live run: its stream ends with `error`, code `cancelled`."""
+        engine: Engine = request.app.state.engine
+        run = engine.runs.get(run_id) if valid_run_id(run_id) else None
+        if run is None:
+            await _stored_events(request, run_id)  # 404 if unknown
+            raise HTTPException(409, f"run {run_id} has already ended")
+        if not run.cancel("cancelled through the API"):
+            raise HTTPException(409, f"run {run_id} has already ended")
+        return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
+
+    return router
+
+
+def _event_number(value: str | None) -> int:
+    try:
+        return max(int(value or 0), 0)
+    except ValueError:
+        return 0
+
+
+async def _stored_events(request: Request, run_id: str) -> list[dict[str, Any]]:
+    """A past run's events from history; 404 when there is no such run."""
+    store = request.app.state.store
+    found = await _store_events(store, run_id) if store is not None and valid_run_id(run_id) else None
+    if found is None:
+        raise HTTPException(404, f"no run {run_id!r} on this server")
+    return found
+
+
+async def _store_events(store: Any, run_id: str) -> list[dict[str, Any]] | None:
+    found = await asyncio.to_thread(store.get, run_id)
+    if found is None:
+        return None
+    _, events = found
+    return [event if event.get("seq") else {**event, "seq": index} for index, event in enumerate(events, 1)]
+
+
+async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:
+    content_type = request.headers.get("content-type", "")
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    declared = request.headers.get("content-length")
+    if media_type == "application/json":
+        if declared and declared.isdigit() and (refusal := json_too_large(limits, int(declared))) is not None:
+            raise refusal
+        return await read_json(request.stream(), limits)
+    if media_type == "multipart/form-data":
+        if declared and declared.isdigit() and int(declared) > limits.input_bytes + FORM_OVERHEAD_BYTES:
+            raise HTTPException(413, f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES "
+                                     f"({limits.input_bytes:,} bytes)")
+        return await read_multipart(request.stream(), content_type, limits)
+    shown = media_type or "none"
+    raise HTTPException(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")

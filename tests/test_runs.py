@@ -1,0 +1,191 @@
+"""Runs as server-side resources: numbered events, re-attaching, detached runs, cancelling (over real HTTP)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import (
+    LiveServer,
+    SseEvent,
+    make_settings,
+    parse_sse,
+    script,
+    stream_run,
+    wait_until,
+)
+from tests.fake_openai import FakeOpenAI
+
+SLOW_BATCH = script({"code": ["replies = llm_batch([f'q{i}' for i in range(12)])\nprint(len(replies))"]},
+                    {"code": ["import time\ntime.sleep(0.5)\nprint('second cell')"]},
+                    {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]})
+
+
+def history_settings(fake: FakeOpenAI, tmp_path: Path, **overrides: Any) -> Any:
+    return make_settings(fake, rlm_history_db=str(tmp_path / "history.sqlite3"), **overrides)
+
+
+def follow(url: str, run_id: str, *, after: int | None = None, last_event_id: int | None = None,
+           stop: Any = None) -> list[SseEvent]:
+    """GET /api/runs/{id}/events, reading until the stream ends or `stop(event)` is true."""
+    params = {"after": after} if after is not None else None
+    headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else None
+    events: list[SseEvent] = []
+    with httpx2.Client(timeout=60) as client, client.stream(
+            "GET", f"{url}/api/runs/{run_id}/events", params=params, headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for event in parse_sse(response.iter_lines()):
+            events.append(event)
+            if stop is not None and stop(event):
+                break
+    return events
+
+
+def start_detached(url: str, prompt: str, *, until: Any) -> list[SseEvent]:
+    """Start a detached run and drop the connection once `until(event)` is true."""
+    seen: list[SseEvent] = []
+    with httpx2.Client(timeout=60) as client, client.stream(
+            "POST", f"{url}/process", json={"prompt": prompt, "settings": {"detach": True}}) as response:
+        for event in parse_sse(response.iter_lines()):
+            seen.append(event)
+            if until(event):
+                break
+    return seen
+
+
+def seqs(events: list[SseEvent]) -> list[int]:
+    return [event.data["seq"] for event in events]
+
+
+@pytest.mark.parametrize("drop_after", ["start", "code", "subcalls", "output", "usage"])
+def test_a_dropped_client_reattaches_and_gets_every_later_event_exactly_once(
+        fake: FakeOpenAI, tmp_path: Path, drop_after: str) -> None:
+    """Re-attach at every point of a run: before the first cell, mid-cell, between iterations.
+    Mutant caught: `follow(after)` starting at `after - 1` (a duplicate) or `after + 1` (a gap)."""
+    fake.sub_latency = 0.1
+    with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=2)) as server:
+        first = start_detached(server.url, SLOW_BATCH, until=lambda e: e.event == drop_after)
+        run_id = first[0].data["run_id"]
+        rest = follow(server.url, run_id, last_event_id=first[-1].data["seq"])
+    whole = first + rest
+    assert seqs(whole) == list(range(1, len(whole) + 1))
+    assert whole[-1].event == "final" and whole[-1].data["answer"] == "done: 12"
+
+
+def test_after_the_terminal_event_the_rest_is_sent_and_the_stream_closes(fake: FakeOpenAI, tmp_path: Path) -> None:
+    with LiveServer(history_settings(fake, tmp_path)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": "x"})
+        run_id = events[0].data["run_id"]
+        assert events[-1].event == "final"
+        whole = follow(server.url, run_id)
+        tail = follow(server.url, run_id, after=len(events) - 2)
+        nothing = follow(server.url, run_id, last_event_id=len(events))
+    assert [e.data for e in whole] == [e.data for e in events]
+    assert [e.event for e in tail] == [events[-2].event, "final"]
+    assert nothing == []
+
+
+def test_ended_runs_are_served_from_history_after_a_restart(fake: FakeOpenAI, tmp_path: Path) -> None:
+    with LiveServer(history_settings(fake, tmp_path)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": "x"})
+    with LiveServer(history_settings(fake, tmp_path)) as restarted:
+        again = follow(restarted.url, events[0].data["run_id"], after=1)
+    assert [e.data for e in again] == [e.data for e in events[1:]]
+
+
+def test_unknown_runs_are_404_and_malformed_ids_too(live: LiveServer) -> None:
+    for run_id in ("0123456789abcdef", "x" * 5000, "..%2F..%2Fetc"):
+        assert httpx2.get(f"{live.url}/api/runs/{run_id}/events").status_code == 404
+        assert httpx2.post(f"{live.url}/api/runs/{run_id}/cancel").status_code == 404
+
+
+def test_a_detached_run_goes_on_after_its_client_leaves(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Mutant caught: cancelling on disconnect whatever `detach` says."""
+    fake.sub_latency = 0.1
+    with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=2)) as server:
+        first = start_detached(server.url, SLOW_BATCH, until=lambda e: e.event == "code")
+        run_id = first[0].data["run_id"]
+        slots = server.app.state.slots
+        assert wait_until(lambda: slots.active == 0, timeout=30)
+        events = follow(server.url, run_id)
+    assert events[-1].event == "final" and events[-1].data["ready"]
+    assert fake.stats.sub_requests == 12
+
+
+def test_without_detach_closing_the_stream_still_cancels(fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.sub_latency = 0.2
+    with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=1)) as server:
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response:
+            first = next(parse_sse(response.iter_lines()))
+        events = follow(server.url, first.data["run_id"])
+    assert events[-1].event == "error" and events[-1].data["code"] == "cancelled"
+    assert "client disconnected" in events[-1].data["message"]
+    assert fake.stats.sub_requests < 12
+
+
+def test_cancel_from_a_second_client_ends_the_run_for_every_follower(fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake.sub_latency = 0.3
+    with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=1)) as server:
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response:
+            events = parse_sse(response.iter_lines())
+            start = next(events)
+            run_id = start.data["run_id"]
+            cancelled = httpx2.post(f"{server.url}/api/runs/{run_id}/cancel")
+            rest = list(events)
+        again = httpx2.post(f"{server.url}/api/runs/{run_id}/cancel")
+        followed = follow(server.url, run_id)
+    assert cancelled.status_code == 202
+    assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled"
+    assert followed[-1].data == rest[-1].data
+    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+    assert sum(1 for e in rest if e.event in ("final", "error")) == 1
+
+
+def test_a_detached_run_nobody_reattaches_ends_within_its_limits_and_frees_its_worker(
+        fake: FakeOpenAI, tmp_path: Path) -> None:
+    forever = script({"code": ["import time\ntime.sleep(600)"]})
+    with LiveServer(history_settings(fake, tmp_path, rlm_exec_timeout_s=2, rlm_max_iterations=2)) as server:
+        first = start_detached(server.url, forever, until=lambda e: e.event == "code")
+        engine = server.app.state.engine
+        assert wait_until(lambda: not engine.runs.live(), timeout=30)
+        events = follow(server.url, first[0].data["run_id"])
+    assert events[-1].event == "final" and not events[-1].data["ready"]
+    assert any(e.event == "output" and "TimeoutError" in (e.data["error"] or "") for e in events)
+
+
+def test_a_client_that_stops_reading_loses_its_run_and_its_slot(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """#14 item 11: the run's events pile up in no queue, the send timeout drops the client, the run is
+    cancelled and its slot freed. Mutant caught: no send timeout (the run holds its slot for good)."""
+    flood = script(*[{"code": ["print('x' * 400_000)"]} for _ in range(40)])
+    settings = history_settings(fake, tmp_path, rlm_send_timeout_s=1, rlm_max_output_chars=500_000,
+                                rlm_max_iterations=40)
+    with LiveServer(settings) as server:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            body = json.dumps({"prompt": flood}).encode()
+            sock.sendall(b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            slots = server.app.state.slots
+            assert wait_until(lambda: slots.active == 1, timeout=10)
+            assert wait_until(lambda: slots.active == 0, timeout=60)
+            run_id = httpx2.get(f"{server.url}/api/runs").json()["runs"][0]["id"]
+        ended = follow(server.url, run_id, after=0)
+    assert ended[-1].event == "error" and ended[-1].data["code"] == "cancelled"
+    assert sum(1 for e in ended if e.event == "output") < 40
+
+
+def test_every_event_of_process_carries_its_number_as_the_sse_id(live: LiveServer) -> None:
+    with httpx2.Client(timeout=60) as client, client.stream(
+            "POST", f"{live.url}/process", json={"prompt": "x"}) as response:
+        body = response.read().decode()
+    ids = [int(line[4:]) for line in body.split("\n") if line.startswith("id: ")]
+    datas = [line for line in body.split("\n") if line.startswith("data: ")]
+    assert ids == list(range(1, len(datas) + 1))
