@@ -117,8 +117,8 @@ def _make_v0_database(path: Path) -> dict[str, list[str]]:
 
 
 def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
-    """Mutants: dropping migration 2 (events keep numbers from 0: `seq` starts at 0, `after=1` skips one);
-    dropping the copy of prompts in migration 3 (the full prompt is lost)."""
+    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
+    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
     path = tmp_path / "history.sqlite3"
     old = _make_v0_database(path)
     store = SqliteRunStore(path)
@@ -211,8 +211,9 @@ def _footprint(path: Path) -> int:
 
 def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp_path: Path) -> None:
     """Four 16 MB answers (the run that grew a database by 140 MB) cost the history at most its budget and the
-    answer limit, and deleting the run returns the file to its size before. Mutants: `_Usage.stored` returning
-    every event whole (grew 96 MB); `_reclaim` doing nothing (the file stays 5 MB larger after the delete)."""
+    answer limit, and deleting the run returns the file to its size before. Mutants: `_Usage.stored` storing
+    every event whole (the file grew 70 MB), or the final answer uncapped (18 MB); `_reclaim` doing nothing
+    (the file stays 6 MB larger after the delete)."""
     path = tmp_path / "h.sqlite3"
     budget = RunBudget()
     store = SqliteRunStore(path)
