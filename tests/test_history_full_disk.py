@@ -1,4 +1,5 @@
-"""The run history on a disk that fills up: runs go on, the history answers, and recording resumes.
+"""The run history on a disk that fills up: runs go on, the history answers, recording resumes, and what waits
+in memory meanwhile stays bounded.
 
 The disk is real: a 16 MiB tmpfs mounted for the test and filled by it, so SQLite meets the same `ENOSPC`
 as on a full disk. Mounting needs root (CI runs as root); elsewhere the test is skipped.
@@ -17,8 +18,12 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from rlm_service.events import AnswerEvent, CodeEvent
+from rlm_service.store import SqliteRunStore
+from rlm_service.storewriter import MAX_BACKLOG
 from tests.conftest import LiveServer, make_settings, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
+from tests.test_store import _final, _record, _start
 
 
 @pytest.fixture
@@ -34,8 +39,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+    finally:  # lazily: a test that failed may leave a file open on it
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def _fill(path: Path) -> None:
@@ -92,3 +97,27 @@ def test_a_full_disk_does_not_stop_the_history(small_disk: Path, fake: FakeOpenA
         after_id = after[0].data["run_id"]
         assert wait_until(lambda: client.get(f"/api/runs/{after_id}").status_code == 200)
         assert client.get(f"/api/runs/{after_id}").json()["run"]["status"] == "finished"
+
+
+def test_while_the_disk_is_full_the_waiting_events_are_bounded(small_disk: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Past `MAX_BACKLOG` waiting writes, plain events are dropped (and counted); the run's end is kept.
+    Mutant: no backlog check (all 12,000 events wait in memory, then are all written)."""
+    caplog.set_level(logging.WARNING, logger="rlm_service")
+    store = SqliteRunStore(small_disk / "history.sqlite3")
+    store.begin(_record("r", 1.0))
+    store.record("r", _start("r"))
+    assert store.flush()
+    _fill(small_disk / "filler")
+    store.record("r", AnswerEvent(run_id="r", content="y" * 500_000, ready=False))
+    assert wait_until(lambda: store.failure is not None)
+    for index in range(12_000):
+        store.record("r", CodeEvent(run_id="r", iteration=1, code=str(index)))
+    store.record("r", _final("r", "done"))
+    (small_disk / "filler").unlink()
+    assert wait_until(lambda: store.status("r") == "finished", timeout=30)
+    events = store.events("r")
+    assert events[-1]["type"] == "final" and events[-1]["seq"] == 12_003
+    assert events[1]["type"] == "answer" and len(events) == MAX_BACKLOG + 2  # with the start, written before
+    assert f"{12_003 - len(events)} events were dropped meanwhile" in caplog.text
+    store.close()

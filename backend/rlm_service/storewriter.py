@@ -190,7 +190,7 @@ class Writer:
             return None
         except _Stuck as stuck:
             error, remaining = stuck.error, stuck.remaining
-        except sqlite3.Error as exc:  # the connection could not be opened
+        except Exception as exc:  # the connection could not be opened
             error, remaining = exc, jobs
         self._failed(error, len(remaining))
         self._disconnect()
