@@ -496,7 +496,7 @@ function renderHistory(runs, append) {
     const button = el("button");
     button.type = "button";
     button.dataset.runId = run.id;
-    const what = el("span", "what", run.prompt.replace(/<<<SCRIPT[\s\S]*SCRIPT>>>/, "").trim() || "(scripted run)");
+    const what = el("span", "what", run.prompt_preview.replace(/<<<SCRIPT[\s\S]*SCRIPT>>>/, "").trim() || "(scripted run)");
     const when = el("span", "when", new Date(run.created * 1000).toLocaleString());
     const tag = el("span", `status-tag ${run.status}`, run.status === "finished" && !run.ready ? "not ready" : run.status);
     when.append(tag);

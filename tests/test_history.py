@@ -231,3 +231,44 @@ async def test_engine_keeps_the_input_only_when_asked(tmp_path: Path, fake: Fake
     record, _ = store.get(run_id)  # type: ignore[misc]
     assert record.input_kept == kept and record.settings["keep_input"] == kept
     store.close()
+
+
+def test_an_id_that_cannot_name_a_run_answers_404_on_every_route(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """A 5,000-character id made `/input` answer 500 (file name too long). Mutant: `valid_run_id` accepting
+    everything (then `/input` and DELETE answer 500 again, and the 404s echo the whole id)."""
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        client = httpx2.Client(base_url=server.url)
+        answers = {(run_id[:8], method, route): client.request(method, f"/api/runs/{run_id}{route}")
+                   for run_id in ["a" * 5000, "x.y", "%2e%2e", "a%00b", "é", "0" * 65]
+                   for method, route in [("GET", ""), ("GET", "/export"), ("GET", "/input"), ("DELETE", "")]}
+        assert {key: response.status_code for key, response in answers.items() if response.status_code != 404} == {}
+        assert all(len(response.json()["detail"]) < 200 for response in answers.values())
+        assert client.get(f"/api/runs/{'a' * 64}/input").status_code == 404
+        assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """A run with a 60 MB prompt made every `GET /api/runs` 65 MB. List items carry 200 characters of it and its
+    length; the run itself has it all. Mutant: `list()` reading the prompt with the run (the page is 60 MB)."""
+    path = tmp_path / "h.sqlite3"
+    prompt = "Ünïcode first. " + "x" * 60_000_000
+    store = SqliteRunStore(path)
+    store.begin(RunRecord(id="big0prompt000000", created=1.0, status="running", prompt=prompt, settings={},
+                          input_chars=0, input_lines=0, input_bytes=0))
+    store.record("big0prompt000000", FinalEvent(run_id="big0prompt000000", answer="short", ready=True, iterations=1,
+                                                usage=RunUsage(), elapsed_ms=1))
+    store.begin(_record("small0prompt0000", 2.0))
+    assert store.flush()
+    store.close()
+    with LiveServer(make_settings(fake, rlm_history_db=str(path))) as server:
+        started = time.monotonic()
+        listed = httpx2.get(f"{server.url}/api/runs", timeout=60)
+        print(f"GET /api/runs: {len(listed.content):,} bytes in {time.monotonic() - started:.3f} s")
+        assert listed.status_code == 200 and len(listed.content) < 5000
+        runs = {run["id"]: run for run in listed.json()["runs"]}
+        assert runs["big0prompt000000"]["prompt_preview"] == prompt[:200]
+        assert runs["big0prompt000000"]["prompt_chars"] == len(prompt) and "prompt" not in runs["big0prompt000000"]
+        assert runs["big0prompt000000"]["answer_preview"] == "short"
+        assert runs["small0prompt0000"]["prompt_preview"] == "task small0prompt0000"
+        full = httpx2.get(f"{server.url}/api/runs/big0prompt000000", timeout=120).json()
+        assert full["run"]["prompt"] == prompt and full["run"]["answer"] == "short"

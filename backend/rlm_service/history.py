@@ -5,19 +5,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
-from .store import RunRecord, RunStore
+from .store import RunRecord, RunStore, StoreUnavailable, valid_run_id
 
 
 def _store(request: Request) -> RunStore:
-    store = getattr(request.app.state, "store", None)
+    store: RunStore | None = getattr(request.app.state, "store", None)
     if store is None:
         raise HTTPException(404, "run history is off on this server (RLM_HISTORY_DB=off)")
     return store
+
+
+def _run_id(run_id: str) -> str:
+    """The `{run_id}` of a route, refused with 404 unless it could name a run (never echoed back whole)."""
+    if not valid_run_id(run_id):
+        raise HTTPException(404, f"no run {run_id[:64]!r}{'…' if len(run_id) > 64 else ''}: not a run id")
+    return run_id
+
+
+RunId = Annotated[str, Depends(_run_id)]
+"""A route's `{run_id}` path parameter, checked: use it for every `/api/runs/{run_id}…` route."""
 
 
 def history_router() -> APIRouter:
@@ -27,33 +38,38 @@ def history_router() -> APIRouter:
     async def list_runs(request: Request, limit: int = Query(20, ge=1, le=200),
                         before: float | None = Query(None, description="`next_before` of the previous page")
                         ) -> dict[str, Any]:
-        """Past runs, newest first, a page at a time."""
+        """Past runs, newest first, a page at a time. Prompts and answers come as previews (`prompt_preview`,
+        `prompt_chars`, `answer_preview`, `answer_chars`); `GET /api/runs/{id}` has them in full."""
         store = _store(request)
         records = await asyncio.to_thread(store.list, limit=limit, before=before)
         runs = [record.to_dict() for record in records]
         return {"runs": runs, "next_before": runs[-1]["created"] if len(runs) == limit else None}
 
-    async def _load(request: Request, run_id: str) -> tuple[Any, list[dict[str, Any]]]:
+    async def _load(request: Request, run_id: str) -> tuple[RunRecord, list[dict[str, Any]]]:
         found = await asyncio.to_thread(_store(request).get, run_id)
         if found is None:
             raise HTTPException(404, f"no run {run_id!r} in the history")
         return found
 
     @router.get("/{run_id}")
-    async def get_run(request: Request, run_id: str) -> dict[str, Any]:
+    async def get_run(request: Request, run_id: RunId) -> dict[str, Any]:
         """One run with every event it streamed, in order."""
         record, events = await _load(request, run_id)
         return {"run": record.to_dict(), "events": events}
 
     @router.delete("/{run_id}", status_code=204)
-    async def delete_run(request: Request, run_id: str) -> Response:
-        """Forget a run (and its kept input, if any)."""
-        if not await asyncio.to_thread(_store(request).delete, run_id):
+    async def delete_run(request: Request, run_id: RunId) -> Response:
+        """Forget a run (and its kept input, if any). 503 when the history cannot be written now (a full disk)."""
+        try:
+            deleted = await asyncio.to_thread(_store(request).delete, run_id)
+        except StoreUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        if not deleted:
             raise HTTPException(404, f"no run {run_id!r} in the history")
         return Response(status_code=204)
 
     @router.get("/{run_id}/export")
-    async def export_run(request: Request, run_id: str,
+    async def export_run(request: Request, run_id: RunId,
                          format: Literal["json", "md"] = Query("json")) -> Response:
         """The run as a JSON document or a Markdown report, as a download."""
         record, events = await _load(request, run_id)
@@ -66,7 +82,7 @@ def history_router() -> APIRouter:
         return Response(body, media_type=media, headers=headers)
 
     @router.get("/{run_id}/input")
-    async def get_input(request: Request, run_id: str) -> FileResponse:
+    async def get_input(request: Request, run_id: RunId) -> FileResponse:
         """The run's input, when the run asked to keep it (`settings.keep_input`)."""
         path = _store(request).input_path(run_id)
         if path is None:

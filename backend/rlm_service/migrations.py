@@ -1,0 +1,144 @@
+"""The run history's schema: an ordered list of versioned steps, one list for every kind of database.
+
+Version N of the schema is what steps 1..N make. A database records the version it is at (SQLite:
+`PRAGMA user_version`; PostgreSQL: the one row of a `schema_version` table) and opening it applies the
+steps after that one. Each step runs in one transaction together with its new version number, so an upgrade
+that is interrupted resumes at the step it stopped in. A database at a version newer than this code knows is
+refused: this code could misread or damage what a newer one wrote.
+
+A database made before versions existed has version 0 and today's tables; step 1 creates the tables only if
+they are missing, so it serves both that database and an empty one.
+
+The SQL of a step runs unchanged on SQLite (3.35 or newer, for `DROP COLUMN`) and PostgreSQL: the types are
+`TEXT`, `BIGINT`, `DOUBLE PRECISION` and `INTEGER` (0/1 for booleans: SQLite has no boolean type), and the
+statements are ones both accept (`CREATE ... IF NOT EXISTS`, `ADD COLUMN`, `DROP COLUMN`, `SUBSTR`, `LENGTH`).
+Where the two differ, a step carries each dialect's own statements:
+- Giving space back after deletes: SQLite needs `auto_vacuum = INCREMENTAL`, which takes effect only through a
+  `VACUUM`, and `VACUUM` cannot run inside a transaction. PostgreSQL's autovacuum reclaims space by itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Literal
+
+Dialect = Literal["sqlite", "postgresql"]
+PREVIEW_CHARS = 200
+"""Characters of a prompt or an answer that the history list shows."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema. `sql` runs on every dialect unless the step gives that dialect its own list."""
+
+    version: int
+    summary: str
+    sql: tuple[str, ...] = ()
+    sqlite: tuple[str, ...] | None = None
+    postgresql: tuple[str, ...] | None = None
+    transactional: bool = True
+    """False for a step SQLite cannot run inside a transaction (`VACUUM`); such a step must be safe to repeat."""
+
+    def statements(self, dialect: Dialect) -> tuple[str, ...]:
+        own = self.sqlite if dialect == "sqlite" else self.postgresql
+        return self.sql if own is None else own
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "runs and their events", (
+        """CREATE TABLE IF NOT EXISTS runs (
+            id TEXT PRIMARY KEY,
+            created DOUBLE PRECISION NOT NULL,
+            finished DOUBLE PRECISION,
+            status TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            settings TEXT NOT NULL,
+            input_chars BIGINT NOT NULL,
+            input_lines BIGINT NOT NULL,
+            input_bytes BIGINT NOT NULL,
+            input_sha256 TEXT,
+            input_name TEXT,
+            input_kept INTEGER NOT NULL DEFAULT 0,
+            answer TEXT,
+            ready INTEGER,
+            iterations INTEGER,
+            usage TEXT,
+            error TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC)",
+        """CREATE TABLE IF NOT EXISTS events (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )""",
+    )),
+    # Version 1 numbered a run's events from 0; clients re-attach with the last number they saw, which the
+    # event stream numbers from 1. Two steps, so that no intermediate value collides with another row's.
+    Migration(2, "events numbered from 1", (
+        "UPDATE events SET seq = -seq - 1",
+        "UPDATE events SET seq = -seq",
+    )),
+    # The history list reads every row of `runs` it shows: long texts live elsewhere, so that a run with a
+    # 60 MB prompt costs the list 200 characters. A run's answer is its terminal event's, already in `events`.
+    Migration(3, "prompts in their own table; previews for the list", (
+        """CREATE TABLE prompts (
+            run_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL
+        )""",
+        "INSERT INTO prompts (run_id, prompt) SELECT id, prompt FROM runs",
+        "ALTER TABLE runs ADD COLUMN prompt_preview TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE runs ADD COLUMN prompt_chars BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN answer_preview TEXT",
+        "ALTER TABLE runs ADD COLUMN answer_chars BIGINT",
+        f"UPDATE runs SET prompt_preview = SUBSTR(prompt, 1, {PREVIEW_CHARS}), prompt_chars = LENGTH(prompt), "
+        f"answer_preview = SUBSTR(answer, 1, {PREVIEW_CHARS}), answer_chars = LENGTH(answer)",
+        "ALTER TABLE runs DROP COLUMN prompt",
+        "ALTER TABLE runs DROP COLUMN answer",
+    )),
+    Migration(4, "space freed by deletes is given back", sqlite=(
+        "PRAGMA auto_vacuum = INCREMENTAL",
+        "VACUUM",
+    ), postgresql=(), transactional=False),
+)
+
+LATEST = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was made by a newer version of the service."""
+
+
+def migrate_sqlite(db: sqlite3.Connection) -> int:
+    """Bring a SQLite database (a connection in autocommit mode) to the latest version. Returns the version it
+    was at. Safe with several processes opening the same file: each step rechecks the version under the write
+    lock before it runs."""
+    found = _sqlite_version(db)
+    if found > LATEST:
+        raise SchemaTooNew(f"the history database is at schema version {found}; this version of the service "
+                           f"knows versions up to {LATEST}: upgrade the service, or point RLM_HISTORY_DB elsewhere")
+    for step in MIGRATIONS:
+        if step.transactional:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if _sqlite_version(db) < step.version:
+                    for statement in step.statements("sqlite"):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {step.version:d}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        elif _sqlite_version(db) < step.version:
+            for statement in step.statements("sqlite"):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {step.version:d}")
+    return found
+
+
+def _sqlite_version(db: sqlite3.Connection) -> int:
+    version: int = db.execute("PRAGMA user_version").fetchone()[0]
+    return version

@@ -1,0 +1,254 @@
+"""The history store: schema upgrades, event numbers, what one run may store, and space given back."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from rlm_service.events import (
+    AnswerEvent,
+    CodeEvent,
+    ErrorEvent,
+    FinalEvent,
+    InputInfo,
+    Limits,
+    RunUsage,
+    StartEvent,
+    ThoughtEvent,
+)
+from rlm_service.migrations import LATEST, SchemaTooNew
+from rlm_service.store import RunBudget, RunRecord, SqliteRunStore
+
+# The schema and the writes of the store before schema versions existed (version 0), copied as they were.
+SCHEMA_V0 = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    finished REAL,
+    status TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    input_chars INTEGER NOT NULL,
+    input_lines INTEGER NOT NULL,
+    input_bytes INTEGER NOT NULL,
+    input_sha256 TEXT,
+    input_name TEXT,
+    input_kept INTEGER NOT NULL DEFAULT 0,
+    answer TEXT,
+    ready INTEGER,
+    iterations INTEGER,
+    usage TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+"""
+BEGIN_V0 = ("INSERT INTO runs (id, created, status, prompt, settings, input_chars, input_lines, input_bytes, "
+            "input_sha256, input_name, input_kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+EVENT_V0 = ("INSERT INTO events (run_id, seq, type, data) VALUES "
+            "(?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_id = ?), ?, ?)")
+FINAL_V0 = ("UPDATE runs SET status = 'finished', finished = ?, answer = ?, ready = ?, iterations = ?, usage = ? "
+            "WHERE id = ?")
+ERROR_V0 = "UPDATE runs SET status = 'failed', finished = ?, answer = ?, error = ? WHERE id = ?"
+
+
+def _limits() -> Limits:
+    return Limits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800)
+
+
+def _start(run_id: str) -> StartEvent:
+    return StartEvent(run_id=run_id, model="m", sub_model="s", input=InputInfo(chars=3, lines=1), limits=_limits())
+
+
+def _final(run_id: str, answer: str) -> FinalEvent:
+    return FinalEvent(run_id=run_id, answer=answer, ready=True, iterations=1, usage=RunUsage(), elapsed_ms=5)
+
+
+def _record(run_id: str, created: float, prompt: str | None = None) -> RunRecord:
+    return RunRecord(id=run_id, created=created, status="running", prompt=prompt or f"task {run_id}", settings={},
+                     input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
+
+
+def _make_v0_database(path: Path) -> dict[str, list[str]]:
+    """A database as the store made it before schema versions: three runs (finished, failed, still running),
+    written with that store's statements. Returns each run's event JSON, in order."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(SCHEMA_V0)
+    runs = {
+        "f00d000000000001": (1000.0, "finished run " + "p" * 500),
+        "f00d000000000002": (1001.0, "failed run"),
+        "f00d000000000003": (1002.0, "run the server lost"),
+    }
+    for run_id, (created, prompt) in runs.items():
+        db.execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
+                              "abc", "in.txt", 0))
+    stored: dict[str, list[str]] = {run_id: [] for run_id in runs}
+
+    def event(run_id: str, item: object) -> None:
+        data = item.model_dump_json()  # type: ignore[attr-defined]
+        db.execute(EVENT_V0, (run_id, run_id, item.type, data))  # type: ignore[attr-defined]
+        stored[run_id].append(data)
+
+    finished, failed, _ = runs
+    for run_id in runs:
+        event(run_id, _start(run_id))
+        event(run_id, ThoughtEvent(run_id=run_id, iteration=1, text="looking"))
+        event(run_id, CodeEvent(run_id=run_id, iteration=1, code="print(1)"))
+    answer = "the answer " + "a" * 300
+    event(finished, AnswerEvent(run_id=finished, content=answer, ready=True))
+    event(finished, _final(finished, answer))
+    db.execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
+    event(failed, ErrorEvent(run_id=failed, code="timeout", message="The run took too long.", answer="half"))
+    db.execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
+                          failed))
+    db.close()
+    return stored
+
+
+def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
+    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
+    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
+    path = tmp_path / "history.sqlite3"
+    old = _make_v0_database(path)
+    store = SqliteRunStore(path)
+    finished, failed, lost = old
+    listed = {run.id: run for run in store.list(limit=10, before=None)}
+    assert list(listed) == [lost, failed, finished]
+    assert listed[finished].prompt_preview == ("finished run " + "p" * 500)[:200]
+    assert listed[finished].prompt_chars == len("finished run ") + 500
+    assert listed[finished].answer_chars == len("the answer ") + 300 and listed[finished].status == "finished"
+    assert listed[failed].status == "failed" and listed[failed].error == {"code": "timeout",
+                                                                           "message": "The run took too long."}
+    assert listed[lost].status == "unfinished"
+    for run_id, events in old.items():
+        record, stored = store.get(run_id)  # type: ignore[misc]
+        assert [event.pop("seq") for event in stored] == list(range(1, len(events) + 1))
+        assert stored == [json.loads(data) for data in events]
+        assert record.input_name == "in.txt" and record.settings == {"keep_input": False}
+    record, _ = store.get(finished)  # type: ignore[misc]
+    assert record.prompt == "finished run " + "p" * 500 and record.answer == "the answer " + "a" * 300
+    assert record.ready is True and record.usage == RunUsage().model_dump()
+    assert store.get(failed)[0].answer == "half"  # type: ignore[index]
+    assert [event["type"] for event in store.events(finished, after=3)] == ["answer", "final"]
+    store.begin(_record("f00d000000000004", 1003.0))  # and it goes on recording
+    store.record("f00d000000000004", _start("f00d000000000004"))
+    assert store.flush()
+    assert [event["seq"] for event in store.events("f00d000000000004")] == [1]
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+    again = SqliteRunStore(path)  # opening an up-to-date database changes nothing
+    assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
+    again.close()
+
+
+def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "history.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {LATEST + 1}")
+    with pytest.raises(SchemaTooNew, match="upgrade the service"):
+        SqliteRunStore(path)
+
+
+class _Numbered(CodeEvent):
+    seq: int
+
+
+def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(tmp_path: Path) -> None:
+    """An event's own `seq` is its number; without one, the next in the run. Mutant: numbering from 0."""
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    run_id = "0123456789abcdef"
+    store.begin(_record(run_id, 1.0))
+    assert store.flush() and store.status(run_id) == "running"
+    store.record(run_id, _start(run_id))
+    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
+    store.record(run_id, _Numbered(run_id=run_id, iteration=1, code="b", seq=7))
+    store.record(run_id, CodeEvent(run_id=run_id, iteration=2, code="c"))
+    store.record(run_id, _final(run_id, "done"))
+    assert store.flush()
+    assert [(event["seq"], event["type"]) for event in store.events(run_id)] == [
+        (1, "start"), (2, "code"), (7, "code"), (8, "code"), (9, "final")]
+    assert [event.get("code") for event in store.events(run_id, after=2)] == ["b", "c", None]
+    assert store.events(run_id, after=9) == [] and store.status(run_id) == "finished"
+    assert store.status("feedfacefeedface") is None and store.events("feedfacefeedface") == []
+    assert store.status("../" + run_id) is None and store.get("x" * 5000) is None
+    store.close()
+
+
+def test_a_write_that_breaks_a_constraint_loses_only_itself(tmp_path: Path) -> None:
+    """An event of a run that was never begun breaks the events' foreign key; the events around it, written in
+    the same transaction, are kept. Mutant: dropping the row-by-row retry of a failed batch."""
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store.begin(_record("aaaa", 1.0))
+    store.record("aaaa", _start("aaaa"))
+    store.record("never-begun", _start("never-begun"))
+    store.record("aaaa", _final("aaaa", "kept"))
+    assert store.flush()
+    assert [event["type"] for event in store.events("aaaa")] == ["start", "final"]
+    assert store.status("aaaa") == "finished" and store.failure is None
+    store.close()
+
+
+def _footprint(path: Path) -> int:
+    """Bytes the database takes on disk once its write-ahead log is copied into it: the file and the log."""
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    wal = path.with_name(path.name + "-wal")
+    return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
+
+
+def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp_path: Path) -> None:
+    """Four 16 MB answers (the run that grew a database by 140 MB) cost the history at most its budget and the
+    answer limit, and deleting the run returns the file to its size before. Mutants: `_Usage.stored` storing
+    every event whole (the file grew 70 MB), or the final answer uncapped (18 MB); `_reclaim` doing nothing
+    (the file stays 6 MB larger after the delete)."""
+    path = tmp_path / "h.sqlite3"
+    budget = RunBudget()
+    store = SqliteRunStore(path)
+    store.begin(_record("small", 1.0))
+    store.record("small", _start("small"))
+    store.record("small", _final("small", "a small answer"))
+    assert store.flush()
+    before = _footprint(path)
+
+    big = "big"
+    store.begin(_record(big, 2.0))
+    store.record(big, _start(big))
+    store.record(big, AnswerEvent(run_id=big, content="é" * 1_000_000, ready=False))  # 2 MB of JSON: within
+    for index in range(4):
+        store.record(big, AnswerEvent(run_id=big, content=f"{index}" * 16_000_000, ready=False))
+    store.record(big, _final(big, "z" * 16_000_000))
+    assert store.flush()
+    grown = _footprint(path) - before
+    print(f"database: {before:,} bytes, {grown:,} more after a run with four 16 MB answers")
+    assert grown < budget.event_bytes + budget.answer_chars + 1024**2
+
+    events = store.events(big)
+    assert events[1]["content"] == "é" * 1_000_000 and "stored_cut" not in events[1]
+    for index, event in enumerate(events[2:6]):
+        assert event["stored_cut"] == {"content": 16_000_000}
+        assert event["content"].startswith(f"{index}" * budget.cut_to_chars + " … [15,999,000 more characters")
+    final = events[-1]
+    assert final["type"] == "final" and final["ready"] is True and final["stored_cut"] == {"answer": 16_000_000}
+    assert final["answer"].startswith("z" * budget.answer_chars + " … [")
+    summary = store.list(limit=1, before=None)[0]
+    assert summary.answer_chars == 16_000_000 and summary.answer_preview == "z" * 200
+
+    assert store.delete(big)
+    after = _footprint(path)
+    print(f"after deleting it: {after:,} bytes")
+    assert after <= before + 256 * 1024
+    assert store.get("small") is not None
+    store.close()
