@@ -278,16 +278,6 @@ def test_one_log_line_per_run_without_key_or_input(live: LiveServer, caplog: pyt
     assert "PRIVATE-INPUT" not in everything and "sk-test-key" not in everything
 
 
-def test_cors_lets_a_page_opened_as_a_file_call_the_api(live: LiveServer) -> None:
-    preflight = httpx2.options(f"{live.url}/process", headers={
-        "Origin": "null", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type,authorization"})
-    assert preflight.status_code == 200
-    assert preflight.headers["access-control-allow-origin"] in ("*", "null")
-    response = httpx2.get(f"{live.url}/api/config", headers={"Origin": "null"})
-    assert response.headers["access-control-allow-origin"] in ("*", "null")
-
-
 def test_no_worker_remains_after_runs_end(live: LiveServer) -> None:
     for _ in range(3):
         assert stream_run(live.url, json_body={"prompt": "x"})[1][-1].event == "final"

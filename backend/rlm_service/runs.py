@@ -15,23 +15,16 @@ that reconnects just after the terminal event still gets it even with history of
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
 from .events import Event, is_terminal
 
-RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-"""What a run id can look like (the engine makes 16 hex digits); anything else names no run."""
 ENDED_KEPT_S = 600.0
 """How long an ended run's events stay in memory for clients that re-attach."""
 ENDED_KEPT_MAX = 64
 """How many ended runs stay in memory at most (the oldest go first)."""
-
-
-def valid_run_id(run_id: str) -> bool:
-    return RUN_ID.fullmatch(run_id) is not None
 
 
 class LiveRun:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .events import TERMINAL_EVENTS, ErrorEvent, FinalEvent, _Event, is_terminal
+from .events import TERMINAL_EVENTS, ErrorEvent, FinalEvent, EventBase, is_terminal
 from .migrations import PREVIEW_CHARS, migrate_sqlite
 from .storewriter import Job, Writer, WriteSkipped
 
@@ -116,7 +116,7 @@ class RunStore(Protocol):
         """The run asked to keep its input: copy it in (runs in a thread; inputs can be large). A copy that
         fails (a full disk) is logged and leaves the run without a kept input; the run goes on."""
 
-    def record(self, run_id: str, event: _Event) -> None:
+    def record(self, run_id: str, event: EventBase) -> None:
         """One event of a run, in order (not changed after it is recorded). Terminal events also close
         the run's record."""
 
@@ -168,7 +168,7 @@ class _Usage:
         self.budget = budget
         self.used: dict[str, int] = {}
 
-    def stored(self, run_id: str, event: _Event) -> str:
+    def stored(self, run_id: str, event: EventBase) -> str:
         """The event's JSON as the history keeps it."""
         whole = event.model_dump_json()
         size = len(whole.encode())
@@ -256,12 +256,11 @@ class SqliteRunStore:
             return
         self._writer.submit(Job(lambda db: db.execute("UPDATE runs SET input_kept = 1 WHERE id = ?", (run_id,))))
 
-    def record(self, run_id: str, event: _Event) -> None:
+    def record(self, run_id: str, event: EventBase) -> None:
         terminal = is_terminal(event)
-        given = getattr(event, "seq", None)
         with self._seqs_lock:
             last = self._seqs.get(run_id, 0)
-            seq = given if isinstance(given, int) and given > 0 else last + 1
+            seq = event.seq if event.seq > 0 else last + 1
             if terminal:
                 self._seqs.pop(run_id, None)
             else:
@@ -359,10 +358,10 @@ class _EventWrite:
     """Writes one event. Its stored form is made once, by the writer thread, when it takes the job: that is
     where the run's budget is counted, and it lets the event itself go while the write waits."""
 
-    def __init__(self, usage: _Usage, run_id: str, seq: int, event: _Event) -> None:
+    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase) -> None:
         self.usage, self.run_id, self.seq = usage, run_id, seq
-        self.event: _Event | None = event
-        self.kind = str(getattr(event, "type", ""))
+        self.event: EventBase | None = event
+        self.kind = event.type
         self.data = ""
         self.close: tuple[str, tuple[Any, ...]] | None = None
 
@@ -379,9 +378,10 @@ class _EventWrite:
         elif isinstance(event, ErrorEvent):
             error = json.dumps({"code": event.code, "message": event.message})
             answer = event.answer
-            self.close = ("UPDATE runs SET status = 'failed', finished = ?, error = ?, answer_preview = ?, "
+            status = "cancelled" if event.code == "cancelled" else "failed"
+            self.close = ("UPDATE runs SET status = ?, finished = ?, error = ?, answer_preview = ?, "
                           "answer_chars = ? WHERE id = ?",
-                          (time.time(), error, None if answer is None else answer[:PREVIEW_CHARS],
+                          (status, time.time(), error, None if answer is None else answer[:PREVIEW_CHARS],
                            None if answer is None else len(answer), self.run_id))
 
     def __call__(self, db: sqlite3.Connection) -> None:

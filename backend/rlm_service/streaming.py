@@ -21,7 +21,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from .config import Settings
 from .engine import Engine, SettingsRefused, effective_limits
 from .events import EventBase, parse_event
-from .runs import LiveRun, valid_run_id
+from .runs import LiveRun
+from .store import RunStore, valid_run_id
 from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
 
 log = logging.getLogger("rlm_service.api")
@@ -42,8 +43,9 @@ class RunSlots:
         self.limit = limit
         self.active = 0
         self.reading = 0
-        self.reading_limit = 2 * limit
-        """Bodies read at once: bounded on their own, so slow uploads cannot take run slots."""
+        self.reading_limit = max(4 * limit, 64)
+        """Bodies read at once, bounded on their own: slow uploads take no run slot. Each holds at most about
+        1 MiB of the server's memory (multipart goes to disk, large JSON to its parser process)."""
 
     def refuse_if_full(self) -> None:
         if self.active >= self.limit:
@@ -141,9 +143,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         if run is not None:
             return event_stream(settings, run.follow(start), ping_s=ping_s)
-        stored = await _stored_events(request, run_id)
-        return event_stream(settings, [parse_event(data) for data in stored if data.get("seq", 0) > start],
-                            ping_s=ping_s)
+        stored = await _stored_events(request, run_id, start)
+        return event_stream(settings, [parse_event(data) for data in stored], ping_s=ping_s)
 
     @router.post("/api/runs/{run_id}/cancel", tags=["runs"], status_code=202,
                  responses={404: {"description": "Unknown run"}, 409: {"description": "The run already ended"}})
@@ -168,21 +169,19 @@ def _event_number(value: str | None) -> int:
         return 0
 
 
-async def _stored_events(request: Request, run_id: str) -> list[dict[str, Any]]:
-    """A past run's events from history; 404 when there is no such run."""
-    store = request.app.state.store
-    found = await _store_events(store, run_id) if store is not None and valid_run_id(run_id) else None
+async def _stored_events(request: Request, run_id: str, after: int = 0) -> list[dict[str, Any]]:
+    """A past run's events after `after` from history; 404 when there is no such run."""
+    store: RunStore | None = request.app.state.store
+    found = await _store_events(store, run_id, after) if store is not None and valid_run_id(run_id) else None
     if found is None:
         raise HTTPException(404, f"no run {run_id!r} on this server")
     return found
 
 
-async def _store_events(store: Any, run_id: str) -> list[dict[str, Any]] | None:
-    found = await asyncio.to_thread(store.get, run_id)
-    if found is None:
+async def _store_events(store: RunStore, run_id: str, after: int = 0) -> list[dict[str, Any]] | None:
+    if await asyncio.to_thread(store.status, run_id) is None:
         return None
-    _, events = found
-    return [event if event.get("seq") else {**event, "seq": index} for index, event in enumerate(events, 1)]
+    return await asyncio.to_thread(store.events, run_id, after)
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:

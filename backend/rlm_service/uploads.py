@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from . import jsonbody
 from .config import Settings
 from .engine import RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
@@ -114,17 +118,21 @@ def _validate(data: object, limits: BodyLimits) -> ProcessRequest:
     return request
 
 
-def _parse_json(body: bytes, limits: BodyLimits) -> ParsedRequest:
-    """Parse and check a JSON body (in a worker thread: a large one takes a while)."""
+def _checked(data: object, limits: BodyLimits) -> ProcessRequest:
+    if not isinstance(data, dict):
+        raise HTTPException(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
+    return _validate(data, limits)
+
+
+def _parse_inline(body: bytes, limits: BodyLimits) -> ParsedRequest:
+    """Parse and check a small JSON body (in a worker thread)."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(data, dict):
-        raise HTTPException(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
-    request = _validate(data, limits)
+    request = _checked(data, limits)
     run_input = RunInput.from_text(request.input_data)
     if run_input.size_bytes > limits.input_bytes:
         raise HTTPException(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limits.input_bytes:,} bytes)")
@@ -145,12 +153,53 @@ def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException
 
 
 async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
+    """Read a JSON body; a large one goes, as it arrives, to a parser process (`jsonbody`)."""
     body = bytearray()
-    async for chunk in _chunks(stream, limits):
+    chunks = _chunks(stream, limits)
+    async for chunk in chunks:
         body += chunk
         if (refusal := json_too_large(limits, len(body))) is not None:
             raise refusal
-    return await asyncio.to_thread(_parse_json, bytes(body), limits)
+        if len(body) > jsonbody.INLINE_BYTES:
+            return await _parse_in_child(bytes(body), chunks, limits)
+    return await asyncio.to_thread(_parse_inline, bytes(body), limits)
+
+
+async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", jsonbody.__file__, tempfile.gettempdir(), str(limits.prompt_chars),
+        str(limits.input_bytes), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+    assert child.stdin is not None and child.stdout is not None
+    run_input: RunInput | None = None
+    try:
+        received = len(head)
+        child.stdin.write(head)
+        async for chunk in rest:
+            received += len(chunk)
+            if (refusal := json_too_large(limits, received)) is not None:
+                raise refusal
+            child.stdin.write(chunk)
+            await child.stdin.drain()
+        child.stdin.close()
+        answer = json.loads(await child.stdout.read() or b"{}")
+        await child.wait()
+        if answer.get("status") != 200:
+            raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
+        described = answer["input"]
+        if described is not None:
+            run_input = RunInput(chars=described["chars"], lines=described["lines"],
+                                 size_bytes=described["size_bytes"], head=described["head"],
+                                 path=Path(described["path"]), sha256=described["sha256"])
+        request = _checked(answer["fields"], limits)
+        return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings)
+    except BaseException:
+        if run_input is not None:
+            run_input.discard()
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        raise
 
 
 class _FormReader:

@@ -1,0 +1,63 @@
+"""Large JSON bodies of `POST /process`, parsed in a child process that spools `input_data` to disk.
+
+Python's JSON parser holds the interpreter lock for the whole document: 40 MB of text with newlines
+takes about 150 ms, during which no other request is served, even from a worker thread. So a body
+larger than `INLINE_BYTES` is streamed, as it arrives, into a short-lived child process (this file,
+run as a script: standard library only, so it starts in a few milliseconds). The child parses it,
+writes `input_data` to a spool file as UTF-8, counts its characters and lines, hashes it, and prints
+one small JSON line: the other fields and the input's description. The server never holds the parsed
+input, and its event loop never waits on the parse. Smaller bodies are parsed in a thread: for them
+the parse is shorter than one scheduling slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+INLINE_BYTES = 1024 * 1024
+"""Bodies up to this size are parsed in the server (a thread); larger ones in a child process."""
+HEAD_CHARS = 65536
+
+
+def _fail(status: int, message: str) -> None:
+    print(json.dumps({"status": status, "detail": message}))
+
+
+def main() -> None:
+    """Read a JSON body on stdin; argv: spool directory, largest prompt in characters, largest input in bytes."""
+    spool_dir, max_prompt_chars, max_input_bytes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    body = sys.stdin.buffer.read()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return _fail(400, f"the body is not valid JSON: {exc}")
+    except RecursionError:
+        return _fail(400, "the body is not valid JSON: it is nested too deeply")
+    del body
+    if not isinstance(data, dict):
+        return _fail(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
+    prompt = data.get("prompt")
+    if isinstance(prompt, str) and len(prompt) > max_prompt_chars:
+        data["prompt"] = prompt[:max_prompt_chars + 1]  # enough for the server to refuse it by its length
+    text = data.pop("input_data", "")
+    if not isinstance(text, str):
+        data["input_data"] = text  # the server's validation names the wrong type
+        return print(json.dumps({"status": 200, "fields": data, "input": None}))
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) > max_input_bytes:
+        return _fail(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({max_input_bytes:,} bytes)")
+    fd, path = tempfile.mkstemp(prefix="rlm-upload-", suffix=".txt", dir=spool_dir)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(encoded)
+    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+    described = {"chars": len(text), "lines": lines, "size_bytes": len(encoded), "head": text[:HEAD_CHARS],
+                 "sha256": hashlib.sha256(encoded).hexdigest(), "path": path}
+    print(json.dumps({"status": 200, "fields": data, "input": described}))
+
+
+if __name__ == "__main__":
+    main()

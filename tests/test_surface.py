@@ -1,0 +1,162 @@
+"""One client must not be able to hurt everyone (#14 items 9, 10, 15): what the HTTP surface refuses,
+checked against the real server over real sockets while `/health` keeps answering promptly."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2
+
+from tests.conftest import LiveServer, make_settings, post_process, script, spawn_server, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+
+HEALTH_BUDGET_S = 0.1
+
+
+@contextmanager
+def health_watch(url: str) -> Iterator[list[float]]:
+    """Time `/health` every 20 ms while the block runs; yields the list of latencies (filled at exit)."""
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with httpx2.Client(timeout=10) as client:
+            while not done.is_set():
+                started = time.monotonic()
+                assert client.get(f"{url}/health").status_code == 200
+                latencies.append(time.monotonic() - started)
+                done.wait(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield latencies
+    finally:
+        done.set()
+        thread.join(15)
+
+
+def send_raw(port: int, head: bytes, body: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head + body)
+        reply = b""
+        while more := sock.recv(65536):
+            reply += more
+            if b"\r\n\r\n" in reply and reply.split(b"\r\n\r\n", 1)[1]:
+                break
+    return reply
+
+
+def test_a_json_body_over_the_cap_is_refused_pointing_to_multipart(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake, rlm_max_json_bytes=1024 * 1024)) as server:
+        body = json.dumps({"prompt": "x", "input_data": "y" * 3_000_000}).encode()
+        declared = httpx2.post(f"{server.url}/process", content=body, headers={"Content-Type": "application/json"})
+        chunked = httpx2.post(f"{server.url}/process", content=iter([body[i:i + 65536]
+                                                                      for i in range(0, len(body), 65536)]),
+                              headers={"Content-Type": "application/json"})
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert "RLM_MAX_JSON_BYTES" in response.json()["detail"] and "multipart" in response.json()["detail"]
+
+
+def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path) -> None:
+    """A 40 MB JSON body (30 million characters of input) within the cap, to the real server in its own
+    process: `/health` answers in under 100 ms while it is read and parsed. Mutant caught: parsing it in a
+    thread of the server (json.loads holds the interpreter lock: about 150 ms)."""
+    payload = json.dumps({"prompt": script({"code": ["answer.update(content=str(len(context)), ready=True)"]}),
+                          "input_data": "ab\n" * 10_000_000}).encode()
+    with spawn_server(tmp_path) as server, health_watch(server.url) as latencies:
+        response, events = stream_run(server.url, json_body=None, timeout=120,
+                                      headers={"Content-Type": "application/json"}, data=payload)
+    assert response.status_code == 200 and events[-1].event == "final"
+    assert events[-1].data["answer"] == str(30_000_000)
+    assert latencies and max(latencies) < HEALTH_BUDGET_S, max(latencies)
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(live: LiveServer) -> None:
+    body = b'{"prompt": "x", "settings": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = httpx2.post(f"{live.url}/process", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
+
+
+def test_a_prompt_over_the_limit_is_refused_with_the_way_out(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as server:
+        long = post_process(server.url, json={"prompt": "p" * 1001})
+        form = post_process(server.url, files={"prompt": (None, "p" * 1001)})
+        fits = post_process(server.url, json={"prompt": "p" * 1000, "settings": {"max_iterations": 0}})
+    for response in (long, form):
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert "RLM_MAX_PROMPT_CHARS" in detail and "as the input" in detail
+    assert fits.status_code == 422 and "max_iterations" in fits.json()["detail"]  # past the prompt check
+
+
+def test_slow_bodies_take_no_run_slot_and_are_cut_off(fake: FakeOpenAI) -> None:
+    """#14 item 10: a client trickling bodies on every connection it can open. Mutants caught: taking the
+    slot before the body is read (the honest run gets 429), and timing only idle gaps (no 408)."""
+    settings = make_settings(fake, rlm_max_concurrent_runs=2, rlm_body_timeout_s=1.5, rlm_body_min_rate=1000)
+    with LiveServer(settings) as server:
+        sockets = []
+        head = (b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            sock.sendall(head + b'{"prompt": "')
+            sockets.append(sock)
+        assert wait_until(lambda: server.app.state.slots.reading == 4)
+        honest = stream_run(server.url, json_body={"prompt": "x"})
+        replies = []
+        for sock in sockets:  # one byte every 0.5 s: never idle past the timeout, far below the rate
+            reply = b""
+            for _ in range(40):
+                try:
+                    sock.sendall(b"p")
+                except OSError:
+                    pass
+                sock.settimeout(0.5)
+                try:
+                    reply += sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if reply:
+                    break
+            replies.append(reply)
+            sock.close()
+    assert honest[0].status_code == 200 and honest[1][-1].event == "final"
+    assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), replies
+
+
+def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -> None:
+    """Mutant caught: CORS `*` by default (any page could read the history)."""
+    with LiveServer(make_settings(fake)) as default, LiveServer(
+            make_settings(fake, rlm_cors_origins=["https://app.example"])) as configured:
+        evil = httpx2.get(f"{default.url}/api/runs", headers={"Origin": "https://evil.example"})
+        preflight = httpx2.options(f"{default.url}/process", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        allowed = httpx2.get(f"{configured.url}/api/config", headers={"Origin": "https://app.example"})
+        other = httpx2.get(f"{configured.url}/api/config", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in evil.headers
+    assert "access-control-allow-origin" not in preflight.headers
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(fake: FakeOpenAI) -> None:
+    """DNS rebinding: a page at http://attacker.example:PORT whose name now points to 127.0.0.1 sends
+    `Host: attacker.example:PORT`. Mutant caught: no Host check."""
+    with LiveServer(make_settings(fake)) as server, LiveServer(
+            make_settings(fake, rlm_allowed_hosts=["rlm.example.com"])) as deployed:
+        rebound = httpx2.get(f"{server.url}/api/runs", headers={"Host": f"attacker.example:{server.port}"})
+        local = [httpx2.get(f"{server.url}/health", headers={"Host": f"{name}:{server.port}"}).status_code
+                 for name in ("localhost", "127.0.0.1", "[::1]")]
+        named = httpx2.get(f"{deployed.url}/health", headers={"Host": "rlm.example.com"})
+        unnamed = httpx2.get(f"{deployed.url}/health")
+    assert rebound.status_code == 400 and "runs" not in rebound.text
+    assert local == [200, 200, 200]
+    assert named.status_code == 200 and unnamed.status_code == 400
