@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from rlm_service.client import SseDecoder, StreamedEvent
 from rlm_service.demos import DEMOS, Book, book_records
 from tests.conftest import REPO, LiveServer, free_port, make_settings, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
@@ -140,7 +141,8 @@ def test_hostile_output_cannot_drive_the_terminal(fake: FakeOpenAI, mode: str) -
     progress = shown.stderr.decode()
     assert "    " + visible in progress and "error: ValueError: " + r"\x1b]0;pwned" in progress
     final = json.loads(as_json.stdout.decode().split("\n")[-2])
-    assert final["event"] == "final" and final["answer"] == "A" + HOSTILE.encode().decode("unicode_escape")
+    assert final["event"] == "final", as_json.stdout.decode()[-4000:]
+    assert final["answer"] == "A" + HOSTILE.encode().decode("unicode_escape"), as_json.stdout.decode()[-4000:]
 
 
 def test_a_wrong_server_says_what_is_wrong(fake: FakeOpenAI) -> None:
@@ -194,6 +196,25 @@ def test_the_stream_is_read_as_the_event_stream_format_says() -> None:
     events = [json.loads(line) for line in as_json.stdout.decode().split("\n") if line]
     assert [event["event"] for event in events] == ["start", "novelty", "thought", "final"]
     assert events[-1]["note"] == note and events[-1]["seq"] == 4
+
+
+def test_the_decoder_gives_the_same_events_however_the_stream_is_cut() -> None:
+    """Fed whole, byte by byte, or in random pieces, a stream gives the same events: a CRLF cut between two
+    pieces is one line end, a UTF-8 character cut between two pieces is whole, and U+2028, U+0085 and a
+    form feed stay inside their data line. Mutants: lines split with `str.splitlines`; the decoder without
+    `_skip_lf`."""
+    stream = ('id: 1\r\nevent: output\r\ndata: {"text": "a\u2028b\u0085c\x0cd é"}\r\n\r\n'
+              ": comment\r\rdata: first\rdata: second\r\rid: 7\ndata: {}\n\n").encode()
+    expected = [StreamedEvent("output", '{"text": "a\u2028b\u0085c\x0cd é"}', "1"),
+                StreamedEvent("message", "first\nsecond", "1"), StreamedEvent("message", "{}", "7")]
+    rng = random.Random(0)
+    cuts = [[stream], [stream[i:i + 1] for i in range(len(stream))]]
+    for _ in range(50):
+        points = sorted(rng.sample(range(1, len(stream)), 8))
+        cuts.append([stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)])
+    for pieces in cuts:
+        decoder = SseDecoder()
+        assert [event for piece in pieces for event in decoder.feed(piece)] == expected
 
 
 def test_figures_are_saved_when_asked(fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -83,12 +83,6 @@ def _spool(file: Path, limit: int) -> Any:
     return spooler.finish()
 
 
-async def _remote_events(args: argparse.Namespace, text: str | None, file: Path | None,
-                         overrides: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    async for event in server_events(args.server, args.token, args.prompt, text, file, overrides):
-        yield event.name, event.data
-
-
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     overrides = {key: value for key, value in (("max_iterations", args.max_iterations),
                                                ("max_subcalls", args.max_subcalls),
@@ -96,7 +90,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.keep_input:
         overrides["keep_input"] = True
     text, file = _read_input(args.input)
-    events = (_remote_events(args, text, file, overrides) if args.server
+    events = (server_events(args.server, args.token, args.prompt, text, file, overrides) if args.server
               else _engine_events(args.prompt, text, file, overrides))
     progress = ProgressPrinter(err)
     status, figures = EXIT_ERROR, 0
