@@ -124,8 +124,8 @@ def test_hostile_output_cannot_drive_the_terminal(fake: FakeOpenAI, mode: str) -
     return, backspace) and a U+2028 line separator, and makes them the answer. Neither the progress, the
     answer nor `--json` lines carry a control character to the terminal: each shows as a visible escape;
     and U+2028 inside an event's data does not break the stream apart.
-    Mutants: `printable` returning its text unchanged; `json_line` without its escapes; the client reading
-    the stream with `aiter_lines` (which splits at U+2028 as `str.splitlines` does)."""
+    Mutants: `printable` returning its text unchanged; `json_line` without its escapes; the decoder
+    splitting lines with `str.splitlines` (which splits at U+2028)."""
     prompt = script({"code": [f'evil = "{HOSTILE}"\nprint(evil)']}, {"code": ["raise ValueError(evil)"]},
                     {"code": ["answer.update(content='A' + evil, ready=True)"]})
     with LiveServer(make_settings(fake)) as server:
