@@ -25,7 +25,6 @@ import httpx2
 import openai
 
 from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes, server_heap
-from rlm_service.cli import SseFrames
 from rlm_service.config import Settings
 from rlm_service.engine import Engine
 from rlm_service.inputs import InputSpooler, RunInput
@@ -377,12 +376,12 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
         """Streams one run; returns when (server time) its batch started: its first `subcalls` event."""
         batch_started = 0.0
         async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
-            frames = SseFrames()
-            async for line in response.aiter_lines():
-                if (event := frames.feed(line)) is not None:
-                    delays.append(time.time() - event[1]["ts"])
-                    if event[0] == "subcalls" and not batch_started:
-                        batch_started = event[1]["ts"]
+            async for sse in httpx2.EventSource(response):
+                if sse.data:
+                    data = json.loads(sse.data)
+                    delays.append(time.time() - data["ts"])
+                    if sse.event == "subcalls" and not batch_started:
+                        batch_started = data["ts"]
         return batch_started
 
     async def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:

@@ -21,7 +21,6 @@ import pytest
 import uvicorn
 
 from rlm_service.api import create_app
-from rlm_service.cli import SseFrames
 from rlm_service.config import Settings
 from tests.fake_openai import FakeOpenAI
 
@@ -97,8 +96,29 @@ class SseEvent:
     data: dict[str, Any]
 
 
+class SseFrames:
+    """Server-Sent Events fed one line at a time: `event:` names, `data:` lines joined (one space after
+    the colon dropped, as the format says), comments skipped, a blank line completing an event."""
+
+    def __init__(self) -> None:
+        self.name, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        """The (name, parsed JSON data) this line completes, or None."""
+        if line == "":
+            event = (self.name, json.loads("\n".join(self.data))) if self.data else None
+            self.name, self.data = "message", []
+            return event
+        if line.startswith("event:"):
+            self.name = line[6:].strip()
+        elif line.startswith("data:"):
+            value = line[5:]
+            self.data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
 def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
-    """The events of an SSE response, read line by line (with the CLI's framing)."""
+    """The events of an SSE response, read line by line."""
     frames = SseFrames()
     for line in lines:
         if (event := frames.feed(line)) is not None:

@@ -153,3 +153,60 @@ def test_main_keeps_the_collector_off_the_imported_modules() -> None:
     frozen, walked, threshold, configured = map(int, result.stdout.split())
     assert frozen > 50_000 and walked < frozen / 5
     assert threshold == configured > 700
+
+
+def _start_main(cwd: Path, **env: str) -> tuple[dict[str, object], str]:
+    """Start `python backend/main.py` in `cwd`; its `/api/config` and what it logged at start."""
+    port = free_port()
+    env = clean_env(PORT=str(port), RLM_LOG_LEVEL="info", RLM_HISTORY_DB="off", **env)
+    process = subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                config = httpx2.get(f"http://127.0.0.1:{port}/api/config", timeout=1).json()
+                break
+            except httpx2.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+    finally:
+        process.terminate()
+        log = process.communicate(timeout=10)[1].decode()
+    return config, log
+
+
+def test_both_env_files_are_read_and_named_at_start(tmp_path: Path) -> None:
+    """Started from the repository's root, the server reads `.env` and `backend/.env` (a variable set in
+    both comes from `.env`) and its log says which files it read; started in `backend/`, that one is `.env`.
+    Mutant: ENV_FILES without "backend/.env"."""
+    (tmp_path / "backend").mkdir()
+    (tmp_path / ".env").write_text("OPENAI_MODEL_NAME=from-root\n")
+    (tmp_path / "backend" / ".env").write_text("OPENAI_MODEL_NAME=from-backend\nOPENAI_API_BASE=http://127.0.0.1:9/v1\n"
+                                               "OPENAI_SUB_MODEL_NAME=sub-from-backend\n")
+    config, log = _start_main(tmp_path)
+    assert config["model"] == "from-root" and config["sub_model"] == "sub-from-backend"
+    assert "Settings read from the environment, then .env, then backend/.env: the first that sets a variable" in log
+    config, log = _start_main(tmp_path / "backend")
+    assert config["model"] == "from-backend" and "Settings read from the environment, then .env:" in log
+    config, log = _start_main(tmp_path / "backend", OPENAI_MODEL_NAME="from-environment")
+    assert config["model"] == "from-environment"
+
+
+def test_no_env_file_is_said_too(tmp_path: Path) -> None:
+    _, log = _start_main(tmp_path, OPENAI_MODEL_NAME="m", OPENAI_API_BASE="http://127.0.0.1:9/v1")
+    assert f"no .env file here (looked for .env and backend/.env in {tmp_path})" in log
+
+
+def test_a_value_that_must_be_json_is_named_in_one_line(tmp_path: Path) -> None:
+    """`RLM_PRICES='{bad json'` in the environment or a `.env` file: one line naming it, no traceback.
+    Mutant: `load_settings` without its `SettingsError` case."""
+    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(RLM_PRICES="{bad json"), capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().split("\n") == [
+        "Configuration error: RLM_PRICES: must be JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))"]
+    (tmp_path / "backend").mkdir()
+    (tmp_path / "backend" / ".env").write_text("RLM_PRICES=[1, 2\n")
+    with pytest.raises(ConfigError, match=r"^RLM_PRICES: must be JSON"):
+        load_settings(_env_file=(tmp_path / "backend" / ".env",))

@@ -1,13 +1,10 @@
-"""Run history, figures, and the command line."""
+"""Run history and figures."""
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +15,8 @@ from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import CodeEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent
 from rlm_service.history import export_markdown
 from rlm_service.store import RunRecord, SqliteRunStore
-from tests.conftest import REPO, LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
-from tests.fake_openai import FakeOpenAI, HTTPFault
+from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
 
 PLOT = ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
         "values = np.random.default_rng(0).normal(size=500)\nplt.hist(values, bins=20)\n"
@@ -159,65 +156,6 @@ async def test_a_cell_that_plots_yields_a_figure_event(fake: FakeOpenAI) -> None
     output = next(event for event in events if event.type == "output")
     assert "non-interactive" not in output.stdout
     assert "1 figure shown to the user" in repr(seen[1])
-
-
-def _cli(*args: str, env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "rlm_service", *args], env=env, input=stdin,
-                          capture_output=True, timeout=120, cwd=REPO)
-
-
-def _cli_env(fake: FakeOpenAI, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-    env.update(PYTHONPATH=str(REPO / "backend"), OPENAI_API_BASE=fake.url, OPENAI_MODEL_NAME="root-model",
-               OPENAI_SUB_MODEL_NAME="sub-model", RLM_WORKER_PRELOAD="numpy", RLM_HISTORY_DB="off", **extra)
-    return env
-
-
-def test_cli_against_the_engine(fake: FakeOpenAI, tmp_path: Path) -> None:
-    data = tmp_path / "notes.txt"
-    data.write_text("alpha\nbeta\n")
-    result = _cli("run", "Summarize", "--input", str(data), env=_cli_env(fake))
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().startswith("## Summary")
-    progress = result.stderr.decode()
-    assert "[1] >>> print(len(context)" in progress and "sub-calls [" in progress and "done: ready" in progress
-
-
-def test_cli_json_and_stdin(fake: FakeOpenAI) -> None:
-    prompt = script({"code": ["answer.update(content=context.upper(), ready=True)"]})
-    result = _cli("run", prompt, "--json", env=_cli_env(fake), stdin=b"from stdin")
-    assert result.returncode == 0, result.stderr.decode()
-    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
-    assert lines[0]["event"] == "start" and lines[-1]["event"] == "final"
-    assert lines[-1]["answer"] == "FROM STDIN"
-
-
-def test_cli_exit_codes(fake: FakeOpenAI) -> None:
-    def refuse(messages: list, body: dict) -> dict:
-        raise HTTPFault(401, "bad key")
-
-    fake.root = refuse
-    failed = _cli("run", "anything", "--input", "-", env=_cli_env(fake), stdin=b"x")
-    assert failed.returncode == 1 and "error (auth)" in failed.stderr.decode()
-    unconfigured = _cli("run", "anything", env={**_cli_env(fake), "OPENAI_MODEL_NAME": ""}, stdin=b"")
-    assert unconfigured.returncode == 2 and "OPENAI_MODEL_NAME" in unconfigured.stderr.decode()
-    missing = _cli("run", "anything", "--input", "/no/such/file", env=_cli_env(fake))
-    assert missing.returncode == 2
-
-
-def test_cli_against_a_server(fake: FakeOpenAI, tmp_path: Path) -> None:
-    data = tmp_path / "in.txt"
-    data.write_text("x" * 1234)
-    prompt = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
-    with LiveServer(make_settings(fake, rlm_api_token="tok")) as server:
-        env = _cli_env(fake)
-        ok = _cli("run", prompt, "--input", str(data), "--server", server.url, "--token", "tok", env=env)
-        assert ok.returncode == 0 and ok.stdout.decode().strip() == "1234", ok.stderr.decode()
-        refused = _cli("run", prompt, "--server", server.url, "--token", "nope", env=env, stdin=b"")
-        assert refused.returncode == 2 and "401" in refused.stderr.decode()
-        too_many = _cli("run", prompt, "--server", server.url, "--token", "tok", "--max-iterations", "999",
-                        env=env, stdin=b"")
-        assert too_many.returncode == 2 and "422" in too_many.stderr.decode()
 
 
 @pytest.mark.parametrize("kept", [False, True])

@@ -31,7 +31,10 @@ from .uploads import ProcessRequest
 
 log = logging.getLogger("rlm_service.api")
 
-FRONTEND_DIR = Path(__file__).resolve().parents[2] / "frontend"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+FRONTEND_DIR = next((path for path in (_PACKAGE_DIR / "frontend", _PACKAGE_DIR.parents[1] / "frontend")
+                     if path.is_dir()), _PACKAGE_DIR.parents[1] / "frontend")
+"""The page: package data of an installed `rlm-service`, or the repository's `frontend/` in a checkout."""
 PING_SECONDS = 10
 
 

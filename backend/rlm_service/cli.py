@@ -1,123 +1,33 @@
-"""The command line: run a task against the engine directly, or against a running server.
+"""The command line: `rlm-service` (or `python -m rlm_service`).
 
-    python -m rlm_service run "Which errors are most frequent?" --input app.log
-    cat notes.txt | python -m rlm_service run "Summarize" --server http://127.0.0.1:8000 --json
+    rlm-service serve                                   # the service and its page, as `python backend/main.py`
+    rlm-service run "Which errors are most frequent?" --input app.log
+    cat notes.txt | rlm-service run "Summarize" --server http://127.0.0.1:8000 --json
+    rlm-service sample log > app.log                    # sample data of the demos (`rlm-service sample` lists them)
 
+`run` executes the engine in the command itself, or streams a run from a service with `--server`.
 Progress goes to stderr (iterations, code, a sub-call progress bar); the answer goes to stdout, so it
-can be piped. `--json` prints every event as one JSON line instead. Exit status: 0 when the run ended
-with an answer, 1 when it ended with an `error` event, 2 when it could not start (bad arguments,
-configuration, or a refusal by the server).
+can be piped. `--json` prints every event as one JSON line instead. Whatever model or code wrote is
+printed with its terminal control characters made visible. Exit status: 0 when the run ended with an
+answer, 1 when it ended with an `error` event or its stream broke, 2 when it could not start (bad
+arguments, configuration, or a refusal by the server).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import base64
+import binascii
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .client import Refused, RunLost, server_events
+from .terminal import ProgressPrinter, json_line, printable
+
 EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
-
-
-class Refused(Exception):
-    """The run could not start; the message says why."""
-
-
-class SseFrames:
-    """Server-Sent Events fed one line at a time: `event:` names, `data:` lines joined (one space after
-    the colon dropped, as the format says), comments skipped, a blank line completing an event."""
-
-    def __init__(self) -> None:
-        self.name, self.data = "message", []
-
-    def feed(self, line: str) -> tuple[str, Any] | None:
-        """The (name, parsed JSON data) this line completes, or None."""
-        if line == "":
-            event = (self.name, json.loads("\n".join(self.data))) if self.data else None
-            self.name, self.data = "message", []
-            return event
-        if line.startswith("event:"):
-            self.name = line[6:].strip()
-        elif line.startswith("data:"):
-            value = line[5:]
-            self.data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-
-class ProgressPrinter:
-    """Human-readable progress on a terminal (or a log, when stderr is not one)."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
-        self._bar_shown = False
-
-    def _line(self, text: str) -> None:
-        if self._bar_shown:
-            self.stream.write("\n")
-            self._bar_shown = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def event(self, name: str, data: dict[str, Any]) -> None:
-        if name == "start":
-            info = data.get("input", {})
-            self._line(f"run {data.get('run_id')}: {data.get('model')} (sub: {data.get('sub_model')}), "
-                       f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
-        elif name == "thought":
-            first = str(data.get("text", "")).strip().splitlines()[0:1]
-            self._line(f"[{data.get('iteration')}] {first[0][:100] if first else ''}")
-        elif name == "code":
-            lines = str(data.get("code", "")).strip().splitlines()
-            more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
-            self._line(f"[{data.get('iteration')}] >>> {lines[0][:90] if lines else ''}{more}")
-        elif name == "subcalls":
-            self._bar(int(data.get("done", 0)), int(data.get("failed", 0)), int(data.get("total", 0)))
-        elif name == "output":
-            error = data.get("error")
-            shown = str(error).strip().splitlines()[-1] if error else str(data.get("stdout", "")).strip()
-            self._line(f"    {'error: ' if error else ''}{shown[:200]} ({data.get('duration_ms', 0)} ms)")
-        elif name == "figure":
-            self._line(f"    [figure, {len(str(data.get('data', ''))) * 3 // 4:,} bytes of PNG]")
-        elif name == "final":
-            usage = data.get("usage", {})
-            root, sub = usage.get("root", {}), usage.get("sub", {})
-            state = "ready" if data.get("ready") else "NOT ready (iteration limit or no code)"
-            self._line(f"done: {state}, {data.get('iterations')} iterations, {root.get('requests', 0)} root and "
-                       f"{sub.get('requests', 0)} sub requests, {data.get('elapsed_ms', 0) / 1000:.1f} s")
-        elif name == "error":
-            self._line(f"error ({data.get('code')}): {data.get('message')}")
-        elif name == "child":
-            self._child(int(data.get("depth", 1)), str(data.get("event")), data.get("data") or {})
-
-    def _child(self, depth: int, kind: str, data: dict[str, Any]) -> None:
-        prefix = "    " * depth + f"↳ child (depth {depth})"
-        if kind == "start":
-            self._line(f"{prefix} started on {data.get('input', {}).get('chars', 0):,} characters")
-        elif kind == "code":
-            lines = str(data.get("code", "")).strip().splitlines()
-            self._line(f"{prefix} [{data.get('iteration')}] >>> {lines[0][:80] if lines else ''}")
-        elif kind == "final":
-            self._line(f"{prefix} answered: {str(data.get('answer', '')).strip()[:100]!r}")
-        elif kind == "error":
-            self._line(f"{prefix} failed ({data.get('code')}): {data.get('message')}")
-
-    def _bar(self, done: int, failed: int, total: int) -> None:
-        width = 30
-        filled = width * done // max(total, 1)
-        text = f"    sub-calls [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
-        text += f" ({failed} failed)" if failed else ""
-        if self.live:
-            self.stream.write("\r" + text)
-            self._bar_shown = done < total
-            if not self._bar_shown:
-                self.stream.write("\n")
-        elif done == total:
-            self.stream.write(text + "\n")
-        self.stream.flush()
 
 
 def _read_input(path: str | None) -> tuple[str | None, Path | None]:
@@ -158,7 +68,8 @@ async def _engine_events(prompt: str, text: str | None, file: Path | None,
             raise Refused(str(exc)) from None
     async with Engine(settings) as engine:
         async for event in engine.run(prompt, run_input, run_settings):
-            yield event.type, event.model_dump(mode="json")
+            data = event.model_dump(mode="json")
+            yield data["type"], data
 
 
 def _spool(file: Path, limit: int) -> Any:
@@ -172,45 +83,6 @@ def _spool(file: Path, limit: int) -> Any:
     return spooler.finish()
 
 
-async def _server_events(url: str, token: str | None, prompt: str, text: str | None, file: Path | None,
-                         settings_overrides: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    import httpx2
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with httpx2.AsyncClient(timeout=httpx2.Timeout(None, connect=10)) as client:
-        if file is not None:
-            with open(file, "rb") as handle:  # noqa: ASYNC230 - the client streams it as it reads
-                files = {"prompt": (None, prompt), "settings": (None, json.dumps(settings_overrides)),
-                         "input_file": (file.name, handle, "text/plain")}
-                async for item in _stream(client, url, headers, files=files):
-                    yield item
-        else:
-            body = {"prompt": prompt, "input_data": text or "", "settings": settings_overrides}
-            async for item in _stream(client, url, headers, json=body):
-                yield item
-
-
-async def _stream(client: Any, url: str, headers: dict[str, str],
-                  **request: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    import httpx2
-
-    try:
-        async with client.stream("POST", url.rstrip("/") + "/process", headers=headers, **request) as response:
-            if response.status_code != 200:
-                await response.aread()
-                try:
-                    detail = response.json().get("detail")
-                except ValueError:
-                    detail = response.text[:300]
-                raise Refused(f"the server refused the run ({response.status_code}): {detail}")
-            frames = SseFrames()
-            async for line in response.aiter_lines():
-                if (event := frames.feed(line)) is not None:
-                    yield event
-    except httpx2.TransportError as exc:
-        raise Refused(f"could not reach {url}: {exc}") from None
-
-
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     overrides = {key: value for key, value in (("max_iterations", args.max_iterations),
                                                ("max_subcalls", args.max_subcalls),
@@ -218,29 +90,80 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.keep_input:
         overrides["keep_input"] = True
     text, file = _read_input(args.input)
-    events = (_server_events(args.server, args.token, args.prompt, text, file, overrides) if args.server
+    events = (server_events(args.server, args.token, args.prompt, text, file, overrides) if args.server
               else _engine_events(args.prompt, text, file, overrides))
     progress = ProgressPrinter(err)
-    status = EXIT_ERROR
+    status, figures = EXIT_ERROR, 0
     async for name, data in events:
         if args.json:
-            out.write(json.dumps({"event": name, **data}, ensure_ascii=False) + "\n")
+            out.write(json_line({"event": name, **data}) + "\n")
             out.flush()
         else:
             progress.event(name, data)
+        if name == "figure" and args.save_figures is not None:
+            figures += 1
+            err.write(f"    {_save_figure(args.save_figures, data, figures)}\n")
         if name == "final":
             status = EXIT_OK
             if not args.json:
-                out.write(str(data.get("answer", "")).rstrip("\n") + "\n")
+                out.write(printable(str(data.get("answer", ""))).rstrip("\n") + "\n")
         elif name == "error":
             status = EXIT_ERROR
     return status
 
 
-def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    parser = argparse.ArgumentParser(prog="python -m rlm_service", description="Recursive Language Model runs.")
+def _save_figure(directory: Path, data: dict[str, Any], number: int) -> str:
+    """Write a `figure` event's PNG as `figure-<number>.png` in `directory`; says what was done."""
+    try:
+        png = base64.b64decode(str(data.get("data", "")), validate=True)
+    except binascii.Error:
+        return f"figure {number} was not valid base64; not saved"
+    if data.get("mime", "image/png") != "image/png" or not png.startswith(b"\x89PNG"):
+        return f"figure {number} is not a PNG; not saved"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"figure-{number}.png"
+    path.write_bytes(png)
+    return f"saved {path}"
+
+
+def _sample(args: argparse.Namespace, out: TextIO) -> int:
+    from .demos import DEMOS, sample
+
+    if args.name is None:
+        for demo in DEMOS.values():
+            out.write(f"{demo.name}: {demo.prompt}\n")
+        return EXIT_OK
+    out.write(sample(args.name, args.count, args.seed))
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import build_app, configure, serve
+
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+    settings = configure(**overrides)
+    serve(settings, build_app(settings))
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlm-service", description="The Recursive Language Model service.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the API and the web page (configured by environment and .env)")
+    serve.add_argument("--host", help="address to listen on (default: HOST, or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: PORT, or 8000)")
+
     run = commands.add_parser("run", help="run one task and print its answer")
     run.add_argument("prompt", help="what to do with the input")
     run.add_argument("--input", "-i", help="the input file ('-' for stdin; stdin is read when piped)")
@@ -251,12 +174,33 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
     run.add_argument("--max-subcalls", type=int)
     run.add_argument("--exec-timeout", type=float, help="seconds per code cell")
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
-    args = parser.parse_args(argv)
+    run.add_argument("--save-figures", type=Path, metavar="DIR", help="write the run's figures there as PNG files")
+
+    from .demos import DEMOS
+
+    sample = commands.add_parser("sample", help="print a demo's sample data (without a name: list the demos)")
+    sample.add_argument("name", nargs="?", choices=sorted(DEMOS), help="which demo")
+    sample.add_argument("--count", type=_positive, help="how many log lines, numbers or records")
+    sample.add_argument("--seed", type=int, default=0, help="the same seed makes the same data (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    out, err = out or sys.stdout, err or sys.stderr
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "sample":
+        return _sample(args, out)
     try:
         return asyncio.run(_run(args, out, err))
     except Refused as exc:
-        err.write(f"error: {exc}\n")
+        err.write(f"error: {printable(str(exc))}\n")
         return EXIT_REFUSED
+    except RunLost as exc:
+        err.write(f"error: {printable(str(exc))}\n")
+        return EXIT_ERROR
     except KeyboardInterrupt:
         err.write("interrupted\n")
         return EXIT_ERROR

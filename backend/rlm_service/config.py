@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 
 def _split_csv(value: object) -> object:
@@ -31,11 +32,22 @@ class ConfigError(Exception):
     """Bad configuration; the message is one line that names the variable."""
 
 
+ENV_FILES = ("backend/.env", ".env")
+"""The `.env` files read at start, relative to the working directory; a later one wins over an earlier one,
+and the environment wins over both. `.env` is the repository root's when started from there; `backend/.env`
+is where the project this service grew from kept it (and what `.env` means when started from `backend/`)."""
+
+
+def env_files_found() -> list[Path]:
+    """The files of ENV_FILES that exist here, in the order they are read."""
+    return [Path(name) for name in ENV_FILES if Path(name).is_file()]
+
+
 class Settings(BaseSettings):
     """Every knob of the service. Environment variable names are the field names, upper-cased."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True,
+        env_file=ENV_FILES, env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True,
         populate_by_name=True,
     )
 
@@ -196,7 +208,7 @@ class Settings(BaseSettings):
 
 def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...], env_file: object) -> str:
     """The variable a bad value came from: of a field's names, the first one that is set (the one the
-    settings read), in the environment or in the `.env` file."""
+    settings read), in the environment or in the `.env` files."""
     name = str(loc[0]) if loc else "?"
     choices = next((list(field.validation_alias.choices) for field_name, field in settings_cls.model_fields.items()
                     if isinstance(field.validation_alias, AliasChoices)
@@ -205,18 +217,28 @@ def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...], env_f
         return name.upper()
     names = [str(choice) for choice in choices if str(choice).isupper()]
     given = {key.upper() for key in os.environ}
-    if isinstance(env_file, (str, Path)) and Path(env_file).is_file():
-        given |= {key.upper() for key in dotenv_values(env_file)}
+    files = [env_file] if isinstance(env_file, (str, Path)) else env_file if isinstance(env_file, tuple) else []
+    for file in files:
+        if isinstance(file, (str, Path)) and Path(file).is_file():
+            given |= {key.upper() for key in dotenv_values(file)}
     return next((candidate for candidate in names if candidate in given), names[0])
+
+
+_UNPARSED_FIELD = re.compile(r'field "(\w+)"')
 
 
 def load_settings(**overrides: object) -> Settings:
     """Build the settings, turning a validation failure into one line that names the variable."""
+    env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError as exc:  # a value that had to be JSON (RLM_PRICES) and is not
+        field = _UNPARSED_FIELD.search(str(exc))
+        name = _field_env_name(Settings, (field.group(1),) if field else (), env_file)
+        reason = f"must be JSON ({exc.__cause__})" if exc.__cause__ else str(exc)
+        raise ConfigError(f"{name}: {reason}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
         name = _field_env_name(Settings, tuple(first["loc"]), env_file)
         given = first.get("input")
         secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY")  # proxies carry passwords

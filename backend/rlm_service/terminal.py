@@ -1,0 +1,120 @@
+"""What the command line prints of a run: progress on stderr, safe for a terminal whatever the model wrote.
+
+Model output, generated code's output and a server's messages are untrusted text. Written raw, an escape
+sequence in them would act on the user's terminal: set the window title, clear the screen, write the
+clipboard (OSC 52), move the cursor to overwrite what was printed. `printable` shows every control
+character except newline and tab as a visible escape (`\\x1b`), which leaves the rest of such a
+sequence as plain, inert text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TextIO
+
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""C0 controls but tab and newline, DEL, and the C1 controls (U+0080–U+009F: 8-bit CSI, OSC, …)."""
+
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+"""What `json.dumps(..., ensure_ascii=False)` leaves raw that a terminal or a line reader acts on."""
+
+
+def printable(text: str) -> str:
+    """`text` with every control character but newline and tab shown as an escape; CRLF becomes a newline."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text.replace("\r\n", "\n"))
+
+
+def json_line(value: dict[str, Any]) -> str:
+    """One line of JSON, non-ASCII text kept readable, with nothing in it that acts on a terminal (JSON
+    escapes C0 controls itself; DEL, C1 controls and the Unicode line separators are escaped here)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def _first_line(text: object, limit: int) -> str:
+    return str(text).strip().split("\n")[0][:limit]
+
+
+class ProgressPrinter:
+    """Human-readable progress on a terminal (or a log, when stderr is not one). Every line goes through
+    `printable`: the printer's own text has no control characters, what it quotes may have any."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self._bar_shown = False
+
+    def _line(self, text: str) -> None:
+        if self._bar_shown:
+            self.stream.write("\n")
+            self._bar_shown = False
+        self.stream.write(printable(text) + "\n")
+        self.stream.flush()
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        """Print one event of the run; events of unknown types, and unknown fields, are ignored."""
+        if name == "start":
+            info = data.get("input") or {}
+            self._line(f"run {data.get('run_id')}: {data.get('model')} (sub: {data.get('sub_model')}), "
+                       f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
+        elif name == "thought":
+            self._line(f"[{data.get('iteration')}] {_first_line(data.get('text', ''), 100)}")
+        elif name == "code":
+            lines = str(data.get("code", "")).strip().split("\n")
+            more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+            self._line(f"[{data.get('iteration')}] >>> {lines[0][:90]}{more}")
+        elif name == "subcalls":
+            self._bar(int(data.get("done", 0)), int(data.get("failed", 0)), int(data.get("total", 0)))
+        elif name == "output":
+            error = data.get("error")
+            shown = str(error).strip().split("\n")[-1] if error else str(data.get("stdout", "")).strip()
+            shown = shown[:200].replace("\n", "\n    ")
+            self._line(f"    {'error: ' if error else ''}{shown} ({data.get('duration_ms', 0)} ms)")
+        elif name == "figure":
+            self._line(f"    [figure, {len(str(data.get('data', ''))) * 3 // 4:,} bytes of PNG]")
+        elif name == "final":
+            self._final(data)
+        elif name == "error":
+            self._line(f"error ({data.get('code')}): {data.get('message')}")
+            self._note(data)
+        elif name == "child":
+            self._child(int(data.get("depth", 1)), str(data.get("event")), data.get("data") or {})
+
+    def _final(self, data: dict[str, Any]) -> None:
+        usage = data.get("usage") or {}
+        root, sub = usage.get("root") or {}, usage.get("sub") or {}
+        state = "ready" if data.get("ready") else "NOT ready (iteration limit or no code)"
+        self._line(f"done: {state}, {data.get('iterations')} iterations, {root.get('requests', 0)} root and "
+                   f"{sub.get('requests', 0)} sub requests, {data.get('elapsed_ms', 0) / 1000:.1f} s")
+        self._note(data)
+
+    def _note(self, data: dict[str, Any]) -> None:
+        """A terminal event's `note`: what the user should know about how the run ended."""
+        if data.get("note"):
+            self._line(f"note: {data['note']}")
+
+    def _child(self, depth: int, kind: str, data: dict[str, Any]) -> None:
+        prefix = "    " * depth + f"↳ child (depth {depth})"
+        if kind == "start":
+            self._line(f"{prefix} started on {(data.get('input') or {}).get('chars', 0):,} characters")
+        elif kind == "code":
+            self._line(f"{prefix} [{data.get('iteration')}] >>> {_first_line(data.get('code', ''), 80)}")
+        elif kind == "final":
+            self._line(f"{prefix} answered: {str(data.get('answer', '')).strip()[:100]!r}")
+        elif kind == "error":
+            self._line(f"{prefix} failed ({data.get('code')}): {data.get('message')}")
+
+    def _bar(self, done: int, failed: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        text = f"    sub-calls [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        text += f" ({failed} failed)" if failed else ""
+        if self.live:
+            self.stream.write("\r" + text)
+            self._bar_shown = done < total
+            if not self._bar_shown:
+                self.stream.write("\n")
+        elif done == total:
+            self.stream.write(text + "\n")
+        self.stream.flush()
