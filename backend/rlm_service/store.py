@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .events import TERMINAL_EVENTS, ErrorEvent, FinalEvent, EventBase, is_terminal
+from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
 from .migrations import PREVIEW_CHARS, migrate_sqlite
 from .storewriter import Job, Writer, WriteSkipped
 
