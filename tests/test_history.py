@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from rlm_service.engine import Engine, RunSettings
-from rlm_service.events import CodeEvent, FinalEvent, InputInfo, Limits, RunUsage, StartEvent
+from rlm_service.events import CodeEvent, FinalEvent, InputInfo, RunLimits, RunUsage, StartEvent
 from rlm_service.history import export_markdown
 from rlm_service.store import RunRecord, SqliteRunStore
 from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
@@ -29,7 +29,8 @@ def _record(run_id: str, created: float) -> RunRecord:
 
 
 def _start(run_id: str) -> StartEvent:
-    limits = Limits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800)
+    limits = RunLimits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4,
+                       max_output_chars=800)
     return StartEvent(run_id=run_id, model="m", sub_model="s", input=InputInfo(chars=3, lines=1), limits=limits)
 
 

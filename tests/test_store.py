@@ -15,7 +15,7 @@ from rlm_service.events import (
     ErrorEvent,
     FinalEvent,
     InputInfo,
-    Limits,
+    RunLimits,
     RunUsage,
     StartEvent,
     ThoughtEvent,
@@ -62,8 +62,8 @@ FINAL_V0 = ("UPDATE runs SET status = 'finished', finished = ?, answer = ?, read
 ERROR_V0 = "UPDATE runs SET status = 'failed', finished = ?, answer = ?, error = ? WHERE id = ?"
 
 
-def _limits() -> Limits:
-    return Limits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800)
+def _limits() -> RunLimits:
+    return RunLimits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800)
 
 
 def _start(run_id: str) -> StartEvent:

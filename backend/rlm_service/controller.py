@@ -27,6 +27,7 @@ from .events import (
     EventBase,
     FigureEvent,
     OutputEvent,
+    RunLimits,
     RunUsage,
     SubcallsEvent,
     ThoughtEvent,
@@ -50,14 +51,6 @@ def extract_code_blocks(text: str) -> tuple[list[str], str]:
     blocks = [match.group(1) for match in _FENCE.finditer(text)]
     prose = _FENCE.sub("", text).strip()
     return [block for block in blocks if block.strip()], prose
-
-
-@dataclass
-class RunLimits:
-    max_iterations: int
-    max_subcalls: int
-    exec_timeout_s: float
-    max_output_chars: int
 
 
 @dataclass
@@ -182,9 +175,7 @@ class Controller:
     # --- the root model's side ---------------------------------------------------------------
 
     def _instructions(self) -> str:
-        limits = prompts.PromptLimits(self.limits.max_iterations, self.limits.max_subcalls,
-                                      self.limits.exec_timeout_s, self.limits.max_output_chars)
-        return prompts.system_prompt(self.protocol, limits, can_recurse=self.tree.can_recurse(self.depth))
+        return prompts.system_prompt(self.protocol, self.limits, can_recurse=self.tree.can_recurse(self.depth))
 
     def _usage_limits(self) -> UsageLimits:
         # Our own iteration count is the real limit; this only keeps PydanticAI from stopping at 50.
@@ -213,7 +204,8 @@ class Controller:
         root.requests = self._agent_usage.requests
         root.input_tokens = self._agent_usage.input_tokens
         root.output_tokens = self._agent_usage.output_tokens
-        self.tree.add_cost(self.agent.model.model_name if hasattr(self.agent.model, "model_name") else "",
+        model = self.agent.model
+        self.tree.add_cost(model.model_name if isinstance(model, Model) else str(model or ""),
                            new_input, new_output, self._reported_cost)
         self._reported_cost = None
 

@@ -26,7 +26,7 @@ from pydantic_ai.models import Model
 
 from . import prompts
 from .config import Settings
-from .controller import Controller, RunLimits, RunOutcome, build_agent
+from .controller import Controller, RunOutcome, build_agent
 from .events import (
     ChildEvent,
     ErrorCode,
@@ -34,8 +34,8 @@ from .events import (
     EventBase,
     FinalEvent,
     InputInfo,
-    Limits,
     ParentRef,
+    RunLimits,
     RunUsage,
     StartEvent,
 )
@@ -50,7 +50,7 @@ from .rootmodel import build_root_model
 from .runs import LiveRun, RunRegistry
 from .security import redact
 from .store import RunRecord, RunStore
-from .tree import RunTree, TreeLimits
+from .tree import RunTree
 
 log = logging.getLogger("rlm_service")
 RUN_TIMEOUT_GRACE_S = 5.0
@@ -89,7 +89,9 @@ class SettingsRefused(ValueError):
 def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLimits:
     requested = requested or RunSettings()
     limits = RunLimits(max_iterations=settings.rlm_max_iterations, max_subcalls=settings.rlm_max_subcalls,
-                       exec_timeout_s=settings.rlm_exec_timeout_s, max_output_chars=settings.rlm_max_output_chars)
+                       exec_timeout_s=settings.rlm_exec_timeout_s, max_output_chars=settings.rlm_max_output_chars,
+                       subcall_concurrency=settings.rlm_subcall_concurrency, max_depth=settings.rlm_max_depth,
+                       run_timeout_s=settings.rlm_run_timeout_s, max_cost_usd=settings.rlm_max_cost_usd)
     for name, env in (("max_iterations", "RLM_MAX_ITERATIONS"), ("max_subcalls", "RLM_MAX_SUBCALLS"),
                       ("exec_timeout_s", "RLM_EXEC_TIMEOUT_S")):
         value = getattr(requested, name)
@@ -232,10 +234,8 @@ class Engine:
 
     def _tree(self, run_id: str, limits: RunLimits) -> RunTree:
         settings = self.settings
-        return RunTree(run_id, TreeLimits(max_depth=settings.rlm_max_depth, max_iterations=limits.max_iterations,
-                                          run_timeout_s=settings.rlm_run_timeout_s,
-                                          max_cost_usd=settings.rlm_max_cost_usd, prices=settings.rlm_prices),
-                       SubcallBudget(limits.max_subcalls, settings.rlm_subcall_concurrency))
+        return RunTree(run_id, limits, SubcallBudget(limits.max_subcalls, limits.subcall_concurrency),
+                       prices=settings.rlm_prices)
 
     async def _drive(self, run: LiveRun, prompt: str, run_input: RunInput, limits: RunLimits,
                      emit: Callable[[EventBase], None], keep_input: bool = False) -> None:
@@ -294,10 +294,7 @@ class Engine:
             emit(StartEvent(
                 run_id=run_id, model=root_model or "", sub_model=settings.sub_model or "",
                 input=_input_info(run_input),
-                limits=Limits(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
-                              exec_timeout_s=limits.exec_timeout_s,
-                              subcall_concurrency=settings.rlm_subcall_concurrency,
-                              max_output_chars=limits.max_output_chars),
+                limits=limits,
                 protocol=settings.rlm_root_protocol, repl=settings.rlm_repl,
             ))
             usage = tree.register(depth)

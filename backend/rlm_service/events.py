@@ -38,12 +38,19 @@ class InputInfo(BaseModel):
     lines: int
 
 
-class Limits(BaseModel):
+class RunLimits(BaseModel):
+    """What a run may spend: the server's settings, lowered by the request's own (`effective_limits`).
+
+    Turns, sub-calls, time and cost are shared by every run of a recursive tree."""
+
     max_iterations: int
     max_subcalls: int
     exec_timeout_s: float
     subcall_concurrency: int
     max_output_chars: int
+    max_depth: int = 1
+    run_timeout_s: float | None = None
+    max_cost_usd: float | None = None
 
 
 class EventBase(BaseModel):
@@ -62,7 +69,7 @@ class StartEvent(EventBase):
     model: str
     sub_model: str
     input: InputInfo
-    limits: Limits
+    limits: RunLimits
     protocol: str = "tools"
     repl: str = "subprocess"
     session_id: str | None = None

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from .events import RunLimits
 from .repl.base import CellOutcome
 
 _COMMON = """\
@@ -65,15 +64,7 @@ be answered. To read or summarize a piece that fits in the sub-model's window, l
 and faster."""
 
 
-@dataclass
-class PromptLimits:
-    max_iterations: int
-    max_subcalls: int
-    exec_timeout_s: float
-    max_output_chars: int
-
-
-def system_prompt(protocol: str, limits: PromptLimits, *, can_recurse: bool = False) -> str:
+def system_prompt(protocol: str, limits: RunLimits, *, can_recurse: bool = False) -> str:
     template = TEXT_SYSTEM_PROMPT if protocol == "text" else TOOLS_SYSTEM_PROMPT
     text = template.format(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
                            exec_timeout_s=limits.exec_timeout_s, max_output_chars=limits.max_output_chars)

@@ -51,11 +51,12 @@ class LiveRun:
             raise RuntimeError(f"run {self.id} already ended; {event.type} cannot follow its terminal event")
         event.seq = len(self.events) + 1
         self.events.append(event)
-        if is_terminal(event):
+        terminal = is_terminal(event)
+        if terminal:
             self.ended_at = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        if self.ended:
+        if terminal:
             callbacks, self._on_end = self._on_end, []
             for callback in callbacks:
                 callback(self)

@@ -16,27 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
-from .events import RunUsage
+from .events import RunLimits, RunUsage
 from .llm import Completion, SubcallBudget
-
-
-@dataclass
-class TreeLimits:
-    max_depth: int = 1
-    max_iterations: int = 20
-    run_timeout_s: float | None = None
-    max_cost_usd: float | None = None
-    prices: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 class RunTree:
     """What every run of one tree shares: budgets, usage by depth, the root's run id."""
 
-    def __init__(self, root_run_id: str, limits: TreeLimits, subcalls: SubcallBudget) -> None:
+    def __init__(self, root_run_id: str, limits: RunLimits, subcalls: SubcallBudget, *,
+                 prices: dict[str, tuple[float, float]] | None = None) -> None:
+        """`prices`: USD per million input and output tokens, by model (RLM_PRICES)."""
         self.root_run_id = root_run_id
         self.limits = limits
+        self.prices = prices or {}
         self.subcalls = subcalls
         self.started = time.monotonic()
         self.iterations = 0
@@ -106,8 +99,8 @@ class RunTree:
         if reported is not None:
             self.cost_usd += reported
             self.cost_known = True
-        elif model in self.limits.prices:
-            per_input, per_output = self.limits.prices[model]
+        elif model in self.prices:
+            per_input, per_output = self.prices[model]
             self.cost_usd += (input_tokens * per_input + output_tokens * per_output) / 1_000_000
             self.cost_known = True
         self.check()
