@@ -13,7 +13,7 @@ import pytest
 
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import CodeEvent, FinalEvent, InputInfo, RunLimits, RunUsage, StartEvent
-from rlm_service.history import export_markdown
+from rlm_service.export import export_markdown
 from rlm_service.store import RunRecord, SqliteRunStore
 from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 
+from .export import export_markdown
 from .store import RunRecord, RunStore, StoreUnavailable, valid_run_id
 
 
@@ -90,33 +90,3 @@ def history_router() -> APIRouter:
         return FileResponse(path, media_type="text/plain; charset=utf-8", filename=f"rlm-input-{run_id}.txt")
 
     return router
-
-
-def export_markdown(record: RunRecord, events: list[dict[str, Any]]) -> str:
-    """A run as a readable Markdown document: the task, each iteration's prose, code and output, the answer."""
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.created))
-    lines = [f"# RLM run {record.id}", "", f"- **Started**: {when}", f"- **Status**: {record.status}",
-             f"- **Input**: {record.input_chars:,} characters, {record.input_lines:,} lines"
-             + (f" ({record.input_name})" if record.input_name else ""), "", "## Task", "", record.prompt, ""]
-    iteration = None
-    for event in events:
-        kind = event.get("type")
-        if kind in ("thought", "code", "output") and event.get("iteration") != iteration:
-            iteration = event.get("iteration")
-            lines += [f"## Iteration {iteration}", ""]
-        if kind == "thought":
-            lines += [str(event.get("text", "")), ""]
-        elif kind == "code":
-            lines += ["```python", str(event.get("code", "")).rstrip(), "```", ""]
-        elif kind == "output":
-            if event.get("stdout"):
-                lines += ["```text", str(event["stdout"]).rstrip(), "```", ""]
-            if event.get("error"):
-                lines += ["Error:", "", "```text", str(event["error"]).rstrip(), "```", ""]
-        elif kind == "figure":
-            lines += [f"![figure](data:{event.get('mime', 'image/png')};base64,{event.get('data', '')})", ""]
-        elif kind == "error":
-            lines += ["## Error", "", f"`{event.get('code')}`: {event.get('message')}", ""]
-    if record.answer:
-        lines += ["## Answer" + ("" if record.ready else " (not marked ready)"), "", record.answer, ""]
-    return "\n".join(lines)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any, ClassVar, TextIO
 
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 """C0 controls but tab and newline, DEL, and the C1 controls (U+0080–U+009F: 8-bit CSI, OSC, …)."""
@@ -54,32 +55,44 @@ class ProgressPrinter:
 
     def event(self, name: str, data: dict[str, Any]) -> None:
         """Print one event of the run; events of unknown types, and unknown fields, are ignored."""
-        if name == "start":
-            info = data.get("input") or {}
-            self._line(f"run {data.get('run_id')}: {data.get('model')} (sub: {data.get('sub_model')}), "
-                       f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
-        elif name == "thought":
-            self._line(f"[{data.get('iteration')}] {_first_line(data.get('text', ''), 100)}")
-        elif name == "code":
-            lines = str(data.get("code", "")).strip().split("\n")
-            more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
-            self._line(f"[{data.get('iteration')}] >>> {lines[0][:90]}{more}")
-        elif name == "subcalls":
-            self._bar(int(data.get("done", 0)), int(data.get("failed", 0)), int(data.get("total", 0)))
-        elif name == "output":
-            error = data.get("error")
-            shown = str(error).strip().split("\n")[-1] if error else str(data.get("stdout", "")).strip()
-            shown = shown[:200].replace("\n", "\n    ")
-            self._line(f"    {'error: ' if error else ''}{shown} ({data.get('duration_ms', 0)} ms)")
-        elif name == "figure":
-            self._line(f"    [figure, {len(str(data.get('data', ''))) * 3 // 4:,} bytes of PNG]")
-        elif name == "final":
-            self._final(data)
-        elif name == "error":
-            self._line(f"error ({data.get('code')}): {data.get('message')}")
-            self._note(data)
-        elif name == "child":
-            self._child(int(data.get("depth", 1)), str(data.get("event")), data.get("data") or {})
+        handler = self.HANDLERS.get(name)
+        if handler is not None:
+            handler(self, data)
+
+    def _start(self, data: dict[str, Any]) -> None:
+        info = data.get("input") or {}
+        self._line(f"run {data.get('run_id')}: {data.get('model')} (sub: {data.get('sub_model')}), "
+                   f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
+
+    def _thought(self, data: dict[str, Any]) -> None:
+        self._line(f"[{data.get('iteration')}] {_first_line(data.get('text', ''), 100)}")
+
+    def _code(self, data: dict[str, Any]) -> None:
+        lines = str(data.get("code", "")).strip().split("\n")
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        self._line(f"[{data.get('iteration')}] >>> {lines[0][:90]}{more}")
+
+    def _subcalls(self, data: dict[str, Any]) -> None:
+        self._bar(int(data.get("done", 0)), int(data.get("failed", 0)), int(data.get("total", 0)))
+
+    def _output(self, data: dict[str, Any]) -> None:
+        error = data.get("error")
+        shown = str(error).strip().split("\n")[-1] if error else str(data.get("stdout", "")).strip()
+        shown = shown[:200].replace("\n", "\n    ")
+        self._line(f"    {'error: ' if error else ''}{shown} ({data.get('duration_ms', 0)} ms)")
+
+    def _figure(self, data: dict[str, Any]) -> None:
+        self._line(f"    [figure, {len(str(data.get('data', ''))) * 3 // 4:,} bytes of PNG]")
+
+    def _quiet(self, data: dict[str, Any]) -> None:
+        """`answer` and `usage`: the answer is printed once, at the end; usage is summed in `final`."""
+
+    def _error(self, data: dict[str, Any]) -> None:
+        self._line(f"error ({data.get('code')}): {data.get('message')}")
+        self._note(data)
+
+    def _child_event(self, data: dict[str, Any]) -> None:
+        self._child(int(data.get("depth", 1)), str(data.get("event")), data.get("data") or {})
 
     def _final(self, data: dict[str, Any]) -> None:
         usage = data.get("usage") or {}
@@ -95,6 +108,7 @@ class ProgressPrinter:
             self._line(f"note: {data['note']}")
 
     def _child(self, depth: int, kind: str, data: dict[str, Any]) -> None:
+        """A child run's event, indented by depth: its start, cells and end; the rest stays quiet."""
         prefix = "    " * depth + f"↳ child (depth {depth})"
         if kind == "start":
             self._line(f"{prefix} started on {(data.get('input') or {}).get('chars', 0):,} characters")
@@ -104,6 +118,13 @@ class ProgressPrinter:
             self._line(f"{prefix} answered: {str(data.get('answer', '')).strip()[:100]!r}")
         elif kind == "error":
             self._line(f"{prefix} failed ({data.get('code')}): {data.get('message')}")
+
+    HANDLERS: ClassVar[dict[str, Callable[[ProgressPrinter, dict[str, Any]], None]]] = {
+        "start": _start, "thought": _thought, "code": _code, "subcalls": _subcalls, "output": _output,
+        "figure": _figure, "answer": _quiet, "usage": _quiet, "final": _final, "error": _error,
+        "child": _child_event,
+    }
+    """Every event type the printer knows (a test checks it knows them all)."""
 
     def _bar(self, done: int, failed: int, total: int) -> None:
         width = 30
