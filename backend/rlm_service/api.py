@@ -25,6 +25,7 @@ from .auth import token_check
 from .config import Settings
 from .engine import Engine
 from .history import history_router
+from .pageheaders import PageHeadersMiddleware
 from .store import SqliteRunStore
 from .streaming import RunSlots, run_router
 from .uploads import ProcessRequest
@@ -99,6 +100,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(PageHeadersMiddleware)
     require_token = token_check(settings)
 
     @app.get("/health", tags=["service"])
