@@ -9,7 +9,7 @@ and plays two roles:
   script embedded in the task prompt between `<<<SCRIPT` and `SCRIPT>>>` (a JSON list of turns, each
   `{"text": str, "code": [str, ...]}`), or else a small built-in strategy that explores `context`,
   batches over chunks and marks an answer ready (or, when the task asks for a plot, plots the numbers
-  of the input). Code goes out as `run_python` tool calls when the
+  found in the input). Code goes out as `run_python` tool calls when the
   request offers tools, otherwise as ```repl blocks in the text.
 - the **sub** model (any other model name): a callable maps the prompt to the reply.
 
@@ -52,9 +52,9 @@ DEMO_TURNS = [
 
 
 PLOT_TURNS = [
-    {"text": "The input is a list of numbers. Let me parse them and plot their distribution.",
-     "code": ["import numpy as np\nimport matplotlib.pyplot as plt\n"
-              "values = np.array([float(x) for x in context.split()])\n"
+    {"text": "The input holds numbers. Let me pick them out and plot their distribution.",
+     "code": ["import re\nimport numpy as np\nimport matplotlib.pyplot as plt\n"
+              "values = np.array([float(x) for x in re.findall(r'-?\\d+(?:\\.\\d+)?', context)])\n"
               "fig, ax = plt.subplots(figsize=(6, 3.5))\nax.hist(values, bins=30, color='#7cc4ff')\n"
               "ax.set_title('Distribution of the input values')\nax.set_xlabel('value')\nax.set_ylabel('count')\n"
               "print(len(values), 'values; mean', round(values.mean(), 3), 'std', round(values.std(), 3))"]},

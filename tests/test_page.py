@@ -3,67 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import TypeAdapter
 
-from tests.conftest import LiveServer, make_settings, script, wait_until, worker_processes
+from rlm_service.events import Event
+from tests.browser import browser_fixture, expect_clean_console, open_page, page_fixture, start_run, status_is  # noqa: F401  (fixtures, used by name)
+from tests.conftest import REPO, LiveServer, make_settings, script, wait_until, worker_processes
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM:
-        if os.environ.get("CI"):
-            pytest.fail("CI needs Debian's chromium for the browser tests (apt-get install chromium)")
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
-    tab.on("pageerror", lambda error: problems.append(str(error)))
-    tab.console_problems = problems  # type: ignore[attr-defined]
-    yield tab
-    context.close()
-
-
-def expect_clean_console(page: Any, *allowed: str) -> None:
-    problems = [p for p in page.console_problems if not any(a in p for a in allowed)]
-    assert problems == []
-
-
-def open_page(page: Any, server: LiveServer) -> None:
-    page.goto(server.url + "/")
-    page.wait_for_function("document.getElementById('model-chip').textContent.includes('root-model')")
+ARTIFACTS = REPO / "test-artifacts"
 
 
 def test_a_run_unfolds_live(page: Any, live: LiveServer) -> None:
     open_page(page, live)
-    page.fill("#prompt", "Summarize the input")
-    page.fill("#input-text", "first line\nsecond line\nthird line\n" * 50)
-    page.press("#prompt", "Control+Enter")
+    start_run(page, "Summarize the input", "first line\nsecond line\nthird line\n" * 50)
     page.wait_for_selector("#answer-badge.ready", timeout=20000)
     cards = page.locator(".card")
     assert cards.count() == 3
@@ -76,9 +35,10 @@ def test_a_run_unfolds_live(page: Any, live: LiveServer) -> None:
     assert page.locator("#answer h2").inner_text() == "Summary"
     assert page.locator("#answer li").count() == 4
     assert page.locator("#answer-badge").inner_text() == "Ready"
-    assert page.locator("#usage-root").inner_text().startswith("3 requests")
-    assert page.locator("#usage-sub").inner_text().startswith("4 requests")
-    assert "Done in" in page.locator("#status").inner_text()
+    root_usage = page.locator("#usage-root").inner_text()
+    assert re.fullmatch(r"3 requests\ntokens in [\d,]+ · out [\d,]+", root_usage), root_usage
+    assert page.locator("#usage-sub").inner_text().startswith("4 requests\ntokens in ")
+    assert re.fullmatch(r"Done in [\d.]+ s after 3 iterations\.", page.locator("#status").inner_text())
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "page-after-run.png"), full_page=True)
     expect_clean_console(page)
@@ -99,14 +59,33 @@ def test_uploaded_file_reaches_the_run(page: Any, live: LiveServer, tmp_path: Pa
     expect_clean_console(page)
 
 
+def test_an_empty_input_warns_before_the_run_starts(page: Any, fake: FakeOpenAI, live: LiveServer,
+                                                      tmp_path: Path) -> None:
+    """Mutant: startRun without emptyInputWarning starts the run on the first press."""
+    open_page(page, live)
+    page.fill("#prompt", script({"code": ["answer.update(content=f'{len(context)} chars', ready=True)"]}))
+    page.click("#run-button")
+    status_is(page, "The input is empty: the model would have nothing to read")
+    page.click("#run-button")  # the user saw the warning and runs anyway
+    page.wait_for_selector("#answer-badge.ready")
+    assert page.inner_text("#answer") == "0 chars"
+    requests = fake.stats.root_requests
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    page.set_input_files("#file-input", str(empty))
+    page.click("#run-button")
+    status_is(page, "The file empty.txt is empty (0 bytes)")
+    assert page.inner_text("#answer") == "0 chars" and fake.stats.root_requests == requests
+    expect_clean_console(page)
+
+
 def test_stop_cancels_the_run(page: Any, live: LiveServer) -> None:
     open_page(page, live)
-    page.fill("#prompt", script({"code": ["import time\ntime.sleep(60)"]}))
-    page.click("#run-button")
+    start_run(page, script({"code": ["import time\ntime.sleep(60)"]}))
     page.wait_for_selector(".card pre.code")
     assert wait_until(lambda: worker_processes() != [])
     page.click("#stop-button")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('Stopped')")
+    status_is(page, "Stopped", starts=True)
     assert wait_until(lambda: worker_processes() == [], timeout=2)
     assert wait_until(lambda: live.app.state.slots.active == 0)
     assert page.locator("#run-button").is_enabled()
@@ -120,24 +99,58 @@ def test_error_event_is_shown(page: Any, fake: FakeOpenAI) -> None:
     fake.root = refuse
     with LiveServer(make_settings(fake)) as server:
         open_page(page, server)
-        page.fill("#prompt", "anything")
-        page.click("#run-button")
+        start_run(page, "anything")
         page.wait_for_selector("#banner.error:not([hidden])")
-        assert "OPENAI_API_KEY" in page.locator("#banner").inner_text()
-        assert page.locator("#status").inner_text() == "Failed (auth)."
+        banner = page.locator("#banner").inner_text()
+        assert banner.count("OPENAI_API_KEY") == 1
+        assert page.locator("#status").inner_text() == f"Failed: {banner}"
     expect_clean_console(page)
 
 
-def test_refusal_is_shown(page: Any, live: LiveServer) -> None:
+def test_an_unreachable_model_server_is_said_once(page: Any) -> None:
+    """Mutant: errorText prefixing a fixed sentence per code ("The model server failed or could not be
+    reached.") to a message that already says so."""
+    with LiveServer(make_settings(None, rlm_model_retries=0)) as server:
+        open_page(page, server)
+        start_run(page, "anything")
+        page.wait_for_selector("#banner.error:not([hidden])", timeout=30000)
+        banner = page.locator("#banner").inner_text()
+        assert len(re.findall(r"reach", banner)) == 1, banner
+        assert "OPENAI_API_BASE" in banner
+    expect_clean_console(page)
+
+
+def test_a_refusal_says_why_next_to_the_run_button(page: Any, live: LiveServer) -> None:
     open_page(page, live)
-    page.fill("#prompt", "anything")
     page.locator("details.settings summary").click()
     page.fill("#max-iterations", "999")
-    page.click("#run-button")
+    start_run(page, "anything")
     page.wait_for_selector("#banner.error:not([hidden])")
-    text = page.locator("#banner").inner_text()
-    assert "(422)" in text and "RLM_MAX_ITERATIONS" in text
+    assert "(422)" in page.locator("#banner").inner_text()
+    status = page.locator("#status").inner_text()
+    assert status.startswith("Refused (422): ") and "RLM_MAX_ITERATIONS" in status
     expect_clean_console(page, "422")
+
+
+def test_token_banner_follows_the_token(page: Any, fake: FakeOpenAI) -> None:
+    """Mutants: loadConfig not hiding the "auth" banner after a success; tokenProblem ignoring whether a token
+    was sent (always "needs a token")."""
+    with LiveServer(make_settings(fake, rlm_api_token="s3cret")) as server:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#banner.error:not([hidden])")
+        assert "needs a token" in page.inner_text("#banner")
+        page.fill("#api-token", "guess")
+        page.press("#api-token", "Tab")
+        page.wait_for_function("() => document.getElementById('banner').textContent.startsWith('Wrong token')")
+        start_run(page, "anything")
+        status_is(page, "Refused (401): Wrong token", starts=True)
+        page.fill("#api-token", "s3cret")
+        page.press("#api-token", "Tab")
+        page.wait_for_function("() => document.getElementById('model-chip').textContent.includes('root-model')")
+        page.wait_for_selector("#banner", state="hidden")
+        page.click("#run-button")
+        page.wait_for_selector("#answer-badge.ready")
+    expect_clean_console(page, "401")
 
 
 def test_setup_banner_without_a_key(page: Any, fake: FakeOpenAI) -> None:
@@ -150,29 +163,20 @@ def test_setup_banner_without_a_key(page: Any, fake: FakeOpenAI) -> None:
     expect_clean_console(page)
 
 
-def test_markdown_answer_is_sanitized(page: Any, live: LiveServer) -> None:
-    hostile = "# Title\n\n<img src=x onerror=\"window.pwned=1\"><script>window.pwned=2</script>[x](javascript:alert(1))"
-    open_page(page, live)
-    page.fill("#prompt", script({"code": [f"answer.update(content={hostile!r}, ready=True)"]}))
-    page.click("#run-button")
-    page.wait_for_selector("#answer-badge.ready")
-    assert page.locator("#answer h1").inner_text() == "Title"
-    assert page.evaluate("window.pwned") is None
-    assert page.locator("#answer script").count() == 0
-    assert "javascript:" not in (page.locator("#answer a").get_attribute("href") or "")
-
-
 SAMPLE = (": keep-alive\r\n\r\n"
-          "event: start\r\ndata: {\"run_id\": \"r1\", \"note\": \"héllo → wörld\"}\r\n\r\n"
+          "id: 1\r\nevent: start\r\ndata: {\"run_id\": \"r1\", \"note\": \"héllo → wörld\"}\r\n\r\n"
           "event: output\ndata: {\"stdout\":\n"
           "data: \"two\\nlines ✓\"}\n\n"
-          "event: unknown\ndata: {\"x\": 1}\n\n"
-          "event: final\rdata: {\"answer\": \"done 🎉\", \"ready\": true}\r\r")
+          "id: 3\nevent: unknown\ndata: {\"x\": 1}\n\n"
+          "data: plain text\n\n"
+          "event: final\rdata: {\"answer\": \"done 🎉\", \"ready\": true}\r\r"
+          "event: cut\ndata: {\"never\": \"ended\"}\n")
 EXPECTED = [
-    {"event": "start", "data": {"run_id": "r1", "note": "héllo → wörld"}},
-    {"event": "output", "data": {"stdout": "two\nlines ✓"}},
-    {"event": "unknown", "data": {"x": 1}},
-    {"event": "final", "data": {"answer": "done 🎉", "ready": True}},
+    {"event": "start", "data": {"run_id": "r1", "note": "héllo → wörld"}, "id": "1"},
+    {"event": "output", "data": {"stdout": "two\nlines ✓"}, "id": "1"},
+    {"event": "unknown", "data": {"x": 1}, "id": "3"},
+    {"event": "message", "data": "plain text", "id": "3"},
+    {"event": "final", "data": {"answer": "done 🎉", "ready": True}, "id": "3"},
 ]
 
 
@@ -180,7 +184,7 @@ def test_stream_reader_survives_every_split(page: Any, live: LiveServer) -> None
     open_page(page, live)
     result = page.evaluate(
         """async ([sample]) => {
-            const { readSse } = await import('/app.js');
+            const { readSse } = await import('/sse.js');
             const bytes = new TextEncoder().encode(sample);
             const read = async (chunks) => {
                 const stream = new ReadableStream({ start(c) { chunks.forEach((x) => c.enqueue(x)); c.close(); } });
@@ -202,94 +206,306 @@ def test_stream_reader_survives_every_split(page: Any, live: LiveServer) -> None
         }""",
         [SAMPLE],
     )
-    assert result["positions"] > 150
+    assert result["positions"] > 200
     assert [json.loads(outcome) for outcome in result["outcomes"]] == [EXPECTED]
 
 
-def test_page_works_at_phone_width_and_from_the_keyboard(browser: Any, live: LiveServer) -> None:
+def test_page_works_at_phone_width_and_from_the_keyboard(browser: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Mutants: wireLayout not moving the answer panel (it stays after the log); the answer's action buttons
+    not wrapping (the page scrolls sideways)."""
     context = browser.new_context(viewport={"width": 390, "height": 844}, reduced_motion="reduce")
     page = context.new_page()
-    try:
-        page.goto(live.url + "/")
-        page.wait_for_function("document.getElementById('model-chip').textContent.includes('root-model')")
-        width = page.evaluate("document.documentElement.scrollWidth")
-        assert width <= 390
-        reached = []
-        for _ in range(12):  # every control is reachable with the keyboard, in reading order
-            page.keyboard.press("Tab")
-            reached.append(page.evaluate("document.activeElement.id || document.activeElement.dataset.example"))
-        assert reached.index("summary") < reached.index("prompt") < reached.index("tab-paste")
-        page.fill("#prompt", script({"code": ["answer.update(content='phone', ready=True)"]}))
-        page.focus("#prompt")
-        page.keyboard.press("Control+Enter")
-        page.wait_for_selector("#answer-badge.ready")
-        animation = page.evaluate("getComputedStyle(document.querySelector('.backdrop')).animationName")
-        assert animation == "none"
-    finally:
-        context.close()
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        try:
+            page.goto(server.url + "/")
+            page.wait_for_function("() => document.getElementById('model-chip').textContent.includes('root-model')")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            reached = []
+            for _ in range(12):  # every control is reachable with the keyboard, in reading order
+                page.keyboard.press("Tab")
+                reached.append(page.evaluate("document.activeElement.id || document.activeElement.dataset.example"))
+            assert reached.index("log") < reached.index("prompt") < reached.index("tab-paste")
+            page.fill("#input-text", "data")
+            page.fill("#prompt", script({"code": ["answer.update(content='phone', ready=True)"]}))
+            page.focus("#prompt")
+            page.keyboard.press("Control+Enter")
+            page.wait_for_selector("#answer-badge.ready")
+            page.wait_for_selector("#delete-run:not([hidden])")
+            assert page.evaluate("document.documentElement.scrollWidth") <= 390
+            tops = page.evaluate("""() => Object.fromEntries(['.input-panel', '#answer-panel', '.history-panel',
+                '#log-panel'].map((s) => [s, document.querySelector(s).getBoundingClientRect().top]))""")
+            assert tops[".input-panel"] < tops["#answer-panel"] < tops[".history-panel"] < tops["#log-panel"]
+            follows = page.evaluate("document.querySelector('.input-panel').nextElementSibling.id")
+            assert follows == "answer-panel"  # reading order too, not only on screen
+            animation = page.evaluate("getComputedStyle(document.querySelector('.backdrop')).animationName")
+            assert animation == "none"
+            page.set_viewport_size({"width": 1360, "height": 900})
+            page.wait_for_function(
+                "() => document.getElementById('log-panel').nextElementSibling?.id === 'answer-panel'")
+        finally:
+            context.close()
 
 
-def _luminance(rgb: tuple[float, float, float]) -> float:
+def _luminance(rgb: tuple[float, ...]) -> float:
     def channel(c: float) -> float:
         c = c / 255
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
-    r, g, b = (channel(c) for c in rgb)
+    r, g, b = (channel(c) for c in rgb[:3])
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
 
+def _over(top: tuple[float, ...], below: tuple[float, ...]) -> tuple[float, ...]:
+    """`top` (r, g, b, alpha) composited over the opaque colour `below`."""
+    alpha = top[3]
+    return tuple(top[i] * alpha + below[i] * (1 - alpha) for i in range(3))
+
+
+def _contrast(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    light, dark = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+# Text on the page in each of its looks, with what lies between it and the glass panel under it.
+CONTRAST_PROBES = """() => {
+    const probe = document.createElement('span');
+    document.body.append(probe);
+    const rgba = (css) => {
+        probe.style.color = '';
+        probe.style.color = css;
+        const parts = getComputedStyle(probe).color.match(/[\\d.]+/g).map(Number);
+        return [parts[0], parts[1], parts[2], parts.length > 3 ? parts[3] : 1];
+    };
+    const root = getComputedStyle(document.documentElement);
+    const variable = (name) => rgba(root.getPropertyValue(name).trim());
+    // samples of everything the page can show, drawn by the page's own classes
+    const sample = document.createElement('div');
+    sample.innerHTML = `
+        <ol class="history"><li><button><span class="what">a run</span><span class="when">today
+          <span class="status-tag finished">finished</span><span class="status-tag not-ready">not ready</span>
+          <span class="status-tag failed">failed</span><span class="status-tag running">running</span>
+        </span></button></li></ol>
+        <span class="badge ready">Ready</span><span class="badge draft">Draft</span><span class="badge none">No</span>
+        <p class="note">note</p><p class="status running">s</p><p class="status done">s</p>
+        <p class="status failed">s</p><p class="status warn">s</p><button class="link">example</button>
+        <article class="card"><div class="card-head"><strong>Iteration 1</strong><span>1 s</span></div>
+          <p class="thought">t</p><div class="cell"><pre class="code"><code>
+          <span class="hljs-keyword">k</span><span class="hljs-string">s</span><span class="hljs-number">1</span>
+          <span class="hljs-comment">c</span><span class="hljs-title">t</span><span class="hljs-meta">m</span>
+          <span class="hljs-params">p</span></code></pre><pre class="stdout">out</pre><pre class="error">err</pre>
+          <div class="cell-meta"><span class="tag">cut</span></div>
+          <div class="progress-label">sub-calls</div></div></article>`;
+    document.querySelector('.history-panel').append(sample);
+    const selectors = ['h1', '#task-title', '.tagline', 'label', 'legend', '#status', '.chip', '.settings summary',
+        '.tabs button[aria-selected="false"]', '.tabs button[aria-selected="true"]', 'button.secondary',
+        '#answer .muted'];
+    const elements = [...selectors.map((s) => document.querySelector(s)), ...sample.querySelectorAll(
+        '.what, .when, .status-tag, .badge, .note, .status, .link, .card-head *, .thought, pre code span, ' +
+        '.stdout, .error, .tag, .progress-label')];
+    const glass = document.querySelector('.input-panel');
+    const out = elements.map((element) => {
+        const layers = [];
+        for (let node = element; node && node !== glass && !node.classList.contains('glass');
+             node = node.parentElement) {
+            layers.unshift(rgba(getComputedStyle(node).backgroundColor));
+        }
+        return { name: element.className || element.tagName, color: rgba(getComputedStyle(element).color), layers };
+    });
+    const primary = getComputedStyle(document.querySelector('button.primary')).color;
+    return {
+        glass: [rgba(getComputedStyle(glass).backgroundColor), variable('--glass-strong')],
+        backdrops: ['--bg-0', '--bg-1', '--glow-1', '--glow-2'].map(variable),
+        drifts: ['--drift-1', '--drift-2'].map(variable),
+        texts: out,
+        primary: { color: rgba(primary), layers: [['--accent'], ['--accent-2']].map(([v]) => variable(v)) },
+    };
+}"""
+
+
 def test_text_contrast_meets_wcag_aa(page: Any, live: LiveServer) -> None:
+    """Colours come from the page's CSS: its variables for the backdrop, each element's computed colours.
+    Mutant: `--muted: #6a7388` in styles.css fails it."""
     open_page(page, live)
-    colors = page.evaluate("""() => {
-        const pick = (sel) => getComputedStyle(document.querySelector(sel)).color;
-        return { text: pick('h1'), muted: pick('.tagline'), status: pick('#status'), chip: pick('.chip') };
-    }""")
-    darkest_panel = (22 * 0.62 + 7 * 0.38, 30 * 0.62 + 11 * 0.38, 54 * 0.62 + 22 * 0.38)
-    brightest_panel = (22 * 0.62 + 80 * 0.38, 30 * 0.62 + 70 * 0.38, 54 * 0.62 + 120 * 0.38)
-    for name, css in colors.items():
-        rgb = tuple(float(v) for v in css[css.index("(") + 1:css.index(")")].split(",")[:3])
-        for background in (darkest_panel, brightest_panel):
-            light, dark = sorted((_luminance(rgb), _luminance(background)), reverse=True)
-            assert (light + 0.05) / (dark + 0.05) >= 4.5, name
+    found = page.evaluate(CONTRAST_PROBES)
+    backdrops = [tuple(b[:3]) for b in found["backdrops"]]
+    backdrops += [_over(drift, b) for drift in found["drifts"] for b in backdrops]
+    panels = [_over(glass, b) for glass in found["glass"] for b in backdrops]
+    assert len(found["texts"]) > 40
+    failures = []
+    for text in found["texts"] + [{"name": "button.primary", **found["primary"]}]:
+        for panel in panels:
+            under = panel
+            if text["name"] == "button.primary":
+                candidates = [tuple(layer[:3]) for layer in text["layers"]]
+            else:
+                for layer in text["layers"]:
+                    under = _over(layer, under)
+                candidates = [under]
+            for background in candidates:
+                ratio = _contrast(_over(text["color"], background), background)
+                if ratio < 4.5:
+                    failures.append((text["name"], round(ratio, 2)))
+    assert failures == []
 
 
-def test_a_plot_is_shown_in_the_log(page: Any, live: LiveServer) -> None:
+def test_the_three_demos_run_in_one_click_each(page: Any, live: LiveServer) -> None:
+    """Each demo fills the task and makes its own sample data; each runs to a ready answer."""
     open_page(page, live)
-    page.click("[data-example=plot]")
-    assert "Plot the distribution" in page.input_value("#prompt")
+    page.click("[data-example=log]")
+    assert "Chunk it into 20 parts" in page.input_value("#prompt")
+    assert page.inner_text("#file-name") == "server.log"
+    assert page.is_visible("#pane-file")
+    size = page.inner_text("#file-size")
+    assert re.fullmatch(r"\((0\.9|1\.\d) MB\)", size), size
+    page.click("#run-button")
+    page.wait_for_selector("#answer-badge.ready")
+    assert page.get_attribute(".progress", "data-total") == "4"  # the fake root model splits into 4
+    assert "lines" in page.inner_text("#run-meta")
+
+    page.click("[data-example=numbers]")
+    assert "mean and standard deviation" in page.input_value("#prompt")
+    assert page.is_hidden("#file-info") and page.is_visible("#pane-paste")
+    notes = page.input_value("#input-text")
+    readings = re.findall(r"(-?\d+\.\d) cm", notes)
+    assert len(readings) == 400 and len(re.findall(r"\d+", notes)) > 5 * len(readings)
     page.click("#run-button")
     page.wait_for_selector("#answer-badge.ready", timeout=30000)
-    figure = page.locator(".card img.figure")
-    assert figure.count() == 1
     assert page.evaluate("document.querySelector('.card img.figure').naturalWidth") > 100
-    assert "values" in page.locator("#answer").inner_text()
+    assert "standard deviation" in page.inner_text("#answer")
+
+    page.click("[data-example=records]")
+    assert "test it on the first 5 entries" in page.input_value("#prompt")
+    records = page.input_value("#input-text")
+    assert records.count("@record C-") == records.count("@end\n") == 600
+    page.click("#run-button")
+    page.wait_for_selector("#answer-badge.ready")
     expect_clean_console(page)
 
 
-def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+def test_sample_transcript_has_real_timestamps(page: Any, live: LiveServer) -> None:
+    open_page(page, live)
+    page.click("[data-example=summary]")
+    stamps = re.findall(r"^\[(?:(\d+):)?(\d\d):(\d\d)\]", page.input_value("#input-text"), re.MULTILINE)
+    assert len(stamps) == 60
+    seconds = []
+    for hours, minutes, secs in stamps:
+        assert int(minutes) < 60 and int(secs) < 60
+        seconds.append(int(hours or 0) * 3600 + int(minutes) * 60 + int(secs))
+    assert seconds == sorted(seconds) and len(set(seconds)) == 60
+
+
+def test_a_run_without_an_answer_says_what_happened(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Mutants: renderNoAnswer not called for an empty final answer (the placeholder stays); the history tag
+    of a not-ready run with class `finished`; `plural` always adding "s"."""
     with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
         open_page(page, server)
-        page.fill("#prompt", "Summarize the input")
-        page.fill("#input-text", "one\ntwo\nthree\n")
-        page.click("#run-button")
+        page.locator("details.settings summary").click()
+        page.fill("#max-iterations", "1")
+        start_run(page, script({"code": ["print('looking')"]}))
+        status_is(page, "Stopped after 1 iteration without an answer.")
+        assert page.inner_text("#answer-badge") == "No answer"
+        assert "stopped after 1 iteration (the limit) before the model wrote an answer" in page.inner_text("#answer")
+        assert page.inner_text("#usage-root").startswith("1 request\n")
+        tag = page.locator("#history .status-tag").first
+        tag.wait_for()
+        assert tag.inner_text() == "not ready"
+        colours = page.evaluate("""() => {
+            const tag = document.querySelector('#history .status-tag');
+            const other = document.createElement('span');
+            other.className = 'status-tag finished';
+            tag.after(other);
+            return [getComputedStyle(tag).color, getComputedStyle(other).color,
+                    getComputedStyle(tag).backgroundColor, getComputedStyle(other).backgroundColor];
+        }""")
+        assert colours[0] != colours[1] and colours[2] != colours[3]
+    expect_clean_console(page)
+
+
+def test_a_final_note_is_shown_in_place_of_the_answer(page: Any, live: LiveServer) -> None:
+    """The note of a run whose root model wrote no code, through the same handler as live runs and replays.
+    Mutant: HANDLERS.final ignoring `note`."""
+    open_page(page, live)
+    note = "The root model wrote no code in 2 replies. Use a stronger root model, or RLM_ROOT_PROTOCOL=text."
+    page.evaluate("""async (note) => {
+        const { handleEvent } = await import('/render.js');
+        const usage = { requests: 2, input_tokens: 10, output_tokens: 5 };
+        handleEvent({ event: 'start', data: { run_id: 'r1', input: { chars: 0, lines: 0 },
+                                              limits: { max_iterations: 5 } } });
+        handleEvent({ event: 'final', data: { answer: '', ready: false, iterations: 2, note, seq: 9,
+                                              usage: { root: usage, sub: usage }, elapsed_ms: 12 } });
+    }""", note)
+    assert page.inner_text("#answer") == note
+    assert page.inner_text("#status") == ("Stopped after 2 iterations without an answer: see the note in the "
+                                          "Answer panel.")
+    expect_clean_console(page)
+
+
+def test_every_event_type_has_a_handler_live_replay_and_children(page: Any, live: LiveServer) -> None:
+    """Live runs and replays both go through handleEvent, so the handler maps are the page's whole coverage.
+    Mutant: deleting `figure` from HANDLERS (or `answer` from CHILD_HANDLERS) fails it."""
+    schema = json.loads((REPO / "frontend" / "events.schema.json").read_text())
+
+    def types(doc: dict[str, Any]) -> set[str]:
+        names = set()
+        for entry in doc["oneOf"]:
+            definition = doc["$defs"][entry["$ref"].rsplit("/", 1)[1]]
+            names.add(definition["properties"]["type"]["const"])
+        return names
+
+    shipped = types(schema)
+    assert shipped == types(TypeAdapter(Event).json_schema()), "regenerate frontend/events.schema.json"
+    open_page(page, live)
+    handled = page.evaluate("""async () => {
+        const { HANDLERS, CHILD_HANDLERS } = await import('/render.js');
+        return { run: Object.keys(HANDLERS), child: Object.keys(CHILD_HANDLERS) };
+    }""")
+    assert set(handled["run"]) == shipped
+    # a child's own events arrive as `child` events of the root's stream, never nested in one another
+    assert set(handled["child"]) == shipped - {"child"}
+
+
+def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Mutants: showRunActions not called when a live run ends (no Export after a live run); the history
+    list reading `prompt` and ignoring `prompt_preview`."""
+
+    def with_previews(route: Any) -> None:
+        response = route.fetch()
+        listing = response.json()
+        for run in listing["runs"]:
+            run["prompt_preview"] = "PREVIEW " + run["prompt"][:9]
+        route.fulfill(response=response, json=listing)
+
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        page.route(f"{server.url}/api/runs", with_previews)
+        open_page(page, server)
+        page.locator("details.settings summary").click()
+        page.check("#keep-input")
+        start_run(page, "Summarize the input", "one\ntwo\nthree\n")
         page.wait_for_selector("#answer-badge.ready")
         live_log = page.inner_text("#log")
         live_answer = page.inner_html("#answer")
         live_usage = page.inner_text("#usage-root")
+        page.wait_for_selector("#export-md:not([hidden])")  # the run just finished, not only reopened ones
+        with page.expect_download() as download:
+            page.click("#download-input")
+        assert Path(download.value.path()).read_text() == "one\ntwo\nthree\n"
+        with page.expect_download() as download:
+            page.click("#export-md")
+        assert download.value.suggested_filename.endswith(".md")
         page.wait_for_selector("#history li button")
+        assert page.inner_text("#history .what") == "PREVIEW Summarize"
         page.click("[data-example=summary]")  # change the page before replaying
         page.locator("#history li button").first.click()
-        page.wait_for_function("document.getElementById('status').textContent.startsWith('Replayed run')")
+        status_is(page, "Replayed run", starts=True)
         assert page.inner_text("#log") == live_log
         assert page.inner_html("#answer") == live_answer
         assert page.inner_text("#usage-root") == live_usage
         assert page.input_value("#prompt") == "Summarize the input"
-        with page.expect_download() as download:
-            page.click("#export-md")
-        assert download.value.suggested_filename.endswith(".md")
+        assert page.is_visible("#download-input")
         page.once("dialog", lambda dialog: dialog.accept())
         page.click("#delete-run")
-        page.wait_for_function("document.getElementById('status').textContent === 'Run deleted.'")
-        page.wait_for_function("document.querySelectorAll('#history li').length === 0")
+        status_is(page, "Run deleted.")
+        page.wait_for_function("() => document.querySelectorAll('#history li').length === 0")
+        assert page.is_hidden("#export-md") and page.is_hidden("#download-input")
     expect_clean_console(page)
 
 
@@ -301,8 +517,7 @@ def test_child_runs_fold_under_the_cell_that_started_them(page: Any, fake: FakeO
                     {"code": ["answer.update(content='child says ' + r, ready=True)"]})
     with LiveServer(make_settings(fake, rlm_max_depth=2)) as server:
         open_page(page, server)
-        page.fill("#prompt", prompt)
-        page.click("#run-button")
+        start_run(page, prompt)
         page.wait_for_selector("#answer-badge.ready")
         fold = page.locator(".card[data-iteration='1'] details.child")
         assert fold.count() == 1
