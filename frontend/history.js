@@ -26,7 +26,7 @@ function renderHistory(runs, append) {
     const button = el("button");
     button.type = "button";
     button.dataset.runId = run.id;
-    const preview = run.prompt_preview ?? run.prompt ?? "";
+    const preview = run.prompt_preview || "";  // the list carries previews; openRun loads the whole run
     const when = el("span", "when", new Date(run.created * 1000).toLocaleString());
     when.append(statusTag(run));
     button.append(el("span", "what", preview.trim() || "(no prompt)"), when);
