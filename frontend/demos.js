@@ -14,6 +14,16 @@ function random(seed) {
 }
 
 const pick = (rand, items) => items[Math.floor(rand() * items.length)];
+
+/** `k` different items, in random order (a partial Fisher–Yates shuffle). */
+function sample(rand, items, k) {
+  const copy = [...items];
+  for (let i = 0; i < k; i += 1) {
+    const j = i + Math.floor(rand() * (copy.length - i));
+    [copy[i], copy[j]] = [copy[j], copy[i]];
+  }
+  return copy.slice(0, k);
+}
 const pad = (n, width = 2) => String(n).padStart(width, "0");
 
 /** A normally distributed number (Box–Muller). */
@@ -59,116 +69,122 @@ function transcript() {
   return lines.join("\n");
 }
 
-// ---------------------------------------------------------------- demo 1: a large server log
+// The three demos are the command line's (backend/rlm_service/demos.py, `rlm-service sample NAME`): the
+// same tasks and the same kinds of data, made here so that the page needs nothing but a click.
 
-const SERVICES = ["api", "auth", "db", "worker", "cache", "billing"];
-const PATHS = ["/v1/orders", "/v1/users", "/v1/search", "/v1/cart", "/v1/invoices"];
+// ---------------------------------------------------------------- demo 1: a large service log
 
-/** About 1 MB of one day's logs from six services, with three incidents to find. */
-export function serverLog(lines = 12600) {
+const SERVICES = ["checkout-api", "auth", "search", "inventory", "payments", "mailer"];
+const PATHS = ["/api/cart", "/api/login", "/api/search?q=shoes", "/api/items/42", "/api/pay", "/api/orders"];
+const hex32 = (rand) => Math.floor(rand() * 2 ** 32).toString(16).padStart(8, "0");
+const between = (rand, low, high) => low + Math.floor(rand() * (high - low + 1));
+
+/** A day of a service's log (1.6 MB), with four incidents a summary should find: a database outage on the
+ * checkout path, a burst of payment-provider timeouts, a bad deploy of search that a rollback fixed, and a
+ * disk filling up on the mailer. */
+export function serviceLog(lines = 20000) {
   const rand = random(42);
-  const start = Date.UTC(2025, 2, 14, 0, 0, 0);
-  let ms = 0;
+  const start = Date.UTC(2025, 2, 14);
+  const step = 86400 / lines;
   const out = [];
-  for (let i = 0; i < lines; i += 1) {
-    ms += 1000 + Math.floor(rand() * 12000);
-    const when = new Date(start + ms).toISOString().replace(/\.\d+Z$/, "Z");
-    const phase = i / lines;
-    let level = "INFO";
-    let service = pick(rand, SERVICES);
-    let message;
-    if (phase > 0.31 && phase < 0.35 && rand() < 0.6) {
-      [level, service] = ["ERROR", "db"];
-      message = `connection pool exhausted (${40 + Math.floor(rand() * 10)}/40 in use), waited ${
-        2000 + Math.floor(rand() * 3000)}ms`;
-    } else if (phase > 0.58 && phase < 0.6 && rand() < 0.5) {
-      [level, service] = ["WARN", "auth"];
-      message = `failed login for user=admin from 203.0.113.${Math.floor(rand() * 8)} (attempt ${
-        Math.floor(rand() * 500)})`;
-    } else if (phase > 0.8 && phase < 0.86 && rand() < 0.45) {
-      [level, service] = ["ERROR", "billing"];
-      message = `payment provider timeout after 30000ms, invoice=INV-${pad(Math.floor(rand() * 99999), 5)} retried`;
-    } else if (i === Math.floor(lines * 0.5)) {
-      [level, service] = ["INFO", "worker"];
-      message = "deploy v2.14.0 started by ci; rolling restart of 12 pods";
-    } else if (rand() < 0.03) {
-      level = "WARN";
-      message = `slow request ${pick(rand, PATHS)} took ${800 + Math.floor(rand() * 2000)}ms`;
+  for (let index = 0; index < lines; index += 1) {
+    const at = new Date(start + (index * step + rand() * step) * 1000);
+    const hour = at.getUTCHours() + at.getUTCMinutes() / 60;
+    const stamp = at.toISOString();
+    const request = `req=${hex32(rand)}`;
+    if (hour >= 9.5 && hour < 10.25 && rand() < 0.6) {
+      out.push(`${stamp} ERROR checkout-api ${request} db: connection pool exhausted (50/50 in use), waited ${
+        between(rand, 5000, 30000)}ms`);
+    } else if (hour >= 14 && hour < 14.5 && rand() < 0.4) {
+      out.push(`${stamp} WARN  payments ${request} provider timeout after 10000ms, retry ${between(rand, 1, 3)}/3`);
+    } else if (hour >= 17 && hour < 17.75 && rand() < 0.5) {
+      out.push(`${stamp} ERROR search ${request} NullPointerException in RankingV2.score (build 2025.03.14-2)`);
+    } else if (hour >= 21 && rand() < 0.05) {
+      out.push(`${stamp} WARN  mailer disk /var/spool at ${Math.min(99, Math.floor(80 + (hour - 21) * 6))}% full`);
+    } else if (rand() < 0.002) {
+      out.push(`${stamp} INFO  deploy ${pick(rand, SERVICES)} build 2025.03.14-${between(rand, 1, 3)} rolled out`);
     } else {
-      const status = rand() < 0.97 ? 200 : pick(rand, [201, 204, 404, 409]);
-      message = `request ${pick(rand, ["GET", "GET", "GET", "POST"])} ${pick(rand, PATHS)}/${
-        Math.floor(rand() * 9000)} ${status} ${5 + Math.floor(rand() * 120)}ms user=u${pad(Math.floor(rand() * 5000), 4)}`;
+      const draw = rand();
+      const status = draw < 0.8 ? 200 : draw < 0.85 ? 201 : draw < 0.93 ? 304 : draw < 0.99 ? 404 : 500;
+      const ms = Math.max(1, Math.floor(Math.exp(gaussian(rand, 3.5, 0.6))));
+      out.push(`${stamp} ${status === 500 ? "ERROR" : "INFO "} ${pick(rand, SERVICES)} ${request} ${
+        pick(rand, ["GET", "POST"])} ${pick(rand, PATHS)} ${status} ${ms}ms`);
     }
-    out.push(`${when} ${level.padEnd(5)} ${service.padEnd(7)} ${message}`);
+    if (index === Math.floor((lines * 71) / 100)) out.push(`${stamp} INFO  deploy search build 2025.03.14-2 rolled out`);
+    if (index === Math.floor((lines * 74) / 100)) out.push(`${stamp} INFO  deploy search rolled back to build 2025.03.14-1`);
   }
   return `${out.join("\n")}\n`;
 }
 
 // ---------------------------------------------------------------- demo 2: numbers scattered in text
 
-const PLACES = ["river bend", "old bridge", "weir", "north meadow", "mill race", "ferry steps"];
-const BIRDS = ["gulls", "herons", "ducks", "cormorants"];
-
-/** Field notes where the water levels (in cm) hide among days, times, stations, counts and wind speeds. */
-export function fieldNotes(notes = 400) {
-  const rand = random(2024);
-  const out = [];
-  for (let i = 0; i < notes; i += 1) {
-    const day = 1 + Math.floor(i / 8);
-    const time = `${pad(6 + Math.floor(rand() * 12))}:${pad(Math.floor(rand() * 60))}`;
-    const station = 1 + Math.floor(rand() * 9);
-    const level = gaussian(rand, 48, 11).toFixed(1);
-    const count = Math.floor(rand() * 14);
-    const wind = Math.floor(rand() * 35);
-    const place = pick(rand, PLACES);
-    const templates = [
-      `Day ${day}, ${time}: station ${station} (${place}) shows a water level of ${level} cm; ${count} ${
-        pick(rand, BIRDS)} on the bank, wind ${wind} km/h.`,
-      `${time} on day ${day}. Measured ${level} cm at station ${station} near the ${place}. Counted ${count} ${
-        pick(rand, BIRDS)}. Gusts up to ${wind} km/h.`,
-      `Station ${station}, day ${day} (${time}): gauge reads ${level} cm. Wind ${wind} km/h from the west, ${count} ${
-        pick(rand, BIRDS)} seen by the ${place}.`,
-    ];
-    out.push(pick(rand, templates));
-  }
-  return out.join("\n");
-}
-
-// ---------------------------------------------------------------- demo 3: a custom record format
-
-const FIRST = ["Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Margaret", "Tim"];
-const LAST = ["Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Allen", "Thompson", "Hamilton", "Peters"];
-const TAGS = ["vip", "newsletter", "reseller", "trial", "churned", "eu"];
-const NOTES = [
-  "Prefers letters; phone: none.",
-  "Asked about \"bulk pricing\" = yes.",
-  "Renewal due; see @end of contract, clause 4.",
-  "Moved offices.\n  New address pending = ask again in May.",
+const PLACES = ["the Lisbon edge", "the Frankfurt cluster", "the Oregon replica", "the Tokyo cache", "the on-call laptop"];
+const SENTENCES = [
+  (v) => `At ${v.clock} a request through ${v.place} took ${v.value} ms, and ${v.count} others queued behind it.`,
+  (v) => `The probe from ${v.place} came back in ${v.value} ms (attempt ${v.count}).`,
+  (v) => `Someone on the team noted at ${v.clock} that ${v.place} answered in ${v.value} ms.`,
+  (v) => `${v.count} users reported slowness; the trace shows ${v.value} ms spent in ${v.place}.`,
+  (v) => `Nothing unusual at ${v.clock}: ${v.place} replied after ${v.value} ms.`,
+];
+const FILLER = [
+  "The weather was calm and the release train left on time.",
+  "Coffee ran out on the third floor around noon.",
+  "Ticket 4411 was closed as a duplicate of ticket 3920.",
+  "The dashboards were redrawn twice because of a browser update.",
 ];
 
-/** Customer records in an export format no library reads, with the usual traps of such formats. */
-export function customerRecords(records = 600) {
-  const rand = random(1815);
-  const out = ["# exported 2025-03-14 by crm-tool 2.3", "# one @record block per customer; fields are `key = value`", ""];
-  for (let i = 1; i <= records; i += 1) {
-    const first = pick(rand, FIRST);
-    const last = pick(rand, LAST);
-    const quoted = rand() < 0.1 ? `${first} \\"${pick(rand, ["Bud", "Doc", "Ace"])}\\" ${last}` : `${first} ${last}`;
-    const tags = TAGS.filter(() => rand() < 0.22);
-    const cents = Math.floor(gaussian(rand, 60000, 90000));
-    const amount = (Math.abs(cents) / 100).toLocaleString("en-US", { minimumFractionDigits: 2 });
-    const block = [`@record C-${pad(i, 4)}`, `  name    = "${quoted}"`];
-    if (rand() > 0.08) block.push(`  email   = ${first.toLowerCase()}.${last.toLowerCase()}${i}@example.org`);
-    block.push(`  joined  = ${2015 + Math.floor(rand() * 10)}-${pad(1 + Math.floor(rand() * 12))}-${
-      pad(1 + Math.floor(rand() * 28))}`);
-    block.push(`  tags    =${tags.length ? ` ${tags.join(" | ")}` : ""}`);
-    block.push(`  balance = ${cents < 0 ? `(${amount})` : amount} EUR`);
-    if (rand() < 0.3) block.push("  note    = <<<", `  ${pick(rand, NOTES)}`, "  >>>");
-    block.push("@end");
-    if (rand() < 0.05) block.push("# checked by the importer");
-    out.push(...block, "");
+/** Prose notes with `count` response times in them (the numbers followed by "ms"), from two populations
+ * (fast cached answers and slow uncached ones); times of day, counts and ticket numbers are not. */
+export function responseNotes(count = 600) {
+  const rand = random(2024);
+  const out = [];
+  for (let i = 0; i < count; i += 1) {
+    const value = rand() < 0.65 ? gaussian(rand, 120, 18) : gaussian(rand, 310, 45);
+    const clock = `${pad(between(rand, 0, 23))}:${pad(between(rand, 0, 59))}`;
+    out.push(pick(rand, SENTENCES)({ clock, place: pick(rand, PLACES), value: Math.max(value, 5).toFixed(1),
+      count: between(rand, 2, 40) }));
+    if (rand() < 0.3) out.push(pick(rand, FILLER));
   }
-  return out.join("\n");
+  const paragraphs = [];
+  for (let i = 0; i < out.length; i += 6) paragraphs.push(out.slice(i, i + 6).join(" "));
+  return `${paragraphs.join("\n\n")}\n`;
+}
+
+// ---------------------------------------------------------------- demo 3: records in a made-up format
+
+const FIRST = ["Mara", "Tomas", "Ines", "Kofi", "Yuki", "Lena", "Omar", "Priya", "Jonas", "Ada"];
+const LAST = ["Ellison", "Reyes", "Okafor", "Tanaka", "Lindqvist", "Haddad", "Rao", "Novak", "Byrne", "Costa"];
+const WORDS = ["Quiet", "Harbour", "Glass", "River", "Winter", "Cartographer", "Salt", "Orchard", "Signal", "Lantern",
+  "Paper", "Atlas", "Night", "Garden", "Iron", "Letters"];
+
+/** `count` book records: a header and an END line around `Key:: value` lines whose keys come in any case;
+ * authors separated by ";"; a year with an optional edition, "1987 (2. ed.)"; a price in euros with a
+ * decimal comma; optional fields left out; notes that go on over indented lines and may contain "::"
+ * themselves; one or two blank lines between records. */
+export function bookRecords(count = 400) {
+  const rand = random(1815);
+  const key = (name) => pick(rand, [name, name.toUpperCase(), name.toLowerCase()]);
+  const person = () => `${pick(rand, FIRST)} ${pick(rand, LAST)}`;
+  const blocks = [];
+  for (let number = 1; number <= count; number += 1) {
+    let title = (rand() < 0.4 ? "The " : "") + sample(rand, WORDS, between(rand, 1, 3)).join(" ");
+    if (rand() < 0.15) title += `: ${pick(rand, WORDS)} and ${pick(rand, WORDS)}`;
+    const authorCount = rand() < 0.7 ? 1 : rand() < 0.83 ? 2 : 3;
+    const authors = Array.from({ length: authorCount }, person);
+    const edition = rand() < 0.2 ? ` (${between(rand, 2, 5)}. ed.)` : "";
+    const lines = [`=== BOOK #${pad(number, 4)} ===`, `${key("Title")}:: ${title}`,
+      `${key("By")}:: ${authors.join("; ")}`, `${key("Year")}:: ${between(rand, 1890, 2024)}${edition}`];
+    if (rand() < 0.7) lines.push(`${key("Price")}:: €${(4 + rand() * 56).toFixed(2).replace(".", ",")}`);
+    lines.push(`${key("Shelf")}:: ${pick(rand, [..."ABCDEFG"])}-${between(rand, 1, 30)}/${between(rand, 1, 9)}`);
+    if (rand() < 0.35) {
+      lines.push(`${key("Notes")}:: ${rand() < 0.5 ? `Signed copy; ${pick(rand, WORDS).toLowerCase()} on the cover.`
+        : "Key:: value pairs in the notes are part of the notes."}`);
+      if (rand() < 0.5) lines.push(`    Donated by ${person()}.`);
+    }
+    lines.push("=== END ===");
+    blocks.push(lines.join("\n") + "\n".repeat(rand() < 0.5 ? 1 : 2));
+  }
+  return blocks.join("\n");
 }
 
 // ---------------------------------------------------------------- the examples the page offers
@@ -179,21 +195,19 @@ export const EXAMPLES = {
     text: transcript(),
   }),
   log: () => ({
-    prompt: "This is one day of server logs. Chunk it into 20 parts and summarise them in parallel (one " +
-      "llm_batch over the 20 chunks), then combine the summaries: what happened during the day, which " +
-      "incidents there were, when each started and ended, and which services they affected.",
-    file: new File([serverLog()], "server.log", { type: "text/plain" }),
+    prompt: "Chunk this log into 20 parts and summarise them in parallel (one llm_batch), then combine the " +
+      "summaries into one report: what happened over the day, when, and which errors were most frequent.",
+    file: new File([serviceLog()], "app.log", { type: "text/plain" }),
   }),
   numbers: () => ({
-    prompt: "These field notes mention many numbers. Find every water-level reading (the values in cm), " +
-      "compute their mean and standard deviation, and plot the distribution as a histogram.",
-    text: fieldNotes(),
+    prompt: "Find every response time (the numbers in ms) in this text, give their mean and standard " +
+      "deviation, and plot their distribution.",
+    text: responseNotes(),
   }),
   records: () => ({
-    prompt: "These are customer records in a custom export format that no library reads. Write a parser for " +
-      "it, test it on the first 5 entries against what you read yourself, and fix it until it is 100% " +
-      "accurate. Then parse every record and report how many there are, how many carry each tag, the total " +
-      "balance, and any record that does not fit the format.",
-    text: customerRecords(),
+    prompt: "Write a parser for these book records, test it on the first 5 entries, and fix it until it is " +
+      "100% accurate on them; then parse all of them and report how many there are, how many distinct " +
+      "authors, and the five fullest shelves.",
+    text: bookRecords(),
   }),
 };

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
+from rlm_service.demos import DEMOS
 from rlm_service.events import Event
 from tests.browser import browser_fixture, expect_clean_console, open_page, page_fixture, start_run, status_is  # noqa: F401  (fixtures, used by name)
 from tests.conftest import REPO, LiveServer, make_settings, script, wait_until, worker_processes
@@ -348,34 +349,35 @@ def test_text_contrast_meets_wcag_aa(page: Any, live: LiveServer) -> None:
 
 
 def test_the_three_demos_run_in_one_click_each(page: Any, live: LiveServer) -> None:
-    """Each demo fills the task and makes its own sample data; each runs to a ready answer."""
+    """Each demo fills the command line's task (rlm_service.demos) and makes its own sample data of the same
+    kind; each runs to a ready answer."""
     open_page(page, live)
     page.click("[data-example=log]")
-    assert "Chunk it into 20 parts" in page.input_value("#prompt")
-    assert page.inner_text("#file-name") == "server.log"
-    assert page.is_visible("#pane-file")
+    assert page.input_value("#prompt") == DEMOS["log"].prompt
+    assert page.inner_text("#file-name") == "app.log" and page.is_visible("#pane-file")
     size = page.inner_text("#file-size")
-    assert re.fullmatch(r"\((0\.9|1\.\d) MB\)", size), size
+    assert re.fullmatch(r"\(1\.\d MB\)", size), size
     page.click("#run-button")
     page.wait_for_selector("#answer-badge.ready")
     assert page.get_attribute(".progress", "data-total") == "4"  # the fake root model splits into 4
-    assert "lines" in page.inner_text("#run-meta")
+    assert "20,00" in page.inner_text("#run-meta")  # 20,000 lines and the two deploy lines
 
     page.click("[data-example=numbers]")
-    assert "mean and standard deviation" in page.input_value("#prompt")
+    assert page.input_value("#prompt") == DEMOS["numbers"].prompt
     assert page.is_hidden("#file-info") and page.is_visible("#pane-paste")
     notes = page.input_value("#input-text")
-    readings = re.findall(r"(-?\d+\.\d) cm", notes)
-    assert len(readings) == 400 and len(re.findall(r"\d+", notes)) > 5 * len(readings)
+    times = re.findall(r"(\d+\.\d) ms", notes)
+    assert len(times) == 600 and len(re.findall(r"\d+", notes)) > 3 * len(times)
     page.click("#run-button")
     page.wait_for_selector("#answer-badge.ready", timeout=30000)
     assert page.evaluate("document.querySelector('.card img.figure').naturalWidth") > 100
     assert "standard deviation" in page.inner_text("#answer")
 
     page.click("[data-example=records]")
-    assert "test it on the first 5 entries" in page.input_value("#prompt")
+    assert page.input_value("#prompt") == DEMOS["records"].prompt
     records = page.input_value("#input-text")
-    assert records.count("@record C-") == records.count("@end\n") == 600
+    assert records.count("=== BOOK #") == records.count("=== END ===") == 400
+    assert re.search(r"^(TITLE|title|Title):: ", records, re.MULTILINE) and "    Donated by " in records
     page.click("#run-button")
     page.wait_for_selector("#answer-badge.ready")
     expect_clean_console(page)
