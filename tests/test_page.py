@@ -421,22 +421,21 @@ def test_a_run_without_an_answer_says_what_happened(page: Any, fake: FakeOpenAI,
     expect_clean_console(page)
 
 
-def test_a_final_note_is_shown_in_place_of_the_answer(page: Any, live: LiveServer) -> None:
-    """The note of a run whose root model wrote no code, through the same handler as live runs and replays.
-    Mutant: HANDLERS.final ignoring `note`."""
-    open_page(page, live)
-    note = "The root model wrote no code in 2 replies. Use a stronger root model, or RLM_ROOT_PROTOCOL=text."
-    page.evaluate("""async (note) => {
-        const { handleEvent } = await import('/render.js');
-        const usage = { requests: 2, input_tokens: 10, output_tokens: 5 };
-        handleEvent({ event: 'start', data: { run_id: 'r1', input: { chars: 0, lines: 0 },
-                                              limits: { max_iterations: 5 } } });
-        handleEvent({ event: 'final', data: { answer: '', ready: false, iterations: 2, note, seq: 9,
-                                              usage: { root: usage, sub: usage }, elapsed_ms: 12 } });
-    }""", note)
-    assert page.inner_text("#answer") == note
-    assert page.inner_text("#status") == ("Stopped after 2 iterations without an answer: see the note in the "
-                                          "Answer panel.")
+def test_a_final_note_is_shown_in_place_of_the_answer(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A root model that writes no code: the run's note takes the answer's place, live and replayed.
+    Mutant: HANDLERS.final ignoring `note` (the page's own no-answer text shows instead)."""
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        open_page(page, server)
+        start_run(page, script({"text": "I would rather talk about it.", "code": []}))
+        page.wait_for_selector("#answer-badge.none")
+        note = page.inner_text("#answer")
+        assert note.startswith("The root model wrote no code in 2 replies") and "RLM_ROOT_PROTOCOL=text" in note
+        assert page.inner_text("#status") == ("Stopped after 2 iterations without an answer: see the note in the "
+                                              "Answer panel.")
+        assert "I would rather talk about it." in page.inner_text("#log")  # the model's text stays its thought
+        page.locator("#history li button").first.click()
+        status_is(page, "Replayed run", starts=True)
+        assert page.inner_text("#answer") == note
     expect_clean_console(page)
 
 
