@@ -344,3 +344,75 @@ print(kinds)
     started = time.monotonic()
     server.assert_healthy()
     assert time.monotonic() - started < 20  # a new worker came without waiting for a stolen wake-up
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    """A server with small per-run limits: 512 MB a process, 4 processes and threads, 200 MB of files."""
+    with spawn_server(tmp_path_factory.mktemp("tight"), KEY, RLM_EXEC_TIMEOUT_S="20", RLM_WORKER_MEMORY_MB="512",
+                      RLM_WORKER_PROCESSES="4", RLM_WORKER_DISK_MB="200") as real:
+        yield real
+
+
+def test_a_runs_processes_are_capped_so_its_memory_is(tight: RealServer) -> None:
+    """A cell forks up to 20 children that take 100 MB each. With RLM_WORKER_PROCESSES=4 at most four
+    start, so the run's code holds at most 5 × RLM_WORKER_MEMORY_MB. Today a worker could start 256 (the
+    issue: 20 children of a 512 MB worker held 3.9 GB). Mutant: `processes + 256` in `set_limits` → 20."""
+    cell = """
+import os, time
+children, refused = [], None
+for _ in range(20):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        refused = type(exc).__name__
+        break
+    if pid == 0:
+        held = b'x' * 100_000_000
+        time.sleep(60)
+        os._exit(0)
+    children.append(pid)
+time.sleep(1)
+rss = 0
+for pid in [os.getpid(), *children]:
+    with open(f'/proc/{pid}/status') as status:
+        rss += next(int(line.split()[1]) for line in status if line.startswith('VmRSS'))
+print(len(children), refused, rss // 1024)
+"""
+    events = tight.run(cell)
+    count, refused, rss_mb = outputs(events)[0]["stdout"].split()
+    assert int(count) <= 4 and refused == "BlockingIOError", outputs(events)[0]
+    assert int(rss_mb) <= 5 * 512
+    tight.assert_healthy()
+
+
+def test_a_cell_that_fills_the_disk_is_stopped_and_its_files_go(tight: RealServer) -> None:
+    """With RLM_WORKER_DISK_MB=200 a cell writes 50 MB files, 2 GB in all. The server walks the run's
+    directory four times a second: past 200 MB it stops the worker, deletes the files and says why in the
+    error of the cell it stopped (that one, or the next if the writer finished first); a run alongside goes
+    on. Today nothing stopped it but a full disk (the issue: another run failed). Mutant: do not start
+    `_watch_disk` → every cell succeeds and the files stay."""
+    fill = """
+block = b'x' * 50_000_000
+for n in range(40):
+    with open(f'part{n}.bin', 'wb') as f:
+        f.write(block)
+"""
+    alongside: dict[str, list[SseEvent]] = {}
+    other = threading.Thread(target=lambda: alongside.update(events=tight.run("print(len(context))")))
+    other.start()
+    events = tight.run(fill, "import time\ntime.sleep(2)", "import os\nprint(sorted(os.listdir('.')))")
+    other.join(60)
+    first, second, third = outputs(events)[:3]
+    stopped = next(output["error"] for output in (first, second) if output["error"])
+    assert "DiskLimit" in stopped and "RLM_WORKER_DISK_MB is 200 MB" in stopped and "deleted" in stopped, stopped
+    assert third["stdout"] == "[]\n" and events[-1].event == "final"
+    assert alongside["events"][-1].event == "final"
+    assert outputs(alongside["events"])[0]["stdout"] == "9\n"
+    tight.assert_healthy()
+
+
+def test_one_file_cannot_pass_the_disk_cap(tight: RealServer) -> None:
+    events = tight.run("open('big.bin', 'wb').write(b'x' * 300_000_000)")
+    assert "File too large" in outputs(events)[0]["error"]
+    tight.assert_healthy()

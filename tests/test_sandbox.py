@@ -55,6 +55,7 @@ ATTACKS = textwrap.dedent("""
         "sigqueue victim thread": call("rt_sigqueueinfo", victim_thread, 0, info),
         "tgsigqueue victim": call("rt_tgsigqueueinfo", victim, victim_thread, 0, info),
         "pidfd victim": call("pidfd_open", victim, 0),
+        "pidfd victim thread": call("pidfd_open", victim_thread, os.O_EXCL),
         "pidfd_send_signal": call("pidfd_send_signal", 0, 0, None, 0),
         "pidfd_getfd": call("pidfd_getfd", 0, 0, 0),
         "prlimit victim": call("prlimit64", victim, 7, None, limits),
@@ -126,6 +127,7 @@ def test_a_worker_with_other_confinement_may_still_signal_its_children_but_never
                  "name_to_handle_at", "open_by_handle_at", "kcmp", "socket"):
         assert results[name] in ("Operation not permitted", "Permission denied"), (name, results[name])
     assert results["kill victim thread"] == "ok"  # the kernel, not this filter, stops that in this mode
+    assert results["pidfd victim thread"] == "ok"
     assert all(outcome == "ok" for name, outcome in results.items() if name.startswith("ok:")), results
 
 

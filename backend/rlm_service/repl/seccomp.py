@@ -14,7 +14,8 @@ The first rule that matches decides:
   the zygote), never to another process group (-1 is everyone). With `strict_signals` (a worker that
   shares the server's uid where Landlock does not scope signals) only to the worker's own process or
   group: any other pid could be a thread of the server, and `kill` with a thread id stops the whole server;
-- `pidfd_open` of a protected pid is refused (`pidfd_send_signal` and `pidfd_getfd` always are);
+- `pidfd_open` of a protected pid is refused, and with `strict_signals` of any pid but the worker's own
+  (`pidfd_send_signal` and `pidfd_getfd` always are);
 - calls that act on a process named by pid (`prlimit64`, `sched_set*`, `migrate_pages`, `move_pages`,
   `setpriority`, `ioprio_set`) may act only on the worker itself, or its group: a process of the same uid
   could otherwise lower the server's limits or priority.
@@ -179,9 +180,12 @@ def build_seccomp_filter(*, network: bool, protected_pids: list[int], strict_sig
     after = program.when_syscall(numbers["pidfd_open"])
     program.load(_arg(0))
     allowed, refused = program.label(), program.label()
-    for pid in protected_pids:
-        program.jump(_JMP_JEQ, pid, refused)
-    program.goto(allowed)
+    if strict_signals:
+        program.jump(_JMP_JEQ, own, allowed, refused)
+    else:
+        for pid in protected_pids:
+            program.jump(_JMP_JEQ, pid, refused)
+        program.goto(allowed)
     program.allow_or(eperm, allowed, refused)
     program.place(after)
 
