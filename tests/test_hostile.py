@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 
 from tests.conftest import RealServer, SseEvent, spawn_server, wait_until, worker_processes
+from tests.fake_openai import default_sub_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-hostile-test-key-0123456789"
@@ -30,6 +35,55 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
 
 def outputs(events: list[SseEvent]) -> list[dict[str, Any]]:
     return [event.data for event in events if event.event == "output"]
+
+
+@dataclass
+class HealthWatch:
+    """The slowest `/health` answer seen while the watch ran (one request after another, one connection)."""
+
+    slowest: float = 0.0
+    answers: int = 0
+
+
+@contextmanager
+def health_watch(server: RealServer) -> Iterator[HealthWatch]:
+    """Ask `/health` over and over in a thread while the block runs; a request that took longer than its
+    timeout counts as that long."""
+    watch = HealthWatch()
+    stop = threading.Event()
+
+    def probe() -> None:
+        with httpx2.Client(timeout=10) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.get(f"{server.url}/health").raise_for_status()
+                except httpx2.HTTPError:
+                    pass
+                watch.slowest = max(watch.slowest, time.monotonic() - started)
+                watch.answers += 1
+                stop.wait(0.02)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        thread.join(15)
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+CHANNEL = """
+import os, socket, stat
+channel = next(fd for fd in sorted(map(int, os.listdir('/proc/self/fd')))
+               if fd > 2 and os.path.exists(f'/proc/self/fd/{fd}') and stat.S_ISSOCK(os.fstat(fd).st_mode))
+raw = socket.socket(fileno=os.dup(channel))
+"""
 
 
 def test_infinite_loop_is_stopped(server: RealServer) -> None:
@@ -194,3 +248,171 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_a_flood_on_the_channel_neither_freezes_nor_fills_the_server(server: RealServer) -> None:
+    """A cell writes one 150 MB message of `[],[],…` straight to its channel. Today's server read messages
+    of up to 512 MiB whole and parsed them with json.loads on the event loop: /health stalled for a
+    minute, the server took gigabytes and the cell's timeout fired late. Now the head's announced size is
+    refused before anything is read: the worker is replaced, the model is told, the run goes on.
+    Mutant: raise protocol.MAX_HEAD_BYTES to 512 MiB → /health stalls and the server's peak memory grows."""
+    flood = CHANNEL + """
+body = b'[' + b'[],' * 50_000_000 + b'[]]'
+raw.sendall(len(body).to_bytes(4, 'big') + body)
+"""
+    server.assert_healthy()  # a server's first run builds what later runs reuse: not part of the watch
+    peak_before = peak_rss(server.pid)
+    with health_watch(server) as watch:
+        events = server.run(flood, "print('after the flood', len(context))")
+    first, second = outputs(events)[:2]
+    assert "ProtocolError" in first["error"] and "replaced" in first["error"], first["error"]
+    assert first["duration_ms"] < 15_000
+    assert second["stdout"] == "after the flood 9\n" and events[-1].event == "final"
+    assert watch.answers > 0 and watch.slowest < 0.1, watch
+    assert peak_rss(server.pid) - peak_before < 100 * 2**20
+    server.assert_healthy()
+
+
+def test_requests_in_flight_hold_a_bounded_share_of_the_server(server: RealServer) -> None:
+    """Eight threads of one cell each call llm_query with a 15 MB prompt while the sub-model takes a second to
+    answer. The server holds at most 64 MiB of one run's prompts at a time (four of them): the rest wait,
+    unread, in the worker. Today's server read them all at once. Mutant: a budget of 2**40 bytes in
+    SubprocessRepl → eight sub-calls in flight."""
+    cell = """
+import threading
+replies = []
+def ask(n):
+    replies.append(llm_query(str(n) * 15_000_000))
+threads = [threading.Thread(target=ask, args=(n,)) for n in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(replies), all(r.startswith('sub-model reply') for r in replies))
+"""
+    replied: list[float] = []
+
+    def sub(prompt: str) -> str:
+        replied.append(time.monotonic())  # just before the reply is sent
+        return default_sub_reply(prompt)
+
+    server.fake.sub, server.fake.sub_latency = sub, 1.0
+    server.fake.stats.request_times.clear()
+    try:
+        events = server.run(cell)
+    finally:
+        server.fake.sub, server.fake.sub_latency = default_sub_reply, 0.0
+        server.fake.stats.sub_prompts.clear()
+    output = outputs(events)[0]
+    assert output["stdout"] == "8 True\n", (output["error"], output["duration_ms"])
+    started_before_a_reply = [t for t in server.fake.stats.request_times if t < min(replied)]
+    assert len(started_before_a_reply) <= 1 + 4  # the root's first turn, and four prompts of 15 MB
+    server.assert_healthy()
+
+
+def test_a_too_large_llm_batch_is_refused_in_the_cell(server: RealServer) -> None:
+    events = server.run("llm_batch(['x' * 17_000_000])", "llm_batch(['y' * 10_000_000] * 7)")
+    first, second = outputs(events)[:2]
+    assert "ValueError" in first["error"] and "at most 16,777,216 bytes" in first["error"]
+    assert "split it into several calls" in second["error"]
+    server.assert_healthy()
+
+
+def test_a_worker_holds_only_its_channel_and_standard_streams(server: RealServer) -> None:
+    """A cell lists its descriptors and uses every pipe it holds but its stderr as the zygote's wake-up
+    pipe would be used (steal a wake-up, then write one). Today's workers inherited that pipe: stealing
+    its wake-ups could block the zygote and every later run's worker. Mutant: drop the closerange in
+    `zygote._child` → the listing shows the pipe."""
+    cell = """
+import os, stat
+kinds = {}
+for fd in sorted(map(int, os.listdir('/proc/self/fd'))):
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        continue  # the listing's own descriptor, closed by now
+    kinds[fd] = 'socket' if stat.S_ISSOCK(mode) else 'pipe' if stat.S_ISFIFO(mode) else 'device'
+    if stat.S_ISFIFO(mode) and fd > 2:
+        os.set_blocking(fd, False)
+        for use in (lambda: os.read(fd, 4096), lambda: os.write(fd, b'x')):
+            try:
+                use()
+            except OSError:
+                pass
+print(kinds)
+"""
+    events = server.run(cell)
+    assert outputs(events)[0]["stdout"] == "{0: 'device', 1: 'device', 2: 'pipe', 3: 'socket'}\n"
+    started = time.monotonic()
+    server.assert_healthy()
+    assert time.monotonic() - started < 20  # a new worker came without waiting for a stolen wake-up
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
+    """A server with small per-run limits: 512 MB a process, 4 processes and threads, 200 MB of files."""
+    with spawn_server(tmp_path_factory.mktemp("tight"), KEY, RLM_EXEC_TIMEOUT_S="20", RLM_WORKER_MEMORY_MB="512",
+                      RLM_WORKER_PROCESSES="4", RLM_WORKER_DISK_MB="200") as real:
+        yield real
+
+
+def test_a_runs_processes_are_capped_so_its_memory_is(tight: RealServer) -> None:
+    """A cell forks up to 20 children that take 100 MB each. With RLM_WORKER_PROCESSES=4 at most four
+    start, so the run's code holds at most 5 × RLM_WORKER_MEMORY_MB. Today a worker could start 256 (the
+    issue: 20 children of a 512 MB worker held 3.9 GB). Mutant: `processes + 256` in `set_limits` → 20."""
+    cell = """
+import os, time
+children, refused = [], None
+for _ in range(20):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        refused = type(exc).__name__
+        break
+    if pid == 0:
+        held = b'x' * 100_000_000
+        time.sleep(60)
+        os._exit(0)
+    children.append(pid)
+time.sleep(1)
+rss = 0
+for pid in [os.getpid(), *children]:
+    with open(f'/proc/{pid}/status') as status:
+        rss += next(int(line.split()[1]) for line in status if line.startswith('VmRSS'))
+print(len(children), refused, rss // 1024)
+"""
+    events = tight.run(cell)
+    count, refused, rss_mb = outputs(events)[0]["stdout"].split()
+    assert int(count) <= 4 and refused == "BlockingIOError", outputs(events)[0]
+    assert int(rss_mb) <= 5 * 512
+    tight.assert_healthy()
+
+
+def test_a_cell_that_fills_the_disk_is_stopped_and_its_files_go(tight: RealServer) -> None:
+    """With RLM_WORKER_DISK_MB=200 a cell writes 50 MB files, 2 GB in all. The server walks the run's
+    directory four times a second: past 200 MB it stops the worker, deletes the files and says why in the
+    error of the cell it stopped (that one, or the next if the writer finished first); a run alongside goes
+    on. Today nothing stopped it but a full disk (the issue: another run failed). Mutant: do not start
+    `_watch_disk` → every cell succeeds and the files stay."""
+    fill = """
+block = b'x' * 50_000_000
+for n in range(40):
+    with open(f'part{n}.bin', 'wb') as f:
+        f.write(block)
+"""
+    alongside: dict[str, list[SseEvent]] = {}
+    other = threading.Thread(target=lambda: alongside.update(events=tight.run("print(len(context))")))
+    other.start()
+    events = tight.run(fill, "import time\ntime.sleep(2)", "import os\nprint(sorted(os.listdir('.')))")
+    other.join(60)
+    first, second, third = outputs(events)[:3]
+    stopped = next(output["error"] for output in (first, second) if output["error"])
+    assert "DiskLimit" in stopped and "RLM_WORKER_DISK_MB is 200 MB" in stopped and "deleted" in stopped, stopped
+    assert third["stdout"] == "[]\n" and events[-1].event == "final"
+    assert alongside["events"][-1].event == "final"
+    assert outputs(alongside["events"])[0]["stdout"] == "9\n"
+    tight.assert_healthy()
+
+
+def test_one_file_cannot_pass_the_disk_cap(tight: RealServer) -> None:
+    events = tight.run("open('big.bin', 'wb').write(b'x' * 300_000_000)")
+    assert "File too large" in outputs(events)[0]["error"]
+    tight.assert_healthy()

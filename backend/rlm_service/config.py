@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     """Longest prompt: the root model reads it every turn, so long text belongs in the input."""
     rlm_max_concurrent_runs: int = Field(32, ge=1)
     rlm_worker_memory_mb: int = Field(4096, ge=64)
+    rlm_worker_processes: int = Field(8, ge=0, le=4096)
+    """Processes and threads one run's code may start besides its worker: with RLM_WORKER_MEMORY_MB per
+    process, a run's code holds at most (this + 1) × RLM_WORKER_MEMORY_MB."""
+    rlm_worker_disk_mb: int = Field(1024, ge=1)
+    """Disk one run's files may take in its working directory; past it the worker is stopped and they go."""
+    rlm_worker_landlock: Literal["on", "off"] = "on"
+    """`off` skips Landlock even where the kernel offers it: what workers get on kernels without it."""
     rlm_worker_network: Literal["off", "on"] = "off"
     rlm_api_token: SecretStr | None = None
     rlm_root_protocol: Literal["tools", "text"] = "tools"

@@ -45,7 +45,7 @@ from .repl.base import Repl, ReplError, ReplOptions
 from .repl.inprocess_repl import InprocessRepl
 from .repl.spawner import SpawnError, Zygote
 from .repl.subprocess_repl import SubprocessRepl
-from .repl.workspace import Workspace
+from .repl.workspace import Workspace, instance_directory
 from .rootmodel import build_root_model
 from .runs import LiveRun, RunRegistry
 from .security import redact
@@ -148,7 +148,9 @@ class Engine:
         return self
 
     async def start(self) -> None:
-        """Warm up what the first run would otherwise wait for: the worker zygote."""
+        """Warm up what the first run would otherwise wait for: the worker zygote. Before that, take this
+        process's directory for run files, removing those that dead server processes left behind."""
+        await asyncio.to_thread(instance_directory)
         if self.settings.rlm_repl == "subprocess":
             try:
                 await self.zygote.start()
@@ -227,6 +229,8 @@ class Engine:
             max_output_chars=limits.max_output_chars, memory_mb=self.settings.rlm_worker_memory_mb,
             network=self.settings.rlm_worker_network == "on",
             cpu_seconds=int(limits.exec_timeout_s * limits.max_iterations) + 60,
+            processes=self.settings.rlm_worker_processes, disk_mb=self.settings.rlm_worker_disk_mb,
+            landlock=self.settings.rlm_worker_landlock == "on",
         )
         if self.settings.rlm_repl == "inprocess":
             return InprocessRepl(workspace, controller.serve_batch, options, rlm=controller.serve_rlm)

@@ -3,7 +3,8 @@
 An input is a string (JSON requests, the Python API) or a file spooled to disk as it arrives
 (uploads). `InputSpooler` writes an upload chunk by chunk, replacing undecodable UTF-8 bytes, counting
 characters and lines on the way and refusing it as soon as it passes the size limit, so the server
-never holds the whole upload in memory.
+never holds the whole upload in memory. Spool files go to the server process's own directory
+(`repl.workspace.instance_directory`), which the next server removes if this one dies without cleaning up.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .repl.workspace import instance_directory
 
 HEAD_CHARS = 65536
 
@@ -89,7 +92,7 @@ class InputSpooler:
     def __init__(self, limit: int, *, directory: str | None = None, name: str | None = None) -> None:
         self.limit = limit
         self.name = name
-        fd, path = tempfile.mkstemp(prefix="rlm-upload-", suffix=".txt", dir=directory)
+        fd, path = tempfile.mkstemp(prefix="upload-", suffix=".txt", dir=directory or instance_directory())
         self.path = Path(path)
         self._file = os.fdopen(fd, "wb", buffering=0)
         self._sink = _Sink(self._file)

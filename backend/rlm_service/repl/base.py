@@ -26,8 +26,15 @@ class ReplError(Exception):
 class ReplOptions:
     max_output_chars: int = 8192
     memory_mb: int = 4096
+    """Address space of each process of the run's code."""
+    processes: int = 8
+    """Processes and threads the run's code may start besides the worker's own."""
+    disk_mb: int = 1024
+    """What the run's files may take in its working directory."""
     network: bool = False
     cpu_seconds: int = 3600
+    landlock: bool = True
+    """Confine file access with Landlock where the kernel offers it (off: what kernels without it get)."""
     sandbox: bool = True
 
 

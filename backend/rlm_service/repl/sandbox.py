@@ -2,15 +2,18 @@
 
 Layers, each applied when the kernel and the worker's privileges allow it (`apply` reports which):
 
-- resource limits: address space, CPU time, processes, file size, no core dumps;
-- when started as root: a per-run unprivileged uid, with every capability dropped except, where the
-  Python installation is not world-readable, CAP_DAC_READ_SEARCH (Landlock then limits what it can read);
+- resource limits: address space, CPU time, processes and threads, file size, no core dumps;
+- when started as root: a per-run unprivileged uid, with every capability dropped. Where the Python
+  installation is not world-readable it keeps CAP_DAC_READ_SEARCH, but only once Landlock is in force
+  to limit what it can read: without Landlock the capability goes too, and a worker that then cannot
+  read the installation refuses to start, saying why;
 - `no_new_privs`, and death when the server dies;
 - Landlock: read-only access to the Python installation and system libraries, read-write access to the
   worker's own directory only, and (ABI 6+) no signals or abstract sockets outside the worker's own
   process tree;
-- seccomp: no `socket()` when networking is off, no ptrace, process_vm_*, io_uring, bpf, namespaces,
-  keyrings, no leaving the worker's process group, and no signal to the server or the zygote.
+- seccomp (`seccomp.py`): no `socket()` when networking is off, none of the calls in its deny-list, no
+  leaving the worker's process group, no signal to the server or the zygote, and no signal beyond the
+  worker's own processes when it shares the server's uid and Landlock does not scope signals.
 
 None of it needs privileges: an unprivileged server gets every layer but the uid switch.
 """
@@ -34,6 +37,7 @@ from .syscalls import (
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAPBSET_DROP,
+    PR_SET_DUMPABLE,
     PR_SET_KEEPCAPS,
     PR_SET_NO_NEW_PRIVS,
     PR_SET_PDEATHSIG,
@@ -48,7 +52,8 @@ from .syscalls import (
 class SandboxOptions:
     memory_mb: int = 4096
     cpu_seconds: int = 3600
-    extra_processes: int = 256
+    processes: int = 8
+    """Processes and threads the run's code may start, besides the worker and its channel thread."""
     max_file_bytes: int = 1024**3
     network: bool = False
     workdir: str = "."
@@ -56,6 +61,11 @@ class SandboxOptions:
     uid: int | None = None
     protected_pids: list[int] = field(default_factory=list)
     """Processes no signal may reach: the server and the zygote."""
+    landlock: bool = True
+
+
+class SandboxError(Exception):
+    """The worker cannot be confined as it must be; it does not start."""
 
 
 @dataclass
@@ -74,30 +84,39 @@ def set_process_name(name: str) -> None:
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
-def die_with_parent(expected_parent: int | None) -> None:
-    """Get SIGKILL when the server dies; exit now if it already has."""
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(expected_parent: int | None, sig: int = signal.SIGKILL) -> None:
+    """Get `sig` when the parent dies; exit now if it already has."""
+    prctl(PR_SET_PDEATHSIG, sig)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(0)
 
 
+def make_non_dumpable() -> None:
+    """Only root may then read or write this process's memory or open its /proc files (children inherit it)."""
+    prctl(PR_SET_DUMPABLE, 0)
+
+
 # --- uid switch ------------------------------------------------------------------------------
 
-def _world_traversable(path: str) -> bool:
-    """Whether a user with no special rights can reach and read `path`."""
+def _readable_by(path: str, uid: int, gid: int) -> bool:
+    """Whether `uid` (in group `gid` alone, with no capability) can reach `path` and read it, or list it
+    if it is a directory."""
     current = os.path.realpath(path)
+    wanted = stat.S_IROTH
     while True:
         try:
-            mode = os.stat(current).st_mode
+            info = os.stat(current)
         except OSError:
             return False
-        needed = stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
-        if not mode & needed:
+        if stat.S_ISDIR(info.st_mode):
+            wanted |= stat.S_IXOTH
+        shift = 6 if info.st_uid == uid else 3 if info.st_gid == gid else 0
+        if (info.st_mode >> shift) & wanted != wanted:
             return False
         parent = os.path.dirname(current)
         if parent == current:
             return True
-        current = parent
+        current, wanted = parent, 0
 
 
 def _capset(effective: int, permitted: int) -> None:
@@ -109,9 +128,9 @@ def _capset(effective: int, permitted: int) -> None:
     syscall("capset", hbuf, dbuf)
 
 
-def drop_to_uid(uid: int, needed_paths: list[str]) -> str:
-    """As root, become `uid` with no capabilities (but read-search where the install needs it)."""
-    keep = 0 if all(_world_traversable(p) for p in needed_paths) else 1 << CAP_DAC_READ_SEARCH
+def drop_to_uid(uid: int, unreadable: list[str]) -> None:
+    """As root, become `uid` with no capabilities but, if some `unreadable` paths need it, read-search."""
+    keep = 1 << CAP_DAC_READ_SEARCH if unreadable else 0
     for cap in range(64):
         try:
             prctl(PR_CAPBSET_DROP, cap)
@@ -125,7 +144,6 @@ def drop_to_uid(uid: int, needed_paths: list[str]) -> str:
     os.setresuid(uid, uid, uid)
     _capset(keep, keep)
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    return f"uid {uid}" + (" (+read-search)" if keep else "")
 
 
 # --- resource limits -------------------------------------------------------------------------
@@ -147,15 +165,18 @@ def _tasks_of_uid(uid: int) -> int:
 
 
 def set_limits(options: SandboxOptions, *, own_uid: bool = False) -> None:
-    """rlimits; `own_uid`: the process alone has its uid, so RLIMIT_NPROC counts only its own threads
-    (scanning /proc costs ~3 ms, and 32 workers starting at once would each pay it)."""
+    """rlimits. RLIMIT_NPROC counts every task (process or thread) of the real uid: with `own_uid` (the
+    process alone has its uid) that is the run's own, so the run gets exactly `processes` more than the
+    worker's two threads; otherwise it is every task of the server's uid, counted now, and the cap is
+    that count plus as many (so tasks other processes of the uid start later come out of this run's
+    allowance)."""
     memory = options.memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (options.cpu_seconds, options.cpu_seconds + 5))
     resource.setrlimit(resource.RLIMIT_FSIZE, (options.max_file_bytes, options.max_file_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     tasks = len(os.listdir("/proc/self/task")) if own_uid else _tasks_of_uid(os.getuid())
-    nproc = tasks + options.extra_processes
+    nproc = tasks + 1 + options.processes  # + 1: the channel thread, started after this
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
 
@@ -204,7 +225,8 @@ def _add_path_rule(ruleset: int, path: str, access: int) -> None:
         os.close(fd)
 
 
-def apply_landlock(options: SandboxOptions, abi: int) -> str:
+def apply_landlock(options: SandboxOptions, abi: int) -> tuple[str, bool]:
+    """Restrict this process; returns the layer's description and whether signals are scoped too."""
     handled = _LL_FS_BY_ABI.get(abi, _LL_FS_BY_ABI[5])
     scoped = (_LL_SCOPE_ABSTRACT_UNIX | _LL_SCOPE_SIGNAL) if abi >= 6 else 0
     if abi >= 6:
@@ -227,32 +249,49 @@ def apply_landlock(options: SandboxOptions, abi: int) -> str:
         syscall("landlock_restrict_self", ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    return f"landlock (ABI {abi}{', signal scope' if scoped else ''})"
+    return f"landlock (ABI {abi}{', signal scope' if scoped else ''})", bool(scoped)
 
 
 # --- all together ----------------------------------------------------------------------------
 
 def apply(options: SandboxOptions) -> SandboxReport:
-    """Confine the calling process; layers the system cannot provide are listed as skipped."""
+    """Confine the calling process; layers the system cannot provide are listed as skipped. Raises
+    `SandboxError` when what is left would not be safe to run generated code in."""
     report = SandboxReport()
     own_uid = options.uid is not None and os.geteuid() == 0
+    unreadable: list[str] = []
     if own_uid:
+        assert options.uid is not None
         needed = python_paths() + options.readable_files + [options.workdir]
-        report.layers.append(drop_to_uid(options.uid, needed))
+        unreadable = [path for path in needed if not _readable_by(path, options.uid, options.uid)]
+        drop_to_uid(options.uid, unreadable)
     set_limits(options, own_uid=own_uid)
     report.layers.append("rlimits")
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    abi = landlock_abi()
+    landlocked, scoped = False, False
+    abi = landlock_abi() if options.landlock else 0
     if abi:
         try:
-            report.layers.append(apply_landlock(options, abi))
+            layer, scoped = apply_landlock(options, abi)
+            report.layers.append(layer)
+            landlocked = True
         except OSError as exc:
             report.skipped["landlock"] = str(exc)
     else:
-        report.skipped["landlock"] = "not available in this kernel"
+        report.skipped["landlock"] = "not available in this kernel" if options.landlock else "turned off"
+    if own_uid:
+        if unreadable and not landlocked:
+            _capset(0, 0)  # read-search over the whole disk is safe only inside Landlock's rules
+            raise SandboxError(
+                f"the REPL worker (uid {options.uid}) cannot read {unreadable[0]} without CAP_DAC_READ_SEARCH, "
+                f"which it may keep only where Landlock confines it, and Landlock is "
+                f"{report.skipped['landlock']}: make the Python installation readable by every user "
+                "(chmod -R o+rX on it and its parent directories), or run on Linux 5.13+ with Landlock")
+        report.layers.insert(0, f"uid {options.uid}" + (" (+read-search, within Landlock)" if unreadable else ""))
     if ARCH in SYSCALLS:
         try:
-            report.layers.append(apply_seccomp(network=options.network, protected_pids=options.protected_pids))
+            report.layers.append(apply_seccomp(network=options.network, protected_pids=options.protected_pids,
+                                               strict_signals=not own_uid and not scoped))
         except OSError as exc:
             report.skipped["seccomp"] = str(exc)
     else:

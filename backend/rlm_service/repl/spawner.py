@@ -1,7 +1,8 @@
 """The server's side of the worker zygote (`zygote.py`): start it, ask it for workers, hear of their exits.
 
 One `Zygote` per engine. It starts on first use, from an environment built here (never the server's),
-in a session of its own, and dies with the server. If it dies, the next spawn starts a new one.
+in a session of its own, and goes with the server, taking the workers along. If it dies, the next spawn
+starts a new one.
 """
 
 from __future__ import annotations
@@ -187,9 +188,14 @@ class Zygote:
         self._exits.clear()
 
     async def close(self) -> None:
+        """Close the control socket: the zygote then kills every worker's process group and exits (killed
+        if it has not within a few seconds)."""
         process = self._process
         self._lost()
         self._process = None
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 3)
         if process is not None and process.returncode is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)

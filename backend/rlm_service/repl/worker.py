@@ -14,10 +14,11 @@ import queue
 import socket
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from . import protocol, sandbox
-from .executor import CellRunner
+from .executor import MAX_FIGURES, CellResult, CellRunner
 
 _CHUNK = 64 * 1024 * 1024
 
@@ -71,17 +72,17 @@ class Channel:
         self.owner = os.getpid()
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, queue.SimpleQueue[dict[str, Any]]] = {}
-        self.commands: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._waiting: dict[int, queue.SimpleQueue[protocol.Message]] = {}
+        self.commands: queue.SimpleQueue[protocol.Message | None] = queue.SimpleQueue()
 
     def start(self) -> None:
         threading.Thread(target=self._read_forever, name="rlm-channel", daemon=True).start()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, head: dict[str, Any], texts: Sequence[protocol.Text] = ()) -> None:
         if os.getpid() != self.owner:
             raise RuntimeError("llm_query/llm_batch work only in the REPL's own process, not in a forked child")
         with self._send_lock:
-            protocol.send_blocking(self.sock, message)
+            protocol.send_blocking(self.sock, head, texts)
 
     def forked(self) -> None:
         """In a child that generated code forked: let go of the channel, it belongs to the parent."""
@@ -92,8 +93,8 @@ class Channel:
         try:
             while True:
                 message = protocol.recv_blocking(self.sock)
-                if message["op"] == "reply":
-                    waiter = self._waiting.pop(message.get("id", -1), None)
+                if message.op == "reply":
+                    waiter = self._waiting.pop(message.head.get("id", -1), None)
                     if waiter is not None:
                         waiter.put(message)
                 else:
@@ -103,43 +104,70 @@ class Channel:
 
     def batch(self, prompts: list[str]) -> list[str]:
         """`llm_batch`, served by the server."""
-        return self._request("batch", prompts, {"prompts": prompts})
+        return self._request("batch", prompts, len(prompts), "prompt")
 
     def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
         """`rlm_batch`: child RLMs, run by the server."""
-        return self._request("rlm", prompts, {"prompts": prompts, "contexts": contexts},
-                             extra=sum(len(c) for c in contexts if c))
+        return self._request("rlm", [*prompts, *contexts], len(prompts), "prompt or context")
 
-    def _request(self, op: str, prompts: list[str], payload: dict[str, Any], extra: int = 0) -> list[str]:
-        size = sum(len(prompt) for prompt in prompts) + extra
-        if size > protocol.MAX_REQUEST_CHARS:
-            raise ValueError(f"{size:,} characters of prompts in one call; at most "
-                             f"{protocol.MAX_REQUEST_CHARS:,}: split it into several calls")
+    def _request(self, op: str, texts: list[str] | list[str | None], replies: int, what: str) -> list[str]:
+        """Send a request whose texts fit the server's caps (or raise, before sending); wait for the reply."""
+        data = [None if text is None else text.encode("utf-8", "surrogatepass") for text in texts]
+        total = 0
+        for index, item in enumerate(data):
+            size = 0 if item is None else len(item)
+            if size > protocol.MAX_TEXT_BYTES:
+                raise ValueError(f"{what} {index} is {size:,} bytes of UTF-8; one may be at most "
+                                 f"{protocol.MAX_TEXT_BYTES:,} bytes")
+            total += size
+        if total > protocol.MAX_MESSAGE_BYTES or len(data) > protocol.MAX_TEXTS:
+            raise ValueError(f"{len(data):,} texts of {total:,} bytes of UTF-8 in one call; at most "
+                             f"{protocol.MAX_TEXTS:,} texts of {protocol.MAX_MESSAGE_BYTES:,} bytes: "
+                             "split it into several calls")
         request_id = next(self._ids)
-        waiter: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        waiter: queue.SimpleQueue[protocol.Message] = queue.SimpleQueue()
         self._waiting[request_id] = waiter
-        self.send({"op": op, "id": request_id, **payload})
+        self.send({"op": op, "id": request_id}, data)
+        del data
         reply = waiter.get()
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        results = reply.get("results")
-        if not isinstance(results, list) or len(results) != len(prompts):
+        if "error" in reply.head:
+            raise RuntimeError(str(reply.head["error"]))
+        if len(reply.texts) != replies:
             raise RuntimeError("the server sent a malformed reply to llm_batch")
-        return [str(item) for item in results]
+        return [str(item) for item in reply.texts]
+
+
+def _done(result: CellResult) -> tuple[dict[str, Any], list[protocol.Text]]:
+    """A cell's result as a `done` message whose texts fit the server's caps."""
+    notes = [note[:500] for note in result.notes[:20]]
+    figures = result.figures[:MAX_FIGURES]
+    head = {"op": "done", "truncated": result.truncated, "answer_ready": result.answer_ready, "notes": len(notes)}
+    texts: list[protocol.Text] = [
+        protocol.fit(result.stdout, protocol.MAX_OUTPUT_BYTES),
+        None if result.error is None else protocol.fit(result.error, protocol.MAX_OUTPUT_BYTES),
+        protocol.fit(result.answer_content, protocol.MAX_TEXT_BYTES), *notes, *figures,
+    ]
+    return head, texts
 
 
 def main(fd: int, *, expected_parent: int) -> None:
     """Serve one run's cells over the channel socket `fd`; forked by the zygote (`expected_parent`)."""
     sock = socket.socket(fileno=fd)
     sandbox.die_with_parent(expected_parent)
-    init = protocol.recv_blocking(sock)
+    message = protocol.recv_blocking(sock)
+    init = message.head
     protected = [pid for pid in (init.get("server_pid"), expected_parent) if isinstance(pid, int)]
     options = sandbox.SandboxOptions(
         memory_mb=int(init["memory_mb"]), cpu_seconds=int(init["cpu_seconds"]),
         network=bool(init["network"]), workdir=os.getcwd(), readable_files=[init["input_path"]],
-        uid=init.get("uid"), protected_pids=protected,
+        uid=init.get("uid"), protected_pids=protected, processes=int(init["processes"]),
+        max_file_bytes=int(init["max_file_bytes"]), landlock=bool(init["landlock"]),
     )
-    report = sandbox.apply(options) if init.get("sandbox", True) else sandbox.SandboxReport()
+    try:
+        report = sandbox.apply(options) if init.get("sandbox", True) else sandbox.SandboxReport()
+    except sandbox.SandboxError as exc:
+        protocol.send_blocking(sock, {"op": "failed", "error": str(exc)})
+        return
     try:
         context = load_text(init["input_path"])
     except MemoryError:
@@ -149,16 +177,16 @@ def main(fd: int, *, expected_parent: int) -> None:
     channel = Channel(sock)
     os.register_at_fork(after_in_child=channel.forked)
     runner = CellRunner(context, channel.batch, rlm=channel.rlm, max_output_chars=int(init["max_output_chars"]),
-                        capture_all_threads=True, answer=str(init.get("answer", "")),
+                        capture_all_threads=True, answer=str(message.texts[0] if message.texts else ""),
                         memory_limit_mb=options.memory_mb)
     channel.start()
     channel.send({"op": "ready", "chars": len(context), "layers": report.layers, "skipped": report.skipped})
     while True:
         command = channel.commands.get()
-        if command is None or command["op"] == "exit":
+        if command is None or command.op == "exit":
             return
-        if command["op"] == "exec":
-            result = runner.run(str(command.get("code", "")))
+        if command.op == "exec":
+            result = runner.run(str(command.texts[0] if command.texts else ""))
             if os.getpid() != channel.owner:
                 os._exit(0)  # a child forked by the cell finished the cell's code too: it has no say
-            channel.send({"op": "done", **result.to_dict()})
+            channel.send(*_done(result))

@@ -1,42 +1,216 @@
-"""A run's private directory: the input file and the worker's working directory.
+"""Where a run's files live, and the worker uids, shared safely by every server process on the host.
 
-Layout: `<tmp>/rlm-run-XXXX/input.txt` (read-only for the worker) and `<tmp>/rlm-run-XXXX/work/`
-(the worker's cwd, HOME and TMPDIR). Everything goes when the run ends, whatever the outcome.
+Files: each server process has a directory of its own, `<tmp>/rlm-instance-XXXX/`, locked (flock) for as
+long as the process lives. In it, each run has `run-XXXX/` with `input.txt` (read-only for the worker)
+and `work/` (the worker's cwd, HOME and TMPDIR), and uploads still arriving are spooled to
+`upload-XXXX.txt`. A run's directory goes when the run ends. A server that starts removes the instance
+directories whose lock nobody holds: those of processes that died without cleaning up (kill -9, a
+crash, a power cut). It leaves alone those of live processes and of other users.
+
+Uids (a server running as root): each run's worker gets an unprivileged uid of its own from a range
+that every server process on the host shares. A uid is a process's while it holds an exclusive lock on
+its file in a root-only directory; the kernel drops the lock when the process dies. A uid that some
+process still runs as (left over, or used by software that takes no lock) is skipped, as is one that
+names a user of the host, so runs never share a uid, and ending a run's processes by uid ends only
+that run's.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pwd
+import secrets
 import shutil
+import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
 
 _UID_BASE = 61000
 _UID_COUNT = 4000
+_UID_LOCK_DIRS = (Path("/run/rlm-service/worker-uids"), Path("/tmp/rlm-service-worker-uids"))
+_INSTANCE_PREFIX = "rlm-instance-"
+_STAGING_PREFIX = "rlm-starting-"
+MAX_ENTRIES = 100_000
+"""Files and directories a run may keep in its working directory."""
+_TOKEN = f"{os.getpid()}-{secrets.token_hex(8)}\n"
+"""Written into each uid's lock file by the process that takes it: who held it last."""
+
+
+def kill_uid(uid: int) -> None:
+    """SIGKILL every process that runs as `uid`."""
+    for pid in _pids_of_uid(uid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def _pids_of_uid(uid: int) -> list[int]:
+    """Processes whose real uid is `uid` (read from their status: the owner of /proc/<pid> is root for a
+    process that is not dumpable, as workers are)."""
+    found = []
+    wanted = f"Uid:\t{uid}\t".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status", "rb") as status:
+                    if wanted in status.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _private_directory(path: Path) -> Path:
+    """`path`, created if missing; it must be a real directory that only root can write to."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise RuntimeError(f"{path} must be a directory owned by root and writable by root only")
+    return path
 
 
 class _UidPool:
-    """Hands each live run its own unprivileged uid when the server runs as root."""
+    """Hands each live run an unprivileged uid that no other run on the host has."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._taken: set[int] = set()
+        self._held: dict[int, int] = {}
+        self._directory: Path | None = None
+
+    def _lock_directory(self) -> Path:
+        if self._directory is None:
+            problems = []
+            for candidate in _UID_LOCK_DIRS:
+                try:
+                    self._directory = _private_directory(candidate)
+                    break
+                except (OSError, RuntimeError) as exc:
+                    problems.append(str(exc))
+            else:
+                raise RuntimeError("no directory for worker uid locks: " + "; ".join(problems))
+        return self._directory
 
     def take(self) -> int:
         with self._lock:
+            directory = self._lock_directory()
             for uid in range(_UID_BASE, _UID_BASE + _UID_COUNT):
-                if uid not in self._taken:
-                    self._taken.add(uid)
+                if uid not in self._held and self._claim(directory, uid):
                     return uid
         raise RuntimeError("no free worker uid")
 
+    def _claim(self, directory: Path, uid: int) -> bool:
+        fd = os.open(directory / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        held_last = os.pread(fd, 100, 0).decode("ascii", "replace") == _TOKEN
+        if (not held_last and _is_known_user(uid)) or _pids_of_uid(uid):
+            os.close(fd)  # a user of this host, or processes still running as it: not a uid to give out
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _TOKEN.encode(), 0)
+        self._held[uid] = fd
+        return True
+
     def give_back(self, uid: int) -> None:
         with self._lock:
-            self._taken.discard(uid)
+            fd = self._held.pop(uid, None)
+            if fd is not None:
+                os.close(fd)
+
+
+def _is_known_user(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 UID_POOL = _UidPool()
+
+
+class _Instance:
+    """This process's directory for run files, locked while the process lives."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._root: Path | None = None
+        self._fd: int | None = None
+
+    def directory(self) -> Path:
+        with self._lock:
+            if self._root is None:
+                base = Path(tempfile.gettempdir())
+                remove_stale_instances(base)
+                staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=base))
+                fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # before its name makes other servers look at it
+                root = base / (_INSTANCE_PREFIX + staging.name[len(_STAGING_PREFIX):])
+                os.rename(staging, root)
+                os.chmod(root, 0o711 if os.geteuid() == 0 else 0o700)  # workers of other uids pass through
+                self._root, self._fd = root, fd
+            return self._root
+
+
+_INSTANCE = _Instance()
+
+
+def instance_directory() -> Path:
+    """This process's directory for run files; the first call also removes those of dead processes."""
+    return _INSTANCE.directory()
+
+
+def remove_stale_instances(base: Path) -> list[Path]:
+    """Remove the instance directories in `base` that are ours (our uid) and that no live process holds."""
+    removed = []
+    for entry in os.scandir(base):
+        if not entry.name.startswith(_INSTANCE_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        else:
+            remove_tree(Path(entry.path))
+            removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
+
+
+def remove_tree(path: Path) -> None:
+    """Delete `path` and everything under it, also directories a run made unreadable or unwritable."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path) and os.geteuid() != 0:
+        _open_up(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_up(path: Path) -> None:
+    """Give the owner back access to every directory under `path` (a non-root server needs it to delete)."""
+    stack = [str(path)]
+    while stack:
+        directory = stack.pop()
+        try:
+            os.chmod(directory, 0o700)
+            with os.scandir(directory) as entries:
+                stack.extend(entry.path for entry in entries if entry.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
 
 
 class Workspace:
@@ -51,9 +225,14 @@ class Workspace:
     @classmethod
     def create(cls, *, isolate_uid: bool = True) -> Workspace:
         uid = UID_POOL.take() if isolate_uid and os.geteuid() == 0 else None
-        root = Path(tempfile.mkdtemp(prefix="rlm-run-"))
+        try:
+            root = Path(tempfile.mkdtemp(prefix="run-", dir=instance_directory()))
+        except BaseException:
+            if uid is not None:
+                UID_POOL.give_back(uid)
+            raise
         workspace = cls(root, worker_uid=uid)
-        workspace.workdir.mkdir()
+        workspace.workdir.mkdir(mode=0o700)
         if uid is not None:
             os.chmod(root, 0o711)
             os.chown(workspace.workdir, uid, uid)
@@ -78,8 +257,50 @@ class Workspace:
             os.chown(self.input_path, self.worker_uid, self.worker_uid)
         os.chmod(self.input_path, 0o400)
 
+    def over_disk_limit(self, limit: int) -> str | None:
+        """What is wrong when the working directory takes more than `limit` bytes of disk or holds more
+        than `MAX_ENTRIES` files and directories; None when it does not. Stops counting at the first."""
+        used, entries = 0, 0
+        stack = [str(self.workdir)]
+        while stack:
+            directory = stack.pop()
+            try:
+                listing = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            except PermissionError:
+                if os.geteuid() == 0:
+                    raise
+                _open_up(Path(directory))  # a run cannot hide a directory from a server of its own uid
+                try:
+                    listing = list(os.scandir(directory))
+                except OSError:
+                    return "include a directory the server cannot read"
+            for entry in listing:
+                entries += 1
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                used += info.st_blocks * 512
+                if stat.S_ISDIR(info.st_mode):
+                    stack.append(entry.path)
+            if used > limit:
+                return f"take more than {limit // 2**20:,} MB of disk"
+            if entries > MAX_ENTRIES:
+                return f"are more than {MAX_ENTRIES:,} files and directories"
+        return None
+
+    def empty_workdir(self) -> None:
+        """Delete everything in the working directory, leaving the directory itself."""
+        for entry in os.scandir(self.workdir):
+            if entry.is_dir(follow_symlinks=False):
+                remove_tree(Path(entry.path))
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+
     def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_tree(self.root)
         if self.worker_uid is not None:
             UID_POOL.give_back(self.worker_uid)
             self.worker_uid = None

@@ -2,8 +2,11 @@
 
 Starting a fresh interpreter and importing the worker's modules (and numpy, which most generated code
 uses) costs about 100 ms of CPU per run; forking a process that has already done so costs about one.
-The zygote runs no generated code itself: each forked child confines itself (`sandbox`) before it
-reads its first cell. It is single-threaded, so forking it is safe.
+The zygote runs no generated code itself: each forked child keeps only its standard streams and its
+channel (every other descriptor of the zygote is closed) and confines itself (`sandbox`) before it reads
+its first cell. The zygote is single-threaded, so forking it is safe, and not dumpable (nor are the
+workers it forks), so no process of its uid can read or write its memory through /proc. When the server
+goes away, the zygote kills every worker's process group (a worker's descendants cannot leave it) and exits.
 
 Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descriptors attached):
     server → zygote: {"op": "spawn", "id", "cwd", "env"} with two fds: the worker's channel socket and
@@ -42,9 +45,16 @@ def _preload(modules: list[str]) -> None:
             print(f"rlm-zygote: could not preload {name}: {exc}", file=sys.stderr)
 
 
+CHANNEL_FD = 3
+"""Where a worker finds its channel: its only descriptor besides the standard streams."""
+_live: set[int] = set()
+"""Workers forked and not yet reaped."""
+
+
 def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
     from . import sandbox, worker
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     sandbox.set_process_name("rlm-worker")
     channel_fd, stderr_fd = fds
     control.close()
@@ -58,10 +68,11 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.dup2(stderr_fd, 2)
-    os.close(devnull)
-    os.close(stderr_fd)
+    if channel_fd != CHANNEL_FD:
+        os.dup2(channel_fd, CHANNEL_FD)
+    os.closerange(CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the wake-up pipe, stray descriptors: all
     try:
-        worker.main(channel_fd, expected_parent=zygote)
+        worker.main(CHANNEL_FD, expected_parent=zygote)
     finally:
         os._exit(0)
 
@@ -74,6 +85,7 @@ def _reap(control: socket.socket) -> None:
             return
         if pid == 0:
             return
+        _live.discard(pid)
         _send(control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
@@ -86,38 +98,56 @@ def _spawn(control: socket.socket, message: dict[str, object], fds: list[int]) -
     else:
         if pid == 0:
             _child(message, fds, control, zygote)
+        _live.add(pid)
         _send(control, {"op": "spawned", "id": message.get("id"), "pid": pid})
     for fd in fds:
         os.close(fd)
 
 
+def _stop(*_: object) -> None:
+    raise SystemExit(0)
+
+
 def serve(control: socket.socket) -> None:
     wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    while True:
-        ready, _, _ = select.select([control, wake_read], [], [])
-        if wake_read in ready:
-            os.read(wake_read, 4096)
-            _reap(control)
-        if control in ready:
-            data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 2)
-            if not data:
-                return  # the server is gone
-            message = json.loads(data)
-            if message.get("op") == "spawn" and len(fds) == 2:
-                _spawn(control, message, fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
+    signal.signal(signal.SIGTERM, _stop)  # the server died (PDEATHSIG) or asked us to go
+    try:
+        while True:
+            ready, _, _ = select.select([control, wake_read], [], [])
+            if wake_read in ready:
+                try:
+                    os.read(wake_read, 4096)
+                except BlockingIOError:
+                    pass
+                _reap(control)
+            if control in ready:
+                data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 2)
+                if not data:
+                    return  # the server is gone
+                message = json.loads(data)
+                if message.get("op") == "spawn" and len(fds) == 2:
+                    _spawn(control, message, fds)
+                else:
+                    for fd in fds:
+                        os.close(fd)
+    finally:
+        for pid in _live:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
 
 
 def main() -> None:
     from . import sandbox
 
     control = socket.socket(fileno=int(sys.argv[1]))
-    sandbox.die_with_parent(int(sys.argv[2]))
+    sandbox.die_with_parent(int(sys.argv[2]), signal.SIGTERM)
+    sandbox.make_non_dumpable()
     sandbox.set_process_name("rlm-zygote")
     _preload(json.loads(sys.argv[3]) if len(sys.argv) > 3 else [])
     gc.collect()
