@@ -30,12 +30,24 @@ from rlm_service.engine import Engine
 from rlm_service.inputs import InputSpooler, RunInput
 from rlm_service.llm import ChatClient, Completion, SubcallSession
 from rlm_service.repl.base import ReplOptions
-from rlm_service.repl.spawner import Zygote
-from rlm_service.repl.subprocess_repl import SubprocessRepl
+from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.workspace import Workspace
 
 RLMS_PYTHON = ROOT / "bench" / ".venv-rlms" / "bin" / "python"
 
+
+
+class SessionCalls:
+    """A cell's sub-calls served by one `SubcallSession` (what a run's controller does)."""
+
+    def __init__(self, session: SubcallSession) -> None:
+        self.session = session
+
+    async def batch(self, prompts: list[str]) -> list[str]:
+        return await self.session.batch(prompts)
+
+    async def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        return await self.session.batch(prompts)
 
 def settings_for(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"openai_api_base": url, "openai_model_name": "root-model",
@@ -92,22 +104,22 @@ async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool =
         session = SubcallSession(client, "sub-model", max_calls=n, concurrency=concurrency)
         workspace = Workspace.create()
         workspace.write_input("x")
-        zygote = Zygote()
-        repl = SubprocessRepl(workspace, session.batch, ReplOptions(), zygote)
+        repls = SubprocessBackend([])
+        repl = repls.make(workspace, ReplOptions())
         await repl.start()
         try:
-            pid = repl._worker.process.pid  # type: ignore[union-attr]
+            pid = repl._worker.process.pid  # type: ignore[attr-defined]
             if sequential:
                 code = f"r = [llm_query(f'prompt {{i}}') for i in range({n})]\nsum(x.startswith('Error') for x in r)"
             else:
                 code = f"r = llm_batch([f'prompt {{i}}' for i in range({n})])\nsum(x.startswith('Error') for x in r)"
             worker_cpu = _cpu(pid)
             with Stopwatch() as watch:
-                outcome = await repl.execute(code, 600)
+                outcome = await repl.execute(code, 600, SessionCalls(session))
             worker_cpu = _cpu(pid) - worker_cpu
         finally:
             await repl.close()
-            await zygote.close()
+            await repls.close()
             workspace.remove()
             if isinstance(client, ChatClient):
                 await client.aclose()
@@ -196,21 +208,18 @@ def b4_worker_start(*, starts: int) -> dict[str, Any]:
     """B4: time from spawning a worker to its `ready` (sandbox applied, context loaded)."""
 
     async def measure() -> list[float]:
-        async def nothing(prompts: list[str]) -> list[str]:
-            return prompts
-
         times = []
-        zygote = Zygote()
+        repls = SubprocessBackend([])
         for _ in range(starts + 1):
             workspace = Workspace.create()
             workspace.write_input("x" * 1000)
-            repl = SubprocessRepl(workspace, nothing, ReplOptions(), zygote)
+            repl = repls.make(workspace, ReplOptions())
             with Stopwatch() as watch:
                 await repl.start()
             times.append(watch.seconds)
             await repl.close()
             workspace.remove()
-        await zygote.close()
+        await repls.close()
         return times[1:]  # the first start also starts the zygote, once per server
 
     times = asyncio.run(measure())

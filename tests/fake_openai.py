@@ -126,7 +126,8 @@ def _first_user_text(messages: list[dict[str, Any]]) -> str:
 def scripted_root(messages: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
     """The prompt's embedded script, or the built-in demo, turn by turn."""
     turn = sum(1 for message in messages if message.get("role") == "assistant")
-    task = _first_user_text(messages)
+    # A session's follow-up message quotes the earlier questions (and their scripts) after its own task.
+    task = _first_user_text(messages).split("\n\nThis is a follow-up question in the same REPL")[0]
     match = SCRIPT_RE.search(task)
     plot = "plot" in task.split("The input is in `context`")[0].lower()
     turns = json.loads(match.group(1)) if match else PLOT_TURNS if plot else DEMO_TURNS

@@ -237,10 +237,10 @@ def test_one_megabyte_split_in_twenty_and_batched(fake: FakeOpenAI) -> None:
 
 
 def _our_temp_files() -> set[str]:
-    import tempfile
-    from pathlib import Path
+    """What this process's servers keep on disk for runs: uploads being spooled, run directories."""
+    from rlm_service.repl.workspace import instance_directory
 
-    return {p.name for p in Path(tempfile.gettempdir()).glob("rlm-*")}
+    return {p.name for p in instance_directory().iterdir()}
 
 
 def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI) -> None:

@@ -244,13 +244,13 @@ async def test_the_worker_starts_while_the_root_writes_its_first_cell(fake: Fake
         return ModelResponse(parts=[TextPart("done")])
 
     async with Engine(make_settings(fake), root_model=FunctionModel(respond)) as engine:
-        spawn = engine.zygote.spawn
+        spawn = engine.repls.zygote.spawn
 
         async def slow_spawn(*args: Any, **kwargs: Any) -> Any:
             await asyncio.sleep(0.4)
             return await spawn(*args, **kwargs)
 
-        engine.zygote.spawn = slow_spawn  # type: ignore[method-assign]
+        engine.repls.zygote.spawn = slow_spawn  # type: ignore[method-assign]
         started = time.monotonic()
         events = [event async for event in engine.run("do it", "12345")]
         elapsed = time.monotonic() - started
@@ -271,7 +271,7 @@ async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: 
         async def broken(*args: Any, **kwargs: Any) -> Any:
             raise SpawnError("the zygote could not fork a worker: out of processes")
 
-        engine.zygote.spawn = broken  # type: ignore[method-assign]
+        engine.repls.zygote.spawn = broken  # type: ignore[method-assign]
         events = [event async for event in engine.run("do it", "input")]
     assert types(events) == ["start", "error"]
     assert events[-1].code == "internal" and "out of processes" in events[-1].message  # type: ignore[attr-defined]

@@ -8,52 +8,74 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rlm_service.repl.base import ReplOptions
+from rlm_service.repl.base import CellOutcome, Repl, ReplOptions
 from rlm_service.repl.inprocess_repl import InprocessRepl
 from rlm_service.repl.spawner import Zygote
-from rlm_service.repl.subprocess_repl import SubprocessRepl
+from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.worker import load_text
 from rlm_service.repl.workspace import Workspace
 from tests.conftest import wait_until, worker_processes
 
 
-async def echo(prompts: list[str]) -> list[str]:
-    await asyncio.sleep(0)
-    return [f"reply:{p}" for p in prompts]
+class Echo:
+    """The sub-calls of the cells: every prompt answered with `reply:<prompt>`."""
+
+    async def batch(self, prompts: list[str]) -> list[str]:
+        await asyncio.sleep(0)
+        return [f"reply:{p}" for p in prompts]
+
+    async def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        return await self.batch(prompts)
+
+
+class Cells:
+    """A REPL whose cells' sub-calls go to `Echo`."""
+
+    def __init__(self, repl: Repl, workspace: Workspace) -> None:
+        self.repl = repl
+        self.workspace = workspace
+
+    async def execute(self, code: str, timeout: float) -> CellOutcome:
+        return await self.repl.execute(code, timeout, Echo())
+
+    async def close(self) -> None:
+        await self.repl.close()
 
 
 @pytest.fixture
 async def zygote() -> AsyncIterator[Zygote]:
-    spawner = Zygote()
-    yield spawner
-    await spawner.close()
+    backend = SubprocessBackend([])
+    yield backend.zygote
+    await backend.close()
 
 
 @pytest.fixture
-async def repl(zygote: Zygote) -> AsyncIterator[SubprocessRepl]:
+async def repl() -> AsyncIterator[Cells]:
+    backend = SubprocessBackend([])
     workspace = Workspace.create()
     workspace.write_input("line one\nline two\n")
-    handle = SubprocessRepl(workspace, echo, ReplOptions(memory_mb=1024), zygote)
+    handle = backend.make(workspace, ReplOptions(memory_mb=1024))
     await handle.start()
-    yield handle
+    yield Cells(handle, workspace)
     await handle.close()
     workspace.remove()
+    await backend.close()
 
 
-async def test_cells_share_a_namespace_and_reach_the_server(repl: SubprocessRepl) -> None:
+async def test_cells_share_a_namespace_and_reach_the_server(repl: Cells) -> None:
     assert (await repl.execute("n = len(context)\nn", 10)).stdout == "18"
     outcome = await repl.execute("llm_batch(['a', 'b']), llm_query('c'), n", 10)
     assert outcome.stdout == "(['reply:a', 'reply:b'], 'reply:c', 18)"
 
 
-async def test_worker_collections_leave_the_preloaded_modules_alone(repl: SubprocessRepl) -> None:
+async def test_worker_collections_leave_the_preloaded_modules_alone(repl: Cells) -> None:
     """The zygote freezes what it preloaded before forking: a worker's garbage collections neither walk nor
     write to those objects, so the pages it shares with the zygote stay shared."""
     outcome = await repl.execute("import gc\ngc.get_freeze_count() > 5_000, len(gc.get_objects()) < 2_000", 10)
     assert outcome.stdout == "(True, True)", outcome
 
 
-async def test_hung_cell_is_killed(repl: SubprocessRepl) -> None:
+async def test_hung_cell_is_killed(repl: Cells) -> None:
     await repl.execute("kept = 1", 10)
     outcome = await repl.execute("while True:\n    pass", 1)
     assert outcome.restarted
@@ -62,14 +84,14 @@ async def test_hung_cell_is_killed(repl: SubprocessRepl) -> None:
     assert after.stdout == "(18, False)"
 
 
-async def test_answer_survives_a_restart(repl: SubprocessRepl) -> None:
+async def test_answer_survives_a_restart(repl: Cells) -> None:
     await repl.execute("answer['content'] = 'draft'", 10)
     outcome = await repl.execute("import time\ntime.sleep(60)", 1)
     assert outcome.answer_content == "draft"
     assert (await repl.execute("answer['content']", 10)).stdout == "'draft'"
 
 
-async def test_huge_allocation_fails_cleanly(repl: SubprocessRepl) -> None:
+async def test_huge_allocation_fails_cleanly(repl: Cells) -> None:
     await repl.execute("kept = 1", 10)
     outcome = await repl.execute("import numpy\nblob = numpy.ones(3 * 1024 ** 3, dtype=numpy.uint8)", 20)
     assert "MemoryError" in (outcome.error or "")
@@ -77,29 +99,29 @@ async def test_huge_allocation_fails_cleanly(repl: SubprocessRepl) -> None:
     assert (await repl.execute("1 + kept", 10)).stdout == "2"
 
 
-async def test_worker_environment_holds_no_secret(repl: SubprocessRepl, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_worker_environment_holds_no_secret(repl: Cells, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
     outcome = await repl.execute("import os\nsorted(os.environ)", 10)
     assert "OPENAI" not in outcome.stdout and "sk-should-not-leak" not in outcome.stdout
     assert "'PATH'" in outcome.stdout
 
 
-async def test_worker_has_its_own_directory(repl: SubprocessRepl) -> None:
+async def test_worker_has_its_own_directory(repl: Cells) -> None:
     outcome = await repl.execute("import os\nopen('notes.txt', 'w').write('x')\nos.getcwd()", 10)
     assert outcome.error is None
     assert outcome.stdout.strip("'") == str(repl.workspace.workdir)
 
 
-async def test_no_worker_left_after_close(repl: SubprocessRepl) -> None:
-    pid = repl._worker.process.pid  # type: ignore[union-attr]
+async def test_no_worker_left_after_close(repl: Cells) -> None:
+    pid = repl.repl._worker.process.pid  # type: ignore[attr-defined]
     await repl.execute("import subprocess\nchild = subprocess.Popen(['sleep', '300'])", 10)
     await repl.close()
     assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or pid not in worker_processes())
     assert wait_until(lambda: not any(b"sleep\x00300" in _cmdline(p) for p in _pids()))
 
 
-async def test_cancelled_cell_ends_the_worker(repl: SubprocessRepl) -> None:
-    pid = repl._worker.process.pid  # type: ignore[union-attr]
+async def test_cancelled_cell_ends_the_worker(repl: Cells) -> None:
+    pid = repl.repl._worker.process.pid  # type: ignore[attr-defined]
     task = asyncio.create_task(repl.execute("import time\ntime.sleep(300)", 600))
     await asyncio.sleep(0.3)
     task.cancel()
@@ -112,8 +134,8 @@ async def test_cancelled_cell_ends_the_worker(repl: SubprocessRepl) -> None:
 async def test_inprocess_repl_interrupts_a_python_loop() -> None:
     workspace = Workspace.create(isolate_uid=False)
     workspace.write_input("abc")
-    handle = InprocessRepl(workspace, echo, ReplOptions())
-    await handle.start()
+    handle = Cells(InprocessRepl(workspace, ReplOptions()), workspace)
+    await handle.repl.start()
     await handle.execute("kept = 7", 10)
     outcome = await handle.execute("while True:\n    pass", 0.5)
     assert "TimeoutError" in (outcome.error or "")

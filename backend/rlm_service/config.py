@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     rlm_root_protocol: Literal["tools", "text"] = "tools"
     rlm_repl: Literal["subprocess", "inprocess"] = "subprocess"
 
+    rlm_session_idle_s: float = Field(1800.0, gt=0)
+    """A session (a REPL kept for follow-up questions) ends after this long without a run."""
+    rlm_max_sessions: int = Field(16, ge=0)
+    """Sessions kept at once; past it, the longest idle one ends. Each holds a worker (RLM_WORKER_MEMORY_MB)."""
+
     rlm_max_depth: int = Field(1, ge=1, le=8)
     """Depth of recursion: a run at depth d may start child RLMs only if d + 1 < RLM_MAX_DEPTH."""
     rlm_run_timeout_s: float | None = Field(None, gt=0)

@@ -99,7 +99,10 @@ class Controller:
 
     def __init__(self, *, run_id: str, agent: Agent[Controller, str], protocol: str, limits: RunLimits,
                  repl: Repl, subcalls: SubcallSession, emit: Emit, usage: RunUsage, tree: RunTree,
-                 depth: int = 0, stream: Emit | None = None, children: ChildRunner | None = None) -> None:
+                 repl_starting: asyncio.Future[None] | None = None, depth: int = 0, stream: Emit | None = None,
+                 children: ChildRunner | None = None) -> None:
+        """`repl_starting`: the REPL's start, running alongside the first model request (None: it is ready);
+        the first cell waits for it, and a failed start fails the run."""
         self.run_id = run_id
         self.agent = agent
         self.protocol = protocol
@@ -121,20 +124,19 @@ class Controller:
         self._progress: _CellProgress | None = None
         self._agent_usage = AgentUsage()
         self._reported_cost: float | None = None  # what the endpoint said the replies since `_account` cost
-        self._repl_starting: asyncio.Future[None] | None = None
-        """The REPL's start, running alongside the first model request; cells wait for it."""
+        self._repl_starting = repl_starting
 
     # --- the REPL's side ---------------------------------------------------------------------
 
-    async def serve_batch(self, prompts_: list[str]) -> list[str]:
-        """`llm_batch` for the REPL: runs the sub-calls and reports their progress."""
+    async def batch(self, prompts_: list[str]) -> list[str]:
+        """`llm_batch` of this run's cells: runs the sub-calls and reports their progress."""
         progress = self._progress or _CellProgress(self._emit_progress)
         return await self.subcalls.batch(prompts_, progress.batch_reporter())
 
-    async def serve_rlm(self, prompts_: list[str], contexts: list[str | None]) -> list[str]:
-        """`rlm_batch` for the REPL: child runs where the tree allows, plain sub-calls where it does not."""
+    async def rlm(self, prompts_: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch` of this run's cells: child runs where the tree allows, plain sub-calls where it does not."""
         if self.children is None or not self.tree.can_recurse(self.depth):
-            return await as_sub_calls(self.serve_batch)(prompts_, contexts)
+            return await as_sub_calls(self.batch)(prompts_, contexts)
         return await self.children(self, prompts_, contexts)
 
     def _emit_progress(self, done: int, failed: int, total: int) -> None:
@@ -151,7 +153,7 @@ class Controller:
         self.cells += 1
         self._progress = _CellProgress(self._emit_progress)
         try:
-            outcome = await self.repl.execute(code, self.limits.exec_timeout_s)
+            outcome = await self.repl.execute(code, self.limits.exec_timeout_s, self)
         finally:
             self._progress = None
         self._report_outcome(outcome)
@@ -246,14 +248,13 @@ class Controller:
             return run.all_messages(), str(node.data.output)
 
     async def run(self, task_message: str) -> RunOutcome:
-        """Start the REPL and drive the root model until the answer is ready, the budget is spent, or it
-        stops coding. The REPL starts while the root model writes its first cell; the cell waits for it."""
-        self._repl_starting = asyncio.ensure_future(self.repl.start())
+        """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
         try:
             return await self._turns(task_message)
         finally:
-            self._repl_starting.cancel()
-            await asyncio.gather(self._repl_starting, return_exceptions=True)
+            if self._repl_starting is not None and not self._repl_starting.done():
+                self._repl_starting.cancel()
+                await asyncio.gather(self._repl_starting, return_exceptions=True)
 
     async def _turns(self, task_message: str) -> RunOutcome:
         history: list[ModelMessage] | None = None

@@ -50,7 +50,7 @@ def main() -> None:
     encoded = text.encode("utf-8", "replace")
     if len(encoded) > max_input_bytes:
         return _fail(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({max_input_bytes:,} bytes)")
-    fd, path = tempfile.mkstemp(prefix="rlm-upload-", suffix=".txt", dir=spool_dir)
+    fd, path = tempfile.mkstemp(prefix="upload-", suffix=".txt", dir=spool_dir)
     with os.fdopen(fd, "wb") as handle:
         handle.write(encoded)
     lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)

@@ -83,6 +83,33 @@ def task_message(prompt: str, *, chars: int, lines: int, kind: str, preview: str
     )
 
 
+def follow_up_message(prompt: str, *, earlier: list[tuple[str, str, bool]], variables: list[str],
+                      chars: int, lines: int, kind: str, preview: str, restarted: str | None = None,
+                      answer_chars: int = 2000) -> str:
+    """A follow-up's first message: the new task, the earlier questions and answers, and the REPL's
+    variables (one line each), never the input itself nor the earlier transcripts."""
+    parts = [f"Task: {prompt}", "",
+             "This is a follow-up question in the same REPL. Earlier questions and their final answers:"]
+    for number, (question, answer, ready) in enumerate(earlier, 1):
+        cut = answer if len(answer) <= answer_chars else (
+            answer[:answer_chars] + f" … [{len(answer) - answer_chars:,} more characters]")
+        state = "" if ready else " (not marked ready)"
+        parts += [f"{number}. Q: {question}", f"   A{state}: {cut or '(no answer)'}"]
+    parts.append("")
+    if restarted:
+        parts += [f"The REPL was restarted since the last question ({restarted}): every variable of the "
+                  "earlier runs is lost; `context` is back.", ""]
+    elif variables:
+        parts += ["Variables in the REPL from earlier runs (name: type, size = short repr):",
+                  *(f"- {line}" for line in variables), ""]
+    shown = len(preview)
+    more = "" if shown >= chars else f" (the first {shown:,} of {chars:,} characters)"
+    parts += [f"The input is still in `context`: {chars:,} characters, {lines:,} lines, {kind}.",
+              f"Preview{more}:", "<<<", preview, ">>>", "",
+              "`answer` starts empty for this question. Reuse what the variables hold instead of redoing work."]
+    return "\n".join(parts)
+
+
 def cell_report(outcome: CellOutcome, *, turns_left: int | None = None) -> str:
     """What the root model reads after one cell ran."""
     parts = []

@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .config import Settings
-from .engine import Engine, SettingsRefused, effective_limits
+from .engine import Engine, SettingsRefused
 from .events import EventBase, parse_event
 from .runs import LiveRun
+from .sessions import SessionUnavailable
 from .store import RunStore, valid_run_id
 from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
 
@@ -118,16 +119,20 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             parsed = await _read_request(request, settings, body_limits)
         finally:
             slots.reading -= 1
+        engine: Engine = request.app.state.engine
         try:
-            effective_limits(settings, parsed.settings)
+            if parsed.session_id is not None and parsed.run_input.chars:
+                raise HTTPException(422, "a follow-up (session_id) uses its session's input: send no input_data "
+                                         "or input_file")
             slots.refuse_if_full()  # the slot is taken only once the body is complete
+            run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
         except BaseException as exc:
             parsed.run_input.discard()
             if isinstance(exc, SettingsRefused):
                 raise HTTPException(422, str(exc)) from None
+            if isinstance(exc, SessionUnavailable):
+                raise HTTPException(exc.status, str(exc)) from None
             raise
-        engine: Engine = request.app.state.engine
-        run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings)
         slots.take_for(run)
         run.on_end(lambda _: parsed.run_input.discard())
         return event_stream(settings, _owned(run), ping_s=ping_s)
@@ -158,6 +163,28 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         if not run.cancel("cancelled through the API"):
             raise HTTPException(409, f"run {run_id} has already ended")
         return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
+
+    @router.get("/api/sessions/{session_id}", tags=["sessions"], responses={404: {"description": "Unknown session"}})
+    async def get_session(request: Request, session_id: str) -> dict[str, Any]:
+        """A session: its runs in order, the live one if any, and when it expires if left idle."""
+        engine: Engine = request.app.state.engine
+        session = engine.sessions.get(session_id)
+        if session is None:
+            raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
+        return session.describe(engine.sessions.idle_s)
+
+    @router.delete("/api/sessions/{session_id}", tags=["sessions"], status_code=204,
+                   responses={404: {"description": "Unknown session"}, 409: {"description": "A run of it is live"}})
+    async def delete_session(request: Request, session_id: str) -> Response:
+        """End a session: its worker is stopped and its workspace (its input included) removed."""
+        engine: Engine = request.app.state.engine
+        session = engine.sessions.get(session_id)
+        if session is None:
+            raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
+        if session.live_run is not None:
+            raise HTTPException(409, f"run {session.live_run} of this session is live; cancel it first")
+        await engine.sessions.end(session_id)
+        return Response(status_code=204)
 
     return router
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from . import jsonbody
 from .config import Settings
 from .engine import RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
+from .repl.workspace import instance_directory
 
 MAX_FIELD_BYTES = 1024 * 1024
 FORM_OVERHEAD_BYTES = 4 * 1024 * 1024
@@ -39,6 +39,8 @@ class ProcessRequest(BaseModel):
     input_data: StrictStr = Field("", description="The input, as text (use multipart for large files).")
     settings: RunSettings = Field(default_factory=RunSettings, description="Per-run limits, each at most the "
                                   "server's own.")
+    session_id: StrictStr | None = Field(None, description="A follow-up question on this session's REPL (send no "
+                                         "input: the session keeps its own).")
 
     @field_validator("prompt")
     @classmethod
@@ -64,6 +66,7 @@ class ParsedRequest:
     prompt: str
     run_input: RunInput
     settings: RunSettings
+    session_id: str | None = None
 
 
 @dataclass
@@ -136,7 +139,7 @@ def _parse_inline(body: bytes, limits: BodyLimits) -> ParsedRequest:
     run_input = RunInput.from_text(request.input_data)
     if run_input.size_bytes > limits.input_bytes:
         raise HTTPException(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limits.input_bytes:,} bytes)")
-    return ParsedRequest(request.prompt, run_input, request.settings)
+    return ParsedRequest(request.prompt, run_input, request.settings, request.session_id)
 
 
 def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException | None:
@@ -167,7 +170,7 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
 
 async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", jsonbody.__file__, tempfile.gettempdir(), str(limits.prompt_chars),
+        sys.executable, "-I", jsonbody.__file__, str(instance_directory()), str(limits.prompt_chars),
         str(limits.input_bytes), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
     assert child.stdin is not None and child.stdout is not None
@@ -192,7 +195,8 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
                                  size_bytes=described["size_bytes"], head=described["head"],
                                  path=Path(described["path"]), sha256=described["sha256"])
         request = _checked(answer["fields"], limits)
-        return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings)
+        return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings,
+                             request.session_id)
     except BaseException:
         if run_input is not None:
             run_input.discard()
@@ -281,13 +285,13 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limits
             settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
         except ValueError:
             raise HTTPException(422, "settings: must be a JSON object, e.g. {\"max_iterations\": 5}") from None
-        data = {"settings": settings} | ({"prompt": fields["prompt"]} if "prompt" in fields else {})
+        data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
         request = _validate(data, limits)
         if reader.spooler is not None:
             run_input = reader.spooler.finish()
         else:
             run_input = RunInput.from_text(fields.get("input_data", ""))
-        return ParsedRequest(request.prompt, run_input, request.settings)
+        return ParsedRequest(request.prompt, run_input, request.settings, request.session_id)
     except BaseException as exc:
         reader.abort()
         if isinstance(exc, InputTooLarge):

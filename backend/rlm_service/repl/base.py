@@ -1,17 +1,20 @@
-"""What the controller sees of a REPL, whichever kind runs the code."""
+"""What the engine and the controller see of a REPL, whichever kind runs the code, and the registry of kinds.
+
+A REPL kind is one module that registers a factory under its name (`RLM_REPL`): `subprocess` (a confined
+worker process, the default) and `inprocess` (a thread of the server, for trusted use). A REPL is made for a
+workspace and lives as long as its owner wants: one run, or every run of a session. What a cell's
+`llm_batch` and `rlm_batch` reach is given with each cell (`SubCalls`), so the REPL does not belong to any
+one run's controller.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-AsyncBatch = Callable[[list[str]], Awaitable[list[str]]]
-"""Serves `llm_batch` on the server's event loop: prompts in, replies (or `Error: …`) out, in order."""
-
-AsyncRlm = Callable[[list[str], list[str | None]], Awaitable[list[str]]]
-"""Serves `rlm_batch`: prompts and their contexts in, the child runs' final answers out, in order."""
-
+if TYPE_CHECKING:
+    from .workspace import Workspace
 
 RESTARTED_NOTE = ("The REPL was restarted: every variable you defined is lost; `context`, the llm functions "
                   "and answer['content'] are back.")
@@ -20,6 +23,16 @@ RESTARTED_NOTE = ("The REPL was restarted: every variable you defined is lost; `
 
 class ReplError(Exception):
     """The REPL itself failed (not the generated code): the run cannot go on."""
+
+
+class SubCalls(Protocol):
+    """What a cell's `llm_batch`/`rlm_batch` reach: the run executing the cell, on the server's event loop."""
+
+    async def batch(self, prompts: list[str]) -> list[str]:
+        """`llm_batch`: the sub-model's replies (or `Error: …` slots), in order."""
+
+    async def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch`: the child runs' final answers (or `Error: …` slots), in order."""
 
 
 @dataclass
@@ -55,12 +68,63 @@ class CellOutcome:
     """The REPL was restarted during this cell: every variable but the provided ones is gone."""
 
 
+@dataclass
+class RunStart:
+    """What a REPL says when a new run (a session's follow-up) begins on it."""
+
+    variables: list[str]
+    """One line per variable of earlier runs: `name: type, size = short repr`."""
+    restarted: str | None = None
+    """Why the REPL lost its variables since the previous run (its worker died), or None."""
+
+
 class Repl(Protocol):
     async def start(self) -> None:
         """Load the input and get ready to run cells."""
 
-    async def execute(self, code: str, timeout: float) -> CellOutcome:
+    async def execute(self, code: str, timeout: float, calls: SubCalls) -> CellOutcome:
         """Run one cell; errors in the code come back in the outcome, never as exceptions."""
+
+    async def begin_run(self, timeout: float) -> RunStart:
+        """A new run on a REPL that served earlier ones: `answer` starts empty; the variables are listed."""
 
     async def close(self) -> None:
         """Stop everything this REPL started. Safe to call twice and from a cancelled task."""
+
+
+class ReplBackend(Protocol):
+    """One kind of REPL: what its REPLs share (a zygote, a container client…) and how one is made."""
+
+    async def start(self) -> None:
+        """Get ready before the first run (warm what the first run would otherwise wait for)."""
+
+    def make(self, workspace: Workspace, options: ReplOptions) -> Repl:
+        """A REPL for `workspace` (not started yet)."""
+
+    async def close(self) -> None:
+        """Stop what the kind keeps (its REPLs are closed by their owners)."""
+
+
+BackendFactory = Callable[[list[str]], ReplBackend]
+"""Makes a kind's backend from the modules its workers preload (RLM_WORKER_PRELOAD)."""
+REGISTRY: dict[str, BackendFactory] = {}
+"""The REPL kinds by name (`RLM_REPL`); a kind's module adds itself with `register`."""
+
+
+def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    def add(factory: BackendFactory) -> BackendFactory:
+        REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def backend(kind: str, preload: list[str]) -> ReplBackend:
+    """The backend of the registered REPL `kind`."""
+    from . import inprocess_repl, subprocess_repl  # noqa: F401  (the built-in kinds register themselves)
+
+    try:
+        factory = REGISTRY[kind]
+    except KeyError:
+        raise ReplError(f"unknown REPL kind {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
+    return factory(preload)

@@ -11,8 +11,10 @@ import base64
 import builtins
 import io
 import linecache
+import reprlib
 import sys
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -98,6 +100,31 @@ def _make_rlm_functions(rlm: RlmFn) -> tuple[Callable[..., str], Callable[..., l
     return rlm_query, rlm_batch
 
 
+MAX_VARIABLES_SHOWN = 40
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxtuple = 5
+_SHORT.maxlevel = 2
+
+
+def describe_variable(name: str, value: Any) -> str:
+    """`name: type, size = short repr`, without letting a hostile `__len__` or `__repr__` break the listing."""
+    kind = type(value).__name__
+    if isinstance(value, types.ModuleType):
+        return f"{name}: module {value.__name__}"
+    if callable(value) and isinstance(value, (types.FunctionType, type)):
+        return f"{name}: {'class' if isinstance(value, type) else 'function'}"
+    try:
+        size = f", {len(value):,} items" if not isinstance(value, str) else f", {len(value):,} characters"
+    except Exception:
+        size = ""
+    try:
+        shown = _SHORT.repr(value)
+    except Exception as exc:
+        shown = f"<repr failed: {type(exc).__name__}>"
+    return f"{name}: {kind}{size} = {shown[:100]}"
+
+
 def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
     """A traceback that shows only the generated code's frames, then the exception itself."""
     if isinstance(exc, SyntaxError):
@@ -137,6 +164,21 @@ class CellRunner:
     @property
     def answer(self) -> tuple[str, bool]:
         return self._answer
+
+    def begin_run(self) -> list[str]:
+        """A new run of a session begins: `answer` starts empty; returns one line per variable the earlier
+        runs left (`name: type, size = short repr`), at most `MAX_VARIABLES_SHOWN`."""
+        self.namespace["answer"] = {"content": "", "ready": False}
+        self._answer = ("", False)
+        lines: list[str] = []
+        for name, value in list(self.namespace.items()):
+            if name.startswith("_") or name in self._protected or name in ("answer", "__builtins__"):
+                continue
+            if len(lines) == MAX_VARIABLES_SHOWN:
+                lines.append(f"… and {len(self.namespace) - len(lines)} more names")
+                break
+            lines.append(describe_variable(name, value))
+        return lines
 
     def run(self, code: str) -> CellResult:
         """Execute one cell; never raises for errors in the code itself."""

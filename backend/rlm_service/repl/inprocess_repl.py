@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any
 
-from .base import RESTARTED_NOTE, AsyncBatch, AsyncRlm, CellOutcome, ReplOptions
-from .executor import CellResult, CellRunner, as_sub_calls
+from .base import RESTARTED_NOTE, CellOutcome, Repl, ReplOptions, RunStart, SubCalls, register
+from .executor import CellResult, CellRunner
 from .worker import load_text
 from .workspace import Workspace
 
@@ -36,12 +36,11 @@ def _interrupt(thread: threading.Thread) -> None:
 class InprocessRepl:
     """A REPL whose namespace lives in the server process."""
 
-    def __init__(self, workspace: Workspace, batch: AsyncBatch, options: ReplOptions,
-                 rlm: AsyncRlm | None = None) -> None:
+    def __init__(self, workspace: Workspace, options: ReplOptions) -> None:
         self.workspace = workspace
-        self.batch = batch
-        self.rlm = rlm or as_sub_calls(batch)
         self.options = options
+        self._cell_calls: SubCalls | None = None
+        """What the running cell's llm_batch/rlm_batch reach."""
         self._runner: CellRunner | None = None
         self._context = ""
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -58,10 +57,14 @@ class InprocessRepl:
                           max_output_chars=self.options.max_output_chars, answer=answer)
 
     def _sync_rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
-        return self._call(self.rlm(prompts, contexts))
+        if self._cell_calls is None:
+            raise RuntimeError("rlm_batch works only while a cell runs")
+        return self._call(self._cell_calls.rlm(prompts, contexts))
 
     def _sync_batch(self, prompts: list[str]) -> list[str]:
-        return self._call(self.batch(prompts))
+        if self._cell_calls is None:
+            raise RuntimeError("llm_batch works only while a cell runs")
+        return self._call(self._cell_calls.batch(prompts))
 
     def _call(self, coroutine: Any) -> list[str]:
         """Run a coroutine on the server's loop from the cell's thread, and wait for it."""
@@ -77,8 +80,20 @@ class InprocessRepl:
         for future in list(self._calls):
             future.cancel()
 
-    async def execute(self, code: str, timeout: float) -> CellOutcome:
+    async def begin_run(self, timeout: float) -> RunStart:
+        """Reset `answer` and list the namespace's variables (in a thread: their reprs are user code)."""
+        assert self._runner is not None
+        runner = self._runner
+        try:
+            variables = await asyncio.wait_for(asyncio.to_thread(runner.begin_run), timeout)
+        except TimeoutError:
+            self._runner = self._new_runner("")
+            return RunStart([], restarted="listing the variables did not finish, so the namespace was renewed")
+        return RunStart(variables)
+
+    async def execute(self, code: str, timeout: float, calls: SubCalls) -> CellOutcome:
         assert self._runner is not None and self._loop is not None
+        self._cell_calls = calls
         runner = self._runner
         done: asyncio.Future[CellResult] = self._loop.create_future()
         loop = self._loop
@@ -106,6 +121,7 @@ class InprocessRepl:
             raise
         finally:
             self._thread = None
+            self._cell_calls = None
         return CellOutcome(stdout=result.stdout, error=result.error, truncated=result.truncated,
                            duration_ms=int((time.monotonic() - started) * 1000),
                            answer_content=result.answer_content, answer_ready=result.answer_ready,
@@ -135,3 +151,22 @@ class InprocessRepl:
         if self._thread is not None:
             _interrupt(self._thread)
         self._runner = None
+
+
+class InprocessBackend:
+    """`RLM_REPL=inprocess`: nothing shared; each REPL is a namespace in the server."""
+
+    def __init__(self, preload: list[str]) -> None:
+        self.preload = preload
+
+    async def start(self) -> None:
+        return None
+
+    def make(self, workspace: Workspace, options: ReplOptions) -> Repl:
+        return InprocessRepl(workspace, options)
+
+    async def close(self) -> None:
+        return None
+
+
+register("inprocess")(InprocessBackend)

@@ -16,6 +16,7 @@ length before it reads what the length announces; the caps below are what one me
 Messages, server to worker:
     init {options}                      once, first
     exec, texts [code]                  run a cell
+    begin                               a new run of a session: reset `answer`, list the variables
     reply {id, error?}, texts [results] answer to a batch request
 
 Worker to server:
@@ -23,6 +24,7 @@ Worker to server:
     batch {id}, texts [prompts]         generated code called llm_query/llm_batch
     rlm {id}, texts [prompts…, contexts…]   … or rlm_query/rlm_batch (a context may be None)
     done {truncated, answer_ready, notes}, texts [stdout, error, answer, notes…, figures…]
+    begun, texts [one line per variable]     the answer to `begin`
 """
 
 from __future__ import annotations

@@ -185,6 +185,8 @@ def main(fd: int, *, expected_parent: int) -> None:
         command = channel.commands.get()
         if command is None or command.op == "exit":
             return
+        if command.op == "begin":
+            channel.send({"op": "begun"}, [protocol.fit(line, 400) for line in runner.begin_run()[:50]])
         if command.op == "exec":
             result = runner.run(str(command.texts[0] if command.texts else ""))
             if os.getpid() != channel.owner:

@@ -1,0 +1,245 @@
+"""One run tree from its start to its terminal event: the root run, its REPL, its children.
+
+`RunDriver.drive` is the task behind a `LiveRun`. It sets up the root run's workspace and REPL (or takes
+a session's), runs the `Controller`, and emits exactly one `final` or `error`. Child runs (`rlm_batch`
+where the tree allows recursion) get workspaces and REPLs of their own and report through `child`
+events in the root's stream.
+
+What cancels what: cancelling the driver task (a client leaving a run it owns, `POST …/cancel`, the
+server shutting down) cancels the root model request or the cell in flight; the cell's pending
+sub-calls and child runs are cancelled with it; the `finally` blocks kill the workers of the run's own
+REPLs and remove their workspaces, and the run still ends with its `error` event, code `cancelled`.
+A session's REPL is the exception: it outlives the run, for the session's next question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import prompts
+from .controller import Controller, RunOutcome
+from .events import ChildEvent, ErrorEvent, EventBase, FinalEvent, InputInfo, ParentRef, RunLimits, RunUsage, StartEvent
+from .inputs import RunInput
+from .llm import SubcallSession
+from .repl.base import Repl, ReplOptions
+from .repl.workspace import Workspace
+from .runs import LiveRun
+from .sessions import Session, Turn
+from .tree import RunTree
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("rlm_service")
+
+Emit = Callable[[EventBase], None]
+RUN_TIMEOUT_GRACE_S = 5.0
+"""Past RLM_RUN_TIMEOUT_S runs stop at their next turn; this much later the tree is cancelled outright."""
+BEGIN_TIMEOUT_S = 10.0
+"""How long a session's REPL may take to list its variables for a follow-up."""
+
+
+@dataclass
+class RunPlan:
+    """What one root run is asked to do."""
+
+    prompt: str
+    run_input: RunInput
+    limits: RunLimits
+    keep_input: bool = False
+    session: Session | None = None
+    """The session whose REPL this run continues (a follow-up)."""
+    new_session_id: str | None = None
+    """Keep this run's REPL as a new session under this id (`settings.session`)."""
+
+
+class _Node:
+    """A run's controller once it exists, so a failure can still report the answer it had started."""
+
+    controller: Controller | None = None
+
+    def answer(self) -> str | None:
+        return self.controller.answer[0] if self.controller and self.controller.answer[0] else None
+
+
+class RunDriver:
+    """Drives the runs of one engine (which holds the shared clients, agents, REPL backend and sessions)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+
+    async def drive(self, run: LiveRun, plan: RunPlan, emit: Emit) -> None:
+        """The root run, then exactly one `final` or `error`, and the run's log line."""
+        started = time.monotonic()
+        tree = RunTree(run.id, plan.limits, self.engine.subcall_budget(plan.limits), prices=self.settings.rlm_prices)
+        node = _Node()
+        outcome = "error"
+        terminal: EventBase
+        try:
+            timeout = plan.limits.run_timeout_s
+            async with asyncio.timeout(timeout + RUN_TIMEOUT_GRACE_S if timeout else None):
+                result = await self._root(node, tree, run.id, plan, emit)
+            outcome = "final" if result.ready else "final (not ready)"
+            recursive = tree.limits.max_depth > 1
+            terminal = FinalEvent(run_id=run.id, answer=result.answer, ready=result.ready,
+                                  iterations=result.iterations, usage=tree.totals(),
+                                  elapsed_ms=int((time.monotonic() - started) * 1000),
+                                  by_depth=tree.by_depth() if recursive else None,
+                                  cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note)
+        except asyncio.CancelledError:
+            # Cancelled by a client (or the server shutting down): the run still ends with its terminal event.
+            outcome = "cancelled"
+            reason = run.cancel_reason or "the server is shutting down"
+            terminal = ErrorEvent(run_id=run.id, code="cancelled", message=f"The run was cancelled: {reason}.",
+                                  answer=node.answer())
+        except Exception as exc:
+            code, message = self.engine.classify(exc)
+            if isinstance(exc, TimeoutError) and plan.limits.run_timeout_s:
+                message = f"The run took longer than RLM_RUN_TIMEOUT_S ({plan.limits.run_timeout_s:g} s)."
+            outcome = f"error:{code}"
+            if code == "internal":
+                log.exception("run %s failed", run.id)
+            terminal = ErrorEvent(run_id=run.id, code=code, message=message, answer=node.answer())
+        finally:
+            totals = tree.totals()
+            log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
+                     run.id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,
+                     totals.root.input_tokens, totals.root.output_tokens, totals.sub.input_tokens,
+                     totals.sub.output_tokens, time.monotonic() - started)
+        session = plan.session or self.engine.sessions.get(plan.new_session_id or "")
+        if session is not None:  # before the terminal event, so a follow-up sent on seeing it finds the session free
+            answer = terminal.answer if isinstance(terminal, FinalEvent) else (node.answer() or "")
+            self.engine.sessions.release(session, Turn(run.id, plan.prompt, answer or "",
+                                                       isinstance(terminal, FinalEvent) and terminal.ready))
+        emit(terminal)
+
+    async def _root(self, node: _Node, tree: RunTree, run_id: str, plan: RunPlan, emit: Emit) -> RunOutcome:
+        session = plan.session
+        if session is None:
+            return await self._fresh(node, tree, 0, run_id, plan, emit, emit)
+        emit(self._start_event(run_id, 0, plan.run_input, plan.limits, session.id))
+        began = await session.repl.begin_run(BEGIN_TIMEOUT_S)
+        message = prompts.follow_up_message(
+            plan.prompt, earlier=[(turn.prompt, turn.answer, turn.ready) for turn in session.turns],
+            variables=began.variables, chars=session.input_chars, lines=session.input_lines,
+            kind=session.input_kind, preview=session.preview, restarted=began.restarted)
+        if began.restarted:
+            log.info("session %s: the REPL was restarted since the last run (%s)", session.id, began.restarted)
+        return await self._control(node, tree, 0, run_id, plan.limits, session.repl, None, message, emit, emit)
+
+    async def _fresh(self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit,
+                     stream: Emit) -> RunOutcome:
+        """A run with a workspace and REPL of its own (closed at its end, unless kept as a session)."""
+        settings = self.settings
+        run_input = plan.run_input
+        workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
+        repl: Repl | None = None
+        starting: asyncio.Future[None] | None = None
+        kept = False
+        try:
+            if run_input.path is not None:
+                workspace.adopt_input(run_input.path)
+            else:
+                await asyncio.to_thread(workspace.write_input, run_input.text or "")
+            store = self.engine.store
+            if plan.keep_input and store is not None:
+                await asyncio.to_thread(store.keep_input, run_id, workspace.input_path)
+            repl = self.engine.repls.make(workspace, self._repl_options(plan))
+            starting = asyncio.ensure_future(repl.start())  # alongside the first model request
+            emit(self._start_event(run_id, depth, run_input, plan.limits, plan.new_session_id))
+            preview = run_input.head[: settings.rlm_context_preview_chars]
+            kind = prompts.describe_kind(run_input.head)
+            message = prompts.task_message(plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind,
+                                           preview=preview)
+            try:
+                return await self._control(node, tree, depth, run_id, plan.limits, repl, starting, message, emit,
+                                           stream)
+            finally:
+                if plan.new_session_id and starting.done() and not starting.cancelled() \
+                        and starting.exception() is None:
+                    await self.engine.sessions.add(Session(
+                        id=plan.new_session_id, repl=repl, workspace=workspace, input_chars=run_input.chars,
+                        input_lines=run_input.lines, input_kind=kind, preview=preview, live_run=run_id))
+                    kept = True
+        finally:
+            if not kept:
+                if starting is not None and not starting.done():
+                    starting.cancel()
+                if repl is not None:
+                    await repl.close()
+                workspace.remove()
+            run_input.discard()
+
+    async def _control(self, node: _Node, tree: RunTree, depth: int, run_id: str, limits: RunLimits, repl: Repl,
+                       starting: asyncio.Future[None] | None, message: str, emit: Emit, stream: Emit) -> RunOutcome:
+        settings = self.settings
+        usage = tree.register(depth)
+        subcalls = SubcallSession(self.engine.sub_client, settings.sub_model or "", budget=tree.subcalls,
+                                  usage=usage.sub, on_cost=tree.sub_cost)
+        agent = self.engine.root_agent() if depth == 0 else self.engine.child_agent()
+        controller = Controller(run_id=run_id, agent=agent, protocol=settings.rlm_root_protocol, limits=limits,
+                                repl=repl, repl_starting=starting, subcalls=subcalls, emit=emit, usage=usage,
+                                tree=tree, depth=depth, stream=stream, children=self.children)
+        node.controller = controller
+        return await controller.run(message)
+
+    def _repl_options(self, plan: RunPlan) -> ReplOptions:
+        settings, limits = self.settings, plan.limits
+        cpu_seconds = int(limits.exec_timeout_s * limits.max_iterations) + 60
+        return ReplOptions(
+            max_output_chars=limits.max_output_chars, memory_mb=settings.rlm_worker_memory_mb,
+            network=settings.rlm_worker_network == "on",
+            # a session's worker serves several runs: CPU time is counted over its whole life
+            cpu_seconds=cpu_seconds * (8 if plan.new_session_id else 1),
+            processes=settings.rlm_worker_processes, disk_mb=settings.rlm_worker_disk_mb,
+            landlock=settings.rlm_worker_landlock == "on",
+        )
+
+    def _start_event(self, run_id: str, depth: int, run_input: RunInput, limits: RunLimits,
+                     session_id: str | None) -> StartEvent:
+        settings = self.settings
+        root_model = settings.root_model if depth == 0 else settings.sub_model
+        return StartEvent(run_id=run_id, model=root_model or "", sub_model=settings.sub_model or "",
+                          input=InputInfo(chars=run_input.chars, lines=run_input.lines), limits=limits,
+                          protocol=settings.rlm_root_protocol, repl=settings.rlm_repl, session_id=session_id)
+
+    async def children(self, parent: Controller, prompts_: list[str], contexts: list[str | None]) -> list[str]:
+        """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
+        tree, depth = parent.tree, parent.depth + 1
+        reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
+
+        async def child(prompt: str, context: str | None) -> str:
+            async with tree.children:
+                run_id = uuid.uuid4().hex[:16]
+                started = time.monotonic()
+
+                def emit(event: EventBase) -> None:
+                    parent.stream(ChildEvent(run_id=tree.root_run_id, depth=depth, parent=reference, event=event.type,
+                                             data=event.model_dump(mode="json", exclude={"seq"})))
+
+                node = _Node()
+                plan = RunPlan(prompt, RunInput.from_text(context or ""), parent.limits)
+                try:
+                    result = await self._fresh(node, tree, depth, run_id, plan, emit, parent.stream)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    code, message = self.engine.classify(exc)
+                    emit(ErrorEvent(run_id=run_id, code=code, message=message, answer=node.answer()))
+                    return f"Error: the child run failed ({code}): {message}"
+                own = node.controller.usage if node.controller else RunUsage()
+                emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready,
+                                iterations=result.iterations, usage=own,
+                                elapsed_ms=int((time.monotonic() - started) * 1000)))
+                if result.answer:
+                    return result.answer
+                return "Error: the child run ended without an answer."
+
+        return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))

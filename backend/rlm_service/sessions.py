@@ -1,0 +1,157 @@
+"""Sessions: a run's REPL kept after the run, so that follow-up questions find every variable it made.
+
+A run started with `settings.session` hands its workspace and REPL to a `Session` when it ends instead of
+closing them; `POST /process` with the session's id then starts a follow-up run on that REPL. The root
+model of a follow-up is told the earlier questions and their final answers and which variables exist,
+never the input itself. A session ends when it is deleted, when it has been idle for RLM_SESSION_IDLE_S,
+or when it is the longest idle one and a new session needs its place (RLM_MAX_SESSIONS); ending it kills
+its worker and removes its workspace (its input included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .repl.base import Repl
+from .repl.workspace import Workspace
+
+log = logging.getLogger("rlm_service")
+
+SWEEP_INTERVAL_S = 30.0
+ANSWER_CHARS_SHOWN = 2000
+"""Characters of each earlier answer that a follow-up's root model is shown."""
+
+
+class SessionUnavailable(Exception):
+    """A follow-up cannot start: `status` is 404 (no such session, or it ended) or 409 (a run of it is live)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Turn:
+    """One question of a session and how it ended."""
+
+    run_id: str
+    prompt: str
+    answer: str = ""
+    ready: bool = False
+
+
+@dataclass
+class Session:
+    """A REPL (its worker and workspace) kept between the runs of one conversation."""
+
+    id: str
+    repl: Repl
+    workspace: Workspace
+    input_chars: int
+    input_lines: int
+    input_kind: str
+    preview: str
+    turns: list[Turn] = field(default_factory=list)
+    live_run: str | None = None
+    last_used: float = field(default_factory=time.time)
+    lost: str | None = None
+    """Why the REPL had to be restarted since the last run (its worker died): the variables are gone."""
+
+    def expires_at(self, idle_s: float) -> float:
+        return self.last_used + idle_s
+
+    def describe(self, idle_s: float) -> dict[str, object]:
+        return {"id": self.id, "runs": [turn.run_id for turn in self.turns], "live_run": self.live_run,
+                "expires_at": self.expires_at(idle_s),
+                "input": {"chars": self.input_chars, "lines": self.input_lines}}
+
+
+class SessionManager:
+    """The sessions of this server process: created by runs, found by id, ended when idle or evicted."""
+
+    def __init__(self, *, idle_s: float, max_sessions: int) -> None:
+        self.idle_s = idle_s
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def new_id(self) -> str:
+        return "s" + uuid.uuid4().hex[:15]
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    async def add(self, session: Session) -> None:
+        """Keep a session, ending the longest idle ones past RLM_MAX_SESSIONS."""
+        self._sessions[session.id] = session
+        while len(self._sessions) > self.max_sessions:
+            idle = [s for s in self._sessions.values() if s.live_run is None and s is not session]
+            if not idle:
+                break
+            oldest = min(idle, key=lambda s: s.last_used)
+            log.info("session %s ended: the longest idle of more than RLM_MAX_SESSIONS (%d)", oldest.id,
+                     self.max_sessions)
+            await self.end(oldest.id)
+        self._start_sweeper()
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def claim(self, session_id: str, run_id: str) -> Session:
+        """The session, marked as running `run_id`; raises `SessionUnavailable` (404, 409)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionUnavailable(404, f"no session {session_id!r}: it never existed, was deleted, or ended "
+                                          f"after {self.idle_s:g} s idle (RLM_SESSION_IDLE_S); start a new run "
+                                          "with the input and settings.session")
+        if session.live_run is not None:
+            raise SessionUnavailable(409, f"run {session.live_run} of session {session_id} is still going; "
+                                          "follow it (GET /api/runs/{id}/events) or cancel it first")
+        session.live_run = run_id
+        session.last_used = time.time()
+        return session
+
+    def release(self, session: Session, turn: Turn) -> None:
+        """A run of the session ended: record its question and answer, and start its idle time."""
+        session.turns.append(turn)
+        session.live_run = None
+        session.last_used = time.time()
+
+    async def end(self, session_id: str) -> bool:
+        """End a session: its worker is killed and its workspace removed. False if there was none."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        with contextlib.suppress(Exception):
+            await session.repl.close()
+        session.workspace.remove()
+        return True
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="rlm-session-sweeper")
+
+    async def _sweep_forever(self) -> None:
+        while self._sessions:
+            await asyncio.sleep(min(SWEEP_INTERVAL_S, self.idle_s / 4))
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """End the sessions idle for longer than RLM_SESSION_IDLE_S."""
+        now = time.time()
+        for session in list(self._sessions.values()):
+            if session.live_run is None and now >= session.expires_at(self.idle_s):
+                log.info("session %s ended after %.0f s idle", session.id, now - session.last_used)
+                await self.end(session.id)
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for session_id in list(self._sessions):
+            await self.end(session_id)

@@ -1,0 +1,153 @@
+"""Sessions: follow-up questions on the same REPL, over real HTTP against the fake model server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+
+from tests.conftest import LiveServer, SseEvent, make_settings, post_process, script, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+
+INPUT = "header line\n" + "".join(f"record {i}: value={i * 7}\n" for i in range(2000)) + "TAIL-SECRET-7f3a\n"
+FINISH = "answer.update(content=str({expr}), ready=True)"
+
+
+def ask(url: str, prompt: str, *, input_data: str | None = None, session_id: str | None = None,
+        **settings: Any) -> list[SseEvent]:
+    body: dict[str, Any] = {"prompt": prompt}
+    if input_data is not None:
+        body["input_data"] = input_data
+    if session_id is not None:
+        body["session_id"] = session_id
+    if settings:
+        body["settings"] = settings
+    response, events = stream_run(url, json_body=body)
+    assert response.status_code == 200, response.text
+    return events
+
+
+def root_messages(fake: FakeOpenAI) -> list[str]:
+    """The text of every message the root model was sent, request by request."""
+    return ["\n".join(str(m.get("content") or "") for m in body["messages"]) for body in fake.stats.root_bodies]
+
+
+def first_user_message(body: dict[str, Any]) -> str:
+    return next(str(m["content"]) for m in body["messages"] if m["role"] == "user")
+
+
+@pytest.mark.parametrize("repl", ["subprocess", "inprocess"])
+def test_a_three_question_session_reuses_the_variables_of_the_first(fake: FakeOpenAI, repl: str) -> None:
+    """Mutant caught: closing the run's REPL at its end whatever `settings.session` says (the second
+    question's cell then fails with NameError)."""
+    fake.record = True
+    first = script({"code": ["records = [l for l in context.splitlines() if l.startswith('record')]\n"
+                             "total = sum(int(l.split('=')[1]) for l in records)"]},
+                   {"code": [FINISH.format(expr="total")]})
+    second = script({"code": [FINISH.format(expr="len(records)")]})
+    third = script({"code": ["answer.update(content=f'{total // len(records)} avg; ' + context[-17:-1], "
+                             "ready=True)"]})
+    with LiveServer(make_settings(fake, rlm_repl=repl)) as server:
+        one = ask(server.url, first, input_data=INPUT, session=True)
+        session_id = one[0].data["session_id"]
+        assert session_id and one[-1].data["answer"] == str(sum(i * 7 for i in range(2000)))
+        two = ask(server.url, second, session_id=session_id)
+        three = ask(server.url, third, session_id=session_id)
+        described = httpx2.get(f"{server.url}/api/sessions/{session_id}").json()
+    assert two[0].event == "start" and two[0].data["session_id"] == session_id
+    assert two[-1].data["answer"] == "2000" and two[-1].data["ready"]
+    assert three[-1].data["answer"] == "6996 avg; TAIL-SECRET-7f3a"
+    assert described["runs"] == [one[0].data["run_id"], two[0].data["run_id"], three[0].data["run_id"]]
+    assert described["live_run"] is None and described["expires_at"] > time.time() + 1000
+    follow_up = first_user_message(fake.stats.root_bodies[-1])
+    assert "Q: " + second in follow_up and "A: 2000" in follow_up  # earlier questions and answers
+    assert "- records: list, 2,000 items = ['record 0: value=0'" in follow_up  # the variables
+    assert "- total: int" in follow_up
+    assert all("TAIL-SECRET-7f3a" not in text for text in root_messages(fake))  # never the input itself
+
+
+def test_follow_ups_are_refused_clearly(fake: FakeOpenAI) -> None:
+    slow = script({"code": ["import time\ntime.sleep(1.5)"]}, {"code": [FINISH.format(expr="1")]})
+    with LiveServer(make_settings(fake)) as server:
+        unknown = post_process(server.url, json={"prompt": "x", "session_id": "s0000000000000000"})
+        one = ask(server.url, script({"code": [FINISH.format(expr="1")]}), input_data="abc", session=True)
+        session_id = one[0].data["session_id"]
+        with_input = post_process(server.url, json={"prompt": "x", "session_id": session_id, "input_data": "new"})
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as live:
+            lines = live.iter_lines()
+            next(lines)
+            busy = post_process(server.url, json={"prompt": "x", "session_id": session_id})
+            busy_delete = httpx2.delete(f"{server.url}/api/sessions/{session_id}")
+            list(lines)
+        deleted = httpx2.delete(f"{server.url}/api/sessions/{session_id}")
+        after = post_process(server.url, json={"prompt": "x", "session_id": session_id})
+        gone = httpx2.get(f"{server.url}/api/sessions/{session_id}")
+    assert unknown.status_code == 404 and "no session" in unknown.json()["detail"]
+    assert with_input.status_code == 422 and "session's input" in with_input.json()["detail"]
+    assert busy.status_code == 409 and "still going" in busy.json()["detail"]
+    assert busy_delete.status_code == 409
+    assert deleted.status_code == 204 and after.status_code == 404 and gone.status_code == 404
+
+
+def test_deleting_a_session_frees_its_worker_and_its_workspace(fake: FakeOpenAI) -> None:
+    where = script({"code": ["import os\nprint(os.getpid(), os.getcwd())"]}, {"code": [FINISH.format(expr="1")]})
+    with LiveServer(make_settings(fake)) as server:
+        events = ask(server.url, where, input_data="abc", session=True)
+        pid, workdir = next(e for e in events if e.event == "output").data["stdout"].split()
+        assert Path(workdir).is_dir() and os.path.exists(f"/proc/{pid}")
+        assert httpx2.delete(f"{server.url}/api/sessions/{events[0].data['session_id']}").status_code == 204
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(int(pid)), timeout=5)
+    assert not Path(workdir).exists()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except OSError:
+        return True
+
+
+def test_idle_sessions_expire_and_the_longest_idle_is_evicted(fake: FakeOpenAI) -> None:
+    done = script({"code": [FINISH.format(expr="1")]})
+    with LiveServer(make_settings(fake, rlm_session_idle_s=1.0)) as expiring:
+        session_id = ask(expiring.url, done, input_data="a", session=True)[0].data["session_id"]
+        assert httpx2.get(f"{expiring.url}/api/sessions/{session_id}").status_code == 200
+        assert wait_until(lambda: httpx2.get(f"{expiring.url}/api/sessions/{session_id}").status_code == 404,
+                          timeout=10)
+    with LiveServer(make_settings(fake, rlm_max_sessions=2)) as bounded:
+        ids = [ask(bounded.url, done, input_data="a", session=True)[0].data["session_id"] for _ in range(3)]
+        kept = [httpx2.get(f"{bounded.url}/api/sessions/{i}").status_code for i in ids]
+    assert kept == [404, 200, 200]
+
+
+def test_a_session_whose_worker_died_says_so_and_goes_on_from_its_input(fake: FakeOpenAI) -> None:
+    fake.record = True
+    pid_cell = script({"code": ["import os\nkept = 1\nprint(os.getpid())"]}, {"code": [FINISH.format(expr="1")]})
+    again = script({"code": ["answer.update(content=str((len(context), 'kept' in dir())), ready=True)"]})
+    with LiveServer(make_settings(fake)) as server:
+        first = ask(server.url, pid_cell, input_data="abcdef", session=True)
+        pid = int(next(e for e in first if e.event == "output").data["stdout"])
+        os.kill(pid, signal.SIGKILL)
+        after = ask(server.url, again, session_id=first[0].data["session_id"])
+    assert after[-1].data["answer"] == "(6, False)"
+    assert "The REPL was restarted since the last question" in first_user_message(fake.stats.root_bodies[-1])
+
+
+def test_a_session_survives_a_failed_question(fake: FakeOpenAI) -> None:
+    with LiveServer(make_settings(fake)) as server:
+        first = ask(server.url, script({"code": ["kept = 41"]}, {"code": [FINISH.format(expr="kept")]}),
+                    input_data="x", session=True)
+        fake.inject("status", role="root", status=500, count=10)
+        failed = ask(server.url, "anything", session_id=first[0].data["session_id"])
+        fake.faults.clear()
+        third = ask(server.url, script({"code": [FINISH.format(expr="kept + 1")]}),
+                    session_id=first[0].data["session_id"])
+    assert failed[-1].event == "error" and failed[-1].data["code"] == "model_unavailable"
+    assert third[-1].data["answer"] == "42"
