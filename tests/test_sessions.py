@@ -151,3 +151,15 @@ def test_a_session_survives_a_failed_question(fake: FakeOpenAI) -> None:
                     session_id=first[0].data["session_id"])
     assert failed[-1].event == "error" and failed[-1].data["code"] == "model_unavailable"
     assert third[-1].data["answer"] == "42"
+
+
+def test_the_history_groups_a_sessions_runs(fake: FakeOpenAI, tmp_path: Path) -> None:
+    done = script({"code": [FINISH.format(expr="1")]})
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        first = ask(server.url, done, input_data="a", session=True)
+        ask(server.url, done, session_id=first[0].data["session_id"])
+        ask(server.url, done, input_data="b")
+        runs = httpx2.get(f"{server.url}/api/runs").json()["runs"]
+        one = httpx2.get(f"{server.url}/api/runs/{runs[1]['id']}").json()["run"]
+    assert [run["session_id"] for run in runs] == [None, first[0].data["session_id"], first[0].data["session_id"]]
+    assert one["session_id"] == first[0].data["session_id"]

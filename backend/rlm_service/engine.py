@@ -194,7 +194,7 @@ class Engine:
                 id=run.id, created=time.time(), status="running", prompt=prompt,
                 settings=(settings or RunSettings()).model_dump(exclude_none=True), input_chars=run_input.chars,
                 input_lines=run_input.lines, input_bytes=run_input.size_bytes, input_sha256=run_input.sha256,
-                input_name=run_input.name))
+                input_name=run_input.name, session_id=run.session_id))
         plan = RunPlan(prompt, run_input, limits, keep_input=bool(settings and settings.keep_input and store),
                        session=session, new_session_id=new_session_id)
         run.task = asyncio.create_task(self._driver.drive(run, plan, emit), name=f"rlm-run-{run.id}")

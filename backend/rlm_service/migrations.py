@@ -102,6 +102,11 @@ MIGRATIONS: tuple[Migration, ...] = (
         "PRAGMA auto_vacuum = INCREMENTAL",
         "VACUUM",
     ), postgresql=(), transactional=False),
+    # A session's runs are one conversation: the history groups them by the session they belong to.
+    Migration(5, "runs know their session", (
+        "ALTER TABLE runs ADD COLUMN session_id TEXT",
+        "CREATE INDEX IF NOT EXISTS runs_session ON runs (session_id)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

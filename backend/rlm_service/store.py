@@ -75,6 +75,7 @@ class RunRecord:
     iterations: int | None = None
     usage: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    session_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -103,6 +104,7 @@ class RunSummary:
     iterations: int | None
     usage: dict[str, Any] | None
     error: dict[str, Any] | None
+    session_id: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -233,12 +235,12 @@ class SqliteRunStore:
     def begin(self, record: RunRecord) -> None:
         row = (record.id, record.created, record.status, json.dumps(record.settings), record.input_chars,
                record.input_lines, record.input_bytes, record.input_sha256, record.input_name,
-               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt))
+               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt), record.session_id)
 
         def write(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO runs (id, created, status, settings, input_chars, input_lines, input_bytes, "
-                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
+                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
             db.execute("INSERT INTO prompts (run_id, prompt) VALUES (?, ?) ON CONFLICT (run_id) DO NOTHING",
                        (record.id, record.prompt))
 
@@ -409,7 +411,7 @@ def _reclaim(db: sqlite3.Connection, deleted: object) -> None:
 
 _SUMMARY_COLUMNS = ("id, created, finished, status, prompt_preview, prompt_chars, settings, input_chars, input_lines, "
                     "input_bytes, input_sha256, input_name, input_kept, answer_preview, answer_chars, ready, "
-                    "iterations, usage, error")
+                    "iterations, usage, error, session_id")
 
 
 def _events(db: sqlite3.Connection, run_id: str, after: int) -> list[dict[str, Any]]:
@@ -426,7 +428,7 @@ def _summary(row: sqlite3.Row) -> RunSummary:
         answer_preview=row["answer_preview"], answer_chars=row["answer_chars"],
         ready=None if row["ready"] is None else bool(row["ready"]), iterations=row["iterations"],
         usage=json.loads(row["usage"]) if row["usage"] else None,
-        error=json.loads(row["error"]) if row["error"] else None,
+        error=json.loads(row["error"]) if row["error"] else None, session_id=row["session_id"],
     )
 
 
@@ -437,5 +439,5 @@ def _record(row: sqlite3.Row, prompt: str, answer: str | None) -> RunRecord:
         input_chars=summary.input_chars, input_lines=summary.input_lines, input_bytes=summary.input_bytes,
         input_sha256=summary.input_sha256, input_name=summary.input_name, input_kept=summary.input_kept,
         finished=summary.finished, answer=answer, ready=summary.ready, iterations=summary.iterations,
-        usage=summary.usage, error=summary.error,
+        usage=summary.usage, error=summary.error, session_id=summary.session_id,
     )
