@@ -276,3 +276,22 @@ async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: 
     assert types(events) == ["start", "error"]
     assert events[-1].code == "internal" and "out of processes" in events[-1].message  # type: ignore[attr-defined]
     assert requests == [1]  # one root request, then the cell found no worker
+
+
+def test_the_system_prompt_teaches_figures_markdown_and_the_method_by_example() -> None:
+    """What a weak root model needs most (#20): matplotlib and that open figures reach the user, that the
+    answer is Markdown read on its own, and one worked example of look → chunk → batch → verify → ready."""
+    from rlm_service import prompts
+    from rlm_service.events import RunLimits
+
+    limits = RunLimits(max_iterations=20, max_subcalls=1000, exec_timeout_s=300, subcall_concurrency=16,
+                       max_output_chars=8192)
+    for protocol in ("tools", "text"):
+        text = prompts.system_prompt(protocol, limits)
+        assert "matplotlib" in text and "shown to the user" in text
+        assert "rendered as Markdown" in text and "on its own" in text
+        example = text[text.index("For example"):]
+        steps = ["print(len(context))", "llm_batch(", "startswith(\"Error:\")", "answer[\"ready\"] = True"]
+        assert all(step in example for step in steps)
+        assert [example.index(step) for step in steps] == sorted(example.index(step) for step in steps)
+        assert len(text) < 4200  # read every turn: keep it short (BENCHMARKS.md, beside B6)

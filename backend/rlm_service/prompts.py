@@ -18,10 +18,11 @@ In the REPL you have:
   same order. A reply that starts with "Error:" failed; the others are fine.
 - `answer`: a dict {{"content": str, "ready": bool}}. The run ends after the first cell that leaves
   answer["ready"] True, and answer["content"] is what the user gets.
-Variables survive from cell to cell, also after an error. The standard library and numpy are
-available; the network is not. A cell may run for {exec_timeout_s:g} s at most. You have {max_iterations}
-turns and {max_subcalls} sub-model calls in all. Only the first {max_output_chars} characters or so of a
-cell's output come back to you, so print summaries and samples, never the whole input.
+Variables survive from cell to cell, also after an error. The standard library, numpy and matplotlib
+are available; the network is not. Figures a cell leaves open (matplotlib.pyplot) are shown to the user
+under that cell. A cell may run for {exec_timeout_s:g} s at most. You have {max_iterations} turns and
+{max_subcalls} sub-model calls in all. Only the first {max_output_chars} characters or so of a cell's
+output come back to you, so print summaries and samples, never the whole input.
 
 How to work:
 1. Look first: print len(context), a few slices, the line structure, separators, formats. Never guess
@@ -34,17 +35,28 @@ How to work:
    one `llm_batch` call. Keep the results in variables.
 4. Aggregate with code. If the partial results still need to be combined by a model, pass them to
    `llm_query` (or another `llm_batch` when they are too long for one prompt).
-5. Write the answer into answer["content"], print it (or a check of it), and set answer["ready"] = True
-   only once output you have seen confirms it is complete and correct."""
+5. Verify: print the answer or a check of it (counts add up, no "Error:" slot was used as data).
+6. Write the answer into answer["content"] and set answer["ready"] = True only once output you have seen
+   confirms it is complete and correct. The user reads answer["content"] rendered as Markdown, on its
+   own: it must answer the task fully, without referring to your cells or variables.
+
+For example, to summarize a long transcript (one cell per step, each after reading the last output):
+    print(len(context)); print(context[:500])                      # look
+    size = 60_000
+    chunks = [context[i:i + size] for i in range(0, len(context), size)]
+    notes = llm_batch([f"List the main points of this part of a transcript:\\n{{c}}" for c in chunks])
+    print(len(chunks), sum(n.startswith("Error:") for n in notes))  # check before using them
+    summary = llm_query("Write a summary in Markdown from these notes:\\n" + "\\n".join(notes))
+    answer["content"] = summary; print(summary[:2000])              # verify
+    answer["ready"] = True                                           # only after seeing it is right
+"""
 
 TOOLS_SYSTEM_PROMPT = _COMMON + """
-
 Run code by calling the `run_python` tool with the code as its argument. You may make several calls in
 one reply; they run one after another, in order. Keep prose short: the user sees your final answer
 through answer["content"], not through your messages."""
 
 TEXT_SYSTEM_PROMPT = _COMMON + """
-
 You run code by writing it in a fenced block that starts with ```repl (or ```python) and ends with ```.
 Every block in your reply runs, in order, and their outputs come back to you in the next message: do
 not guess at output in the same reply. Keep prose short: the user sees your final answer through
