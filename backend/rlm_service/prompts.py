@@ -37,8 +37,8 @@ How to work:
    `llm_query` (or another `llm_batch` when they are too long for one prompt).
 5. Verify: print the answer or a check of it (counts add up, no "Error:" slot was used as data).
 6. Write the answer into answer["content"] and set answer["ready"] = True only once output you have seen
-   confirms it is complete and correct. The user reads answer["content"] rendered as Markdown, on its
-   own: it must answer the task fully, without referring to your cells or variables.
+   confirms it is complete and correct. The user reads answer["content"] rendered as Markdown and
+   on its own: it must answer the task fully, without referring to your cells or variables.
 
 For example, to summarize a long transcript (one cell per step, each after reading the last output):
     print(len(context)); print(context[:500])                      # look
