@@ -22,6 +22,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
 from .auth import token_check
+from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .engine import Engine
 from .history import history_router
@@ -66,9 +67,10 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: float = PING_SECONDS,
-               **engine_kwargs: Any) -> FastAPI:
+               runs: Capacity | None = None, sessions: Capacity | None = None, **engine_kwargs: Any) -> FastAPI:
     """Build the app. The engine (its zygote, its model clients) is built inside the running loop, at startup.
-    `ping_s`: seconds of silence after which a stream gets a keep-alive comment."""
+    `ping_s`: seconds of silence after which a stream gets a keep-alive comment; `runs` and `sessions`:
+    the instance's counts when it has several processes (one process: counted here)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +78,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
         store = None
         if own and settings.history_path is not None:
             store = SqliteRunStore(settings.history_path)
-        app.state.engine = engine or Engine(settings, store=store, **engine_kwargs)
+        app.state.engine = engine or Engine(settings, store=store, sessions=sessions, **engine_kwargs)
         app.state.store = app.state.engine.store
         if own:
             await app.state.engine.start()
@@ -93,7 +95,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
                               "the input, and delegates reading to sub-models. `POST /process` streams "
                               "the run as Server-Sent Events.")
     app.state.settings = settings
-    slots = RunSlots(settings.rlm_max_concurrent_runs)
+    slots = RunSlots(runs or LocalCapacity(settings.rlm_max_concurrent_runs))
     app.state.slots = slots
     if settings.rlm_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.rlm_cors_origins, allow_credentials=False,

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    web_concurrency: int = Field(1, ge=1, le=64)
+    """Server processes on HOST:PORT (`python backend/main.py`, `rlm-service serve`); the instance's limits
+    hold over all of them."""
 
     @field_validator("openai_api_base")
     @classmethod

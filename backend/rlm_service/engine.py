@@ -19,6 +19,7 @@ from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
 
+from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .controller import Controller, build_agent
 from .events import ErrorCode, EventBase, RunLimits
@@ -101,7 +102,8 @@ class Engine:
     """Runs RLM tasks. Use as `async with Engine(settings) as engine:`, then `engine.run(...)`."""
 
     def __init__(self, settings: Settings, *, root_model: Model | Callable[[], Model] | None = None,
-                 store: RunStore | None = None) -> None:
+                 store: RunStore | None = None, sessions: Capacity | None = None) -> None:
+        """`sessions`: RLM_MAX_SESSIONS counted over the instance's processes (one process: here)."""
         self.settings = settings
         self.store = store
         self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
@@ -110,7 +112,8 @@ class Engine:
         self.root_client = self.sub_client.with_timeout(settings.rlm_root_timeout_s)  # one connection pool
         self.repls = backend(settings.rlm_repl, settings.rlm_worker_preload)
         self.runs = RunRegistry()
-        self.sessions = SessionManager(idle_s=settings.rlm_session_idle_s, max_sessions=settings.rlm_max_sessions)
+        self.sessions = SessionManager(idle_s=settings.rlm_session_idle_s,
+                                       capacity=sessions or LocalCapacity(settings.rlm_max_sessions))
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
         self._child_agent: Agent[Controller, str] | None = None
@@ -177,7 +180,10 @@ class Engine:
         limits = effective_limits(self.settings, settings)
         run_id = run_id or uuid.uuid4().hex[:16]
         session = self.sessions.claim(session_id, run_id) if session_id is not None else None
-        new_session_id = self.sessions.new_id() if settings and settings.session and session is None else None
+        new_session_id = None
+        if settings and settings.session and session is None:
+            self.sessions.reserve()
+            new_session_id = self.sessions.new_id()
         run = LiveRun(run_id, detached=bool(settings and settings.detach),
                       session_id=session.id if session else new_session_id)
         if session is not None:

@@ -164,12 +164,14 @@ class RunDriver:
             finally:
                 if plan.new_session_id and starting.done() and not starting.cancelled() \
                         and starting.exception() is None:
-                    await self.engine.sessions.add(Session(
+                    self.engine.sessions.add(Session(
                         id=plan.new_session_id, repl=repl, workspace=workspace, input_chars=run_input.chars,
                         input_lines=run_input.lines, input_kind=kind, preview=preview, live_run=run_id))
                     kept = True
         finally:
             if not kept:
+                if plan.new_session_id and depth == 0:
+                    self.engine.sessions.unreserve()
                 if starting is not None and not starting.done():
                     starting.cancel()
                 if repl is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
+from .capacity import Capacity
 from .config import ENV_FILES, ConfigError, Settings, env_files_found, load_settings
 from .security import harden_server_process
 
@@ -48,12 +49,13 @@ def configure(**overrides: object) -> Settings:
     return settings
 
 
-def build_app(settings: Settings) -> FastAPI:
-    """The application, with the collector settled on what the imports left behind."""
+def build_app(settings: Settings, *, runs: Capacity | None = None, sessions: Capacity | None = None) -> FastAPI:
+    """The application, with the collector settled on what the imports left behind. `runs` and `sessions`
+    count over every process of the instance when it has several (`supervisor`)."""
     from .api import create_app
     from .runtime import settle_heap
 
-    app = create_app(settings)
+    app = create_app(settings, runs=runs, sessions=sessions)
     settle_heap()
     return app
 
@@ -62,7 +64,14 @@ def serve(settings: Settings, app: FastAPI) -> None:
     """Serve `app` on the configured host and port until stopped."""
     import uvicorn
 
+    processes = settings.web_concurrency
     print(f"RLM service on http://{settings.host}:{settings.port} "
-          f"(model: {settings.root_model or 'not set'}, REPL: {settings.rlm_repl})", flush=True)
+          f"(model: {settings.root_model or 'not set'}, REPL: {settings.rlm_repl}"
+          + (f", {processes} processes" if processes > 1 else "") + ")", flush=True)
+    if processes > 1:
+        from .supervisor import serve_processes
+
+        serve_processes(settings, processes)
+        return
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.rlm_log_level,
                 loop="asyncio", timeout_graceful_shutdown=5)

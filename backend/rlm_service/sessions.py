@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from .capacity import Capacity
 from .repl.base import Repl
 from .repl.workspace import Workspace
 
@@ -74,10 +75,12 @@ class Session:
 class SessionManager:
     """The sessions of this server process: created by runs, found by id, ended when idle or evicted."""
 
-    def __init__(self, *, idle_s: float, max_sessions: int) -> None:
+    def __init__(self, *, idle_s: float, capacity: Capacity) -> None:
+        """`capacity`: RLM_MAX_SESSIONS, counted over every process of the instance."""
         self.idle_s = idle_s
-        self.max_sessions = max_sessions
+        self.capacity = capacity
         self._sessions: dict[str, Session] = {}
+        self._closing: set[asyncio.Future[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     def new_id(self) -> str:
@@ -86,17 +89,29 @@ class SessionManager:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    async def add(self, session: Session) -> None:
-        """Keep a session, ending the longest idle ones past RLM_MAX_SESSIONS."""
-        self._sessions[session.id] = session
-        while len(self._sessions) > self.max_sessions:
-            idle = [s for s in self._sessions.values() if s.live_run is None and s is not session]
+    def reserve(self) -> None:
+        """Room for one more session, made by ending this process's longest idle one if the instance is
+        full; raises `SessionUnavailable` (429) when none can end. Give it back with `unreserve`, or use it
+        with `add`."""
+        while not self.capacity.try_take():
+            idle = [s for s in self._sessions.values() if s.live_run is None]
             if not idle:
-                break
+                raise SessionUnavailable(429, f"{self.capacity.limit} sessions are kept (RLM_MAX_SESSIONS) and "
+                                              "none is idle; delete one (DELETE /api/sessions/{id}) or retry later")
             oldest = min(idle, key=lambda s: s.last_used)
-            log.info("session %s ended: the longest idle of more than RLM_MAX_SESSIONS (%d)", oldest.id,
-                     self.max_sessions)
-            await self.end(oldest.id)
+            log.info("session %s ended: the longest idle when RLM_MAX_SESSIONS (%d) were kept", oldest.id,
+                     self.capacity.limit)
+            self._forget(oldest)
+            closing = asyncio.ensure_future(self._close(oldest))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+
+    def unreserve(self) -> None:
+        self.capacity.give()
+
+    def add(self, session: Session) -> None:
+        """Keep a session, in the room `reserve` made for it."""
+        self._sessions[session.id] = session
         self._start_sweeper()
 
     def get(self, session_id: str) -> Session | None:
@@ -124,13 +139,22 @@ class SessionManager:
 
     async def end(self, session_id: str) -> bool:
         """End a session: its worker is killed and its workspace removed. False if there was none."""
-        session = self._sessions.pop(session_id, None)
+        session = self._sessions.get(session_id)
         if session is None:
             return False
+        self._forget(session)
+        await self._close(session)
+        return True
+
+    def _forget(self, session: Session) -> None:
+        del self._sessions[session.id]
+        self.capacity.give()
+
+    @staticmethod
+    async def _close(session: Session) -> None:
         with contextlib.suppress(Exception):
             await session.repl.close()
         session.workspace.remove()
-        return True
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
@@ -155,3 +179,4 @@ class SessionManager:
             await asyncio.gather(self._sweeper, return_exceptions=True)
         for session_id in list(self._sessions):
             await self.end(session_id)
+        await asyncio.gather(*self._closing, return_exceptions=True)

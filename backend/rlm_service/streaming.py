@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from .capacity import Capacity
 from .config import Settings
 from .engine import Engine, SettingsRefused
 from .events import EventBase, parse_event
@@ -38,29 +39,35 @@ PROCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class RunSlots:
-    """Runs in progress on this server, and request bodies being read; past the limits, 429."""
+    """Runs in progress on this instance, and request bodies being read by this process; past the limits, 429."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
+    def __init__(self, capacity: Capacity) -> None:
+        self.capacity = capacity
+        self.limit = capacity.limit
         self.reading = 0
-        self.reading_limit = max(4 * limit, 64)
+        self.reading_limit = max(4 * capacity.limit, 64)
         """Bodies read at once, bounded on their own: slow uploads take no run slot. Each holds at most about
         1 MiB of the server's memory (multipart goes to disk, large JSON to its parser process)."""
 
+    @property
+    def active(self) -> int:
+        return self.capacity.used
+
     def refuse_if_full(self) -> None:
-        if self.active >= self.limit:
-            raise HTTPException(429, f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                                     "retry when one has finished", headers={"Retry-After": "5"})
+        if self.capacity.used >= self.limit:
+            raise self._full()
 
-    def take_for(self, run_started: LiveRun) -> None:
-        """Count a started run until it ends."""
-        self.active += 1
+    def take(self) -> None:
+        """Take a run's slot (429 when the instance has none left); give it back with `release_on_end`."""
+        if not self.capacity.try_take():
+            raise self._full()
 
-        def release(_: LiveRun) -> None:
-            self.active -= 1
+    def release_on_end(self, run: LiveRun) -> None:
+        run.on_end(lambda _: self.capacity.give())
 
-        run_started.on_end(release)
+    def _full(self) -> HTTPException:
+        return HTTPException(429, f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
+                                  "retry when one has finished", headers={"Retry-After": "5"})
 
 
 SEP = "\n"
@@ -124,8 +131,12 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             if parsed.session_id is not None and parsed.run_input.chars:
                 raise HTTPException(422, "a follow-up (session_id) uses its session's input: send no input_data "
                                          "or input_file")
-            slots.refuse_if_full()  # the slot is taken only once the body is complete
-            run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
+            slots.take()  # only once the body is complete
+            try:
+                run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
+            except BaseException:
+                slots.capacity.give()
+                raise
         except BaseException as exc:
             parsed.run_input.discard()
             if isinstance(exc, SettingsRefused):
@@ -133,7 +144,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             if isinstance(exc, SessionUnavailable):
                 raise HTTPException(exc.status, str(exc)) from None
             raise
-        slots.take_for(run)
+        slots.release_on_end(run)
         run.on_end(lambda _: parsed.run_input.discard())
         return event_stream(settings, _owned(run), ping_s=ping_s)
 

@@ -1,0 +1,99 @@
+"""Serving one instance with several processes on one port (`WEB_CONCURRENCY` > 1).
+
+The supervisor reads the settings, hardens itself (the key leaves its environment), binds the port and
+forks the server processes, which inherit the settings from its memory rather than an environment
+that would carry the key. Each process runs its own event loop, engine and workers on the shared
+listening socket, and the kernel spreads connections among them. The run and session counts of every
+process live in shared memory made before the fork (`capacity`), so the instance's limits hold as a
+whole. A process that dies is started again; its runs end for their followers as `lost` (every process
+notices through the shared history), and its counts are zeroed.
+
+Processes are forked, not spawned: a spawned interpreter would need the key in its environment or its
+arguments, where other processes of the machine could read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from types import FrameType
+
+from .capacity import SharedCapacity, zero
+from .config import Settings
+
+log = logging.getLogger("rlm_service")
+RESTART_DELAY_S = 1.0
+
+
+def serve_processes(settings: Settings, count: int) -> None:
+    """Serve on HOST:PORT with `count` processes until SIGTERM or SIGINT; restart any that dies."""
+    listener = socket.create_server((settings.host, settings.port), backlog=2048)
+    runs = multiprocessing.Array("i", count)
+    sessions = multiprocessing.Array("i", count)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _serve_one(settings, listener, SharedCapacity(settings.rlm_max_concurrent_runs, runs, index),
+                           SharedCapacity(settings.rlm_max_sessions, sessions, index))
+                code = 0
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(count):
+        start(index)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children:
+            continue
+        index = children.pop(pid)
+        zero(runs, index)
+        zero(sessions, index)
+        if not stopping:
+            log.error("server process %d ended (%s); starting another", pid, _describe(status))
+            time.sleep(RESTART_DELAY_S)
+            if not stopping:
+                start(index)
+    listener.close()
+
+
+def _serve_one(settings: Settings, listener: socket.socket, runs: SharedCapacity, sessions: SharedCapacity) -> None:
+    """One server process: its app on the shared socket, until the supervisor stops it."""
+    import uvicorn
+
+    from .server import build_app
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    app = build_app(settings, runs=runs, sessions=sessions)
+    config = uvicorn.Config(app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+def _describe(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"

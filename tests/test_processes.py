@@ -1,0 +1,73 @@
+"""WEB_CONCURRENCY: one instance served by several processes on one port, with the instance's limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import httpx2
+
+from tests.conftest import post_process, script, spawn_server, stream_run, wait_until
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(b")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _server_processes(supervisor: int) -> list[int]:
+    """The supervisor's server processes (not the JSON parser or other short-lived children)."""
+    processes = []
+    for child in _children(supervisor):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if b"main.py" in handle.read():
+                    processes.append(child)
+        except OSError:
+            continue
+    return processes
+
+
+def test_two_processes_share_the_port_and_the_run_limit(tmp_path: Path) -> None:
+    """Mutant caught: each process counting only its own runs (the instance then takes 4 with a limit of 2)."""
+    slow = script({"code": ["import time\ntime.sleep(4)\nanswer.update(content='ok', ready=True)"]})
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_CONCURRENT_RUNS="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        results: list[int] = []
+
+        def run() -> None:
+            response, events = stream_run(server.url, json_body={"prompt": slow}, timeout=60)
+            results.append(response.status_code if response.status_code != 200 else 200)
+
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: httpx2.get(f"{server.url}/api/config").json()["active_runs"] == 2, timeout=20)
+        refused = [post_process(server.url, json={"prompt": "x"}).status_code for _ in range(6)]
+        for thread in threads:
+            thread.join(60)
+    assert results == [200, 200]
+    assert refused == [429] * 6  # whichever process took the connection
+
+
+def test_a_server_process_that_dies_is_replaced(tmp_path: Path) -> None:
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        victim = _server_processes(server.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in _server_processes(server.pid)
+                          and len(_server_processes(server.pid)) == 2, timeout=30)
+        for _ in range(4):
+            response, events = stream_run(server.url, json_body={"prompt": "x"})
+            assert response.status_code == 200 and events[-1].event == "final"
