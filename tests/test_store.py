@@ -1,9 +1,11 @@
-"""The history store: schema upgrades, event numbers, what one run may store, and space given back."""
+"""The history store: schema upgrades, event numbers, what one run may store, and space given back. The tests of
+behaviour run on both stores (`store_factory`: SQLite, and PostgreSQL on a real server)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -21,7 +23,11 @@ from rlm_service.events import (
     ThoughtEvent,
 )
 from rlm_service.migrations import LATEST, SchemaTooNew
-from rlm_service.store import RunBudget, RunRecord, SqliteRunStore
+from rlm_service.store import RunBudget, RunRecord
+from rlm_service.store_sql import SqlRunStore
+from rlm_service.store_sqlite import SqliteRunStore
+
+StoreFactory = Callable[..., SqlRunStore]
 
 # The schema and the writes of the store before schema versions existed (version 0), copied as they were.
 SCHEMA_V0 = """
@@ -166,9 +172,9 @@ class _Numbered(CodeEvent):
     seq: int
 
 
-def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(tmp_path: Path) -> None:
+def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_factory: StoreFactory) -> None:
     """An event's own `seq` is its number; without one, the next in the run. Mutant: numbering from 0."""
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store = store_factory()
     run_id = "0123456789abcdef"
     store.begin(_record(run_id, 1.0))
     assert store.flush() and store.status(run_id) == "running"
@@ -187,10 +193,10 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(tmp_path:
     store.close()
 
 
-def test_a_write_that_breaks_a_constraint_loses_only_itself(tmp_path: Path) -> None:
+def test_a_write_that_breaks_a_constraint_loses_only_itself(store_factory: StoreFactory) -> None:
     """An event of a run that was never begun breaks the events' foreign key; the events around it, written in
     the same transaction, are kept. Mutant: dropping the row-by-row retry of a failed batch."""
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store = store_factory()
     store.begin(_record("aaaa", 1.0))
     store.record("aaaa", _start("aaaa"))
     store.record("never-begun", _start("never-begun"))
@@ -209,20 +215,15 @@ def _footprint(path: Path) -> int:
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp_path: Path) -> None:
-    """Four 16 MB answers (the run that grew a database by 140 MB) cost the history at most its budget and the
-    answer limit, and deleting the run returns the file to its size before. Mutants: `_Usage.stored` storing
-    every event whole (the file grew 70 MB), or the final answer uncapped (18 MB); `_reclaim` doing nothing
-    (the file stays 6 MB larger after the delete)."""
-    path = tmp_path / "h.sqlite3"
-    budget = RunBudget()
-    store = SqliteRunStore(path)
+def _small_run(store: SqlRunStore) -> None:
     store.begin(_record("small", 1.0))
     store.record("small", _start("small"))
     store.record("small", _final("small", "a small answer"))
     assert store.flush()
-    before = _footprint(path)
 
+
+def _big_run(store: SqlRunStore) -> None:
+    """A run with a 1 MB answer and four 16 MB answers, then a final one of 16 MB."""
     big = "big"
     store.begin(_record(big, 2.0))
     store.record(big, _start(big))
@@ -231,24 +232,46 @@ def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp
         store.record(big, AnswerEvent(run_id=big, content=f"{index}" * 16_000_000, ready=False))
     store.record(big, _final(big, "z" * 16_000_000))
     assert store.flush()
-    grown = _footprint(path) - before
-    print(f"database: {before:,} bytes, {grown:,} more after a run with four 16 MB answers")
-    assert grown < budget.event_bytes + budget.answer_chars + 1024**2
 
-    events = store.events(big)
+
+def test_one_run_stores_at_most_its_budget(store_factory: StoreFactory) -> None:
+    """Four 16 MB answers (the run that grew a database by 140 MB) are stored cut past the run's budget, marked,
+    and the final answer past the answer limit; a delete forgets the run. Mutants: `_Usage.stored` storing every
+    event whole, or the final answer uncapped."""
+    budget = RunBudget()
+    store = store_factory()
+    _small_run(store)
+    _big_run(store)
+    events = store.events("big")
     assert events[1]["content"] == "é" * 1_000_000 and "stored_cut" not in events[1]
     for index, event in enumerate(events[2:6]):
         assert event["stored_cut"] == {"content": 16_000_000}
         assert event["content"].startswith(f"{index}" * budget.cut_to_chars + " … [15,999,000 more characters")
+        assert len(event["content"]) < budget.cut_to_chars + 100
     final = events[-1]
     assert final["type"] == "final" and final["ready"] is True and final["stored_cut"] == {"answer": 16_000_000}
     assert final["answer"].startswith("z" * budget.answer_chars + " … [")
     summary = store.list(limit=1, before=None)[0]
     assert summary.answer_chars == 16_000_000 and summary.answer_preview == "z" * 200
+    assert store.delete("big") and store.get("big") is None and store.events("big") == []
+    assert store.get("small") is not None
 
-    assert store.delete(big)
+
+def test_a_delete_gives_the_space_back_to_the_disk(tmp_path: Path) -> None:
+    """The SQLite file grows by at most the run's budget and the answer limit, and deleting the run returns the
+    file to its size before. Mutants: `_Usage.stored` storing every event whole (the file grew 70 MB), or the
+    final answer uncapped (18 MB); `_reclaim` doing nothing (the file stays 6 MB larger after the delete)."""
+    path = tmp_path / "h.sqlite3"
+    budget = RunBudget()
+    store = SqliteRunStore(path)
+    _small_run(store)
+    before = _footprint(path)
+    _big_run(store)
+    grown = _footprint(path) - before
+    print(f"database: {before:,} bytes, {grown:,} more after a run with four 16 MB answers")
+    assert grown < budget.event_bytes + budget.answer_chars + 1024**2
+    assert store.delete("big")
     after = _footprint(path)
     print(f"after deleting it: {after:,} bytes")
     assert after <= before + 256 * 1024
-    assert store.get("small") is not None
     store.close()
