@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from rlm_service.events import (
@@ -22,8 +24,9 @@ from rlm_service.events import (
     StartEvent,
     ThoughtEvent,
 )
-from rlm_service.migrations import LATEST, SchemaTooNew
+from rlm_service.migrations import LATEST, MIGRATIONS, SchemaTooNew
 from rlm_service.store import RunBudget, RunRecord
+from rlm_service.store_postgres import PostgresRunStore
 from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
 
@@ -85,25 +88,22 @@ def _record(run_id: str, created: float, prompt: str | None = None) -> RunRecord
                      input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
 
 
-def _make_v0_database(path: Path) -> dict[str, list[str]]:
-    """A database as the store made it before schema versions: three runs (finished, failed, still running),
-    written with that store's statements. Returns each run's event JSON, in order."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.executescript(SCHEMA_V0)
+def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dict[str, list[str]]:
+    """Three runs (finished, failed, still running) written with the statements of the store before version 2,
+    through `execute` (SQL with `?` parameters). Returns each run's event JSON, in order."""
     runs = {
         "f00d000000000001": (1000.0, "finished run " + "p" * 500),
         "f00d000000000002": (1001.0, "failed run"),
         "f00d000000000003": (1002.0, "run the server lost"),
     }
     for run_id, (created, prompt) in runs.items():
-        db.execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
-                              "abc", "in.txt", 0))
+        execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
+                           "abc", "in.txt", 0))
     stored: dict[str, list[str]] = {run_id: [] for run_id in runs}
 
     def event(run_id: str, item: object) -> None:
         data = item.model_dump_json()  # type: ignore[attr-defined]
-        db.execute(EVENT_V0, (run_id, run_id, item.type, data))  # type: ignore[attr-defined]
+        execute(EVENT_V0, (run_id, run_id, item.type, data))  # type: ignore[attr-defined]
         stored[run_id].append(data)
 
     finished, failed, _ = runs
@@ -114,20 +114,25 @@ def _make_v0_database(path: Path) -> dict[str, list[str]]:
     answer = "the answer " + "a" * 300
     event(finished, AnswerEvent(run_id=finished, content=answer, ready=True))
     event(finished, _final(finished, answer))
-    db.execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
+    execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
     event(failed, ErrorEvent(run_id=failed, code="timeout", message="The run took too long.", answer="half"))
-    db.execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
-                          failed))
+    execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
+                       failed))
+    return stored
+
+
+def _make_v0_database(path: Path) -> dict[str, list[str]]:
+    """A database as the SQLite store made it before schema versions, with `_write_old_runs`."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(SCHEMA_V0)
+    stored = _write_old_runs(db.execute)
     db.close()
     return stored
 
 
-def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
-    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
-    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
-    path = tmp_path / "history.sqlite3"
-    old = _make_v0_database(path)
-    store = SqliteRunStore(path)
+def _check_upgraded(store: SqlRunStore, old: dict[str, list[str]], *, lost_status: str) -> None:
+    """Every run and event of `_write_old_runs` reads back as today's store writes them, and recording goes on."""
     finished, failed, lost = old
     listed = {run.id: run for run in store.list(limit=10, before=None)}
     assert list(listed) == [lost, failed, finished]
@@ -136,7 +141,7 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     assert listed[finished].answer_chars == len("the answer ") + 300 and listed[finished].status == "finished"
     assert listed[failed].status == "failed" and listed[failed].error == {"code": "timeout",
                                                                            "message": "The run took too long."}
-    assert listed[lost].status == "unfinished"
+    assert listed[lost].status == lost_status
     for run_id, events in old.items():
         record, stored = store.get(run_id)  # type: ignore[misc]
         assert [event.pop("seq") for event in stored] == list(range(1, len(events) + 1))
@@ -151,13 +156,60 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     store.record("f00d000000000004", _start("f00d000000000004"))
     assert store.flush()
     assert [event["seq"] for event in store.events("f00d000000000004")] == [1]
+
+
+def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
+    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
+    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
+    path = tmp_path / "history.sqlite3"
+    old = _make_v0_database(path)
+    store = SqliteRunStore(path)
+    _check_upgraded(store, old, lost_status="unfinished")
     store.close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     again = SqliteRunStore(path)  # opening an up-to-date database changes nothing
+    finished, failed, lost = old
     assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
     again.close()
+
+
+def _make_v1_postgresql(url: str) -> dict[str, list[str]]:
+    """A PostgreSQL database at schema version 1 (its step as this code has it), with `_write_old_runs`."""
+    with psycopg.connect(url, autocommit=True) as db:
+        for statement in MIGRATIONS[0].statements("postgresql"):
+            db.execute(statement)  # type: ignore[arg-type]
+        db.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version (id, version) VALUES (1, 1)")
+        return _write_old_runs(lambda sql, params: db.execute(sql.replace("?", "%s"), params))  # type: ignore[arg-type]
+
+
+def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str) -> None:
+    """The same runs as the SQLite upgrade above, on PostgreSQL; then a kept input (migration 5) works. Mutants:
+    dropping migration 2, or the copy of prompts in migration 3 (as above)."""
+    old = _make_v1_postgresql(pg_url)
+    store = PostgresRunStore(pg_url)
+    _check_upgraded(store, old, lost_status="running")
+    store.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+    again = PostgresRunStore(pg_url)  # opening an up-to-date database changes nothing
+    finished, failed, lost = old
+    assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
+    again.close()
+
+
+def test_replicas_that_start_together_upgrade_a_new_postgresql_database_once(pg_url: str) -> None:
+    """Four stores open one empty database at the same moment; every one opens, and the schema is made once.
+    Mutant: `migrate_postgresql` without its advisory lock (two make the same table: one fails)."""
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: PostgresRunStore(pg_url), range(4)))
+    for store in stores:
+        assert store.list(limit=1, before=None) == []
+        store.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
@@ -166,6 +218,14 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         db.execute(f"PRAGMA user_version = {LATEST + 1}")
     with pytest.raises(SchemaTooNew, match="upgrade the service"):
         SqliteRunStore(path)
+
+
+def test_a_postgresql_database_from_a_newer_version_is_refused(pg_url: str) -> None:
+    PostgresRunStore(pg_url).close()
+    with psycopg.connect(pg_url) as db:
+        db.execute("UPDATE schema_version SET version = %s", (LATEST + 1,))
+    with pytest.raises(SchemaTooNew, match="RLM_DATABASE_URL"):
+        PostgresRunStore(pg_url)
 
 
 class _Numbered(CodeEvent):
@@ -275,3 +335,18 @@ def test_a_delete_gives_the_space_back_to_the_disk(tmp_path: Path) -> None:
     print(f"after deleting it: {after:,} bytes")
     assert after <= before + 256 * 1024
     store.close()
+
+
+def test_a_prompt_with_a_nul_character_is_recorded(store_factory: StoreFactory) -> None:
+    """PostgreSQL's text cannot hold NUL: there the prompt is stored with U+FFFD in its place, and the run with
+    every event. Mutant: `_storable` passing texts unchanged (the run's row is refused: the run is not in the
+    history at all)."""
+    store = store_factory()
+    store.begin(_record("nul", 1.0, prompt="before\0after"))
+    store.record("nul", CodeEvent(run_id="nul", iteration=1, code="print('\\0')\0"))
+    store.record("nul", _final("nul", "an answer with \0 in it"))
+    assert store.flush()
+    record, events = store.get("nul")  # type: ignore[misc]
+    assert record.prompt in ("before\0after", "before\ufffdafter")
+    assert record.status == "finished" and record.answer == "an answer with \0 in it"
+    assert events[0]["code"] == "print('\\0')\0"
