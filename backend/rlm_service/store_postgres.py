@@ -49,6 +49,10 @@ CONNECT: dict[str, Any] = {"connect_timeout": 5, "application_name": "rlm-servic
 READ_TIMEOUT_S = 5.0
 READERS = 4
 """Connections of the read pool."""
+RECONNECT_S = 5.0
+"""How long the read pool tries to replace a lost connection before it leaves the next read to try again: its
+tries are spaced ever wider (1, 2, 4… s), so that a long window would keep reads failing long after the database
+is back."""
 START_WAIT_S = 30.0
 """How long the store waits at start for a database that cannot be reached yet (one starting beside it)."""
 CHUNK_BYTES = 1024**2
@@ -101,7 +105,8 @@ class PostgresRunStore(SqlRunStore):
             migrate_postgresql(db)
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
             url, min_size=1, max_size=READERS, kwargs={**CONNECT, "row_factory": dict_row},
-            check=ConnectionPool.check_connection, timeout=READ_TIMEOUT_S, name="rlm-history", open=False)
+            check=ConnectionPool.check_connection, timeout=READ_TIMEOUT_S, reconnect_timeout=RECONNECT_S,
+            name="rlm-history", open=False)
         self._pool.open(wait=False)
         super().__init__(lambda: PgDb(self._connect()), budget)
 
