@@ -3,11 +3,14 @@ for every server on the database, and a restart of PostgreSQL in the middle of r
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
 import httpx2
+import pytest
 
+from rlm_service.store import StoreUnavailable
 from rlm_service.store_postgres import PostgresRunStore
 from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
@@ -111,3 +114,13 @@ def test_the_first_read_after_a_restart_of_postgresql_succeeds(own_pg_server: Pg
         assert store.list(limit=1, before=None) == [] and store.status("0123456789abcdef") is None
     finally:
         store.close()
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_named_without_its_password() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://rlm:hunter2@127.0.0.1:{sock.getsockname()[1]}/rlm"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"^RLM_DATABASE_URL: the database cannot be reached") as error:
+        PostgresRunStore(url, start_wait_s=1.5)
+    assert time.monotonic() - started >= 1.5 and "hunter2" not in str(error.value)

@@ -37,7 +37,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 from .migrations import migrate_postgresql
-from .store import KeptInput, RunBudget, valid_run_id
+from .store import KeptInput, RunBudget, StoreUnavailable, valid_run_id
 from .store_sql import SqlRunStore
 from .storewriter import Db
 
@@ -176,15 +176,19 @@ class PostgresRunStore(SqlRunStore):
 
 
 def _connect_at_start(url: str, wait_s: float) -> psycopg.Connection[tuple[Any, ...]]:
-    """A connection, trying again for `wait_s` while the server cannot be reached; then the last error."""
+    """A connection, trying again for `wait_s` while the server cannot be reached; then `StoreUnavailable`."""
     deadline = time.monotonic() + wait_s
+    waiting = False
     while True:
         try:
             return psycopg.connect(url, **CONNECT)
         except psycopg.OperationalError as exc:
+            reason = " ".join(str(exc).split())
             if time.monotonic() >= deadline:
-                raise
-            log.warning("run history: waiting for PostgreSQL: %s", str(exc).strip().splitlines()[-1])
+                raise StoreUnavailable(f"RLM_DATABASE_URL: the database cannot be reached: {reason}") from None
+            if not waiting:
+                log.warning("run history: waiting up to %.0f s for PostgreSQL: %s", wait_s, reason)
+                waiting = True
             time.sleep(1.0)
 
 
