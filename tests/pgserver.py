@@ -57,7 +57,7 @@ class PgServer:
 
     def __init__(self, bin_dir: Path) -> None:
         self.bin = bin_dir
-        self.dir = Path(tempfile.mkdtemp(prefix="rlm-test-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="test-postgresql-"))
         self.data = self.dir / "data"
         self.port = _free_port()
         self._user: pwd.struct_passwd | None = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
