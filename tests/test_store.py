@@ -185,18 +185,28 @@ def _make_v1_postgresql(url: str) -> dict[str, list[str]]:
         return _write_old_runs(lambda sql, params: db.execute(sql.replace("?", "%s"), params))  # type: ignore[arg-type]
 
 
-def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str) -> None:
-    """The same runs as the SQLite upgrade above, on PostgreSQL; then a kept input (migration 5) works. Mutants:
-    dropping migration 2, or the copy of prompts in migration 3 (as above)."""
+def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str,
+                                                                              tmp_path: Path) -> None:
+    """The same runs as the SQLite upgrade above, on PostgreSQL; then the upgraded database keeps a run's input
+    and its session. Mutants: dropping migration 2, or the copy of prompts in migration 3 (as above); dropping
+    migration 6 (the input is not kept)."""
     old = _make_v1_postgresql(pg_url)
     store = PostgresRunStore(pg_url)
     _check_upgraded(store, old, lost_status="running")
+    source = tmp_path / "input.txt"
+    source.write_bytes("é".encode() * 700_000)  # two chunks
+    store.keep_input("f00d000000000004", source)
+    kept = store.read_input("f00d000000000004")
+    assert kept is not None and kept.size == 1_400_000 and b"".join(kept.chunks) == source.read_bytes()
+    store.begin(RunRecord(id="f00d000000000005", created=1004.0, status="running", prompt="again", settings={},
+                          input_chars=0, input_lines=0, input_bytes=0, session_id="s1"))
+    assert store.flush() and store.list(limit=1, before=None)[0].session_id == "s1"
     store.close()
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
     again = PostgresRunStore(pg_url)  # opening an up-to-date database changes nothing
     finished, failed, lost = old
-    assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
+    assert [run.id for run in again.list(limit=10, before=None)][2:] == [lost, failed, finished]
     again.close()
 
 
