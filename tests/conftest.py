@@ -23,6 +23,7 @@ import uvicorn
 from rlm_service.api import create_app
 from rlm_service.config import Settings
 from tests.fake_openai import FakeOpenAI
+from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # noqa: F401 (fixtures of every test module)
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT_MODEL = "root-model"

@@ -60,6 +60,19 @@ def test_a_bad_proxy_is_named_without_its_password(monkeypatch: pytest.MonkeyPat
     assert load_settings(_env_file=None).https_proxy is None
 
 
+def test_a_database_url_picks_postgresql_and_a_bad_one_is_named_without_its_password(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RLM_DATABASE_URL", "mysql://rlm:hunter2@db:3306/rlm")
+    with pytest.raises(ConfigError, match=r"^RLM_DATABASE_URL: must be a PostgreSQL URL") as error:
+        load_settings(_env_file=None)
+    assert "hunter2" not in str(error.value)
+    monkeypatch.setenv("RLM_DATABASE_URL", "postgres://rlm:hunter2@db:5432/rlm")  # as Render and Heroku write it
+    settings = load_settings(_env_file=None)
+    assert settings.history_kept and settings.history_path is None and "hunter2" not in repr(settings)
+    monkeypatch.setenv("RLM_DATABASE_URL", "")
+    assert load_settings(_env_file=None).rlm_database_url is None
+
+
 def test_env_file_and_aliases_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("OPENAI_", "RLM_")):

@@ -6,6 +6,7 @@ import base64
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
@@ -14,7 +15,9 @@ import pytest
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import CodeEvent, FinalEvent, InputInfo, RunLimits, RunUsage, StartEvent
 from rlm_service.export import export_markdown
-from rlm_service.store import RunRecord, SqliteRunStore
+from rlm_service.store import RunRecord
+from rlm_service.store_sql import SqlRunStore
+from rlm_service.store_sqlite import SqliteRunStore
 from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
 
@@ -34,8 +37,8 @@ def _start(run_id: str) -> StartEvent:
     return StartEvent(run_id=run_id, model="m", sub_model="s", input=InputInfo(chars=3, lines=1), limits=limits)
 
 
-def test_store_round_trip_and_pagination(tmp_path: Path) -> None:
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+def test_store_round_trip_and_pagination(store_factory: Callable[..., SqlRunStore]) -> None:
+    store = store_factory()
     for index in range(5):
         store.begin(_record(f"r{index}", 1000.0 + index))
         store.record(f"r{index}", _start(f"r{index}"))
@@ -160,13 +163,17 @@ async def test_a_cell_that_plots_yields_a_figure_event(fake: FakeOpenAI) -> None
 
 
 @pytest.mark.parametrize("kept", [False, True])
-async def test_engine_keeps_the_input_only_when_asked(tmp_path: Path, fake: FakeOpenAI, kept: bool) -> None:
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+async def test_engine_keeps_the_input_only_when_asked(store_factory: Callable[..., SqlRunStore], fake: FakeOpenAI,
+                                                      kept: bool) -> None:
+    store = store_factory()
     async with Engine(make_settings(fake), store=store) as engine:
         events = [e async for e in engine.run("x", "private data", RunSettings(keep_input=kept))]
     store.flush()
     run_id = events[0].run_id
-    assert (store.input_path(run_id) is not None) == kept
+    found = store.read_input(run_id)
+    assert (found is not None) == kept
+    if found is not None:
+        assert found.size == len(b"private data") and b"".join(found.chunks) == b"private data"
     record, _ = store.get(run_id)  # type: ignore[misc]
     assert record.input_kept == kept and record.settings["keep_input"] == kept
     store.close()

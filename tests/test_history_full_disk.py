@@ -19,7 +19,7 @@ import httpx2
 import pytest
 
 from rlm_service.events import AnswerEvent, CodeEvent
-from rlm_service.store import SqliteRunStore
+from rlm_service.store_sqlite import SqliteRunStore
 from rlm_service.storewriter import MAX_BACKLOG
 from tests.conftest import LiveServer, make_settings, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI

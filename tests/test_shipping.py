@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
 import yaml
 
+from rlm_service.config import load_settings
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +75,46 @@ def test_dockerignore_keeps_secrets_and_clutter_out() -> None:
 
 
 def test_render_blueprint() -> None:
+    """Two instances on one managed PostgreSQL database that only the account's services reach."""
     blueprint = yaml.safe_load((ROOT / "render.yaml").read_text())
     service = blueprint["services"][0]
     assert service["type"] == "web" and service["runtime"] == "docker"
-    assert service["healthCheckPath"] == "/health"
+    assert service["healthCheckPath"] == "/health" and service["numInstances"] == 2
     env = {item["key"]: item for item in service["envVars"]}
     assert env["OPENAI_API_KEY"].get("sync") is False and "value" not in env["OPENAI_API_KEY"]
     assert env["PORT"]["value"] == "8000"
+    database = {item["name"]: item for item in blueprint["databases"]}
+    assert env["RLM_DATABASE_URL"]["fromDatabase"]["property"] == "connectionString"
+    assert database[env["RLM_DATABASE_URL"]["fromDatabase"]["name"]]["ipAllowList"] == []
+
+
+def test_compose_file_wires_two_replicas_to_postgresql_behind_a_streaming_proxy() -> None:
+    """docker-compose.yml (no Docker engine runs here: its wiring is read, not run): the database's user,
+    password and name are the ones in the replicas' RLM_DATABASE_URL, which the settings accept; the replicas
+    wait for the database; the proxy sends to their port and streams (no buffering, long reads)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    db, app, proxy = (compose["services"][name] for name in ("db", "app", "proxy"))
+    assert app["build"] == "." and app["deploy"]["replicas"] == 2
+    assert app["depends_on"]["db"]["condition"] == "service_healthy" and "healthcheck" in db
+
+    def substituted(value: str) -> str:  # compose's ${NAME:-default}, with nothing set
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+    url = urlsplit(substituted(app["environment"]["RLM_DATABASE_URL"]))
+    db_env = {key: substituted(value) for key, value in db["environment"].items()}
+    assert (url.hostname, url.port, url.username, url.password, url.path) == (
+        "db", 5432, db_env["POSTGRES_USER"], db_env["POSTGRES_PASSWORD"], "/" + db_env["POSTGRES_DB"])
+    settings = load_settings(_env_file=None, rlm_database_url=url.geturl(), port=app["environment"]["PORT"])
+    assert settings.rlm_database_url is not None and settings.history_path is None
+
+    mounts = dict(volume.split(":")[:2] for volume in proxy["volumes"])
+    source = next(local for local, target in mounts.items() if target == "/etc/nginx/conf.d/default.conf")
+    conf = (ROOT / source).read_text()
+    directives = dict(re.findall(r"^\s*(\w+)\s+([^;{]+);", conf, re.MULTILINE))
+    assert re.search(rf"server\s+app:{settings.port}\s*;", conf)
+    assert directives["proxy_buffering"] == "off" and directives["proxy_request_buffering"] == "off"
+    assert int(directives["proxy_read_timeout"].rstrip("s")) >= 3600
+    assert directives["proxy_http_version"] == "1.1"
 
 
 def test_railway_blueprint() -> None:

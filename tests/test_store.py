@@ -1,12 +1,16 @@
-"""The history store: schema upgrades, event numbers, what one run may store, and space given back."""
+"""The history store: schema upgrades, event numbers, what one run may store, and space given back. The tests of
+behaviour run on both stores (`store_factory`: SQLite, and PostgreSQL on a real server)."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from rlm_service.events import (
@@ -20,8 +24,13 @@ from rlm_service.events import (
     StartEvent,
     ThoughtEvent,
 )
-from rlm_service.migrations import LATEST, SchemaTooNew
-from rlm_service.store import RunBudget, RunRecord, SqliteRunStore
+from rlm_service.migrations import LATEST, MIGRATIONS, SchemaTooNew
+from rlm_service.store import RunBudget, RunRecord
+from rlm_service.store_postgres import PostgresRunStore
+from rlm_service.store_sql import SqlRunStore
+from rlm_service.store_sqlite import SqliteRunStore
+
+StoreFactory = Callable[..., SqlRunStore]
 
 # The schema and the writes of the store before schema versions existed (version 0), copied as they were.
 SCHEMA_V0 = """
@@ -79,25 +88,22 @@ def _record(run_id: str, created: float, prompt: str | None = None) -> RunRecord
                      input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
 
 
-def _make_v0_database(path: Path) -> dict[str, list[str]]:
-    """A database as the store made it before schema versions: three runs (finished, failed, still running),
-    written with that store's statements. Returns each run's event JSON, in order."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.executescript(SCHEMA_V0)
+def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dict[str, list[str]]:
+    """Three runs (finished, failed, still running) written with the statements of the store before version 2,
+    through `execute` (SQL with `?` parameters). Returns each run's event JSON, in order."""
     runs = {
         "f00d000000000001": (1000.0, "finished run " + "p" * 500),
         "f00d000000000002": (1001.0, "failed run"),
         "f00d000000000003": (1002.0, "run the server lost"),
     }
     for run_id, (created, prompt) in runs.items():
-        db.execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
-                              "abc", "in.txt", 0))
+        execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
+                           "abc", "in.txt", 0))
     stored: dict[str, list[str]] = {run_id: [] for run_id in runs}
 
     def event(run_id: str, item: object) -> None:
         data = item.model_dump_json()  # type: ignore[attr-defined]
-        db.execute(EVENT_V0, (run_id, run_id, item.type, data))  # type: ignore[attr-defined]
+        execute(EVENT_V0, (run_id, run_id, item.type, data))  # type: ignore[attr-defined]
         stored[run_id].append(data)
 
     finished, failed, _ = runs
@@ -108,20 +114,25 @@ def _make_v0_database(path: Path) -> dict[str, list[str]]:
     answer = "the answer " + "a" * 300
     event(finished, AnswerEvent(run_id=finished, content=answer, ready=True))
     event(finished, _final(finished, answer))
-    db.execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
+    execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
     event(failed, ErrorEvent(run_id=failed, code="timeout", message="The run took too long.", answer="half"))
-    db.execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
-                          failed))
+    execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
+                       failed))
+    return stored
+
+
+def _make_v0_database(path: Path) -> dict[str, list[str]]:
+    """A database as the SQLite store made it before schema versions, with `_write_old_runs`."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.executescript(SCHEMA_V0)
+    stored = _write_old_runs(db.execute)
     db.close()
     return stored
 
 
-def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
-    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
-    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
-    path = tmp_path / "history.sqlite3"
-    old = _make_v0_database(path)
-    store = SqliteRunStore(path)
+def _check_upgraded(store: SqlRunStore, old: dict[str, list[str]], *, lost_status: str) -> None:
+    """Every run and event of `_write_old_runs` reads back as today's store writes them, and recording goes on."""
     finished, failed, lost = old
     listed = {run.id: run for run in store.list(limit=10, before=None)}
     assert list(listed) == [lost, failed, finished]
@@ -130,7 +141,7 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     assert listed[finished].answer_chars == len("the answer ") + 300 and listed[finished].status == "finished"
     assert listed[failed].status == "failed" and listed[failed].error == {"code": "timeout",
                                                                            "message": "The run took too long."}
-    assert listed[lost].status == "unfinished"
+    assert listed[lost].status == lost_status
     for run_id, events in old.items():
         record, stored = store.get(run_id)  # type: ignore[misc]
         assert [event.pop("seq") for event in stored] == list(range(1, len(events) + 1))
@@ -145,13 +156,70 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     store.record("f00d000000000004", _start("f00d000000000004"))
     assert store.flush()
     assert [event["seq"] for event in store.events("f00d000000000004")] == [1]
+
+
+def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_event(tmp_path: Path) -> None:
+    """Mutants: dropping migration 2 (old events keep their numbers from 0: readers miss each run's first one);
+    dropping the copy of prompts in migration 3 (the full prompts are lost)."""
+    path = tmp_path / "history.sqlite3"
+    old = _make_v0_database(path)
+    store = SqliteRunStore(path)
+    _check_upgraded(store, old, lost_status="unfinished")
     store.close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
     again = SqliteRunStore(path)  # opening an up-to-date database changes nothing
+    finished, failed, lost = old
     assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
     again.close()
+
+
+def _make_v1_postgresql(url: str) -> dict[str, list[str]]:
+    """A PostgreSQL database at schema version 1 (its step as this code has it), with `_write_old_runs`."""
+    with psycopg.connect(url, autocommit=True) as db:
+        for statement in MIGRATIONS[0].statements("postgresql"):
+            db.execute(statement)  # type: ignore[arg-type]
+        db.execute("CREATE TABLE schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version (id, version) VALUES (1, 1)")
+        return _write_old_runs(lambda sql, params: db.execute(sql.replace("?", "%s"), params))  # type: ignore[arg-type]
+
+
+def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str,
+                                                                              tmp_path: Path) -> None:
+    """The same runs as the SQLite upgrade above, on PostgreSQL; then the upgraded database keeps a run's input
+    and its session. Mutants: dropping migration 2, or the copy of prompts in migration 3 (as above); dropping
+    migration 6 (the input is not kept)."""
+    old = _make_v1_postgresql(pg_url)
+    store = PostgresRunStore(pg_url)
+    _check_upgraded(store, old, lost_status="running")
+    source = tmp_path / "input.txt"
+    source.write_bytes("é".encode() * 700_000)  # two chunks
+    store.keep_input("f00d000000000004", source)
+    kept = store.read_input("f00d000000000004")
+    assert kept is not None and kept.size == 1_400_000 and b"".join(kept.chunks) == source.read_bytes()
+    store.begin(RunRecord(id="f00d000000000005", created=1004.0, status="running", prompt="again", settings={},
+                          input_chars=0, input_lines=0, input_bytes=0, session_id="s1"))
+    assert store.flush() and store.list(limit=1, before=None)[0].session_id == "s1"
+    store.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+    again = PostgresRunStore(pg_url)  # opening an up-to-date database changes nothing
+    finished, failed, lost = old
+    assert [run.id for run in again.list(limit=10, before=None)][2:] == [lost, failed, finished]
+    again.close()
+
+
+def test_replicas_that_start_together_upgrade_a_new_postgresql_database_once(pg_url: str) -> None:
+    """Four stores open one empty database at the same moment; every one opens, and the schema is made once.
+    Mutant: `migrate_postgresql` without its advisory lock (two make the same table: one fails)."""
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: PostgresRunStore(pg_url), range(4)))
+    for store in stores:
+        assert store.list(limit=1, before=None) == []
+        store.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
@@ -162,13 +230,21 @@ def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         SqliteRunStore(path)
 
 
+def test_a_postgresql_database_from_a_newer_version_is_refused(pg_url: str) -> None:
+    PostgresRunStore(pg_url).close()
+    with psycopg.connect(pg_url) as db:
+        db.execute("UPDATE schema_version SET version = %s", (LATEST + 1,))
+    with pytest.raises(SchemaTooNew, match="RLM_DATABASE_URL"):
+        PostgresRunStore(pg_url)
+
+
 class _Numbered(CodeEvent):
     seq: int
 
 
-def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(tmp_path: Path) -> None:
+def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_factory: StoreFactory) -> None:
     """An event's own `seq` is its number; without one, the next in the run. Mutant: numbering from 0."""
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store = store_factory()
     run_id = "0123456789abcdef"
     store.begin(_record(run_id, 1.0))
     assert store.flush() and store.status(run_id) == "running"
@@ -187,10 +263,10 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(tmp_path:
     store.close()
 
 
-def test_a_write_that_breaks_a_constraint_loses_only_itself(tmp_path: Path) -> None:
+def test_a_write_that_breaks_a_constraint_loses_only_itself(store_factory: StoreFactory) -> None:
     """An event of a run that was never begun breaks the events' foreign key; the events around it, written in
     the same transaction, are kept. Mutant: dropping the row-by-row retry of a failed batch."""
-    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    store = store_factory()
     store.begin(_record("aaaa", 1.0))
     store.record("aaaa", _start("aaaa"))
     store.record("never-begun", _start("never-begun"))
@@ -209,20 +285,15 @@ def _footprint(path: Path) -> int:
     return path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)
 
 
-def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp_path: Path) -> None:
-    """Four 16 MB answers (the run that grew a database by 140 MB) cost the history at most its budget and the
-    answer limit, and deleting the run returns the file to its size before. Mutants: `_Usage.stored` storing
-    every event whole (the file grew 70 MB), or the final answer uncapped (18 MB); `_reclaim` doing nothing
-    (the file stays 6 MB larger after the delete)."""
-    path = tmp_path / "h.sqlite3"
-    budget = RunBudget()
-    store = SqliteRunStore(path)
+def _small_run(store: SqlRunStore) -> None:
     store.begin(_record("small", 1.0))
     store.record("small", _start("small"))
     store.record("small", _final("small", "a small answer"))
     assert store.flush()
-    before = _footprint(path)
 
+
+def _big_run(store: SqlRunStore) -> None:
+    """A run with a 1 MB answer and four 16 MB answers, then a final one of 16 MB."""
     big = "big"
     store.begin(_record(big, 2.0))
     store.record(big, _start(big))
@@ -231,24 +302,61 @@ def test_one_run_stores_at_most_its_budget_and_a_delete_gives_the_space_back(tmp
         store.record(big, AnswerEvent(run_id=big, content=f"{index}" * 16_000_000, ready=False))
     store.record(big, _final(big, "z" * 16_000_000))
     assert store.flush()
-    grown = _footprint(path) - before
-    print(f"database: {before:,} bytes, {grown:,} more after a run with four 16 MB answers")
-    assert grown < budget.event_bytes + budget.answer_chars + 1024**2
 
-    events = store.events(big)
+
+def test_one_run_stores_at_most_its_budget(store_factory: StoreFactory) -> None:
+    """Four 16 MB answers (the run that grew a database by 140 MB) are stored cut past the run's budget, marked,
+    and the final answer past the answer limit; a delete forgets the run. Mutants: `_Usage.stored` storing every
+    event whole, or the final answer uncapped."""
+    budget = RunBudget()
+    store = store_factory()
+    _small_run(store)
+    _big_run(store)
+    events = store.events("big")
     assert events[1]["content"] == "é" * 1_000_000 and "stored_cut" not in events[1]
     for index, event in enumerate(events[2:6]):
         assert event["stored_cut"] == {"content": 16_000_000}
         assert event["content"].startswith(f"{index}" * budget.cut_to_chars + " … [15,999,000 more characters")
+        assert len(event["content"]) < budget.cut_to_chars + 100
     final = events[-1]
     assert final["type"] == "final" and final["ready"] is True and final["stored_cut"] == {"answer": 16_000_000}
     assert final["answer"].startswith("z" * budget.answer_chars + " … [")
     summary = store.list(limit=1, before=None)[0]
     assert summary.answer_chars == 16_000_000 and summary.answer_preview == "z" * 200
+    assert store.delete("big") and store.get("big") is None and store.events("big") == []
+    assert store.get("small") is not None
 
-    assert store.delete(big)
+
+def test_a_delete_gives_the_space_back_to_the_disk(tmp_path: Path) -> None:
+    """The SQLite file grows by at most the run's budget and the answer limit, and deleting the run returns the
+    file to its size before. Mutants: `_Usage.stored` storing every event whole (the file grew 70 MB), or the
+    final answer uncapped (18 MB); `_reclaim` doing nothing (the file stays 6 MB larger after the delete)."""
+    path = tmp_path / "h.sqlite3"
+    budget = RunBudget()
+    store = SqliteRunStore(path)
+    _small_run(store)
+    before = _footprint(path)
+    _big_run(store)
+    grown = _footprint(path) - before
+    print(f"database: {before:,} bytes, {grown:,} more after a run with four 16 MB answers")
+    assert grown < budget.event_bytes + budget.answer_chars + 1024**2
+    assert store.delete("big")
     after = _footprint(path)
     print(f"after deleting it: {after:,} bytes")
     assert after <= before + 256 * 1024
-    assert store.get("small") is not None
     store.close()
+
+
+def test_a_prompt_with_a_nul_character_is_recorded(store_factory: StoreFactory) -> None:
+    """PostgreSQL's text cannot hold NUL: there the prompt is stored with U+FFFD in its place, and the run with
+    every event. Mutant: `_storable` passing texts unchanged (the run's row is refused: the run is not in the
+    history at all)."""
+    store = store_factory()
+    store.begin(_record("nul", 1.0, prompt="before\0after"))
+    store.record("nul", CodeEvent(run_id="nul", iteration=1, code="print('\\0')\0"))
+    store.record("nul", _final("nul", "an answer with \0 in it"))
+    assert store.flush()
+    record, events = store.get("nul")  # type: ignore[misc]
+    assert record.prompt in ("before\0after", "before\ufffdafter")
+    assert record.status == "finished" and record.answer == "an answer with \0 in it"
+    assert events[0]["code"] == "print('\\0')\0"

@@ -7,6 +7,7 @@ reads only from RLM_CORS_ORIGINS (none by default), and the token on `/process` 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ from .config import Settings
 from .engine import Engine
 from .history import history_router
 from .pageheaders import PageHeadersMiddleware
-from .store import SqliteRunStore
+from .store import open_store
 from .streaming import RunSlots, run_router
 from .uploads import ProcessRequest
 
@@ -75,9 +76,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
-        store = None
-        if own and settings.history_path is not None:
-            store = SqliteRunStore(settings.history_path)
+        store = await asyncio.to_thread(open_store, settings) if own else None
         app.state.engine = engine or Engine(settings, store=store, sessions=sessions, **engine_kwargs)
         app.state.store = app.state.engine.store
         if own:
@@ -121,7 +120,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
             "key_configured": settings.api_key_configured,
             "setup_problem": settings.setup_problem(),
             "auth_required": settings.rlm_api_token is not None,
-            "history": settings.history_path is not None,
+            "history": settings.history_kept,
             "protocol": settings.rlm_root_protocol,
             "repl": settings.rlm_repl,
             "limits": {

@@ -106,7 +106,10 @@ class Settings(BaseSettings):
     rlm_worker_preload: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = ["numpy", "matplotlib.pyplot"]
     """Modules imported once by the worker zygote, so that every run's code gets them at no cost."""
     rlm_history_db: str = "~/.local/share/rlm-service/history.sqlite3"
-    """Where run history is kept (SQLite); `off` keeps none."""
+    """Where run history is kept (SQLite); `off` keeps none. Unused when RLM_DATABASE_URL is set."""
+    rlm_database_url: SecretStr | None = None
+    """A PostgreSQL database (`postgresql://user:password@host:5432/name`) that keeps the run history for every
+    process and replica of the service; unset: SQLite at RLM_HISTORY_DB."""
     rlm_body_timeout_s: float = Field(30.0, gt=0)
     """A request body that sends nothing for this long, or arrives slower than RLM_BODY_MIN_RATE after it,
     is refused with 408."""
@@ -153,6 +156,16 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError("has a malformed port") from exc
         return value.strip()
+
+    @field_validator("rlm_database_url")
+    @classmethod
+    def _check_database(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        url = value.get_secret_value().strip()
+        if urlsplit(url).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a PostgreSQL URL such as postgresql://user:password@host:5432/rlm")
+        return SecretStr(url)
 
     @field_validator("openai_model_name", "openai_sub_model_name")
     @classmethod
@@ -202,8 +215,15 @@ class Settings(BaseSettings):
 
     @property
     def history_path(self) -> Path | None:
+        """The SQLite file of the run history; None when history is off or kept in PostgreSQL."""
         value = self.rlm_history_db.strip()
-        return None if value.lower() in ("", "off", "none", "false") else Path(value).expanduser()
+        if self.rlm_database_url is not None or value.lower() in ("", "off", "none", "false"):
+            return None
+        return Path(value).expanduser()
+
+    @property
+    def history_kept(self) -> bool:
+        return self.rlm_database_url is not None or self.history_path is not None
 
     def proxy_for_endpoint(self) -> str | None:
         """The HTTP(S)_PROXY to reach the endpoint through; never for local endpoints."""
@@ -256,7 +276,8 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = _field_env_name(Settings, tuple(first["loc"]), env_file)
         given = first.get("input")
-        secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY")  # proxies carry passwords
+        # proxies and database URLs carry passwords
+        secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY", "RLM_DATABASE_URL")
         shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}{shown}") from None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from .export import export_markdown
 from .store import RunRecord, RunStore, StoreUnavailable, valid_run_id
+
+T = TypeVar("T")
 
 
 def _store(request: Request) -> RunStore:
@@ -18,6 +21,14 @@ def _store(request: Request) -> RunStore:
     if store is None:
         raise HTTPException(404, "run history is off on this server (RLM_HISTORY_DB=off)")
     return store
+
+
+async def in_store(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A call of the store, in a thread; 503 when the database cannot be reached or written now."""
+    try:
+        return await asyncio.to_thread(call, *args, **kwargs)
+    except StoreUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
 
 
 def _run_id(run_id: str) -> str:
@@ -41,12 +52,12 @@ def history_router() -> APIRouter:
         """Past runs, newest first, a page at a time. Prompts and answers come as previews (`prompt_preview`,
         `prompt_chars`, `answer_preview`, `answer_chars`); `GET /api/runs/{id}` has them in full."""
         store = _store(request)
-        records = await asyncio.to_thread(store.list, limit=limit, before=before)
+        records = await in_store(store.list, limit=limit, before=before)
         runs = [record.to_dict() for record in records]
         return {"runs": runs, "next_before": runs[-1]["created"] if len(runs) == limit else None}
 
     async def _load(request: Request, run_id: str) -> tuple[RunRecord, list[dict[str, Any]]]:
-        found = await asyncio.to_thread(_store(request).get, run_id)
+        found = await in_store(_store(request).get, run_id)
         if found is None:
             raise HTTPException(404, f"no run {run_id!r} in the history")
         return found
@@ -60,10 +71,7 @@ def history_router() -> APIRouter:
     @router.delete("/{run_id}", status_code=204)
     async def delete_run(request: Request, run_id: RunId) -> Response:
         """Forget a run (and its kept input, if any). 503 when the history cannot be written now (a full disk)."""
-        try:
-            deleted = await asyncio.to_thread(_store(request).delete, run_id)
-        except StoreUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
+        deleted = await in_store(_store(request).delete, run_id)
         if not deleted:
             raise HTTPException(404, f"no run {run_id!r} in the history")
         return Response(status_code=204)
@@ -82,11 +90,13 @@ def history_router() -> APIRouter:
         return Response(body, media_type=media, headers=headers)
 
     @router.get("/{run_id}/input")
-    async def get_input(request: Request, run_id: RunId) -> FileResponse:
+    async def get_input(request: Request, run_id: RunId) -> StreamingResponse:
         """The run's input, when the run asked to keep it (`settings.keep_input`)."""
-        path = _store(request).input_path(run_id)
-        if path is None:
+        kept = await in_store(_store(request).read_input, run_id)
+        if kept is None:
             raise HTTPException(404, f"run {run_id!r} did not keep its input")
-        return FileResponse(path, media_type="text/plain; charset=utf-8", filename=f"rlm-input-{run_id}.txt")
+        headers = {"Content-Length": str(kept.size),
+                   "Content-Disposition": f'attachment; filename="rlm-input-{run_id}.txt"'}
+        return StreamingResponse(kept.chunks, media_type="text/plain; charset=utf-8", headers=headers)
 
     return router

@@ -15,13 +15,21 @@ statements are ones both accept (`CREATE ... IF NOT EXISTS`, `ADD COLUMN`, `DROP
 Where the two differ, a step carries each dialect's own statements:
 - Giving space back after deletes: SQLite needs `auto_vacuum = INCREMENTAL`, which takes effect only through a
   `VACUUM`, and `VACUUM` cannot run inside a transaction. PostgreSQL's autovacuum reclaims space by itself.
+- Kept inputs: SQLite keeps them as files beside the database; PostgreSQL, shared by replicas on several
+  machines, keeps them in the database, in chunks.
+
+On PostgreSQL every step runs in one transaction (its DDL is transactional), holding an advisory lock, so
+that replicas starting together upgrade the database once, one after the other.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import psycopg
 
 Dialect = Literal["sqlite", "postgresql"]
 PREVIEW_CHARS = 200
@@ -107,6 +115,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE runs ADD COLUMN session_id TEXT",
         "CREATE INDEX IF NOT EXISTS runs_session ON runs (session_id)",
     )),
+    Migration(6, "kept inputs in the database", sqlite=(), postgresql=(
+        """CREATE TABLE input_chunks (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            n INTEGER NOT NULL,
+            data BYTEA NOT NULL,
+            PRIMARY KEY (run_id, n)
+        )""",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -142,6 +158,34 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
                 db.execute(statement)
             db.execute(f"PRAGMA user_version = {step.version:d}")
     return found
+
+
+def migrate_postgresql(db: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """Bring a PostgreSQL database (a connection whose rows are tuples) to the latest version. Returns the version
+    it was at."""
+    found: int | None = None
+    for step in MIGRATIONS:
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
+                       "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+            db.execute("INSERT INTO schema_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = int(row[0]) if row else 0
+            if found is None:
+                found = version
+                if found > LATEST:
+                    raise SchemaTooNew(f"the history database is at schema version {found}; this version of the "
+                                       f"service knows versions up to {LATEST}: upgrade the service, or point "
+                                       "RLM_DATABASE_URL elsewhere")
+            if version < step.version:
+                for statement in step.statements("postgresql"):
+                    db.execute(statement)
+                db.execute("UPDATE schema_version SET version = %s", (step.version,))
+    return found or 0
+
+
+ADVISORY_LOCK = 0x524C4D5F534348  # "RLM_SCH": the key replicas take while they upgrade the schema
 
 
 def _sqlite_version(db: sqlite3.Connection) -> int:

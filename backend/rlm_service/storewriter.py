@@ -1,8 +1,10 @@
-"""The run history's writer thread: every write to the SQLite database, in order, in batched transactions,
-and still writing after the database has failed.
+"""The run history's writer thread: every write to the database, in order, in batched transactions, and still
+writing after the database has failed. The database is any `Db`: one connection of SQLite or PostgreSQL.
 
 Failures of two kinds:
-- The database cannot be written now (a full disk, an I/O error, a locked file): the write is kept and tried
+- The database cannot be written now (a full disk, an I/O error, a locked file, a PostgreSQL server that
+  restarts or cannot be reached; the `Db` tells which errors these are): the connection is closed, the write is
+  kept and tried
   again, after pauses growing from 0.5 s to 5 s, until it succeeds; new writes queue behind it. The first
   failure, each new kind of failure and the recovery are logged. While the database is failing, at most
   `MAX_BACKLOG` writes wait; past that, ordinary events are dropped (and counted in the recovery's log line),
@@ -19,23 +21,42 @@ from __future__ import annotations
 
 import logging
 import queue
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 log = logging.getLogger("rlm_service")
 
-RETRYABLE = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
-                       sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PROTOCOL,
-                       sqlite3.SQLITE_NOMEM})
-"""Primary result codes of failures that may pass: the write is kept and tried again."""
 BATCH = 500
 MAX_BACKLOG = 10_000
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
+
+
+class Db(Protocol):
+    """One connection to the history's database, in the one SQL both dialects read: `?` marks a parameter."""
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[Mapping[str, Any]]:
+        """Run one query; its rows, by column name."""
+
+    def begin(self) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None:
+        """End the transaction, if one is open, without its changes; never raises."""
+
+    def transient(self, exc: BaseException) -> bool:
+        """Whether a failure may pass by itself (the database cannot be written now): the write is kept."""
+
+    def close(self) -> None:
+        """Never raises."""
 
 
 class WriteSkipped(Exception):
@@ -47,10 +68,10 @@ class Job:
     """One write. `write` runs inside a transaction; `reply`, when given, gets its result once committed.
     `prepare` runs once, when the writer thread takes the job from the queue."""
 
-    write: Callable[[sqlite3.Connection], object] | None
+    write: Callable[[Db], object] | None
     reply: Future[object] | None = None
     prepare: Callable[[], None] | None = None
-    after: Callable[[sqlite3.Connection, object], None] | None = None
+    after: Callable[[Db, object], None] | None = None
     """Runs after the commit, outside the transaction, with the write's result."""
     urgent: bool = False
     droppable: bool = False
@@ -69,18 +90,12 @@ class _Stuck(Exception):
         self.error = error
 
 
-def retryable(exc: BaseException) -> bool:
-    """Whether a database error may pass by itself (see RETRYABLE)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in RETRYABLE
-
-
 class Writer:
     """The thread. `connect` opens its connection, again after each failure."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(self, connect: Callable[[], Db]) -> None:
         self._connect = connect
-        self._db: sqlite3.Connection | None = None
+        self._db: Db | None = None
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.failure: str | None = None
         self._failing_since = 0.0
@@ -202,7 +217,7 @@ class Writer:
                 job.reply.set_exception(WriteSkipped(self.failure or str(error)))
         return kept
 
-    def _write(self, db: sqlite3.Connection, jobs: list[Job]) -> None:
+    def _write(self, db: Db, jobs: list[Job]) -> None:
         """Batches in one transaction each; a batch that fails for a reason of its own is written job by job,
         so that one bad write loses only itself. Raises `_Stuck` with what is left when the database fails."""
         for start in range(0, len(jobs), BATCH):
@@ -211,33 +226,29 @@ class Writer:
                 self._transaction(db, batch)
                 continue
             except Exception as exc:
-                if retryable(exc):
+                if db.transient(exc):
                     raise _Stuck(jobs[start:], exc) from exc
             for index, job in enumerate(batch):
                 try:
                     self._transaction(db, [job])
                 except Exception as exc:
-                    if retryable(exc):
+                    if db.transient(exc):
                         raise _Stuck(batch[index:] + jobs[start + BATCH:], exc) from exc
                     log.warning("run history: a write failed and was dropped: %s", exc)
                     if job.reply is not None and not job.reply.done():
                         job.reply.set_exception(WriteSkipped(str(exc)))
 
     @staticmethod
-    def _transaction(db: sqlite3.Connection, jobs: list[Job]) -> None:
+    def _transaction(db: Db, jobs: list[Job]) -> None:
         live = [job for job in jobs if job.start()]
         results: list[object] = []
-        db.execute("BEGIN IMMEDIATE")
+        db.begin()
         try:
             for job in live:
                 results.append(None if job.write is None else job.write(db))
-            db.execute("COMMIT")
+            db.commit()
         except BaseException:
-            if db.in_transaction:  # SQLite ends the transaction itself after some failures (a full disk)
-                try:
-                    db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            db.rollback()
             raise
         for job, result in zip(live, results, strict=True):
             if job.after is not None:
@@ -265,8 +276,5 @@ class Writer:
 
     def _disconnect(self) -> None:
         if self._db is not None:
-            try:
-                self._db.close()
-            except sqlite3.Error:
-                pass
+            self._db.close()
             self._db = None

@@ -9,7 +9,6 @@ closing it cancels the run; every other stream only follows.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -22,6 +21,7 @@ from .capacity import Capacity
 from .config import Settings
 from .engine import Engine, SettingsRefused
 from .events import EventBase, parse_event
+from .history import in_store
 from .runs import LiveRun
 from .sessions import SessionUnavailable
 from .store import RunStore, valid_run_id
@@ -217,9 +217,9 @@ async def _stored_events(request: Request, run_id: str, after: int = 0) -> list[
 
 
 async def _store_events(store: RunStore, run_id: str, after: int = 0) -> list[dict[str, Any]] | None:
-    if await asyncio.to_thread(store.status, run_id) is None:
+    if await in_store(store.status, run_id) is None:
         return None
-    return await asyncio.to_thread(store.events, run_id, after)
+    return await in_store(store.events, run_id, after)
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:

@@ -1,0 +1,290 @@
+"""What the SQL stores share: every write through one writer thread (`storewriter.Writer`), every read, the
+sequence numbers of events and what one run may store. Each store gives its connections (`Db`), how it reads,
+and where kept inputs live; the SQL here runs unchanged on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
+from .migrations import PREVIEW_CHARS
+from .store import KeptInput, RunBudget, RunRecord, RunSummary, StoreUnavailable, valid_run_id
+from .storewriter import Db, Job, Writer, WriteSkipped
+
+DELETE_TIMEOUT_S = 10.0
+
+
+class SqlRunStore(ABC):
+    """A `RunStore` on an SQL database; a subclass says how to reach it."""
+
+    def __init__(self, connect: Callable[[], Db], budget: RunBudget | None) -> None:
+        self._usage = _Usage(budget or RunBudget())
+        self._seqs: dict[str, int] = {}
+        self._seqs_lock = threading.Lock()
+        self._writer = Writer(connect)
+
+    @abstractmethod
+    def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Db]:
+        """A connection to read with; `snapshot`: every query through it sees the same state of the database."""
+
+    @abstractmethod
+    def _transient(self, exc: BaseException) -> bool:
+        """Whether a failure to read may pass by itself (the database cannot be reached now)."""
+
+    @abstractmethod
+    def keep_input(self, run_id: str, source: Path) -> None: ...
+
+    @abstractmethod
+    def read_input(self, run_id: str) -> KeptInput | None: ...
+
+    @abstractmethod
+    def _reclaim(self, db: Db, deleted: object) -> None:
+        """After a committed delete, with its result: hand the freed space back, where the database needs it."""
+
+    @abstractmethod
+    def _after_delete(self, run_id: str) -> None:
+        """Once a run's rows are deleted: forget what else the store keeps of it."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why the database cannot be written at the moment, or None while writes succeed."""
+        return self._writer.failure
+
+    def begin(self, record: RunRecord) -> None:
+        row = (record.id, record.created, record.status, json.dumps(record.settings), record.input_chars,
+               record.input_lines, record.input_bytes, record.input_sha256, record.input_name,
+               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt), record.session_id)
+
+        def write(db: Db) -> None:
+            db.execute("INSERT INTO runs (id, created, status, settings, input_chars, input_lines, input_bytes, "
+                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
+            db.execute("INSERT INTO prompts (run_id, prompt) VALUES (?, ?) ON CONFLICT (run_id) DO NOTHING",
+                       (record.id, record.prompt))
+
+        self._writer.submit(Job(write))
+
+    def record(self, run_id: str, event: EventBase) -> None:
+        terminal = is_terminal(event)
+        with self._seqs_lock:
+            last = self._seqs.get(run_id, 0)
+            seq = event.seq if event.seq > 0 else last + 1
+            if terminal:
+                self._seqs.pop(run_id, None)
+            else:
+                self._seqs[run_id] = max(last, seq)
+        write = _EventWrite(self._usage, run_id, seq, event)
+        self._writer.submit(Job(write, prepare=write.prepare, droppable=not terminal))
+
+    def abandon(self, run_id: str, status: str) -> None:
+        with self._seqs_lock:
+            self._seqs.pop(run_id, None)
+
+        def write(db: Db) -> None:
+            self._usage.forget(run_id)
+            db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ? AND status = 'running'",
+                       (status, time.time(), run_id))
+
+        self._writer.submit(Job(write))
+
+    def flush(self, timeout: float = 30) -> bool:
+        done: Future[object] = Future()
+        self._writer.submit(Job(None, reply=done))
+        return self._writer.wait(done, timeout, give_up_while_failing=True) is not None
+
+    def delete(self, run_id: str) -> bool:
+        if not valid_run_id(run_id):
+            return False
+        done: Future[object] = Future()
+
+        def write(db: Db) -> bool:
+            return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)) > 0
+
+        self._writer.submit(Job(write, reply=done, urgent=True, after=self._reclaim))
+        try:
+            deleted = self._writer.wait(done, DELETE_TIMEOUT_S, give_up_while_failing=False)
+        except WriteSkipped as exc:
+            raise StoreUnavailable(f"the run history cannot be written now: {exc}") from None
+        if deleted is None:
+            raise StoreUnavailable("the run history did not answer in time; try again")
+        self._after_delete(run_id)
+        return bool(deleted)
+
+    def list(self, *, limit: int, before: float | None) -> list[RunSummary]:
+        query = f"SELECT {_SUMMARY_COLUMNS} FROM runs"
+        args: tuple[Any, ...] = ()
+        if before is not None:
+            query += " WHERE created < ?"
+            args = (before,)
+        query += " ORDER BY created DESC LIMIT ?"
+        with self._reading() as db:
+            return [_summary(row) for row in db.rows(query, (*args, limit))]
+
+    def get(self, run_id: str) -> tuple[RunRecord, builtins.list[dict[str, Any]]] | None:
+        if not valid_run_id(run_id):
+            return None
+        with self._reading(snapshot=True) as db:  # one state of the run, its prompt and its events
+            rows = db.rows(f"SELECT {_SUMMARY_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+            if not rows:
+                return None
+            prompt = db.rows("SELECT prompt FROM prompts WHERE run_id = ?", (run_id,))
+            events = _events(db, run_id, 0)
+        answer = next((event.get("answer") for event in reversed(events) if event.get("type") in TERMINAL_EVENTS),
+                      None)
+        return _record(rows[0], prompt[0]["prompt"] if prompt else "", answer), events
+
+    def events(self, run_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
+        if not valid_run_id(run_id):
+            return []
+        with self._reading() as db:
+            return _events(db, run_id, after)
+
+    def status(self, run_id: str) -> str | None:
+        if not valid_run_id(run_id):
+            return None
+        with self._reading() as db:
+            rows = db.rows("SELECT status FROM runs WHERE id = ?", (run_id,))
+        return str(rows[0]["status"]) if rows else None
+
+    def close(self) -> None:
+        self._writer.close()
+
+    @contextmanager
+    def _reading(self, *, snapshot: bool = False) -> Iterator[Db]:
+        """`_read`, its transient failures raised as `StoreUnavailable`."""
+        try:
+            with self._read(snapshot=snapshot) as db:
+                yield db
+        except Exception as exc:
+            if isinstance(exc, StoreUnavailable) or not self._transient(exc):
+                raise
+            raise StoreUnavailable(f"the run history cannot be read now: {type(exc).__name__}: {exc}") from None
+
+
+class _Usage:
+    """The writer thread's account of what each live run has stored so far."""
+
+    def __init__(self, budget: RunBudget) -> None:
+        self.budget = budget
+        self.used: dict[str, int] = {}
+
+    def stored(self, run_id: str, event: EventBase) -> str:
+        """The event's JSON as the history keeps it."""
+        whole = event.model_dump_json()
+        size = len(whole.encode())
+        if is_terminal(event):
+            self.used.pop(run_id, None)
+            answer = event.answer if isinstance(event, (FinalEvent, ErrorEvent)) else None
+            if answer is None or len(answer) <= self.budget.answer_chars:
+                return whole
+            data = event.model_dump(mode="json")
+            cut: dict[str, int] = {}
+            data["answer"] = _cut(answer, self.budget.answer_chars, "answer", cut)
+            return json.dumps({**data, "stored_cut": cut}, ensure_ascii=False)
+        used = self.used.get(run_id, 0)
+        if used + size <= self.budget.event_bytes:
+            self.used[run_id] = used + size
+            return whole
+        cut = {}
+        data = _cut(event.model_dump(mode="json"), self.budget.cut_to_chars, "", cut)
+        text = json.dumps({**data, "stored_cut": cut} if cut else data, ensure_ascii=False)
+        self.used[run_id] = used + len(text.encode())
+        return text
+
+    def forget(self, run_id: str) -> None:
+        self.used.pop(run_id, None)
+
+
+def _cut(value: Any, keep: int, path: str, cut: dict[str, int]) -> Any:
+    """`value` with every string longer than `keep` cut to it and marked; `cut` gets each one's path and length."""
+    if isinstance(value, str):
+        if len(value) <= keep:
+            return value
+        cut[path] = len(value)
+        return f"{value[:keep]} … [{len(value) - keep:,} more characters not kept in the history]"
+    if isinstance(value, dict):
+        return {key: _cut(item, keep, f"{path}.{key}" if path else key, cut) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cut(item, keep, f"{path}.{index}", cut) for index, item in enumerate(value)]
+    return value
+
+
+class _EventWrite:
+    """Writes one event. Its stored form is made once, by the writer thread, when it takes the job: that is
+    where the run's budget is counted, and it lets the event itself go while the write waits."""
+
+    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase) -> None:
+        self.usage, self.run_id, self.seq = usage, run_id, seq
+        self.event: EventBase | None = event
+        self.kind = event.type
+        self.data = ""
+        self.close: tuple[str, tuple[Any, ...]] | None = None
+
+    def prepare(self) -> None:
+        event, self.event = self.event, None
+        if event is None:
+            return
+        self.data = self.usage.stored(self.run_id, event)
+        if isinstance(event, FinalEvent):
+            self.close = ("UPDATE runs SET status = 'finished', finished = ?, ready = ?, iterations = ?, usage = ?, "
+                          "answer_preview = ?, answer_chars = ? WHERE id = ?",
+                          (time.time(), int(event.ready), event.iterations, event.usage.model_dump_json(),
+                           event.answer[:PREVIEW_CHARS], len(event.answer), self.run_id))
+        elif isinstance(event, ErrorEvent):
+            error = json.dumps({"code": event.code, "message": event.message})
+            answer = event.answer
+            status = "cancelled" if event.code == "cancelled" else "failed"
+            self.close = ("UPDATE runs SET status = ?, finished = ?, error = ?, answer_preview = ?, "
+                          "answer_chars = ? WHERE id = ?",
+                          (status, time.time(), error, None if answer is None else answer[:PREVIEW_CHARS],
+                           None if answer is None else len(answer), self.run_id))
+
+    def __call__(self, db: Db) -> None:
+        db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT (run_id, seq) DO NOTHING", (self.run_id, self.seq, self.kind, self.data))
+        if self.close is not None:
+            db.execute(*self.close)
+
+
+_SUMMARY_COLUMNS = ("id, created, finished, status, prompt_preview, prompt_chars, settings, input_chars, input_lines, "
+                    "input_bytes, input_sha256, input_name, input_kept, answer_preview, answer_chars, ready, "
+                    "iterations, usage, error, session_id")
+
+
+def _events(db: Db, run_id: str, after: int) -> list[dict[str, Any]]:
+    rows = db.rows("SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, after))
+    return [{**json.loads(row["data"]), "seq": row["seq"]} for row in rows]
+
+
+def _summary(row: Mapping[str, Any]) -> RunSummary:
+    return RunSummary(
+        id=row["id"], created=row["created"], status=row["status"], prompt_preview=row["prompt_preview"],
+        prompt_chars=row["prompt_chars"], settings=json.loads(row["settings"]), input_chars=row["input_chars"],
+        input_lines=row["input_lines"], input_bytes=row["input_bytes"], input_sha256=row["input_sha256"],
+        input_name=row["input_name"], input_kept=bool(row["input_kept"]), finished=row["finished"],
+        answer_preview=row["answer_preview"], answer_chars=row["answer_chars"],
+        ready=None if row["ready"] is None else bool(row["ready"]), iterations=row["iterations"],
+        usage=json.loads(row["usage"]) if row["usage"] else None,
+        error=json.loads(row["error"]) if row["error"] else None, session_id=row["session_id"],
+    )
+
+
+def _record(row: Mapping[str, Any], prompt: str, answer: str | None) -> RunRecord:
+    summary = _summary(row)
+    return RunRecord(
+        id=summary.id, created=summary.created, status=summary.status, prompt=prompt, settings=summary.settings,
+        input_chars=summary.input_chars, input_lines=summary.input_lines, input_bytes=summary.input_bytes,
+        input_sha256=summary.input_sha256, input_name=summary.input_name, input_kept=summary.input_kept,
+        finished=summary.finished, answer=answer, ready=summary.ready, iterations=summary.iterations,
+        usage=summary.usage, error=summary.error, session_id=summary.session_id,
+    )

@@ -1,0 +1,143 @@
+"""The default run history: one SQLite file on this machine.
+
+Writes go through one thread of their own (store_sql.py), so recording an event never blocks the event loop;
+reads open their own connection. A run that was still `running` when the server stopped (a crash, a kill) is
+marked `unfinished` when the store opens again: it is kept, not lost. A kept input is a file beside the
+database, `inputs/<run id>.txt`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from .migrations import migrate_sqlite
+from .store import KeptInput, RunBudget, valid_run_id
+from .store_sql import SqlRunStore
+from .storewriter import Db, Job
+
+log = logging.getLogger("rlm_service")
+
+READ_TIMEOUT_S = 5.0
+CHUNK_BYTES = 1024**2
+TRANSIENT = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                       sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PROTOCOL,
+                       sqlite3.SQLITE_NOMEM})
+"""Primary result codes of failures that may pass: a write is kept and tried again."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether an SQLite error may pass by itself (see TRANSIENT)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in TRANSIENT
+
+
+class SqliteDb:
+    """A `Db` on one SQLite connection in autocommit mode (transactions are opened explicitly)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self.connection.execute(sql, params).rowcount
+
+    def rows(self, sql: str, params: Sequence[object] = ()) -> list[Mapping[str, Any]]:
+        cursor = self.connection.execute(sql, params)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor]
+
+    def begin(self) -> None:
+        self.connection.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.connection.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.connection.in_transaction:  # SQLite ends the transaction itself after some failures (a full disk)
+            try:
+                self.connection.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def transient(self, exc: BaseException) -> bool:
+        return transient(exc)
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except sqlite3.Error:
+            pass
+
+
+class SqliteRunStore(SqlRunStore):
+    """The default store: one SQLite file, one writer thread."""
+
+    def __init__(self, path: Path, budget: RunBudget | None = None) -> None:
+        self.path = path
+        self.inputs = path.parent / "inputs"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.inputs.mkdir(exist_ok=True)
+        with closing(_connect_writer(path)) as db:
+            migrate_sqlite(db)
+            db.execute("UPDATE runs SET status = 'unfinished' WHERE status = 'running'")
+        super().__init__(lambda: SqliteDb(_connect_writer(path)), budget)
+
+    def keep_input(self, run_id: str, source: Path) -> None:
+        if not valid_run_id(run_id):
+            return
+        target = self.inputs / f"{run_id}.txt"
+        try:
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            target.unlink(missing_ok=True)
+            log.warning("run history: the input of run %s was not kept: %s", run_id, exc)
+            return
+        self._writer.submit(Job(lambda db: db.execute("UPDATE runs SET input_kept = 1 WHERE id = ?", (run_id,))))
+
+    def read_input(self, run_id: str) -> KeptInput | None:
+        if not valid_run_id(run_id):
+            return None
+        try:
+            file = open(self.inputs / f"{run_id}.txt", "rb")  # closed by `_chunks`
+        except FileNotFoundError:
+            return None
+        return KeptInput(size=Path(file.name).stat().st_size, chunks=_chunks(file))
+
+    def _after_delete(self, run_id: str) -> None:
+        (self.inputs / f"{run_id}.txt").unlink(missing_ok=True)
+
+    def _reclaim(self, db: Db, deleted: object) -> None:
+        """After a delete: hand the freed pages back to the file system."""
+        if deleted and isinstance(db, SqliteDb):
+            db.connection.executescript("PRAGMA incremental_vacuum")  # `execute` would step it once: one page
+            db.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    @contextmanager
+    def _read(self, *, snapshot: bool = False) -> Iterator[Db]:
+        with closing(sqlite3.connect(self.path, timeout=READ_TIMEOUT_S, isolation_level=None)) as connection:
+            if snapshot:
+                connection.execute("BEGIN")
+            yield SqliteDb(connection)
+
+    def _transient(self, exc: BaseException) -> bool:
+        return transient(exc)
+
+
+def _chunks(file: IO[bytes]) -> Iterator[bytes]:
+    with file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=READ_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("PRAGMA synchronous = NORMAL")
+    db.execute("PRAGMA foreign_keys = ON")
+    db.execute("PRAGMA journal_size_limit = 4194304")  # a checkpointed WAL shrinks back to 4 MiB
+    return db

@@ -1,0 +1,126 @@
+"""The service on PostgreSQL (`RLM_DATABASE_URL`), over real HTTP against a real PostgreSQL server: one history
+for every server on the database, and a restart of PostgreSQL in the middle of runs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import httpx2
+import pytest
+
+from rlm_service.store import StoreUnavailable
+from rlm_service.store_postgres import PostgresRunStore
+from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+from tests.pgserver import PgServer
+
+
+def _stored_stream(url: str, run_id: str) -> list[SseEvent]:
+    """`GET /api/runs/{id}/events`, read to its end."""
+    with httpx2.Client(timeout=30) as client, client.stream("GET", f"{url}/api/runs/{run_id}/events") as response:
+        assert response.status_code == 200, response.read()
+        return list(parse_sse(response.iter_lines()))
+
+
+def _shape(events: list[SseEvent]) -> list[tuple[str, int]]:
+    return [(event.event, event.data["seq"]) for event in events]
+
+
+def _runs(url: str) -> list[dict[str, Any]]:
+    response = httpx2.get(f"{url}/api/runs", timeout=30)
+    assert response.status_code == 200, response.text
+    runs: list[dict[str, Any]] = response.json()["runs"]
+    return runs
+
+
+def test_two_servers_on_one_database_keep_one_history(pg_url: str, fake: FakeOpenAI) -> None:
+    """Two servers (replicas) on one database: runs made through either are listed the same by both, and each
+    serves the other's ended runs: their events, their kept input, their deletion."""
+    settings = make_settings(fake, rlm_database_url=pg_url)
+    keep = script({"code": ["answer.update(content=context, ready=True)"]})
+    with LiveServer(settings) as one, LiveServer(settings) as other:
+        assert httpx2.get(f"{other.url}/api/config").json()["history"] is True
+        _, kept = stream_run(one.url, json_body={"prompt": keep, "input_data": "keep me ✓" * 1000,
+                                                 "settings": {"keep_input": True}})
+        _, plain = stream_run(other.url, json_body={"prompt": "task", "input_data": "data"})
+        kept_id, plain_id = kept[0].data["run_id"], plain[0].data["run_id"]
+        assert kept[-1].event == "final" and plain[-1].event == "final"
+        assert wait_until(lambda: [run["status"] for run in _runs(one.url)] == ["finished", "finished"], 10)
+        assert [run["id"] for run in _runs(one.url)] == [plain_id, kept_id]
+        assert _runs(one.url) == _runs(other.url)
+
+        assert _shape(_stored_stream(other.url, kept_id)) == _shape(kept)
+        assert _stored_stream(other.url, kept_id)[-1].data["answer"] == "keep me ✓" * 1000
+        assert _shape(_stored_stream(one.url, plain_id)) == _shape(plain)
+        kept_input = httpx2.get(f"{other.url}/api/runs/{kept_id}/input")
+        assert kept_input.status_code == 200 and kept_input.text == "keep me ✓" * 1000
+        assert httpx2.get(f"{one.url}/api/runs/{plain_id}/input").status_code == 404
+
+        assert httpx2.delete(f"{other.url}/api/runs/{kept_id}").status_code == 204
+        assert httpx2.get(f"{one.url}/api/runs/{kept_id}").status_code == 404
+        assert httpx2.get(f"{one.url}/api/runs/{kept_id}/input").status_code == 404
+
+
+def test_a_restart_of_postgresql_mid_run_loses_no_event(own_pg_server: PgServer, fake: FakeOpenAI) -> None:
+    """PostgreSQL stops while a run is in a cell and stays down while it ends and while another run is made:
+    both runs end as usual, the history answers 503 (not 500) meanwhile, and once PostgreSQL is back both
+    runs are in the history with every event they streamed, as is the next run. Mutants: `PgDb.transient`
+    calling nothing transient (the writes during the outage are dropped: the runs stay `running`); `transient`
+    calling nothing transient (reads answer 500 during the outage)."""
+    url = own_pg_server.create_database()
+    slow = script({"code": ["import time\ntime.sleep(2)\nprint('slept')"]},
+                  {"code": ["answer.update(content='done', ready=True)"]})
+    with LiveServer(make_settings(fake, rlm_database_url=url)) as server:
+        assert _runs(server.url) == []  # the pool's connection is made before the restart
+        streamed = []
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+            for event in parse_sse(response.iter_lines()):
+                streamed.append(event)
+                if event.event == "code" and len(streamed) < 4:
+                    own_pg_server.stop()
+        assert streamed[-1].event == "final" and streamed[-1].data["answer"] == "done"
+        down = httpx2.get(f"{server.url}/api/runs", timeout=30)
+        assert down.status_code == 503 and "cannot be read now" in down.json()["detail"]
+        _, during = stream_run(server.url, json_body={"prompt": "task", "input_data": "made while it was down"})
+        assert during[-1].event == "final"
+        assert httpx2.get(f"{server.url}/health").json() == {"status": "ok"}
+
+        own_pg_server.start()
+        assert httpx2.get(f"{server.url}/api/runs", timeout=30).status_code == 200
+        started = time.monotonic()
+        ids = [during[0].data["run_id"], streamed[0].data["run_id"]]
+        assert wait_until(lambda: [(run["id"], run["status"]) for run in _runs(server.url)]
+                          == [(ids[0], "finished"), (ids[1], "finished")], 30)
+        print(f"recorded again {time.monotonic() - started:.1f} s after PostgreSQL was back")
+        assert _shape(_stored_stream(server.url, ids[1])) == _shape(streamed)
+        assert _shape(_stored_stream(server.url, ids[0])) == _shape(during)
+
+        _, after = stream_run(server.url, json_body={"prompt": "task", "input_data": "made after"})
+        assert wait_until(lambda: _runs(server.url)[0]["status"] == "finished", 10)
+        assert _shape(_stored_stream(server.url, after[0].data["run_id"])) == _shape(after)
+
+
+def test_the_first_read_after_a_restart_of_postgresql_succeeds(own_pg_server: PgServer) -> None:
+    """The read pool's connections die with the server; the first read after it is back gets a new one. Mutant:
+    the pool without `check` (that read answers `StoreUnavailable`)."""
+    store = PostgresRunStore(own_pg_server.create_database())
+    try:
+        assert store.list(limit=1, before=None) == []
+        own_pg_server.stop()
+        own_pg_server.start()
+        assert store.list(limit=1, before=None) == [] and store.status("0123456789abcdef") is None
+    finally:
+        store.close()
+
+
+def test_a_database_that_cannot_be_reached_at_start_is_named_without_its_password() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://rlm:hunter2@127.0.0.1:{sock.getsockname()[1]}/rlm"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"^RLM_DATABASE_URL: the database cannot be reached") as error:
+        PostgresRunStore(url, start_wait_s=1.5)
+    assert time.monotonic() - started >= 1.5 and "hunter2" not in str(error.value)
