@@ -25,6 +25,7 @@ from .auth import token_check
 from .config import Settings
 from .engine import Engine
 from .history import history_router
+from .openai_api import openai_router
 from .pageheaders import PageHeadersMiddleware
 from .store import SqliteRunStore
 from .streaming import RunSlots, run_router
@@ -138,6 +139,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
 
     app.include_router(run_router(settings, slots, ping_s=ping_s), dependencies=[Depends(require_token)])
     app.include_router(history_router(), dependencies=[Depends(require_token)])
+    app.include_router(openai_router(settings, slots, ping_s=ping_s))
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app
