@@ -79,7 +79,7 @@ async def test_over_http_rlm_run_answers_and_keeps_progress_flowing(http_server:
     progress = Progress()
     async with http_client(http_server, mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-        assert set(tools["rlm_run"].input_schema["properties"]) == {"prompt", "input_text"}  # no local files
+        assert set(tools["rlm_run"].input_schema["properties"]) == {"prompt", "input_text", "session_id"}
         result = await client.call_tool("rlm_run", {"prompt": BATCH_THEN_WAIT, "input_text": "hello world"},
                                         progress_callback=progress)
     assert not result.is_error and answer_text(result) == "11 characters"
@@ -90,6 +90,26 @@ async def test_over_http_rlm_run_answers_and_keeps_progress_flowing(http_server:
     assert "iteration 1: sub-calls 3/3 done" in messages
     assert any(message.startswith("still working") for message in messages)
     assert progress.values == sorted(set(progress.values))  # strictly increasing, as the protocol requires
+
+
+async def test_a_follow_up_with_the_session_id_finds_the_first_runs_variables(http_server: LiveServer) -> None:
+    """The first call's result carries its session_id; a second call with it (and no input) reads a variable
+    the first run made. Mutant caught: runs started without `settings.session` (no session_id comes back)."""
+    first_prompt = script({"code": ["words = context.split()\nanswer.update(content=str(len(words)), ready=True)"]})
+    follow_up = script({"code": ["answer.update(content=words[-1], ready=True)"]})
+    async with http_client(http_server) as client:
+        first = await client.call_tool("rlm_run", {"prompt": first_prompt, "input_text": "alpha beta gamma"})
+        assert answer_text(first) == "3" and first.structured_content is not None
+        session_id = first.structured_content["session_id"]
+        assert any(session_id in getattr(block, "text", "") for block in first.content[1:])
+        second = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id})
+        assert not second.is_error and answer_text(second) == "gamma"
+        assert second.structured_content is not None and second.structured_content["session_id"] == session_id
+        with_input = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id,
+                                                        "input_text": "more"})
+        unknown = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": "no-such-session"})
+    assert with_input.is_error and "send no input" in answer_text(with_input)
+    assert unknown.is_error and "no-such-session" in answer_text(unknown)
 
 
 async def test_over_http_the_token_is_required(http_server: LiveServer) -> None:

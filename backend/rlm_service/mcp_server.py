@@ -10,6 +10,10 @@ call sends progress notifications (when the host asked for them with a progress 
 run starts, one per iteration, one per sub-call batch, and a heartbeat after RLM_MCP_HEARTBEAT_S of
 silence. Cancelling the call cancels the run. The resource `rlm://runs` lists recent runs.
 
+Every run keeps its REPL as a session (`settings.session`): the result carries its `session_id`, and a
+call with that `session_id` (and no input) asks a follow-up question on the same input and variables.
+Sessions end after RLM_SESSION_IDLE_S idle, or when RLM_MAX_SESSIONS would be passed.
+
 The protocol's long-running tasks (`tasks/*`, 2025-11-25) are not offered: SDK 2.3 defines their types
 but does not dispatch them (the 2026-07-28 revision moved them to an extension the SDK does not ship).
 """
@@ -35,6 +39,7 @@ from .engine import Engine, RunSettings
 from .events import ErrorEvent, EventBase, FinalEvent, StartEvent, SubcallsEvent
 from .inputs import InputTooLarge, RunInput, spool_file
 from .runs import LiveRun
+from .sessions import SessionUnavailable
 from .store import SqliteRunStore
 from .streaming import RunSlots
 
@@ -46,10 +51,15 @@ INSTRUCTIONS = ("rlm_run answers a question about a text input of any size (logs
 TOOL_DESCRIPTION = ("Run a Recursive Language Model on an input and return its final answer. The input is never "
                     "shown to the model whole: it writes code to search, count and parse it, and asks a sub-model "
                     "about pieces. Good for questions about inputs too large to read: whole logs, documents, "
-                    "datasets. Put the question in `prompt` and the data in `input_text`{path}.")
+                    "datasets. Put the question in `prompt` and the data in `input_text`{path}. The result "
+                    "has a `session_id`: pass it back with a new prompt (and no input) for a follow-up question "
+                    "on the same data.")
 
 Prompt = Annotated[str, Field(description="The task or question about the input.", min_length=1)]
 InputText = Annotated[str, Field(description="The input as text (may be empty).")]
+SessionId = Annotated[str | None, Field(description="A follow-up: the session_id an earlier rlm_run returned. "
+                                                   "The run works on that run's input and variables (send no "
+                                                   "input).")]
 InputPath = Annotated[str | None, Field(description="A file on this machine to use as the input, of any size "
                                                     "(instead of input_text). Relative to the server's working "
                                                     "directory; `~` is expanded.")]
@@ -108,8 +118,8 @@ class RlmTools:
         self.slots = slots
         self.engine = engine
 
-    async def run(self, ctx: Context[Any, Any], prompt: str, run_input: Callable[[], Awaitable[RunInput]]
-                  ) -> CallToolResult:
+    async def run(self, ctx: Context[Any, Any], prompt: str, run_input: Callable[[], Awaitable[RunInput]],
+                  session_id: str | None = None) -> CallToolResult:
         """One `rlm_run` call: refusals as tool errors, the run reported as progress, its answer returned."""
         settings = self.settings
         problem = settings.setup_problem()
@@ -122,7 +132,15 @@ class RlmTools:
             raise ToolError(f"{self.slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
                             "try again when one has finished")
         given = await run_input()
-        run = self.engine().launch(prompt, given, RunSettings())
+        try:
+            if session_id is not None and given.chars:
+                raise ToolError("a follow-up (session_id) works on its session's input: send no input")
+            run = self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
+        except BaseException as exc:
+            given.discard()
+            if isinstance(exc, SessionUnavailable):
+                raise ToolError(str(exc)) from None
+            raise
         self.slots.take_for(run)
         run.on_end(lambda _: given.discard())
         reporter = Reporter(lambda n, message: ctx.report_progress(n, None, message), settings.rlm_max_iterations,
@@ -193,6 +211,8 @@ def result_of(run: LiveRun) -> CallToolResult:
                   "iterations": terminal.iterations, "usage": terminal.usage.model_dump()}
     if run.session_id is not None:
         structured["session_id"] = run.session_id
+        content.append(TextContent(type="text", text=f"session_id: {run.session_id} (call rlm_run with it and a "
+                                                     "new prompt, and no input, for a follow-up on the same data)"))
     return CallToolResult(content=list(content), structured_content=structured)
 
 
@@ -204,17 +224,18 @@ def build_server(tools: RlmTools, *, local_files: bool,
 
     if local_files:
         async def rlm_run_local(prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "",
-                                input_path: InputPath = None) -> CallToolResult:
+                                input_path: InputPath = None, session_id: SessionId = None) -> CallToolResult:
             if input_path and input_text:
                 raise ToolError("give input_text or input_path, not both")
             given = tools.file_input(input_path) if input_path else tools.text_input(input_text)
-            return await tools.run(ctx, prompt, given)
+            return await tools.run(ctx, prompt, given, session_id)
 
         server.add_tool(rlm_run_local, name="rlm_run",
                         description=TOOL_DESCRIPTION.format(path=", or a local file's path in `input_path`"))
     else:
-        async def rlm_run(prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "") -> CallToolResult:
-            return await tools.run(ctx, prompt, tools.text_input(input_text))
+        async def rlm_run(prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "",
+                          session_id: SessionId = None) -> CallToolResult:
+            return await tools.run(ctx, prompt, tools.text_input(input_text), session_id)
 
         server.add_tool(rlm_run, name="rlm_run", description=TOOL_DESCRIPTION.format(path=""))
 
@@ -239,10 +260,7 @@ def serve_stdio(settings: Settings) -> None:
         try:
             yield None
         finally:
-            for run in engine.runs.live():
-                run.cancel("the MCP server is stopping")
-                await run.wait()
-            await engine.aclose()
+            await engine.aclose()  # its runs cancelled, its sessions ended
             if store is not None:
                 store.close()
 
