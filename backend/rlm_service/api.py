@@ -27,6 +27,8 @@ from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .engine import Engine
 from .history import history_router
+from .mcp_http import McpHttp
+from .openai_api import openai_router
 from .pageheaders import PageHeadersMiddleware
 from .store import open_store
 from .streaming import RunSlots, run_router
@@ -82,7 +84,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
         if own:
             await app.state.engine.start()
         try:
-            yield
+            async with mcp.running():
+                yield
         finally:
             if own:
                 await app.state.engine.aclose()
@@ -139,6 +142,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
 
     app.include_router(run_router(settings, slots, ping_s=ping_s), dependencies=[Depends(require_token)])
     app.include_router(history_router(), dependencies=[Depends(require_token)])
+    app.include_router(openai_router(settings, slots, ping_s=ping_s))
+    mcp = McpHttp(settings, slots, lambda: app.state.engine)
+    app.router.routes.append(mcp.route)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app

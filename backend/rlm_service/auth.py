@@ -36,3 +36,9 @@ def token_check(settings: Settings) -> TokenCheck:
             raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
     return require_token
+
+
+def bearer_matches(authorization: str | None, token: bytes) -> bool:
+    """Whether an `Authorization` header carries `Bearer <token>` (compared in constant time)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return hmac.compare_digest(given.strip().encode() if scheme.lower() == "bearer" else b"", token)

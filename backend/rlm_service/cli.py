@@ -4,6 +4,7 @@
     rlm-service run "Which errors are most frequent?" --input app.log
     cat notes.txt | rlm-service run "Summarize" --server http://127.0.0.1:8000 --json
     rlm-service sample log > app.log                    # sample data of the demos (`rlm-service sample` lists them)
+    rlm-service mcp                                     # the MCP server over stdio, for MCP hosts
 
 `run` executes the engine in the command itself, or streams a run from a service with `--server`.
 Progress goes to stderr (iterations, code, a sub-call progress bar); the answer goes to stdout, so it
@@ -46,7 +47,7 @@ async def _engine_events(prompt: str, text: str | None, file: Path | None,
                          settings_overrides: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     from .config import ConfigError, load_settings
     from .engine import Engine, RunSettings, SettingsRefused, effective_limits
-    from .inputs import InputTooLarge
+    from .inputs import InputTooLarge, spool_file
 
     try:
         settings = load_settings()
@@ -63,24 +64,13 @@ async def _engine_events(prompt: str, text: str | None, file: Path | None,
     run_input: Any = text or ""
     if file is not None:
         try:
-            run_input = await asyncio.to_thread(_spool, file, settings.rlm_max_input_bytes)
+            run_input = await asyncio.to_thread(spool_file, file, settings.rlm_max_input_bytes)
         except InputTooLarge as exc:
             raise Refused(str(exc)) from None
     async with Engine(settings) as engine:
         async for event in engine.run(prompt, run_input, run_settings):
             data = event.model_dump(mode="json")
             yield data["type"], data
-
-
-def _spool(file: Path, limit: int) -> Any:
-    """Copy the input file to the run's spool as UTF-8 (what an upload to the server does too)."""
-    from .inputs import InputSpooler
-
-    spooler = InputSpooler(limit, name=file.name)
-    with open(file, "rb") as handle:
-        while chunk := handle.read(1024 * 1024):
-            spooler.feed(chunk)
-    return spooler.finish()
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -146,6 +136,14 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _mcp() -> int:
+    from .mcp_server import serve_stdio
+    from .server import configure
+
+    serve_stdio(configure())
+    return EXIT_OK
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -163,6 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the API and the web page (configured by environment and .env)")
     serve.add_argument("--host", help="address to listen on (default: HOST, or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: PORT, or 8000)")
+
+    commands.add_parser("mcp", help="serve the MCP tool rlm_run over stdin/stdout, for MCP hosts (configured as "
+                                    "serve is)")
 
     run = commands.add_parser("run", help="run one task and print its answer")
     run.add_argument("prompt", help="what to do with the input")
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         return _serve(args)
     if args.command == "sample":
         return _sample(args, out)
+    if args.command == "mcp":
+        return _mcp()
     try:
         return asyncio.run(_run(args, out, err))
     except Refused as exc:

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     rlm_send_timeout_s: float = Field(30.0, gt=0)
     """A client that takes longer than this to accept one event of a stream is dropped (its run is
     cancelled unless it was started detached)."""
+    rlm_mcp_heartbeat_s: float = Field(10.0, gt=0)
+    """An MCP tool call whose run reported nothing for this long sends a progress notification anyway:
+    MCP hosts give up on a silent call after tens of seconds."""
     rlm_cors_origins: Annotated[list[str], NoDecode, BeforeValidator(_split_csv)] = []
     """Origins whose pages may call the API from a browser; unset: the service's own page only."""
     rlm_allowed_hosts: Annotated[list[str] | None, NoDecode, BeforeValidator(_split_csv)] = None

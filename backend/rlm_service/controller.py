@@ -13,10 +13,12 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from pydantic_ai import Agent, RunContext, Tool
 from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models import Model
+from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RunUsage as AgentUsage
 from pydantic_ai.usage import UsageLimits
 
@@ -86,6 +88,11 @@ class _CellProgress:
         return report
 
 
+class AnswerCheck(Protocol):
+    def problem(self, content: str) -> str | None:
+        """What is wrong with an answer marked ready (None: it is accepted)."""
+
+
 ChildRunner = Callable[["Controller", list[str], list[str | None]], Awaitable[list[str]]]
 """Runs child RLMs for a controller's `rlm_batch`: prompts and contexts in, final answers out."""
 
@@ -100,7 +107,8 @@ class Controller:
     def __init__(self, *, run_id: str, agent: Agent[Controller, str], protocol: str, limits: RunLimits,
                  repl: Repl, subcalls: SubcallSession, emit: Emit, usage: RunUsage, tree: RunTree,
                  repl_starting: asyncio.Future[None] | None = None, depth: int = 0, stream: Emit | None = None,
-                 children: ChildRunner | None = None) -> None:
+                 children: ChildRunner | None = None, answer_check: AnswerCheck | None = None,
+                 model_settings: ModelSettings | None = None) -> None:
         """`repl_starting`: the REPL's start, running alongside the first model request (None: it is ready);
         the first cell waits for it, and a failed start fails the run."""
         self.run_id = run_id
@@ -115,6 +123,10 @@ class Controller:
         self.stream = stream or emit
         """The root's stream, where a child's events go (wrapped) whatever its depth."""
         self.children = children
+        self.answer_check = answer_check
+        """Consulted when a cell marks the answer ready: an answer it finds a problem with is not accepted."""
+        self.model_settings = model_settings
+        """Sent with every request of the root model (temperature, top_p, max_tokens, seed…)."""
         self._told_stop = False
         self.emit = emit
         self.iteration = 0
@@ -156,13 +168,28 @@ class Controller:
             outcome = await self.repl.execute(code, self.limits.exec_timeout_s, self)
         finally:
             self._progress = None
+        refusal = await self._check_answer(outcome)
         self._report_outcome(outcome)
         report = prompts.cell_report(outcome, turns_left=self.limits.max_iterations - self.iteration)
+        if refusal:
+            report += "\n" + refusal
         note = self.tree.note()
         if note and not self._told_stop:
             self._told_stop = True
             report += f"\n[{note}]"
         return report
+
+    async def _check_answer(self, outcome: CellOutcome) -> str | None:
+        """An answer the cell marked ready that `answer_check` refuses goes back to not ready, in the REPL too;
+        returns what the root model is told about it."""
+        if self.answer_check is None or not outcome.answer_ready:
+            return None
+        problem = self.answer_check.problem(outcome.answer_content)
+        if problem is None:
+            return None
+        outcome.answer_ready = False
+        await self.repl.execute(prompts.RESET_READY_CODE, self.limits.exec_timeout_s, self)
+        return prompts.answer_refused(problem)
 
     def _report_outcome(self, outcome: CellOutcome) -> None:
         self.emit(OutputEvent(run_id=self.run_id, iteration=self.iteration, stdout=outcome.stdout,
@@ -227,7 +254,8 @@ class Controller:
         Returns early (reply None) once the answer is ready or the iteration budget is spent.
         """
         async with self.agent.iter(message, message_history=history, usage=self._agent_usage, deps=self,
-                              instructions=self._instructions(), usage_limits=self._usage_limits()) as run:
+                              instructions=self._instructions(), usage_limits=self._usage_limits(),
+                              model_settings=self.model_settings) as run:
             node = run.next_node
             while not Agent.is_end_node(node):
                 if Agent.is_model_request_node(node):

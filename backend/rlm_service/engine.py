@@ -8,17 +8,20 @@ from its workspace to its terminal event, is `runner.RunDriver`'s (its docstring
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
+from pydantic_ai.settings import ModelSettings
 
+from .answers import AnswerSchema
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .controller import Controller, build_agent
@@ -54,6 +57,19 @@ class RunSettings(BaseModel):
     session: bool = Field(False, strict=True,
                           description="Keep the run's REPL after the run: `start` carries a `session_id` for "
                                       "follow-up questions on the same variables.")
+    answer_schema: dict[str, Any] | None = Field(
+        None, description="A JSON Schema the answer must satisfy: the answer is accepted as ready only when it is "
+                          "JSON valid against it, and `final.answer_json` carries the parsed value.")
+
+    @field_validator("answer_schema")
+    @classmethod
+    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            AnswerSchema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
+        return value
+
+    def answer_check(self) -> AnswerSchema | None:
+        return AnswerSchema(self.answer_schema) if self.answer_schema is not None else None
 
 
 class SettingsRefused(ValueError):
@@ -75,6 +91,12 @@ def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLi
         if value > ceiling:
             raise SettingsRefused(f"settings.{name} may not exceed the server's {env} ({ceiling:g})")
         setattr(limits, name, value)
+    if requested.answer_schema is not None:
+        size = len(json.dumps(requested.answer_schema))
+        if size > settings.rlm_max_prompt_chars:
+            raise SettingsRefused(f"settings.answer_schema: {size:,} characters of JSON, more than "
+                                  f"RLM_MAX_PROMPT_CHARS ({settings.rlm_max_prompt_chars:,}): the root model reads "
+                                  "it every turn")
     return limits
 
 
@@ -169,11 +191,13 @@ class Engine:
         return code, redact(message, self.settings.api_key_value())
 
     def launch(self, prompt: str, run_input: RunInput, settings: RunSettings | None = None, *,
-               run_id: str | None = None, session_id: str | None = None) -> LiveRun:
+               run_id: str | None = None, session_id: str | None = None,
+               model_settings: ModelSettings | None = None) -> LiveRun:
         """Start a run on the event loop and return it; it goes on whoever follows it, until it ends.
 
         The run ends with exactly one `final` or `error` event; `LiveRun.cancel` ends it with `error`
         `cancelled`. With `session_id` the run is a follow-up on that session's REPL (`run_input` unused).
+        `model_settings` (temperature, top_p, max_tokens, seed…) go with every request of the root model.
         Raises `SettingsRefused` for per-run settings above the server's limits, and `SessionUnavailable`
         (404, 409) for a session that is gone or busy.
         """
@@ -202,7 +226,8 @@ class Engine:
                 input_lines=run_input.lines, input_bytes=run_input.size_bytes, input_sha256=run_input.sha256,
                 input_name=run_input.name, session_id=run.session_id))
         plan = RunPlan(prompt, run_input, limits, keep_input=bool(settings and settings.keep_input and store),
-                       session=session, new_session_id=new_session_id)
+                       session=session, new_session_id=new_session_id,
+                       answer_check=settings.answer_check() if settings else None, model_settings=model_settings)
         run.task = asyncio.create_task(self._driver.drive(run, plan, emit), name=f"rlm-run-{run.id}")
         self.runs.add(run)
         return run

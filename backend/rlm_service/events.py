@@ -139,6 +139,8 @@ class FinalEvent(EventBase):
     """Where the endpoint reports cost or RLM_PRICES knows the models."""
     note: str | None = None
     """Why the answer is empty or not to be trusted, in words for the user (the root model wrote no code)."""
+    answer_json: Any = None
+    """With `settings.answer_schema`: the answer parsed as JSON, when it satisfies the schema."""
 
 
 class ParentRef(BaseModel):

@@ -160,3 +160,22 @@ class InputSpooler:
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)
+
+
+SPOOL_CHUNK_BYTES = 256 * 1024
+"""Read size when spooling a local file: with the sink's queue of 32 chunks, at most 8 MiB in memory."""
+
+
+def spool_file(path: Path, limit: int) -> RunInput:
+    """Copy a local file to a run's spool as UTF-8, a chunk at a time (never whole in memory).
+
+    Raises `InputTooLarge` past `limit` bytes and `OSError` when the file cannot be read."""
+    spooler = InputSpooler(limit, name=path.name)
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(SPOOL_CHUNK_BYTES):
+                spooler.feed(chunk)
+    except BaseException:
+        spooler.abort()
+        raise
+    return spooler.finish()

@@ -141,6 +141,22 @@ def cell_report(outcome: CellOutcome, *, turns_left: int | None = None) -> str:
     return "\n".join(parts)
 
 
+def answer_schema_note(schema: str) -> str:
+    """What the task message adds when the answer must satisfy a JSON Schema."""
+    return ("\n\nThe answer must be JSON valid against this JSON Schema: put the JSON text in answer['content'] "
+            "(build it with json.dumps(value)). It is checked when you set answer['ready'] = True, and not "
+            f"accepted until it is valid.\nSchema:\n<<<\n{schema}\n>>>")
+
+
+def answer_refused(problem: str) -> str:
+    """What the root model reads after a cell marked an answer ready that does not satisfy the schema."""
+    return (f"[answer not accepted: {problem}\nanswer['ready'] was set back to False. Fix answer['content'], "
+            "then set answer['ready'] = True again.]")
+
+
+RESET_READY_CODE = 'answer["ready"] = False'
+"""Run in the REPL (not shown to anyone) when an answer marked ready is not accepted."""
+
 SKIPPED_AFTER_READY = "Not run: the answer was already marked ready by an earlier cell."
 
 REMINDER_TOOLS = (

@@ -22,7 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic_ai.settings import ModelSettings
+
 from . import prompts
+from .answers import AnswerSchema
 from .controller import Controller, RunOutcome
 from .events import ChildEvent, ErrorEvent, EventBase, FinalEvent, InputInfo, ParentRef, RunLimits, RunUsage, StartEvent
 from .inputs import RunInput
@@ -57,6 +60,10 @@ class RunPlan:
     """The session whose REPL this run continues (a follow-up)."""
     new_session_id: str | None = None
     """Keep this run's REPL as a new session under this id (`settings.session`)."""
+    answer_check: AnswerSchema | None = None
+    """The JSON Schema the answer must satisfy (`settings.answer_schema`)."""
+    model_settings: ModelSettings | None = None
+    """Sent with every request of the run's root model (temperature, top_p, max_tokens, seed…)."""
 
 
 class _Node:
@@ -92,7 +99,8 @@ class RunDriver:
                                   iterations=result.iterations, usage=tree.totals(),
                                   elapsed_ms=int((time.monotonic() - started) * 1000),
                                   by_depth=tree.by_depth() if recursive else None,
-                                  cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note)
+                                  cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note,
+                                  answer_json=plan.answer_check.value(result.answer) if plan.answer_check else None)
         except asyncio.CancelledError:
             # Cancelled by a client (or the server shutting down): the run still ends with its terminal event.
             outcome = "cancelled"
@@ -132,7 +140,7 @@ class RunDriver:
             kind=session.input_kind, preview=session.preview, restarted=began.restarted)
         if began.restarted:
             log.info("session %s: the REPL was restarted since the last run (%s)", session.id, began.restarted)
-        return await self._control(node, tree, 0, run_id, plan.limits, session.repl, None, message, emit, emit)
+        return await self._control(node, tree, 0, run_id, plan, session.repl, None, message, emit, emit)
 
     async def _fresh(self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit,
                      stream: Emit) -> RunOutcome:
@@ -159,8 +167,7 @@ class RunDriver:
             message = prompts.task_message(plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind,
                                            preview=preview)
             try:
-                return await self._control(node, tree, depth, run_id, plan.limits, repl, starting, message, emit,
-                                           stream)
+                return await self._control(node, tree, depth, run_id, plan, repl, starting, message, emit, stream)
             finally:
                 if plan.new_session_id and starting.done() and not starting.cancelled() \
                         and starting.exception() is None:
@@ -179,16 +186,19 @@ class RunDriver:
                 workspace.remove()
             run_input.discard()
 
-    async def _control(self, node: _Node, tree: RunTree, depth: int, run_id: str, limits: RunLimits, repl: Repl,
+    async def _control(self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, repl: Repl,
                        starting: asyncio.Future[None] | None, message: str, emit: Emit, stream: Emit) -> RunOutcome:
         settings = self.settings
+        if plan.answer_check is not None:
+            message += prompts.answer_schema_note(plan.answer_check.text())
         usage = tree.register(depth)
         subcalls = SubcallSession(self.engine.sub_client, settings.sub_model or "", budget=tree.subcalls,
                                   usage=usage.sub, on_cost=tree.sub_cost)
         agent = self.engine.root_agent() if depth == 0 else self.engine.child_agent()
-        controller = Controller(run_id=run_id, agent=agent, protocol=settings.rlm_root_protocol, limits=limits,
+        controller = Controller(run_id=run_id, agent=agent, protocol=settings.rlm_root_protocol, limits=plan.limits,
                                 repl=repl, repl_starting=starting, subcalls=subcalls, emit=emit, usage=usage,
-                                tree=tree, depth=depth, stream=stream, children=self.children)
+                                tree=tree, depth=depth, stream=stream, children=self.children,
+                                answer_check=plan.answer_check, model_settings=plan.model_settings)
         node.controller = controller
         return await controller.run(message)
 

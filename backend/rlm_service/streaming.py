@@ -10,7 +10,7 @@ closing it cancels the run; every other stream only follows.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -57,13 +57,18 @@ class RunSlots:
         if self.capacity.used >= self.limit:
             raise self._full()
 
-    def take(self) -> None:
-        """Take a run's slot (429 when the instance has none left); give it back with `release_on_end`."""
+    def start(self, launch: Callable[[], LiveRun]) -> LiveRun:
+        """Take a run's slot (429 when the instance has none left) and `launch` the run in it; the slot is
+        given back when the run ends, or at once if it could not start."""
         if not self.capacity.try_take():
             raise self._full()
-
-    def release_on_end(self, run: LiveRun) -> None:
+        try:
+            run = launch()
+        except BaseException:
+            self.capacity.give()
+            raise
         run.on_end(lambda _: self.capacity.give())
+        return run
 
     def _full(self) -> HTTPException:
         return HTTPException(429, f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
@@ -131,12 +136,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             if parsed.session_id is not None and parsed.run_input.chars:
                 raise HTTPException(422, "a follow-up (session_id) uses its session's input: send no input_data "
                                          "or input_file")
-            slots.take()  # only once the body is complete
-            try:
-                run = engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
-            except BaseException:
-                slots.capacity.give()
-                raise
+            run = slots.start(lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings,
+                                                    session_id=parsed.session_id))  # once the body is complete
         except BaseException as exc:
             parsed.run_input.discard()
             if isinstance(exc, SettingsRefused):
@@ -144,7 +145,6 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             if isinstance(exc, SessionUnavailable):
                 raise HTTPException(exc.status, str(exc)) from None
             raise
-        slots.release_on_end(run)
         run.on_end(lambda _: parsed.run_input.discard())
         return event_stream(settings, _owned(run), ping_s=ping_s)
 

@@ -87,7 +87,7 @@ class BodyLimits:
                    min_rate=settings.rlm_body_min_rate)
 
 
-async def _chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> AsyncIterator[bytes]:
+async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> AsyncIterator[bytes]:
     """The body's chunks; 408 once it stalls for `idle_timeout`, or falls behind `min_rate` after it."""
     iterator = stream.__aiter__()
     started = time.monotonic()
@@ -158,7 +158,7 @@ def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException
 async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
     """Read a JSON body; a large one goes, as it arrives, to a parser process (`jsonbody`)."""
     body = bytearray()
-    chunks = _chunks(stream, limits)
+    chunks = body_chunks(stream, limits)
     async for chunk in chunks:
         body += chunk
         if (refusal := json_too_large(limits, len(body))) is not None:
@@ -277,7 +277,7 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limits
     reader = _FormReader(limits.input_bytes, spool_dir)
     parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
     try:
-        async for chunk in _chunks(stream, limits):
+        async for chunk in body_chunks(stream, limits):
             parser.write(chunk)
         parser.finalize()
         fields = {name: value.decode("utf-8", "replace") for name, value in reader.fields.items()}

@@ -1,0 +1,268 @@
+"""The OpenAI-compatible endpoint: `GET /v1/models` and `POST /v1/chat/completions` with `"model": "rlm"`.
+
+Any OpenAI client can use the service as a model: the conversation is the run's input, the last user
+message its task (`openai_chat` says how), and the reply's content is the run's final answer.
+`finish_reason` is `stop` when the answer was marked ready, `length` when limits ended the run first;
+`usage` adds up the root and the sub-model tokens. With `stream: true` the run's progress arrives as
+`reasoning_content` deltas while it works, then the answer as `content` deltas, then `data: [DONE]`.
+`response_format` `json_schema` (or `json_object`) becomes the run's answer schema. `temperature`,
+`top_p`, `max_tokens` and `seed` apply to the root model; other parameters are ignored; `n` > 1 is refused.
+
+Errors come in OpenAI's shape, `{"error": {"message", "type", "code", "param"}}`, with the status codes
+OpenAI uses; the API key clients send is RLM_API_TOKEN. Closing the connection cancels the run, whether
+the reply streams or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from .answers import AnswerSchema, SchemaInvalid
+from .auth import token_check
+from .config import Settings
+from .engine import Engine, RunSettings, SettingsRefused, effective_limits
+from .events import ErrorEvent, FinalEvent, RunUsage, SubcallsEvent
+from .inputs import RunInput
+from .openai_chat import (
+    MODEL_ID,
+    BadConversation,
+    ChatRequest,
+    Progress,
+    dumps,
+    error_body,
+    render,
+    subcalls_text,
+    task_of,
+)
+from .runs import LiveRun
+from .streaming import SEP, RunSlots
+from .uploads import BodyLimits, body_chunks, describe_validation_error, json_too_large
+
+ANSWER_DELTA_CHARS = 1000
+"""The answer goes out in `content` deltas of this many characters."""
+SUBCALLS_EVERY_S = 1.0
+"""Sub-call progress goes into the stream at most this often (and at the start and end of each cell)."""
+_ERROR_KINDS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"), 401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"), 408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"), 422: ("invalid_request_error", "invalid_value"),
+    429: ("rate_limit_error", "rate_limit_exceeded"), 503: ("server_error", "service_unavailable"),
+}
+
+
+class OpenAIError(Exception):
+    """A refusal in OpenAI's shape: the status, and the body's type, code and param."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type_: str | None = None) -> None:
+        super().__init__(message)
+        kind, default_code = _ERROR_KINDS.get(status, ("server_error", "server_error"))
+        self.status, self.message = status, message
+        self.type, self.code, self.param = type_ or kind, code or default_code, param
+
+    def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.code, self.param), status_code=self.status,
+                            headers=headers)
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose every refusal (the token check's too) answers in OpenAI's error shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return exc.response()
+            except HTTPException as exc:
+                message = str(exc.detail) if exc.status_code != 401 else (
+                    "wrong or missing API key: use the service's RLM_API_TOKEN as the API key")
+                return OpenAIError(exc.status_code, message).response(exc.headers)
+
+        return route
+
+
+def _completion_id(run: LiveRun) -> str:
+    return f"chatcmpl-{run.id}"
+
+
+def _usage(usage: RunUsage) -> dict[str, int]:
+    prompt = usage.root.input_tokens + usage.sub.input_tokens
+    completion = usage.root.output_tokens + usage.sub.output_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _run_failed(event: ErrorEvent) -> OpenAIError:
+    return OpenAIError(500, f"The run failed: {event.message}", code=event.code, type_="server_error")
+
+
+def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRouter:
+    """`GET /v1/models`, `GET /v1/models/rlm`, `POST /v1/chat/completions`, behind RLM_API_TOKEN."""
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
+                       dependencies=[Depends(token_check(settings))])
+    limits = BodyLimits.of(settings)
+    created = int(time.time())
+    model_card = {"id": MODEL_ID, "object": "model", "created": created, "owned_by": "rlm-service"}
+
+    @router.get("/models")
+    async def list_models() -> dict[str, Any]:
+        """The one model this service is: `rlm`."""
+        return {"object": "list", "data": [model_card]}
+
+    @router.get("/models/{model}")
+    async def get_model(model: str) -> dict[str, Any]:
+        if model != MODEL_ID:
+            raise OpenAIError(404, f"The model {model!r} does not exist; this service serves {MODEL_ID!r}.",
+                              code="model_not_found", param="model")
+        return model_card
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """Run an RLM on the conversation; the reply is its final answer (streamed with `stream: true`)."""
+        problem = settings.setup_problem()
+        if problem:
+            raise OpenAIError(503, problem, code="model_not_configured")
+        slots.refuse_if_full()
+        chat = await _read_chat(request, limits)
+        run_settings, run_input, task = _prepare(chat, settings)
+        slots.refuse_if_full()
+        engine: Engine = request.app.state.engine
+        run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=chat.model_settings()))
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            return EventSourceResponse(
+                _chunks(run, include_usage), ping=ping_s, sep=SEP, send_timeout=settings.rlm_send_timeout_s,
+                ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(request, run)
+
+    return router
+
+
+async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise OpenAIError(400, f"send the request as application/json (not {media_type or 'no content type'})")
+    body = bytearray()
+    async for chunk in body_chunks(request.stream(), limits):
+        body += chunk
+        if (refusal := json_too_large(limits, len(body))) is not None:
+            raise OpenAIError(413, str(refusal.detail).replace("a multipart/form-data upload (field input_file)",
+                                                               "a multipart upload to POST /process"))
+    try:
+        data = await asyncio.to_thread(json.loads, bytes(body))
+    except (ValueError, RecursionError) as exc:
+        raise OpenAIError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "the body must be a JSON object")
+    try:
+        chat = ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]["loc"]
+        raise OpenAIError(400, describe_validation_error(exc), param=".".join(map(str, first)) or None) from None
+    if chat.model != MODEL_ID:
+        raise OpenAIError(404, f"The model {chat.model!r} does not exist; this service serves {MODEL_ID!r}.",
+                          code="model_not_found", param="model")
+    if chat.n is not None and chat.n > 1:
+        raise OpenAIError(400, f"n = {chat.n}: an RLM run gives one answer; ask for one choice (n = 1) and send "
+                               "more requests for more answers", code="unsupported_value", param="n")
+    return chat
+
+
+def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInput, str]:
+    """The run's settings, input and task; refusals as OpenAI errors."""
+    schema = chat.answer_schema()
+    try:
+        if schema is not None:
+            AnswerSchema(schema)
+        run_settings = RunSettings(answer_schema=schema)
+        effective_limits(settings, run_settings)
+    except (SchemaInvalid, SettingsRefused) as exc:
+        message = str(exc).removeprefix("settings.answer_schema: ")
+        raise OpenAIError(422, f"response_format.json_schema.schema: {message}", param="response_format") from None
+    try:
+        text, last_user = render(chat.messages)
+    except BadConversation as exc:
+        raise OpenAIError(400, str(exc), param="messages") from None
+    run_input = RunInput.from_text(text)
+    if run_input.size_bytes > settings.rlm_max_input_bytes:
+        raise OpenAIError(413, f"the messages are larger than RLM_MAX_INPUT_BYTES ({settings.rlm_max_input_bytes:,} "
+                               "bytes)", param="messages")
+    return run_settings, run_input, task_of(last_user, settings.rlm_max_prompt_chars)
+
+
+async def _complete(request: Request, run: LiveRun) -> Response:
+    """Wait for the run's end (cancelling it if the client leaves first), then answer with the completion."""
+    left = asyncio.ensure_future(_disconnected(request))
+    ended = asyncio.ensure_future(run.wait())
+    try:
+        await asyncio.wait([left, ended], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not run.ended:
+            run.cancel("the client disconnected")
+        await run.wait()
+    terminal = run.events[-1]
+    if isinstance(terminal, ErrorEvent):
+        return _run_failed(terminal).response()
+    assert isinstance(terminal, FinalEvent)
+    return JSONResponse({
+        "id": _completion_id(run), "object": "chat.completion", "created": int(terminal.ts), "model": MODEL_ID,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": terminal.answer, "refusal": None},
+                     "finish_reason": "stop" if terminal.ready else "length", "logprobs": None}],
+        "usage": _usage(terminal.usage),
+    })
+
+
+async def _disconnected(request: Request) -> None:
+    """Until the client disconnects (the body has been read, so the next ASGI message can only say that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _chunks(run: LiveRun, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
+    """The run as `chat.completion.chunk`s; closing the stream cancels the run."""
+    base = {"id": _completion_id(run), "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": MODEL_ID}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> ServerSentEvent:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return ServerSentEvent(data=dumps({**base, "choices": [choice]}), sep=SEP)
+
+    progress = Progress()
+    last_subcalls = 0.0
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in run.follow():
+            if isinstance(event, SubcallsEvent):
+                now = time.monotonic()
+                if event.done in (0, 1, event.total) or now - last_subcalls >= SUBCALLS_EVERY_S:
+                    last_subcalls = now
+                    yield chunk({"reasoning_content": subcalls_text(event.done, event.failed, event.total)})
+            elif isinstance(event, FinalEvent):
+                for start in range(0, len(event.answer), ANSWER_DELTA_CHARS):
+                    yield chunk({"content": event.answer[start:start + ANSWER_DELTA_CHARS]})
+                yield chunk({}, "stop" if event.ready else "length")
+                if include_usage:
+                    yield ServerSentEvent(data=dumps({**base, "choices": [], "usage": _usage(event.usage)}), sep=SEP)
+            elif isinstance(event, ErrorEvent):
+                failed = _run_failed(event)
+                yield ServerSentEvent(data=dumps(error_body(failed.message, failed.type, failed.code)), sep=SEP)
+            elif (text := progress.text(event)) is not None:
+                yield chunk({"reasoning_content": text})
+        yield ServerSentEvent(data="[DONE]", sep=SEP)
+    finally:
+        if not run.ended:
+            run.cancel("the client disconnected")

@@ -1,0 +1,223 @@
+"""The MCP server, with the `mcp` SDK's own client: over streamable HTTP (`/mcp`) and over stdio
+(`python -m rlm_service mcp`), against the fake OpenAI server."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+from mcp_types import CallToolResult, TextContent
+
+from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, wait_until
+from tests.fake_openai import FakeOpenAI
+
+TOKEN = "mcp-test-token"
+BATCH_THEN_WAIT = script(
+    {"text": "Counting, asking, waiting.",
+     "code": ["n = len(context)\nreplies = llm_batch(['a', 'b', 'c'])\nimport time\ntime.sleep(1.5)\nprint(n)"]},
+    {"code": ["answer.update(content=f'{n} characters', ready=True)"]})
+SLEEPS = script({"code": ["import time\ntime.sleep(60)"]}, {"code": ["answer.update(content='late', ready=True)"]})
+LENGTH = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
+
+
+class Progress:
+    """A progress callback that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.values: list[float] = []
+        self.seen = anyio.Event()
+
+    async def __call__(self, progress: float, total: float | None, message: str | None) -> None:
+        self.values.append(progress)
+        self.messages.append(message or "")
+        if message and message.startswith("iteration 1 "):
+            self.seen.set()
+
+
+def answer_text(result: CallToolResult) -> str:
+    first = result.content[0]
+    assert isinstance(first, TextContent)
+    return first.text
+
+
+@pytest.fixture
+def http_server(fake: FakeOpenAI) -> Iterator[LiveServer]:
+    with LiveServer(make_settings(fake, rlm_api_token=TOKEN, rlm_mcp_heartbeat_s=0.3)) as server:
+        yield server
+
+
+@asynccontextmanager
+async def http_client(server: LiveServer, mode: str = "auto", token: str = TOKEN) -> AsyncIterator[Client]:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=120))
+    async with http, Client(streamable_http_client(f"{server.url}/mcp", http_client=http), mode=mode) as client:
+        yield client
+
+
+def stdio_params(fake: FakeOpenAI, tmp_path: Path, **env: str) -> StdioServerParameters:
+    return StdioServerParameters(command=sys.executable, args=["-m", "rlm_service", "mcp"], cwd=str(tmp_path), env={
+        "PYTHONPATH": str(REPO / "backend"), "OPENAI_API_BASE": fake.url, "OPENAI_API_KEY": "sk-test-key",
+        "OPENAI_MODEL_NAME": "root-model", "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "RLM_WORKER_PRELOAD": "numpy",
+        "RLM_HISTORY_DB": str(tmp_path / "history.sqlite3"), "RLM_LOG_LEVEL": "warning",
+        "RLM_MCP_HEARTBEAT_S": "0.3", **env})
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_over_http_rlm_run_answers_and_keeps_progress_flowing(http_server: LiveServer, mode: str) -> None:
+    """Progress: the start, each iteration, each sub-call batch, and heartbeats through a silent cell.
+    Mutant caught: the heartbeat task not started (the 1.5 s cell sends nothing)."""
+    progress = Progress()
+    async with http_client(http_server, mode) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert set(tools["rlm_run"].input_schema["properties"]) == {"prompt", "input_text", "session_id"}
+        result = await client.call_tool("rlm_run", {"prompt": BATCH_THEN_WAIT, "input_text": "hello world"},
+                                        progress_callback=progress)
+    assert not result.is_error and answer_text(result) == "11 characters"
+    assert result.structured_content is not None and result.structured_content["ready"] is True
+    messages = progress.messages
+    assert messages[0].startswith("run ") and "11 characters of input" in messages[0]
+    assert "iteration 1 of at most 20" in messages and "iteration 2 of at most 20" in messages
+    assert "iteration 1: sub-calls 3/3 done" in messages
+    assert any(message.startswith("still working") for message in messages)
+    assert progress.values == sorted(set(progress.values))  # strictly increasing, as the protocol requires
+
+
+async def test_a_follow_up_with_the_session_id_finds_the_first_runs_variables(http_server: LiveServer) -> None:
+    """The first call's result carries its session_id; a second call with it (and no input) reads a variable
+    the first run made. Mutant caught: runs started without `settings.session` (no session_id comes back)."""
+    first_prompt = script({"code": ["words = context.split()\nanswer.update(content=str(len(words)), ready=True)"]})
+    follow_up = script({"code": ["answer.update(content=words[-1], ready=True)"]})
+    async with http_client(http_server) as client:
+        first = await client.call_tool("rlm_run", {"prompt": first_prompt, "input_text": "alpha beta gamma"})
+        assert answer_text(first) == "3" and first.structured_content is not None
+        session_id = first.structured_content["session_id"]
+        assert any(session_id in getattr(block, "text", "") for block in first.content[1:])
+        second = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id})
+        assert not second.is_error and answer_text(second) == "gamma"
+        assert second.structured_content is not None and second.structured_content["session_id"] == session_id
+        with_input = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id,
+                                                        "input_text": "more"})
+        unknown = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": "no-such-session"})
+    assert with_input.is_error and "send no input" in answer_text(with_input)
+    assert unknown.is_error and "no-such-session" in answer_text(unknown)
+
+
+async def test_over_http_the_token_is_required(http_server: LiveServer) -> None:
+    """Mutant caught: `/mcp` routed without the token guard."""
+    response = httpx2.post(f"{http_server.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                           headers={"Accept": "application/json, text/event-stream"}, timeout=30)
+    assert response.status_code == 401 and "RLM_API_TOKEN" in response.json()["detail"]
+    with pytest.raises(Exception):  # noqa: B017 (the SDK wraps the 401 in transport-specific errors)
+        async with http_client(http_server, "legacy", token="wrong") as client:
+            await client.list_tools()
+
+
+async def test_a_failed_run_is_a_tool_error_that_says_why(http_server: LiveServer, fake: FakeOpenAI) -> None:
+    fake.inject("status", role="root", status=500, count=10)
+    async with http_client(http_server) as client:
+        result = await client.call_tool("rlm_run", {"prompt": "anything"})
+    assert result.is_error and "The run failed (model_unavailable)" in answer_text(result)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, fake: FakeOpenAI, mode: str) -> None:
+    """Mutant caught: the tool not cancelling its run when the call is cancelled (it sleeps on)."""
+    runs = http_server.app.state.engine.runs
+    progress = Progress()
+    async with http_client(http_server, mode) as client:
+        async with anyio.create_task_group() as group:
+            async def call() -> None:
+                await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+
+            group.start_soon(call)
+            with anyio.fail_after(30):
+                await progress.seen.wait()
+            live = runs.live()
+            group.cancel_scope.cancel()
+        assert len(live) == 1
+        assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
+    terminal = live[0].events[-1]
+    assert terminal.type == "error" and terminal.code == "cancelled"
+    assert fake.stats.root_requests == 1
+
+
+def _server_pid() -> int:
+    """The stdio server this test started: the child of this process running `rlm_service mcp`."""
+    mine = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                parent = stat.read().rsplit(b")", 1)[1].split()[1].decode()
+                args = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == mine and b"rlm_service" in args and b"mcp" in args:
+            return int(entry)
+    raise AssertionError("the stdio server process was not found")
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
+async def test_over_stdio_a_50_mb_local_file_is_spooled_without_growing_the_server(
+        fake: FakeOpenAI, tmp_path: Path) -> None:
+    """The file goes to the run's spool a chunk at a time: the server's peak memory grows by far less than
+    the file. Mutant caught: `spool_file` replaced by reading the file whole (the peak grows by > 100 MB)."""
+    big = tmp_path / "big.log"
+    line = b"2026-01-01 12:00:00 INFO request served in 12 ms\n"
+    big.write_bytes(line * (50 * 1024 * 1024 // len(line)))
+    size = big.stat().st_size
+    progress = Progress()
+    async with Client(stdio_params(fake, tmp_path)) as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert "input_path" in tools["rlm_run"].input_schema["properties"]
+        warm = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "warm up"})
+        assert answer_text(warm) == "7"
+        pid = _server_pid()
+        before = _peak_rss(pid)
+        result = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(big)},
+                                        progress_callback=progress)
+        after = _peak_rss(pid)
+        missing = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(tmp_path / "nope")})
+    assert not result.is_error and answer_text(result) == str(size)
+    assert f"{size:,} characters of input" in progress.messages[0]
+    assert after - before < 30 * 1024 * 1024, f"the server's peak memory grew by {(after - before) >> 20} MiB"
+    assert missing.is_error and "no such file" in answer_text(missing)
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_cancelling_a_stdio_call_cancels_the_run(fake: FakeOpenAI, tmp_path: Path, mode: str) -> None:
+    """Mutant caught: the tool not cancelling its run when the call is cancelled (it stays `running`)."""
+    progress = Progress()
+    async with Client(stdio_params(fake, tmp_path), mode=mode) as client:
+        async with anyio.create_task_group() as group:
+            async def call() -> None:
+                await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+
+            group.start_soon(call)
+            with anyio.fail_after(30):
+                await progress.seen.wait()
+            group.cancel_scope.cancel()
+        status: dict[str, Any] = {}
+        with anyio.fail_after(20):
+            while status.get("status") != "cancelled":
+                await anyio.sleep(0.2)
+                listing = await client.read_resource("rlm://runs")
+                runs = json.loads(getattr(listing.contents[0], "text", "{}"))["runs"]
+                status = runs[0] if runs else {}
+    assert status["error"]["code"] == "cancelled"
+    assert fake.stats.root_requests == 1

@@ -1,0 +1,50 @@
+"""Typed answers on `POST /process`: `settings.answer_schema`, the check before `ready`, `final.answer_json`."""
+
+from __future__ import annotations
+
+from tests.conftest import LiveServer, make_settings, post_process, script, stream_run
+from tests.fake_openai import FakeOpenAI
+
+SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0}}, "required": ["count"]}
+
+
+def test_final_carries_the_parsed_answer_when_it_satisfies_the_schema(live: LiveServer) -> None:
+    prompt = script({"code": ["import json\nanswer.update(content=json.dumps({'count': len(context)}), ready=True)"]})
+    response, events = stream_run(live.url, json_body={"prompt": prompt, "input_data": "abc",
+                                                       "settings": {"answer_schema": SCHEMA}})
+    assert response.status_code == 200
+    final = events[-1]
+    assert final.event == "final" and final.data["ready"] is True
+    assert final.data["answer_json"] == {"count": 3}
+
+
+def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(
+        fake: FakeOpenAI) -> None:
+    """Mutant caught: the controller not consulting the schema (the run ends ready after the first cell)."""
+    prompt = script({"code": ["answer.update(content='three', ready=True)"]},
+                    {"code": ["answer.update(content='{\"count\": -1}', ready=True)"]},
+                    {"code": ["print(answer)"]})
+    with LiveServer(make_settings(fake, rlm_max_iterations=3)) as live:
+        _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": SCHEMA}})
+    final = events[-1]
+    assert final.event == "final" and final.data["ready"] is False and final.data["answer_json"] is None
+    assert [e.data["ready"] for e in events if e.event == "answer"] == [False, False]
+    first, second = (body["messages"][-1]["content"] for body in fake.stats.root_bodies[1:3])
+    assert "answer['content'] is not valid JSON" in first and "json.dumps" in first
+    assert "at $.count: -1 is less than the minimum of 0" in second
+
+
+def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(live: LiveServer, fake: FakeOpenAI
+                                                                             ) -> None:
+    """Mutant caught: `RunSettings` not checking the schema (the run starts and the fake model is asked)."""
+    response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": 5}}})
+    assert response.status_code == 422
+    assert "settings.answer_schema: not a valid JSON Schema" in response.json()["detail"]
+    assert fake.stats.requests == 0
+
+
+def test_a_schema_larger_than_a_prompt_may_be_is_refused(fake: FakeOpenAI) -> None:
+    huge = {"type": "object", "description": "x" * 2000}
+    with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as live:
+        response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": huge}})
+    assert response.status_code == 422 and "RLM_MAX_PROMPT_CHARS" in response.json()["detail"]
