@@ -21,7 +21,7 @@ import httpx2
 import pytest
 
 from rlm_service.demos import DEMOS, Book, book_records
-from rlm_service.sse import SseDecoder, StreamedEvent
+from rlm_service.ssereader import SseDecoder, StreamedEvent
 from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
@@ -624,8 +624,8 @@ HOSTILE_ID = "s\x1b]0;pwned\x07\x9b2J"
 
 def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
     """A service whose run and session ids, and refusals, carry terminal escapes: the session line, the
-    session listing and the refusals show them as visible escapes. Mutant: `Output.say` writing its text
-    without `printable`."""
+    session listing and the refusals show them as visible escapes. Mutants: `printable` returning its text
+    unchanged; the session listing writing `live_run` without it."""
     start = {"run_id": HOSTILE_ID, "seq": 1, "session_id": HOSTILE_ID, "model": "m"}
     final = {"run_id": HOSTILE_ID, "seq": 2, "answer": "ok", "ready": True, "iterations": 1, "elapsed_ms": 1}
     stream = (f"id: 1\nevent: start\ndata: {json.dumps(start)}\n\n"

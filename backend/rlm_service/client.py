@@ -22,7 +22,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 
-from .sse import EventTooLarge, SseDecoder, StreamedEvent
+from .ssereader import EventTooLarge, SseDecoder, StreamedEvent
 from .terminal import printable
 
 MAX_REFUSAL_BYTES = 64 * 1024
