@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,11 +17,12 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx2
 import pytest
 
-from rlm_service.client import SseDecoder, StreamedEvent
 from rlm_service.demos import DEMOS, Book, book_records
-from tests.conftest import REPO, LiveServer, free_port, make_settings, script
+from rlm_service.ssereader import SseDecoder, StreamedEvent
+from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
 HOSTILE = r"\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07\x9b31m\r\x08 x\u2028y"
@@ -298,3 +302,373 @@ def test_the_readme_demos_run_as_written(fake: FakeOpenAI, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert result.stderr.decode().count("done: ") == 3
     assert (tmp_path / "app.log").stat().st_size > 1_000_000
+
+
+# --- runs on a service: re-attaching, Ctrl-C, attach, cancel, sessions ---------------------------------------
+
+SLOW = script({"code": ["import time\nfor i in range(3):\n    time.sleep(0.2)\n    print(i)"]},
+              {"code": ["replies = llm_batch([f'q{i}' for i in range(6)])\nprint(len(replies))"]},
+              {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]})
+"""Three iterations with a few pauses: connections can drop while it is live."""
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a server that drops connections the way a network does: the first response
+    that carries `cuts[0]` is cut just after those bytes (mid-event: the event's `data:` never comes), the
+    next response carrying `cuts[1]` likewise, and so on. With `gone_after_cut`, the proxy also stops taking
+    connections at the cut, as if the server had vanished."""
+
+    def __init__(self, upstream: int, cuts: list[bytes], *, gone_after_cut: bool = False) -> None:
+        self.upstream = upstream
+        self.cuts = list(cuts)
+        self.gone_after_cut = gone_after_cut
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._requests, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._responses, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _close(*sockets: socket.socket) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _requests(self, client: socket.socket, server: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                server.sendall(data)
+        self._close(client, server)
+
+    def _responses(self, server: socket.socket, client: socket.socket) -> None:
+        seen = b""
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                seen += data
+                with self.lock:
+                    at = seen.find(self.cuts[0]) if self.cuts else -1
+                    marker = self.cuts.pop(0) if at >= 0 else b""
+                if at < 0:
+                    client.sendall(data)
+                    continue
+                client.sendall(data[:len(data) - (len(seen) - at - len(marker))])
+                if self.gone_after_cut:  # shut down first: a close alone leaves a blocked accept() listening
+                    self._close(self.listener)
+                break
+        self._close(server, client)
+
+
+def _json_events(stdout: bytes) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stdout.decode().split("\n") if line]
+
+
+def _server_events(url: str, run_id: str) -> list[dict[str, object]]:
+    """The run's events as the service keeps them, shaped as the CLI's --json lines."""
+    with httpx2.Client(timeout=60) as client, client.stream("GET", f"{url}/api/runs/{run_id}/events") as response:
+        return [{"event": event.event, **event.data} for event in parse_sse(response.iter_lines())]
+
+
+@pytest.mark.parametrize("cuts", [[b"event: code\n"], [b"event: output\n", b"event: usage\n"],
+                                  [b"event: subcalls\n", b"id: 9\n", b"event: final\n"]],
+                         ids=["mid-cell", "twice", "three-times-and-at-the-terminal-event"])
+def test_a_dropped_connection_is_reattached_without_a_gap_or_a_repeat(fake: FakeOpenAI, cuts: list[bytes]) -> None:
+    """The connection drops mid-event (once, twice, three times, the last at the terminal event); the command
+    re-attaches by itself and prints every event of the run exactly once, in order, as the service has it.
+    Mutants: re-attaching with `Last-Event-ID` one above the last event received (a gap); re-attaching
+    without `Last-Event-ID` and without the check against events already received (repeats); no re-attach."""
+    fake.sub_latency = 0.05
+    with LiveServer(make_settings(fake)) as server:
+        proxy = CuttingProxy(server.port, cuts)
+        result = _cli("run", SLOW, "--server", proxy.url, "--json", env=_cli_env(fake))
+        events = _json_events(result.stdout)
+        kept = _server_events(server.url, str(events[0]["run_id"]))
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+    assert events == kept and events[-1]["event"] == "final" and events[-1]["answer"] == "done: 6"
+    assert stderr.count("; re-attaching") == len(cuts) and stderr.count("re-attached to run") == len(cuts), stderr
+    assert not proxy.cuts  # every cut happened
+
+
+def test_a_dropped_connection_reads_the_same_to_a_person(fake: FakeOpenAI) -> None:
+    """The progress shows each cell once and the answer once, with one line about the drop and one about
+    re-attaching."""
+    with LiveServer(make_settings(fake)) as server:
+        proxy = CuttingProxy(server.port, [b"event: output\n"])
+        result = _cli("run", SLOW, "--server", proxy.url, env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and result.stdout.decode() == "done: 6\n", stderr
+    assert [stderr.count(f"[{i}] >>> ") for i in (1, 2, 3)] == [1, 1, 1], stderr
+    assert stderr.count("    0\n    1\n    2") == 1 and stderr.count("done: ready") == 1, stderr
+    assert re.search(r"the connection to \S+ broke \(.+\) \(after event 2 of run \w+; .+\); re-attaching\n"
+                     r"re-attached to run \w+ after event 2\n", stderr), stderr
+
+
+def test_when_the_server_stays_gone_the_command_says_how_to_go_on(fake: FakeOpenAI) -> None:
+    """The service becomes unreachable mid-run: the command keeps re-attaching for --reconnect-for seconds,
+    then exits 1 with the `attach` command that goes on from the last event it printed; that command,
+    against the service, prints the rest: together every event once. Mutant: the hint's `--after` one
+    below the last event printed (a repeat)."""
+    with LiveServer(make_settings(fake)) as server:
+        proxy = CuttingProxy(server.port, [b"event: output\n"], gone_after_cut=True)
+        first = _cli("run", SLOW, "--server", proxy.url, "--json", "--reconnect-for", "1", env=_cli_env(fake))
+        stderr = first.stderr.decode()
+        hint = re.search(r"`rlm-service attach (\w+) --server (\S+) --after (\d+)` goes on from there", stderr)
+        assert first.returncode == 1 and hint is not None and "gave up re-attaching after 1 s" in stderr, stderr
+        assert hint.group(2) == proxy.url
+        rest = _cli("attach", hint.group(1), "--server", server.url, "--after", hint.group(3), "--json",
+                    env=_cli_env(fake))
+        kept = _server_events(server.url, hint.group(1))
+    assert rest.returncode == 0, rest.stderr.decode()
+    assert _json_events(first.stdout) + _json_events(rest.stdout) == kept and kept[-1]["event"] == "final"
+
+
+def test_a_drop_before_the_first_event_is_reported_as_such(fake: FakeOpenAI) -> None:
+    """Cut inside the `start` event the command cannot know which run to re-attach to: it says so (exit 1)."""
+    with LiveServer(make_settings(fake)) as server:
+        proxy = CuttingProxy(server.port, [b"event: start\n"])
+        result = _cli("run", SLOW, "--server", proxy.url, env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "before the run's first event: a detached run may go on there" in stderr
+
+
+class CliProcess:
+    """The CLI as a process whose stderr is read line by line as it comes; `coding` is set at `[1] >>> `."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "rlm_service", *args], env=env, cwd=REPO,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.coding = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line.decode())
+            if "[1] >>> " in self.lines[-1]:
+                self.coding.set()
+
+    def finish(self, timeout: float = 60) -> tuple[int, bytes, str]:
+        """Its exit status, stdout and stderr once it has ended."""
+        assert self.process.stdout is not None
+        stdout = self.process.stdout.read()
+        status = self.process.wait(timeout)
+        self.reader.join(timeout)
+        return status, stdout, "".join(self.lines)
+
+
+@pytest.mark.parametrize("command", ["run", "attach"])
+def test_ctrl_c_cancels_the_run_on_the_service(fake: FakeOpenAI, command: str) -> None:
+    """Ctrl-C while a cell runs: the command asks the service to cancel the run (which is detached, so
+    nothing else would stop it), shows its `error` event, says so and exits 130; the run ended `cancelled`.
+    Mutant: the first Ctrl-C stopping the command without `POST /api/runs/{id}/cancel` (the run then goes
+    on to its answer)."""
+    sleepy = script({"code": ["import time\ntime.sleep(8)"]}, {"code": ["answer.update(content='late', ready=True)"]})
+    with LiveServer(make_settings(fake)) as server:
+        if command == "run":
+            cli = CliProcess("run", sleepy, "--server", server.url, env=_cli_env(fake))
+        else:
+            with httpx2.Client(timeout=60) as client, client.stream(
+                    "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}) as response:
+                run_id = next(parse_sse(response.iter_lines())).data["run_id"]
+            cli = CliProcess("attach", run_id, "--server", server.url, env=_cli_env(fake))
+        assert cli.coding.wait(60), "".join(cli.lines)
+        cli.process.send_signal(signal.SIGINT)
+        status, stdout, stderr = cli.finish()
+        run_id = re.search(r"^run (\w+)", stderr, re.M).group(1)  # type: ignore[union-attr]
+        kept = _server_events(server.url, run_id)
+    assert status == 130 and stdout == b"", stderr
+    assert f"cancelling run {run_id} (Ctrl-C again to stop waiting for it)" in stderr
+    assert "error (cancelled): The run was cancelled: cancelled through the API." in stderr
+    assert stderr.rstrip().endswith(f"run {run_id} cancelled (Ctrl-C)"), stderr
+    assert kept[-1]["event"] == "error" and kept[-1]["code"] == "cancelled"
+
+
+def test_attach_and_cancel(fake: FakeOpenAI) -> None:
+    """`attach` prints a run from its start or after `--after N`, re-attached to the end; `cancel` ends a
+    live run; unknown and ended runs are refused in words (exit 2)."""
+    env = _cli_env(fake)
+    sleepy = script({"code": ["import time\ntime.sleep(30)"]})
+    with LiveServer(make_settings(fake)) as server:
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": SLOW, "settings": {"detach": True}}) as response:
+            run_id = next(parse_sse(response.iter_lines())).data["run_id"]
+        whole = _cli("attach", run_id, "--server", server.url, "--json", env=env)
+        tail = _cli("attach", run_id, "--server", server.url, "--after", "3", "--json", env=env)
+        shown = _cli("attach", run_id, "--server", server.url, env=env)
+        unknown = _cli("attach", "0123456789abcdef", "--server", server.url, env=env)
+        ended = _cli("cancel", run_id, "--server", server.url, env=env)
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}) as response:
+            live_id = next(parse_sse(response.iter_lines())).data["run_id"]
+        cancelled = _cli("cancel", live_id, "--server", server.url, env=env)
+        after = _cli("attach", live_id, "--server", server.url, "--json", env=env)
+    events = _json_events(whole.stdout)
+    assert whole.returncode == 0 and [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["event"] == "final" and _json_events(tail.stdout) == events[3:]
+    assert shown.returncode == 0 and shown.stdout.decode() == "done: 6\n"
+    assert unknown.returncode == 2 and "has no run 0123456789abcdef" in unknown.stderr.decode()
+    assert ended.returncode == 2 and f"run {run_id} has already ended" in ended.stderr.decode()
+    assert cancelled.returncode == 0 and f"run {live_id} is being cancelled" in cancelled.stderr.decode()
+    assert after.returncode == 1 and _json_events(after.stdout)[-1]["code"] == "cancelled"
+
+
+def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """`run --session` prints the session id (in `start` with --json, and on stderr with the command that
+    asks more); `run --follow-up ID` asks it, twice, reading what the first run made; `session ID` lists
+    the runs; `session ID --end` ends it, after which a follow-up is refused in words.
+    Mutant: `run --follow-up` posting without `session_id` (its cell then finds no variables)."""
+    data = tmp_path / "in.txt"
+    data.write_text("".join(f"record {i}: value={i * 7}\n" for i in range(200)))
+    first = script({"code": ["records = context.splitlines()\ntotal = sum(int(l.split('=')[1]) for l in records)"]},
+                   {"code": ["answer.update(content=str(total), ready=True)"]})
+    second = script({"code": ["answer.update(content=str(len(records)), ready=True)"]})
+    third = script({"code": ["answer.update(content=f'{total // len(records)} on average', ready=True)"]})
+    env = _cli_env(fake)
+    with LiveServer(make_settings(fake)) as server:
+        one = _cli("run", first, "--input", str(data), "--server", server.url, "--session", "--json", env=env)
+        start = _json_events(one.stdout)[0]
+        session_id = str(start["session_id"])
+        two = _cli("run", second, "--follow-up", session_id, "--server", server.url, env=env)
+        three = _cli("run", third, "--follow-up", session_id, "--server", server.url, env=env)
+        shown = _cli("session", session_id, "--server", server.url, env=env)
+        ended = _cli("session", session_id, "--end", "--server", server.url, env=env)
+        gone = _cli("run", second, "--follow-up", session_id, "--server", server.url, env=env)
+        gone_show = _cli("session", session_id, "--server", server.url, env=env)
+    assert one.returncode == 0 and _json_events(one.stdout)[-1]["answer"] == str(sum(i * 7 for i in range(200)))
+    assert (f"session {session_id}: ask more with `rlm-service run QUESTION --follow-up {session_id} "
+            f"--server {server.url}`") in one.stderr.decode()
+    assert two.returncode == 0 and two.stdout.decode() == "200\n", two.stderr.decode()
+    assert f"in session {session_id}: " in two.stderr.decode()
+    assert f"session {session_id}: ask more" in two.stderr.decode()
+    assert three.returncode == 0 and three.stdout.decode() == "696 on average\n", three.stderr.decode()
+    listing = shown.stdout.decode()
+    assert shown.returncode == 0 and listing.startswith(f"session {session_id}\nruns: {start['run_id']}, ")
+    assert listing.split("\n")[1].count(", ") == 2 and "\ninput: 4,330 characters, 200 lines\n" in listing
+    assert "ends if left idle until " in listing
+    assert ended.returncode == 0 and f"session {session_id} ended" in ended.stderr.decode()
+    for refused in (gone, gone_show):
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 2 and f"session {session_id} is not on {server.url}: it never existed " in stderr
+        assert len(stderr.strip().split("\n")) == 1, stderr
+
+
+def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """An input with a follow-up, a follow-up without a service, a session given twice, and a session busy
+    with another question: each is refused with what to do instead (exit 2).
+    Mutant: the client without its 409 case for sessions (the bare server message, no run named)."""
+    env = _cli_env(fake)
+    data = tmp_path / "in.txt"
+    data.write_text("x")
+    slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": ["answer.update(content='1', ready=True)"]})
+    done = script({"code": ["answer.update(content='1', ready=True)"]})
+    with LiveServer(make_settings(fake)) as server:
+        with_input = _cli("run", "q", "--follow-up", "s1", "--input", str(data), "--server", server.url, env=env)
+        local = _cli("run", "q", "--follow-up", "s1", env=env)
+        both = _cli("run", "q", "--follow-up", "s1", "--session", "--server", server.url, env=env)
+        one = _cli("run", done, "--server", server.url, "--session", "--json", env=env)
+        session_id = str(_json_events(one.stdout)[0]["session_id"])
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as response:
+            events = parse_sse(response.iter_lines())
+            live_id = next(events).data["run_id"]
+            busy = _cli("run", "q", "--follow-up", session_id, "--server", server.url, env=env)
+            busy_end = _cli("session", session_id, "--end", "--server", server.url, env=env)
+            list(events)
+    assert with_input.returncode == 2 and "give no --input" in with_input.stderr.decode()
+    assert local.returncode == 2 and "--follow-up needs --server" in local.stderr.decode()
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr.decode()
+    for refused, consequence in ((busy, "a session answers one question at a time"),
+                                 (busy_end, "it cannot end while a run of it is going")):
+        stderr = refused.stderr.decode()
+        assert refused.returncode == 2, stderr
+        assert (f"run {live_id} of session {session_id} is still going: {consequence}; follow it with "
+                f"`rlm-service attach {live_id} --server {server.url}`") in stderr
+
+
+def test_a_session_without_a_service_reads_follow_ups_from_stdin(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Without --server, `--session` keeps the REPL for the command's life: each line of stdin is a follow-up
+    that reads what earlier questions made; each answer goes to stdout. With the input on stdin too it is
+    refused in words. Mutant: follow-ups launched without the session (NameError in their cells)."""
+    data = tmp_path / "in.txt"
+    data.write_text("a\nb\nc\n")
+    first = script({"code": ["lines = context.splitlines()"]}, {"code": ["answer.update(content='kept', ready=True)"]})
+    second = script({"code": ["answer.update(content=str(len(lines)), ready=True)"]})
+    third = script({"code": ["lines.append('d')\nanswer.update(content=','.join(lines), ready=True)"]})
+    env = _cli_env(fake)
+    result = _cli("run", first, "--input", str(data), "--session", env=env,
+                  stdin=f"{second}\n\n{third}\n".encode())
+    piped = _cli("run", first, "--session", env=env, stdin=b"the input")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert result.stdout.decode() == "kept\n3\na,b,c,d\n"
+    session_id = re.search(r"^session (\w+): ask follow-up questions, one a line", stderr, re.M)
+    assert session_id is not None and stderr.count(f" in session {session_id.group(1)}: ") == 3, stderr
+    assert piped.returncode == 2 and "the input must come from --input FILE" in piped.stderr.decode()
+
+
+HOSTILE_ID = "s\x1b]0;pwned\x07\x9b2J"
+
+
+def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
+    """A service whose run and session ids, and refusals, carry terminal escapes: the session line, the
+    session listing and the refusals show them as visible escapes. Mutants: `printable` returning its text
+    unchanged; the session listing writing `live_run` without it."""
+    start = {"run_id": HOSTILE_ID, "seq": 1, "session_id": HOSTILE_ID, "model": "m"}
+    final = {"run_id": HOSTILE_ID, "seq": 2, "answer": "ok", "ready": True, "iterations": 1, "elapsed_ms": 1}
+    stream = (f"id: 1\nevent: start\ndata: {json.dumps(start)}\n\n"
+              f"id: 2\nevent: final\ndata: {json.dumps(final)}\n\n").encode()
+    described = {"id": HOSTILE_ID, "runs": [HOSTILE_ID], "live_run": HOSTILE_ID, "expires_at": 2e9,
+                 "input": {"chars": 1, "lines": 1}}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self._send(200, "text/event-stream", stream)
+
+        def do_GET(self) -> None:
+            self._send(200, "application/json", json.dumps(described).encode())
+
+        def do_DELETE(self) -> None:
+            self._send(409, "application/json", json.dumps({"detail": HOSTILE_ID}).encode())
+
+        def _send(self, status: int, content_type: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        results = [_cli("run", "task", "--server", url, "--session", env=_cli_env()),
+                   _cli("session", HOSTILE_ID, "--server", url, env=_cli_env()),
+                   _cli("session", HOSTILE_ID, "--end", "--server", url, env=_cli_env())]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [result.returncode for result in results] == [0, 0, 2]
+    shown = r"s\x1b]0;pwned\x07\x9b2J"
+    for result in results:
+        for text in (result.stdout.decode(), result.stderr.decode()):
+            assert not TERMINAL_CONTROLS.search(text), text
+    assert f"session {shown}: ask more" in results[0].stderr.decode()
+    assert f"live run: {shown}" in results[1].stdout.decode()
+    assert f"run {shown} of session {shown} is still going" in results[2].stderr.decode()

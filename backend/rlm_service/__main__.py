@@ -1,4 +1,5 @@
-"""`python -m rlm_service serve | run | sample | mcp`: the installed `rlm-service`; see `rlm_service.cli`."""
+"""`python -m rlm_service serve | run | attach | cancel | session | sample | mcp`: the same as the installed
+`rlm-service`; see `rlm_service.cli`."""
 
 import sys
 

@@ -3,37 +3,37 @@
     rlm-service serve                                   # the service and its page, as `python backend/main.py`
     rlm-service run "Which errors are most frequent?" --input app.log
     cat notes.txt | rlm-service run "Summarize" --server http://127.0.0.1:8000 --json
+    rlm-service run "Which errors are most frequent?" --input app.log --server URL --session
+    rlm-service run "And on which days?" --follow-up SESSION_ID --server URL
+    rlm-service attach RUN_ID --server URL              # follow a run already started, to its end
+    rlm-service cancel RUN_ID --server URL
+    rlm-service session SESSION_ID --server URL [--end]
     rlm-service sample log > app.log                    # sample data of the demos (`rlm-service sample` lists them)
     rlm-service mcp                                     # the MCP server over stdio, for MCP hosts
 
-`run` executes the engine in the command itself, or streams a run from a service with `--server`.
-Progress goes to stderr (iterations, code, a sub-call progress bar); the answer goes to stdout, so it
-can be piped. `--json` prints every event as one JSON line instead. Whatever model or code wrote is
-printed with its terminal control characters made visible. Exit status: 0 when the run ended with an
-answer, 1 when it ended with an `error` event or its stream broke, 2 when it could not start (bad
-arguments, configuration, or a refusal by the server).
+`run` executes the engine in the command itself (`cli_local`), or streams a run from a service with
+`--server` (`cli_remote`). Progress goes to stderr (iterations, code, a sub-call progress bar); the answer
+goes to stdout, so it can be piped. `--json` prints every event as one JSON line instead. Whatever model
+or code wrote is printed with its terminal control characters made visible. Exit status: 0 when the run
+ended with an answer, 1 when it ended with an `error` event or its stream broke, 2 when it could not
+start (bad arguments, configuration, or a refusal by the server), 130 when Ctrl-C stopped it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from .client import Refused, RunLost, server_events
-from .terminal import ProgressPrinter, json_line, printable
-
-EXIT_OK, EXIT_ERROR, EXIT_REFUSED = 0, 1, 2
+from .client import Refused, RunLost
+from .terminal import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, Interrupt, Output
 
 
-def _read_input(path: str | None) -> tuple[str | None, Path | None]:
+def _read_input(path: str | None, *, stdin_is_input: bool = True) -> tuple[str | None, Path | None]:
     """The input as text (stdin) or as a file path; neither when there is none."""
-    if path == "-" or (path is None and not sys.stdin.isatty()):
+    if path == "-" or (path is None and stdin_is_input and not sys.stdin.isatty()):
         return sys.stdin.buffer.read().decode("utf-8", "replace"), None
     if path is None:
         return None, None
@@ -43,77 +43,49 @@ def _read_input(path: str | None) -> tuple[str | None, Path | None]:
     return None, file
 
 
-async def _engine_events(prompt: str, text: str | None, file: Path | None,
-                         settings_overrides: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    from .config import ConfigError, load_settings
-    from .engine import Engine, RunSettings, SettingsRefused, effective_limits
-    from .inputs import InputTooLarge, spool_file
-
-    try:
-        settings = load_settings()
-    except ConfigError as exc:
-        raise Refused(f"configuration error: {exc}") from None
-    problem = settings.setup_problem()
-    if problem:
-        raise Refused(problem)
-    run_settings = RunSettings(**settings_overrides)
-    try:
-        effective_limits(settings, run_settings)
-    except SettingsRefused as exc:
-        raise Refused(str(exc)) from None
-    run_input: Any = text or ""
-    if file is not None:
-        try:
-            run_input = await asyncio.to_thread(spool_file, file, settings.rlm_max_input_bytes)
-        except InputTooLarge as exc:
-            raise Refused(str(exc)) from None
-    async with Engine(settings) as engine:
-        async for event in engine.run(prompt, run_input, run_settings):
-            data = event.model_dump(mode="json")
-            yield data["type"], data
+def _check_run(args: argparse.Namespace) -> None:
+    """What `run` cannot do with these arguments, said before anything starts."""
+    if args.follow_up is not None:
+        if args.input is not None:
+            raise Refused("a follow-up (--follow-up) asks its session, which keeps the input of its first run: "
+                          "give no --input (to ask about other data, start a new run with --session)")
+        if not args.server:
+            raise Refused("--follow-up needs --server: a session lives in a service. Without --server, "
+                          "`run ... --session` asks follow-up questions in the same command (one a line on stdin)")
+    if args.session and not args.server and (args.input == "-" or (args.input is None and not sys.stdin.isatty())):
+        raise Refused("without --server, --session reads follow-up questions from stdin, so the input must "
+                      "come from --input FILE")
 
 
-async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+async def _run(args: argparse.Namespace, output: Output, interrupt: Interrupt) -> int:
+    _check_run(args)
     overrides = {key: value for key, value in (("max_iterations", args.max_iterations),
                                                ("max_subcalls", args.max_subcalls),
                                                ("exec_timeout_s", args.exec_timeout)) if value is not None}
     if args.keep_input:
         overrides["keep_input"] = True
-    text, file = _read_input(args.input)
-    events = (server_events(args.server, args.token, args.prompt, text, file, overrides) if args.server
-              else _engine_events(args.prompt, text, file, overrides))
-    progress = ProgressPrinter(err)
-    status, figures = EXIT_ERROR, 0
-    async for name, data in events:
-        if args.json:
-            out.write(json_line({"event": name, **data}) + "\n")
-            out.flush()
-        else:
-            progress.event(name, data)
-        if name == "figure" and args.save_figures is not None:
-            figures += 1
-            err.write(f"    {_save_figure(args.save_figures, data, figures)}\n")
-        if name == "final":
-            status = EXIT_OK
-            if not args.json:
-                out.write(printable(str(data.get("answer", ""))).rstrip("\n") + "\n")
-        elif name == "error":
-            status = EXIT_ERROR
-    return status
+    text, file = (None, None) if args.follow_up else _read_input(args.input, stdin_is_input=not (
+        args.session and not args.server))
+    if args.server:
+        from . import cli_remote
+
+        return await cli_remote.run(args, output, interrupt, text, file, overrides)
+    from . import cli_local
+
+    return await cli_local.run(args, output, interrupt, text, file, overrides)
 
 
-def _save_figure(directory: Path, data: dict[str, Any], number: int) -> str:
-    """Write a `figure` event's PNG as `figure-<number>.png` in `directory`; says what was done."""
-    try:
-        png = base64.b64decode(str(data.get("data", "")), validate=True)
-    except binascii.Error:
-        return f"figure {number} was not valid base64; not saved"
-    if data.get("mime", "image/png") != "image/png" or not png.startswith(b"\x89PNG"):
-        return f"figure {number} is not a PNG; not saved"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"figure-{number}.png"
-    path.write_bytes(png)
-    return f"saved {path}"
+async def _command(args: argparse.Namespace, output: Output) -> int:
+    from . import cli_remote
+
+    interrupt = Interrupt(output)
+    if args.command == "run":
+        return await interrupt.guard(_run(args, output, interrupt))
+    if args.command == "attach":
+        return await interrupt.guard(cli_remote.attach(args, output, interrupt))
+    if args.command == "cancel":
+        return await cli_remote.cancel(args, output)
+    return await cli_remote.session(args, output)
 
 
 def _sample(args: argparse.Namespace, out: TextIO) -> int:
@@ -136,14 +108,6 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _mcp() -> int:
-    from .mcp_server import serve_stdio
-    from .server import configure
-
-    serve_stdio(configure())
-    return EXIT_OK
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -154,6 +118,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def _service_options(required: bool) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--server", required=required, help="a running RLM service (e.g. http://127.0.0.1:8000)"
+                         + ("" if required else "; default: run here"))
+    options.add_argument("--token", help="bearer token for --server (RLM_API_TOKEN there)")
+    return options
+
+
+def _follow_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--json", action="store_true", help="print every event as one JSON line")
+    options.add_argument("--save-figures", type=Path, metavar="DIR", help="write the run's figures there as PNG files")
+    options.add_argument("--reconnect-for", type=_seconds, default=120.0, metavar="SECONDS",
+                         help="with --server: how long to keep re-attaching when the connection drops (default "
+                              "120; 0: do not)")
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-service", description="The Recursive Language Model service.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,20 +154,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: HOST, or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: PORT, or 8000)")
 
-    commands.add_parser("mcp", help="serve the MCP tool rlm_run over stdin/stdout, for MCP hosts (configured as "
-                                    "serve is)")
-
-    run = commands.add_parser("run", help="run one task and print its answer")
-    run.add_argument("prompt", help="what to do with the input")
+    run = commands.add_parser("run", help="run one task and print its answer",
+                              parents=[_service_options(False), _follow_options()])
+    run.add_argument("prompt", help="what to do with the input (with --follow-up: the next question)")
     run.add_argument("--input", "-i", help="the input file ('-' for stdin; stdin is read when piped)")
-    run.add_argument("--server", help="a running RLM service (e.g. http://127.0.0.1:8000); default: run here")
-    run.add_argument("--token", help="bearer token for --server (RLM_API_TOKEN there)")
-    run.add_argument("--json", action="store_true", help="print every event as one JSON line")
     run.add_argument("--max-iterations", type=int)
     run.add_argument("--max-subcalls", type=int)
     run.add_argument("--exec-timeout", type=float, help="seconds per code cell")
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
-    run.add_argument("--save-figures", type=Path, metavar="DIR", help="write the run's figures there as PNG files")
+    conversation = run.add_mutually_exclusive_group()
+    conversation.add_argument("--session", action="store_true",
+                              help="keep the run's REPL for follow-up questions: with --server the session id is "
+                                   "printed (for --follow-up); without, further questions are read from stdin, one "
+                                   "a line")
+    conversation.add_argument("--follow-up", metavar="SESSION_ID",
+                              help="ask this session of --server (from a --session run) the next question; its input "
+                                   "and variables are there already, so give no --input")
+
+    attach = commands.add_parser("attach", help="follow a run of --server to its end (Ctrl-C cancels it)",
+                                 parents=[_service_options(True), _follow_options()])
+    attach.add_argument("run_id", metavar="RUN_ID")
+    attach.add_argument("--after", type=int, default=0, metavar="N", help="only the events after the N-th")
+
+    cancel = commands.add_parser("cancel", help="cancel a run of --server", parents=[_service_options(True)])
+    cancel.add_argument("run_id", metavar="RUN_ID")
+
+    session = commands.add_parser("session", help="show a session of --server (its runs, when it ends), or end it",
+                                  parents=[_service_options(True)])
+    session.add_argument("session_id", metavar="SESSION_ID")
+    session.add_argument("--end", action="store_true", help="end it now: its REPL stops and its input is removed")
+    session.add_argument("--json", action="store_true", help="print the session as JSON")
+
+    commands.add_parser("mcp", help="serve the MCP tool rlm_run over stdin/stdout, for MCP hosts (configured as "
+                                    "serve is)")
 
     from .demos import DEMOS
 
@@ -184,6 +195,14 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--count", type=_positive, help="how many log lines, numbers or records")
     sample.add_argument("--seed", type=int, default=0, help="the same seed makes the same data (default 0)")
     return parser
+
+
+def _mcp() -> int:
+    from .mcp_server import serve_stdio
+    from .server import configure
+
+    serve_stdio(configure())
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -196,14 +215,15 @@ def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO |
         return _sample(args, out)
     if args.command == "mcp":
         return _mcp()
+    output = Output(out, err, as_json=getattr(args, "json", False), figures_dir=getattr(args, "save_figures", None))
     try:
-        return asyncio.run(_run(args, out, err))
+        return asyncio.run(_command(args, output))
     except Refused as exc:
-        err.write(f"error: {printable(str(exc))}\n")
+        output.say(f"error: {exc}")
         return EXIT_REFUSED
     except RunLost as exc:
-        err.write(f"error: {printable(str(exc))}\n")
+        output.say(f"error: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        err.write("interrupted\n")
-        return EXIT_ERROR
+        output.say("interrupted")
+        return EXIT_INTERRUPTED

@@ -1,100 +1,50 @@
-"""The command line's client of a running service (`rlm-service run --server URL`).
+"""The command line's client of a running service (`rlm-service run|attach|cancel|session --server URL`).
 
-It posts the run to `URL/process` with aiohttp and decodes the event stream as the Server-Sent Events
-format specifies: lines end at CR, LF or CRLF and nowhere else (text such as U+2028 stays inside its
-line, as it would not with `str.splitlines`), `data:` lines join with newlines, `id:` is kept, comments
-are skipped. Whatever goes wrong is said in words a user can act on: a URL that is not the service, a
-missing or wrong token, a refusal and its reason, a stream cut short.
+Runs it starts are detached (`settings.detach`): a dropped connection does not cancel them, so when one
+drops the client re-attaches by itself (`GET /api/runs/{id}/events` with `Last-Event-ID`, the number of
+the last event it received) and goes on, for up to `reconnect_s` seconds without progress. Each event
+reaches the caller exactly once and in order: the server sends only later events, and the client drops
+any it already had. Ending a run is explicit (`cancel`). Whatever goes wrong is said in words a user can
+act on: a URL that is not the service, a missing or wrong token, a refusal and its reason, a session
+that is gone or busy, a stream cut short and where.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 
+from .ssereader import EventTooLarge, SseDecoder, StreamedEvent
 from .terminal import printable
 
-MAX_EVENT_BYTES = 256 * 1024**2
-"""Largest event read from a server: a final answer is one event, and answers may be large."""
 MAX_REFUSAL_BYTES = 64 * 1024
 """What is read of a refusal's body to find its reason."""
-
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+STALL_S = 60.0
+"""Silence after which a connection counts as dropped: the service sends a keep-alive comment every 10 s."""
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+"""Answers to a re-attach that a later attempt may not get (a proxy or the server restarting)."""
+RETRY_DELAYS_S = (0.0, 0.5, 1.0, 2.0, 4.0)
+"""Waits before the re-attach attempts of one outage; the last one repeats."""
 
 
 class Refused(Exception):
-    """The run could not start; the message says why."""
+    """The request could not be done (a run not started, a session not found); the message says why."""
 
 
 class RunLost(Exception):
-    """The run started but its stream ended before a `final` or `error` event; the message says where."""
+    """The run started but its events could not all be read; the message says where they stopped."""
 
 
-@dataclass(frozen=True)
-class StreamedEvent:
-    """One event of a run as the server sent it: its name, its data (text) and the last event id."""
-
-    name: str
-    data: str
-    id: str
-
-
-@dataclass
-class SseDecoder:
-    """Server-Sent Events from the bytes of a stream, in pieces as they arrive. Lines are split as bytes,
-    so only CR and LF end them; each line is then read as UTF-8."""
-
-    max_event_bytes: int = MAX_EVENT_BYTES
-    _buffer: bytearray = field(default_factory=bytearray)
-    _skip_lf: bool = False  # the last piece ended in CR: an LF starting the next one belongs to it
-    _name: str = ""
-    _data: list[str] = field(default_factory=list)
-    _size: int = 0
-    _last_id: str = ""
-
-    def feed(self, piece: bytes) -> list[StreamedEvent]:
-        """The events that `piece` completes."""
-        if self._skip_lf and piece[:1] == b"\n":
-            piece = piece[1:]
-        self._skip_lf = False
-        scanned = len(self._buffer)  # what is buffered holds no line end
-        self._buffer += piece
-        events, start = [], 0
-        for end in _LINE_END.finditer(self._buffer, scanned):
-            event = self._line(self._buffer[start:end.start()].decode("utf-8", "replace"))
-            if event is not None:
-                events.append(event)
-            start = end.end()
-            self._skip_lf = end.group() == b"\r" and start == len(self._buffer)
-        del self._buffer[:start]
-        if self._size + len(self._buffer) > self.max_event_bytes:
-            raise RunLost(f"the server sent an event larger than {self.max_event_bytes:,} bytes")
-        return events
-
-    def _line(self, line: str) -> StreamedEvent | None:
-        if not line:
-            event = StreamedEvent(self._name or "message", "\n".join(self._data), self._last_id) if self._data else None
-            self._name, self._data, self._size = "", [], 0
-            return event
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            self._data.append(value)
-            self._size += len(value)
-        elif name == "event":
-            self._name = value
-        elif name == "id" and "\0" not in value:
-            self._last_id = value
-        return None
+class _Unavailable(Exception):
+    """A re-attach answered with a status a later attempt may not get."""
 
 
 def base_url(url: str) -> str:
@@ -106,56 +56,297 @@ def base_url(url: str) -> str:
     return url.strip().rstrip("/")
 
 
-async def server_events(url: str, token: str | None, prompt: str, text: str | None, file: Path | None,
-                        settings: dict[str, Any]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """The events of one run on the service at `url`, as (name, data): the input as text (a JSON body)
-    or as a file (an upload, streamed from disk)."""
-    base = base_url(url)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    async with aiohttp.ClientSession(timeout=timeout, trust_env=True) as session:
-        if file is not None:
-            with open(file, "rb") as handle:  # noqa: ASYNC230 - aiohttp streams it as it reads
-                form = aiohttp.FormData()
-                form.add_field("prompt", prompt)
-                form.add_field("settings", json.dumps(settings))
-                form.add_field("input_file", handle, filename=file.name, content_type="text/plain")
-                async for event in _stream(session, base, token, headers=headers, data=form):
-                    yield event
-        else:
-            body = {"prompt": prompt, "input_data": text or "", "settings": settings}
-            async for event in _stream(session, base, token, headers=headers, json=body):
-                yield event
+Opener = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
 
 
-async def _stream(session: aiohttp.ClientSession, base: str, token: str | None,
-                  **request: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    answered, last, run_id = False, None, "?"
-    try:
-        async with session.post(f"{base}/process", **request) as response:
-            if response.status != 200:
-                raise Refused(refusal(base, response.status, response.reason or "", response.content_type,
-                                      await response.content.read(MAX_REFUSAL_BYTES), token))
-            if response.content_type != "text/event-stream":
-                raise Refused(f"{base}/process answered with {response.content_type}, not an event stream: "
-                              f"{_not_the_service(base)}")
-            answered, decoder = True, SseDecoder()
-            async for piece in response.content.iter_any():
-                for last in decoder.feed(piece):
-                    data = _json_object(last.data, base)
-                    run_id = str(data.get("run_id", run_id))
-                    yield last.name, data
-                    if last.name in ("final", "error"):
-                        return
-    except aiohttp.ClientConnectorError as exc:
-        raise Refused(f"could not connect to {base} ({printable(str(exc.os_error))}): is the service running "
-                      "there?") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        reason = printable(str(exc)) or type(exc).__name__
-        if not answered:
-            raise Refused(f"no answer from {base}: {reason}") from None
-        raise RunLost(f"the connection to {base} broke ({reason}) {_where(base, last, run_id)}") from None
-    raise RunLost(f"the stream from {base} ended before the run finished {_where(base, last, run_id)}")
+class ServiceClient:
+    """One service's runs and sessions. Use as `async with ServiceClient(url, token) as client:`."""
+
+    def __init__(self, url: str, token: str | None, *, reconnect_s: float = 120.0,
+                 notify: Callable[[str], None] = lambda _: None) -> None:
+        self.base = base_url(url)
+        self.token = token
+        self.reconnect_s = reconnect_s
+        self.notify = notify
+        """Told, in words, when a connection drops and when the client has re-attached."""
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ServiceClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=STALL_S)
+        self._http = aiohttp.ClientSession(timeout=timeout, trust_env=True, headers=headers)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise RuntimeError("use ServiceClient in `async with`")
+        return self._http
+
+    def url(self, *parts: str) -> str:
+        return self.base + "/" + "/".join(quote(part, safe="") for part in parts)
+
+    def start(self, prompt: str, text: str | None, file: Path | None, settings: dict[str, Any], *,
+              session_id: str | None = None) -> RunStream:
+        """A new run, detached, with the input as text (a JSON body) or as a file (an upload, streamed from
+        disk); with `session_id` a follow-up question on that session (no input)."""
+        settings = {**settings, "detach": True}
+
+        @asynccontextmanager
+        async def post() -> AsyncIterator[aiohttp.ClientResponse]:
+            if file is not None:
+                with open(file, "rb") as handle:  # noqa: ASYNC230 - aiohttp streams it as it reads
+                    form = aiohttp.FormData()
+                    form.add_field("prompt", prompt)
+                    form.add_field("settings", json.dumps(settings))
+                    form.add_field("input_file", handle, filename=file.name, content_type="text/plain")
+                    async with self.http.post(f"{self.base}/process", data=form) as response:
+                        yield response
+            else:
+                body: dict[str, Any] = {"prompt": prompt, "settings": settings}
+                body.update({"session_id": session_id} if session_id else {"input_data": text or ""})
+                async with self.http.post(f"{self.base}/process", json=body) as response:
+                    yield response
+
+        return RunStream(self, post, session_id=session_id)
+
+    def attach(self, run_id: str, after: int = 0) -> RunStream:
+        """The events of a run already started, those numbered above `after`, then live until it ends."""
+        return RunStream(self, lambda: self.events_request(run_id, str(after)), run_id=run_id, after=after)
+
+    def events_request(self, run_id: str, last_id: str) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        """`GET /api/runs/{id}/events`: the run's events numbered above `last_id`, then live."""
+        headers = {"Last-Event-ID": last_id} if last_id else {}
+        return self.http.get(self.url("api", "runs", run_id, "events"), headers=headers)
+
+    async def cancel(self, run_id: str) -> bool:
+        """Ask the service to end a run (it ends with `error` `cancelled`); False if it had already ended."""
+        async with self._request("post", self.url("api", "runs", run_id, "cancel")) as (status, body):
+            if status == 202:
+                return True
+            if status == 409:
+                return False
+            if status == 404 and _service_detail(body):
+                raise Refused(f"{self.base} has no run {printable(run_id)}")
+            raise Refused(self.refusal(status, body, what="cancel"))
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """A session: its runs, its live run if any, when it expires if left idle."""
+        async with self._request("get", self.url("api", "sessions", session_id)) as (status, body):
+            if status == 200 and body is not None:
+                return body
+            if status == 404 and _service_detail(body):
+                raise Refused(self.session_gone(session_id))
+            raise Refused(self.refusal(status, body, what="session"))
+
+    async def end_session(self, session_id: str) -> None:
+        """End a session: the service stops its REPL and removes its workspace (its input too)."""
+        async with self._request("delete", self.url("api", "sessions", session_id)) as (status, body):
+            if status == 204:
+                return
+            if status == 404 and _service_detail(body):
+                raise Refused(self.session_gone(session_id))
+            if status == 409:
+                raise Refused(await self.session_busy(session_id, "it cannot end while a run of it is going"))
+            raise Refused(self.refusal(status, body, what="session"))
+
+    @asynccontextmanager
+    async def _request(self, method: str, url: str) -> AsyncIterator[tuple[int, dict[str, Any] | None]]:
+        """A short request's status and JSON body; a connection failure is a `Refused` that says so."""
+        try:
+            async with self.http.request(method, url) as response:
+                body = _json_body(await response.content.read(MAX_REFUSAL_BYTES))
+                yield response.status, body
+        except aiohttp.ClientConnectorError as exc:
+            raise Refused(self.unreachable(exc)) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise Refused(f"no answer from {self.base}: {_reason(exc)}") from None
+
+    def unreachable(self, exc: aiohttp.ClientConnectorError) -> str:
+        return f"could not connect to {self.base} ({printable(str(exc.os_error))}): is the service running there?"
+
+    def session_gone(self, session_id: str) -> str:
+        return (f"session {printable(session_id)} is not on {self.base}: it never existed there, was ended, or "
+                "expired after being left idle (the server's RLM_SESSION_IDLE_S); start a new run with the input "
+                "and --session")
+
+    async def session_busy(self, session_id: str, consequence: str) -> str:
+        """Why a session is busy, naming its live run when the service says which."""
+        try:
+            live = (await self.session(session_id)).get("live_run")
+        except Refused:
+            live = None
+        if not isinstance(live, str):
+            return f"a run of session {printable(session_id)} is still going: {consequence}"
+        run = printable(live)
+        return (f"run {run} of session {printable(session_id)} is still going: {consequence}; follow it with "
+                f"`rlm-service attach {run} --server {self.base}` or stop it with "
+                f"`rlm-service cancel {run} --server {self.base}`")
+
+    def refusal(self, status: int, body: dict[str, Any] | None, *, what: str = "run", reason: str = "",
+                content_type: str = "application/json", raw: bytes = b"", path: str = "/process") -> str:
+        """What a refusal means, in words, with what to do about it."""
+        shown = printable(f"{status} {reason}".strip())
+        if status == 401:
+            if self.token:
+                return (f"the server at {self.base} did not accept the token ({shown}): check --token against the "
+                        "server's RLM_API_TOKEN")
+            return f"the server at {self.base} needs a token ({shown}): pass --token with the server's RLM_API_TOKEN"
+        if status in (404, 405) and not _service_detail(body):
+            # the service refuses with a reason of its own; a bare 404 or 405 is some other server or path
+            if body is not None and isinstance(body.get("error"), dict):
+                return (f"{self.base}{path} answered {shown} with an OpenAI-style error: that looks like a model "
+                        "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address")
+            return f"{self.base}{path} answered {shown}: {_not_the_service(self.base)}"
+        detail = _detail(body, content_type, raw)
+        return f"the server refused the {what} ({shown}): {detail or 'no reason given'}"
+
+
+class RunStream:
+    """One run's events as (name, data), each exactly once and in order, up to the terminal one; re-attaches
+    by itself when the connection drops. `run_id` is known from the first event on."""
+
+    def __init__(self, client: ServiceClient, opener: Opener, *, run_id: str | None = None, after: int = 0,
+                 session_id: str | None = None) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.last_id = str(after) if after else ""
+        """The SSE id of the last event received: where a re-attach goes on from."""
+        self.answered = False
+        """The service took the request: from here on, a run exists."""
+        self.ended = False
+        self._opener = opener
+        self._session_id = session_id
+        self._last_name: str | None = None
+
+    def __aiter__(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        base, opener = self.client.base, self._opener
+        outage: float | None = None  # when the current outage began
+        attempts = 0
+        while True:
+            progressed = False
+            try:
+                async with opener() as response:
+                    await self._accept(response)
+                    if outage is not None:
+                        self.client.notify(f"re-attached to run {self._run()} after event {self.last_id}")
+                    self.answered, outage, attempts = True, None, 0
+                    async for name, data in self._read(response):
+                        progressed = True
+                        yield name, data
+                        if name in ("final", "error"):
+                            self.ended = True
+                            return
+                problem, clean = f"the stream from {base} ended before the run finished", True
+            except aiohttp.ClientConnectorError as exc:
+                if not self.answered:
+                    raise Refused(self.client.unreachable(exc)) from None
+                problem, clean = f"could not connect to {base} ({printable(str(exc.os_error))})", False
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                if not self.answered:
+                    raise Refused(f"no answer from {base}: {_reason(exc)}") from None
+                problem, clean = f"the connection to {base} broke ({_reason(exc)})", False
+            except _Unavailable as exc:
+                problem, clean = f"{base} could not take the re-attach ({exc})", False
+            except EventTooLarge as exc:
+                raise RunLost(f"{exc} {self._where()}") from None
+            if self.run_id is None:
+                raise RunLost(f"{problem} before the run's first event: a detached run may go on there "
+                              f"({base}/api/runs lists the runs)")
+            if not self.last_id:
+                raise RunLost(f"{problem} {self._where()}: the server numbers no events, so the client cannot "
+                              "re-attach")
+            if clean and opener is not self._opener and not progressed:
+                raise RunLost(f"{problem} {self._where()}: the server has no more of it, so it will not finish")
+            now = time.monotonic()
+            if outage is None:
+                outage = now
+                self.client.notify(f"{problem} {self._where()}; re-attaching")
+            if now - outage >= self.client.reconnect_s:
+                raise RunLost(f"{problem} {self._where()}; gave up re-attaching after {self.client.reconnect_s:g} s: "
+                              f"`rlm-service attach {self._run()} --server {base} --after {self.last_id}` goes on "
+                              "from there")
+            await asyncio.sleep(RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)])
+            attempts += 1
+            opener = self._reattach
+
+    def _reattach(self) -> AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        return self.client.events_request(self.run_id or "", self.last_id)
+
+    async def _accept(self, response: aiohttp.ClientResponse) -> None:
+        """Go on with a 200 event stream; anything else is refused (a first request) or lost (a re-attach)."""
+        if response.status == 200 and response.content_type == "text/event-stream":
+            return
+        client, path = self.client, urlsplit(str(response.url)).path
+        if response.status == 200:
+            raise Refused(f"{client.base}{path} answered with {printable(response.content_type)}, not an event "
+                          f"stream: {_not_the_service(client.base)}")
+        raw = await response.content.read(MAX_REFUSAL_BYTES)
+        body = _json_body(raw)
+        if self.answered:  # a re-attach
+            if response.status in RETRY_STATUSES:
+                raise _Unavailable(printable(f"{response.status} {response.reason or ''}".strip()))
+            if response.status == 404 and _service_detail(body):
+                raise RunLost(f"{client.base} no longer knows run {self._run()} {self._where()}: it was deleted, "
+                              "or the server restarted without a history")
+            refused = client.refusal(response.status, body, what="re-attach", reason=response.reason or "",
+                                     content_type=response.content_type, raw=raw, path=path)
+            raise RunLost(f"the stream from {client.base} ended before the run finished {self._where()}; "
+                          f"re-attaching failed: {refused}")
+        if self._session_id and _service_detail(body):
+            if response.status == 404:
+                raise Refused(client.session_gone(self._session_id))
+            if response.status == 409:
+                raise Refused(await client.session_busy(self._session_id,
+                                                        "a session answers one question at a time"))
+        if self.run_id and response.status == 404 and _service_detail(body):
+            raise Refused(f"{client.base} has no run {self._run()}: an unknown id, or a run deleted from its "
+                          f"history ({client.base}/api/runs lists them)")
+        raise Refused(client.refusal(response.status, body, reason=response.reason or "",
+                                     content_type=response.content_type, raw=raw, path=path))
+
+    async def _read(self, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        decoder = SseDecoder()
+        async for piece in response.content.iter_any():
+            for event in decoder.feed(piece):
+                if self._seen(event):
+                    continue
+                data = _json_object(event.data, self.client.base)
+                self.last_id, self._last_name = event.id, event.name
+                if self.run_id is None and isinstance(data.get("run_id"), str):
+                    self.run_id = data["run_id"]
+                yield event.name, data
+
+    def _seen(self, event: StreamedEvent) -> bool:
+        """Whether the event is one already received (a server that re-sends what a re-attach skips)."""
+        number, last = _number(event.id), _number(self.last_id)
+        return number is not None and last is not None and number <= last
+
+    def _run(self) -> str:
+        return printable(self.run_id or "?")
+
+    def _where(self) -> str:
+        """Which event came last, so the user can find the run (its events stay in the history)."""
+        if not self.last_id and self._last_name is None:
+            return f"(no event of run {self._run()} came)" if self.run_id else "(no event came)"
+        run = self._run()
+        return (f"(after event {printable(self.last_id or self._last_name or '?')} of run {run}; "
+                f"{self.client.base}/api/runs/{run} shows it)")
+
+
+def _number(event_id: str) -> int | None:
+    return int(event_id) if event_id.isascii() and event_id.isdigit() else None
+
+
+def _reason(exc: BaseException) -> str:
+    return printable(str(exc)) or type(exc).__name__
 
 
 def _json_object(data: str, base: str) -> dict[str, Any]:
@@ -168,37 +359,10 @@ def _json_object(data: str, base: str) -> dict[str, Any]:
     return value
 
 
-def _where(base: str, last: StreamedEvent | None, run_id: str) -> str:
-    """Which event came last, so the user can find the run (its events stay in the history)."""
-    if last is None:
-        return "(no event came)"
-    run = printable(run_id)
-    return f"(after event {printable(last.id or last.name)} of run {run}; {base}/api/runs/{run} shows it)"
-
-
 def _not_the_service(base: str) -> str:
     path = urlsplit(base).path
     hint = f" without the path {path!r}" if path else ""
     return f"is {base} the RLM service? Give its base address{hint}, e.g. http://127.0.0.1:8000."
-
-
-def refusal(base: str, status: int, reason: str, content_type: str, body: bytes, token: str | None) -> str:
-    """What a refusal of the run means, in words, with what to do about it."""
-    shown = printable(f"{status} {reason}".strip())
-    parsed = _json_body(body)
-    detail = _detail(parsed, content_type, body)
-    if status == 401:
-        if token:
-            return (f"the server at {base} did not accept the token ({shown}): check --token against the "
-                    "server's RLM_API_TOKEN")
-        return f"the server at {base} needs a token ({shown}): pass --token with the server's RLM_API_TOKEN"
-    if status in (404, 405) and (parsed is None or parsed.get("detail") in (None, "Not Found", "Method Not Allowed")):
-        # the service refuses a run with a reason of its own; a bare 404 or 405 is some other server or path
-        if parsed is not None and isinstance(parsed.get("error"), dict):
-            return (f"{base}/process answered {shown} with an OpenAI-style error: that looks like a model "
-                    "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address")
-        return f"{base}/process answered {shown}: {_not_the_service(base)}"
-    return f"the server refused the run ({shown}): {detail or 'no reason given'}"
 
 
 def _json_body(body: bytes) -> dict[str, Any] | None:
@@ -207,6 +371,11 @@ def _json_body(body: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return parsed if isinstance(parsed, dict) else None
+
+
+def _service_detail(body: dict[str, Any] | None) -> bool:
+    """Whether a refusal carries a reason of the service's own (not a bare "Not Found" of some server)."""
+    return body is not None and body.get("detail") not in (None, "Not Found", "Method Not Allowed")
 
 
 def _detail(parsed: dict[str, Any] | None, content_type: str, body: bytes) -> str | None:

@@ -1,18 +1,29 @@
-"""What the command line prints of a run: progress on stderr, safe for a terminal whatever the model wrote.
+"""What the command line does with the terminal: prints runs safely whatever the model wrote, and takes Ctrl-C.
 
 Model output, generated code's output and a server's messages are untrusted text. Written raw, an escape
 sequence in them would act on the user's terminal: set the window title, clear the screen, write the
 clipboard (OSC 52), move the cursor to overwrite what was printed. `printable` shows every control
 character except newline and tab as a visible escape (`\\x1b`), which leaves the rest of such a
-sequence as plain, inert text.
+sequence as plain, inert text. Everything the command prints goes through it (or through `json_line`).
+
+`Output` prints a run's events (progress on stderr, the answer on stdout, or JSON lines) and knows how
+the run ended; `Interrupt` turns Ctrl-C into "stop the run" first and "stop the command" second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
 import re
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any, ClassVar, TextIO
+
+EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+"""An answer; an `error` event or a broken stream; could not start; stopped by Ctrl-C (128 + SIGINT)."""
 
 _CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 """C0 controls but tab and newline, DEL, and the C1 controls (U+0080–U+009F: 8-bit CSI, OSC, …)."""
@@ -46,6 +57,10 @@ class ProgressPrinter:
         self.live = stream.isatty()
         self._bar_shown = False
 
+    def say(self, text: str) -> None:
+        """One line of the command's own (after a progress bar that was being drawn)."""
+        self._line(text)
+
     def _line(self, text: str) -> None:
         if self._bar_shown:
             self.stream.write("\n")
@@ -61,7 +76,8 @@ class ProgressPrinter:
 
     def _start(self, data: dict[str, Any]) -> None:
         info = data.get("input") or {}
-        self._line(f"run {data.get('run_id')}: {data.get('model')} (sub: {data.get('sub_model')}), "
+        session = f" in session {data['session_id']}" if data.get("session_id") else ""
+        self._line(f"run {data.get('run_id')}{session}: {data.get('model')} (sub: {data.get('sub_model')}), "
                    f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
 
     def _thought(self, data: dict[str, Any]) -> None:
@@ -139,3 +155,100 @@ class ProgressPrinter:
         elif done == total:
             self.stream.write(text + "\n")
         self.stream.flush()
+
+
+class Output:
+    """What the command prints of runs: every event as a JSON line on stdout (`as_json`) or as progress on
+    stderr with the answer on stdout; figures saved when asked. Remembers how the last run ended."""
+
+    def __init__(self, out: TextIO, err: TextIO, *, as_json: bool = False, figures_dir: Path | None = None) -> None:
+        self.out = out
+        self.as_json = as_json
+        self.figures_dir = figures_dir
+        self.progress = ProgressPrinter(err)
+        self.figures = 0
+        self.session_id: str | None = None
+        """The session of the last run that named one (in its `start` event)."""
+        self.ended: tuple[str, dict[str, Any]] | None = None
+        """The last run's terminal event."""
+
+    def say(self, text: str) -> None:
+        """A line of the command's own, on stderr (never in the JSON lines)."""
+        self.progress.say(text)
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        if name == "start":
+            self.ended = None
+            if isinstance(data.get("session_id"), str):
+                self.session_id = data["session_id"]
+        if self.as_json:
+            self.out.write(json_line({"event": name, **data}) + "\n")
+            self.out.flush()
+        else:
+            self.progress.event(name, data)
+        if name == "figure" and self.figures_dir is not None:
+            self.figures += 1
+            self.say(f"    {save_figure(self.figures_dir, data, self.figures)}")
+        if name in ("final", "error"):
+            self.ended = (name, data)
+            if name == "final" and not self.as_json:
+                self.out.write(printable(str(data.get("answer", ""))).rstrip("\n") + "\n")
+                self.out.flush()
+
+    @property
+    def status(self) -> int:
+        """The exit status the last run earns: 0 for an answer, 1 otherwise."""
+        return EXIT_OK if self.ended is not None and self.ended[0] == "final" else EXIT_ERROR
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ended is not None and self.ended[0] == "error" and self.ended[1].get("code") == "cancelled"
+
+
+def save_figure(directory: Path, data: dict[str, Any], number: int) -> str:
+    """Write a `figure` event's PNG as `figure-<number>.png` in `directory`; says what was done."""
+    try:
+        png = base64.b64decode(str(data.get("data", "")), validate=True)
+    except binascii.Error:
+        return f"figure {number} was not valid base64; not saved"
+    if data.get("mime", "image/png") != "image/png" or not png.startswith(b"\x89PNG"):
+        return f"figure {number} is not a PNG; not saved"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"figure-{number}.png"
+    path.write_bytes(png)
+    return f"saved {path}"
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) while the command works. The first calls `on_first`, which asks the run to stop (its
+    `error` event then ends the stream) and returns True; a second Ctrl-C, or one when `on_first` is unset
+    or returns False, stops the command at once and `guard` returns EXIT_INTERRUPTED after `on_stop`."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self.count = 0
+        self.on_first: Callable[[], bool] | None = None
+        self.on_stop: Callable[[], str] = lambda: "interrupted"
+        self._task: asyncio.Task[int] | None = None
+
+    async def guard(self, work: Coroutine[Any, Any, int]) -> int:
+        """Run `work` with Ctrl-C handled as the class says; its exit status."""
+        loop = asyncio.get_running_loop()
+        task = self._task = asyncio.ensure_future(work)
+        loop.add_signal_handler(signal.SIGINT, self._signalled)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not self.count:
+                raise
+            self.output.say(self.on_stop())
+            return EXIT_INTERRUPTED
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    def _signalled(self) -> None:
+        self.count += 1
+        if self.count == 1 and self.on_first is not None and self.on_first():
+            return
+        if self._task is not None:
+            self._task.cancel()
