@@ -29,7 +29,7 @@ from .events import ErrorCode, EventBase, RunLimits
 from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallBudget
 from .repl.base import ReplError, backend
-from .repl.workspace import instance_directory
+from .repl.workspace import hold_instance_directory, release_instance_directory
 from .rootmodel import build_root_model
 from .runner import RunDriver, RunPlan
 from .runs import LiveRun, RunRegistry
@@ -148,7 +148,7 @@ class Engine:
     async def start(self) -> None:
         """Warm up what the first run would otherwise wait for (the worker zygote). Before that, take this
         process's directory for run files, removing those that dead server processes left behind."""
-        await asyncio.to_thread(instance_directory)
+        await asyncio.to_thread(hold_instance_directory)
         await self.repls.start()
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -162,6 +162,7 @@ class Engine:
         await asyncio.gather(*(run.wait() for run in live))
         await self.sessions.close()
         await self.repls.close()
+        await asyncio.to_thread(release_instance_directory)  # the run files, now that no run is left
         await self.sub_client.aclose()  # the root client's pool too: they share it
 
     def child_agent(self) -> Agent[Controller, str]:

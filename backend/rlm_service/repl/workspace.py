@@ -1,11 +1,12 @@
 """Where a run's files live, and the worker uids, shared safely by every server process on the host.
 
-Files: each server process has a directory of its own, `<tmp>/rlm-instance-XXXX/`, locked (flock) for as
-long as the process lives. In it, each run has `run-XXXX/` with `input.txt` (read-only for the worker)
-and `work/` (the worker's cwd, HOME and TMPDIR), and uploads still arriving are spooled to
-`upload-XXXX.txt`. A run's directory goes when the run ends. A server that starts removes the instance
-directories whose lock nobody holds: those of processes that died without cleaning up (kill -9, a
-crash, a power cut). It leaves alone those of live processes and of other users.
+Files: each server process has a directory of its own, `<tmp>/rlm-instance-XXXX/`, made when first
+needed and locked (flock) while it exists. In it, each run has `run-XXXX/` with `input.txt` (read-only
+for the worker) and `work/` (the worker's cwd, HOME and TMPDIR), and uploads still arriving are spooled
+to `upload-XXXX.txt`. A run's directory goes when the run ends, the process's directory when the last
+engine holding it closes (the server shuts down). A server that starts removes the instance directories
+whose lock nobody holds: those of processes that died without cleaning up (kill -9, a crash, a power
+cut). It leaves alone those of live processes and of other users.
 
 Uids (a server running as root): each run's worker gets an unprivileged uid of its own from a range
 that every server process on the host shares. A uid is a process's while it holds an exclusive lock on
@@ -143,6 +144,7 @@ class _Instance:
         self._lock = threading.Lock()
         self._root: Path | None = None
         self._fd: int | None = None
+        self._holders = 0
 
     def directory(self) -> Path:
         with self._lock:
@@ -158,6 +160,21 @@ class _Instance:
                 self._root, self._fd = root, fd
             return self._root
 
+    def hold(self) -> Path:
+        with self._lock:
+            self._holders += 1
+        return self.directory()
+
+    def release(self) -> None:
+        """The last holder gone (the server shutting down, its runs ended): the directory, and whatever
+        its runs left in it, goes; a later use makes a new one."""
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._root is not None and self._fd is not None:
+                remove_tree(self._root)
+                os.close(self._fd)
+                self._root, self._fd = None, None
+
 
 _INSTANCE = _Instance()
 
@@ -165,6 +182,15 @@ _INSTANCE = _Instance()
 def instance_directory() -> Path:
     """This process's directory for run files; the first call also removes those of dead processes."""
     return _INSTANCE.directory()
+
+
+def hold_instance_directory() -> Path:
+    """`instance_directory()`, kept until as many `release_instance_directory()` calls (an engine's life)."""
+    return _INSTANCE.hold()
+
+
+def release_instance_directory() -> None:
+    _INSTANCE.release()
 
 
 def remove_stale_instances(base: Path) -> list[Path]:
