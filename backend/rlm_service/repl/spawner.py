@@ -159,17 +159,14 @@ class Zygote:
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op == "ready":
-            future = self._pending.get(0)
-        elif op == "exited":
+        if op == "exited":
             pid = int(message["pid"])
             assert self._loop is not None
-            future = self._exits.pop(pid, None) or self._loop.create_future()
-            if not future.done():
-                future.set_result(int(message["returncode"]))
+            exited = self._exits.pop(pid, None) or self._loop.create_future()
+            if not exited.done():
+                exited.set_result(int(message["returncode"]))
             return
-        else:
-            future = self._pending.get(int(message.get("id", -1)))
+        future = self._pending.get(0 if op == "ready" else int(message.get("id", -1)))
         if future is not None and not future.done():
             future.set_result(message)
 
@@ -182,9 +179,9 @@ class Zygote:
         for future in self._pending.values():
             if not future.done():
                 future.set_result({"op": "failed", "error": "the worker zygote exited"})
-        for future in self._exits.values():
-            if not future.done():
-                future.set_result(-signal.SIGKILL)
+        for exited in self._exits.values():
+            if not exited.done():
+                exited.set_result(-signal.SIGKILL)
         self._exits.clear()
 
     async def close(self) -> None:

@@ -62,7 +62,7 @@ AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 
 def syscall(name: str, *args: object) -> int:
     number = SYSCALLS[ARCH][name]
-    result = libc.syscall(number, *args)
+    result: int = libc.syscall(number, *args)
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{name}: {os.strerror(err)}")

@@ -61,7 +61,8 @@ def _new_ascii_str(size: int) -> str:
     new = ctypes.pythonapi.PyUnicode_New
     new.restype = ctypes.py_object
     new.argtypes = (ctypes.c_ssize_t, ctypes.c_uint32)
-    return new(size, 127)
+    text: str = new(size, 127)
+    return text
 
 
 class Channel:

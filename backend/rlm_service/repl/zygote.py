@@ -63,7 +63,9 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
     os.setsid()
     os.chdir(str(message["cwd"]))
     os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in dict(message["env"]).items()})  # type: ignore[arg-type]
+    environment = message["env"]
+    assert isinstance(environment, dict)
+    os.environ.update({str(k): str(v) for k, v in environment.items()})
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -117,14 +119,14 @@ def serve(control: socket.socket) -> None:
     signal.signal(signal.SIGTERM, _stop)  # the server died (PDEATHSIG) or asked us to go
     try:
         while True:
-            ready, _, _ = select.select([control, wake_read], [], [])
+            ready, _, _ = select.select([control.fileno(), wake_read], [], [])
             if wake_read in ready:
                 try:
                     os.read(wake_read, 4096)
                 except BlockingIOError:
                     pass
                 _reap(control)
-            if control in ready:
+            if control.fileno() in ready:
                 data, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 2)
                 if not data:
                     return  # the server is gone
