@@ -169,6 +169,8 @@ class _Instance:
         """The last holder gone (the server shutting down, its runs ended): the directory, and whatever
         its runs left in it, goes; a later use makes a new one."""
         with self._lock:
+            if self._holders == 0:
+                return  # an engine closed that never started
             self._holders -= 1
             if self._holders == 0 and self._root is not None and self._fd is not None:
                 remove_tree(self._root)
