@@ -84,7 +84,7 @@ def test_run_files_of_a_killed_server_are_gone_once_it_restarts(tmp_path: Path) 
     """kill -9 of a server in the middle of a run and of an upload, then a restart: neither the run's
     input nor the spooled upload is left in the temporary directory. Today both stayed there for ever
     (the issue: input.txt after a restart). Mutant: skip `remove_stale_instances` in
-    `instance_directory` → the files are still there after the restart."""
+    `_Instance.directory` → the files are still there after the restart."""
     marker = f"kill-nine-{secrets.token_hex(8)}"
     temporary, cwd = tmp_path / "tmp", tmp_path / "cwd"
     temporary.mkdir()

@@ -100,8 +100,11 @@ def docker_on_an_old_kernel() -> Iterator[RealServer]:
 
 
 SIGNAL_THE_SERVER = """
-import ctypes, os, signal, struct
-from rlm_service.repl.syscalls import ARCH, SYSCALLS
+import ctypes, os, platform, signal, struct
+NUMBERS = {'x86_64': dict(kill=62, tgkill=234, tkill=200, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_open=434,
+                          prlimit64=302, setpriority=141, sched_setaffinity=203),
+           'aarch64': dict(kill=129, tgkill=131, tkill=130, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240,
+                           pidfd_open=434, prlimit64=261, setpriority=140, sched_setaffinity=122)}[platform.machine()]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 zygote = os.getppid()
@@ -110,7 +113,7 @@ with open(f'/proc/{zygote}/stat') as stat:
 thread = next(int(t) for t in os.listdir(f'/proc/{server}/task') if int(t) != server)
 
 def call(name, *args):
-    return 'SENT' if libc.syscall(SYSCALLS[ARCH][name], *args) >= 0 else os.strerror(ctypes.get_errno())
+    return 'SENT' if libc.syscall(NUMBERS[name], *args) >= 0 else os.strerror(ctypes.get_errno())
 
 def attempt(fn):
     try:
