@@ -62,15 +62,15 @@ def wipe_secrets_from_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> 
                 ctypes.memset(start + offset + len(name) + 1, 0, len(value))
                 wiped += 1
             offset += len(entry) + 1
-    for name in names:
-        os.environ.pop(name, None)
+    for variable in names:
+        os.environ.pop(variable, None)
     return wiped
 
 
 def make_non_dumpable() -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
     except OSError:
         return False
 

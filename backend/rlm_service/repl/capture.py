@@ -34,7 +34,7 @@ class BoundedText(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
-    def write(self, text: str) -> int:  # type: ignore[override]
+    def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
         size = len(text)
@@ -88,7 +88,7 @@ class BoundedText(io.TextIOBase):
         return head + marker + tail
 
 
-_active: contextvars.ContextVar[TextIO | None] = contextvars.ContextVar("rlm_capture", default=None)
+_active: contextvars.ContextVar[io.TextIOBase | None] = contextvars.ContextVar("rlm_capture", default=None)
 
 
 class StreamRouter(io.TextIOBase):
@@ -98,19 +98,19 @@ class StreamRouter(io.TextIOBase):
     worker sets for threads that generated code starts) and otherwise to the original stream.
     """
 
-    fallback: TextIO | None = None
+    fallback: io.TextIOBase | None = None
 
     def __init__(self, original: TextIO) -> None:
         super().__init__()
         self.original = original
 
-    def _target(self) -> TextIO:
+    def _target(self) -> io.TextIOBase | TextIO:
         return _active.get() or StreamRouter.fallback or self.original
 
     def writable(self) -> bool:
         return True
 
-    def write(self, text: str) -> int:  # type: ignore[override]
+    def write(self, text: str) -> int:
         return self._target().write(text)
 
     def flush(self) -> None:
@@ -134,10 +134,10 @@ def install_router() -> None:
         sys.stderr = StreamRouter(sys.stderr)
 
 
-def activate(sink: TextIO | None) -> contextvars.Token[TextIO | None]:
+def activate(sink: io.TextIOBase | None) -> contextvars.Token[io.TextIOBase | None]:
     """Make `sink` receive this context's printed output; pass the token to `deactivate`."""
     return _active.set(sink)
 
 
-def deactivate(token: contextvars.Token[TextIO | None]) -> None:
+def deactivate(token: contextvars.Token[io.TextIOBase | None]) -> None:
     _active.reset(token)

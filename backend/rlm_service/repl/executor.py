@@ -85,7 +85,7 @@ def _make_rlm_functions(rlm: RlmFn) -> tuple[Callable[..., str], Callable[..., l
         if isinstance(prompts, (str, bytes)):
             raise TypeError("rlm_batch() takes a list of prompts; for one prompt use rlm_query()")
         items = list(prompts)
-        pieces = [None] * len(items) if contexts is None else list(contexts)
+        pieces: list[str | None] = [None] * len(items) if contexts is None else list(contexts)
         if isinstance(contexts, (str, bytes)) or len(pieces) != len(items):
             raise TypeError("rlm_batch(): contexts must be a list with one context (or None) per prompt")
         for index, (prompt, piece) in enumerate(zip(items, pieces, strict=True)):

@@ -33,6 +33,17 @@ def _interrupt(thread: threading.Thread) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CellInterrupted))
 
 
+def _settle(done: asyncio.Future[CellResult], result: CellResult | None, failure: BaseException | None) -> None:
+    """Complete a cell's future from its thread (once: a timed-out cell may finish later)."""
+    if done.done():
+        return
+    if failure is not None:
+        done.set_exception(failure)
+    else:
+        assert result is not None
+        done.set_result(result)
+
+
 class InprocessRepl:
     """A REPL whose namespace lives in the server process."""
 
@@ -72,7 +83,8 @@ class InprocessRepl:
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         self._calls.add(future)
         try:
-            return future.result()
+            results: list[str] = future.result()
+            return results
         finally:
             self._calls.discard(future)
 
@@ -103,9 +115,9 @@ class InprocessRepl:
                 result = runner.run(code)
             except BaseException as exc:  # an interrupt that landed outside the cell's own code
                 failure = RuntimeError(f"{type(exc).__name__}: {exc}")
-                loop.call_soon_threadsafe(lambda: done.done() or done.set_exception(failure))
+                loop.call_soon_threadsafe(_settle, done, None, failure)
                 return
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(result))
+            loop.call_soon_threadsafe(_settle, done, result, None)
 
         started = time.monotonic()
         thread = threading.Thread(target=target, name="rlm-cell", daemon=True)
