@@ -36,6 +36,7 @@ function started(data) {
     if (turn.prompt) rememberPrompt(data.run_id, turn.prompt);
   }
   showInAddress(state.turns.map((t) => t.runId).filter(Boolean));
+  if (!state.startedAt) state.startedAt = Math.min(Date.now(), data.ts * 1000);  // re-attached: its own start
   if (state.stopRequested && !state.terminal) cancelRun();
 }
 
