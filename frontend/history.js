@@ -1,11 +1,16 @@
-// Past runs: the list, replaying one, and what can be done with the run shown (export, delete, its input).
+// Past runs: the list (a session's runs as one conversation), and what can be done with the run shown
+// (export, delete, its input). Opening an entry is the caller's (wireHistory's `open`).
 
 import { api } from "./api.js";
-import { handleEvent, hideBanner, resetRun, setStatus, showBanner } from "./render.js";
+import { showInAddress } from "./address.js";
+import { plural } from "./format.js";
+import { resetRun, setStatus, showBanner } from "./render.js";
 import { $, el, state } from "./state.js";
 
 const TAGS = { finished: "finished", failed: "failed", unfinished: "unfinished", cancelled: "cancelled",
   running: "running" };
+
+let openRuns = () => {};
 
 function statusTag(run) {
   if (run.status === "finished" && !run.ready) return el("span", "status-tag not-ready", "not ready");
@@ -14,25 +19,43 @@ function statusTag(run) {
 
 function markCurrent() {
   for (const button of $("history").querySelectorAll("button")) {
-    button.setAttribute("aria-current", String(button.dataset.runId === state.runId));
+    button.setAttribute("aria-current", String(button.dataset.runIds.split(",").includes(state.runId)));
   }
+}
+
+/** One entry: a run, or a conversation (its runs oldest first), named by its first question. */
+function drawEntry(entry) {
+  const first = entry.runs[0];
+  const last = entry.runs.at(-1);
+  const button = el("button");
+  button.type = "button";
+  button.dataset.runIds = entry.runs.map((run) => run.id).join(",");
+  const preview = first.prompt_preview || "";  // the list carries previews; opening loads the whole runs
+  const when = el("span", "when", new Date(last.created * 1000).toLocaleString());
+  if (entry.runs.length > 1) when.append(el("span", "questions", ` · ${plural(entry.runs.length, "question")}`));
+  when.append(statusTag(last));
+  button.append(el("span", "what", preview.trim() || "(no prompt)"), when);
+  button.addEventListener("click", () => openRuns(entry.runs.map((run) => run.id)));
+  entry.item.replaceChildren(button);
 }
 
 function renderHistory(runs, append) {
   const list = $("history");
-  if (!append) list.replaceChildren();
-  for (const run of runs) {
-    const item = el("li");
-    const button = el("button");
-    button.type = "button";
-    button.dataset.runId = run.id;
-    const preview = run.prompt_preview || "";  // the list carries previews; openRun loads the whole run
-    const when = el("span", "when", new Date(run.created * 1000).toLocaleString());
-    when.append(statusTag(run));
-    button.append(el("span", "what", preview.trim() || "(no prompt)"), when);
-    button.addEventListener("click", () => openRun(run.id));
-    item.append(button);
-    list.append(item);
+  if (!append) {
+    list.replaceChildren();
+    state.historyGroups = new Map();
+  }
+  for (const run of runs) {  // newest first: a conversation is listed where its latest question is
+    const known = run.session_id ? state.historyGroups.get(run.session_id) : null;
+    if (known) {
+      known.runs.unshift(run);
+      drawEntry(known);
+      continue;
+    }
+    const entry = { runs: [run], item: el("li") };
+    if (run.session_id) state.historyGroups.set(run.session_id, entry);
+    drawEntry(entry);
+    list.append(entry.item);
   }
   $("history-empty").hidden = list.children.length > 0;
   markCurrent();
@@ -55,23 +78,6 @@ export async function loadHistory(append = false) {
   } catch (error) {
     $("history-empty").hidden = false;
     $("history-empty").textContent = `History unavailable: ${error.message}`;
-  }
-}
-
-/** Replay a stored run through the same render code as a live one. */
-export async function openRun(runId) {
-  if (state.controller) return;
-  try {
-    const { run, events } = await (await api(`/api/runs/${encodeURIComponent(runId)}`)).json();
-    hideBanner("run");
-    resetRun();
-    for (const event of events) handleEvent({ event: event.type, data: event });
-    if (!state.terminal) setStatus(`This run is ${run.status}: it never finished.`, "failed");
-    else if (run.status === "finished") setStatus(`Replayed run ${run.id}.`, "done");
-    $("prompt").value = run.prompt;
-    showRunActions(run.id, Boolean(run.input_kept));
-  } catch (error) {
-    showBanner(`Could not open the run: ${error.message}`, { error: true, kind: "run" });
   }
 }
 
@@ -108,11 +114,14 @@ async function deleteRun() {
   await api(`/api/runs/${encodeURIComponent(state.runId)}`, { method: "DELETE" });
   resetRun();
   showRunActions(null);
+  showInAddress([]);
   setStatus("Run deleted.", "done");
   await loadHistory();
 }
 
-export function wireHistory() {
+/** Wire the history panel; `open(runIds)` shows an entry's runs, oldest first. */
+export function wireHistory(open) {
+  openRuns = open;
   const failed = (error) => showBanner(error.message, { error: true, kind: "run" });
   $("history-refresh").addEventListener("click", () => loadHistory());
   $("history-more").addEventListener("click", () => loadHistory(true));

@@ -2,11 +2,12 @@
 
 import { apiBase, apiFetch, chooseServer, currentToken, refusalDetail, resolveServer, saveToken, unreachable }
   from "./api.js";
+import { runsInAddress } from "./address.js";
 import { EXAMPLES } from "./demos.js";
 import { formatBytes } from "./format.js";
 import { downloadBlob, loadHistory, wireHistory } from "./history.js";
 import { hideBanner, renderConfig, resetRun, setStatus, showBanner } from "./render.js";
-import { startRun, stopRun, tokenProblem } from "./run.js";
+import { askFollowUp, showRuns, startRun, stopRun, tokenProblem } from "./run.js";
 import { $, state } from "./state.js";
 
 // ---------------------------------------------------------------- the server and its configuration
@@ -29,7 +30,13 @@ async function loadConfig() {
   }
 }
 
-const reload = () => loadConfig().then(() => loadHistory());
+/** The configuration, then the runs the address names if the page shows none yet (showRuns loads the history
+ * when it is done), else the history. */
+const reload = () => loadConfig().then(() => {
+  const runIds = runsInAddress();
+  if (runIds.length && !state.turns.some((turn) => turn.runId) && !state.busy) showRuns(runIds);
+  else loadHistory();
+});
 
 function wireServer() {
   const notice = resolveServer((origin) => confirm(
@@ -151,20 +158,34 @@ function wireLayout() {
   place();
 }
 
+/** The runs named by the address (`#run=…`): after a refresh or from a link, shown again and followed if live. */
+function wireAddress() {
+  const shown = () => state.turns.map((turn) => turn.runId).join(",");
+  addEventListener("hashchange", () => {
+    const runIds = runsInAddress();
+    if (runIds.length && runIds.join(",") !== shown()) showRuns(runIds);
+  });
+}
+
 function init() {
   resetRun();
   wireServer();
   $("run-form").addEventListener("submit", (event) => { event.preventDefault(); startRun(); });
   $("stop-button").addEventListener("click", stopRun);
+  $("follow-up-form").addEventListener("submit", (event) => { event.preventDefault(); askFollowUp(); });
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); startRun(); }
+    if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+    event.preventDefault();
+    if (event.target === $("follow-up-prompt")) askFollowUp();
+    else startRun();
   });
   wireInputs();
   wireExamples();
   wireAnswer();
   wireLog();
-  wireHistory();
+  wireHistory(showRuns);
   wireLayout();
+  wireAddress();
   reload();
 }
 

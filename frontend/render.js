@@ -84,19 +84,68 @@ class RunLog {
   }
 }
 
+const NO_USAGE = { requests: 0, input_tokens: 0, output_tokens: 0 };
+
+/** Clear the page of any run: the conversation, the log, the answer. */
 export function resetRun() {
+  state.turns = [];
+  state.sessionId = null;
+  $("log").replaceChildren();
+  $("conversation").replaceChildren();
+  $("conversation").hidden = true;
+  $("answer-question").hidden = true;
+  $("follow-up").hidden = true;
   state.log = new RunLog($("log"));
+  clearTurn();
+  state.stickToBottom = true;
+  $("jump-latest").hidden = true;
+}
+
+/** What belongs to the one run shown: its numbers, its answer, its usage. */
+function clearTurn() {
   state.children = new Map();
   state.terminal = false;
   state.runId = null;
-  $("log").replaceChildren();
+  state.lastSeq = 0;
+  state.startedAt = 0;
+  state.stopRequested = false;
   $("run-meta").textContent = "";
   renderAnswer("", null);
-  const none = { requests: 0, input_tokens: 0, output_tokens: 0 };
-  renderUsage(none, none);
+  renderUsage(NO_USAGE, NO_USAGE);
   renderElapsed(0);
-  state.stickToBottom = true;
-  $("jump-latest").hidden = true;
+}
+
+/**
+ * The next question of the conversation shown (the first one too): its iterations get a section of the log,
+ * headed by the question once there is more than one, and the answer before it moves up into the conversation.
+ */
+export function beginTurn(prompt) {
+  if (state.turns.length) archiveTurn();
+  clearTurn();
+  const number = state.turns.length + 1;
+  const question = prompt || `Question ${number}`;
+  state.turns.push({ runId: null, prompt });
+  const section = el("section", "turn");
+  section.dataset.turn = number;
+  section.append(el("h3", "turn-head", prompt ? `Question ${number} · ${prompt}` : question));
+  $("log").append(section);
+  state.log = new RunLog(section);
+  $("answer-question").textContent = question;
+  $("answer-question").hidden = number === 1;
+}
+
+/** The answer shown becomes an earlier turn of the conversation, under its question. */
+function archiveTurn() {
+  const turn = state.turns.at(-1);
+  const item = el("li");
+  item.append(el("p", "question", turn.prompt || `Question ${state.turns.length}`));
+  const badge = $("answer-badge");
+  if (!badge.hidden) item.append(el("span", badge.className, badge.textContent));
+  const answer = el("div", "turn-answer markdown");
+  answer.append(...$("answer").childNodes);
+  item.append(answer);
+  $("conversation").append(item);
+  $("conversation").hidden = false;
 }
 
 export function followLog() {
@@ -182,10 +231,10 @@ export function renderAnswer(content, ready) {
 }
 
 /** In place of an answer: why there is none (the run's own note, or what the page knows). */
-function renderNoAnswer(text) {
+function renderNoAnswer(text, label = "No answer") {
   const badge = $("answer-badge");
   badge.hidden = false;
-  badge.textContent = "No answer";
+  badge.textContent = label;
   badge.className = "badge none";
   $("answer").replaceChildren(el("p", "note", text));
 }
@@ -234,6 +283,7 @@ const NO_ANSWER = (iterations) => `The run stopped after ${plural(iterations, "i
 export const HANDLERS = {
   start(data) {
     state.runId = data.run_id;
+    state.sessionId = data.session_id || null;
     $("run-meta").textContent = `run ${data.run_id} · input ${plural(data.input.chars, "character")}, ` +
       `${plural(data.input.lines, "line")} · up to ${plural(data.limits.max_iterations, "iteration")}`;
     setStatus("Running…", "running");
@@ -264,9 +314,17 @@ export const HANDLERS = {
   error(data) {
     state.terminal = true;
     if (data.answer) renderAnswer(data.answer, false);
+    const draft = data.answer ? " The answer shown is its draft." : "";
+    if (data.code === "cancelled") {  // what the user (or another client) asked for: said plainly, not as a fault
+      const why = state.stopRequested ? "the run was cancelled." : errorText(data.code, data.message);
+      if (!data.answer) renderNoAnswer("The run was stopped before it wrote an answer.", "Stopped");
+      setStatus(`Stopped: ${why}${draft}`, "failed");
+      return;
+    }
     const text = errorText(data.code, data.message);
+    if (!data.answer) renderNoAnswer(`The run failed: ${text}`, "Failed");
     showBanner(text, { error: true, kind: "run" });
-    setStatus(`Failed: ${text}`, "failed");
+    setStatus(`Failed: ${text}${draft}`, "failed");
   },
 };
 

@@ -8,9 +8,12 @@ with `eval`, which the policy forbids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -139,3 +142,67 @@ def recorder_fixture() -> Iterator[Recorder]:
     yield Recorder(server, requests)
     server.shutdown()
     server.server_close()
+
+
+class DroppingProxy:
+    """A TCP proxy in front of a server that drops every open connection at once on `drop()`, as a proxy or a
+    flaky network does mid-request. It keeps what clients sent (`sent()`), to read the requests' headers."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.lock = threading.Lock()
+        self.connections: list[socket.socket] = []
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self.lock:
+                self.connections += [client, upstream]
+                record = bytearray()
+                self.requests.append(record)  # type: ignore[arg-type]
+            threading.Thread(target=self._pump, args=(client, upstream, record), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, record: bytearray | None) -> None:
+        try:
+            while data := source.recv(65536):
+                if record is not None:
+                    record += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def sent(self) -> str:
+        """Everything clients sent so far, connection after connection."""
+        with self.lock:
+            return "\n".join(bytes(record).decode("latin-1") for record in self.requests)
+
+    def drop(self) -> None:
+        """Cut every connection open now, both ways, without a proper end of the responses in flight."""
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for end in connections:
+            with contextlib.suppress(OSError):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset on close
+                end.shutdown(socket.SHUT_RDWR)  # wakes the threads reading it
+            end.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop()

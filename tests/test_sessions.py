@@ -11,7 +11,16 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import LiveServer, SseEvent, make_settings, post_process, script, stream_run, wait_until
+from tests.conftest import (
+    LiveServer,
+    SseEvent,
+    make_settings,
+    parse_sse,
+    post_process,
+    script,
+    stream_run,
+    wait_until,
+)
 from tests.fake_openai import FakeOpenAI
 
 INPUT = "header line\n" + "".join(f"record {i}: value={i * 7}\n" for i in range(2000)) + "TAIL-SECRET-7f3a\n"
@@ -163,3 +172,28 @@ def test_the_history_groups_a_sessions_runs(fake: FakeOpenAI, tmp_path: Path) ->
         one = httpx2.get(f"{server.url}/api/runs/{runs[1]['id']}").json()["run"]
     assert [run["session_id"] for run in runs] == [None, first[0].data["session_id"], first[0].data["session_id"]]
     assert one["session_id"] == first[0].data["session_id"]
+
+
+def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(fake: FakeOpenAI) -> None:
+    """The page starts every run in a session, and its Stop must still stop a cell that hangs. Mutant caught:
+    WorkerRepl.execute letting the cancellation through without killing the worker (the cell sleeps on in the
+    session's worker, and the next question waits for it)."""
+    fake.record = True
+    hang = script({"code": ["import os\nprint(os.getpid(), flush=True)"]}, {"code": ["import time\ntime.sleep(60)"]})
+    with LiveServer(make_settings(fake)) as server:
+        with httpx2.Client(timeout=30) as client, client.stream(
+                "POST", f"{server.url}/process",
+                json={"prompt": hang, "input_data": "abcdef", "settings": {"session": True}}) as response:
+            events = parse_sse(response.iter_lines())
+            start = next(events)
+            output = next(e for e in events if e.event == "output")
+            next(e for e in events if e.event == "code")  # the second cell, which hangs
+            pid = int(output.data["stdout"].split()[0])
+            assert httpx2.post(f"{server.url}/api/runs/{start.data['run_id']}/cancel").status_code == 202
+            rest = list(events)
+        assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled"
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=5)
+        after = ask(server.url, script({"code": [FINISH.format(expr="len(context)")]}),
+                    session_id=start.data["session_id"])
+    assert after[-1].data["answer"] == "6"
+    assert "cancelled while a cell ran" in first_user_message(fake.stats.root_bodies[-1])

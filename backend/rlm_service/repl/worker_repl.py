@@ -157,6 +157,12 @@ class WorkerRepl:
             reason = f"WorkerDied: {worker.describe_exit()} while running this cell."
             if worker.killed_by_memory():
                 reason += f" The worker's memory limit is {self.options.memory_mb} MB."
+        except asyncio.CancelledError:
+            # The run was cancelled mid-cell. A cell cannot be interrupted, so its worker is stopped with it;
+            # a session keeps the REPL, and its next run finds the worker gone, restarts it and is told why.
+            worker.kill()
+            self._lost = "the run before was cancelled while a cell ran, which stopped the REPL worker"
+            raise
         finally:
             for task in batches:
                 task.cancel()
