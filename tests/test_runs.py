@@ -189,3 +189,12 @@ def test_every_event_of_process_carries_its_number_as_the_sse_id(live: LiveServe
     ids = [int(line[4:]) for line in body.split("\n") if line.startswith("id: ")]
     datas = [line for line in body.split("\n") if line.startswith("data: ")]
     assert ids == list(range(1, len(datas) + 1))
+
+
+def test_the_run_id_comes_with_the_response_headers(live: LiveServer) -> None:
+    """A client that loses the connection before the first event can still re-attach."""
+    with httpx2.Client(timeout=60) as client, client.stream(
+            "POST", f"{live.url}/process", json={"prompt": "x", "settings": {"session": True}}) as response:
+        run_id, session_id = response.headers["x-run-id"], response.headers["x-session-id"]
+        first = next(parse_sse(response.iter_lines()))
+    assert first.data["run_id"] == run_id and first.data["session_id"] == session_id

@@ -197,3 +197,17 @@ def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(f
                     session_id=start.data["session_id"])
     assert after[-1].data["answer"] == "6"
     assert "cancelled while a cell ran" in first_user_message(fake.stats.root_bodies[-1])
+
+
+def test_a_session_is_kept_even_when_no_cell_ran(fake: FakeOpenAI) -> None:
+    """The root model may end (in prose, or on an error) before the REPL finished starting; the session
+    named in `start` must still exist. Mutant caught: keeping the REPL only if its start was already done."""
+    prose = script({"text": "Just prose.", "code": []}, {"text": "Still prose.", "code": []})
+    with LiveServer(make_settings(fake)) as server:
+        events = ask(server.url, prose, input_data="abc", session=True)
+        described = httpx2.get(f"{server.url}/api/sessions/{events[0].data['session_id']}")
+        again = ask(server.url, script({"code": [FINISH.format(expr="len(context)")]}),
+                    session_id=events[0].data["session_id"])
+    assert events[-1].event == "final" and events[-1].data["note"]
+    assert described.status_code == 200
+    assert again[-1].data["answer"] == "3"

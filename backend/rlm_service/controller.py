@@ -276,13 +276,9 @@ class Controller:
             return run.all_messages(), str(node.data.output)
 
     async def run(self, task_message: str) -> RunOutcome:
-        """Drive the root model until the answer is ready, the budget is spent, or it stops coding."""
-        try:
-            return await self._turns(task_message)
-        finally:
-            if self._repl_starting is not None and not self._repl_starting.done():
-                self._repl_starting.cancel()
-                await asyncio.gather(self._repl_starting, return_exceptions=True)
+        """Drive the root model until the answer is ready, the budget is spent, or it stops coding. (The
+        REPL's start belongs to whoever made the REPL: a run that ends early leaves it to them.)"""
+        return await self._turns(task_message)
 
     async def _turns(self, task_message: str) -> RunOutcome:
         history: list[ModelMessage] | None = None

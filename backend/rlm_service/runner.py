@@ -15,6 +15,7 @@ A session's REPL is the exception: it outlives the run, for the session's next q
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -46,6 +47,8 @@ RUN_TIMEOUT_GRACE_S = 5.0
 """Past RLM_RUN_TIMEOUT_S runs stop at their next turn; this much later the tree is cancelled outright."""
 BEGIN_TIMEOUT_S = 10.0
 """How long a session's REPL may take to list its variables for a follow-up."""
+START_WAIT_S = 60.0
+"""How long a run that asked for a session waits, at its end, for its REPL to finish starting."""
 
 
 @dataclass
@@ -73,6 +76,15 @@ class _Node:
 
     def answer(self) -> str | None:
         return self.controller.answer[0] if self.controller and self.controller.answer[0] else None
+
+
+async def _started(starting: asyncio.Future[None]) -> bool:
+    """Whether the REPL started, waiting for a start still under way (a run can end before its first cell;
+    its session still gets the REPL)."""
+    if not starting.done():
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(starting), START_WAIT_S)
+    return starting.done() and not starting.cancelled() and starting.exception() is None
 
 
 class RunDriver:
@@ -169,8 +181,7 @@ class RunDriver:
             try:
                 return await self._control(node, tree, depth, run_id, plan, repl, starting, message, emit, stream)
             finally:
-                if plan.new_session_id and starting.done() and not starting.cancelled() \
-                        and starting.exception() is None:
+                if plan.new_session_id and await _started(starting):
                     self.engine.sessions.add(Session(
                         id=plan.new_session_id, repl=repl, workspace=workspace, input_chars=run_input.chars,
                         input_lines=run_input.lines, input_kind=kind, preview=preview, live_run=run_id))
@@ -179,8 +190,9 @@ class RunDriver:
             if not kept:
                 if plan.new_session_id and depth == 0:
                     self.engine.sessions.unreserve()
-                if starting is not None and not starting.done():
+                if starting is not None:
                     starting.cancel()
+                    await asyncio.gather(starting, return_exceptions=True)
                 if repl is not None:
                     await repl.close()
                 workspace.remove()

@@ -92,12 +92,12 @@ async def _sse(events: Iterable[EventBase] | AsyncIterator[EventBase]) -> AsyncI
 
 
 def event_stream(settings: Settings, events: Iterable[EventBase] | AsyncIterator[EventBase], *,
-                 ping_s: float) -> EventSourceResponse:
+                 ping_s: float, headers: dict[str, str] | None = None) -> EventSourceResponse:
     """An SSE response of `events`, with keep-alive pings and a send timeout."""
     return EventSourceResponse(
         _sse(events), ping=ping_s, sep=SEP, send_timeout=settings.rlm_send_timeout_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
 
 
@@ -146,7 +146,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                 raise HTTPException(exc.status, str(exc)) from None
             raise
         run.on_end(lambda _: parsed.run_input.discard())
-        return event_stream(settings, _owned(run), ping_s=ping_s)
+        # The run's id before its first event, so a client that loses the connection at once can re-attach.
+        ids = {"X-Run-Id": run.id} | ({"X-Session-Id": run.session_id} if run.session_id else {})
+        return event_stream(settings, _owned(run), ping_s=ping_s, headers=ids)
 
     @router.get("/api/runs/{run_id}/events", tags=["runs"],
                 responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "Unknown run"}})
