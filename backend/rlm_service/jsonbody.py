@@ -1,7 +1,7 @@
 """Large JSON bodies of `POST /process`, parsed in a child process that spools `input_data` to disk.
 
-Python's JSON parser holds the interpreter lock for the whole document: 40 MB of text with newlines
-takes about 150 ms, during which no other request is served, even from a worker thread. So a body
+Python's JSON parser holds the interpreter lock for the whole document: tens of megabytes take a good
+part of a second, during which no other request is served, even from a worker thread. So a body
 larger than `INLINE_BYTES` is streamed, as it arrives, into a short-lived child process (this file,
 run as a script: standard library only, so it starts in a few milliseconds). The child parses it,
 writes `input_data` to a spool file as UTF-8, counts its characters and lines, hashes it, and prints

@@ -11,12 +11,10 @@ GC_YOUNG_THRESHOLD = 10_000
 def settle_heap() -> None:
     """Keep the garbage collector off what lives as long as the process; call once, after the imports.
 
-    Everything imported by then (FastAPI, PydanticAI, pydantic's schemas: about 150,000 objects) is moved
-    out of the collector's reach, and young objects are collected in larger steps, so that most of a
-    run's short-lived objects are already freed when a collection comes. Measured during 32 runs at once
-    (BENCHMARKS.md, B7): the collector took about 5 ms of CPU per run, with pauses of over 100 ms on the
-    event loop at each full collection; after this, under 1 ms per run, and a full collection no longer
-    walks the imported modules.
+    Everything imported by then (FastAPI, PydanticAI, pydantic's schemas) is moved out of the collector's
+    reach, so that a full collection does not walk it and stall the event loop, and young objects are
+    collected in larger steps, so that most of a run's short-lived objects are already freed when a
+    collection comes.
     """
     gc.collect()
     gc.freeze()

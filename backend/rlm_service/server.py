@@ -3,9 +3,8 @@
 Reads the configuration (environment and `.env` files), fails at once with one line naming a bad variable,
 hardens the process, and serves the API and the web UI on HOST:PORT with uvicorn.
 
-The event loop is asyncio's own: the REPL workers' channels and pipes are handed to it as sockets and
-file descriptors whose ownership uvloop treats differently (seen as closed descriptors under load),
-and uvloop measured no faster here (BENCHMARKS.md, B7).
+The event loop is asyncio's own, not uvloop: the REPL workers' channels and pipes are handed to it as
+sockets and file descriptors whose ownership uvloop treats differently.
 """
 
 from __future__ import annotations
