@@ -75,7 +75,7 @@ def test_the_package_installs_with_its_command_and_dependencies(venv: Path, tmp_
     assert location.startswith(str(venv)), location
     assert requires == _requirements()
     helped = _run(venv, "rlm-service", "--help", cwd=tmp_path)
-    assert helped.returncode == 0 and "{serve,run,attach,cancel,session,sample}" in helped.stdout
+    assert helped.returncode == 0 and "{serve,run,attach,cancel,session,mcp,sample}" in helped.stdout
     sample = _run(venv, "python", "-m", "rlm_service", "sample", "records", "--count", "2", cwd=tmp_path)
     assert sample.returncode == 0 and sample.stdout.startswith("=== BOOK #0001 ===")
 
