@@ -10,11 +10,15 @@ one run's controller.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from .executor import CellOutcome
 
 if TYPE_CHECKING:
     from .workspace import Workspace
+
+__all__ = ["CellOutcome", "Repl", "ReplBackend", "ReplError", "ReplOptions", "RunStart", "SubCalls"]
 
 RESTARTED_NOTE = ("The REPL was restarted: every variable you defined is lost; `context`, the llm functions "
                   "and answer['content'] are back.")
@@ -49,23 +53,6 @@ class ReplOptions:
     landlock: bool = True
     """Confine file access with Landlock where the kernel offers it (off: what kernels without it get)."""
     sandbox: bool = True
-
-
-@dataclass
-class CellOutcome:
-    """One executed cell as the controller reports it."""
-
-    stdout: str
-    error: str | None
-    truncated: bool
-    duration_ms: int
-    answer_content: str
-    answer_ready: bool
-    notes: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-    """PNG images, base64."""
-    restarted: bool = False
-    """The REPL was restarted during this cell: every variable but the provided ones is gone."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ import traceback
 import types
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .capture import BoundedText, StreamRouter, activate, deactivate, install_router
@@ -36,8 +36,9 @@ warnings.filterwarnings("ignore", message=".*non-interactive.*cannot be shown")
 
 
 @dataclass
-class CellResult:
-    """What one cell did: the text the root model sees, the error, and the answer afterwards."""
+class CellOutcome:
+    """What one cell did: the text the root model sees, the error, and the answer afterwards. Made where the
+    cell runs; a worker REPL rebuilds it from the worker's message, trusting none of its types or sizes."""
 
     stdout: str
     error: str | None
@@ -47,9 +48,9 @@ class CellResult:
     notes: list[str] = field(default_factory=list)
     figures: list[str] = field(default_factory=list)
     """PNG images (base64) of the matplotlib figures the cell left open."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    duration_ms: int = 0
+    restarted: bool = False
+    """The REPL was restarted during this cell: every variable but the provided ones is gone."""
 
 
 def _make_llm_functions(batch: BatchFn) -> tuple[Callable[[str], str], Callable[[Iterable[str]], list[str]]]:
@@ -180,7 +181,7 @@ class CellRunner:
             lines.append(describe_variable(name, value))
         return lines
 
-    def run(self, code: str) -> CellResult:
+    def run(self, code: str) -> CellOutcome:
         """Execute one cell; never raises for errors in the code itself."""
         self.cells += 1
         filename = f"<cell {self.cells}>"
@@ -204,7 +205,7 @@ class CellRunner:
         notes = self._restore_protected() + self._normalize_answer()
         figures, figure_notes = collect_figures()
         content, ready = self._answer
-        return CellResult(stdout=sink.getvalue(), error=error, truncated=sink.truncated,
+        return CellOutcome(stdout=sink.getvalue(), error=error, truncated=sink.truncated,
                           answer_content=content, answer_ready=ready, notes=notes + figure_notes, figures=figures)
 
     def _execute(self, code: str, filename: str, sink: BoundedText) -> None:

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from .base import RESTARTED_NOTE, CellOutcome, Repl, ReplOptions, RunStart, SubCalls, register
-from .executor import CellResult, CellRunner
+from .executor import CellRunner
 from .worker import load_text
 from .workspace import Workspace
 
@@ -33,7 +33,7 @@ def _interrupt(thread: threading.Thread) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(CellInterrupted))
 
 
-def _settle(done: asyncio.Future[CellResult], result: CellResult | None, failure: BaseException | None) -> None:
+def _settle(done: asyncio.Future[CellOutcome], result: CellOutcome | None, failure: BaseException | None) -> None:
     """Complete a cell's future from its thread (once: a timed-out cell may finish later)."""
     if done.done():
         return
@@ -107,7 +107,7 @@ class InprocessRepl:
         assert self._runner is not None and self._loop is not None
         self._cell_calls = calls
         runner = self._runner
-        done: asyncio.Future[CellResult] = self._loop.create_future()
+        done: asyncio.Future[CellOutcome] = self._loop.create_future()
         loop = self._loop
 
         def target() -> None:
@@ -134,12 +134,10 @@ class InprocessRepl:
         finally:
             self._thread = None
             self._cell_calls = None
-        return CellOutcome(stdout=result.stdout, error=result.error, truncated=result.truncated,
-                           duration_ms=int((time.monotonic() - started) * 1000),
-                           answer_content=result.answer_content, answer_ready=result.answer_ready,
-                           notes=result.notes, figures=result.figures)
+        result.duration_ms = int((time.monotonic() - started) * 1000)
+        return result
 
-    async def _stop_cell(self, thread: threading.Thread, done: asyncio.Future[CellResult], started: float,
+    async def _stop_cell(self, thread: threading.Thread, done: asyncio.Future[CellOutcome], started: float,
                          timeout: float) -> CellOutcome:
         self._cancel_calls()
         _interrupt(thread)

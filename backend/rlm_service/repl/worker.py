@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import protocol, sandbox
-from .executor import MAX_FIGURES, CellResult, CellRunner
+from .executor import MAX_FIGURES, CellOutcome, CellRunner
 
 _CHUNK = 64 * 1024 * 1024
 
@@ -138,7 +138,7 @@ class Channel:
         return [str(item) for item in reply.texts]
 
 
-def _done(result: CellResult) -> tuple[dict[str, Any], list[protocol.Text]]:
+def _done(result: CellOutcome) -> tuple[dict[str, Any], list[protocol.Text]]:
     """A cell's result as a `done` message whose texts fit the server's caps."""
     notes = [note[:500] for note in result.notes[:20]]
     figures = result.figures[:MAX_FIGURES]
