@@ -1,16 +1,25 @@
-"""Shared fixtures: the fake OpenAI server, settings pointing at it, the app under uvicorn, SSE reading."""
+"""Shared fixtures: the fake OpenAI server, settings pointing at it, the app under uvicorn, SSE reading.
+
+The suite leaves the machine alone and is left alone by it: a session gets a fresh TMPDIR and HOME
+(nothing is read from or written to the real ones), it counts only processes it started itself (it is
+the subreaper of everything below it, so even orphans stay countable), and servers listen on sockets
+bound before they start, never on a port picked and then hoped free.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +37,56 @@ from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # no
 REPO = Path(__file__).resolve().parents[1]
 ROOT_MODEL = "root-model"
 SUB_MODEL = "sub-model"
+PR_SET_CHILD_SUBREAPER = 36
+_session: dict[str, Path] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A fresh TMPDIR and HOME for the session, and this process the subreaper of all it starts."""
+    root = Path(tempfile.mkdtemp(prefix="test-session-"))
+    root.chmod(0o711)  # workers run under uids of their own and must reach their directories below it
+    home = root / "home"
+    home.mkdir()
+    os.environ.update(TMPDIR=str(root), HOME=str(home))
+    for name in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_STATE_HOME"):
+        os.environ.pop(name, None)
+    tempfile.tempdir = str(root)
+    _session["root"] = root
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = _session.pop("root", None)
+    if root is None:
+        return
+    if getattr(config, "_rlm_failed", False):
+        print(f"\nthe session's TMPDIR and HOME are kept for a look: {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._rlm_failed = exitstatus != 0  # type: ignore[attr-defined]
+
+
+def private_tempdir() -> Path:
+    """A new directory in the session's TMPDIR that workers of any uid can traverse."""
+    path = Path(tempfile.mkdtemp(prefix="tmp-"))
+    path.chmod(0o711)
+    return path
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of a command the test needs: missing, it fails under CI (which installs it) and skips elsewhere."""
+    found = shutil.which(name)
+    if found is None:
+        message = f"needs the `{name}` command {why} (apt-get install {name})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 @pytest.fixture
@@ -51,21 +110,44 @@ def make_settings(fake: FakeOpenAI | None = None, **overrides: Any) -> Settings:
 
 
 def free_port() -> int:
+    """A port free a moment ago: for a process that cannot be handed a socket (see `start_on_free_port`),
+    or as an address where nothing listens."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def start_on_free_port(start: Callable[[int], subprocess.Popen[bytes]], ready: Callable[[int], bool],
+                       timeout: float = 60) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server process on a free port and wait until `ready(port)`. Another process on the machine
+    may take the port between our check and the server's bind: the server then exits, and we try another."""
+    for _ in range(3):
+        port = free_port()
+        process = start(port)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            if ready(port):
+                return process, port
+            time.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+            raise RuntimeError(f"the server did not become ready within {timeout:g} s")
+    raise RuntimeError("the server exited at start three times (is the port taken each time?)")
+
+
 class LiveServer:
-    """The real app under uvicorn in a thread, on a free port."""
+    """The real app under uvicorn in a thread, on a socket bound to a free port before it starts."""
 
     def __init__(self, settings: Settings, **app_kwargs: Any) -> None:
-        self.port = free_port()
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
         self.app = create_app(settings, **app_kwargs)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -83,6 +165,7 @@ class LiveServer:
     def __exit__(self, *exc_info: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+        self.socket.close()
 
 
 @pytest.fixture
@@ -143,14 +226,43 @@ def names(events: list[SseEvent]) -> list[str]:
     return [event.event for event in events]
 
 
+def folded(events: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The event names with each run of consecutive `subcalls` events folded into one name, after checking
+    that the run keeps the contract's promise whatever the throttling made of it: it starts at `done` 0
+    and ends with `done == total`, `done` and `failed` never go down, `total` never changes."""
+    sequence: list[str] = []
+    run: list[dict[str, Any]] = []
+    for name, data in [*events, ("", {})]:
+        if name == "subcalls":
+            run.append(data)
+            continue
+        if run:
+            assert run[0]["done"] == 0 and run[-1]["done"] == run[-1]["total"], run
+            assert len({item["total"] for item in run}) == 1, run
+            for key in ("done", "failed"):
+                assert [item[key] for item in run] == sorted(item[key] for item in run), run
+            sequence.append("subcalls")
+            run = []
+        if name:
+            sequence.append(name)
+    return sequence
+
+
 def script(*turns: dict[str, Any]) -> str:
     """A prompt that makes the fake root model play these turns ({"text", "code": [...]})."""
     return f"scripted task <<<SCRIPT {json.dumps(list(turns))} SCRIPT>>>"
 
 
-def worker_processes() -> list[int]:
-    """Pids of live REPL workers (the zygote names them `rlm-worker`)."""
-    found = []
+@dataclass
+class Process:
+    pid: int
+    ppid: int
+    name: bytes
+    state: bytes
+
+
+def _processes() -> dict[int, Process]:
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -159,11 +271,51 @@ def worker_processes() -> list[int]:
                 stat = handle.read()
         except OSError:
             continue
-        name = stat[stat.index(b"(") + 1:stat.rindex(b")")]
-        state = stat.rsplit(b")", 1)[1].split()[0]
-        if name == b"rlm-worker" and state != b"Z":
-            found.append(int(entry))
-    return found
+        fields = stat.rsplit(b")", 1)[1].split()
+        table[int(entry)] = Process(int(entry), int(fields[1]), stat[stat.index(b"(") + 1:stat.rindex(b")")],
+                                    fields[0])
+    return table
+
+
+def descendants(root: int | None = None) -> list[Process]:
+    """The live processes below `root` (by default this test process: every server it started, in a thread
+    or as a process of its own, with their zygotes and workers). Processes of other test sessions or
+    servers on the machine are not below it. Workers orphaned below us are adopted by us (we are a
+    subreaper) and reaped here once they have ended."""
+    table = _processes()
+    me = os.getpid()
+    for process in table.values():
+        if process.ppid == me and process.state == b"Z" and process.name == b"rlm-worker":
+            try:
+                os.waitpid(process.pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+    children: dict[int, list[Process]] = {}
+    for process in table.values():
+        children.setdefault(process.ppid, []).append(process)
+    found, frontier = [], [me if root is None else root]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            found.append(child)
+            frontier.append(child.pid)
+    return [process for process in found if process.state != b"Z"]
+
+
+def worker_processes(root: int | None = None) -> list[int]:
+    """Pids of live REPL workers (the zygote names them `rlm-worker`) below `root` (see `descendants`)."""
+    return [process.pid for process in descendants(root) if process.name == b"rlm-worker"]
+
+
+def descendant_commands(root: int | None = None) -> list[bytes]:
+    """The command lines of the live processes below `root` (see `descendants`)."""
+    commands = []
+    for process in descendants(root):
+        try:
+            with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
+                commands.append(handle.read())
+        except OSError:
+            continue
+    return commands
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
@@ -218,12 +370,13 @@ def raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, byte
 
 @dataclass
 class RealServer:
-    """The service as users run it: `python backend/main.py` in its own process."""
+    """The service as users run it: `python backend/main.py` in its own process, with its own TMPDIR."""
 
     url: str
     process: subprocess.Popen[bytes]
     fake: FakeOpenAI
     cwd: Path
+    tmp: Path
 
     @property
     def pid(self) -> int:
@@ -289,23 +442,29 @@ def _answers_health(url: str) -> bool:
 @contextmanager
 def spawn_server(cwd: Path, key: str = "sk-test-key", *, model_url: str | None = None,
                  **env_overrides: str) -> Iterator[RealServer]:
-    """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server (or `model_url`)."""
+    """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server (or `model_url`), with a
+    TMPDIR of its own (`RealServer.tmp`, kept after the server ends so that tests can look at what is left)."""
     fake = FakeOpenAI().start()
     (cwd / ".env").write_text(f"OPENAI_API_KEY={key}\n")
-    port = free_port()
+    tmp = private_tempdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
     env.update({"OPENAI_API_KEY": key, "OPENAI_API_BASE": model_url or fake.url, "OPENAI_MODEL_NAME": ROOT_MODEL,
-                "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "PORT": str(port), "HOST": "127.0.0.1",
+                "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "HOST": "127.0.0.1", "TMPDIR": str(tmp),
                 "RLM_LOG_LEVEL": "warning", "RLM_WORKER_PRELOAD": "numpy",
                 "RLM_HISTORY_DB": str(cwd / "history.sqlite3"), **env_overrides})
-    process = subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd, env=env,
-                               stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None)
-    url = f"http://127.0.0.1:{port}"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd,
+                                env={**env, "PORT": str(port)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None)
+
     try:
-        if not wait_until(lambda: _answers_health(url), timeout=30):
-            raise RuntimeError("the server did not start")
-        yield RealServer(url, process, fake, cwd)
+        process, port = start_on_free_port(start, lambda port: _answers_health(f"http://127.0.0.1:{port}"))
+    except BaseException:
+        fake.stop()
+        raise
+    try:
+        yield RealServer(f"http://127.0.0.1:{port}", process, fake, cwd, tmp)
     finally:
         process.terminate()
         process.wait(10)

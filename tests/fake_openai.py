@@ -13,11 +13,14 @@ and plays two roles:
   request offers tools, otherwise as ```repl blocks in the text.
 - the **sub** model (any other model name): a callable maps the prompt to the reply.
 
-It counts requests and the peak number in flight, and injects faults on demand: HTTP errors (with or
-without `Retry-After`), dropped connections, timeouts, malformed JSON, empty `choices`,
-`content: null`, a cut stream, a slow trickle. With `loose` set, its replies take the looser shape some
-compatible servers send: a `null` `created`, no `finish_reason`, an unknown `service_tier`. With
-`cost_per_token` set, each reply reports its cost in USD as OpenRouter does (`usage.cost`).
+It counts every chat-completions request it receives (refused ones included) and the peak number in
+flight, and injects faults on demand: HTTP errors (with or without `Retry-After`), dropped connections,
+timeouts, malformed JSON, empty `choices`, `content: null`, a cut stream, a slow trickle, and `hold`
+(the request waits until `release()`, then is answered normally: a run in flight for as long as a test
+needs, whatever the machine's speed). With `tls`, it speaks HTTPS. With `loose` set, its replies take
+the looser shape some compatible servers send: a `null` `created`, no `finish_reason`, an unknown
+`service_tier`. With `cost_per_token` set, each reply reports its cost in USD as OpenRouter does
+(`usage.cost`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 import asyncio
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +101,7 @@ class Stats:
     sub_in_flight: int = 0
     peak_sub_in_flight: int = 0
     faults_served: int = 0
+    held: int = 0
     root_bodies: list[dict[str, Any]] = field(default_factory=list)
     sub_prompts: list[str] = field(default_factory=list)
     request_times: list[float] = field(default_factory=list)
@@ -141,7 +146,8 @@ class FakeOpenAI:
 
     def __init__(self, *, root_model: str = "root-model", root: RootFn | None = None,
                  sub: Callable[[str], str] | None = None, latency: float = 0.0, sub_latency: float | None = None,
-                 api_key: str | None = None, record: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
+                 api_key: str | None = None, record: bool = True, host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.root_model = root_model
         self.root = root or scripted_root
         self.sub = sub or default_sub_reply
@@ -151,6 +157,7 @@ class FakeOpenAI:
         self.record = record
         self.host = host
         self.port = port
+        self.tls = tls
         self.stats = Stats()
         self.faults: list[Fault] = []
         self.loose = False
@@ -160,13 +167,19 @@ class FakeOpenAI:
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._released: asyncio.Event | None = None  # made in the server's loop
         self._writers: set[asyncio.StreamWriter] = set()
 
     # --- control -------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}/v1"
+
+    def release(self) -> None:
+        """Let every request held by a `hold` fault, now or later, go on."""
+        assert self._loop is not None and self._released is not None, "the server is not running"
+        self._loop.call_soon_threadsafe(self._released.set)
 
     def inject(self, kind: str, *, role: str = "any", count: int = 1, status: int = 500,
                retry_after: str | None = None) -> None:
@@ -214,8 +227,9 @@ class FakeOpenAI:
     def _serve_forever(self) -> None:
         self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self._loop)
+        self._released = asyncio.Event()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, self.host, self.port, backlog=1024))
+            asyncio.start_server(self._handle, self.host, self.port, backlog=1024, ssl=self.tls))
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -229,7 +243,9 @@ class FakeOpenAI:
 
     async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
         """Run in the current event loop (for the standalone process)."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024)
+        self._loop = asyncio.get_running_loop()
+        self._released = asyncio.Event()
+        self._server = await asyncio.start_server(self._handle, self.host, self.port, backlog=1024, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         if on_ready:
             on_ready()
@@ -257,7 +273,7 @@ class FakeOpenAI:
                 keep_open = await self._route(method, path, headers, body, writer)
                 if not keep_open or headers.get("connection", "").lower() == "close":
                     return
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError, ssl.SSLError):
             return
         finally:
             self._writers.discard(writer)
@@ -279,13 +295,13 @@ class FakeOpenAI:
         if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
             await self._respond(writer, 404, b'{"error": {"message": "not found"}}')
             return True
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            await self._respond(writer, 401, b'{"error": {"message": "invalid api key"}}')
-            return True
         request = json.loads(body)
         role = "root" if request.get("model") == self.root_model or _is_controller(request) else "sub"
         self._count_start(role, request)
         try:
+            if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+                await self._respond(writer, 401, b'{"error": {"message": "invalid api key"}}')
+                return True
             return await self._complete(role, request, writer)
         finally:
             self._count_end(role)
@@ -319,7 +335,12 @@ class FakeOpenAI:
         if latency:
             await asyncio.sleep(latency)
         fault = self._take_fault(role)
-        if fault is not None:
+        if fault is not None and fault.kind == "hold":
+            with self._lock:
+                self.stats.held += 1
+            assert self._released is not None
+            await self._released.wait()
+        elif fault is not None:
             return await self._serve_fault(fault, writer)
         messages = request.get("messages", [])
         try:
@@ -414,8 +435,9 @@ class FakeOpenAI:
             await self._respond(writer, 200, json.dumps(payload).encode())
             return True
         if kind == "null_content":
-            payload = {"id": "x", "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "length"}]}
+            payload = {"id": "x", "object": "chat.completion", "created": int(time.time()), "model": "any",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
+                                    "finish_reason": "length"}]}
             await self._respond(writer, 200, json.dumps(payload).encode())
             return True
         if kind == "trickle":

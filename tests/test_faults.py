@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 
 from rlm_service.engine import Engine
 from rlm_service.events import EventBase
-from tests.conftest import free_port, make_settings, script
+from tests.conftest import make_settings, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
 BATCH_CELL = "replies = llm_batch(['a', 'b', 'c'])\nfor r in replies:\n    print(r[:80])"
@@ -83,35 +84,40 @@ async def test_root_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]) ->
     assert events[-1].type == "final" and events[-1].ready
 
 
-@pytest.mark.parametrize(("fault", "code"), [
-    ({"kind": "status", "status": 401}, "auth"),
-    ({"kind": "status", "status": 403}, "auth"),
-    ({"kind": "status", "status": 500}, "model_unavailable"),
-    ({"kind": "status", "status": 502}, "model_unavailable"),
-    ({"kind": "status", "status": 503}, "model_unavailable"),
-    ({"kind": "status", "status": 429, "retry_after": "0"}, "model_unavailable"),
-    ({"kind": "status", "status": 404}, "model_unavailable"),
-    ({"kind": "timeout"}, "model_unavailable"),
-    ({"kind": "malformed"}, "model_unavailable"),
-    ({"kind": "empty_choices"}, "model_unavailable"),
-    ({"kind": "cut_stream"}, "model_unavailable"),
-    ({"kind": "trickle"}, "model_unavailable"),
-    ({"kind": "disconnect"}, "model_unavailable"),
-], ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v.get('status', '')}")
+@pytest.mark.parametrize(("fault", "code", "attempts"), [
+    ({"kind": "status", "status": 401}, "auth", 1),
+    ({"kind": "status", "status": 403}, "auth", 1),
+    ({"kind": "status", "status": 500}, "model_unavailable", 2),
+    ({"kind": "status", "status": 502}, "model_unavailable", 2),
+    ({"kind": "status", "status": 503}, "model_unavailable", 2),
+    ({"kind": "status", "status": 429, "retry_after": "0"}, "model_unavailable", 2),
+    ({"kind": "status", "status": 404}, "model_unavailable", 1),
+    ({"kind": "timeout"}, "model_unavailable", 2),
+    ({"kind": "malformed"}, "model_unavailable", 2),
+    ({"kind": "empty_choices"}, "model_unavailable", 2),
+    ({"kind": "cut_stream"}, "model_unavailable", 2),
+    ({"kind": "trickle"}, "model_unavailable", 2),
+    ({"kind": "disconnect"}, "model_unavailable", 2),
+], ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v.get('status', '')}" if isinstance(v, dict) else "")
 async def test_root_fault_that_persists_ends_with_the_right_code(fake: FakeOpenAI, fault: dict[str, Any],
-                                                                 code: str) -> None:
+                                                                 code: str, attempts: int) -> None:
+    """With one retry allowed, a transient fault costs two attempts, an answer that retrying cannot change
+    (401, 403, 404) one. Mutants caught: 401/403 retried (two attempts); a transient fault not retried."""
     fake.inject(role="root", count=1000, **fault)
     events = await run(fake, batch_prompt(), rlm_model_retries=1, rlm_root_timeout_s=1.5)
     assert [e.type for e in events] == ["start", "error"]
     assert events[-1].code == code
     assert "sk-test-key" not in events[-1].message
+    assert fake.stats.root_requests == attempts
 
 
-async def test_root_null_content_ends_the_run_cleanly(fake: FakeOpenAI) -> None:
+async def test_root_null_content_ends_the_run_with_model_unavailable(fake: FakeOpenAI) -> None:
+    """A root model that keeps replying with nothing (`content: null`, cut by its token limit) ends the run
+    with `model_unavailable` and a message that says so."""
     fake.inject("null_content", role="root", count=1000)
     events = await run(fake, batch_prompt(), rlm_model_retries=1)
-    assert events[-1].type in ("final", "error")
-    assert [e.type for e in events].count(events[-1].type) == 1
+    assert [e.type for e in events] == ["start", "error"]
+    assert events[-1].code == "model_unavailable" and "token limit" in events[-1].message
 
 
 async def test_a_server_quoting_the_key_back_does_not_reach_code_or_events(fake: FakeOpenAI) -> None:
@@ -133,12 +139,17 @@ async def test_replies_in_a_looser_shape_are_read(fake: FakeOpenAI) -> None:
 
 
 async def test_connection_refused_is_model_unavailable() -> None:
-    events = await run(None, "anything", openai_api_base=f"http://127.0.0.1:{free_port()}/v1", rlm_model_retries=1)
+    with socket.socket() as bound:  # bound, never listening: connections to it are refused
+        bound.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{bound.getsockname()[1]}/v1"
+        events = await run(None, "anything", openai_api_base=url, rlm_model_retries=1)
     assert [e.type for e in events] == ["start", "error"]
     assert events[-1].code == "model_unavailable"
 
 
 async def test_wrong_key_is_auth(fake: FakeOpenAI) -> None:
+    """A key the server refuses ends the run at once. Mutant caught: 401 retried (three requests)."""
     fake.api_key = "sk-the-right-one"
     events = await run(fake, "anything")
     assert events[-1].type == "error" and events[-1].code == "auth"
+    assert fake.stats.requests == fake.stats.root_requests == 1

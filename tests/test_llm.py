@@ -98,10 +98,20 @@ async def test_usage_is_summed_and_progress_reported(fake: FakeOpenAI, client: C
 
 
 async def test_auth_failure_is_not_retried(fake: FakeOpenAI, client: ChatClient) -> None:
+    """A refused key is reported at once: the fake counts every request, refused ones too. Mutant caught:
+    401 retried like a 5xx (three requests)."""
     fake.api_key = "sk-other"
     result = await session(client).query("x")
     assert result.startswith("Error: the model server refused the key (HTTP 401)")
-    assert fake.stats.requests == 0 or fake.stats.sub_requests <= 1
+    assert fake.stats.requests == fake.stats.sub_requests == 1
+
+
+async def test_forbidden_is_not_retried(fake: FakeOpenAI, client: ChatClient) -> None:
+    """Mutant caught: 403 retried like a 5xx (three requests)."""
+    fake.inject("status", role="sub", status=403, count=10)
+    result = await session(client).query("x")
+    assert result.startswith("Error: the model server refused the key (HTTP 403)")
+    assert fake.stats.requests == fake.stats.sub_requests == 1
 
 
 def test_retry_after_parses_seconds_and_dates() -> None:

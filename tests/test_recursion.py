@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import httpx2
@@ -90,7 +89,8 @@ async def test_depth_three_stops_at_the_limit_and_shares_budgets(fake: FakeOpenA
     assert "too deep?\n\n---\nx" in fake.stats.sub_prompts
     budget_told = [k for k in kids if k.event == "final" and k.depth == 2]
     assert budget_told and not budget_told[0].data["ready"]
-    assert [e.type for e in events].count("final") + [e.type for e in events].count("error") == 1
+    # the grandchild spent the tree's turns: the root ends at the iteration limit, its answer not ready
+    assert [e.type for e in events if e.type in ("final", "error")] == ["final"] and not events[-1].ready
 
 
 async def test_usage_and_cost_are_summed_over_the_tree(fake: FakeOpenAI) -> None:
@@ -152,12 +152,13 @@ async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI
 
 
 async def test_run_timeout_ends_the_tree(fake: FakeOpenAI) -> None:
+    """Past RLM_RUN_TIMEOUT_S the run gets one last turn, then ends with its answer not ready. Mutant
+    caught: no run timeout (the third turn runs)."""
     prompt = script({"code": ["import time\ntime.sleep(2.5)"]}, {"code": ["x = 1"]}, {"code": ["y = 2"]})
-    started = time.monotonic()
     events = await run(fake, prompt, rlm_run_timeout_s=1.5)
-    assert time.monotonic() - started < 6
+    assert [e.code for e in events if e.type == "code"] == ["import time\ntime.sleep(2.5)", "x = 1"]
     final = events[-1]
-    assert final.type == "final" and not final.ready and final.iterations == 2  # one last turn, then it stops
+    assert final.type == "final" and not final.ready and final.iterations == 2
 
 
 def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:
@@ -171,5 +172,5 @@ def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:
                 if event.event == "child" and event.data["depth"] == 2 and event.data["event"] == "code":
                     assert len(worker_processes()) == 3
                     break
-        assert wait_until(lambda: worker_processes() == [], timeout=2)
-        assert wait_until(lambda: server.app.state.slots.active == 0)
+        assert wait_until(lambda: worker_processes() == [], timeout=30)
+        assert wait_until(lambda: server.app.state.slots.active == 0, timeout=30)

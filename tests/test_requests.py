@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -102,10 +105,6 @@ def test_bad_request_is_refused(servers: dict[str, LiveServer], case: str, reque
     assert fragment in response.json()["detail"]
 
 
-def test_catalogue_is_at_least_thirty_cases() -> None:
-    assert len(CATALOGUE) + 6 >= 30  # plus the cases below that need more than one request
-
-
 def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
     port = servers["open"].port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -120,28 +119,47 @@ def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
 
 
 def test_runs_beyond_the_limit_are_refused(fake: FakeOpenAI) -> None:
+    """Two runs held at a sub-call fill RLM_MAX_CONCURRENT_RUNS=2: a third is refused with 429 and
+    Retry-After, and once they end a new run goes through. Mutant caught: no cap on runs (200)."""
     with LiveServer(make_settings(fake, rlm_max_concurrent_runs=2)) as server:
-        slow = script({"code": ["import time\ntime.sleep(1.5)\nanswer.update(content='ok', ready=True)"]})
-        threads = [threading.Thread(target=stream_run, args=(server.url,), kwargs={"json_body": {"prompt": slow}})
-                   for _ in range(2)]
+        held = script({"code": ["llm_query('held')\nanswer.update(content='ok', ready=True)"]})
+        fake.inject("hold", role="sub", count=2)
+        results: list[list[Any]] = []
+
+        def one() -> None:
+            results.append(stream_run(server.url, json_body={"prompt": held})[1])
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
         for thread in threads:
             thread.start()
-        assert wait_until(lambda: server.app.state.slots.active == 2)
+        assert wait_until(lambda: fake.stats.held == 2, timeout=60)
         response = post_process(server.url, json={"prompt": "x"})
         assert response.status_code == 429 and response.headers["retry-after"] == "5"
+        fake.release()
         for thread in threads:
             thread.join()
+        assert [events[-1].data["answer"] for events in results] == ["ok", "ok"]
         assert stream_run(server.url, json_body={"prompt": "x"})[1][-1].event == "final"
 
 
-@pytest.mark.parametrize(("name", "content"), [("../../etc/passwd", b"root:x:0:0"), ("..\\..\\boot.ini", b"[boot]"),
-                                               ("/etc/shadow", b"secret"), ("", b"no name")])
-def test_path_like_file_names_are_only_names(servers: dict[str, LiveServer], name: str, content: bytes) -> None:
+@pytest.mark.parametrize(("name", "content"), [("../../{marker}", b"root:x:0:0"), ("..\\..\\{marker}", b"[boot]"),
+                                               ("{tmp}/{marker}", b"secret"), ("", b"no name")])
+def test_path_like_file_names_are_only_names(servers: dict[str, LiveServer], name: str, content: bytes,
+                                             tmp_path: Path) -> None:
+    """An uploaded file's name is never a path the server writes to: the content reaches the REPL, and no
+    file of that name appears where the name points, relative to the server's working directory or its
+    temporary directory, or absolute. Mutant caught: the upload spooled to its own file name."""
+    marker = f"upload-{uuid.uuid4().hex}"
+    name = name.format(marker=marker, tmp=tmp_path)
     prompt = script({"code": ["answer.update(content=context, ready=True)"]})
     response, events = stream_run(servers["open"].url, files={"prompt": (None, prompt),
                                                               "input_file": (name, content)})
     assert response.status_code == 200
     assert events[-1].data["answer"] == content.decode()
+    if name:
+        for base in (Path.cwd(), Path(tempfile.gettempdir()), Path(tempfile.gettempdir()) / "x" / "y"):
+            assert not (base / name.replace("\\", "/")).resolve().exists()
+        assert not list(Path(tempfile.gettempdir()).rglob(marker))
 
 
 def test_empty_and_non_utf8_files_are_accepted(servers: dict[str, LiveServer]) -> None:
