@@ -59,16 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     root = _session.pop("root", None)
-    if root is None:
-        return
-    if getattr(config, "_rlm_failed", False):
-        print(f"\nthe session's TMPDIR and HOME are kept for a look: {root}")
-    else:
+    if root is not None:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    session.config._rlm_failed = exitstatus != 0  # type: ignore[attr-defined]
 
 
 def private_tempdir() -> Path:

@@ -5,21 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx2
 import pytest
 
 from rlm_service.config import ConfigError, Settings, load_settings
-from tests.conftest import free_port
+from tests.conftest import start_on_free_port
 
 MAIN = Path(__file__).resolve().parents[1] / "backend" / "main.py"
 
 
 def clean_env(**values: str) -> dict[str, str]:
+    """The environment without the service's variables; the history off unless asked for."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_", "HOST", "PORT"))}
-    env.update(values)
+    env.update({"RLM_HISTORY_DB": "off", **values})
     return env
 
 
@@ -109,26 +109,28 @@ def test_main_fails_at_start_with_one_line() -> None:
 
 
 def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
-    port = free_port()
-    env = clean_env(HOST="127.0.0.1", PORT=str(port), OPENAI_API_KEY="sk-hide-me-123",
-                    OPENAI_API_BASE="http://127.0.0.1:9/v1", OPENAI_MODEL_NAME="m")
-    process = subprocess.Popen([sys.executable, str(MAIN)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+    env = clean_env(HOST="127.0.0.1", OPENAI_API_KEY="sk-hide-me-123", OPENAI_API_BASE="http://127.0.0.1:9/v1",
+                    OPENAI_MODEL_NAME="m", RLM_HISTORY_DB=str(tmp_path / "history.sqlite3"))
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, str(MAIN)], env={**env, "PORT": str(port)}, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def healthy(port: int) -> bool:
+        try:
+            return httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "ok"}
+        except httpx2.TransportError:
+            return False
+
+    process, port = start_on_free_port(start, healthy)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).json() == {"status": "ok"}
-                break
-            except httpx2.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.2)
         with open(f"/proc/{process.pid}/environ", "rb") as handle:
             assert b"sk-hide-me-123" not in handle.read()
         config = httpx2.get(f"http://127.0.0.1:{port}/api/config").text
         assert "sk-hide-me-123" not in config and '"key_configured":true' in config
     finally:
         process.terminate()
+        assert process.stdout is not None
         output = process.communicate(timeout=10)[0].decode()
     assert "sk-hide-me-123" not in output
 

@@ -20,10 +20,11 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from rlm_service.engine import Engine
-from tests.conftest import LiveServer, free_port, make_settings, names, stream_run, wait_until
+from tests.conftest import LiveServer, make_settings, names, start_on_free_port, stream_run
 
-pytestmark = pytest.mark.llama
 MODEL = "smollm2"
+STREAM_TIMEOUT_S = 600
+pytestmark = [pytest.mark.llama, pytest.mark.timeout(STREAM_TIMEOUT_S + 300)]  # a CPU model: longer than the rest
 
 
 def _model_file() -> Path | None:
@@ -42,22 +43,21 @@ def llama_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL,
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "False"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def ready() -> bool:
+    def ready(port: int) -> bool:
         try:
-            return httpx2.get(f"{url}/models", timeout=2).status_code == 200
+            return httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200
         except httpx2.TransportError:
             return False
 
+    process, port = start_on_free_port(start, ready, timeout=120)
     try:
-        assert wait_until(ready, timeout=120), "llama.cpp server did not start"
-        yield url
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         process.terminate()
         process.wait(20)
@@ -91,7 +91,7 @@ def test_llama_as_root_with_the_text_protocol(llama_url: str) -> None:
     with LiveServer(_settings(llama_url, rlm_root_protocol="text")) as server:  # type: ignore[arg-type]
         response, events = stream_run(server.url, json_body={
             "prompt": "How many lines does the input have? Use code to count them.",
-            "input_data": "alpha\nbeta\ngamma\n"}, timeout=600)
+            "input_data": "alpha\nbeta\ngamma\n"}, timeout=STREAM_TIMEOUT_S)
     assert response.status_code == 200
     sequence = names(events)
     assert sequence[0] == "start"

@@ -9,7 +9,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,9 +17,10 @@ import pytest
 import yaml
 
 from rlm_service.config import load_settings
-from tests.conftest import free_port
+from tests.conftest import start_on_free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+INSTALL_TIMEOUT_S = 900
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -124,8 +124,11 @@ def test_railway_blueprint() -> None:
     assert config["deploy"]["restartPolicyType"] == "ON_FAILURE"
 
 
+@pytest.mark.timeout(INSTALL_TIMEOUT_S + 300)
 def test_image_install_and_start_steps_work_in_a_clean_venv(tmp_path: Path) -> None:
-    """Replays the image: a fresh venv, its exact pip install, its files, then its exact CMD with PORT set."""
+    """Replays the image: a fresh venv, its exact pip install, its files, then its exact CMD with PORT set.
+    The install downloads and builds the requirements: it gets a pytest timeout of its own, longer than
+    its own deadline."""
     app = tmp_path / "app"
     app.mkdir()
     for rest in instructions("COPY"):
@@ -142,22 +145,29 @@ def test_image_install_and_start_steps_work_in_a_clean_venv(tmp_path: Path) -> N
         env.update(dict(item.split("=", 1) for item in shlex.split(rest)))
     for rest in instructions("RUN"):
         if "pip install" in rest:
-            subprocess.run(["sh", "-c", rest], cwd=app, env=env, check=True, capture_output=True, timeout=900)
-    port = free_port()
+            subprocess.run(["sh", "-c", rest], cwd=app, env=env, check=True, capture_output=True,
+                           timeout=INSTALL_TIMEOUT_S)
     command = json.loads(instructions("CMD")[-1])
-    env.update(PORT=str(port), OPENAI_MODEL_NAME="m", OPENAI_API_BASE="http://127.0.0.1:9/v1")
-    server = subprocess.Popen(command, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env.update(OPENAI_MODEL_NAME="m", OPENAI_API_BASE="http://127.0.0.1:9/v1")
+
+    log = tmp_path / "server.log"
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        with open(log, "wb") as output:
+            return subprocess.Popen(command, cwd=app, env={**env, "PORT": str(port)}, stdout=output,
+                                    stderr=subprocess.STDOUT)
+
+    def healthy(port: int) -> bool:
+        try:
+            return httpx2.get(f"http://127.0.0.1:{port}/health", timeout=2).json() == {"status": "ok"}
+        except httpx2.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx2.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except httpx2.TransportError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"the image's CMD did not serve /health:\n{server.communicate()[0].decode()}")
-                time.sleep(0.3)
-        assert response.status_code == 200 and response.json() == {"status": "ok"}
+        server, port = start_on_free_port(start, healthy)
+    except RuntimeError as exc:
+        pytest.fail(f"the image's CMD did not serve /health ({exc}):\n{log.read_text()}")
+    try:
         assert httpx2.get(f"http://127.0.0.1:{port}/").status_code == 200
     finally:
         server.terminate()
