@@ -2,7 +2,9 @@
 
 `bench/run.py` calls them at full size and writes the table; `tests/test_bench_smoke.py` calls them
 at tiny sizes so they cannot rot. Every figure comes from a real run against the fake OpenAI server
-in its own process (tests/fake_openai.py) with the stated latency.
+in its own process (tests/fake_openai.py) with the stated latency. Each result counts its `failures`:
+calls that failed, runs that did not end with a ready `final`, workers that did not start. A figure
+measured on failed work is no figure: `bench/run.py` marks its verdict "failed".
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from rlm_service.repl.workspace import Workspace
 RLMS_PYTHON = ROOT / "bench" / ".venv-rlms" / "bin" / "python"
 
 
-
 class SessionCalls:
     """A cell's sub-calls served by one `SubcallSession` (what a run's controller does)."""
 
@@ -48,6 +49,17 @@ class SessionCalls:
 
     async def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
         return await self.session.batch(prompts)
+
+
+class NoCalls:
+    """Sub-calls for a cell that makes none."""
+
+    async def batch(self, prompts: list[str]) -> list[str]:
+        return prompts
+
+    async def rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
+        return prompts
+
 
 def settings_for(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"openai_api_base": url, "openai_model_name": "root-model",
@@ -138,36 +150,45 @@ def b1_batch(server: FakeServer, *, n: int, concurrency: int, latency: float) ->
         "ours_errors": ours["errors"],
         "sdk_wall_s": sdk["wall_s"], "sdk_ratio": sdk["wall_s"] / ideal,
         "sdk_cpu_ms_per_call": 1000 * (sdk["server_cpu_s"] + sdk["worker_cpu_s"]) / n,
+        "sdk_errors": sdk["errors"],
     }
     rlms = run_rlms("b1", "--url", server.url, "--n", str(n), "--concurrency", str(concurrency))
-    if rlms:
+    if rlms is not None and "error" in rlms:
+        result["rlms_errors"] = n
+    elif rlms is not None:
         result.update(rlms_wall_s=rlms["wall_s"], rlms_ratio=rlms["wall_s"] / ideal,
-                      rlms_cpu_ms_per_call=1000 * rlms["cpu_s"] / n, rlms_errors=rlms.get("errors"))
+                      rlms_cpu_ms_per_call=1000 * rlms["cpu_s"] / n, rlms_errors=rlms["errors"])
+    result["failures"] = result["ours_errors"] + result["sdk_errors"] + result.get("rlms_errors", 0)
     return result
 
 
 def b2_speedup(server: FakeServer, *, n: int, concurrencies: tuple[int, ...]) -> dict[str, Any]:
     """B2: n sub-calls one at a time, then as one llm_batch at each concurrency, with the connection
     pool warm (as in a running server) and cold (the first batch of a fresh process)."""
-    sequential = asyncio.run(_batch_through_repl(server.url, n, 1, sequential=True, warm=True))["wall_s"]
-    result: dict[str, Any] = {"sequential_s": sequential}
+    one_by_one = asyncio.run(_batch_through_repl(server.url, n, 1, sequential=True, warm=True))
+    sequential = one_by_one["wall_s"]
+    result: dict[str, Any] = {"sequential_s": sequential, "failures": one_by_one["errors"]}
     for concurrency in concurrencies:
         for pool, warm in (("", True), ("_cold", False)):
-            wall = asyncio.run(_batch_through_repl(server.url, n, concurrency, warm=warm))["wall_s"]
-            result[f"batch{concurrency}{pool}_s"] = wall
-            result[f"speedup{concurrency}{pool}"] = sequential / wall
+            batch = asyncio.run(_batch_through_repl(server.url, n, concurrency, warm=warm))
+            result[f"batch{concurrency}{pool}_s"] = batch["wall_s"]
+            result[f"speedup{concurrency}{pool}"] = sequential / batch["wall_s"]
+            result["failures"] += batch["errors"]
     return result
 
 
-async def _scripted_run(url: str, iterations: int, **overrides: Any) -> tuple[float, int, list[Any]]:
+def ended_ready(events: list[Any]) -> bool:
+    """Whether a run's events end with a `final` whose answer is ready."""
+    return bool(events) and events[-1].type == "final" and events[-1].ready
+
+
+async def _scripted_run(url: str, iterations: int, **overrides: Any) -> tuple[float, list[Any]]:
     turns = [{"code": [f"x_{i} = {i}"]} for i in range(iterations - 1)]
     turns.append({"code": ["answer.update(content='done', ready=True)"]})
     async with Engine(settings_for(url, **overrides)) as engine:
         with Stopwatch() as watch:
             events = [event async for event in engine.run(script(*turns), "input")]
-    final = events[-1]
-    assert final.type == "final" and final.ready, final
-    return watch.seconds, final.iterations, events
+    return watch.seconds, events
 
 
 def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[str, Any]:
@@ -180,35 +201,42 @@ def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[
     from all of them: the fake server's own CPU time per request (`<name>_fake_ms`) is subtracted. Our
     runs have the collector set as the service's process sets it (`server_heap`).
     """
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"failures": 0}
     for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
                             ("subprocess_text", {"rlm_root_protocol": "text"})):
         fake_cpu = _cpu(server.pid)
         with server_heap():
-            wall, done, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
-        fake_ms = 1000 * (_cpu(server.pid) - fake_cpu) / done
+            wall, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
+        if not ended_ready(events) or events[-1].iterations != iterations:
+            result["failures"] += 1
+            continue
+        fake_ms = 1000 * (_cpu(server.pid) - fake_cpu) / iterations
         stamps = [event.ts for event in events if event.type == "usage"]
         gaps = [later - earlier for earlier, later in itertools.pairwise(stamps)]
         result[f"{name}_ms"] = 1000 * statistics.median(gaps) - fake_ms
-        result[f"{name}_total_ms"] = 1000 * wall / done - fake_ms
+        result[f"{name}_total_ms"] = 1000 * wall / iterations - fake_ms
         result[f"{name}_fake_ms"] = fake_ms
     fake_cpu = _cpu(server.pid)
     long_run = run_rlms("b3", "--url", server.url, "--iterations", str(iterations))
     long_fake_ms = 1000 * (_cpu(server.pid) - fake_cpu)
     short_run = run_rlms("b3", "--url", server.url, "--iterations", str(short))
-    if long_run and short_run:
-        extra = long_run["iterations"] - short_run["iterations"]
-        fake_ms = long_fake_ms / long_run["iterations"]
-        result["rlms_ms"] = 1000 * (long_run["wall_s"] - short_run["wall_s"]) / extra - fake_ms
-        result["rlms_total_ms"] = long_run["per_iteration_ms"] - fake_ms
+    if long_run is not None and short_run is not None:
+        if "error" in long_run or "error" in short_run:
+            result["failures"] += 1
+        else:
+            extra = long_run["iterations"] - short_run["iterations"]
+            fake_ms = long_fake_ms / long_run["iterations"]
+            result["rlms_ms"] = 1000 * (long_run["wall_s"] - short_run["wall_s"]) / extra - fake_ms
+            result["rlms_total_ms"] = long_run["per_iteration_ms"] - fake_ms
     return result
 
 
 def b4_worker_start(*, starts: int) -> dict[str, Any]:
-    """B4: time from spawning a worker to its `ready` (sandbox applied, context loaded)."""
+    """B4: time from spawning a worker to its `ready` (sandbox applied, context loaded); after the clock
+    stops, each worker must run a cell that sees its whole `context`, or it counts as a failure."""
 
-    async def measure() -> list[float]:
-        times = []
+    async def measure() -> tuple[list[float], int]:
+        times, failures = [], 0
         repls = SubprocessBackend([])
         for _ in range(starts + 1):
             workspace = Workspace.create()
@@ -217,14 +245,17 @@ def b4_worker_start(*, starts: int) -> dict[str, Any]:
             with Stopwatch() as watch:
                 await repl.start()
             times.append(watch.seconds)
+            outcome = await repl.execute("len(context)", 60, NoCalls())
+            failures += outcome.stdout != "1000"
             await repl.close()
             workspace.remove()
         await repls.close()
-        return times[1:]  # the first start also starts the zygote, once per server
+        return times[1:], failures  # the first start also starts the zygote, once per server
 
-    times = asyncio.run(measure())
+    times, failures = asyncio.run(measure())
     ordered = sorted(times)
-    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))]}
+    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+            "starts": len(times), "failures": failures}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -305,6 +336,7 @@ def b5_large_upload(*, size: int, work: Path) -> dict[str, Any]:
     limits = {"RLM_MAX_INPUT_BYTES": str(size + 1024), "RLM_WORKER_MEMORY_MB": str(size // 2**20 + 1024)}
     marks: dict[str, float] = {}
     first_output = None
+    terminal = None
     with spawn_server(work, **limits) as srv:
         sampler = _PeakRss(srv.pid)
         sampler.start()
@@ -323,14 +355,15 @@ def b5_large_upload(*, size: int, work: Path) -> dict[str, Any]:
                 if event.event == "output" and first_output is None:
                     first_output = event.data["stdout"].strip()
                 if event.event in ("final", "error"):
+                    terminal = event
                     break
         sampler.running = False
         sampler.join()
     source.unlink()
-    assert first_output == str(size), first_output
+    ok = first_output == str(size) and terminal is not None and terminal.event == "final" and terminal.data["ready"]
     return {"size_mb": size / 1e6, "throughput_mb_s": size / 1e6 / marks["headers"], "start_s": marks["start"],
             "first_output_s": marks["output"], "peak_rss_mb": sampler.peak / 2**20,
-            "rss_budget_mb": (1.5 * size + 300 * 2**20) / 2**20}
+            "rss_budget_mb": (1.5 * size + 300 * 2**20) / 2**20, "failures": int(not ok)}
 
 
 def _is_chunk_size(line: str) -> bool:
@@ -338,7 +371,7 @@ def _is_chunk_size(line: str) -> bool:
     return bool(line) and all(c in "0123456789abcdefABCDEF" for c in line)
 
 
-async def _tokens_for(url: str, size: int, iterations: int) -> tuple[int, int]:
+async def _tokens_for(url: str, size: int, iterations: int) -> tuple[int, int, bool]:
     spooler = InputSpooler(size + 1024)
     line = "2026-11-28 INFO a log line of some length for the zero-rot benchmark\n"
     block = (line * (1024 * 1024 // len(line) + 1)).encode()
@@ -352,20 +385,26 @@ async def _tokens_for(url: str, size: int, iterations: int) -> tuple[int, int]:
     turns.append({"code": ["answer.update(content='done', ready=True)"]})
     async with Engine(settings_for(url, rlm_worker_memory_mb=size // 2**20 + 1024,
                                    rlm_max_input_bytes=size + 2048)) as engine:
-        usage = [event async for event in engine.run(script(*turns), run_input) if event.type == "usage"]
-    return usage[0].root.input_tokens, usage[-1].root.input_tokens
+        events = [event async for event in engine.run(script(*turns), run_input)]
+    usage = [event for event in events if event.type == "usage"]
+    ok = ended_ready(events) and events[-1].iterations == iterations
+    return usage[0].root.input_tokens, usage[-1].root.input_tokens, ok
 
 
 def b6_zero_rot(server: FakeServer, *, sizes: tuple[int, ...], iterations: int) -> dict[str, Any]:
     """B6: root input tokens at iteration 1 and over the run, per input size; vs input in the prompt."""
-    result: dict[str, Any] = {}
+    by_size: dict[int, dict[str, int]] = {}
+    failures = 0
     for size in sizes:
-        first, total = asyncio.run(_tokens_for(server.url, size, iterations))
-        result[size] = {"first": first, "total": total, "in_prompt": size // 4}
-    firsts = [value["first"] for value in result.values()]
-    totals = [value["total"] for value in result.values()]
-    result["first_spread_pct"] = 100 * (max(firsts) / min(firsts) - 1)
-    result["total_spread_pct"] = 100 * (max(totals) / min(totals) - 1)
+        first, total, ok = asyncio.run(_tokens_for(server.url, size, iterations))
+        by_size[size] = {"first": first, "total": total, "in_prompt": size // 4}
+        failures += not ok
+    firsts = [value["first"] for value in by_size.values()]
+    totals = [value["total"] for value in by_size.values()]
+    result: dict[str, Any] = {"failures": failures, "first_spread_pct": 100 * (max(firsts) / min(firsts) - 1),
+                              "total_spread_pct": 100 * (max(totals) / min(totals) - 1)}
+    for size, value in by_size.items():
+        result.update({f"{key}_{size}": number for key, number in value.items()})
     return result
 
 
@@ -381,9 +420,14 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
              {"code": ["answer.update(content='done', ready=True)"]}]
     prompt = script(*cells)
 
+    failed: list[str] = []
+
     async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> float:
-        """Streams one run; returns when (server time) its batch started: its first `subcalls` event."""
+        """Streams one run; returns when (server time) its batch started: its first `subcalls` event. A run
+        that does not end with a ready `final` whose batch got all its replies is noted in `failed`."""
         batch_started = 0.0
+        last: tuple[str, dict[str, Any]] | None = None
+        replies = None
         async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
             async for sse in httpx2.EventSource(response):
                 if sse.data:
@@ -391,6 +435,11 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
                     delays.append(time.time() - data["ts"])
                     if sse.event == "subcalls" and not batch_started:
                         batch_started = data["ts"]
+                    if sse.event == "subcalls":
+                        replies = (data["done"], data["failed"])
+                    last = (sse.event, data)
+        if last is None or last[0] != "final" or not last[1]["ready"] or replies != (batch, 0):
+            failed.append(f"{last and last[0]}: {last and last[1]}; sub-calls done, failed: {replies}")
         return batch_started
 
     async def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
@@ -420,7 +469,7 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
             # CPU per run during the warm burst, by process: the service's, and the benchmark's own
             "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
             "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
-            "machine_busy_pct": 100 * busy}
+            "machine_busy_pct": 100 * busy, "runs": 3 + 2 * runs, "failures": len(failed)}
 
 
 def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:
@@ -472,15 +521,16 @@ def _percentiles(name: str, delays: list[float]) -> dict[str, float]:
 
 
 def run_rlms(*args: str) -> dict[str, Any] | None:
-    """Run bench/rlms_side.py in the rlms virtualenv; None when that venv is not set up."""
+    """Run bench/rlms_side.py in the rlms virtualenv; None when that venv is not set up, `{"error": …}`
+    when the run failed."""
     if not RLMS_PYTHON.exists():
         return None
     result = subprocess.run([str(RLMS_PYTHON), str(ROOT / "bench" / "rlms_side.py"), *args],
                             capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(result.stdout)
+        return {"error": result.stderr[-2000:]}
+    return dict(json.loads(result.stdout))
 
 
 def temp_dir() -> Path:

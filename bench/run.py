@@ -1,11 +1,13 @@
-"""Run the benchmarks and rewrite the results table in BENCHMARKS.md.
+"""Run the benchmarks and rewrite their rows in BENCHMARKS.md.
 
     python bench/run.py            # all of them, a few minutes
-    python bench/run.py B1 B3      # some of them (the table keeps the other rows)
+    python bench/run.py B1 B3      # some of them: their rows are rewritten, the others kept as they are
 
-The machine is shared and noisy: each figure is the median of several repetitions with the spread
-(min–max) beside it, and comparisons are ratios measured side by side in the same run. For the
-reference library (rlms), set up its virtualenv once:
+The rows live in BENCHMARKS.md itself, each stamped with the day and the commit it was measured at.
+The machine is shared and noisy: each figure is the median of at least three repetitions with the spread
+(min–max) beside it, and comparisons are ratios measured side by side in the same run. A benchmark whose
+runs failed (a failed call, a run without a ready `final`, a worker that did not start) gets the verdict
+"failed", whatever its figures. For the reference library (rlms), set up its virtualenv once:
 `python3 -m venv bench/.venv-rlms && bench/.venv-rlms/bin/pip install -r bench/requirements-rlms.txt`.
 """
 
@@ -13,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +29,69 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import benchmarks as b
 from bench.common import ROOT, Stat, fake_server, machine
 
-RESULTS = ROOT / "bench" / "results"
+DOCUMENT = ROOT / "BENCHMARKS.md"
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
+REPEATS = 3
+COLUMNS = ("n", "what", "measured", "target", "met", "when", "command")
+HEADER = ["| # | what | measured: median (min–max) | target | met | measured on (commit) | command |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+MACHINE_LINE = "Machine of the last run: "
 
 
-def repeat(times: int, measure: Callable[[], dict[str, Any]]) -> dict[str, Stat]:
+@dataclass
+class Measured:
+    """The figures of repeated runs, and how many of their calls or runs failed."""
+
+    stats: dict[str, Stat]
+    failures: int
+
+    def __getitem__(self, key: str) -> Stat:
+        return self.stats[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.stats
+
+    def get(self, key: str) -> Stat | None:
+        return self.stats.get(key)
+
+
+def repeat(times: int, measure: Callable[[], dict[str, Any]]) -> Measured:
     runs = [measure() for _ in range(times)]
-    keys = [key for key, value in runs[0].items() if isinstance(value, (int, float))]
-    return {key: Stat([float(run[key]) for run in runs if run.get(key) is not None]) for key in keys}
+    keys = dict.fromkeys(key for run in runs for key, value in run.items()
+                         if isinstance(value, (int, float)) and key != "failures")
+    stats = {key: Stat([float(run[key]) for run in runs if run.get(key) is not None]) for key in keys}
+    return Measured(stats, sum(int(run.get("failures", 0)) for run in runs))
 
 
-def row(number: str, what: str, measured: str, target: str, met: bool | None) -> dict[str, str]:
-    verdict = "—" if met is None else ("yes" if met else "**no**")
-    return {"n": number, "what": what, "measured": measured, "target": target, "met": verdict,
+def stamp() -> str:
+    """Today and the commit measured; `+changes` when backend/, bench/ or tests/ differ from it."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    dirty = git("diff", "--quiet", "HEAD", "--", "backend", "bench", "tests").returncode != 0
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    return f"{today} (`{commit}`{'+changes' if dirty else ''})"
+
+
+def row(number: str, what: str, measured: str, target: str, met: bool | None, failures: int = 0) -> dict[str, str]:
+    if failures:
+        verdict = f"**failed** ({failures} failed)"
+    else:
+        verdict = "—" if met is None else ("yes" if met else "**no**")
+    return {"n": number, "what": what, "measured": measured, "target": target, "met": verdict, "when": "",
             "command": f"`python bench/run.py {number}`"}
 
 
 def bench_b1() -> list[dict[str, str]]:
     with fake_server(sub_latency=0.1) as server:
-        s = repeat(3, lambda: b.b1_batch(server, n=2000, concurrency=64, latency=0.1))
+        s = repeat(REPEATS, lambda: b.b1_batch(server, n=2000, concurrency=64, latency=0.1))
+    failed = s.failures
     rows = [row("B1", "`llm_batch` of 2,000 prompts, 100 ms latency, concurrency 64: wall ÷ ideal (3.125 s)",
-                s["ours_ratio"].show(unit="×"), "≤ 1.2×", s["ours_ratio"].median <= 1.2),
+                s["ours_ratio"].show(unit="×"), "≤ 1.2×", s["ours_ratio"].median <= 1.2, failed),
+            row("B1", "… failed calls over the repetitions: ours; through the `openai` SDK; rlms",
+                "; ".join(f"{s[k].show('{:.0f}')}" if k in s else "—"
+                          for k in ("ours_errors", "sdk_errors", "rlms_errors")), "0", failed == 0, failed),
             row("B1", "… client CPU per call (server and worker)", s["ours_cpu_ms_per_call"].show(unit=" ms"),
                 "—", None),
             row("B1", "… same calls through the `openai` SDK instead: wall ÷ ideal; CPU per call",
@@ -55,16 +100,16 @@ def bench_b1() -> list[dict[str, str]]:
         faster = s["ours_ratio"].median < s["rlms_ratio"].median
         rows.append(row("B1", "… rlms' `llm_query_batched`, same concurrency: wall ÷ ideal; CPU per call",
                         f"{s['rlms_ratio'].show(unit='×')}; {s['rlms_cpu_ms_per_call'].show(unit=' ms')}",
-                        "ours faster", faster))
+                        "ours faster", faster, failed))
     return rows
 
 
 def bench_b2() -> list[dict[str, str]]:
     with fake_server(sub_latency=0.25) as server:
-        s = repeat(3, lambda: b.b2_speedup(server, n=64, concurrencies=(16, 64)))
+        s = repeat(REPEATS, lambda: b.b2_speedup(server, n=64, concurrencies=(16, 64)))
     rows = [row("B2", f"64 sub-calls at 250 ms: speed-up of `llm_batch` at concurrency {c} over one at a time "
                       "(connection pool warm, as in a running server)",
-                s[f"speedup{c}"].show(unit="×"), f"≥ {0.9 * c:g}×", s[f"speedup{c}"].median >= 0.9 * c)
+                s[f"speedup{c}"].show(unit="×"), f"≥ {0.9 * c:g}×", s[f"speedup{c}"].median >= 0.9 * c, s.failures)
             for c in (16, 64)]
     rows += [row("B2", f"… the same with a cold pool (first batch of a fresh process), concurrency {c}",
                  s[f"speedup{c}_cold"].show(unit="×"), "—", None) for c in (16, 64)]
@@ -75,75 +120,86 @@ def bench_b3() -> list[dict[str, str]]:
     with fake_server(latency=0.0, sub_latency=0.0) as server:
         s = repeat(5, lambda: b.b3_overhead(server, iterations=20))
     rows = []
-    rlms = s.get("rlms_ms")
     for key, label in (("subprocess_tools", "`subprocess` REPL, tools protocol"),
                        ("inprocess_tools", "`inprocess` REPL, tools protocol"),
                        ("subprocess_text", "`subprocess` REPL, text protocol")):
         marginal, total = s[f"{key}_ms"], s[f"{key}_total_ms"]
-        met = marginal.median < 10 and (rlms is None or total.median <= s["rlms_total_ms"].median)
         rows.append(row("B3", f"controller overhead per iteration, model time excluded, {label}: steady state "
                               "(median gap between iterations); whole 20-iteration run ÷ 20",
-                        f"{marginal.show(unit=' ms')}; {total.show(unit=' ms')}", "< 10 ms; ≤ rlms", met))
+                        f"{marginal.show(unit=' ms')}; {total.show(unit=' ms')}", "< 10 ms (steady state)",
+                        marginal.median < 10, s.failures))
     rows.append(row("B3", "… the fake model server's own time per root request (subtracted above)",
                     s["subprocess_tools_fake_ms"].show(unit=" ms"), "—", None))
-    if rlms:
-        rows.append(row("B3", "… rlms on the same script (its local REPL): steady state (slope, 20 vs 5 "
-                              "iterations); whole run ÷ iterations",
-                        f"{rlms.show(unit=' ms')}; {s['rlms_total_ms'].show(unit=' ms')}", "—", None))
+    rlms, rlms_total = s.get("rlms_ms"), s.get("rlms_total_ms")
+    if rlms is not None and rlms_total is not None:
+        ours, ours_total = s["subprocess_tools_ms"], s["subprocess_tools_total_ms"]
+        rows += [
+            row("B3", "… steady state, ours (`subprocess`, tools) vs rlms on the same script (its local REPL; "
+                      "the slope between a 20- and a 5-iteration run)",
+                f"{ours.show(unit=' ms')} vs {rlms.show(unit=' ms')}", "≤ rlms", ours.median <= rlms.median,
+                s.failures),
+            row("B3", "… whole run ÷ iterations, ours (`subprocess`, tools) vs rlms (its per-run setup included)",
+                f"{ours_total.show(unit=' ms')} vs {rlms_total.show(unit=' ms')}", "≤ rlms",
+                ours_total.median <= rlms_total.median, s.failures),
+        ]
     return rows
 
 
 def bench_b4() -> list[dict[str, str]]:
-    s = repeat(1, lambda: b.b4_worker_start(starts=30))
-    return [row("B4", "worker start per run (`subprocess`): spawn → sandboxed → `context` loaded; median, p90",
-                f"{s['median_ms'].show('{:.0f}', ' ms')}, p90 {s['p90_ms'].show('{:.0f}', ' ms')}", "< 150 ms",
-                s["median_ms"].median < 150)]
+    s = repeat(REPEATS, lambda: b.b4_worker_start(starts=30))
+    return [row("B4", "worker start per run (`subprocess`): spawn → sandboxed → `context` loaded; median, p90 "
+                      "of 30 starts",
+                f"{s['median_ms'].show('{:.1f}', ' ms')}, p90 {s['p90_ms'].show('{:.1f}', ' ms')}", "< 150 ms",
+                s["median_ms"].median < 150, s.failures)]
 
 
 def bench_b5() -> list[dict[str, str]]:
     work = b.temp_dir()
     try:
-        s = repeat(1, lambda: b.b5_large_upload(size=10**9, work=work))
+        s = repeat(REPEATS, lambda: b.b5_large_upload(size=10**9, work=work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return [
         row("B5", "1 GB multipart upload: throughput on loopback", s["throughput_mb_s"].show("{:.0f}", " MB/s"),
-            "≥ 200 MB/s", s["throughput_mb_s"].median >= 200),
+            "≥ 200 MB/s", s["throughput_mb_s"].median >= 200, s.failures),
         row("B5", "… time to the `start` event; to the output of `len(context)`",
             f"{s['start_s'].show(unit=' s')}; {s['first_output_s'].show(unit=' s')}", "—", None),
         row("B5", "… peak RSS of server and worker together", s["peak_rss_mb"].show("{:.0f}", " MB"),
             f"≤ {s['rss_budget_mb'].median:.0f} MB (1.5 × input + 300 MB)",
-            s["peak_rss_mb"].median <= s["rss_budget_mb"].median),
+            s["peak_rss_mb"].median <= s["rss_budget_mb"].median, s.failures),
     ]
 
 
 def bench_b6() -> list[dict[str, str]]:
     sizes = (1000, 100 * 10**6, 10**9)
     with fake_server() as server:
-        result = b.b6_zero_rot(server, sizes=sizes, iterations=5)
-    cells = "; ".join(f"{label}: {result[size]['first']:,} / {result[size]['total']:,} "
-                      f"(in the prompt: {result[size]['in_prompt']:,})"
+        s = repeat(REPEATS, lambda: b.b6_zero_rot(server, sizes=sizes, iterations=5))
+    cells = "; ".join(f"{label}: {s[f'first_{size}'].median:,.0f} / {s[f'total_{size}'].median:,.0f} "
+                      f"(in the prompt: {s[f'in_prompt_{size}'].median:,.0f})"
                       for size, label in zip(sizes, ("1 KB", "100 MB", "1 GB"), strict=True))
-    spread = max(result["first_spread_pct"], result["total_spread_pct"])
+    spread = max(s["first_spread_pct"].median, s["total_spread_pct"].median)
     return [row("B6", "zero-rot: root input tokens at iteration 1 / over 5 iterations, by input size", cells,
-                "equal within 1%", spread <= 1.0),
-            row("B6", "… largest difference across sizes", f"{spread:.2f}%", "≤ 1%", spread <= 1.0)]
+                "equal within 1%", spread <= 1.0, s.failures),
+            row("B6", "… largest difference across sizes", f"{spread:.2f}%", "≤ 1%", spread <= 1.0, s.failures)]
 
 
 def bench_b7() -> list[dict[str, str]]:
     work = b.temp_dir()
     try:
         with fake_server(sub_latency=0.2) as server:
-            s = repeat(3, lambda: b.b7_b8_concurrent_runs(server, runs=32, batch=50, work=work))
+            s = repeat(REPEATS, lambda: b.b7_b8_concurrent_runs(server, runs=32, batch=50, work=work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor = repeat(5, lambda: b.b7_agent_floor(runs=32))
     cpu = "; ".join(s[f"{part}_cpu_ms"].show("{:.0f}") for part in ("server", "workers", "model", "client"))
+    failed = s.failures
     return [
         row("B7", "32 concurrent runs (3 iterations, `llm_batch` of 50 at 200 ms each): total wall ÷ one run's "
                   "(connection pool warm, as in a running server)",
             f"{s['ratio'].show(unit='×')} ({s['together_s'].show(unit=' s')} vs {s['single_s'].show(unit=' s')})",
-            "≤ 1.5×", s["ratio"].median <= 1.5),
+            "≤ 1.5×", s["ratio"].median <= 1.5, failed),
+        row("B7", "… runs that did not end with a ready `final` and all 50 replies, of "
+                  f"{s['runs'].median * REPEATS:.0f}", str(failed), "0", failed == 0, failed),
         row("B7", "… the first burst of a fresh server (it opens 512 connections to the model server)",
             f"{s['cold_ratio'].show(unit='×')} ({s['cold_s'].show(unit=' s')})", "—", None),
         row("B7", "… when the last of the 32 batches started, after the burst began (one run alone: its batch "
@@ -157,7 +213,7 @@ def bench_b7() -> list[dict[str, str]]:
             f"{floor['cpu_ms'].show('{:.1f}', ' ms')}; {floor['burst_s'].show(unit=' s')}", "—", None),
         row("B8", "SSE delivery, event created → received by the client, during B7 (warm): p50; p99",
             f"{s['sse_p50_ms'].show('{:.1f}', ' ms')}; {s['sse_p99_ms'].show('{:.1f}', ' ms')}", "p99 < 50 ms",
-            s["sse_p99_ms"].median < 50),
+            s["sse_p99_ms"].median < 50, failed),
         row("B8", "… during the first burst: p50; p99",
             f"{s['cold_sse_p50_ms'].show('{:.1f}', ' ms')}; {s['cold_sse_p99_ms'].show('{:.1f}', ' ms')}", "—", None),
     ]
@@ -169,36 +225,68 @@ BENCHMARKS: dict[str, Callable[[], list[dict[str, str]]]] = {
 }
 
 
-def render(rows: list[dict[str, str]]) -> str:
-    lines = ["| # | what | measured: median (min–max) | target | met | command |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['n']} | {r['what']} | {r['measured']} | {r['target']} | {r['met']} | {r['command']} |"
-              for r in rows]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{TABLE_START}\nMeasured {stamp} on {machine()}.\n\n" + "\n".join(lines) + f"\n{TABLE_END}"
+def bench_of(number: str) -> str:
+    """The benchmark a row belongs to (B8's rows come from B7's runs)."""
+    return "B7" if number == "B8" else number
+
+
+def read_table(text: str) -> tuple[str, dict[str, list[dict[str, str]]]]:
+    """The machine line and the rows, by benchmark, of the committed table."""
+    match = re.search(re.escape(TABLE_START) + "(.*?)" + re.escape(TABLE_END), text, flags=re.S)
+    if match is None:
+        raise SystemExit(f"{DOCUMENT.name} has no {TABLE_START} … {TABLE_END} block")
+    machine_line = ""
+    rows: dict[str, list[dict[str, str]]] = {}
+    for line in match.group(1).strip().splitlines():
+        if line.startswith(MACHINE_LINE):
+            machine_line = line[len(MACHINE_LINE):].rstrip(".")
+        if not re.match(r"\| B\d ", line):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) != len(COLUMNS):
+            raise SystemExit(f"cannot read this row of {DOCUMENT.name} (expected {len(COLUMNS)} cells): {line}")
+        entry = dict(zip(COLUMNS, cells, strict=True))
+        rows.setdefault(bench_of(entry["n"]), []).append(entry)
+    return machine_line, rows
+
+
+def render(rows: dict[str, list[dict[str, str]]], machine_line: str) -> str:
+    lines = [*HEADER]
+    lines += ["| " + " | ".join(r[column] for column in COLUMNS) + " |"
+              for key in BENCHMARKS for r in rows.get(key, [])]
+    return f"{TABLE_START}\n{MACHINE_LINE}{machine_line}.\n\n" + "\n".join(lines) + f"\n{TABLE_END}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7 (B8 comes with B7)")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    saved = RESULTS / "rows.json"
-    rows_by_bench: dict[str, list[dict[str, str]]] = json.loads(saved.read_text()) if saved.exists() else {}
-    for name in args.which:
-        name = name.upper().replace("B8", "B7")
+    wanted = list(dict.fromkeys(bench_of(name.upper()) for name in args.which))
+    unknown = [name for name in wanted if name not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark {', '.join(unknown)}: choose among {', '.join(BENCHMARKS)} and B8")
+    text = DOCUMENT.read_text()
+    previous_machine, rows = read_table(text)
+    here = machine()
+    if previous_machine and previous_machine != here:
+        print(f"note: the rows kept were measured on another machine ({previous_machine}); they say so",
+              flush=True)
+        for key, kept in rows.items():
+            if key not in wanted:
+                for entry in kept:
+                    if "another machine" not in entry["when"]:
+                        entry["when"] += f", on another machine: {previous_machine}"
+    when = stamp()
+    for name in wanted:
         print(f"--- {name}", flush=True)
-        rows_by_bench[name] = BENCHMARKS[name]()
-        for r in rows_by_bench[name]:
-            print(f"{r['n']}: {r['what']}: {r['measured']} (target {r['target']}, met: {r['met']})", flush=True)
-        saved.write_text(json.dumps(rows_by_bench, indent=1))
-    rows = [r for key in BENCHMARKS if key in rows_by_bench for r in rows_by_bench[key]]
-    document = ROOT / "BENCHMARKS.md"
-    text = document.read_text()
-    table = render(rows)
-    text = re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: table, text, flags=re.S)
-    document.write_text(text)
-    print(f"wrote {document}")
+        rows[name] = BENCHMARKS[name]()
+        for entry in rows[name]:
+            entry["when"] = when
+            print(f"{entry['n']}: {entry['what']}: {entry['measured']} (target {entry['target']}, "
+                  f"met: {entry['met']})", flush=True)
+        start, end = text.index(TABLE_START), text.index(TABLE_END) + len(TABLE_END)
+        DOCUMENT.write_text(text[:start] + render(rows, here) + text[end:])
+    print(f"wrote {DOCUMENT}")
 
 
 if __name__ == "__main__":
