@@ -70,6 +70,21 @@ def private_tempdir() -> Path:
     return path
 
 
+def run_leftovers(tmp: Path) -> list[str]:
+    """What runs left in a server's TMPDIR, relative to it: everything but the zygote's matplotlib cache
+    (kept for the next zygote) and the server processes' instance directories themselves (their contents,
+    run directories and spooled uploads, do count)."""
+    found = []
+    for path in sorted(tmp.rglob("*")):
+        relative = path.relative_to(tmp)
+        if relative.parts[0].startswith("rlm-matplotlib-"):
+            continue
+        if len(relative.parts) == 1 and path.is_dir() and relative.name.startswith("rlm-instance-"):
+            continue
+        found.append(str(relative))
+    return found
+
+
 def require_tool(name: str, why: str) -> str:
     """The path of a command the test needs: missing, it fails under CI (which installs it) and skips elsewhere."""
     found = shutil.which(name)
@@ -362,13 +377,14 @@ def raw_post(port: int, headers: dict[str, str], chunks: Any) -> tuple[int, byte
 
 @dataclass
 class RealServer:
-    """The service as users run it: `python backend/main.py` in its own process, with its own TMPDIR."""
+    """The service as users run it: `python backend/main.py` in its own process (`tmp`: its TMPDIR, where
+    `spawn_server` gives it one of its own)."""
 
     url: str
     process: subprocess.Popen[bytes]
     fake: FakeOpenAI
     cwd: Path
-    tmp: Path
+    tmp: Path | None = None
 
     @property
     def pid(self) -> int:

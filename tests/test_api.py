@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 import threading
@@ -13,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service.repl.workspace import instance_directory
 from tests.conftest import (
     LiveServer,
     folded,
@@ -21,6 +21,7 @@ from tests.conftest import (
     post_process,
     private_tempdir,
     raw_post,
+    run_leftovers,
     script,
     stream_run,
     wait_until,
@@ -144,10 +145,9 @@ def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) 
 
 
 def test_events_are_numbered_and_keep_alive_comments_fill_the_silences(fake: FakeOpenAI) -> None:
-    """Events carry ids 1, 2, 3…; pings come after 0.2 s of silence: only pings while the cell sleeps 1.1 s,
-    and never more than one per 0.2 s of the whole stream. Mutants caught: no pings; a ping after every event
-    (more pings than 0.2 s periods). Whether a ping fell in a silence cannot be told apart from a slow
-    machine, so it is not asserted."""
+    """Events carry ids 1, 2, 3…; a ping every 0.2 s keeps the connection open: only pings while the cell
+    sleeps 1.1 s, and never more than one per 0.2 s of the whole stream. Mutants caught: no pings; pings
+    ten times as often (more pings than 0.2 s periods)."""
     with LiveServer(make_settings(fake), ping_s=0.2) as server:
         prompt = script({"code": ["import time\ntime.sleep(1.1)"]},
                         {"code": ["answer.update(content='ok', ready=True)"]})
@@ -175,8 +175,8 @@ def test_events_are_numbered_and_keep_alive_comments_fill_the_silences(fake: Fak
 
 def test_closing_the_client_cancels_the_run(fake: FakeOpenAI) -> None:
     """The batch would take five minutes and no cell timeout would stop it: closing the stream must end the
-    run, its worker and its sub-calls. Mutant caught: the run not cancelled when the stream closes (the
-    engine awaits its driver shielded, without cancelling it)."""
+    run, its worker and its sub-calls. Mutant caught: the run not cancelled when the stream that started it
+    closes."""
     fake.sub_latency = 0.3
     with LiveServer(make_settings(fake, rlm_subcall_concurrency=2, rlm_exec_timeout_s=600)) as server:
         prompt = script({"code": ["replies = llm_batch([f'q{i}' for i in range(2000)])"]})
@@ -251,13 +251,17 @@ def test_one_megabyte_split_in_twenty_and_batched(fake: FakeOpenAI) -> None:
 
 
 def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The server's temporary files live in a directory of this test's own; when the runs have ended (a
-    success, a model failure, three refusals, a cancelled run) only the zygote's permanent matplotlib cache
-    is left there. Mutants caught: the workspace not removed (engine); the spooled upload not removed when
-    the multipart body is refused while parsing (uploads) or when its settings are refused after (api)."""
+    """When the runs have ended (a success, a model failure, three refusals, a cancelled run), nothing of
+    them is left: not in this server process's instance directory (run directories, spooled uploads), not
+    elsewhere in a TMPDIR of this test's own. Mutants caught: the workspace not removed (engine); the
+    spooled upload not removed when the multipart body is refused while parsing (uploads) or when its
+    settings are refused after (api)."""
     tmp = private_tempdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    permanent = {f"rlm-matplotlib-{os.getuid()}"}
+    instance = instance_directory()
+
+    def leftovers() -> list[str]:
+        return run_leftovers(tmp) + [path.name for path in instance.iterdir()]
     with LiveServer(make_settings(fake, rlm_max_input_bytes=1024 * 1024)) as server:
         ok = script({"code": ["answer.update(content='ok', ready=True)"]})
         stream_run(server.url, data={"prompt": ok}, files={"input_file": ("a.txt", b"hello")})
@@ -276,8 +280,8 @@ def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI, monk
         with httpx2.Client(timeout=30) as client, client.stream(
                 "POST", f"{server.url}/process", data={"prompt": slow}, files={"input_file": ("e.txt", b"hi")}) as r:
             assert next(e for e in parse_sse(r.iter_lines()) if e.event in ("code", "final", "error")).event == "code"
-            assert any(path.name.startswith("rlm-run-") for path in tmp.iterdir())  # we watch the right place
-        assert wait_until(lambda: {path.name for path in tmp.iterdir()} == permanent, timeout=30), list(tmp.iterdir())
+            assert any(path.name.startswith("run-") for path in instance.iterdir())  # we watch the right place
+        assert wait_until(lambda: not leftovers(), timeout=30), leftovers()
 
 
 def test_one_log_line_per_run_without_key_or_input(live: LiveServer, caplog: pytest.LogCaptureFixture) -> None:

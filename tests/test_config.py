@@ -172,19 +172,21 @@ def test_main_keeps_the_collector_off_the_imported_modules() -> None:
 
 def _start_main(cwd: Path, **env: str) -> tuple[dict[str, object], str]:
     """Start `python backend/main.py` in `cwd`; its `/api/config` and what it logged at start."""
-    port = free_port()
-    env = clean_env(PORT=str(port), RLM_LOG_LEVEL="info", RLM_HISTORY_DB="off", **env)
-    process = subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, stderr=subprocess.PIPE,
-                               stdout=subprocess.DEVNULL, env=env)
+    env = clean_env(RLM_LOG_LEVEL="info", RLM_HISTORY_DB="off", **env)
+
+    def start(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, env={**env, "PORT": str(port)})
+
+    def serving(port: int) -> bool:
+        try:
+            return httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx2.TransportError:
+            return False
+
+    process, port = start_on_free_port(start, serving)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                config = httpx2.get(f"http://127.0.0.1:{port}/api/config", timeout=1).json()
-                break
-            except httpx2.TransportError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.2)
+        config = httpx2.get(f"http://127.0.0.1:{port}/api/config", timeout=10).json()
     finally:
         process.terminate()
         log = process.communicate(timeout=10)[1].decode()
