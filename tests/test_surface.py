@@ -4,9 +4,9 @@ checked against the real server over real sockets while `/health` keeps answerin
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,27 +16,29 @@ import httpx2
 from tests.conftest import LiveServer, make_settings, post_process, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
 
-HEALTH_BUDGET_S = 0.1
+SERVER_CPU_BUDGET_S = 0.25
 
 
 @contextmanager
-def health_watch(url: str) -> Iterator[list[float]]:
-    """Time `/health` every 20 ms while the block runs; yields the list of latencies (filled at exit)."""
-    latencies: list[float] = []
+def health_watch(url: str) -> Iterator[list[int | str]]:
+    """Ask for `/health` every 20 ms while the block runs; yields the answers' statuses (or the error of a
+    request that got none), filled as they come."""
+    answers: list[int | str] = []
     done = threading.Event()
 
     def watch() -> None:
         with httpx2.Client(timeout=10) as client:
             while not done.is_set():
-                started = time.monotonic()
-                assert client.get(f"{url}/health").status_code == 200
-                latencies.append(time.monotonic() - started)
+                try:
+                    answers.append(client.get(f"{url}/health").status_code)
+                except httpx2.TransportError as exc:
+                    answers.append(repr(exc))
                 done.wait(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
-        yield latencies
+        yield answers
     finally:
         done.set()
         thread.join(15)
@@ -65,18 +67,32 @@ def test_a_json_body_over_the_cap_is_refused_pointing_to_multipart(fake: FakeOpe
         assert "RLM_MAX_JSON_BYTES" in response.json()["detail"] and "multipart" in response.json()["detail"]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process's own threads, its children not counted."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path) -> None:
     """A 40 MB JSON body (30 million characters of input) within the cap, to the real server in its own
-    process: `/health` answers in under 100 ms while it is read and parsed. Mutant caught: parsing it in a
-    thread of the server (json.loads holds the interpreter lock: about 150 ms)."""
+    process: it is parsed outside the server process, whose event loop stays free (`/health` keeps
+    answering). What is asserted is the server process's own CPU time for the whole run, which a busy
+    machine hardly changes: about 0.1 s, against about 0.45 s when the server parses the body itself
+    (2026-12-02, 40 MB, this machine). Mutant caught: parsing it in a thread of the server (json.loads
+    holds the interpreter lock for the whole document)."""
     payload = json.dumps({"prompt": script({"code": ["answer.update(content=str(len(context)), ready=True)"]}),
                           "input_data": "ab\n" * 10_000_000}).encode()
-    with spawn_server(tmp_path) as server, health_watch(server.url) as latencies:
+    with spawn_server(tmp_path) as server, health_watch(server.url) as health:
+        stream_run(server.url, json_body={"prompt": "warm up"})  # one-time costs out of the measure
+        before = _cpu_seconds(server.pid)
         response, events = stream_run(server.url, json_body=None, timeout=120,
                                       headers={"Content-Type": "application/json"}, data=payload)
+        spent = _cpu_seconds(server.pid) - before
     assert response.status_code == 200 and events[-1].event == "final"
     assert events[-1].data["answer"] == str(30_000_000)
-    assert latencies and max(latencies) < HEALTH_BUDGET_S, max(latencies)
+    assert health and set(health) == {200}, health
+    assert spent < SERVER_CPU_BUDGET_S, spent
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(live: LiveServer) -> None:
