@@ -59,8 +59,12 @@ def llama_url() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
+        died = process.poll()
         process.terminate()
         process.wait(20)
+    if died is not None:  # the tests then only saw refused connections: say why
+        pytest.fail(f"llama.cpp's server died during the tests (exit status {died}); does its build run on this "
+                    "machine's CPU? Try it alone: python -m llama_cpp.server --model <the .gguf>")
 
 
 def _settings(url: str, **overrides: object) -> object:
