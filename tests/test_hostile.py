@@ -7,7 +7,7 @@ checks that the attack failed, that the server is still up, and that the next ru
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import RealServer, SseEvent, spawn_server, wait_until, worker_processes
+from tests.conftest import RealServer, SseEvent, descendant_commands, spawn_server, wait_until, worker_processes
 from tests.fake_openai import default_sub_reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,11 +103,13 @@ def test_memory_bomb_fails_cleanly(server: RealServer) -> None:
 
 
 def test_fork_bomb_is_contained(server: RealServer) -> None:
+    """The run's process cap (RLM_WORKER_PROCESSES) stops the bomb: fork fails at once. Mutant caught: no
+    process limit (the cell then runs into its timeout, which this test does not accept)."""
     events = server.run("import os\nwhile True:\n    os.fork()", exec_timeout_s=15)
     error = outputs(events)[0]["error"] or ""
-    assert "Resource temporarily unavailable" in error or "TimeoutError" in error
+    assert "Resource temporarily unavailable" in error, error
     server.assert_healthy()
-    assert wait_until(lambda: worker_processes() == [], timeout=5)
+    assert wait_until(lambda: worker_processes(server.pid) == [], timeout=5)
 
 
 def test_printing_a_gigabyte_keeps_the_server_flat(server: RealServer) -> None:
@@ -153,9 +155,11 @@ answer['content'] = repr(found)
 
 
 def test_writes_outside_the_worker_directory_fail(server: RealServer) -> None:
+    targets = [str(Path(tempfile.gettempdir()) / "rlm-evil.txt"), str(ROOT / "backend" / "evil.py"),
+               str(server.cwd / ".env"), "/var/tmp/evil"]
     cells = [f"""
 import os
-for path in ['/tmp/rlm-evil.txt', {str(ROOT / 'backend' / 'evil.py')!r}, {str(server.cwd / '.env')!r}, '/var/tmp/evil']:
+for path in {targets!r}:
     try:
         open(path, 'a').write('pwned')
         print('WROTE', path)
@@ -167,7 +171,7 @@ print('own directory ok', open('mine.txt').read())
     events = server.run(*cells)
     printed = outputs(events)[0]["stdout"]
     assert "WROTE" not in printed and printed.count("refused") == 4 and "own directory ok fine" in printed
-    assert not (ROOT / "backend" / "evil.py").exists() and not Path("/tmp/rlm-evil.txt").exists()
+    assert not Path(targets[0]).exists() and not Path(targets[1]).exists()
     assert KEY in (server.cwd / ".env").read_text() and "pwned" not in (server.cwd / ".env").read_text()
     server.assert_healthy()
 
@@ -232,22 +236,16 @@ for fd in range(3, 12):
         pass
 """]
     events = server.run(*cells)
-    assert events[-1].event in ("final", "error")
+    assert events[-1].event == "final" and events[-1].data["ready"]  # the run goes on after its worker is replaced
+    assert "ProtocolError" in (outputs(events)[0]["error"] or "")
     server.assert_healthy()
 
 
 def test_no_worker_outlives_its_run(server: RealServer) -> None:
     server.run("import subprocess\nsubprocess.Popen(['sleep', '600'])")
-    assert wait_until(lambda: worker_processes() == [], timeout=3)
-    time.sleep(0.2)
-    assert not any(b"sleep\x00600" in _cmdline(int(p)) for p in os.listdir("/proc") if p.isdigit())
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    assert wait_until(lambda: worker_processes(server.pid) == [], timeout=10)
+    assert wait_until(lambda: not any(b"sleep\x00600" in command for command in descendant_commands()),
+                      timeout=10)
 
 
 def test_a_flood_on_the_channel_neither_freezes_nor_fills_the_server(server: RealServer) -> None:
@@ -269,7 +267,9 @@ raw.sendall(len(body).to_bytes(4, 'big') + bytes(4) + body)  # a head of 150 MB,
     assert "ProtocolError" in first["error"] and "replaced" in first["error"], first["error"]
     assert first["duration_ms"] < 15_000
     assert second["stdout"] == "after the flood 9\n" and events[-1].event == "final"
-    assert watch.answers > 0 and watch.slowest < 0.1, watch
+    # On a quiet machine no answer takes 100 ms; the bound allows a loaded one and still catches the mutant,
+    # whose stall lasts tens of seconds.
+    assert watch.answers > 0 and watch.slowest < 2.0, watch
     assert peak_rss(server.pid) - peak_before < 100 * 2**20
     server.assert_healthy()
 

@@ -12,36 +12,12 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from tests.conftest import RealServer, SseEvent, script, spawn_server, stream_run, wait_until
+from tests.conftest import RealServer, SseEvent, script, spawn_server, stream_run, wait_until, worker_processes
 from tests.test_hostile import KEY, outputs
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (the test's own server: its zygote and the workers)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent]
-        found += children
-        frontier += children
-    return found
-
-
 def has_worker(server: RealServer) -> bool:
-    for pid in descendants(server.pid):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "rlm-worker":
-                return True
-        except OSError:
-            continue
-    return False
+    return bool(worker_processes(server.pid))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="worker uids are given out only by a server running as root")
