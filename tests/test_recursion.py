@@ -151,14 +151,31 @@ async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI
     assert any("cost budget is spent" in json.dumps(messages) for messages in seen)
 
 
-async def test_run_timeout_ends_the_tree(fake: FakeOpenAI) -> None:
+async def test_run_timeout_ends_the_tree_with_its_answer_so_far(fake: FakeOpenAI) -> None:
     """Past RLM_RUN_TIMEOUT_S the run gets one last turn, then ends with its answer not ready. Mutant
     caught: no run timeout (the third turn runs)."""
+    prompt = script({"code": ["answer['content'] = 'partial'\nimport time\ntime.sleep(2.5)"]},
+                    {"code": ["x = 1"]}, {"code": ["y = 2"]})
+    events = await run(fake, prompt, rlm_run_timeout_s=1.5)
+    assert [e.code for e in events if e.type == "code"][1:] == ["x = 1"]
+    final = events[-1]
+    assert final.type == "final" and not final.ready and final.iterations == 2 and final.answer == "partial"
+
+
+async def test_a_run_out_of_time_without_an_answer_ends_with_the_timeout_code(fake: FakeOpenAI) -> None:
+    """Mutant caught: ending such a run with an empty `final` (the `timeout` code is then never sent)."""
     prompt = script({"code": ["import time\ntime.sleep(2.5)"]}, {"code": ["x = 1"]}, {"code": ["y = 2"]})
     events = await run(fake, prompt, rlm_run_timeout_s=1.5)
-    assert [e.code for e in events if e.type == "code"] == ["import time\ntime.sleep(2.5)", "x = 1"]
-    final = events[-1]
-    assert final.type == "final" and not final.ready and final.iterations == 2
+    assert events[-1].type == "error" and events[-1].code == "timeout"
+    assert "RLM_RUN_TIMEOUT_S" in events[-1].message
+
+
+async def test_a_cost_budget_spent_without_an_answer_ends_with_the_budget_code(fake: FakeOpenAI) -> None:
+    """Mutant caught: ending such a run with an empty `final` (the `budget` code is then never sent)."""
+    prompt = script({"code": ["x = 1"]}, {"code": ["y = 2"]})
+    events = await run(fake, prompt, rlm_max_cost_usd=0.001, rlm_prices={"root-model": [1000.0, 1000.0]})
+    assert events[-1].type == "error" and events[-1].code == "budget"
+    assert "RLM_MAX_COST_USD" in events[-1].message
 
 
 def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:

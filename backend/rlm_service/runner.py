@@ -28,7 +28,18 @@ from pydantic_ai.settings import ModelSettings
 from . import prompts
 from .answers import AnswerSchema
 from .controller import Controller, RunOutcome
-from .events import ChildEvent, ErrorEvent, EventBase, FinalEvent, InputInfo, ParentRef, RunLimits, RunUsage, StartEvent
+from .events import (
+    ChildEvent,
+    ErrorCode,
+    ErrorEvent,
+    EventBase,
+    FinalEvent,
+    InputInfo,
+    ParentRef,
+    RunLimits,
+    RunUsage,
+    StartEvent,
+)
 from .inputs import RunInput
 from .llm import SubcallSession
 from .repl.base import Repl, ReplOptions
@@ -78,6 +89,26 @@ class _Node:
         return self.controller.answer[0] if self.controller and self.controller.answer[0] else None
 
 
+class _Spent(Exception):
+    """The run tree's time or cost ran out before the run had any answer: its terminal event is an error."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _spent(tree: RunTree, limits: RunLimits) -> tuple[ErrorCode, str] | None:
+    """Which limit of the tree ended the run, when it was time or cost (the iteration limit ends a run with
+    `final`, its best answer so far, even an empty one)."""
+    if tree.stop_reason == "cost":
+        return "budget", (f"The run's cost budget (RLM_MAX_COST_USD, {limits.max_cost_usd:g} USD) was spent "
+                          "before it had an answer.")
+    if tree.stop_reason == "time":
+        return "timeout", (f"The run's time (RLM_RUN_TIMEOUT_S, {limits.run_timeout_s:g} s) ran out before "
+                           "it had an answer.")
+    return None
+
+
 async def _started(starting: asyncio.Future[None]) -> bool:
     """Whether the REPL started, waiting for a start still under way (a run can end before its first cell;
     its session still gets the REPL)."""
@@ -107,12 +138,19 @@ class RunDriver:
                 result = await self._root(node, tree, run.id, plan, emit)
             outcome = "final" if result.ready else "final (not ready)"
             recursive = tree.limits.max_depth > 1
+            spent = _spent(tree, plan.limits) if not result.ready and not result.answer else None
+            if spent is not None:  # a limit of the tree ended it before it had any answer to give
+                code, message = spent
+                outcome = f"error:{code}"
+                raise _Spent(code, message)
             terminal = FinalEvent(run_id=run.id, answer=result.answer, ready=result.ready,
                                   iterations=result.iterations, usage=tree.totals(),
                                   elapsed_ms=int((time.monotonic() - started) * 1000),
                                   by_depth=tree.by_depth() if recursive else None,
                                   cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note,
                                   answer_json=plan.answer_check.value(result.answer) if plan.answer_check else None)
+        except _Spent as spent:
+            terminal = ErrorEvent(run_id=run.id, code=spent.code, message=str(spent), answer=None)
         except asyncio.CancelledError:
             # Cancelled by a client (or the server shutting down): the run still ends with its terminal event.
             outcome = "cancelled"
