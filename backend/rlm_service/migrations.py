@@ -123,6 +123,43 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (run_id, n)
         )""",
     )),
+    # Several processes or replicas on one database find each other here (fleet.py): who is alive
+    # (`processes`, each with its heartbeat), which process runs which run (`runs.owner`), which keeps which
+    # session (`sessions`), and what one asks another to do (`commands`: cancel a run, end a session, start
+    # a follow-up). A session whose process died stays as a tombstone (`gone`) until it would have expired.
+    Migration(7, "processes, run owners, sessions and commands", (
+        """CREATE TABLE processes (
+            id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            started DOUBLE PRECISION NOT NULL,
+            heartbeat DOUBLE PRECISION NOT NULL
+        )""",
+        "ALTER TABLE runs ADD COLUMN owner TEXT",
+        "CREATE INDEX runs_live ON runs (owner) WHERE status = 'running'",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            owner TEXT,
+            created DOUBLE PRECISION NOT NULL,
+            last_used DOUBLE PRECISION NOT NULL,
+            runs TEXT NOT NULL,
+            live_run TEXT,
+            input_chars BIGINT NOT NULL,
+            input_lines BIGINT NOT NULL,
+            gone TEXT
+        )""",
+        "CREATE INDEX sessions_owner ON sessions (owner)",
+        """CREATE TABLE commands (
+            id TEXT PRIMARY KEY,
+            target TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            taken DOUBLE PRECISION,
+            result TEXT
+        )""",
+        "CREATE INDEX commands_target ON commands (target)",
+    )),
 )
 
 LATEST = MIGRATIONS[-1].version

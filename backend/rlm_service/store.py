@@ -173,5 +173,5 @@ def open_store(settings: Settings) -> RunStore | None:
     if settings.history_path is not None:
         from .store_sqlite import SqliteRunStore
 
-        return SqliteRunStore(settings.history_path)
+        return SqliteRunStore(settings.history_path, shared=settings.web_concurrency > 1)
     return None

@@ -17,9 +17,11 @@ Kept inputs live in the database (`input_chunks`, 1 MiB of bytes a row), so that
 PostgreSQL's text cannot hold the NUL character: a NUL in a stored text (a prompt) is stored as U+FFFD.
 Events are stored as JSON, where NUL is escaped, and come back whole.
 
-A run whose process died stays `running` here: with several replicas on one database, one that starts cannot
-tell another's live runs from those of a process that died (the SQLite store, alone on its file, marks them
-`unfinished` when it opens).
+A run whose process died is not marked when a store opens: with several replicas on one database, one that
+starts cannot tell another's live runs from those of a process that died. The processes tell each other
+(fleet.py): each heartbeats, and the runs of one that stopped are ended as `lost`. Every write of events also
+sends `NOTIFY rlm_events, '<run id>'` in its transaction, so that processes following those runs read them at
+once (followers.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
+from .fleet_sql import EVENTS_CHANNEL, notify
 from .migrations import migrate_postgresql
 from .store import KeptInput, RunBudget, StoreUnavailable, valid_run_id
 from .store_sql import SqlRunStore
@@ -99,6 +102,8 @@ class PgDb:
 class PostgresRunStore(SqlRunStore):
     """The store shared by replicas: a PostgreSQL database at `url` (`postgresql://user:password@host/db`)."""
 
+    dialect = "postgresql"
+
     def __init__(self, url: str, budget: RunBudget | None = None, *, start_wait_s: float = START_WAIT_S) -> None:
         self._url = url
         with _connect_at_start(url, start_wait_s) as db:
@@ -108,10 +113,14 @@ class PostgresRunStore(SqlRunStore):
             check=ConnectionPool.check_connection, timeout=READ_TIMEOUT_S, reconnect_timeout=RECONNECT_S,
             name="rlm-history", open=False)
         self._pool.open(wait=False)
-        super().__init__(lambda: PgDb(self._connect()), budget)
+        super().__init__(lambda: PgDb(self._connect_pg()), budget, announce=_announce)
 
-    def _connect(self) -> psycopg.Connection[DictRow]:
+    def _connect_pg(self) -> psycopg.Connection[DictRow]:
         return psycopg.connect(self._url, row_factory=dict_row, **CONNECT)
+
+    async def listening_connection(self) -> psycopg.AsyncConnection[tuple[Any, ...]]:
+        """A new connection of the event loop, in autocommit mode, for `LISTEN` (followers.py)."""
+        return await psycopg.AsyncConnection.connect(self._url, autocommit=True, **CONNECT)
 
     def keep_input(self, run_id: str, source: Path) -> None:
         """The input goes in one transaction of its own connection, with the mark that it was kept: all of it or
@@ -123,7 +132,7 @@ class PostgresRunStore(SqlRunStore):
                         run_id, self.failure or "it did not answer in time")
             return
         try:
-            with self._connect() as connection, open(source, "rb") as file:
+            with self._connect_pg() as connection, open(source, "rb") as file:
                 with connection.cursor().copy("COPY input_chunks (run_id, n, data) FROM STDIN (FORMAT BINARY)"
                                               ) as copy:
                     copy.set_types(["text", "int4", "bytea"])
@@ -190,6 +199,11 @@ def _connect_at_start(url: str, wait_s: float) -> psycopg.Connection[tuple[Any, 
                 log.warning("run history: waiting up to %.0f s for PostgreSQL: %s", wait_s, reason)
                 waiting = True
             time.sleep(1.0)
+
+
+def _announce(db: Db, run_ids: list[str]) -> None:
+    """In the writer's transaction: which runs have new events (delivered when it commits)."""
+    notify(db, "postgresql", EVENTS_CHANNEL, run_ids)
 
 
 @lru_cache(maxsize=64)

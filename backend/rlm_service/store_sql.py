@@ -1,6 +1,11 @@
 """What the SQL stores share: every write through one writer thread (`storewriter.Writer`), every read, the
 sequence numbers of events and what one run may store. Each store gives its connections (`Db`), how it reads,
 and where kept inputs live; the SQL here runs unchanged on SQLite and PostgreSQL.
+
+When several processes share the database (fleet.py), the store records which process runs each run (`owner`),
+and a run's events are written only while the run is `running` in the database: once another process has
+ended it as `lost` (its process was taken for dead), nothing more is added after that terminal event. A
+process alone on its database writes as it always did.
 """
 
 from __future__ import annotations
@@ -14,24 +19,32 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
-from .migrations import PREVIEW_CHARS
+from .migrations import PREVIEW_CHARS, Dialect
 from .store import KeptInput, RunBudget, RunRecord, RunSummary, StoreUnavailable, valid_run_id
 from .storewriter import Db, Job, Writer, WriteSkipped
 
 DELETE_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 class SqlRunStore(ABC):
     """A `RunStore` on an SQL database; a subclass says how to reach it."""
 
-    def __init__(self, connect: Callable[[], Db], budget: RunBudget | None) -> None:
+    dialect: ClassVar[Dialect]
+
+    def __init__(self, connect: Callable[[], Db], budget: RunBudget | None,
+                 announce: Callable[[Db, list[str]], None] | None = None) -> None:
+        """`announce`: told, in the transaction that writes them, which runs have new events."""
         self._usage = _Usage(budget or RunBudget())
         self._seqs: dict[str, int] = {}
         self._seqs_lock = threading.Lock()
-        self._writer = Writer(connect)
+        self._connect = connect
+        self._writer = Writer(connect, announce)
+        self.owner: str | None = None
+        """The process that runs the runs begun from now on, when several share the database (fleet.py)."""
 
     @abstractmethod
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Db]:
@@ -63,12 +76,13 @@ class SqlRunStore(ABC):
     def begin(self, record: RunRecord) -> None:
         row = (record.id, record.created, record.status, json.dumps(record.settings), record.input_chars,
                record.input_lines, record.input_bytes, record.input_sha256, record.input_name,
-               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt), record.session_id)
+               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt), record.session_id,
+               self.owner)
 
         def write(db: Db) -> None:
             db.execute("INSERT INTO runs (id, created, status, settings, input_chars, input_lines, input_bytes, "
-                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
+                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id, owner) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
             db.execute("INSERT INTO prompts (run_id, prompt) VALUES (?, ?) ON CONFLICT (run_id) DO NOTHING",
                        (record.id, record.prompt))
 
@@ -83,8 +97,8 @@ class SqlRunStore(ABC):
                 self._seqs.pop(run_id, None)
             else:
                 self._seqs[run_id] = max(last, seq)
-        write = _EventWrite(self._usage, run_id, seq, event)
-        self._writer.submit(Job(write, prepare=write.prepare, droppable=not terminal))
+        write = _EventWrite(self._usage, run_id, seq, event, shared=self.owner is not None)
+        self._writer.submit(Job(write, prepare=write.prepare, droppable=not terminal, news=run_id))
 
     def abandon(self, run_id: str, status: str) -> None:
         with self._seqs_lock:
@@ -156,6 +170,33 @@ class SqlRunStore(ABC):
             rows = db.rows("SELECT status FROM runs WHERE id = ?", (run_id,))
         return str(rows[0]["status"]) if rows else None
 
+    def queue(self, write: Callable[[Db], object]) -> None:
+        """A write of the processes' coordination (fleet.py), in order with the history's own."""
+        self._writer.submit(Job(write))
+
+    def transaction(self, work: Callable[[Db], T]) -> T:
+        """`work` in one transaction on a reading connection (not the writer's queue), for the coordination of
+        processes; raises `StoreUnavailable` when the database cannot be reached now."""
+        with self._reading() as db:
+            db.begin()
+            try:
+                result = work(db)
+                db.commit()
+            except BaseException:
+                db.rollback()
+                raise
+            return result
+
+    def query(self, work: Callable[[Db], T]) -> T:
+        """`work` on a reading connection, outside any transaction of its own; raises `StoreUnavailable` as
+        `transaction` does."""
+        with self._reading() as db:
+            return work(db)
+
+    def connection(self) -> Db:
+        """A new connection of its own, as the writer's (the caller closes it)."""
+        return self._connect()
+
     def close(self) -> None:
         self._writer.close()
 
@@ -223,8 +264,8 @@ class _EventWrite:
     """Writes one event. Its stored form is made once, by the writer thread, when it takes the job: that is
     where the run's budget is counted, and it lets the event itself go while the write waits."""
 
-    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase) -> None:
-        self.usage, self.run_id, self.seq = usage, run_id, seq
+    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase, *, shared: bool) -> None:
+        self.usage, self.run_id, self.seq, self.shared = usage, run_id, seq, shared
         self.event: EventBase | None = event
         self.kind = event.type
         self.data = ""
@@ -250,10 +291,19 @@ class _EventWrite:
                            None if answer is None else len(answer), self.run_id))
 
     def __call__(self, db: Db) -> None:
-        db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT (run_id, seq) DO NOTHING", (self.run_id, self.seq, self.kind, self.data))
+        row = (self.run_id, self.seq, self.kind, self.data)
+        if not self.shared:
+            db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (run_id, seq) DO NOTHING", row)
+            if self.close is not None:
+                db.execute(*self.close)
+            return
+        # Another process may have ended the run (`lost`): then it takes no more events.
+        db.execute("INSERT INTO events (run_id, seq, type, data) SELECT ?, ?, ?, ? WHERE EXISTS "
+                   "(SELECT 1 FROM runs WHERE id = ? AND status = 'running') ON CONFLICT (run_id, seq) DO NOTHING",
+                   (*row, self.run_id))
         if self.close is not None:
-            db.execute(*self.close)
+            db.execute(self.close[0] + " AND status = 'running'", self.close[1])
 
 
 _SUMMARY_COLUMNS = ("id, created, finished, status, prompt_preview, prompt_chars, settings, input_chars, input_lines, "

@@ -4,6 +4,10 @@ Writes go through one thread of their own (store_sql.py), so recording an event 
 reads open their own connection. A run that was still `running` when the server stopped (a crash, a kill) is
 marked `unfinished` when the store opens again: it is kept, not lost. A kept input is a file beside the
 database, `inputs/<run id>.txt`.
+
+Several server processes of one instance (`WEB_CONCURRENCY`) share the file (`shared`): a process that opens it
+then leaves the runs of the others alone (fleet.py ends those of a process that died, as `lost`), and marks
+`unfinished` only what a server alone on the file left running.
 """
 
 from __future__ import annotations
@@ -77,14 +81,22 @@ class SqliteDb:
 class SqliteRunStore(SqlRunStore):
     """The default store: one SQLite file, one writer thread."""
 
-    def __init__(self, path: Path, budget: RunBudget | None = None) -> None:
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, budget: RunBudget | None = None, *, shared: bool = False) -> None:
+        """`shared`: other server processes use the file at the same time."""
         self.path = path
         self.inputs = path.parent / "inputs"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.inputs.mkdir(exist_ok=True)
         with closing(_connect_writer(path)) as db:
             migrate_sqlite(db)
-            db.execute("UPDATE runs SET status = 'unfinished' WHERE status = 'running'")
+            if shared:
+                db.execute("UPDATE runs SET status = 'unfinished' WHERE status = 'running' AND owner IS NULL")
+            else:  # alone on the file: whatever another server left behind is over
+                db.execute("UPDATE runs SET status = 'unfinished' WHERE status = 'running'")
+                for table in ("processes", "sessions", "commands"):
+                    db.execute(f"DELETE FROM {table}")
         super().__init__(lambda: SqliteDb(_connect_writer(path)), budget)
 
     def keep_input(self, run_id: str, source: Path) -> None:

@@ -75,6 +75,8 @@ class Job:
     """Runs after the commit, outside the transaction, with the write's result."""
     urgent: bool = False
     droppable: bool = False
+    news: str | None = None
+    """What the write changed, for those waiting on it elsewhere (a run id): see `Writer`'s `announce`."""
 
     def start(self) -> bool:
         """False when the caller waiting for the reply has given up: then the job is not run."""
@@ -91,10 +93,13 @@ class _Stuck(Exception):
 
 
 class Writer:
-    """The thread. `connect` opens its connection, again after each failure."""
+    """The thread. `connect` opens its connection, again after each failure. `announce`, when given, runs last
+    in each transaction with the `news` of its jobs (once each), so that the database tells its listeners
+    what changed when the change is committed (PostgreSQL's `NOTIFY`)."""
 
-    def __init__(self, connect: Callable[[], Db]) -> None:
+    def __init__(self, connect: Callable[[], Db], announce: Callable[[Db, list[str]], None] | None = None) -> None:
         self._connect = connect
+        self._announce = announce
         self._db: Db | None = None
         self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.failure: str | None = None
@@ -238,14 +243,15 @@ class Writer:
                     if job.reply is not None and not job.reply.done():
                         job.reply.set_exception(WriteSkipped(str(exc)))
 
-    @staticmethod
-    def _transaction(db: Db, jobs: list[Job]) -> None:
+    def _transaction(self, db: Db, jobs: list[Job]) -> None:
         live = [job for job in jobs if job.start()]
         results: list[object] = []
         db.begin()
         try:
             for job in live:
                 results.append(None if job.write is None else job.write(db))
+            if self._announce is not None and (news := list(dict.fromkeys(j.news for j in live if j.news))):
+                self._announce(db, news)
             db.commit()
         except BaseException:
             db.rollback()
