@@ -25,12 +25,16 @@ from . import __version__
 from .auth import token_check
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
-from .engine import Engine
+from .engine import Engine, RunSettings
+from .fleet import Fleet, Launch
 from .history import history_router
+from .inputs import RunInput
 from .mcp_http import McpHttp
 from .openai_api import openai_router
 from .pageheaders import PageHeadersMiddleware
+from .runs import LiveRun
 from .store import open_store
+from .store_sql import SqlRunStore
 from .streaming import RunSlots, run_router
 from .uploads import ProcessRequest
 
@@ -81,14 +85,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
         store = await asyncio.to_thread(open_store, settings) if own else None
         app.state.engine = engine or Engine(settings, store=store, sessions=sessions, **engine_kwargs)
         app.state.store = app.state.engine.store
+        fleet: Fleet | None = None
         if own:
             await app.state.engine.start()
+            if settings.coordinated and isinstance(store, SqlRunStore):
+                fleet = Fleet(settings, store, app.state.engine, launch=_follow_up_launcher(app, slots))
+                await fleet.start()
+        app.state.fleet = fleet
         try:
             async with mcp.running():
                 yield
         finally:
             if own:
                 await app.state.engine.aclose()
+            if fleet is not None:
+                await fleet.stop()
             if store is not None:
                 store.close()
 
@@ -148,6 +159,17 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app
+
+
+def _follow_up_launcher(app: FastAPI, slots: RunSlots) -> Launch:
+    """How this process starts a follow-up another process asked for: in a run slot, like its own."""
+
+    def launch(prompt: str, run_settings: RunSettings, session_id: str, run_id: str) -> LiveRun:
+        engine: Engine = app.state.engine
+        return slots.start(lambda: engine.launch(prompt, RunInput.from_text(""), run_settings, run_id=run_id,
+                                                 session_id=session_id))
+
+    return launch
 
 
 def _serve_frontend(app: FastAPI) -> None:

@@ -14,7 +14,16 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, BeforeValidator, ByteSize, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 
@@ -137,6 +146,19 @@ class Settings(BaseSettings):
     web_concurrency: int = Field(1, ge=1, le=64)
     """Server processes on HOST:PORT (`python backend/main.py`, `rlm-service serve`); the instance's limits
     hold over all of them."""
+    rlm_replica_timeout_s: float = Field(15.0, ge=1)
+    """With several processes or replicas: a process that has not been heard from for this long is taken for
+    dead, and its live runs end for their followers with `error` code `lost`."""
+
+    @field_validator("web_concurrency")
+    @classmethod
+    def _processes_need_history(cls, value: int, info: ValidationInfo) -> int:
+        history = str(info.data.get("rlm_history_db", "")).strip().lower()
+        if value > 1 and info.data.get("rlm_database_url") is None and history in ("", "off", "none", "false"):
+            raise ValueError("more than one process needs the run history, where the processes find each other's "
+                             "runs and sessions: set RLM_HISTORY_DB to a file (or RLM_DATABASE_URL), or "
+                             "WEB_CONCURRENCY=1")
+        return value
 
     @field_validator("openai_api_base")
     @classmethod
@@ -227,6 +249,12 @@ class Settings(BaseSettings):
     @property
     def history_kept(self) -> bool:
         return self.rlm_database_url is not None or self.history_path is not None
+
+    @property
+    def coordinated(self) -> bool:
+        """Whether other processes may serve this instance's runs and sessions: several processes on one port,
+        or a PostgreSQL database that replicas share. They find each other through the history's database."""
+        return self.rlm_database_url is not None or self.web_concurrency > 1
 
     def proxy_for_endpoint(self) -> str | None:
         """The HTTP(S)_PROXY to reach the endpoint through; never for local endpoints."""

@@ -209,6 +209,7 @@ class Engine:
         if settings and settings.session and session is None:
             self.sessions.reserve()
             new_session_id = self.sessions.new_id()
+            self.sessions.announce(new_session_id, run_id, run_input.chars, run_input.lines)
         run = LiveRun(run_id, detached=bool(settings and settings.detach),
                       session_id=session.id if session else new_session_id)
         if session is not None:

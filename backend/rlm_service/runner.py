@@ -227,7 +227,7 @@ class RunDriver:
         finally:
             if not kept:
                 if plan.new_session_id and depth == 0:
-                    self.engine.sessions.unreserve()
+                    self.engine.sessions.unreserve(plan.new_session_id)
                 if starting is not None:
                     starting.cancel()
                     await asyncio.gather(starting, return_exceptions=True)

@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .capacity import Capacity
 from .repl.base import Repl
@@ -72,6 +73,19 @@ class Session:
                 "input": {"chars": self.input_chars, "lines": self.input_lines}}
 
 
+class SessionDirectory(Protocol):
+    """Where the other processes of the instance find this process's sessions (fleet.py)."""
+
+    def opened(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
+        """A run that will keep its REPL as this session started."""
+
+    def saved(self, session: Session) -> None:
+        """The session changed: kept, claimed by a run, released by it."""
+
+    def ended(self, session_id: str) -> None:
+        """The session ended (or was not kept after all)."""
+
+
 class SessionManager:
     """The sessions of this server process: created by runs, found by id, ended when idle or evicted."""
 
@@ -79,6 +93,8 @@ class SessionManager:
         """`capacity`: RLM_MAX_SESSIONS, counted over every process of the instance."""
         self.idle_s = idle_s
         self.capacity = capacity
+        self.directory: SessionDirectory | None = None
+        """Set when other processes serve this instance too (fleet.py)."""
         self._sessions: dict[str, Session] = {}
         self._closing: set[asyncio.Future[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -106,13 +122,23 @@ class SessionManager:
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
-    def unreserve(self) -> None:
+    def announce(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
+        """The run `run_id` will keep its REPL as `session_id` (in the room `reserve` made)."""
+        if self.directory is not None:
+            self.directory.opened(session_id, run_id, input_chars, input_lines)
+
+    def unreserve(self, session_id: str) -> None:
+        """The announced session was not kept after all."""
         self.capacity.give()
+        if self.directory is not None:
+            self.directory.ended(session_id)
 
     def add(self, session: Session) -> None:
         """Keep a session, in the room `reserve` made for it."""
         self._sessions[session.id] = session
         self._start_sweeper()
+        if self.directory is not None:
+            self.directory.saved(session)
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
@@ -129,6 +155,8 @@ class SessionManager:
                                           "follow it (GET /api/runs/{id}/events) or cancel it first")
         session.live_run = run_id
         session.last_used = time.time()
+        if self.directory is not None:
+            self.directory.saved(session)
         return session
 
     def release(self, session: Session, turn: Turn) -> None:
@@ -136,6 +164,8 @@ class SessionManager:
         session.turns.append(turn)
         session.live_run = None
         session.last_used = time.time()
+        if self.directory is not None and session.id in self._sessions:
+            self.directory.saved(session)
 
     async def end(self, session_id: str) -> bool:
         """End a session: its worker is killed and its workspace removed. False if there was none."""
@@ -149,6 +179,8 @@ class SessionManager:
     def _forget(self, session: Session) -> None:
         del self._sessions[session.id]
         self.capacity.give()
+        if self.directory is not None:
+            self.directory.ended(session.id)
 
     @staticmethod
     async def _close(session: Session) -> None:

@@ -5,13 +5,16 @@ and `data: <JSON>`, a `: ping` comment keeps quiet connections open, and a clien
 than RLM_SEND_TIMEOUT_S to accept an event is dropped. What a closed stream means depends on who
 opened it: the `/process` connection of a run started without `settings.detach` owns the run, so
 closing it cancels the run; every other stream only follows.
+
+When other processes serve the instance too (`app.state.fleet`, fleet.py), a run or a session this process
+does not hold may be another's: the routes follow, cancel, end or continue it through the fleet.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,15 +22,17 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .capacity import Capacity
 from .config import Settings
-from .engine import Engine, SettingsRefused
+from .engine import Engine, SettingsRefused, effective_limits
 from .events import EventBase, parse_event
+from .fleet import Fleet
 from .history import in_store
 from .runs import LiveRun
 from .sessions import SessionUnavailable
-from .store import RunStore, valid_run_id
+from .store import RunStore, StoreUnavailable, valid_run_id
 from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
 
 log = logging.getLogger("rlm_service.api")
+T = TypeVar("T")
 
 PROCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "The run, as Server-Sent Events."},
@@ -132,10 +137,16 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         finally:
             slots.reading -= 1
         engine: Engine = request.app.state.engine
+        fleet = _fleet(request)
         try:
             if parsed.session_id is not None and parsed.run_input.chars:
                 raise HTTPException(422, "a follow-up (session_id) uses its session's input: send no input_data "
                                          "or input_file")
+            if fleet is not None and parsed.session_id is not None and engine.sessions.get(parsed.session_id) is None:
+                effective_limits(settings, parsed.settings)  # refused here rather than by the session's process
+                run_id = await fleet.follow_up(parsed.prompt, parsed.settings, parsed.session_id)
+                parsed.run_input.discard()
+                return event_stream(settings, fleet.owned(run_id, detached=parsed.settings.detach), ping_s=ping_s)
             run = slots.start(lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings,
                                                     session_id=parsed.session_id))  # once the body is complete
         except BaseException as exc:
@@ -144,6 +155,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                 raise HTTPException(422, str(exc)) from None
             if isinstance(exc, SessionUnavailable):
                 raise HTTPException(exc.status, str(exc)) from None
+            if isinstance(exc, StoreUnavailable):
+                raise HTTPException(503, str(exc)) from None
             raise
         run.on_end(lambda _: parsed.run_input.discard())
         # The run's id before its first event, so a client that loses the connection at once can re-attach.
@@ -161,6 +174,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         if run is not None:
             return event_stream(settings, run.follow(start), ping_s=ping_s)
+        fleet = _fleet(request)
+        if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
+            return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
         stored = await _stored_events(request, run_id, start)
         return event_stream(settings, [parse_event(data) for data in stored], ping_s=ping_s)
 
@@ -170,6 +186,14 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         """End a live run: its stream ends with `error`, code `cancelled`."""
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
+        fleet = _fleet(request)
+        if run is None and fleet is not None and valid_run_id(run_id):
+            sent = await in_fleet(fleet.cancel, run_id)
+            if sent == "unknown":
+                raise HTTPException(404, f"no run {run_id!r} on this server")
+            if sent == "ended":
+                raise HTTPException(409, f"run {run_id} has already ended")
+            return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
         if run is None:
             await _stored_events(request, run_id)  # 404 if unknown
             raise HTTPException(409, f"run {run_id} has already ended")
@@ -182,6 +206,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         """A session: its runs in order, the live one if any, and when it expires if left idle."""
         engine: Engine = request.app.state.engine
         session = engine.sessions.get(session_id)
+        if session is None and (fleet := _fleet(request)) is not None:
+            return await in_fleet(fleet.session, session_id)
         if session is None:
             raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
         return session.describe(engine.sessions.idle_s)
@@ -192,6 +218,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         """End a session: its worker is stopped and its workspace (its input included) removed."""
         engine: Engine = request.app.state.engine
         session = engine.sessions.get(session_id)
+        if session is None and (fleet := _fleet(request)) is not None:
+            await in_fleet(fleet.end_session, session_id)
+            return Response(status_code=204)
         if session is None:
             raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
         if session.live_run is not None:
@@ -200,6 +229,22 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         return Response(status_code=204)
 
     return router
+
+
+def _fleet(request: Request) -> Fleet | None:
+    """The other processes of the instance, when there are any."""
+    fleet: Fleet | None = getattr(request.app.state, "fleet", None)
+    return fleet
+
+
+async def in_fleet(call: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """A request to the other processes: a session they refuse as its status, 503 while the database is down."""
+    try:
+        return await call(*args)
+    except SessionUnavailable as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except StoreUnavailable as exc:
+        raise HTTPException(503, str(exc)) from None
 
 
 def _event_number(value: str | None) -> int:

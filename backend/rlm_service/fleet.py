@@ -1,0 +1,338 @@
+"""This server process among the others that serve one instance: several processes on one port
+(`WEB_CONCURRENCY`, sharing the SQLite history) or replicas on one PostgreSQL database (`RLM_DATABASE_URL`).
+
+The database is the coordinator; the processes never reach each other over the network (replicas on Render or
+Railway cannot address each other). What each process does:
+- It registers in `processes` and heartbeats; processes that stop heartbeating are ended by the others'
+  sweepers, their live runs as `lost` (pulse.py).
+- It carries out the commands other processes leave for it (`commands`; on PostgreSQL announced by `NOTIFY
+  rlm_commands, '<process id>'`, on SQLite polled every 200 ms): cancel one of its runs, end one of its
+  sessions, start a follow-up on one of its sessions under a run id the asking process chose. The asking
+  process streams that run to its client through the database (followers.py), as it follows any run of
+  another process.
+- It keeps its sessions' rows (`sessions`) up to date, so that any process can answer `GET /api/sessions/{id}`
+  and knows where to send a follow-up.
+- On a clean stop, once its runs have ended (cancelled) and their events are written, it deletes its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from fastapi import HTTPException
+
+from . import fleet_sql as sql
+from .engine import RunSettings, SettingsRefused
+from .events import Event, is_terminal
+from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listener, StoreFollower, Wakeups
+from .pulse import Pulse
+from .runs import LiveRun
+from .sessions import Session, SessionUnavailable
+from .store import StoreUnavailable
+from .store_postgres import PostgresRunStore
+from .store_sql import SqlRunStore
+from .storewriter import Db
+
+if TYPE_CHECKING:
+    from .config import Settings
+    from .engine import Engine
+
+log = logging.getLogger("rlm_service")
+
+T = TypeVar("T")
+Launch = Callable[[str, RunSettings, str, str], LiveRun]
+"""Starts a follow-up run here, taking its slot: (prompt, settings, session id, run id)."""
+ANSWER_WAIT_S = 5.0
+"""How long a process waits for another to take (and answer) a follow-up or the end of a session."""
+ANSWER_POLL_S = 0.05
+STOP_WAIT_S = 10.0
+UNKNOWN_TRIES, UNKNOWN_POLL_S = 10, 0.1
+"""A run unknown to the database is looked up again this many times, this far apart: another process may have
+only just started it, its first write still on the way."""
+
+
+class Fleet:
+    """This process's part: `start()` registers it and starts its loops, `stop()` ends them and its rows. The
+    routes use `cancel`, `live_elsewhere`, `follow`, `owned`, `session`, `end_session` and `follow_up` for what
+    another process holds."""
+
+    def __init__(self, settings: Settings, store: SqlRunStore, engine: Engine, launch: Launch) -> None:
+        self.store = store
+        self.engine = engine
+        self.launch = launch
+        self.idle_s = settings.rlm_session_idle_s
+        self.wakeups = Wakeups()
+        self.pulse = Pulse(store, timeout_s=settings.rlm_replica_timeout_s, idle_s=self.idle_s,
+                           wake=self._wake_soon, taken_for_dead=self._taken_for_dead_soon)
+        self.listener = (Listener(store.listening_connection, (sql.EVENTS_CHANNEL, sql.COMMANDS_CHANNEL),
+                                  self.wakeups) if isinstance(store, PostgresRunStore) else None)
+        self.follower = StoreFollower(store, self.wakeups, self._poll_s)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._errands: set[asyncio.Future[Any]] = set()
+
+    @property
+    def id(self) -> str:
+        """This process's id among the others (it changes if it is taken for dead and registers anew)."""
+        return self.pulse.id
+
+    async def start(self) -> None:
+        """Register (raises `StoreUnavailable` when the database cannot be reached) and start the loops."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.pulse.start)
+        self.engine.sessions.directory = self
+        self._tasks = [asyncio.create_task(self._commands(), name="rlm-fleet-commands")]
+        if self.listener is not None:
+            self._tasks.append(asyncio.create_task(self.listener.run(), name="rlm-fleet-listener"))
+        log.info("server process %s (pid %d) coordinates with the others through the %s database", self.id,
+                 os.getpid(), self.store.dialect)
+
+    async def stop(self) -> None:
+        """After the engine has ended its runs and sessions: write their last events, then delete this process's
+        rows (while the database can be reached; otherwise the others end its runs as lost)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._errands, return_exceptions=True)
+        self.engine.sessions.directory = None
+        await asyncio.to_thread(self.store.flush, STOP_WAIT_S)
+        await asyncio.to_thread(self.pulse.stop, STOP_WAIT_S)
+
+    def _wake_soon(self, keys: list[str]) -> None:
+        """From the pulse's thread: news of these runs (or of this process's commands)."""
+        if self._loop is not None:
+            for key in keys:
+                self._loop.call_soon_threadsafe(self.wakeups.wake, key)
+
+    def _taken_for_dead_soon(self) -> None:
+        """From the pulse's thread: the others ended this process's runs and sessions as lost."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: self._errand(self._taken_for_dead()))
+
+    async def _taken_for_dead(self) -> None:
+        for run in self.engine.runs.live():
+            run.cancel("this server process lost touch with the database and was taken for dead")
+        await self.engine.sessions.close()
+
+    # --- commands from other processes ---------------------------------------------------------------------
+
+    async def _commands(self) -> None:
+        while True:
+            me = self.id
+            with self.wakeups.watch(me) as woken:
+                woken.clear()
+                commands = await self._take_commands(me)
+                for command in commands:
+                    await self._carry_out(command)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), self._poll_s(commands=True))
+
+    async def _take_commands(self, me: str) -> list[sql.Command]:
+        try:
+            if not await asyncio.to_thread(self.store.query, lambda db: sql.pending(db, me)):
+                return []
+            return await asyncio.to_thread(self.store.transaction, lambda db: sql.take(db, me))
+        except StoreUnavailable as exc:
+            log.debug("commands: %s", exc)
+            return []
+
+    async def _carry_out(self, command: sql.Command) -> None:
+        payload = command.payload
+        try:
+            if command.kind == "cancel":
+                run = self.engine.runs.get(str(payload["run_id"]))
+                if run is not None:
+                    run.cancel(str(payload.get("reason") or "cancelled through the API"))
+                await asyncio.to_thread(self.store.transaction, lambda db: sql.remove(db, command.id))
+                return
+            if command.kind == "end_session":
+                result = await self._end_here(str(payload["session_id"]))
+            elif command.kind == "follow_up":
+                result = self._follow_up_here(payload)
+            else:
+                result = {"status": 400, "detail": f"unknown command {command.kind!r}"}
+            await asyncio.to_thread(self.store.transaction, lambda db: sql.answer(db, command.id, result))
+        except StoreUnavailable as exc:
+            log.warning("a %s command could not be answered: %s", command.kind, exc)
+
+    async def _end_here(self, session_id: str) -> dict[str, Any]:
+        session = self.engine.sessions.get(session_id)
+        if session is None:
+            return {"status": 404, "detail": _no_session(session_id)}
+        if session.live_run is not None:
+            return {"status": 409, "detail": f"run {session.live_run} of this session is live; cancel it first"}
+        await self.engine.sessions.end(session_id)
+        return {"status": 204}
+
+    def _follow_up_here(self, payload: dict[str, Any]) -> dict[str, Any]:
+        try:
+            run_settings = RunSettings.model_validate(payload["settings"])
+            self.launch(str(payload["prompt"]), run_settings, str(payload["session_id"]), str(payload["run_id"]))
+        except SessionUnavailable as exc:
+            return {"status": exc.status, "detail": str(exc)}
+        except SettingsRefused as exc:
+            return {"status": 422, "detail": str(exc)}
+        except HTTPException as exc:  # no run slot left here (429)
+            return {"status": exc.status_code, "detail": str(exc.detail)}
+        except Exception as exc:
+            log.exception("a follow-up sent by another process could not start")
+            return {"status": 500, "detail": f"the follow-up could not start: {type(exc).__name__}"}
+        return {"status": 200}
+
+    # --- what the routes ask of other processes ------------------------------------------------------------
+
+    async def cancel(self, run_id: str, reason: str = "cancelled through the API"
+                     ) -> Literal["unknown", "ended", "cancelling"]:
+        """Ask the process that runs `run_id` to cancel it."""
+        dialect = self.store.dialect
+
+        def send(db: Db) -> Literal["unknown", "ended", "cancelling"]:
+            found = sql.run_owner(db, run_id)
+            if found is None:
+                return "unknown"
+            status, owner = found
+            if status != "running" or owner is None:
+                return "ended"
+            sql.send(db, dialect, owner, "cancel", {"run_id": run_id, "reason": reason})
+            return "cancelling"
+
+        for _ in range(UNKNOWN_TRIES):  # a run only just started may not be written yet
+            sent = await asyncio.to_thread(self.store.transaction, send)
+            if sent != "unknown":
+                return sent
+            await asyncio.sleep(UNKNOWN_POLL_S)
+        return "unknown"
+
+    async def live_elsewhere(self, run_id: str) -> bool:
+        """Whether the run is live (in another process: this one's are in its registry). A run another process
+        has only just started may not be written yet: an unknown run is looked up again for a moment."""
+        for _ in range(UNKNOWN_TRIES):
+            status = await asyncio.to_thread(self.store.status, run_id)
+            if status is not None:
+                return status == "running"
+            await asyncio.sleep(UNKNOWN_POLL_S)
+        return False
+
+    def follow(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """A run another process runs, through the database, up to its terminal event."""
+        return self.follower.follow(run_id, after)
+
+    async def owned(self, run_id: str, *, detached: bool) -> AsyncIterator[Event]:
+        """The stream of the connection that asked for a follow-up another process runs: leaving it before the
+        end cancels the run, unless it is detached."""
+        ended = False
+        try:
+            async for event in self.follower.follow(run_id):
+                ended = is_terminal(event)
+                yield event
+        finally:
+            if not detached and not ended:
+                self._errand(self.cancel(run_id, "the client disconnected"))
+
+    async def session(self, session_id: str) -> dict[str, Any]:
+        """A session another process keeps, as `GET /api/sessions/{id}` shows it; `SessionUnavailable` (404)."""
+        row = await self._find_session(session_id)
+        return {"id": row.id, "runs": row.runs, "live_run": row.live_run, "expires_at": row.last_used + self.idle_s,
+                "input": {"chars": row.input_chars, "lines": row.input_lines}}
+
+    async def end_session(self, session_id: str) -> None:
+        """Ask the process that keeps a session to end it; `SessionUnavailable` (404, 409) as it answers."""
+        row = await self._find_session(session_id)
+        assert row.owner is not None
+        result = await self._ask(row.owner, "end_session", {"session_id": session_id}, session_id)
+        if result["status"] != 204:
+            raise SessionUnavailable(int(result["status"]), str(result.get("detail")))
+
+    async def follow_up(self, prompt: str, settings: RunSettings, session_id: str) -> str:
+        """Start a follow-up on a session another process keeps (that process runs it); its run id. Raises
+        `SessionUnavailable` with the status that process answered (404, 409, 429…)."""
+        row = await self._find_session(session_id)
+        assert row.owner is not None
+        run_id = uuid.uuid4().hex[:16]
+        payload = {"prompt": prompt, "settings": settings.model_dump(exclude_none=True), "session_id": session_id,
+                   "run_id": run_id}
+        result = await self._ask(row.owner, "follow_up", payload, session_id)
+        if result["status"] != 200:
+            raise SessionUnavailable(int(result["status"]), str(result.get("detail")))
+        return run_id
+
+    async def _find_session(self, session_id: str) -> sql.SessionRow:
+        dialect = self.store.dialect
+        row = await asyncio.to_thread(self.store.query,
+                                      lambda db: sql.find_session(db, dialect, session_id, self.pulse.dead_after_s))
+        if row is None:
+            raise SessionUnavailable(404, _no_session(session_id))
+        if row.gone is not None or row.owner is None or not row.owner_alive:
+            why = row.gone or "the server process that kept it died"
+            raise SessionUnavailable(404, f"session {session_id} is gone: {why}; start a new run with the input "
+                                          "and settings.session")
+        return row
+
+    async def _ask(self, target: str, kind: str, payload: dict[str, Any], session_id: str) -> dict[str, Any]:
+        """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn, and
+        the session reported gone (its process died) or busy (it is alive but did not answer)."""
+        dialect = self.store.dialect
+        command_id = await asyncio.to_thread(self.store.transaction,
+                                             lambda db: sql.send(db, dialect, target, kind, payload))
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while True:
+            await asyncio.sleep(ANSWER_POLL_S)
+            state, result = await asyncio.to_thread(self.store.query, lambda db: sql.outcome(db, command_id))
+            if result is not None:
+                await asyncio.to_thread(self.store.transaction, lambda db: sql.remove(db, command_id))
+                return result
+            late = time.monotonic() - deadline
+            if state == "gone" or (state == "taken" and late >= ANSWER_WAIT_S) or (
+                    state == "waiting" and late >= 0
+                    and await asyncio.to_thread(self.store.transaction, lambda db: sql.withdraw(db, command_id))):
+                break
+        row = await self._find_session(session_id)  # 404 when its process died meanwhile
+        return {"status": 503, "detail": f"the server process that keeps session {row.id} did not answer within "
+                                         f"{ANSWER_WAIT_S:g} s; try again"}
+
+    # --- the session directory (SessionManager calls these) ------------------------------------------------
+
+    def opened(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
+        now = time.time()
+        self._save(sql.SessionRow(id=session_id, owner=self.id, created=now, last_used=now, live_run=run_id,
+                                  input_chars=input_chars, input_lines=input_lines))
+
+    def saved(self, session: Session) -> None:
+        self._save(sql.SessionRow(id=session.id, owner=self.id, created=session.last_used,
+                                  last_used=session.last_used, runs=[turn.run_id for turn in session.turns],
+                                  live_run=session.live_run, input_chars=session.input_chars,
+                                  input_lines=session.input_lines))
+
+    def ended(self, session_id: str) -> None:
+        me = self.id
+        self.store.queue(lambda db: sql.drop_session(db, session_id, me))
+
+    def _save(self, row: sql.SessionRow) -> None:
+        self.store.queue(lambda db: sql.save_session(db, row))
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+
+    def _poll_s(self, *, commands: bool = False) -> float:
+        """How long to wait for news before reading anyway: SQLite has no notifications; PostgreSQL's come
+        through the listener while it is up."""
+        if self.listener is None:
+            return POLL_SQLITE_S
+        if not self.listener.up:
+            return POLL_WITHOUT_LISTENER_S
+        return self.pulse.timeout_s if commands else RECHECK_S
+
+    def _errand(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._errands.add(task)
+        task.add_done_callback(self._errands.discard)
+
+
+def _no_session(session_id: str) -> str:
+    return (f"no session {session_id!r}: it never existed, was deleted, or ended after its idle time "
+            "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session")

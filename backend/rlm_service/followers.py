@@ -1,0 +1,153 @@
+"""Following a run that another process runs, through the database: the events stored after the follower's
+position, then each new one as it is written, up to the run's terminal event.
+
+How a follower hears that a run has new events:
+- PostgreSQL: the writer sends `NOTIFY rlm_events, '<run id>'` in the transaction that writes them. Each process
+  keeps one listening connection (`Listener`) and wakes the followers of that run, which read what is new. While
+  the connection is down (PostgreSQL restarts), followers read every second instead, and once it is back every
+  follower reads once, for what it may have missed.
+- SQLite (processes of one machine): followers read every 200 ms.
+
+A follower outlives the database's failures: a read that fails is tried again at the next turn, and the stream
+goes on. A run that ends without a terminal event of its own (deleted, or left `unfinished`) ends its followers
+at their next check of its status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import psycopg
+
+from .events import Event, is_terminal, parse_event
+from .store import StoreUnavailable
+from .store_sql import SqlRunStore
+
+log = logging.getLogger("rlm_service")
+
+T = TypeVar("T")
+POLL_SQLITE_S = 0.2
+POLL_WITHOUT_LISTENER_S = 1.0
+RECHECK_S = 5.0
+"""How long a follower waits without news before it reads anyway and checks that the run still lives."""
+LISTEN_RETRY_FIRST_S = 0.5
+LISTEN_RETRY_MAX_S = 5.0
+
+
+class Wakeups:
+    """Who in this process waits for news of what (a run's id, or this process's commands)."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, key: str) -> Iterator[asyncio.Event]:
+        """An event set whenever `key` has news, while the block runs."""
+        event = asyncio.Event()
+        self._waiting.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._waiting[key]
+
+    def wake(self, key: str) -> None:
+        for event in self._waiting.get(key, ()):
+            event.set()
+
+    def wake_all(self) -> None:
+        for waiting in self._waiting.values():
+            for event in waiting:
+                event.set()
+
+
+class Listener:
+    """This process's one connection that `LISTEN`s on PostgreSQL's channels; each notification's payload goes
+    to `wakeups`. Reconnects after a failure, with pauses growing from 0.5 s to 5 s; every reconnection (and
+    every loss) wakes everyone, for what they may have missed."""
+
+    def __init__(self, connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]], channels: tuple[str, ...],
+                 wakeups: Wakeups) -> None:
+        self._connect = connect
+        self._channels = channels
+        self._wakeups = wakeups
+        self.up = False
+
+    async def run(self) -> None:
+        pause = LISTEN_RETRY_FIRST_S
+        failing: str | None = None
+        while True:
+            try:
+                async with await self._connect() as connection:
+                    for channel in self._channels:
+                        await connection.execute(f"LISTEN {channel}")
+                    self.up, pause = True, LISTEN_RETRY_FIRST_S
+                    if failing is not None:
+                        log.warning("listening to the database again")
+                        failing = None
+                    self._wakeups.wake_all()
+                    async for note in connection.notifies():
+                        self._wakeups.wake(note.payload)
+            except (psycopg.Error, OSError) as exc:
+                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+                if failing is None:
+                    log.warning("not listening to the database (%s); following runs by polling meanwhile", reason)
+                failing = reason
+            finally:
+                if self.up:
+                    self.up = False
+                    self._wakeups.wake_all()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LISTEN_RETRY_MAX_S)
+
+
+class StoreFollower:
+    """Follows runs through the store; `poll_s()` says how long to wait for news before reading anyway."""
+
+    def __init__(self, store: SqlRunStore, wakeups: Wakeups, poll_s: Callable[[], float]) -> None:
+        self.store = store
+        self.wakeups = wakeups
+        self.poll_s = poll_s
+
+    async def follow(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
+        """The run's events numbered above `after`, then each new one, up to the terminal one (or until the run
+        ends without one)."""
+        seen = after
+        checked = time.monotonic()
+        with self.wakeups.watch(run_id) as woken:
+            while True:
+                woken.clear()
+                rows = await self._read(self.store.events, run_id, seen)
+                for data in rows or ():
+                    event = parse_event(data)
+                    seen = event.seq
+                    yield event
+                    if is_terminal(event):
+                        return
+                if rows:
+                    checked = time.monotonic()
+                elif time.monotonic() - checked >= RECHECK_S:
+                    checked = time.monotonic()
+                    status = await self._read(self.store.status, run_id, unavailable="running")
+                    if status != "running":
+                        for data in await self._read(self.store.events, run_id, seen) or ():
+                            yield parse_event(data)
+                        return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), self.poll_s())
+
+    @staticmethod
+    async def _read(call: Callable[..., T], *args: Any, unavailable: Any = None) -> T | Any:
+        try:
+            return await asyncio.to_thread(call, *args)
+        except StoreUnavailable as exc:
+            log.debug("following a run: %s", exc)
+            return unavailable

@@ -1,0 +1,310 @@
+"""Several server processes serve one instance (fleet.py): two servers on one PostgreSQL database (replicas), and
+`WEB_CONCURRENCY=2` on one SQLite history. Whichever process a request reaches, it follows, cancels and continues
+the runs and sessions of the others; a process killed with SIGKILL has its runs end as `lost` for every follower
+within RLM_REPLICA_TIMEOUT_S, and nothing else is disturbed. Real servers (`python backend/main.py`), a real
+PostgreSQL server (tests/pgserver.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx2
+
+from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from tests.pgserver import PgServer
+from tests.test_processes import _server_processes
+from tests.test_runs import follow, start_detached
+
+TIMEOUT_S = 3.0
+"""RLM_REPLICA_TIMEOUT_S of these tests."""
+STEPS = script(*[{"code": [f"import time\ntime.sleep(0.3)\nprint('step {i}')"]} for i in range(40)],
+               {"code": ["answer.update(content='all steps', ready=True)"]})
+"""A run of 40 short cells: events keep coming for about 15 s."""
+HANG = script({"code": ["answer.update(content='started')"]}, {"code": ["import time\ntime.sleep(300)"]})
+"""A run that starts its answer, then hangs in its second cell."""
+FINISH = "answer.update(content=str({expr}), ready=True)"
+
+
+@contextmanager
+def replicas(tmp_path: Path, url: str, count: int = 2) -> Iterator[list[RealServer]]:
+    """`count` servers, each its own process on its own port, on the database at `url`."""
+    with ExitStack() as stack:
+        servers = []
+        for index in range(count):
+            cwd = tmp_path / f"replica{index}"
+            cwd.mkdir()
+            servers.append(stack.enter_context(spawn_server(cwd, RLM_DATABASE_URL=url, RLM_MAX_ITERATIONS="100",
+                                                            RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S))))
+        yield servers
+
+
+class Follower(threading.Thread):
+    """`GET /api/runs/{id}/events` read in a thread; `events` grows as they come."""
+
+    def __init__(self, url: str, run_id: str, after: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.url, self.run_id, self.after = url, run_id, after
+        self.events: list[SseEvent] = []
+        self.ended_at: float | None = None
+        self.status: int | None = None
+        self.start()
+
+    def run(self) -> None:
+        with httpx2.Client(timeout=120) as client, client.stream(
+                "GET", f"{self.url}/api/runs/{self.run_id}/events", params={"after": self.after}) as response:
+            self.status = response.status_code
+            for event in parse_sse(response.iter_lines()):
+                self.events.append(event)
+        self.ended_at = time.monotonic()
+
+    def result(self, timeout: float = 60) -> list[SseEvent]:
+        self.join(timeout)
+        assert not self.is_alive(), "the stream did not end"
+        return self.events
+
+
+def _second_cell(event: SseEvent) -> bool:
+    return event.event == "code" and event.data["iteration"] == 2
+
+
+def _seqs(events: list[SseEvent]) -> list[int]:
+    return [event.data["seq"] for event in events]
+
+
+def _runs(url: str) -> list[dict[str, Any]]:
+    response = httpx2.get(f"{url}/api/runs", timeout=30)
+    assert response.status_code == 200, response.text
+    runs: list[dict[str, Any]] = response.json()["runs"]
+    return runs
+
+
+def _ask(url: str, prompt: str, **body: Any) -> list[SseEvent]:
+    response, events = stream_run(url, json_body={"prompt": prompt, **body})
+    assert response.status_code == 200, response.text
+    return events
+
+
+def test_a_run_is_followed_live_and_cancelled_through_another_replica(pg_url: str, tmp_path: Path) -> None:
+    """Mutants: the routes without the fleet (the other replica sends what is stored so far and ends, and its
+    cancel answers 409); a writer that does not NOTIFY (the follower falls behind by seconds: fewer events
+    before the cancel)."""
+    with replicas(tmp_path, pg_url) as (one, other):
+        first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
+        run_id = first[0].data["run_id"]
+        follower = Follower(other.url, run_id, after=first[-1].data["seq"])
+        assert wait_until(lambda: sum(event.event == "output" for event in follower.events) >= 3, timeout=20)
+        cancelled = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
+        rest = follower.result()
+        again = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
+        assert wait_until(lambda: _runs(one.url)[0]["status"] == "cancelled", timeout=10)
+        listed = (_runs(one.url), _runs(other.url))
+        whole_from_one = follow(one.url, run_id)
+    assert cancelled.status_code == 202
+    whole = first + rest
+    assert _seqs(whole) == list(range(1, len(whole) + 1))
+    assert [event.event for event in whole].count("error") == 1 and whole[-1].event == "error"
+    assert whole[-1].data["code"] == "cancelled" and "cancelled through the API" in whole[-1].data["message"]
+    assert [event.data for event in whole_from_one] == [event.data for event in whole]
+    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+    assert listed[0] == listed[1] and listed[0][0]["id"] == run_id
+
+
+def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:
+    """The session lives in one replica's worker; the other streams a follow-up on it, shows it, refuses a
+    second follow-up while one runs (409), and ends it. Mutant: the follow-up route without the fleet (404)."""
+    first = script({"code": ["records = context.splitlines()\ntotal = sum(int(r) for r in records)"]},
+                   {"code": [FINISH.format(expr="total")]})
+    second = script({"code": [FINISH.format(expr="(len(records), total)")]})
+    slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": [FINISH.format(expr="1")]})
+    with replicas(tmp_path, pg_url) as (one, other):
+        started = _ask(one.url, first, input_data="\n".join(str(i) for i in range(100)), settings={"session": True})
+        session_id = started[0].data["session_id"]
+        follow_up = _ask(other.url, second, session_id=session_id)
+        with httpx2.Client(timeout=60) as client, client.stream(
+                "POST", f"{other.url}/process", json={"prompt": slow, "session_id": session_id}) as live:
+            lines = live.iter_lines()
+            next(lines)
+            busy = post_process(other.url, json={"prompt": "x", "session_id": session_id})
+            busy_delete = httpx2.delete(f"{other.url}/api/sessions/{session_id}", timeout=30)
+            slow_events = list(parse_sse(lines))
+        described = httpx2.get(f"{other.url}/api/sessions/{session_id}", timeout=30).json()
+        deleted = httpx2.delete(f"{other.url}/api/sessions/{session_id}", timeout=30)
+        gone_here = httpx2.get(f"{one.url}/api/sessions/{session_id}", timeout=30)
+        gone_there = post_process(other.url, json={"prompt": "x", "session_id": session_id})
+        unknown = post_process(other.url, json={"prompt": "x", "session_id": "s0000000000000000"})
+    assert started[-1].data["answer"] == str(sum(range(100)))
+    assert follow_up[0].event == "start" and follow_up[0].data["session_id"] == session_id
+    assert follow_up[-1].event == "final" and follow_up[-1].data["answer"] == "(100, 4950)"
+    assert _seqs(follow_up) == list(range(1, len(follow_up) + 1))
+    assert busy.status_code == 409 and "still going" in busy.json()["detail"]
+    assert busy_delete.status_code == 409 and slow_events[-1].event == "final"
+    assert described["runs"][:2] == [started[0].data["run_id"], follow_up[0].data["run_id"]]
+    assert len(described["runs"]) == 3 and described["live_run"] is None
+    assert deleted.status_code == 204 and gone_here.status_code == 404 and gone_there.status_code == 404
+    assert unknown.status_code == 404
+
+
+def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_url: str, tmp_path: Path) -> None:
+    """SIGKILL of the replica that runs a run: the follower on the other replica gets `error` code `lost`
+    within RLM_REPLICA_TIMEOUT_S, with the answer the run had started; the run is listed as `lost`; the dead
+    replica's session is reported gone; the other replica's own run goes on to its end. Mutant: no sweeper
+    (the follower waits on, the run stays `running`)."""
+    with replicas(tmp_path, pg_url) as (doomed, survivor):
+        hung = start_detached(doomed.url, HANG, until=_second_cell)
+        run_id = hung[0].data["run_id"]
+        kept = _ask(doomed.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
+                    settings={"session": True})
+        session_id = kept[0].data["session_id"]
+        assert httpx2.get(f"{survivor.url}/api/sessions/{session_id}", timeout=30).status_code == 200
+        own = start_detached(survivor.url, STEPS, until=lambda event: event.event == "code")
+        follower = Follower(survivor.url, run_id, after=hung[-1].data["seq"])
+        assert wait_until(lambda: follower.status == 200, timeout=10)
+        time.sleep(TIMEOUT_S / 2)  # the doomed replica's heartbeat is fresh
+        os.kill(doomed.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        rest = follower.result(timeout=TIMEOUT_S + 30)
+        assert follower.ended_at is not None
+        took = follower.ended_at - killed
+        session = httpx2.get(f"{survivor.url}/api/sessions/{session_id}", timeout=30)
+        follow_up = post_process(survivor.url, json={"prompt": "x", "session_id": session_id})
+        own_rest = follow(survivor.url, own[0].data["run_id"], after=own[-1].data["seq"])
+        listed = {run["id"]: run for run in _runs(survivor.url)}
+    print(f"the follower heard of the death {took:.2f} s after the kill")
+    assert took <= TIMEOUT_S
+    assert [event.event for event in rest] == ["error"] and rest[0].data["code"] == "lost"
+    assert "died" in rest[0].data["message"] and rest[0].data["answer"] == "started"
+    assert rest[0].data["seq"] == hung[-1].data["seq"] + 1
+    assert listed[run_id]["status"] == "lost" and listed[run_id]["error"]["code"] == "lost"
+    assert session.status_code == 404 and "died" in session.json()["detail"]
+    assert follow_up.status_code == 404 and "died" in follow_up.json()["detail"]
+    assert own_rest[-1].event == "final" and own_rest[-1].data["answer"] == "all steps"
+    assert listed[own[0].data["run_id"]]["status"] == "finished"
+
+
+def test_a_restart_of_postgresql_under_two_replicas_loses_nothing(own_pg_server: PgServer, tmp_path: Path) -> None:
+    """PostgreSQL stops for longer than RLM_REPLICA_TIMEOUT_S while one replica runs a run that the other
+    follows: the follower gets every event and the final one once the database is back, no run or replica is
+    taken for dead, and both go on serving each other's runs. Mutant: a sweeper that does not wait for its own
+    heartbeats after an outage (the first replica back ends the other's run as `lost`)."""
+    url = own_pg_server.create_database()
+    with replicas(tmp_path, url) as (one, other):
+        first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
+        run_id = first[0].data["run_id"]
+        follower = Follower(other.url, run_id, after=first[-1].data["seq"])
+        assert wait_until(lambda: sum(event.event == "output" for event in follower.events) >= 2, timeout=20)
+        own_pg_server.stop()
+        time.sleep(TIMEOUT_S * 1.5)
+        own_pg_server.start()
+        rest = follower.result(timeout=90)
+        assert httpx2.get(f"{one.url}/health").json() == {"status": "ok"}
+        time.sleep(TIMEOUT_S * 1.5)  # every sweeper has had its turn
+        again = start_detached(one.url, script({"code": [FINISH.format(expr="2")]}), until=lambda event: False)
+        followed_again = follow(other.url, again[0].data["run_id"])
+        assert wait_until(lambda: [run["status"] for run in _runs(other.url)] == ["finished", "finished"], 30)
+    whole = first + rest
+    assert _seqs(whole) == list(range(1, len(whole) + 1))
+    assert whole[-1].event == "final" and whole[-1].data["answer"] == "all steps"
+    assert followed_again[-1].event == "final"
+
+
+def _answering_process(processes: list[int], response: httpx2.Response) -> int | None:
+    """Which of the server processes holds the other end of the response's connection."""
+    client_port = response.extensions["network_stream"].get_extra_info("client_addr")[1]
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in list(handle)[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == client_port:
+                    inodes.add(fields[9])
+    for pid in processes:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                return pid
+    return None
+
+
+def _follow_a_little(url: str, run_id: str, after: int, processes: list[int]) -> tuple[int | None, list[SseEvent]]:
+    """Re-attach on a new connection, read one event, leave; and which process answered."""
+    with httpx2.Client(timeout=30) as client, client.stream(
+            "GET", f"{url}/api/runs/{run_id}/events", params={"after": after}) as response:
+        assert response.status_code == 200, response.read()
+        pid = _answering_process(processes, response)
+        events = []
+        for event in parse_sse(response.iter_lines()):
+            events.append(event)
+            break
+        return pid, events
+
+
+def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_answers(tmp_path: Path) -> None:
+    """WEB_CONCURRENCY=2 on one port: clients re-attach again and again (the kernel hands each connection to
+    either process) until both processes have served the run; every re-attachment continues where the last
+    left off; the cancel ends it. Mutant: the routes without the fleet (the process that does not run it
+    sends what is stored, without the live rest, or 404)."""
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_ITERATIONS="100",
+                      RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        processes = _server_processes(server.pid)
+        seen = start_detached(server.url, STEPS, until=lambda event: event.event == "code")
+        run_id = seen[0].data["run_id"]
+        answered: set[int | None] = set()
+        for _ in range(40):
+            pid, events = _follow_a_little(server.url, run_id, seen[-1].data["seq"], processes)
+            answered.add(pid)
+            seen += events
+            if answered >= set(processes):
+                break
+        cancelled = httpx2.post(f"{server.url}/api/runs/{run_id}/cancel", timeout=30)
+        rest = follow(server.url, run_id, after=seen[-1].data["seq"])
+        late = [httpx2.post(f"{server.url}/api/runs/{run_id}/cancel", timeout=30).status_code for _ in range(6)]
+    assert answered == set(processes)
+    whole = seen + rest
+    assert _seqs(whole) == list(range(1, len(whole) + 1))
+    assert cancelled.status_code == 202 and whole[-1].event == "error" and whole[-1].data["code"] == "cancelled"
+    assert late == [409] * 6  # whichever process answers: the run truly ended
+
+
+def _owner_of(server: RealServer, run_events: list[SseEvent]) -> int:
+    """The server process that runs a run whose cell printed its worker's parent (the zygote)."""
+    zygote = int(next(event for event in run_events if event.event == "output").data["stdout"])
+    with open(f"/proc/{zygote}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp_path: Path) -> None:
+    """SIGKILL of the server process that runs a run: a client that re-attaches (reaching the other process)
+    gets `error` code `lost` within RLM_REPLICA_TIMEOUT_S of the kill. Mutant: no sweeper."""
+    where = script({"code": ["import os\nprint(os.getppid())\nanswer.update(content='started')"]},
+                   {"code": ["import time\ntime.sleep(300)"]})
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        time.sleep(TIMEOUT_S)  # a process sweeps once its own heartbeats have gone through for that long
+        seen = start_detached(server.url, where, until=_second_cell)
+        run_id = seen[0].data["run_id"]
+        owner = _owner_of(server, seen)
+        assert owner in _server_processes(server.pid)
+        os.kill(owner, signal.SIGKILL)
+        killed, killed_at = time.monotonic(), time.time()
+        rest: list[SseEvent] = []
+        while not rest or rest[-1].event not in ("final", "error"):
+            try:
+                rest += follow(server.url, run_id, after=(rest or seen)[-1].data["seq"])
+            except httpx2.TransportError:
+                time.sleep(0.05)  # the dead process's last connections
+        took = time.monotonic() - killed
+    declared = rest[-1].data["ts"] - killed_at
+    print(f"the follower heard of the death {took:.2f} s after the kill (declared {declared:.2f} s after it)")
+    assert rest[-1].event == "error" and rest[-1].data["code"] == "lost" and rest[-1].data["answer"] == "started"
+    assert took <= TIMEOUT_S
