@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import psycopg
 
 from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
 from tests.pgserver import PgServer
@@ -52,6 +53,7 @@ class Follower(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.run_id, self.after = url, run_id, after
         self.events: list[SseEvent] = []
+        self.received: list[float] = []
         self.ended_at: float | None = None
         self.status: int | None = None
         self.start()
@@ -62,6 +64,7 @@ class Follower(threading.Thread):
             self.status = response.status_code
             for event in parse_sse(response.iter_lines()):
                 self.events.append(event)
+                self.received.append(time.time())
         self.ended_at = time.monotonic()
 
     def result(self, timeout: float = 60) -> list[SseEvent]:
@@ -93,20 +96,23 @@ def _ask(url: str, prompt: str, **body: Any) -> list[SseEvent]:
 
 def test_a_run_is_followed_live_and_cancelled_through_another_replica(pg_url: str, tmp_path: Path) -> None:
     """Mutants: the routes without the fleet (the other replica sends what is stored so far and ends, and its
-    cancel answers 409); a writer that does not NOTIFY (the follower falls behind by seconds: fewer events
-    before the cancel)."""
+    cancel answers 409); a writer that does not NOTIFY (the follower reads only every few seconds: the events
+    reach it late)."""
     with replicas(tmp_path, pg_url) as (one, other):
         first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
         run_id = first[0].data["run_id"]
         follower = Follower(other.url, run_id, after=first[-1].data["seq"])
-        assert wait_until(lambda: sum(event.event == "output" for event in follower.events) >= 3, timeout=20)
+        assert wait_until(lambda: sum(event.event == "output" for event in follower.events) >= 6, timeout=30)
         cancelled = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
         rest = follower.result()
+        late = sorted(received - event.data["ts"] for event, received in zip(rest, follower.received, strict=True))
         again = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
         assert wait_until(lambda: _runs(one.url)[0]["status"] == "cancelled", timeout=10)
         listed = (_runs(one.url), _runs(other.url))
         whole_from_one = follow(one.url, run_id)
     assert cancelled.status_code == 202
+    print(f"events reached the other replica's follower {late[len(late) // 2]:.3f} s after they were made (median)")
+    assert late[len(late) // 2] < 1.0
     whole = first + rest
     assert _seqs(whole) == list(range(1, len(whole) + 1))
     assert [event.event for event in whole].count("error") == 1 and whole[-1].event == "error"
@@ -195,10 +201,12 @@ def test_a_restart_of_postgresql_under_two_replicas_loses_nothing(own_pg_server:
     heartbeats after an outage (the first replica back ends the other's run as `lost`)."""
     url = own_pg_server.create_database()
     with replicas(tmp_path, url) as (one, other):
+        time.sleep(TIMEOUT_S)  # both sweep
         first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
         run_id = first[0].data["run_id"]
         follower = Follower(other.url, run_id, after=first[-1].data["seq"])
         assert wait_until(lambda: sum(event.event == "output" for event in follower.events) >= 2, timeout=20)
+        registered = _processes(url)
         own_pg_server.stop()
         time.sleep(TIMEOUT_S * 1.5)
         own_pg_server.start()
@@ -208,10 +216,48 @@ def test_a_restart_of_postgresql_under_two_replicas_loses_nothing(own_pg_server:
         again = start_detached(one.url, script({"code": [FINISH.format(expr="2")]}), until=lambda event: False)
         followed_again = follow(other.url, again[0].data["run_id"])
         assert wait_until(lambda: [run["status"] for run in _runs(other.url)] == ["finished", "finished"], 30)
+        still = _processes(url)
+    assert len(registered) == 2 and still == registered  # neither was taken for dead
     whole = first + rest
     assert _seqs(whole) == list(range(1, len(whole) + 1))
     assert whole[-1].event == "final" and whole[-1].data["answer"] == "all steps"
     assert followed_again[-1].event == "final"
+
+
+def _processes(url: str) -> set[str]:
+    """The ids of the processes registered in the database."""
+    with psycopg.connect(url) as db:
+        return {row[0] for row in db.execute("SELECT id FROM processes").fetchall()}
+
+
+def test_a_replica_taken_for_dead_while_alive_stops_its_runs_and_goes_on(pg_url: str, tmp_path: Path) -> None:
+    """A replica frozen (SIGSTOP) for longer than RLM_REPLICA_TIMEOUT_S is taken for dead: its run ends as `lost`
+    for the other replica's follower. Once it runs again it finds out, cancels the run for its own followers and
+    registers anew; the history keeps the one terminal event, `lost`, and nothing after it; the replica serves
+    new runs. Mutant: a shared store that writes events whatever the run's status (the frozen replica's later
+    events and its `cancelled` are stored after `lost`)."""
+    with replicas(tmp_path, pg_url) as (frozen, other):
+        time.sleep(TIMEOUT_S)  # both sweep
+        first = start_detached(frozen.url, STEPS, until=lambda event: event.event == "code")
+        run_id = first[0].data["run_id"]
+        local = Follower(frozen.url, run_id, after=first[-1].data["seq"])
+        remote = Follower(other.url, run_id, after=first[-1].data["seq"])
+        assert wait_until(lambda: sum(event.event == "output" for event in remote.events) >= 2, timeout=20)
+        os.kill(frozen.pid, signal.SIGSTOP)
+        try:
+            time.sleep(TIMEOUT_S * 1.5)
+        finally:
+            os.kill(frozen.pid, signal.SIGCONT)
+        seen_remote, seen_local = remote.result(), local.result()
+        stored = follow(other.url, run_id)
+        again = _ask(frozen.url, script({"code": [FINISH.format(expr="3")]}))
+        followed_again = follow(other.url, again[0].data["run_id"])
+    assert seen_remote[-1].event == "error" and seen_remote[-1].data["code"] == "lost"
+    assert seen_local[-1].event == "error" and seen_local[-1].data["code"] == "cancelled"
+    assert "taken for dead" in seen_local[-1].data["message"]
+    assert [event.event for event in stored].count("error") == 1 and stored[-1].data == seen_remote[-1].data
+    assert _seqs(stored) == list(range(1, len(stored) + 1))
+    assert again[-1].event == "final" and followed_again[-1].data["answer"] == "3"
 
 
 def _answering_process(processes: list[int], response: httpx2.Response) -> int | None:

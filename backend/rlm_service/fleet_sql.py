@@ -98,7 +98,7 @@ def bury(db: Db, dialect: Dialect, process_id: str, older_than_s: float, timeout
     message = (f"The run was lost: the server process that ran it ({who}) died; nothing was heard from it for "
                f"longer than RLM_REPLICA_TIMEOUT_S allows ({timeout_s:g} s).")
     rows = db.rows("SELECT id FROM runs WHERE status = 'running' AND owner = ?", (process_id,))
-    ended = [str(row["id"]) for row in rows if end_lost(db, str(row["id"]), message)]
+    ended = [str(row["id"]) for row in rows if end_lost(db, dialect, str(row["id"]), message)]
     db.execute("UPDATE sessions SET gone = ?, owner = NULL, live_run = NULL WHERE owner = ?",
                (f"the server process that kept it ({who}) died", process_id))
     db.execute("DELETE FROM commands WHERE target = ?", (process_id,))
@@ -111,14 +111,18 @@ def orphans(db: Db, dialect: Dialect) -> list[str]:
     rows = db.rows("SELECT id FROM runs WHERE status = 'running' AND owner IS NOT NULL "
                    "AND owner NOT IN (SELECT id FROM processes)")
     message = "The run was lost: the server process that ran it stopped without ending it."
-    ended = [str(row["id"]) for row in rows if end_lost(db, str(row["id"]), message)]
+    ended = [str(row["id"]) for row in rows if end_lost(db, dialect, str(row["id"]), message)]
     notify(db, dialect, EVENTS_CHANNEL, ended)
     return ended
 
 
-def end_lost(db: Db, run_id: str, message: str) -> bool:
+def end_lost(db: Db, dialect: Dialect, run_id: str, message: str) -> bool:
     """Append the run's terminal event, `error` code `lost` (with the answer it had started, if any), and close
-    its record; False if the run is no longer live (another process ended it first)."""
+    its record; False if the run is no longer live (another process ended it first), or (PostgreSQL) a write of
+    its events is in progress: its process is not dead then, and a later sweep decides."""
+    if dialect == "postgresql" and not db.rows("SELECT 1 AS live FROM runs WHERE id = ? AND status = 'running' "
+                                               "FOR UPDATE SKIP LOCKED", (run_id,)):
+        return False
     rows = db.rows("SELECT data FROM events WHERE run_id = ? AND type = 'answer' ORDER BY seq DESC LIMIT 1",
                    (run_id,))
     answer = str(json.loads(rows[0]["data"]).get("content") or "") or None if rows else None

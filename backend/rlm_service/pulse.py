@@ -79,6 +79,7 @@ class Pulse:
 
     def _register(self) -> None:
         self._transaction(lambda db: sql.register(db, self.dialect, self.id, socket.gethostname(), os.getpid()))
+        self.store.shared = True
         self.store.owner = self.id
         self._heard_since = time.monotonic()
 
@@ -128,7 +129,6 @@ class Pulse:
                   "its runs and sessions were reported lost; it ends them and registers anew", self.id,
                   self.dead_after_s)
         self.id = _new_id()
-        self.store.owner = None
         self._register()
         self._taken_for_dead()
 

@@ -103,6 +103,7 @@ class PostgresRunStore(SqlRunStore):
     """The store shared by replicas: a PostgreSQL database at `url` (`postgresql://user:password@host/db`)."""
 
     dialect = "postgresql"
+    share_lock = " FOR SHARE"
 
     def __init__(self, url: str, budget: RunBudget | None = None, *, start_wait_s: float = START_WAIT_S) -> None:
         self._url = url

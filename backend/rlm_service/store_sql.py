@@ -34,6 +34,10 @@ class SqlRunStore(ABC):
     """A `RunStore` on an SQL database; a subclass says how to reach it."""
 
     dialect: ClassVar[Dialect]
+    share_lock: ClassVar[str] = ""
+    """What a write of events adds to its check that the run is still live, so that the check holds until it
+    commits: PostgreSQL's `FOR SHARE` (a sweeper ending the run waits, or passes it by). SQLite's writes never
+    interleave: nothing."""
 
     def __init__(self, connect: Callable[[], Db], budget: RunBudget | None,
                  announce: Callable[[Db, list[str]], None] | None = None) -> None:
@@ -43,8 +47,11 @@ class SqlRunStore(ABC):
         self._seqs_lock = threading.Lock()
         self._connect = connect
         self._writer = Writer(connect, announce)
+        self.shared = False
+        """Whether other processes share the database (fleet.py): then a run's events are written only while it
+        is `running` there."""
         self.owner: str | None = None
-        """The process that runs the runs begun from now on, when several share the database (fleet.py)."""
+        """The process that runs the runs begun from now on, when several share the database."""
 
     @abstractmethod
     def _read(self, *, snapshot: bool = False) -> AbstractContextManager[Db]:
@@ -97,7 +104,7 @@ class SqlRunStore(ABC):
                 self._seqs.pop(run_id, None)
             else:
                 self._seqs[run_id] = max(last, seq)
-        write = _EventWrite(self._usage, run_id, seq, event, shared=self.owner is not None)
+        write = _EventWrite(self._usage, run_id, seq, event, lock=self.share_lock if self.shared else None)
         self._writer.submit(Job(write, prepare=write.prepare, droppable=not terminal, news=run_id))
 
     def abandon(self, run_id: str, status: str) -> None:
@@ -264,8 +271,9 @@ class _EventWrite:
     """Writes one event. Its stored form is made once, by the writer thread, when it takes the job: that is
     where the run's budget is counted, and it lets the event itself go while the write waits."""
 
-    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase, *, shared: bool) -> None:
-        self.usage, self.run_id, self.seq, self.shared = usage, run_id, seq, shared
+    def __init__(self, usage: _Usage, run_id: str, seq: int, event: EventBase, *, lock: str | None) -> None:
+        """`lock`: None when this process is alone on the database, else `SqlRunStore.share_lock`."""
+        self.usage, self.run_id, self.seq, self.lock = usage, run_id, seq, lock
         self.event: EventBase | None = event
         self.kind = event.type
         self.data = ""
@@ -292,7 +300,7 @@ class _EventWrite:
 
     def __call__(self, db: Db) -> None:
         row = (self.run_id, self.seq, self.kind, self.data)
-        if not self.shared:
+        if self.lock is None:
             db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) "
                        "ON CONFLICT (run_id, seq) DO NOTHING", row)
             if self.close is not None:
@@ -300,8 +308,8 @@ class _EventWrite:
             return
         # Another process may have ended the run (`lost`): then it takes no more events.
         db.execute("INSERT INTO events (run_id, seq, type, data) SELECT ?, ?, ?, ? WHERE EXISTS "
-                   "(SELECT 1 FROM runs WHERE id = ? AND status = 'running') ON CONFLICT (run_id, seq) DO NOTHING",
-                   (*row, self.run_id))
+                   f"(SELECT 1 FROM runs WHERE id = ? AND status = 'running'{self.lock}) "
+                   "ON CONFLICT (run_id, seq) DO NOTHING", (*row, self.run_id))
         if self.close is not None:
             db.execute(self.close[0] + " AND status = 'running'", self.close[1])
 
