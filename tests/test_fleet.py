@@ -322,35 +322,48 @@ def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_
     assert late == [409] * 6  # whichever process answers: the run truly ended
 
 
-def _owner_of(server: RealServer, run_events: list[SseEvent]) -> int:
-    """The server process that runs a run whose cell printed its worker's parent (the zygote)."""
-    zygote = int(next(event for event in run_events if event.event == "output").data["stdout"])
+def _owner_of(run_events: list[SseEvent]) -> int:
+    """The server process that runs a run whose first cell printed its worker's parent (the zygote)."""
+    zygote = int(next(event for event in run_events if event.event == "output").data["stdout"].split()[0])
     with open(f"/proc/{zygote}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp_path: Path) -> None:
-    """SIGKILL of the server process that runs a run: a client that re-attaches (reaching the other process)
-    gets `error` code `lost` within RLM_REPLICA_TIMEOUT_S of the kill. Mutant: no sweeper."""
+    """SIGKILL of one of two server processes, each running a run: a client that re-attaches to the killed
+    one's run (reaching the other process) gets `error` code `lost` within RLM_REPLICA_TIMEOUT_S of the kill,
+    and the other's run goes on to its end, as the process started in the dead one's place finds it. Mutants: no
+    sweeper (the follower waits on); a store that marks every `running` run `unfinished` when a process opens
+    it (the survivor's run is listed `unfinished`)."""
     where = script({"code": ["import os\nprint(os.getppid())\nanswer.update(content='started')"]},
-                   {"code": ["import time\ntime.sleep(300)"]})
+                   {"code": ["import time\ntime.sleep(6)"]}, {"code": [FINISH.format(expr="'survived'")]})
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
         assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         time.sleep(TIMEOUT_S)  # a process sweeps once its own heartbeats have gone through for that long
-        seen = start_detached(server.url, where, until=_second_cell)
-        run_id = seen[0].data["run_id"]
-        owner = _owner_of(server, seen)
-        assert owner in _server_processes(server.pid)
-        os.kill(owner, signal.SIGKILL)
+        latest: dict[int, list[SseEvent]] = {}
+        for _ in range(12):  # until each process runs one
+            seen = start_detached(server.url, where, until=_second_cell)
+            latest[_owner_of(seen)] = seen
+            if len(latest) == 2:
+                break
+        assert set(latest) == set(_server_processes(server.pid))
+        doomed, survivor = latest.values()
+        os.kill(_owner_of(doomed), signal.SIGKILL)
         killed, killed_at = time.monotonic(), time.time()
         rest: list[SseEvent] = []
-        while not rest or rest[-1].event not in ("final", "error"):
+        while (not rest or rest[-1].event not in ("final", "error")) and time.monotonic() < killed + 60:
             try:
-                rest += follow(server.url, run_id, after=(rest or seen)[-1].data["seq"])
+                rest += follow(server.url, doomed[0].data["run_id"], after=(rest or doomed)[-1].data["seq"])
             except httpx2.TransportError:
                 time.sleep(0.05)  # the dead process's last connections
         took = time.monotonic() - killed
+        survived = follow(server.url, survivor[0].data["run_id"], after=survivor[-1].data["seq"])
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        wanted = {doomed[0].data["run_id"]: "lost", survivor[0].data["run_id"]: "finished"}
+        assert wait_until(lambda: {run["id"]: run["status"] for run in _runs(server.url)
+                                   if run["id"] in wanted} == wanted, timeout=10)
     declared = rest[-1].data["ts"] - killed_at
     print(f"the follower heard of the death {took:.2f} s after the kill (declared {declared:.2f} s after it)")
     assert rest[-1].event == "error" and rest[-1].data["code"] == "lost" and rest[-1].data["answer"] == "started"
     assert took <= TIMEOUT_S
+    assert survived[-1].event == "final" and survived[-1].data["answer"] == "survived"

@@ -105,9 +105,11 @@ class Pulse:
                 if self._failing is None:
                     log.error("server process %s cannot reach the database: %s", self.id, exc)
                 self._failing = str(exc)
-                wait = next_beat - time.monotonic()
+                next_beat = time.monotonic() + self.timeout_s / 3
+                wait = self.timeout_s / 3
             except Exception:
                 log.exception("server process %s: heartbeat or sweep failed", self.id)
+                next_beat = time.monotonic() + self.timeout_s / 3
                 wait = self.timeout_s / 3
             self._stopping.wait(max(wait, MIN_WAIT_S))
         try:
