@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import psycopg
 
 from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
 from tests.pgserver import PgServer
+from tests.test_config import MAIN, clean_env
 from tests.test_processes import _server_processes
 from tests.test_runs import follow, start_detached
 
@@ -367,3 +371,26 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
     assert rest[-1].event == "error" and rest[-1].data["code"] == "lost" and rest[-1].data["answer"] == "started"
     assert took <= TIMEOUT_S
     assert survived[-1].event == "final" and survived[-1].data["answer"] == "survived"
+
+
+def test_several_processes_without_history_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
+    """The processes find each other's runs and sessions in the history: without it they could not."""
+    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(WEB_CONCURRENCY="2", RLM_HISTORY_DB="off"),
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("Configuration error: WEB_CONCURRENCY: more than one process needs the run history")
+
+
+def test_one_process_alone_on_its_history_coordinates_with_nobody(tmp_path: Path) -> None:
+    """With one process and the SQLite history (the default), nothing of the fleet runs: no process registers,
+    no session row is written, runs have no owner. Mutant: a fleet started whatever the configuration."""
+    with spawn_server(tmp_path) as server:
+        events = _ask(server.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
+                      settings={"session": True})
+        assert events[-1].event == "final" and httpx2.get(f"{server.url}/api/sessions/"
+                                                          f"{events[0].data['session_id']}").status_code == 200
+        with closing(sqlite3.connect(tmp_path / "history.sqlite3")) as db:
+            found = [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("processes", "sessions")]
+            owners = db.execute("SELECT owner FROM runs").fetchall()
+    assert found == [0, 0] and owners == [(None,)]
