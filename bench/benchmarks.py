@@ -408,57 +408,32 @@ def b6_zero_rot(server: FakeServer, *, sizes: tuple[int, ...], iterations: int) 
     return result
 
 
-def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Path) -> dict[str, Any]:
+def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Path,
+                          processes: int = 1) -> dict[str, Any]:
     """B7 and B8: `runs` runs at once through the real service, each 3 iterations and an llm_batch;
     wall time against one run alone, and how long events take from creation to the client. Two bursts on
     one server: the first ("cold") opens the connections to the model server, the second ("warm") finds
-    them in the pool, as a running server does."""
+    them in the pool, as a running server does. `processes`: WEB_CONCURRENCY (the server CPU is then that of
+    every server process and their supervisor)."""
     from tests.conftest import spawn_server
 
-    cells = [{"code": ["print(len(context))"]},
-             {"code": [f"r = llm_batch([f'q {{i}}' for i in range({batch})])\nprint(len(r))"]},
-             {"code": ["answer.update(content='done', ready=True)"]}]
-    prompt = script(*cells)
+    prompt = b7_prompt(batch)
 
     failed: list[str] = []
 
-    async def one(client: httpx2.AsyncClient, url: str, delays: list[float]) -> float:
-        """Streams one run; returns when (server time) its batch started: its first `subcalls` event. A run
-        that does not end with a ready `final` whose batch got all its replies is noted in `failed`."""
-        batch_started = 0.0
-        last: tuple[str, dict[str, Any]] | None = None
-        replies = None
-        async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
-            async for sse in httpx2.EventSource(response):
-                if sse.data:
-                    data = json.loads(sse.data)
-                    delays.append(time.time() - data["ts"])
-                    if sse.event == "subcalls" and not batch_started:
-                        batch_started = data["ts"]
-                    if sse.event == "subcalls":
-                        replies = (data["done"], data["failed"])
-                    last = (sse.event, data)
-        if last is None or last[0] != "final" or not last[1]["ready"] or replies != (batch, 0):
-            failed.append(f"{last and last[0]}: {last and last[1]}; sub-calls done, failed: {replies}")
-        return batch_started
+    def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
+        return asyncio.run(burst(url, prompt, count, batch=batch, failed=failed))
 
-    async def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
-        """The burst's stopwatch, its delivery delays, and how long after its start the last batch started."""
-        delays: list[float] = []
-        async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
-            began = time.time()
-            with Stopwatch() as watch:
-                starts = await asyncio.gather(*(one(client, url, delays) for _ in range(count)))
-        return watch, delays, max(starts) - began
-
-    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
+    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16",
+           "WEB_CONCURRENCY": str(processes)}
     with spawn_server(work, model_url=server.url, **env) as srv:
-        alone = [asyncio.run(measure(srv.url, 1)) for _ in range(3)]
-        cold, cold_delays, _ = asyncio.run(measure(srv.url, runs))  # the first burst opens the connections
         pid = srv.process.pid
-        before = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
-        warm, delays, last_batch_s = asyncio.run(measure(srv.url, runs))
-        after = (_cpu(pid), _tree_cpu(pid) - _cpu(pid), _cpu(server.pid))
+        wait_for_processes(pid, processes)
+        alone = [measure(srv.url, 1) for _ in range(3)]
+        cold, cold_delays, _ = measure(srv.url, runs)  # the first burst opens the connections
+        before = (*service_cpu(pid), _cpu(server.pid))
+        warm, delays, last_batch_s = measure(srv.url, runs)
+        after = (*service_cpu(pid), _cpu(server.pid))
     single = statistics.median(watch.seconds for watch, _, _ in alone)
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
     busy = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
@@ -470,6 +445,84 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
             "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
             "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
             "machine_busy_pct": 100 * busy, "runs": 3 + 2 * runs, "failures": len(failed)}
+
+
+def b7_prompt(batch: int) -> str:
+    """B7's run: 3 iterations, the second an `llm_batch` of `batch` prompts."""
+    return script({"code": ["print(len(context))"]},
+                  {"code": [f"r = llm_batch([f'q {{i}}' for i in range({batch})])\nprint(len(r))"]},
+                  {"code": ["answer.update(content='done', ready=True)"]})
+
+
+async def _stream_one(client: httpx2.AsyncClient, url: str, prompt: str, delays: list[float], batch: int,
+                      failed: list[str]) -> float:
+    """Streams one run; returns when (server time) its batch started: its first `subcalls` event. A run that
+    does not end with a ready `final` whose batch got all its `batch` replies is noted in `failed`."""
+    batch_started = 0.0
+    last: tuple[str, dict[str, Any]] | None = None
+    replies = None
+    async with client.stream("POST", f"{url}/process", json={"prompt": prompt, "input_data": "x"}) as response:
+        async for sse in httpx2.EventSource(response):
+            if sse.data:
+                data = json.loads(sse.data)
+                delays.append(time.time() - data["ts"])
+                if sse.event == "subcalls" and not batch_started:
+                    batch_started = data["ts"]
+                if sse.event == "subcalls":
+                    replies = (data["done"], data["failed"])
+                last = (sse.event, data)
+    if last is None or last[0] != "final" or not last[1]["ready"] or replies != (batch, 0):
+        failed.append(f"{last and last[0]}: {last and last[1]}; sub-calls done, failed: {replies}")
+    return batch_started
+
+
+async def burst(url: str, prompt: str, count: int, *, batch: int, failed: list[str]
+                ) -> tuple[Stopwatch, list[float], float]:
+    """`count` runs at once of a B7 run (`b7_prompt(batch)`), each streamed by its client: the burst's
+    stopwatch, its delivery delays, and how long after its start the last batch started; failed runs are
+    noted in `failed`."""
+    delays: list[float] = []
+    async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
+        began = time.time()
+        with Stopwatch() as watch:
+            starts = await asyncio.gather(*(_stream_one(client, url, prompt, delays, batch, failed)
+                                            for _ in range(count)))
+    return watch, delays, max(starts) - began
+
+
+def wait_for_processes(pid: int, processes: int, timeout: float = 60) -> None:
+    """Until a service started as `pid` with WEB_CONCURRENCY=`processes` has all its server processes."""
+    deadline = time.monotonic() + timeout
+    while len(server_processes(pid)) < (processes + 1 if processes > 1 else 1):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not start {processes} server processes")
+        time.sleep(0.1)
+
+
+def server_processes(pid: int) -> list[int]:
+    """The server processes of a service started as `pid`: itself, or with WEB_CONCURRENCY > 1 its children
+    that serve (not its zygotes and workers)."""
+    found = [pid]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as command:
+                serving = b"main.py" in command.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and serving:
+            found.append(int(entry))
+    return found
+
+
+def service_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of a service started as `pid`: its server processes (with their supervisor); and
+    everything below them (zygotes and REPL workers, ended ones included)."""
+    servers = sum(_cpu(process) for process in server_processes(pid))
+    return servers, _tree_cpu(pid) - servers
 
 
 def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import benchmarks as b
+from bench import fleet_bench
 from bench.common import fake_server
 
 
@@ -69,3 +70,23 @@ def test_b7_b8_every_concurrent_run_ends_ready(tmp_path: Path) -> None:
     assert result["sse_p99_ms"] >= result["sse_p50_ms"] and result["events"] >= 3 * 14  # per warm run: 14 or more
     floor = b.b7_agent_floor(runs=2)
     assert floor["cpu_ms"] > 0 and floor["burst_s"] > 0
+
+
+def test_b7_with_two_processes(tmp_path: Path) -> None:
+    with fake_server(sub_latency=0.01) as server:
+        result = b.b7_b8_concurrent_runs(server, runs=3, batch=4, work=tmp_path, processes=2)
+    assert result["ratio"] > 0 and result["server_cpu_ms"] > 0 and result["workers_cpu_ms"] >= 0
+
+
+def test_b11_realistic(tmp_path: Path) -> None:
+    with fake_server(latency=0.05, sub_latency=0.02) as server:
+        result = fleet_bench.b11_realistic(server, runs=3, batch=4, work=tmp_path, processes=2)
+    assert result["ratio"] > 0 and result["server_cpu_ms"] > 0
+
+
+def test_b12_failover(tmp_path: Path, pg_url: str) -> None:
+    with fake_server(latency=0.05, sub_latency=0.02) as server:
+        result = fleet_bench.b12_failover(server, database_url=pg_url, runs_each=2, timeout_s=3, turns=12,
+                                          work=tmp_path)
+    assert result["followers"] == 4 and result["lost"] == 4 and result["others_final"] == 2
+    assert result["max_s"] >= result["median_s"] > 0
