@@ -135,7 +135,8 @@ class RunStore(Protocol):
         """The run's stored events numbered above `after`, in order, each with its `seq`."""
 
     def status(self, run_id: str) -> str | None:
-        """The run's status (`running`, `finished`, `failed`, `cancelled`, `unfinished`), or None if unknown."""
+        """The run's status (`running`, `finished`, `failed`, `cancelled`, `unfinished`, `lost`), or None if
+        unknown."""
 
     def delete(self, run_id: str) -> bool:
         """Forget a run; False when there was none. Raises `StoreUnavailable` when the database cannot be
