@@ -26,7 +26,7 @@ from typing import Any
 import httpx2
 import openai
 
-from bench.common import ROOT, FakeServer, Stopwatch, rss_bytes, server_heap
+from bench.common import ROOT, FakeServer, MachineBusy, Stopwatch, rss_bytes, server_heap
 from rlm_service.config import Settings
 from rlm_service.engine import Engine
 from rlm_service.inputs import InputSpooler, RunInput
@@ -420,13 +420,14 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
     prompt = b7_prompt(batch)
 
     failed: list[str] = []
+    busy = MachineBusy()
 
     def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
-        return asyncio.run(burst(url, prompt, count, batch=batch, failed=failed))
+        return asyncio.run(burst(url, prompt, count, batch=batch, failed=failed, busy=busy))
 
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16",
            "WEB_CONCURRENCY": str(processes)}
-    with spawn_server(work, model_url=server.url, **env) as srv:
+    with spawn_server(work, model_url=server.url, **env) as srv, busy:
         pid = srv.process.pid
         wait_for_processes(pid, processes)
         alone = [measure(srv.url, 1) for _ in range(3)]
@@ -436,7 +437,7 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
         after = (*service_cpu(pid), _cpu(server.pid))
     single = statistics.median(watch.seconds for watch, _, _ in alone)
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
-    busy = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
+    share = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
     return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
             "cold_s": cold.seconds, "cold_ratio": cold.seconds / single, "last_batch_start_s": last_batch_s,
             "single_batch_start_s": statistics.median(start for _, _, start in alone),
@@ -444,7 +445,8 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
             # CPU per run during the warm burst, by process: the service's, and the benchmark's own
             "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
             "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
-            "machine_busy_pct": 100 * busy, "runs": 3 + 2 * runs, "failures": len(failed)}
+            "machine_busy_pct": 100 * share, "serial_busy_pct": busy.serial, "runs": 3 + 2 * runs,
+            "failures": len(failed)}
 
 
 def b7_prompt(batch: int) -> str:
@@ -476,17 +478,19 @@ async def _stream_one(client: httpx2.AsyncClient, url: str, prompt: str, delays:
     return batch_started
 
 
-async def burst(url: str, prompt: str, count: int, *, batch: int, failed: list[str]
+async def burst(url: str, prompt: str, count: int, *, batch: int, failed: list[str], busy: MachineBusy | None = None
                 ) -> tuple[Stopwatch, list[float], float]:
     """`count` runs at once of a B7 run (`b7_prompt(batch)`), each streamed by its client: the burst's
     stopwatch, its delivery delays, and how long after its start the last batch started; failed runs are
-    noted in `failed`."""
+    noted in `failed`. With `busy`, `busy.serial` becomes the share of the cores busy until then."""
     delays: list[float] = []
     async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
         began = time.time()
         with Stopwatch() as watch:
             starts = await asyncio.gather(*(_stream_one(client, url, prompt, delays, batch, failed)
                                             for _ in range(count)))
+    if busy is not None:
+        busy.serial = busy.share(began, max(starts))
     return watch, delays, max(starts) - began
 
 

@@ -10,6 +10,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,3 +124,39 @@ class Stopwatch:
     def __exit__(self, *exc_info: object) -> None:
         self.seconds = time.perf_counter() - self.start
         self.cpu = time.process_time() - self.cpu_start
+
+
+class MachineBusy(threading.Thread):
+    """Samples how busy the machine's cores are (all processes: /proc/stat) every 10 ms, so that a stretch of a
+    benchmark can be judged CPU-bound or not."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, int, int]] = []
+        self.running = True
+        self.serial = float("nan")
+        """The share of a burst's serial part (`benchmarks.burst`)."""
+
+    def run(self) -> None:
+        while self.running:
+            with open("/proc/stat") as stat:
+                fields = [int(value) for value in stat.readline().split()[1:]]
+            idle = fields[3] + fields[4]  # idle and iowait
+            self.samples.append((time.time(), sum(fields) - idle, sum(fields)))
+            time.sleep(0.01)
+
+    def __enter__(self) -> MachineBusy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.running = False
+        self.join()
+
+    def share(self, start: float, end: float) -> float:
+        """The share of all cores busy between two moments (Unix time), in percent."""
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
+        if len(inside) < 2:
+            return float("nan")
+        (_, busy0, total0), (_, busy1, total1) = inside[0], inside[-1]
+        return 100 * (busy1 - busy0) / max(total1 - total0, 1)
