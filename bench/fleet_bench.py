@@ -130,8 +130,16 @@ def b12_failover(server: FakeServer, *, database_url: str, runs_each: int, timeo
                 await asyncio.sleep(2.0)  # mid-burst: every run is in its cells
                 os.kill(doomed.pid, signal.SIGKILL)
                 at = time.monotonic()
-                return (await asyncio.gather(*followers), await asyncio.gather(*clients),
-                        await asyncio.gather(*others), at)
+                give_up = timeout_s * 3 + 2 * turns  # past it, a follower counts as not told
+
+                async def told(task: asyncio.Task[tuple[str, float]]) -> tuple[str, float]:
+                    try:
+                        return await asyncio.wait_for(task, max(give_up - (time.monotonic() - at), 0))
+                    except TimeoutError:
+                        return "not told", time.monotonic()
+
+                return (await asyncio.gather(*map(told, followers)), await asyncio.gather(*map(told, clients)),
+                        await asyncio.gather(*map(told, others)), at)
 
         followed, reattached, finished, killed_at = asyncio.run(scenario())
     lost = followed + reattached

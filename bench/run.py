@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import benchmarks as b
+from bench import fleet_bench
 from bench.common import ROOT, Stat, fake_server, machine
 
 DOCUMENT = ROOT / "BENCHMARKS.md"
@@ -188,6 +189,7 @@ def bench_b7() -> list[dict[str, str]]:
     try:
         with fake_server(sub_latency=0.2) as server:
             s = repeat(REPEATS, lambda: b.b7_b8_concurrent_runs(server, runs=32, batch=50, work=work))
+            two = repeat(REPEATS, lambda: b.b7_b8_concurrent_runs(server, runs=32, batch=50, work=work, processes=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     floor = repeat(5, lambda: b.b7_agent_floor(runs=32))
@@ -206,11 +208,23 @@ def bench_b7() -> list[dict[str, str]]:
                   "started after)", f"{s['last_batch_start_s'].show(unit=' s')} "
                                   f"({s['single_batch_start_s'].show('{:.3f}', ' s')})", "—", None),
         row("B7", "… CPU per run during the warm burst, in ms: the server process; its REPL workers and zygote; "
-                  "the fake model server; the benchmark's client. Share of both cores busy with them",
-            f"{cpu}. {s['machine_busy_pct'].show('{:.0f}', '%')}", "—", None),
+                  "the fake model server; the benchmark's client. Share of both cores busy with them; share of "
+                  "both cores busy (all processes) until the last batch started",
+            f"{cpu}. {s['machine_busy_pct'].show('{:.0f}', '%')}; {s['serial_busy_pct'].show('{:.0f}', '%')}",
+            "—", None),
         row("B7", "… PydanticAI's agent graph alone for the same 3 turns (`FunctionModel`: no HTTP, no REPL): "
                   "CPU per run; for 32 runs, all on the one event loop",
             f"{floor['cpu_ms'].show('{:.1f}', ' ms')}; {floor['burst_s'].show(unit=' s')}", "—", None),
+        row("B7", "… the same burst served by two processes (`WEB_CONCURRENCY=2`, one SQLite history): total wall "
+                  "÷ one run's", f"{two['ratio'].show(unit='×')} ({two['together_s'].show(unit=' s')} vs "
+                                 f"{two['single_s'].show(unit=' s')})", "≤ 1.5×", two["ratio"].median <= 1.5,
+            two.failures),
+        row("B7", "… with two processes: when the last batch started; CPU per run during the warm burst, in ms: "
+                  "the server processes (and their supervisor), their REPL workers and zygotes; share of both "
+                  "cores busy over the burst, and until the last batch started",
+            f"{two['last_batch_start_s'].show(unit=' s')}; {two['server_cpu_ms'].show('{:.0f}')}, "
+            f"{two['workers_cpu_ms'].show('{:.0f}')}; {two['machine_busy_pct'].show('{:.0f}', '%')}, "
+            f"{two['serial_busy_pct'].show('{:.0f}', '%')}", "—", None),
         row("B8", "SSE delivery, event created → received by the client, during B7 (warm): p50; p99",
             f"{s['sse_p50_ms'].show('{:.1f}', ' ms')}; {s['sse_p99_ms'].show('{:.1f}', ' ms')}", "p99 < 50 ms",
             s["sse_p99_ms"].median < 50, failed),
@@ -219,9 +233,57 @@ def bench_b7() -> list[dict[str, str]]:
     ]
 
 
+def bench_b11() -> list[dict[str, str]]:
+    work = b.temp_dir()
+    rows = []
+    try:
+        with fake_server(latency=1.0, sub_latency=0.5) as server:
+            for processes, label in ((1, "one process"), (2, "two processes (`WEB_CONCURRENCY=2`)")):
+                s = repeat(REPEATS, lambda processes=processes: fleet_bench.b11_realistic(  # type: ignore[misc]
+                    server, runs=64, batch=50, work=work, processes=processes))
+                rows.append(row("B11", f"64 concurrent runs at realistic latencies (root 1 s per turn, sub-calls "
+                                       f"500 ms; B7's run), {label}: total wall ÷ one run's; server CPU per run",
+                                f"{s['ratio'].show(unit='×')} ({s['together_s'].show(unit=' s')} vs "
+                                f"{s['single_s'].show(unit=' s')}); {s['server_cpu_ms'].show('{:.0f}', ' ms')}",
+                                "≤ 1.1×", s["ratio"].median <= 1.1, s.failures))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def bench_b12() -> list[dict[str, str]]:
+    from tests.pgserver import PgServer, pg_bin
+
+    found = pg_bin()
+    if found is None:
+        raise SystemExit("B12 needs PostgreSQL's binaries (apt-get install postgresql)")
+    pg, work = PgServer(found), b.temp_dir()
+    try:
+        pg.start()
+        with fake_server(latency=1.0, sub_latency=0.5) as server:
+            s = repeat(REPEATS, lambda: fleet_bench.b12_failover(
+                server, database_url=pg.create_database(), runs_each=16, timeout_s=15, turns=12, work=work))
+    finally:
+        pg.remove()
+        shutil.rmtree(work, ignore_errors=True)
+    every = all(value == 32 for value in s["within"].values) and all(value == 32 for value in s["lost"].values)
+    finished = all(value == 16 for value in s["others_final"].values)
+    return [
+        row("B12", "failover: two replicas on PostgreSQL, 16 runs started on each (12 cells, root 1 s per turn); "
+                   "each run of the first also followed through the second; the first killed with SIGKILL mid-burst. "
+                   "Its 32 followers (16 following through the second, 16 clients re-attached to it) that got "
+                   "`error` `lost` within RLM_REPLICA_TIMEOUT_S (15 s); seconds from the kill to their terminal "
+                   "event: median, slowest",
+            f"{s['within'].show('{:.0f}')} of 32; {s['median_s'].show(unit=' s')}, {s['max_s'].show(unit=' s')}",
+            "32 of 32, ≤ 15 s", every),
+        row("B12", "… the second replica's 16 runs that ended `final`", f"{s['others_final'].show('{:.0f}')} of 16",
+            "16 of 16", finished),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "B1": bench_b1, "B2": bench_b2, "B3": bench_b3, "B4": bench_b4, "B5": bench_b5, "B6": bench_b6,
-    "B7": bench_b7,
+    "B7": bench_b7, "B11": bench_b11, "B12": bench_b12,
 }
 
 
@@ -240,7 +302,7 @@ def read_table(text: str) -> tuple[str, dict[str, list[dict[str, str]]]]:
     for line in match.group(1).strip().splitlines():
         if line.startswith(MACHINE_LINE):
             machine_line = line[len(MACHINE_LINE):].rstrip(".")
-        if not re.match(r"\| B\d ", line):
+        if not re.match(r"\| B\d+ ", line):
             continue
         cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
         if len(cells) != len(COLUMNS):
@@ -259,7 +321,7 @@ def render(rows: dict[str, list[dict[str, str]]], machine_line: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7 (B8 comes with B7)")
+    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7, B11, B12 (B8 comes with B7)")
     args = parser.parse_args()
     wanted = list(dict.fromkeys(bench_of(name.upper()) for name in args.which))
     unknown = [name for name in wanted if name not in BENCHMARKS]

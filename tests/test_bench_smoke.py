@@ -72,21 +72,25 @@ def test_b7_b8_every_concurrent_run_ends_ready(tmp_path: Path) -> None:
     assert floor["cpu_ms"] > 0 and floor["burst_s"] > 0
 
 
-def test_b7_with_two_processes(tmp_path: Path) -> None:
+def test_b7_with_two_processes_every_run_ends_ready(tmp_path: Path) -> None:
+    """Mutant caught: WEB_CONCURRENCY not given to the server (its second process never comes)."""
     with fake_server(sub_latency=0.01) as server:
         result = b.b7_b8_concurrent_runs(server, runs=3, batch=4, work=tmp_path, processes=2)
-    assert result["ratio"] > 0 and result["server_cpu_ms"] > 0 and result["workers_cpu_ms"] >= 0
+    assert result["failures"] == 0 and result["runs"] == 9 and result["server_cpu_ms"] > 0
 
 
-def test_b11_realistic(tmp_path: Path) -> None:
+def test_b11_every_run_ends_ready(tmp_path: Path) -> None:
+    """Mutant caught: a run of the burst that does not end with a ready `final` and all its replies."""
     with fake_server(latency=0.05, sub_latency=0.02) as server:
         result = fleet_bench.b11_realistic(server, runs=3, batch=4, work=tmp_path, processes=2)
-    assert result["ratio"] > 0 and result["server_cpu_ms"] > 0
+    assert result["failures"] == 0 and result["runs"] == 8 and result["ratio"] >= 0.5
 
 
-def test_b12_failover(tmp_path: Path, pg_url: str) -> None:
+def test_b12_every_follower_of_the_killed_replica_hears_lost(tmp_path: Path, pg_url: str) -> None:
+    """Mutant caught: no sweeper (the followers of the killed replica's runs wait until the benchmark gives up
+    on them)."""
     with fake_server(latency=0.05, sub_latency=0.02) as server:
         result = fleet_bench.b12_failover(server, database_url=pg_url, runs_each=2, timeout_s=3, turns=12,
                                           work=tmp_path)
-    assert result["followers"] == 4 and result["lost"] == 4 and result["others_final"] == 2
-    assert result["max_s"] >= result["median_s"] > 0
+    assert result["followers"] == 4 and result["lost"] == 4 and result["within"] == 4
+    assert result["others"] == result["others_final"] == 2
