@@ -394,3 +394,31 @@ def test_one_process_alone_on_its_history_coordinates_with_nobody(tmp_path: Path
             found = [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("processes", "sessions")]
             owners = db.execute("SELECT owner FROM runs").fetchall()
     assert found == [0, 0] and owners == [(None,)]
+
+
+def test_a_replica_stopped_cleanly_cancels_its_runs_and_leaves_no_rows(pg_url: str, tmp_path: Path) -> None:
+    """SIGTERM to a replica: its live run ends `cancelled` for the other replica's follower (not `lost` a
+    timeout later), and the database keeps no row of it: no process, no session. Mutant: a stop that leaves
+    its rows (the other finds it only when its heartbeat is old, and ends its session as lost)."""
+    stopping_dir, staying_dir = tmp_path / "stopping", tmp_path / "staying"
+    stopping_dir.mkdir()
+    staying_dir.mkdir()
+    env = {"RLM_DATABASE_URL": pg_url, "RLM_MAX_ITERATIONS": "100", "RLM_REPLICA_TIMEOUT_S": str(TIMEOUT_S)}
+    with spawn_server(staying_dir, **env) as staying:
+        with spawn_server(stopping_dir, **env) as stopping:
+            kept = _ask(stopping.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
+                        settings={"session": True})
+            first = start_detached(stopping.url, STEPS, until=lambda event: event.event == "code")
+            follower = Follower(staying.url, first[0].data["run_id"], after=first[-1].data["seq"])
+            assert wait_until(lambda: len(follower.events) >= 2, timeout=20)
+        stopped = time.monotonic()
+        rest = follower.result(timeout=30)
+        assert follower.ended_at is not None and follower.ended_at - stopped < TIMEOUT_S
+        with psycopg.connect(pg_url) as db:
+            processes = db.execute("SELECT COUNT(*) FROM processes").fetchone()
+            sessions = db.execute("SELECT COUNT(*) FROM sessions").fetchone()
+        gone = httpx2.get(f"{staying.url}/api/sessions/{kept[0].data['session_id']}", timeout=30)
+    assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled"
+    assert "shutting down" in rest[-1].data["message"]
+    assert processes == (1,) and sessions == (0,)
+    assert gone.status_code == 404 and "died" not in gone.json()["detail"]
