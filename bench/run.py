@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import benchmarks as b
 from bench import fleet_bench
+from bench import resources as r
 from bench.common import ROOT, Stat, fake_server, machine
 
 DOCUMENT = ROOT / "BENCHMARKS.md"
@@ -181,7 +182,18 @@ def bench_b6() -> list[dict[str, str]]:
     spread = max(s["first_spread_pct"].median, s["total_spread_pct"].median)
     return [row("B6", "zero-rot: root input tokens at iteration 1 / over 5 iterations, by input size", cells,
                 "equal within 1%", spread <= 1.0, s.failures),
-            row("B6", "… largest difference across sizes", f"{spread:.2f}%", "≤ 1%", spread <= 1.0, s.failures)]
+            row("B6", "… largest difference across sizes", f"{spread:.2f}%", "≤ 1%", spread <= 1.0, s.failures),
+            *b6_sessions_rows(),
+            row("B6", "… the system prompt the root reads every turn (tools protocol, default limits): characters; "
+                      "tokens as the fake server counts them (characters ÷ 4)",
+                f"{len(_system_prompt()):,}; {len(_system_prompt()) // 4:,}", "—", None)]
+
+
+def _system_prompt() -> str:
+    from rlm_service import prompts
+    from rlm_service.engine import effective_limits
+
+    return prompts.system_prompt("tools", effective_limits(b.settings_for("http://127.0.0.1:9/v1"), None))
 
 
 def bench_b7() -> list[dict[str, str]]:
@@ -281,9 +293,46 @@ def bench_b12() -> list[dict[str, str]]:
     ]
 
 
+def bench_b9() -> list[dict[str, str]]:
+    work = b.temp_dir()
+    try:
+        s = repeat(REPEATS, lambda: r.b9_reattach(work=work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [row("B9", "re-attach: a detached run's client drops after event 2, 5 or 9 and reconnects 0.3 s later with "
+                      "`Last-Event-ID`: events lost; repeated; reconnect → first missed event",
+                f"{s['lost'].median:.0f}; {s['repeated'].median:.0f}; {s['reconnect_ms'].show('{:.1f}', ' ms')}",
+                "0; 0; < 50 ms", s["lost"].high == 0 and s["repeated"].high == 0 and s["reconnect_ms"].median < 50,
+                s.failures)]
+
+
+def bench_b10() -> list[dict[str, str]]:
+    work = b.temp_dir()
+    try:
+        s = repeat(REPEATS, lambda: r.b10_follow_up(size=10**9, work=work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [row("B10", "a follow-up on a 1 GB input: time to its first cell's output, ÷ a fresh run's that uploads "
+                       "the input again (first byte sent → first output)",
+                f"{s['ratio_pct'].show('{:.2f}', '%')} ({s['follow_up_s'].show('{:.3f}', ' s')} vs "
+                f"{s['fresh_s'].show(unit=' s')})", "< 1%", s["ratio_pct"].median < 1, s.failures)]
+
+
+def b6_sessions_rows() -> list[dict[str, str]]:
+    sizes = (1000, 10**9)
+    with fake_server() as server:
+        s = repeat(REPEATS, lambda: r.b6_session(server.url, sizes=sizes, questions=5))
+    cells = "; ".join(f"{label}: {s[f'first_{size}'].median:,.0f} → {s[f'last_{size}'].median:,.0f}"
+                      for size, label in zip(sizes, ("1 KB", "1 GB"), strict=True))
+    spread = s["last_spread_pct"].median
+    return [row("B6", "… in a session: root input tokens of the 1st and of the 5th question's first request, by "
+                      "input size (the growth is the earlier questions and answers)", cells,
+                "5th equal within 1% across sizes", spread <= 1.0, s.failures)]
+
+
 BENCHMARKS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "B1": bench_b1, "B2": bench_b2, "B3": bench_b3, "B4": bench_b4, "B5": bench_b5, "B6": bench_b6,
-    "B7": bench_b7, "B11": bench_b11, "B12": bench_b12,
+    "B7": bench_b7, "B9": bench_b9, "B10": bench_b10, "B11": bench_b11, "B12": bench_b12,
 }
 
 
@@ -321,7 +370,7 @@ def render(rows: dict[str, list[dict[str, str]]], machine_line: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7, B11, B12 (B8 comes with B7)")
+    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7, B9 … B12 (B8 comes with B7)")
     args = parser.parse_args()
     wanted = list(dict.fromkeys(bench_of(name.upper()) for name in args.which))
     unknown = [name for name in wanted if name not in BENCHMARKS]
