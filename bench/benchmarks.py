@@ -62,9 +62,15 @@ class NoCalls:
 
 
 def settings_for(url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"openai_api_base": url, "openai_model_name": "root-model",
-                              "openai_sub_model_name": "sub-model", "openai_api_key": "sk-bench",
-                              "rlm_max_subcalls": 100_000, "rlm_exec_timeout_s": 600, "rlm_max_iterations": 50}
+    values: dict[str, Any] = {
+        "openai_api_base": url,
+        "openai_model_name": "root-model",
+        "openai_sub_model_name": "sub-model",
+        "openai_api_key": "sk-bench",
+        "rlm_max_subcalls": 100_000,
+        "rlm_exec_timeout_s": 600,
+        "rlm_max_iterations": 50,
+    }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
@@ -82,8 +88,11 @@ class OpenAISDKClient:
     async def complete(self, model: str, prompt: str) -> Completion:
         reply = await self.sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}])
         usage = reply.usage
-        return Completion(reply.choices[0].message.content or "", usage.prompt_tokens if usage else 0,
-                          usage.completion_tokens if usage else 0)
+        return Completion(
+            reply.choices[0].message.content or "",
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
 
 
 def _cpu(pid: int, *, reaped: bool = False) -> float:
@@ -91,7 +100,7 @@ def _cpu(pid: int, *, reaped: bool = False) -> float:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        return sum(int(value) for value in fields[11:15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
+        return sum(int(value) for value in fields[11 : 15 if reaped else 13]) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
 
@@ -101,8 +110,9 @@ def _tree_cpu(pid: int) -> float:
     return _cpu(pid) + sum(_cpu(child, reaped=True) for child in _descendants(pid))
 
 
-async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool = False, sequential: bool = False,
-                              warm: bool = False) -> dict[str, float]:
+async def _batch_through_repl(
+    url: str, n: int, concurrency: int, *, sdk: bool = False, sequential: bool = False, warm: bool = False
+) -> dict[str, float]:
     """llm_batch (or a loop of llm_query) from generated code in a worker, served by the server side.
 
     `warm`: first open the connections with an untimed batch, as a running server's pool already has.
@@ -112,7 +122,8 @@ async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool =
         client: Any = OpenAISDKClient(http, url) if sdk else ChatClient(url, "sk-bench")
         if warm:
             await SubcallSession(client, "sub-model", max_calls=concurrency, concurrency=concurrency).batch(
-                ["warm-up"] * concurrency)
+                ["warm-up"] * concurrency
+            )
         session = SubcallSession(client, "sub-model", max_calls=n, concurrency=concurrency)
         workspace = Workspace.create()
         workspace.write_input("x")
@@ -135,8 +146,12 @@ async def _batch_through_repl(url: str, n: int, concurrency: int, *, sdk: bool =
             workspace.remove()
             if isinstance(client, ChatClient):
                 await client.aclose()
-    return {"wall_s": watch.seconds, "server_cpu_s": watch.cpu, "worker_cpu_s": worker_cpu,
-            "errors": float(outcome.stdout or 0) if outcome.error is None else float(n)}
+    return {
+        "wall_s": watch.seconds,
+        "server_cpu_s": watch.cpu,
+        "worker_cpu_s": worker_cpu,
+        "errors": float(outcome.stdout or 0) if outcome.error is None else float(n),
+    }
 
 
 def b1_batch(server: FakeServer, *, n: int, concurrency: int, latency: float) -> dict[str, Any]:
@@ -145,10 +160,13 @@ def b1_batch(server: FakeServer, *, n: int, concurrency: int, latency: float) ->
     ours = asyncio.run(_batch_through_repl(server.url, n, concurrency))
     sdk = asyncio.run(_batch_through_repl(server.url, n, concurrency, sdk=True))
     result: dict[str, Any] = {
-        "ideal_s": ideal, "ours_wall_s": ours["wall_s"], "ours_ratio": ours["wall_s"] / ideal,
+        "ideal_s": ideal,
+        "ours_wall_s": ours["wall_s"],
+        "ours_ratio": ours["wall_s"] / ideal,
         "ours_cpu_ms_per_call": 1000 * (ours["server_cpu_s"] + ours["worker_cpu_s"]) / n,
         "ours_errors": ours["errors"],
-        "sdk_wall_s": sdk["wall_s"], "sdk_ratio": sdk["wall_s"] / ideal,
+        "sdk_wall_s": sdk["wall_s"],
+        "sdk_ratio": sdk["wall_s"] / ideal,
         "sdk_cpu_ms_per_call": 1000 * (sdk["server_cpu_s"] + sdk["worker_cpu_s"]) / n,
         "sdk_errors": sdk["errors"],
     }
@@ -156,8 +174,12 @@ def b1_batch(server: FakeServer, *, n: int, concurrency: int, latency: float) ->
     if rlms is not None and "error" in rlms:
         result["rlms_errors"] = n
     elif rlms is not None:
-        result.update(rlms_wall_s=rlms["wall_s"], rlms_ratio=rlms["wall_s"] / ideal,
-                      rlms_cpu_ms_per_call=1000 * rlms["cpu_s"] / n, rlms_errors=rlms["errors"])
+        result.update(
+            rlms_wall_s=rlms["wall_s"],
+            rlms_ratio=rlms["wall_s"] / ideal,
+            rlms_cpu_ms_per_call=1000 * rlms["cpu_s"] / n,
+            rlms_errors=rlms["errors"],
+        )
     result["failures"] = result["ours_errors"] + result["sdk_errors"] + result.get("rlms_errors", 0)
     return result
 
@@ -202,8 +224,11 @@ def b3_overhead(server: FakeServer, *, iterations: int, short: int = 5) -> dict[
     runs have the collector set as the service's process sets it (`server_heap`).
     """
     result: dict[str, Any] = {"failures": 0}
-    for name, overrides in (("subprocess_tools", {}), ("inprocess_tools", {"rlm_repl": "inprocess"}),
-                            ("subprocess_text", {"rlm_root_protocol": "text"})):
+    for name, overrides in (
+        ("subprocess_tools", {}),
+        ("inprocess_tools", {"rlm_repl": "inprocess"}),
+        ("subprocess_text", {"rlm_root_protocol": "text"}),
+    ):
         fake_cpu = _cpu(server.pid)
         with server_heap():
             wall, events = asyncio.run(_scripted_run(server.url, iterations, **overrides))
@@ -254,8 +279,12 @@ def b4_worker_start(*, starts: int) -> dict[str, Any]:
 
     times, failures = asyncio.run(measure())
     ordered = sorted(times)
-    return {"median_ms": 1000 * statistics.median(times), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-            "starts": len(times), "failures": failures}
+    return {
+        "median_ms": 1000 * statistics.median(times),
+        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+        "starts": len(times),
+        "failures": failures,
+    }
 
 
 def _descendants(pid: int) -> list[int]:
@@ -309,13 +338,17 @@ def _sendfile_upload(port: int, path: Path, prompt: str) -> tuple[socket.socket,
     next to nothing and the figure is the server's. Returns the socket (response pending) and the time
     until the response headers, which the server sends only once the whole body is parsed and spooled."""
     boundary = "rlm-bench-boundary"
-    before = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n{prompt}\r\n"
-              f"--{boundary}\r\nContent-Disposition: form-data; name=\"input_file\"; filename=\"upload.log\"\r\n"
-              "Content-Type: text/plain\r\n\r\n").encode()
+    before = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n{prompt}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="input_file"; filename="upload.log"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    ).encode()
     after = f"\r\n--{boundary}--\r\n".encode()
     length = len(before) + path.stat().st_size + len(after)
-    head = (f"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
-            f"\r\nContent-Length: {length}\r\n\r\n").encode()
+    head = (
+        f"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
+        f"\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", port))
     started = time.perf_counter()
     sock.sendall(head + before)
@@ -361,9 +394,15 @@ def b5_large_upload(*, size: int, work: Path) -> dict[str, Any]:
         sampler.join()
     source.unlink()
     ok = first_output == str(size) and terminal is not None and terminal.event == "final" and terminal.data["ready"]
-    return {"size_mb": size / 1e6, "throughput_mb_s": size / 1e6 / marks["headers"], "start_s": marks["start"],
-            "first_output_s": marks["output"], "peak_rss_mb": sampler.peak / 2**20,
-            "rss_budget_mb": (1.5 * size + 300 * 2**20) / 2**20, "failures": int(not ok)}
+    return {
+        "size_mb": size / 1e6,
+        "throughput_mb_s": size / 1e6 / marks["headers"],
+        "start_s": marks["start"],
+        "first_output_s": marks["output"],
+        "peak_rss_mb": sampler.peak / 2**20,
+        "rss_budget_mb": (1.5 * size + 300 * 2**20) / 2**20,
+        "failures": int(not ok),
+    }
 
 
 def _is_chunk_size(line: str) -> bool:
@@ -383,8 +422,9 @@ async def _tokens_for(url: str, size: int, iterations: int) -> tuple[int, int, b
     run_input: RunInput = spooler.finish()
     turns = [{"code": [f"print(len(context) > {i})"]} for i in range(iterations - 1)]
     turns.append({"code": ["answer.update(content='done', ready=True)"]})
-    async with Engine(settings_for(url, rlm_worker_memory_mb=size // 2**20 + 1024,
-                                   rlm_max_input_bytes=size + 2048)) as engine:
+    async with Engine(
+        settings_for(url, rlm_worker_memory_mb=size // 2**20 + 1024, rlm_max_input_bytes=size + 2048)
+    ) as engine:
         events = [event async for event in engine.run(script(*turns), run_input)]
     usage = [event for event in events if event.type == "usage"]
     ok = ended_ready(events) and events[-1].iterations == iterations
@@ -401,15 +441,19 @@ def b6_zero_rot(server: FakeServer, *, sizes: tuple[int, ...], iterations: int) 
         failures += not ok
     firsts = [value["first"] for value in by_size.values()]
     totals = [value["total"] for value in by_size.values()]
-    result: dict[str, Any] = {"failures": failures, "first_spread_pct": 100 * (max(firsts) / min(firsts) - 1),
-                              "total_spread_pct": 100 * (max(totals) / min(totals) - 1)}
+    result: dict[str, Any] = {
+        "failures": failures,
+        "first_spread_pct": 100 * (max(firsts) / min(firsts) - 1),
+        "total_spread_pct": 100 * (max(totals) / min(totals) - 1),
+    }
     for size, value in by_size.items():
         result.update({f"{key}_{size}": number for key, number in value.items()})
     return result
 
 
-def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Path,
-                          processes: int = 1) -> dict[str, Any]:
+def b7_b8_concurrent_runs(
+    server: FakeServer, *, runs: int, batch: int, work: Path, processes: int = 1
+) -> dict[str, Any]:
     """B7 and B8: `runs` runs at once through the real service, each 3 iterations and an llm_batch;
     wall time against one run alone, and how long events take from creation to the client. Two bursts on
     one server: the first ("cold") opens the connections to the model server, the second ("warm") finds
@@ -425,8 +469,7 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
     def measure(url: str, count: int) -> tuple[Stopwatch, list[float], float]:
         return asyncio.run(burst(url, prompt, count, batch=batch, failed=failed, busy=busy))
 
-    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16",
-           "WEB_CONCURRENCY": str(processes)}
+    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16", "WEB_CONCURRENCY": str(processes)}
     with spawn_server(work, model_url=server.url, **env) as srv, busy:
         pid = srv.process.pid
         wait_for_processes(pid, processes)
@@ -438,26 +481,41 @@ def b7_b8_concurrent_runs(server: FakeServer, *, runs: int, batch: int, work: Pa
     single = statistics.median(watch.seconds for watch, _, _ in alone)
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
     share = (server_s + workers_s + model_s + warm.cpu) / ((os.cpu_count() or 1) * warm.seconds)
-    return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
-            "cold_s": cold.seconds, "cold_ratio": cold.seconds / single, "last_batch_start_s": last_batch_s,
-            "single_batch_start_s": statistics.median(start for _, _, start in alone),
-            **_percentiles("sse", delays), **_percentiles("cold_sse", cold_delays), "events": len(delays),
-            # CPU per run during the warm burst, by process: the service's, and the benchmark's own
-            "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
-            "model_cpu_ms": 1000 * model_s / runs, "client_cpu_ms": 1000 * warm.cpu / runs,
-            "machine_busy_pct": 100 * share, "serial_busy_pct": busy.serial, "runs": 3 + 2 * runs,
-            "failures": len(failed)}
+    return {
+        "single_s": single,
+        "together_s": warm.seconds,
+        "ratio": warm.seconds / single,
+        "cold_s": cold.seconds,
+        "cold_ratio": cold.seconds / single,
+        "last_batch_start_s": last_batch_s,
+        "single_batch_start_s": statistics.median(start for _, _, start in alone),
+        **_percentiles("sse", delays),
+        **_percentiles("cold_sse", cold_delays),
+        "events": len(delays),
+        # CPU per run during the warm burst, by process: the service's, and the benchmark's own
+        "server_cpu_ms": 1000 * server_s / runs,
+        "workers_cpu_ms": 1000 * workers_s / runs,
+        "model_cpu_ms": 1000 * model_s / runs,
+        "client_cpu_ms": 1000 * warm.cpu / runs,
+        "machine_busy_pct": 100 * share,
+        "serial_busy_pct": busy.serial,
+        "runs": 3 + 2 * runs,
+        "failures": len(failed),
+    }
 
 
 def b7_prompt(batch: int) -> str:
     """B7's run: 3 iterations, the second an `llm_batch` of `batch` prompts."""
-    return script({"code": ["print(len(context))"]},
-                  {"code": [f"r = llm_batch([f'q {{i}}' for i in range({batch})])\nprint(len(r))"]},
-                  {"code": ["answer.update(content='done', ready=True)"]})
+    return script(
+        {"code": ["print(len(context))"]},
+        {"code": [f"r = llm_batch([f'q {{i}}' for i in range({batch})])\nprint(len(r))"]},
+        {"code": ["answer.update(content='done', ready=True)"]},
+    )
 
 
-async def _stream_one(client: httpx2.AsyncClient, url: str, prompt: str, delays: list[float], batch: int,
-                      failed: list[str]) -> float:
+async def _stream_one(
+    client: httpx2.AsyncClient, url: str, prompt: str, delays: list[float], batch: int, failed: list[str]
+) -> float:
     """Streams one run; returns when (server time) its batch started: its first `subcalls` event. A run that
     does not end with a ready `final` whose batch got all its `batch` replies is noted in `failed`."""
     batch_started = 0.0
@@ -478,8 +536,9 @@ async def _stream_one(client: httpx2.AsyncClient, url: str, prompt: str, delays:
     return batch_started
 
 
-async def burst(url: str, prompt: str, count: int, *, batch: int, failed: list[str], busy: MachineBusy | None = None
-                ) -> tuple[Stopwatch, list[float], float]:
+async def burst(
+    url: str, prompt: str, count: int, *, batch: int, failed: list[str], busy: MachineBusy | None = None
+) -> tuple[Stopwatch, list[float], float]:
     """`count` runs at once of a B7 run (`b7_prompt(batch)`), each streamed by its client: the burst's
     stopwatch, its delivery delays, and how long after its start the last batch started; failed runs are
     noted in `failed`. With `busy`, `busy.serial` becomes the share of the cores busy until then."""
@@ -487,8 +546,9 @@ async def burst(url: str, prompt: str, count: int, *, batch: int, failed: list[s
     async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=count + 4)) as client:
         began = time.time()
         with Stopwatch() as watch:
-            starts = await asyncio.gather(*(_stream_one(client, url, prompt, delays, batch, failed)
-                                            for _ in range(count)))
+            starts = await asyncio.gather(
+                *(_stream_one(client, url, prompt, delays, batch, failed) for _ in range(count))
+            )
     if busy is not None:
         busy.serial = busy.share(began, max(starts))
     return watch, delays, max(starts) - began
@@ -573,8 +633,10 @@ def b7_agent_floor(*, runs: int, turns: int = 3) -> dict[str, Any]:
 
 def _percentiles(name: str, delays: list[float]) -> dict[str, float]:
     ordered = sorted(delays)
-    return {f"{name}_p50_ms": 1000 * ordered[len(ordered) // 2],
-            f"{name}_p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
+    return {
+        f"{name}_p50_ms": 1000 * ordered[len(ordered) // 2],
+        f"{name}_p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+    }
 
 
 def run_rlms(*args: str) -> dict[str, Any] | None:
@@ -582,8 +644,9 @@ def run_rlms(*args: str) -> dict[str, Any] | None:
     when the run failed."""
     if not RLMS_PYTHON.exists():
         return None
-    result = subprocess.run([str(RLMS_PYTHON), str(ROOT / "bench" / "rlms_side.py"), *args],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [str(RLMS_PYTHON), str(ROOT / "bench" / "rlms_side.py"), *args], capture_output=True, text=True, timeout=900
+    )
     if result.returncode != 0:
         print(result.stderr[-2000:], file=sys.stderr)
         return {"error": result.stderr[-2000:]}

@@ -20,16 +20,16 @@ from bench.benchmarks import _cpu, b7_prompt, burst, script, service_cpu, wait_f
 from bench.common import FakeServer
 
 
-def b11_realistic(server: FakeServer, *, runs: int, batch: int, work: Path, processes: int,
-                  database_url: str | None = None) -> dict[str, Any]:
+def b11_realistic(
+    server: FakeServer, *, runs: int, batch: int, work: Path, processes: int, database_url: str | None = None
+) -> dict[str, Any]:
     """B11: `runs` runs at once (B7's run) against a model server with realistic latencies, through a service of
     `processes` server processes (SQLite history, or PostgreSQL at `database_url`): the warm burst's wall time
     against one run alone, and the service's CPU per run in that burst."""
     from tests.conftest import spawn_server
 
     prompt = b7_prompt(batch)
-    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16",
-           "WEB_CONCURRENCY": str(processes)}
+    env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16", "WEB_CONCURRENCY": str(processes)}
     if database_url is not None:
         env["RLM_DATABASE_URL"] = database_url
     failed: list[str] = []
@@ -43,19 +43,29 @@ def b11_realistic(server: FakeServer, *, runs: int, batch: int, work: Path, proc
         after = (*service_cpu(pid), _cpu(server.pid))
     server_s, workers_s, model_s = (end - start for start, end in zip(before, after, strict=True))
     single = statistics.median(alone)
-    return {"single_s": single, "together_s": warm.seconds, "ratio": warm.seconds / single,
-            "server_cpu_ms": 1000 * server_s / runs, "workers_cpu_ms": 1000 * workers_s / runs,
-            "model_cpu_ms": 1000 * model_s / runs, "runs": 2 + 2 * runs, "failures": len(failed)}
+    return {
+        "single_s": single,
+        "together_s": warm.seconds,
+        "ratio": warm.seconds / single,
+        "server_cpu_ms": 1000 * server_s / runs,
+        "workers_cpu_ms": 1000 * workers_s / runs,
+        "model_cpu_ms": 1000 * model_s / runs,
+        "runs": 2 + 2 * runs,
+        "failures": len(failed),
+    }
 
 
 def long_prompt(turns: int, sleep_s: float) -> str:
     """A run of `turns` cells that each sleep `sleep_s`, then an answer."""
-    return script(*[{"code": [f"import time\ntime.sleep({sleep_s})\nprint({i})"]} for i in range(turns)],
-                  {"code": ["answer.update(content='done', ready=True)"]})
+    return script(
+        *[{"code": [f"import time\ntime.sleep({sleep_s})\nprint({i})"]} for i in range(turns)],
+        {"code": ["answer.update(content='done', ready=True)"]},
+    )
 
 
-async def _run_then_reattach(client: httpx2.AsyncClient, owner: str, other: str, prompt: str,
-                             started: asyncio.Event, ids: list[str]) -> tuple[str, float]:
+async def _run_then_reattach(
+    client: httpx2.AsyncClient, owner: str, other: str, prompt: str, started: asyncio.Event, ids: list[str]
+) -> tuple[str, float]:
     """A client of the replica that will die: streams its run; when the connection breaks, re-attaches to the
     other replica (as a balancer would send it) after the last event it saw. Its terminal event (an error's
     code) and when it came (monotonic)."""
@@ -98,8 +108,16 @@ async def _run(client: httpx2.AsyncClient, url: str, prompt: str) -> tuple[str, 
     return "none", time.monotonic()
 
 
-def b12_failover(server: FakeServer, *, database_url: str, runs_each: int, timeout_s: float, turns: int,
-                 work: Path, settle_s: float | None = None) -> dict[str, Any]:
+def b12_failover(
+    server: FakeServer,
+    *,
+    database_url: str,
+    runs_each: int,
+    timeout_s: float,
+    turns: int,
+    work: Path,
+    settle_s: float | None = None,
+) -> dict[str, Any]:
     """B12: two replicas on one PostgreSQL database, `runs_each` runs started on each; each run of the first
     is also followed through the second. Mid-burst the first is killed with SIGKILL: how long after the kill
     every follower of its runs (and every one of its clients, re-attached to the second) got its terminal
@@ -108,22 +126,31 @@ def b12_failover(server: FakeServer, *, database_url: str, runs_each: int, timeo
     from tests.conftest import spawn_server
 
     prompt = long_prompt(turns, 0.5)
-    env = {"RLM_DATABASE_URL": database_url, "RLM_REPLICA_TIMEOUT_S": str(timeout_s),
-           "RLM_MAX_CONCURRENT_RUNS": str(2 * runs_each + 4), "RLM_MAX_ITERATIONS": str(turns + 5)}
+    env = {
+        "RLM_DATABASE_URL": database_url,
+        "RLM_REPLICA_TIMEOUT_S": str(timeout_s),
+        "RLM_MAX_CONCURRENT_RUNS": str(2 * runs_each + 4),
+        "RLM_MAX_ITERATIONS": str(turns + 5),
+    }
     with ExitStack() as stack:
-        doomed, survivor = (stack.enter_context(spawn_server(_dir(work, name), model_url=server.url, **env))
-                            for name in ("doomed", "survivor"))
+        doomed, survivor = (
+            stack.enter_context(spawn_server(_dir(work, name), model_url=server.url, **env))
+            for name in ("doomed", "survivor")
+        )
         time.sleep(timeout_s if settle_s is None else settle_s)
 
-        async def scenario() -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]],
-                                      float]:
-            async with httpx2.AsyncClient(timeout=600, limits=httpx2.Limits(max_connections=4 * runs_each + 8)
-                                          ) as client:
+        async def scenario() -> tuple[list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]], float]:
+            async with httpx2.AsyncClient(
+                timeout=600, limits=httpx2.Limits(max_connections=4 * runs_each + 8)
+            ) as client:
                 ids: list[list[str]] = [[] for _ in range(runs_each)]
                 started = [asyncio.Event() for _ in range(runs_each)]
-                clients = [asyncio.create_task(_run_then_reattach(client, doomed.url, survivor.url, prompt,
-                                                                  started[i], ids[i]))
-                           for i in range(runs_each)]
+                clients = [
+                    asyncio.create_task(
+                        _run_then_reattach(client, doomed.url, survivor.url, prompt, started[i], ids[i])
+                    )
+                    for i in range(runs_each)
+                ]
                 others = [asyncio.create_task(_run(client, survivor.url, prompt)) for _ in range(runs_each)]
                 await asyncio.gather(*(event.wait() for event in started))
                 followers = [asyncio.create_task(_follow(client, survivor.url, run_ids[0], 0)) for run_ids in ids]
@@ -138,16 +165,26 @@ def b12_failover(server: FakeServer, *, database_url: str, runs_each: int, timeo
                     except TimeoutError:
                         return "not told", time.monotonic()
 
-                return (await asyncio.gather(*map(told, followers)), await asyncio.gather(*map(told, clients)),
-                        await asyncio.gather(*map(told, others)), at)
+                return (
+                    await asyncio.gather(*map(told, followers)),
+                    await asyncio.gather(*map(told, clients)),
+                    await asyncio.gather(*map(told, others)),
+                    at,
+                )
 
         followed, reattached, finished, killed_at = asyncio.run(scenario())
     lost = followed + reattached
     delays = [when - killed_at for _, when in lost]
-    return {"followers": len(lost), "lost": sum(code == "lost" for code, _ in lost),
-            "max_s": max(delays), "median_s": statistics.median(delays), "timeout_s": timeout_s,
-            "within": sum(delay <= timeout_s for delay in delays),
-            "others": len(finished), "others_final": sum(code == "final" for code, _ in finished)}
+    return {
+        "followers": len(lost),
+        "lost": sum(code == "lost" for code, _ in lost),
+        "max_s": max(delays),
+        "median_s": statistics.median(delays),
+        "timeout_s": timeout_s,
+        "within": sum(delay <= timeout_s for delay in delays),
+        "others": len(finished),
+        "others_final": sum(code == "final" for code, _ in finished),
+    }
 
 
 def _dir(work: Path, name: str) -> Path:

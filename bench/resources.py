@@ -41,8 +41,11 @@ def b9_reattach(*, work: Path, drop_after: tuple[int, ...] = (2, 5, 9)) -> dict[
     with spawn_server(work) as server, httpx2.Client(timeout=60) as client:
         for point in drop_after:
             seen: list[int] = []
-            with client.stream("POST", f"{server.url}/process",
-                               json={"prompt": prompt, "input_data": "x", "settings": {"detach": True}}) as first:
+            with client.stream(
+                "POST",
+                f"{server.url}/process",
+                json={"prompt": prompt, "input_data": "x", "settings": {"detach": True}},
+            ) as first:
                 run_id = first.headers["x-run-id"]
                 for event in _events(first.iter_lines()):
                     seen.append(event.data["seq"])
@@ -50,8 +53,9 @@ def b9_reattach(*, work: Path, drop_after: tuple[int, ...] = (2, 5, 9)) -> dict[
                         break
             time.sleep(0.3)  # the run goes on meanwhile: the events it emits are the missed ones
             started = time.perf_counter()
-            with client.stream("GET", f"{server.url}/api/runs/{run_id}/events",
-                               headers={"Last-Event-ID": str(seen[-1])}) as again:
+            with client.stream(
+                "GET", f"{server.url}/api/runs/{run_id}/events", headers={"Last-Event-ID": str(seen[-1])}
+            ) as again:
                 terminal = None
                 for event in _events(again.iter_lines()):
                     if len(seen) == point:
@@ -62,16 +66,24 @@ def b9_reattach(*, work: Path, drop_after: tuple[int, ...] = (2, 5, 9)) -> dict[
             repeated += len(seen) - len(set(seen))
             if terminal is None or terminal.event != "final" or not terminal.data["ready"]:
                 lost += 1
-    return {"lost": lost, "repeated": repeated, "reconnect_ms": 1000 * sorted(delays)[len(delays) // 2],
-            "failures": lost + repeated}
+    return {
+        "lost": lost,
+        "repeated": repeated,
+        "reconnect_ms": 1000 * sorted(delays)[len(delays) // 2],
+        "failures": lost + repeated,
+    }
 
 
 def _multipart(path: Path, fields: dict[str, str]) -> tuple[bytes, bytes, str]:
     boundary = "rlm-bench-boundary"
-    before = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-                     for name, value in fields.items())
-    before += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"input_file\"; filename=\"input.log\"\r\n"
-               "Content-Type: text/plain\r\n\r\n")
+    before = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        for name, value in fields.items()
+    )
+    before += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="input_file"; filename="input.log"\r\n'
+        "Content-Type: text/plain\r\n\r\n"
+    )
     return before.encode(), f"\r\n--{boundary}--\r\n".encode(), boundary
 
 
@@ -80,8 +92,10 @@ def _first_output_of_upload(port: int, path: Path, fields: dict[str, str]) -> tu
     the session id, and whether the run ended ready."""
     before, after, boundary = _multipart(path, fields)
     length = len(before) + path.stat().st_size + len(after)
-    head = (f"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
-            f"\r\nContent-Length: {length}\r\n\r\n").encode()
+    head = (
+        f"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary={boundary}"
+        f"\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
         started = time.perf_counter()
         sock.sendall(head + before)
@@ -120,13 +134,18 @@ def b10_follow_up(*, size: int, work: Path) -> dict[str, Any]:
     try:
         with spawn_server(work, **limits) as server:
             port = int(server.url.rsplit(":", 1)[1])
-            fresh, session_id, ok = _first_output_of_upload(port, source, {"prompt": look,
-                                                                            "settings": '{"session": true}'})
+            fresh, session_id, ok = _first_output_of_upload(
+                port, source, {"prompt": look, "settings": '{"session": true}'}
+            )
             failures += not ok or session_id is None
             started = time.perf_counter()
             follow_up: float | None = None
-            with httpx2.Client(timeout=120) as client, client.stream(
-                    "POST", f"{server.url}/process", json={"prompt": look, "session_id": session_id}) as response:
+            with (
+                httpx2.Client(timeout=120) as client,
+                client.stream(
+                    "POST", f"{server.url}/process", json={"prompt": look, "session_id": session_id}
+                ) as response,
+            ):
                 for event in _events(response.iter_lines()):
                     if event.event == "output" and follow_up is None:
                         follow_up = time.perf_counter() - started
@@ -184,5 +203,3 @@ def b6_session(url: str, *, sizes: tuple[int, ...], questions: int = 5) -> dict[
         result["failures"] += not ok
     result["last_spread_pct"] = 100 * (max(lasts) / min(lasts) - 1)
     return result
-
-

@@ -63,9 +63,15 @@ def bench_batched(url: str, n: int, concurrency: int) -> dict[str, Any]:
     if result.stderr:
         log.error("REPL error: %s", result.stderr.strip())
     errors = sum(looks_like_error(r) for r in replies) + max(0, n - len(replies))
-    return {"wall_s": round(wall, 4), "cpu_s": round(cpu, 4), "n": n, "concurrency": concurrency, "errors": errors,
-            "note": "concurrency set via LMHandler(batch_max_concurrent=c); rlms's RLM class does not expose it "
-                    "(fixed at the default 16 inside RLM.completion)"}
+    return {
+        "wall_s": round(wall, 4),
+        "cpu_s": round(cpu, 4),
+        "n": n,
+        "concurrency": concurrency,
+        "errors": errors,
+        "note": "concurrency set via LMHandler(batch_max_concurrent=c); rlms's RLM class does not expose it "
+        "(fixed at the default 16 inside RLM.completion)",
+    }
 
 
 def root_script(iterations: int) -> list[dict[str, Any]]:
@@ -85,9 +91,14 @@ def bench_completion(url: str, iterations: int) -> dict[str, Any]:
     # rlms puts the user's `prompt` into the REPL as `context`; only `root_prompt` reaches the first user message
     # ("Answer the following: {root_prompt}..."), which is where the fake server reads its script.
     root_prompt = f"Run the benchmark script.\n<<<SCRIPT\n{json.dumps(root_script(iterations))}\nSCRIPT>>>"
-    runner = RLM(backend="openai", backend_kwargs=openai_kwargs(url, "root-model"), environment="local",
-                 other_backends=["openai"], other_backend_kwargs=[openai_kwargs(url, "sub-model")],
-                 max_iterations=iterations + 5)  # headroom: overrunning the script would show as extra root turns
+    runner = RLM(
+        backend="openai",
+        backend_kwargs=openai_kwargs(url, "root-model"),
+        environment="local",
+        other_backends=["openai"],
+        other_backend_kwargs=[openai_kwargs(url, "sub-model")],
+        max_iterations=iterations + 5,
+    )  # headroom: overrunning the script would show as extra root turns
     t0 = time.perf_counter()
     result = runner.completion("benchmark context", root_prompt=root_prompt)
     wall = time.perf_counter() - t0
@@ -97,11 +108,19 @@ def bench_completion(url: str, iterations: int) -> dict[str, Any]:
     # The expected answer can only come from the final block, which needs every x_k (see root_script).
     verified = result.response == f"{iterations} code turns done" and root_turns == iterations + 1
     if not verified:
-        log.error("run did not follow the script: answer=%r, root turns=%d (expected %d)",
-                  result.response, root_turns, iterations + 1)
-    return {"wall_s": round(wall, 4), "iterations": root_turns,
-            "per_iteration_ms": round(wall * 1000 / max(root_turns, 1), 3), "answer": result.response,
-            "verified": verified}
+        log.error(
+            "run did not follow the script: answer=%r, root turns=%d (expected %d)",
+            result.response,
+            root_turns,
+            iterations + 1,
+        )
+    return {
+        "wall_s": round(wall, 4),
+        "iterations": root_turns,
+        "per_iteration_ms": round(wall * 1000 / max(root_turns, 1), 3),
+        "answer": result.response,
+        "verified": verified,
+    }
 
 
 def main() -> None:

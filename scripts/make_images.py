@@ -22,25 +22,43 @@ from tests.fake_openai import FakeOpenAI  # noqa: E402
 
 TRANSCRIPT = "\n".join(
     f"[{h:02d}:{m:02d}] {speaker}: {line}"
-    for h in range(2) for m in range(0, 60, 2)
-    for speaker, line in (("HOST", "So where does the context window actually start to hurt?"),
-                          ("GUEST", "Past a few hundred thousand tokens the answers drift; we keep the data "
-                                    "outside and let the model read it with code."))
+    for h in range(2)
+    for m in range(0, 60, 2)
+    for speaker, line in (
+        ("HOST", "So where does the context window actually start to hurt?"),
+        (
+            "GUEST",
+            "Past a few hundred thousand tokens the answers drift; we keep the data "
+            "outside and let the model read it with code.",
+        ),
+    )
 )
 
 TURNS = [
-    {"text": "A two-hour podcast transcript. Let me look at its structure first.",
-     "code": ["lines = context.splitlines()\nprint(len(context), 'chars,', len(lines), 'lines')\n"
-              "speakers = {l.split(']')[1].split(':')[0].strip() for l in lines if ']' in l}\nspeakers"]},
-    {"text": "I will summarize it in slices of a few minutes each, in parallel.",
-     "code": ["answer['content'] = '## Podcast summary\\n\\n_(reading the transcript…)_'\n"
-              "size = len(lines) // 40 + 1\n"
-              "slices = ['\\n'.join(lines[i:i + size]) for i in range(0, len(lines), size)]\n"
-              "notes = llm_batch([f'Summarize the key points of this part:\\n{s}' for s in slices])\n"
-              "print(len(notes), 'notes;', sum(n.startswith('Error') for n in notes), 'failed')"]},
-    {"text": "Combining the notes.",
-     "code": ["answer['content'] = '## Podcast summary\\n\\n' + '\\n'.join(f'- {n}' for n in notes[:6])\n"
-              "answer['ready'] = True"]},
+    {
+        "text": "A two-hour podcast transcript. Let me look at its structure first.",
+        "code": [
+            "lines = context.splitlines()\nprint(len(context), 'chars,', len(lines), 'lines')\n"
+            "speakers = {l.split(']')[1].split(':')[0].strip() for l in lines if ']' in l}\nspeakers"
+        ],
+    },
+    {
+        "text": "I will summarize it in slices of a few minutes each, in parallel.",
+        "code": [
+            "answer['content'] = '## Podcast summary\\n\\n_(reading the transcript…)_'\n"
+            "size = len(lines) // 40 + 1\n"
+            "slices = ['\\n'.join(lines[i:i + size]) for i in range(0, len(lines), size)]\n"
+            "notes = llm_batch([f'Summarize the key points of this part:\\n{s}' for s in slices])\n"
+            "print(len(notes), 'notes;', sum(n.startswith('Error') for n in notes), 'failed')"
+        ],
+    },
+    {
+        "text": "Combining the notes.",
+        "code": [
+            "answer['content'] = '## Podcast summary\\n\\n' + '\\n'.join(f'- {n}' for n in notes[:6])\n"
+            "answer['ready'] = True"
+        ],
+    },
 ]
 
 HERO = """<!doctype html><html><head><meta charset="utf-8"><link rel="stylesheet" href="/styles.css">
@@ -92,19 +110,23 @@ def main() -> None:
     fake = FakeOpenAI(root_model="root-model", sub_latency=0.35, latency=0.4).start()
     fake.sub = lambda prompt: "The guest explains why long contexts degrade and how code-driven reading avoids it."
     fake.root = lambda messages, body: TURNS[min(sum(m.get("role") == "assistant" for m in messages), 2)]
-    settings = make_settings(fake, openai_model_name="root-model", openai_sub_model_name="sub-model",
-                             rlm_subcall_concurrency=4)
+    settings = make_settings(
+        fake, openai_model_name="root-model", openai_sub_model_name="sub-model", rlm_subcall_concurrency=4
+    )
     with LiveServer(settings) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless=new", "--no-sandbox",
-                                             "--disable-gpu", "--disable-background-networking"])
+        browser = playwright.chromium.launch(
+            executable_path=chromium,
+            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
         page = browser.new_page(viewport={"width": 1360, "height": 860}, device_scale_factor=1)
         page.goto(server.url + "/")
         page.wait_for_function("() => document.getElementById('model-chip').textContent.includes('root')")
         page.fill("#prompt", "Summarize this podcast: the main arguments and who made them.")
         page.fill("#input-text", TRANSCRIPT)
         page.click("#run-button")
-        page.wait_for_function("() => Number(document.querySelector('.progress')?.dataset.done || 0) >= 18",
-                               timeout=60000)
+        page.wait_for_function(
+            "() => Number(document.querySelector('.progress')?.dataset.done || 0) >= 18", timeout=60000
+        )
         page.screenshot(path=str(assets / "screenshot.png"))
         page.wait_for_selector("#answer-badge.ready", timeout=60000)
         hero = browser.new_page(viewport={"width": 1280, "height": 640})

@@ -25,9 +25,17 @@ import pytest
 from tests.conftest import LiveServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 @pytest.fixture(scope="module", name="browser")
@@ -103,9 +111,11 @@ class Recorder:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def sent_authorization(self) -> bool:
-        return any("authorization" in r.headers or "authorization" in r.headers.get("access-control-request-headers",
-                                                                                    "").lower()
-                   for r in self.requests)
+        return any(
+            "authorization" in r.headers
+            or "authorization" in r.headers.get("access-control-request-headers", "").lower()
+            for r in self.requests
+        )
 
 
 @pytest.fixture(name="recorder")

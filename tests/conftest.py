@@ -107,8 +107,11 @@ def make_settings(fake: FakeOpenAI | None = None, **overrides: Any) -> Settings:
     """Settings for tests: never read from the environment's .env, pointed at the fake server."""
     values: dict[str, Any] = {
         "openai_api_base": fake.url if fake else "http://127.0.0.1:9/v1",
-        "openai_model_name": ROOT_MODEL, "openai_sub_model_name": SUB_MODEL,
-        "openai_api_key": "sk-test-key", "rlm_model_retries": 2, "rlm_exec_timeout_s": 30,
+        "openai_model_name": ROOT_MODEL,
+        "openai_sub_model_name": SUB_MODEL,
+        "openai_api_key": "sk-test-key",
+        "rlm_model_retries": 2,
+        "rlm_exec_timeout_s": 30,
         "rlm_worker_preload": ["numpy"],  # matplotlib costs a second per zygote; tests that plot import it
         "rlm_history_db": "off",
     }
@@ -124,8 +127,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_on_free_port(start: Callable[[int], subprocess.Popen[bytes]], ready: Callable[[int], bool],
-                       timeout: float = 60) -> tuple[subprocess.Popen[bytes], int]:
+def start_on_free_port(
+    start: Callable[[int], subprocess.Popen[bytes]], ready: Callable[[int], bool], timeout: float = 60
+) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server process on a free port and wait until `ready(port)`. Another process on the machine
     may take the port between our check and the server's bind: the server then exits, and we try another."""
     for _ in range(3):
@@ -151,8 +155,9 @@ class LiveServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.app = create_app(settings, **app_kwargs)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
@@ -216,13 +221,22 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
             yield SseEvent(*event)
 
 
-def stream_run(base_url: str, *, json_body: dict[str, Any] | None = None, files: Any = None,
-               data: Any = None, headers: dict[str, str] | None = None,
-               timeout: float = 60) -> tuple[httpx2.Response, list[SseEvent]]:
+def stream_run(
+    base_url: str,
+    *,
+    json_body: dict[str, Any] | None = None,
+    files: Any = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> tuple[httpx2.Response, list[SseEvent]]:
     """POST /process and read the whole event stream."""
-    with httpx2.Client(timeout=timeout) as client, client.stream(
-        "POST", f"{base_url}/process", json=json_body, files=files, data=data, headers=headers
-    ) as response:
+    with (
+        httpx2.Client(timeout=timeout) as client,
+        client.stream(
+            "POST", f"{base_url}/process", json=json_body, files=files, data=data, headers=headers
+        ) as response,
+    ):
         if response.status_code != 200:
             response.read()
             return response, []
@@ -279,8 +293,9 @@ def _processes() -> dict[int, Process]:
         except OSError:
             continue
         fields = stat.rsplit(b")", 1)[1].split()
-        table[int(entry)] = Process(int(entry), int(fields[1]), stat[stat.index(b"(") + 1:stat.rindex(b")")],
-                                    fields[0])
+        table[int(entry)] = Process(
+            int(entry), int(fields[1]), stat[stat.index(b"(") + 1 : stat.rindex(b")")], fields[0]
+        )
     return table
 
 
@@ -448,23 +463,38 @@ def _answers_health(url: str) -> bool:
 
 
 @contextmanager
-def spawn_server(cwd: Path, key: str = "sk-test-key", *, model_url: str | None = None,
-                 **env_overrides: str) -> Iterator[RealServer]:
+def spawn_server(
+    cwd: Path, key: str = "sk-test-key", *, model_url: str | None = None, **env_overrides: str
+) -> Iterator[RealServer]:
     """Start `python backend/main.py` in `cwd` against a fresh fake OpenAI server (or `model_url`), with a
     TMPDIR of its own (`RealServer.tmp`, kept after the server ends so that tests can look at what is left)."""
     fake = FakeOpenAI().start()
     (cwd / ".env").write_text(f"OPENAI_API_KEY={key}\n")
     tmp = private_tempdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-    env.update({"OPENAI_API_KEY": key, "OPENAI_API_BASE": model_url or fake.url, "OPENAI_MODEL_NAME": ROOT_MODEL,
-                "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "HOST": "127.0.0.1", "TMPDIR": str(tmp),
-                "RLM_LOG_LEVEL": "warning", "RLM_WORKER_PRELOAD": "numpy",
-                "RLM_HISTORY_DB": str(cwd / "history.sqlite3"), **env_overrides})
+    env.update(
+        {
+            "OPENAI_API_KEY": key,
+            "OPENAI_API_BASE": model_url or fake.url,
+            "OPENAI_MODEL_NAME": ROOT_MODEL,
+            "OPENAI_SUB_MODEL_NAME": SUB_MODEL,
+            "HOST": "127.0.0.1",
+            "TMPDIR": str(tmp),
+            "RLM_LOG_LEVEL": "warning",
+            "RLM_WORKER_PRELOAD": "numpy",
+            "RLM_HISTORY_DB": str(cwd / "history.sqlite3"),
+            **env_overrides,
+        }
+    )
 
     def start(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, str(REPO / "backend" / "main.py")], cwd=cwd,
-                                env={**env, "PORT": str(port)}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None)
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "backend" / "main.py")],
+            cwd=cwd,
+            env={**env, "PORT": str(port)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None,
+        )
 
     try:
         process, port = start_on_free_port(start, lambda port: _answers_health(f"http://127.0.0.1:{port}"))

@@ -42,30 +42,45 @@ RootFn = Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
 SCRIPT_RE = re.compile(r"<<<SCRIPT\s*(.*)\s*SCRIPT>>>", re.DOTALL)  # greedy: scripts nest (child runs)
 
 DEMO_TURNS = [
-    {"text": "Let me look at the input first.",
-     "code": ["print(len(context), 'characters')\nprint(context[:300])"]},
-    {"text": "Now I split it into chunks and ask the sub-model about each.",
-     "code": ["size = max(1, len(context) // 4 + 1)\n"
-              "chunks = [context[i:i + size] for i in range(0, len(context), size)] or ['']\n"
-              "notes = llm_batch([f'Summarize this part:\\n{c}' for c in chunks])\n"
-              "for n in notes:\n    print('-', n[:120])"]},
-    {"text": "Combining the notes into the answer.",
-     "code": ["answer['content'] = '## Summary\\n\\n' + '\\n'.join(f'- {n}' for n in notes)\n"
-              "print(answer['content'][:500])\nanswer['ready'] = True"]},
+    {"text": "Let me look at the input first.", "code": ["print(len(context), 'characters')\nprint(context[:300])"]},
+    {
+        "text": "Now I split it into chunks and ask the sub-model about each.",
+        "code": [
+            "size = max(1, len(context) // 4 + 1)\n"
+            "chunks = [context[i:i + size] for i in range(0, len(context), size)] or ['']\n"
+            "notes = llm_batch([f'Summarize this part:\\n{c}' for c in chunks])\n"
+            "for n in notes:\n    print('-', n[:120])"
+        ],
+    },
+    {
+        "text": "Combining the notes into the answer.",
+        "code": [
+            "answer['content'] = '## Summary\\n\\n' + '\\n'.join(f'- {n}' for n in notes)\n"
+            "print(answer['content'][:500])\nanswer['ready'] = True"
+        ],
+    },
 ]
 
 
 PLOT_TURNS = [
-    {"text": "The input holds numbers. Let me pick them out and plot their distribution.",
-     "code": ["import re\nimport numpy as np\nimport matplotlib.pyplot as plt\n"
-              "values = np.array([float(x) for x in re.findall(r'-?\\d+(?:\\.\\d+)?', context)])\n"
-              "fig, ax = plt.subplots(figsize=(6, 3.5))\nax.hist(values, bins=30, color='#7cc4ff')\n"
-              "ax.set_title('Distribution of the input values')\nax.set_xlabel('value')\nax.set_ylabel('count')\n"
-              "print(len(values), 'values; mean', round(values.mean(), 3), 'std', round(values.std(), 3))"]},
-    {"text": "The plot is shown; writing the answer.",
-     "code": ["answer['content'] = (f'**{len(values)} values**, mean {values.mean():.3f}, standard deviation '\n"
-              "    f'{values.std():.3f}, from {values.min():.3f} to {values.max():.3f}. The histogram is above.')\n"
-              "answer['ready'] = True"]},
+    {
+        "text": "The input holds numbers. Let me pick them out and plot their distribution.",
+        "code": [
+            "import re\nimport numpy as np\nimport matplotlib.pyplot as plt\n"
+            "values = np.array([float(x) for x in re.findall(r'-?\\d+(?:\\.\\d+)?', context)])\n"
+            "fig, ax = plt.subplots(figsize=(6, 3.5))\nax.hist(values, bins=30, color='#7cc4ff')\n"
+            "ax.set_title('Distribution of the input values')\nax.set_xlabel('value')\nax.set_ylabel('count')\n"
+            "print(len(values), 'values; mean', round(values.mean(), 3), 'std', round(values.std(), 3))"
+        ],
+    },
+    {
+        "text": "The plot is shown; writing the answer.",
+        "code": [
+            "answer['content'] = (f'**{len(values)} values**, mean {values.mean():.3f}, standard deviation '\n"
+            "    f'{values.std():.3f}, from {values.min():.3f} to {values.max():.3f}. The histogram is above.')\n"
+            "answer['ready'] = True"
+        ],
+    },
 ]
 
 
@@ -85,7 +100,7 @@ class HTTPFault(Exception):
 @dataclass
 class Fault:
     kind: str
-    role: str = "any"          # "root", "sub" or "any"
+    role: str = "any"  # "root", "sub" or "any"
     count: int = 1
     status: int = 500
     retry_after: str | None = None
@@ -113,9 +128,10 @@ def _tokens(text: str) -> int:
 
 def _is_controller(request: dict[str, Any]) -> bool:
     """A request from an RLM controller (a child run's root uses the sub model's name)."""
-    return any(message.get("role") in ("system", "developer")
-               and "Recursive Language Model" in str(message.get("content"))
-               for message in request.get("messages", []))
+    return any(
+        message.get("role") in ("system", "developer") and "Recursive Language Model" in str(message.get("content"))
+        for message in request.get("messages", [])
+    )
 
 
 def _first_user_text(messages: list[dict[str, Any]]) -> str:
@@ -144,10 +160,20 @@ def scripted_root(messages: list[dict[str, Any]], body: dict[str, Any]) -> dict[
 class FakeOpenAI:
     """The server; `start()` runs it in a thread, `url` is the base URL to configure."""
 
-    def __init__(self, *, root_model: str = "root-model", root: RootFn | None = None,
-                 sub: Callable[[str], str] | None = None, latency: float = 0.0, sub_latency: float | None = None,
-                 api_key: str | None = None, record: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        root_model: str = "root-model",
+        root: RootFn | None = None,
+        sub: Callable[[str], str] | None = None,
+        latency: float = 0.0,
+        sub_latency: float | None = None,
+        api_key: str | None = None,
+        record: bool = True,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.root_model = root_model
         self.root = root or scripted_root
         self.sub = sub or default_sub_reply
@@ -181,8 +207,9 @@ class FakeOpenAI:
         assert self._loop is not None and self._released is not None, "the server is not running"
         self._loop.call_soon_threadsafe(self._released.set)
 
-    def inject(self, kind: str, *, role: str = "any", count: int = 1, status: int = 500,
-               retry_after: str | None = None) -> None:
+    def inject(
+        self, kind: str, *, role: str = "any", count: int = 1, status: int = 500, retry_after: str | None = None
+    ) -> None:
         """Make the next `count` matching requests fail with `kind` (see the module docstring)."""
         with self._lock:
             self.faults.append(Fault(kind=kind, role=role, count=count, status=status, retry_after=retry_after))
@@ -229,7 +256,8 @@ class FakeOpenAI:
         asyncio.set_event_loop(self._loop)
         self._released = asyncio.Event()
         self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, self.host, self.port, backlog=1024, ssl=self.tls))
+            asyncio.start_server(self._handle, self.host, self.port, backlog=1024, ssl=self.tls)
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         try:
@@ -279,18 +307,28 @@ class FakeOpenAI:
             self._writers.discard(writer)
             writer.close()
 
-    async def _respond(self, writer: asyncio.StreamWriter, status: int, payload: bytes,
-                       content_type: str = "application/json", extra: dict[str, str] | None = None) -> None:
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        payload: bytes,
+        content_type: str = "application/json",
+        extra: dict[str, str] | None = None,
+    ) -> None:
         headers = {"content-type": content_type, "content-length": str(len(payload)), **(extra or {})}
         head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
         writer.write(head.encode("latin-1") + payload)
         await writer.drain()
 
-    async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes,
-                     writer: asyncio.StreamWriter) -> bool:
+    async def _route(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
         if method == "GET" and path.rstrip("/").endswith("/models"):
-            await self._respond(writer, 200, json.dumps({"object": "list", "data": [
-                {"id": self.root_model, "object": "model"}]}).encode())
+            await self._respond(
+                writer,
+                200,
+                json.dumps({"object": "list", "data": [{"id": self.root_model, "object": "model"}]}).encode(),
+            )
             return True
         if method != "POST" or not path.rstrip("/").endswith("/chat/completions"):
             await self._respond(writer, 404, b'{"error": {"message": "not found"}}')
@@ -354,8 +392,7 @@ class FakeOpenAI:
             return True
         message = self._message(text, code, tools=bool(request.get("tools")))
         prompt_tokens = sum(_tokens(json.dumps(m.get("content") or "")) for m in messages)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(json.dumps(message)),
-                 "total_tokens": 0}
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(json.dumps(message)), "total_tokens": 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if self.cost_per_token is not None:
             usage["cost"] = usage["total_tokens"] * self.cost_per_token
@@ -363,9 +400,14 @@ class FakeOpenAI:
         if request.get("stream"):
             await self._stream(writer, request, message, usage, finish)
             return True
-        payload = {"id": f"chatcmpl-{self.stats.requests}", "object": "chat.completion", "created": int(time.time()),
-                   "model": request.get("model"), "usage": usage,
-                   "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+        payload = {
+            "id": f"chatcmpl-{self.stats.requests}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model"),
+            "usage": usage,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        }
         if self.loose:
             payload.update(created=None, service_tier="on_demand", choices=[{"index": 0, "message": message}])
         await self._respond(writer, 200, json.dumps(payload).encode())
@@ -374,9 +416,14 @@ class FakeOpenAI:
     @staticmethod
     def _message(text: str, code: list[str], *, tools: bool) -> dict[str, Any]:
         if tools:
-            calls = [{"id": f"call_{i}_{abs(hash(c)) % 10**8}", "type": "function",
-                      "function": {"name": "run_python", "arguments": json.dumps({"code": c})}}
-                     for i, c in enumerate(code)]
+            calls = [
+                {
+                    "id": f"call_{i}_{abs(hash(c)) % 10**8}",
+                    "type": "function",
+                    "function": {"name": "run_python", "arguments": json.dumps({"code": c})},
+                }
+                for i, c in enumerate(code)
+            ]
             message: dict[str, Any] = {"role": "assistant", "content": text or None}
             if calls:
                 message["tool_calls"] = calls
@@ -384,17 +431,31 @@ class FakeOpenAI:
         blocks = "".join(f"\n```repl\n{c}\n```\n" for c in code)
         return {"role": "assistant", "content": (text + blocks).strip()}
 
-    async def _stream(self, writer: asyncio.StreamWriter, request: dict[str, Any], message: dict[str, Any],
-                      usage: dict[str, int], finish: str, cut: bool = False, trickle: float = 0.0) -> None:
-        head = ("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                "cache-control: no-cache\r\n\r\n")
+    async def _stream(
+        self,
+        writer: asyncio.StreamWriter,
+        request: dict[str, Any],
+        message: dict[str, Any],
+        usage: dict[str, int],
+        finish: str,
+        cut: bool = False,
+        trickle: float = 0.0,
+    ) -> None:
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+            "cache-control: no-cache\r\n\r\n"
+        )
         writer.write(head.encode())
-        base = {"id": "chatcmpl-stream", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": request.get("model")}
+        base = {
+            "id": "chatcmpl-stream",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": request.get("model"),
+        }
         chunks: list[dict[str, Any]] = [{"index": 0, "delta": {"role": "assistant", "content": ""}}]
         content = message.get("content") or ""
         for start in range(0, len(content), 16):
-            chunks.append({"index": 0, "delta": {"content": content[start:start + 16]}})
+            chunks.append({"index": 0, "delta": {"content": content[start : start + 16]}})
         for i, call in enumerate(message.get("tool_calls", [])):
             chunks.append({"index": 0, "delta": {"tool_calls": [{"index": i, **call}]}})
         chunks.append({"index": 0, "delta": {}, "finish_reason": finish})
@@ -435,16 +496,28 @@ class FakeOpenAI:
             await self._respond(writer, 200, json.dumps(payload).encode())
             return True
         if kind == "null_content":
-            payload = {"id": "x", "object": "chat.completion", "created": int(time.time()), "model": "any",
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": None},
-                                    "finish_reason": "length"}]}
+            payload = {
+                "id": "x",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": "any",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "length"}],
+            }
             await self._respond(writer, 200, json.dumps(payload).encode())
             return True
         if kind == "trickle":
-            payload = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "slow"}, "finish_reason": "stop"}]}).encode()
-            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
-                         .encode())
+            payload = json.dumps(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "slow"}, "finish_reason": "stop"}
+                    ],
+                }
+            ).encode()
+            writer.write(
+                f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+            )
             for byte in payload:
                 writer.write(bytes([byte]))
                 await writer.drain()
@@ -465,8 +538,14 @@ def main() -> None:
     parser.add_argument("--sub-latency", type=float, default=None)
     parser.add_argument("--root-model", default="root-model")
     args = parser.parse_args()
-    server = FakeOpenAI(root_model=args.root_model, latency=args.latency, sub_latency=args.sub_latency,
-                        record=False, host=args.host, port=args.port)
+    server = FakeOpenAI(
+        root_model=args.root_model,
+        latency=args.latency,
+        sub_latency=args.sub_latency,
+        record=False,
+        host=args.host,
+        port=args.port,
+    )
 
     asyncio.run(server.serve(lambda: print(f"listening on {server.url}", flush=True)))
 

@@ -37,8 +37,11 @@ def pg_bin() -> Path | None:
     """The directory of `initdb` and `pg_ctl`: Debian keeps them off the PATH, under /usr/lib/postgresql/N/bin."""
     found = shutil.which("initdb")
     candidates = [Path(found).parent] if found else []
-    candidates += sorted((Path(path) for path in glob("/usr/lib/postgresql/*/bin")),
-                         key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0, reverse=True)
+    candidates += sorted(
+        (Path(path) for path in glob("/usr/lib/postgresql/*/bin")),
+        key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
+        reverse=True,
+    )
     return next((path for path in candidates if (path / "initdb").exists() and (path / "pg_ctl").exists()), None)
 
 
@@ -68,19 +71,29 @@ class PgServer:
     def _pg(self, program: str, *args: str) -> None:
         command = [str(self.bin / program), *args]
         if self._user is not None:
-            command = ["setpriv", f"--reuid={self._user.pw_uid}", f"--regid={self._user.pw_gid}", "--clear-groups",
-                       "--", *command]
+            command = [
+                "setpriv",
+                f"--reuid={self._user.pw_uid}",
+                f"--regid={self._user.pw_gid}",
+                "--clear-groups",
+                "--",
+                *command,
+            ]
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=self.dir)
         if done.returncode != 0:
             log = self.dir / "server.log"
-            raise RuntimeError(f"{program} failed: {done.stdout}{done.stderr}"
-                               + (log.read_text() if log.exists() else ""))
+            raise RuntimeError(
+                f"{program} failed: {done.stdout}{done.stderr}" + (log.read_text() if log.exists() else "")
+            )
 
     def start(self) -> None:
-        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} "
-                   "-c fsync=off -c max_connections=200")
-        self._pg("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.dir / "server.log"),
-                 "-o", options)
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.dir} "
+            "-c fsync=off -c max_connections=200"
+        )
+        self._pg(
+            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-o", options
+        )
 
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.data))
@@ -139,8 +152,9 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
 
     def open_store(budget: RunBudget | None = None) -> SqlRunStore:
-        store: SqlRunStore = (PostgresRunStore(url, budget) if url is not None
-                              else SqliteRunStore(tmp_path / "h.sqlite3", budget))
+        store: SqlRunStore = (
+            PostgresRunStore(url, budget) if url is not None else SqliteRunStore(tmp_path / "h.sqlite3", budget)
+        )
         opened.append(store)
         return store
 

@@ -45,9 +45,23 @@ def test_full_run_streams_events_in_order(live: LiveServer) -> None:
     assert response.headers["cache-control"] == "no-cache"
     assert response.headers["x-accel-buffering"] == "no"
     assert folded([(e.event, e.data) for e in events]) == [
-        "start", "thought", "code", "output", "usage",
-        "thought", "code", "subcalls", "output", "usage",
-        "thought", "code", "output", "answer", "usage", "final"]
+        "start",
+        "thought",
+        "code",
+        "output",
+        "usage",
+        "thought",
+        "code",
+        "subcalls",
+        "output",
+        "usage",
+        "thought",
+        "code",
+        "output",
+        "answer",
+        "usage",
+        "final",
+    ]
     progress = [e.data for e in events if e.event == "subcalls"]
     assert len(progress) >= 2 and progress[0]["done"] == 0 and progress[-1]["done"] == progress[-1]["total"] == 4
     final = events[-1].data
@@ -72,8 +86,10 @@ def test_file_of_50_mb_reaches_the_repl_whole(live: LiveServer) -> None:
     size = 50 * 1024 * 1024
     line = b"0123456789abcdefghijklmnopqrstuvwxyz log line with some text\n"
     blob = (line * (size // len(line) + 1))[:size]
-    prompt = script({"code": ["print(len(context), context.count('\\n'))"]},
-                    {"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    prompt = script(
+        {"code": ["print(len(context), context.count('\\n'))"]},
+        {"code": ["answer.update(content=str(len(context)), ready=True)"]},
+    )
     response, events = stream_run(live.url, data={"prompt": prompt}, files={"input_file": ("big.log", blob)})
     assert response.status_code == 200, response.text
     newlines = blob.count(b"\n")
@@ -124,8 +140,10 @@ def test_oversized_upload_refused_early_without_memory_growth(fake: FakeOpenAI) 
         assert status == 413 and b"RLM_MAX_INPUT_BYTES" in body
         before = rss_bytes()
         boundary = "b0undary"
-        preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n"
-                    f"--{boundary}\r\nContent-Disposition: form-data; name=\"input_file\"; filename=\"f\"\r\n\r\n")
+        preamble = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="input_file"; filename="f"\r\n\r\n'
+        )
         sent = 0
 
         def body_chunks() -> Any:
@@ -149,11 +167,14 @@ def test_events_are_numbered_and_keep_alive_comments_fill_the_silences(fake: Fak
     sleeps 1.1 s, and never more than one per 0.2 s of the whole stream. Mutants caught: no pings; pings
     ten times as often (more pings than 0.2 s periods)."""
     with LiveServer(make_settings(fake), ping_s=0.2) as server:
-        prompt = script({"code": ["import time\ntime.sleep(1.1)"]},
-                        {"code": ["answer.update(content='ok', ready=True)"]})
+        prompt = script(
+            {"code": ["import time\ntime.sleep(1.1)"]}, {"code": ["answer.update(content='ok', ready=True)"]}
+        )
         started = time.monotonic()
-        with httpx2.Client(timeout=30) as client, client.stream("POST", f"{server.url}/process",
-                                                                json={"prompt": prompt}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": prompt}) as response,
+        ):
             assert response.headers["content-type"].startswith("text/event-stream")
             assert response.headers["cache-control"] == "no-cache"
             body = response.read().decode()
@@ -166,10 +187,10 @@ def test_events_are_numbered_and_keep_alive_comments_fill_the_silences(fake: Fak
     events = [m for m in messages if m.startswith("id: ")]
     assert all(re.fullmatch(r"id: \d+\nevent: [a-z]+\ndata: \{.*\}", m) for m in events), events
     assert [int(m.split("\n")[0][4:]) for m in events] == list(range(1, len(events) + 1))
-    kinds = [m.split("\n")[1][len("event: "):] for m in events]
+    kinds = [m.split("\n")[1][len("event: ") :] for m in events]
     assert kinds[0] == "start" and kinds[-1] == "final"
-    sleeping = messages[messages.index(next(m for m in events if "event: code" in m)) + 1:]
-    sleeping = sleeping[:sleeping.index(next(m for m in sleeping if "event: output" in m))]
+    sleeping = messages[messages.index(next(m for m in events if "event: code" in m)) + 1 :]
+    sleeping = sleeping[: sleeping.index(next(m for m in sleeping if "event: output" in m))]
     assert len(sleeping) >= 3 and set(sleeping) == {": ping"}, sleeping  # the cell's 1.1 s of silence
 
 
@@ -180,8 +201,10 @@ def test_closing_the_client_cancels_the_run(fake: FakeOpenAI) -> None:
     fake.sub_latency = 0.3
     with LiveServer(make_settings(fake, rlm_subcall_concurrency=2, rlm_exec_timeout_s=600)) as server:
         prompt = script({"code": ["replies = llm_batch([f'q{i}' for i in range(2000)])"]})
-        with httpx2.Client(timeout=30) as client, client.stream("POST", f"{server.url}/process",
-                                                                json={"prompt": prompt}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": prompt}) as response,
+        ):
             for event in parse_sse(response.iter_lines()):
                 if event.event == "subcalls" and event.data["done"] >= 2:
                     break
@@ -192,8 +215,14 @@ def test_closing_the_client_cancels_the_run(fake: FakeOpenAI) -> None:
 
 
 def test_twenty_concurrent_runs_do_not_cross_talk(live: LiveServer) -> None:
-    prompt = script({"code": ["import time\ntime.sleep(0.2)\nreply = llm_query('echo ' + context)\n"
-                              "answer.update(content=context + ' | ' + reply, ready=True)"]})
+    prompt = script(
+        {
+            "code": [
+                "import time\ntime.sleep(0.2)\nreply = llm_query('echo ' + context)\n"
+                "answer.update(content=context + ' | ' + reply, ready=True)"
+            ]
+        }
+    )
     results: dict[int, list[Any]] = {}
 
     def one(index: int) -> None:
@@ -218,8 +247,9 @@ def test_token_guards_process_and_api(fake: FakeOpenAI) -> None:
         assert httpx2.get(f"{server.url}/api/config").status_code == 401
         assert httpx2.get(f"{server.url}/health").status_code == 200
         assert httpx2.get(f"{server.url}/").status_code == 200
-        response, events = stream_run(server.url, json_body={"prompt": "x"},
-                                      headers={"Authorization": "Bearer s3cret-token"})
+        response, events = stream_run(
+            server.url, json_body={"prompt": "x"}, headers={"Authorization": "Bearer s3cret-token"}
+        )
         assert response.status_code == 200 and events[-1].event == "final"
 
 
@@ -233,10 +263,14 @@ def test_one_megabyte_split_in_twenty_and_batched(fake: FakeOpenAI) -> None:
 
     fake.sub = sub
     fake.root = lambda messages, body: [
-        {"code": ["size = len(context) // 20 + 1\n"
-                  "chunks = [context[i * size:(i + 1) * size] for i in range(20)]\n"
-                  "replies = llm_batch([f'chunk {i}\\n{c}' for i, c in enumerate(chunks)])\n"
-                  "print(replies[:3])"]},
+        {
+            "code": [
+                "size = len(context) // 20 + 1\n"
+                "chunks = [context[i * size:(i + 1) * size] for i in range(20)]\n"
+                "replies = llm_batch([f'chunk {i}\\n{c}' for i, c in enumerate(chunks)])\n"
+                "print(replies[:3])"
+            ]
+        },
         {"code": ["answer['content'] = '\\n'.join(replies)\nanswer['ready'] = True"]},
     ][sum(1 for m in messages if m.get("role") == "assistant")]
     with LiveServer(make_settings(fake)) as server:
@@ -262,6 +296,7 @@ def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI, monk
 
     def leftovers() -> list[str]:
         return run_leftovers(tmp) + [path.name for path in instance.iterdir()]
+
     with LiveServer(make_settings(fake, rlm_max_input_bytes=1024 * 1024)) as server:
         ok = script({"code": ["answer.update(content='ok', ready=True)"]})
         stream_run(server.url, data={"prompt": ok}, files={"input_file": ("a.txt", b"hello")})
@@ -273,12 +308,17 @@ def test_temporary_files_are_removed_whatever_the_outcome(fake: FakeOpenAI, monk
         too_big = post_process(server.url, data={"prompt": "x"}, files={"input_file": ("c.txt", big)})
         assert too_big.status_code == 413
         for limits in ('{"max_iterations": 0}', '{"max_iterations": 999}'):  # refused while parsing; after
-            refused = post_process(server.url, files={"prompt": (None, "x"), "settings": (None, limits),
-                                                      "input_file": ("d.txt", b"hello")})
+            refused = post_process(
+                server.url, files={"prompt": (None, "x"), "settings": (None, limits), "input_file": ("d.txt", b"hello")}
+            )
             assert refused.status_code == 422
         slow = script({"code": ["import time\ntime.sleep(30)"]})
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process", data={"prompt": slow}, files={"input_file": ("e.txt", b"hi")}) as r:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream(
+                "POST", f"{server.url}/process", data={"prompt": slow}, files={"input_file": ("e.txt", b"hi")}
+            ) as r,
+        ):
             assert next(e for e in parse_sse(r.iter_lines()) if e.event in ("code", "final", "error")).event == "code"
             assert any(path.name.startswith("run-") for path in instance.iterdir())  # we watch the right place
         assert wait_until(lambda: not leftovers(), timeout=30), leftovers()

@@ -90,7 +90,8 @@ def test_b12_every_follower_of_the_killed_replica_hears_lost(tmp_path: Path, pg_
     """Mutant caught: no sweeper (the followers of the killed replica's runs wait until the benchmark gives up
     on them)."""
     with fake_server(latency=0.05, sub_latency=0.02) as server:
-        result = fleet_bench.b12_failover(server, database_url=pg_url, runs_each=2, timeout_s=3, turns=12,
-                                          work=tmp_path)
+        result = fleet_bench.b12_failover(
+            server, database_url=pg_url, runs_each=2, timeout_s=3, turns=12, work=tmp_path
+        )
     assert result["followers"] == 4 and result["lost"] == 4 and result["within"] == 4
     assert result["others"] == result["others_final"] == 2

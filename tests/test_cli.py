@@ -32,16 +32,31 @@ colours by an 8-bit CSI, returns the carriage and backspaces over it, and holds 
 TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
-def _cli(*args: str, env: dict[str, str], stdin: bytes | None = b"", cwd: Path = REPO,
-         timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "rlm_service", *args], env=env, input=stdin,
-                          capture_output=True, timeout=timeout, cwd=cwd)
+def _cli(
+    *args: str, env: dict[str, str], stdin: bytes | None = b"", cwd: Path = REPO, timeout: float = 120
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "rlm_service", *args],
+        env=env,
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def _cli_env(fake: FakeOpenAI | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "RLM_"))}
-    env.update({"PYTHONPATH": str(REPO / "backend"), "OPENAI_MODEL_NAME": "root-model",
-                "OPENAI_SUB_MODEL_NAME": "sub-model", "RLM_WORKER_PRELOAD": "numpy", "RLM_HISTORY_DB": "off", **extra})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO / "backend"),
+            "OPENAI_MODEL_NAME": "root-model",
+            "OPENAI_SUB_MODEL_NAME": "sub-model",
+            "RLM_WORKER_PRELOAD": "numpy",
+            "RLM_HISTORY_DB": "off",
+            **extra,
+        }
+    )
     if fake is not None:
         env["OPENAI_API_BASE"] = fake.url
     return env
@@ -130,8 +145,11 @@ def test_hostile_output_cannot_drive_the_terminal(fake: FakeOpenAI, mode: str) -
     and U+2028 inside an event's data does not break the stream apart.
     Mutants: `printable` returning its text unchanged; `json_line` without its escapes; the decoder
     splitting lines with `str.splitlines` (which splits at U+2028)."""
-    prompt = script({"code": [f'evil = "{HOSTILE}"\nprint(evil)']}, {"code": ["raise ValueError(evil)"]},
-                    {"code": ["answer.update(content='A' + evil, ready=True)"]})
+    prompt = script(
+        {"code": [f'evil = "{HOSTILE}"\nprint(evil)']},
+        {"code": ["raise ValueError(evil)"]},
+        {"code": ["answer.update(content='A' + evil, ready=True)"]},
+    )
     with LiveServer(make_settings(fake)) as server:
         where = ["--server", server.url] if mode == "server" else []
         shown = _cli("run", prompt, *where, env=_cli_env(fake))
@@ -182,13 +200,24 @@ def test_the_stream_is_read_as_the_event_stream_format_says() -> None:
     events and fields pass by; a final `note` (the root model wrote no code) is printed plainly.
     Mutant: the printer without `_note`."""
     note = "The root model wrote no code in 2 replies: use a stronger root model, or RLM_ROOT_PROTOCOL=text."
-    final = {"run_id": "r1", "seq": 4, "answer": "prose", "ready": False, "iterations": 2, "elapsed_ms": 5,
-             "usage": {"root": {"requests": 2}, "sub": {"requests": 0}}, "note": note, "new_field": [1]}
-    body = (b': keep-alive\r\n\r\n'
-            b'id: 1\r\nevent: start\r\ndata: {"run_id": "r1", "seq": 1,\r\ndata:  "model": "m"}\r\n\r\n'
-            b'id: 2\revent: novelty\rdata: {"run_id": "r1", "seq": 2}\r\r'
-            b'id: 3\nevent: thought\ndata: {"run_id": "r1", "seq": 3, "iteration": 1, "text": "I will not code"}\n\n'
-            b"id: 4\nevent: final\ndata: " + json.dumps(final).encode() + b"\n\n")
+    final = {
+        "run_id": "r1",
+        "seq": 4,
+        "answer": "prose",
+        "ready": False,
+        "iterations": 2,
+        "elapsed_ms": 5,
+        "usage": {"root": {"requests": 2}, "sub": {"requests": 0}},
+        "note": note,
+        "new_field": [1],
+    }
+    body = (
+        b": keep-alive\r\n\r\n"
+        b'id: 1\r\nevent: start\r\ndata: {"run_id": "r1", "seq": 1,\r\ndata:  "model": "m"}\r\n\r\n'
+        b'id: 2\revent: novelty\rdata: {"run_id": "r1", "seq": 2}\r\r'
+        b'id: 3\nevent: thought\ndata: {"run_id": "r1", "seq": 3, "iteration": 1, "text": "I will not code"}\n\n'
+        b"id: 4\nevent: final\ndata: " + json.dumps(final).encode() + b"\n\n"
+    )
     with sse_server(200, "text/event-stream; charset=utf-8", body) as url:
         shown = _cli("run", "task", "--server", url, env=_cli_env())
         as_json = _cli("run", "task", "--server", url, "--json", env=_cli_env())
@@ -207,12 +236,17 @@ def test_the_decoder_gives_the_same_events_however_the_stream_is_cut() -> None:
     pieces is one line end, a UTF-8 character cut between two pieces is whole, and U+2028, U+0085 and a
     form feed stay inside their data line. Mutants: lines split with `str.splitlines`; the decoder without
     `_skip_lf`."""
-    stream = ('id: 1\r\nevent: output\r\ndata: {"text": "a\u2028b\u0085c\x0cd é"}\r\n\r\n'
-              ": comment\r\rdata: first\rdata: second\r\rid: 7\ndata: {}\n\n").encode()
-    expected = [StreamedEvent("output", '{"text": "a\u2028b\u0085c\x0cd é"}', "1"),
-                StreamedEvent("message", "first\nsecond", "1"), StreamedEvent("message", "{}", "7")]
+    stream = (
+        'id: 1\r\nevent: output\r\ndata: {"text": "a\u2028b\u0085c\x0cd é"}\r\n\r\n'
+        ": comment\r\rdata: first\rdata: second\r\rid: 7\ndata: {}\n\n"
+    ).encode()
+    expected = [
+        StreamedEvent("output", '{"text": "a\u2028b\u0085c\x0cd é"}', "1"),
+        StreamedEvent("message", "first\nsecond", "1"),
+        StreamedEvent("message", "{}", "7"),
+    ]
     rng = random.Random(0)
-    cuts = [[stream], [stream[i:i + 1] for i in range(len(stream))]]
+    cuts = [[stream], [stream[i : i + 1] for i in range(len(stream))]]
     for _ in range(50):
         points = sorted(rng.sample(range(1, len(stream)), 8))
         cuts.append([stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)])
@@ -222,7 +256,7 @@ def test_the_decoder_gives_the_same_events_however_the_stream_is_cut() -> None:
 
 
 def test_figures_are_saved_when_asked(fake: FakeOpenAI, tmp_path: Path) -> None:
-    plot = ("import matplotlib.pyplot as plt\nplt.hist([1, 2, 2, 3])\nplt.show()")
+    plot = "import matplotlib.pyplot as plt\nplt.hist([1, 2, 2, 3])\nplt.show()"
     prompt = script({"code": [plot]}, {"code": ["answer.update(content='plotted', ready=True)"]})
     result = _cli("run", prompt, "--save-figures", str(tmp_path / "figs"), env=_cli_env(fake))
     assert result.returncode == 0, result.stderr.decode()
@@ -256,10 +290,18 @@ def _parse_books(text: str) -> list[Book]:
         year = re.fullmatch(r"(\d+)(?: \((\d+)\. ed\.\))?", fields["year"])
         assert year is not None
         price = fields.get("price")
-        books.append(Book(int(block[0]), fields["title"], tuple(fields["by"].split("; ")), int(year.group(1)),
-                          int(year.group(2)) if year.group(2) else None,
-                          float(price[1:].replace(",", ".")) if price else None, fields["shelf"],
-                          fields.get("notes", "")))
+        books.append(
+            Book(
+                int(block[0]),
+                fields["title"],
+                tuple(fields["by"].split("; ")),
+                int(year.group(1)),
+                int(year.group(2)) if year.group(2) else None,
+                float(price[1:].replace(",", ".")) if price else None,
+                fields["shelf"],
+                fields.get("notes", ""),
+            )
+        )
     return books
 
 
@@ -297,8 +339,7 @@ def test_the_readme_demos_run_as_written(fake: FakeOpenAI, tmp_path: Path) -> No
     launcher.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m rlm_service "$@"\n')
     launcher.chmod(0o755)
     env = _cli_env(fake, RLM_MAX_ITERATIONS="4", RLM_WORKER_PRELOAD="numpy,matplotlib.pyplot")
-    result = subprocess.run(["bash", "-e", "-c", commands], cwd=tmp_path, env=env, capture_output=True,
-                            timeout=180)
+    result = subprocess.run(["bash", "-e", "-c", commands], cwd=tmp_path, env=env, capture_output=True, timeout=180)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert result.stderr.decode().count("done: ") == 3
     assert (tmp_path / "app.log").stat().st_size > 1_000_000
@@ -306,9 +347,11 @@ def test_the_readme_demos_run_as_written(fake: FakeOpenAI, tmp_path: Path) -> No
 
 # --- runs on a service: re-attaching, Ctrl-C, attach, cancel, sessions ---------------------------------------
 
-SLOW = script({"code": ["import time\nfor i in range(3):\n    time.sleep(0.2)\n    print(i)"]},
-              {"code": ["replies = llm_batch([f'q{i}' for i in range(6)])\nprint(len(replies))"]},
-              {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]})
+SLOW = script(
+    {"code": ["import time\nfor i in range(3):\n    time.sleep(0.2)\n    print(i)"]},
+    {"code": ["replies = llm_batch([f'q{i}' for i in range(6)])\nprint(len(replies))"]},
+    {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]},
+)
 """Three iterations with a few pauses: connections can drop while it is live."""
 
 
@@ -361,7 +404,7 @@ class CuttingProxy:
                 if at < 0:
                     client.sendall(data)
                     continue
-                client.sendall(data[:len(data) - (len(seen) - at - len(marker))])
+                client.sendall(data[: len(data) - (len(seen) - at - len(marker))])
                 if self.gone_after_cut:  # shut down first: a close alone leaves a blocked accept() listening
                     self._close(self.listener)
                 break
@@ -378,9 +421,15 @@ def _server_events(url: str, run_id: str) -> list[dict[str, object]]:
         return [{"event": event.event, **event.data} for event in parse_sse(response.iter_lines())]
 
 
-@pytest.mark.parametrize("cuts", [[b"event: code\n"], [b"event: output\n", b"event: usage\n"],
-                                  [b"event: subcalls\n", b"id: 9\n", b"event: final\n"]],
-                         ids=["mid-cell", "twice", "three-times-and-at-the-terminal-event"])
+@pytest.mark.parametrize(
+    "cuts",
+    [
+        [b"event: code\n"],
+        [b"event: output\n", b"event: usage\n"],
+        [b"event: subcalls\n", b"id: 9\n", b"event: final\n"],
+    ],
+    ids=["mid-cell", "twice", "three-times-and-at-the-terminal-event"],
+)
 def test_a_dropped_connection_is_reattached_without_a_gap_or_a_repeat(fake: FakeOpenAI, cuts: list[bytes]) -> None:
     """The connection drops mid-event (once, twice, three times, the last at the terminal event); the command
     re-attaches by itself and prints every event of the run exactly once, in order, as the service has it.
@@ -410,8 +459,11 @@ def test_a_dropped_connection_reads_the_same_to_a_person(fake: FakeOpenAI) -> No
     assert result.returncode == 0 and result.stdout.decode() == "done: 6\n", stderr
     assert [stderr.count(f"[{i}] >>> ") for i in (1, 2, 3)] == [1, 1, 1], stderr
     assert stderr.count("    0\n    1\n    2") == 1 and stderr.count("done: ready") == 1, stderr
-    assert re.search(r"the connection to \S+ broke \(.+\) \(after event 2 of run \w+; .+\); re-attaching\n"
-                     r"re-attached to run \w+ after event 2\n", stderr), stderr
+    assert re.search(
+        r"the connection to \S+ broke \(.+\) \(after event 2 of run \w+; .+\); re-attaching\n"
+        r"re-attached to run \w+ after event 2\n",
+        stderr,
+    ), stderr
 
 
 def test_when_the_server_stays_gone_the_command_says_how_to_go_on(fake: FakeOpenAI) -> None:
@@ -426,8 +478,9 @@ def test_when_the_server_stays_gone_the_command_says_how_to_go_on(fake: FakeOpen
         hint = re.search(r"`rlm-service attach (\w+) --server (\S+) --after (\d+)` goes on from there", stderr)
         assert first.returncode == 1 and hint is not None and "gave up re-attaching after 1 s" in stderr, stderr
         assert hint.group(2) == proxy.url
-        rest = _cli("attach", hint.group(1), "--server", server.url, "--after", hint.group(3), "--json",
-                    env=_cli_env(fake))
+        rest = _cli(
+            "attach", hint.group(1), "--server", server.url, "--after", hint.group(3), "--json", env=_cli_env(fake)
+        )
         kept = _server_events(server.url, hint.group(1))
     assert rest.returncode == 0, rest.stderr.decode()
     assert _json_events(first.stdout) + _json_events(rest.stdout) == kept and kept[-1]["event"] == "final"
@@ -446,8 +499,14 @@ class CliProcess:
     """The CLI as a process whose stderr is read line by line as it comes; `coding` is set at `[1] >>> `."""
 
     def __init__(self, *args: str, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "rlm_service", *args], env=env, cwd=REPO,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rlm_service", *args],
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self.lines: list[str] = []
         self.coding = threading.Event()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -480,8 +539,12 @@ def test_ctrl_c_cancels_the_run_on_the_service(fake: FakeOpenAI, command: str) -
         if command == "run":
             cli = CliProcess("run", sleepy, "--server", server.url, env=_cli_env(fake))
         else:
-            with httpx2.Client(timeout=60) as client, client.stream(
-                    "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}) as response:
+            with (
+                httpx2.Client(timeout=60) as client,
+                client.stream(
+                    "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}
+                ) as response,
+            ):
                 run_id = next(parse_sse(response.iter_lines())).data["run_id"]
             cli = CliProcess("attach", run_id, "--server", server.url, env=_cli_env(fake))
         assert cli.coding.wait(60), "".join(cli.lines)
@@ -502,16 +565,24 @@ def test_attach_and_cancel(fake: FakeOpenAI) -> None:
     env = _cli_env(fake)
     sleepy = script({"code": ["import time\ntime.sleep(30)"]})
     with LiveServer(make_settings(fake)) as server:
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": SLOW, "settings": {"detach": True}}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream(
+                "POST", f"{server.url}/process", json={"prompt": SLOW, "settings": {"detach": True}}
+            ) as response,
+        ):
             run_id = next(parse_sse(response.iter_lines())).data["run_id"]
         whole = _cli("attach", run_id, "--server", server.url, "--json", env=env)
         tail = _cli("attach", run_id, "--server", server.url, "--after", "3", "--json", env=env)
         shown = _cli("attach", run_id, "--server", server.url, env=env)
         unknown = _cli("attach", "0123456789abcdef", "--server", server.url, env=env)
         ended = _cli("cancel", run_id, "--server", server.url, env=env)
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream(
+                "POST", f"{server.url}/process", json={"prompt": sleepy, "settings": {"detach": True}}
+            ) as response,
+        ):
             live_id = next(parse_sse(response.iter_lines())).data["run_id"]
         cancelled = _cli("cancel", live_id, "--server", server.url, env=env)
         after = _cli("attach", live_id, "--server", server.url, "--json", env=env)
@@ -532,8 +603,10 @@ def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: P
     Mutant: `run --follow-up` posting without `session_id` (its cell then finds no variables)."""
     data = tmp_path / "in.txt"
     data.write_text("".join(f"record {i}: value={i * 7}\n" for i in range(200)))
-    first = script({"code": ["records = context.splitlines()\ntotal = sum(int(l.split('=')[1]) for l in records)"]},
-                   {"code": ["answer.update(content=str(total), ready=True)"]})
+    first = script(
+        {"code": ["records = context.splitlines()\ntotal = sum(int(l.split('=')[1]) for l in records)"]},
+        {"code": ["answer.update(content=str(total), ready=True)"]},
+    )
     second = script({"code": ["answer.update(content=str(len(records)), ready=True)"]})
     third = script({"code": ["answer.update(content=f'{total // len(records)} on average', ready=True)"]})
     env = _cli_env(fake)
@@ -548,8 +621,9 @@ def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: P
         gone = _cli("run", second, "--follow-up", session_id, "--server", server.url, env=env)
         gone_show = _cli("session", session_id, "--server", server.url, env=env)
     assert one.returncode == 0 and _json_events(one.stdout)[-1]["answer"] == str(sum(i * 7 for i in range(200)))
-    assert (f"session {session_id}: ask more with `rlm-service run QUESTION --follow-up {session_id} "
-            f"--server {server.url}`") in one.stderr.decode()
+    assert (
+        f"session {session_id}: ask more with `rlm-service run QUESTION --follow-up {session_id} --server {server.url}`"
+    ) in one.stderr.decode()
     assert two.returncode == 0 and two.stdout.decode() == "200\n", two.stderr.decode()
     assert f"in session {session_id}: " in two.stderr.decode()
     assert f"session {session_id}: ask more" in two.stderr.decode()
@@ -580,8 +654,10 @@ def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> No
         both = _cli("run", "q", "--follow-up", "s1", "--session", "--server", server.url, env=env)
         one = _cli("run", done, "--server", server.url, "--session", "--json", env=env)
         session_id = str(_json_events(one.stdout)[0]["session_id"])
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as response,
+        ):
             events = parse_sse(response.iter_lines())
             live_id = next(events).data["run_id"]
             busy = _cli("run", "q", "--follow-up", session_id, "--server", server.url, env=env)
@@ -590,12 +666,16 @@ def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> No
     assert with_input.returncode == 2 and "give no --input" in with_input.stderr.decode()
     assert local.returncode == 2 and "--follow-up needs --server" in local.stderr.decode()
     assert both.returncode == 2 and "not allowed with argument" in both.stderr.decode()
-    for refused, consequence in ((busy, "a session answers one question at a time"),
-                                 (busy_end, "it cannot end while a run of it is going")):
+    for refused, consequence in (
+        (busy, "a session answers one question at a time"),
+        (busy_end, "it cannot end while a run of it is going"),
+    ):
         stderr = refused.stderr.decode()
         assert refused.returncode == 2, stderr
-        assert (f"run {live_id} of session {session_id} is still going: {consequence}; follow it with "
-                f"`rlm-service attach {live_id} --server {server.url}`") in stderr
+        assert (
+            f"run {live_id} of session {session_id} is still going: {consequence}; follow it with "
+            f"`rlm-service attach {live_id} --server {server.url}`"
+        ) in stderr
 
 
 def test_a_session_without_a_service_reads_follow_ups_from_stdin(fake: FakeOpenAI, tmp_path: Path) -> None:
@@ -608,8 +688,7 @@ def test_a_session_without_a_service_reads_follow_ups_from_stdin(fake: FakeOpenA
     second = script({"code": ["answer.update(content=str(len(lines)), ready=True)"]})
     third = script({"code": ["lines.append('d')\nanswer.update(content=','.join(lines), ready=True)"]})
     env = _cli_env(fake)
-    result = _cli("run", first, "--input", str(data), "--session", env=env,
-                  stdin=f"{second}\n\n{third}\n".encode())
+    result = _cli("run", first, "--input", str(data), "--session", env=env, stdin=f"{second}\n\n{third}\n".encode())
     piped = _cli("run", first, "--session", env=env, stdin=b"the input")
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
@@ -628,10 +707,16 @@ def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
     unchanged; the session listing writing `live_run` without it."""
     start = {"run_id": HOSTILE_ID, "seq": 1, "session_id": HOSTILE_ID, "model": "m"}
     final = {"run_id": HOSTILE_ID, "seq": 2, "answer": "ok", "ready": True, "iterations": 1, "elapsed_ms": 1}
-    stream = (f"id: 1\nevent: start\ndata: {json.dumps(start)}\n\n"
-              f"id: 2\nevent: final\ndata: {json.dumps(final)}\n\n").encode()
-    described = {"id": HOSTILE_ID, "runs": [HOSTILE_ID], "live_run": HOSTILE_ID, "expires_at": 2e9,
-                 "input": {"chars": 1, "lines": 1}}
+    stream = (
+        f"id: 1\nevent: start\ndata: {json.dumps(start)}\n\nid: 2\nevent: final\ndata: {json.dumps(final)}\n\n"
+    ).encode()
+    described = {
+        "id": HOSTILE_ID,
+        "runs": [HOSTILE_ID],
+        "live_run": HOSTILE_ID,
+        "expires_at": 2e9,
+        "input": {"chars": 1, "lines": 1},
+    }
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -658,9 +743,11 @@ def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        results = [_cli("run", "task", "--server", url, "--session", env=_cli_env()),
-                   _cli("session", HOSTILE_ID, "--server", url, env=_cli_env()),
-                   _cli("session", HOSTILE_ID, "--end", "--server", url, env=_cli_env())]
+        results = [
+            _cli("run", "task", "--server", url, "--session", env=_cli_env()),
+            _cli("session", HOSTILE_ID, "--server", url, env=_cli_env()),
+            _cli("session", HOSTILE_ID, "--end", "--server", url, env=_cli_env()),
+        ]
     finally:
         server.shutdown()
         server.server_close()

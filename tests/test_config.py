@@ -30,10 +30,18 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert str(error.value).startswith("RLM_MAX_ITERATIONS:") and "'many'" in str(error.value)
 
 
-@pytest.mark.parametrize(("name", "value"), [("RLM_REPL", "docker"), ("OPENAI_API_BASE", "ftp://x"),
-                                             ("OPENAI_BASE_URL", "ftp://x"),
-                                             ("RLM_WORKER_NETWORK", "maybe"), ("PORT", "99999"),
-                                             ("HTTPS_PROXY", "socks5://proxy:1080"), ("HTTP_PROXY", "http://p:port")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RLM_REPL", "docker"),
+        ("OPENAI_API_BASE", "ftp://x"),
+        ("OPENAI_BASE_URL", "ftp://x"),
+        ("RLM_WORKER_NETWORK", "maybe"),
+        ("PORT", "99999"),
+        ("HTTPS_PROXY", "socks5://proxy:1080"),
+        ("HTTP_PROXY", "http://p:port"),
+    ],
+)
 def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
         monkeypatch.delenv(other, raising=False)
@@ -42,8 +50,7 @@ def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, 
         load_settings(_env_file=None)
 
 
-def test_a_bad_value_in_the_env_file_is_named_as_written_there(monkeypatch: pytest.MonkeyPatch,
-                                                                tmp_path: Path) -> None:
+def test_a_bad_value_in_the_env_file_is_named_as_written_there(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
         monkeypatch.delenv(other, raising=False)
     (tmp_path / ".env").write_text("OPENAI_BASE_URL=ftp://x\n")
@@ -61,7 +68,8 @@ def test_a_bad_proxy_is_named_without_its_password(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_database_url_picks_postgresql_and_a_bad_one_is_named_without_its_password(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("RLM_DATABASE_URL", "mysql://rlm:hunter2@db:3306/rlm")
     with pytest.raises(ConfigError, match=r"^RLM_DATABASE_URL: must be a PostgreSQL URL") as error:
         load_settings(_env_file=None)
@@ -77,9 +85,11 @@ def test_env_file_and_aliases_are_read(tmp_path: Path, monkeypatch: pytest.Monke
     for key in list(os.environ):
         if key.startswith(("OPENAI_", "RLM_")):
             monkeypatch.delenv(key)
-    (tmp_path / ".env").write_text("OPENAI_BASE_URL=http://localhost:11434/v1\nOPENAI_MODEL_NAME=llama3\n"
-                                   "RLM_MAX_INPUT_BYTES=500MB\nRLM_CORS_ORIGINS=http://a.test, http://b.test\n"
-                                   "OPENAI_SUB_MODEL_NAME=\n")
+    (tmp_path / ".env").write_text(
+        "OPENAI_BASE_URL=http://localhost:11434/v1\nOPENAI_MODEL_NAME=llama3\n"
+        "RLM_MAX_INPUT_BYTES=500MB\nRLM_CORS_ORIGINS=http://a.test, http://b.test\n"
+        "OPENAI_SUB_MODEL_NAME=\n"
+    )
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert settings.openai_api_base == "http://localhost:11434/v1"
@@ -101,20 +111,31 @@ def test_remote_endpoint_without_key_is_a_setup_problem() -> None:
 
 
 def test_main_fails_at_start_with_one_line() -> None:
-    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(RLM_EXEC_TIMEOUT_S="-3"),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(MAIN)], env=clean_env(RLM_EXEC_TIMEOUT_S="-3"), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Configuration error: RLM_EXEC_TIMEOUT_S:")
 
 
 def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
-    env = clean_env(HOST="127.0.0.1", OPENAI_API_KEY="sk-hide-me-123", OPENAI_API_BASE="http://127.0.0.1:9/v1",
-                    OPENAI_MODEL_NAME="m", RLM_HISTORY_DB=str(tmp_path / "history.sqlite3"))
+    env = clean_env(
+        HOST="127.0.0.1",
+        OPENAI_API_KEY="sk-hide-me-123",
+        OPENAI_API_BASE="http://127.0.0.1:9/v1",
+        OPENAI_MODEL_NAME="m",
+        RLM_HISTORY_DB=str(tmp_path / "history.sqlite3"),
+    )
 
     def start(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, str(MAIN)], env={**env, "PORT": str(port)}, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, str(MAIN)],
+            env={**env, "PORT": str(port)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
 
     def healthy(port: int) -> bool:
         try:
@@ -144,8 +165,11 @@ def test_env_example_is_a_valid_env_file(tmp_path: Path, monkeypatch: pytest.Mon
     settings = load_settings()
     assert settings.root_model == "gpt-4.1" and settings.rlm_max_depth == 1 and settings.rlm_prices == {}
     assert settings.rlm_run_timeout_s is None and settings.history_path is not None
-    names = {line.split("=", 1)[0] for line in (MAIN.parents[1] / ".env.example").read_text().splitlines()
-             if line and not line.startswith("#")}
+    names = {
+        line.split("=", 1)[0]
+        for line in (MAIN.parents[1] / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     documented = {name.upper() for name in Settings.model_fields} | {"OPENAI_API_BASE"}
     assert names <= documented
     assert {name.upper() for name in Settings.model_fields} - {"OPENAI_API_BASE"} <= names | {"OPENAI_API_BASE"}
@@ -159,11 +183,14 @@ def test_prices_are_read_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_main_keeps_the_collector_off_the_imported_modules() -> None:
     """The service's process leaves what it imported to the permanent generation, so that a full garbage
     collection during runs walks only what runs create (it used to stall the event loop for ~100 ms)."""
-    probe = ("import gc, sys; sys.path.insert(0, sys.argv[1]); import main; "
-             "from rlm_service.runtime import GC_YOUNG_THRESHOLD; "
-             "print(gc.get_freeze_count(), len(gc.get_objects()), gc.get_threshold()[0], GC_YOUNG_THRESHOLD)")
-    result = subprocess.run([sys.executable, "-c", probe, str(MAIN.parent)], env=clean_env(), capture_output=True,
-                            text=True, timeout=60)
+    probe = (
+        "import gc, sys; sys.path.insert(0, sys.argv[1]); import main; "
+        "from rlm_service.runtime import GC_YOUNG_THRESHOLD; "
+        "print(gc.get_freeze_count(), len(gc.get_objects()), gc.get_threshold()[0], GC_YOUNG_THRESHOLD)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe, str(MAIN.parent)], env=clean_env(), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     frozen, walked, threshold, configured = map(int, result.stdout.split())
     assert frozen > 50_000 and walked < frozen / 5
@@ -175,8 +202,13 @@ def _start_main(cwd: Path, **env: str) -> tuple[dict[str, object], str]:
     env = clean_env(RLM_LOG_LEVEL="info", RLM_HISTORY_DB="off", **env)
 
     def start(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, str(MAIN)], cwd=cwd, stderr=subprocess.PIPE,
-                                stdout=subprocess.DEVNULL, env={**env, "PORT": str(port)})
+        return subprocess.Popen(
+            [sys.executable, str(MAIN)],
+            cwd=cwd,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            env={**env, "PORT": str(port)},
+        )
 
     def serving(port: int) -> bool:
         try:
@@ -199,8 +231,10 @@ def test_both_env_files_are_read_and_named_at_start(tmp_path: Path) -> None:
     Mutant: ENV_FILES without "backend/.env"."""
     (tmp_path / "backend").mkdir()
     (tmp_path / ".env").write_text("OPENAI_MODEL_NAME=from-root\n")
-    (tmp_path / "backend" / ".env").write_text("OPENAI_MODEL_NAME=from-backend\nOPENAI_API_BASE=http://127.0.0.1:9/v1\n"
-                                               "OPENAI_SUB_MODEL_NAME=sub-from-backend\n")
+    (tmp_path / "backend" / ".env").write_text(
+        "OPENAI_MODEL_NAME=from-backend\nOPENAI_API_BASE=http://127.0.0.1:9/v1\n"
+        "OPENAI_SUB_MODEL_NAME=sub-from-backend\n"
+    )
     config, log = _start_main(tmp_path)
     assert config["model"] == "from-root" and config["sub_model"] == "sub-from-backend"
     assert "Settings read from the environment, then .env, then backend/.env: the first that sets a variable" in log
@@ -218,11 +252,18 @@ def test_no_env_file_is_said_too(tmp_path: Path) -> None:
 def test_a_value_that_must_be_json_is_named_in_one_line(tmp_path: Path) -> None:
     """`RLM_PRICES='{bad json'` in the environment or a `.env` file: one line naming it, no traceback.
     Mutant: `load_settings` without its `SettingsError` case."""
-    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(RLM_PRICES="{bad json"), capture_output=True,
-                            text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(MAIN)],
+        env=clean_env(RLM_PRICES="{bad json"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2 and result.stderr.strip().split("\n") == [
         "Configuration error: RLM_PRICES: must be JSON (Expecting property name enclosed in double quotes: "
-        "line 1 column 2 (char 1))"]
+        "line 1 column 2 (char 1))"
+    ]
     (tmp_path / "backend").mkdir()
     (tmp_path / "backend" / ".env").write_text("RLM_PRICES=[1, 2\n")
     with pytest.raises(ConfigError, match=r"^RLM_PRICES: must be JSON"):

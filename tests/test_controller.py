@@ -44,9 +44,15 @@ def scripted(*turns: Turn, seen: list[list[ModelMessage]] | None = None) -> Func
     return FunctionModel(respond)
 
 
-async def collect(fake: FakeOpenAI, model: FunctionModel | Callable[..., Any], *, prompt: str = "do it",
-                  input_data: str = "some input", run_settings: RunSettings | None = None,
-                  **overrides: Any) -> list[EventBase]:
+async def collect(
+    fake: FakeOpenAI,
+    model: FunctionModel | Callable[..., Any],
+    *,
+    prompt: str = "do it",
+    input_data: str = "some input",
+    run_settings: RunSettings | None = None,
+    **overrides: Any,
+) -> list[EventBase]:
     settings = make_settings(fake, **overrides)
     async with Engine(settings, root_model=model) as engine:
         return [event async for event in engine.run(prompt, input_data, run_settings)]
@@ -57,13 +63,23 @@ def types(events: list[EventBase]) -> list[str]:
 
 
 def tool_returns(messages: list[ModelMessage]) -> list[str]:
-    return [str(part.content) for message in messages if isinstance(message, ModelRequest)
-            for part in message.parts if isinstance(part, ToolReturnPart)]
+    return [
+        str(part.content)
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, ToolReturnPart)
+    ]
 
 
 def user_prompts(messages: list[ModelMessage]) -> list[str]:
-    return [str(part.content) for message in messages if isinstance(message, ModelRequest)
-            for part in message.parts if isinstance(part, UserPromptPart)]
+    return [
+        str(part.content)
+        for message in messages
+        if isinstance(message, ModelRequest)
+        for part in message.parts
+        if isinstance(part, UserPromptPart)
+    ]
 
 
 async def test_event_sequence_of_a_run(fake: FakeOpenAI) -> None:
@@ -74,9 +90,21 @@ async def test_event_sequence_of_a_run(fake: FakeOpenAI) -> None:
     )
     events = await collect(fake, model, input_data="0123456789")
     assert folded([(event.type, event.model_dump()) for event in events]) == [  # type: ignore[attr-defined]
-        "start", "thought", "code", "output", "usage",
-        "code", "subcalls", "output", "usage",
-        "code", "output", "answer", "usage", "final"]
+        "start",
+        "thought",
+        "code",
+        "output",
+        "usage",
+        "code",
+        "subcalls",
+        "output",
+        "usage",
+        "code",
+        "output",
+        "answer",
+        "usage",
+        "final",
+    ]
     start, final = events[0], events[-1]
     assert start.input.chars == 10 and start.model == "root-model" and start.sub_model == "sub-model"
     assert events[3].stdout == "10\n"
@@ -87,9 +115,10 @@ async def test_event_sequence_of_a_run(fake: FakeOpenAI) -> None:
 
 async def test_stops_right_after_the_ready_cell(fake: FakeOpenAI) -> None:
     seen: list[list[ModelMessage]] = []
-    model = scripted([code("steps = ['one']"),
-                      code("answer.update(content='done', ready=True)"),
-                      code("steps.append('never')")], seen=seen)
+    model = scripted(
+        [code("steps = ['one']"), code("answer.update(content='done', ready=True)"), code("steps.append('never')")],
+        seen=seen,
+    )
     events = await collect(fake, model)
     assert types(events).count("code") == 2
     assert events[-1].type == "final" and events[-1].ready and events[-1].iterations == 1
@@ -122,8 +151,9 @@ async def test_per_run_settings_lower_the_limits(fake: FakeOpenAI) -> None:
 
 async def test_prose_reply_gets_one_reminder(fake: FakeOpenAI) -> None:
     seen: list[list[ModelMessage]] = []
-    model = scripted(["I think the answer is 42."],
-                     [code("answer['content'] = '42'\nanswer['ready'] = True")], seen=seen)
+    model = scripted(
+        ["I think the answer is 42."], [code("answer['content'] = '42'\nanswer['ready'] = True")], seen=seen
+    )
     events = await collect(fake, model)
     assert events[-1].type == "final" and events[-1].ready and events[-1].answer == "42"
     assert "not marked ready" in user_prompts(seen[-1])[-1]
@@ -182,8 +212,20 @@ async def test_text_protocol_runs_every_block(fake: FakeOpenAI) -> None:
         return ModelResponse(parts=[TextPart(replies[min(turn, 1)])])
 
     events = await collect(fake, FunctionModel(respond), input_data="abcd", rlm_root_protocol="text")
-    assert types(events) == ["start", "thought", "code", "output", "code", "output", "usage",
-                             "code", "output", "answer", "usage", "final"]
+    assert types(events) == [
+        "start",
+        "thought",
+        "code",
+        "output",
+        "code",
+        "output",
+        "usage",
+        "code",
+        "output",
+        "answer",
+        "usage",
+        "final",
+    ]
     assert events[1].text == "First a look.\n\nand"
     assert events[-1].answer == "4 chars" and events[-1].ready
     assert not infos[0].function_tools
@@ -193,6 +235,7 @@ async def test_text_protocol_runs_every_block(fake: FakeOpenAI) -> None:
 
 async def test_root_http_errors_map_to_error_codes(fake: FakeOpenAI) -> None:
     for status, expected in ((401, "auth"), (403, "auth"), (500, "model_unavailable")):
+
         def fail(messages: list[ModelMessage], info: AgentInfo, status: int = status) -> ModelResponse:
             raise ModelHTTPError(status, "root-model", {"error": "nope"})
 
@@ -228,8 +271,9 @@ def test_blocking_helper_returns_the_terminal_event(fake: FakeOpenAI) -> None:
 
     seen: list[str] = []
     model = scripted([code("answer.update(content=context.upper(), ready=True)")])
-    final = run_blocking(make_settings(fake), "shout", "hello", root_model=model,
-                         on_event=lambda e: seen.append(e.type))
+    final = run_blocking(
+        make_settings(fake), "shout", "hello", root_model=model, on_event=lambda e: seen.append(e.type)
+    )
     assert final.type == "final" and final.answer == "HELLO"
     assert seen[0] == "start" and seen[-1] == "final"
 
@@ -271,6 +315,7 @@ async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: 
         return ModelResponse(parts=[code("print(1)")])
 
     async with Engine(make_settings(fake), root_model=FunctionModel(respond)) as engine:
+
         async def broken(*args: Any, **kwargs: Any) -> Any:
             raise SpawnError("the zygote could not fork a worker: out of processes")
 
@@ -287,14 +332,15 @@ def test_the_system_prompt_teaches_figures_markdown_and_the_method_by_example() 
     from rlm_service import prompts
     from rlm_service.events import RunLimits
 
-    limits = RunLimits(max_iterations=20, max_subcalls=1000, exec_timeout_s=300, subcall_concurrency=16,
-                       max_output_chars=8192)
+    limits = RunLimits(
+        max_iterations=20, max_subcalls=1000, exec_timeout_s=300, subcall_concurrency=16, max_output_chars=8192
+    )
     for protocol in ("tools", "text"):
         text = prompts.system_prompt(protocol, limits)
         assert "matplotlib" in text and "shown to the user" in text
         assert "rendered as Markdown" in text and "on its own" in text
-        example = text[text.index("For example"):]
-        steps = ["print(len(context))", "llm_batch(", "startswith(\"Error:\")", "answer[\"ready\"] = True"]
+        example = text[text.index("For example") :]
+        steps = ["print(len(context))", "llm_batch(", 'startswith("Error:")', 'answer["ready"] = True']
         assert all(step in example for step in steps)
         assert [example.index(step) for step in steps] == sorted(example.index(step) for step in steps)
         assert len(text) < 4200  # read every turn: keep it short (BENCHMARKS.md, beside B6)

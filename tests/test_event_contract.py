@@ -20,15 +20,21 @@ SHIPPED_SCHEMA = Path(__file__).resolve().parents[1] / "frontend" / "events.sche
 
 def test_the_event_types_are_the_union_of_events_py() -> None:
     schema = json_schema()
-    named = {variant["properties"]["type"]["const"] for variant in schema["$defs"].values()
-             if "type" in variant.get("properties", {}) and "const" in variant["properties"]["type"]}
+    named = {
+        variant["properties"]["type"]["const"]
+        for variant in schema["$defs"].values()
+        if "type" in variant.get("properties", {}) and "const" in variant["properties"]["type"]
+    }
     assert named == set(EVENT_TYPES)
 
 
-@pytest.mark.parametrize("consumer, handled", [
-    ("the command line's ProgressPrinter.HANDLERS", set(ProgressPrinter.HANDLERS)),
-    ("the Markdown export's RENDERERS", set(RENDERERS)),
-])
+@pytest.mark.parametrize(
+    "consumer, handled",
+    [
+        ("the command line's ProgressPrinter.HANDLERS", set(ProgressPrinter.HANDLERS)),
+        ("the Markdown export's RENDERERS", set(RENDERERS)),
+    ],
+)
 def test_every_consumer_handles_every_event_type(consumer: str, handled: set[str]) -> None:
     """Mutant caught: deleting any entry of either map (the missing type is named)."""
     missing = set(EVENT_TYPES) - handled

@@ -55,9 +55,11 @@ async def test_sub_call_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]
         assert time.monotonic() - started >= 1.0
 
 
-@pytest.mark.parametrize("fault", [{"kind": "status", "status": 500}, {"kind": "malformed"},
-                                   {"kind": "null_content"}, {"kind": "disconnect"}],
-                         ids=lambda f: f["kind"])
+@pytest.mark.parametrize(
+    "fault",
+    [{"kind": "status", "status": 500}, {"kind": "malformed"}, {"kind": "null_content"}, {"kind": "disconnect"}],
+    ids=lambda f: f["kind"],
+)
 async def test_sub_call_that_keeps_failing_becomes_an_error_slot(fake: FakeOpenAI, fault: dict[str, Any]) -> None:
     fake.inject(role="sub", count=1000, **fault)
     events = await run(fake, batch_prompt(), rlm_model_retries=1)
@@ -76,31 +78,39 @@ async def test_one_bad_sub_call_keeps_the_others(fake: FakeOpenAI) -> None:
     assert sum("sub-model reply" in line for line in lines) == 2
 
 
-@pytest.mark.parametrize("fault", [{"kind": "status", "status": 429}, {"kind": "status", "status": 503},
-                                   {"kind": "disconnect"}], ids=lambda f: f"{f['kind']}-{f.get('status', '')}")
+@pytest.mark.parametrize(
+    "fault",
+    [{"kind": "status", "status": 429}, {"kind": "status", "status": 503}, {"kind": "disconnect"}],
+    ids=lambda f: f"{f['kind']}-{f.get('status', '')}",
+)
 async def test_root_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]) -> None:
     fake.inject(role="root", count=1, **fault)
     events = await run(fake, batch_prompt())
     assert events[-1].type == "final" and events[-1].ready
 
 
-@pytest.mark.parametrize(("fault", "code", "attempts"), [
-    ({"kind": "status", "status": 401}, "auth", 1),
-    ({"kind": "status", "status": 403}, "auth", 1),
-    ({"kind": "status", "status": 500}, "model_unavailable", 2),
-    ({"kind": "status", "status": 502}, "model_unavailable", 2),
-    ({"kind": "status", "status": 503}, "model_unavailable", 2),
-    ({"kind": "status", "status": 429, "retry_after": "0"}, "model_unavailable", 2),
-    ({"kind": "status", "status": 404}, "model_unavailable", 1),
-    ({"kind": "timeout"}, "model_unavailable", 2),
-    ({"kind": "malformed"}, "model_unavailable", 2),
-    ({"kind": "empty_choices"}, "model_unavailable", 2),
-    ({"kind": "cut_stream"}, "model_unavailable", 2),
-    ({"kind": "trickle"}, "model_unavailable", 2),
-    ({"kind": "disconnect"}, "model_unavailable", 2),
-], ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v.get('status', '')}" if isinstance(v, dict) else "")
-async def test_root_fault_that_persists_ends_with_the_right_code(fake: FakeOpenAI, fault: dict[str, Any],
-                                                                 code: str, attempts: int) -> None:
+@pytest.mark.parametrize(
+    ("fault", "code", "attempts"),
+    [
+        ({"kind": "status", "status": 401}, "auth", 1),
+        ({"kind": "status", "status": 403}, "auth", 1),
+        ({"kind": "status", "status": 500}, "model_unavailable", 2),
+        ({"kind": "status", "status": 502}, "model_unavailable", 2),
+        ({"kind": "status", "status": 503}, "model_unavailable", 2),
+        ({"kind": "status", "status": 429, "retry_after": "0"}, "model_unavailable", 2),
+        ({"kind": "status", "status": 404}, "model_unavailable", 1),
+        ({"kind": "timeout"}, "model_unavailable", 2),
+        ({"kind": "malformed"}, "model_unavailable", 2),
+        ({"kind": "empty_choices"}, "model_unavailable", 2),
+        ({"kind": "cut_stream"}, "model_unavailable", 2),
+        ({"kind": "trickle"}, "model_unavailable", 2),
+        ({"kind": "disconnect"}, "model_unavailable", 2),
+    ],
+    ids=lambda v: v if isinstance(v, str) else f"{v['kind']}-{v.get('status', '')}" if isinstance(v, dict) else "",
+)
+async def test_root_fault_that_persists_ends_with_the_right_code(
+    fake: FakeOpenAI, fault: dict[str, Any], code: str, attempts: int
+) -> None:
     """With one retry allowed, a transient fault costs two attempts, an answer that retrying cannot change
     (401, 403, 404) one. Mutants caught: 401/403 retried (two attempts); a transient fault not retried."""
     fake.inject(role="root", count=1000, **fault)

@@ -29,8 +29,10 @@ from tests.test_runs import follow, start_detached
 
 TIMEOUT_S = 3.0
 """RLM_REPLICA_TIMEOUT_S of these tests."""
-STEPS = script(*[{"code": [f"import time\ntime.sleep(0.3)\nprint('step {i}')"]} for i in range(40)],
-               {"code": ["answer.update(content='all steps', ready=True)"]})
+STEPS = script(
+    *[{"code": [f"import time\ntime.sleep(0.3)\nprint('step {i}')"]} for i in range(40)],
+    {"code": ["answer.update(content='all steps', ready=True)"]},
+)
 """A run of 40 short cells: events keep coming for about 15 s."""
 HANG = script({"code": ["answer.update(content='started')"]}, {"code": ["import time\ntime.sleep(300)"]})
 """A run that starts its answer, then hangs in its second cell."""
@@ -45,8 +47,13 @@ def replicas(tmp_path: Path, url: str, count: int = 2) -> Iterator[list[RealServ
         for index in range(count):
             cwd = tmp_path / f"replica{index}"
             cwd.mkdir()
-            servers.append(stack.enter_context(spawn_server(cwd, RLM_DATABASE_URL=url, RLM_MAX_ITERATIONS="100",
-                                                            RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S))))
+            servers.append(
+                stack.enter_context(
+                    spawn_server(
+                        cwd, RLM_DATABASE_URL=url, RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)
+                    )
+                )
+            )
         yield servers
 
 
@@ -63,8 +70,10 @@ class Follower(threading.Thread):
         self.start()
 
     def run(self) -> None:
-        with httpx2.Client(timeout=120) as client, client.stream(
-                "GET", f"{self.url}/api/runs/{self.run_id}/events", params={"after": self.after}) as response:
+        with (
+            httpx2.Client(timeout=120) as client,
+            client.stream("GET", f"{self.url}/api/runs/{self.run_id}/events", params={"after": self.after}) as response,
+        ):
             self.status = response.status_code
             for event in parse_sse(response.iter_lines()):
                 self.events.append(event)
@@ -129,16 +138,20 @@ def test_a_run_is_followed_live_and_cancelled_through_another_replica(pg_url: st
 def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:
     """The session lives in one replica's worker; the other streams a follow-up on it, shows it, refuses a
     second follow-up while one runs (409), and ends it. Mutant: the follow-up route without the fleet (404)."""
-    first = script({"code": ["records = context.splitlines()\ntotal = sum(int(r) for r in records)"]},
-                   {"code": [FINISH.format(expr="total")]})
+    first = script(
+        {"code": ["records = context.splitlines()\ntotal = sum(int(r) for r in records)"]},
+        {"code": [FINISH.format(expr="total")]},
+    )
     second = script({"code": [FINISH.format(expr="(len(records), total)")]})
     slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": [FINISH.format(expr="1")]})
     with replicas(tmp_path, pg_url) as (one, other):
         started = _ask(one.url, first, input_data="\n".join(str(i) for i in range(100)), settings={"session": True})
         session_id = started[0].data["session_id"]
         follow_up = _ask(other.url, second, session_id=session_id)
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{other.url}/process", json={"prompt": slow, "session_id": session_id}) as live:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{other.url}/process", json={"prompt": slow, "session_id": session_id}) as live,
+        ):
             lines = live.iter_lines()
             next(lines)
             busy = post_process(other.url, json={"prompt": "x", "session_id": session_id})
@@ -169,8 +182,7 @@ def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_ur
     with replicas(tmp_path, pg_url) as (doomed, survivor):
         hung = start_detached(doomed.url, HANG, until=_second_cell)
         run_id = hung[0].data["run_id"]
-        kept = _ask(doomed.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
-                    settings={"session": True})
+        kept = _ask(doomed.url, script({"code": [FINISH.format(expr="1")]}), input_data="x", settings={"session": True})
         session_id = kept[0].data["session_id"]
         assert httpx2.get(f"{survivor.url}/api/sessions/{session_id}", timeout=30).status_code == 200
         own = start_detached(survivor.url, STEPS, until=lambda event: event.event == "code")
@@ -287,8 +299,10 @@ def _answering_process(processes: list[int], response: httpx2.Response) -> int |
 
 def _follow_a_little(url: str, run_id: str, after: int, processes: list[int]) -> tuple[int | None, list[SseEvent]]:
     """Re-attach on a new connection, read one event, leave; and which process answered."""
-    with httpx2.Client(timeout=30) as client, client.stream(
-            "GET", f"{url}/api/runs/{run_id}/events", params={"after": after}) as response:
+    with (
+        httpx2.Client(timeout=30) as client,
+        client.stream("GET", f"{url}/api/runs/{run_id}/events", params={"after": after}) as response,
+    ):
         assert response.status_code == 200, response.read()
         pid = _answering_process(processes, response)
         events = []
@@ -303,8 +317,9 @@ def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_
     either process) until both processes have served the run; every re-attachment continues where the last
     left off; the cancel ends it. Mutant: the routes without the fleet (the process that does not run it
     sends what is stored, without the live rest, or 404)."""
-    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_ITERATIONS="100",
-                      RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
+    with spawn_server(
+        tmp_path, WEB_CONCURRENCY="2", RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)
+    ) as server:
         assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         processes = _server_processes(server.pid)
         seen = start_detached(server.url, STEPS, until=lambda event: event.event == "code")
@@ -339,8 +354,11 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
     and the other's run goes on to its end, as the process started in the dead one's place finds it. Mutants: no
     sweeper (the follower waits on); a store that marks every `running` run `unfinished` when a process opens
     it (the survivor's run is listed `unfinished`)."""
-    where = script({"code": ["import os\nprint(os.getppid())\nanswer.update(content='started')"]},
-                   {"code": ["import time\ntime.sleep(6)"]}, {"code": [FINISH.format(expr="'survived'")]})
+    where = script(
+        {"code": ["import os\nprint(os.getppid())\nanswer.update(content='started')"]},
+        {"code": ["import time\ntime.sleep(6)"]},
+        {"code": [FINISH.format(expr="'survived'")]},
+    )
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
         assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         time.sleep(TIMEOUT_S)  # a process sweeps once its own heartbeats have gone through for that long
@@ -364,8 +382,9 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
         survived = follow(server.url, survivor[0].data["run_id"], after=survivor[-1].data["seq"])
         assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         wanted = {doomed[0].data["run_id"]: "lost", survivor[0].data["run_id"]: "finished"}
-        assert wait_until(lambda: {run["id"]: run["status"] for run in _runs(server.url)
-                                   if run["id"] in wanted} == wanted, timeout=10)
+        assert wait_until(
+            lambda: {run["id"]: run["status"] for run in _runs(server.url) if run["id"] in wanted} == wanted, timeout=10
+        )
     declared = rest[-1].data["ts"] - killed_at
     print(f"the follower heard of the death {took:.2f} s after the kill (declared {declared:.2f} s after it)")
     assert rest[-1].event == "error" and rest[-1].data["code"] == "lost" and rest[-1].data["answer"] == "started"
@@ -375,8 +394,14 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
 
 def test_several_processes_without_history_are_refused_at_start_with_one_line(tmp_path: Path) -> None:
     """The processes find each other's runs and sessions in the history: without it they could not."""
-    result = subprocess.run([sys.executable, str(MAIN)], env=clean_env(WEB_CONCURRENCY="2", RLM_HISTORY_DB="off"),
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(MAIN)],
+        env=clean_env(WEB_CONCURRENCY="2", RLM_HISTORY_DB="off"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("Configuration error: WEB_CONCURRENCY: more than one process needs the run history")
@@ -386,10 +411,13 @@ def test_one_process_alone_on_its_history_coordinates_with_nobody(tmp_path: Path
     """With one process and the SQLite history (the default), nothing of the fleet runs: no process registers,
     no session row is written, runs have no owner. Mutant: a fleet started whatever the configuration."""
     with spawn_server(tmp_path) as server:
-        events = _ask(server.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
-                      settings={"session": True})
-        assert events[-1].event == "final" and httpx2.get(f"{server.url}/api/sessions/"
-                                                          f"{events[0].data['session_id']}").status_code == 200
+        events = _ask(
+            server.url, script({"code": [FINISH.format(expr="1")]}), input_data="x", settings={"session": True}
+        )
+        assert (
+            events[-1].event == "final"
+            and httpx2.get(f"{server.url}/api/sessions/{events[0].data['session_id']}").status_code == 200
+        )
         with closing(sqlite3.connect(tmp_path / "history.sqlite3")) as db:
             found = [db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("processes", "sessions")]
             owners = db.execute("SELECT owner FROM runs").fetchall()
@@ -406,8 +434,9 @@ def test_a_replica_stopped_cleanly_cancels_its_runs_and_leaves_no_rows(pg_url: s
     env = {"RLM_DATABASE_URL": pg_url, "RLM_MAX_ITERATIONS": "100", "RLM_REPLICA_TIMEOUT_S": str(TIMEOUT_S)}
     with spawn_server(staying_dir, **env) as staying:
         with spawn_server(stopping_dir, **env) as stopping:
-            kept = _ask(stopping.url, script({"code": [FINISH.format(expr="1")]}), input_data="x",
-                        settings={"session": True})
+            kept = _ask(
+                stopping.url, script({"code": [FINISH.format(expr="1")]}), input_data="x", settings={"session": True}
+            )
             first = start_detached(stopping.url, STEPS, until=lambda event: event.event == "code")
             follower = Follower(staying.url, first[0].data["run_id"], after=first[-1].data["seq"])
             assert wait_until(lambda: len(follower.events) >= 2, timeout=20)

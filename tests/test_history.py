@@ -21,19 +21,31 @@ from rlm_service.store_sqlite import SqliteRunStore
 from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
 
-PLOT = ("import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
-        "values = np.random.default_rng(0).normal(size=500)\nplt.hist(values, bins=20)\n"
-        "plt.title('distribution')\nplt.show()")
+PLOT = (
+    "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
+    "values = np.random.default_rng(0).normal(size=500)\nplt.hist(values, bins=20)\n"
+    "plt.title('distribution')\nplt.show()"
+)
 
 
 def _record(run_id: str, created: float) -> RunRecord:
-    return RunRecord(id=run_id, created=created, status="running", prompt=f"task {run_id}", settings={},
-                     input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
+    return RunRecord(
+        id=run_id,
+        created=created,
+        status="running",
+        prompt=f"task {run_id}",
+        settings={},
+        input_chars=3,
+        input_lines=1,
+        input_bytes=3,
+        input_sha256="abc",
+    )
 
 
 def _start(run_id: str) -> StartEvent:
-    limits = RunLimits(max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4,
-                       max_output_chars=800)
+    limits = RunLimits(
+        max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800
+    )
     return StartEvent(run_id=run_id, model="m", sub_model="s", input=InputInfo(chars=3, lines=1), limits=limits)
 
 
@@ -43,8 +55,12 @@ def test_store_round_trip_and_pagination(store_factory: Callable[..., SqlRunStor
         store.begin(_record(f"r{index}", 1000.0 + index))
         store.record(f"r{index}", _start(f"r{index}"))
         store.record(f"r{index}", CodeEvent(run_id=f"r{index}", iteration=1, code="x = 1"))
-        store.record(f"r{index}", FinalEvent(run_id=f"r{index}", answer=f"answer {index}", ready=True,
-                                             iterations=1, usage=RunUsage(), elapsed_ms=5))
+        store.record(
+            f"r{index}",
+            FinalEvent(
+                run_id=f"r{index}", answer=f"answer {index}", ready=True, iterations=1, usage=RunUsage(), elapsed_ms=5
+            ),
+        )
     store.flush()
     page = store.list(limit=2, before=None)
     assert [r.id for r in page] == ["r4", "r3"]
@@ -72,8 +88,10 @@ def test_a_run_left_running_is_marked_unfinished(tmp_path: Path) -> None:
 def test_server_crash_mid_run_leaves_an_unfinished_run(tmp_path: Path) -> None:
     slow = script({"code": ["import time\ntime.sleep(60)"]})
     with spawn_server(tmp_path) as server:
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": slow}) as response,
+        ):
             for event in parse_sse(response.iter_lines()):
                 if event.event == "code":
                     run_id = event.data["run_id"]
@@ -94,12 +112,16 @@ def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:
     with LiveServer(settings) as server:
         ids = []
         for index in range(3):
-            _, events = stream_run(server.url, json_body={"prompt": f"task {index}", "input_data": f"data {index}"},
-                                   headers=auth)
+            _, events = stream_run(
+                server.url, json_body={"prompt": f"task {index}", "input_data": f"data {index}"}, headers=auth
+            )
             ids.append(events[0].data["run_id"])
         keep = script({"code": ["answer.update(content=context, ready=True)"]})
-        _, kept = stream_run(server.url, json_body={"prompt": keep, "input_data": "keep me",
-                                                    "settings": {"keep_input": True}}, headers=auth)
+        _, kept = stream_run(
+            server.url,
+            json_body={"prompt": keep, "input_data": "keep me", "settings": {"keep_input": True}},
+            headers=auth,
+        )
         ids.append(kept[0].data["run_id"])
         assert httpx2.get(f"{server.url}/api/runs").status_code == 401
         client = httpx2.Client(base_url=server.url, headers=auth)
@@ -132,8 +154,10 @@ def test_a_cancelled_run_is_recorded_as_cancelled(tmp_path: Path, fake: FakeOpen
     settings = make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))
     with LiveServer(settings) as server:
         slow = script({"code": ["import time\ntime.sleep(30)"]})
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": slow}) as response,
+        ):
             for event in parse_sse(response.iter_lines()):
                 if event.event == "code":
                     break
@@ -163,8 +187,9 @@ async def test_a_cell_that_plots_yields_a_figure_event(fake: FakeOpenAI) -> None
 
 
 @pytest.mark.parametrize("kept", [False, True])
-async def test_engine_keeps_the_input_only_when_asked(store_factory: Callable[..., SqlRunStore], fake: FakeOpenAI,
-                                                      kept: bool) -> None:
+async def test_engine_keeps_the_input_only_when_asked(
+    store_factory: Callable[..., SqlRunStore], fake: FakeOpenAI, kept: bool
+) -> None:
     store = store_factory()
     async with Engine(make_settings(fake), store=store) as engine:
         events = [e async for e in engine.run("x", "private data", RunSettings(keep_input=kept))]
@@ -184,9 +209,11 @@ def test_an_id_that_cannot_name_a_run_answers_404_on_every_route(tmp_path: Path,
     everything (then `/input` and DELETE answer 500 again, and the 404s echo the whole id)."""
     with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
         client = httpx2.Client(base_url=server.url)
-        answers = {(run_id[:8], method, route): client.request(method, f"/api/runs/{run_id}{route}")
-                   for run_id in ["a" * 5000, "x.y", "%2e%2e", "a%00b", "é", "0" * 65]
-                   for method, route in [("GET", ""), ("GET", "/export"), ("GET", "/input"), ("DELETE", "")]}
+        answers = {
+            (run_id[:8], method, route): client.request(method, f"/api/runs/{run_id}{route}")
+            for run_id in ["a" * 5000, "x.y", "%2e%2e", "a%00b", "é", "0" * 65]
+            for method, route in [("GET", ""), ("GET", "/export"), ("GET", "/input"), ("DELETE", "")]
+        }
         assert {key: response.status_code for key, response in answers.items() if response.status_code != 404} == {}
         assert all(len(response.json()["detail"]) < 200 for response in answers.values())
         assert client.get(f"/api/runs/{'a' * 64}/input").status_code == 404
@@ -199,10 +226,22 @@ def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake:
     path = tmp_path / "h.sqlite3"
     prompt = "Ünïcode first. " + "x" * 60_000_000
     store = SqliteRunStore(path)
-    store.begin(RunRecord(id="big0prompt000000", created=1.0, status="running", prompt=prompt, settings={},
-                          input_chars=0, input_lines=0, input_bytes=0))
-    store.record("big0prompt000000", FinalEvent(run_id="big0prompt000000", answer="short", ready=True, iterations=1,
-                                                usage=RunUsage(), elapsed_ms=1))
+    store.begin(
+        RunRecord(
+            id="big0prompt000000",
+            created=1.0,
+            status="running",
+            prompt=prompt,
+            settings={},
+            input_chars=0,
+            input_lines=0,
+            input_bytes=0,
+        )
+    )
+    store.record(
+        "big0prompt000000",
+        FinalEvent(run_id="big0prompt000000", answer="short", ready=True, iterations=1, usage=RunUsage(), elapsed_ms=1),
+    )
     store.begin(_record("small0prompt0000", 2.0))
     assert store.flush()
     store.close()

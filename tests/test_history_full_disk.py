@@ -33,8 +33,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mount.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "rlm-test-disk", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "rlm-test-disk", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -54,8 +57,9 @@ def _fill(path: Path) -> None:
             assert exc.errno == errno.ENOSPC
 
 
-def test_a_full_disk_does_not_stop_the_history(small_disk: Path, fake: FakeOpenAI,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_a_full_disk_does_not_stop_the_history(
+    small_disk: Path, fake: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
     """With the history's disk full, a run still ends with its answer, the history lists and deletes within
     seconds, and once space is free again the run made meanwhile is in the history, whole, as is the next one.
     Mutants: an unguarded `ROLLBACK` after a failed commit (it raises "no transaction is active": the writes are
@@ -99,8 +103,9 @@ def test_a_full_disk_does_not_stop_the_history(small_disk: Path, fake: FakeOpenA
         assert client.get(f"/api/runs/{after_id}").json()["run"]["status"] == "finished"
 
 
-def test_while_the_disk_is_full_the_waiting_events_are_bounded(small_disk: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_while_the_disk_is_full_the_waiting_events_are_bounded(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Past `MAX_BACKLOG` waiting writes, plain events are dropped (and counted); the run's end is kept.
     Mutant: no backlog check (all 12,000 events wait in memory, then are all written)."""
     caplog.set_level(logging.WARNING, logger="rlm_service")

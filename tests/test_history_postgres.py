@@ -42,8 +42,9 @@ def test_two_servers_on_one_database_keep_one_history(pg_url: str, fake: FakeOpe
     keep = script({"code": ["answer.update(content=context, ready=True)"]})
     with LiveServer(settings) as one, LiveServer(settings) as other:
         assert httpx2.get(f"{other.url}/api/config").json()["history"] is True
-        _, kept = stream_run(one.url, json_body={"prompt": keep, "input_data": "keep me ✓" * 1000,
-                                                 "settings": {"keep_input": True}})
+        _, kept = stream_run(
+            one.url, json_body={"prompt": keep, "input_data": "keep me ✓" * 1000, "settings": {"keep_input": True}}
+        )
         _, plain = stream_run(other.url, json_body={"prompt": "task", "input_data": "data"})
         kept_id, plain_id = kept[0].data["run_id"], plain[0].data["run_id"]
         assert kept[-1].event == "final" and plain[-1].event == "final"
@@ -70,13 +71,17 @@ def test_a_restart_of_postgresql_mid_run_loses_no_event(own_pg_server: PgServer,
     calling nothing transient (the writes during the outage are dropped: the runs stay `running`); `transient`
     calling nothing transient (reads answer 500 during the outage)."""
     url = own_pg_server.create_database()
-    slow = script({"code": ["import time\ntime.sleep(2)\nprint('slept')"]},
-                  {"code": ["answer.update(content='done', ready=True)"]})
+    slow = script(
+        {"code": ["import time\ntime.sleep(2)\nprint('slept')"]},
+        {"code": ["answer.update(content='done', ready=True)"]},
+    )
     with LiveServer(make_settings(fake, rlm_database_url=url)) as server:
         assert _runs(server.url) == []  # the pool's connection is made before the restart
         streamed = []
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": slow}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": slow}) as response,
+        ):
             for event in parse_sse(response.iter_lines()):
                 streamed.append(event)
                 if event.event == "code" and len(streamed) < 4:
@@ -92,8 +97,13 @@ def test_a_restart_of_postgresql_mid_run_loses_no_event(own_pg_server: PgServer,
         assert httpx2.get(f"{server.url}/api/runs", timeout=30).status_code == 200
         started = time.monotonic()
         ids = [during[0].data["run_id"], streamed[0].data["run_id"]]
-        assert wait_until(lambda: [(run["id"], run["status"]) for run in _runs(server.url)]
-                          == [(ids[0], "finished"), (ids[1], "finished")], 30)
+        assert wait_until(
+            lambda: (
+                [(run["id"], run["status"]) for run in _runs(server.url)]
+                == [(ids[0], "finished"), (ids[1], "finished")]
+            ),
+            30,
+        )
         print(f"recorded again {time.monotonic() - started:.1f} s after PostgreSQL was back")
         assert _shape(_stored_stream(server.url, ids[1])) == _shape(streamed)
         assert _shape(_stored_stream(server.url, ids[0])) == _shape(during)

@@ -28,8 +28,9 @@ KEY = "sk-hostile-test-key-0123456789"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
-    with spawn_server(tmp_path_factory.mktemp("server"), KEY, RLM_EXEC_TIMEOUT_S="20",
-                      RLM_WORKER_MEMORY_MB="1536") as real:
+    with spawn_server(
+        tmp_path_factory.mktemp("server"), KEY, RLM_EXEC_TIMEOUT_S="20", RLM_WORKER_MEMORY_MB="1536"
+    ) as real:
         yield real
 
 
@@ -155,9 +156,14 @@ answer['content'] = repr(found)
 
 
 def test_writes_outside_the_worker_directory_fail(server: RealServer) -> None:
-    targets = [str(Path(tempfile.gettempdir()) / "rlm-evil.txt"), str(ROOT / "backend" / "evil.py"),
-               str(server.cwd / ".env"), "/var/tmp/evil"]
-    cells = [f"""
+    targets = [
+        str(Path(tempfile.gettempdir()) / "rlm-evil.txt"),
+        str(ROOT / "backend" / "evil.py"),
+        str(server.cwd / ".env"),
+        "/var/tmp/evil",
+    ]
+    cells = [
+        f"""
 import os
 for path in {targets!r}:
     try:
@@ -167,7 +173,8 @@ for path in {targets!r}:
         print('refused', path, type(exc).__name__)
 open('mine.txt', 'w').write('fine')
 print('own directory ok', open('mine.txt').read())
-"""]
+"""
+    ]
     events = server.run(*cells)
     printed = outputs(events)[0]["stdout"]
     assert "WROTE" not in printed and printed.count("refused") == 4 and "own directory ok fine" in printed
@@ -177,7 +184,8 @@ print('own directory ok', open('mine.txt').read())
 
 
 def test_the_server_cannot_be_signalled(server: RealServer) -> None:
-    cells = ["""
+    cells = [
+        """
 import os, signal
 for name, fn in [('kill server', lambda: os.kill(os.getppid(), signal.SIGKILL)),
                  ('kill everyone', lambda: os.kill(-1, signal.SIGKILL)),
@@ -188,7 +196,8 @@ for name, fn in [('kill server', lambda: os.kill(os.getppid(), signal.SIGKILL)),
         print(name, 'SENT')
     except OSError as exc:
         print(name, 'refused', type(exc).__name__)
-"""]
+"""
+    ]
     events = server.run(*cells)
     printed = outputs(events)[0]["stdout"]
     assert "SENT" not in printed and printed.count("refused") == 4
@@ -204,7 +213,8 @@ def test_cell_hung_on_a_subcall_is_stopped(server: RealServer) -> None:
 
 def test_data_cannot_be_sent_out_over_the_network(server: RealServer) -> None:
     port = server.fake.port
-    cells = [f"""
+    cells = [
+        f"""
 import socket, urllib.request
 for name, fn in [('tcp', lambda: socket.create_connection(('127.0.0.1', {port}), timeout=2)),
                  ('udp', lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {port}))),
@@ -215,7 +225,8 @@ for name, fn in [('tcp', lambda: socket.create_connection(('127.0.0.1', {port}),
         print(name, 'CONNECTED')
     except Exception as exc:
         print(name, 'refused', type(exc).__name__)
-"""]
+"""
+    ]
     requests_before = server.fake.stats.requests
     events = server.run(*cells)
     printed = outputs(events)[0]["stdout"]
@@ -225,7 +236,8 @@ for name, fn in [('tcp', lambda: socket.create_connection(('127.0.0.1', {port}),
 
 
 def test_forged_channel_messages_only_hurt_their_own_run(server: RealServer) -> None:
-    cells = ["""
+    cells = [
+        """
 import os, struct, json
 body = json.dumps({'op': 'done', 'stdout': 12345, 'notes': 'not a list', 'answer_ready': 'yes'}).encode()
 for fd in range(3, 12):
@@ -234,7 +246,8 @@ for fd in range(3, 12):
         os.write(fd, struct.pack('>I', 2**31) + b'garbage')
     except OSError:
         pass
-"""]
+"""
+    ]
     events = server.run(*cells)
     assert events[-1].event == "final" and events[-1].data["ready"]  # the run goes on after its worker is replaced
     assert "ProtocolError" in (outputs(events)[0]["error"] or "")
@@ -244,8 +257,7 @@ for fd in range(3, 12):
 def test_no_worker_outlives_its_run(server: RealServer) -> None:
     server.run("import subprocess\nsubprocess.Popen(['sleep', '600'])")
     assert wait_until(lambda: worker_processes(server.pid) == [], timeout=10)
-    assert wait_until(lambda: not any(b"sleep\x00600" in command for command in descendant_commands()),
-                      timeout=10)
+    assert wait_until(lambda: not any(b"sleep\x00600" in command for command in descendant_commands()), timeout=10)
 
 
 def test_a_flood_on_the_channel_neither_freezes_nor_fills_the_server(server: RealServer) -> None:
@@ -255,10 +267,13 @@ def test_a_flood_on_the_channel_neither_freezes_nor_fills_the_server(server: Rea
     a length, makes it hold some 450 MB). Now the head's announced size is refused before anything is
     read: the worker is replaced, the model is told, the run goes on. Mutant: raise
     protocol.MAX_HEAD_BYTES to 512 MiB → the head is parsed: /health stalls and the server's peak grows."""
-    flood = CHANNEL + """
+    flood = (
+        CHANNEL
+        + """
 body = b'[' + b'[],' * 50_000_000 + b'[]]'
 raw.sendall(len(body).to_bytes(4, 'big') + bytes(4) + body)  # a head of 150 MB, no texts
 """
+    )
     server.assert_healthy()  # a server's first run builds what later runs reuse: not part of the watch
     peak_before = peak_rss(server.pid)
     with health_watch(server) as watch:
@@ -350,8 +365,14 @@ print(kinds)
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealServer]:
     """A server with small per-run limits: 512 MB a process, 4 processes and threads, 200 MB of files."""
-    with spawn_server(tmp_path_factory.mktemp("tight"), KEY, RLM_EXEC_TIMEOUT_S="20", RLM_WORKER_MEMORY_MB="512",
-                      RLM_WORKER_PROCESSES="4", RLM_WORKER_DISK_MB="200") as real:
+    with spawn_server(
+        tmp_path_factory.mktemp("tight"),
+        KEY,
+        RLM_EXEC_TIMEOUT_S="20",
+        RLM_WORKER_MEMORY_MB="512",
+        RLM_WORKER_PROCESSES="4",
+        RLM_WORKER_DISK_MB="200",
+    ) as real:
         yield real
 
 

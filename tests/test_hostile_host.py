@@ -32,7 +32,8 @@ def test_two_servers_on_one_host_give_their_runs_different_uids(tmp_path: Path) 
     results: dict[str, list[SseEvent]] = {}
     with spawn_server(tmp_path / "a", KEY) as a, spawn_server(tmp_path / "b", KEY) as b:
         holder = threading.Thread(
-            target=lambda: results.update(a=a.run("import os, time\nprint(os.getuid())\ntime.sleep(4)")))
+            target=lambda: results.update(a=a.run("import os, time\nprint(os.getuid())\ntime.sleep(4)"))
+        )
         holder.start()
         assert wait_until(lambda: has_worker(a), timeout=30)
         results["b"] = b.run("import os\nprint(os.getuid())")
@@ -80,7 +81,8 @@ def test_run_files_of_a_killed_server_are_gone_once_it_restarts(tmp_path: Path) 
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n--{boundary}\r\n"
             f'Content-Disposition: form-data; name="prompt"\r\n\r\nsummarize\r\n--{boundary}\r\n'
             f'Content-Disposition: form-data; name="input_file"; filename="in.txt"\r\n\r\n'.encode()
-            + f"upload {marker} ".encode() * 20_000)
+            + f"upload {marker} ".encode() * 20_000
+        )
         try:
             assert wait_until(lambda: len(holding(temporary, marker)) == 2, timeout=30), holding(temporary, marker)
             first.process.kill()

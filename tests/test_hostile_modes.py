@@ -33,8 +33,11 @@ def _python_for_others() -> str | None:
     """An interpreter of our version that other users can run (ours may live under /root)."""
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for candidate in (os.path.realpath(sys.executable), shutil.which(version, path="/usr/local/bin:/usr/bin")):
-        if candidate and all(os.stat(parent).st_mode & 0o001 for parent in Path(candidate).parents) \
-                and os.stat(candidate).st_mode & 0o001:
+        if (
+            candidate
+            and all(os.stat(parent).st_mode & 0o001 for parent in Path(candidate).parents)
+            and os.stat(candidate).st_mode & 0o001
+        ):
             return candidate
     return None
 
@@ -73,13 +76,32 @@ def spawn_unprivileged_server(**env_overrides: str) -> Iterator[RealServer]:
         os.chown(path, uid, uid)
     fake = FakeOpenAI().start()
     port = free_port()
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home / "tmp"),
-           "PYTHONPATH": sysconfig.get_paths()["purelib"], "OPENAI_API_KEY": KEY, "OPENAI_API_BASE": fake.url,
-           "OPENAI_MODEL_NAME": ROOT_MODEL, "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "PORT": str(port),
-           "HOST": "127.0.0.1", "RLM_LOG_LEVEL": "warning", "RLM_WORKER_PRELOAD": "",
-           "RLM_HISTORY_DB": str(home / "history.sqlite3"), **env_overrides}
-    process = subprocess.Popen([python, str(REPO / "backend" / "main.py")], cwd=home, env=env, user=uid,
-                               group=uid, extra_groups=[], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": str(home / "tmp"),
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+        "OPENAI_API_KEY": KEY,
+        "OPENAI_API_BASE": fake.url,
+        "OPENAI_MODEL_NAME": ROOT_MODEL,
+        "OPENAI_SUB_MODEL_NAME": SUB_MODEL,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "RLM_LOG_LEVEL": "warning",
+        "RLM_WORKER_PRELOAD": "",
+        "RLM_HISTORY_DB": str(home / "history.sqlite3"),
+        **env_overrides,
+    }
+    process = subprocess.Popen(
+        [python, str(REPO / "backend" / "main.py")],
+        cwd=home,
+        env=env,
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         if not wait_until(lambda: _answers_health(url), timeout=30):

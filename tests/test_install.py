@@ -45,12 +45,22 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     env_dir = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=60)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
     parents = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (Path(purelib) / "test-environment.pth").write_text("\n".join(sorted(parents)) + "\n")
-    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                                str(source)], capture_output=True, text=True, timeout=120, env=_env())
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert installed.returncode == 0, installed.stdout + installed.stderr
     yield env_dir
 
@@ -62,15 +72,28 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(venv: Path, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, env=_env(**env), capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]],
+        cwd=cwd,
+        env=_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_the_package_installs_with_its_command_and_dependencies(venv: Path, tmp_path: Path) -> None:
     """`rlm-service` and `python -m rlm_service` come from the installed package, not the checkout, and
     the package's dependencies are requirements.txt's, pin for pin."""
-    where = _run(venv, "python", "-c", "import rlm_service, importlib.metadata as m; print(rlm_service.__file__); "
-                 "print('\\n'.join(m.requires('rlm-service')))", cwd=tmp_path)
+    where = _run(
+        venv,
+        "python",
+        "-c",
+        "import rlm_service, importlib.metadata as m; print(rlm_service.__file__); "
+        "print('\\n'.join(m.requires('rlm-service')))",
+        cwd=tmp_path,
+    )
     location, *requires = where.stdout.strip().split("\n")
     assert location.startswith(str(venv)), location
     assert requires == _requirements()
@@ -86,8 +109,12 @@ def test_the_installed_command_serves_the_page_and_runs(venv: Path, tmp_path: Pa
     fake = FakeOpenAI().start()
     port = free_port()
     models = {"OPENAI_API_BASE": fake.url, "OPENAI_MODEL_NAME": "root-model", "OPENAI_SUB_MODEL_NAME": "sub"}
-    server = subprocess.Popen([str(venv / "bin" / "rlm-service"), "serve", "--port", str(port)], cwd=tmp_path,
-                              env=_env(RLM_LOG_LEVEL="warning", **models), stdout=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(venv / "bin" / "rlm-service"), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(RLM_LOG_LEVEL="warning", **models),
+        stdout=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -103,8 +130,9 @@ def test_the_installed_command_serves_the_page_and_runs(venv: Path, tmp_path: Pa
         here = _run(venv, "rlm-service", "run", prompt, "--input", str(REPO / "README.md"), cwd=tmp_path, **models)
         size = len((REPO / "README.md").read_text())
         assert here.returncode == 0 and here.stdout == f"{size} characters\n", here.stderr
-        there = _run(venv, "rlm-service", "run", prompt, "--input", str(REPO / "README.md"), "--server", url,
-                     cwd=tmp_path)
+        there = _run(
+            venv, "rlm-service", "run", prompt, "--input", str(REPO / "README.md"), "--server", url, cwd=tmp_path
+        )
         assert there.returncode == 0 and there.stdout == f"{size} characters\n", there.stderr
     finally:
         server.terminate()
@@ -115,8 +143,13 @@ def test_the_installed_command_serves_the_page_and_runs(venv: Path, tmp_path: Pa
 def test_backend_requirements_install_from_the_backend_directory() -> None:
     """`cd backend && pip install -r requirements.txt` finds the runtime requirements (checked without a
     download: every pin must already be satisfied here, as the test environment has them)."""
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r",
-                             "requirements.txt"], cwd=REPO / "backend", capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-r", "requirements.txt"],
+        cwd=REPO / "backend",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     for requirement in _requirements():
         name = requirement.split("[")[0].split("=")[0]

@@ -1,5 +1,5 @@
-"""The code stays clean: ruff's checks and mypy in strict mode (both configured in pyproject.toml) pass on
-everything we ship."""
+"""The code stays clean: ruff's checks and formatting, and mypy in strict mode (all configured in
+pyproject.toml), pass on everything we ship."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def _tool(name: str) -> str:
 
 def test_ruff_passes() -> None:
     result = subprocess.run([_tool("ruff"), "check", *CHECKED], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_code_is_formatted() -> None:
+    result = subprocess.run([_tool("ruff"), "format", "--check", *CHECKED], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

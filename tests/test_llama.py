@@ -43,11 +43,29 @@ def llama_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
     def start(port: int) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--model_alias", MODEL,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "4096", "--verbose", "False"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model),
+                "--model_alias",
+                MODEL,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "4096",
+                "--verbose",
+                "False",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def ready(port: int) -> bool:
         try:
@@ -63,14 +81,24 @@ def llama_url() -> Iterator[str]:
         process.terminate()
         process.wait(20)
     if died is not None:  # the tests then only saw refused connections: say why
-        pytest.fail(f"llama.cpp's server died during the tests (exit status {died}); does its build run on this "
-                    "machine's CPU? Try it alone: python -m llama_cpp.server --model <the .gguf>")
+        pytest.fail(
+            f"llama.cpp's server died during the tests (exit status {died}); does its build run on this "
+            "machine's CPU? Try it alone: python -m llama_cpp.server --model <the .gguf>"
+        )
 
 
 def _settings(url: str, **overrides: object) -> object:
-    values = {"openai_api_base": url, "openai_model_name": MODEL, "openai_sub_model_name": MODEL,
-              "openai_api_key": None, "rlm_max_iterations": 3, "rlm_max_subcalls": 10, "rlm_exec_timeout_s": 120,
-              "rlm_root_timeout_s": 120, "rlm_subcall_timeout_s": 120}
+    values = {
+        "openai_api_base": url,
+        "openai_model_name": MODEL,
+        "openai_sub_model_name": MODEL,
+        "openai_api_key": None,
+        "rlm_max_iterations": 3,
+        "rlm_max_subcalls": 10,
+        "rlm_exec_timeout_s": 120,
+        "rlm_root_timeout_s": 120,
+        "rlm_subcall_timeout_s": 120,
+    }
     values.update(overrides)
     return make_settings(None, **values)
 
@@ -78,8 +106,10 @@ def _settings(url: str, **overrides: object) -> object:
 async def test_llama_as_the_sub_model(llama_url: str) -> None:
     def root(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
         turn = sum(1 for message in messages if isinstance(message, ModelResponse))
-        code = ["replies = llm_batch(['Say hello in one word.', 'Name one colour.'])\nprint(replies)",
-                "answer.update(content=' | '.join(replies), ready=True)"][min(turn, 1)]
+        code = [
+            "replies = llm_batch(['Say hello in one word.', 'Name one colour.'])\nprint(replies)",
+            "answer.update(content=' | '.join(replies), ready=True)",
+        ][min(turn, 1)]
         return ModelResponse(parts=[ToolCallPart("run_python", {"code": code})])
 
     async with Engine(_settings(llama_url), root_model=FunctionModel(root)) as engine:  # type: ignore[arg-type]
@@ -93,9 +123,14 @@ async def test_llama_as_the_sub_model(llama_url: str) -> None:
 
 def test_llama_as_root_with_the_text_protocol(llama_url: str) -> None:
     with LiveServer(_settings(llama_url, rlm_root_protocol="text")) as server:  # type: ignore[arg-type]
-        response, events = stream_run(server.url, json_body={
-            "prompt": "How many lines does the input have? Use code to count them.",
-            "input_data": "alpha\nbeta\ngamma\n"}, timeout=STREAM_TIMEOUT_S)
+        response, events = stream_run(
+            server.url,
+            json_body={
+                "prompt": "How many lines does the input have? Use code to count them.",
+                "input_data": "alpha\nbeta\ngamma\n",
+            },
+            timeout=STREAM_TIMEOUT_S,
+        )
     assert response.status_code == 200
     sequence = names(events)
     assert sequence[0] == "start"

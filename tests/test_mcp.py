@@ -23,9 +23,12 @@ from tests.fake_openai import FakeOpenAI
 
 TOKEN = "mcp-test-token"
 BATCH_THEN_WAIT = script(
-    {"text": "Counting, asking, waiting.",
-     "code": ["n = len(context)\nreplies = llm_batch(['a', 'b', 'c'])\nimport time\ntime.sleep(1.5)\nprint(n)"]},
-    {"code": ["answer.update(content=f'{n} characters', ready=True)"]})
+    {
+        "text": "Counting, asking, waiting.",
+        "code": ["n = len(context)\nreplies = llm_batch(['a', 'b', 'c'])\nimport time\ntime.sleep(1.5)\nprint(n)"],
+    },
+    {"code": ["answer.update(content=f'{n} characters', ready=True)"]},
+)
 SLEEPS = script({"code": ["import time\ntime.sleep(60)"]}, {"code": ["answer.update(content='late', ready=True)"]})
 LENGTH = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
 
@@ -65,11 +68,23 @@ async def http_client(server: LiveServer, mode: str = "auto", token: str = TOKEN
 
 
 def stdio_params(fake: FakeOpenAI, tmp_path: Path, **env: str) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=["-m", "rlm_service", "mcp"], cwd=str(tmp_path), env={
-        "PYTHONPATH": str(REPO / "backend"), "OPENAI_API_BASE": fake.url, "OPENAI_API_KEY": "sk-test-key",
-        "OPENAI_MODEL_NAME": "root-model", "OPENAI_SUB_MODEL_NAME": SUB_MODEL, "RLM_WORKER_PRELOAD": "numpy",
-        "RLM_HISTORY_DB": str(tmp_path / "history.sqlite3"), "RLM_LOG_LEVEL": "warning",
-        "RLM_MCP_HEARTBEAT_S": "0.3", **env})
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "rlm_service", "mcp"],
+        cwd=str(tmp_path),
+        env={
+            "PYTHONPATH": str(REPO / "backend"),
+            "OPENAI_API_BASE": fake.url,
+            "OPENAI_API_KEY": "sk-test-key",
+            "OPENAI_MODEL_NAME": "root-model",
+            "OPENAI_SUB_MODEL_NAME": SUB_MODEL,
+            "RLM_WORKER_PRELOAD": "numpy",
+            "RLM_HISTORY_DB": str(tmp_path / "history.sqlite3"),
+            "RLM_LOG_LEVEL": "warning",
+            "RLM_MCP_HEARTBEAT_S": "0.3",
+            **env,
+        },
+    )
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])
@@ -80,8 +95,9 @@ async def test_over_http_rlm_run_answers_and_keeps_progress_flowing(http_server:
     async with http_client(http_server, mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
         assert set(tools["rlm_run"].input_schema["properties"]) == {"prompt", "input_text", "session_id"}
-        result = await client.call_tool("rlm_run", {"prompt": BATCH_THEN_WAIT, "input_text": "hello world"},
-                                        progress_callback=progress)
+        result = await client.call_tool(
+            "rlm_run", {"prompt": BATCH_THEN_WAIT, "input_text": "hello world"}, progress_callback=progress
+        )
     assert not result.is_error and answer_text(result) == "11 characters"
     assert result.structured_content is not None and result.structured_content["ready"] is True
     messages = progress.messages
@@ -105,8 +121,9 @@ async def test_a_follow_up_with_the_session_id_finds_the_first_runs_variables(ht
         second = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id})
         assert not second.is_error and answer_text(second) == "gamma"
         assert second.structured_content is not None and second.structured_content["session_id"] == session_id
-        with_input = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": session_id,
-                                                        "input_text": "more"})
+        with_input = await client.call_tool(
+            "rlm_run", {"prompt": follow_up, "session_id": session_id, "input_text": "more"}
+        )
         unknown = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": "no-such-session"})
     assert with_input.is_error and "send no input" in answer_text(with_input)
     assert unknown.is_error and "no-such-session" in answer_text(unknown)
@@ -114,8 +131,12 @@ async def test_a_follow_up_with_the_session_id_finds_the_first_runs_variables(ht
 
 async def test_over_http_the_token_is_required(http_server: LiveServer) -> None:
     """Mutant caught: `/mcp` routed without the token guard."""
-    response = httpx2.post(f"{http_server.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
-                           headers={"Accept": "application/json, text/event-stream"}, timeout=30)
+    response = httpx2.post(
+        f"{http_server.url}/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+        headers={"Accept": "application/json, text/event-stream"},
+        timeout=30,
+    )
     assert response.status_code == 401 and "RLM_API_TOKEN" in response.json()["detail"]
     with pytest.raises(Exception):  # noqa: B017 (the SDK wraps the 401 in transport-specific errors)
         async with http_client(http_server, "legacy", token="wrong") as client:
@@ -136,6 +157,7 @@ async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, 
     progress = Progress()
     async with http_client(http_server, mode) as client:
         async with anyio.create_task_group() as group:
+
             async def call() -> None:
                 await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
 
@@ -174,7 +196,8 @@ def _peak_rss(pid: int) -> int:
 
 
 async def test_over_stdio_a_50_mb_local_file_is_spooled_without_growing_the_server(
-        fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """The file goes to the run's spool a chunk at a time: the server's peak memory grows by far less than
     the file. Mutant caught: `spool_file` replaced by reading the file whole (the peak grows by > 100 MB)."""
     big = tmp_path / "big.log"
@@ -189,8 +212,9 @@ async def test_over_stdio_a_50_mb_local_file_is_spooled_without_growing_the_serv
         assert answer_text(warm) == "7"
         pid = _server_pid()
         before = _peak_rss(pid)
-        result = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(big)},
-                                        progress_callback=progress)
+        result = await client.call_tool(
+            "rlm_run", {"prompt": LENGTH, "input_path": str(big)}, progress_callback=progress
+        )
         after = _peak_rss(pid)
         missing = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(tmp_path / "nope")})
     assert not result.is_error and answer_text(result) == str(size)
@@ -205,6 +229,7 @@ async def test_cancelling_a_stdio_call_cancels_the_run(fake: FakeOpenAI, tmp_pat
     progress = Progress()
     async with Client(stdio_params(fake, tmp_path), mode=mode) as client:
         async with anyio.create_task_group() as group:
+
             async def call() -> None:
                 await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
 

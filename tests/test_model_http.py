@@ -20,8 +20,12 @@ import pytest
 
 from rlm_service.llm import ChatClient, ModelCallError, parse_completion
 
-REPLY = json.dumps({"choices": [{"message": {"role": "assistant", "content": "hello"}}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1}}).encode()
+REPLY = json.dumps(
+    {
+        "choices": [{"message": {"role": "assistant", "content": "hello"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    }
+).encode()
 
 
 @dataclass
@@ -83,9 +87,28 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.fail("needs the openssl command (apt-get install openssl)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -121,8 +144,12 @@ async def test_https_endpoint_through_a_connect_tunnel(certificate: tuple[Path, 
     proxy_server = await asyncio.start_server(proxy, "127.0.0.1", 0)
     proxy_port = proxy_server.sockets[0].getsockname()[1]
     async with origin_server, proxy_server:
-        client = ChatClient(f"https://localhost:{origin_port}/v1", "k", proxy=f"http://u:pw@127.0.0.1:{proxy_port}",
-                            tls=ssl.create_default_context(cafile=str(cert)))
+        client = ChatClient(
+            f"https://localhost:{origin_port}/v1",
+            "k",
+            proxy=f"http://u:pw@127.0.0.1:{proxy_port}",
+            tls=ssl.create_default_context(cafile=str(cert)),
+        )
         completion = await client.post({"model": "m", "messages": []}, parse_completion)
         await client.aclose()
     assert completion.text == "hello"

@@ -16,8 +16,12 @@ from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, scrip
 from tests.fake_openai import FakeOpenAI, HTTPFault, _first_user_text
 
 TOKEN = "rlm-test-token"
-SCHEMA = {"type": "object", "properties": {"lines": {"type": "integer"}, "first": {"type": "string"}},
-          "required": ["lines", "first"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"lines": {"type": "integer"}, "first": {"type": "string"}},
+    "required": ["lines", "first"],
+    "additionalProperties": False,
+}
 
 
 def task_script_root(messages: list[dict[str, Any]], body: dict[str, Any]) -> dict[str, Any]:
@@ -50,23 +54,29 @@ def client(server: LiveServer, key: str = TOKEN) -> openai.OpenAI:
 def run_events(server: LiveServer, completion_id: str) -> list[SseEvent]:
     """The events of the run behind a completion (its id is `chatcmpl-<run id>`)."""
     run_id = completion_id.removeprefix("chatcmpl-")
-    response = httpx2.get(f"{server.url}/api/runs/{run_id}/events", headers={"Authorization": f"Bearer {TOKEN}"},
-                          timeout=30)
+    response = httpx2.get(
+        f"{server.url}/api/runs/{run_id}/events", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
     assert response.status_code == 200
     return list(parse_sse(iter(response.text.splitlines())))
 
 
 COUNT_AND_ASK = script(
-    {"text": "I count the lines and ask the sub-model.",
-     "code": ["n = len(context.splitlines())\nnotes = llm_batch(['summarize: ' + context[:50]] * 2)\nprint(n)"]},
-    {"code": ["answer.update(content=f'{n} lines', ready=True)"]})
+    {
+        "text": "I count the lines and ask the sub-model.",
+        "code": ["n = len(context.splitlines())\nnotes = llm_batch(['summarize: ' + context[:50]] * 2)\nprint(n)"],
+    },
+    {"code": ["answer.update(content=f'{n} lines', ready=True)"]},
+)
 
 
 def test_a_chat_completion_is_the_runs_answer_with_root_and_sub_tokens(server: LiveServer) -> None:
     """The conversation is the input, the last user message the task; usage adds root and sub tokens.
     Mutant caught: usage counting the root model only (the sub-model's tokens are not zero here)."""
-    reply = client(server).chat.completions.create(model="rlm", messages=[
-        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": COUNT_AND_ASK}])
+    reply = client(server).chat.completions.create(
+        model="rlm",
+        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": COUNT_AND_ASK}],
+    )
     choice = reply.choices[0]
     # system header, its line, user header, the script's line
     assert choice.message.content == "4 lines" and choice.finish_reason == "stop"
@@ -81,11 +91,19 @@ def test_a_chat_completion_is_the_runs_answer_with_root_and_sub_tokens(server: L
 
 
 def test_sampling_parameters_reach_the_root_model_only_and_unknown_ones_are_ignored(
-        server: LiveServer, model: FakeOpenAI) -> None:
+    server: LiveServer, model: FakeOpenAI
+) -> None:
     """Mutant caught: `model_settings` not passed to `agent.iter` (the root requests carry no temperature)."""
     client(server).chat.completions.create(
-        model="rlm", messages=[{"role": "user", "content": COUNT_AND_ASK}], temperature=0.25, top_p=0.5,
-        max_tokens=777, seed=11, user="someone", extra_body={"no_such_parameter": True})
+        model="rlm",
+        messages=[{"role": "user", "content": COUNT_AND_ASK}],
+        temperature=0.25,
+        top_p=0.5,
+        max_tokens=777,
+        seed=11,
+        user="someone",
+        extra_body={"no_such_parameter": True},
+    )
     assert model.stats.root_bodies
     for body in model.stats.root_bodies:
         assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.25, 0.5, 777, 11)
@@ -93,19 +111,26 @@ def test_sampling_parameters_reach_the_root_model_only_and_unknown_ones_are_igno
 
 
 def test_a_run_ended_by_its_limits_finishes_with_length(model: FakeOpenAI) -> None:
-    never_ready = script({"code": ["answer['content'] = 'partial'"]}, {"code": ["print('still working')"]},
-                         {"code": ["print('and more')"]})
+    never_ready = script(
+        {"code": ["answer['content'] = 'partial'"]},
+        {"code": ["print('still working')"]},
+        {"code": ["print('and more')"]},
+    )
     with LiveServer(make_settings(model, rlm_max_iterations=2)) as live:
         reply = client(live, "anything").chat.completions.create(
-            model="rlm", messages=[{"role": "user", "content": never_ready}])
+            model="rlm", messages=[{"role": "user", "content": never_ready}]
+        )
     assert reply.choices[0].finish_reason == "length"
     assert reply.choices[0].message.content == "partial"
 
 
 def test_streaming_sends_progress_as_reasoning_then_the_answer_then_done(server: LiveServer) -> None:
     stream = client(server).chat.completions.create(
-        model="rlm", messages=[{"role": "user", "content": COUNT_AND_ASK}], stream=True,
-        stream_options={"include_usage": True})
+        model="rlm",
+        messages=[{"role": "user", "content": COUNT_AND_ASK}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     reasoning, content, finishes, usage = [], [], [], None
     for chunk in stream:
         assert chunk.object == "chat.completion.chunk" and chunk.model == "rlm"
@@ -130,10 +155,13 @@ def test_streaming_sends_progress_as_reasoning_then_the_answer_then_done(server:
 
 
 def test_the_stream_ends_with_done_on_the_wire(server: LiveServer) -> None:
-    with httpx2.stream("POST", f"{server.url}/v1/chat/completions", timeout=60,
-                       headers={"Authorization": f"Bearer {TOKEN}"},
-                       json={"model": "rlm", "stream": True, "messages": [{"role": "user", "content": COUNT_AND_ASK}]}
-                       ) as response:
+    with httpx2.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        json={"model": "rlm", "stream": True, "messages": [{"role": "user", "content": COUNT_AND_ASK}]},
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
@@ -141,27 +169,38 @@ def test_the_stream_ends_with_done_on_the_wire(server: LiveServer) -> None:
 
 
 def test_structured_output_returns_schema_valid_json(server: LiveServer) -> None:
-    valid = script({"code": ["import json\nrows = context.splitlines()\n"
-                             "answer.update(content=json.dumps({'lines': len(rows), 'first': rows[0]}), ready=True)"]})
+    valid = script(
+        {
+            "code": [
+                "import json\nrows = context.splitlines()\n"
+                "answer.update(content=json.dumps({'lines': len(rows), 'first': rows[0]}), ready=True)"
+            ]
+        }
+    )
     reply = client(server).chat.completions.create(
-        model="rlm", messages=[{"role": "user", "content": valid}],
-        response_format={"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA, "strict": True}})
+        model="rlm",
+        messages=[{"role": "user", "content": valid}],
+        response_format={"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA, "strict": True}},
+    )
     assert json.loads(reply.choices[0].message.content or "") == {"lines": 2, "first": "--- user ---"}
     assert reply.choices[0].finish_reason == "stop"
 
 
 def test_an_answer_that_violates_the_schema_is_refused_until_the_root_fixes_it(
-        server: LiveServer, model: FakeOpenAI) -> None:
+    server: LiveServer, model: FakeOpenAI
+) -> None:
     """The first cell marks ready an answer whose `lines` is a string: the run goes on, the root model
     reads exactly what is wrong, and its second cell's valid answer is the reply.
     Mutant caught: the controller not consulting the schema (the invalid answer is the reply)."""
-    fixes = script({"code": ["import json\nanswer.update(content=json.dumps({'lines': 'two', 'first': 'x'}), "
-                             "ready=True)"]},
-                   {"code": ["print(answer['ready'])\nanswer.update(content=json.dumps({'lines': 2, 'first': 'x'}), "
-                             "ready=True)"]})
+    fixes = script(
+        {"code": ["import json\nanswer.update(content=json.dumps({'lines': 'two', 'first': 'x'}), ready=True)"]},
+        {"code": ["print(answer['ready'])\nanswer.update(content=json.dumps({'lines': 2, 'first': 'x'}), ready=True)"]},
+    )
     reply = client(server).chat.completions.create(
-        model="rlm", messages=[{"role": "user", "content": fixes}],
-        response_format={"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA}})
+        model="rlm",
+        messages=[{"role": "user", "content": fixes}],
+        response_format={"type": "json_schema", "json_schema": {"name": "summary", "schema": SCHEMA}},
+    )
     assert json.loads(reply.choices[0].message.content or "") == {"lines": 2, "first": "x"}
     told = model.stats.root_bodies[1]["messages"][-1]["content"]
     assert "answer not accepted" in told and "at $.lines: 'two' is not of type 'integer'" in told
@@ -185,21 +224,29 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
         client(server).chat.completions.create(model="gpt-4o", messages=messages)
     assert unknown.value.code == "model_not_found"
     with pytest.raises(openai.UnprocessableEntityError) as schema:
-        client(server).chat.completions.create(model="rlm", messages=messages, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}})
+        client(server).chat.completions.create(
+            model="rlm",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
+        )
     assert "not a valid JSON Schema" in schema.value.message
     with pytest.raises(openai.BadRequestError) as no_task:
         client(server).chat.completions.create(model="rlm", messages=[{"role": "system", "content": "hi"}])
     assert "no user message" in no_task.value.message
     with pytest.raises(openai.BadRequestError) as image:
-        client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        client(server).chat.completions.create(
+            model="rlm",
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+            ],
+        )
     assert "only text content" in image.value.message
     assert [m.id for m in client(server).models.list()] == ["rlm"]
 
 
 def test_a_run_that_fails_after_the_request_started_is_a_500_with_the_runs_error_code(
-        server: LiveServer, model: FakeOpenAI) -> None:
+    server: LiveServer, model: FakeOpenAI
+) -> None:
     model.root = lambda messages, body: (_ for _ in ()).throw(HTTPFault(503, "overloaded"))
     with pytest.raises(openai.InternalServerError) as failed:
         client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": "hello"}])
@@ -207,35 +254,45 @@ def test_a_run_that_fails_after_the_request_started_is_a_500_with_the_runs_error
 
 
 def test_no_model_configured_is_503_and_a_full_server_429(model: FakeOpenAI) -> None:
-    with LiveServer(make_settings(model, openai_model_name=None, openai_sub_model_name=None)) as live, \
-            pytest.raises(openai.InternalServerError) as unconfigured:
+    with (
+        LiveServer(make_settings(model, openai_model_name=None, openai_sub_model_name=None)) as live,
+        pytest.raises(openai.InternalServerError) as unconfigured,
+    ):
         client(live).chat.completions.create(model="rlm", messages=[{"role": "user", "content": "hi"}])
     assert unconfigured.value.status_code == 503 and "OPENAI_MODEL_NAME" in unconfigured.value.message
     slow = script({"code": ["import time\ntime.sleep(20)"]})
     with LiveServer(make_settings(model, rlm_max_concurrent_runs=1)) as live:
-        busy = client(live).chat.completions.create(model="rlm", messages=[{"role": "user", "content": slow}],
-                                                    stream=True)
+        busy = client(live).chat.completions.create(
+            model="rlm", messages=[{"role": "user", "content": slow}], stream=True
+        )
         next(iter(busy))
         with pytest.raises(openai.RateLimitError):
             client(live).chat.completions.create(model="rlm", messages=[{"role": "user", "content": "hi"}])
         busy.close()
 
 
-SLEEPS = script({"text": "Waiting a long time.", "code": ["import time\ntime.sleep(60)"]},
-                {"code": ["answer.update(content='too late', ready=True)"]})
+SLEEPS = script(
+    {"text": "Waiting a long time.", "code": ["import time\ntime.sleep(60)"]},
+    {"code": ["answer.update(content='too late', ready=True)"]},
+)
 
 
 def terminal_of(server: LiveServer, run_id: str) -> SseEvent | None:
-    response = httpx2.get(f"{server.url}/api/runs/{run_id}/events", headers={"Authorization": f"Bearer {TOKEN}"},
-                          timeout=30, params={"after": 0})
+    response = httpx2.get(
+        f"{server.url}/api/runs/{run_id}/events",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+        params={"after": 0},
+    )
     events = list(parse_sse(iter(response.text.splitlines()))) if response.status_code == 200 else []
     return events[-1] if events and events[-1].event in ("final", "error") else None
 
 
 def test_a_client_that_closes_the_stream_cancels_the_run(server: LiveServer, model: FakeOpenAI) -> None:
     """Mutant caught: the stream's `finally` not cancelling the run (it sleeps on, then asks the root again)."""
-    stream = client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": SLEEPS}],
-                                                    stream=True)
+    stream = client(server).chat.completions.create(
+        model="rlm", messages=[{"role": "user", "content": SLEEPS}], stream=True
+    )
     run_id = ""
     for chunk in stream:
         run_id = chunk.id.removeprefix("chatcmpl-")
@@ -249,7 +306,8 @@ def test_a_client_that_closes_the_stream_cancels_the_run(server: LiveServer, mod
 
 
 def test_a_client_that_gives_up_on_a_non_streaming_request_cancels_the_run(
-        server: LiveServer, model: FakeOpenAI) -> None:
+    server: LiveServer, model: FakeOpenAI
+) -> None:
     """Mutant caught: `_complete` waiting for the run without watching for the client leaving."""
     engine_runs = server.app.state.engine.runs
     outcome: list[BaseException] = []
@@ -257,7 +315,8 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_cancels_the_run(
     def request() -> None:
         try:
             client(server).with_options(timeout=3).chat.completions.create(
-                model="rlm", messages=[{"role": "user", "content": SLEEPS}])
+                model="rlm", messages=[{"role": "user", "content": SLEEPS}]
+            )
         except BaseException as exc:  # the timeout this test expects, kept for the assertion below
             outcome.append(exc)
 

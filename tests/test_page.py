@@ -62,8 +62,9 @@ def test_uploaded_file_reaches_the_run(page: Any, live: LiveServer, tmp_path: Pa
     expect_clean_console(page)
 
 
-def test_an_empty_input_warns_before_the_run_starts(page: Any, fake: FakeOpenAI, live: LiveServer,
-                                                      tmp_path: Path) -> None:
+def test_an_empty_input_warns_before_the_run_starts(
+    page: Any, fake: FakeOpenAI, live: LiveServer, tmp_path: Path
+) -> None:
     """Mutant: startRun without emptyInputWarning starts the run on the first press."""
     open_page(page, live)
     page.fill("#prompt", script({"code": ["answer.update(content=f'{len(context)} chars', ready=True)"]}))
@@ -154,14 +155,16 @@ def test_setup_banner_without_a_key(page: Any, fake: FakeOpenAI) -> None:
     expect_clean_console(page)
 
 
-SAMPLE = (": keep-alive\r\n\r\n"
-          "id: 1\r\nevent: start\r\ndata: {\"run_id\": \"r1\", \"note\": \"héllo → wörld\"}\r\n\r\n"
-          "event: output\ndata: {\"stdout\":\n"
-          "data: \"two\\nlines ✓\"}\n\n"
-          "id: 3\nevent: unknown\ndata: {\"x\": 1}\n\n"
-          "data: plain text\n\n"
-          "event: final\rdata: {\"answer\": \"done 🎉\", \"ready\": true}\r\r"
-          "event: cut\ndata: {\"never\": \"ended\"}\n")
+SAMPLE = (
+    ": keep-alive\r\n\r\n"
+    'id: 1\r\nevent: start\r\ndata: {"run_id": "r1", "note": "héllo → wörld"}\r\n\r\n'
+    'event: output\ndata: {"stdout":\n'
+    'data: "two\\nlines ✓"}\n\n'
+    'id: 3\nevent: unknown\ndata: {"x": 1}\n\n'
+    "data: plain text\n\n"
+    'event: final\rdata: {"answer": "done 🎉", "ready": true}\r\r'
+    'event: cut\ndata: {"never": "ended"}\n'
+)
 EXPECTED = [
     {"event": "start", "data": {"run_id": "r1", "note": "héllo → wörld"}, "id": "1"},
     {"event": "output", "data": {"stdout": "two\nlines ✓"}, "id": "1"},
@@ -232,7 +235,8 @@ def test_page_works_at_phone_width_and_from_the_keyboard(browser: Any, fake: Fak
             assert animation == "none"
             page.set_viewport_size({"width": 1360, "height": 900})
             page.wait_for_function(
-                "() => document.getElementById('log-panel').nextElementSibling?.id === 'answer-panel'")
+                "() => document.getElementById('log-panel').nextElementSibling?.id === 'answer-panel'"
+            )
         finally:
             context.close()
 
@@ -241,6 +245,7 @@ def _luminance(rgb: tuple[float, ...]) -> float:
     def channel(c: float) -> float:
         c = c / 255
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
     r, g, b = (channel(c) for c in rgb[:3])
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
 
@@ -425,8 +430,9 @@ def test_a_final_note_is_shown_in_place_of_the_answer(page: Any, fake: FakeOpenA
         page.wait_for_selector("#answer-badge.none")
         note = page.inner_text("#answer")
         assert note.startswith("The root model wrote no code in 2 replies") and "RLM_ROOT_PROTOCOL=text" in note
-        assert page.inner_text("#status") == ("Stopped after 2 iterations without an answer: see the note in the "
-                                              "Answer panel.")
+        assert page.inner_text("#status") == (
+            "Stopped after 2 iterations without an answer: see the note in the Answer panel."
+        )
         assert "I would rather talk about it." in page.inner_text("#log")  # the model's text stays its thought
         page.locator("#history li button").first.click()
         status_is(page, "Replayed run", starts=True)
@@ -498,11 +504,20 @@ def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI,
 
 
 def test_child_runs_fold_under_the_cell_that_started_them(page: Any, fake: FakeOpenAI) -> None:
-    child = ("Look closer. <<<SCRIPT " + json.dumps([
-        {"text": "Inside the child.", "code": ["n = len(context)\nprint('child sees', n)"]},
-        {"code": ["answer.update(content=f'**{n}** characters', ready=True)"]}]) + " SCRIPT>>>")
-    prompt = script({"code": [f"r = rlm_query({child!r}, context='0123456789')\nprint(r)"]},
-                    {"code": ["answer.update(content='child says ' + r, ready=True)"]})
+    child = (
+        "Look closer. <<<SCRIPT "
+        + json.dumps(
+            [
+                {"text": "Inside the child.", "code": ["n = len(context)\nprint('child sees', n)"]},
+                {"code": ["answer.update(content=f'**{n}** characters', ready=True)"]},
+            ]
+        )
+        + " SCRIPT>>>"
+    )
+    prompt = script(
+        {"code": [f"r = rlm_query({child!r}, context='0123456789')\nprint(r)"]},
+        {"code": ["answer.update(content='child says ' + r, ready=True)"]},
+    )
     with LiveServer(make_settings(fake, rlm_max_depth=2)) as server:
         open_page(page, server)
         start_run(page, prompt)

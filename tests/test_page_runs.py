@@ -82,13 +82,19 @@ def run_facts(page: Any) -> dict[str, Any]:
     }""")
 
 
-WHOLE_RUN = {"cards": [1, 1, 1], "thoughts": 2, "cells": 3, "outputs": 3,
-             "stdout": ["looked at 9 characters\n", "held: released\n"]}
+WHOLE_RUN = {
+    "cards": [1, 1, 1],
+    "thoughts": 2,
+    "cells": 3,
+    "outputs": 3,
+    "stdout": ["looked at 9 characters\n", "held: released\n"],
+}
 
 
 @pytest.mark.parametrize("history", ["off", "on"])
-def test_a_refresh_mid_run_reattaches_and_shows_the_whole_run_once(page: Any, fake: FakeOpenAI, gate: Gate,
-                                                                   tmp_path: Path, history: str) -> None:
+def test_a_refresh_mid_run_reattaches_and_shows_the_whole_run_once(
+    page: Any, fake: FakeOpenAI, gate: Gate, tmp_path: Path, history: str
+) -> None:
     """With history off the page replays the run from its events route; with history on, from the stored run and
     then the events route after the last stored event. Mutants: buildRequest without `detach` (the refresh
     cancels the run); `started` not putting the run in the address (the refreshed page shows nothing);
@@ -118,8 +124,7 @@ def test_a_refresh_mid_run_reattaches_and_shows_the_whole_run_once(page: Any, fa
     expect_clean_console(page)
 
 
-def test_a_dropped_connection_reattaches_by_itself_with_last_event_id(page: Any, fake: FakeOpenAI,
-                                                                      gate: Gate) -> None:
+def test_a_dropped_connection_reattaches_by_itself_with_last_event_id(page: Any, fake: FakeOpenAI, gate: Gate) -> None:
     """A proxy drops every connection while a cell runs; the page re-attaches with `Last-Event-ID` and shows the
     rest of the run exactly once, as a fresh replay of the whole run shows it. Mutants: followRun giving up on a
     network error (the run never finishes on the page); attach sending `Last-Event-ID` one lower (the last event
@@ -139,8 +144,9 @@ def test_a_dropped_connection_reattaches_by_itself_with_last_event_id(page: Any,
             drawn = len(run.events)
             assert run.events[-1].type == "subcalls"
             proxy.drop()
-            pattern = re.compile(rf"GET /api/runs/{run_id}/events HTTP/1.1\r\n(?:.+\r\n)*?last-event-id: (\d+)\r\n",
-                                 re.IGNORECASE)
+            pattern = re.compile(
+                rf"GET /api/runs/{run_id}/events HTTP/1.1\r\n(?:.+\r\n)*?last-event-id: (\d+)\r\n", re.IGNORECASE
+            )
             assert wait_until(lambda: pattern.search(proxy.sent()), timeout=30)
             assert int(pattern.search(proxy.sent()).group(1)) == drawn
             gate.release()
@@ -215,7 +221,8 @@ LONGEST = script({"code": ["answer.update(content=f'longest: {max(words, key=len
 
 
 def test_a_follow_up_continues_the_conversation_and_the_history_keeps_it_together(
-        page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    page: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """The follow-up sends its prompt and session only, reads the variables of the first question, and shows as
     the next turn; a refresh shows the whole conversation, and the history lists it as one entry that replays
     both turns in order. Mutants: buildRequest without `session` (no follow-up box); renderHistory listing every
@@ -227,8 +234,13 @@ def test_a_follow_up_continues_the_conversation_and_the_history_keeps_it_togethe
         assert page.inner_text("#answer") == "4 words"
         page.wait_for_selector("#follow-up:not([hidden]) #follow-up-button:enabled")
         assert "same REPL" in page.inner_text("#follow-up-note")
-        stream_run(server.url, json_body={"prompt": script({"code": ["answer.update(content='x', ready=True)"]}),
-                   "input_data": "another task"})  # someone else's run between the two questions
+        stream_run(
+            server.url,
+            json_body={
+                "prompt": script({"code": ["answer.update(content='x', ready=True)"]}),
+                "input_data": "another task",
+            },
+        )  # someone else's run between the two questions
         page.fill("#follow-up-prompt", LONGEST)
         with page.expect_request(lambda r: r.url.endswith("/process")) as request:
             page.click("#follow-up-button")
@@ -285,8 +297,12 @@ def test_a_follow_up_that_cannot_run_says_why_and_what_to_do(page: Any, fake: Fa
         session_id = server.app.state.engine.runs.get(shown_runs(page)[0]).session_id
 
         def elsewhere() -> None:
-            with httpx2.Client(timeout=60) as client, client.stream(
-                    "POST", f"{server.url}/process", json={"prompt": HELD_RUN, "session_id": session_id}) as response:
+            with (
+                httpx2.Client(timeout=60) as client,
+                client.stream(
+                    "POST", f"{server.url}/process", json={"prompt": HELD_RUN, "session_id": session_id}
+                ) as response,
+            ):
                 list(parse_sse(response.iter_lines()))
 
         other = threading.Thread(target=elsewhere)
@@ -295,16 +311,22 @@ def test_a_follow_up_that_cannot_run_says_why_and_what_to_do(page: Any, fake: Fa
             assert gate.entered.wait(30)
             page.fill("#follow-up-prompt", LONGEST)
             page.click("#follow-up-button")
-            status_is(page, "Another question of this conversation is still running (in another tab or client). "
-                            "Wait for it to end, or stop it there, then ask again.")
+            status_is(
+                page,
+                "Another question of this conversation is still running (in another tab or client). "
+                "Wait for it to end, or stop it there, then ask again.",
+            )
             assert page.inner_text("#answer") == "4 words"  # the conversation shown is unchanged
         finally:
             gate.release()
             other.join(60)
         assert httpx2.delete(f"{server.url}/api/sessions/{session_id}").status_code == 204
         page.click("#follow-up-button")
-        status_is(page, "Follow-up questions are not possible here: the server no longer keeps this conversation's "
-                        "REPL", starts=True)
+        status_is(
+            page,
+            "Follow-up questions are not possible here: the server no longer keeps this conversation's REPL",
+            starts=True,
+        )
         assert "run the task again with its input (Run, above)" in page.inner_text("#status")
         page.wait_for_selector("#follow-up-button:disabled")
         assert "no longer keeps" in page.inner_text("#follow-up-note")

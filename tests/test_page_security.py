@@ -25,8 +25,10 @@ from tests.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.browser
 
-PIXEL = ("data:image/png;base64,"
-         "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+PIXEL = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def hostile_answer(elsewhere: str) -> str:
@@ -94,8 +96,9 @@ def expect_contained(page: Any, elsewhere: str) -> None:
     assert "Session expired" in facts["text"] and "☑ done" in facts["text"]
 
 
-def test_answers_load_nothing_from_elsewhere_and_stay_in_their_panel(page: Any, fake: FakeOpenAI, recorder: Recorder,
-                                                                    tmp_path: Path) -> None:
+def test_answers_load_nothing_from_elsewhere_and_stay_in_their_panel(
+    page: Any, fake: FakeOpenAI, recorder: Recorder, tmp_path: Path
+) -> None:
     """Live and replayed. Mutants: no afterSanitizeAttributes hook (remote image sources kept, links open in
     place); no ALLOWED_TAGS (style, form, iframe and svg kept); `class` allowed as is."""
     answer = hostile_answer(recorder.url)
@@ -119,13 +122,16 @@ def test_every_page_response_carries_the_security_policy(page: Any, live: LiveSe
     policy = response.headers["content-security-policy"]
     assert "img-src 'self' data: blob:" in policy and "connect-src 'self'" in policy
     page.wait_for_function("() => document.getElementById('model-chip').textContent.includes('root-model')")
-    blocked = page.evaluate("""(url) => new Promise((resolve) => {
+    blocked = page.evaluate(
+        """(url) => new Promise((resolve) => {
         document.addEventListener('securitypolicyviolation', (e) => resolve(e.effectiveDirective), { once: true });
         const image = document.createElement('img');
         image.addEventListener('error', () => setTimeout(() => resolve('failed to load'), 100));
         image.src = url;
         document.body.append(image);
-    })""", recorder.url + "/pixel")
+    })""",
+        recorder.url + "/pixel",
+    )
     assert blocked == "img-src" and recorder.requests == []
     expect_clean_console(page, "Content Security Policy")
 
@@ -156,8 +162,9 @@ def test_a_token_goes_only_to_the_server_it_was_saved_for(browser: Any, fake: Fa
         page.context.close()
 
 
-def test_a_link_to_another_server_is_followed_only_if_the_user_agrees(page: Any, live: LiveServer,
-                                                                       recorder: Recorder) -> None:
+def test_a_link_to_another_server_is_followed_only_if_the_user_agrees(
+    page: Any, live: LiveServer, recorder: Recorder
+) -> None:
     """Declined: the page stays on its own server. Accepted: its policy still lets it connect only there, and it
     says so. Mutant: resolveServer not asking (ask() ignored) lets the declined link through."""
     page.once("dialog", lambda dialog: dialog.dismiss())

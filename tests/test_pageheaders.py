@@ -20,8 +20,17 @@ def test_every_response_carries_the_security_headers(live: LiveServer) -> None:
     """Pages, scripts, the API, refusals, unknown paths and the event stream alike. Mutant: api.py without
     `app.add_middleware(PageHeadersMiddleware)`."""
     with httpx2.Client(base_url=live.url, timeout=30) as client:
-        for path in ("/", "/index.html", "/main.js", "/styles.css", "/vendor/marked.esm.js", "/events.schema.json",
-                     "/api/config", "/health", "/no-such-page"):
+        for path in (
+            "/",
+            "/index.html",
+            "/main.js",
+            "/styles.css",
+            "/vendor/marked.esm.js",
+            "/events.schema.json",
+            "/api/config",
+            "/health",
+            "/no-such-page",
+        ):
             expect_headers(client.get(path))
         expect_headers(client.post("/process", json={"prompt": ""}))
         body = {"prompt": script({"code": ["answer.update(content='ok', ready=True)"]}), "input_data": "x"}

@@ -66,8 +66,9 @@ def test_a_server_process_that_dies_is_replaced(tmp_path: Path) -> None:
         assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         victim = _server_processes(server.pid)[0]
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(lambda: victim not in _server_processes(server.pid)
-                          and len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(
+            lambda: victim not in _server_processes(server.pid) and len(_server_processes(server.pid)) == 2, timeout=30
+        )
         for _ in range(4):
             response, events = stream_run(server.url, json_body={"prompt": "x"})
             assert response.status_code == 200 and events[-1].event == "final"

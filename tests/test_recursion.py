@@ -28,8 +28,9 @@ def children(events: list[EventBase]) -> list[Any]:
 
 
 async def test_at_depth_one_rlm_query_is_a_sub_call(fake: FakeOpenAI) -> None:
-    prompt = script({"code": ["r = rlm_query('what is this?', 'a small context')\n"
-                              "answer.update(content=r, ready=True)"]})
+    prompt = script(
+        {"code": ["r = rlm_query('what is this?', 'a small context')\nanswer.update(content=r, ready=True)"]}
+    )
     events = await run(fake, prompt)
     assert not children(events)
     assert events[-1].type == "final" and events[-1].answer.startswith("sub-model reply")
@@ -40,13 +41,19 @@ async def test_depth_two_child_chunks_its_context_and_batches(fake: FakeOpenAI) 
     fake.sub = lambda prompt: f"<{prompt.split(':', 1)[1].strip()}>"
     child_prompt = nested(
         "Describe each piece.",
-        {"text": "Chunking my context.",
-         "code": ["pieces = [context[i:i + 4] for i in range(0, len(context), 4)]\n"
-                  "notes = llm_batch([f'piece: {p}' for p in pieces])\nprint(notes)"]},
+        {
+            "text": "Chunking my context.",
+            "code": [
+                "pieces = [context[i:i + 4] for i in range(0, len(context), 4)]\n"
+                "notes = llm_batch([f'piece: {p}' for p in pieces])\nprint(notes)"
+            ],
+        },
         {"code": ["answer.update(content=''.join(notes), ready=True)"]},
     )
-    prompt = script({"code": [f"r = rlm_query({child_prompt!r}, context='abcdefghij')\nprint(r)"]},
-                    {"code": ["answer.update(content='child said ' + r, ready=True)"]})
+    prompt = script(
+        {"code": [f"r = rlm_query({child_prompt!r}, context='abcdefghij')\nprint(r)"]},
+        {"code": ["answer.update(content='child said ' + r, ready=True)"]},
+    )
     events = await run(fake, prompt, rlm_max_depth=2)
     root_id = events[0].run_id
     final = events[-1]
@@ -70,14 +77,20 @@ async def test_depth_two_child_chunks_its_context_and_batches(fake: FakeOpenAI) 
 
 
 async def test_depth_three_stops_at_the_limit_and_shares_budgets(fake: FakeOpenAI) -> None:
-    grandchild = nested("Go deeper.",
-                        {"code": ["deeper = rlm_query('too deep?', 'x')\n"
-                                  "burst = llm_batch([f'q{i}' for i in range(10)])"]},
-                        *[{"code": [f"step_{i} = {i}"]} for i in range(20)])
-    child = nested("Delegate.", {"code": [f"g = rlm_query({grandchild!r}, context='grand input')"]},
-                   {"code": ["answer.update(content='child: ' + g, ready=True)"]})
-    prompt = script({"code": [f"c = rlm_query({child!r}, context='child input')"]},
-                    {"code": ["answer.update(content='root: ' + c, ready=True)"]})
+    grandchild = nested(
+        "Go deeper.",
+        {"code": ["deeper = rlm_query('too deep?', 'x')\nburst = llm_batch([f'q{i}' for i in range(10)])"]},
+        *[{"code": [f"step_{i} = {i}"]} for i in range(20)],
+    )
+    child = nested(
+        "Delegate.",
+        {"code": [f"g = rlm_query({grandchild!r}, context='grand input')"]},
+        {"code": ["answer.update(content='child: ' + g, ready=True)"]},
+    )
+    prompt = script(
+        {"code": [f"c = rlm_query({child!r}, context='child input')"]},
+        {"code": ["answer.update(content='root: ' + c, ready=True)"]},
+    )
     events = await run(fake, prompt, rlm_max_depth=3, rlm_max_iterations=6, rlm_max_subcalls=4)
     kids = children(events)
     assert max(k.depth for k in kids) == 2
@@ -95,16 +108,21 @@ async def test_depth_three_stops_at_the_limit_and_shares_budgets(fake: FakeOpenA
 
 async def test_usage_and_cost_are_summed_over_the_tree(fake: FakeOpenAI) -> None:
     child = nested("Answer.", {"code": ["n = llm_query('count')\nanswer.update(content=n, ready=True)"]})
-    prompt = script({"code": [f"c = rlm_batch([{child!r}, {child!r}], ['one', 'two'])"]},
-                    {"code": ["answer.update(content=' / '.join(c), ready=True)"]})
+    prompt = script(
+        {"code": [f"c = rlm_batch([{child!r}, {child!r}], ['one', 'two'])"]},
+        {"code": ["answer.update(content=' / '.join(c), ready=True)"]},
+    )
     prices = {"root-model": [1.0, 2.0], "sub-model": [3.0, 4.0]}
     events = await run(fake, prompt, rlm_max_depth=2, rlm_prices=prices)
     final = events[-1]
     depth0, depth1 = final.by_depth["0"], final.by_depth["1"]
     assert depth1.root.requests == 2 and depth1.sub.requests == 2 and depth0.sub.requests == 0
-    expected = (depth0.root.input_tokens * 1.0 + depth0.root.output_tokens * 2.0
-                + (depth1.root.input_tokens + depth1.sub.input_tokens) * 3.0
-                + (depth1.root.output_tokens + depth1.sub.output_tokens) * 4.0) / 1e6
+    expected = (
+        depth0.root.input_tokens * 1.0
+        + depth0.root.output_tokens * 2.0
+        + (depth1.root.input_tokens + depth1.sub.input_tokens) * 3.0
+        + (depth1.root.output_tokens + depth1.sub.output_tokens) * 4.0
+    ) / 1e6
     assert abs(final.cost_usd - expected) < 1e-6
     assert final.usage.root.input_tokens == depth0.root.input_tokens + depth1.root.input_tokens
     usage_events = [e for e in events if e.type == "usage"]
@@ -132,8 +150,9 @@ async def test_a_cost_budget_spent_by_a_root_reply_holds_for_the_cell_it_asks_fo
 
 async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI) -> None:
     child = nested("Work.", *[{"code": [f"x_{i} = llm_query('more {i}')"]} for i in range(10)])
-    prompt = script({"code": [f"c = rlm_query({child!r}, 'ctx')"]},
-                    {"code": ["answer.update(content='stopped: ' + c, ready=True)"]})
+    prompt = script(
+        {"code": [f"c = rlm_query({child!r}, 'ctx')"]}, {"code": ["answer.update(content='stopped: ' + c, ready=True)"]}
+    )
     seen: list[Any] = []
     original = fake.root
 
@@ -142,8 +161,9 @@ async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI
         return original(messages, body)
 
     fake.root = root
-    events = await run(fake, prompt, rlm_max_depth=2, rlm_prices={"sub-model": [100000.0, 100000.0]},
-                       rlm_max_cost_usd=0.5)
+    events = await run(
+        fake, prompt, rlm_max_depth=2, rlm_prices={"sub-model": [100000.0, 100000.0]}, rlm_max_cost_usd=0.5
+    )
     final = events[-1]
     assert final.type == "final" and final.cost_usd >= 0.5
     child_turns = [k for k in children(events) if k.event == "code"]
@@ -154,8 +174,11 @@ async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI
 async def test_run_timeout_ends_the_tree_with_its_answer_so_far(fake: FakeOpenAI) -> None:
     """Past RLM_RUN_TIMEOUT_S the run gets one last turn, then ends with its answer not ready. Mutant
     caught: no run timeout (the third turn runs)."""
-    prompt = script({"code": ["answer['content'] = 'partial'\nimport time\ntime.sleep(2.5)"]},
-                    {"code": ["x = 1"]}, {"code": ["y = 2"]})
+    prompt = script(
+        {"code": ["answer['content'] = 'partial'\nimport time\ntime.sleep(2.5)"]},
+        {"code": ["x = 1"]},
+        {"code": ["y = 2"]},
+    )
     events = await run(fake, prompt, rlm_run_timeout_s=1.5)
     assert [e.code for e in events if e.type == "code"][1:] == ["x = 1"]
     final = events[-1]
@@ -183,8 +206,10 @@ def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:
     child = nested("Delegate.", {"code": [f"g = rlm_query({grandchild!r}, 'x')"]})
     prompt = script({"code": [f"c = rlm_query({child!r}, 'y')"]})
     with LiveServer(make_settings(fake, rlm_max_depth=3)) as server:
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": prompt}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": prompt}) as response,
+        ):
             for event in parse_sse(response.iter_lines()):
                 if event.event == "child" and event.data["depth"] == 2 and event.data["event"] == "code":
                     assert len(worker_processes()) == 3

@@ -41,46 +41,83 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
     ("negative sub-calls", {"json": {"prompt": "x", "settings": {"max_subcalls": -5}}}, 422, "max_subcalls"),
     ("fractional iterations", {"json": {"prompt": "x", "settings": {"max_iterations": 2.5}}}, 422, "max_iterations"),
     ("iterations as text", {"json": {"prompt": "x", "settings": {"max_iterations": "ten"}}}, 422, "max_iterations"),
-    ("iterations as a numeral", {"json": {"prompt": "x", "settings": {"max_iterations": "3"}}}, 422,
-     "max_iterations"),
-    ("iterations as a boolean", {"json": {"prompt": "x", "settings": {"max_iterations": True}}}, 422,
-     "max_iterations"),
+    ("iterations as a numeral", {"json": {"prompt": "x", "settings": {"max_iterations": "3"}}}, 422, "max_iterations"),
+    ("iterations as a boolean", {"json": {"prompt": "x", "settings": {"max_iterations": True}}}, 422, "max_iterations"),
     ("timeout as a boolean", {"json": {"prompt": "x", "settings": {"exec_timeout_s": True}}}, 422, "exec_timeout_s"),
     ("keep_input as text", {"json": {"prompt": "x", "settings": {"keep_input": "yes"}}}, 422, "keep_input"),
-    ("iterations above server", {"json": {"prompt": "x", "settings": {"max_iterations": 999}}}, 422,
-     "RLM_MAX_ITERATIONS"),
-    ("sub-calls above server", {"json": {"prompt": "x", "settings": {"max_subcalls": 10**9}}}, 422,
-     "RLM_MAX_SUBCALLS"),
-    ("timeout above server", {"json": {"prompt": "x", "settings": {"exec_timeout_s": 10_000}}}, 422,
-     "RLM_EXEC_TIMEOUT_S"),
+    (
+        "iterations above server",
+        {"json": {"prompt": "x", "settings": {"max_iterations": 999}}},
+        422,
+        "RLM_MAX_ITERATIONS",
+    ),
+    ("sub-calls above server", {"json": {"prompt": "x", "settings": {"max_subcalls": 10**9}}}, 422, "RLM_MAX_SUBCALLS"),
+    (
+        "timeout above server",
+        {"json": {"prompt": "x", "settings": {"exec_timeout_s": 10_000}}},
+        422,
+        "RLM_EXEC_TIMEOUT_S",
+    ),
     ("timeout below one", {"json": {"prompt": "x", "settings": {"exec_timeout_s": 0.5}}}, 422, "exec_timeout_s"),
     ("unknown setting", {"json": {"prompt": "x", "settings": {"colour": "blue"}}}, 422, "unknown field"),
     ("unknown field", {"json": {"prompt": "x", "input": "typo"}}, 422, "unknown field"),
     ("huge JSON body", {"json": {"prompt": "x", "input_data": "y" * (LIMIT * 6)}}, 413, "RLM_MAX_INPUT_BYTES"),
-    ("input over the limit", {"json": {"prompt": "x", "input_data": "é" * (LIMIT // 2 + 10)}}, 413,
-     "RLM_MAX_INPUT_BYTES"),
-    ("urlencoded form", {"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
-     415, "Content-Type"),
+    (
+        "input over the limit",
+        {"json": {"prompt": "x", "input_data": "é" * (LIMIT // 2 + 10)}},
+        413,
+        "RLM_MAX_INPUT_BYTES",
+    ),
+    (
+        "urlencoded form",
+        {"content": b"prompt=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+        "Content-Type",
+    ),
     ("plain text", {"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "Content-Type"),
     ("no content type", {"content": b'{"prompt": "x"}', "headers": {"content-type": ""}}, 415, "Content-Type"),
     ("XML", {"content": b"<prompt/>", "headers": {"content-type": "application/xml"}}, 415, "Content-Type"),
-    ("multipart without boundary", {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}}, 400,
-     "boundary"),
-    ("multipart garbage", {"content": b"\x00\x01garbage", "headers": {
-        "content-type": "multipart/form-data; boundary=zzz"}}, 400, "multipart"),
+    (
+        "multipart without boundary",
+        {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}},
+        400,
+        "boundary",
+    ),
+    (
+        "multipart garbage",
+        {"content": b"\x00\x01garbage", "headers": {"content-type": "multipart/form-data; boundary=zzz"}},
+        400,
+        "multipart",
+    ),
     ("multipart settings not JSON", {"files": {"prompt": (None, "x"), "settings": (None, "{bad")}}, 422, "settings"),
     ("multipart settings a list", {"files": {"prompt": (None, "x"), "settings": (None, "[1]")}}, 422, "settings"),
     ("multipart without prompt", {"files": {"settings": (None, "{}")}}, 422, "prompt"),
     ("multipart empty prompt", {"files": {"prompt": (None, "")}}, 422, "prompt"),
-    ("two input files", {"files": {"prompt": (None, "x"), "input_file": ("a", b"1"), "file": ("b", b"2")}}, 422,
-     "one input file"),
-    ("upload over the limit", {"files": {"prompt": (None, "x"), "input_file": ("big.txt", b"z" * (LIMIT + 1))}}, 413,
-     "RLM_MAX_INPUT_BYTES"),
-    ("bad token", {"json": {"prompt": "x"}, "headers": {"Authorization": "Bearer wrong"}, "token": True}, 401,
-     "RLM_API_TOKEN"),
+    (
+        "two input files",
+        {"files": {"prompt": (None, "x"), "input_file": ("a", b"1"), "file": ("b", b"2")}},
+        422,
+        "one input file",
+    ),
+    (
+        "upload over the limit",
+        {"files": {"prompt": (None, "x"), "input_file": ("big.txt", b"z" * (LIMIT + 1))}},
+        413,
+        "RLM_MAX_INPUT_BYTES",
+    ),
+    (
+        "bad token",
+        {"json": {"prompt": "x"}, "headers": {"Authorization": "Bearer wrong"}, "token": True},
+        401,
+        "RLM_API_TOKEN",
+    ),
     ("missing token", {"json": {"prompt": "x"}, "token": True}, 401, "RLM_API_TOKEN"),
-    ("token without Bearer", {"json": {"prompt": "x"}, "headers": {"Authorization": "tok-123"}, "token": True}, 401,
-     "RLM_API_TOKEN"),
+    (
+        "token without Bearer",
+        {"json": {"prompt": "x"}, "headers": {"Authorization": "tok-123"}, "token": True},
+        401,
+        "RLM_API_TOKEN",
+    ),
 ]
 
 
@@ -88,15 +125,18 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
 def servers() -> Iterator[dict[str, LiveServer]]:
     fake = FakeOpenAI().start()
     common = {"rlm_max_input_bytes": LIMIT, "rlm_body_timeout_s": 1.0, "rlm_max_iterations": 5}
-    with LiveServer(make_settings(fake, **common)) as open_server, \
-            LiveServer(make_settings(fake, rlm_api_token="tok-123", **common)) as guarded:
+    with (
+        LiveServer(make_settings(fake, **common)) as open_server,
+        LiveServer(make_settings(fake, rlm_api_token="tok-123", **common)) as guarded,
+    ):
         yield {"open": open_server, "guarded": guarded}
     fake.stop()
 
 
 @pytest.mark.parametrize(("case", "request_kwargs", "status", "fragment"), CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_request_is_refused(servers: dict[str, LiveServer], case: str, request_kwargs: dict[str, Any],
-                                status: int, fragment: str) -> None:
+def test_bad_request_is_refused(
+    servers: dict[str, LiveServer], case: str, request_kwargs: dict[str, Any], status: int, fragment: str
+) -> None:
     kwargs = dict(request_kwargs)
     server = servers["guarded" if kwargs.pop("token", False) else "open"]
     response = post_process(server.url, **kwargs)
@@ -108,8 +148,10 @@ def test_bad_request_is_refused(servers: dict[str, LiveServer], case: str, reque
 def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
     port = servers["open"].port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+        sock.sendall(
+            b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt": '
+        )
         started = time.monotonic()
         reply = b""
         while b"stalled" not in reply and (more := sock.recv(65536)):
@@ -142,18 +184,25 @@ def test_runs_beyond_the_limit_are_refused(fake: FakeOpenAI) -> None:
         assert stream_run(server.url, json_body={"prompt": "x"})[1][-1].event == "final"
 
 
-@pytest.mark.parametrize(("name", "content"), [("../../{marker}", b"root:x:0:0"), ("..\\..\\{marker}", b"[boot]"),
-                                               ("{tmp}/{marker}", b"secret"), ("", b"no name")])
-def test_path_like_file_names_are_only_names(servers: dict[str, LiveServer], name: str, content: bytes,
-                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("../../{marker}", b"root:x:0:0"),
+        ("..\\..\\{marker}", b"[boot]"),
+        ("{tmp}/{marker}", b"secret"),
+        ("", b"no name"),
+    ],
+)
+def test_path_like_file_names_are_only_names(
+    servers: dict[str, LiveServer], name: str, content: bytes, tmp_path: Path
+) -> None:
     """An uploaded file's name is never a path the server writes to: the content reaches the REPL, and no
     file of that name appears where the name points, relative to the server's working directory or its
     temporary directory, or absolute. Mutant caught: the upload spooled to its own file name."""
     marker = f"upload-{uuid.uuid4().hex}"
     name = name.format(marker=marker, tmp=tmp_path)
     prompt = script({"code": ["answer.update(content=context, ready=True)"]})
-    response, events = stream_run(servers["open"].url, files={"prompt": (None, prompt),
-                                                              "input_file": (name, content)})
+    response, events = stream_run(servers["open"].url, files={"prompt": (None, prompt), "input_file": (name, content)})
     assert response.status_code == 200
     assert events[-1].data["answer"] == content.decode()
     if name:
@@ -166,8 +215,9 @@ def test_empty_and_non_utf8_files_are_accepted(servers: dict[str, LiveServer]) -
     prompt = script({"code": ["answer.update(content=repr(context) or 'x', ready=True)"]})
     _, events = stream_run(servers["open"].url, files={"prompt": (None, prompt), "input_file": ("e.txt", b"")})
     assert events[0].data["input"] == {"chars": 0, "lines": 0} and events[-1].data["answer"] == "''"
-    _, events = stream_run(servers["open"].url, files={"prompt": (None, prompt),
-                                                      "input_file": ("latin1.txt", "café".encode("latin-1"))})
+    _, events = stream_run(
+        servers["open"].url, files={"prompt": (None, prompt), "input_file": ("latin1.txt", "café".encode("latin-1"))}
+    )
     assert events[-1].data["answer"] == repr("caf\ufffd")
 
 

@@ -21,23 +21,28 @@ from tests.conftest import (
 )
 from tests.fake_openai import FakeOpenAI
 
-SLOW_BATCH = script({"code": ["replies = llm_batch([f'q{i}' for i in range(12)])\nprint(len(replies))"]},
-                    {"code": ["import time\ntime.sleep(0.5)\nprint('second cell')"]},
-                    {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]})
+SLOW_BATCH = script(
+    {"code": ["replies = llm_batch([f'q{i}' for i in range(12)])\nprint(len(replies))"]},
+    {"code": ["import time\ntime.sleep(0.5)\nprint('second cell')"]},
+    {"code": ["answer.update(content='done: ' + str(len(replies)), ready=True)"]},
+)
 
 
 def history_settings(fake: FakeOpenAI, tmp_path: Path, **overrides: Any) -> Any:
     return make_settings(fake, rlm_history_db=str(tmp_path / "history.sqlite3"), **overrides)
 
 
-def follow(url: str, run_id: str, *, after: int | None = None, last_event_id: int | None = None,
-           stop: Any = None) -> list[SseEvent]:
+def follow(
+    url: str, run_id: str, *, after: int | None = None, last_event_id: int | None = None, stop: Any = None
+) -> list[SseEvent]:
     """GET /api/runs/{id}/events, reading until the stream ends or `stop(event)` is true."""
     params = {"after": after} if after is not None else None
     headers = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else None
     events: list[SseEvent] = []
-    with httpx2.Client(timeout=60) as client, client.stream(
-            "GET", f"{url}/api/runs/{run_id}/events", params=params, headers=headers) as response:
+    with (
+        httpx2.Client(timeout=60) as client,
+        client.stream("GET", f"{url}/api/runs/{run_id}/events", params=params, headers=headers) as response,
+    ):
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         for event in parse_sse(response.iter_lines()):
@@ -50,8 +55,10 @@ def follow(url: str, run_id: str, *, after: int | None = None, last_event_id: in
 def start_detached(url: str, prompt: str, *, until: Any) -> list[SseEvent]:
     """Start a detached run and drop the connection once `until(event)` is true."""
     seen: list[SseEvent] = []
-    with httpx2.Client(timeout=60) as client, client.stream(
-            "POST", f"{url}/process", json={"prompt": prompt, "settings": {"detach": True}}) as response:
+    with (
+        httpx2.Client(timeout=60) as client,
+        client.stream("POST", f"{url}/process", json={"prompt": prompt, "settings": {"detach": True}}) as response,
+    ):
         for event in parse_sse(response.iter_lines()):
             seen.append(event)
             if until(event):
@@ -65,7 +72,8 @@ def seqs(events: list[SseEvent]) -> list[int]:
 
 @pytest.mark.parametrize("drop_after", ["start", "code", "subcalls", "output", "usage"])
 def test_a_dropped_client_reattaches_and_gets_every_later_event_exactly_once(
-        fake: FakeOpenAI, tmp_path: Path, drop_after: str) -> None:
+    fake: FakeOpenAI, tmp_path: Path, drop_after: str
+) -> None:
     """Re-attach at every point of a run: before the first cell, mid-cell, between iterations.
     Mutant caught: `follow(after)` starting at `after - 1` (a duplicate) or `after + 1` (a gap)."""
     fake.sub_latency = 0.1
@@ -121,8 +129,10 @@ def test_a_detached_run_goes_on_after_its_client_leaves(fake: FakeOpenAI, tmp_pa
 def test_without_detach_closing_the_stream_still_cancels(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.sub_latency = 0.2
     with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=1)) as server:
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response,
+        ):
             first = next(parse_sse(response.iter_lines()))
         events = follow(server.url, first.data["run_id"])
     assert events[-1].event == "error" and events[-1].data["code"] == "cancelled"
@@ -133,8 +143,10 @@ def test_without_detach_closing_the_stream_still_cancels(fake: FakeOpenAI, tmp_p
 def test_cancel_from_a_second_client_ends_the_run_for_every_follower(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.sub_latency = 0.3
     with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=1)) as server:
-        with httpx2.Client(timeout=60) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": SLOW_BATCH}) as response,
+        ):
             events = parse_sse(response.iter_lines())
             start = next(events)
             run_id = start.data["run_id"]
@@ -150,7 +162,8 @@ def test_cancel_from_a_second_client_ends_the_run_for_every_follower(fake: FakeO
 
 
 def test_a_detached_run_nobody_reattaches_ends_within_its_limits_and_frees_its_worker(
-        fake: FakeOpenAI, tmp_path: Path) -> None:
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     forever = script({"code": ["import time\ntime.sleep(600)"]})
     with LiveServer(history_settings(fake, tmp_path, rlm_exec_timeout_s=2, rlm_max_iterations=2)) as server:
         first = start_detached(server.url, forever, until=lambda e: e.event == "code")
@@ -165,14 +178,18 @@ def test_a_client_that_stops_reading_loses_its_run_and_its_slot(fake: FakeOpenAI
     """#14 item 11: the run's events pile up in no queue, the send timeout drops the client, the run is
     cancelled and its slot freed. Mutant caught: no send timeout (the run holds its slot for good)."""
     flood = script(*[{"code": ["print('x' * 400_000)"]} for _ in range(40)])
-    settings = history_settings(fake, tmp_path, rlm_send_timeout_s=1, rlm_max_output_chars=500_000,
-                                rlm_max_iterations=40)
+    settings = history_settings(
+        fake, tmp_path, rlm_send_timeout_s=1, rlm_max_output_chars=500_000, rlm_max_iterations=40
+    )
     with LiveServer(settings) as server:
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             body = json.dumps({"prompt": flood}).encode()
-            sock.sendall(b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             slots = server.app.state.slots
             assert wait_until(lambda: slots.active == 1, timeout=10)
             assert wait_until(lambda: slots.active == 0, timeout=60)
@@ -183,8 +200,10 @@ def test_a_client_that_stops_reading_loses_its_run_and_its_slot(fake: FakeOpenAI
 
 
 def test_every_event_of_process_carries_its_number_as_the_sse_id(live: LiveServer) -> None:
-    with httpx2.Client(timeout=60) as client, client.stream(
-            "POST", f"{live.url}/process", json={"prompt": "x"}) as response:
+    with (
+        httpx2.Client(timeout=60) as client,
+        client.stream("POST", f"{live.url}/process", json={"prompt": "x"}) as response,
+    ):
         body = response.read().decode()
     ids = [int(line[4:]) for line in body.split("\n") if line.startswith("id: ")]
     datas = [line for line in body.split("\n") if line.startswith("data: ")]
@@ -193,8 +212,10 @@ def test_every_event_of_process_carries_its_number_as_the_sse_id(live: LiveServe
 
 def test_the_run_id_comes_with_the_response_headers(live: LiveServer) -> None:
     """A client that loses the connection before the first event can still re-attach."""
-    with httpx2.Client(timeout=60) as client, client.stream(
-            "POST", f"{live.url}/process", json={"prompt": "x", "settings": {"session": True}}) as response:
+    with (
+        httpx2.Client(timeout=60) as client,
+        client.stream("POST", f"{live.url}/process", json={"prompt": "x", "settings": {"session": True}}) as response,
+    ):
         run_id, session_id = response.headers["x-run-id"], response.headers["x-session-id"]
         first = next(parse_sse(response.iter_lines()))
     assert first.data["run_id"] == run_id and first.data["session_id"] == session_id

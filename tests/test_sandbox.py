@@ -84,9 +84,11 @@ ATTACKS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def victim() -> Iterator[tuple[int, int]]:
     """A process of our uid with a second thread, standing in for the server: its pid and that thread's id."""
-    code = ("import threading, time, sys\nready = threading.Event()\n"
-            "t = threading.Thread(target=lambda: (ready.set(), time.sleep(120)), daemon=True)\nt.start()\n"
-            "ready.wait()\nprint(t.native_id, flush=True)\ntime.sleep(120)")
+    code = (
+        "import threading, time, sys\nready = threading.Event()\n"
+        "t = threading.Thread(target=lambda: (ready.set(), time.sleep(120)), daemon=True)\nt.start()\n"
+        "ready.wait()\nprint(t.native_id, flush=True)\ntime.sleep(120)"
+    )
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     thread = int(process.stdout.readline())
@@ -96,8 +98,13 @@ def victim() -> Iterator[tuple[int, int]]:
 
 
 def attack(victim: tuple[int, int], mode: str) -> dict[str, str]:
-    result = subprocess.run([sys.executable, "-c", ATTACKS, BACKEND, str(victim[0]), str(victim[1]), mode],
-                            capture_output=True, text=True, timeout=60, start_new_session=True)
+    result = subprocess.run(
+        [sys.executable, "-c", ATTACKS, BACKEND, str(victim[0]), str(victim[1]), mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        start_new_session=True,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -115,16 +122,34 @@ def test_a_worker_sharing_the_servers_uid_can_signal_only_its_own_processes(vict
 
 
 def test_a_worker_with_other_confinement_may_still_signal_its_children_but_never_the_server(
-        victim: tuple[int, int]) -> None:
+    victim: tuple[int, int],
+) -> None:
     """Without strict signals (a worker with a uid of its own, or inside Landlock's signal scope, where the
     kernel keeps it from other processes) the filter still refuses the protected pids, every group but
     its own, and the calls that reach into another process. Mutant: drop the protected-pid rule of
     `rt_sigqueueinfo` → "sigqueue victim" says ok."""
     results = attack(victim, "loose")
-    for name in ("kill victim", "kill everyone", "kill victim group", "tgkill victim", "tkill victim thread",
-                 "sigqueue victim", "tgsigqueue victim", "pidfd victim", "pidfd_send_signal", "pidfd_getfd",
-                 "prlimit victim", "setpriority victim", "setpriority my uid", "affinity victim", "memfd_create",
-                 "name_to_handle_at", "open_by_handle_at", "kcmp", "socket"):
+    for name in (
+        "kill victim",
+        "kill everyone",
+        "kill victim group",
+        "tgkill victim",
+        "tkill victim thread",
+        "sigqueue victim",
+        "tgsigqueue victim",
+        "pidfd victim",
+        "pidfd_send_signal",
+        "pidfd_getfd",
+        "prlimit victim",
+        "setpriority victim",
+        "setpriority my uid",
+        "affinity victim",
+        "memfd_create",
+        "name_to_handle_at",
+        "open_by_handle_at",
+        "kcmp",
+        "socket",
+    ):
         assert results[name] in ("Operation not permitted", "Permission denied"), (name, results[name])
     assert results["kill victim thread"] == "ok"  # the kernel, not this filter, stops that in this mode
     assert results["pidfd victim thread"] == "ok"
@@ -143,13 +168,15 @@ def test_syscall_numbers_match_libseccomp() -> None:
 def test_the_filter_covers_every_denied_call_on_this_architecture() -> None:
     from rlm_service.repl.seccomp import DENIED, ON_SELF_ONLY, SIGNALS
 
-    missing = [name for name in (*SIGNALS, *ON_SELF_ONLY, "pidfd_open", "clone", "clone3")
-               if name not in SYSCALLS[ARCH]]
+    missing = [
+        name for name in (*SIGNALS, *ON_SELF_ONLY, "pidfd_open", "clone", "clone3") if name not in SYSCALLS[ARCH]
+    ]
     assert not missing
     assert len([name for name in DENIED if name in SYSCALLS[ARCH]]) >= len(DENIED) - 4  # x86-only calls
 
 
 # --- the channel ------------------------------------------------------------------------------------
+
 
 def read(data: bytes, reserved: list[int] | None = None) -> protocol.Message:
     async def main() -> protocol.Message:
@@ -175,14 +202,20 @@ def test_a_message_carries_texts_as_raw_utf8() -> None:
     assert reserved == [sum(len(t.encode()) for t in texts if t is not None)]
 
 
-@pytest.mark.parametrize(("frame", "problem"), [
-    (protocol.FRAME.pack(protocol.MAX_HEAD_BYTES + 1, 0), "message head of"),
-    (protocol.FRAME.pack(2, protocol.MAX_TEXTS + 1), "texts"),
-    (protocol.FRAME.pack(2, 1) + b"{}" + protocol.LENGTH.pack(0), "without an op"),
-    (protocol.FRAME.pack(5000, 0) + b"[" * 5000, "not JSON"),
-    (protocol.FRAME.pack(10, 1) + b'{"op":"x"}' + protocol.LENGTH.pack(protocol.MAX_TEXT_BYTES + 1), "a text of"),
-    (protocol.FRAME.pack(10, 5) + b'{"op":"x"}' + protocol.LENGTH.pack(protocol.MAX_TEXT_BYTES) * 5, "a message of"),
-])
+@pytest.mark.parametrize(
+    ("frame", "problem"),
+    [
+        (protocol.FRAME.pack(protocol.MAX_HEAD_BYTES + 1, 0), "message head of"),
+        (protocol.FRAME.pack(2, protocol.MAX_TEXTS + 1), "texts"),
+        (protocol.FRAME.pack(2, 1) + b"{}" + protocol.LENGTH.pack(0), "without an op"),
+        (protocol.FRAME.pack(5000, 0) + b"[" * 5000, "not JSON"),
+        (protocol.FRAME.pack(10, 1) + b'{"op":"x"}' + protocol.LENGTH.pack(protocol.MAX_TEXT_BYTES + 1), "a text of"),
+        (
+            protocol.FRAME.pack(10, 5) + b'{"op":"x"}' + protocol.LENGTH.pack(protocol.MAX_TEXT_BYTES) * 5,
+            "a message of",
+        ),
+    ],
+)
 def test_the_server_refuses_what_passes_the_caps_before_reading_it(frame: bytes, problem: str) -> None:
     """Each length is checked before what it announces is read (a nested head too deep to parse is refused,
     not a crash). Mutant: skip `check_lengths` → the last two read on (and fail only at the end of input)."""
@@ -218,8 +251,7 @@ HOLD = textwrap.dedent("""
 
 def hold(tmp: Path, what: str = "dir") -> tuple[subprocess.Popen[str], Path, int | None]:
     """Another server process (as far as the files go): it takes its directory (and a uid) and waits."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD, BACKEND, str(tmp), what], stdout=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([sys.executable, "-c", HOLD, BACKEND, str(tmp), what], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     directory, uid = process.stdout.readline().split()
     return process, Path(directory), None if uid == "None" else int(uid)

@@ -27,8 +27,9 @@ INPUT = "header line\n" + "".join(f"record {i}: value={i * 7}\n" for i in range(
 FINISH = "answer.update(content=str({expr}), ready=True)"
 
 
-def ask(url: str, prompt: str, *, input_data: str | None = None, session_id: str | None = None,
-        **settings: Any) -> list[SseEvent]:
+def ask(
+    url: str, prompt: str, *, input_data: str | None = None, session_id: str | None = None, **settings: Any
+) -> list[SseEvent]:
     body: dict[str, Any] = {"prompt": prompt}
     if input_data is not None:
         body["input_data"] = input_data
@@ -55,12 +56,17 @@ def test_a_three_question_session_reuses_the_variables_of_the_first(fake: FakeOp
     """Mutant caught: closing the run's REPL at its end whatever `settings.session` says (the second
     question's cell then fails with NameError)."""
     fake.record = True
-    first = script({"code": ["records = [l for l in context.splitlines() if l.startswith('record')]\n"
-                             "total = sum(int(l.split('=')[1]) for l in records)"]},
-                   {"code": [FINISH.format(expr="total")]})
+    first = script(
+        {
+            "code": [
+                "records = [l for l in context.splitlines() if l.startswith('record')]\n"
+                "total = sum(int(l.split('=')[1]) for l in records)"
+            ]
+        },
+        {"code": [FINISH.format(expr="total")]},
+    )
     second = script({"code": [FINISH.format(expr="len(records)")]})
-    third = script({"code": ["answer.update(content=f'{total // len(records)} avg; ' + context[-17:-1], "
-                             "ready=True)"]})
+    third = script({"code": ["answer.update(content=f'{total // len(records)} avg; ' + context[-17:-1], ready=True)"]})
     with LiveServer(make_settings(fake, rlm_repl=repl)) as server:
         one = ask(server.url, first, input_data=INPUT, session=True)
         session_id = one[0].data["session_id"]
@@ -87,8 +93,10 @@ def test_follow_ups_are_refused_clearly(fake: FakeOpenAI) -> None:
         one = ask(server.url, script({"code": [FINISH.format(expr="1")]}), input_data="abc", session=True)
         session_id = one[0].data["session_id"]
         with_input = post_process(server.url, json={"prompt": "x", "session_id": session_id, "input_data": "new"})
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as live:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as live,
+        ):
             lines = live.iter_lines()
             next(lines)
             busy = post_process(server.url, json={"prompt": "x", "session_id": session_id})
@@ -128,8 +136,9 @@ def test_idle_sessions_expire_and_the_longest_idle_is_evicted(fake: FakeOpenAI) 
     with LiveServer(make_settings(fake, rlm_session_idle_s=1.0)) as expiring:
         session_id = ask(expiring.url, done, input_data="a", session=True)[0].data["session_id"]
         assert httpx2.get(f"{expiring.url}/api/sessions/{session_id}").status_code == 200
-        assert wait_until(lambda: httpx2.get(f"{expiring.url}/api/sessions/{session_id}").status_code == 404,
-                          timeout=10)
+        assert wait_until(
+            lambda: httpx2.get(f"{expiring.url}/api/sessions/{session_id}").status_code == 404, timeout=10
+        )
     with LiveServer(make_settings(fake, rlm_max_sessions=2)) as bounded:
         ids = [ask(bounded.url, done, input_data="a", session=True)[0].data["session_id"] for _ in range(3)]
         kept = [httpx2.get(f"{bounded.url}/api/sessions/{i}").status_code for i in ids]
@@ -151,13 +160,18 @@ def test_a_session_whose_worker_died_says_so_and_goes_on_from_its_input(fake: Fa
 
 def test_a_session_survives_a_failed_question(fake: FakeOpenAI) -> None:
     with LiveServer(make_settings(fake)) as server:
-        first = ask(server.url, script({"code": ["kept = 41"]}, {"code": [FINISH.format(expr="kept")]}),
-                    input_data="x", session=True)
+        first = ask(
+            server.url,
+            script({"code": ["kept = 41"]}, {"code": [FINISH.format(expr="kept")]}),
+            input_data="x",
+            session=True,
+        )
         fake.inject("status", role="root", status=500, count=10)
         failed = ask(server.url, "anything", session_id=first[0].data["session_id"])
         fake.faults.clear()
-        third = ask(server.url, script({"code": [FINISH.format(expr="kept + 1")]}),
-                    session_id=first[0].data["session_id"])
+        third = ask(
+            server.url, script({"code": [FINISH.format(expr="kept + 1")]}), session_id=first[0].data["session_id"]
+        )
     assert failed[-1].event == "error" and failed[-1].data["code"] == "model_unavailable"
     assert third[-1].data["answer"] == "42"
 
@@ -181,9 +195,14 @@ def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(f
     fake.record = True
     hang = script({"code": ["import os\nprint(os.getpid(), flush=True)"]}, {"code": ["import time\ntime.sleep(60)"]})
     with LiveServer(make_settings(fake)) as server:
-        with httpx2.Client(timeout=30) as client, client.stream(
-                "POST", f"{server.url}/process",
-                json={"prompt": hang, "input_data": "abcdef", "settings": {"session": True}}) as response:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream(
+                "POST",
+                f"{server.url}/process",
+                json={"prompt": hang, "input_data": "abcdef", "settings": {"session": True}},
+            ) as response,
+        ):
             events = parse_sse(response.iter_lines())
             start = next(events)
             output = next(e for e in events if e.event == "output")
@@ -193,8 +212,9 @@ def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(f
             rest = list(events)
         assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled"
         assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=5)
-        after = ask(server.url, script({"code": [FINISH.format(expr="len(context)")]}),
-                    session_id=start.data["session_id"])
+        after = ask(
+            server.url, script({"code": [FINISH.format(expr="len(context)")]}), session_id=start.data["session_id"]
+        )
     assert after[-1].data["answer"] == "6"
     assert "cancelled while a cell ran" in first_user_message(fake.stats.root_bodies[-1])
 
@@ -206,8 +226,9 @@ def test_a_session_is_kept_even_when_no_cell_ran(fake: FakeOpenAI) -> None:
     with LiveServer(make_settings(fake)) as server:
         events = ask(server.url, prose, input_data="abc", session=True)
         described = httpx2.get(f"{server.url}/api/sessions/{events[0].data['session_id']}")
-        again = ask(server.url, script({"code": [FINISH.format(expr="len(context)")]}),
-                    session_id=events[0].data["session_id"])
+        again = ask(
+            server.url, script({"code": [FINISH.format(expr="len(context)")]}), session_id=events[0].data["session_id"]
+        )
     assert events[-1].event == "final" and events[-1].data["note"]
     assert described.status_code == 200
     assert again[-1].data["answer"] == "3"

@@ -103,7 +103,12 @@ def test_compose_file_wires_two_replicas_to_postgresql_behind_a_streaming_proxy(
     url = urlsplit(substituted(app["environment"]["RLM_DATABASE_URL"]))
     db_env = {key: substituted(value) for key, value in db["environment"].items()}
     assert (url.hostname, url.port, url.username, url.password, url.path) == (
-        "db", 5432, db_env["POSTGRES_USER"], db_env["POSTGRES_PASSWORD"], "/" + db_env["POSTGRES_DB"])
+        "db",
+        5432,
+        db_env["POSTGRES_USER"],
+        db_env["POSTGRES_PASSWORD"],
+        "/" + db_env["POSTGRES_DB"],
+    )
     settings = load_settings(_env_file=None, rlm_database_url=url.geturl(), port=app["environment"]["PORT"])
     assert settings.rlm_database_url is not None and settings.history_path is None
 
@@ -145,8 +150,9 @@ def test_image_install_and_start_steps_work_in_a_clean_venv(tmp_path: Path) -> N
         env.update(dict(item.split("=", 1) for item in shlex.split(rest)))
     for rest in instructions("RUN"):
         if "pip install" in rest:
-            subprocess.run(["sh", "-c", rest], cwd=app, env=env, check=True, capture_output=True,
-                           timeout=INSTALL_TIMEOUT_S)
+            subprocess.run(
+                ["sh", "-c", rest], cwd=app, env=env, check=True, capture_output=True, timeout=INSTALL_TIMEOUT_S
+            )
     command = json.loads(instructions("CMD")[-1])
     env.update(OPENAI_MODEL_NAME="m", OPENAI_API_BASE="http://127.0.0.1:9/v1")
 
@@ -154,8 +160,9 @@ def test_image_install_and_start_steps_work_in_a_clean_venv(tmp_path: Path) -> N
 
     def start(port: int) -> subprocess.Popen[bytes]:
         with open(log, "wb") as output:
-            return subprocess.Popen(command, cwd=app, env={**env, "PORT": str(port)}, stdout=output,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                command, cwd=app, env={**env, "PORT": str(port)}, stdout=output, stderr=subprocess.STDOUT
+            )
 
     def healthy(port: int) -> bool:
         try:

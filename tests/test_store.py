@@ -62,12 +62,17 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, seq)
 );
 """
-BEGIN_V0 = ("INSERT INTO runs (id, created, status, prompt, settings, input_chars, input_lines, input_bytes, "
-            "input_sha256, input_name, input_kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-EVENT_V0 = ("INSERT INTO events (run_id, seq, type, data) VALUES "
-            "(?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_id = ?), ?, ?)")
-FINAL_V0 = ("UPDATE runs SET status = 'finished', finished = ?, answer = ?, ready = ?, iterations = ?, usage = ? "
-            "WHERE id = ?")
+BEGIN_V0 = (
+    "INSERT INTO runs (id, created, status, prompt, settings, input_chars, input_lines, input_bytes, "
+    "input_sha256, input_name, input_kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+EVENT_V0 = (
+    "INSERT INTO events (run_id, seq, type, data) VALUES "
+    "(?, (SELECT COALESCE(MAX(seq), -1) + 1 FROM events WHERE run_id = ?), ?, ?)"
+)
+FINAL_V0 = (
+    "UPDATE runs SET status = 'finished', finished = ?, answer = ?, ready = ?, iterations = ?, usage = ? WHERE id = ?"
+)
 ERROR_V0 = "UPDATE runs SET status = 'failed', finished = ?, answer = ?, error = ? WHERE id = ?"
 
 
@@ -84,8 +89,17 @@ def _final(run_id: str, answer: str) -> FinalEvent:
 
 
 def _record(run_id: str, created: float, prompt: str | None = None) -> RunRecord:
-    return RunRecord(id=run_id, created=created, status="running", prompt=prompt or f"task {run_id}", settings={},
-                     input_chars=3, input_lines=1, input_bytes=3, input_sha256="abc")
+    return RunRecord(
+        id=run_id,
+        created=created,
+        status="running",
+        prompt=prompt or f"task {run_id}",
+        settings={},
+        input_chars=3,
+        input_lines=1,
+        input_bytes=3,
+        input_sha256="abc",
+    )
 
 
 def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dict[str, list[str]]:
@@ -97,8 +111,10 @@ def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dic
         "f00d000000000003": (1002.0, "run the server lost"),
     }
     for run_id, (created, prompt) in runs.items():
-        execute(BEGIN_V0, (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3,
-                           "abc", "in.txt", 0))
+        execute(
+            BEGIN_V0,
+            (run_id, created, "running", prompt, json.dumps({"keep_input": False}), 3, 1, 3, "abc", "in.txt", 0),
+        )
     stored: dict[str, list[str]] = {run_id: [] for run_id in runs}
 
     def event(run_id: str, item: object) -> None:
@@ -116,8 +132,7 @@ def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dic
     event(finished, _final(finished, answer))
     execute(FINAL_V0, (1010.0, answer, 1, 1, RunUsage().model_dump_json(), finished))
     event(failed, ErrorEvent(run_id=failed, code="timeout", message="The run took too long.", answer="half"))
-    execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}),
-                       failed))
+    execute(ERROR_V0, (1011.0, "half", json.dumps({"code": "timeout", "message": "The run took too long."}), failed))
     return stored
 
 
@@ -139,8 +154,10 @@ def _check_upgraded(store: SqlRunStore, old: dict[str, list[str]], *, lost_statu
     assert listed[finished].prompt_preview == ("finished run " + "p" * 500)[:200]
     assert listed[finished].prompt_chars == len("finished run ") + 500
     assert listed[finished].answer_chars == len("the answer ") + 300 and listed[finished].status == "finished"
-    assert listed[failed].status == "failed" and listed[failed].error == {"code": "timeout",
-                                                                           "message": "The run took too long."}
+    assert listed[failed].status == "failed" and listed[failed].error == {
+        "code": "timeout",
+        "message": "The run took too long.",
+    }
     assert listed[lost].status == lost_status
     for run_id, events in old.items():
         record, stored = store.get(run_id)  # type: ignore[misc]
@@ -185,8 +202,7 @@ def _make_v1_postgresql(url: str) -> dict[str, list[str]]:
         return _write_old_runs(lambda sql, params: db.execute(sql.replace("?", "%s"), params))  # type: ignore[arg-type]
 
 
-def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str,
-                                                                              tmp_path: Path) -> None:
+def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str, tmp_path: Path) -> None:
     """The same runs as the SQLite upgrade above, on PostgreSQL; then the upgraded database keeps a run's input
     and its session. Mutants: dropping migration 2, or the copy of prompts in migration 3 (as above); dropping
     migration 6 (the input is not kept)."""
@@ -198,8 +214,19 @@ def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg
     store.keep_input("f00d000000000004", source)
     kept = store.read_input("f00d000000000004")
     assert kept is not None and kept.size == 1_400_000 and b"".join(kept.chunks) == source.read_bytes()
-    store.begin(RunRecord(id="f00d000000000005", created=1004.0, status="running", prompt="again", settings={},
-                          input_chars=0, input_lines=0, input_bytes=0, session_id="s1"))
+    store.begin(
+        RunRecord(
+            id="f00d000000000005",
+            created=1004.0,
+            status="running",
+            prompt="again",
+            settings={},
+            input_chars=0,
+            input_lines=0,
+            input_bytes=0,
+            session_id="s1",
+        )
+    )
     assert store.flush() and store.list(limit=1, before=None)[0].session_id == "s1"
     store.close()
     with psycopg.connect(pg_url) as db:
@@ -255,7 +282,12 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_fac
     store.record(run_id, _final(run_id, "done"))
     assert store.flush()
     assert [(event["seq"], event["type"]) for event in store.events(run_id)] == [
-        (1, "start"), (2, "code"), (7, "code"), (8, "code"), (9, "final")]
+        (1, "start"),
+        (2, "code"),
+        (7, "code"),
+        (8, "code"),
+        (9, "final"),
+    ]
     assert [event.get("code") for event in store.events(run_id, after=2)] == ["b", "c", None]
     assert store.events(run_id, after=9) == [] and store.status(run_id) == "finished"
     assert store.status("feedfacefeedface") is None and store.events("feedfacefeedface") == []

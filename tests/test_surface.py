@@ -59,9 +59,11 @@ def test_a_json_body_over_the_cap_is_refused_pointing_to_multipart(fake: FakeOpe
     with LiveServer(make_settings(fake, rlm_max_json_bytes=1024 * 1024)) as server:
         body = json.dumps({"prompt": "x", "input_data": "y" * 3_000_000}).encode()
         declared = httpx2.post(f"{server.url}/process", content=body, headers={"Content-Type": "application/json"})
-        chunked = httpx2.post(f"{server.url}/process", content=iter([body[i:i + 65536]
-                                                                      for i in range(0, len(body), 65536)]),
-                              headers={"Content-Type": "application/json"})
+        chunked = httpx2.post(
+            f"{server.url}/process",
+            content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+            headers={"Content-Type": "application/json"},
+        )
     for response in (declared, chunked):
         assert response.status_code == 413
         assert "RLM_MAX_JSON_BYTES" in response.json()["detail"] and "multipart" in response.json()["detail"]
@@ -81,13 +83,18 @@ def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path)
     machine hardly changes: about 0.1 s, against about 0.45 s when the server parses the body itself
     (2026-12-02, 40 MB, this machine). Mutant caught: parsing it in a thread of the server (json.loads
     holds the interpreter lock for the whole document)."""
-    payload = json.dumps({"prompt": script({"code": ["answer.update(content=str(len(context)), ready=True)"]}),
-                          "input_data": "ab\n" * 10_000_000}).encode()
+    payload = json.dumps(
+        {
+            "prompt": script({"code": ["answer.update(content=str(len(context)), ready=True)"]}),
+            "input_data": "ab\n" * 10_000_000,
+        }
+    ).encode()
     with spawn_server(tmp_path) as server, health_watch(server.url) as health:
         stream_run(server.url, json_body={"prompt": "warm up"})  # one-time costs out of the measure
         before = _cpu_seconds(server.pid)
-        response, events = stream_run(server.url, json_body=None, timeout=120,
-                                      headers={"Content-Type": "application/json"}, data=payload)
+        response, events = stream_run(
+            server.url, json_body=None, timeout=120, headers={"Content-Type": "application/json"}, data=payload
+        )
         spent = _cpu_seconds(server.pid) - before
     assert response.status_code == 200 and events[-1].event == "final"
     assert events[-1].data["answer"] == str(30_000_000)
@@ -119,8 +126,10 @@ def test_slow_bodies_take_no_run_slot_and_are_cut_off(fake: FakeOpenAI) -> None:
     settings = make_settings(fake, rlm_max_concurrent_runs=2, rlm_body_timeout_s=1.5, rlm_body_min_rate=1000)
     with LiveServer(settings) as server:
         sockets = []
-        head = (b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100000\r\n\r\n")
+        head = (
+            b"POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+        )
         for _ in range(4):
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
             sock.sendall(head + b'{"prompt": "')
@@ -150,11 +159,15 @@ def test_slow_bodies_take_no_run_slot_and_are_cut_off(fake: FakeOpenAI) -> None:
 
 def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -> None:
     """Mutant caught: CORS `*` by default (any page could read the history)."""
-    with LiveServer(make_settings(fake)) as default, LiveServer(
-            make_settings(fake, rlm_cors_origins=["https://app.example"])) as configured:
+    with (
+        LiveServer(make_settings(fake)) as default,
+        LiveServer(make_settings(fake, rlm_cors_origins=["https://app.example"])) as configured,
+    ):
         evil = httpx2.get(f"{default.url}/api/runs", headers={"Origin": "https://evil.example"})
-        preflight = httpx2.options(f"{default.url}/process", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        preflight = httpx2.options(
+            f"{default.url}/process",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         allowed = httpx2.get(f"{configured.url}/api/config", headers={"Origin": "https://app.example"})
         other = httpx2.get(f"{configured.url}/api/config", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in evil.headers
@@ -166,11 +179,15 @@ def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -
 def test_a_loopback_server_answers_only_loopback_host_names(fake: FakeOpenAI) -> None:
     """DNS rebinding: a page at http://attacker.example:PORT whose name now points to 127.0.0.1 sends
     `Host: attacker.example:PORT`. Mutant caught: no Host check."""
-    with LiveServer(make_settings(fake)) as server, LiveServer(
-            make_settings(fake, rlm_allowed_hosts=["rlm.example.com"])) as deployed:
+    with (
+        LiveServer(make_settings(fake)) as server,
+        LiveServer(make_settings(fake, rlm_allowed_hosts=["rlm.example.com"])) as deployed,
+    ):
         rebound = httpx2.get(f"{server.url}/api/runs", headers={"Host": f"attacker.example:{server.port}"})
-        local = [httpx2.get(f"{server.url}/health", headers={"Host": f"{name}:{server.port}"}).status_code
-                 for name in ("localhost", "127.0.0.1", "[::1]")]
+        local = [
+            httpx2.get(f"{server.url}/health", headers={"Host": f"{name}:{server.port}"}).status_code
+            for name in ("localhost", "127.0.0.1", "[::1]")
+        ]
         named = httpx2.get(f"{deployed.url}/health", headers={"Host": "rlm.example.com"})
         unnamed = httpx2.get(f"{deployed.url}/health")
     assert rebound.status_code == 400 and "runs" not in rebound.text

@@ -31,10 +31,28 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     openssl = require_tool("openssl", "to make a certificate")
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", f"subjectAltName=DNS:localhost,DNS:{HOST},IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            f"subjectAltName=DNS:localhost,DNS:{HOST},IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -97,8 +115,9 @@ class TunnelProxy:
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
 
 
-def test_an_https_endpoint_is_reached_and_its_certificate_checked(tmp_path: Path, tls_fake: FakeOpenAI,
-                                                                  certificate: tuple[Path, Path]) -> None:
+def test_an_https_endpoint_is_reached_and_its_certificate_checked(
+    tmp_path: Path, tls_fake: FakeOpenAI, certificate: tuple[Path, Path]
+) -> None:
     """Root and sub-calls go to an https:// endpoint whose certificate the server checks: trusted through
     SSL_CERT_FILE the run succeeds, untrusted it fails with `model_unavailable` before any request. Mutant
     caught: certificates not verified (the untrusted run succeeds)."""
@@ -115,8 +134,9 @@ def test_an_https_endpoint_is_reached_and_its_certificate_checked(tmp_path: Path
     assert tls_fake.stats.root_requests == 1  # the handshake failed: no request reached the model server
 
 
-def test_an_https_endpoint_is_reached_through_the_proxy_tunnel(tmp_path: Path, tls_fake: FakeOpenAI,
-                                                               certificate: tuple[Path, Path]) -> None:
+def test_an_https_endpoint_is_reached_through_the_proxy_tunnel(
+    tmp_path: Path, tls_fake: FakeOpenAI, certificate: tuple[Path, Path]
+) -> None:
     """With HTTPS_PROXY set, a remote https:// endpoint is reached through a CONNECT tunnel that carries the
     proxy's credentials; the model server sees the key, the proxy never does. Mutant caught: the proxy
     ignored (the server cannot resolve the endpoint's name)."""
@@ -128,8 +148,9 @@ def test_an_https_endpoint_is_reached_through_the_proxy_tunnel(tmp_path: Path, t
             _, events = stream_run(server.url, json_body={"prompt": PROMPT})
     assert events[-1].event == "final" and events[-1].data["answer"] == "secure reply to over tls"
     assert tls_fake.stats.root_requests == 1 and tls_fake.stats.sub_requests == 1
-    assert proxy.requests and all(r.startswith(f"CONNECT {HOST}:{tls_fake.port} HTTP/1.1\r\n".encode())
-                                  for r in proxy.requests)
+    assert proxy.requests and all(
+        r.startswith(f"CONNECT {HOST}:{tls_fake.port} HTTP/1.1\r\n".encode()) for r in proxy.requests
+    )
     credentials = base64.b64encode(b"user:p@ss").decode()
     assert all(f"Proxy-Authorization: Basic {credentials}".lower().encode() in r.lower() for r in proxy.requests)
     assert not any(b"sk-tunnelled-key" in r for r in proxy.requests)

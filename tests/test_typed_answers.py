@@ -10,20 +10,22 @@ SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum
 
 def test_final_carries_the_parsed_answer_when_it_satisfies_the_schema(live: LiveServer) -> None:
     prompt = script({"code": ["import json\nanswer.update(content=json.dumps({'count': len(context)}), ready=True)"]})
-    response, events = stream_run(live.url, json_body={"prompt": prompt, "input_data": "abc",
-                                                       "settings": {"answer_schema": SCHEMA}})
+    response, events = stream_run(
+        live.url, json_body={"prompt": prompt, "input_data": "abc", "settings": {"answer_schema": SCHEMA}}
+    )
     assert response.status_code == 200
     final = events[-1]
     assert final.event == "final" and final.data["ready"] is True
     assert final.data["answer_json"] == {"count": 3}
 
 
-def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(
-        fake: FakeOpenAI) -> None:
+def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(fake: FakeOpenAI) -> None:
     """Mutant caught: the controller not consulting the schema (the run ends ready after the first cell)."""
-    prompt = script({"code": ["answer.update(content='three', ready=True)"]},
-                    {"code": ["answer.update(content='{\"count\": -1}', ready=True)"]},
-                    {"code": ["print(answer)"]})
+    prompt = script(
+        {"code": ["answer.update(content='three', ready=True)"]},
+        {"code": ["answer.update(content='{\"count\": -1}', ready=True)"]},
+        {"code": ["print(answer)"]},
+    )
     with LiveServer(make_settings(fake, rlm_max_iterations=3)) as live:
         _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": SCHEMA}})
     final = events[-1]
@@ -34,8 +36,9 @@ def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(
     assert "at $.count: -1 is less than the minimum of 0" in second
 
 
-def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(live: LiveServer, fake: FakeOpenAI
-                                                                             ) -> None:
+def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
+    live: LiveServer, fake: FakeOpenAI
+) -> None:
     """Mutant caught: `RunSettings` not checking the schema (the run starts and the fake model is asked)."""
     response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": 5}}})
     assert response.status_code == 422

@@ -172,7 +172,3 @@ def test_load_text_reads_ascii_and_utf8(tmp_path: object) -> None:
     empty = folder / "e.txt"
     empty.write_bytes(b"")
     assert load_text(str(empty)) == ""
-
-
-
-

@@ -58,8 +58,10 @@ class AnswerSchema:
         try:
             errors = sorted(self._validator.iter_errors(value), key=schema_errors.relevance)
         except Unresolvable as exc:  # a `$ref` is resolved only when an answer reaches it
-            return (f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
-                    "references inside the schema work); answer in the shape the schema describes as best you can.")
+            return (
+                f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
+                "references inside the schema work); answer in the shape the schema describes as best you can."
+            )
         if not errors:
             return None
         lines = [f"- at {_where(error.absolute_path)}: {error.message}" for error in errors[:MAX_REPORTED_ERRORS]]

@@ -41,8 +41,10 @@ from .uploads import ProcessRequest
 log = logging.getLogger("rlm_service.api")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-FRONTEND_DIR = next((path for path in (_PACKAGE_DIR / "frontend", _PACKAGE_DIR.parents[1] / "frontend")
-                     if path.is_dir()), _PACKAGE_DIR.parents[1] / "frontend")
+FRONTEND_DIR = next(
+    (path for path in (_PACKAGE_DIR / "frontend", _PACKAGE_DIR.parents[1] / "frontend") if path.is_dir()),
+    _PACKAGE_DIR.parents[1] / "frontend",
+)
 """The page: package data of an installed `rlm-service`, or the repository's `frontend/` in a checkout."""
 PING_SECONDS = 10
 
@@ -59,22 +61,32 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
         "required": True,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/ProcessRequest"}},
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["prompt"],
-                "properties": {
-                    "prompt": {"type": "string", "minLength": 1},
-                    "settings": {"type": "string", "description": "JSON text of the settings object"},
-                    "input_file": {"type": "string", "format": "binary"},
-                },
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["prompt"],
+                    "properties": {
+                        "prompt": {"type": "string", "minLength": 1},
+                        "settings": {"type": "string", "description": "JSON text of the settings object"},
+                        "input_file": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
         },
     }
     app.openapi_schema = schema
     return schema
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: float = PING_SECONDS,
-               runs: Capacity | None = None, sessions: Capacity | None = None, **engine_kwargs: Any) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    ping_s: float = PING_SECONDS,
+    runs: Capacity | None = None,
+    sessions: Capacity | None = None,
+    **engine_kwargs: Any,
+) -> FastAPI:
     """Build the app. The engine (its zygote, its model clients) is built inside the running loop, at startup.
     `ping_s`: seconds of silence after which a stream gets a keep-alive comment; `runs` and `sessions`:
     the instance's counts when it has several processes (one process: counted here)."""
@@ -103,17 +115,25 @@ def create_app(settings: Settings, *, engine: Engine | None = None, ping_s: floa
             if store is not None:
                 store.close()
 
-    app = FastAPI(title="RLM service", version=__version__, lifespan=lifespan,
-                  description="A Recursive Language Model: a root model drives a Python REPL that holds "
-                              "the input, and delegates reading to sub-models. `POST /process` streams "
-                              "the run as Server-Sent Events.")
+    app = FastAPI(
+        title="RLM service",
+        version=__version__,
+        lifespan=lifespan,
+        description="A Recursive Language Model: a root model drives a Python REPL that holds "
+        "the input, and delegates reading to sub-models. `POST /process` streams "
+        "the run as Server-Sent Events.",
+    )
     app.state.settings = settings
     slots = RunSlots(runs or LocalCapacity(settings.rlm_max_concurrent_runs))
     app.state.slots = slots
     if settings.rlm_cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.rlm_cors_origins, allow_credentials=False,
-                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type", "Last-Event-ID"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.rlm_cors_origins,
+            allow_credentials=False,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        )
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(PageHeadersMiddleware)
     require_token = token_check(settings)
@@ -166,8 +186,9 @@ def _follow_up_launcher(app: FastAPI, slots: RunSlots) -> Launch:
 
     def launch(prompt: str, run_settings: RunSettings, session_id: str, run_id: str) -> LiveRun:
         engine: Engine = app.state.engine
-        return slots.start(lambda: engine.launch(prompt, RunInput.from_text(""), run_settings, run_id=run_id,
-                                                 session_id=session_id))
+        return slots.start(
+            lambda: engine.launch(prompt, RunInput.from_text(""), run_settings, run_id=run_id, session_id=session_id)
+        )
 
     return launch
 

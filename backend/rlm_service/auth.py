@@ -22,6 +22,7 @@ def token_check(settings: Settings) -> TokenCheck:
     token, OpenAPI (`/docs`) documents the bearer scheme on every route that needs it.
     """
     if settings.rlm_api_token is None:
+
         async def open_access() -> None:
             return None
 
@@ -31,8 +32,11 @@ def token_check(settings: Settings) -> TokenCheck:
     async def require_token(credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> None:
         given = credentials.credentials.encode() if credentials else b""
         if not hmac.compare_digest(given, token):
-            detail = ("wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'" if credentials
-                      else "this server needs a token: send 'Authorization: Bearer <RLM_API_TOKEN>'")
+            detail = (
+                "wrong token: send 'Authorization: Bearer <RLM_API_TOKEN>'"
+                if credentials
+                else "this server needs a token: send 'Authorization: Bearer <RLM_API_TOKEN>'"
+            )
             raise HTTPException(401, detail, headers={"WWW-Authenticate": "Bearer"})
 
     return require_token

@@ -47,25 +47,39 @@ def _check_run(args: argparse.Namespace) -> None:
     """What `run` cannot do with these arguments, said before anything starts."""
     if args.follow_up is not None:
         if args.input is not None:
-            raise Refused("a follow-up (--follow-up) asks its session, which keeps the input of its first run: "
-                          "give no --input (to ask about other data, start a new run with --session)")
+            raise Refused(
+                "a follow-up (--follow-up) asks its session, which keeps the input of its first run: "
+                "give no --input (to ask about other data, start a new run with --session)"
+            )
         if not args.server:
-            raise Refused("--follow-up needs --server: a session lives in a service. Without --server, "
-                          "`run ... --session` asks follow-up questions in the same command (one a line on stdin)")
+            raise Refused(
+                "--follow-up needs --server: a session lives in a service. Without --server, "
+                "`run ... --session` asks follow-up questions in the same command (one a line on stdin)"
+            )
     if args.session and not args.server and (args.input == "-" or (args.input is None and not sys.stdin.isatty())):
-        raise Refused("without --server, --session reads follow-up questions from stdin, so the input must "
-                      "come from --input FILE")
+        raise Refused(
+            "without --server, --session reads follow-up questions from stdin, so the input must come from --input FILE"
+        )
 
 
 async def _run(args: argparse.Namespace, output: Output, interrupt: Interrupt) -> int:
     _check_run(args)
-    overrides = {key: value for key, value in (("max_iterations", args.max_iterations),
-                                               ("max_subcalls", args.max_subcalls),
-                                               ("exec_timeout_s", args.exec_timeout)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (
+            ("max_iterations", args.max_iterations),
+            ("max_subcalls", args.max_subcalls),
+            ("exec_timeout_s", args.exec_timeout),
+        )
+        if value is not None
+    }
     if args.keep_input:
         overrides["keep_input"] = True
-    text, file = (None, None) if args.follow_up else _read_input(args.input, stdin_is_input=not (
-        args.session and not args.server))
+    text, file = (
+        (None, None)
+        if args.follow_up
+        else _read_input(args.input, stdin_is_input=not (args.session and not args.server))
+    )
     if args.server:
         from . import cli_remote
 
@@ -130,8 +144,11 @@ def _seconds(text: str) -> float:
 
 def _service_options(required: bool) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--server", required=required, help="a running RLM service (e.g. http://127.0.0.1:8000)"
-                         + ("" if required else "; default: run here"))
+    options.add_argument(
+        "--server",
+        required=required,
+        help="a running RLM service (e.g. http://127.0.0.1:8000)" + ("" if required else "; default: run here"),
+    )
     options.add_argument("--token", help="bearer token for --server (RLM_API_TOKEN there)")
     return options
 
@@ -140,9 +157,13 @@ def _follow_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--json", action="store_true", help="print every event as one JSON line")
     options.add_argument("--save-figures", type=Path, metavar="DIR", help="write the run's figures there as PNG files")
-    options.add_argument("--reconnect-for", type=_seconds, default=120.0, metavar="SECONDS",
-                         help="with --server: how long to keep re-attaching when the connection drops (default "
-                              "120; 0: do not)")
+    options.add_argument(
+        "--reconnect-for",
+        type=_seconds,
+        default=120.0,
+        metavar="SECONDS",
+        help="with --server: how long to keep re-attaching when the connection drops (default 120; 0: do not)",
+    )
     return options
 
 
@@ -154,8 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: HOST, or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: PORT, or 8000)")
 
-    run = commands.add_parser("run", help="run one task and print its answer",
-                              parents=[_service_options(False), _follow_options()])
+    run = commands.add_parser(
+        "run", help="run one task and print its answer", parents=[_service_options(False), _follow_options()]
+    )
     run.add_argument("prompt", help="what to do with the input (with --follow-up: the next question)")
     run.add_argument("--input", "-i", help="the input file ('-' for stdin; stdin is read when piped)")
     run.add_argument("--max-iterations", type=int)
@@ -163,30 +185,43 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--exec-timeout", type=float, help="seconds per code cell")
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
     conversation = run.add_mutually_exclusive_group()
-    conversation.add_argument("--session", action="store_true",
-                              help="keep the run's REPL for follow-up questions: with --server the session id is "
-                                   "printed (for --follow-up); without, further questions are read from stdin, one "
-                                   "a line")
-    conversation.add_argument("--follow-up", metavar="SESSION_ID",
-                              help="ask this session of --server (from a --session run) the next question; its input "
-                                   "and variables are there already, so give no --input")
+    conversation.add_argument(
+        "--session",
+        action="store_true",
+        help="keep the run's REPL for follow-up questions: with --server the session id is "
+        "printed (for --follow-up); without, further questions are read from stdin, one "
+        "a line",
+    )
+    conversation.add_argument(
+        "--follow-up",
+        metavar="SESSION_ID",
+        help="ask this session of --server (from a --session run) the next question; its input "
+        "and variables are there already, so give no --input",
+    )
 
-    attach = commands.add_parser("attach", help="follow a run of --server to its end (Ctrl-C cancels it)",
-                                 parents=[_service_options(True), _follow_options()])
+    attach = commands.add_parser(
+        "attach",
+        help="follow a run of --server to its end (Ctrl-C cancels it)",
+        parents=[_service_options(True), _follow_options()],
+    )
     attach.add_argument("run_id", metavar="RUN_ID")
     attach.add_argument("--after", type=int, default=0, metavar="N", help="only the events after the N-th")
 
     cancel = commands.add_parser("cancel", help="cancel a run of --server", parents=[_service_options(True)])
     cancel.add_argument("run_id", metavar="RUN_ID")
 
-    session = commands.add_parser("session", help="show a session of --server (its runs, when it ends), or end it",
-                                  parents=[_service_options(True)])
+    session = commands.add_parser(
+        "session",
+        help="show a session of --server (its runs, when it ends), or end it",
+        parents=[_service_options(True)],
+    )
     session.add_argument("session_id", metavar="SESSION_ID")
     session.add_argument("--end", action="store_true", help="end it now: its REPL stops and its input is removed")
     session.add_argument("--json", action="store_true", help="print the session as JSON")
 
-    commands.add_parser("mcp", help="serve the MCP tool rlm_run over stdin/stdout, for MCP hosts (configured as "
-                                    "serve is)")
+    commands.add_parser(
+        "mcp", help="serve the MCP tool rlm_run over stdin/stdout, for MCP hosts (configured as serve is)"
+    )
 
     from .demos import DEMOS
 

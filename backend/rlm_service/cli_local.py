@@ -44,8 +44,14 @@ def configured(overrides: dict[str, Any]) -> tuple[Settings, RunSettings]:
     return settings, run_settings
 
 
-async def run(args: argparse.Namespace, output: Output, interrupt: Interrupt, text: str | None, file: Path | None,
-              overrides: dict[str, Any]) -> int:
+async def run(
+    args: argparse.Namespace,
+    output: Output,
+    interrupt: Interrupt,
+    text: str | None,
+    file: Path | None,
+    overrides: dict[str, Any],
+) -> int:
     """`run` without `--server`: one question, or with `--session` a conversation read from stdin."""
     settings, run_settings = configured({**overrides, "session": bool(args.session)})
     run_input = RunInput.from_text(text or "")
@@ -62,13 +68,16 @@ async def run(args: argparse.Namespace, output: Output, interrupt: Interrupt, te
         if engine.sessions.get(session_id) is None:
             output.say("the session was not kept: the run ended before its REPL started")
             return status
-        output.say(f"session {session_id}: ask follow-up questions, one a line; end of input (Ctrl-D) ends the "
-                   "session and the command")
+        output.say(
+            f"session {session_id}: ask follow-up questions, one a line; end of input (Ctrl-D) ends the "
+            "session and the command"
+        )
         follow_up = RunSettings(**{name: value for name, value in overrides.items() if name in LIMITS})
         async for question in _questions(sys.stdin.buffer, output):
             try:
-                asked = await _ask(engine, output, interrupt, question, RunInput.from_text(""), follow_up,
-                                   session_id=session_id)
+                asked = await _ask(
+                    engine, output, interrupt, question, RunInput.from_text(""), follow_up, session_id=session_id
+                )
             except SessionUnavailable as exc:
                 output.say(f"the session ended: {exc}")
                 return EXIT_ERROR
@@ -78,8 +87,16 @@ async def run(args: argparse.Namespace, output: Output, interrupt: Interrupt, te
         return status
 
 
-async def _ask(engine: Engine, output: Output, interrupt: Interrupt, prompt: str, run_input: RunInput,
-               run_settings: RunSettings, *, session_id: str | None = None) -> int:
+async def _ask(
+    engine: Engine,
+    output: Output,
+    interrupt: Interrupt,
+    prompt: str,
+    run_input: RunInput,
+    run_settings: RunSettings,
+    *,
+    session_id: str | None = None,
+) -> int:
     """One run in the engine, printed as it goes; Ctrl-C cancels it. Its exit status."""
     live = engine.launch(prompt, run_input, run_settings, session_id=session_id)
 

@@ -56,8 +56,10 @@ class RunCancel:
             if not await self.client.cancel(self.stream.run_id or ""):
                 self.output.say(f"run {run} had already ended")
         except Refused as exc:
-            self.output.say(f"could not cancel run {run}: {exc}; it goes on on the service within its limits "
-                            "(Ctrl-C again to stop waiting for it)")
+            self.output.say(
+                f"could not cancel run {run}: {exc}; it goes on on the service within its limits "
+                "(Ctrl-C again to stop waiting for it)"
+            )
 
     def stopped(self) -> str:
         """The line for a command stopped before its run's last event."""
@@ -66,8 +68,10 @@ class RunCancel:
             return "interrupted before the run started"
         if self.requested:
             return f"stopped waiting for run {run}, which was asked to stop ({base}/api/runs/{run} shows how it ended)"
-        return (f"stopped; run {run} goes on on the service: `rlm-service attach {run} --server {base}` follows it, "
-                f"`rlm-service cancel {run} --server {base}` stops it")
+        return (
+            f"stopped; run {run} goes on on the service: `rlm-service attach {run} --server {base}` follows it, "
+            f"`rlm-service cancel {run} --server {base}` stops it"
+        )
 
 
 async def follow(client: ServiceClient, stream: RunStream, output: Output, interrupt: Interrupt) -> int:
@@ -87,8 +91,14 @@ def client_for(args: argparse.Namespace, output: Output) -> ServiceClient:
     return ServiceClient(args.server, args.token, reconnect_s=getattr(args, "reconnect_for", 0.0), notify=output.say)
 
 
-async def run(args: argparse.Namespace, output: Output, interrupt: Interrupt, text: str | None, file: Path | None,
-              settings: dict[str, Any]) -> int:
+async def run(
+    args: argparse.Namespace,
+    output: Output,
+    interrupt: Interrupt,
+    text: str | None,
+    file: Path | None,
+    settings: dict[str, Any],
+) -> int:
     """`run --server`: a new run (kept as a session with `--session`) or a follow-up question on a session."""
     async with client_for(args, output) as client:
         if args.session:
@@ -110,9 +120,11 @@ async def _tell_session(client: ServiceClient, output: Output, session_id: str) 
         return
     expires = info.get("expires_at")
     until = f", and ends if left idle until {_clock(expires)}" if isinstance(expires, (int, float)) else ""
-    output.say(f"session {sid}: ask more with `rlm-service run QUESTION --follow-up {sid} --server {base}`; "
-               f"it keeps the input and every variable{until} (`rlm-service session {sid} --end --server {base}` "
-               "ends it now)")
+    output.say(
+        f"session {sid}: ask more with `rlm-service run QUESTION --follow-up {sid} --server {base}`; "
+        f"it keeps the input and every variable{until} (`rlm-service session {sid} --end --server {base}` "
+        "ends it now)"
+    )
 
 
 def _clock(when: float) -> str:

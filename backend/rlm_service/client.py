@@ -51,8 +51,7 @@ def base_url(url: str) -> str:
     """The service's base URL, checked; refused with a reason when it cannot be one."""
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise Refused(f"--server {url!r} is not an http(s) URL; give the service's address, "
-                      "e.g. http://127.0.0.1:8000")
+        raise Refused(f"--server {url!r} is not an http(s) URL; give the service's address, e.g. http://127.0.0.1:8000")
     return url.strip().rstrip("/")
 
 
@@ -62,8 +61,9 @@ Opener = Callable[[], AbstractAsyncContextManager[aiohttp.ClientResponse]]
 class ServiceClient:
     """One service's runs and sessions. Use as `async with ServiceClient(url, token) as client:`."""
 
-    def __init__(self, url: str, token: str | None, *, reconnect_s: float = 120.0,
-                 notify: Callable[[str], None] = lambda _: None) -> None:
+    def __init__(
+        self, url: str, token: str | None, *, reconnect_s: float = 120.0, notify: Callable[[str], None] = lambda _: None
+    ) -> None:
         self.base = base_url(url)
         self.token = token
         self.reconnect_s = reconnect_s
@@ -90,8 +90,15 @@ class ServiceClient:
     def url(self, *parts: str) -> str:
         return self.base + "/" + "/".join(quote(part, safe="") for part in parts)
 
-    def start(self, prompt: str, text: str | None, file: Path | None, settings: dict[str, Any], *,
-              session_id: str | None = None) -> RunStream:
+    def start(
+        self,
+        prompt: str,
+        text: str | None,
+        file: Path | None,
+        settings: dict[str, Any],
+        *,
+        session_id: str | None = None,
+    ) -> RunStream:
         """A new run, detached, with the input as text (a JSON body) or as a file (an upload, streamed from
         disk); with `session_id` a follow-up question on that session (no input)."""
         settings = {**settings, "detach": True}
@@ -170,9 +177,11 @@ class ServiceClient:
         return f"could not connect to {self.base} ({printable(str(exc.os_error))}): is the service running there?"
 
     def session_gone(self, session_id: str) -> str:
-        return (f"session {printable(session_id)} is not on {self.base}: it never existed there, was ended, or "
-                "expired after being left idle (the server's RLM_SESSION_IDLE_S); start a new run with the input "
-                "and --session")
+        return (
+            f"session {printable(session_id)} is not on {self.base}: it never existed there, was ended, or "
+            "expired after being left idle (the server's RLM_SESSION_IDLE_S); start a new run with the input "
+            "and --session"
+        )
 
     async def session_busy(self, session_id: str, consequence: str) -> str:
         """Why a session is busy, naming its live run when the service says which."""
@@ -183,24 +192,39 @@ class ServiceClient:
         if not isinstance(live, str):
             return f"a run of session {printable(session_id)} is still going: {consequence}"
         run = printable(live)
-        return (f"run {run} of session {printable(session_id)} is still going: {consequence}; follow it with "
-                f"`rlm-service attach {run} --server {self.base}` or stop it with "
-                f"`rlm-service cancel {run} --server {self.base}`")
+        return (
+            f"run {run} of session {printable(session_id)} is still going: {consequence}; follow it with "
+            f"`rlm-service attach {run} --server {self.base}` or stop it with "
+            f"`rlm-service cancel {run} --server {self.base}`"
+        )
 
-    def refusal(self, status: int, body: dict[str, Any] | None, *, what: str = "run", reason: str = "",
-                content_type: str = "application/json", raw: bytes = b"", path: str = "/process") -> str:
+    def refusal(
+        self,
+        status: int,
+        body: dict[str, Any] | None,
+        *,
+        what: str = "run",
+        reason: str = "",
+        content_type: str = "application/json",
+        raw: bytes = b"",
+        path: str = "/process",
+    ) -> str:
         """What a refusal means, in words, with what to do about it."""
         shown = printable(f"{status} {reason}".strip())
         if status == 401:
             if self.token:
-                return (f"the server at {self.base} did not accept the token ({shown}): check --token against the "
-                        "server's RLM_API_TOKEN")
+                return (
+                    f"the server at {self.base} did not accept the token ({shown}): check --token against the "
+                    "server's RLM_API_TOKEN"
+                )
             return f"the server at {self.base} needs a token ({shown}): pass --token with the server's RLM_API_TOKEN"
         if status in (404, 405) and not _service_detail(body):
             # the service refuses with a reason of its own; a bare 404 or 405 is some other server or path
             if body is not None and isinstance(body.get("error"), dict):
-                return (f"{self.base}{path} answered {shown} with an OpenAI-style error: that looks like a model "
-                        "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address")
+                return (
+                    f"{self.base}{path} answered {shown} with an OpenAI-style error: that looks like a model "
+                    "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address"
+                )
             return f"{self.base}{path} answered {shown}: {_not_the_service(self.base)}"
         detail = _detail(body, content_type, raw)
         return f"the server refused the {what} ({shown}): {detail or 'no reason given'}"
@@ -210,8 +234,15 @@ class RunStream:
     """One run's events as (name, data), each exactly once and in order, up to the terminal one; re-attaches
     by itself when the connection drops. `run_id` is known from the first event on."""
 
-    def __init__(self, client: ServiceClient, opener: Opener, *, run_id: str | None = None, after: int = 0,
-                 session_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client: ServiceClient,
+        opener: Opener,
+        *,
+        run_id: str | None = None,
+        after: int = 0,
+        session_id: str | None = None,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.last_id = str(after) if after else ""
@@ -258,11 +289,14 @@ class RunStream:
             except EventTooLarge as exc:
                 raise RunLost(f"{exc} {self._where()}") from None
             if self.run_id is None:
-                raise RunLost(f"{problem} before the run's first event: a detached run may go on there "
-                              f"({base}/api/runs lists the runs)")
+                raise RunLost(
+                    f"{problem} before the run's first event: a detached run may go on there "
+                    f"({base}/api/runs lists the runs)"
+                )
             if not self.last_id:
-                raise RunLost(f"{problem} {self._where()}: the server numbers no events, so the client cannot "
-                              "re-attach")
+                raise RunLost(
+                    f"{problem} {self._where()}: the server numbers no events, so the client cannot re-attach"
+                )
             if clean and opener is not self._opener and not progressed:
                 raise RunLost(f"{problem} {self._where()}: the server has no more of it, so it will not finish")
             now = time.monotonic()
@@ -270,9 +304,11 @@ class RunStream:
                 outage = now
                 self.client.notify(f"{problem} {self._where()}; re-attaching")
             if now - outage >= self.client.reconnect_s:
-                raise RunLost(f"{problem} {self._where()}; gave up re-attaching after {self.client.reconnect_s:g} s: "
-                              f"`rlm-service attach {self._run()} --server {base} --after {self.last_id}` goes on "
-                              "from there")
+                raise RunLost(
+                    f"{problem} {self._where()}; gave up re-attaching after {self.client.reconnect_s:g} s: "
+                    f"`rlm-service attach {self._run()} --server {base} --after {self.last_id}` goes on "
+                    "from there"
+                )
             await asyncio.sleep(RETRY_DELAYS_S[min(attempts, len(RETRY_DELAYS_S) - 1)])
             attempts += 1
             opener = self._reattach
@@ -286,31 +322,53 @@ class RunStream:
             return
         client, path = self.client, urlsplit(str(response.url)).path
         if response.status == 200:
-            raise Refused(f"{client.base}{path} answered with {printable(response.content_type)}, not an event "
-                          f"stream: {_not_the_service(client.base)}")
+            raise Refused(
+                f"{client.base}{path} answered with {printable(response.content_type)}, not an event "
+                f"stream: {_not_the_service(client.base)}"
+            )
         raw = await response.content.read(MAX_REFUSAL_BYTES)
         body = _json_body(raw)
         if self.answered:  # a re-attach
             if response.status in RETRY_STATUSES:
                 raise _Unavailable(printable(f"{response.status} {response.reason or ''}".strip()))
             if response.status == 404 and _service_detail(body):
-                raise RunLost(f"{client.base} no longer knows run {self._run()} {self._where()}: it was deleted, "
-                              "or the server restarted without a history")
-            refused = client.refusal(response.status, body, what="re-attach", reason=response.reason or "",
-                                     content_type=response.content_type, raw=raw, path=path)
-            raise RunLost(f"the stream from {client.base} ended before the run finished {self._where()}; "
-                          f"re-attaching failed: {refused}")
+                raise RunLost(
+                    f"{client.base} no longer knows run {self._run()} {self._where()}: it was deleted, "
+                    "or the server restarted without a history"
+                )
+            refused = client.refusal(
+                response.status,
+                body,
+                what="re-attach",
+                reason=response.reason or "",
+                content_type=response.content_type,
+                raw=raw,
+                path=path,
+            )
+            raise RunLost(
+                f"the stream from {client.base} ended before the run finished {self._where()}; "
+                f"re-attaching failed: {refused}"
+            )
         if self._session_id and _service_detail(body):
             if response.status == 404:
                 raise Refused(client.session_gone(self._session_id))
             if response.status == 409:
-                raise Refused(await client.session_busy(self._session_id,
-                                                        "a session answers one question at a time"))
+                raise Refused(await client.session_busy(self._session_id, "a session answers one question at a time"))
         if self.run_id and response.status == 404 and _service_detail(body):
-            raise Refused(f"{client.base} has no run {self._run()}: an unknown id, or a run deleted from its "
-                          f"history ({client.base}/api/runs lists them)")
-        raise Refused(client.refusal(response.status, body, reason=response.reason or "",
-                                     content_type=response.content_type, raw=raw, path=path))
+            raise Refused(
+                f"{client.base} has no run {self._run()}: an unknown id, or a run deleted from its "
+                f"history ({client.base}/api/runs lists them)"
+            )
+        raise Refused(
+            client.refusal(
+                response.status,
+                body,
+                reason=response.reason or "",
+                content_type=response.content_type,
+                raw=raw,
+                path=path,
+            )
+        )
 
     async def _read(self, response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         decoder = SseDecoder()
@@ -337,8 +395,10 @@ class RunStream:
         if not self.last_id and self._last_name is None:
             return f"(no event of run {self._run()} came)" if self.run_id else "(no event came)"
         run = self._run()
-        return (f"(after event {printable(self.last_id or self._last_name or '?')} of run {run}; "
-                f"{self.client.base}/api/runs/{run} shows it)")
+        return (
+            f"(after event {printable(self.last_id or self._last_name or '?')} of run {run}; "
+            f"{self.client.base}/api/runs/{run} shows it)"
+        )
 
 
 def _number(event_id: str) -> int | None:

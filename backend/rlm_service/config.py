@@ -56,7 +56,10 @@ class Settings(BaseSettings):
     """Every knob of the service. Environment variable names are the field names, upper-cased."""
 
     model_config = SettingsConfigDict(
-        env_file=ENV_FILES, env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True,
+        env_file=ENV_FILES,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        env_ignore_empty=True,
         populate_by_name=True,
     )
 
@@ -155,9 +158,11 @@ class Settings(BaseSettings):
     def _processes_need_history(cls, value: int, info: ValidationInfo) -> int:
         history = str(info.data.get("rlm_history_db", "")).strip().lower()
         if value > 1 and info.data.get("rlm_database_url") is None and history in ("", "off", "none", "false"):
-            raise ValueError("more than one process needs the run history, where the processes find each other's "
-                             "runs and sessions: set RLM_HISTORY_DB to a file (or RLM_DATABASE_URL), or "
-                             "WEB_CONCURRENCY=1")
+            raise ValueError(
+                "more than one process needs the run history, where the processes find each other's "
+                "runs and sessions: set RLM_HISTORY_DB to a file (or RLM_DATABASE_URL), or "
+                "WEB_CONCURRENCY=1"
+            )
         return value
 
     @field_validator("openai_api_base")
@@ -267,8 +272,10 @@ class Settings(BaseSettings):
         if not self.openai_model_name:
             return "No model configured: set OPENAI_MODEL_NAME (and OPENAI_API_BASE for a non-OpenAI endpoint)."
         if not self.api_key_configured and not self.endpoint_is_local:
-            return (f"No API key for {self.openai_api_base}: set OPENAI_API_KEY, "
-                    "or point OPENAI_API_BASE at a local server.")
+            return (
+                f"No API key for {self.openai_api_base}: set OPENAI_API_KEY, "
+                "or point OPENAI_API_BASE at a local server."
+            )
         return None
 
 
@@ -276,9 +283,15 @@ def _field_env_name(settings_cls: type[Settings], loc: tuple[object, ...], env_f
     """The variable a bad value came from: of a field's names, the first one that is set (the one the
     settings read), in the environment or in the `.env` files."""
     name = str(loc[0]) if loc else "?"
-    choices = next((list(field.validation_alias.choices) for field_name, field in settings_cls.model_fields.items()
-                    if isinstance(field.validation_alias, AliasChoices)
-                    and name in (field_name, *field.validation_alias.choices)), None)
+    choices = next(
+        (
+            list(field.validation_alias.choices)
+            for field_name, field in settings_cls.model_fields.items()
+            if isinstance(field.validation_alias, AliasChoices)
+            and name in (field_name, *field.validation_alias.choices)
+        ),
+        None,
+    )
     if choices is None:
         return name.upper()
     names = [str(choice) for choice in choices if str(choice).isupper()]

@@ -104,11 +104,25 @@ class Controller:
     tree's budgets, keeps its own usage, and starts children through `children` when the tree allows.
     """
 
-    def __init__(self, *, run_id: str, agent: Agent[Controller, str], protocol: str, limits: RunLimits,
-                 repl: Repl, subcalls: SubcallSession, emit: Emit, usage: RunUsage, tree: RunTree,
-                 repl_starting: asyncio.Future[None] | None = None, depth: int = 0, stream: Emit | None = None,
-                 children: ChildRunner | None = None, answer_check: AnswerCheck | None = None,
-                 model_settings: ModelSettings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        agent: Agent[Controller, str],
+        protocol: str,
+        limits: RunLimits,
+        repl: Repl,
+        subcalls: SubcallSession,
+        emit: Emit,
+        usage: RunUsage,
+        tree: RunTree,
+        repl_starting: asyncio.Future[None] | None = None,
+        depth: int = 0,
+        stream: Emit | None = None,
+        children: ChildRunner | None = None,
+        answer_check: AnswerCheck | None = None,
+        model_settings: ModelSettings | None = None,
+    ) -> None:
         """`repl_starting`: the REPL's start, running alongside the first model request (None: it is ready);
         the first cell waits for it, and a failed start fails the run."""
         self.run_id = run_id
@@ -152,8 +166,7 @@ class Controller:
         return await self.children(self, prompts_, contexts)
 
     def _emit_progress(self, done: int, failed: int, total: int) -> None:
-        self.emit(SubcallsEvent(run_id=self.run_id, iteration=self.iteration, done=done, failed=failed,
-                                total=total))
+        self.emit(SubcallsEvent(run_id=self.run_id, iteration=self.iteration, done=done, failed=failed, total=total))
 
     async def run_cell(self, code: str) -> str:
         """Run one cell, emit its events, and return the report the root model reads."""
@@ -192,8 +205,16 @@ class Controller:
         return prompts.answer_refused(problem)
 
     def _report_outcome(self, outcome: CellOutcome) -> None:
-        self.emit(OutputEvent(run_id=self.run_id, iteration=self.iteration, stdout=outcome.stdout,
-                              error=outcome.error, truncated=outcome.truncated, duration_ms=outcome.duration_ms))
+        self.emit(
+            OutputEvent(
+                run_id=self.run_id,
+                iteration=self.iteration,
+                stdout=outcome.stdout,
+                error=outcome.error,
+                truncated=outcome.truncated,
+                duration_ms=outcome.duration_ms,
+            )
+        )
         for image in outcome.figures:
             self.emit(FigureEvent(run_id=self.run_id, iteration=self.iteration, data=image))
         answer = (outcome.answer_content, outcome.answer_ready)
@@ -234,8 +255,12 @@ class Controller:
         root.input_tokens = self._agent_usage.input_tokens
         root.output_tokens = self._agent_usage.output_tokens
         model = self.agent.model
-        self.tree.add_cost(model.model_name if isinstance(model, Model) else str(model or ""),
-                           new_input, new_output, self._reported_cost)
+        self.tree.add_cost(
+            model.model_name if isinstance(model, Model) else str(model or ""),
+            new_input,
+            new_output,
+            self._reported_cost,
+        )
         self._reported_cost = None
 
     def _emit_usage(self) -> None:
@@ -244,18 +269,24 @@ class Controller:
             totals = self.tree.totals()
             self.emit(UsageEvent(run_id=self.run_id, root=totals.root, sub=totals.sub, by_depth=self.tree.by_depth()))
         else:
-            self.emit(UsageEvent(run_id=self.run_id, root=self.usage.root.model_copy(),
-                                 sub=self.usage.sub.model_copy()))
+            self.emit(
+                UsageEvent(run_id=self.run_id, root=self.usage.root.model_copy(), sub=self.usage.sub.model_copy())
+            )
 
-    async def _segment(self, message: str, history: list[ModelMessage] | None
-                       ) -> tuple[list[ModelMessage], str | None]:
+    async def _segment(self, message: str, history: list[ModelMessage] | None) -> tuple[list[ModelMessage], str | None]:
         """Walk one `agent.iter` run; returns the history and the reply text if the model ended in prose.
 
         Returns early (reply None) once the answer is ready or the iteration budget is spent.
         """
-        async with self.agent.iter(message, message_history=history, usage=self._agent_usage, deps=self,
-                              instructions=self._instructions(), usage_limits=self._usage_limits(),
-                              model_settings=self.model_settings) as run:
+        async with self.agent.iter(
+            message,
+            message_history=history,
+            usage=self._agent_usage,
+            deps=self,
+            instructions=self._instructions(),
+            usage_limits=self._usage_limits(),
+            model_settings=self.model_settings,
+        ) as run:
             node = run.next_node
             while not Agent.is_end_node(node):
                 if Agent.is_model_request_node(node):
@@ -307,8 +338,12 @@ class Controller:
             message = prompts.REMINDER_TEXT if self.protocol == "text" else prompts.REMINDER_TOOLS
         content, ready = self.answer
         if self.cells == 0:
-            return RunOutcome(answer="", ready=False, iterations=self.iteration, note=prompts.no_code_note(
-                self.iteration, self.protocol))
+            return RunOutcome(
+                answer="",
+                ready=False,
+                iterations=self.iteration,
+                note=prompts.no_code_note(self.iteration, self.protocol),
+            )
         return RunOutcome(answer=content or prose_answer, ready=ready, iterations=self.iteration)
 
 

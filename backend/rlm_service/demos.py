@@ -43,14 +43,14 @@ def make_log(rng: random.Random, lines: int) -> str:
         stamp = at.strftime("%Y-%m-%dT%H:%M:%S.") + f"{at.microsecond // 1000:03d}Z"
         request = f"req={rng.getrandbits(32):08x}"
         if 9.5 <= hour < 10.25 and rng.random() < 0.6:
-            out.append(f"{stamp} ERROR checkout-api {request} db: connection pool exhausted (50/50 in use), "
-                       f"waited {rng.randint(5000, 30000)}ms")
+            out.append(
+                f"{stamp} ERROR checkout-api {request} db: connection pool exhausted (50/50 in use), "
+                f"waited {rng.randint(5000, 30000)}ms"
+            )
         elif 14.0 <= hour < 14.5 and rng.random() < 0.4:
-            out.append(f"{stamp} WARN  payments {request} provider timeout after 10000ms, retry "
-                       f"{rng.randint(1, 3)}/3")
+            out.append(f"{stamp} WARN  payments {request} provider timeout after 10000ms, retry {rng.randint(1, 3)}/3")
         elif 17.0 <= hour < 17.75 and rng.random() < 0.5:
-            out.append(f"{stamp} ERROR search {request} NullPointerException in RankingV2.score "
-                       f"(build 2025.03.14-2)")
+            out.append(f"{stamp} ERROR search {request} NullPointerException in RankingV2.score (build 2025.03.14-2)")
         elif 21.0 <= hour and rng.random() < 0.05:
             out.append(f"{stamp} WARN  mailer disk /var/spool at {min(99, int(80 + (hour - 21) * 6))}% full")
         elif rng.random() < 0.002:
@@ -59,8 +59,10 @@ def make_log(rng: random.Random, lines: int) -> str:
             service, path = rng.choice(_SERVICES), rng.choice(_PATHS)
             status = rng.choices((200, 201, 304, 404, 500), (80, 5, 8, 6, 1))[0]
             level = "ERROR" if status == 500 else "INFO "
-            out.append(f"{stamp} {level} {service} {request} {rng.choice(('GET', 'POST'))} {path} {status} "
-                       f"{max(1, int(rng.lognormvariate(3.5, 0.6)))}ms")
+            out.append(
+                f"{stamp} {level} {service} {request} {rng.choice(('GET', 'POST'))} {path} {status} "
+                f"{max(1, int(rng.lognormvariate(3.5, 0.6)))}ms"
+            )
         if index == lines * 71 // 100:
             out.append(f"{stamp} INFO  deploy search build 2025.03.14-2 rolled out")
         if index == lines * 74 // 100:
@@ -92,18 +94,37 @@ def make_numbers(rng: random.Random, count: int) -> str:
     for _ in range(count):
         value = rng.gauss(120, 18) if rng.random() < 0.65 else rng.gauss(310, 45)
         clock = f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}"
-        out.append(rng.choice(_SENTENCES).format(clock=clock, place=rng.choice(_PLACES), value=f"{max(value, 5):.1f}",
-                                                 count=rng.randint(2, 40)))
+        out.append(
+            rng.choice(_SENTENCES).format(
+                clock=clock, place=rng.choice(_PLACES), value=f"{max(value, 5):.1f}", count=rng.randint(2, 40)
+            )
+        )
         if rng.random() < 0.3:
             out.append(rng.choice(_FILLER))
-    paragraphs = [" ".join(out[i:i + 6]) for i in range(0, len(out), 6)]
+    paragraphs = [" ".join(out[i : i + 6]) for i in range(0, len(out), 6)]
     return "\n\n".join(paragraphs) + "\n"
 
 
 _FIRST = ("Mara", "Tomas", "Ines", "Kofi", "Yuki", "Lena", "Omar", "Priya", "Jonas", "Ada")
 _LAST = ("Ellison", "Reyes", "Okafor", "Tanaka", "Lindqvist", "Haddad", "Rao", "Novak", "Byrne", "Costa")
-_WORDS = ("Quiet", "Harbour", "Glass", "River", "Winter", "Cartographer", "Salt", "Orchard", "Signal", "Lantern",
-          "Paper", "Atlas", "Night", "Garden", "Iron", "Letters")
+_WORDS = (
+    "Quiet",
+    "Harbour",
+    "Glass",
+    "River",
+    "Winter",
+    "Cartographer",
+    "Salt",
+    "Orchard",
+    "Signal",
+    "Lantern",
+    "Paper",
+    "Atlas",
+    "Night",
+    "Garden",
+    "Iron",
+    "Letters",
+)
 
 
 @dataclass(frozen=True)
@@ -127,16 +148,20 @@ def book_records(rng: random.Random, count: int) -> list[Book]:
         title = ("The " if rng.random() < 0.4 else "") + " ".join(rng.sample(_WORDS, rng.randint(1, 3)))
         if rng.random() < 0.15:
             title += f": {rng.choice(_WORDS)} and {rng.choice(_WORDS)}"
-        authors = tuple(f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
-                        for _ in range(rng.choices((1, 2, 3), (70, 25, 5))[0]))
+        authors = tuple(
+            f"{rng.choice(_FIRST)} {rng.choice(_LAST)}" for _ in range(rng.choices((1, 2, 3), (70, 25, 5))[0])
+        )
         year = rng.randint(1890, 2024)
         shelf = f"{rng.choice('ABCDEFG')}-{rng.randint(1, 30)}/{rng.randint(1, 9)}"
         edition = rng.randint(2, 5) if rng.random() < 0.2 else None
         price = round(rng.uniform(4, 60), 2) if rng.random() < 0.7 else None
         notes = []
         if rng.random() < 0.35:
-            notes.append(f"Signed copy; {rng.choice(_WORDS).lower()} on the cover." if rng.random() < 0.5
-                         else "Key:: value pairs in the notes are part of the notes.")
+            notes.append(
+                f"Signed copy; {rng.choice(_WORDS).lower()} on the cover."
+                if rng.random() < 0.5
+                else "Key:: value pairs in the notes are part of the notes."
+            )
             if rng.random() < 0.5:
                 notes.append(f"Donated by {rng.choice(_FIRST)} {rng.choice(_LAST)}.")
         books.append(Book(number, title, authors, year, edition, price, shelf, "\n".join(notes)))
@@ -148,8 +173,12 @@ def _render_book(book: Book, rng: random.Random) -> str:
         return rng.choice((name, name.upper(), name.lower()))
 
     edition = f" ({book.edition}. ed.)" if book.edition else ""
-    lines = [f"=== BOOK #{book.id:04d} ===", f"{key('Title')}:: {book.title}",
-             f"{key('By')}:: {'; '.join(book.authors)}", f"{key('Year')}:: {book.year}{edition}"]
+    lines = [
+        f"=== BOOK #{book.id:04d} ===",
+        f"{key('Title')}:: {book.title}",
+        f"{key('By')}:: {'; '.join(book.authors)}",
+        f"{key('Year')}:: {book.year}{edition}",
+    ]
     if book.price_eur is not None:
         lines.append(f"{key('Price')}:: €" + f"{book.price_eur:.2f}".replace(".", ","))
     lines.append(f"{key('Shelf')}:: {book.shelf}")
@@ -171,18 +200,33 @@ def make_records(rng: random.Random, count: int) -> str:
     return "\n".join(blocks)
 
 
-DEMOS = {demo.name: demo for demo in (
-    Demo("log", "Chunk this log into 20 parts and summarise them in parallel (one llm_batch), then combine the "
-                "summaries into one report: what happened over the day, when, and which errors were most frequent.",
-         make_log, 20_000),
-    Demo("numbers", "Find every response time (the numbers in ms) in this text, give their mean and standard "
-                    "deviation, and plot their distribution.",
-         make_numbers, 600),
-    Demo("records", "Write a parser for these book records, test it on the first 5 entries, and fix it until it is "
-                    "100% accurate on them; then parse all of them and report how many there are, how many distinct "
-                    "authors, and the five fullest shelves.",
-         make_records, 400),
-)}
+DEMOS = {
+    demo.name: demo
+    for demo in (
+        Demo(
+            "log",
+            "Chunk this log into 20 parts and summarise them in parallel (one llm_batch), then combine the "
+            "summaries into one report: what happened over the day, when, and which errors were most frequent.",
+            make_log,
+            20_000,
+        ),
+        Demo(
+            "numbers",
+            "Find every response time (the numbers in ms) in this text, give their mean and standard "
+            "deviation, and plot their distribution.",
+            make_numbers,
+            600,
+        ),
+        Demo(
+            "records",
+            "Write a parser for these book records, test it on the first 5 entries, and fix it until it is "
+            "100% accurate on them; then parse all of them and report how many there are, how many distinct "
+            "authors, and the five fullest shelves.",
+            make_records,
+            400,
+        ),
+    )
+}
 
 
 def sample(name: str, count: int | None = None, seed: int = 0) -> str:

@@ -49,17 +49,26 @@ class RunSettings(BaseModel):
     max_iterations: int | None = Field(None, ge=1, strict=True)
     max_subcalls: int | None = Field(None, ge=1, strict=True)
     exec_timeout_s: float | None = Field(None, ge=1, strict=True)
-    keep_input: bool = Field(False, strict=True,
-                             description="Keep the input in the run history (it is not, by default).")
-    detach: bool = Field(False, strict=True,
-                         description="Closing the connection does not cancel the run: it goes on within its limits "
-                                     "and can be re-attached (GET /api/runs/{id}/events) or cancelled.")
-    session: bool = Field(False, strict=True,
-                          description="Keep the run's REPL after the run: `start` carries a `session_id` for "
-                                      "follow-up questions on the same variables.")
+    keep_input: bool = Field(
+        False, strict=True, description="Keep the input in the run history (it is not, by default)."
+    )
+    detach: bool = Field(
+        False,
+        strict=True,
+        description="Closing the connection does not cancel the run: it goes on within its limits "
+        "and can be re-attached (GET /api/runs/{id}/events) or cancelled.",
+    )
+    session: bool = Field(
+        False,
+        strict=True,
+        description="Keep the run's REPL after the run: `start` carries a `session_id` for "
+        "follow-up questions on the same variables.",
+    )
     answer_schema: dict[str, Any] | None = Field(
-        None, description="A JSON Schema the answer must satisfy: the answer is accepted as ready only when it is "
-                          "JSON valid against it, and `final.answer_json` carries the parsed value.")
+        None,
+        description="A JSON Schema the answer must satisfy: the answer is accepted as ready only when it is "
+        "JSON valid against it, and `final.answer_json` carries the parsed value.",
+    )
 
     @field_validator("answer_schema")
     @classmethod
@@ -78,12 +87,21 @@ class SettingsRefused(ValueError):
 
 def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLimits:
     requested = requested or RunSettings()
-    limits = RunLimits(max_iterations=settings.rlm_max_iterations, max_subcalls=settings.rlm_max_subcalls,
-                       exec_timeout_s=settings.rlm_exec_timeout_s, max_output_chars=settings.rlm_max_output_chars,
-                       subcall_concurrency=settings.rlm_subcall_concurrency, max_depth=settings.rlm_max_depth,
-                       run_timeout_s=settings.rlm_run_timeout_s, max_cost_usd=settings.rlm_max_cost_usd)
-    for name, env in (("max_iterations", "RLM_MAX_ITERATIONS"), ("max_subcalls", "RLM_MAX_SUBCALLS"),
-                      ("exec_timeout_s", "RLM_EXEC_TIMEOUT_S")):
+    limits = RunLimits(
+        max_iterations=settings.rlm_max_iterations,
+        max_subcalls=settings.rlm_max_subcalls,
+        exec_timeout_s=settings.rlm_exec_timeout_s,
+        max_output_chars=settings.rlm_max_output_chars,
+        subcall_concurrency=settings.rlm_subcall_concurrency,
+        max_depth=settings.rlm_max_depth,
+        run_timeout_s=settings.rlm_run_timeout_s,
+        max_cost_usd=settings.rlm_max_cost_usd,
+    )
+    for name, env in (
+        ("max_iterations", "RLM_MAX_ITERATIONS"),
+        ("max_subcalls", "RLM_MAX_SUBCALLS"),
+        ("exec_timeout_s", "RLM_EXEC_TIMEOUT_S"),
+    ):
         value = getattr(requested, name)
         if value is None:
             continue
@@ -94,9 +112,11 @@ def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLi
     if requested.answer_schema is not None:
         size = len(json.dumps(requested.answer_schema))
         if size > settings.rlm_max_prompt_chars:
-            raise SettingsRefused(f"settings.answer_schema: {size:,} characters of JSON, more than "
-                                  f"RLM_MAX_PROMPT_CHARS ({settings.rlm_max_prompt_chars:,}): the root model reads "
-                                  "it every turn")
+            raise SettingsRefused(
+                f"settings.answer_schema: {size:,} characters of JSON, more than "
+                f"RLM_MAX_PROMPT_CHARS ({settings.rlm_max_prompt_chars:,}): the root model reads "
+                "it every turn"
+            )
     return limits
 
 
@@ -123,19 +143,30 @@ def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
 class Engine:
     """Runs RLM tasks. Use as `async with Engine(settings) as engine:`, then `engine.run(...)`."""
 
-    def __init__(self, settings: Settings, *, root_model: Model | Callable[[], Model] | None = None,
-                 store: RunStore | None = None, sessions: Capacity | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        root_model: Model | Callable[[], Model] | None = None,
+        store: RunStore | None = None,
+        sessions: Capacity | None = None,
+    ) -> None:
         """`sessions`: RLM_MAX_SESSIONS counted over the instance's processes (one process: here)."""
         self.settings = settings
         self.store = store
-        self.sub_client = ChatClient(settings.openai_api_base, settings.api_key_value(),
-                                     timeout=settings.rlm_subcall_timeout_s, retries=settings.rlm_model_retries,
-                                     proxy=settings.proxy_for_endpoint())
+        self.sub_client = ChatClient(
+            settings.openai_api_base,
+            settings.api_key_value(),
+            timeout=settings.rlm_subcall_timeout_s,
+            retries=settings.rlm_model_retries,
+            proxy=settings.proxy_for_endpoint(),
+        )
         self.root_client = self.sub_client.with_timeout(settings.rlm_root_timeout_s)  # one connection pool
         self.repls = backend(settings.rlm_repl, settings.rlm_worker_preload)
         self.runs = RunRegistry()
-        self.sessions = SessionManager(idle_s=settings.rlm_session_idle_s,
-                                       capacity=sessions or LocalCapacity(settings.rlm_max_sessions))
+        self.sessions = SessionManager(
+            idle_s=settings.rlm_session_idle_s, capacity=sessions or LocalCapacity(settings.rlm_max_sessions)
+        )
         self._root_model = root_model
         self._agent: Agent[Controller, str] | None = None
         self._child_agent: Agent[Controller, str] | None = None
@@ -178,8 +209,11 @@ class Engine:
         if callable(self._root_model) and not isinstance(self._root_model, Model):
             return build_agent(self._root_model(), protocol)
         if self._agent is None:
-            model = self._root_model if isinstance(self._root_model, Model) else build_root_model(
-                self.settings, self.root_client)
+            model = (
+                self._root_model
+                if isinstance(self._root_model, Model)
+                else build_root_model(self.settings, self.root_client)
+            )
             self._agent = build_agent(model, protocol)
         return self._agent
 
@@ -191,9 +225,16 @@ class Engine:
         code, message = classify_error(exc)
         return code, redact(message, self.settings.api_key_value())
 
-    def launch(self, prompt: str, run_input: RunInput, settings: RunSettings | None = None, *,
-               run_id: str | None = None, session_id: str | None = None,
-               model_settings: ModelSettings | None = None) -> LiveRun:
+    def launch(
+        self,
+        prompt: str,
+        run_input: RunInput,
+        settings: RunSettings | None = None,
+        *,
+        run_id: str | None = None,
+        session_id: str | None = None,
+        model_settings: ModelSettings | None = None,
+    ) -> LiveRun:
         """Start a run on the event loop and return it; it goes on whoever follows it, until it ends.
 
         The run ends with exactly one `final` or `error` event; `LiveRun.cancel` ends it with `error`
@@ -210,8 +251,9 @@ class Engine:
             self.sessions.reserve()
             new_session_id = self.sessions.new_id()
             self.sessions.announce(new_session_id, run_id, run_input.chars, run_input.lines)
-        run = LiveRun(run_id, detached=bool(settings and settings.detach),
-                      session_id=session.id if session else new_session_id)
+        run = LiveRun(
+            run_id, detached=bool(settings and settings.detach), session_id=session.id if session else new_session_id
+        )
         if session is not None:
             run_input = RunInput(chars=session.input_chars, lines=session.input_lines, size_bytes=0, head="")
         store = self.store
@@ -222,20 +264,44 @@ class Engine:
                 store.record(run.id, event)
 
         if store is not None:
-            store.begin(RunRecord(
-                id=run.id, created=time.time(), status="running", prompt=prompt,
-                settings=(settings or RunSettings()).model_dump(exclude_none=True), input_chars=run_input.chars,
-                input_lines=run_input.lines, input_bytes=run_input.size_bytes, input_sha256=run_input.sha256,
-                input_name=run_input.name, session_id=run.session_id))
-        plan = RunPlan(prompt, run_input, limits, keep_input=bool(settings and settings.keep_input and store),
-                       session=session, new_session_id=new_session_id,
-                       answer_check=settings.answer_check() if settings else None, model_settings=model_settings)
+            store.begin(
+                RunRecord(
+                    id=run.id,
+                    created=time.time(),
+                    status="running",
+                    prompt=prompt,
+                    settings=(settings or RunSettings()).model_dump(exclude_none=True),
+                    input_chars=run_input.chars,
+                    input_lines=run_input.lines,
+                    input_bytes=run_input.size_bytes,
+                    input_sha256=run_input.sha256,
+                    input_name=run_input.name,
+                    session_id=run.session_id,
+                )
+            )
+        plan = RunPlan(
+            prompt,
+            run_input,
+            limits,
+            keep_input=bool(settings and settings.keep_input and store),
+            session=session,
+            new_session_id=new_session_id,
+            answer_check=settings.answer_check() if settings else None,
+            model_settings=model_settings,
+        )
         run.task = asyncio.create_task(self._driver.drive(run, plan, emit), name=f"rlm-run-{run.id}")
         self.runs.add(run)
         return run
 
-    async def run(self, prompt: str, input_data: str | RunInput = "", settings: RunSettings | None = None,
-                  *, run_id: str | None = None, session_id: str | None = None) -> AsyncGenerator[EventBase, None]:
+    async def run(
+        self,
+        prompt: str,
+        input_data: str | RunInput = "",
+        settings: RunSettings | None = None,
+        *,
+        run_id: str | None = None,
+        session_id: str | None = None,
+    ) -> AsyncGenerator[EventBase, None]:
         """Run one task; yields its events, ending with exactly one `final` or `error`. Closing the
         generator early cancels the run (unless it was started with `settings.detach`)."""
         run_input = input_data if isinstance(input_data, RunInput) else RunInput.from_text(input_data)
@@ -249,8 +315,15 @@ class Engine:
                 await run.wait()
 
 
-def run_blocking(settings: Settings, prompt: str, input_data: str = "", run_settings: RunSettings | None = None,
-                 *, on_event: Callable[[EventBase], Any] | None = None, **engine_kwargs: Any) -> EventBase:
+def run_blocking(
+    settings: Settings,
+    prompt: str,
+    input_data: str = "",
+    run_settings: RunSettings | None = None,
+    *,
+    on_event: Callable[[EventBase], Any] | None = None,
+    **engine_kwargs: Any,
+) -> EventBase:
     """Run one task to the end from synchronous code; returns the terminal event."""
 
     async def main() -> EventBase:

@@ -170,13 +170,23 @@ class ErrorEvent(EventBase):
 
 
 Event = Annotated[
-    StartEvent | ThoughtEvent | CodeEvent | SubcallsEvent | OutputEvent | FigureEvent | AnswerEvent | UsageEvent
-    | FinalEvent | ErrorEvent | ChildEvent,
+    StartEvent
+    | ThoughtEvent
+    | CodeEvent
+    | SubcallsEvent
+    | OutputEvent
+    | FigureEvent
+    | AnswerEvent
+    | UsageEvent
+    | FinalEvent
+    | ErrorEvent
+    | ChildEvent,
     Field(discriminator="type"),
 ]
 
-EVENT_TYPES: tuple[str, ...] = tuple(get_args(cls.model_fields["type"].annotation)[0]
-                                     for cls in get_args(get_args(Event)[0]))
+EVENT_TYPES: tuple[str, ...] = tuple(
+    get_args(cls.model_fields["type"].annotation)[0] for cls in get_args(get_args(Event)[0])
+)
 """Every event name, in the union's order."""
 TERMINAL_EVENTS = ("final", "error")
 

@@ -56,9 +56,12 @@ def _nothing(event: dict[str, Any]) -> Lines:
 def _final(event: dict[str, Any]) -> Lines:
     usage = event.get("usage") or {}
     root, sub = usage.get("root") or {}, usage.get("sub") or {}
-    lines = [f"*{event.get('iterations')} iterations, {event.get('elapsed_ms', 0) / 1000:.1f} s; root model "
-             f"{root.get('input_tokens', 0):,} input / {root.get('output_tokens', 0):,} output tokens, sub-calls "
-             f"{sub.get('requests', 0):,} ({sub.get('input_tokens', 0):,} / {sub.get('output_tokens', 0):,}).*", ""]
+    lines = [
+        f"*{event.get('iterations')} iterations, {event.get('elapsed_ms', 0) / 1000:.1f} s; root model "
+        f"{root.get('input_tokens', 0):,} input / {root.get('output_tokens', 0):,} output tokens, sub-calls "
+        f"{sub.get('requests', 0):,} ({sub.get('input_tokens', 0):,} / {sub.get('output_tokens', 0):,}).*",
+        "",
+    ]
     if event.get("note"):
         lines += [f"> {event['note']}", ""]
     return lines
@@ -78,17 +81,36 @@ def _child(event: dict[str, Any]) -> Lines:
 
 
 RENDERERS: dict[str, Renderer] = {
-    "start": _start, "thought": _thought, "code": _code, "subcalls": _nothing, "output": _output,
-    "figure": _figure, "answer": _nothing, "usage": _nothing, "final": _final, "error": _error, "child": _child,
+    "start": _start,
+    "thought": _thought,
+    "code": _code,
+    "subcalls": _nothing,
+    "output": _output,
+    "figure": _figure,
+    "answer": _nothing,
+    "usage": _nothing,
+    "final": _final,
+    "error": _error,
+    "child": _child,
 }
 
 
 def export_markdown(record: RunRecord, events: list[dict[str, Any]]) -> str:
     """The run as one Markdown document."""
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.created))
-    lines = [f"# RLM run {record.id}", "", f"- **Started**: {when}", f"- **Status**: {record.status}",
-             f"- **Input**: {record.input_chars:,} characters, {record.input_lines:,} lines"
-             + (f" ({record.input_name})" if record.input_name else ""), "", "## Task", "", record.prompt, ""]
+    lines = [
+        f"# RLM run {record.id}",
+        "",
+        f"- **Started**: {when}",
+        f"- **Status**: {record.status}",
+        f"- **Input**: {record.input_chars:,} characters, {record.input_lines:,} lines"
+        + (f" ({record.input_name})" if record.input_name else ""),
+        "",
+        "## Task",
+        "",
+        record.prompt,
+        "",
+    ]
     iteration = None
     for event in events:
         kind = str(event.get("type"))

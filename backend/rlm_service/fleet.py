@@ -69,10 +69,18 @@ class Fleet:
         self.launch = launch
         self.idle_s = settings.rlm_session_idle_s
         self.wakeups = Wakeups()
-        self.pulse = Pulse(store, timeout_s=settings.rlm_replica_timeout_s, idle_s=self.idle_s,
-                           wake=self._wake_soon, taken_for_dead=self._taken_for_dead_soon)
-        self.listener = (Listener(store.listening_connection, (sql.EVENTS_CHANNEL, sql.COMMANDS_CHANNEL),
-                                  self.wakeups) if isinstance(store, PostgresRunStore) else None)
+        self.pulse = Pulse(
+            store,
+            timeout_s=settings.rlm_replica_timeout_s,
+            idle_s=self.idle_s,
+            wake=self._wake_soon,
+            taken_for_dead=self._taken_for_dead_soon,
+        )
+        self.listener = (
+            Listener(store.listening_connection, (sql.EVENTS_CHANNEL, sql.COMMANDS_CHANNEL), self.wakeups)
+            if isinstance(store, PostgresRunStore)
+            else None
+        )
         self.follower = StoreFollower(store, self.wakeups, self._poll_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -91,8 +99,12 @@ class Fleet:
         self._tasks = [asyncio.create_task(self._commands(), name="rlm-fleet-commands")]
         if self.listener is not None:
             self._tasks.append(asyncio.create_task(self.listener.run(), name="rlm-fleet-listener"))
-        log.info("server process %s (pid %d) coordinates with the others through the %s database", self.id,
-                 os.getpid(), self.store.dialect)
+        log.info(
+            "server process %s (pid %d) coordinates with the others through the %s database",
+            self.id,
+            os.getpid(),
+            self.store.dialect,
+        )
 
     async def stop(self) -> None:
         """After the engine has ended its runs and sessions: write their last events, then delete this process's
@@ -187,8 +199,9 @@ class Fleet:
 
     # --- what the routes ask of other processes ------------------------------------------------------------
 
-    async def cancel(self, run_id: str, reason: str = "cancelled through the API"
-                     ) -> Literal["unknown", "ended", "cancelling"]:
+    async def cancel(
+        self, run_id: str, reason: str = "cancelled through the API"
+    ) -> Literal["unknown", "ended", "cancelling"]:
         """Ask the process that runs `run_id` to cancel it."""
         dialect = self.store.dialect
 
@@ -238,8 +251,13 @@ class Fleet:
     async def session(self, session_id: str) -> dict[str, Any]:
         """A session another process keeps, as `GET /api/sessions/{id}` shows it; `SessionUnavailable` (404)."""
         row = await self._find_session(session_id)
-        return {"id": row.id, "runs": row.runs, "live_run": row.live_run, "expires_at": row.last_used + self.idle_s,
-                "input": {"chars": row.input_chars, "lines": row.input_lines}}
+        return {
+            "id": row.id,
+            "runs": row.runs,
+            "live_run": row.live_run,
+            "expires_at": row.last_used + self.idle_s,
+            "input": {"chars": row.input_chars, "lines": row.input_lines},
+        }
 
     async def end_session(self, session_id: str) -> None:
         """Ask the process that keeps a session to end it; `SessionUnavailable` (404, 409) as it answers."""
@@ -255,8 +273,12 @@ class Fleet:
         row = await self._find_session(session_id)
         assert row.owner is not None
         run_id = uuid.uuid4().hex[:16]
-        payload = {"prompt": prompt, "settings": settings.model_dump(exclude_none=True), "session_id": session_id,
-                   "run_id": run_id}
+        payload = {
+            "prompt": prompt,
+            "settings": settings.model_dump(exclude_none=True),
+            "session_id": session_id,
+            "run_id": run_id,
+        }
         result = await self._ask(row.owner, "follow_up", payload, session_id)
         if result["status"] != 200:
             raise SessionUnavailable(int(result["status"]), str(result.get("detail")))
@@ -264,22 +286,25 @@ class Fleet:
 
     async def _find_session(self, session_id: str) -> sql.SessionRow:
         dialect = self.store.dialect
-        row = await asyncio.to_thread(self.store.query,
-                                      lambda db: sql.find_session(db, dialect, session_id, self.pulse.dead_after_s))
+        row = await asyncio.to_thread(
+            self.store.query, lambda db: sql.find_session(db, dialect, session_id, self.pulse.dead_after_s)
+        )
         if row is None:
             raise SessionUnavailable(404, _no_session(session_id))
         if row.gone is not None or row.owner is None or not row.owner_alive:
             why = row.gone or "the server process that kept it died"
-            raise SessionUnavailable(404, f"session {session_id} is gone: {why}; start a new run with the input "
-                                          "and settings.session")
+            raise SessionUnavailable(
+                404, f"session {session_id} is gone: {why}; start a new run with the input and settings.session"
+            )
         return row
 
     async def _ask(self, target: str, kind: str, payload: dict[str, Any], session_id: str) -> dict[str, Any]:
         """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn, and
         the session reported gone (its process died) or busy (it is alive but did not answer)."""
         dialect = self.store.dialect
-        command_id = await asyncio.to_thread(self.store.transaction,
-                                             lambda db: sql.send(db, dialect, target, kind, payload))
+        command_id = await asyncio.to_thread(
+            self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload)
+        )
         deadline = time.monotonic() + ANSWER_WAIT_S
         while True:
             await asyncio.sleep(ANSWER_POLL_S)
@@ -288,26 +313,52 @@ class Fleet:
                 await asyncio.to_thread(self.store.transaction, lambda db: sql.remove(db, command_id))
                 return result
             late = time.monotonic() - deadline
-            if state == "gone" or (state == "taken" and late >= ANSWER_WAIT_S) or (
-                    state == "waiting" and late >= 0
-                    and await asyncio.to_thread(self.store.transaction, lambda db: sql.withdraw(db, command_id))):
+            if (
+                state == "gone"
+                or (state == "taken" and late >= ANSWER_WAIT_S)
+                or (
+                    state == "waiting"
+                    and late >= 0
+                    and await asyncio.to_thread(self.store.transaction, lambda db: sql.withdraw(db, command_id))
+                )
+            ):
                 break
         row = await self._find_session(session_id)  # 404 when its process died meanwhile
-        return {"status": 503, "detail": f"the server process that keeps session {row.id} did not answer within "
-                                         f"{ANSWER_WAIT_S:g} s; try again"}
+        return {
+            "status": 503,
+            "detail": f"the server process that keeps session {row.id} did not answer within "
+            f"{ANSWER_WAIT_S:g} s; try again",
+        }
 
     # --- the session directory (SessionManager calls these) ------------------------------------------------
 
     def opened(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
         now = time.time()
-        self._save(sql.SessionRow(id=session_id, owner=self.id, created=now, last_used=now, live_run=run_id,
-                                  input_chars=input_chars, input_lines=input_lines))
+        self._save(
+            sql.SessionRow(
+                id=session_id,
+                owner=self.id,
+                created=now,
+                last_used=now,
+                live_run=run_id,
+                input_chars=input_chars,
+                input_lines=input_lines,
+            )
+        )
 
     def saved(self, session: Session) -> None:
-        self._save(sql.SessionRow(id=session.id, owner=self.id, created=session.last_used,
-                                  last_used=session.last_used, runs=[turn.run_id for turn in session.turns],
-                                  live_run=session.live_run, input_chars=session.input_chars,
-                                  input_lines=session.input_lines))
+        self._save(
+            sql.SessionRow(
+                id=session.id,
+                owner=self.id,
+                created=session.last_used,
+                last_used=session.last_used,
+                runs=[turn.run_id for turn in session.turns],
+                live_run=session.live_run,
+                input_chars=session.input_chars,
+                input_lines=session.input_lines,
+            )
+        )
 
     def ended(self, session_id: str) -> None:
         me = self.id
@@ -334,5 +385,7 @@ class Fleet:
 
 
 def _no_session(session_id: str) -> str:
-    return (f"no session {session_id!r}: it never existed, was deleted, or ended after its idle time "
-            "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session")
+    return (
+        f"no session {session_id!r}: it never existed, was deleted, or ended after its idle time "
+        "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session"
+    )

@@ -64,8 +64,10 @@ def notify(db: Db, dialect: Dialect, channel: str, payloads: list[str]) -> None:
 
 def register(db: Db, dialect: Dialect, process_id: str, host: str, pid: int) -> None:
     now = NOW[dialect]
-    db.execute(f"INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?, ?, ?, {now}, {now})",
-               (process_id, host, pid))
+    db.execute(
+        f"INSERT INTO processes (id, host, pid, started, heartbeat) VALUES (?, ?, ?, {now}, {now})",
+        (process_id, host, pid),
+    )
 
 
 def heartbeat(db: Db, dialect: Dialect, process_id: str) -> bool:
@@ -90,17 +92,23 @@ def bury(db: Db, dialect: Dialect, process_id: str, older_than_s: float, timeout
     """End a dead process: its live runs as `lost`, its sessions as tombstones, its waiting commands dropped.
     Only the process whose transaction removes the dead one's row does it (None for the others). Returns the
     runs it ended."""
-    gone = db.rows(f"DELETE FROM processes WHERE id = ? AND heartbeat < {NOW[dialect]} - ? RETURNING host, pid",
-                   (process_id, older_than_s))
+    gone = db.rows(
+        f"DELETE FROM processes WHERE id = ? AND heartbeat < {NOW[dialect]} - ? RETURNING host, pid",
+        (process_id, older_than_s),
+    )
     if not gone:
         return None
     who = f"{gone[0]['host']}, pid {gone[0]['pid']}"
-    message = (f"The run was lost: the server process that ran it ({who}) died; nothing was heard from it for "
-               f"longer than RLM_REPLICA_TIMEOUT_S allows ({timeout_s:g} s).")
+    message = (
+        f"The run was lost: the server process that ran it ({who}) died; nothing was heard from it for "
+        f"longer than RLM_REPLICA_TIMEOUT_S allows ({timeout_s:g} s)."
+    )
     rows = db.rows("SELECT id FROM runs WHERE status = 'running' AND owner = ?", (process_id,))
     ended = [str(row["id"]) for row in rows if end_lost(db, dialect, str(row["id"]), message)]
-    db.execute("UPDATE sessions SET gone = ?, owner = NULL, live_run = NULL WHERE owner = ?",
-               (f"the server process that kept it ({who}) died", process_id))
+    db.execute(
+        "UPDATE sessions SET gone = ?, owner = NULL, live_run = NULL WHERE owner = ?",
+        (f"the server process that kept it ({who}) died", process_id),
+    )
     db.execute("DELETE FROM commands WHERE target = ?", (process_id,))
     notify(db, dialect, EVENTS_CHANNEL, ended)
     return ended
@@ -108,8 +116,9 @@ def bury(db: Db, dialect: Dialect, process_id: str, older_than_s: float, timeout
 
 def orphans(db: Db, dialect: Dialect) -> list[str]:
     """End as `lost` the live runs whose process has no row (it stopped without being able to end them)."""
-    rows = db.rows("SELECT id FROM runs WHERE status = 'running' AND owner IS NOT NULL "
-                   "AND owner NOT IN (SELECT id FROM processes)")
+    rows = db.rows(
+        "SELECT id FROM runs WHERE status = 'running' AND owner IS NOT NULL AND owner NOT IN (SELECT id FROM processes)"
+    )
     message = "The run was lost: the server process that ran it stopped without ending it."
     ended = [str(row["id"]) for row in rows if end_lost(db, dialect, str(row["id"]), message)]
     notify(db, dialect, EVENTS_CHANNEL, ended)
@@ -120,23 +129,32 @@ def end_lost(db: Db, dialect: Dialect, run_id: str, message: str) -> bool:
     """Append the run's terminal event, `error` code `lost` (with the answer it had started, if any), and close
     its record; False if the run is no longer live (another process ended it first), or (PostgreSQL) a write of
     its events is in progress: its process is not dead then, and a later sweep decides."""
-    if dialect == "postgresql" and not db.rows("SELECT 1 AS live FROM runs WHERE id = ? AND status = 'running' "
-                                               "FOR UPDATE SKIP LOCKED", (run_id,)):
+    if dialect == "postgresql" and not db.rows(
+        "SELECT 1 AS live FROM runs WHERE id = ? AND status = 'running' FOR UPDATE SKIP LOCKED", (run_id,)
+    ):
         return False
-    rows = db.rows("SELECT data FROM events WHERE run_id = ? AND type = 'answer' ORDER BY seq DESC LIMIT 1",
-                   (run_id,))
+    rows = db.rows("SELECT data FROM events WHERE run_id = ? AND type = 'answer' ORDER BY seq DESC LIMIT 1", (run_id,))
     answer = str(json.loads(rows[0]["data"]).get("content") or "") or None if rows else None
     error = json.dumps({"code": "lost", "message": message})
-    closed = db.execute("UPDATE runs SET status = 'lost', finished = ?, error = ?, answer_preview = ?, "
-                        "answer_chars = ? WHERE id = ? AND status = 'running'",
-                        (time.time(), error, None if answer is None else answer[:PREVIEW_CHARS],
-                         None if answer is None else len(answer), run_id))
+    closed = db.execute(
+        "UPDATE runs SET status = 'lost', finished = ?, error = ?, answer_preview = ?, "
+        "answer_chars = ? WHERE id = ? AND status = 'running'",
+        (
+            time.time(),
+            error,
+            None if answer is None else answer[:PREVIEW_CHARS],
+            None if answer is None else len(answer),
+            run_id,
+        ),
+    )
     if not closed:
         return False
     seq = int(db.rows("SELECT COALESCE(MAX(seq), 0) AS seq FROM events WHERE run_id = ?", (run_id,))[0]["seq"]) + 1
     event = ErrorEvent(run_id=run_id, code="lost", message=message, answer=answer, seq=seq)
-    db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?)",
-               (run_id, seq, event.type, event.model_dump_json()))
+    db.execute(
+        "INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?)",
+        (run_id, seq, event.type, event.model_dump_json()),
+    )
     return True
 
 
@@ -156,8 +174,10 @@ def run_owner(db: Db, run_id: str) -> tuple[str, str | None] | None:
 def send(db: Db, dialect: Dialect, target: str, kind: str, payload: dict[str, Any]) -> str:
     """Ask the process `target` to do something; the command's id."""
     command_id = uuid.uuid4().hex
-    db.execute("INSERT INTO commands (id, target, kind, payload, created) VALUES (?, ?, ?, ?, ?)",
-               (command_id, target, kind, json.dumps(payload), time.time()))
+    db.execute(
+        "INSERT INTO commands (id, target, kind, payload, created) VALUES (?, ?, ?, ?, ?)",
+        (command_id, target, kind, json.dumps(payload), time.time()),
+    )
     notify(db, dialect, COMMANDS_CHANNEL, [target])
     return command_id
 
@@ -171,8 +191,11 @@ def take(db: Db, me: str) -> list[Command]:
     """The commands waiting for this process, marked taken (a sender that gave up on one has removed it)."""
     rows = db.rows("SELECT id, kind, payload FROM commands WHERE target = ? AND taken IS NULL ORDER BY created", (me,))
     now = time.time()
-    return [Command(str(row["id"]), str(row["kind"]), json.loads(row["payload"])) for row in rows
-            if db.execute("UPDATE commands SET taken = ? WHERE id = ? AND taken IS NULL", (now, row["id"]))]
+    return [
+        Command(str(row["id"]), str(row["kind"]), json.loads(row["payload"]))
+        for row in rows
+        if db.execute("UPDATE commands SET taken = ? WHERE id = ? AND taken IS NULL", (now, row["id"]))
+    ]
 
 
 def answer(db: Db, command_id: str, result: dict[str, Any]) -> None:
@@ -201,11 +224,21 @@ def remove(db: Db, command_id: str) -> None:
 
 
 def save_session(db: Db, row: SessionRow) -> None:
-    db.execute("INSERT INTO sessions (id, owner, created, last_used, runs, live_run, input_chars, input_lines) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
-               "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run",
-               (row.id, row.owner, row.created, row.last_used, json.dumps(row.runs), row.live_run, row.input_chars,
-                row.input_lines))
+    db.execute(
+        "INSERT INTO sessions (id, owner, created, last_used, runs, live_run, input_chars, input_lines) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
+        "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run",
+        (
+            row.id,
+            row.owner,
+            row.created,
+            row.last_used,
+            json.dumps(row.runs),
+            row.live_run,
+            row.input_chars,
+            row.input_lines,
+        ),
+    )
 
 
 def drop_session(db: Db, session_id: str, owner: str) -> None:
@@ -214,13 +247,25 @@ def drop_session(db: Db, session_id: str, owner: str) -> None:
 
 def find_session(db: Db, dialect: Dialect, session_id: str, dead_after_s: float) -> SessionRow | None:
     """A session's row, with whether the process that keeps it is alive (its heartbeat is recent)."""
-    rows = db.rows("SELECT s.id, s.owner, s.created, s.last_used, s.runs, s.live_run, s.input_chars, s.input_lines, "
-                   f"s.gone, p.heartbeat, {NOW[dialect]} AS now FROM sessions s "
-                   "LEFT JOIN processes p ON p.id = s.owner WHERE s.id = ?", (session_id,))
+    rows = db.rows(
+        "SELECT s.id, s.owner, s.created, s.last_used, s.runs, s.live_run, s.input_chars, s.input_lines, "
+        f"s.gone, p.heartbeat, {NOW[dialect]} AS now FROM sessions s "
+        "LEFT JOIN processes p ON p.id = s.owner WHERE s.id = ?",
+        (session_id,),
+    )
     if not rows:
         return None
     row = rows[0]
     alive = row["heartbeat"] is not None and row["heartbeat"] >= row["now"] - dead_after_s
-    return SessionRow(id=row["id"], owner=row["owner"], created=row["created"], last_used=row["last_used"],
-                      runs=json.loads(row["runs"]), live_run=row["live_run"], input_chars=row["input_chars"],
-                      input_lines=row["input_lines"], gone=row["gone"], owner_alive=alive)
+    return SessionRow(
+        id=row["id"],
+        owner=row["owner"],
+        created=row["created"],
+        last_used=row["last_used"],
+        runs=json.loads(row["runs"]),
+        live_run=row["live_run"],
+        input_chars=row["input_chars"],
+        input_lines=row["input_lines"],
+        gone=row["gone"],
+        owner_alive=alive,
+    )

@@ -74,8 +74,12 @@ class Listener:
     to `wakeups`. Reconnects after a failure, with pauses growing from 0.5 s to 5 s; every reconnection (and
     every loss) wakes everyone, for what they may have missed."""
 
-    def __init__(self, connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]], channels: tuple[str, ...],
-                 wakeups: Wakeups) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]],
+        channels: tuple[str, ...],
+        wakeups: Wakeups,
+    ) -> None:
         self._connect = connect
         self._channels = channels
         self._wakeups = wakeups

@@ -46,9 +46,11 @@ def history_router() -> APIRouter:
     router = APIRouter(prefix="/api/runs", tags=["history"])
 
     @router.get("")
-    async def list_runs(request: Request, limit: int = Query(20, ge=1, le=200),
-                        before: float | None = Query(None, description="`next_before` of the previous page")
-                        ) -> dict[str, Any]:
+    async def list_runs(
+        request: Request,
+        limit: int = Query(20, ge=1, le=200),
+        before: float | None = Query(None, description="`next_before` of the previous page"),
+    ) -> dict[str, Any]:
         """Past runs, newest first, a page at a time. Prompts and answers come as previews (`prompt_preview`,
         `prompt_chars`, `answer_preview`, `answer_chars`); `GET /api/runs/{id}` has them in full."""
         store = _store(request)
@@ -77,8 +79,7 @@ def history_router() -> APIRouter:
         return Response(status_code=204)
 
     @router.get("/{run_id}/export")
-    async def export_run(request: Request, run_id: RunId,
-                         format: Literal["json", "md"] = Query("json")) -> Response:
+    async def export_run(request: Request, run_id: RunId, format: Literal["json", "md"] = Query("json")) -> Response:
         """The run as a JSON document or a Markdown report, as a download."""
         record, events = await _load(request, run_id)
         if format == "md":
@@ -95,8 +96,10 @@ def history_router() -> APIRouter:
         kept = await in_store(_store(request).read_input, run_id)
         if kept is None:
             raise HTTPException(404, f"run {run_id!r} did not keep its input")
-        headers = {"Content-Length": str(kept.size),
-                   "Content-Disposition": f'attachment; filename="rlm-input-{run_id}.txt"'}
+        headers = {
+            "Content-Length": str(kept.size),
+            "Content-Disposition": f'attachment; filename="rlm-input-{run_id}.txt"',
+        }
         return StreamingResponse(kept.chunks, media_type="text/plain; charset=utf-8", headers=headers)
 
     return router

@@ -48,8 +48,14 @@ class RunInput:
     def from_text(cls, text: str) -> RunInput:
         lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
         data = text.encode("utf-8", "replace")
-        return cls(chars=len(text), lines=lines, size_bytes=len(data), head=text[:HEAD_CHARS], text=text,
-                   sha256=hashlib.sha256(data).hexdigest())
+        return cls(
+            chars=len(text),
+            lines=lines,
+            size_bytes=len(data),
+            head=text[:HEAD_CHARS],
+            text=text,
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
     def discard(self) -> None:
         """Remove the spooled file if nobody took it over."""
@@ -150,8 +156,15 @@ class InputSpooler:
         finally:
             self._file.close()
         lines = self.newlines + (1 if self.chars and self._last_char != "\n" else 0)
-        return RunInput(chars=self.chars, lines=lines, size_bytes=self.size_bytes, head="".join(self._head),
-                        path=self.path, name=self.name, sha256=self._sink.hash.hexdigest())
+        return RunInput(
+            chars=self.chars,
+            lines=lines,
+            size_bytes=self.size_bytes,
+            head="".join(self._head),
+            path=self.path,
+            name=self.name,
+            sha256=self._sink.hash.hexdigest(),
+        )
 
     def abort(self) -> None:
         self._sink.error = self._sink.error or OSError("aborted")

@@ -39,10 +39,10 @@ def main() -> None:
         return _fail(400, "the body is not valid JSON: it is nested too deeply")
     del body
     if not isinstance(data, dict):
-        return _fail(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
+        return _fail(400, 'the JSON body must be an object like {"prompt": "..."}')
     prompt = data.get("prompt")
     if isinstance(prompt, str) and len(prompt) > max_prompt_chars:
-        data["prompt"] = prompt[:max_prompt_chars + 1]  # enough for the server to refuse it by its length
+        data["prompt"] = prompt[: max_prompt_chars + 1]  # enough for the server to refuse it by its length
     text = data.pop("input_data", "")
     if not isinstance(text, str):
         data["input_data"] = text  # the server's validation names the wrong type
@@ -54,8 +54,14 @@ def main() -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(encoded)
     lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    described = {"chars": len(text), "lines": lines, "size_bytes": len(encoded), "head": text[:HEAD_CHARS],
-                 "sha256": hashlib.sha256(encoded).hexdigest(), "path": path}
+    described = {
+        "chars": len(text),
+        "lines": lines,
+        "size_bytes": len(encoded),
+        "head": text[:HEAD_CHARS],
+        "sha256": hashlib.sha256(encoded).hexdigest(),
+        "path": path,
+    }
     print(json.dumps({"status": 200, "fields": data, "input": described}))
 
 

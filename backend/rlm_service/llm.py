@@ -58,8 +58,9 @@ class ModelCallError(Exception):
 
 
 class _Retry(Exception):
-    def __init__(self, message: str, delay: float | None = None, kind: str = "unavailable",
-                 status: int | None = None) -> None:
+    def __init__(
+        self, message: str, delay: float | None = None, kind: str = "unavailable", status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.delay = delay
         self.kind = kind
@@ -136,13 +137,26 @@ class ChatClient:
     the system's trust store (OpenSSL honours `SSL_CERT_FILE` and `SSL_CERT_DIR`).
     """
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 120.0, retries: int = 3,
-                 backoff: float = 0.5, proxy: str | None = None, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        proxy: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         """`tls`: the context to verify the endpoint's certificate with (default: the system's trust store)."""
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key = api_key
-        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json",
-                        "Accept": "application/json", "User-Agent": USER_AGENT}
+        self.headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -160,8 +174,7 @@ class ChatClient:
 
     async def complete(self, model: str, prompt: str) -> Completion:
         """One user message in, the reply out; raises `ModelCallError` once retries are spent."""
-        return await self.post({"model": model, "messages": [{"role": "user", "content": prompt}]},
-                               parse_completion)
+        return await self.post({"model": model, "messages": [{"role": "user", "content": prompt}]}, parse_completion)
 
     async def post(self, request: dict[str, Any], parse: Callable[[Any], T]) -> T:
         """POST a chat-completions request and `parse` the JSON reply, retrying what is worth retrying
@@ -193,8 +206,9 @@ class ChatClient:
         if status >= 400:
             detail = _error_detail(raw, self.api_key)
             if status in (401, 403):
-                raise ModelCallError(f"the model server refused the key (HTTP {status}): {detail}",
-                                     kind="auth", status=status)
+                raise ModelCallError(
+                    f"the model server refused the key (HTTP {status}): {detail}", kind="auth", status=status
+                )
             if status in RETRYABLE_STATUS or status >= 500:
                 raise _Retry(f"HTTP {status} from the model server: {detail}", delay=retry_after, status=status)
             raise ModelCallError(f"HTTP {status} from the model server: {detail}", status=status)
@@ -219,8 +233,9 @@ class _Pool:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S, ssl=self._tls or True)
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                                  timeout=aiohttp.ClientTimeout(total=None))
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=True, timeout=aiohttp.ClientTimeout(total=None)
+            )
         return self._session
 
     async def close(self) -> None:
@@ -288,16 +303,26 @@ class SubcallBudget:
     def refusal(self) -> str:
         if self.stopped:
             return f"Error: the run's {self.stopped} budget is spent; this prompt was not sent."
-        return (f"Error: sub-call budget exhausted ({self.max_calls} calls per run, RLM_MAX_SUBCALLS); "
-                "this prompt was not sent.")
+        return (
+            f"Error: sub-call budget exhausted ({self.max_calls} calls per run, RLM_MAX_SUBCALLS); "
+            "this prompt was not sent."
+        )
 
 
 class SubcallSession:
     """One run's sub-calls: drawn from a budget (its own, or its tree's), with the run's own usage."""
 
-    def __init__(self, client: ChatClient, model: str, *, max_calls: int = 1000, concurrency: int = 16,
-                 usage: Usage | None = None, budget: SubcallBudget | None = None,
-                 on_cost: CostFn | None = None) -> None:
+    def __init__(
+        self,
+        client: ChatClient,
+        model: str,
+        *,
+        max_calls: int = 1000,
+        concurrency: int = 16,
+        usage: Usage | None = None,
+        budget: SubcallBudget | None = None,
+        on_cost: CostFn | None = None,
+    ) -> None:
         self.client = client
         self.model = model
         self.budget = budget or SubcallBudget(max_calls, concurrency)

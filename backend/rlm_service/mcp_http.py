@@ -35,9 +35,14 @@ class _RequireToken:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.token is not None and not bearer_matches(Headers(scope=scope).get("authorization"), self.token):
-            refusal = JSONResponse({"detail": "this server needs a token: send 'Authorization: Bearer "
-                                              "<RLM_API_TOKEN>' (in an MCP host's configuration: a header)"},
-                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            refusal = JSONResponse(
+                {
+                    "detail": "this server needs a token: send 'Authorization: Bearer "
+                    "<RLM_API_TOKEN>' (in an MCP host's configuration: a header)"
+                },
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -49,8 +54,10 @@ class McpHttp:
     def __init__(self, settings: Settings, slots: RunSlots, engine: Callable[[], Engine]) -> None:
         self.server = build_server(RlmTools(settings, slots, engine), local_files=False)
         self.server.streamable_http_app(
-            streamable_http_path=PATH, max_request_body_size=int(settings.rlm_max_json_bytes),
-            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+            streamable_http_path=PATH,
+            max_request_body_size=int(settings.rlm_max_json_bytes),
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
         self.route = Route(PATH, endpoint=_RequireToken(self.server.session_manager.handle_request, settings))
 
     @asynccontextmanager

@@ -47,32 +47,45 @@ from .streaming import RunSlots
 
 RECENT_RUNS = 20
 SUBCALLS_EVERY_S = 1.0
-INSTRUCTIONS = ("rlm_run answers a question about a text input of any size (logs, documents, data dumps) with a "
-                "Recursive Language Model: a model that explores the input with Python code and delegates reading "
-                "of pieces to a sub-model. Runs take seconds to minutes; progress is reported while they work.")
-TOOL_DESCRIPTION = ("Run a Recursive Language Model on an input and return its final answer. The input is never "
-                    "shown to the model whole: it writes code to search, count and parse it, and asks a sub-model "
-                    "about pieces. Good for questions about inputs too large to read: whole logs, documents, "
-                    "datasets. Put the question in `prompt` and the data in `input_text`{path}. The result "
-                    "has a `session_id`: pass it back with a new prompt (and no input) for a follow-up question "
-                    "on the same data.")
+INSTRUCTIONS = (
+    "rlm_run answers a question about a text input of any size (logs, documents, data dumps) with a "
+    "Recursive Language Model: a model that explores the input with Python code and delegates reading "
+    "of pieces to a sub-model. Runs take seconds to minutes; progress is reported while they work."
+)
+TOOL_DESCRIPTION = (
+    "Run a Recursive Language Model on an input and return its final answer. The input is never "
+    "shown to the model whole: it writes code to search, count and parse it, and asks a sub-model "
+    "about pieces. Good for questions about inputs too large to read: whole logs, documents, "
+    "datasets. Put the question in `prompt` and the data in `input_text`{path}. The result "
+    "has a `session_id`: pass it back with a new prompt (and no input) for a follow-up question "
+    "on the same data."
+)
 
 Prompt = Annotated[str, Field(description="The task or question about the input.", min_length=1)]
 InputText = Annotated[str, Field(description="The input as text (may be empty).")]
-SessionId = Annotated[str | None, Field(description="A follow-up: the session_id an earlier rlm_run returned. "
-                                                   "The run works on that run's input and variables (send no "
-                                                   "input).")]
-InputPath = Annotated[str | None, Field(description="A file on this machine to use as the input, of any size "
-                                                    "(instead of input_text). Relative to the server's working "
-                                                    "directory; `~` is expanded.")]
+SessionId = Annotated[
+    str | None,
+    Field(
+        description="A follow-up: the session_id an earlier rlm_run returned. "
+        "The run works on that run's input and variables (send no "
+        "input)."
+    ),
+]
+InputPath = Annotated[
+    str | None,
+    Field(
+        description="A file on this machine to use as the input, of any size "
+        "(instead of input_text). Relative to the server's working "
+        "directory; `~` is expanded."
+    ),
+]
 
 
 class Reporter:
     """The progress notifications of one tool call: the run's start, each iteration, each sub-call batch,
     and a heartbeat whenever nothing was sent for `heartbeat_s`. Progress counts the notifications."""
 
-    def __init__(self, send: Callable[[float, str], Awaitable[None]], max_iterations: int,
-                 heartbeat_s: float) -> None:
+    def __init__(self, send: Callable[[float, str], Awaitable[None]], max_iterations: int, heartbeat_s: float) -> None:
         self._send = send
         self.max_iterations = max_iterations
         self.heartbeat_s = heartbeat_s
@@ -108,8 +121,9 @@ class Reporter:
         while True:
             await anyio.sleep(max(self.last + self.heartbeat_s - time.monotonic(), 0.01))
             if time.monotonic() - self.last >= self.heartbeat_s:
-                await self.say(f"still working: iteration {self.iteration}, "
-                               f"{time.monotonic() - self.started:.0f} s so far")
+                await self.say(
+                    f"still working: iteration {self.iteration}, {time.monotonic() - self.started:.0f} s so far"
+                )
 
 
 class RlmTools:
@@ -120,25 +134,35 @@ class RlmTools:
         self.slots = slots
         self.engine = engine
 
-    async def run(self, ctx: Context[Any, Any], prompt: str, run_input: Callable[[], Awaitable[RunInput]],
-                  session_id: str | None = None) -> CallToolResult:
+    async def run(
+        self,
+        ctx: Context[Any, Any],
+        prompt: str,
+        run_input: Callable[[], Awaitable[RunInput]],
+        session_id: str | None = None,
+    ) -> CallToolResult:
         """One `rlm_run` call: refusals as tool errors, the run reported as progress, its answer returned."""
         settings = self.settings
         problem = settings.setup_problem()
         if problem:
             raise ToolError(problem)
         if len(prompt) > settings.rlm_max_prompt_chars:
-            raise ToolError(f"the prompt has {len(prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
-                            f"({settings.rlm_max_prompt_chars:,}): put long text in the input")
+            raise ToolError(
+                f"the prompt has {len(prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
+                f"({settings.rlm_max_prompt_chars:,}): put long text in the input"
+            )
         if self.slots.active >= self.slots.limit:
-            raise ToolError(f"{self.slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                            "try again when one has finished")
+            raise ToolError(
+                f"{self.slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
+                "try again when one has finished"
+            )
         given = await run_input()
         try:
             if session_id is not None and given.chars:
                 raise ToolError("a follow-up (session_id) works on its session's input: send no input")
-            run = self.slots.start(lambda: self.engine().launch(prompt, given, RunSettings(session=True),
-                                                                session_id=session_id))
+            run = self.slots.start(
+                lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
+            )
         except BaseException as exc:
             given.discard()
             if isinstance(exc, SessionUnavailable):
@@ -147,8 +171,11 @@ class RlmTools:
                 raise ToolError(str(exc.detail)) from None
             raise
         run.on_end(lambda _: given.discard())
-        reporter = Reporter(lambda n, message: ctx.report_progress(n, None, message), settings.rlm_max_iterations,
-                            settings.rlm_mcp_heartbeat_s)
+        reporter = Reporter(
+            lambda n, message: ctx.report_progress(n, None, message),
+            settings.rlm_max_iterations,
+            settings.rlm_mcp_heartbeat_s,
+        )
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(reporter.heartbeat)
@@ -164,8 +191,9 @@ class RlmTools:
         async def make() -> RunInput:
             given = RunInput.from_text(text)
             if given.size_bytes > self.settings.rlm_max_input_bytes:
-                raise ToolError(f"input_text is larger than RLM_MAX_INPUT_BYTES "
-                                f"({self.settings.rlm_max_input_bytes:,} bytes)")
+                raise ToolError(
+                    f"input_text is larger than RLM_MAX_INPUT_BYTES ({self.settings.rlm_max_input_bytes:,} bytes)"
+                )
             return given
 
         return make
@@ -209,42 +237,72 @@ def result_of(run: LiveRun) -> CallToolResult:
     if terminal.note:
         content.append(TextContent(type="text", text=f"Note: {terminal.note}"))
     elif not terminal.ready:
-        content.append(TextContent(type="text", text="Note: the run reached its limits before it marked the "
-                                                     "answer ready; this is its best answer so far."))
-    structured = {"answer": terminal.answer, "ready": terminal.ready, "run_id": run.id,
-                  "iterations": terminal.iterations, "usage": terminal.usage.model_dump()}
+        content.append(
+            TextContent(
+                type="text",
+                text="Note: the run reached its limits before it marked the "
+                "answer ready; this is its best answer so far.",
+            )
+        )
+    structured = {
+        "answer": terminal.answer,
+        "ready": terminal.ready,
+        "run_id": run.id,
+        "iterations": terminal.iterations,
+        "usage": terminal.usage.model_dump(),
+    }
     if run.session_id is not None:
         structured["session_id"] = run.session_id
-        content.append(TextContent(type="text", text=f"session_id: {run.session_id} (call rlm_run with it and a "
-                                                     "new prompt, and no input, for a follow-up on the same data)"))
+        content.append(
+            TextContent(
+                type="text",
+                text=f"session_id: {run.session_id} (call rlm_run with it and a "
+                "new prompt, and no input, for a follow-up on the same data)",
+            )
+        )
     return CallToolResult(content=list(content), structured_content=structured)
 
 
-def build_server(tools: RlmTools, *, local_files: bool,
-                 lifespan: Callable[[MCPServer[Any]], Any] | None = None) -> MCPServer[Any]:
+def build_server(
+    tools: RlmTools, *, local_files: bool, lifespan: Callable[[MCPServer[Any]], Any] | None = None
+) -> MCPServer[Any]:
     """The MCP server with `rlm_run` (with `input_path` when `local_files`) and the `rlm://runs` resource."""
-    server: MCPServer[Any] = MCPServer("rlm-service", instructions=INSTRUCTIONS, log_level="WARNING",
-                                       lifespan=lifespan)
+    server: MCPServer[Any] = MCPServer("rlm-service", instructions=INSTRUCTIONS, log_level="WARNING", lifespan=lifespan)
 
     if local_files:
-        async def rlm_run_local(prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "",
-                                input_path: InputPath = None, session_id: SessionId = None) -> CallToolResult:
+
+        async def rlm_run_local(
+            prompt: Prompt,
+            ctx: Context[Any, Any],
+            input_text: InputText = "",
+            input_path: InputPath = None,
+            session_id: SessionId = None,
+        ) -> CallToolResult:
             if input_path and input_text:
                 raise ToolError("give input_text or input_path, not both")
             given = tools.file_input(input_path) if input_path else tools.text_input(input_text)
             return await tools.run(ctx, prompt, given, session_id)
 
-        server.add_tool(rlm_run_local, name="rlm_run",
-                        description=TOOL_DESCRIPTION.format(path=", or a local file's path in `input_path`"))
+        server.add_tool(
+            rlm_run_local,
+            name="rlm_run",
+            description=TOOL_DESCRIPTION.format(path=", or a local file's path in `input_path`"),
+        )
     else:
-        async def rlm_run(prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "",
-                          session_id: SessionId = None) -> CallToolResult:
+
+        async def rlm_run(
+            prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "", session_id: SessionId = None
+        ) -> CallToolResult:
             return await tools.run(ctx, prompt, tools.text_input(input_text), session_id)
 
         server.add_tool(rlm_run, name="rlm_run", description=TOOL_DESCRIPTION.format(path=""))
 
-    @server.resource("rlm://runs", name="recent-runs", mime_type="application/json",
-                     description=f"The {RECENT_RUNS} most recent runs (with history on; else the runs in progress).")
+    @server.resource(
+        "rlm://runs",
+        name="recent-runs",
+        mime_type="application/json",
+        description=f"The {RECENT_RUNS} most recent runs (with history on; else the runs in progress).",
+    )
     async def recent_runs() -> str:
         return await asyncio.to_thread(tools.recent_runs)
 

@@ -54,8 +54,11 @@ class Migration:
 
 
 MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "runs and their events", (
-        """CREATE TABLE IF NOT EXISTS runs (
+    Migration(
+        1,
+        "runs and their events",
+        (
+            """CREATE TABLE IF NOT EXISTS runs (
             id TEXT PRIMARY KEY,
             created DOUBLE PRECISION NOT NULL,
             finished DOUBLE PRECISION,
@@ -74,70 +77,97 @@ MIGRATIONS: tuple[Migration, ...] = (
             usage TEXT,
             error TEXT
         )""",
-        "CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC)",
-        """CREATE TABLE IF NOT EXISTS events (
+            "CREATE INDEX IF NOT EXISTS runs_created ON runs (created DESC)",
+            """CREATE TABLE IF NOT EXISTS events (
             run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
             seq INTEGER NOT NULL,
             type TEXT NOT NULL,
             data TEXT NOT NULL,
             PRIMARY KEY (run_id, seq)
         )""",
-    )),
+        ),
+    ),
     # Version 1 numbered a run's events from 0; clients re-attach with the last number they saw, which the
     # event stream numbers from 1. Two steps, so that no intermediate value collides with another row's.
-    Migration(2, "events numbered from 1", (
-        "UPDATE events SET seq = -seq - 1",
-        "UPDATE events SET seq = -seq",
-    )),
+    Migration(
+        2,
+        "events numbered from 1",
+        (
+            "UPDATE events SET seq = -seq - 1",
+            "UPDATE events SET seq = -seq",
+        ),
+    ),
     # The history list reads every row of `runs` it shows: long texts live elsewhere, so that a run with a
     # 60 MB prompt costs the list 200 characters. A run's answer is its terminal event's, already in `events`.
-    Migration(3, "prompts in their own table; previews for the list", (
-        """CREATE TABLE prompts (
+    Migration(
+        3,
+        "prompts in their own table; previews for the list",
+        (
+            """CREATE TABLE prompts (
             run_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
             prompt TEXT NOT NULL
         )""",
-        "INSERT INTO prompts (run_id, prompt) SELECT id, prompt FROM runs",
-        "ALTER TABLE runs ADD COLUMN prompt_preview TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE runs ADD COLUMN prompt_chars BIGINT NOT NULL DEFAULT 0",
-        "ALTER TABLE runs ADD COLUMN answer_preview TEXT",
-        "ALTER TABLE runs ADD COLUMN answer_chars BIGINT",
-        f"UPDATE runs SET prompt_preview = SUBSTR(prompt, 1, {PREVIEW_CHARS}), prompt_chars = LENGTH(prompt), "
-        f"answer_preview = SUBSTR(answer, 1, {PREVIEW_CHARS}), answer_chars = LENGTH(answer)",
-        "ALTER TABLE runs DROP COLUMN prompt",
-        "ALTER TABLE runs DROP COLUMN answer",
-    )),
-    Migration(4, "space freed by deletes is given back", sqlite=(
-        "PRAGMA auto_vacuum = INCREMENTAL",
-        "VACUUM",
-    ), postgresql=(), transactional=False),
+            "INSERT INTO prompts (run_id, prompt) SELECT id, prompt FROM runs",
+            "ALTER TABLE runs ADD COLUMN prompt_preview TEXT NOT NULL DEFAULT ''",
+            "ALTER TABLE runs ADD COLUMN prompt_chars BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE runs ADD COLUMN answer_preview TEXT",
+            "ALTER TABLE runs ADD COLUMN answer_chars BIGINT",
+            f"UPDATE runs SET prompt_preview = SUBSTR(prompt, 1, {PREVIEW_CHARS}), prompt_chars = LENGTH(prompt), "
+            f"answer_preview = SUBSTR(answer, 1, {PREVIEW_CHARS}), answer_chars = LENGTH(answer)",
+            "ALTER TABLE runs DROP COLUMN prompt",
+            "ALTER TABLE runs DROP COLUMN answer",
+        ),
+    ),
+    Migration(
+        4,
+        "space freed by deletes is given back",
+        sqlite=(
+            "PRAGMA auto_vacuum = INCREMENTAL",
+            "VACUUM",
+        ),
+        postgresql=(),
+        transactional=False,
+    ),
     # A session's runs are one conversation: the history groups them by the session they belong to.
-    Migration(5, "runs know their session", (
-        "ALTER TABLE runs ADD COLUMN session_id TEXT",
-        "CREATE INDEX IF NOT EXISTS runs_session ON runs (session_id)",
-    )),
-    Migration(6, "kept inputs in the database", sqlite=(), postgresql=(
-        """CREATE TABLE input_chunks (
+    Migration(
+        5,
+        "runs know their session",
+        (
+            "ALTER TABLE runs ADD COLUMN session_id TEXT",
+            "CREATE INDEX IF NOT EXISTS runs_session ON runs (session_id)",
+        ),
+    ),
+    Migration(
+        6,
+        "kept inputs in the database",
+        sqlite=(),
+        postgresql=(
+            """CREATE TABLE input_chunks (
             run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
             n INTEGER NOT NULL,
             data BYTEA NOT NULL,
             PRIMARY KEY (run_id, n)
         )""",
-    )),
+        ),
+    ),
     # Several processes or replicas on one database find each other here (fleet.py): who is alive
     # (`processes`, each with its heartbeat), which process runs which run (`runs.owner`), which keeps which
     # session (`sessions`), and what one asks another to do (`commands`: cancel a run, end a session, start
     # a follow-up). A session whose process died stays as a tombstone (`gone`) until it would have expired.
-    Migration(7, "processes, run owners, sessions and commands", (
-        """CREATE TABLE processes (
+    Migration(
+        7,
+        "processes, run owners, sessions and commands",
+        (
+            """CREATE TABLE processes (
             id TEXT PRIMARY KEY,
             host TEXT NOT NULL,
             pid INTEGER NOT NULL,
             started DOUBLE PRECISION NOT NULL,
             heartbeat DOUBLE PRECISION NOT NULL
         )""",
-        "ALTER TABLE runs ADD COLUMN owner TEXT",
-        "CREATE INDEX runs_live ON runs (owner) WHERE status = 'running'",
-        """CREATE TABLE sessions (
+            "ALTER TABLE runs ADD COLUMN owner TEXT",
+            "CREATE INDEX runs_live ON runs (owner) WHERE status = 'running'",
+            """CREATE TABLE sessions (
             id TEXT PRIMARY KEY,
             owner TEXT,
             created DOUBLE PRECISION NOT NULL,
@@ -148,8 +178,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             input_lines BIGINT NOT NULL,
             gone TEXT
         )""",
-        "CREATE INDEX sessions_owner ON sessions (owner)",
-        """CREATE TABLE commands (
+            "CREATE INDEX sessions_owner ON sessions (owner)",
+            """CREATE TABLE commands (
             id TEXT PRIMARY KEY,
             target TEXT NOT NULL,
             kind TEXT NOT NULL,
@@ -158,8 +188,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             taken DOUBLE PRECISION,
             result TEXT
         )""",
-        "CREATE INDEX commands_target ON commands (target)",
-    )),
+            "CREATE INDEX commands_target ON commands (target)",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version
@@ -175,8 +206,10 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
     lock before it runs."""
     found = _sqlite_version(db)
     if found > LATEST:
-        raise SchemaTooNew(f"the history database is at schema version {found}; this version of the service "
-                           f"knows versions up to {LATEST}: upgrade the service, or point RLM_HISTORY_DB elsewhere")
+        raise SchemaTooNew(
+            f"the history database is at schema version {found}; this version of the service "
+            f"knows versions up to {LATEST}: upgrade the service, or point RLM_HISTORY_DB elsewhere"
+        )
     for step in MIGRATIONS:
         if step.transactional:
             db.execute("BEGIN IMMEDIATE")
@@ -204,17 +237,21 @@ def migrate_postgresql(db: psycopg.Connection[tuple[Any, ...]]) -> int:
     for step in MIGRATIONS:
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version "
-                       "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)"
+            )
             db.execute("INSERT INTO schema_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
             row = db.execute("SELECT version FROM schema_version").fetchone()
             version = int(row[0]) if row else 0
             if found is None:
                 found = version
                 if found > LATEST:
-                    raise SchemaTooNew(f"the history database is at schema version {found}; this version of the "
-                                       f"service knows versions up to {LATEST}: upgrade the service, or point "
-                                       "RLM_DATABASE_URL elsewhere")
+                    raise SchemaTooNew(
+                        f"the history database is at schema version {found}; this version of the "
+                        f"service knows versions up to {LATEST}: upgrade the service, or point "
+                        "RLM_DATABASE_URL elsewhere"
+                    )
             if version < step.version:
                 for statement in step.statements("postgresql"):
                     db.execute(statement)

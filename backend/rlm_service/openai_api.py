@@ -53,26 +53,32 @@ ANSWER_DELTA_CHARS = 1000
 SUBCALLS_EVERY_S = 1.0
 """Sub-call progress goes into the stream at most this often (and at the start and end of each cell)."""
 _ERROR_KINDS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_request"), 401: ("invalid_request_error", "invalid_api_key"),
-    404: ("invalid_request_error", "not_found"), 408: ("invalid_request_error", "request_timeout"),
-    413: ("invalid_request_error", "request_too_large"), 422: ("invalid_request_error", "invalid_value"),
-    429: ("rate_limit_error", "rate_limit_exceeded"), 503: ("server_error", "service_unavailable"),
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    422: ("invalid_request_error", "invalid_value"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    503: ("server_error", "service_unavailable"),
 }
 
 
 class OpenAIError(Exception):
     """A refusal in OpenAI's shape: the status, and the body's type, code and param."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type_: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None, type_: str | None = None
+    ) -> None:
         super().__init__(message)
         kind, default_code = _ERROR_KINDS.get(status, ("server_error", "server_error"))
         self.status, self.message = status, message
         self.type, self.code, self.param = type_ or kind, code or default_code, param
 
     def response(self, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.code, self.param), status_code=self.status,
-                            headers=headers)
+        return JSONResponse(
+            error_body(self.message, self.type, self.code, self.param), status_code=self.status, headers=headers
+        )
 
 
 class OpenAIRoute(APIRoute):
@@ -87,8 +93,11 @@ class OpenAIRoute(APIRoute):
             except OpenAIError as exc:
                 return exc.response()
             except HTTPException as exc:
-                message = str(exc.detail) if exc.status_code != 401 else (
-                    "wrong or missing API key: use the service's RLM_API_TOKEN as the API key")
+                message = (
+                    str(exc.detail)
+                    if exc.status_code != 401
+                    else ("wrong or missing API key: use the service's RLM_API_TOKEN as the API key")
+                )
                 return OpenAIError(exc.status_code, message).response(exc.headers)
 
         return route
@@ -110,8 +119,9 @@ def _run_failed(event: ErrorEvent) -> OpenAIError:
 
 def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRouter:
     """`GET /v1/models`, `GET /v1/models/rlm`, `POST /v1/chat/completions`, behind RLM_API_TOKEN."""
-    router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
-                       dependencies=[Depends(token_check(settings))])
+    router = APIRouter(
+        prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[Depends(token_check(settings))]
+    )
     limits = BodyLimits.of(settings)
     created = int(time.time())
     model_card = {"id": MODEL_ID, "object": "model", "created": created, "owned_by": "rlm-service"}
@@ -124,8 +134,12 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
     @router.get("/models/{model}")
     async def get_model(model: str) -> dict[str, Any]:
         if model != MODEL_ID:
-            raise OpenAIError(404, f"The model {model!r} does not exist; this service serves {MODEL_ID!r}.",
-                              code="model_not_found", param="model")
+            raise OpenAIError(
+                404,
+                f"The model {model!r} does not exist; this service serves {MODEL_ID!r}.",
+                code="model_not_found",
+                param="model",
+            )
         return model_card
 
     @router.post("/chat/completions")
@@ -143,9 +157,13 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
             return EventSourceResponse(
-                _chunks(run, include_usage), ping=ping_s, sep=SEP, send_timeout=settings.rlm_send_timeout_s,
+                _chunks(run, include_usage),
+                ping=ping_s,
+                sep=SEP,
+                send_timeout=settings.rlm_send_timeout_s,
                 ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _complete(request, run)
 
     return router
@@ -159,8 +177,12 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
     async for chunk in body_chunks(request.stream(), limits):
         body += chunk
         if (refusal := json_too_large(limits, len(body))) is not None:
-            raise OpenAIError(413, str(refusal.detail).replace("a multipart/form-data upload (field input_file)",
-                                                               "a multipart upload to POST /process"))
+            raise OpenAIError(
+                413,
+                str(refusal.detail).replace(
+                    "a multipart/form-data upload (field input_file)", "a multipart upload to POST /process"
+                ),
+            )
     try:
         data = await asyncio.to_thread(json.loads, bytes(body))
     except (ValueError, RecursionError) as exc:
@@ -173,11 +195,20 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
         first = exc.errors()[0]["loc"]
         raise OpenAIError(400, describe_validation_error(exc), param=".".join(map(str, first)) or None) from None
     if chat.model != MODEL_ID:
-        raise OpenAIError(404, f"The model {chat.model!r} does not exist; this service serves {MODEL_ID!r}.",
-                          code="model_not_found", param="model")
+        raise OpenAIError(
+            404,
+            f"The model {chat.model!r} does not exist; this service serves {MODEL_ID!r}.",
+            code="model_not_found",
+            param="model",
+        )
     if chat.n is not None and chat.n > 1:
-        raise OpenAIError(400, f"n = {chat.n}: an RLM run gives one answer; ask for one choice (n = 1) and send "
-                               "more requests for more answers", code="unsupported_value", param="n")
+        raise OpenAIError(
+            400,
+            f"n = {chat.n}: an RLM run gives one answer; ask for one choice (n = 1) and send "
+            "more requests for more answers",
+            code="unsupported_value",
+            param="n",
+        )
     return chat
 
 
@@ -198,8 +229,11 @@ def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInp
         raise OpenAIError(400, str(exc), param="messages") from None
     run_input = RunInput.from_text(text)
     if run_input.size_bytes > settings.rlm_max_input_bytes:
-        raise OpenAIError(413, f"the messages are larger than RLM_MAX_INPUT_BYTES ({settings.rlm_max_input_bytes:,} "
-                               "bytes)", param="messages")
+        raise OpenAIError(
+            413,
+            f"the messages are larger than RLM_MAX_INPUT_BYTES ({settings.rlm_max_input_bytes:,} bytes)",
+            param="messages",
+        )
     return run_settings, run_input, task_of(last_user, settings.rlm_max_prompt_chars)
 
 
@@ -218,12 +252,23 @@ async def _complete(request: Request, run: LiveRun) -> Response:
     if isinstance(terminal, ErrorEvent):
         return _run_failed(terminal).response()
     assert isinstance(terminal, FinalEvent)
-    return JSONResponse({
-        "id": _completion_id(run), "object": "chat.completion", "created": int(terminal.ts), "model": MODEL_ID,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": terminal.answer, "refusal": None},
-                     "finish_reason": "stop" if terminal.ready else "length", "logprobs": None}],
-        "usage": _usage(terminal.usage),
-    })
+    return JSONResponse(
+        {
+            "id": _completion_id(run),
+            "object": "chat.completion",
+            "created": int(terminal.ts),
+            "model": MODEL_ID,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": terminal.answer, "refusal": None},
+                    "finish_reason": "stop" if terminal.ready else "length",
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(terminal.usage),
+        }
+    )
 
 
 async def _disconnected(request: Request) -> None:
@@ -234,8 +279,12 @@ async def _disconnected(request: Request) -> None:
 
 async def _chunks(run: LiveRun, include_usage: bool) -> AsyncIterator[ServerSentEvent]:
     """The run as `chat.completion.chunk`s; closing the stream cancels the run."""
-    base = {"id": _completion_id(run), "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": MODEL_ID}
+    base = {
+        "id": _completion_id(run),
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": MODEL_ID,
+    }
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> ServerSentEvent:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -253,7 +302,7 @@ async def _chunks(run: LiveRun, include_usage: bool) -> AsyncIterator[ServerSent
                     yield chunk({"reasoning_content": subcalls_text(event.done, event.failed, event.total)})
             elif isinstance(event, FinalEvent):
                 for start in range(0, len(event.answer), ANSWER_DELTA_CHARS):
-                    yield chunk({"content": event.answer[start:start + ANSWER_DELTA_CHARS]})
+                    yield chunk({"content": event.answer[start : start + ANSWER_DELTA_CHARS]})
                 yield chunk({}, "stop" if event.ready else "length")
                 if include_usage:
                     yield ServerSentEvent(data=dumps({**base, "choices": [], "usage": _usage(event.usage)}), sep=SEP)

@@ -161,8 +161,10 @@ def task_of(last_user: str, limit: int) -> str:
     if len(last_user) <= limit:
         return last_user
     edge = min(TASK_EDGE_CHARS, limit // 3)
-    return (f"(The user's last message is {len(last_user):,} characters long; the whole of it is the last "
-            f"message in `context`. Its beginning and its end:)\n{last_user[:edge]}\n[…]\n{last_user[-edge:]}")
+    return (
+        f"(The user's last message is {len(last_user):,} characters long; the whole of it is the last "
+        f"message in `context`. Its beginning and its end:)\n{last_user[:edge]}\n[…]\n{last_user[-edge:]}"
+    )
 
 
 class Progress:
@@ -184,8 +186,11 @@ class Progress:
         if isinstance(event, CodeEvent):
             return f"{header}```python\n{event.code.rstrip()}\n```\n"
         if isinstance(event, OutputEvent):
-            shown = event.stdout if len(event.stdout) <= OUTPUT_SHOWN_CHARS else (
-                event.stdout[:OUTPUT_SHOWN_CHARS] + f"… ({len(event.stdout):,} characters)")
+            shown = (
+                event.stdout
+                if len(event.stdout) <= OUTPUT_SHOWN_CHARS
+                else (event.stdout[:OUTPUT_SHOWN_CHARS] + f"… ({len(event.stdout):,} characters)")
+            )
             if event.error and event.error.strip():
                 shown = shown.rstrip() + "\n" + event.error.strip().splitlines()[-1]
             return f"{header}```text\n{shown.strip() or '(no output)'}\n```\n"

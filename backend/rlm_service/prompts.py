@@ -51,16 +51,22 @@ For example, to summarize a long transcript (one cell per step, each after readi
     answer["ready"] = True                                           # only after seeing it is right
 """
 
-TOOLS_SYSTEM_PROMPT = _COMMON + """
+TOOLS_SYSTEM_PROMPT = (
+    _COMMON
+    + """
 Run code by calling the `run_python` tool with the code as its argument. You may make several calls in
 one reply; they run one after another, in order. Keep prose short: the user sees your final answer
 through answer["content"], not through your messages."""
+)
 
-TEXT_SYSTEM_PROMPT = _COMMON + """
+TEXT_SYSTEM_PROMPT = (
+    _COMMON
+    + """
 You run code by writing it in a fenced block that starts with ```repl (or ```python) and ends with ```.
 Every block in your reply runs, in order, and their outputs come back to you in the next message: do
 not guess at output in the same reply. Keep prose short: the user sees your final answer through
 answer["content"], not through your messages."""
+)
 
 
 RECURSION = """
@@ -78,8 +84,12 @@ and faster."""
 
 def system_prompt(protocol: str, limits: RunLimits, *, can_recurse: bool = False) -> str:
     template = TEXT_SYSTEM_PROMPT if protocol == "text" else TOOLS_SYSTEM_PROMPT
-    text = template.format(max_iterations=limits.max_iterations, max_subcalls=limits.max_subcalls,
-                           exec_timeout_s=limits.exec_timeout_s, max_output_chars=limits.max_output_chars)
+    text = template.format(
+        max_iterations=limits.max_iterations,
+        max_subcalls=limits.max_subcalls,
+        exec_timeout_s=limits.exec_timeout_s,
+        max_output_chars=limits.max_output_chars,
+    )
     return text + RECURSION if can_recurse else text
 
 
@@ -95,30 +105,57 @@ def task_message(prompt: str, *, chars: int, lines: int, kind: str, preview: str
     )
 
 
-def follow_up_message(prompt: str, *, earlier: list[tuple[str, str, bool]], variables: list[str],
-                      chars: int, lines: int, kind: str, preview: str, restarted: str | None = None,
-                      answer_chars: int = 2000) -> str:
+def follow_up_message(
+    prompt: str,
+    *,
+    earlier: list[tuple[str, str, bool]],
+    variables: list[str],
+    chars: int,
+    lines: int,
+    kind: str,
+    preview: str,
+    restarted: str | None = None,
+    answer_chars: int = 2000,
+) -> str:
     """A follow-up's first message: the new task, the earlier questions and answers, and the REPL's
     variables (one line each), never the input itself nor the earlier transcripts."""
-    parts = [f"Task: {prompt}", "",
-             "This is a follow-up question in the same REPL. Earlier questions and their final answers:"]
+    parts = [
+        f"Task: {prompt}",
+        "",
+        "This is a follow-up question in the same REPL. Earlier questions and their final answers:",
+    ]
     for number, (question, answer, ready) in enumerate(earlier, 1):
-        cut = answer if len(answer) <= answer_chars else (
-            answer[:answer_chars] + f" … [{len(answer) - answer_chars:,} more characters]")
+        cut = (
+            answer
+            if len(answer) <= answer_chars
+            else (answer[:answer_chars] + f" … [{len(answer) - answer_chars:,} more characters]")
+        )
         state = "" if ready else " (not marked ready)"
         parts += [f"{number}. Q: {question}", f"   A{state}: {cut or '(no answer)'}"]
     parts.append("")
     if restarted:
-        parts += [f"The REPL was restarted since the last question ({restarted}): every variable of the "
-                  "earlier runs is lost; `context` is back.", ""]
+        parts += [
+            f"The REPL was restarted since the last question ({restarted}): every variable of the "
+            "earlier runs is lost; `context` is back.",
+            "",
+        ]
     elif variables:
-        parts += ["Variables in the REPL from earlier runs (name: type, size = short repr):",
-                  *(f"- {line}" for line in variables), ""]
+        parts += [
+            "Variables in the REPL from earlier runs (name: type, size = short repr):",
+            *(f"- {line}" for line in variables),
+            "",
+        ]
     shown = len(preview)
     more = "" if shown >= chars else f" (the first {shown:,} of {chars:,} characters)"
-    parts += [f"The input is still in `context`: {chars:,} characters, {lines:,} lines, {kind}.",
-              f"Preview{more}:", "<<<", preview, ">>>", "",
-              "`answer` starts empty for this question. Reuse what the variables hold instead of redoing work."]
+    parts += [
+        f"The input is still in `context`: {chars:,} characters, {lines:,} lines, {kind}.",
+        f"Preview{more}:",
+        "<<<",
+        preview,
+        ">>>",
+        "",
+        "`answer` starts empty for this question. Reuse what the variables hold instead of redoing work.",
+    ]
     return "\n".join(parts)
 
 
@@ -136,22 +173,29 @@ def cell_report(outcome: CellOutcome, *, turns_left: int | None = None) -> str:
     state = "ready" if outcome.answer_ready else "not ready"
     parts.append(f"[answer: {len(outcome.answer_content):,} characters, {state}]")
     if turns_left is not None and turns_left <= 2:
-        parts.append(f"[{turns_left} turn{'s' if turns_left != 1 else ''} left: finish the answer and mark "
-                     "it ready]" if turns_left else "[no turns left]")
+        parts.append(
+            f"[{turns_left} turn{'s' if turns_left != 1 else ''} left: finish the answer and mark it ready]"
+            if turns_left
+            else "[no turns left]"
+        )
     return "\n".join(parts)
 
 
 def answer_schema_note(schema: str) -> str:
     """What the task message adds when the answer must satisfy a JSON Schema."""
-    return ("\n\nThe answer must be JSON valid against this JSON Schema: put the JSON text in answer['content'] "
-            "(build it with json.dumps(value)). It is checked when you set answer['ready'] = True, and not "
-            f"accepted until it is valid.\nSchema:\n<<<\n{schema}\n>>>")
+    return (
+        "\n\nThe answer must be JSON valid against this JSON Schema: put the JSON text in answer['content'] "
+        "(build it with json.dumps(value)). It is checked when you set answer['ready'] = True, and not "
+        f"accepted until it is valid.\nSchema:\n<<<\n{schema}\n>>>"
+    )
 
 
 def answer_refused(problem: str) -> str:
     """What the root model reads after a cell marked an answer ready that does not satisfy the schema."""
-    return (f"[answer not accepted: {problem}\nanswer['ready'] was set back to False. Fix answer['content'], "
-            "then set answer['ready'] = True again.]")
+    return (
+        f"[answer not accepted: {problem}\nanswer['ready'] was set back to False. Fix answer['content'], "
+        "then set answer['ready'] = True again.]"
+    )
 
 
 RESET_READY_CODE = 'answer["ready"] = False'
@@ -172,10 +216,15 @@ REMINDER_TEXT = (
 
 def no_code_note(replies: int, protocol: str) -> str:
     """What the user reads when the root model never ran a cell: nothing was computed."""
-    fix = ("a root model that calls tools reliably, or RLM_ROOT_PROTOCOL=text for models without tool calling"
-           if protocol == "tools" else "a stronger root model")
-    return (f"The root model wrote no code in {replies} {'reply' if replies == 1 else 'replies'}, so nothing "
-            f"was computed and there is no answer. Its text is shown as its thoughts. Try {fix}.")
+    fix = (
+        "a root model that calls tools reliably, or RLM_ROOT_PROTOCOL=text for models without tool calling"
+        if protocol == "tools"
+        else "a stronger root model"
+    )
+    return (
+        f"The root model wrote no code in {replies} {'reply' if replies == 1 else 'replies'}, so nothing "
+        f"was computed and there is no answer. Its text is shown as its thoughts. Try {fix}."
+    )
 
 
 def describe_kind(head: str) -> str:

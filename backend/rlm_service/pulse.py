@@ -50,8 +50,15 @@ MIN_WAIT_S = 0.02
 class Pulse:
     """This process's heartbeat and sweeper. `wake(keys)` and `taken_for_dead()` are called from its thread."""
 
-    def __init__(self, store: SqlRunStore, *, timeout_s: float, idle_s: float, wake: Callable[[list[str]], None],
-                 taken_for_dead: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        store: SqlRunStore,
+        *,
+        timeout_s: float,
+        idle_s: float,
+        wake: Callable[[list[str]], None],
+        taken_for_dead: Callable[[], None],
+    ) -> None:
         self.store = store
         self.dialect = store.dialect
         self.timeout_s = timeout_s
@@ -127,9 +134,12 @@ class Pulse:
                 self._heard_since = time.monotonic()
             self._wake([self.id])  # its commands are looked for, in case a notification was missed
             return
-        log.error("server process %s was taken for dead (its heartbeats did not reach the database for %.1f s): "
-                  "its runs and sessions were reported lost; it ends them and registers anew", self.id,
-                  self.dead_after_s)
+        log.error(
+            "server process %s was taken for dead (its heartbeats did not reach the database for %.1f s): "
+            "its runs and sessions were reported lost; it ends them and registers anew",
+            self.id,
+            self.dead_after_s,
+        )
         self.id = _new_id()
         self._register()
         self._taken_for_dead()
@@ -142,11 +152,22 @@ class Pulse:
             if age <= self.dead_after_s:
                 soonest = min(soonest, self.dead_after_s - age + MIN_WAIT_S)
                 continue
-            ended = self._transaction(functools.partial(sql.bury, dialect=self.dialect, process_id=process_id,
-                                                        older_than_s=self.dead_after_s, timeout_s=self.timeout_s))
+            ended = self._transaction(
+                functools.partial(
+                    sql.bury,
+                    dialect=self.dialect,
+                    process_id=process_id,
+                    older_than_s=self.dead_after_s,
+                    timeout_s=self.timeout_s,
+                )
+            )
             if ended is not None:
-                log.error("server process %s is dead (no heartbeat for %.1f s): %d of its runs ended as lost",
-                          process_id, age, len(ended))
+                log.error(
+                    "server process %s is dead (no heartbeat for %.1f s): %d of its runs ended as lost",
+                    process_id,
+                    age,
+                    len(ended),
+                )
                 self._wake(ended)
         return soonest
 

@@ -40,9 +40,15 @@ from .llm import ChatClient, first_choice, reported_cost
 REPORTED_COST = "reported_cost"
 """The key of `ModelResponse.provider_details` that holds the cost in USD the endpoint reported."""
 
-_FORWARDED_SETTINGS = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_tokens",
-                       "seed": "seed", "presence_penalty": "presence_penalty",
-                       "frequency_penalty": "frequency_penalty", "stop_sequences": "stop"}
+_FORWARDED_SETTINGS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "max_tokens": "max_tokens",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "stop_sequences": "stop",
+}
 """`ModelSettings` keys sent with a request, and their names in the chat-completions body."""
 
 
@@ -53,8 +59,9 @@ class UnsupportedMessage(ValueError):
 class ChatCompletionsModel(Model):
     """A model behind any OpenAI-compatible `/chat/completions` endpoint."""
 
-    def __init__(self, client: ChatClient, model_name: str, *, base_url: str | None = None,
-                 settings: ModelSettings | None = None) -> None:
+    def __init__(
+        self, client: ChatClient, model_name: str, *, base_url: str | None = None, settings: ModelSettings | None = None
+    ) -> None:
         super().__init__(settings=settings)
         self.client = client
         self._model_name = model_name
@@ -72,28 +79,42 @@ class ChatCompletionsModel(Model):
     def base_url(self) -> str | None:
         return self._base_url
 
-    async def request(self, messages: list[ModelMessage], model_settings: ModelSettings | None,
-                      model_request_parameters: ModelRequestParameters) -> ModelResponse:
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
         settings, parameters = self.prepare_request(model_settings, model_request_parameters)
         body = self.request_body(self.prepare_messages(messages, parameters), settings, parameters)
         return await self.client.post(body, self._response)
 
-    def request_body(self, messages: list[ModelMessage], settings: ModelSettings | None,
-                     parameters: ModelRequestParameters) -> dict[str, Any]:
+    def request_body(
+        self, messages: list[ModelMessage], settings: ModelSettings | None, parameters: ModelRequestParameters
+    ) -> dict[str, Any]:
         """The chat-completions request for a prepared conversation."""
         wire: list[dict[str, Any]] = []
         instructions = "\n\n".join(part.content for part in parameters.instruction_parts or [] if part.content)
         if instructions:
             wire.append({"role": "system", "content": instructions})
         for message in messages:
-            wire.extend(_request_messages(message) if isinstance(message, ModelRequest)
-                        else [_assistant_message(message)])
+            wire.extend(
+                _request_messages(message) if isinstance(message, ModelRequest) else [_assistant_message(message)]
+            )
         body: dict[str, Any] = {"model": self._model_name, "messages": wire}
         tools = [*parameters.function_tools, *parameters.output_tools]
         if tools:
-            body["tools"] = [{"type": "function", "function": {
-                "name": tool.name, "description": tool.description or "", "parameters": tool.parameters_json_schema,
-            }} for tool in tools]
+            body["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": tool.name,
+                        "description": tool.description or "",
+                        "parameters": tool.parameters_json_schema,
+                    },
+                }
+                for tool in tools
+            ]
             if not parameters.allow_text_output:
                 body["tool_choice"] = "required"
         for key, wire_key in _FORWARDED_SETTINGS.items():
@@ -120,27 +141,39 @@ class ChatCompletionsModel(Model):
             if not isinstance(function, dict):
                 continue
             arguments = function.get("arguments")
-            parts.append(ToolCallPart(
-                tool_name=str(function.get("name", "")),
-                args=arguments if isinstance(arguments, (str, dict)) else json.dumps(arguments),
-                tool_call_id=str(call.get("id") or f"call_{index}"),
-            ))
+            parts.append(
+                ToolCallPart(
+                    tool_name=str(function.get("name", "")),
+                    args=arguments if isinstance(arguments, (str, dict)) else json.dumps(arguments),
+                    tool_call_id=str(call.get("id") or f"call_{index}"),
+                )
+            )
         usage_data = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
-        usage = RequestUsage(input_tokens=_count(usage_data.get("prompt_tokens")),
-                             output_tokens=_count(usage_data.get("completion_tokens")))
+        usage = RequestUsage(
+            input_tokens=_count(usage_data.get("prompt_tokens")),
+            output_tokens=_count(usage_data.get("completion_tokens")),
+        )
         cost = reported_cost(usage_data)
         usage.cost = Decimal(str(cost)) if cost is not None else Decimal(0)
         finish = first_choice(payload).get("finish_reason")
         return ModelResponse(
-            parts=parts, usage=usage, model_name=str(payload.get("model") or self._model_name),
-            provider_name="openai", provider_response_id=str(payload.get("id") or "") or None,
+            parts=parts,
+            usage=usage,
+            model_name=str(payload.get("model") or self._model_name),
+            provider_name="openai",
+            provider_response_id=str(payload.get("id") or "") or None,
             provider_details={REPORTED_COST: cost} if cost is not None else None,
             finish_reason=_FINISH_REASONS.get(str(finish)) if finish else None,
         )
 
 
-_FINISH_REASONS: dict[str, Any] = {"stop": "stop", "length": "length", "tool_calls": "tool_call",
-                                   "content_filter": "content_filter", "function_call": "tool_call"}
+_FINISH_REASONS: dict[str, Any] = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_call",
+    "content_filter": "content_filter",
+    "function_call": "tool_call",
+}
 
 
 def _count(value: object) -> int:
@@ -172,9 +205,15 @@ def _user_text(part: UserPromptPart) -> str:
 
 def _assistant_message(message: ModelResponse) -> dict[str, Any]:
     texts = [part.content for part in message.parts if isinstance(part, TextPart)]
-    calls = [{"id": part.tool_call_id, "type": "function",
-              "function": {"name": part.tool_name, "arguments": part.args_as_json_str()}}
-             for part in message.parts if isinstance(part, ToolCallPart)]
+    calls = [
+        {
+            "id": part.tool_call_id,
+            "type": "function",
+            "function": {"name": part.tool_name, "arguments": part.args_as_json_str()},
+        }
+        for part in message.parts
+        if isinstance(part, ToolCallPart)
+    ]
     wire: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts)}
     if calls:
         wire["tool_calls"] = calls
@@ -183,5 +222,6 @@ def _assistant_message(message: ModelResponse) -> dict[str, Any]:
 
 def build_root_model(settings: Settings, client: ChatClient, *, model_name: str | None = None) -> ChatCompletionsModel:
     """The configured root model (or `model_name`: child runs of a recursive run use the sub model)."""
-    return ChatCompletionsModel(client, model_name or settings.openai_model_name or "",
-                                base_url=settings.openai_api_base)
+    return ChatCompletionsModel(
+        client, model_name or settings.openai_model_name or "", base_url=settings.openai_api_base
+    )

@@ -101,11 +101,13 @@ def _spent(tree: RunTree, limits: RunLimits) -> tuple[ErrorCode, str] | None:
     """Which limit of the tree ended the run, when it was time or cost (the iteration limit ends a run with
     `final`, its best answer so far, even an empty one)."""
     if tree.stop_reason == "cost":
-        return "budget", (f"The run's cost budget (RLM_MAX_COST_USD, {limits.max_cost_usd:g} USD) was spent "
-                          "before it had an answer.")
+        return "budget", (
+            f"The run's cost budget (RLM_MAX_COST_USD, {limits.max_cost_usd:g} USD) was spent before it had an answer."
+        )
     if tree.stop_reason == "time":
-        return "timeout", (f"The run's time (RLM_RUN_TIMEOUT_S, {limits.run_timeout_s:g} s) ran out before "
-                           "it had an answer.")
+        return "timeout", (
+            f"The run's time (RLM_RUN_TIMEOUT_S, {limits.run_timeout_s:g} s) ran out before it had an answer."
+        )
     return None
 
 
@@ -143,20 +145,27 @@ class RunDriver:
                 code, message = spent
                 outcome = f"error:{code}"
                 raise _Spent(code, message)
-            terminal = FinalEvent(run_id=run.id, answer=result.answer, ready=result.ready,
-                                  iterations=result.iterations, usage=tree.totals(),
-                                  elapsed_ms=int((time.monotonic() - started) * 1000),
-                                  by_depth=tree.by_depth() if recursive else None,
-                                  cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None, note=result.note,
-                                  answer_json=plan.answer_check.value(result.answer) if plan.answer_check else None)
+            terminal = FinalEvent(
+                run_id=run.id,
+                answer=result.answer,
+                ready=result.ready,
+                iterations=result.iterations,
+                usage=tree.totals(),
+                elapsed_ms=int((time.monotonic() - started) * 1000),
+                by_depth=tree.by_depth() if recursive else None,
+                cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None,
+                note=result.note,
+                answer_json=plan.answer_check.value(result.answer) if plan.answer_check else None,
+            )
         except _Spent as spent:
             terminal = ErrorEvent(run_id=run.id, code=spent.code, message=str(spent), answer=None)
         except asyncio.CancelledError:
             # Cancelled by a client (or the server shutting down): the run still ends with its terminal event.
             outcome = "cancelled"
             reason = run.cancel_reason or "the server is shutting down"
-            terminal = ErrorEvent(run_id=run.id, code="cancelled", message=f"The run was cancelled: {reason}.",
-                                  answer=node.answer())
+            terminal = ErrorEvent(
+                run_id=run.id, code="cancelled", message=f"The run was cancelled: {reason}.", answer=node.answer()
+            )
         except Exception as exc:
             code, message = self.engine.classify(exc)
             if isinstance(exc, TimeoutError) and plan.limits.run_timeout_s:
@@ -167,15 +176,25 @@ class RunDriver:
             terminal = ErrorEvent(run_id=run.id, code=code, message=message, answer=node.answer())
         finally:
             totals = tree.totals()
-            log.info("run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
-                     run.id, outcome, tree.iterations, tree.subcalls.used, tree.subcalls.failed,
-                     totals.root.input_tokens, totals.root.output_tokens, totals.sub.input_tokens,
-                     totals.sub.output_tokens, time.monotonic() - started)
+            log.info(
+                "run %s: %s, %d iterations, %d sub-calls (%d failed), tokens root %d/%d sub %d/%d, %.1f s",
+                run.id,
+                outcome,
+                tree.iterations,
+                tree.subcalls.used,
+                tree.subcalls.failed,
+                totals.root.input_tokens,
+                totals.root.output_tokens,
+                totals.sub.input_tokens,
+                totals.sub.output_tokens,
+                time.monotonic() - started,
+            )
         session = plan.session or self.engine.sessions.get(plan.new_session_id or "")
         if session is not None:  # before the terminal event, so a follow-up sent on seeing it finds the session free
             answer = terminal.answer if isinstance(terminal, FinalEvent) else (node.answer() or "")
-            self.engine.sessions.release(session, Turn(run.id, plan.prompt, answer or "",
-                                                       isinstance(terminal, FinalEvent) and terminal.ready))
+            self.engine.sessions.release(
+                session, Turn(run.id, plan.prompt, answer or "", isinstance(terminal, FinalEvent) and terminal.ready)
+            )
         emit(terminal)
 
     async def _root(self, node: _Node, tree: RunTree, run_id: str, plan: RunPlan, emit: Emit) -> RunOutcome:
@@ -185,15 +204,22 @@ class RunDriver:
         emit(self._start_event(run_id, 0, plan.run_input, plan.limits, session.id))
         began = await session.repl.begin_run(BEGIN_TIMEOUT_S)
         message = prompts.follow_up_message(
-            plan.prompt, earlier=[(turn.prompt, turn.answer, turn.ready) for turn in session.turns],
-            variables=began.variables, chars=session.input_chars, lines=session.input_lines,
-            kind=session.input_kind, preview=session.preview, restarted=began.restarted)
+            plan.prompt,
+            earlier=[(turn.prompt, turn.answer, turn.ready) for turn in session.turns],
+            variables=began.variables,
+            chars=session.input_chars,
+            lines=session.input_lines,
+            kind=session.input_kind,
+            preview=session.preview,
+            restarted=began.restarted,
+        )
         if began.restarted:
             log.info("session %s: the REPL was restarted since the last run (%s)", session.id, began.restarted)
         return await self._control(node, tree, 0, run_id, plan, session.repl, None, message, emit, emit)
 
-    async def _fresh(self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit,
-                     stream: Emit) -> RunOutcome:
+    async def _fresh(
+        self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit, stream: Emit
+    ) -> RunOutcome:
         """A run with a workspace and REPL of its own (closed at its end, unless kept as a session)."""
         settings = self.settings
         run_input = plan.run_input
@@ -214,15 +240,25 @@ class RunDriver:
             emit(self._start_event(run_id, depth, run_input, plan.limits, plan.new_session_id))
             preview = run_input.head[: settings.rlm_context_preview_chars]
             kind = prompts.describe_kind(run_input.head)
-            message = prompts.task_message(plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind,
-                                           preview=preview)
+            message = prompts.task_message(
+                plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind, preview=preview
+            )
             try:
                 return await self._control(node, tree, depth, run_id, plan, repl, starting, message, emit, stream)
             finally:
                 if plan.new_session_id and await _started(starting):
-                    self.engine.sessions.add(Session(
-                        id=plan.new_session_id, repl=repl, workspace=workspace, input_chars=run_input.chars,
-                        input_lines=run_input.lines, input_kind=kind, preview=preview, live_run=run_id))
+                    self.engine.sessions.add(
+                        Session(
+                            id=plan.new_session_id,
+                            repl=repl,
+                            workspace=workspace,
+                            input_chars=run_input.chars,
+                            input_lines=run_input.lines,
+                            input_kind=kind,
+                            preview=preview,
+                            live_run=run_id,
+                        )
+                    )
                     kept = True
         finally:
             if not kept:
@@ -236,19 +272,48 @@ class RunDriver:
                 workspace.remove()
             run_input.discard()
 
-    async def _control(self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, repl: Repl,
-                       starting: asyncio.Future[None] | None, message: str, emit: Emit, stream: Emit) -> RunOutcome:
+    async def _control(
+        self,
+        node: _Node,
+        tree: RunTree,
+        depth: int,
+        run_id: str,
+        plan: RunPlan,
+        repl: Repl,
+        starting: asyncio.Future[None] | None,
+        message: str,
+        emit: Emit,
+        stream: Emit,
+    ) -> RunOutcome:
         settings = self.settings
         if plan.answer_check is not None:
             message += prompts.answer_schema_note(plan.answer_check.text())
         usage = tree.register(depth)
-        subcalls = SubcallSession(self.engine.sub_client, settings.sub_model or "", budget=tree.subcalls,
-                                  usage=usage.sub, on_cost=tree.sub_cost)
+        subcalls = SubcallSession(
+            self.engine.sub_client,
+            settings.sub_model or "",
+            budget=tree.subcalls,
+            usage=usage.sub,
+            on_cost=tree.sub_cost,
+        )
         agent = self.engine.root_agent() if depth == 0 else self.engine.child_agent()
-        controller = Controller(run_id=run_id, agent=agent, protocol=settings.rlm_root_protocol, limits=plan.limits,
-                                repl=repl, repl_starting=starting, subcalls=subcalls, emit=emit, usage=usage,
-                                tree=tree, depth=depth, stream=stream, children=self.children,
-                                answer_check=plan.answer_check, model_settings=plan.model_settings)
+        controller = Controller(
+            run_id=run_id,
+            agent=agent,
+            protocol=settings.rlm_root_protocol,
+            limits=plan.limits,
+            repl=repl,
+            repl_starting=starting,
+            subcalls=subcalls,
+            emit=emit,
+            usage=usage,
+            tree=tree,
+            depth=depth,
+            stream=stream,
+            children=self.children,
+            answer_check=plan.answer_check,
+            model_settings=plan.model_settings,
+        )
         node.controller = controller
         return await controller.run(message)
 
@@ -256,21 +321,31 @@ class RunDriver:
         settings, limits = self.settings, plan.limits
         cpu_seconds = int(limits.exec_timeout_s * limits.max_iterations) + 60
         return ReplOptions(
-            max_output_chars=limits.max_output_chars, memory_mb=settings.rlm_worker_memory_mb,
+            max_output_chars=limits.max_output_chars,
+            memory_mb=settings.rlm_worker_memory_mb,
             network=settings.rlm_worker_network == "on",
             # a session's worker serves several runs: CPU time is counted over its whole life
             cpu_seconds=cpu_seconds * (8 if plan.new_session_id else 1),
-            processes=settings.rlm_worker_processes, disk_mb=settings.rlm_worker_disk_mb,
+            processes=settings.rlm_worker_processes,
+            disk_mb=settings.rlm_worker_disk_mb,
             landlock=settings.rlm_worker_landlock == "on",
         )
 
-    def _start_event(self, run_id: str, depth: int, run_input: RunInput, limits: RunLimits,
-                     session_id: str | None) -> StartEvent:
+    def _start_event(
+        self, run_id: str, depth: int, run_input: RunInput, limits: RunLimits, session_id: str | None
+    ) -> StartEvent:
         settings = self.settings
         root_model = settings.root_model if depth == 0 else settings.sub_model
-        return StartEvent(run_id=run_id, model=root_model or "", sub_model=settings.sub_model or "",
-                          input=InputInfo(chars=run_input.chars, lines=run_input.lines), limits=limits,
-                          protocol=settings.rlm_root_protocol, repl=settings.rlm_repl, session_id=session_id)
+        return StartEvent(
+            run_id=run_id,
+            model=root_model or "",
+            sub_model=settings.sub_model or "",
+            input=InputInfo(chars=run_input.chars, lines=run_input.lines),
+            limits=limits,
+            protocol=settings.rlm_root_protocol,
+            repl=settings.rlm_repl,
+            session_id=session_id,
+        )
 
     async def children(self, parent: Controller, prompts_: list[str], contexts: list[str | None]) -> list[str]:
         """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
@@ -283,8 +358,15 @@ class RunDriver:
                 started = time.monotonic()
 
                 def emit(event: EventBase) -> None:
-                    parent.stream(ChildEvent(run_id=tree.root_run_id, depth=depth, parent=reference, event=event.type,
-                                             data=event.model_dump(mode="json", exclude={"seq"})))
+                    parent.stream(
+                        ChildEvent(
+                            run_id=tree.root_run_id,
+                            depth=depth,
+                            parent=reference,
+                            event=event.type,
+                            data=event.model_dump(mode="json", exclude={"seq"}),
+                        )
+                    )
 
                 node = _Node()
                 plan = RunPlan(prompt, RunInput.from_text(context or ""), parent.limits)
@@ -297,9 +379,16 @@ class RunDriver:
                     emit(ErrorEvent(run_id=run_id, code=code, message=message, answer=node.answer()))
                     return f"Error: the child run failed ({code}): {message}"
                 own = node.controller.usage if node.controller else RunUsage()
-                emit(FinalEvent(run_id=run_id, answer=result.answer, ready=result.ready,
-                                iterations=result.iterations, usage=own,
-                                elapsed_ms=int((time.monotonic() - started) * 1000)))
+                emit(
+                    FinalEvent(
+                        run_id=run_id,
+                        answer=result.answer,
+                        ready=result.ready,
+                        iterations=result.iterations,
+                        usage=own,
+                        elapsed_ms=int((time.monotonic() - started) * 1000),
+                    )
+                )
                 if result.answer:
                     return result.answer
                 return "Error: the child run ended without an answer."

@@ -38,7 +38,7 @@ def _environment_block() -> tuple[int, bytes] | None:
     try:
         with open("/proc/self/stat", "rb") as handle:
             stat = handle.read()
-        fields = stat[stat.rindex(b")") + 2:].split()
+        fields = stat[stat.rindex(b")") + 2 :].split()
         # Fields after the command name start at field 3; env_start and env_end are fields 50 and 51.
         env_start, env_end = int(fields[50 - 3]), int(fields[51 - 3])
         return env_start, ctypes.string_at(env_start, env_end - env_start)

@@ -30,17 +30,21 @@ def configure(**overrides: object) -> Settings:
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(level=settings.rlm_log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.rlm_log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai"):  # one line per request would drown the one line per run
         logging.getLogger(noisy).setLevel(logging.WARNING)
     read = env_files_found()
     if read:
-        log.info("Settings read from the environment, then %s: the first that sets a variable wins.",
-                 ", then ".join(str(path) for path in reversed(read)))
+        log.info(
+            "Settings read from the environment, then %s: the first that sets a variable wins.",
+            ", then ".join(str(path) for path in reversed(read)),
+        )
     else:
-        log.info("Settings read from the environment; no .env file here (looked for %s in %s).",
-                 " and ".join(reversed(ENV_FILES)), Path.cwd())
+        log.info(
+            "Settings read from the environment; no .env file here (looked for %s in %s).",
+            " and ".join(reversed(ENV_FILES)),
+            Path.cwd(),
+        )
     harden_server_process()
     problem = settings.setup_problem()
     if problem:
@@ -64,13 +68,23 @@ def serve(settings: Settings, app: FastAPI) -> None:
     import uvicorn
 
     processes = settings.web_concurrency
-    print(f"RLM service on http://{settings.host}:{settings.port} "
-          f"(model: {settings.root_model or 'not set'}, REPL: {settings.rlm_repl}"
-          + (f", {processes} processes" if processes > 1 else "") + ")", flush=True)
+    print(
+        f"RLM service on http://{settings.host}:{settings.port} "
+        f"(model: {settings.root_model or 'not set'}, REPL: {settings.rlm_repl}"
+        + (f", {processes} processes" if processes > 1 else "")
+        + ")",
+        flush=True,
+    )
     if processes > 1:
         from .supervisor import serve_processes
 
         serve_processes(settings, processes)
         return
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.rlm_log_level,
-                loop="asyncio", timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.rlm_log_level,
+        loop="asyncio",
+        timeout_graceful_shutdown=5,
+    )

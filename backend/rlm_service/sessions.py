@@ -68,9 +68,13 @@ class Session:
         return self.last_used + idle_s
 
     def describe(self, idle_s: float) -> dict[str, object]:
-        return {"id": self.id, "runs": [turn.run_id for turn in self.turns], "live_run": self.live_run,
-                "expires_at": self.expires_at(idle_s),
-                "input": {"chars": self.input_chars, "lines": self.input_lines}}
+        return {
+            "id": self.id,
+            "runs": [turn.run_id for turn in self.turns],
+            "live_run": self.live_run,
+            "expires_at": self.expires_at(idle_s),
+            "input": {"chars": self.input_chars, "lines": self.input_lines},
+        }
 
 
 class SessionDirectory(Protocol):
@@ -112,11 +116,17 @@ class SessionManager:
         while not self.capacity.try_take():
             idle = [s for s in self._sessions.values() if s.live_run is None]
             if not idle:
-                raise SessionUnavailable(429, f"{self.capacity.limit} sessions are kept (RLM_MAX_SESSIONS) and "
-                                              "none is idle; delete one (DELETE /api/sessions/{id}) or retry later")
+                raise SessionUnavailable(
+                    429,
+                    f"{self.capacity.limit} sessions are kept (RLM_MAX_SESSIONS) and "
+                    "none is idle; delete one (DELETE /api/sessions/{id}) or retry later",
+                )
             oldest = min(idle, key=lambda s: s.last_used)
-            log.info("session %s ended: the longest idle when RLM_MAX_SESSIONS (%d) were kept", oldest.id,
-                     self.capacity.limit)
+            log.info(
+                "session %s ended: the longest idle when RLM_MAX_SESSIONS (%d) were kept",
+                oldest.id,
+                self.capacity.limit,
+            )
             self._forget(oldest)
             closing = asyncio.ensure_future(self._close(oldest))
             self._closing.add(closing)
@@ -147,12 +157,18 @@ class SessionManager:
         """The session, marked as running `run_id`; raises `SessionUnavailable` (404, 409)."""
         session = self._sessions.get(session_id)
         if session is None:
-            raise SessionUnavailable(404, f"no session {session_id!r}: it never existed, was deleted, or ended "
-                                          f"after {self.idle_s:g} s idle (RLM_SESSION_IDLE_S); start a new run "
-                                          "with the input and settings.session")
+            raise SessionUnavailable(
+                404,
+                f"no session {session_id!r}: it never existed, was deleted, or ended "
+                f"after {self.idle_s:g} s idle (RLM_SESSION_IDLE_S); start a new run "
+                "with the input and settings.session",
+            )
         if session.live_run is not None:
-            raise SessionUnavailable(409, f"run {session.live_run} of session {session_id} is still going; "
-                                          "follow it (GET /api/runs/{id}/events) or cancel it first")
+            raise SessionUnavailable(
+                409,
+                f"run {session.live_run} of session {session_id} is still going; "
+                "follow it (GET /api/runs/{id}/events) or cancel it first",
+            )
         session.live_run = run_id
         session.last_used = time.time()
         if self.directory is not None:

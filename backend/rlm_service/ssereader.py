@@ -52,7 +52,7 @@ class SseDecoder:
         self._buffer += piece
         events, start = [], 0
         for end in _LINE_END.finditer(self._buffer, scanned):
-            event = self._line(self._buffer[start:end.start()].decode("utf-8", "replace"))
+            event = self._line(self._buffer[start : end.start()].decode("utf-8", "replace"))
             if event is not None:
                 events.append(event)
             start = end.end()

@@ -46,8 +46,14 @@ from .storewriter import Db
 
 log = logging.getLogger("rlm_service")
 
-CONNECT: dict[str, Any] = {"connect_timeout": 5, "application_name": "rlm-service", "keepalives": 1,
-                           "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+CONNECT: dict[str, Any] = {
+    "connect_timeout": 5,
+    "application_name": "rlm-service",
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 """Connection parameters: a server that does not answer is given up on in seconds, not minutes."""
 READ_TIMEOUT_S = 5.0
 READERS = 4
@@ -110,9 +116,16 @@ class PostgresRunStore(SqlRunStore):
         with _connect_at_start(url, start_wait_s) as db:
             migrate_postgresql(db)
         self._pool: ConnectionPool[psycopg.Connection[DictRow]] = ConnectionPool(
-            url, min_size=1, max_size=READERS, kwargs={**CONNECT, "row_factory": dict_row},
-            check=ConnectionPool.check_connection, timeout=READ_TIMEOUT_S, reconnect_timeout=RECONNECT_S,
-            name="rlm-history", open=False)
+            url,
+            min_size=1,
+            max_size=READERS,
+            kwargs={**CONNECT, "row_factory": dict_row},
+            check=ConnectionPool.check_connection,
+            timeout=READ_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_S,
+            name="rlm-history",
+            open=False,
+        )
         self._pool.open(wait=False)
         super().__init__(lambda: PgDb(self._connect_pg()), budget, announce=_announce)
 
@@ -129,13 +142,15 @@ class PostgresRunStore(SqlRunStore):
         if not valid_run_id(run_id):
             return
         if not self.flush(KEEP_WAIT_S):
-            log.warning("run history: the input of run %s was not kept: the history is not being written (%s)",
-                        run_id, self.failure or "it did not answer in time")
+            log.warning(
+                "run history: the input of run %s was not kept: the history is not being written (%s)",
+                run_id,
+                self.failure or "it did not answer in time",
+            )
             return
         try:
             with self._connect_pg() as connection, open(source, "rb") as file:
-                with connection.cursor().copy("COPY input_chunks (run_id, n, data) FROM STDIN (FORMAT BINARY)"
-                                              ) as copy:
+                with connection.cursor().copy("COPY input_chunks (run_id, n, data) FROM STDIN (FORMAT BINARY)") as copy:
                     copy.set_types(["text", "int4", "bytea"])
                     n = 0
                     while (chunk := file.read(CHUNK_BYTES)) or n == 0:
@@ -149,8 +164,9 @@ class PostgresRunStore(SqlRunStore):
         if not valid_run_id(run_id):
             return None
         with self._reading() as db:
-            found = db.rows("SELECT COUNT(*) AS chunks, SUM(LENGTH(data)) AS size FROM input_chunks "
-                            "WHERE run_id = ?", (run_id,))[0]
+            found = db.rows(
+                "SELECT COUNT(*) AS chunks, SUM(LENGTH(data)) AS size FROM input_chunks WHERE run_id = ?", (run_id,)
+            )[0]
         if not found["chunks"]:
             return None
         return KeptInput(size=int(found["size"]), chunks=self._chunks(run_id, int(found["chunks"])))

@@ -39,8 +39,12 @@ class SqlRunStore(ABC):
     commits: PostgreSQL's `FOR SHARE` (a sweeper ending the run waits, or passes it by). SQLite's writes never
     interleave: nothing."""
 
-    def __init__(self, connect: Callable[[], Db], budget: RunBudget | None,
-                 announce: Callable[[Db, list[str]], None] | None = None) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Db],
+        budget: RunBudget | None,
+        announce: Callable[[Db, list[str]], None] | None = None,
+    ) -> None:
         """`announce`: told, in the transaction that writes them, which runs have new events."""
         self._usage = _Usage(budget or RunBudget())
         self._seqs: dict[str, int] = {}
@@ -81,17 +85,34 @@ class SqlRunStore(ABC):
         return self._writer.failure
 
     def begin(self, record: RunRecord) -> None:
-        row = (record.id, record.created, record.status, json.dumps(record.settings), record.input_chars,
-               record.input_lines, record.input_bytes, record.input_sha256, record.input_name,
-               int(record.input_kept), record.prompt[:PREVIEW_CHARS], len(record.prompt), record.session_id,
-               self.owner)
+        row = (
+            record.id,
+            record.created,
+            record.status,
+            json.dumps(record.settings),
+            record.input_chars,
+            record.input_lines,
+            record.input_bytes,
+            record.input_sha256,
+            record.input_name,
+            int(record.input_kept),
+            record.prompt[:PREVIEW_CHARS],
+            len(record.prompt),
+            record.session_id,
+            self.owner,
+        )
 
         def write(db: Db) -> None:
-            db.execute("INSERT INTO runs (id, created, status, settings, input_chars, input_lines, input_bytes, "
-                       "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id, owner) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING", row)
-            db.execute("INSERT INTO prompts (run_id, prompt) VALUES (?, ?) ON CONFLICT (run_id) DO NOTHING",
-                       (record.id, record.prompt))
+            db.execute(
+                "INSERT INTO runs (id, created, status, settings, input_chars, input_lines, input_bytes, "
+                "input_sha256, input_name, input_kept, prompt_preview, prompt_chars, session_id, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                row,
+            )
+            db.execute(
+                "INSERT INTO prompts (run_id, prompt) VALUES (?, ?) ON CONFLICT (run_id) DO NOTHING",
+                (record.id, record.prompt),
+            )
 
         self._writer.submit(Job(write))
 
@@ -113,8 +134,10 @@ class SqlRunStore(ABC):
 
         def write(db: Db) -> None:
             self._usage.forget(run_id)
-            db.execute("UPDATE runs SET status = ?, finished = ? WHERE id = ? AND status = 'running'",
-                       (status, time.time(), run_id))
+            db.execute(
+                "UPDATE runs SET status = ?, finished = ? WHERE id = ? AND status = 'running'",
+                (status, time.time(), run_id),
+            )
 
         self._writer.submit(Job(write))
 
@@ -160,8 +183,7 @@ class SqlRunStore(ABC):
                 return None
             prompt = db.rows("SELECT prompt FROM prompts WHERE run_id = ?", (run_id,))
             events = _events(db, run_id, 0)
-        answer = next((event.get("answer") for event in reversed(events) if event.get("type") in TERMINAL_EVENTS),
-                      None)
+        answer = next((event.get("answer") for event in reversed(events) if event.get("type") in TERMINAL_EVENTS), None)
         return _record(rows[0], prompt[0]["prompt"] if prompt else "", answer), events
 
     def events(self, run_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
@@ -285,38 +307,62 @@ class _EventWrite:
             return
         self.data = self.usage.stored(self.run_id, event)
         if isinstance(event, FinalEvent):
-            self.close = ("UPDATE runs SET status = 'finished', finished = ?, ready = ?, iterations = ?, usage = ?, "
-                          "answer_preview = ?, answer_chars = ? WHERE id = ?",
-                          (time.time(), int(event.ready), event.iterations, event.usage.model_dump_json(),
-                           event.answer[:PREVIEW_CHARS], len(event.answer), self.run_id))
+            self.close = (
+                "UPDATE runs SET status = 'finished', finished = ?, ready = ?, iterations = ?, usage = ?, "
+                "answer_preview = ?, answer_chars = ? WHERE id = ?",
+                (
+                    time.time(),
+                    int(event.ready),
+                    event.iterations,
+                    event.usage.model_dump_json(),
+                    event.answer[:PREVIEW_CHARS],
+                    len(event.answer),
+                    self.run_id,
+                ),
+            )
         elif isinstance(event, ErrorEvent):
             error = json.dumps({"code": event.code, "message": event.message})
             answer = event.answer
             status = "cancelled" if event.code == "cancelled" else "failed"
-            self.close = ("UPDATE runs SET status = ?, finished = ?, error = ?, answer_preview = ?, "
-                          "answer_chars = ? WHERE id = ?",
-                          (status, time.time(), error, None if answer is None else answer[:PREVIEW_CHARS],
-                           None if answer is None else len(answer), self.run_id))
+            self.close = (
+                "UPDATE runs SET status = ?, finished = ?, error = ?, answer_preview = ?, "
+                "answer_chars = ? WHERE id = ?",
+                (
+                    status,
+                    time.time(),
+                    error,
+                    None if answer is None else answer[:PREVIEW_CHARS],
+                    None if answer is None else len(answer),
+                    self.run_id,
+                ),
+            )
 
     def __call__(self, db: Db) -> None:
         row = (self.run_id, self.seq, self.kind, self.data)
         if self.lock is None:
-            db.execute("INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) "
-                       "ON CONFLICT (run_id, seq) DO NOTHING", row)
+            db.execute(
+                "INSERT INTO events (run_id, seq, type, data) VALUES (?, ?, ?, ?) ON CONFLICT (run_id, seq) DO NOTHING",
+                row,
+            )
             if self.close is not None:
                 db.execute(*self.close)
             return
         # Another process may have ended the run (`lost`): then it takes no more events.
-        db.execute("INSERT INTO events (run_id, seq, type, data) SELECT ?, ?, ?, ? WHERE EXISTS "
-                   f"(SELECT 1 FROM runs WHERE id = ? AND status = 'running'{self.lock}) "
-                   "ON CONFLICT (run_id, seq) DO NOTHING", (*row, self.run_id))
+        db.execute(
+            "INSERT INTO events (run_id, seq, type, data) SELECT ?, ?, ?, ? WHERE EXISTS "
+            f"(SELECT 1 FROM runs WHERE id = ? AND status = 'running'{self.lock}) "
+            "ON CONFLICT (run_id, seq) DO NOTHING",
+            (*row, self.run_id),
+        )
         if self.close is not None:
             db.execute(self.close[0] + " AND status = 'running'", self.close[1])
 
 
-_SUMMARY_COLUMNS = ("id, created, finished, status, prompt_preview, prompt_chars, settings, input_chars, input_lines, "
-                    "input_bytes, input_sha256, input_name, input_kept, answer_preview, answer_chars, ready, "
-                    "iterations, usage, error, session_id")
+_SUMMARY_COLUMNS = (
+    "id, created, finished, status, prompt_preview, prompt_chars, settings, input_chars, input_lines, "
+    "input_bytes, input_sha256, input_name, input_kept, answer_preview, answer_chars, ready, "
+    "iterations, usage, error, session_id"
+)
 
 
 def _events(db: Db, run_id: str, after: int) -> list[dict[str, Any]]:
@@ -326,23 +372,48 @@ def _events(db: Db, run_id: str, after: int) -> list[dict[str, Any]]:
 
 def _summary(row: Mapping[str, Any]) -> RunSummary:
     return RunSummary(
-        id=row["id"], created=row["created"], status=row["status"], prompt_preview=row["prompt_preview"],
-        prompt_chars=row["prompt_chars"], settings=json.loads(row["settings"]), input_chars=row["input_chars"],
-        input_lines=row["input_lines"], input_bytes=row["input_bytes"], input_sha256=row["input_sha256"],
-        input_name=row["input_name"], input_kept=bool(row["input_kept"]), finished=row["finished"],
-        answer_preview=row["answer_preview"], answer_chars=row["answer_chars"],
-        ready=None if row["ready"] is None else bool(row["ready"]), iterations=row["iterations"],
+        id=row["id"],
+        created=row["created"],
+        status=row["status"],
+        prompt_preview=row["prompt_preview"],
+        prompt_chars=row["prompt_chars"],
+        settings=json.loads(row["settings"]),
+        input_chars=row["input_chars"],
+        input_lines=row["input_lines"],
+        input_bytes=row["input_bytes"],
+        input_sha256=row["input_sha256"],
+        input_name=row["input_name"],
+        input_kept=bool(row["input_kept"]),
+        finished=row["finished"],
+        answer_preview=row["answer_preview"],
+        answer_chars=row["answer_chars"],
+        ready=None if row["ready"] is None else bool(row["ready"]),
+        iterations=row["iterations"],
         usage=json.loads(row["usage"]) if row["usage"] else None,
-        error=json.loads(row["error"]) if row["error"] else None, session_id=row["session_id"],
+        error=json.loads(row["error"]) if row["error"] else None,
+        session_id=row["session_id"],
     )
 
 
 def _record(row: Mapping[str, Any], prompt: str, answer: str | None) -> RunRecord:
     summary = _summary(row)
     return RunRecord(
-        id=summary.id, created=summary.created, status=summary.status, prompt=prompt, settings=summary.settings,
-        input_chars=summary.input_chars, input_lines=summary.input_lines, input_bytes=summary.input_bytes,
-        input_sha256=summary.input_sha256, input_name=summary.input_name, input_kept=summary.input_kept,
-        finished=summary.finished, answer=answer, ready=summary.ready, iterations=summary.iterations,
-        usage=summary.usage, error=summary.error, session_id=summary.session_id,
+        id=summary.id,
+        created=summary.created,
+        status=summary.status,
+        prompt=prompt,
+        settings=summary.settings,
+        input_chars=summary.input_chars,
+        input_lines=summary.input_lines,
+        input_bytes=summary.input_bytes,
+        input_sha256=summary.input_sha256,
+        input_name=summary.input_name,
+        input_kept=summary.input_kept,
+        finished=summary.finished,
+        answer=answer,
+        ready=summary.ready,
+        iterations=summary.iterations,
+        usage=summary.usage,
+        error=summary.error,
+        session_id=summary.session_id,
     )

@@ -146,8 +146,9 @@ class Writer:
                 pending = left
             if stopping:
                 if pending:
-                    log.error("run history: %d writes were not made before the server stopped: %s", len(pending),
-                              self.failure)
+                    log.error(
+                        "run history: %d writes were not made before the server stopped: %s", len(pending), self.failure
+                    )
                 break
             if pending:
                 stopping = self._pause(pending, pause)
@@ -226,7 +227,7 @@ class Writer:
         """Batches in one transaction each; a batch that fails for a reason of its own is written job by job,
         so that one bad write loses only itself. Raises `_Stuck` with what is left when the database fails."""
         for start in range(0, len(jobs), BATCH):
-            batch = jobs[start:start + BATCH]
+            batch = jobs[start : start + BATCH]
             try:
                 self._transaction(db, batch)
                 continue
@@ -238,7 +239,7 @@ class Writer:
                     self._transaction(db, [job])
                 except Exception as exc:
                     if db.transient(exc):
-                        raise _Stuck(batch[index:] + jobs[start + BATCH:], exc) from exc
+                        raise _Stuck(batch[index:] + jobs[start + BATCH :], exc) from exc
                     log.warning("run history: a write failed and was dropped: %s", exc)
                     if job.reply is not None and not job.reply.done():
                         job.reply.set_exception(WriteSkipped(str(exc)))
@@ -270,14 +271,18 @@ class Writer:
         if self.failure is None:
             self._failing_since = time.monotonic()
         if message != self.failure:
-            log.error("run history: the database cannot be written (%s); %d writes wait and will be retried",
-                      message, waiting)
+            log.error(
+                "run history: the database cannot be written (%s); %d writes wait and will be retried", message, waiting
+            )
         self.failure = message
 
     def _recovered(self) -> None:
         if self.failure is not None:
-            log.warning("run history: writing again after %.0f s of failures%s", time.monotonic() - self._failing_since,
-                        f"; {self._dropped} events were dropped meanwhile" if self._dropped else "")
+            log.warning(
+                "run history: writing again after %.0f s of failures%s",
+                time.monotonic() - self._failing_since,
+                f"; {self._dropped} events were dropped meanwhile" if self._dropped else "",
+            )
             self.failure, self._dropped = None, 0
 
     def _disconnect(self) -> None:

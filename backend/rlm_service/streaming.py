@@ -36,10 +36,14 @@ T = TypeVar("T")
 
 PROCESS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}}, "description": "The run, as Server-Sent Events."},
-    400: {"description": "Malformed body"}, 401: {"description": "Bad or missing token"},
-    408: {"description": "The body arrived too slowly"}, 413: {"description": "Body, input or prompt too large"},
-    415: {"description": "Unsupported content type"}, 422: {"description": "Invalid fields"},
-    429: {"description": "Too many runs at once"}, 503: {"description": "No model configured"},
+    400: {"description": "Malformed body"},
+    401: {"description": "Bad or missing token"},
+    408: {"description": "The body arrived too slowly"},
+    413: {"description": "Body, input or prompt too large"},
+    415: {"description": "Unsupported content type"},
+    422: {"description": "Invalid fields"},
+    429: {"description": "Too many runs at once"},
+    503: {"description": "No model configured"},
 }
 
 
@@ -76,8 +80,11 @@ class RunSlots:
         return run
 
     def _full(self) -> HTTPException:
-        return HTTPException(429, f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                                  "retry when one has finished", headers={"Retry-After": "5"})
+        return HTTPException(
+            429,
+            f"{self.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); retry when one has finished",
+            headers={"Retry-After": "5"},
+        )
 
 
 SEP = "\n"
@@ -96,11 +103,19 @@ async def _sse(events: Iterable[EventBase] | AsyncIterator[EventBase]) -> AsyncI
             yield _message(event)
 
 
-def event_stream(settings: Settings, events: Iterable[EventBase] | AsyncIterator[EventBase], *,
-                 ping_s: float, headers: dict[str, str] | None = None) -> EventSourceResponse:
+def event_stream(
+    settings: Settings,
+    events: Iterable[EventBase] | AsyncIterator[EventBase],
+    *,
+    ping_s: float,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
     """An SSE response of `events`, with keep-alive pings and a send timeout."""
     return EventSourceResponse(
-        _sse(events), ping=ping_s, sep=SEP, send_timeout=settings.rlm_send_timeout_s,
+        _sse(events),
+        ping=ping_s,
+        sep=SEP,
+        send_timeout=settings.rlm_send_timeout_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
@@ -129,8 +144,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             raise HTTPException(503, problem)
         slots.refuse_if_full()  # early, so a client does not upload for nothing
         if slots.reading >= slots.reading_limit:
-            raise HTTPException(429, "too many request bodies are arriving at once; retry shortly",
-                                headers={"Retry-After": "5"})
+            raise HTTPException(
+                429, "too many request bodies are arriving at once; retry shortly", headers={"Retry-After": "5"}
+            )
         slots.reading += 1
         try:
             parsed = await _read_request(request, settings, body_limits)
@@ -140,15 +156,17 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         fleet = _fleet(request)
         try:
             if parsed.session_id is not None and parsed.run_input.chars:
-                raise HTTPException(422, "a follow-up (session_id) uses its session's input: send no input_data "
-                                         "or input_file")
+                raise HTTPException(
+                    422, "a follow-up (session_id) uses its session's input: send no input_data or input_file"
+                )
             if fleet is not None and parsed.session_id is not None and engine.sessions.get(parsed.session_id) is None:
                 effective_limits(settings, parsed.settings)  # refused here rather than by the session's process
                 run_id = await fleet.follow_up(parsed.prompt, parsed.settings, parsed.session_id)
                 parsed.run_input.discard()
                 return event_stream(settings, fleet.owned(run_id, detached=parsed.settings.detach), ping_s=ping_s)
-            run = slots.start(lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings,
-                                                    session_id=parsed.session_id))  # once the body is complete
+            run = slots.start(
+                lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
+            )  # once the body is complete
         except BaseException as exc:
             parsed.run_input.discard()
             if isinstance(exc, SettingsRefused):
@@ -163,11 +181,17 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         ids = {"X-Run-Id": run.id} | ({"X-Session-Id": run.session_id} if run.session_id else {})
         return event_stream(settings, _owned(run), ping_s=ping_s, headers=ids)
 
-    @router.get("/api/runs/{run_id}/events", tags=["runs"],
-                responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "Unknown run"}})
-    async def run_events(request: Request, run_id: str,
-                         after: int | None = Query(None, ge=0, description="Send only events numbered above this."),
-                         last_event_id: str | None = Header(None)) -> Any:
+    @router.get(
+        "/api/runs/{run_id}/events",
+        tags=["runs"],
+        responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "Unknown run"}},
+    )
+    async def run_events(
+        request: Request,
+        run_id: str,
+        after: int | None = Query(None, ge=0, description="Send only events numbered above this."),
+        last_event_id: str | None = Header(None),
+    ) -> Any:
         """A run's events from the start (or after `Last-Event-ID` / `?after=N`), then live until it ends."""
         start = after if after is not None else _event_number(last_event_id)
         engine: Engine = request.app.state.engine
@@ -180,8 +204,12 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         stored = await _stored_events(request, run_id, start)
         return event_stream(settings, [parse_event(data) for data in stored], ping_s=ping_s)
 
-    @router.post("/api/runs/{run_id}/cancel", tags=["runs"], status_code=202,
-                 responses={404: {"description": "Unknown run"}, 409: {"description": "The run already ended"}})
+    @router.post(
+        "/api/runs/{run_id}/cancel",
+        tags=["runs"],
+        status_code=202,
+        responses={404: {"description": "Unknown run"}, 409: {"description": "The run already ended"}},
+    )
     async def cancel_run(request: Request, run_id: str) -> JSONResponse:
         """End a live run: its stream ends with `error`, code `cancelled`."""
         engine: Engine = request.app.state.engine
@@ -212,8 +240,12 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
         return session.describe(engine.sessions.idle_s)
 
-    @router.delete("/api/sessions/{session_id}", tags=["sessions"], status_code=204,
-                   responses={404: {"description": "Unknown session"}, 409: {"description": "A run of it is live"}})
+    @router.delete(
+        "/api/sessions/{session_id}",
+        tags=["sessions"],
+        status_code=204,
+        responses={404: {"description": "Unknown session"}, 409: {"description": "A run of it is live"}},
+    )
     async def delete_session(request: Request, session_id: str) -> Response:
         """End a session: its worker is stopped and its workspace (its input included) removed."""
         engine: Engine = request.app.state.engine
@@ -279,8 +311,10 @@ async def _read_request(request: Request, settings: Settings, limits: BodyLimits
         return await read_json(request.stream(), limits)
     if media_type == "multipart/form-data":
         if declared and declared.isdigit() and int(declared) > limits.input_bytes + FORM_OVERHEAD_BYTES:
-            raise HTTPException(413, f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES "
-                                     f"({limits.input_bytes:,} bytes)")
+            raise HTTPException(
+                413,
+                f"the body ({int(declared):,} bytes) is larger than RLM_MAX_INPUT_BYTES ({limits.input_bytes:,} bytes)",
+            )
         return await read_multipart(request.stream(), content_type, limits)
     shown = media_type or "none"
     raise HTTPException(415, f"unsupported Content-Type ({shown}): send application/json or multipart/form-data")

@@ -51,8 +51,12 @@ def serve_processes(settings: Settings, count: int) -> None:
             try:
                 holder.close()
                 listener = socket.create_server(address, backlog=BACKLOG, reuse_port=True)
-                _serve_one(settings, listener, SharedCapacity(settings.rlm_max_concurrent_runs, runs, index),
-                           SharedCapacity(settings.rlm_max_sessions, sessions, index))
+                _serve_one(
+                    settings,
+                    listener,
+                    SharedCapacity(settings.rlm_max_concurrent_runs, runs, index),
+                    SharedCapacity(settings.rlm_max_sessions, sessions, index),
+                )
                 code = 0
             finally:
                 os._exit(code)

@@ -77,8 +77,10 @@ class ProgressPrinter:
     def _start(self, data: dict[str, Any]) -> None:
         info = data.get("input") or {}
         session = f" in session {data['session_id']}" if data.get("session_id") else ""
-        self._line(f"run {data.get('run_id')}{session}: {data.get('model')} (sub: {data.get('sub_model')}), "
-                   f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines")
+        self._line(
+            f"run {data.get('run_id')}{session}: {data.get('model')} (sub: {data.get('sub_model')}), "
+            f"input {info.get('chars', 0):,} characters, {info.get('lines', 0):,} lines"
+        )
 
     def _thought(self, data: dict[str, Any]) -> None:
         self._line(f"[{data.get('iteration')}] {_first_line(data.get('text', ''), 100)}")
@@ -114,8 +116,10 @@ class ProgressPrinter:
         usage = data.get("usage") or {}
         root, sub = usage.get("root") or {}, usage.get("sub") or {}
         state = "ready" if data.get("ready") else "NOT ready (iteration limit or no code)"
-        self._line(f"done: {state}, {data.get('iterations')} iterations, {root.get('requests', 0)} root and "
-                   f"{sub.get('requests', 0)} sub requests, {data.get('elapsed_ms', 0) / 1000:.1f} s")
+        self._line(
+            f"done: {state}, {data.get('iterations')} iterations, {root.get('requests', 0)} root and "
+            f"{sub.get('requests', 0)} sub requests, {data.get('elapsed_ms', 0) / 1000:.1f} s"
+        )
         self._note(data)
 
     def _note(self, data: dict[str, Any]) -> None:
@@ -136,8 +140,16 @@ class ProgressPrinter:
             self._line(f"{prefix} failed ({data.get('code')}): {data.get('message')}")
 
     HANDLERS: ClassVar[dict[str, Callable[[ProgressPrinter, dict[str, Any]], None]]] = {
-        "start": _start, "thought": _thought, "code": _code, "subcalls": _subcalls, "output": _output,
-        "figure": _figure, "answer": _quiet, "usage": _quiet, "final": _final, "error": _error,
+        "start": _start,
+        "thought": _thought,
+        "code": _code,
+        "subcalls": _subcalls,
+        "output": _output,
+        "figure": _figure,
+        "answer": _quiet,
+        "usage": _quiet,
+        "final": _final,
+        "error": _error,
         "child": _child_event,
     }
     """Every event type the printer knows (a test checks it knows them all)."""

@@ -24,8 +24,14 @@ from .llm import Completion, SubcallBudget
 class RunTree:
     """What every run of one tree shares: budgets, usage by depth, the root's run id."""
 
-    def __init__(self, root_run_id: str, limits: RunLimits, subcalls: SubcallBudget, *,
-                 prices: dict[str, tuple[float, float]] | None = None) -> None:
+    def __init__(
+        self,
+        root_run_id: str,
+        limits: RunLimits,
+        subcalls: SubcallBudget,
+        *,
+        prices: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
         """`prices`: USD per million input and output tokens, by model (RLM_PRICES)."""
         self.root_run_id = root_run_id
         self.limits = limits
@@ -113,8 +119,10 @@ class RunTree:
         reason = self.stop_reason or ("iteration" if self.iterations_spent else None)
         if reason is None:
             return None
-        return (f"The run's {reason} budget is spent: finish now with the best answer you have "
-                "(child runs end with theirs).")
+        return (
+            f"The run's {reason} budget is spent: finish now with the best answer you have "
+            "(child runs end with theirs)."
+        )
 
 
 def _add(total: RunUsage, usage: RunUsage) -> None:

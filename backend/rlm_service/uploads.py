@@ -37,10 +37,12 @@ class ProcessRequest(BaseModel):
 
     prompt: StrictStr = Field(description="What to do with the input.")
     input_data: StrictStr = Field("", description="The input, as text (use multipart for large files).")
-    settings: RunSettings = Field(default_factory=RunSettings, description="Per-run limits, each at most the "
-                                  "server's own.")
-    session_id: StrictStr | None = Field(None, description="A follow-up question on this session's REPL (send no "
-                                         "input: the session keeps its own).")
+    settings: RunSettings = Field(
+        default_factory=RunSettings, description="Per-run limits, each at most the server's own."
+    )
+    session_id: StrictStr | None = Field(
+        None, description="A follow-up question on this session's REPL (send no input: the session keeps its own)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -82,9 +84,13 @@ class BodyLimits:
 
     @classmethod
     def of(cls, settings: Settings) -> BodyLimits:
-        return cls(input_bytes=settings.rlm_max_input_bytes, json_bytes=settings.rlm_max_json_bytes,
-                   prompt_chars=settings.rlm_max_prompt_chars, idle_timeout=settings.rlm_body_timeout_s,
-                   min_rate=settings.rlm_body_min_rate)
+        return cls(
+            input_bytes=settings.rlm_max_input_bytes,
+            json_bytes=settings.rlm_max_json_bytes,
+            prompt_chars=settings.rlm_max_prompt_chars,
+            idle_timeout=settings.rlm_body_timeout_s,
+            min_rate=settings.rlm_body_min_rate,
+        )
 
 
 async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> AsyncIterator[bytes]:
@@ -102,8 +108,11 @@ async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> Async
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise HTTPException(408, f"the request body stalled or arrived too slowly ({received:,} bytes in "
-                                     f"{time.monotonic() - started:.0f} s); send it at once") from None
+            raise HTTPException(
+                408,
+                f"the request body stalled or arrived too slowly ({received:,} bytes in "
+                f"{time.monotonic() - started:.0f} s); send it at once",
+            ) from None
         received += len(chunk)
         if chunk:
             yield chunk
@@ -115,15 +124,18 @@ def _validate(data: object, limits: BodyLimits) -> ProcessRequest:
     except ValidationError as exc:
         raise HTTPException(422, describe_validation_error(exc)) from None
     if len(request.prompt) > limits.prompt_chars:
-        raise HTTPException(422, f"prompt: {len(request.prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
-                                 f"({limits.prompt_chars:,}): the root model reads the prompt every turn, so send "
-                                 "long text as the input (input_data, or the input_file upload) and ask about it")
+        raise HTTPException(
+            422,
+            f"prompt: {len(request.prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
+            f"({limits.prompt_chars:,}): the root model reads the prompt every turn, so send "
+            "long text as the input (input_data, or the input_file upload) and ask about it",
+        )
     return request
 
 
 def _checked(data: object, limits: BodyLimits) -> ProcessRequest:
     if not isinstance(data, dict):
-        raise HTTPException(400, "the JSON body must be an object like {\"prompt\": \"...\"}")
+        raise HTTPException(400, 'the JSON body must be an object like {"prompt": "..."}')
     return _validate(data, limits)
 
 
@@ -151,8 +163,11 @@ def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException
     if size is not None and size <= cap:
         return None
     shown = f" ({size:,} bytes)" if size is not None else ""
-    return HTTPException(413, f"the JSON body{shown} is larger than {name} allows ({cap:,} bytes); send large "
-                              "inputs as a multipart/form-data upload (field input_file)")
+    return HTTPException(
+        413,
+        f"the JSON body{shown} is larger than {name} allows ({cap:,} bytes); send large "
+        "inputs as a multipart/form-data upload (field input_file)",
+    )
 
 
 async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
@@ -170,9 +185,17 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
 
 async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", jsonbody.__file__, str(instance_directory()), str(limits.prompt_chars),
-        str(limits.input_bytes), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"})
+        sys.executable,
+        "-I",
+        jsonbody.__file__,
+        str(instance_directory()),
+        str(limits.prompt_chars),
+        str(limits.input_bytes),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+    )
     assert child.stdin is not None and child.stdout is not None
     run_input: RunInput | None = None
     try:
@@ -191,12 +214,16 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
             raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
         described = answer["input"]
         if described is not None:
-            run_input = RunInput(chars=described["chars"], lines=described["lines"],
-                                 size_bytes=described["size_bytes"], head=described["head"],
-                                 path=Path(described["path"]), sha256=described["sha256"])
+            run_input = RunInput(
+                chars=described["chars"],
+                lines=described["lines"],
+                size_bytes=described["size_bytes"],
+                head=described["head"],
+                path=Path(described["path"]),
+                sha256=described["sha256"],
+            )
         request = _checked(answer["fields"], limits)
-        return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings,
-                             request.session_id)
+        return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings, request.session_id)
     except BaseException:
         if run_input is not None:
             run_input.discard()
@@ -223,10 +250,12 @@ class _FormReader:
 
     def callbacks(self) -> dict[str, object]:
         return {
-            "on_part_begin": self._part_begin, "on_part_data": self._part_data,
+            "on_part_begin": self._part_begin,
+            "on_part_data": self._part_data,
             "on_header_field": lambda data, start, end: self._header_field.extend(data[start:end]),
             "on_header_value": lambda data, start, end: self._header_value.extend(data[start:end]),
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
         }
 
     def _part_begin(self) -> None:
@@ -268,8 +297,9 @@ class _FormReader:
             self.spooler.abort()
 
 
-async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limits: BodyLimits,
-                         spool_dir: str | None = None) -> ParsedRequest:
+async def read_multipart(
+    stream: AsyncIterator[bytes], content_type: str, limits: BodyLimits, spool_dir: str | None = None
+) -> ParsedRequest:
     _, options = parse_options_header(content_type.encode("latin-1", "replace"))
     boundary = options.get(b"boundary")
     if not boundary:
@@ -284,7 +314,7 @@ async def read_multipart(stream: AsyncIterator[bytes], content_type: str, limits
         try:
             settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
         except ValueError:
-            raise HTTPException(422, "settings: must be a JSON object, e.g. {\"max_iterations\": 5}") from None
+            raise HTTPException(422, 'settings: must be a JSON object, e.g. {"max_iterations": 5}') from None
         data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
         request = _validate(data, limits)
         if reader.spooler is not None:

@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CellOutcome", "Repl", "ReplBackend", "ReplError", "ReplOptions", "RunStart", "SubCalls"]
 
-RESTARTED_NOTE = ("The REPL was restarted: every variable you defined is lost; `context`, the llm functions "
-                  "and answer['content'] are back.")
+RESTARTED_NOTE = (
+    "The REPL was restarted: every variable you defined is lost; `context`, the llm functions "
+    "and answer['content'] are back."
+)
 """What the root model reads after a cell cost it its namespace (timeout, crash)."""
 
 

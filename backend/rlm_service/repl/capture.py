@@ -43,10 +43,10 @@ class BoundedText(io.TextIOBase):
             take = text[: self._head_cap - self._head_len]
             self._head.append(take)
             self._head_len += len(take)
-            text = text[len(take):]
+            text = text[len(take) :]
         if text and self._tail_cap:
             if len(text) >= self._tail_cap:
-                self._tail = deque([text[-self._tail_cap:]])
+                self._tail = deque([text[-self._tail_cap :]])
                 self._tail_len = self._tail_cap
             else:
                 self._tail.append(text)
@@ -82,7 +82,7 @@ class BoundedText(io.TextIOBase):
         # Keep the whole text within the limit, marker included.
         spare = len(marker)
         head = head[: max(len(head) - spare // 2, 0)]
-        tail = tail[min(spare - spare // 2, len(tail)):]
+        tail = tail[min(spare - spare // 2, len(tail)) :]
         cut = self.total - len(head) - len(tail)
         marker = f"\n... [{cut:,} characters cut from the middle; {self.total:,} in all] ...\n"
         return head + marker + tail

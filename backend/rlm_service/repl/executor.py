@@ -130,8 +130,7 @@ def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
     """A traceback that shows only the generated code's frames, then the exception itself."""
     if isinstance(exc, SyntaxError):
         return "".join(traceback.format_exception_only(type(exc), exc))
-    frames = [frame for frame in traceback.extract_tb(exc.__traceback__)
-              if frame.filename.startswith(filename_prefix)]
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if frame.filename.startswith(filename_prefix)]
     text = "".join(traceback.format_exception_only(type(exc), exc))
     if frames:
         text = "Traceback (most recent call last):\n" + "".join(traceback.format_list(frames)) + text
@@ -141,8 +140,17 @@ def _format_error(exc: BaseException, filename_prefix: str = "<cell") -> str:
 class CellRunner:
     """One run's namespace and the cells executed in it."""
 
-    def __init__(self, context: str, batch: BatchFn, *, rlm: RlmFn | None = None, max_output_chars: int = 8192,
-                 capture_all_threads: bool = False, answer: str = "", memory_limit_mb: int | None = None) -> None:
+    def __init__(
+        self,
+        context: str,
+        batch: BatchFn,
+        *,
+        rlm: RlmFn | None = None,
+        max_output_chars: int = 8192,
+        capture_all_threads: bool = False,
+        answer: str = "",
+        memory_limit_mb: int | None = None,
+    ) -> None:
         """`rlm` runs child RLMs (by default they are plain sub-calls, the prompt and context joined);
         `capture_all_threads` also captures output of threads the code starts (one run per process);
         `memory_limit_mb`, the limit the process runs under, is named when a cell runs out of memory."""
@@ -152,8 +160,12 @@ class CellRunner:
         self.capture_all_threads = capture_all_threads
         self.memory_limit_mb = memory_limit_mb
         self._protected: dict[str, Any] = {
-            "context": context, "input_data": context, "llm_query": llm_query, "llm_batch": llm_batch,
-            "rlm_query": rlm_query, "rlm_batch": rlm_batch,
+            "context": context,
+            "input_data": context,
+            "llm_query": llm_query,
+            "llm_batch": llm_batch,
+            "rlm_query": rlm_query,
+            "rlm_batch": rlm_batch,
         }
         self.namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
         self.namespace.update(self._protected)
@@ -196,17 +208,26 @@ class CellRunner:
         except BaseException as exc:
             error = _format_error(exc)
             if isinstance(exc, MemoryError) and self.memory_limit_mb:
-                error += (f"The cell went past this REPL's memory limit of {self.memory_limit_mb:,} MB "
-                          "(RLM_WORKER_MEMORY_MB); its variables are kept. Work on the input in pieces, or free "
-                          "large variables with del.\n")
+                error += (
+                    f"The cell went past this REPL's memory limit of {self.memory_limit_mb:,} MB "
+                    "(RLM_WORKER_MEMORY_MB); its variables are kept. Work on the input in pieces, or free "
+                    "large variables with del.\n"
+                )
         finally:
             deactivate(token)
             StreamRouter.fallback = None
         notes = self._restore_protected() + self._normalize_answer()
         figures, figure_notes = collect_figures()
         content, ready = self._answer
-        return CellOutcome(stdout=sink.getvalue(), error=error, truncated=sink.truncated,
-                          answer_content=content, answer_ready=ready, notes=notes + figure_notes, figures=figures)
+        return CellOutcome(
+            stdout=sink.getvalue(),
+            error=error,
+            truncated=sink.truncated,
+            answer_content=content,
+            answer_ready=ready,
+            notes=notes + figure_notes,
+            figures=figures,
+        )
 
     def _execute(self, code: str, filename: str, sink: BoundedText) -> None:
         tree = ast.parse(code, filename, "exec")
@@ -229,8 +250,9 @@ class CellRunner:
         for name, value in self._protected.items():
             if self.namespace.get(name) is not value:
                 self.namespace[name] = value
-                notes.append(f"`{name}` is provided by the REPL and was restored; store your own data "
-                             f"under another name.")
+                notes.append(
+                    f"`{name}` is provided by the REPL and was restored; store your own data under another name."
+                )
         return notes
 
     def _normalize_answer(self) -> list[str]:
@@ -239,14 +261,18 @@ class CellRunner:
         if isinstance(value, str):
             value = {"content": value, "ready": False}
             self.namespace["answer"] = value
-            note = ("`answer` must be a dict; your string was put in answer['content'] with ready=False. "
-                    "Use answer['content'] = ... and answer['ready'] = True.")
+            note = (
+                "`answer` must be a dict; your string was put in answer['content'] with ready=False. "
+                "Use answer['content'] = ... and answer['ready'] = True."
+            )
             return [note, *self._normalize_answer()]
         if not isinstance(value, dict):
             self.namespace["answer"] = {"content": previous_content, "ready": False}
             self._answer = (previous_content, False)
-            return [f"`answer` must be a dict like {{'content': str, 'ready': bool}}, not "
-                    f"{type(value).__name__}; it was reset to its previous content."]
+            return [
+                f"`answer` must be a dict like {{'content': str, 'ready': bool}}, not "
+                f"{type(value).__name__}; it was reset to its previous content."
+            ]
         notes = []
         content = value.get("content", "")
         if not isinstance(content, str):

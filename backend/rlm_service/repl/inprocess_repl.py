@@ -64,8 +64,13 @@ class InprocessRepl:
         self._runner = self._new_runner("")
 
     def _new_runner(self, answer: str) -> CellRunner:
-        return CellRunner(self._context, self._sync_batch, rlm=self._sync_rlm,
-                          max_output_chars=self.options.max_output_chars, answer=answer)
+        return CellRunner(
+            self._context,
+            self._sync_batch,
+            rlm=self._sync_rlm,
+            max_output_chars=self.options.max_output_chars,
+            answer=answer,
+        )
 
     def _sync_rlm(self, prompts: list[str], contexts: list[str | None]) -> list[str]:
         if self._cell_calls is None:
@@ -137,8 +142,9 @@ class InprocessRepl:
         result.duration_ms = int((time.monotonic() - started) * 1000)
         return result
 
-    async def _stop_cell(self, thread: threading.Thread, done: asyncio.Future[CellOutcome], started: float,
-                         timeout: float) -> CellOutcome:
+    async def _stop_cell(
+        self, thread: threading.Thread, done: asyncio.Future[CellOutcome], started: float, timeout: float
+    ) -> CellOutcome:
         self._cancel_calls()
         _interrupt(thread)
         message = f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped (RLM_EXEC_TIMEOUT_S)."
@@ -152,9 +158,15 @@ class InprocessRepl:
             self._runner = self._new_runner(answer)
             stdout, truncated, restarted = "", False, True
             message += f" It could not be interrupted, so it was abandoned. {RESTARTED_NOTE}"
-        return CellOutcome(stdout=stdout, error=message, truncated=truncated,
-                           duration_ms=int((time.monotonic() - started) * 1000), answer_content=answer,
-                           answer_ready=False, restarted=restarted)
+        return CellOutcome(
+            stdout=stdout,
+            error=message,
+            truncated=truncated,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            answer_content=answer,
+            answer_ready=False,
+            restarted=restarted,
+        )
 
     async def close(self) -> None:
         self._cancel_calls()

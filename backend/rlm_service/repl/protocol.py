@@ -132,8 +132,9 @@ def check_lengths(lengths: list[int]) -> int:
     return total
 
 
-async def read_message(reader: asyncio.StreamReader,
-                       reserve: Callable[[dict[str, Any], int], Awaitable[int]]) -> Message:
+async def read_message(
+    reader: asyncio.StreamReader, reserve: Callable[[dict[str, Any], int], Awaitable[int]]
+) -> Message:
     """Read one message from an untrusted writer, holding no more than the caps allow.
 
     `reserve(head, size)` is awaited once the texts' total size is known and before they are read; it

@@ -98,6 +98,7 @@ def make_non_dumpable() -> None:
 
 # --- uid switch ------------------------------------------------------------------------------
 
+
 def _readable_by(path: str, uid: int, gid: int) -> bool:
     """Whether `uid` (in group `gid` alone, with no capability) can reach `path` and read it, or list it
     if it is a directory."""
@@ -121,8 +122,7 @@ def _readable_by(path: str, uid: int, gid: int) -> bool:
 
 def _capset(effective: int, permitted: int) -> None:
     header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    data = struct.pack("=6I", effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, 0,
-                       effective >> 32, permitted >> 32, 0)
+    data = struct.pack("=6I", effective & 0xFFFFFFFF, permitted & 0xFFFFFFFF, 0, effective >> 32, permitted >> 32, 0)
     hbuf = ctypes.create_string_buffer(header, len(header))
     dbuf = ctypes.create_string_buffer(data, len(data))
     syscall("capset", hbuf, dbuf)
@@ -147,6 +147,7 @@ def drop_to_uid(uid: int, unreadable: list[str]) -> None:
 
 
 # --- resource limits -------------------------------------------------------------------------
+
 
 def _tasks_of_uid(uid: int) -> int:
     count = 0
@@ -184,17 +185,39 @@ def set_limits(options: SandboxOptions, *, own_uid: bool = False) -> None:
 
 _LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
 _LL_READ = _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR
-_LL_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1,
-                 5: (1 << 16) - 1}
+_LL_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
 _LL_SCOPE_ABSTRACT_UNIX, _LL_SCOPE_SIGNAL = 1, 2
 _LL_RULE_PATH_BENEATH = 1
 
-_SYSTEM_READ_PATHS = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/proc",
-                      "/sys/devices/system/cpu", "/dev/urandom", "/dev/random", "/dev/zero",
-                      "/etc/ld.so.cache", "/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
-                      "/etc/pki", "/etc/hosts", "/etc/resolv.conf", "/etc/nsswitch.conf",
-                      "/etc/gai.conf", "/etc/host.conf", "/etc/services", "/etc/protocols",
-                      "/etc/mime.types", "/etc/passwd", "/etc/group", "/etc/matplotlibrc"]
+_SYSTEM_READ_PATHS = [
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/bin",
+    "/sbin",
+    "/proc",
+    "/sys/devices/system/cpu",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/pki",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/host.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/mime.types",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/matplotlibrc",
+]
 
 
 def python_paths() -> list[str]:
@@ -219,8 +242,9 @@ def _add_path_rule(ruleset: int, path: str, access: int) -> None:
     try:
         attr = struct.pack("=Qi", access, fd)
         buf = ctypes.create_string_buffer(attr, len(attr))
-        syscall("landlock_add_rule", ctypes.c_int(ruleset), ctypes.c_int(_LL_RULE_PATH_BENEATH), buf,
-                 ctypes.c_uint32(0))
+        syscall(
+            "landlock_add_rule", ctypes.c_int(ruleset), ctypes.c_int(_LL_RULE_PATH_BENEATH), buf, ctypes.c_uint32(0)
+        )
     finally:
         os.close(fd)
 
@@ -254,6 +278,7 @@ def apply_landlock(options: SandboxOptions, abi: int) -> tuple[str, bool]:
 
 # --- all together ----------------------------------------------------------------------------
 
+
 def apply(options: SandboxOptions) -> SandboxReport:
     """Confine the calling process; layers the system cannot provide are listed as skipped. Raises
     `SandboxError` when what is left would not be safe to run generated code in."""
@@ -286,12 +311,18 @@ def apply(options: SandboxOptions) -> SandboxReport:
                 f"the REPL worker (uid {options.uid}) cannot read {unreadable[0]} without CAP_DAC_READ_SEARCH, "
                 f"which it may keep only where Landlock confines it, and Landlock is "
                 f"{report.skipped['landlock']}: make the Python installation readable by every user "
-                "(chmod -R o+rX on it and its parent directories), or run on Linux 5.13+ with Landlock")
+                "(chmod -R o+rX on it and its parent directories), or run on Linux 5.13+ with Landlock"
+            )
         report.layers.insert(0, f"uid {options.uid}" + (" (+read-search, within Landlock)" if unreadable else ""))
     if ARCH in SYSCALLS:
         try:
-            report.layers.append(apply_seccomp(network=options.network, protected_pids=options.protected_pids,
-                                               strict_signals=not own_uid and not scoped))
+            report.layers.append(
+                apply_seccomp(
+                    network=options.network,
+                    protected_pids=options.protected_pids,
+                    strict_signals=not own_uid and not scoped,
+                )
+            )
         except OSError as exc:
             report.skipped["seccomp"] = str(exc)
     else:

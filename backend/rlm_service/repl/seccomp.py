@@ -32,27 +32,84 @@ from .syscalls import ARCH, AUDIT_ARCH, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, SYS
 
 DENIED = (
     # other processes' memory, files and descriptors
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "pidfd_send_signal",
-    "process_madvise", "process_mrelease", "tkill",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "pidfd_send_signal",
+    "process_madvise",
+    "process_mrelease",
+    "tkill",
     # kernel interfaces with a history of exploits, or that bypass the file rules
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "userfaultfd", "perf_event_open",
-    "keyctl", "add_key", "request_key", "open_by_handle_at", "name_to_handle_at", "fanotify_init",
-    "modify_ldt", "uselib", "lookup_dcookie",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "bpf",
+    "userfaultfd",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "fanotify_init",
+    "modify_ldt",
+    "uselib",
+    "lookup_dcookie",
     # namespaces and mounts
-    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen",
-    "fsconfig", "fsmount", "fspick", "mount_setattr",
+    "unshare",
+    "setns",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "open_tree",
+    "move_mount",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
     # leaving the process group that is killed with the run
-    "setsid", "setpgid",
+    "setsid",
+    "setpgid",
     # memory outside the address-space limit
-    "memfd_create", "memfd_secret",
+    "memfd_create",
+    "memfd_secret",
     # the machine's state (all need capabilities the worker does not have)
-    "quotactl", "quotactl_fd", "swapon", "swapoff", "reboot", "kexec_load", "kexec_file_load", "init_module",
-    "finit_module", "delete_module", "acct", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
-    "sethostname", "setdomainname", "syslog", "vhangup", "iopl", "ioperm",
+    "quotactl",
+    "quotactl_fd",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "sethostname",
+    "setdomainname",
+    "syslog",
+    "vhangup",
+    "iopl",
+    "ioperm",
 )
 SIGNALS = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")
-ON_SELF_ONLY = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr",
-                "migrate_pages", "move_pages")
+ON_SELF_ONLY = (
+    "prlimit64",
+    "sched_setaffinity",
+    "sched_setscheduler",
+    "sched_setparam",
+    "sched_setattr",
+    "migrate_pages",
+    "move_pages",
+)
 _NAMESPACE_FLAGS = 0x7E020000
 _PRIO_USER, _IOPRIO_WHO_USER = 2, 3
 
@@ -125,8 +182,9 @@ class _Program:
         self.ret(reply)
 
 
-def build_seccomp_filter(*, network: bool, protected_pids: list[int], strict_signals: bool = False,
-                         own_pid: int | None = None) -> bytes:
+def build_seccomp_filter(
+    *, network: bool, protected_pids: list[int], strict_signals: bool = False, own_pid: int | None = None
+) -> bytes:
     """The filter for a worker whose pid (and so process group) is `own_pid` (by default, this process)."""
     numbers = SYSCALLS[ARCH]
     own = os.getpid() if own_pid is None else own_pid
@@ -189,8 +247,11 @@ def build_seccomp_filter(*, network: bool, protected_pids: list[int], strict_sig
     program.allow_or(eperm, allowed, refused)
     program.place(after)
 
-    for name, who, which_user in [*((name, 0, None) for name in ON_SELF_ONLY),
-                                  ("setpriority", 1, _PRIO_USER), ("ioprio_set", 1, _IOPRIO_WHO_USER)]:
+    for name, who, which_user in [
+        *((name, 0, None) for name in ON_SELF_ONLY),
+        ("setpriority", 1, _PRIO_USER),
+        ("ioprio_set", 1, _IOPRIO_WHO_USER),
+    ]:
         after = program.when_syscall(numbers[name])
         allowed, refused = program.label(), program.label()
         if which_user is not None:  # "every process of my uid" would include the server

@@ -24,13 +24,17 @@ from typing import Any
 log = logging.getLogger("rlm_service")
 
 _BACKEND_DIR = str(Path(__file__).resolve().parents[2])
-_BOOT = (
-    "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.zygote import main; "
-    "del sys.path[0]; main()"
-)
-BASE_ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-                    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                    "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "Agg"}
+_BOOT = "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.zygote import main; del sys.path[0]; main()"
+BASE_ENVIRONMENT = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "MPLBACKEND": "Agg",
+}
 """The zygote's whole environment (built here, never copied from the server's); workers add to it."""
 
 
@@ -121,10 +125,19 @@ class Zygote:
         cache.mkdir(mode=0o700, exist_ok=True)
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-c", _BOOT.format(path=_BACKEND_DIR), str(zygote_end.fileno()),
-                str(os.getpid()), json.dumps(self.preload), pass_fds=(zygote_end.fileno(),),
-                env={**BASE_ENVIRONMENT, "MPLCONFIGDIR": str(cache)}, cwd="/",
-                start_new_session=True, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                sys.executable,
+                "-I",
+                "-c",
+                _BOOT.format(path=_BACKEND_DIR),
+                str(zygote_end.fileno()),
+                str(os.getpid()),
+                json.dumps(self.preload),
+                pass_fds=(zygote_end.fileno(),),
+                env={**BASE_ENVIRONMENT, "MPLCONFIGDIR": str(cache)},
+                cwd="/",
+                start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             )
         finally:

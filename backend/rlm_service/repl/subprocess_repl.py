@@ -34,8 +34,13 @@ DISK_CHECK_S = 0.25
 
 def worker_environment(workdir: Path) -> dict[str, str]:
     """The whole environment of a worker: the zygote's allow-list and its own directory, nothing else."""
-    return {**BASE_ENVIRONMENT, "HOME": str(workdir), "TMPDIR": str(workdir), "PYTHONIOENCODING": "utf-8",
-            "MPLCONFIGDIR": str(workdir / ".matplotlib")}
+    return {
+        **BASE_ENVIRONMENT,
+        "HOME": str(workdir),
+        "TMPDIR": str(workdir),
+        "PYTHONIOENCODING": "utf-8",
+        "MPLCONFIGDIR": str(workdir / ".matplotlib"),
+    }
 
 
 _reported: list[bool] = []
@@ -64,8 +69,14 @@ def _describe_exit(returncode: int | None) -> str:
 class _Process:
     """One worker forked by the zygote: its end of the channel, its process group, its stderr."""
 
-    def __init__(self, process: WorkerProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 stderr_tail: deque[bytes], uid: int | None) -> None:
+    def __init__(
+        self,
+        process: WorkerProcess,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        stderr_tail: deque[bytes],
+        uid: int | None,
+    ) -> None:
         self.process = process
         self.reader = reader
         self.writer = writer
@@ -133,10 +144,18 @@ class ZygoteLauncher:
         drain.add_done_callback(self._drains.discard)
         worker = _Process(process, reader, writer, tail, workspace.worker_uid)
         size = workspace.input_path.stat().st_size
-        writer.writelines(protocol.encode({
-            **init, "input_path": str(workspace.input_path), "uid": workspace.worker_uid,
-            "server_pid": os.getpid(), "max_file_bytes": min(self.options.disk_mb * 1024 * 1024, MAX_FILE_BYTES),
-        }, [answer]))
+        writer.writelines(
+            protocol.encode(
+                {
+                    **init,
+                    "input_path": str(workspace.input_path),
+                    "uid": workspace.worker_uid,
+                    "server_pid": os.getpid(),
+                    "max_file_bytes": min(self.options.disk_mb * 1024 * 1024, MAX_FILE_BYTES),
+                },
+                [answer],
+            )
+        )
         try:
             await writer.drain()
             async with asyncio.timeout(30 + size / 50e6):
@@ -145,17 +164,18 @@ class ZygoteLauncher:
             worker.kill()
             await worker.reap()
             detail = worker.stderr_text()
-            raise ReplError(f"the REPL worker did not start: {worker.describe_exit()}"
-                            + (f": {detail}" if detail else "")) from exc
+            raise ReplError(
+                f"the REPL worker did not start: {worker.describe_exit()}" + (f": {detail}" if detail else "")
+            ) from exc
         if ready.op != "ready":
             worker.kill()
             await worker.reap()
             raise ReplError(f"the REPL worker did not start: {str(ready.head.get('error', ready.op))[:2000]}")
         worker.layers = [str(layer) for layer in _as_list(ready.head.get("layers"))[:20]]
         skipped = ready.head.get("skipped")
-        _report_sandbox_once(worker.layers,
-                             {str(k): str(v) for k, v in list(skipped.items())[:20]} if isinstance(skipped, dict)
-                             else {})
+        _report_sandbox_once(
+            worker.layers, {str(k): str(v) for k, v in list(skipped.items())[:20]} if isinstance(skipped, dict) else {}
+        )
         return worker, ready.head
 
     async def watch(self, stop: Stop) -> None:
@@ -169,9 +189,11 @@ class ZygoteLauncher:
                 problem = await asyncio.to_thread(self.workspace.over_disk_limit, limit)
                 if problem is not None:
                     log.warning("run directory %s: %s; worker stopped", self.workspace.root, problem)
-                    await stop(f"DiskLimit: the run's files {problem} (RLM_WORKER_DISK_MB is "
-                               f"{self.options.disk_mb:,} MB); the worker was stopped and every file in its "
-                               "directory deleted.")
+                    await stop(
+                        f"DiskLimit: the run's files {problem} (RLM_WORKER_DISK_MB is "
+                        f"{self.options.disk_mb:,} MB); the worker was stopped and every file in its "
+                        "directory deleted."
+                    )
                     await asyncio.to_thread(self.workspace.empty_workdir)
                 await asyncio.sleep(max(DISK_CHECK_S, 4 * (time.monotonic() - started)))
         finally:

@@ -118,13 +118,16 @@ class Channel:
         for index, item in enumerate(data):
             size = 0 if item is None else len(item)
             if size > protocol.MAX_TEXT_BYTES:
-                raise ValueError(f"{what} {index} is {size:,} bytes of UTF-8; one may be at most "
-                                 f"{protocol.MAX_TEXT_BYTES:,} bytes")
+                raise ValueError(
+                    f"{what} {index} is {size:,} bytes of UTF-8; one may be at most {protocol.MAX_TEXT_BYTES:,} bytes"
+                )
             total += size
         if total > protocol.MAX_MESSAGE_BYTES or len(data) > protocol.MAX_TEXTS:
-            raise ValueError(f"{len(data):,} texts of {total:,} bytes of UTF-8 in one call; at most "
-                             f"{protocol.MAX_TEXTS:,} texts of {protocol.MAX_MESSAGE_BYTES:,} bytes: "
-                             "split it into several calls")
+            raise ValueError(
+                f"{len(data):,} texts of {total:,} bytes of UTF-8 in one call; at most "
+                f"{protocol.MAX_TEXTS:,} texts of {protocol.MAX_MESSAGE_BYTES:,} bytes: "
+                "split it into several calls"
+            )
         request_id = next(self._ids)
         waiter: queue.SimpleQueue[protocol.Message] = queue.SimpleQueue()
         self._waiting[request_id] = waiter
@@ -146,7 +149,9 @@ def _done(result: CellOutcome) -> tuple[dict[str, Any], list[protocol.Text]]:
     texts: list[protocol.Text] = [
         protocol.fit(result.stdout, protocol.MAX_OUTPUT_BYTES),
         None if result.error is None else protocol.fit(result.error, protocol.MAX_OUTPUT_BYTES),
-        protocol.fit(result.answer_content, protocol.MAX_TEXT_BYTES), *notes, *figures,
+        protocol.fit(result.answer_content, protocol.MAX_TEXT_BYTES),
+        *notes,
+        *figures,
     ]
     return head, texts
 
@@ -159,10 +164,16 @@ def main(fd: int, *, expected_parent: int) -> None:
     init = message.head
     protected = [pid for pid in (init.get("server_pid"), expected_parent) if isinstance(pid, int)]
     options = sandbox.SandboxOptions(
-        memory_mb=int(init["memory_mb"]), cpu_seconds=int(init["cpu_seconds"]),
-        network=bool(init["network"]), workdir=os.getcwd(), readable_files=[init["input_path"]],
-        uid=init.get("uid"), protected_pids=protected, processes=int(init["processes"]),
-        max_file_bytes=int(init["max_file_bytes"]), landlock=bool(init["landlock"]),
+        memory_mb=int(init["memory_mb"]),
+        cpu_seconds=int(init["cpu_seconds"]),
+        network=bool(init["network"]),
+        workdir=os.getcwd(),
+        readable_files=[init["input_path"]],
+        uid=init.get("uid"),
+        protected_pids=protected,
+        processes=int(init["processes"]),
+        max_file_bytes=int(init["max_file_bytes"]),
+        landlock=bool(init["landlock"]),
     )
     try:
         report = sandbox.apply(options) if init.get("sandbox", True) else sandbox.SandboxReport()
@@ -172,14 +183,22 @@ def main(fd: int, *, expected_parent: int) -> None:
     try:
         context = load_text(init["input_path"])
     except MemoryError:
-        protocol.send_blocking(sock, {"op": "failed", "error": "the input does not fit in the worker's "
-                                      f"memory limit ({options.memory_mb} MB)"})
+        protocol.send_blocking(
+            sock,
+            {"op": "failed", "error": f"the input does not fit in the worker's memory limit ({options.memory_mb} MB)"},
+        )
         return
     channel = Channel(sock)
     os.register_at_fork(after_in_child=channel.forked)
-    runner = CellRunner(context, channel.batch, rlm=channel.rlm, max_output_chars=int(init["max_output_chars"]),
-                        capture_all_threads=True, answer=str(message.texts[0] if message.texts else ""),
-                        memory_limit_mb=options.memory_mb)
+    runner = CellRunner(
+        context,
+        channel.batch,
+        rlm=channel.rlm,
+        max_output_chars=int(init["max_output_chars"]),
+        capture_all_threads=True,
+        answer=str(message.texts[0] if message.texts else ""),
+        memory_limit_mb=options.memory_mb,
+    )
     channel.start()
     channel.send({"op": "ready", "chars": len(context), "layers": report.layers, "skipped": report.skipped})
     while True:

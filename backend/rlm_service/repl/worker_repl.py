@@ -102,10 +102,16 @@ class WorkerRepl:
         self._watcher = asyncio.ensure_future(self.launcher.watch(self._stop))
 
     async def _spawn(self) -> None:
-        init = {"op": "init", "memory_mb": self.options.memory_mb, "cpu_seconds": self.options.cpu_seconds,
-                "network": self.options.network, "max_output_chars": self.options.max_output_chars,
-                "sandbox": self.options.sandbox, "processes": self.options.processes,
-                "landlock": self.options.landlock}
+        init = {
+            "op": "init",
+            "memory_mb": self.options.memory_mb,
+            "cpu_seconds": self.options.cpu_seconds,
+            "network": self.options.network,
+            "max_output_chars": self.options.max_output_chars,
+            "sandbox": self.options.sandbox,
+            "processes": self.options.processes,
+            "landlock": self.options.landlock,
+        }
         self._worker, _ = await self.launcher.launch(init, self._answer_content)
 
     async def _stop(self, reason: str) -> None:
@@ -146,12 +152,13 @@ class WorkerRepl:
                     else:
                         raise protocol.ProtocolError(f"an unexpected {message.op[:40]!r} message")
         except TimeoutError:
-            reason = (f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped "
-                      "(RLM_EXEC_TIMEOUT_S).")
+            reason = f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped (RLM_EXEC_TIMEOUT_S)."
         except protocol.ProtocolError as exc:
             worker.kill()
-            reason = (f"ProtocolError: the REPL worker sent {exc}, which its channel to the server does not "
-                      "allow; it was stopped and replaced.")
+            reason = (
+                f"ProtocolError: the REPL worker sent {exc}, which its channel to the server does not "
+                "allow; it was stopped and replaced."
+            )
         except (protocol.ChannelClosed, ConnectionError):
             await worker.reap()
             reason = f"WorkerDied: {worker.describe_exit()} while running this cell."
@@ -169,9 +176,13 @@ class WorkerRepl:
         reason, self._stopped_because = self._stopped_because or reason, None
         await self._restart(reason[:300])
         return CellOutcome(
-            stdout="", truncated=False, duration_ms=int((time.monotonic() - started) * 1000),
+            stdout="",
+            truncated=False,
+            duration_ms=int((time.monotonic() - started) * 1000),
             error=f"{reason} {RESTARTED_NOTE}",
-            answer_content=self._answer_content, answer_ready=False, restarted=True,
+            answer_content=self._answer_content,
+            answer_ready=False,
+            restarted=True,
         )
 
     async def begin_run(self, timeout: float) -> RunStart:
@@ -234,12 +245,14 @@ class WorkerRepl:
         stdout, error, answer = texts[:3]
         shown = self.options.max_output_chars + 200
         return CellOutcome(
-            stdout=(stdout or "")[:shown], error=None if error is None else error[:4 * shown],
-            truncated=head.get("truncated") is True, duration_ms=int((time.monotonic() - started) * 1000),
+            stdout=(stdout or "")[:shown],
+            error=None if error is None else error[: 4 * shown],
+            truncated=head.get("truncated") is True,
+            duration_ms=int((time.monotonic() - started) * 1000),
             answer_content=(answer or "")[:MAX_ANSWER_CHARS],
             answer_ready=head.get("answer_ready") is True,
-            notes=[(note or "")[:500] for note in texts[3:3 + notes]],
-            figures=_valid_figures(texts[3 + notes:]),
+            notes=[(note or "")[:500] for note in texts[3 : 3 + notes]],
+            figures=_valid_figures(texts[3 + notes :]),
         )
 
     async def close(self) -> None:
@@ -262,15 +275,17 @@ def _check_request(message: protocol.Message) -> None:
     """A `batch` request carries prompts; an `rlm` request as many prompts as contexts (a context may be None)."""
     texts = message.texts
     prompts = texts if message.op == "batch" else texts[: len(texts) // 2]
-    if (not isinstance(message.head.get("id"), int) or None in prompts
-            or (message.op == "rlm" and len(texts) % 2)):
+    if not isinstance(message.head.get("id"), int) or None in prompts or (message.op == "rlm" and len(texts) % 2):
         raise protocol.ProtocolError(f"a malformed {message.op!r} request")
 
 
 def _valid_figures(figures: list[str | None]) -> list[str]:
     """Figures from a worker: a few base64 strings of bounded size, nothing else."""
-    return [item for item in figures[:MAX_FIGURES]
-            if isinstance(item, str) and len(item) <= MAX_FIGURE_BYTES * 4 // 3 + 4 and _BASE64.fullmatch(item)]
+    return [
+        item
+        for item in figures[:MAX_FIGURES]
+        if isinstance(item, str) and len(item) <= MAX_FIGURE_BYTES * 4 // 3 + 4 and _BASE64.fullmatch(item)
+    ]
 
 
 __all__ = ["Launcher", "ReplError", "Stop", "Worker", "WorkerRepl"]

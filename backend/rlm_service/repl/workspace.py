@@ -154,7 +154,7 @@ class _Instance:
                 staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=base))
                 fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 fcntl.flock(fd, fcntl.LOCK_EX)  # before its name makes other servers look at it
-                root = base / (_INSTANCE_PREFIX + staging.name[len(_STAGING_PREFIX):])
+                root = base / (_INSTANCE_PREFIX + staging.name[len(_STAGING_PREFIX) :])
                 os.rename(staging, root)
                 os.chmod(root, 0o711 if os.geteuid() == 0 else 0o700)  # workers of other uids pass through
                 self._root, self._fd = root, fd
