@@ -193,3 +193,23 @@ def test_a_loopback_server_answers_only_loopback_host_names(fake: FakeOpenAI) ->
     assert rebound.status_code == 400 and "runs" not in rebound.text
     assert local == [200, 200, 200]
     assert named.status_code == 200 and unnamed.status_code == 400
+
+
+def test_a_large_chat_completion_body_is_served_while_the_server_keeps_answering(tmp_path: Path) -> None:
+    """The OpenAI-compatible endpoint's conversation can be as large as `/process`'s input: a 40 MB body is
+    parsed in a child process (handed back marshalled: a copy, not a parse) and rendered in a thread, while
+    `/health` keeps answering. (The server still renders and hashes the conversation itself, so its CPU
+    time for the run, about 0.35 s here, is not the measure `/process`'s test uses.)"""
+    task = script({"code": ["answer.update(content=str(len(context) > 30_000_000), ready=True)"]})
+    messages = [{"role": "user", "content": "ab\n" * 10_000_000}, {"role": "user", "content": task}]
+    payload = json.dumps({"model": "rlm", "messages": messages}).encode()
+    with spawn_server(tmp_path) as server, health_watch(server.url) as health:
+        response = httpx2.post(
+            f"{server.url}/v1/chat/completions",
+            content=payload,
+            headers={"Content-Type": "application/json"},
+            timeout=120,
+        )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "True"
+    assert health and set(health) == {200}, health

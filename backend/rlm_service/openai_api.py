@@ -16,7 +16,6 @@ the reply streams or not.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
@@ -46,7 +45,7 @@ from .openai_chat import (
 )
 from .runs import LiveRun
 from .streaming import SEP, RunSlots
-from .uploads import BodyLimits, body_chunks, describe_validation_error, json_too_large
+from .uploads import BodyLimits, describe_validation_error, read_json_object
 
 ANSWER_DELTA_CHARS = 1000
 """The answer goes out in `content` deltas of this many characters."""
@@ -150,7 +149,8 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
             raise OpenAIError(503, problem, code="model_not_configured")
         slots.refuse_if_full()
         chat = await _read_chat(request, limits)
-        run_settings, run_input, task = _prepare(chat, settings)
+        # in a thread: the conversation is rendered, encoded and hashed, and may be tens of megabytes
+        run_settings, run_input, task = await asyncio.to_thread(_prepare, chat, settings)
         slots.refuse_if_full()
         engine: Engine = request.app.state.engine
         run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=chat.model_settings()))
@@ -173,24 +173,17 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise OpenAIError(400, f"send the request as application/json (not {media_type or 'no content type'})")
-    body = bytearray()
-    async for chunk in body_chunks(request.stream(), limits):
-        body += chunk
-        if (refusal := json_too_large(limits, len(body))) is not None:
-            raise OpenAIError(
-                413,
-                str(refusal.detail).replace(
-                    "a multipart/form-data upload (field input_file)", "a multipart upload to POST /process"
-                ),
-            )
     try:
-        data = await asyncio.to_thread(json.loads, bytes(body))
-    except (ValueError, RecursionError) as exc:
-        raise OpenAIError(400, f"the body is not valid JSON: {exc}") from None
+        data = await read_json_object(request.stream(), limits)
+    except HTTPException as exc:
+        detail = str(exc.detail).replace(
+            "a multipart/form-data upload (field input_file)", "a multipart upload to POST /process"
+        )
+        raise OpenAIError(exc.status_code, detail) from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
     try:
-        chat = ChatRequest.model_validate(data)
+        chat = await asyncio.to_thread(ChatRequest.model_validate, data)
     except ValidationError as exc:
         first = exc.errors()[0]["loc"]
         raise OpenAIError(400, describe_validation_error(exc), param=".".join(map(str, first)) or None) from None

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import marshal
 import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
@@ -183,33 +185,49 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
     return await asyncio.to_thread(_parse_inline, bytes(body), limits)
 
 
-async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
-    child = await asyncio.create_subprocess_exec(
+async def _child_parser(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
         jsonbody.__file__,
-        str(instance_directory()),
-        str(limits.prompt_chars),
-        str(limits.input_bytes),
+        *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
     )
+
+
+async def _feed(
+    child: asyncio.subprocess.Process, head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits
+) -> bytes:
+    """Stream the body into the child as it arrives (refusing it past the cap); the child's answer."""
     assert child.stdin is not None and child.stdout is not None
+    received = len(head)
+    child.stdin.write(head)
+    async for chunk in rest:
+        received += len(chunk)
+        if (refusal := json_too_large(limits, received)) is not None:
+            raise refusal
+        child.stdin.write(chunk)
+        await child.stdin.drain()
+    child.stdin.close()
+    answer = await child.stdout.read()
+    await child.wait()
+    return answer
+
+
+async def _end(child: asyncio.subprocess.Process) -> None:
+    if child.returncode is None:
+        child.kill()
+        await child.wait()
+
+
+async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
+    child = await _child_parser(str(instance_directory()), str(limits.prompt_chars), str(limits.input_bytes))
     run_input: RunInput | None = None
     try:
-        received = len(head)
-        child.stdin.write(head)
-        async for chunk in rest:
-            received += len(chunk)
-            if (refusal := json_too_large(limits, received)) is not None:
-                raise refusal
-            child.stdin.write(chunk)
-            await child.stdin.drain()
-        child.stdin.close()
-        answer = json.loads(await child.stdout.read() or b"{}")
-        await child.wait()
+        answer = json.loads(await _feed(child, head, rest, limits) or b"{}")
         if answer.get("status") != 200:
             raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
         described = answer["input"]
@@ -227,10 +245,37 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
     except BaseException:
         if run_input is not None:
             run_input.discard()
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
+        await _end(child)
         raise
+
+
+async def read_json_object(stream: AsyncIterator[bytes], limits: BodyLimits) -> Any:
+    """A JSON body as Python objects, parsed where it cannot stall the event loop: in a thread when it is
+    small, in a child process (`jsonbody --object`) when it is large. Raises `HTTPException` (400, 408,
+    413) like the rest of this module."""
+    body = bytearray()
+    chunks = body_chunks(stream, limits)
+    async for chunk in chunks:
+        body += chunk
+        if (refusal := json_too_large(limits, len(body))) is not None:
+            raise refusal
+        if len(body) > jsonbody.INLINE_BYTES:
+            child = await _child_parser("--object")
+            try:
+                answer = await _feed(child, bytes(body), chunks, limits)
+            except BaseException:
+                await _end(child)
+                raise
+            if answer[:1] != jsonbody.OBJECT:
+                refusal_body = json.loads(answer[1:] or b'{"status": 500}')
+                raise HTTPException(refusal_body.get("status", 500), refusal_body.get("detail", "unreadable body"))
+            return await asyncio.to_thread(marshal.loads, answer[1:])
+    try:
+        return await asyncio.to_thread(json.loads, bytes(body))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
 
 
 class _FormReader:
