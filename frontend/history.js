@@ -8,7 +8,7 @@ import { resetRun, setStatus, showBanner } from "./render.js";
 import { $, el, state } from "./state.js";
 
 const TAGS = { finished: "finished", failed: "failed", unfinished: "unfinished", cancelled: "cancelled",
-  running: "running" };
+  lost: "lost", running: "running" };
 
 let openRuns = () => {};
 
