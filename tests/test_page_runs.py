@@ -259,6 +259,7 @@ def test_a_follow_up_continues_the_conversation_and_the_history_keeps_it_togethe
         assert conversation["earlier"] == [[COUNT_WORDS, "4 words"]]
         assert conversation["question"] == LONGEST and conversation["follow"] == ""
         assert [head.split(" · ")[0] for head in conversation["heads"]] == ["Question 1", "Question 2"]
+        page.wait_for_selector("#follow-up:not([hidden]) #follow-up-button:enabled")  # the panel is complete
         shown = page.inner_text("#answer-panel")
 
         page.reload()
