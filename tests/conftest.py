@@ -85,6 +85,19 @@ def run_leftovers(tmp: Path) -> list[str]:
     return found
 
 
+def self_signed_certificate(folder: Path, alt_names: str = "DNS:localhost") -> tuple[Path, Path]:
+    """A one-day self-signed certificate for `localhost` (and `alt_names`) and its key, made by openssl."""
+    openssl = require_tool("openssl", "to make a certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    subprocess.run(
+        [openssl, *request, "-keyout", str(key), "-out", str(cert), "-addext", f"subjectAltName={alt_names}"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 def require_tool(name: str, why: str) -> str:
     """The path of a command the test needs: missing, it fails under CI (which installs it) and skips elsewhere."""
     found = shutil.which(name)

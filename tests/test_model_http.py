@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlm_service.llm import ChatClient, ModelCallError, parse_completion
+from tests.conftest import self_signed_certificate
 
 REPLY = json.dumps(
     {
@@ -83,33 +82,7 @@ async def test_http_endpoint_through_a_proxy_sends_the_absolute_form_and_credent
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for `localhost` and its key (openssl is installed by .ci/run)."""
-    if shutil.which("openssl") is None:
-        pytest.fail("needs the openssl command (apt-get install openssl)")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path)
 
 
 async def test_https_endpoint_through_a_connect_tunnel(certificate: tuple[Path, Path]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_tool, script, spawn_server, stream_run
+from tests.conftest import script, self_signed_certificate, spawn_server, stream_run
 from tests.fake_openai import FakeOpenAI
 
 HOST = "models.test"  # not local, so the server goes through HTTPS_PROXY; only the proxy resolves it
@@ -28,32 +27,7 @@ PROMPT = script({"code": ["r = llm_query('over tls')\nanswer.update(content=r, r
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost, 127.0.0.1 and `HOST`, and its key."""
-    openssl = require_tool("openssl", "to make a certificate")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            f"subjectAltName=DNS:localhost,DNS:{HOST},IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"), f"DNS:localhost,DNS:{HOST},IP:127.0.0.1")
 
 
 @pytest.fixture
