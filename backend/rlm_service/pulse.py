@@ -37,7 +37,7 @@ from typing import TypeVar
 from . import fleet_sql as sql
 from .store import StoreUnavailable
 from .store_sql import SqlRunStore
-from .storewriter import Db
+from .storewriter import Db, in_transaction
 
 log = logging.getLogger("rlm_service")
 
@@ -185,15 +185,7 @@ class Pulse:
         try:
             if self._db is None:
                 self._db = self.store.connection()
-            db = self._db
-            db.begin()
-            try:
-                result = work(db)
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-            return result
+            return in_transaction(self._db, work)
         except Exception as exc:
             if self._db is not None and not self._db.transient(exc):
                 raise

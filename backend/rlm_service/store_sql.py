@@ -18,13 +18,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
 from .migrations import PREVIEW_CHARS, Dialect
 from .store import KeptInput, RunBudget, RunRecord, RunSummary, StoreUnavailable, valid_run_id
-from .storewriter import Db, Job, Writer, WriteSkipped
+from .storewriter import Db, Job, Writer, WriteSkipped, in_transaction
 
 DELETE_TIMEOUT_S = 10.0
 T = TypeVar("T")
@@ -207,14 +208,7 @@ class SqlRunStore(ABC):
         """`work` in one transaction on a reading connection (not the writer's queue), for the coordination of
         processes; raises `StoreUnavailable` when the database cannot be reached now."""
         with self._reading() as db:
-            db.begin()
-            try:
-                result = work(db)
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-            return result
+            return in_transaction(db, work)
 
     def query(self, work: Callable[[Db], T]) -> T:
         """`work` on a reading connection, outside any transaction of its own; raises `StoreUnavailable` as
@@ -396,24 +390,9 @@ def _summary(row: Mapping[str, Any]) -> RunSummary:
 
 
 def _record(row: Mapping[str, Any], prompt: str, answer: str | None) -> RunRecord:
-    summary = _summary(row)
-    return RunRecord(
-        id=summary.id,
-        created=summary.created,
-        status=summary.status,
-        prompt=prompt,
-        settings=summary.settings,
-        input_chars=summary.input_chars,
-        input_lines=summary.input_lines,
-        input_bytes=summary.input_bytes,
-        input_sha256=summary.input_sha256,
-        input_name=summary.input_name,
-        input_kept=summary.input_kept,
-        finished=summary.finished,
-        answer=answer,
-        ready=summary.ready,
-        iterations=summary.iterations,
-        usage=summary.usage,
-        error=summary.error,
-        session_id=summary.session_id,
-    )
+    """The whole run: its summary's fields, with the full prompt and answer in place of their previews."""
+    shared = {name: value for name, value in vars(_summary(row)).items() if name in _RECORD_FIELDS}
+    return RunRecord(**shared, prompt=prompt, answer=answer)
+
+
+_RECORD_FIELDS = {field.name for field in fields(RunRecord)} - {"prompt", "answer"}

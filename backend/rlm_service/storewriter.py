@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger("rlm_service")
 
@@ -34,6 +34,9 @@ BATCH = 500
 MAX_BACKLOG = 10_000
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
+
+
+T = TypeVar("T")
 
 
 class Db(Protocol):
@@ -57,6 +60,18 @@ class Db(Protocol):
 
     def close(self) -> None:
         """Never raises."""
+
+
+def in_transaction(db: Db, work: Callable[[Db], T]) -> T:
+    """`work` in one transaction on `db`: committed when it returns, rolled back when it raises."""
+    db.begin()
+    try:
+        result = work(db)
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
+    return result
 
 
 class WriteSkipped(Exception):
