@@ -104,6 +104,13 @@ def test_server_crash_mid_run_leaves_an_unfinished_run(tmp_path: Path) -> None:
         assert runs[0]["id"] == run_id and runs[0]["status"] == "unfinished"
         events = httpx2.get(f"{server.url}/api/runs/{run_id}").json()["events"]
         assert events[0]["type"] == "start" and "code" in [e["type"] for e in events]
+        # Re-attaching still ends with one terminal event (an EventSource would reconnect forever without it).
+        # Mutant: the events route streaming the stored events as they are (the stream ends after `code`).
+        with httpx2.Client(timeout=30) as client, client.stream("GET", f"{server.url}/api/runs/{run_id}/events") as r:
+            replayed = list(parse_sse(r.iter_lines()))
+        assert [e.event for e in replayed] == [e["type"] for e in events] + ["error"]
+        assert replayed[-1].data["code"] == "lost" and "unfinished" in replayed[-1].data["message"]
+        assert replayed[-1].data["seq"] == events[-1]["seq"] + 1
 
 
 def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:

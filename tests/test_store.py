@@ -3,6 +3,7 @@ behaviour run on both stores (`store_factory`: SQLite, and PostgreSQL on a real 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Callable
@@ -13,10 +14,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from rlm_service import followers
 from rlm_service.events import (
     AnswerEvent,
     CodeEvent,
     ErrorEvent,
+    EventBase,
     FinalEvent,
     InputInfo,
     RunLimits,
@@ -292,6 +295,38 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_fac
     assert store.events(run_id, after=9) == [] and store.status(run_id) == "finished"
     assert store.status("feedfacefeedface") is None and store.events("feedfacefeedface") == []
     assert store.status("../" + run_id) is None and store.get("x" * 5000) is None
+    store.close()
+
+
+@pytest.mark.parametrize("ending", ["unfinished", "deleted"])
+def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """Following a run (as another process does, through the store) whose process stopped before it wrote a
+    terminal event, or that was deleted meanwhile: the stream still ends with one terminal event, `error` `lost`.
+    Mutant: the follower returning at the status check without it (the stream ends after `code`)."""
+    monkeypatch.setattr(followers, "RECHECK_S", 0.0)  # check the run's status at every turn, not every 5 s
+    store = store_factory()
+    run_id = "0123456789abcdef"
+    store.begin(_record(run_id, 1.0))
+    store.record(run_id, _start(run_id))
+    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
+    assert store.flush()
+    if ending == "unfinished":
+        store.abandon(run_id, "unfinished")
+    else:
+        store.delete(run_id)
+    assert store.flush()
+
+    async def follow() -> list[EventBase]:
+        follower = followers.StoreFollower(store, followers.Wakeups(), lambda: 0.01)
+        return [event async for event in follower.follow(run_id, after=1 if ending == "unfinished" else 0)]
+
+    seen = asyncio.run(asyncio.wait_for(follow(), 30))
+    expected = ["code", "error"] if ending == "unfinished" else ["error"]
+    assert [event.type for event in seen] == expected
+    assert isinstance(seen[-1], ErrorEvent) and seen[-1].code == "lost" and seen[-1].seq == (3 if seen[:-1] else 1)
+    assert ending in seen[-1].message
     store.close()
 
 

@@ -169,6 +169,12 @@ class ErrorEvent(EventBase):
     answer: str | None = None
 
 
+def lost_event(run_id: str, last_seq: int, why: str) -> ErrorEvent:
+    """The terminal event of a run that has none of its own (its process stopped before writing one), so that
+    every stream of it still ends with exactly one terminal event."""
+    return ErrorEvent(run_id=run_id, seq=last_seq + 1, code="lost", message=why)
+
+
 Event = Annotated[
     StartEvent
     | ThoughtEvent

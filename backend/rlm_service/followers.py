@@ -10,7 +10,7 @@ How a follower hears that a run has new events:
 
 A follower outlives the database's failures: a read that fails is tried again at the next turn, and the stream
 goes on. A run that ends without a terminal event of its own (deleted, or left `unfinished`) ends its followers
-at their next check of its status.
+at their next check of its status, with an `error` event `lost` in place of the one it never wrote.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from .events import Event, is_terminal, parse_event
+from .events import Event, is_terminal, lost_event, parse_event
 from .store import StoreUnavailable
 from .store_sql import SqlRunStore
 
@@ -143,7 +143,13 @@ class StoreFollower:
                     status = await self._read(self.store.status, run_id, unavailable="running")
                     if status != "running":
                         for data in await self._read(self.store.events, run_id, seen) or ():
-                            yield parse_event(data)
+                            event = parse_event(data)
+                            seen = event.seq
+                            yield event
+                            if is_terminal(event):
+                                return
+                        why = "was deleted" if status is None else f"is {status}"
+                        yield lost_event(run_id, seen, f"the run ended without a final event: it {why}")
                         return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self.poll_s())

@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from .capacity import Capacity
 from .config import Settings
 from .engine import Engine, SettingsRefused, effective_limits
-from .events import EventBase, parse_event
+from .events import EventBase, lost_event, parse_event
 from .fleet import Fleet
 from .history import in_store
 from .runs import LiveRun
@@ -201,8 +201,12 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         fleet = _fleet(request)
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
-        stored = await _stored_events(request, run_id, start)
-        return event_stream(settings, [parse_event(data) for data in stored], ping_s=ping_s)
+        stored = [parse_event(data) for data in await _stored_events(request, run_id, start)]
+        store: RunStore = request.app.state.store
+        if await in_store(store.status, run_id) == "unfinished":  # its server stopped before the run ended
+            last = stored[-1].seq if stored else start or 0
+            stored.append(lost_event(run_id, last, "the server stopped before this run ended; it is unfinished"))
+        return event_stream(settings, stored, ping_s=ping_s)
 
     @router.post(
         "/api/runs/{run_id}/cancel",
