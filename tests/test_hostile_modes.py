@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import subprocess
@@ -43,8 +44,10 @@ def _python_for_others() -> str | None:
 
 
 def _free_uid() -> int:
-    """A uid no user of this host has and no process runs as."""
-    for uid in range(42000, 43000):
+    """A uid no user of this host has and no process runs as, drawn at random from a million, so that two copies
+    of the suite running at once do not pick the same one (its process limit counts every task of the uid)."""
+    for _ in range(100):
+        uid = random.randrange(1_000_000, 2_000_000)
         try:
             pwd.getpwuid(uid)
             continue
