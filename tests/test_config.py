@@ -11,7 +11,7 @@ import httpx2
 import pytest
 
 from rlm_service.config import ConfigError, Settings, load_settings
-from tests.conftest import start_on_free_port
+from tests.conftest import script, spawn_server, start_on_free_port, stream_run
 
 MAIN = Path(__file__).resolve().parents[1] / "backend" / "main.py"
 
@@ -268,3 +268,52 @@ def test_a_value_that_must_be_json_is_named_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "backend" / ".env").write_text("RLM_PRICES=[1, 2\n")
     with pytest.raises(ConfigError, match=r"^RLM_PRICES: must be JSON"):
         load_settings(_env_file=(tmp_path / "backend" / ".env",))
+
+
+TAGGING_KIND = '''
+"""A REPL kind of its own: the in-process REPL, whose every cell first sets `repl_kind`."""
+
+from rlm_service.repl.base import register
+from rlm_service.repl.inprocess_repl import InprocessBackend
+
+
+class TaggingRepl:
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def start(self):
+        await self.inner.start()
+
+    async def execute(self, code, timeout, calls):
+        return await self.inner.execute("repl_kind = 'tagging'\\n" + code, timeout, calls)
+
+    async def begin_run(self, timeout):
+        return await self.inner.begin_run(timeout)
+
+    async def close(self):
+        await self.inner.close()
+
+
+@register("tagging")
+class TaggingBackend(InprocessBackend):
+    def make(self, workspace, options):
+        return TaggingRepl(super().make(workspace, options))
+'''
+
+
+def test_a_new_repl_kind_is_one_module_that_an_installed_package_names(tmp_path: Path) -> None:
+    """A module of another package, named under the `rlm_service.repl` entry-point group, adds a kind that
+    RLM_REPL can choose; the server then runs cells through it. Mutants: RLM_REPL checked against a fixed list
+    of kinds (the server refuses to start); kinds looked up without loading the entry points (likewise)."""
+    site = tmp_path / "site"
+    (site / "tagging_kind-1.0.dist-info").mkdir(parents=True)
+    (site / "tagging_kind.py").write_text(TAGGING_KIND)
+    (site / "tagging_kind-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: tagging-kind\n")
+    (site / "tagging_kind-1.0.dist-info" / "entry_points.txt").write_text(
+        "[rlm_service.repl]\ntagging = tagging_kind\n"
+    )
+    prompt = script({"code": ["answer.update(content=repl_kind, ready=True)"]})
+    with spawn_server(tmp_path, RLM_REPL="tagging", PYTHONPATH=str(site)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": prompt, "input_data": "x"})
+    assert events[0].data["repl"] == "tagging"
+    assert events[-1].event == "final" and events[-1].data["answer"] == "tagging"

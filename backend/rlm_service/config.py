@@ -94,7 +94,8 @@ class Settings(BaseSettings):
     rlm_worker_network: Literal["off", "on"] = "off"
     rlm_api_token: SecretStr | None = None
     rlm_root_protocol: Literal["tools", "text"] = "tools"
-    rlm_repl: Literal["subprocess", "inprocess"] = "subprocess"
+    rlm_repl: str = "subprocess"
+    """The REPL kind that runs generated code: `subprocess`, `inprocess`, or one an installed module adds."""
 
     rlm_session_idle_s: float = Field(1800.0, gt=0)
     """A session (a REPL kept for follow-up questions) ends after this long without a run."""
@@ -163,6 +164,15 @@ class Settings(BaseSettings):
                 "runs and sessions: set RLM_HISTORY_DB to a file (or RLM_DATABASE_URL), or "
                 "WEB_CONCURRENCY=1"
             )
+        return value
+
+    @field_validator("rlm_repl")
+    @classmethod
+    def _known_repl(cls, value: str) -> str:
+        from .repl.base import kinds  # the kinds register themselves as their modules load
+
+        if value not in kinds():
+            raise ValueError(f"unknown REPL kind {value!r}; known: {', '.join(kinds())}")
         return value
 
     @field_validator("openai_api_base")

@@ -223,7 +223,7 @@ class RunDriver:
         """A run with a workspace and REPL of its own (closed at its end, unless kept as a session)."""
         settings = self.settings
         run_input = plan.run_input
-        workspace = Workspace.create(isolate_uid=settings.rlm_repl == "subprocess")
+        workspace = Workspace.create(isolate_uid=self.engine.repls.isolates_uid)
         repl: Repl | None = None
         starting: asyncio.Future[None] | None = None
         kept = False

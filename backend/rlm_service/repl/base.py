@@ -1,16 +1,22 @@
 """What the engine and the controller see of a REPL, whichever kind runs the code, and the registry of kinds.
 
 A REPL kind is one module that registers a factory under its name (`RLM_REPL`): `subprocess` (a confined
-worker process, the default) and `inprocess` (a thread of the server, for trusted use). A REPL is made for a
-workspace and lives as long as its owner wants: one run, or every run of a session. What a cell's
-`llm_batch` and `rlm_batch` reach is given with each cell (`SubCalls`), so the REPL does not belong to any
-one run's controller.
+worker process, the default) and `inprocess` (a thread of the server, for trusted use). The kinds are found,
+not listed: every module of this package whose name ends in `_repl`, and every module another installed package
+names under the entry-point group `rlm_service.repl`, is imported once and registers what it offers.
+
+A REPL is made for a workspace and lives as long as its owner wants: one run, or every run of a session. What a
+cell's `llm_batch` and `rlm_batch` reach is given with each cell (`SubCalls`), so the REPL does not belong to
+any one run's controller.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Protocol
 
 from .executor import CellOutcome
@@ -84,6 +90,9 @@ class Repl(Protocol):
 class ReplBackend(Protocol):
     """One kind of REPL: what its REPLs share (a zygote, a container client…) and how one is made."""
 
+    isolates_uid: bool
+    """Whether its code runs as a uid of its own per run (the workspace is then made for that uid)."""
+
     async def start(self) -> None:
         """Get ready before the first run (warm what the first run would otherwise wait for)."""
 
@@ -108,12 +117,25 @@ def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
     return add
 
 
+def kinds() -> list[str]:
+    """The names of every REPL kind there is (importing the modules that define them, once)."""
+    global _found
+    if not _found:
+        package = importlib.import_module(__package__ or "rlm_service.repl")
+        for module in pkgutil.iter_modules(package.__path__):
+            if module.name.endswith("_repl"):
+                importlib.import_module(f"{package.__name__}.{module.name}")
+        for entry in entry_points(group="rlm_service.repl"):
+            entry.load()
+        _found = True
+    return sorted(REGISTRY)
+
+
+_found = False
+
+
 def backend(kind: str, preload: list[str]) -> ReplBackend:
     """The backend of the registered REPL `kind`."""
-    from . import inprocess_repl, subprocess_repl  # noqa: F401  (the built-in kinds register themselves)
-
-    try:
-        factory = REGISTRY[kind]
-    except KeyError:
-        raise ReplError(f"unknown REPL kind {kind!r}; known: {', '.join(sorted(REGISTRY))}") from None
-    return factory(preload)
+    if kind not in kinds():
+        raise ReplError(f"unknown REPL kind {kind!r}; known: {', '.join(kinds())}")
+    return REGISTRY[kind](preload)

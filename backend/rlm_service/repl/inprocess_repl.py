@@ -178,6 +178,8 @@ class InprocessRepl:
 class InprocessBackend:
     """`RLM_REPL=inprocess`: nothing shared; each REPL is a namespace in the server."""
 
+    isolates_uid = False
+
     def __init__(self, preload: list[str]) -> None:
         self.preload = preload
 

@@ -212,6 +212,8 @@ def _as_list(value: object) -> list[Any]:
 class SubprocessBackend:
     """`RLM_REPL=subprocess`: one zygote per engine; each REPL's worker is forked from it."""
 
+    isolates_uid = True
+
     def __init__(self, preload: list[str]) -> None:
         self.zygote = Zygote(preload)
 
