@@ -83,7 +83,7 @@ def test_b11_every_run_ends_ready(tmp_path: Path) -> None:
     """Mutant caught: a run of the burst that does not end with a ready `final` and all its replies."""
     with fake_server(latency=0.05, sub_latency=0.02) as server:
         result = fleet_bench.b11_realistic(server, runs=3, batch=4, work=tmp_path, processes=2)
-    assert result["failures"] == 0 and result["runs"] == 8 and result["ratio"] >= 0.5
+    assert result["failures"] == 0 and result["runs"] == 8
 
 
 def test_b12_every_follower_of_the_killed_replica_hears_lost(tmp_path: Path, pg_url: str) -> None:

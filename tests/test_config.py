@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,17 @@ def test_env_example_is_a_valid_env_file(tmp_path: Path, monkeypatch: pytest.Mon
     documented = {name.upper() for name in Settings.model_fields} | {"OPENAI_API_BASE"}
     assert names <= documented
     assert {name.upper() for name in Settings.model_fields} - {"OPENAI_API_BASE"} <= names | {"OPENAI_API_BASE"}
+
+
+def test_the_readme_lists_every_variable_with_its_default() -> None:
+    """README's configuration table names every setting the server reads (mutant: a new setting added to
+    Settings and .env.example only), and the defaults it states for the guards are the code's."""
+    readme = (MAIN.parents[1] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])}
+    assert {name.upper() for name in Settings.model_fields} - listed == set()
+    cors = next(row for row in rows if row.startswith("| `RLM_CORS_ORIGINS`"))
+    assert Settings.model_fields["rlm_cors_origins"].default == [] and "unset: the service's own page only" in cors
 
 
 def test_prices_are_read_as_json(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,9 @@ from typing import Any
 log = logging.getLogger("rlm_service")
 
 _BACKEND_DIR = str(Path(__file__).resolve().parents[2])
+# The zygote's Python runs isolated (-I: no PYTHONPATH, no user site, no current directory on its path), so
+# nothing in the environment or the working directory can put a module before ours; the one directory it needs
+# (this package's, when the service runs from a checkout rather than installed) is put on its path by hand.
 _BOOT = "import sys; sys.path.insert(0, {path!r}); from rlm_service.repl.zygote import main; del sys.path[0]; main()"
 BASE_ENVIRONMENT = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",

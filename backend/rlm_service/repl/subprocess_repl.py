@@ -60,7 +60,10 @@ def _describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "the worker process stopped answering"
     if returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else ""
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a real-time signal, which has no name of its own
+            name = ""
         hint = " (most often: it ran out of memory or hit a process limit)" if returncode == -signal.SIGKILL else ""
         return f"the worker process was killed by signal {-returncode} {name}{hint}".replace("  ", " ")
     return f"the worker process exited with status {returncode}"
