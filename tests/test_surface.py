@@ -7,41 +7,74 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
+import pytest
 
-from tests.conftest import LiveServer, make_settings, post_process, script, spawn_server, stream_run, wait_until
+from tests.conftest import (
+    LiveServer,
+    make_settings,
+    post_process,
+    script,
+    spawn_server,
+    stream_run,
+    wait_until,
+)
 from tests.fake_openai import FakeOpenAI
 
 SERVER_CPU_BUDGET_S = 0.25
 
 
+HEALTH_SLOWEST_S = 2.0
+"""On a quiet machine no `/health` answer takes 100 ms; the bound allows a loaded machine and still catches
+stalls of seconds."""
+MEMORY_BUDGET = 400 * 2**20
+"""How much a 60 MB body may raise the server's peak memory (it may be held whole, once or twice)."""
+
+
+@dataclass
+class HealthWatch:
+    """The `/health` answers' statuses (or the error of a request that got none) and the slowest answer."""
+
+    answers: list[int | str] = field(default_factory=list)
+    slowest: float = 0.0
+
+
 @contextmanager
-def health_watch(url: str) -> Iterator[list[int | str]]:
-    """Ask for `/health` every 20 ms while the block runs; yields the answers' statuses (or the error of a
-    request that got none), filled as they come."""
-    answers: list[int | str] = []
+def health_watch(url: str) -> Iterator[HealthWatch]:
+    """Ask for `/health` every 20 ms while the block runs, one request after another on one connection; a
+    request that got no answer counts as taking as long as it waited."""
+    health = HealthWatch()
     done = threading.Event()
 
     def watch() -> None:
         with httpx2.Client(timeout=10) as client:
             while not done.is_set():
+                started = time.monotonic()
                 try:
-                    answers.append(client.get(f"{url}/health").status_code)
+                    health.answers.append(client.get(f"{url}/health").status_code)
                 except httpx2.TransportError as exc:
-                    answers.append(repr(exc))
+                    health.answers.append(repr(exc))
+                health.slowest = max(health.slowest, time.monotonic() - started)
                 done.wait(0.02)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     try:
-        yield answers
+        yield health
     finally:
         done.set()
         thread.join(15)
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def send_raw(port: int, head: bytes, body: bytes) -> bytes:
@@ -98,12 +131,12 @@ def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path)
         spent = _cpu_seconds(server.pid) - before
     assert response.status_code == 200 and events[-1].event == "final"
     assert events[-1].data["answer"] == str(30_000_000)
-    assert health and set(health) == {200}, health
+    assert health.answers and set(health.answers) == {200}, health
     assert spent < SERVER_CPU_BUDGET_S, spent
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(live: LiveServer) -> None:
-    body = b'{"prompt": "x", "settings": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    body = b'{"prompt": "x", "settings": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     response = httpx2.post(f"{live.url}/process", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
 
@@ -212,4 +245,72 @@ def test_a_large_chat_completion_body_is_served_while_the_server_keeps_answering
         )
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"] == "True"
-    assert health and set(health) == {200}, health
+    assert health.answers and set(health.answers) == {200}, health
+
+
+MANY_VALUES = b"[]," * 20_000_000 + b"[]"
+"""60 MB of twenty million empty lists: about 1.5 GB of Python objects once parsed, and seconds of parsing."""
+
+
+ROUTES_READING_JSON = {
+    "/process": (b'{"prompt": "p", "input_data": "d", "x": [', b"]}", {}),
+    "/v1/chat/completions": (
+        b'{"model": "rlm", "messages": [{"role": "user", "content": "hi"}], "x": [',
+        b"]}",
+        {},
+    ),
+    "/mcp": (
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": [',
+        b"]}}",
+        {"Accept": "application/json, text/event-stream"},
+    ),
+}
+
+
+@pytest.mark.parametrize("path", list(ROUTES_READING_JSON))
+def test_a_json_body_of_millions_of_values_is_refused_before_anything_parses_it(tmp_path: Path, path: str) -> None:
+    """#14 item 9: the many-small-values shape (60 MB: `MANY_VALUES` in an unknown field or parameter), to each
+    route that reads JSON, on a fresh server. It is refused with 413 naming the bound, the server's own CPU
+    time stays small (about 0.15 s here), its peak memory grows by far less than the 1.5 GB of objects such a
+    body makes, and `/health` keeps answering. Today's code (6fba4f8): `/process` handed the unknown field
+    back to the server to parse (422, `/health` stalled 6.7 s), `/v1/chat/completions` unmarshalled the whole
+    document (200, stalled 7.9 s), `/mcp` parsed it with the SDK (stalled 5.2 s). Mutants caught: the count
+    removed from `jsonbody._parse` (`/v1` unmarshals twenty million lists) and from `jsonbody --check` (the
+    SDK parses them); `/process`'s unknown fields handed back with their values."""
+    head, tail, headers = ROUTES_READING_JSON[path]
+    post_headers = {"Content-Type": "application/json", **headers}
+    with spawn_server(tmp_path) as server, health_watch(server.url) as health:
+        # the same shape, small: one-time costs (imports, the first parser process) out of the measure
+        httpx2.post(f"{server.url}{path}", content=head + b"[]," * 500_000 + b"[]" + tail, headers=post_headers)
+        peak_before, cpu_before = peak_rss(server.pid), _cpu_seconds(server.pid)
+        response = httpx2.post(
+            f"{server.url}{path}", content=head + MANY_VALUES + tail, headers=post_headers, timeout=120
+        )
+        spent, grown = _cpu_seconds(server.pid) - cpu_before, peak_rss(server.pid) - peak_before
+    assert health.answers and set(health.answers) == {200}, health
+    assert health.slowest < HEALTH_SLOWEST_S, health.slowest
+    assert spent < 1.0, spent
+    assert grown < MEMORY_BUDGET, f"the server's peak memory grew by {grown >> 20} MiB"
+    assert response.status_code == 413 and "100,000 values" in response.text, response.text[:300]
+
+
+def test_a_stalled_mcp_body_is_cut_off_and_counted_while_it_is_read(fake: FakeOpenAI) -> None:
+    """#14 item 10 on `/mcp`: a body that stops after its first byte gets 408 like the API's, and counts
+    against the bodies being read meanwhile. Today's code (6fba4f8) held it past 45 s, uncounted. Mutants
+    caught: `_ReadBody` not in front of the SDK (no 408: the socket times out), and the body not counted
+    (`slots.reading` stays 0)."""
+    settings = make_settings(fake, rlm_body_timeout_s=1.5, rlm_body_min_rate=1000)
+    with LiveServer(settings) as server, socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        counted = wait_until(lambda: server.app.state.slots.reading == 1)
+        try:
+            reply = sock.recv(65536)
+        except TimeoutError:
+            reply = b"(nothing in 20 s)"
+        finished = wait_until(lambda: server.app.state.slots.reading == 0)
+    assert counted and finished
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    assert b"stalled or arrived too slowly" in reply

@@ -4,6 +4,11 @@ The SDK's session manager serves the route; its lifespan (`McpHttp.running`) run
 The SDK's own Host/Origin check is off here because the app's guards already cover every route (the
 `Host` header against RLM_ALLOWED_HOSTS, cross-origin reads only from RLM_CORS_ORIGINS), and a second
 list of hosts would refuse names the service is configured to answer to.
+
+A POSTed body reaches the SDK only once it has been read like the API's bodies (`_ReadBody`): counted
+against the bodies being read, cut off when it stalls or trickles (408) or passes RLM_MAX_JSON_BYTES (413),
+and refused when it holds more JSON values than any request needs (413), since the SDK parses it on the
+event loop.
 """
 
 from __future__ import annotations
@@ -11,17 +16,20 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from fastapi import HTTPException
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import bearer_matches
 from .config import Settings
 from .engine import Engine
 from .mcp_server import RlmTools, build_server
 from .streaming import RunSlots
+from .uploads import BodyLimits, json_too_large, read_json_bytes
 
 PATH = "/mcp"
 
@@ -48,6 +56,44 @@ class _RequireToken:
         await self.app(scope, receive, send)
 
 
+class _ReadBody:
+    """An ASGI app that reads a POST's body (`read_json_bytes`, counted in `slots`) and hands it to `app` in one
+    piece; a refusal is answered here, `{"detail": ...}` like the API's."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, slots: RunSlots) -> None:
+        self.app = app
+        self.limits = BodyLimits.of(settings)
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        declared = request.headers.get("content-length", "")
+        try:
+            if declared.isdigit() and (refusal := json_too_large(self.limits, int(declared))) is not None:
+                raise refusal
+            with self.slots.reading_body():
+                body = await read_json_bytes(request.stream(), self.limits)
+        except HTTPException as exc:
+            detail = str(exc.detail).replace(
+                "a multipart/form-data upload (field input_file)", "a multipart upload to POST /process"
+            )
+            await JSONResponse({"detail": detail}, exc.status_code, exc.headers)(scope, receive, send)
+            return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 class McpHttp:
     """The `/mcp` route and the lifespan of its session manager."""
 
@@ -58,7 +104,8 @@ class McpHttp:
             max_request_body_size=int(settings.rlm_max_json_bytes),
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
-        self.route = Route(PATH, endpoint=_RequireToken(self.server.session_manager.handle_request, settings))
+        handler = _ReadBody(self.server.session_manager.handle_request, settings, slots)
+        self.route = Route(PATH, endpoint=_RequireToken(handler, settings))
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:

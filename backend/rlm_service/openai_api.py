@@ -35,6 +35,7 @@ from .inputs import RunInput
 from .openai_chat import (
     MODEL_ID,
     BadConversation,
+    ChatMessage,
     ChatRequest,
     Progress,
     dumps,
@@ -49,6 +50,9 @@ from .uploads import BodyLimits, describe_validation_error, read_json_object
 
 ANSWER_DELTA_CHARS = 1000
 """The answer goes out in `content` deltas of this many characters."""
+MESSAGES_IN_ONE_CHECK = 1000
+"""Longer conversations are validated message by message: pydantic holds the interpreter lock through one
+validation, even in a thread, and tens of thousands of messages take a tenth of a second."""
 SUBCALLS_EVERY_S = 1.0
 """Sub-call progress goes into the stream at most this often (and at the start and end of each cell)."""
 _ERROR_KINDS: dict[int, tuple[str, str]] = {
@@ -148,7 +152,8 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         if problem:
             raise OpenAIError(503, problem, code="model_not_configured")
         slots.refuse_if_full()
-        chat = await _read_chat(request, limits)
+        with slots.reading_body():
+            chat = await _read_chat(request, limits)
         # in a thread: the conversation is rendered, encoded and hashed, and may be tens of megabytes
         run_settings, run_input, task = await asyncio.to_thread(_prepare, chat, settings)
         slots.refuse_if_full()
@@ -182,11 +187,7 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
         raise OpenAIError(exc.status_code, detail) from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the body must be a JSON object")
-    try:
-        chat = await asyncio.to_thread(ChatRequest.model_validate, data)
-    except ValidationError as exc:
-        first = exc.errors()[0]["loc"]
-        raise OpenAIError(400, describe_validation_error(exc), param=".".join(map(str, first)) or None) from None
+    chat = await asyncio.to_thread(_chat_request, data)
     if chat.model != MODEL_ID:
         raise OpenAIError(
             404,
@@ -203,6 +204,27 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
             param="n",
         )
     return chat
+
+
+def _chat_request(data: dict[str, Any]) -> ChatRequest:
+    """`data` validated (in a thread; a long conversation a message at a time, so that the event loop gets
+    the interpreter lock in between); a refusal as an OpenAI error naming the first wrong field."""
+    within: tuple[str | int, ...] = ()
+    try:
+        messages = data.get("messages")
+        if isinstance(messages, list) and len(messages) > MESSAGES_IN_ONE_CHECK:
+            checked = []
+            for number, message in enumerate(messages):
+                within = ("messages", number)
+                checked.append(ChatMessage.model_validate(message))
+            within = ()
+            data = {**data, "messages": checked}
+        return ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        first = (*within, *exc.errors()[0]["loc"])
+        raise OpenAIError(
+            400, describe_validation_error(exc, within), param=".".join(map(str, first)) or None
+        ) from None
 
 
 def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInput, str]:

@@ -13,7 +13,8 @@ does not hold may be another's: the routes follow, cancel, end or continue it th
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request
@@ -55,12 +56,26 @@ class RunSlots:
         self.limit = capacity.limit
         self.reading = 0
         self.reading_limit = max(4 * capacity.limit, 64)
-        """Bodies read at once, bounded on their own: slow uploads take no run slot. Each holds at most about
-        1 MiB of the server's memory (multipart goes to disk, large JSON to its parser process)."""
+        """Bodies read at once (`/process`, `/v1/chat/completions`, `/mcp`), bounded on their own: slow uploads
+        take no run slot. A `/process` body holds at most about 1 MiB of the server's memory (multipart goes to
+        disk, large JSON to its parser process); a chat or MCP body is held whole, up to RLM_MAX_JSON_BYTES."""
 
     @property
     def active(self) -> int:
         return self.capacity.used
+
+    @contextmanager
+    def reading_body(self) -> Iterator[None]:
+        """Count a request body being read while the block runs; 429 when `reading_limit` are already."""
+        if self.reading >= self.reading_limit:
+            raise HTTPException(
+                429, "too many request bodies are arriving at once; retry shortly", headers={"Retry-After": "5"}
+            )
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
 
     def refuse_if_full(self) -> None:
         if self.capacity.used >= self.limit:
@@ -143,15 +158,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         if problem:
             raise HTTPException(503, problem)
         slots.refuse_if_full()  # early, so a client does not upload for nothing
-        if slots.reading >= slots.reading_limit:
-            raise HTTPException(
-                429, "too many request bodies are arriving at once; retry shortly", headers={"Retry-After": "5"}
-            )
-        slots.reading += 1
-        try:
+        with slots.reading_body():
             parsed = await _read_request(request, settings, body_limits)
-        finally:
-            slots.reading -= 1
         engine: Engine = request.app.state.engine
         fleet = _fleet(request)
         try:

@@ -3,7 +3,8 @@
 Everything here refuses early, with an `HTTPException` whose message says what to change: a body past
 its limit stops being read at that point, and a body that stalls or trickles times out (a slow client
 cannot hold the server's attention for long). JSON is parsed off the event loop, so a large body never
-stalls other requests.
+stalls other requests, and a body of more than `jsonbody.MAX_VALUES` values is refused before any parse,
+so what the server builds from a body stays small whatever its shape.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .engine import RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
 from .repl.workspace import instance_directory
 
-MAX_FIELD_BYTES = 1024 * 1024
+MAX_FIELD_BYTES = jsonbody.MAX_FIELD_BYTES
 FORM_OVERHEAD_BYTES = 4 * 1024 * 1024
 
 
@@ -54,10 +55,11 @@ class ProcessRequest(BaseModel):
         return value
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, within: tuple[str | int, ...] = ()) -> str:
+    """The first errors of `exc`, each as `where: what`; `within` is where the validated value sits."""
     parts = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(item) for item in error["loc"]) or "body"
+        where = ".".join(str(item) for item in (*within, *error["loc"])) or "body"
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field"
@@ -141,15 +143,21 @@ def _checked(data: object, limits: BodyLimits) -> ProcessRequest:
     return _validate(data, limits)
 
 
-def _parse_inline(body: bytes, limits: BodyLimits) -> ParsedRequest:
-    """Parse and check a small JSON body (in a worker thread)."""
+def _loads(body: bytes) -> Any:
+    """A small JSON body's document (in a worker thread), refused like the parser process refuses it."""
+    if jsonbody.too_many_values(body):
+        raise HTTPException(413, jsonbody.TOO_MANY_VALUES)
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
-    request = _checked(data, limits)
+
+
+def _parse_inline(body: bytes, limits: BodyLimits) -> ParsedRequest:
+    """Parse and check a small JSON body (in a worker thread)."""
+    request = _checked(_loads(body), limits)
     run_input = RunInput.from_text(request.input_data)
     if run_input.size_bytes > limits.input_bytes:
         raise HTTPException(413, f"input_data is larger than RLM_MAX_INPUT_BYTES ({limits.input_bytes:,} bytes)")
@@ -270,12 +278,46 @@ async def read_json_object(stream: AsyncIterator[bytes], limits: BodyLimits) -> 
                 refusal_body = json.loads(answer[1:] or b'{"status": 500}')
                 raise HTTPException(refusal_body.get("status", 500), refusal_body.get("detail", "unreadable body"))
             return await asyncio.to_thread(marshal.loads, answer[1:])
+    return await asyncio.to_thread(_loads, bytes(body))
+
+
+async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> bytes:
+    """A JSON body's bytes, for a parser of its own to read (the MCP SDK's), once it is known to hold at most
+    `jsonbody.MAX_VALUES` values: counted in a child process (`jsonbody --check`) when the body is large, in
+    a thread when it is small. Whether it is valid JSON is for that parser to say. Raises `HTTPException`
+    (408, 413) like the rest of this module."""
+    body = bytearray()
+    chunks = body_chunks(stream, limits)
+    child: asyncio.subprocess.Process | None = None
     try:
-        return await asyncio.to_thread(json.loads, bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise HTTPException(400, "the body is not valid JSON: it is nested too deeply") from None
+        async for chunk in chunks:
+            body += chunk
+            if (refusal := json_too_large(limits, len(body))) is not None:
+                raise refusal
+            if child is None and len(body) > jsonbody.INLINE_BYTES:
+                child = await _child_parser("--check")
+                assert child.stdin is not None
+                child.stdin.write(body)
+            elif child is not None:
+                assert child.stdin is not None
+                child.stdin.write(chunk)
+                await child.stdin.drain()
+        if child is None:
+            small = bytes(body)
+            if await asyncio.to_thread(jsonbody.too_many_values, small):
+                raise HTTPException(413, jsonbody.TOO_MANY_VALUES)
+            return small
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.close()
+        answer = json.loads(await child.stdout.read() or b'{"status": 500}')
+        await child.wait()
+    except BaseException:
+        if child is not None:
+            await _end(child)
+        raise
+    if answer.get("status") != 200:
+        raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
+    return bytes(body)
 
 
 class _FormReader:
