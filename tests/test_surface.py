@@ -141,6 +141,26 @@ def test_deeply_nested_json_is_a_400_not_a_500(live: LiveServer) -> None:
     assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
 
 
+def test_a_large_body_is_refused_in_the_same_words_as_a_small_one(live: LiveServer) -> None:
+    """Bodies past 1 MiB are parsed in the parser process, which hands back placeholders for the values the
+    server would refuse (an unknown field's, a non-string where a string belongs): the refusal must read as
+    for a small body. Mutant caught: the placeholder None (a list `session_id` passes as no session)."""
+    pad = "p" * 1_500_000
+    shapes = [
+        lambda text: {"prompt": "x", "x": [1, 2], "input_data": text},
+        lambda text: {"prompt": 5, "y": {"z": 1}, "input_data": text},
+        lambda text: {"prompt": "x", "input_data": [text]},
+        lambda text: {"prompt": "x", "session_id": [text]},
+        lambda text: {"prompt": None, "session_id": {"a": text}, "settings": {"max_iterations": 0}},
+    ]
+    for shape in shapes:
+        small, large = (post_process(live.url, json=shape(text)) for text in ("p", pad))
+        assert small.status_code == large.status_code == 422, (small.text, large.text[:300])
+        assert small.json()["detail"] == large.json()["detail"]
+    settings = post_process(live.url, json={"prompt": "x", "settings": {"note": pad}})
+    assert settings.status_code == 413 and "besides prompt and input_data" in settings.json()["detail"]
+
+
 def test_a_prompt_over_the_limit_is_refused_with_the_way_out(fake: FakeOpenAI) -> None:
     with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as server:
         long = post_process(server.url, json={"prompt": "p" * 1001})
