@@ -330,3 +330,16 @@ def test_a_client_that_gives_up_on_a_non_streaming_request_cancels_the_run(
     terminal = run.events[-1]
     assert terminal.type == "error" and terminal.code == "cancelled"
     assert model.stats.root_requests == 1
+
+
+def test_a_long_conversation_is_served_and_its_wrong_message_named(server: LiveServer) -> None:
+    """Conversations past 1,000 messages are validated a message at a time: one of 3,000 is served, and a
+    wrong message among them is named by its place. Mutant caught: the place left out of the refusal
+    (`within` not passed: the error says `role`, not `messages.2998.role`)."""
+    history: Any = [{"role": "user" if n % 2 else "assistant", "content": f"line {n}"} for n in range(2999)]
+    task = script({"code": ["answer.update(content=str(('line ' + '2998') in context), ready=True)"]})
+    reply = client(server).chat.completions.create(model="rlm", messages=[*history, {"role": "user", "content": task}])
+    assert reply.choices[0].message.content == "True"
+    with pytest.raises(openai.BadRequestError) as wrong:
+        client(server).chat.completions.create(model="rlm", messages=[*history[:-1], {"role": "robot"}, *history[-1:]])
+    assert wrong.value.param == "messages.2998.role" and "messages.2998.role: Input should be" in wrong.value.message
