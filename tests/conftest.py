@@ -343,14 +343,19 @@ def worker_processes(root: int | None = None) -> list[int]:
 
 def descendant_commands(root: int | None = None) -> list[bytes]:
     """The command lines of the live processes below `root` (see `descendants`)."""
-    commands = []
+    return [command for _, command in descendant_command_lines(root)]
+
+
+def descendant_command_lines(root: int | None = None) -> list[tuple[int, bytes]]:
+    """The pids and command lines of the live processes below `root` (see `descendants`)."""
+    found = []
     for process in descendants(root):
         try:
             with open(f"/proc/{process.pid}/cmdline", "rb") as handle:
-                commands.append(handle.read())
+                found.append((process.pid, handle.read()))
         except OSError:
             continue
-    return commands
+    return found
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import (
     LiveServer,
+    descendant_command_lines,
     make_settings,
     post_process,
     script,
@@ -335,3 +337,46 @@ def test_a_stalled_mcp_body_is_cut_off_and_counted_while_it_is_read(fake: FakeOp
     assert counted and finished
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert b"stalled or arrived too slowly" in reply
+
+
+@pytest.mark.parametrize("path", list(ROUTES_READING_JSON))
+def test_a_parser_process_that_dies_mid_body_is_a_clear_503_and_the_server_goes_on(fake: FakeOpenAI, path: str) -> None:
+    """The child process that parses a large body is killed while the body still arrives (as the kernel's
+    out-of-memory killer would): the client gets 503 saying what happened and to send it again, not a bare
+    500, and the next request is served. Mutant caught: writes to the child unguarded (`BrokenPipeError`
+    escapes: 500 Internal Server Error)."""
+    head, _, headers = ROUTES_READING_JSON[path]
+    head = head.split(b'"x": [')[0] if path != "/mcp" else b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {'
+    head += b'"big": "'
+    size = 8 * 2**20
+    with LiveServer(make_settings(fake)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            request = (
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                + f"Content-Length: {size}\r\n\r\n"
+            )
+            sock.sendall(request.encode() + head + b"a" * (2 * 2**20))  # past the 1 MiB kept in the server
+
+            def parser() -> list[int]:
+                return [pid for pid, command in descendant_command_lines() if b"jsonbody" in command]
+
+            assert wait_until(lambda: len(parser()) == 1, timeout=30)
+            os.kill(parser()[0], signal.SIGKILL)
+            reply = b""
+            try:
+                for _ in range(6):  # the rest of the body, until the server answers
+                    sock.sendall(b"a" * 2**20)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            sock.settimeout(30)
+            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+                more = sock.recv(65536)
+                if not more:
+                    break
+                reply += more
+        prompt = script({"code": ["answer.update(content='on', ready=True)"]})
+        after = stream_run(server.url, json_body={"prompt": prompt})
+    assert reply.startswith(b"HTTP/1.1 503"), reply[:300]
+    assert b"parser process stopped" in reply and b"send the request again" in reply
+    assert after[1][-1].event == "final" and after[1][-1].data["answer"] == "on"

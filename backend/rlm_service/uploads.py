@@ -206,23 +206,43 @@ async def _child_parser(*args: str) -> asyncio.subprocess.Process:
     )
 
 
+PARSER_STOPPED = "the server's JSON parser process stopped before it had read the body; send the request again"
+
+
+async def _send(child: asyncio.subprocess.Process, data: bytes | bytearray) -> None:
+    """Write part of the body to the parser child; a child that has stopped (killed, out of memory) is the
+    server's failure, and the client is told so instead of getting a bare 500."""
+    assert child.stdin is not None
+    try:
+        child.stdin.write(data)
+        await child.stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        raise HTTPException(503, PARSER_STOPPED) from None
+
+
+async def _answer(child: asyncio.subprocess.Process) -> bytes:
+    """The child's answer once the whole body is in; 503 if it stopped without giving one."""
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.close()
+    answer = await child.stdout.read()
+    await child.wait()
+    if not answer:
+        raise HTTPException(503, PARSER_STOPPED)
+    return answer
+
+
 async def _feed(
     child: asyncio.subprocess.Process, head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits
 ) -> bytes:
     """Stream the body into the child as it arrives (refusing it past the cap); the child's answer."""
-    assert child.stdin is not None and child.stdout is not None
     received = len(head)
-    child.stdin.write(head)
+    await _send(child, head)
     async for chunk in rest:
         received += len(chunk)
         if (refusal := json_too_large(limits, received)) is not None:
             raise refusal
-        child.stdin.write(chunk)
-        await child.stdin.drain()
-    child.stdin.close()
-    answer = await child.stdout.read()
-    await child.wait()
-    return answer
+        await _send(child, chunk)
+    return await _answer(child)
 
 
 async def _end(child: asyncio.subprocess.Process) -> None:
@@ -235,7 +255,7 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
     child = await _child_parser(str(instance_directory()), str(limits.prompt_chars), str(limits.input_bytes))
     run_input: RunInput | None = None
     try:
-        answer = json.loads(await _feed(child, head, rest, limits) or b"{}")
+        answer = json.loads(await _feed(child, head, rest, limits))
         if answer.get("status") != 200:
             raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
         described = answer["input"]
@@ -275,7 +295,7 @@ async def read_json_object(stream: AsyncIterator[bytes], limits: BodyLimits) -> 
                 await _end(child)
                 raise
             if answer[:1] != jsonbody.OBJECT:
-                refusal_body = json.loads(answer[1:] or b'{"status": 500}')
+                refusal_body = json.loads(answer[1:])
                 raise HTTPException(refusal_body.get("status", 500), refusal_body.get("detail", "unreadable body"))
             return await asyncio.to_thread(marshal.loads, answer[1:])
     return await asyncio.to_thread(_loads, bytes(body))
@@ -296,21 +316,15 @@ async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> b
                 raise refusal
             if child is None and len(body) > jsonbody.INLINE_BYTES:
                 child = await _child_parser("--check")
-                assert child.stdin is not None
-                child.stdin.write(body)
+                await _send(child, body)
             elif child is not None:
-                assert child.stdin is not None
-                child.stdin.write(chunk)
-                await child.stdin.drain()
+                await _send(child, chunk)
         if child is None:
             small = bytes(body)
             if await asyncio.to_thread(jsonbody.too_many_values, small):
                 raise HTTPException(413, jsonbody.TOO_MANY_VALUES)
             return small
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.close()
-        answer = json.loads(await child.stdout.read() or b'{"status": 500}')
-        await child.wait()
+        answer = json.loads(await _answer(child))
     except BaseException:
         if child is not None:
             await _end(child)
