@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
-from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, wait_until
+from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
 
 TOKEN = "mcp-test-token"
@@ -246,3 +247,58 @@ async def test_cancelling_a_stdio_call_cancels_the_run(fake: FakeOpenAI, tmp_pat
                 status = runs[0] if runs else {}
     assert status["error"]["code"] == "cancelled"
     assert fake.stats.root_requests == 1
+
+
+WHICH_PROCESS = script({"code": ["import os\nanswer.update(content=str(os.getppid()), ready=True)"]})
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_with_two_server_processes_every_call_is_served_whichever_process_it_reaches(
+    tmp_path: Path, mode: str
+) -> None:
+    """WEB_CONCURRENCY=2: MCP clients on fresh connections (as behind a round-robin proxy) reach either process;
+    every call is answered, until both processes have run one (each run's worker names its zygote, one per
+    process). Mutant caught: the SDK's sessions kept in the process that opened them (a 2025-handshake client
+    whose next request reaches the other process gets `Session not found`)."""
+
+    async def one_client(url: str) -> list[str]:
+        http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(30, read=120), limits=httpx2.Limits(max_keepalive_connections=0)
+        )
+        async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http), mode=mode) as client:
+            results = [await client.call_tool("rlm_run", {"prompt": WHICH_PROCESS, "input_text": "x"}) for _ in "ab"]
+        assert not any(result.is_error for result in results)
+        return [answer_text(result) for result in results]
+
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        zygotes: set[str] = set()
+        deadline = time.monotonic() + 60  # the second process may still be starting when the first answers
+        while len(zygotes) < 2 and time.monotonic() < deadline:
+            zygotes.update(await one_client(server.url))  # fresh connections land on either listening process
+    assert len(zygotes) == 2
+
+
+async def test_with_several_processes_a_2025_host_that_closes_its_connection_cancels_the_run(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Where `/mcp` keeps nothing between requests (a process of an instance of several), a 2025-protocol
+    host's cancel notification finds no call to cancel, but closing its connection ends the run. Mutant
+    caught: the tool not cancelling its run when its request goes away (the run sleeps on)."""
+    settings = make_settings(fake, web_concurrency=2, rlm_history_db=str(tmp_path / "h.sqlite3"), rlm_api_token=TOKEN)
+    with LiveServer(settings) as server:
+        runs = server.app.state.engine.runs
+        progress = Progress()
+        async with http_client(server, "legacy") as client, anyio.create_task_group() as group:
+
+            async def call() -> None:
+                await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+
+            group.start_soon(call)
+            with anyio.fail_after(30):
+                await progress.seen.wait()
+            live = runs.live()
+            group.cancel_scope.cancel()
+        assert len(live) == 1
+        assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
+    terminal = live[0].events[-1]
+    assert terminal.type == "error" and terminal.code == "cancelled"

@@ -102,6 +102,10 @@ class McpHttp:
         self.server.streamable_http_app(
             streamable_http_path=PATH,
             max_request_body_size=int(settings.rlm_max_json_bytes),
+            # With several processes or replicas, each request may reach another one: nothing of an MCP
+            # connection may live in one process's memory. (Clients of the 2026 protocol revision are served
+            # that way anyway; those of the 2025 handshake lose only cancellation by notification there.)
+            stateless_http=settings.web_concurrency > 1 or settings.rlm_database_url is not None,
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
         handler = _ReadBody(self.server.session_manager.handle_request, settings, slots)
