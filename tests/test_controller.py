@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from pydantic_ai.exceptions import ModelHTTPError
 from pydantic_ai.messages import (
     ModelMessage,
@@ -21,6 +23,7 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from rlm_service.controller import extract_code_blocks
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import EventBase
+from rlm_service.repl.workspace import Workspace, instance_directory
 from tests.conftest import folded, make_settings
 from tests.fake_openai import FakeOpenAI
 
@@ -344,3 +347,30 @@ def test_the_system_prompt_teaches_figures_markdown_and_the_method_by_example() 
         assert all(step in example for step in steps)
         assert [example.index(step) for step in steps] == sorted(example.index(step) for step in steps)
         assert len(text) < 4200  # read every turn: keep it short (BENCHMARKS.md, beside B6)
+
+
+async def test_a_run_that_ends_while_its_workspace_is_being_made_leaves_nothing(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workspace is made in a thread alongside the first model request. Here the model fails while the
+    thread is still writing the input: by the run's terminal event the thread has finished and its
+    workspace is gone. Mutant: `_Setup.close` removes only a workspace already made → the run directory
+    stays."""
+    entered, release = threading.Event(), threading.Event()
+    write_input = Workspace.write_input
+
+    def gated(self: Workspace, text: str) -> None:
+        entered.set()
+        release.wait(30)
+        write_input(self, text)
+
+    async def fail(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        assert await asyncio.to_thread(entered.wait, 30)
+        threading.Timer(0.2, release.set).start()
+        raise ModelHTTPError(500, "root-model", {"error": "nope"})
+
+    monkeypatch.setattr(Workspace, "write_input", gated)
+    before = set(instance_directory().iterdir())
+    events = await collect(fake, FunctionModel(fail))
+    assert types(events) == ["start", "error"] and release.is_set()
+    assert set(instance_directory().iterdir()) <= before

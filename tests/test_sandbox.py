@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -280,7 +281,7 @@ def test_stale_run_files_of_dead_processes_go_and_live_ones_stay(tmp_path: Path)
 @pytest.mark.skipif(os.geteuid() != 0, reason="worker uids are given out only by a server running as root")
 def test_two_server_processes_never_get_the_same_worker_uid(tmp_path: Path) -> None:
     """Today each process counted uids from the same start on its own: both got 61000. Mutant: ignore the
-    flock in `_UidPool._claim` → the same uid twice."""
+    flock in `_UidPool._lock_uid` → the same uid twice."""
     other, _, theirs = hold(tmp_path, "uid")
     try:
         mine = workspace.UID_POOL.take()
@@ -291,3 +292,40 @@ def test_two_server_processes_never_get_the_same_worker_uid(tmp_path: Path) -> N
     finally:
         other.send_signal(signal.SIGKILL)
         other.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as status:
+        return next(line.split()[1] for line in status if line.startswith("State:"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="worker uids are given out only by a server running as root")
+@pytest.mark.parametrize("left_over", ["running", "zombie"])
+def test_a_uid_a_process_still_has_is_not_given_out(left_over: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process left over as a run's uid (still running, or ended and not yet reaped: a zombie still counts
+    against its uid's process limit) keeps the next runs from that uid, also those that take it after the one
+    that found it in use. The pool draws from the top of the range, where the other servers of this host
+    (other test sessions) do not reach. Mutants: drop the in-use check in `_UidPool.take` → the next run gets
+    that uid; leave zombies out of `_processes_by_uid` → it does in the zombie case."""
+    monkeypatch.setattr(workspace, "_UID_BASE", workspace._UID_BASE + workspace._UID_COUNT - 50)
+    monkeypatch.setattr(workspace, "_UID_COUNT", 50)
+    pool = workspace._UidPool()
+    uid = pool.take()
+    pool.give_back(uid)
+    process = subprocess.Popen(["sleep", "60"] if left_over == "running" else ["true"], user=uid, group=uid)
+    try:
+        if left_over == "zombie":
+            for _ in range(1000):
+                if _state(process.pid) == "Z":
+                    break
+                time.sleep(0.01)
+            assert _state(process.pid) == "Z"
+        taken = [pool.take() for _ in range(3)]
+        try:
+            assert uid not in taken
+        finally:
+            for other in taken:
+                pool.give_back(other)
+    finally:
+        process.kill()
+        process.wait()

@@ -111,25 +111,24 @@ class Controller:
         agent: Agent[Controller, str],
         protocol: str,
         limits: RunLimits,
-        repl: Repl,
+        repl: Repl | asyncio.Future[Repl],
         subcalls: SubcallSession,
         emit: Emit,
         usage: RunUsage,
         tree: RunTree,
-        repl_starting: asyncio.Future[None] | None = None,
         depth: int = 0,
         stream: Emit | None = None,
         children: ChildRunner | None = None,
         answer_check: AnswerCheck | None = None,
         model_settings: ModelSettings | None = None,
     ) -> None:
-        """`repl_starting`: the REPL's start, running alongside the first model request (None: it is ready);
-        the first cell waits for it, and a failed start fails the run."""
+        """`repl`: the REPL, or its start running alongside the first model request: the first cell waits for
+        it, and a failed start fails the run."""
         self.run_id = run_id
         self.agent = agent
         self.protocol = protocol
         self.limits = limits
-        self.repl = repl
+        self._repl = repl
         self.subcalls = subcalls
         self.usage = usage
         self.tree = tree
@@ -150,7 +149,6 @@ class Controller:
         self._progress: _CellProgress | None = None
         self._agent_usage = AgentUsage()
         self._reported_cost: float | None = None  # what the endpoint said the replies since `_account` cost
-        self._repl_starting = repl_starting
 
     # --- the REPL's side ---------------------------------------------------------------------
 
@@ -168,17 +166,21 @@ class Controller:
     def _emit_progress(self, done: int, failed: int, total: int) -> None:
         self.emit(SubcallsEvent(run_id=self.run_id, iteration=self.iteration, done=done, failed=failed, total=total))
 
+    async def _ready_repl(self) -> Repl:
+        if isinstance(self._repl, asyncio.Future):
+            self._repl = await self._repl
+        return self._repl
+
     async def run_cell(self, code: str) -> str:
         """Run one cell, emit its events, and return the report the root model reads."""
         if self.answer[1]:
             return prompts.SKIPPED_AFTER_READY
-        if self._repl_starting is not None:
-            await self._repl_starting  # raises the start's error, if it failed
+        repl = await self._ready_repl()  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self.cells += 1
         self._progress = _CellProgress(self._emit_progress)
         try:
-            outcome = await self.repl.execute(code, self.limits.exec_timeout_s, self)
+            outcome = await repl.execute(code, self.limits.exec_timeout_s, self)
         finally:
             self._progress = None
         refusal = await self._check_answer(outcome)
@@ -201,7 +203,7 @@ class Controller:
         if problem is None:
             return None
         outcome.answer_ready = False
-        await self.repl.execute(prompts.RESET_READY_CODE, self.limits.exec_timeout_s, self)
+        await (await self._ready_repl()).execute(prompts.RESET_READY_CODE, self.limits.exec_timeout_s, self)
         return prompts.answer_refused(problem)
 
     def _report_outcome(self, outcome: CellOutcome) -> None:

@@ -89,6 +89,23 @@ class _Node:
         return self.controller.answer[0] if self.controller and self.controller.answer[0] else None
 
 
+@dataclass
+class _Setup:
+    """A fresh run's workspace (being made in a thread) and REPL, each once it has been started."""
+
+    making: asyncio.Future[Workspace] | None = None
+    repl: Repl | None = None
+
+    async def close(self) -> None:
+        """Close the REPL and remove the workspace, waiting for a thread still making it."""
+        if self.repl is not None:
+            await self.repl.close()
+        if self.making is not None:
+            (made,) = await asyncio.gather(self.making, return_exceptions=True)
+            if isinstance(made, Workspace):
+                made.remove()
+
+
 class _Spent(Exception):
     """The run tree's time or cost ran out before the run had any answer: its terminal event is an error."""
 
@@ -111,7 +128,7 @@ def _spent(tree: RunTree, limits: RunLimits) -> tuple[ErrorCode, str] | None:
     return None
 
 
-async def _started(starting: asyncio.Future[None]) -> bool:
+async def _started(starting: asyncio.Future[Repl]) -> bool:
     """Whether the REPL started, waiting for a start still under way (a run can end before its first cell;
     its session still gets the REPL)."""
     if not starting.done():
@@ -215,28 +232,21 @@ class RunDriver:
         )
         if began.restarted:
             log.info("session %s: the REPL was restarted since the last run (%s)", session.id, began.restarted)
-        return await self._control(node, tree, 0, run_id, plan, session.repl, None, message, emit, emit)
+        return await self._control(node, tree, 0, run_id, plan, session.repl, message, emit, emit)
 
     async def _fresh(
         self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit, stream: Emit
     ) -> RunOutcome:
-        """A run with a workspace and REPL of its own (closed at its end, unless kept as a session)."""
+        """A run with a workspace and REPL of its own (closed at its end, unless kept as a session). They are
+        made alongside the first model request, which needs neither: a burst of runs sends its model
+        requests first, and the workspaces (a uid, directories, the input) and workers follow while the
+        model answers."""
         settings = self.settings
         run_input = plan.run_input
-        workspace = Workspace.create(isolate_uid=self.engine.repls.isolates_uid)
-        repl: Repl | None = None
-        starting: asyncio.Future[None] | None = None
+        setup = _Setup()
+        preparing = asyncio.ensure_future(self._prepare(setup, run_id, plan))
         kept = False
         try:
-            if run_input.path is not None:
-                workspace.adopt_input(run_input.path)
-            else:
-                await asyncio.to_thread(workspace.write_input, run_input.text or "")
-            store = self.engine.store
-            if plan.keep_input and store is not None:
-                await asyncio.to_thread(store.keep_input, run_id, workspace.input_path)
-            repl = self.engine.repls.make(workspace, self._repl_options(plan))
-            starting = asyncio.ensure_future(repl.start())  # alongside the first model request
             emit(self._start_event(run_id, depth, run_input, plan.limits, plan.new_session_id))
             preview = run_input.head[: settings.rlm_context_preview_chars]
             kind = prompts.describe_kind(run_input.head)
@@ -244,14 +254,15 @@ class RunDriver:
                 plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind, preview=preview
             )
             try:
-                return await self._control(node, tree, depth, run_id, plan, repl, starting, message, emit, stream)
+                return await self._control(node, tree, depth, run_id, plan, preparing, message, emit, stream)
             finally:
-                if plan.new_session_id and await _started(starting):
+                if plan.new_session_id and await _started(preparing):
+                    assert setup.making is not None
                     self.engine.sessions.add(
                         Session(
                             id=plan.new_session_id,
-                            repl=repl,
-                            workspace=workspace,
+                            repl=preparing.result(),
+                            workspace=setup.making.result(),
                             input_chars=run_input.chars,
                             input_lines=run_input.lines,
                             input_kind=kind,
@@ -264,13 +275,37 @@ class RunDriver:
             if not kept:
                 if plan.new_session_id and depth == 0:
                     self.engine.sessions.unreserve(plan.new_session_id)
-                if starting is not None:
-                    starting.cancel()
-                    await asyncio.gather(starting, return_exceptions=True)
-                if repl is not None:
-                    await repl.close()
-                workspace.remove()
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
+                await setup.close()
             run_input.discard()
+
+    async def _prepare(self, setup: _Setup, run_id: str, plan: RunPlan) -> Repl:
+        """The run's workspace with its input (made in a thread: taking a worker uid reads /proc), then its
+        REPL, started; both go in `setup` at once, for the run to close (a cancelled run still waits for the
+        thread, which cannot be stopped, and removes what it made)."""
+        setup.making = asyncio.get_running_loop().run_in_executor(None, self._workspace, run_id, plan)
+        workspace = await asyncio.shield(setup.making)
+        setup.repl = self.engine.repls.make(workspace, self._repl_options(plan))
+        await setup.repl.start()
+        return setup.repl
+
+    def _workspace(self, run_id: str, plan: RunPlan) -> Workspace:
+        """A new workspace holding the run's input (and the input kept in history, if asked)."""
+        run_input = plan.run_input
+        workspace = Workspace.create(isolate_uid=self.engine.repls.isolates_uid)
+        try:
+            if run_input.path is not None:
+                workspace.adopt_input(run_input.path)
+            else:
+                workspace.write_input(run_input.text or "")
+            store = self.engine.store
+            if plan.keep_input and store is not None:
+                store.keep_input(run_id, workspace.input_path)
+        except BaseException:
+            workspace.remove()
+            raise
+        return workspace
 
     async def _control(
         self,
@@ -279,8 +314,7 @@ class RunDriver:
         depth: int,
         run_id: str,
         plan: RunPlan,
-        repl: Repl,
-        starting: asyncio.Future[None] | None,
+        repl: Repl | asyncio.Future[Repl],
         message: str,
         emit: Emit,
         stream: Emit,
@@ -303,7 +337,6 @@ class RunDriver:
             protocol=settings.rlm_root_protocol,
             limits=plan.limits,
             repl=repl,
-            repl_starting=starting,
             subcalls=subcalls,
             emit=emit,
             usage=usage,

@@ -50,18 +50,25 @@ def kill_uid(uid: int) -> None:
 
 
 def _pids_of_uid(uid: int) -> list[int]:
-    """Processes whose real uid is `uid` (read from their status: the owner of /proc/<pid> is root for a
-    process that is not dumpable, as workers are)."""
-    found = []
-    wanted = f"Uid:\t{uid}\t".encode()
+    """Processes whose real uid is `uid`."""
+    return _processes_by_uid().get(uid, [])
+
+
+def _processes_by_uid() -> dict[int, list[int]]:
+    """Every process by its real uid, zombies included (a zombie still counts against its uid's RLIMIT_NPROC),
+    in one pass over /proc. Read from each process's status: the owner of /proc/<pid> is root for a process
+    that is not dumpable, as workers are."""
+    found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/status", "rb") as status:
-                    if wanted in status.read():
-                        found.append(int(entry))
+                    text = status.read()
             except OSError:
                 continue
+            start = text.find(b"\nUid:\t") + 6
+            if start > 5:
+                found.setdefault(int(text[start : text.index(b"\t", start)]), []).append(int(entry))
     return found
 
 
@@ -80,6 +87,8 @@ class _UidPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
+        self._in_use: set[int] = set()
+        """The pool's uids that processes ran as at the last pass over /proc."""
         self._directory: Path | None = None
 
     def _lock_directory(self) -> Path:
@@ -96,28 +105,42 @@ class _UidPool:
         return self._directory
 
     def take(self) -> int:
+        """A uid for a new run. Each candidate is locked first, then checked against one fresh pass over /proc:
+        from the moment its lock is ours no server can start a process as it, so the pass stays true for it.
+        The uids that pass found in use are skipped by the next candidates and the next call without a pass
+        of their own; each call's pass replaces them, so one found free again is given out again."""
         with self._lock:
             directory = self._lock_directory()
             for uid in range(_UID_BASE, _UID_BASE + _UID_COUNT):
-                if uid not in self._held and self._claim(directory, uid):
-                    return uid
+                if uid in self._held or uid in self._in_use:
+                    continue
+                fd = self._lock_uid(directory, uid)
+                if fd is None:
+                    continue
+                in_use = _processes_by_uid()
+                self._in_use = {found for found in in_use if _UID_BASE <= found < _UID_BASE + _UID_COUNT}
+                if uid in self._in_use:
+                    os.close(fd)  # processes still running as it (left over, or software that takes no lock)
+                    continue
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _TOKEN.encode(), 0)
+                self._held[uid] = fd
+                return uid
         raise RuntimeError("no free worker uid")
 
-    def _claim(self, directory: Path, uid: int) -> bool:
+    def _lock_uid(self, directory: Path, uid: int) -> int | None:
+        """The uid's lock file, locked: None if another process holds it or the uid names a user of this host."""
         fd = os.open(directory / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return False
+            return None
         held_last = os.pread(fd, 100, 0).decode("ascii", "replace") == _TOKEN
-        if (not held_last and _is_known_user(uid)) or _pids_of_uid(uid):
-            os.close(fd)  # a user of this host, or processes still running as it: not a uid to give out
-            return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _TOKEN.encode(), 0)
-        self._held[uid] = fd
-        return True
+        if not held_last and _is_known_user(uid):
+            os.close(fd)
+            return None
+        return fd
 
     def give_back(self, uid: int) -> None:
         with self._lock:
