@@ -84,6 +84,14 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
         "boundary",
     ),
     (
+        # mutant: read_multipart builds its MultipartParser outside its try block (python-multipart refuses a
+        # boundary over 256 characters with FormParserError, which became a bare 500)
+        "multipart boundary too long",
+        {"content": b"--x--", "headers": {"content-type": "multipart/form-data; boundary=" + "b" * 300}},
+        400,
+        "boundary",
+    ),
+    (
         "multipart garbage",
         {"content": b"\x00\x01garbage", "headers": {"content-type": "multipart/form-data; boundary=zzz"}},
         400,

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from . import jsonbody
@@ -406,7 +407,10 @@ async def read_multipart(
     if not boundary:
         raise HTTPException(400, "the multipart body has no boundary in its Content-Type header")
     reader = _FormReader(limits.input_bytes, spool_dir)
-    parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
+    try:
+        parser = MultipartParser(boundary, reader.callbacks())  # type: ignore[arg-type]
+    except FormParserError as exc:  # a boundary longer than the RFC's 70 characters, past python-multipart's 256
+        raise HTTPException(400, f"the multipart boundary in the Content-Type header is refused: {exc}") from None
     try:
         async for chunk in body_chunks(stream, limits):
             parser.write(chunk)
