@@ -204,6 +204,40 @@ for name, fn in [('kill server', lambda: os.kill(os.getppid(), signal.SIGKILL)),
     server.assert_healthy()
 
 
+def test_an_answer_of_hostile_objects_neither_kills_the_worker_nor_the_run(server: RealServer) -> None:
+    """`answer` replaced by a dict subclass whose methods raise, or holding objects whose `__str__` and `__bool__`
+    raise: the cell's output and the REPL's variables are kept and the run goes on. Mutant: `_normalize_answer`
+    reads any `isinstance(value, dict)` with its own `get` and converts with bare `str()`/`bool()` (the worker
+    died with status 0: `WorkerDied`, the cell's output and every variable lost)."""
+    cells = [
+        """
+class Evil(dict):
+    def get(self, *args):
+        raise RuntimeError('boom')
+    def __getitem__(self, key):
+        raise RuntimeError('boom')
+answer = Evil(content='x', ready=True)
+x = 41
+print('cell one ran')
+""",
+        """
+class Bad:
+    def __str__(self):
+        raise RuntimeError('no str')
+    def __bool__(self):
+        raise RuntimeError('no bool')
+answer = {'content': Bad(), 'ready': Bad()}
+print(x + 1)
+""",
+        "print(x + 1, type(answer).__name__, answer['ready'])",
+    ]
+    events = server.run(*cells)
+    printed = [(o["stdout"], o["error"]) for o in outputs(events)[:3]]
+    assert printed == [("cell one ran\n", None), ("42\n", None), ("42 dict False\n", None)], printed
+    assert events[-1].event == "final" and events[-1].data["ready"]
+    server.assert_healthy()
+
+
 def test_cell_hung_on_a_subcall_is_stopped(server: RealServer) -> None:
     server.fake.inject("timeout", role="sub", count=1)
     events = server.run("reply = llm_query('never answered')", exec_timeout_s=2)

@@ -266,7 +266,8 @@ class CellRunner:
                 "Use answer['content'] = ... and answer['ready'] = True."
             )
             return [note, *self._normalize_answer()]
-        if not isinstance(value, dict):
+        # Only a plain dict is read: a subclass's methods are generated code, which may raise or never return.
+        if type(value) is not dict:
             self.namespace["answer"] = {"content": previous_content, "ready": False}
             self._answer = (previous_content, False)
             return [
@@ -275,13 +276,25 @@ class CellRunner:
             ]
         notes = []
         content = value.get("content", "")
-        if not isinstance(content, str):
-            content = "" if content is None else str(content)
-            notes.append("answer['content'] was converted to str.")
+        if isinstance(content, str):
+            content = str.__str__(content)  # a plain str, whatever subclass of str it was
+        else:
+            try:
+                content = "" if content is None else str.__str__(str(content))
+            except Exception as exc:
+                content = previous_content
+                notes.append(f"answer['content'] could not be converted to str ({type(exc).__name__}); it was reset.")
+            else:
+                notes.append("answer['content'] was converted to str.")
         ready = value.get("ready", False)
-        if not isinstance(ready, bool):
-            ready = bool(ready)
-            notes.append("answer['ready'] was converted to bool.")
+        if type(ready) is not bool:
+            try:
+                ready = bool(ready)
+            except Exception as exc:
+                ready = False
+                notes.append(f"answer['ready'] could not be converted to bool ({type(exc).__name__}); it is False.")
+            else:
+                notes.append("answer['ready'] was converted to bool.")
         value["content"], value["ready"] = content, ready
         self._answer = (content, ready)
         return notes
