@@ -10,6 +10,9 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service import runs as runs_module
+from rlm_service.events import AnswerEvent, EventBase, FinalEvent, RunUsage, ThoughtEvent
+from rlm_service.runs import LiveRun, RunRegistry
 from tests.conftest import (
     LiveServer,
     SseEvent,
@@ -219,3 +222,67 @@ def test_the_run_id_comes_with_the_response_headers(live: LiveServer) -> None:
         run_id, session_id = response.headers["x-run-id"], response.headers["x-session-id"]
         first = next(parse_sse(response.iter_lines()))
     assert first.data["run_id"] == run_id and first.data["session_id"] == session_id
+
+
+BIG_ANSWERS = script(
+    {"code": ["answer.update(content='a' * 3_000_000)"]},
+    {"code": ["answer.update(content='b' * 3_000_000)"]},
+    {"code": ["answer.update(content='c' * 3_000_000, ready=True)"]},
+)
+
+
+def test_a_run_keeps_answers_it_replaced_cut_and_its_followers_get_the_latest_whole(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Three answers of 3 MB in a row: the run's own client saw each whole as it came; a client re-attaching
+    afterwards gets the first two cut (saying so) and the last whole, and the run holds about one answer's
+    worth, not three (so a run that rewrites a large answer every turn cannot fill the server). Mutants: no
+    cut on a new answer (the re-attaching client gets 3 MB of 'a'; the run holds 9 M characters); the cut
+    made in place on the event (the live client's own answers arrive cut)."""
+    with LiveServer(history_settings(fake, tmp_path)) as server:
+        _, live_events = stream_run(server.url, json_body={"prompt": BIG_ANSWERS, "input_data": "x"})
+        run_id = live_events[0].data["run_id"]
+        replayed = follow(server.url, run_id)
+        run = server.app.state.engine.runs.get(run_id)
+        assert run is not None
+        held = run.chars
+    live_answers = [event.data["content"] for event in live_events if event.event == "answer"]
+    assert [len(content) for content in live_answers] == [3_000_000] * 3
+    answers = [event.data["content"] for event in replayed if event.event == "answer"]
+    assert answers[0].startswith("a" * 65536) and "earlier answer are not kept" in answers[0]
+    assert len(answers[0]) < 70_000 and len(answers[1]) < 70_000 and answers[2] == "c" * 3_000_000
+    assert replayed[-1].event == "final" and replayed[-1].data["answer"] == "c" * 3_000_000
+    assert held < 6_500_000  # the last answer, and `final` with the same text
+
+
+def test_a_large_event_is_framed_once_for_all_its_followers() -> None:
+    """Followers of a run share a large event's stream frame: `encode` runs once however many follow it, and
+    for a small event once per follower. Mutant: `frame` without its cache (encode runs per follower)."""
+    run = LiveRun("0123456789abcdef")
+    run.emit(AnswerEvent(run_id=run.id, content="x" * 100_000, ready=False))
+    run.emit(ThoughtEvent(run_id=run.id, iteration=1, text="small"))
+    made: list[int] = []
+
+    def encode(event: EventBase) -> bytes:
+        made.append(event.seq)
+        return event.model_dump_json().encode()
+
+    big, small = run.events
+    frames = [run.frame(event, encode) for _ in range(8) for event in (big, small)]
+    assert made.count(1) == 1 and made.count(2) == 8
+    assert all(frame is frames[0] for frame in frames[::2])
+
+
+def test_ended_runs_stay_in_memory_within_a_budget_of_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ended runs are kept for re-attaching clients by what they hold, not only by count: past the budget
+    the oldest go (history still has them). Mutant: pruning by count and age only (all three stay)."""
+    monkeypatch.setattr(runs_module, "ENDED_KEPT_CHARS", 250_000)
+    registry = RunRegistry()
+    ids = [f"{index:016x}" for index in range(3)]
+    for run_id in ids:
+        run = LiveRun(run_id)
+        registry.add(run)
+        run.emit(
+            FinalEvent(run_id=run_id, answer="z" * 100_000, ready=True, iterations=1, usage=RunUsage(), elapsed_ms=1)
+        )
+    assert [registry.get(run_id) is not None for run_id in ids] == [False, True, True]

@@ -7,6 +7,10 @@ costs the run nothing, and a client that reconnects with the last number it saw 
 exactly once. Closing a follower does not stop the run: whoever started it decides (`/process` cancels
 it when its client leaves, unless the run was started detached).
 
+What a run holds in memory is bounded by what it is still worth to a follower: an answer superseded by a
+later one is kept cut (its text is only the past; the latest answer and `final` carry the whole), and a
+large event's stream frame is made once for all its followers rather than once each.
+
 The `RunRegistry` finds runs by id while they live and for a short while after they end, so a client
 that reconnects just after the terminal event still gets it even with history off; later, history
 (the store) answers.
@@ -19,12 +23,30 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
-from .events import Event, is_terminal
+from .events import AnswerEvent, Event, EventBase, is_terminal
 
 ENDED_KEPT_S = 600.0
 """How long an ended run's events stay in memory for clients that re-attach."""
 ENDED_KEPT_MAX = 64
 """How many ended runs stay in memory at most (the oldest go first)."""
+ENDED_KEPT_CHARS = 256 * 1024**2
+"""How much text (answers, outputs, figures) ended runs keep in memory together (the oldest go first)."""
+SUPERSEDED_ANSWER_CHARS = 64 * 1024
+"""How much of an answer a run keeps once a later answer has replaced it."""
+SHARED_FRAME_CHARS = 64 * 1024
+"""Events at least this large have their stream frame made once for all followers (the latest few kept)."""
+FRAMES_KEPT = 4
+
+
+def _chars(event: Event) -> int:
+    """About how much memory an event holds: the length of its texts."""
+    return sum(len(value) for value in vars(event).values() if isinstance(value, str))
+
+
+def _cut_answer(event: AnswerEvent) -> AnswerEvent:
+    cut = len(event.content) - SUPERSEDED_ANSWER_CHARS
+    note = f"\n\n… [{cut:,} more characters of this earlier answer are not kept; a later answer replaced it]"
+    return event.model_copy(update={"content": event.content[:SUPERSEDED_ANSWER_CHARS] + note})
 
 
 class LiveRun:
@@ -35,11 +57,15 @@ class LiveRun:
         self.detached = detached
         self.session_id = session_id
         self.events: list[Event] = []
+        self.chars = 0
+        """About how much its events hold in memory (`_chars`)."""
         self.task: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         self.ended_at: float | None = None
         self._changed = asyncio.Event()
         self._on_end: list[Callable[[LiveRun], None]] = []
+        self._last_answer: int | None = None
+        self._frames: OrderedDict[int, bytes] = OrderedDict()
 
     @property
     def ended(self) -> bool:
@@ -50,7 +76,11 @@ class LiveRun:
         if self.ended:
             raise RuntimeError(f"run {self.id} already ended; {event.type} cannot follow its terminal event")
         event.seq = len(self.events) + 1
+        if isinstance(event, AnswerEvent):
+            self._supersede_answer()
+            self._last_answer = len(self.events)
         self.events.append(event)
+        self.chars += _chars(event)
         terminal = is_terminal(event)
         if terminal:
             self.ended_at = time.monotonic()
@@ -60,6 +90,29 @@ class LiveRun:
             callbacks, self._on_end = self._on_end, []
             for callback in callbacks:
                 callback(self)
+
+    def _supersede_answer(self) -> None:
+        """Cut the previous answer, now replaced, in the list (a copy: what was recorded or sent stays whole)."""
+        if self._last_answer is None:
+            return
+        previous = self.events[self._last_answer]
+        if isinstance(previous, AnswerEvent) and len(previous.content) > SUPERSEDED_ANSWER_CHARS:
+            cut = _cut_answer(previous)
+            self.events[self._last_answer] = cut
+            self.chars += _chars(cut) - _chars(previous)
+            self._frames.pop(previous.seq, None)
+
+    def frame(self, event: EventBase, encode: Callable[[EventBase], bytes]) -> bytes:
+        """`encode(event)`, the event's stream frame; for a large one, made once and shared by its followers."""
+        made = self._frames.get(event.seq)
+        if made is not None and self.events[event.seq - 1] is event:
+            return made
+        made = encode(event)
+        if len(made) >= SHARED_FRAME_CHARS and self.events[event.seq - 1] is event:
+            self._frames[event.seq] = made
+            while len(self._frames) > FRAMES_KEPT:
+                self._frames.popitem(last=False)
+        return made
 
     def on_end(self, callback: Callable[[LiveRun], None]) -> None:
         """Call `callback(run)` once the run has emitted its terminal event (at once if it has)."""
@@ -113,11 +166,14 @@ class RunRegistry:
 
     def _prune(self) -> None:
         now = time.monotonic()
+        held = sum(run.chars for run in self._ended.values())
         while self._ended:
             oldest = next(iter(self._ended.values()))
-            if len(self._ended) <= ENDED_KEPT_MAX and now - (oldest.ended_at or now) < ENDED_KEPT_S:
+            recent = now - (oldest.ended_at or now) < ENDED_KEPT_S
+            if len(self._ended) <= ENDED_KEPT_MAX and held <= ENDED_KEPT_CHARS and recent:
                 break
             self._ended.popitem(last=False)
+            held -= oldest.chars
 
     def get(self, run_id: str) -> LiveRun | None:
         self._prune()

@@ -105,17 +105,22 @@ class RunSlots:
 SEP = "\n"
 
 
-def _message(event: EventBase) -> ServerSentEvent:
-    return ServerSentEvent(data=event.model_dump_json(), event=event.type, id=str(event.seq), sep=SEP)
+def sse_frame(event: EventBase) -> bytes:
+    """One event as an SSE frame. Its data, one JSON text, holds no line break, so it is a single `data:` line
+    as it is (sse-starlette's encoder would scan all of it for line breaks to split, for every client)."""
+    head = f"id: {event.seq}{SEP}event: {event.type}{SEP}data: "
+    return head.encode() + event.model_dump_json().encode() + (SEP + SEP).encode()
 
 
-async def _sse(events: Iterable[EventBase] | AsyncIterator[EventBase]) -> AsyncIterator[ServerSentEvent]:
+async def _sse(
+    events: Iterable[EventBase] | AsyncIterator[EventBase], frame: Callable[[EventBase], bytes]
+) -> AsyncIterator[bytes]:
     if isinstance(events, AsyncIterator):
         async for event in events:
-            yield _message(event)
+            yield frame(event)
     else:
         for event in events:
-            yield _message(event)
+            yield frame(event)
 
 
 def event_stream(
@@ -124,16 +129,22 @@ def event_stream(
     *,
     ping_s: float,
     headers: dict[str, str] | None = None,
+    frame: Callable[[EventBase], bytes] = sse_frame,
 ) -> EventSourceResponse:
-    """An SSE response of `events`, with keep-alive pings and a send timeout."""
+    """An SSE response of `events`, with keep-alive pings and a send timeout; `frame` makes each event's bytes
+    (a live run's `frame` shares a large event's among its followers)."""
     return EventSourceResponse(
-        _sse(events),
+        _sse(events, frame),
         ping=ping_s,
         sep=SEP,
         send_timeout=settings.rlm_send_timeout_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
+
+
+def _shared_frames(run: LiveRun) -> Callable[[EventBase], bytes]:
+    return lambda event: run.frame(event, sse_frame)
 
 
 async def _owned(run: LiveRun) -> AsyncIterator[EventBase]:
@@ -187,7 +198,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         run.on_end(lambda _: parsed.run_input.discard())
         # The run's id before its first event, so a client that loses the connection at once can re-attach.
         ids = {"X-Run-Id": run.id} | ({"X-Session-Id": run.session_id} if run.session_id else {})
-        return event_stream(settings, _owned(run), ping_s=ping_s, headers=ids)
+        return event_stream(settings, _owned(run), ping_s=ping_s, headers=ids, frame=_shared_frames(run))
 
     @router.get(
         "/api/runs/{run_id}/events",
@@ -205,7 +216,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         if run is not None:
-            return event_stream(settings, run.follow(start), ping_s=ping_s)
+            return event_stream(settings, run.follow(start), ping_s=ping_s, frame=_shared_frames(run))
         fleet = _fleet(request)
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
