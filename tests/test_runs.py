@@ -111,9 +111,13 @@ def test_ended_runs_are_served_from_history_after_a_restart(fake: FakeOpenAI, tm
 
 
 def test_unknown_runs_are_404_and_malformed_ids_too(live: LiveServer) -> None:
+    """Refusals quote the id cut short: a 60 KB id is not sent back whole (mutant: `{run_id!r}` in them)."""
     for run_id in ("0123456789abcdef", "x" * 5000, "..%2F..%2Fetc"):
         assert httpx2.get(f"{live.url}/api/runs/{run_id}/events").status_code == 404
         assert httpx2.post(f"{live.url}/api/runs/{run_id}/cancel").status_code == 404
+    for path in ("/api/runs/{}/events", "/api/sessions/{}", "/api/runs/{}"):
+        refused = httpx2.get(live.url + path.format("y" * 60_000))
+        assert refused.status_code == 404 and len(refused.content) < 300, path
 
 
 def test_a_detached_run_goes_on_after_its_client_leaves(fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listen
 from .pulse import Pulse
 from .runs import LiveRun
 from .sessions import Session, SessionUnavailable
-from .store import StoreUnavailable
+from .store import StoreUnavailable, shown_id
 from .store_postgres import PostgresRunStore
 from .store_sql import SqlRunStore
 from .storewriter import Db
@@ -386,6 +386,6 @@ class Fleet:
 
 def _no_session(session_id: str) -> str:
     return (
-        f"no session {session_id!r}: it never existed, was deleted, or ended after its idle time "
+        f"no session {shown_id(session_id)}: it never existed, was deleted, or ended after its idle time "
         "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session"
     )

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from .export import export_markdown
-from .store import RunRecord, RunStore, StoreUnavailable, valid_run_id
+from .store import RunRecord, RunStore, StoreUnavailable, shown_id, valid_run_id
 
 T = TypeVar("T")
 
@@ -34,7 +34,7 @@ async def in_store(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def _run_id(run_id: str) -> str:
     """The `{run_id}` of a route, refused with 404 unless it could name a run (never echoed back whole)."""
     if not valid_run_id(run_id):
-        raise HTTPException(404, f"no run {run_id[:64]!r}{'…' if len(run_id) > 64 else ''}: not a run id")
+        raise HTTPException(404, f"no run {shown_id(run_id)}: not a run id")
     return run_id
 
 
@@ -61,7 +61,7 @@ def history_router() -> APIRouter:
     async def _load(request: Request, run_id: str) -> tuple[RunRecord, list[dict[str, Any]]]:
         found = await in_store(_store(request).get, run_id)
         if found is None:
-            raise HTTPException(404, f"no run {run_id!r} in the history")
+            raise HTTPException(404, f"no run {shown_id(run_id)} in the history")
         return found
 
     @router.get("/{run_id}")
@@ -75,7 +75,7 @@ def history_router() -> APIRouter:
         """Forget a run (and its kept input, if any). 503 when the history cannot be written now (a full disk)."""
         deleted = await in_store(_store(request).delete, run_id)
         if not deleted:
-            raise HTTPException(404, f"no run {run_id!r} in the history")
+            raise HTTPException(404, f"no run {shown_id(run_id)} in the history")
         return Response(status_code=204)
 
     @router.get("/{run_id}/export")
@@ -95,7 +95,7 @@ def history_router() -> APIRouter:
         """The run's input, when the run asked to keep it (`settings.keep_input`)."""
         kept = await in_store(_store(request).read_input, run_id)
         if kept is None:
-            raise HTTPException(404, f"run {run_id!r} did not keep its input")
+            raise HTTPException(404, f"run {shown_id(run_id)} did not keep its input")
         headers = {
             "Content-Length": str(kept.size),
             "Content-Disposition": f'attachment; filename="rlm-input-{run_id}.txt"',

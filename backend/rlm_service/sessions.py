@@ -21,6 +21,7 @@ from typing import Protocol
 from .capacity import Capacity
 from .repl.base import Repl
 from .repl.workspace import Workspace
+from .store import shown_id
 
 log = logging.getLogger("rlm_service")
 
@@ -159,7 +160,7 @@ class SessionManager:
         if session is None:
             raise SessionUnavailable(
                 404,
-                f"no session {session_id!r}: it never existed, was deleted, or ended "
+                f"no session {shown_id(session_id)}: it never existed, was deleted, or ended "
                 f"after {self.idle_s:g} s idle (RLM_SESSION_IDLE_S); start a new run "
                 "with the input and settings.session",
             )

@@ -38,6 +38,11 @@ def valid_run_id(run_id: str) -> bool:
     return RUN_ID.fullmatch(run_id) is not None
 
 
+def shown_id(value: str) -> str:
+    """An id from a request, quoted for an error message: cut, so that a huge one is not sent back whole."""
+    return repr(value[:64]) + ("…" if len(value) > 64 else "")
+
+
 class StoreUnavailable(Exception):
     """The history database cannot be written or read now (a full disk, an I/O error, a database server that
     cannot be reached); the message says why."""

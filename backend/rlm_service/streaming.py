@@ -29,7 +29,7 @@ from .fleet import Fleet
 from .history import in_store
 from .runs import LiveRun
 from .sessions import SessionUnavailable
-from .store import RunStore, StoreUnavailable, valid_run_id
+from .store import RunStore, StoreUnavailable, shown_id, valid_run_id
 from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
 
 log = logging.getLogger("rlm_service.api")
@@ -241,7 +241,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         if run is None and fleet is not None and valid_run_id(run_id):
             sent = await in_fleet(fleet.cancel, run_id)
             if sent == "unknown":
-                raise HTTPException(404, f"no run {run_id!r} on this server")
+                raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
             if sent == "ended":
                 raise HTTPException(409, f"run {run_id} has already ended")
             return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
@@ -260,7 +260,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         if session is None and (fleet := _fleet(request)) is not None:
             return await in_fleet(fleet.session, session_id)
         if session is None:
-            raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
+            raise HTTPException(404, f"no session {shown_id(session_id)} (it never existed, was deleted, or expired)")
         return session.describe(engine.sessions.idle_s)
 
     @router.delete(
@@ -277,7 +277,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             await in_fleet(fleet.end_session, session_id)
             return Response(status_code=204)
         if session is None:
-            raise HTTPException(404, f"no session {session_id!r} (it never existed, was deleted, or expired)")
+            raise HTTPException(404, f"no session {shown_id(session_id)} (it never existed, was deleted, or expired)")
         if session.live_run is not None:
             raise HTTPException(409, f"run {session.live_run} of this session is live; cancel it first")
         await engine.sessions.end(session_id)
@@ -314,7 +314,7 @@ async def _stored_events(request: Request, run_id: str, after: int = 0) -> list[
     store: RunStore | None = request.app.state.store
     found = await _store_events(store, run_id, after) if store is not None and valid_run_id(run_id) else None
     if found is None:
-        raise HTTPException(404, f"no run {run_id!r} on this server")
+        raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
     return found
 
 
