@@ -1,4 +1,4 @@
-# The RLM service: one process (runs and their streams live in it), REPL workers as its children.
+# The RLM service: its server process (WEB_CONCURRENCY of them, default one), REPL workers as their children.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -22,7 +22,10 @@ COPY backend/ backend/
 COPY frontend/ frontend/
 
 # Never run as root: the server and its REPL workers run as this unprivileged user.
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
+# Its history's folder exists in the image, owned by it, so that a volume mounted there starts out writable.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app \
+    && mkdir -p /home/app/.local/share/rlm-service \
+    && chown -R app:app /home/app/.local
 USER app
 
 EXPOSE 8000
@@ -30,4 +33,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["sh", "-c", "python -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:${PORT:-8000}/health', timeout=4)\""]
 
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["sh", "-c", "exec uvicorn main:app --app-dir backend --host 0.0.0.0 --port ${PORT:-8000} --workers 1 --loop asyncio --timeout-graceful-shutdown 10"]
+# HOST (above) and PORT, WEB_CONCURRENCY and every other setting come from the environment.
+CMD ["python", "backend/main.py"]
