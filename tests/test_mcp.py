@@ -19,6 +19,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
+from rlm_service.runs import LiveRun
 from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
 
@@ -151,12 +152,11 @@ async def test_a_failed_run_is_a_tool_error_that_says_why(http_server: LiveServe
     assert result.is_error and "The run failed (model_unavailable)" in answer_text(result)
 
 
-@pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, fake: FakeOpenAI, mode: str) -> None:
-    """Mutant caught: the tool not cancelling its run when the call is cancelled (it sleeps on)."""
-    runs = http_server.app.state.engine.runs
+async def cancel_a_call(server: LiveServer, mode: str, *, close_first: bool) -> LiveRun:
+    """Start a call whose run sleeps, cancel it once the run is under way, and wait (up to 15 s) for the run to
+    end: while the client is still connected, or once it has closed its connection (`close_first`)."""
     progress = Progress()
-    async with http_client(http_server, mode) as client:
+    async with http_client(server, mode) as client:
         async with anyio.create_task_group() as group:
 
             async def call() -> None:
@@ -165,11 +165,20 @@ async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, 
             group.start_soon(call)
             with anyio.fail_after(30):
                 await progress.seen.wait()
-            live = runs.live()
+            live = server.app.state.engine.runs.live()
             group.cancel_scope.cancel()
         assert len(live) == 1
-        assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
-    terminal = live[0].events[-1]
+        if not close_first:
+            assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
+    assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
+    run: LiveRun = live[0]
+    return run
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, fake: FakeOpenAI, mode: str) -> None:
+    """Mutant caught: the tool not cancelling its run when the call is cancelled (it sleeps on)."""
+    terminal = (await cancel_a_call(http_server, mode, close_first=False)).events[-1]
     assert terminal.type == "error" and terminal.code == "cancelled"
     assert fake.stats.root_requests == 1
 
@@ -286,19 +295,5 @@ async def test_with_several_processes_a_2025_host_that_closes_its_connection_can
     caught: the tool not cancelling its run when its request goes away (the run sleeps on)."""
     settings = make_settings(fake, web_concurrency=2, rlm_history_db=str(tmp_path / "h.sqlite3"), rlm_api_token=TOKEN)
     with LiveServer(settings) as server:
-        runs = server.app.state.engine.runs
-        progress = Progress()
-        async with http_client(server, "legacy") as client, anyio.create_task_group() as group:
-
-            async def call() -> None:
-                await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
-
-            group.start_soon(call)
-            with anyio.fail_after(30):
-                await progress.seen.wait()
-            live = runs.live()
-            group.cancel_scope.cancel()
-        assert len(live) == 1
-        assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: live[0].ended, timeout=15))
-    terminal = live[0].events[-1]
+        terminal = (await cancel_a_call(server, "legacy", close_first=True)).events[-1]
     assert terminal.type == "error" and terminal.code == "cancelled"
