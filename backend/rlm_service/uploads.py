@@ -181,8 +181,9 @@ def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException
     )
 
 
-async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
-    """Read a JSON body; a large one goes, as it arrives, to a parser process (`jsonbody`)."""
+async def _head(stream: AsyncIterator[bytes], limits: BodyLimits) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    """A small body whole (and None); or a large one's first part, just past `jsonbody.INLINE_BYTES`, and the
+    chunks still to come, for a parser process to take as they arrive. Past the cap, 413."""
     body = bytearray()
     chunks = body_chunks(stream, limits)
     async for chunk in chunks:
@@ -190,8 +191,16 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
         if (refusal := json_too_large(limits, len(body))) is not None:
             raise refusal
         if len(body) > jsonbody.INLINE_BYTES:
-            return await _parse_in_child(bytes(body), chunks, limits)
-    return await asyncio.to_thread(_parse_inline, bytes(body), limits)
+            return bytes(body), chunks
+    return bytes(body), None
+
+
+async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedRequest:
+    """Read a JSON body; a large one goes, as it arrives, to a parser process (`jsonbody`)."""
+    head, rest = await _head(stream, limits)
+    if rest is not None:
+        return await _parse_in_child(head, rest, limits)
+    return await asyncio.to_thread(_parse_inline, head, limits)
 
 
 async def _child_parser(*args: str) -> asyncio.subprocess.Process:
@@ -233,17 +242,34 @@ async def _answer(child: asyncio.subprocess.Process) -> bytes:
 
 
 async def _feed(
-    child: asyncio.subprocess.Process, head: bytes, rest: AsyncIterator[bytes], limits: BodyLimits
+    child: asyncio.subprocess.Process,
+    head: bytes,
+    rest: AsyncIterator[bytes],
+    limits: BodyLimits,
+    keep: bytearray | None = None,
 ) -> bytes:
-    """Stream the body into the child as it arrives (refusing it past the cap); the child's answer."""
+    """Stream the body into the child as it arrives (refusing it past the cap; adding it to `keep`, if given);
+    the child's answer. The child is killed if this fails."""
     received = len(head)
-    await _send(child, head)
-    async for chunk in rest:
-        received += len(chunk)
-        if (refusal := json_too_large(limits, received)) is not None:
-            raise refusal
-        await _send(child, chunk)
-    return await _answer(child)
+    try:
+        await _send(child, head)
+        async for chunk in rest:
+            received += len(chunk)
+            if (refusal := json_too_large(limits, received)) is not None:
+                raise refusal
+            await _send(child, chunk)
+            if keep is not None:
+                keep += chunk
+        return await _answer(child)
+    except BaseException:
+        await _end(child)
+        raise
+
+
+def _refused(answer: dict[str, Any]) -> None:
+    """Raise the refusal a parser process answered with, if it did."""
+    if answer.get("status") != 200:
+        raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
 
 
 async def _end(child: asyncio.subprocess.Process) -> None:
@@ -257,8 +283,7 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
     run_input: RunInput | None = None
     try:
         answer = json.loads(await _feed(child, head, rest, limits))
-        if answer.get("status") != 200:
-            raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
+        _refused(answer)
         described = answer["input"]
         if described is not None:
             run_input = RunInput(
@@ -282,24 +307,13 @@ async def read_json_object(stream: AsyncIterator[bytes], limits: BodyLimits) -> 
     """A JSON body as Python objects, parsed where it cannot stall the event loop: in a thread when it is
     small, in a child process (`jsonbody --object`) when it is large. Raises `HTTPException` (400, 408,
     413) like the rest of this module."""
-    body = bytearray()
-    chunks = body_chunks(stream, limits)
-    async for chunk in chunks:
-        body += chunk
-        if (refusal := json_too_large(limits, len(body))) is not None:
-            raise refusal
-        if len(body) > jsonbody.INLINE_BYTES:
-            child = await _child_parser("--object")
-            try:
-                answer = await _feed(child, bytes(body), chunks, limits)
-            except BaseException:
-                await _end(child)
-                raise
-            if answer[:1] != jsonbody.OBJECT:
-                refusal_body = json.loads(answer[1:])
-                raise HTTPException(refusal_body.get("status", 500), refusal_body.get("detail", "unreadable body"))
-            return await asyncio.to_thread(marshal.loads, answer[1:])
-    return await asyncio.to_thread(_loads, bytes(body))
+    head, rest = await _head(stream, limits)
+    if rest is None:
+        return await asyncio.to_thread(_loads, head)
+    answer = await _feed(await _child_parser("--object"), head, rest, limits)
+    if answer[:1] != jsonbody.OBJECT:
+        _refused(json.loads(answer[1:]))
+    return await asyncio.to_thread(marshal.loads, answer[1:])
 
 
 async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> bytes:
@@ -307,31 +321,13 @@ async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> b
     `jsonbody.MAX_VALUES` values: counted in a child process (`jsonbody --check`) when the body is large, in
     a thread when it is small. Whether it is valid JSON is for that parser to say. Raises `HTTPException`
     (408, 413) like the rest of this module."""
-    body = bytearray()
-    chunks = body_chunks(stream, limits)
-    child: asyncio.subprocess.Process | None = None
-    try:
-        async for chunk in chunks:
-            body += chunk
-            if (refusal := json_too_large(limits, len(body))) is not None:
-                raise refusal
-            if child is None and len(body) > jsonbody.INLINE_BYTES:
-                child = await _child_parser("--check")
-                await _send(child, body)
-            elif child is not None:
-                await _send(child, chunk)
-        if child is None:
-            small = bytes(body)
-            if await asyncio.to_thread(jsonbody.too_many_values, small):
-                raise HTTPException(413, jsonbody.TOO_MANY_VALUES)
-            return small
-        answer = json.loads(await _answer(child))
-    except BaseException:
-        if child is not None:
-            await _end(child)
-        raise
-    if answer.get("status") != 200:
-        raise HTTPException(answer.get("status", 500), answer.get("detail", "the JSON body could not be read"))
+    head, rest = await _head(stream, limits)
+    if rest is None:
+        if await asyncio.to_thread(jsonbody.too_many_values, head):
+            raise HTTPException(413, jsonbody.TOO_MANY_VALUES)
+        return head
+    body = bytearray(head)
+    _refused(json.loads(await _feed(await _child_parser("--check"), head, rest, limits, keep=body)))
     return bytes(body)
 
 
