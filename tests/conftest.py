@@ -8,6 +8,7 @@ bound before they start, never on a port picked and then hoped free.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -83,6 +84,20 @@ def run_leftovers(tmp: Path) -> list[str]:
             continue
         found.append(str(relative))
     return found
+
+
+async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+    """Answer a proxy's `CONNECT` (already read from `reader`) and relay bytes both ways to 127.0.0.1:`port`."""
+    upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            sink.write(data)
+            await sink.drain()
+        sink.close()
+
+    await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
 
 
 def self_signed_certificate(folder: Path, alt_names: str = "DNS:localhost") -> tuple[Path, Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rlm_service.llm import ChatClient, ModelCallError, parse_completion
-from tests.conftest import self_signed_certificate
+from tests.conftest import self_signed_certificate, tunnel
 
 REPLY = json.dumps(
     {
@@ -101,16 +101,7 @@ async def test_https_endpoint_through_a_connect_tunnel(certificate: tuple[Path, 
 
     async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         tunnels.append(await reader.readuntil(b"\r\n\r\n"))
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", origin_port)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+        await tunnel(reader, writer, origin_port)
 
     origin_server = await asyncio.start_server(origin, "127.0.0.1", 0, ssl=server_tls)
     origin_port = origin_server.sockets[0].getsockname()[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import script, self_signed_certificate, spawn_server, stream_run
+from tests.conftest import script, self_signed_certificate, spawn_server, stream_run, tunnel
 from tests.fake_openai import FakeOpenAI
 
 HOST = "models.test"  # not local, so the server goes through HTTPS_PROXY; only the proxy resolves it
@@ -77,16 +77,7 @@ class TunnelProxy:
             writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
             writer.close()
             return
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            while data := await source.read(65536):
-                sink.write(data)
-                await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True)
+        await tunnel(reader, writer, self.target_port)
 
 
 def test_an_https_endpoint_is_reached_and_its_certificate_checked(
