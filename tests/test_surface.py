@@ -292,11 +292,12 @@ ROUTES_READING_JSON = {
 
 @pytest.mark.parametrize("path", list(ROUTES_READING_JSON))
 def test_a_json_body_of_millions_of_values_is_refused_before_anything_parses_it(tmp_path: Path, path: str) -> None:
-    """#14 item 9: the many-small-values shape (60 MB: `MANY_VALUES` in an unknown field or parameter), to each
-    route that reads JSON, on a fresh server. It is refused with 413 naming the bound, the server's own CPU
-    time stays small (about 0.15 s here), its peak memory grows by far less than the 1.5 GB of objects such a
-    body makes, and `/health` keeps answering. Today's code (6fba4f8): `/process` handed the unknown field
-    back to the server to parse (422, `/health` stalled 6.7 s), `/v1/chat/completions` unmarshalled the whole
+    """#14 item 9: the many-small-values shape (60 MB: `MANY_VALUES` in an unknown field or parameter; to `/mcp`,
+    whose bodies are at most 8 MiB, 7.5 MB of it), to each route that reads JSON, on a fresh server. It is
+    refused with 413 naming the bound, the server's own CPU time stays small (about 0.15 s here), its peak
+    memory grows by far less than the 1.5 GB of objects such a body makes, and `/health` keeps answering.
+    Today's code (6fba4f8): `/process` handed the unknown field back to the server to parse (422, `/health`
+    stalled 6.7 s), `/v1/chat/completions` unmarshalled the whole
     document (200, stalled 7.9 s), `/mcp` parsed it with the SDK (stalled 5.2 s); this test saw stalls of
     7.4, 7.1 and 6.0 s there. Mutants caught: the count removed from `jsonbody._parse` (`/v1` stalls 7 s
     unmarshalling twenty million lists; `/process` answers 422, its placeholder sparing the server) and
@@ -307,9 +308,8 @@ def test_a_json_body_of_millions_of_values_is_refused_before_anything_parses_it(
         # the same shape, small: one-time costs (imports, the first parser process) out of the measure
         httpx2.post(f"{server.url}{path}", content=head + b"[]," * 500_000 + b"[]" + tail, headers=post_headers)
         peak_before, cpu_before = peak_rss(server.pid), _cpu_seconds(server.pid)
-        response = httpx2.post(
-            f"{server.url}{path}", content=head + MANY_VALUES + tail, headers=post_headers, timeout=120
-        )
+        values = MANY_VALUES if path != "/mcp" else MANY_VALUES[: 3 * 2_500_000] + b"[]"
+        response = httpx2.post(f"{server.url}{path}", content=head + values + tail, headers=post_headers, timeout=120)
         spent, grown = _cpu_seconds(server.pid) - cpu_before, peak_rss(server.pid) - peak_before
     assert health.answers and set(health.answers) == {200}, health
     assert health.slowest < HEALTH_SLOWEST_S, health.slowest
@@ -346,7 +346,7 @@ def test_a_parser_process_that_dies_mid_body_is_a_clear_503_and_the_server_goes_
     head, _, headers = ROUTES_READING_JSON[path]
     head = head.split(b'"x": [')[0] if path != "/mcp" else b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {'
     head += b'"big": "'
-    size = 8 * 2**20
+    size = 6 * 2**20  # within every route's cap (`/mcp`'s is 8 MiB)
     with LiveServer(make_settings(fake)) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             request = (
@@ -390,3 +390,26 @@ def read_reply(sock: socket.socket) -> bytes:
             reply += more
     except TimeoutError:
         return reply or b"(nothing before the socket's timeout)"
+
+
+def test_an_mcp_body_over_its_cap_is_refused_with_the_ways_in(live: LiveServer) -> None:
+    """`/mcp` bodies are at most 8 MiB (the MCP SDK parses them on the event loop): a larger one is a 413 that
+    says where large inputs go, before the SDK sees a byte of it. Mutant: `/mcp` capped at RLM_MAX_JSON_BYTES
+    like the API (the 9 MiB call runs)."""
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "rlm_run", "arguments": {"prompt": "p", "input_text": "x" * (9 * 2**20)}},
+        }
+    )
+    refused = httpx2.post(
+        f"{live.url}/mcp",
+        content=body,
+        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+        timeout=60,
+    )
+    assert refused.status_code == 413
+    detail = refused.json()["detail"]
+    assert "larger than /mcp allows (8,388,608 bytes)" in detail and "input_path" in detail and "/process" in detail

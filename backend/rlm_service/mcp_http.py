@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import HTTPException
 from mcp.server.transport_security import TransportSecuritySettings
@@ -32,6 +33,9 @@ from .streaming import RunSlots
 from .uploads import BodyLimits, json_too_large, read_json_bytes
 
 PATH = "/mcp"
+MAX_BODY_BYTES = 8 * 1024**2
+"""The largest `/mcp` body: the MCP SDK parses bodies on the event loop itself, and one this size takes it a few
+tens of milliseconds; larger inputs go as files (stdio) or to `POST /process`."""
 
 
 class _RequireToken:
@@ -62,7 +66,13 @@ class _ReadBody:
 
     def __init__(self, app: ASGIApp, settings: Settings, slots: RunSlots) -> None:
         self.app = app
-        self.limits = BodyLimits.of(settings)
+        self.limits = replace(
+            BodyLimits.of(settings),
+            json_bytes=min(settings.rlm_max_json_bytes, MAX_BODY_BYTES),
+            json_cap_name="/mcp",
+            larger="give a large input as a file instead (`input_path`, over stdio: `rlm-service mcp`), or send "
+            "it to POST /process as a multipart upload",
+        )
         self.slots = slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -77,10 +87,7 @@ class _ReadBody:
             with self.slots.reading_body():
                 body = await read_json_bytes(request.stream(), self.limits)
         except HTTPException as exc:
-            detail = str(exc.detail).replace(
-                "a multipart/form-data upload (field input_file)", "a multipart upload to POST /process"
-            )
-            await JSONResponse({"detail": detail}, exc.status_code, exc.headers)(scope, receive, send)
+            await JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)(scope, receive, send)
             return
         delivered = False
 
@@ -101,7 +108,7 @@ class McpHttp:
         self.server = build_server(RlmTools(settings, slots, engine), local_files=False)
         self.server.streamable_http_app(
             streamable_http_path=PATH,
-            max_request_body_size=int(settings.rlm_max_json_bytes),
+            max_request_body_size=MAX_BODY_BYTES,
             # With several processes or replicas, each request may reach another one: nothing of an MCP
             # connection may live in one process's memory. (Clients of the 2026 protocol revision are served
             # that way anyway; those of the 2025 handshake lose only cancellation by notification there.)

@@ -86,6 +86,10 @@ class BodyLimits:
     idle_timeout: float
     min_rate: int
     """Bytes per second the body must average once `idle_timeout` has passed since it started."""
+    json_cap_name: str = "RLM_MAX_JSON_BYTES"
+    """What `json_bytes` is called in a refusal."""
+    larger: str = "send large inputs as a multipart/form-data upload (field input_file)"
+    """What a refusal of a JSON body too large says to do instead."""
 
     @classmethod
     def of(cls, settings: Settings) -> BodyLimits:
@@ -168,7 +172,7 @@ def _parse_inline(body: bytes, limits: BodyLimits) -> ParsedRequest:
 def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException | None:
     """The refusal of a JSON body of `size` bytes (None: it passed the cap), naming the limit it broke."""
     if limits.json_bytes <= limits.input_bytes + MAX_FIELD_BYTES:
-        cap, name = limits.json_bytes, "RLM_MAX_JSON_BYTES"
+        cap, name = limits.json_bytes, limits.json_cap_name
     else:
         cap, name = limits.input_bytes + MAX_FIELD_BYTES, "RLM_MAX_INPUT_BYTES"
     if size is not None and size <= cap:
@@ -176,8 +180,7 @@ def json_too_large(limits: BodyLimits, size: int | None = None) -> HTTPException
     shown = f" ({size:,} bytes)" if size is not None else ""
     return HTTPException(
         413,
-        f"the JSON body{shown} is larger than {name} allows ({cap:,} bytes); send large "
-        "inputs as a multipart/form-data upload (field input_file)",
+        f"the JSON body{shown} is larger than {name} allows ({cap:,} bytes); {limits.larger}",
     )
 
 
