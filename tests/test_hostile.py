@@ -472,3 +472,17 @@ def test_one_file_cannot_pass_the_disk_cap(tight: RealServer) -> None:
     events = tight.run("open('big.bin', 'wb').write(b'x' * 300_000_000)")
     assert "File too large" in (outputs(events)[0]["error"] or ""), outputs(events)[0]
     tight.assert_healthy()
+
+
+def test_an_answer_past_its_size_is_reported_cut_and_the_root_model_is_told(server: RealServer) -> None:
+    """`answer['content']` of 5 Mi characters of control characters (whose JSON is six times as long): the run
+    reports its first 4 Mi characters, the root model is told, and `/health` keeps answering. Mutant: no cap in
+    the executor (the final answer has 5 Mi characters; serializing each event carrying it costs the event
+    loop six times as much)."""
+    seen = len(server.fake.stats.root_bodies)
+    with health_watch(server) as health:
+        events = server.run("answer['content'] = '\\x01' * (5 * 2**20)")
+    assert events[-1].event == "final" and len(events[-1].data["answer"]) == 4 * 2**20
+    told = json.dumps(server.fake.stats.root_bodies[seen:])
+    assert "only the first 4,194,304 are reported" in told
+    assert health.answers and health.slowest < 2.0, health

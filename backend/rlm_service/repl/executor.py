@@ -30,6 +30,9 @@ RlmFn = Callable[[list[str], list[str | None]], list[str]]
 PROTECTED = ("context", "input_data", "llm_query", "llm_batch", "rlm_query", "rlm_batch")
 MAX_FIGURES = 8
 MAX_FIGURE_BYTES = 2 * 1024 * 1024
+MAX_ANSWER_CHARS = 4 * 1024 * 1024
+"""The most of `answer['content']` a run reports (and history keeps): every event that carries the answer is
+serialized on the server's event loop, so its size is what one run can make every other request wait."""
 
 # With the Agg backend plt.show() draws nothing; figures are collected after each cell instead.
 warnings.filterwarnings("ignore", message=".*non-interactive.*cannot be shown")
@@ -296,6 +299,12 @@ class CellRunner:
             else:
                 notes.append("answer['ready'] was converted to bool.")
         value["content"], value["ready"] = content, ready
+        if len(content) > MAX_ANSWER_CHARS:
+            notes.append(
+                f"answer['content'] has {len(content):,} characters; only the first {MAX_ANSWER_CHARS:,} are "
+                "reported. Make the answer shorter: summarize, or point to the part of the input that holds it."
+            )
+            content = content[:MAX_ANSWER_CHARS]
         self._answer = (content, ready)
         return notes
 

@@ -19,9 +19,8 @@ from typing import Any, Protocol
 
 from . import protocol
 from .base import RESTARTED_NOTE, CellOutcome, ReplError, ReplOptions, RunStart, SubCalls
-from .executor import MAX_FIGURE_BYTES, MAX_FIGURES
+from .executor import MAX_ANSWER_CHARS, MAX_FIGURE_BYTES, MAX_FIGURES
 
-MAX_ANSWER_CHARS = 16 * 1024 * 1024
 MAX_VARIABLES = 50
 _REQUESTS = ("batch", "rlm")
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
