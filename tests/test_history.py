@@ -21,6 +21,8 @@ from rlm_service.store_sqlite import SqliteRunStore
 from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
 
+FINISH = "answer.update(content='done', ready=True)"
+
 PLOT = (
     "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
     "values = np.random.default_rng(0).normal(size=500)\nplt.hist(values, bins=20)\n"
@@ -111,6 +113,21 @@ def test_server_crash_mid_run_leaves_an_unfinished_run(tmp_path: Path) -> None:
         assert [e.event for e in replayed] == [e["type"] for e in events] + ["error"]
         assert replayed[-1].data["code"] == "lost" and "unfinished" in replayed[-1].data["message"]
         assert replayed[-1].data["seq"] == events[-1]["seq"] + 1
+
+
+def test_a_run_just_ended_is_in_the_history_while_its_writes_are_still_queued(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """The history's writer thread is one second behind (a write ahead of the run's sleeps, as on a busy
+    machine): a client that lists the history, or opens the run, right after its `final` still finds it,
+    finished. Mutant: the history routes reading without waiting for this process's queued writes (the run is
+    missing; the page's history list stays empty after a run)."""
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        server.app.state.store.queue(lambda db: time.sleep(1.0))
+        _, events = stream_run(server.url, json_body={"prompt": script({"code": [FINISH]}), "input_data": "x"})
+        listed = httpx2.get(f"{server.url}/api/runs").json()["runs"]
+        opened = httpx2.get(f"{server.url}/api/runs/{events[0].data['run_id']}").json()
+    assert events[-1].event == "final"
+    assert [run["id"] for run in listed] == [events[0].data["run_id"]] and listed[0]["status"] == "finished"
+    assert opened["events"][-1]["type"] == "final"
 
 
 def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:

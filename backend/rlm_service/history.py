@@ -16,10 +16,23 @@ from .store import RunRecord, RunStore, StoreUnavailable, shown_id, valid_run_id
 T = TypeVar("T")
 
 
+SETTLE_S = 2.0
+"""How long a history read waits for this process's writes still queued (a run that just ended is listed)."""
+
+
 def _store(request: Request) -> RunStore:
     store: RunStore | None = getattr(request.app.state, "store", None)
     if store is None:
         raise HTTPException(404, "run history is off on this server (RLM_HISTORY_DB=off)")
+    return store
+
+
+async def _settled(request: Request) -> RunStore:
+    """The store, once what this process recorded so far is written (or `SETTLE_S` has passed): the history is
+    written by a thread of its own, so a client that reads it just after a run's last event would otherwise
+    find the run missing or unfinished while the machine is busy."""
+    store = _store(request)
+    await asyncio.to_thread(store.flush, SETTLE_S)
     return store
 
 
@@ -53,13 +66,13 @@ def history_router() -> APIRouter:
     ) -> dict[str, Any]:
         """Past runs, newest first, a page at a time. Prompts and answers come as previews (`prompt_preview`,
         `prompt_chars`, `answer_preview`, `answer_chars`); `GET /api/runs/{id}` has them in full."""
-        store = _store(request)
+        store = await _settled(request)
         records = await in_store(store.list, limit=limit, before=before)
         runs = [record.to_dict() for record in records]
         return {"runs": runs, "next_before": runs[-1]["created"] if len(runs) == limit else None}
 
     async def _load(request: Request, run_id: str) -> tuple[RunRecord, list[dict[str, Any]]]:
-        found = await in_store(_store(request).get, run_id)
+        found = await in_store((await _settled(request)).get, run_id)
         if found is None:
             raise HTTPException(404, f"no run {shown_id(run_id)} in the history")
         return found
