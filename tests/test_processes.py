@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx2
 
+from rlm_service.capacity import SharedCapacity, zero
 from tests.conftest import post_process, script, spawn_server, stream_run, wait_until
 
 
@@ -72,3 +75,35 @@ def test_a_server_process_that_dies_is_replaced(tmp_path: Path) -> None:
         for _ in range(4):
             response, events = stream_run(server.url, json_body={"prompt": "x"})
             assert response.status_code == 200 and events[-1].event == "final"
+
+
+def test_a_process_killed_while_counting_leaves_the_counts_usable() -> None:
+    """A server process killed with SIGKILL in the middle of taking and giving back run slots, twenty times:
+    each time, the supervisor's `zero` of its count and another process's `try_take` complete at once and the
+    limit holds. Mutant: the counts behind one lock shared by the processes (multiprocessing.Array): a process
+    killed while holding it left it held, and the supervisor and every other process waited forever (seen as
+    `test_a_server_process_that_dies_is_replaced` timing out: no replacement came)."""
+    counts = multiprocessing.RawArray("i", 2)
+    survivor = SharedCapacity(3, counts, 1)
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:  # the doomed process: takes and gives back as fast as it can until it is killed
+            doomed = SharedCapacity(3, counts, 0)
+            while True:
+                if doomed.try_take():
+                    doomed.give()
+        time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        finished = threading.Event()
+
+        def recover(done: threading.Event) -> None:
+            zero(counts, 0)
+            taken = [survivor.try_take() for _ in range(4)]
+            assert taken == [True, True, True, False]
+            for _ in range(3):
+                survivor.give()
+            done.set()
+
+        threading.Thread(target=recover, args=(finished,), daemon=True).start()
+        assert finished.wait(10), "the counts stayed locked by the killed process"

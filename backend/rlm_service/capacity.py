@@ -4,12 +4,21 @@ With one process (`WEB_CONCURRENCY=1`) a plain counter does. With several, each 
 shared memory that the supervising process made before forking them (`supervisor`), so that
 RLM_MAX_CONCURRENT_RUNS and RLM_MAX_SESSIONS hold for the instance as a whole, and the supervisor zeroes
 the counts of a process that died (its runs and sessions died with it).
+
+The shared counts take no lock that spans processes: a process killed while holding one would leave it held,
+and every other process, and the supervisor, would wait on it forever. Each process writes only its own count
+(under a lock of its own threads) and reads the others'. To take one, it counts itself in first and then
+checks the total: two processes racing for the last place may both be refused, but the limit is never passed.
 """
 
 from __future__ import annotations
 
-from multiprocessing.sharedctypes import SynchronizedArray
-from typing import Protocol
+import ctypes
+import threading
+from typing import Any, Protocol
+
+Counts = ctypes.Array[Any]
+"""One count per server process, in shared memory (`multiprocessing.RawArray("i", processes)`)."""
 
 
 class Capacity(Protocol):
@@ -50,36 +59,36 @@ class LocalCapacity:
 class SharedCapacity:
     """One process's share of counts kept in shared memory for every process of the instance."""
 
-    def __init__(self, limit: int, counts: SynchronizedArray[int], index: int) -> None:
+    def __init__(self, limit: int, counts: Counts, index: int) -> None:
         self.limit = limit
         self._counts = counts
         self._index = index
+        self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
-        with self._counts.get_lock():
-            return _total(self._counts)
+        return _total(self._counts)
 
     def try_take(self) -> bool:
-        with self._counts.get_lock():
-            if _total(self._counts) >= self.limit:
-                return False
+        with self._lock:
             self._counts[self._index] += 1
-            return True
+            if _total(self._counts) <= self.limit:
+                return True
+            self._counts[self._index] -= 1
+            return False
 
     def give(self) -> None:
-        with self._counts.get_lock():
+        with self._lock:
             self._counts[self._index] = max(self._counts[self._index] - 1, 0)
 
 
-def _total(counts: SynchronizedArray[int]) -> int:
+def _total(counts: Counts) -> int:
     return sum(int(counts[index]) for index in range(len(counts)))
 
 
-def zero(counts: SynchronizedArray[int], index: int) -> None:
-    """Forget what a dead process held."""
-    with counts.get_lock():
-        counts[index] = 0
+def zero(counts: Counts, index: int) -> None:
+    """Forget what a dead process held (no process writes its count any more)."""
+    counts[index] = 0
 
 
-__all__ = ["Capacity", "LocalCapacity", "SharedCapacity", "zero"]
+__all__ = ["Capacity", "Counts", "LocalCapacity", "SharedCapacity", "zero"]

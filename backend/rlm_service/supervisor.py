@@ -39,8 +39,8 @@ def serve_processes(settings: Settings, count: int) -> None:
     """Serve on HOST:PORT with `count` processes until SIGTERM or SIGINT; restart any that dies."""
     holder = _reserve(settings.host, settings.port)
     address = (settings.host, holder.getsockname()[1])
-    runs = multiprocessing.Array("i", count)
-    sessions = multiprocessing.Array("i", count)
+    runs = multiprocessing.RawArray("i", count)  # no lock: see `capacity`
+    sessions = multiprocessing.RawArray("i", count)
     children: dict[int, int] = {}
     stopping = False
 
