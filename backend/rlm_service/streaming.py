@@ -220,9 +220,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         fleet = _fleet(request)
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
-        stored = [parse_event(data) for data in await _stored_events(request, run_id, start)]
-        store: RunStore = request.app.state.store
-        if await in_store(store.status, run_id) == "unfinished":  # its server stopped before the run ended
+        status, found = await _stored_events(request, run_id, start)
+        stored = [parse_event(data) for data in found]
+        if status == "unfinished":  # its server stopped before the run ended
             last = stored[-1].seq if stored else start or 0
             stored.append(lost_event(run_id, last, "the server stopped before this run ended; it is unfinished"))
         return event_stream(settings, stored, ping_s=ping_s)
@@ -309,19 +309,13 @@ def _event_number(value: str | None) -> int:
         return 0
 
 
-async def _stored_events(request: Request, run_id: str, after: int = 0) -> list[dict[str, Any]]:
-    """A past run's events after `after` from history; 404 when there is no such run."""
+async def _stored_events(request: Request, run_id: str, after: int = 0) -> tuple[str, list[dict[str, Any]]]:
+    """A past run's status and its events after `after` from history; 404 when there is no such run."""
     store: RunStore | None = request.app.state.store
-    found = await _store_events(store, run_id, after) if store is not None and valid_run_id(run_id) else None
-    if found is None:
+    status = await in_store(store.status, run_id) if store is not None and valid_run_id(run_id) else None
+    if store is None or status is None:
         raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
-    return found
-
-
-async def _store_events(store: RunStore, run_id: str, after: int = 0) -> list[dict[str, Any]] | None:
-    if await in_store(store.status, run_id) is None:
-        return None
-    return await in_store(store.events, run_id, after)
+    return status, await in_store(store.events, run_id, after)
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:
