@@ -32,6 +32,7 @@ import uvicorn
 
 from rlm_service.api import create_app
 from rlm_service.config import Settings
+from rlm_service.repl import workspace as workspace_module
 from tests.fake_openai import FakeOpenAI
 from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # noqa: F401 (fixtures of every test module)
 
@@ -247,6 +248,42 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
     for line in lines:
         if (event := frames.feed(line)) is not None:
             yield SseEvent(*event)
+
+
+@contextmanager
+def removal_held_until_health_answers(monkeypatch: pytest.MonkeyPatch, url: str) -> Iterator[None]:
+    """Inside the block, deleting a run's directory (a run can fill it with 100,000 files, about a second's
+    work) waits until the server at `url` has answered `/health`. Deleted on the event loop, it would hold
+    the loop, and `/health` with it: the block then fails on the health check's timeout."""
+    entered, release = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+    real = workspace_module.remove_tree
+
+    def held(path: Path) -> None:
+        if path.name.startswith("run-"):
+            entered.set()
+            release.wait(30)
+        real(path)
+
+    def check() -> None:
+        try:
+            assert entered.wait(30), "no run directory was deleted"
+            assert httpx2.get(f"{url}/health", timeout=5).status_code == 200
+        except BaseException as exc:  # handed to the test's thread below
+            failures.append(exc)
+        finally:
+            release.set()
+
+    monkeypatch.setattr(workspace_module, "remove_tree", held)
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
+    try:
+        yield
+    finally:
+        checker.join(40)
+        release.set()
+    if failures:
+        raise failures[0]
 
 
 def stream_run(

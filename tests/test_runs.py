@@ -18,6 +18,7 @@ from tests.conftest import (
     SseEvent,
     make_settings,
     parse_sse,
+    removal_held_until_health_answers,
     script,
     stream_run,
     wait_until,
@@ -290,3 +291,15 @@ def test_ended_runs_stay_in_memory_within_a_budget_of_text(monkeypatch: pytest.M
             FinalEvent(run_id=run_id, answer="z" * 100_000, ready=True, iterations=1, usage=RunUsage(), elapsed_ms=1)
         )
     assert [registry.get(run_id) is not None for run_id in ids] == [False, True, True]
+
+
+def test_the_server_answers_while_an_ended_run_s_files_are_deleted(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run may leave up to 100,000 files in its directory, and deleting them takes about a second: that is
+    done in a thread, and the server answers meanwhile. Mutant: the deletion on the event loop (as it was)
+    → `/health` gets no answer while it lasts."""
+    done = script({"code": ["answer.update(content='done', ready=True)"]})
+    with LiveServer(make_settings(fake)) as server, removal_held_until_health_answers(monkeypatch, server.url):
+        _, events = stream_run(server.url, json_body={"prompt": done, "input_data": "x"})
+    assert events[-1].event == "final" and events[-1].data["answer"] == "done"

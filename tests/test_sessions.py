@@ -17,6 +17,7 @@ from tests.conftest import (
     make_settings,
     parse_sse,
     post_process,
+    removal_held_until_health_answers,
     script,
     stream_run,
     wait_until,
@@ -121,6 +122,17 @@ def test_deleting_a_session_frees_its_worker_and_its_workspace(fake: FakeOpenAI)
         assert httpx2.delete(f"{server.url}/api/sessions/{events[0].data['session_id']}").status_code == 204
         assert wait_until(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(int(pid)), timeout=5)
     assert not Path(workdir).exists()
+
+
+def test_the_server_answers_while_an_ended_session_s_files_are_deleted(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ending a session deletes its directory in a thread (it may hold 100,000 files): the server answers
+    meanwhile. Mutant: the deletion on the event loop → `/health` gets no answer while it lasts."""
+    with LiveServer(make_settings(fake)) as server:
+        events = ask(server.url, script({"code": [FINISH.format(expr="1")]}), input_data="abc", session=True)
+        with removal_held_until_health_answers(monkeypatch, server.url):
+            assert httpx2.delete(f"{server.url}/api/sessions/{events[0].data['session_id']}").status_code == 204
 
 
 def _zombie(pid: int) -> bool:

@@ -97,13 +97,15 @@ class _Setup:
     repl: Repl | None = None
 
     async def close(self) -> None:
-        """Close the REPL and remove the workspace, waiting for a thread still making it."""
+        """Close the REPL and remove the workspace, waiting for a thread still making it. The removal runs in
+        a thread too: a run may leave up to 100,000 files (the disk watch's limit), which take about a second to
+        delete."""
         if self.repl is not None:
             await self.repl.close()
         if self.making is not None:
             (made,) = await asyncio.gather(self.making, return_exceptions=True)
             if isinstance(made, Workspace):
-                made.remove()
+                await asyncio.to_thread(made.remove)
 
 
 class _Spent(Exception):

@@ -203,7 +203,7 @@ class SessionManager:
     async def _close(session: Session) -> None:
         with contextlib.suppress(Exception):
             await session.repl.close()
-        session.workspace.remove()
+        await asyncio.to_thread(session.workspace.remove)  # in a thread, as a run's: it may hold many files
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
