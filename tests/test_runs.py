@@ -108,7 +108,9 @@ def test_ended_runs_are_served_from_history_after_a_restart(fake: FakeOpenAI, tm
         _, events = stream_run(server.url, json_body={"prompt": "x"})
     with LiveServer(history_settings(fake, tmp_path)) as restarted:
         again = follow(restarted.url, events[0].data["run_id"], after=1)
+        cancelled = httpx2.post(f"{restarted.url}/api/runs/{events[0].data['run_id']}/cancel")
     assert [e.data for e in again] == [e.data for e in events[1:]]
+    assert cancelled.status_code == 409 and "already ended" in cancelled.json()["detail"]
 
 
 def test_unknown_runs_are_404_and_malformed_ids_too(live: LiveServer) -> None:

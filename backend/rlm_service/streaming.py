@@ -246,7 +246,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                 raise HTTPException(409, f"run {run_id} has already ended")
             return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
         if run is None:
-            await _stored_events(request, run_id)  # 404 if unknown
+            await _stored_status(request, run_id)  # 404 if unknown
             raise HTTPException(409, f"run {run_id} has already ended")
         if not run.cancel("cancelled through the API"):
             raise HTTPException(409, f"run {run_id} has already ended")
@@ -309,12 +309,18 @@ def _event_number(value: str | None) -> int:
         return 0
 
 
-async def _stored_events(request: Request, run_id: str, after: int = 0) -> tuple[str, list[dict[str, Any]]]:
-    """A past run's status and its events after `after` from history; 404 when there is no such run."""
+async def _stored_status(request: Request, run_id: str) -> tuple[RunStore, str]:
+    """The history holding a past run, and the run's status; 404 when there is no such run."""
     store: RunStore | None = request.app.state.store
     status = await in_store(store.status, run_id) if store is not None and valid_run_id(run_id) else None
     if store is None or status is None:
         raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
+    return store, status
+
+
+async def _stored_events(request: Request, run_id: str, after: int = 0) -> tuple[str, list[dict[str, Any]]]:
+    """A past run's status and its events after `after` from history; 404 when there is no such run."""
+    store, status = await _stored_status(request, run_id)
     return status, await in_store(store.events, run_id, after)
 
 
