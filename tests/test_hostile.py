@@ -366,6 +366,23 @@ def test_a_too_large_llm_batch_is_refused_in_the_cell(server: RealServer) -> Non
     server.assert_healthy()
 
 
+def test_a_sub_call_reply_past_the_cap_comes_back_as_an_error(server: RealServer) -> None:
+    """The sub-model answers llm_query with 17 MiB of text. The server takes no reply over 16 MiB
+    (llm.MAX_REPLY_BYTES): parsing a reply holds the event loop, in a thread too since the JSON parser keeps
+    the GIL (under a 256 MiB cap a 200 MB reply stalled /health for a second). The cell gets an `Error:`
+    string naming the cap, and the run goes on. Mutant: MAX_REPLY_BYTES at 256 MiB → the cell gets the
+    whole reply."""
+    server.fake.sub = lambda prompt: "y" * (17 * 2**20)
+    try:
+        events = server.run("reply = llm_query('hi')\nprint(len(reply), reply[:300])")
+    finally:
+        server.fake.sub = default_sub_reply
+    printed = outputs(events)[0]["stdout"]
+    assert printed.split()[1] == "Error:" and "larger than 16,777,216 bytes" in printed, printed[:400]
+    assert events[-1].event == "final"
+    server.assert_healthy()
+
+
 def test_a_worker_holds_only_its_channel_and_standard_streams(server: RealServer) -> None:
     """A cell lists its descriptors and uses every pipe it holds but its stderr as the zygote's wake-up
     pipe would be used (steal a wake-up, then write one). Today's workers inherited that pipe: stealing

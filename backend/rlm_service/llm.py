@@ -35,7 +35,10 @@ USER_AGENT = f"rlm-service/{__version__}"
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_S = 60.0
-MAX_REPLY_BYTES = 256 * 1024 * 1024
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+"""The largest reply body taken from the model server (a larger one is an error, retried). Parsing a reply holds
+the event loop, and every run and `/health` with it, in a thread too (the JSON parser keeps the GIL): about 30 ms
+at this size, seconds at a few hundred megabytes."""
 KEEPALIVE_S = 30.0
 
 
