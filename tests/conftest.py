@@ -251,30 +251,33 @@ def parse_sse(lines: Iterator[str]) -> Iterator[SseEvent]:
 
 
 @contextmanager
-def removal_held_until_health_answers(monkeypatch: pytest.MonkeyPatch, url: str) -> Iterator[None]:
-    """Inside the block, deleting a run's directory (a run can fill it with 100,000 files, about a second's
-    work) waits until the server at `url` has answered `/health`. Deleted on the event loop, it would hold
-    the loop, and `/health` with it: the block then fails on the health check's timeout."""
+def held_until_health_answers(
+    monkeypatch: pytest.MonkeyPatch, url: str, owner: object, name: str, holds: Callable[..., bool], what: str
+) -> Iterator[None]:
+    """Inside the block, the calls of `owner.name` that `holds(*args)` picks wait until the server at `url` has
+    answered `/health` once one of them began. Made on the event loop, such a call holds the loop, and `/health`
+    with it: the block then fails on the health check's timeout. `what` names the call for the failure when
+    none came."""
     entered, release = threading.Event(), threading.Event()
     failures: list[BaseException] = []
-    real = workspace_module.remove_tree
+    real = getattr(owner, name)
 
-    def held(path: Path) -> None:
-        if path.name.startswith("run-"):
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if holds(*args):
             entered.set()
             release.wait(30)
-        real(path)
+        return real(*args, **kwargs)
 
     def check() -> None:
         try:
-            assert entered.wait(30), "no run directory was deleted"
+            assert entered.wait(30), f"no {what}"
             assert httpx2.get(f"{url}/health", timeout=5).status_code == 200
         except BaseException as exc:  # handed to the test's thread below
             failures.append(exc)
         finally:
             release.set()
 
-    monkeypatch.setattr(workspace_module, "remove_tree", held)
+    monkeypatch.setattr(owner, name, held)
     checker = threading.Thread(target=check, daemon=True)
     checker.start()
     try:
@@ -284,6 +287,22 @@ def removal_held_until_health_answers(monkeypatch: pytest.MonkeyPatch, url: str)
         release.set()
     if failures:
         raise failures[0]
+
+
+@contextmanager
+def removal_held_until_health_answers(monkeypatch: pytest.MonkeyPatch, url: str) -> Iterator[None]:
+    """Inside the block, deleting a run's directory (a run can fill it with 100,000 files, about a second's
+    work) waits until the server at `url` has answered `/health`. Deleted on the event loop, it would hold
+    the loop, and `/health` with it: the block then fails on the health check's timeout."""
+    with held_until_health_answers(
+        monkeypatch,
+        url,
+        workspace_module,
+        "remove_tree",
+        lambda path: path.name.startswith("run-"),
+        "run directory was deleted",
+    ):
+        yield
 
 
 def stream_run(

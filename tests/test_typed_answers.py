@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tests.conftest import LiveServer, make_settings, post_process, script, stream_run
+import pytest
+
+from rlm_service.answers import AnswerSchema
+from tests.conftest import LiveServer, held_until_health_answers, make_settings, post_process, script, stream_run
 from tests.fake_openai import FakeOpenAI
 
 SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0}}, "required": ["count"]}
@@ -51,3 +54,41 @@ def test_a_schema_larger_than_a_prompt_may_be_is_refused(fake: FakeOpenAI) -> No
     with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as live:
         response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": huge}})
     assert response.status_code == 422 and "RLM_MAX_PROMPT_CHARS" in response.json()["detail"]
+
+
+def every_call(*args: object) -> bool:
+    return True
+
+
+def test_an_answer_is_checked_off_the_event_loop(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking an answer of megabytes against its schema is pure Python and takes a while (a 4 MB answer that
+    broke the schema 1.3 million times held every run and `/health` for 24 s), so it is done in a thread: each
+    check here waits until `/health` has answered. Mutants caught: `problem` called on the event loop by the
+    controller, or `value` by the run's driver for `final` (each: the health check times out)."""
+    prompt = script(
+        {"code": ["answer.update(content='{\"count\": -1}', ready=True)"]},
+        {"code": ["answer.update(content='{\"count\": 2}', ready=True)"]},
+    )
+    with (
+        LiveServer(make_settings(fake)) as live,
+        held_until_health_answers(monkeypatch, live.url, AnswerSchema, "problem", every_call, "answer was checked"),
+        held_until_health_answers(monkeypatch, live.url, AnswerSchema, "value", every_call, "answer_json was made"),
+    ):
+        _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": SCHEMA}})
+    assert events[-1].event == "final" and events[-1].data["answer_json"] == {"count": 2}
+
+
+def test_an_answer_breaking_the_schema_everywhere_is_refused_with_a_few_reasons(fake: FakeOpenAI) -> None:
+    """An answer of 20,000 wrong items: the root model reads the five most relevant violations and that there
+    are more; the check stops collecting at a thousand. Mutant caught: every violation collected (the
+    message then counts all 19,995 others)."""
+    prompt = script(
+        {"code": ["import json\nanswer.update(content=json.dumps([0] * 20_000), ready=True)"]},
+        {"code": ["answer.update(content='[]', ready=True)"]},
+    )
+    schema = {"type": "array", "items": {"type": "string"}}
+    with LiveServer(make_settings(fake)) as live:
+        _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": schema}})
+    assert events[-1].event == "final" and events[-1].data["answer_json"] == []
+    told = fake.stats.root_bodies[1]["messages"][-1]["content"]
+    assert told.count("is not of type 'string'") == 5 and "- and at least 995 more" in told, told

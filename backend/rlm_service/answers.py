@@ -12,6 +12,7 @@ they declare none). References are resolved only inside the schema: nothing is f
 from __future__ import annotations
 
 import json
+from itertools import islice
 from typing import Any
 
 from jsonschema import exceptions as schema_errors
@@ -21,6 +22,9 @@ from referencing.exceptions import Unresolvable
 
 MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
+MAX_COLLECTED_ERRORS = 1000
+"""Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
+places, and collecting every one takes tens of seconds."""
 
 
 class SchemaInvalid(ValueError):
@@ -50,27 +54,30 @@ class AnswerSchema:
         return json.dumps(self.schema, ensure_ascii=False)
 
     def problem(self, content: str) -> str | None:
-        """What is wrong with `content` as an answer (None when it is JSON valid against the schema)."""
+        """What is wrong with `content` as an answer (None when it is JSON valid against the schema). Checking an
+        answer of megabytes takes a while: call it in a thread, off the event loop."""
         try:
             value = json.loads(content)
         except ValueError as exc:
             return f"answer['content'] is not valid JSON ({exc}); build it with json.dumps(value)."
         try:
-            errors = sorted(self._validator.iter_errors(value), key=schema_errors.relevance)
+            found = list(islice(self._validator.iter_errors(value), MAX_COLLECTED_ERRORS))
         except Unresolvable as exc:  # a `$ref` is resolved only when an answer reaches it
             return (
                 f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
                 "references inside the schema work); answer in the shape the schema describes as best you can."
             )
-        if not errors:
+        if not found:
             return None
+        errors = sorted(found, key=schema_errors.relevance)
         lines = [f"- at {_where(error.absolute_path)}: {error.message}" for error in errors[:MAX_REPORTED_ERRORS]]
         if len(errors) > MAX_REPORTED_ERRORS:
-            lines.append(f"- and {len(errors) - MAX_REPORTED_ERRORS} more")
+            more = len(errors) - MAX_REPORTED_ERRORS
+            lines.append(f"- and at least {more} more" if len(errors) == MAX_COLLECTED_ERRORS else f"- and {more} more")
         return "the JSON does not satisfy the schema:\n" + "\n".join(lines)
 
     def value(self, content: str) -> Any:
-        """The parsed answer when it satisfies the schema, else None."""
+        """The parsed answer when it satisfies the schema, else None (in a thread, as `problem`)."""
         if self.problem(content) is not None:
             return None
         return json.loads(content)

@@ -199,7 +199,7 @@ class Controller:
         returns what the root model is told about it."""
         if self.answer_check is None or not outcome.answer_ready:
             return None
-        problem = self.answer_check.problem(outcome.answer_content)
+        problem = await asyncio.to_thread(self.answer_check.problem, outcome.answer_content)
         if problem is None:
             return None
         outcome.answer_ready = False

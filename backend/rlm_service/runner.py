@@ -164,6 +164,8 @@ class RunDriver:
                 code, message = spent
                 outcome = f"error:{code}"
                 raise _Spent(code, message)
+            check = plan.answer_check
+            answer_json = await asyncio.to_thread(check.value, result.answer) if check is not None else None
             terminal = FinalEvent(
                 run_id=run.id,
                 answer=result.answer,
@@ -174,7 +176,7 @@ class RunDriver:
                 by_depth=tree.by_depth() if recursive else None,
                 cost_usd=round(tree.cost_usd, 6) if tree.cost_known else None,
                 note=result.note,
-                answer_json=plan.answer_check.value(result.answer) if plan.answer_check else None,
+                answer_json=answer_json,
             )
         except _Spent as spent:
             terminal = ErrorEvent(run_id=run.id, code=spent.code, message=str(spent), answer=None)
