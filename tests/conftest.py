@@ -20,11 +20,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import pytest
@@ -38,6 +38,7 @@ from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # no
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT_MODEL = "root-model"
+T = TypeVar("T")
 SUB_MODEL = "sub-model"
 PR_SET_CHILD_SUBREAPER = 36
 _session: dict[str, Path] = {}
@@ -303,6 +304,28 @@ def removal_held_until_health_answers(monkeypatch: pytest.MonkeyPatch, url: str)
         "run directory was deleted",
     ):
         yield
+
+
+async def ticks_while_read(stream: AsyncIterator[T]) -> list[tuple[T, int]]:
+    """Each item of `stream` with how many turns another task of the event loop had had when it was read: a
+    stream that never lets the loop serve others reads all its items at the same count."""
+    ticks = 0
+
+    async def other() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    task = asyncio.create_task(other())
+    await asyncio.sleep(0)  # the other task starts, and waits for its next turn
+    seen = []
+    try:
+        async for item in stream:
+            seen.append((item, ticks))
+    finally:
+        task.cancel()
+    return seen
 
 
 def stream_run(

@@ -12,7 +12,10 @@ import httpx2
 import openai
 import pytest
 
-from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, wait_until
+from rlm_service.events import FinalEvent, RunUsage
+from rlm_service.openai_api import ANSWER_DELTA_CHARS, _chunks
+from rlm_service.runs import LiveRun
+from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, ticks_while_read, wait_until
 from tests.fake_openai import FakeOpenAI, HTTPFault, _first_user_text
 
 TOKEN = "rlm-test-token"
@@ -343,3 +346,19 @@ def test_a_long_conversation_is_served_and_its_wrong_message_named(server: LiveS
     with pytest.raises(openai.BadRequestError) as wrong:
         client(server).chat.completions.create(model="rlm", messages=[*history[:-1], {"role": "robot"}, *history[-1:]])
     assert wrong.value.param == "messages.2998.role" and "messages.2998.role: Input should be" in wrong.value.message
+
+
+async def test_a_long_answer_streams_while_the_server_serves_others() -> None:
+    """A 4-million-character answer goes out in 4,000 deltas to a client that reads fast, so sending never waits:
+    made in one go, they held `/health` for 246 ms. The stream passes through the event loop after each delta.
+    Mutant caught: no `await asyncio.sleep(0)` in the answer's loop in `openai_api._chunks` (every delta is then
+    read at the same count)."""
+    run = LiveRun("r")
+    run.emit(
+        FinalEvent(
+            run_id="r", answer="a" * 50 * ANSWER_DELTA_CHARS, ready=True, iterations=1, usage=RunUsage(), elapsed_ms=1
+        )
+    )
+    read = await ticks_while_read(_chunks(run, include_usage=False))
+    deltas = [count for chunk, count in read if '"content":"a' in str(chunk.data)]
+    assert len(deltas) == 50 and len(set(deltas)) == 50, deltas

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from rlm_service import runs as runs_module
 from rlm_service.events import AnswerEvent, EventBase, FinalEvent, RunUsage, ThoughtEvent
 from rlm_service.runs import LiveRun, RunRegistry
+from rlm_service.streaming import _sse, sse_frame
 from tests.conftest import (
     LiveServer,
     SseEvent,
@@ -21,6 +23,7 @@ from tests.conftest import (
     removal_held_until_health_answers,
     script,
     stream_run,
+    ticks_while_read,
     wait_until,
 )
 from tests.fake_openai import FakeOpenAI
@@ -305,3 +308,19 @@ def test_the_server_answers_while_an_ended_run_s_files_are_deleted(
     with LiveServer(make_settings(fake)) as server, removal_held_until_health_answers(monkeypatch, server.url):
         _, events = stream_run(server.url, json_body={"prompt": done, "input_data": "x"})
     assert events[-1].event == "final" and events[-1].data["answer"] == "done"
+
+
+async def test_a_stream_lets_the_server_serve_others_between_its_events() -> None:
+    """Sending to a client that reads fast never waits: the 12,000 events of a 6,000-cell run, replayed at once,
+    held `/health` for 223 ms while they were framed and sent. The stream passes through the event loop after
+    each event, whether it replays a list (history) or follows a run. Mutant caught: either
+    `await asyncio.sleep(0)` in `streaming._sse` removed (every event is then read at the same count)."""
+    events = [ThoughtEvent(run_id="r", seq=n, iteration=1, text="x") for n in range(1, 51)]
+
+    async def followed() -> AsyncIterator[EventBase]:
+        for event in events:
+            yield event
+
+    for source in (events, followed()):
+        counts = [count for _, count in await ticks_while_read(_sse(source, sse_frame))]
+        assert len(set(counts)) == len(events), counts

@@ -318,6 +318,7 @@ async def _chunks(run: LiveRun, include_usage: bool) -> AsyncIterator[ServerSent
             elif isinstance(event, FinalEvent):
                 for start in range(0, len(event.answer), ANSWER_DELTA_CHARS):
                     yield chunk({"content": event.answer[start : start + ANSWER_DELTA_CHARS]})
+                    await asyncio.sleep(0)  # thousands of deltas go out at once: let the loop serve others between
                 yield chunk({}, "stop" if event.ready else "length")
                 if include_usage:
                     yield ServerSentEvent(data=dumps({**base, "choices": [], "usage": _usage(event.usage)}), sep=SEP)

@@ -12,6 +12,7 @@ does not hold may be another's: the routes follow, cancel, end or continue it th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -115,12 +116,17 @@ def sse_frame(event: EventBase) -> bytes:
 async def _sse(
     events: Iterable[EventBase] | AsyncIterator[EventBase], frame: Callable[[EventBase], bytes]
 ) -> AsyncIterator[bytes]:
+    """The events' frames, with a pass through the event loop after each: sending to a client that reads fast
+    never waits, so a run's thousands of events replayed at once would otherwise be framed and sent while
+    every other request waits."""
     if isinstance(events, AsyncIterator):
         async for event in events:
             yield frame(event)
+            await asyncio.sleep(0)
     else:
         for event in events:
             yield frame(event)
+            await asyncio.sleep(0)
 
 
 def event_stream(
