@@ -12,13 +12,23 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from rlm_service import export as export_module
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import CodeEvent, FinalEvent, InputInfo, RunLimits, RunUsage, StartEvent
 from rlm_service.export import export_markdown
 from rlm_service.store import RunRecord
 from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
-from tests.conftest import LiveServer, make_settings, parse_sse, script, spawn_server, stream_run, wait_until
+from tests.conftest import (
+    LiveServer,
+    held_until_health_answers,
+    make_settings,
+    parse_sse,
+    script,
+    spawn_server,
+    stream_run,
+    wait_until,
+)
 from tests.fake_openai import FakeOpenAI
 
 FINISH = "answer.update(content='done', ready=True)"
@@ -281,3 +291,23 @@ def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake:
         assert runs["small0prompt0000"]["prompt_preview"] == "task small0prompt0000"
         full = httpx2.get(f"{server.url}/api/runs/big0prompt000000", timeout=120).json()
         assert full["run"]["prompt"] == prompt and full["run"]["answer"] == "short"
+
+
+def every_call(*args: object) -> bool:
+    return True
+
+
+@pytest.mark.parametrize("format, renderer", [("json", "export_json"), ("md", "export_markdown")])
+def test_an_export_is_rendered_off_the_event_loop(
+    tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, format: str, renderer: str
+) -> None:
+    """Rendering the export of a run of thousands of events takes a tenth of a second or more (12,000 events:
+    /health held 117 ms by the JSON one), so it is done in a thread: here it waits until `/health` has answered.
+    Mutant caught: `export_run` calling the renderer on the event loop (the health check times out)."""
+    settings = make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))
+    with LiveServer(settings) as server:
+        _, events = stream_run(server.url, json_body={"prompt": "a task", "input_data": "data"})
+        run_id = events[0].data["run_id"]
+        with held_until_health_answers(monkeypatch, server.url, export_module, renderer, every_call, "export"):
+            exported = httpx2.get(f"{server.url}/api/runs/{run_id}/export", params={"format": format}, timeout=30)
+    assert exported.status_code == 200 and run_id in exported.text

@@ -6,6 +6,7 @@ add nothing to a report, such as progress counters, say so with `_nothing`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -93,6 +94,11 @@ RENDERERS: dict[str, Renderer] = {
     "error": _error,
     "child": _child,
 }
+
+
+def export_json(record: RunRecord, events: list[dict[str, Any]]) -> str:
+    """The run and its events as one indented JSON document."""
+    return json.dumps({"run": record.to_dict(), "events": events}, ensure_ascii=False, indent=1)
 
 
 def export_markdown(record: RunRecord, events: list[dict[str, Any]]) -> str:
