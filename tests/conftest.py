@@ -38,9 +38,9 @@ from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # no
 
 REPO = Path(__file__).resolve().parents[1]
 ROOT_MODEL = "root-model"
-T = TypeVar("T")
 SUB_MODEL = "sub-model"
 PR_SET_CHILD_SUBREAPER = 36
+T = TypeVar("T")
 _session: dict[str, Path] = {}
 
 
@@ -288,6 +288,11 @@ def held_until_health_answers(
         release.set()
     if failures:
         raise failures[0]
+
+
+def every_call(*args: object) -> bool:
+    """For `held_until_health_answers`: hold every call."""
+    return True
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
 from tests.conftest import (
     LiveServer,
+    every_call,
     held_until_health_answers,
     make_settings,
     parse_sse,
@@ -291,10 +292,6 @@ def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake:
         assert runs["small0prompt0000"]["prompt_preview"] == "task small0prompt0000"
         full = httpx2.get(f"{server.url}/api/runs/big0prompt000000", timeout=120).json()
         assert full["run"]["prompt"] == prompt and full["run"]["answer"] == "short"
-
-
-def every_call(*args: object) -> bool:
-    return True
 
 
 @pytest.mark.parametrize("format, renderer", [("json", "export_json"), ("md", "export_markdown")])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from rlm_service.answers import AnswerSchema
-from tests.conftest import LiveServer, held_until_health_answers, make_settings, post_process, script, stream_run
+from tests.conftest import (
+    LiveServer,
+    every_call,
+    held_until_health_answers,
+    make_settings,
+    post_process,
+    script,
+    stream_run,
+)
 from tests.fake_openai import FakeOpenAI
 
 SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0}}, "required": ["count"]}
@@ -54,10 +62,6 @@ def test_a_schema_larger_than_a_prompt_may_be_is_refused(fake: FakeOpenAI) -> No
     with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as live:
         response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": huge}})
     assert response.status_code == 422 and "RLM_MAX_PROMPT_CHARS" in response.json()["detail"]
-
-
-def every_call(*args: object) -> bool:
-    return True
 
 
 def test_an_answer_is_checked_off_the_event_loop(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
