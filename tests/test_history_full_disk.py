@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from rlm_service import storewriter
 from rlm_service.events import AnswerEvent, CodeEvent
 from rlm_service.store_sqlite import SqliteRunStore
 from rlm_service.storewriter import MAX_BACKLOG
@@ -47,12 +48,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(path: Path) -> None:
-    """Write zeros to `path` until the file system is full."""
-    with open(path, "wb") as filler:
+    """Write zeros to `path` until the file system is full. Unbuffered: a buffered file keeps what its last
+    write could not place, and closing it raises ENOSPC again."""
+    with open(path, "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
 
@@ -104,11 +105,15 @@ def test_a_full_disk_does_not_stop_the_history(
 
 
 def test_while_the_disk_is_full_the_waiting_events_are_bounded(
-    small_disk: Path, caplog: pytest.LogCaptureFixture
+    small_disk: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past `MAX_BACKLOG` waiting writes, plain events are dropped (and counted); the run's end is kept.
-    Mutant: no backlog check (all 12,000 events wait in memory, then are all written)."""
+    Mutant: no backlog check (all 12,000 events wait in memory, then are all written). The writer's first
+    retry waits 5 s here, past the time the 12,000 events take to record even on a busy machine: a retry
+    during them can succeed on a full disk (in the space the failed write had taken before it was rolled
+    back) and let more of them through."""
     caplog.set_level(logging.WARNING, logger="rlm_service")
+    monkeypatch.setattr(storewriter, "RETRY_FIRST_S", 5.0)
     store = SqliteRunStore(small_disk / "history.sqlite3")
     store.begin(_record("r", 1.0))
     store.record("r", _start("r"))
