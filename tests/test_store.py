@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -250,6 +251,24 @@ def test_replicas_that_start_together_upgrade_a_new_postgresql_database_once(pg_
         store.close()
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+
+
+def test_a_new_sqlite_file_opens_while_another_process_is_writing_it(tmp_path: Path) -> None:
+    """Two server processes open a new history file together and one migrates it while the other switches it
+    to WAL: SQLite refuses that switch at once, without waiting, while another connection writes (one server
+    process in twenty failed to start that way under load, and was restarted). Here a write transaction holds
+    the new file for a second while the store opens: it waits and opens. Mutant: one `PRAGMA journal_mode = WAL`
+    (`database is locked` at once)."""
+    path = tmp_path / "history.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: (time.sleep(1), other.execute("COMMIT"), other.close()))
+        store = SqliteRunStore(path, shared=True)
+    assert store.list(limit=1, before=None) == []
+    store.close()
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:

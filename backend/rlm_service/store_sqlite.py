@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -149,6 +150,21 @@ class SqliteRunStore(SqlRunStore):
         return transient(exc)
 
 
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (it stays so). The switch needs the file to itself, and SQLite refuses it at
+    once, without waiting, while another connection writes: two server processes opening a new file together
+    (one migrating it) meet that. Tried again until `READ_TIMEOUT_S` has passed."""
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _chunks(file: IO[bytes]) -> Iterator[bytes]:
     with file:
         while chunk := file.read(CHUNK_BYTES):
@@ -157,7 +173,7 @@ def _chunks(file: IO[bytes]) -> Iterator[bytes]:
 
 def _connect_writer(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=READ_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
+    _use_wal(db)
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute("PRAGMA foreign_keys = ON")
     db.execute("PRAGMA journal_size_limit = 4194304")  # a checkpointed WAL shrinks back to 4 MiB
