@@ -48,6 +48,8 @@ class AnswerSchema:
             raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
         self.schema = schema
         self._validator: Validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+        self._accepted: tuple[str, Any] | None = None
+        """The last answer `problem` found valid, parsed: the run's `final` asks `value` for the same one."""
 
     def text(self) -> str:
         """The schema as the root model reads it."""
@@ -68,6 +70,7 @@ class AnswerSchema:
                 "references inside the schema work); answer in the shape the schema describes as best you can."
             )
         if not found:
+            self._accepted = (content, value)
             return None
         errors = sorted(found, key=schema_errors.relevance)
         lines = [f"- at {_where(error.absolute_path)}: {error.message}" for error in errors[:MAX_REPORTED_ERRORS]]
@@ -77,7 +80,10 @@ class AnswerSchema:
         return "the JSON does not satisfy the schema:\n" + "\n".join(lines)
 
     def value(self, content: str) -> Any:
-        """The parsed answer when it satisfies the schema, else None (in a thread, as `problem`)."""
-        if self.problem(content) is not None:
+        """The parsed answer when it satisfies the schema, else None (in a thread, as `problem`). The answer
+        `problem` last accepted is not checked again."""
+        accepted = self._accepted is not None and self._accepted[0] == content
+        if not accepted and self.problem(content) is not None:
             return None
-        return json.loads(content)
+        assert self._accepted is not None
+        return self._accepted[1]
