@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,7 +29,7 @@ from rlm_service.events import (
     StartEvent,
     ThoughtEvent,
 )
-from rlm_service.migrations import LATEST, MIGRATIONS, SchemaTooNew
+from rlm_service.migrations import LATEST, MIGRATIONS, SchemaTooNew, migrate_sqlite
 from rlm_service.store import RunBudget, RunRecord
 from rlm_service.store_postgres import PostgresRunStore
 from rlm_service.store_sql import SqlRunStore
@@ -269,6 +270,32 @@ def test_a_new_sqlite_file_opens_while_another_process_is_writing_it(tmp_path: P
     store.close()
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_a_process_overtaken_during_a_step_outside_a_transaction_still_opens_a_new_file(tmp_path: Path) -> None:
+    """Two server processes start on a new history file: one is running the step SQLite cannot run in a
+    transaction (`VACUUM`) while the other takes the file through every later step. The first then goes on,
+    and the file ends at the latest version with each step made once. (Seen: 6 starts in 60 of two processes on
+    a new file failed with `duplicate column name: session_id`; the connections the failed process had taken
+    were reset.) Mutant caught: that step's version recorded without a check under the write lock (the version
+    went back, and the later steps ran again)."""
+    path = tmp_path / "history.sqlite3"
+    overtaken: list[int] = []
+
+    class Overtaken(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "VACUUM" and not overtaken:
+                with closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    overtaken.append(migrate_sqlite(other))
+            return super().execute(sql, *args)
+
+    with closing(sqlite3.connect(path, isolation_level=None, factory=Overtaken)) as db:
+        assert migrate_sqlite(db) == 0
+        assert overtaken == [3]  # the other found steps 1 to 3 made, and made the rest
+        assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
+    store = SqliteRunStore(path)
+    assert store.list(limit=1, before=None) == []
+    store.close()
 
 
 def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:

@@ -211,22 +211,25 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
             f"knows versions up to {LATEST}: upgrade the service, or point RLM_HISTORY_DB elsewhere"
         )
     for step in MIGRATIONS:
-        if step.transactional:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                if _sqlite_version(db) < step.version:
+        if not step.transactional and _sqlite_version(db) < step.version:
+            for statement in step.statements("sqlite"):  # outside the lock: another process may run them too
+                db.execute(statement)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Under the write lock, the version tells what every process has done: a step runs (or, outside a
+            # transaction, is recorded) only where nobody has gone past it. A step recorded without that check
+            # could set the version back behind another process's later steps, and this process would then
+            # run those again (`duplicate column`).
+            if _sqlite_version(db) < step.version:
+                if step.transactional:
                     for statement in step.statements("sqlite"):
                         db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {step.version:d}")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        elif _sqlite_version(db) < step.version:
-            for statement in step.statements("sqlite"):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {step.version:d}")
+                db.execute(f"PRAGMA user_version = {step.version:d}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
     return found
 
 
