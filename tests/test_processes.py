@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,47 @@ def test_a_server_process_that_dies_is_replaced(tmp_path: Path) -> None:
         assert wait_until(
             lambda: victim not in _server_processes(server.pid) and len(_server_processes(server.pid)) == 2, timeout=30
         )
+        for _ in range(4):
+            response, events = stream_run(server.url, json_body={"prompt": "x"})
+            assert response.status_code == 200 and events[-1].event == "final"
+
+
+def test_a_process_that_cannot_start_takes_no_connections(tmp_path: Path) -> None:
+    """A server process dies, and its replacement cannot start: the history file is locked (as a database
+    that cannot be reached would hold it) until the replacement gives up. Meanwhile every request, each on a
+    new connection, is answered by the process that serves: none waits for the replacement and none is reset
+    when it gives up. Then the instance has its two processes again. Mutant caught: a process listening from
+    its fork, before its startup (requests were reset)."""
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        before = set(_server_processes(server.pid))
+        victim = min(before)
+        failures: list[str] = []
+        answered: list[int] = []
+        stop = threading.Event()
+
+        def ask_health() -> None:
+            while not stop.is_set():
+                try:
+                    answered.append(httpx2.get(f"{server.url}/health", timeout=60).status_code)
+                except httpx2.HTTPError as exc:
+                    failures.append(repr(exc))
+
+        with sqlite3.connect(tmp_path / "history.sqlite3", isolation_level=None) as lock:
+            lock.execute("BEGIN IMMEDIATE")
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(lambda: set(_server_processes(server.pid)) - before, timeout=30)
+            (replacement,) = set(_server_processes(server.pid)) - before
+            asker = threading.Thread(target=ask_health)
+            asker.start()
+            try:  # it gives up when SQLite's wait for the lock (5 s) has passed
+                assert wait_until(lambda: replacement not in _server_processes(server.pid), timeout=60)
+            finally:
+                stop.set()
+                asker.join(90)
+            lock.execute("ROLLBACK")
+        assert failures == [] and answered and set(answered) == {200}
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
         for _ in range(4):
             response, events = stream_run(server.url, json_body={"prompt": "x"})
             assert response.status_code == 200 and events[-1].event == "final"

@@ -4,6 +4,11 @@ The supervisor reads the settings, hardens itself (the key leaves its environmen
 forks the server processes, which inherit the settings from its memory rather than an environment
 that would carry the key. Each process runs its own event loop, engine and workers on a listening socket
 of its own on that port (`SO_REUSEPORT`), and the kernel spreads connections among them by their addresses.
+A process binds its socket at once but listens only once its startup is done (uvicorn listens after the
+app's lifespan has started): a socket that listened earlier would be given its share of the connections
+while the process starts, which then wait for it, and are reset if its startup fails (a database that
+cannot be reached makes a restarted process fail again and again, and each attempt would take and drop
+connections that the processes already serving could have answered).
 One socket shared by all would not spread a burst: the first process to wake accepts every connection
 waiting (asyncio accepts up to its backlog at once), and B7 measured all 32 runs of a burst on one
 process. The supervisor holds the port with a socket that is bound but does not listen, so that no other
@@ -50,7 +55,7 @@ def serve_processes(settings: Settings, count: int) -> None:
             code = 1
             try:
                 holder.close()
-                listener = socket.create_server(address, backlog=BACKLOG, reuse_port=True)
+                listener = _reserve(*address)  # listens once the process is ready (uvicorn's startup)
                 _serve_one(
                     settings,
                     listener,
@@ -94,8 +99,9 @@ def serve_processes(settings: Settings, count: int) -> None:
 
 
 def _reserve(host: str, port: int) -> socket.socket:
-    """A socket bound to the port, not listening: it holds the port for the server processes' own sockets
-    (raises when another program has it)."""
+    """A socket bound to the port, not listening (`SO_REUSEPORT`): the supervisor's holds the port for the
+    server processes' own sockets (raises when another program has it); a server process's listens when
+    the process is ready."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,7 +115,7 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 
 def _serve_one(settings: Settings, listener: socket.socket, runs: SharedCapacity, sessions: SharedCapacity) -> None:
-    """One server process: its app on the shared socket, until the supervisor stops it."""
+    """One server process: its app on its socket of the port, until the supervisor stops it."""
     import uvicorn
 
     from .server import build_app
@@ -117,7 +123,9 @@ def _serve_one(settings: Settings, listener: socket.socket, runs: SharedCapacity
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     app = build_app(settings, runs=runs, sessions=sessions)
-    config = uvicorn.Config(app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=5, backlog=BACKLOG
+    )
     uvicorn.Server(config).run(sockets=[listener])
 
 
