@@ -30,9 +30,6 @@ from tests.conftest import (
 )
 from tests.fake_openai import FakeOpenAI
 
-SERVER_CPU_BUDGET_S = 0.25
-
-
 HEALTH_SLOWEST_S = 2.0
 """On a quiet machine no `/health` answer takes 100 ms; the bound allows a loaded machine and still catches
 stalls of seconds."""
@@ -105,20 +102,22 @@ def test_a_json_body_over_the_cap_is_refused_pointing_to_multipart(fake: FakeOpe
         assert "RLM_MAX_JSON_BYTES" in response.json()["detail"] and "multipart" in response.json()["detail"]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process's own threads, its children not counted."""
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of a process's own threads, and of its children that it has waited for."""
     with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = [int(field) for field in stat.read().rsplit(")", 1)[1].split()[11:15]]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (fields[0] + fields[1]) / tick, (fields[2] + fields[3]) / tick
 
 
 def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path) -> None:
     """A 40 MB JSON body (30 million characters of input) within the cap, to the real server in its own
     process: it is parsed outside the server process, whose event loop stays free (`/health` keeps
-    answering). What is asserted is the server process's own CPU time for the whole run, which a busy
-    machine hardly changes: about 0.1 s, against about 0.45 s when the server parses the body itself
-    (2026-12-02, 40 MB, this machine). Mutant caught: parsing it in a thread of the server (json.loads
-    holds the interpreter lock for the whole document)."""
+    answering). What is asserted is the server process's own CPU time for the whole run against that of the
+    parser process it started, a ratio that a busy machine moves far less than either figure:
+    0.16-0.17 s against 0.56-0.65 s (2026-12-02, 40 MB, this machine); a server that parses the
+    body itself spends about 0.45 s more. Mutant caught: parsing it in a thread of the server (json.loads
+    holds the interpreter lock for the whole document): 0.65 s, and no parser process."""
     payload = json.dumps(
         {
             "prompt": script({"code": ["answer.update(content=str(len(context)), ready=True)"]}),
@@ -127,15 +126,16 @@ def test_a_large_json_body_is_parsed_without_freezing_the_server(tmp_path: Path)
     ).encode()
     with spawn_server(tmp_path) as server, health_watch(server.url) as health:
         stream_run(server.url, json_body={"prompt": "warm up"})  # one-time costs out of the measure
-        before = _cpu_seconds(server.pid)
+        own_before, children_before = _cpu_seconds(server.pid)
         response, events = stream_run(
             server.url, json_body=None, timeout=120, headers={"Content-Type": "application/json"}, data=payload
         )
-        spent = _cpu_seconds(server.pid) - before
+        own_after, children_after = _cpu_seconds(server.pid)
+    own, parser = own_after - own_before, children_after - children_before
     assert response.status_code == 200 and events[-1].event == "final"
     assert events[-1].data["answer"] == str(30_000_000)
     assert health.answers and set(health.answers) == {200}, health
-    assert spent < SERVER_CPU_BUDGET_S, spent
+    assert own < 0.75 * parser, (own, parser)
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(live: LiveServer) -> None:
@@ -307,10 +307,10 @@ def test_a_json_body_of_millions_of_values_is_refused_before_anything_parses_it(
     with spawn_server(tmp_path) as server, health_watch(server.url) as health:
         # the same shape, small: one-time costs (imports, the first parser process) out of the measure
         httpx2.post(f"{server.url}{path}", content=head + b"[]," * 500_000 + b"[]" + tail, headers=post_headers)
-        peak_before, cpu_before = peak_rss(server.pid), _cpu_seconds(server.pid)
+        peak_before, (cpu_before, _) = peak_rss(server.pid), _cpu_seconds(server.pid)
         values = MANY_VALUES if path != "/mcp" else MANY_VALUES[: 3 * 2_500_000] + b"[]"
         response = httpx2.post(f"{server.url}{path}", content=head + values + tail, headers=post_headers, timeout=120)
-        spent, grown = _cpu_seconds(server.pid) - cpu_before, peak_rss(server.pid) - peak_before
+        spent, grown = _cpu_seconds(server.pid)[0] - cpu_before, peak_rss(server.pid) - peak_before
     assert health.answers and set(health.answers) == {200}, health
     assert health.slowest < HEALTH_SLOWEST_S, health.slowest
     assert spent < 1.0, spent
