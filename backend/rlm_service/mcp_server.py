@@ -160,6 +160,8 @@ class RlmTools:
         try:
             if session_id is not None and given.chars:
                 raise ToolError("a follow-up (session_id) works on its session's input: send no input")
+            if session_id is None:
+                await self.engine().sessions.make_room()
             run = self.slots.start(
                 lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
             )

@@ -228,6 +228,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                     ping_s=ping_s,
                     on_shutdown=None if detached else lambda: fleet.cancel_soon(run_id, SHUTTING_DOWN),
                 )
+            if parsed.settings.session and parsed.session_id is None:
+                await engine.sessions.make_room()
             run = slots.start(
                 lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
             )  # once the body is complete
