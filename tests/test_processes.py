@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -198,3 +199,37 @@ def test_runs_live_when_the_instance_stops_end_with_their_terminal_event(tmp_pat
         assert stream.failure is None
         assert stream.events[-1].event == "error" and stream.events[-1].data["code"] == "cancelled"
         assert "shutting down" in stream.events[-1].data["message"]
+
+
+def test_server_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (as the kernel's OOM killer sends it) while a run hangs in a cell: both server
+    processes stop, as on a clean stop, and the run's stream ends with `error` `cancelled`. Old behaviour
+    caught: the processes went on serving the port unsupervised (both alive 3 s after, /health answered), and
+    the run hung on."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        orphans = _server_processes(server.pid)
+        stream = _Stream(server.url, hang)
+        assert wait_until(lambda: any(event.event == "code" for event in stream.events), timeout=60)
+        try:
+            os.kill(server.pid, signal.SIGKILL)
+            server.process.wait(30)
+            stopped = wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=60)
+            stream.join(60)
+        finally:
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert stopped
+    assert stream.failure is None and stream.events[-1].event == "error"
+    assert stream.events[-1].data["code"] == "cancelled"
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by the test's subreaper, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
