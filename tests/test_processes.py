@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,9 @@ from pathlib import Path
 import httpx2
 
 from rlm_service.capacity import SharedCapacity, zero
-from tests.conftest import SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from tests.conftest import ROOT_MODEL, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+from tests.test_openai_api import task_script_root
 
 
 def _children(pid: int) -> list[int]:
@@ -233,3 +236,36 @@ def _alive(pid: int) -> bool:
             return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_error_and_done(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor while a `stream: true` chat completion's run hangs in a cell: the stream ends
+    with an OpenAI error object saying the server is shutting down, then `data: [DONE]`. Old behaviour caught:
+    the stream was cut (`RemoteProtocolError: incomplete chunked read`), as `/process` streams were."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    body = {"model": "rlm", "messages": [{"role": "user", "content": hang}], "stream": True}
+    data: list[str] = []
+    failure: list[str] = []
+
+    def read() -> None:
+        try:
+            with (
+                httpx2.Client(timeout=120) as client,
+                client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response,
+            ):
+                data.extend(line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
+        except httpx2.HTTPError as exc:
+            failure.append(repr(exc))
+
+    model = FakeOpenAI(root_model=ROOT_MODEL, root=task_script_root).start()
+    with spawn_server(tmp_path, model_url=model.url, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert wait_until(lambda: any("time.sleep(300)" in line for line in data), timeout=60)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        reader.join(60)
+    model.stop()
+    assert failure == [] and data[-1] == "[DONE]"
+    assert "shutting down" in json.loads(data[-2])["error"]["message"]

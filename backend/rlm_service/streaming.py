@@ -151,7 +151,7 @@ def event_stream(
     shutdown: anyio.Event | None = None
     if isinstance(events, AsyncIterator):
         shutdown = anyio.Event()
-        events = _until_shutdown(events, shutdown, on_shutdown)
+        events = until_shutdown(events, shutdown, on_shutdown)
     return EventSourceResponse(
         _sse(events, frame),
         shutdown_event=shutdown,
@@ -164,10 +164,11 @@ def event_stream(
     )
 
 
-async def _until_shutdown(
-    events: AsyncIterator[EventBase], shutdown: anyio.Event, on_shutdown: Callable[[], object] | None
-) -> AsyncIterator[EventBase]:
-    """`events`, calling `on_shutdown` once `shutdown` is set (the server is stopping)."""
+async def until_shutdown(
+    events: AsyncIterator[T], shutdown: anyio.Event, on_shutdown: Callable[[], object] | None
+) -> AsyncIterator[T]:
+    """`events`, calling `on_shutdown` once `shutdown` is set (the server is stopping: sse-starlette's
+    `shutdown_event`, followed by SHUTDOWN_GRACE_S before the stream is ended)."""
 
     async def watch() -> None:
         await shutdown.wait()
