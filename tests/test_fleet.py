@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx2
 import psycopg
@@ -390,6 +391,37 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
     assert rest[-1].event == "error" and rest[-1].data["code"] == "lost" and rest[-1].data["answer"] == "started"
     assert took <= TIMEOUT_S
     assert survived[-1].event == "final" and survived[-1].data["answer"] == "survived"
+
+
+def test_with_two_processes_a_new_session_ends_the_longest_idle_one_whichever_process_keeps_it(tmp_path: Path) -> None:
+    """RLM_MAX_SESSIONS=1 with two processes: new sessions are asked for one after another, each with the
+    instance's one session idle, until one lands on the process that does not keep it. Every one is kept (the
+    idle one ends to make room, as with one process), and the instance keeps one session. Old behaviour caught:
+    a process ended only sessions of its own to make room, so a new session that reached the other process was
+    refused with 429 'none is idle' (7 of 11 requests in a row, measured)."""
+    finish = script({"code": [FINISH.format(expr="1")]})
+    body = {"prompt": finish, "input_data": "x", "settings": {"session": True}}
+    database = tmp_path / "history.sqlite3"
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_SESSIONS="1", RLM_REPLICA_TIMEOUT_S="5") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        keepers: list[str] = []
+        for _ in range(30):  # the kernel hands each connection to either process
+            response, events = stream_run(server.url, json_body=body)
+            assert response.status_code == 200, response.text
+            assert events[-1].event == "final"
+            only = [(events[0].data["session_id"], ANY)]
+            assert wait_until(lambda: _rows(database, "SELECT id, owner FROM sessions") == only)  # noqa: B023
+            keepers.append(_rows(database, "SELECT owner FROM sessions")[0][0])
+            if len(set(keepers)) == 2:
+                break
+        kept = httpx2.get(f"{server.url}/api/sessions/{events[0].data['session_id']}", timeout=30)
+    assert len(set(keepers)) == 2
+    assert kept.status_code == 200
+
+
+def _rows(database: Path, query: str) -> list[tuple[Any, ...]]:
+    with closing(sqlite3.connect(database)) as db:
+        return db.execute(query).fetchall()
 
 
 def test_several_processes_without_history_are_refused_at_start_with_one_line(tmp_path: Path) -> None:

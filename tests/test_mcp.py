@@ -22,6 +22,7 @@ from mcp_types import CallToolResult, TextContent
 from rlm_service.runs import LiveRun
 from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
+from tests.test_processes import _server_processes
 
 TOKEN = "mcp-test-token"
 BATCH_THEN_WAIT = script(
@@ -297,3 +298,31 @@ async def test_with_several_processes_a_2025_host_that_closes_its_connection_can
     with LiveServer(settings) as server:
         terminal = (await cancel_a_call(server, "legacy", close_first=True)).events[-1]
     assert terminal.type == "error" and terminal.code == "cancelled"
+
+
+async def test_with_two_server_processes_a_follow_up_is_served_whichever_process_it_reaches(tmp_path: Path) -> None:
+    """WEB_CONCURRENCY=2: a first call keeps its session in one process; ten follow-ups, each on a fresh
+    connection (so each reaches either process), all find the first run's variables. Old behaviour caught: a
+    follow-up that reached the process not keeping the session failed with 'no session' (6 of 10 measured; all
+    ten reaching the keeper has a chance of 1 in 1024)."""
+    first_prompt = script({"code": ["words = context.split()\nanswer.update(content=str(len(words)), ready=True)"]})
+    follow_up = script({"code": ["answer.update(content=words[-1], ready=True)"]})
+
+    async def call(url: str, arguments: dict[str, Any]) -> CallToolResult:
+        http = httpx2.AsyncClient(
+            timeout=httpx2.Timeout(30, read=120), limits=httpx2.Limits(max_keepalive_connections=0)
+        )
+        async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy") as client:
+            return await client.call_tool("rlm_run", arguments)
+
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        first = await call(server.url, {"prompt": first_prompt, "input_text": "alpha beta gamma"})
+        assert first.structured_content is not None
+        session_id = first.structured_content["session_id"]
+        follow_ups = [await call(server.url, {"prompt": follow_up, "session_id": session_id}) for _ in range(10)]
+    assert [answer_text(result) for result in follow_ups] == ["gamma"] * 10
+    assert all(result.structured_content is not None for result in follow_ups)
+    assert {result.structured_content["session_id"] for result in follow_ups if result.structured_content} == {
+        session_id
+    }

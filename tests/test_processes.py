@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -13,7 +15,9 @@ from pathlib import Path
 import httpx2
 
 from rlm_service.capacity import SharedCapacity, zero
-from tests.conftest import post_process, script, spawn_server, stream_run, wait_until
+from tests.conftest import ROOT_MODEL, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from tests.fake_openai import FakeOpenAI
+from tests.test_openai_api import task_script_root
 
 
 def _children(pid: int) -> list[int]:
@@ -149,3 +153,119 @@ def test_a_process_killed_while_counting_leaves_the_counts_usable() -> None:
 
         threading.Thread(target=recover, args=(finished,), daemon=True).start()
         assert finished.wait(10), "the counts stayed locked by the killed process"
+
+
+class _Stream(threading.Thread):
+    """`POST /process` (or, with `run_id`, `GET /api/runs/{id}/events`) read in a thread: its events as they come,
+    and what cut it if it was cut."""
+
+    def __init__(self, url: str, prompt: str = "", run_id: str | None = None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.prompt, self.run_id = url, prompt, run_id
+        self.events: list[SseEvent] = []
+        self.failure: str | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with httpx2.Client(timeout=120) as client:
+                if self.run_id is None:
+                    request = client.stream("POST", f"{self.url}/process", json={"prompt": self.prompt})
+                else:
+                    request = client.stream("GET", f"{self.url}/api/runs/{self.run_id}/events")
+                with request as response:
+                    for event in parse_sse(response.iter_lines()):
+                        self.events.append(event)
+        except httpx2.HTTPError as exc:
+            self.failure = repr(exc)
+
+
+def test_runs_live_when_the_instance_stops_end_with_their_terminal_event(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor of two server processes while two runs hang in a cell, each streamed to the
+    client that started it and to a follower: every stream ends with its run's terminal event, `error`
+    `cancelled` saying that the server is shutting down, and the supervisor exits. Old behaviour caught: the
+    streams were cut without a terminal event (`RemoteProtocolError: incomplete chunked read`), because
+    sse-starlette ends them at the shutdown signal and the engine cancelled their runs only afterwards, at the
+    app's shutdown, when no stream was left to carry the `error` event."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        owners = [_Stream(server.url, hang) for _ in range(2)]
+        assert wait_until(lambda: all(any(e.event == "code" for e in s.events) for s in owners), timeout=60)
+        followers = [_Stream(server.url, run_id=str(s.events[0].data["run_id"])) for s in owners]
+        assert wait_until(lambda: all(any(e.event == "code" for e in s.events) for s in followers), timeout=60)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        for stream in owners + followers:
+            stream.join(60)
+    for stream in owners + followers:
+        assert stream.failure is None
+        assert stream.events[-1].event == "error" and stream.events[-1].data["code"] == "cancelled"
+        assert "shutting down" in stream.events[-1].data["message"]
+
+
+def test_server_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (as the kernel's OOM killer sends it) while a run hangs in a cell: both server
+    processes stop, as on a clean stop, and the run's stream ends with `error` `cancelled`. Old behaviour
+    caught: the processes went on serving the port unsupervised (both alive 3 s after, /health answered), and
+    the run hung on."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        orphans = _server_processes(server.pid)
+        stream = _Stream(server.url, hang)
+        assert wait_until(lambda: any(event.event == "code" for event in stream.events), timeout=60)
+        try:
+            os.kill(server.pid, signal.SIGKILL)
+            server.process.wait(30)
+            stopped = wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=60)
+            stream.join(60)
+        finally:
+            for pid in orphans:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert stopped
+    assert stream.failure is None and stream.events[-1].event == "error"
+    assert stream.events[-1].data["code"] == "cancelled"
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by the test's subreaper, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_error_and_done(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor while a `stream: true` chat completion's run hangs in a cell: the stream ends
+    with an OpenAI error object saying the server is shutting down, then `data: [DONE]`. Old behaviour caught:
+    the stream was cut (`RemoteProtocolError: incomplete chunked read`), as `/process` streams were."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    body = {"model": "rlm", "messages": [{"role": "user", "content": hang}], "stream": True}
+    data: list[str] = []
+    failure: list[str] = []
+
+    def read() -> None:
+        try:
+            with (
+                httpx2.Client(timeout=120) as client,
+                client.stream("POST", f"{server.url}/v1/chat/completions", json=body) as response,
+            ):
+                data.extend(line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
+        except httpx2.HTTPError as exc:
+            failure.append(repr(exc))
+
+    model = FakeOpenAI(root_model=ROOT_MODEL, root=task_script_root).start()
+    with spawn_server(tmp_path, model_url=model.url, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        assert wait_until(lambda: any("time.sleep(300)" in line for line in data), timeout=60)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0
+        reader.join(60)
+    model.stop()
+    assert failure == [] and data[-1] == "[DONE]"
+    assert "shutting down" in json.loads(data[-2])["error"]["message"]

@@ -174,7 +174,7 @@ def create_app(
     app.include_router(run_router(settings, slots, ping_s=ping_s), dependencies=[Depends(require_token)])
     app.include_router(history_router(), dependencies=[Depends(require_token)])
     app.include_router(openai_router(settings, slots, ping_s=ping_s))
-    mcp = McpHttp(settings, slots, lambda: app.state.engine)
+    mcp = McpHttp(settings, slots, lambda: app.state.engine, lambda: getattr(app.state, "fleet", None))
     app.router.routes.append(mcp.route)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)

@@ -23,6 +23,8 @@ Counts = ctypes.Array[Any]
 
 class Capacity(Protocol):
     limit: int
+    shared: bool
+    """Whether other processes of the instance count in it too (`SharedCapacity`)."""
 
     @property
     def used(self) -> int:
@@ -37,6 +39,8 @@ class Capacity(Protocol):
 
 class LocalCapacity:
     """The count of one server process (the instance is this process)."""
+
+    shared = False
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -58,6 +62,8 @@ class LocalCapacity:
 
 class SharedCapacity:
     """One process's share of counts kept in shared memory for every process of the instance."""
+
+    shared = True
 
     def __init__(self, limit: int, counts: Counts, index: int) -> None:
         self.limit = limit

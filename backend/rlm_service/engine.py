@@ -38,6 +38,8 @@ from .sessions import SessionManager, SessionUnavailable
 from .store import RunRecord, RunStore
 
 log = logging.getLogger("rlm_service")
+SHUTTING_DOWN = "the server is shutting down"
+"""Why the runs still live when the server stops are cancelled."""
 
 
 class RunSettings(BaseModel):
@@ -189,7 +191,7 @@ class Engine:
         """Cancel the live runs (each ends with its `error` event), end the sessions, stop the workers."""
         live = self.runs.live()
         for run in live:
-            run.cancel("the server is shutting down")
+            run.cancel(SHUTTING_DOWN)
         await asyncio.gather(*(run.wait() for run in live))
         await self.sessions.close()
         await self.repls.close()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +54,8 @@ ANSWER_WAIT_S = 5.0
 """How long a process waits for another to take (and answer) a follow-up or the end of a session."""
 ANSWER_POLL_S = 0.05
 STOP_WAIT_S = 10.0
+SIBLING_TRIES = 3
+"""Idle sessions of other processes asked to end, one after another, to make room for a new one."""
 UNKNOWN_TRIES, UNKNOWN_POLL_S = 10, 0.1
 """A run unknown to the database is looked up again this many times, this far apart: another process may have
 only just started it, its first write still on the way."""
@@ -232,6 +235,10 @@ class Fleet:
             await asyncio.sleep(UNKNOWN_POLL_S)
         return False
 
+    def cancel_soon(self, run_id: str, reason: str) -> None:
+        """`cancel`, without waiting for the database."""
+        self._errand(self.cancel(run_id, reason))
+
     def follow(self, run_id: str, after: int = 0) -> AsyncIterator[Event]:
         """A run another process runs, through the database, up to its terminal event."""
         return self.follower.follow(run_id, after)
@@ -364,6 +371,27 @@ class Fleet:
         me = self.id
         self.store.queue(lambda db: sql.drop_session(db, session_id, me))
 
+    async def end_idle_sibling_session(self) -> None:
+        """End the longest idle session of a process of this instance: one the same supervisor started on this
+        machine (they count their sessions together, `capacity`; replicas count their own)."""
+        dialect, me, dead_after_s = self.store.dialect, self.id, self.pulse.dead_after_s
+        try:
+            idle = await asyncio.to_thread(
+                self.store.query, lambda db: sql.idle_sessions(db, dialect, me, dead_after_s)
+            )
+        except StoreUnavailable as exc:
+            log.debug("sessions of the other processes: %s", exc)
+            return
+        siblings = [(session_id, owner) for session_id, owner, host, pid in idle if _sibling(host, pid)]
+        for session_id, owner in siblings[:SIBLING_TRIES]:
+            try:
+                result = await self._ask(owner, "end_session", {"session_id": session_id}, session_id)
+            except (SessionUnavailable, StoreUnavailable):
+                continue
+            if result["status"] == 204:
+                log.info("session %s ended: the longest idle when RLM_MAX_SESSIONS were kept", session_id)
+                return
+
     def _save(self, row: sql.SessionRow) -> None:
         self.store.queue(lambda db: sql.save_session(db, row))
 
@@ -382,6 +410,17 @@ class Fleet:
         task = asyncio.ensure_future(coroutine)
         self._errands.add(task)
         task.add_done_callback(self._errands.discard)
+
+
+def _sibling(host: str, pid: int) -> bool:
+    """Whether the process `pid` of `host` is one of this process's supervisor (`WEB_CONCURRENCY`)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1]) == os.getppid()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _no_session(session_id: str) -> str:

@@ -245,6 +245,18 @@ def drop_session(db: Db, session_id: str, owner: str) -> None:
     db.execute("DELETE FROM sessions WHERE id = ? AND owner = ?", (session_id, owner))
 
 
+def idle_sessions(db: Db, dialect: Dialect, me: str, dead_after_s: float) -> list[tuple[str, str, str, int]]:
+    """The idle sessions that live processes other than `me` keep, longest idle first: (session id, owner,
+    the owner's host and pid)."""
+    rows = db.rows(
+        "SELECT s.id, s.owner, p.host, p.pid FROM sessions s JOIN processes p ON p.id = s.owner "
+        "WHERE s.owner <> ? AND s.gone IS NULL AND s.live_run IS NULL "
+        f"AND p.heartbeat >= {NOW[dialect]} - ? ORDER BY s.last_used",
+        (me, dead_after_s),
+    )
+    return [(str(row["id"]), str(row["owner"]), str(row["host"]), int(row["pid"])) for row in rows]
+
+
 def find_session(db: Db, dialect: Dialect, session_id: str, dead_after_s: float) -> SessionRow | None:
     """A session's row, with whether the process that keeps it is alive (its heartbeat is recent)."""
     rows = db.rows(

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .auth import bearer_matches
 from .config import Settings
 from .engine import Engine
+from .fleet import Fleet
 from .mcp_server import RlmTools, build_server
 from .streaming import RunSlots
 from .uploads import BodyLimits, json_too_large, read_json_bytes
@@ -104,8 +105,10 @@ class _ReadBody:
 class McpHttp:
     """The `/mcp` route and the lifespan of its session manager."""
 
-    def __init__(self, settings: Settings, slots: RunSlots, engine: Callable[[], Engine]) -> None:
-        self.server = build_server(RlmTools(settings, slots, engine), local_files=False)
+    def __init__(
+        self, settings: Settings, slots: RunSlots, engine: Callable[[], Engine], fleet: Callable[[], Fleet | None]
+    ) -> None:
+        self.server = build_server(RlmTools(settings, slots, engine, fleet), local_files=False)
         self.server.streamable_http_app(
             streamable_http_path=PATH,
             max_request_body_size=MAX_BODY_BYTES,

@@ -11,7 +11,8 @@ run starts, one per iteration, one per sub-call batch, and a heartbeat after RLM
 silence. Cancelling the call cancels the run. The resource `rlm://runs` lists recent runs.
 
 Every run keeps its REPL as a session (`settings.session`): the result carries its `session_id`, and a
-call with that `session_id` (and no input) asks a follow-up question on the same input and variables.
+call with that `session_id` (and no input) asks a follow-up question on the same input and variables,
+whichever process of the instance the call reaches (the one that keeps the session runs it, `fleet`).
 Sessions end after RLM_SESSION_IDLE_S idle, or when RLM_MAX_SESSIONS would be passed.
 
 The protocol's long-running tasks (`tasks/*`, 2025-11-25) are not offered: SDK 2.3 defines their types
@@ -38,11 +39,11 @@ from pydantic import Field
 from .capacity import LocalCapacity
 from .config import Settings
 from .engine import Engine, RunSettings
-from .events import ErrorEvent, EventBase, FinalEvent, StartEvent, SubcallsEvent
+from .events import ErrorEvent, Event, EventBase, FinalEvent, StartEvent, SubcallsEvent, is_terminal
+from .fleet import Fleet
 from .inputs import InputTooLarge, RunInput, spool_file
-from .runs import LiveRun
 from .sessions import SessionUnavailable
-from .store import open_store
+from .store import StoreUnavailable, open_store
 from .streaming import RunSlots
 
 RECENT_RUNS = 20
@@ -129,10 +130,19 @@ class Reporter:
 class RlmTools:
     """What the MCP tools do with the engine: start a run, report it, return its answer."""
 
-    def __init__(self, settings: Settings, slots: RunSlots, engine: Callable[[], Engine]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        slots: RunSlots,
+        engine: Callable[[], Engine],
+        fleet: Callable[[], Fleet | None] = lambda: None,
+    ) -> None:
+        """`fleet`: the other processes of the instance, when there are any (a follow-up on a session one of
+        them keeps is run there, as `POST /process` does)."""
         self.settings = settings
         self.slots = slots
         self.engine = engine
+        self.fleet = fleet
 
     async def run(
         self,
@@ -160,6 +170,12 @@ class RlmTools:
         try:
             if session_id is not None and given.chars:
                 raise ToolError("a follow-up (session_id) works on its session's input: send no input")
+            fleet = self.fleet()
+            if session_id is not None and fleet is not None and self.engine().sessions.get(session_id) is None:
+                given.discard()
+                return await self._follow_up_elsewhere(ctx, fleet, prompt, session_id)
+            if session_id is None:
+                await self.engine().sessions.make_room()
             run = self.slots.start(
                 lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
             )
@@ -171,21 +187,41 @@ class RlmTools:
                 raise ToolError(str(exc.detail)) from None
             raise
         run.on_end(lambda _: given.discard())
-        reporter = Reporter(
-            lambda n, message: ctx.report_progress(n, None, message),
-            settings.rlm_max_iterations,
-            settings.rlm_mcp_heartbeat_s,
-        )
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(reporter.heartbeat)
-                async for event in run.follow():
-                    await reporter.event(event)
-                group.cancel_scope.cancel()
+            await self._report(ctx, run.follow())
         finally:
             if not run.ended:
                 run.cancel("the MCP client cancelled the tool call")
-        return result_of(run)
+        return result_of(run.events[-1], run.id, run.session_id)
+
+    async def _follow_up_elsewhere(
+        self, ctx: Context[Any, Any], fleet: Fleet, prompt: str, session_id: str
+    ) -> CallToolResult:
+        """A follow-up on a session another process of the instance keeps: that process runs it, and its events
+        come through the database (cancelling the call cancels the run there)."""
+        try:
+            run_id = await fleet.follow_up(prompt, RunSettings(session=True), session_id)
+        except (SessionUnavailable, StoreUnavailable) as exc:
+            raise ToolError(str(exc)) from None
+        terminal = await self._report(ctx, fleet.owned(run_id, detached=False))
+        return result_of(terminal, run_id, session_id)
+
+    async def _report(self, ctx: Context[Any, Any], events: AsyncIterator[Event]) -> Event:
+        """A run's events as progress, with a heartbeat in the silences; its terminal event."""
+        reporter = Reporter(
+            lambda n, message: ctx.report_progress(n, None, message),
+            self.settings.rlm_max_iterations,
+            self.settings.rlm_mcp_heartbeat_s,
+        )
+        last: Event | None = None
+        async with anyio.create_task_group() as group:
+            group.start_soon(reporter.heartbeat)
+            async for event in events:
+                await reporter.event(event)
+                last = event
+            group.cancel_scope.cancel()
+        assert last is not None and is_terminal(last)
+        return last
 
     def text_input(self, text: str) -> Callable[[], Awaitable[RunInput]]:
         async def make() -> RunInput:
@@ -225,10 +261,9 @@ class RlmTools:
         return json.dumps({"runs": runs}, ensure_ascii=False)
 
 
-def result_of(run: LiveRun) -> CallToolResult:
-    """The tool's result: the final answer (with a note when it was not marked ready); a failed run is a
-    tool error that says why."""
-    terminal = run.events[-1]
+def result_of(terminal: Event, run_id: str, session_id: str | None) -> CallToolResult:
+    """The tool's result from the run's terminal event: the final answer (with a note when it was not marked
+    ready); a failed run is a tool error that says why."""
     if isinstance(terminal, ErrorEvent):
         so_far = f"\nThe answer so far:\n{terminal.answer}" if terminal.answer else ""
         raise ToolError(f"The run failed ({terminal.code}): {terminal.message}{so_far}")
@@ -247,16 +282,16 @@ def result_of(run: LiveRun) -> CallToolResult:
     structured = {
         "answer": terminal.answer,
         "ready": terminal.ready,
-        "run_id": run.id,
+        "run_id": run_id,
         "iterations": terminal.iterations,
         "usage": terminal.usage.model_dump(),
     }
-    if run.session_id is not None:
-        structured["session_id"] = run.session_id
+    if session_id is not None:
+        structured["session_id"] = session_id
         content.append(
             TextContent(
                 type="text",
-                text=f"session_id: {run.session_id} (call rlm_run with it and a "
+                text=f"session_id: {session_id} (call rlm_run with it and a "
                 "new prompt, and no input, for a follow-up on the same data)",
             )
         )

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -29,7 +30,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from .answers import AnswerSchema, SchemaInvalid
 from .auth import token_check
 from .config import Settings
-from .engine import Engine, RunSettings, SettingsRefused, effective_limits
+from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
 from .events import ErrorEvent, FinalEvent, RunUsage, SubcallsEvent
 from .inputs import RunInput
 from .openai_chat import (
@@ -45,7 +46,7 @@ from .openai_chat import (
     task_of,
 )
 from .runs import LiveRun
-from .streaming import SEP, RunSlots
+from .streaming import SEP, SHUTDOWN_GRACE_S, RunSlots, until_shutdown
 from .uploads import BodyLimits, describe_validation_error, read_json_object
 
 ANSWER_DELTA_CHARS = 1000
@@ -161,8 +162,11 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=chat.model_settings()))
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            shutdown = anyio.Event()  # the server stopping cancels the run: its error chunk, then [DONE]
             return EventSourceResponse(
-                _chunks(run, include_usage),
+                until_shutdown(_chunks(run, include_usage), shutdown, lambda: run.cancel(SHUTTING_DOWN)),
+                shutdown_event=shutdown,
+                shutdown_grace_period=SHUTDOWN_GRACE_S,
                 ping=ping_s,
                 sep=SEP,
                 send_timeout=settings.rlm_send_timeout_s,

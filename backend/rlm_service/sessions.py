@@ -90,6 +90,10 @@ class SessionDirectory(Protocol):
     def ended(self, session_id: str) -> None:
         """The session ended (or was not kept after all)."""
 
+    async def end_idle_sibling_session(self) -> None:
+        """End the longest idle session that another process of this instance keeps (one counted in the same
+        RLM_MAX_SESSIONS), if there is one."""
+
 
 class SessionManager:
     """The sessions of this server process: created by runs, found by id, ended when idle or evicted."""
@@ -132,6 +136,18 @@ class SessionManager:
             closing = asyncio.ensure_future(self._close(oldest))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
+
+    async def make_room(self) -> None:
+        """Before `reserve` in a process of several: when the instance keeps RLM_MAX_SESSIONS sessions and
+        none of this process's is idle, the longest idle one another process keeps ends to make room (as this
+        process's own would; `reserve` alone would refuse the new session, whichever process was idle)."""
+        if (
+            self.directory is not None
+            and self.capacity.shared
+            and self.capacity.used >= self.capacity.limit
+            and all(session.live_run is not None for session in self._sessions.values())
+        ):
+            await self.directory.end_idle_sibling_session()
 
     def announce(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
         """The run `run_id` will keep its REPL as `session_id` (in the room `reserve` made)."""

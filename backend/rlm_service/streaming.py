@@ -18,13 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .capacity import Capacity
 from .config import Settings
-from .engine import Engine, SettingsRefused, effective_limits
+from .engine import SHUTTING_DOWN, Engine, SettingsRefused, effective_limits
 from .events import EventBase, lost_event, parse_event
 from .fleet import Fleet
 from .history import in_store
@@ -104,6 +105,9 @@ class RunSlots:
 
 
 SEP = "\n"
+SHUTDOWN_GRACE_S = 3.0
+"""How long a live stream goes on once the server stops: enough for its run, cancelled, to end with its `error`
+event; less than the 5 s uvicorn waits for connections to close."""
 
 
 def sse_frame(event: EventBase) -> bytes:
@@ -136,17 +140,47 @@ def event_stream(
     ping_s: float,
     headers: dict[str, str] | None = None,
     frame: Callable[[EventBase], bytes] = sse_frame,
+    on_shutdown: Callable[[], object] | None = None,
 ) -> EventSourceResponse:
     """An SSE response of `events`, with keep-alive pings and a send timeout; `frame` makes each event's bytes
-    (a live run's `frame` shares a large event's among its followers)."""
+    (a live run's `frame` shares a large event's among its followers).
+
+    When the server stops, sse-starlette ends its streams. A live one (`events` an async iterator) first gets
+    SHUTDOWN_GRACE_S to end on its own: `on_shutdown` (cancelling its run) is called, so that the run's terminal
+    event, `error` `cancelled`, still reaches the client rather than a cut stream."""
+    shutdown: anyio.Event | None = None
+    if isinstance(events, AsyncIterator):
+        shutdown = anyio.Event()
+        events = until_shutdown(events, shutdown, on_shutdown)
     return EventSourceResponse(
         _sse(events, frame),
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S if shutdown is not None else 0,
         ping=ping_s,
         sep=SEP,
         send_timeout=settings.rlm_send_timeout_s,
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
+
+
+async def until_shutdown(
+    events: AsyncIterator[T], shutdown: anyio.Event, on_shutdown: Callable[[], object] | None
+) -> AsyncIterator[T]:
+    """`events`, calling `on_shutdown` once `shutdown` is set (the server is stopping: sse-starlette's
+    `shutdown_event`, followed by SHUTDOWN_GRACE_S before the stream is ended)."""
+
+    async def watch() -> None:
+        await shutdown.wait()
+        if on_shutdown is not None:
+            on_shutdown()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async for event in events:
+            yield event
+    finally:
+        watcher.cancel()
 
 
 def _shared_frames(run: LiveRun) -> Callable[[EventBase], bytes]:
@@ -188,7 +222,15 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                 effective_limits(settings, parsed.settings)  # refused here rather than by the session's process
                 run_id = await fleet.follow_up(parsed.prompt, parsed.settings, parsed.session_id)
                 parsed.run_input.discard()
-                return event_stream(settings, fleet.owned(run_id, detached=parsed.settings.detach), ping_s=ping_s)
+                detached = parsed.settings.detach
+                return event_stream(
+                    settings,
+                    fleet.owned(run_id, detached=detached),
+                    ping_s=ping_s,
+                    on_shutdown=None if detached else lambda: fleet.cancel_soon(run_id, SHUTTING_DOWN),
+                )
+            if parsed.settings.session and parsed.session_id is None:
+                await engine.sessions.make_room()
             run = slots.start(
                 lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
             )  # once the body is complete
@@ -204,7 +246,14 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         run.on_end(lambda _: parsed.run_input.discard())
         # The run's id before its first event, so a client that loses the connection at once can re-attach.
         ids = {"X-Run-Id": run.id} | ({"X-Session-Id": run.session_id} if run.session_id else {})
-        return event_stream(settings, _owned(run), ping_s=ping_s, headers=ids, frame=_shared_frames(run))
+        return event_stream(
+            settings,
+            _owned(run),
+            ping_s=ping_s,
+            headers=ids,
+            frame=_shared_frames(run),
+            on_shutdown=lambda: run.cancel(SHUTTING_DOWN),
+        )
 
     @router.get(
         "/api/runs/{run_id}/events",
@@ -222,7 +271,13 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         if run is not None:
-            return event_stream(settings, run.follow(start), ping_s=ping_s, frame=_shared_frames(run))
+            return event_stream(
+                settings,
+                run.follow(start),
+                ping_s=ping_s,
+                frame=_shared_frames(run),
+                on_shutdown=lambda: run.cancel(SHUTTING_DOWN),
+            )
         fleet = _fleet(request)
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)

@@ -15,7 +15,9 @@ process. The supervisor holds the port with a socket that is bound but does not 
 program takes it while a process restarts. The run and session counts of every
 process live in shared memory made before the fork (`capacity`), so the instance's limits hold as a
 whole. A process that dies is started again; its runs end for their followers as `lost` (every process
-notices through the shared history), and its counts are zeroed.
+notices through the shared history), and its counts are zeroed. A supervisor that dies (killed, out of memory)
+takes its processes with it: each gets SIGTERM and stops as on a clean stop (an orphan would go on serving the
+port unsupervised, and a new instance started on the port would serve beside it with limits of its own).
 
 Processes are forked, not spawned: a spawned interpreter would need the key in its environment or its
 arguments, where other processes of the machine could read it.
@@ -34,6 +36,7 @@ from types import FrameType
 
 from .capacity import SharedCapacity, zero
 from .config import Settings
+from .repl.sandbox import die_with_parent
 
 log = logging.getLogger("rlm_service")
 RESTART_DELAY_S = 1.0
@@ -50,10 +53,12 @@ def serve_processes(settings: Settings, count: int) -> None:
     stopping = False
 
     def start(index: int) -> None:
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                die_with_parent(supervisor, signal.SIGTERM)
                 holder.close()
                 listener = _reserve(*address)  # listens once the process is ready (uvicorn's startup)
                 _serve_one(
