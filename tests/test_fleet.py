@@ -316,8 +316,10 @@ def _follow_a_little(url: str, run_id: str, after: int, processes: list[int]) ->
 def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_answers(tmp_path: Path) -> None:
     """WEB_CONCURRENCY=2 on one port: clients re-attach again and again (the kernel hands each connection to
     either process) until both processes have served the run; every re-attachment continues where the last
-    left off; the cancel ends it. Mutant: the routes without the fleet (the process that does not run it
-    sends what is stored, without the live rest, or 404)."""
+    left off; deleting it is refused while it runs (409, whichever process answers: it would go on and write
+    into the history it was deleted from); the cancel ends it, and then it can be deleted. Mutants: the routes
+    without the fleet (the process that does not run it sends what is stored, without the live rest, or 404);
+    the delete without its check of the run's status (204 at once, and the follower was told `lost`)."""
     with spawn_server(
         tmp_path, WEB_CONCURRENCY="2", RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)
     ) as server:
@@ -332,14 +334,19 @@ def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_
             seen += events
             if answered >= set(processes):
                 break
+        kept = [httpx2.delete(f"{server.url}/api/runs/{run_id}", timeout=30) for _ in range(6)]
         cancelled = httpx2.post(f"{server.url}/api/runs/{run_id}/cancel", timeout=30)
         rest = follow(server.url, run_id, after=seen[-1].data["seq"])
         late = [httpx2.post(f"{server.url}/api/runs/{run_id}/cancel", timeout=30).status_code for _ in range(6)]
+        deleted = httpx2.delete(f"{server.url}/api/runs/{run_id}", timeout=30)
     assert answered == set(processes)
+    assert [response.status_code for response in kept] == [409] * 6, kept[0].text
+    assert "cancel it first" in kept[0].json()["detail"]
     whole = seen + rest
     assert _seqs(whole) == list(range(1, len(whole) + 1))
     assert cancelled.status_code == 202 and whole[-1].event == "error" and whole[-1].data["code"] == "cancelled"
     assert late == [409] * 6  # whichever process answers: the run truly ended
+    assert deleted.status_code == 204
 
 
 def _owner_of(run_events: list[SseEvent]) -> int:

@@ -16,7 +16,7 @@ from rlm_service import export as export_module
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import CodeEvent, FinalEvent, InputInfo, RunLimits, RunUsage, StartEvent
 from rlm_service.export import export_markdown
-from rlm_service.store import RunRecord
+from rlm_service.store import RunRecord, RunStillLive
 from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
 from tests.conftest import (
@@ -84,6 +84,23 @@ def test_store_round_trip_and_pagination(store_factory: Callable[..., SqlRunStor
     markdown = export_markdown(record, events)
     assert "## Iteration 1" in markdown and "x = 1" in markdown and "answer 2" in markdown
     assert store.delete("r2") and store.get("r2") is None and not store.delete("r2")
+    store.close()
+
+
+def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore]) -> None:
+    """A run still running (here, or in another process of the history) is refused with `RunStillLive` and kept;
+    once it has ended it is deleted. Mutant caught: the delete without its status check (the run was deleted
+    while it went on, and its later events were written for a run the history no longer had)."""
+    store = store_factory()
+    store.begin(_record("r1", 1000.0))
+    store.record("r1", _start("r1"))
+    store.flush()
+    with pytest.raises(RunStillLive):
+        store.delete("r1")
+    assert store.get("r1") is not None
+    store.record("r1", FinalEvent(run_id="r1", answer="a", ready=True, iterations=1, usage=RunUsage(), elapsed_ms=5))
+    store.flush()
+    assert store.delete("r1") and store.get("r1") is None
     store.close()
 
 

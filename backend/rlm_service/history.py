@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from . import export
-from .store import RunRecord, RunStore, StoreUnavailable, shown_id, valid_run_id
+from .store import RunRecord, RunStillLive, RunStore, StoreUnavailable, shown_id, valid_run_id
 
 T = TypeVar("T")
 
@@ -84,8 +84,17 @@ def history_router() -> APIRouter:
 
     @router.delete("/{run_id}", status_code=204)
     async def delete_run(request: Request, run_id: RunId) -> Response:
-        """Forget a run (and its kept input, if any). 503 when the history cannot be written now (a full disk)."""
-        deleted = await in_store(_store(request).delete, run_id)
+        """Forget a run (and its kept input, if any). 409 while the run is still running, here or in another
+        process (cancel it first); 503 when the history cannot be written now (a full disk)."""
+        store = _store(request)
+        run = request.app.state.engine.runs.get(run_id)
+        try:
+            if run is not None and not run.ended:  # its first write may still be on its way
+                raise RunStillLive(run_id)
+            deleted = await in_store(store.delete, run_id)
+        except RunStillLive:
+            message = f"run {run_id} is still running: cancel it first (POST /api/runs/{run_id}/cancel)"
+            raise HTTPException(409, message) from None
         if not deleted:
             raise HTTPException(404, f"no run {shown_id(run_id)} in the history")
         return Response(status_code=204)

@@ -48,6 +48,11 @@ class StoreUnavailable(Exception):
     cannot be reached); the message says why."""
 
 
+class RunStillLive(Exception):
+    """A run that is still running (in any process of the history) cannot be deleted: it would go on, and
+    write its events into the history it was deleted from."""
+
+
 @dataclass
 class RunRecord:
     """A run: what it was asked and how it ended."""
@@ -144,8 +149,8 @@ class RunStore(Protocol):
         unknown."""
 
     def delete(self, run_id: str) -> bool:
-        """Forget a run; False when there was none. Raises `StoreUnavailable` when the database cannot be
-        written now."""
+        """Forget a run; False when there was none. Raises `RunStillLive` for a run still running, and
+        `StoreUnavailable` when the database cannot be written now."""
 
     def read_input(self, run_id: str) -> KeptInput | None:
         """The run's kept input, if it was kept."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
 from .migrations import PREVIEW_CHARS, Dialect
-from .store import KeptInput, RunBudget, RunRecord, RunSummary, StoreUnavailable, valid_run_id
+from .store import KeptInput, RunBudget, RunRecord, RunStillLive, RunSummary, StoreUnavailable, valid_run_id
 from .storewriter import Db, Job, Writer, WriteSkipped, in_transaction
 
 DELETE_TIMEOUT_S = 10.0
@@ -151,9 +151,14 @@ class SqlRunStore(ABC):
         if not valid_run_id(run_id):
             return False
         done: Future[object] = Future()
+        live = False
 
         def write(db: Db) -> bool:
-            return db.execute("DELETE FROM runs WHERE id = ?", (run_id,)) > 0
+            nonlocal live
+            if db.execute("DELETE FROM runs WHERE id = ? AND status <> 'running'", (run_id,)) > 0:
+                return True
+            live = bool(db.rows("SELECT 1 AS found FROM runs WHERE id = ?", (run_id,)))
+            return False
 
         self._writer.submit(Job(write, reply=done, urgent=True, after=self._reclaim))
         try:
@@ -162,6 +167,8 @@ class SqlRunStore(ABC):
             raise StoreUnavailable(f"the run history cannot be written now: {exc}") from None
         if deleted is None:
             raise StoreUnavailable("the run history did not answer in time; try again")
+        if live:
+            raise RunStillLive(run_id)
         self._after_delete(run_id)
         return bool(deleted)
 
