@@ -175,6 +175,7 @@ class RlmTools:
                 given.discard()
                 return await self._follow_up_elsewhere(ctx, fleet, prompt, session_id)
             if session_id is None:
+                self.slots.refuse_if_full()  # first: making room may end another process's idle session
                 await self.engine().sessions.make_room()
             run = self.slots.start(
                 lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -105,9 +105,10 @@ class RunSlots:
 
 
 SEP = "\n"
-SHUTDOWN_GRACE_S = 3.0
+SHUTDOWN_GRACE_S = 4.0
 """How long a live stream goes on once the server stops: enough for its run, cancelled, to end with its `error`
-event; less than the 5 s uvicorn waits for connections to close."""
+event (also through the database, for a follower of another process's run); with sse-starlette's 0.5 s look
+at the server's state, less than the 5 s uvicorn waits for connections to close."""
 
 
 def sse_frame(event: EventBase) -> bytes:
@@ -181,6 +182,8 @@ async def until_shutdown(
             yield event
     finally:
         watcher.cancel()
+        if isinstance(events, AsyncGenerator):
+            await events.aclose()  # now, not when the collector gets to it: leaving a stream may cancel its run
 
 
 def _shared_frames(run: LiveRun) -> Callable[[EventBase], bytes]:
@@ -230,6 +233,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                     on_shutdown=None if detached else lambda: fleet.cancel_soon(run_id, SHUTTING_DOWN),
                 )
             if parsed.settings.session and parsed.session_id is None:
+                # refused first, if it is to be: making room may end another process's idle session
+                effective_limits(settings, parsed.settings)
+                slots.refuse_if_full()
                 await engine.sessions.make_room()
             run = slots.start(
                 lambda: engine.launch(parsed.prompt, parsed.run_input, parsed.settings, session_id=parsed.session_id)
