@@ -54,23 +54,32 @@ def serve_processes(settings: Settings, count: int) -> None:
 
     def start(index: int) -> None:
         supervisor = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                die_with_parent(supervisor, signal.SIGTERM)
-                holder.close()
-                listener = _reserve(*address)  # listens once the process is ready (uvicorn's startup)
-                _serve_one(
-                    settings,
-                    listener,
-                    SharedCapacity(settings.rlm_max_concurrent_runs, runs, index),
-                    SharedCapacity(settings.rlm_max_sessions, sessions, index),
-                )
-                code = 0
-            finally:
-                os._exit(code)
-        children[pid] = index
+        # Blocked across the fork, so that the new process never runs the supervisor's handlers (which would
+        # signal its copy of `children`) before it has set its own.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    die_with_parent(supervisor, signal.SIGTERM)
+                    holder.close()
+                    listener = _reserve(*address)  # listens once the process is ready (uvicorn's startup)
+                    _serve_one(
+                        settings,
+                        listener,
+                        SharedCapacity(settings.rlm_max_concurrent_runs, runs, index),
+                        SharedCapacity(settings.rlm_max_sessions, sessions, index),
+                    )
+                    code = 0
+                finally:
+                    os._exit(code)
+            children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -125,8 +134,6 @@ def _serve_one(settings: Settings, listener: socket.socket, runs: SharedCapacity
 
     from .server import build_app
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     app = build_app(settings, runs=runs, sessions=sessions)
     config = uvicorn.Config(
         app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=5, backlog=BACKLOG
