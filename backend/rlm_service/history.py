@@ -82,7 +82,15 @@ def history_router() -> APIRouter:
         record, events = await _load(request, run_id)
         return {"run": record.to_dict(), "events": events}
 
-    @router.delete("/{run_id}", status_code=204)
+    @router.delete(
+        "/{run_id}",
+        status_code=204,
+        responses={
+            404: {"description": "Unknown run"},
+            409: {"description": "The run is still running"},
+            503: {"description": "The history cannot be written now"},
+        },
+    )
     async def delete_run(request: Request, run_id: RunId) -> Response:
         """Forget a run (and its kept input, if any). 409 while the run is still running, here or in another
         process (cancel it first); 503 when the history cannot be written now (a full disk)."""

@@ -155,9 +155,16 @@ class SqlRunStore(ABC):
 
         def write(db: Db) -> bool:
             nonlocal live
-            if db.execute("DELETE FROM runs WHERE id = ? AND status <> 'running'", (run_id,)) > 0:
-                return True
-            live = bool(db.rows("SELECT 1 AS found FROM runs WHERE id = ?", (run_id,)))
+            live = False  # the writer may run a job twice (once in a batch that failed for another's reason)
+            for _ in range(2):  # twice: on PostgreSQL the run may end between the two statements
+                if db.execute("DELETE FROM runs WHERE id = ? AND status <> 'running'", (run_id,)) > 0:
+                    return True
+                found = db.rows("SELECT status FROM runs WHERE id = ?", (run_id,))
+                if not found:
+                    return False
+                live = found[0]["status"] == "running"
+                if live:
+                    return False
             return False
 
         self._writer.submit(Job(write, reply=done, urgent=True, after=self._reclaim))
