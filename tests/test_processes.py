@@ -258,14 +258,16 @@ def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_e
             failure.append(repr(exc))
 
     model = FakeOpenAI(root_model=ROOT_MODEL, root=task_script_root).start()
-    with spawn_server(tmp_path, model_url=model.url, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        assert wait_until(lambda: any("time.sleep(300)" in line for line in data), timeout=60)
-        server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(60) == 0
-        reader.join(60)
-    model.stop()
+    try:
+        with spawn_server(tmp_path, model_url=model.url, WEB_CONCURRENCY="2") as server:
+            assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert wait_until(lambda: any("time.sleep(300)" in line for line in data), timeout=60)
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(60) == 0
+            reader.join(60)
+    finally:
+        model.stop()
     assert failure == [] and data[-1] == "[DONE]"
     assert "shutting down" in json.loads(data[-2])["error"]["message"]
