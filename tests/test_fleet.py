@@ -426,6 +426,25 @@ def test_with_two_processes_a_new_session_ends_the_longest_idle_one_whichever_pr
     assert kept.status_code == 200
 
 
+def test_with_two_processes_a_refused_request_ends_no_idle_session(tmp_path: Path) -> None:
+    """RLM_MAX_SESSIONS=1 with two processes and the instance's one session idle: new sessions asked for with a
+    setting above the server's limit are refused (422) whichever process they reach, and the idle session is
+    still there. Mutant caught: room made before the request is checked (the other process's idle session was
+    ended for a request then refused)."""
+    finish = script({"code": [FINISH.format(expr="1")]})
+    database = tmp_path / "history.sqlite3"
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_SESSIONS="1", RLM_MAX_ITERATIONS="5") as server:
+        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        _, events = stream_run(server.url, json_body={"prompt": finish, "settings": {"session": True}})
+        session_id = events[0].data["session_id"]
+        assert wait_until(lambda: _rows(database, "SELECT id, live_run FROM sessions") == [(session_id, None)])
+        too_much = {"prompt": finish, "settings": {"session": True, "max_iterations": 50}}
+        refused = [post_process(server.url, json=too_much).status_code for _ in range(8)]  # each may reach either
+        kept = httpx2.get(f"{server.url}/api/sessions/{session_id}", timeout=30)
+    assert refused == [422] * 8
+    assert kept.status_code == 200
+
+
 def _rows(database: Path, query: str) -> list[tuple[Any, ...]]:
     with closing(sqlite3.connect(database)) as db:
         return db.execute(query).fetchall()
