@@ -15,7 +15,17 @@ from pathlib import Path
 import httpx2
 
 from rlm_service.capacity import SharedCapacity, zero
-from tests.conftest import ROOT_MODEL, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from tests.conftest import (
+    ROOT_MODEL,
+    RealServer,
+    SseEvent,
+    parse_sse,
+    post_process,
+    script,
+    spawn_server,
+    stream_run,
+    wait_until,
+)
 from tests.fake_openai import FakeOpenAI
 from tests.test_openai_api import task_script_root
 
@@ -47,6 +57,28 @@ def _server_processes(supervisor: int) -> list[int]:
     return processes
 
 
+def _listening(server: RealServer) -> list[int]:
+    """The server processes that listen on the server's port: those whose startup is done (a process listens
+    only then), as the kernel's socket tables and the processes' descriptors tell."""
+    port = int(server.url.rsplit(":", 1)[1])
+    listeners = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                    listeners.add(f"socket:[{fields[9]}]")
+    found = []
+    for pid in _server_processes(server.pid):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in listeners:
+                        found.append(pid)
+                        break
+    return found
+
+
 def test_two_processes_share_the_port_and_the_run_limit(tmp_path: Path) -> None:
     """Mutant caught: each process counting only its own runs (the instance then takes 4 with a limit of 2)."""
     slow = script({"code": ["import time\ntime.sleep(4)\nanswer.update(content='ok', ready=True)"]})
@@ -71,12 +103,10 @@ def test_two_processes_share_the_port_and_the_run_limit(tmp_path: Path) -> None:
 
 def test_a_server_process_that_dies_is_replaced(tmp_path: Path) -> None:
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
-        victim = _server_processes(server.pid)[0]
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
+        victim = _listening(server)[0]
         os.kill(victim, signal.SIGKILL)
-        assert wait_until(
-            lambda: victim not in _server_processes(server.pid) and len(_server_processes(server.pid)) == 2, timeout=30
-        )
+        assert wait_until(lambda: victim not in _listening(server) and len(_listening(server)) == 2, timeout=60)
         for _ in range(4):
             response, events = stream_run(server.url, json_body={"prompt": "x"})
             assert response.status_code == 200 and events[-1].event == "final"
@@ -89,7 +119,7 @@ def test_a_process_that_cannot_start_takes_no_connections(tmp_path: Path) -> Non
     when it gives up. Then the instance has its two processes again. Mutant caught: a process listening from
     its fork, before its startup (requests were reset)."""
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)  # both started: one is to serve alone
         before = set(_server_processes(server.pid))
         victim = min(before)
         failures: list[str] = []
