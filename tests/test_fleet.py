@@ -25,7 +25,7 @@ import psycopg
 from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
 from tests.pgserver import PgServer
 from tests.test_config import MAIN, clean_env
-from tests.test_processes import _server_processes
+from tests.test_processes import _listening, _server_processes
 from tests.test_runs import follow, start_detached
 
 TIMEOUT_S = 3.0
@@ -323,7 +323,7 @@ def test_with_two_processes_on_sqlite_a_run_is_followed_and_cancelled_whichever_
     with spawn_server(
         tmp_path, WEB_CONCURRENCY="2", RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)
     ) as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         processes = _server_processes(server.pid)
         seen = start_detached(server.url, STEPS, until=lambda event: event.event == "code")
         run_id = seen[0].data["run_id"]
@@ -368,7 +368,7 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
         {"code": [FINISH.format(expr="'survived'")]},
     )
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)) as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         time.sleep(TIMEOUT_S)  # a process sweeps once its own heartbeats have gone through for that long
         latest: dict[int, list[SseEvent]] = {}
         for _ in range(12):  # until each process runs one
@@ -388,7 +388,7 @@ def test_with_two_processes_on_sqlite_a_killed_process_ends_its_runs_as_lost(tmp
                 time.sleep(0.05)  # the dead process's last connections
         took = time.monotonic() - killed
         survived = follow(server.url, survivor[0].data["run_id"], after=survivor[-1].data["seq"])
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         wanted = {doomed[0].data["run_id"]: "lost", survivor[0].data["run_id"]: "finished"}
         assert wait_until(
             lambda: {run["id"]: run["status"] for run in _runs(server.url) if run["id"] in wanted} == wanted, timeout=10
@@ -410,7 +410,7 @@ def test_with_two_processes_a_new_session_ends_the_longest_idle_one_whichever_pr
     body = {"prompt": finish, "input_data": "x", "settings": {"session": True}}
     database = tmp_path / "history.sqlite3"
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_SESSIONS="1", RLM_REPLICA_TIMEOUT_S="5") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         keepers: list[str] = []
         for _ in range(30):  # the kernel hands each connection to either process
             response, events = stream_run(server.url, json_body=body)
@@ -434,7 +434,7 @@ def test_with_two_processes_a_refused_request_ends_no_idle_session(tmp_path: Pat
     finish = script({"code": [FINISH.format(expr="1")]})
     database = tmp_path / "history.sqlite3"
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_SESSIONS="1", RLM_MAX_ITERATIONS="5") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         _, events = stream_run(server.url, json_body={"prompt": finish, "settings": {"session": True}})
         session_id = events[0].data["session_id"]
         assert wait_until(lambda: _rows(database, "SELECT id, live_run FROM sessions") == [(session_id, None)])

@@ -22,7 +22,7 @@ from mcp_types import CallToolResult, TextContent
 from rlm_service.runs import LiveRun
 from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.test_processes import _server_processes
+from tests.test_processes import _listening
 
 TOKEN = "mcp-test-token"
 BATCH_THEN_WAIT = script(
@@ -316,7 +316,7 @@ async def test_with_two_server_processes_a_follow_up_is_served_whichever_process
             return await client.call_tool("rlm_run", arguments)
 
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         first = await call(server.url, {"prompt": first_prompt, "input_text": "alpha beta gamma"})
         assert first.structured_content is not None
         session_id = first.structured_content["session_id"]

@@ -83,7 +83,7 @@ def test_two_processes_share_the_port_and_the_run_limit(tmp_path: Path) -> None:
     """Mutant caught: each process counting only its own runs (the instance then takes 4 with a limit of 2)."""
     slow = script({"code": ["import time\ntime.sleep(4)\nanswer.update(content='ok', ready=True)"]})
     with spawn_server(tmp_path, WEB_CONCURRENCY="2", RLM_MAX_CONCURRENT_RUNS="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         results: list[int] = []
 
         def run() -> None:
@@ -147,7 +147,7 @@ def test_a_process_that_cannot_start_takes_no_connections(tmp_path: Path) -> Non
                 asker.join(90)
             lock.execute("ROLLBACK")
         assert failures == [] and answered and set(answered) == {200}
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         for _ in range(4):
             response, events = stream_run(server.url, json_body={"prompt": "x"})
             assert response.status_code == 200 and events[-1].event == "final"
@@ -219,7 +219,7 @@ def test_runs_live_when_the_instance_stops_end_with_their_terminal_event(tmp_pat
     app's shutdown, when no stream was left to carry the `error` event."""
     hang = script({"code": ["import time\ntime.sleep(300)"]})
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         owners = [_Stream(server.url, hang) for _ in range(2)]
         assert wait_until(lambda: all(any(e.event == "code" for e in s.events) for s in owners), timeout=60)
         followers = [_Stream(server.url, run_id=str(s.events[0].data["run_id"])) for s in owners]
@@ -241,7 +241,7 @@ def test_server_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -
     the run hung on."""
     hang = script({"code": ["import time\ntime.sleep(300)"]})
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
-        assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
         orphans = _server_processes(server.pid)
         stream = _Stream(server.url, hang)
         assert wait_until(lambda: any(event.event == "code" for event in stream.events), timeout=60)
@@ -290,7 +290,7 @@ def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_e
     model = FakeOpenAI(root_model=ROOT_MODEL, root=task_script_root).start()
     try:
         with spawn_server(tmp_path, model_url=model.url, WEB_CONCURRENCY="2") as server:
-            assert wait_until(lambda: len(_server_processes(server.pid)) == 2, timeout=30)
+            assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
             reader = threading.Thread(target=read, daemon=True)
             reader.start()
             assert wait_until(lambda: any("time.sleep(300)" in line for line in data), timeout=60)
