@@ -466,6 +466,15 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> 
     return predicate()
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def post_process(url: str, **kwargs: Any) -> httpx2.Response:
     """POST /process and return the whole response (for refusals)."""
     return httpx2.post(f"{url}/process", timeout=30, **kwargs)

@@ -24,7 +24,7 @@ from tests.browser import (  # noqa: F401  (fixtures, used by name)
     start_run,
     status_is,
 )
-from tests.conftest import LiveServer, make_settings, parse_sse, script, stream_run, wait_until
+from tests.conftest import LiveServer, make_settings, parse_sse, process_alive, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI, default_sub_reply
 
 pytestmark = pytest.mark.browser
@@ -206,14 +206,6 @@ def test_stop_ends_a_cell_that_hangs_and_frees_the_run(page: Any, live: LiveServ
     assert wait_until(lambda: live.app.state.slots.active == 0)
     assert page.locator("#run-button").is_enabled()
     expect_clean_console(page)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 COUNT_WORDS = script({"code": ["words = context.split()\nanswer.update(content=f'{len(words)} words', ready=True)"]})

@@ -21,6 +21,7 @@ from tests.conftest import (
     SseEvent,
     parse_sse,
     post_process,
+    process_alive,
     script,
     spawn_server,
     stream_run,
@@ -248,7 +249,7 @@ def test_server_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -
         try:
             os.kill(server.pid, signal.SIGKILL)
             server.process.wait(30)
-            stopped = wait_until(lambda: not any(_alive(pid) for pid in orphans), timeout=60)
+            stopped = wait_until(lambda: not any(process_alive(pid) for pid in orphans), timeout=60)
             stream.join(60)
         finally:
             for pid in orphans:
@@ -257,15 +258,6 @@ def test_server_processes_stop_when_their_supervisor_is_killed(tmp_path: Path) -
     assert stopped
     assert stream.failure is None and stream.events[-1].event == "error"
     assert stream.events[-1].data["code"] == "cancelled"
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, ended but not yet reaped by the test's subreaper, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_error_and_done(tmp_path: Path) -> None:
