@@ -12,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service.api import stop_runs
 from rlm_service.repl.workspace import instance_directory
 from tests.conftest import (
     LiveServer,
@@ -353,3 +354,38 @@ def test_a_run_past_its_time_limit_ends_with_the_timeout_code(fake: FakeOpenAI) 
     assert response.status_code == 200
     assert [e.event for e in events] == ["start", "error"]
     assert events[-1].data["code"] == "timeout" and "RLM_RUN_TIMEOUT_S" in events[-1].data["message"]
+
+
+def test_a_stopping_server_cancels_its_runs_and_starts_no_more(fake: FakeOpenAI) -> None:
+    """What the server does at its stop signal (`stop_runs`): a run in a cell ends at once with `error`
+    `cancelled` saying that the server is shutting down, the open streams are let go only after it has ended,
+    and new runs are refused with 503 and Retry-After (for `POST /process` and `/v1/chat/completions` alike),
+    while the rest of the API still answers. Mutants caught: the stopping server still starting runs (200);
+    the streams let go before the cancelled runs end."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    streams_let_go: list[bool] = []  # whether the run had ended, at each call of `then`
+    with LiveServer(make_settings(fake)) as server:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{server.url}/process", json={"prompt": hang}) as response,
+        ):
+            events = parse_sse(response.iter_lines())
+            for event in events:
+                if event.event == "code":
+                    break
+            (run,) = server.app.state.engine.runs.live()
+            stop_runs(server.app, then=lambda: streams_let_go.append(run.ended))
+            terminal = list(events)[-1]
+        assert wait_until(lambda: streams_let_go == [True], timeout=30)
+        refused = post_process(server.url, json={"prompt": "x"})
+        chat = httpx2.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": "rlm", "messages": [{"role": "user", "content": "x"}]},
+            timeout=30,
+        )
+        assert httpx2.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert terminal.event == "error" and terminal.data["code"] == "cancelled"
+    assert "shutting down" in terminal.data["message"]
+    assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
+    assert refused.headers["retry-after"] == "1"
+    assert chat.status_code == 503 and "shutting down" in chat.json()["error"]["message"]

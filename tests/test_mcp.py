@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -326,3 +327,26 @@ async def test_with_two_server_processes_a_follow_up_is_served_whichever_process
     assert {result.structured_content["session_id"] for result in follow_ups if result.structured_content} == {
         session_id
     }
+
+
+async def test_a_call_waiting_when_the_instance_stops_gets_a_tool_error_saying_so(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor of two server processes while an `rlm_run` call's run hangs in a cell: the call
+    ends with a tool error saying that the server is shutting down, and the instance exits. Old behaviour
+    caught: the call failed in the client's transport, with no result (its run was cancelled only once uvicorn's
+    grace for open connections had cut the request)."""
+    progress = Progress()
+    with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
+        assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
+        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120))
+        async with http, Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client:
+            async with anyio.create_task_group() as group:
+
+                async def stop_once_under_way() -> None:
+                    with anyio.fail_after(60):
+                        await progress.seen.wait()
+                    server.process.send_signal(signal.SIGTERM)
+
+                group.start_soon(stop_once_under_way)
+                result = await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+        assert await anyio.to_thread.run_sync(lambda: server.process.wait(60)) == 0
+    assert result.is_error and "shutting down" in answer_text(result)

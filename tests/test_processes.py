@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx2
+import openai
 
 from rlm_service.capacity import SharedCapacity, zero
 from tests.conftest import (
@@ -293,3 +294,33 @@ def test_a_streamed_chat_completion_live_when_the_instance_stops_ends_with_its_e
         model.stop()
     assert failure == [] and data[-1] == "[DONE]"
     assert "shutting down" in json.loads(data[-2])["error"]["message"]
+
+
+def test_a_chat_completion_waiting_when_the_server_stops_is_answered_503_to_retry(tmp_path: Path) -> None:
+    """SIGTERM to a one-process server while a non-streamed chat completion's run hangs in a cell: the official
+    client gets a 503 in OpenAI's shape, `server_shutting_down` (a status it retries on its own; here retries are
+    off), and the server exits. Old behaviour caught: uvicorn's 5 s grace for open connections ran out first and
+    the request was cut with a bare 500 (`InternalServerError`, no error object)."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    refusals: list[openai.APIStatusError] = []
+
+    def ask(url: str) -> None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        try:
+            client.chat.completions.create(model="rlm", messages=[{"role": "user", "content": hang}])
+        except openai.APIStatusError as exc:
+            refusals.append(exc)
+
+    model = FakeOpenAI(root_model=ROOT_MODEL, root=task_script_root).start()
+    try:
+        with spawn_server(tmp_path, model_url=model.url) as server:
+            asking = threading.Thread(target=ask, args=(server.url,), daemon=True)
+            asking.start()
+            assert wait_until(lambda: model.stats.root_requests >= 1, timeout=60)  # the run is under way
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(60)
+            asking.join(60)
+    finally:
+        model.stop()
+    assert len(refusals) == 1 and refusals[0].status_code == 503
+    assert refusals[0].code == "server_shutting_down" and "shutting down" in refusals[0].message

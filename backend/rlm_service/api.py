@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -78,6 +79,10 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+STOP_RUNS_S = 2.0
+"""How long a stopping server waits for its cancelled runs to end before it ends the streams left (`stop_runs`)."""
+
+
 def create_app(
     settings: Settings,
     *,
@@ -104,6 +109,7 @@ def create_app(
                 fleet = Fleet(settings, store, app.state.engine, launch=_follow_up_launcher(app, slots))
                 await fleet.start()
         app.state.fleet = fleet
+        app.state.loop = asyncio.get_running_loop()
         try:
             async with mcp.running():
                 yield
@@ -179,6 +185,34 @@ def create_app(
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app
+
+
+def stop_runs(app: FastAPI, then: Callable[[], None]) -> None:
+    """The server has been asked to stop (called from its signal handler, at any point of the loop's work): from
+    now on no run starts (503), and the live runs are cancelled at once, so that each client gets its run's end
+    while its connection still stands: the `error` event of a stream, the error answer of a non-streamed chat
+    completion or an MCP call. `then` (ending the streams still open) is called once they have ended, or after
+    STOP_RUNS_S. Left to the app's shutdown, the cancellation would come only after uvicorn's grace for open
+    connections, which ends by cutting them (a non-streamed request gets a bare 500)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if loop is None or loop.is_closed():
+        then()  # still starting, or already stopped: no run to end
+        return
+
+    def begin() -> None:
+        app.state.slots.stopping = True
+        app.state.stopping = loop.create_task(_end_runs(app.state.engine, then))
+
+    loop.call_soon_threadsafe(begin)
+
+
+async def _end_runs(engine: Engine, then: Callable[[], None]) -> None:
+    try:
+        with anyio.move_on_after(STOP_RUNS_S):
+            await asyncio.gather(*(run.wait() for run in engine.cancel_live()))
+            await asyncio.sleep(0.5)  # their last events and answers, on their way to the clients
+    finally:
+        then()
 
 
 def _follow_up_launcher(app: FastAPI, slots: RunSlots) -> Launch:

@@ -189,14 +189,18 @@ class Engine:
 
     async def aclose(self) -> None:
         """Cancel the live runs (each ends with its `error` event), end the sessions, stop the workers."""
-        live = self.runs.live()
-        for run in live:
-            run.cancel(SHUTTING_DOWN)
-        await asyncio.gather(*(run.wait() for run in live))
+        await asyncio.gather(*(run.wait() for run in self.cancel_live()))
         await self.sessions.close()
         await self.repls.close()
         await asyncio.to_thread(release_instance_directory)  # the run files, now that no run is left
         await self.sub_client.aclose()  # the root client's pool too: they share it
+
+    def cancel_live(self) -> list[LiveRun]:
+        """Cancel every live run (the server is stopping): each ends with its `error` event, code `cancelled`."""
+        live = self.runs.live()
+        for run in live:
+            run.cancel(SHUTTING_DOWN)
+        return live
 
     def child_agent(self) -> Agent[Controller, str]:
         """The agent of child runs: the sub model as their root (shared, like the root's)."""

@@ -268,6 +268,11 @@ async def _complete(request: Request, run: LiveRun) -> Response:
             run.cancel("the client disconnected")
         await run.wait()
     terminal = run.events[-1]
+    if isinstance(terminal, ErrorEvent) and run.cancel_reason == SHUTTING_DOWN:
+        # not the request's fault, and another try may reach another process or replica: OpenAI's clients
+        # retry a 503 on their own
+        error = OpenAIError(503, "The server is shutting down: send the request again.", code="server_shutting_down")
+        return error.response({"Retry-After": "1"})
     if isinstance(terminal, ErrorEvent):
         return _run_failed(terminal).response()
     assert isinstance(terminal, FinalEvent)

@@ -10,8 +10,11 @@ sockets and file descriptors whose ownership uvloop treats differently.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -65,8 +68,6 @@ def build_app(settings: Settings, *, runs: Capacity | None = None, sessions: Cap
 
 def serve(settings: Settings, app: FastAPI) -> None:
     """Serve `app` on the configured host and port until stopped."""
-    import uvicorn
-
     processes = settings.web_concurrency
     print(
         f"RLM service on http://{settings.host}:{settings.port} "
@@ -80,11 +81,35 @@ def serve(settings: Settings, app: FastAPI) -> None:
 
         serve_processes(settings, processes)
         return
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.rlm_log_level,
-        loop="asyncio",
-        timeout_graceful_shutdown=5,
+    run_uvicorn(app, settings, host=settings.host, port=settings.port)
+
+
+def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None, **config: Any) -> None:
+    """Serve `app` with uvicorn until a signal stops it. The signal goes to the app at once (`stop_runs`), and
+    sse-starlette ends the streams still open only after the app's runs have ended (by default it would end them
+    at the signal, cutting an MCP call's stream before its answer); uvicorn itself tells an app only after its
+    grace for open connections, too late for their runs' ends. The grace (8 s) covers STOP_RUNS_S, then a
+    follower's SHUTDOWN_GRACE_S, and stays under the 10 s that `docker stop` gives."""
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from .api import stop_runs
+
+    def end_streams() -> None:
+        AppStatus.should_exit = True
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:
+                stop_runs(app, then=end_streams)
+
+    options = uvicorn.Config(
+        app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=8, **config
     )
+    AppStatus.enable_automatic_graceful_drain = False  # `end_streams` ends them instead
+    try:
+        Server(options).run(sockets=sockets)
+    finally:
+        AppStatus.enable_automatic_graceful_drain, AppStatus.should_exit = True, False

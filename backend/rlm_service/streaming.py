@@ -56,6 +56,8 @@ class RunSlots:
     def __init__(self, capacity: Capacity) -> None:
         self.capacity = capacity
         self.limit = capacity.limit
+        self.stopping = False
+        """Set when the server is asked to stop (`api.stop_runs`): no run starts after that (503)."""
         self.reading = 0
         self.reading_limit = max(4 * capacity.limit, 64)
         """Bodies read at once (`/process`, `/v1/chat/completions`, `/mcp`), bounded on their own: slow uploads
@@ -80,12 +82,16 @@ class RunSlots:
             self.reading -= 1
 
     def refuse_if_full(self) -> None:
+        if self.stopping:
+            raise _stopping()
         if self.capacity.used >= self.limit:
             raise self._full()
 
     def start(self, launch: Callable[[], LiveRun]) -> LiveRun:
-        """Take a run's slot (429 when the instance has none left) and `launch` the run in it; the slot is
-        given back when the run ends, or at once if it could not start."""
+        """Take a run's slot (429 when the instance has none left, 503 once the server is stopping) and `launch`
+        the run in it; the slot is given back when the run ends, or at once if it could not start."""
+        if self.stopping:
+            raise _stopping()
         if not self.capacity.try_take():
             raise self._full()
         try:
@@ -104,11 +110,16 @@ class RunSlots:
         )
 
 
+def _stopping() -> HTTPException:
+    return HTTPException(503, "the server is shutting down; send the request again", headers={"Retry-After": "1"})
+
+
 SEP = "\n"
 SHUTDOWN_GRACE_S = 4.0
 """How long a live stream goes on once the server stops: enough for its run, cancelled, to end with its `error`
-event (also through the database, for a follower of another process's run); with sse-starlette's 0.5 s look
-at the server's state, less than the 5 s uvicorn waits for connections to close."""
+event (also through the database, for a follower of another process's run). After the server's own runs have
+ended (`api.stop_runs`, at most STOP_RUNS_S) and sse-starlette's 0.5 s look at the server's state, it ends
+within the 8 s uvicorn waits for connections to close (`server.run_uvicorn`)."""
 
 
 def sse_frame(event: EventBase) -> bytes:

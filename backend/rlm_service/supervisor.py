@@ -130,15 +130,10 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 def _serve_one(settings: Settings, listener: socket.socket, runs: SharedCapacity, sessions: SharedCapacity) -> None:
     """One server process: its app on its socket of the port, until the supervisor stops it."""
-    import uvicorn
-
-    from .server import build_app
+    from .server import build_app, run_uvicorn
 
     app = build_app(settings, runs=runs, sessions=sessions)
-    config = uvicorn.Config(
-        app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=5, backlog=BACKLOG
-    )
-    uvicorn.Server(config).run(sockets=[listener])
+    run_uvicorn(app, settings, sockets=[listener], backlog=BACKLOG)
 
 
 def _describe(status: int) -> str:
