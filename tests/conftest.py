@@ -76,7 +76,16 @@ def private_tempdir() -> Path:
 def run_leftovers(tmp: Path) -> list[str]:
     """What runs left in a server's TMPDIR, relative to it: everything but the zygote's matplotlib cache
     (kept for the next zygote) and the server processes' instance directories themselves (their contents,
-    run directories and spooled uploads, do count)."""
+    run directories and spooled uploads, do count). A directory the server removes while it is walked is walked
+    again."""
+    while True:
+        try:
+            return _leftovers(tmp)
+        except FileNotFoundError:
+            continue
+
+
+def _leftovers(tmp: Path) -> list[str]:
     found = []
     for path in sorted(tmp.rglob("*")):
         relative = path.relative_to(tmp)
