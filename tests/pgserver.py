@@ -98,6 +98,21 @@ class PgServer:
     def stop(self, mode: str = "fast") -> None:
         self._pg("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.data))
 
+    def processes(self) -> list[int]:
+        """The server's processes: its postmaster and the postmaster's children."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        found = [postmaster]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as stat:
+                        parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+                except OSError:
+                    continue
+                if parent == postmaster:
+                    found.append(int(entry))
+        return found
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 

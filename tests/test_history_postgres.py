@@ -3,6 +3,9 @@ for every server on the database, and a restart of PostgreSQL in the middle of r
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import threading
 import time
@@ -166,3 +169,38 @@ def test_a_read_that_waits_for_a_lock_is_refused_in_seconds(pg_url: str) -> None
         store.close()
     (refused,) = outcome
     assert isinstance(refused, StoreUnavailable) and "LockNotAvailable" in str(refused)
+
+
+def test_runs_go_on_while_a_frozen_postgresql_holds_history_reads(own_pg_server: PgServer, fake: FakeOpenAI) -> None:
+    """PostgreSQL stops answering without closing its connections (its processes stopped with SIGSTOP, as a
+    network that drops packets would leave them), and 40 history reads arrive, more than the event loop's
+    default threads (at most 32): a new run meanwhile starts and ends `final` before any of those reads has come
+    back. Old behaviour caught: the reads ran in the default threads and held them all (the pool waits 5 s for a
+    connection, a query on a stopped server until it wakes), and the run, whose workspace is made in one of
+    them, waited for the reads (19 s with 24 reads during a 20 s freeze, measured)."""
+    with LiveServer(make_settings(fake, rlm_database_url=own_pg_server.create_database())) as server:
+        assert stream_run(server.url, json_body={"prompt": "task", "input_data": "before"})[1][-1].event == "final"
+        frozen = own_pg_server.processes()
+        came_back: list[int] = []
+
+        def read() -> None:
+            with contextlib.suppress(httpx2.HTTPError):
+                came_back.append(httpx2.get(f"{server.url}/api/runs", timeout=120).status_code)
+
+        readers = [threading.Thread(target=read, daemon=True) for _ in range(40)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for reader in readers:
+                reader.start()
+            time.sleep(0.5)  # for the reads to reach the server (were one late, the run would only be less held)
+            _, events = stream_run(server.url, json_body={"prompt": "task", "input_data": "during"}, timeout=120)
+            back_before_the_run_ended = list(came_back)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        for reader in readers:
+            reader.join(120)
+    assert events[-1].event == "final"
+    assert back_before_the_run_ended == []
+    assert len(came_back) == 40 and set(came_back) <= {200, 503}

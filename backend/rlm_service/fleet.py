@@ -36,7 +36,7 @@ from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listen
 from .pulse import Pulse
 from .runs import LiveRun
 from .sessions import Session, SessionUnavailable
-from .store import StoreUnavailable, shown_id
+from .store import StoreUnavailable, off_loop, shown_id
 from .store_postgres import PostgresRunStore
 from .store_sql import SqlRunStore
 from .storewriter import Db
@@ -97,7 +97,7 @@ class Fleet:
     async def start(self) -> None:
         """Register (raises `StoreUnavailable` when the database cannot be reached) and start the loops."""
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.pulse.start)
+        await off_loop(self.pulse.start)
         self.engine.sessions.directory = self
         self._tasks = [asyncio.create_task(self._commands(), name="rlm-fleet-commands")]
         if self.listener is not None:
@@ -116,8 +116,8 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._errands, return_exceptions=True)
         self.engine.sessions.directory = None
-        await asyncio.to_thread(self.store.flush, STOP_WAIT_S)
-        await asyncio.to_thread(self.pulse.stop, STOP_WAIT_S)
+        await off_loop(self.store.flush, STOP_WAIT_S)
+        await off_loop(self.pulse.stop, STOP_WAIT_S)
 
     def _wake_soon(self, keys: list[str]) -> None:
         """From the pulse's thread: news of these runs (or of this process's commands)."""
@@ -150,9 +150,9 @@ class Fleet:
 
     async def _take_commands(self, me: str) -> list[sql.Command]:
         try:
-            if not await asyncio.to_thread(self.store.query, lambda db: sql.pending(db, me)):
+            if not await off_loop(self.store.query, lambda db: sql.pending(db, me)):
                 return []
-            return await asyncio.to_thread(self.store.transaction, lambda db: sql.take(db, me))
+            return await off_loop(self.store.transaction, lambda db: sql.take(db, me))
         except StoreUnavailable as exc:
             log.debug("commands: %s", exc)
             return []
@@ -164,7 +164,7 @@ class Fleet:
                 run = self.engine.runs.get(str(payload["run_id"]))
                 if run is not None:
                     run.cancel(str(payload.get("reason") or "cancelled through the API"))
-                await asyncio.to_thread(self.store.transaction, lambda db: sql.remove(db, command.id))
+                await off_loop(self.store.transaction, lambda db: sql.remove(db, command.id))
                 return
             if command.kind == "end_session":
                 result = await self._end_here(str(payload["session_id"]))
@@ -172,7 +172,7 @@ class Fleet:
                 result = self._follow_up_here(payload)
             else:
                 result = {"status": 400, "detail": f"unknown command {command.kind!r}"}
-            await asyncio.to_thread(self.store.transaction, lambda db: sql.answer(db, command.id, result))
+            await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, result))
         except StoreUnavailable as exc:
             log.warning("a %s command could not be answered: %s", command.kind, exc)
 
@@ -219,7 +219,7 @@ class Fleet:
             return "cancelling"
 
         for _ in range(UNKNOWN_TRIES):  # a run only just started may not be written yet
-            sent = await asyncio.to_thread(self.store.transaction, send)
+            sent = await off_loop(self.store.transaction, send)
             if sent != "unknown":
                 return sent
             await asyncio.sleep(UNKNOWN_POLL_S)
@@ -229,7 +229,7 @@ class Fleet:
         """Whether the run is live (in another process: this one's are in its registry). A run another process
         has only just started may not be written yet: an unknown run is looked up again for a moment."""
         for _ in range(UNKNOWN_TRIES):
-            status = await asyncio.to_thread(self.store.status, run_id)
+            status = await off_loop(self.store.status, run_id)
             if status is not None:
                 return status == "running"
             await asyncio.sleep(UNKNOWN_POLL_S)
@@ -293,7 +293,7 @@ class Fleet:
 
     async def _find_session(self, session_id: str) -> sql.SessionRow:
         dialect = self.store.dialect
-        row = await asyncio.to_thread(
+        row = await off_loop(
             self.store.query, lambda db: sql.find_session(db, dialect, session_id, self.pulse.dead_after_s)
         )
         if row is None:
@@ -309,15 +309,13 @@ class Fleet:
         """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn, and
         the session reported gone (its process died) or busy (it is alive but did not answer)."""
         dialect = self.store.dialect
-        command_id = await asyncio.to_thread(
-            self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload)
-        )
+        command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
         deadline = time.monotonic() + ANSWER_WAIT_S
         while True:
             await asyncio.sleep(ANSWER_POLL_S)
-            state, result = await asyncio.to_thread(self.store.query, lambda db: sql.outcome(db, command_id))
+            state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
             if result is not None:
-                await asyncio.to_thread(self.store.transaction, lambda db: sql.remove(db, command_id))
+                await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
                 return result
             late = time.monotonic() - deadline
             if (
@@ -326,7 +324,7 @@ class Fleet:
                 or (
                     state == "waiting"
                     and late >= 0
-                    and await asyncio.to_thread(self.store.transaction, lambda db: sql.withdraw(db, command_id))
+                    and await off_loop(self.store.transaction, lambda db: sql.withdraw(db, command_id))
                 )
             ):
                 break
@@ -376,9 +374,7 @@ class Fleet:
         machine (they count their sessions together, `capacity`; replicas count their own)."""
         dialect, me, dead_after_s = self.store.dialect, self.id, self.pulse.dead_after_s
         try:
-            idle = await asyncio.to_thread(
-                self.store.query, lambda db: sql.idle_sessions(db, dialect, me, dead_after_s)
-            )
+            idle = await off_loop(self.store.query, lambda db: sql.idle_sessions(db, dialect, me, dead_after_s))
         except StoreUnavailable as exc:
             log.debug("sessions of the other processes: %s", exc)
             return

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from .events import Event, is_terminal, lost_event, parse_event
-from .store import StoreUnavailable
+from .store import StoreUnavailable, off_loop
 from .store_sql import SqlRunStore
 
 log = logging.getLogger("rlm_service")
@@ -157,7 +157,7 @@ class StoreFollower:
     @staticmethod
     async def _read(call: Callable[..., T], *args: Any, unavailable: Any = None) -> T | Any:
         try:
-            return await asyncio.to_thread(call, *args)
+            return await off_loop(call, *args)
         except StoreUnavailable as exc:
             log.debug("following a run: %s", exc)
             return unavailable

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from . import export
-from .store import RunRecord, RunStillLive, RunStore, StoreUnavailable, shown_id, valid_run_id
+from .store import RunRecord, RunStillLive, RunStore, StoreUnavailable, off_loop, shown_id, valid_run_id
 
 T = TypeVar("T")
 
@@ -31,14 +31,14 @@ async def _settled(request: Request) -> RunStore:
     written by a thread of its own, so a client that reads it just after a run's last event would otherwise
     find the run missing or unfinished while the machine is busy."""
     store = _store(request)
-    await asyncio.to_thread(store.flush, SETTLE_S)
+    await off_loop(store.flush, SETTLE_S)
     return store
 
 
 async def in_store(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """A call of the store, in a thread; 503 when the database cannot be reached or written now."""
+    """A call of the store, in the store's threads; 503 when the database cannot be reached or written now."""
     try:
-        return await asyncio.to_thread(call, *args, **kwargs)
+        return await off_loop(call, *args, **kwargs)
     except StoreUnavailable as exc:
         raise HTTPException(503, str(exc)) from None
 

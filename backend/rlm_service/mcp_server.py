@@ -43,7 +43,7 @@ from .events import ErrorEvent, Event, EventBase, FinalEvent, StartEvent, Subcal
 from .fleet import Fleet
 from .inputs import InputTooLarge, RunInput, spool_file
 from .sessions import SessionUnavailable
-from .store import StoreUnavailable, open_store
+from .store import StoreUnavailable, off_loop, open_store
 from .streaming import RunSlots
 
 RECENT_RUNS = 20
@@ -340,7 +340,7 @@ def build_server(
         description=f"The {RECENT_RUNS} most recent runs (with history on; else the runs in progress).",
     )
     async def recent_runs() -> str:
-        return await asyncio.to_thread(tools.recent_runs)
+        return await off_loop(tools.recent_runs)
 
     return server
 

@@ -14,20 +14,39 @@ lengths under the event's `stored_cut` key. The terminal event is always stored,
 the answer limit. The live stream is never cut: only what the history keeps. A delete gives the space back.
 
 The input itself is stored only when the run asked for it (`keep_input`): it can be huge or private.
+
+The event loop calls the store through `off_loop`, in threads of the store's own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .config import Settings
     from .events import EventBase
+
+T = TypeVar("T")
+P = ParamSpec("P")
+STORE_THREADS = 8
+_threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="rlm-store")
+
+
+async def off_loop(call: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """`call` (a read, transaction or wait of the run history) in one of the store's own threads. Not in the
+    event loop's default threads: a database that stops answering (a frozen server, a network that drops
+    packets) holds a thread until it answers, and runs need the default threads for their workspaces; with
+    the history's calls there, 24 reads hung by a frozen PostgreSQL held a new run for 19 s."""
+    return await asyncio.get_running_loop().run_in_executor(_threads, functools.partial(call, *args, **kwargs))
+
 
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a run id may be: the engine makes 16 hex characters; anything else names no run."""
