@@ -9,6 +9,7 @@ bound before they start, never on a port picked and then hoped free.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -78,11 +79,10 @@ def run_leftovers(tmp: Path) -> list[str]:
     (kept for the next zygote) and the server processes' instance directories themselves (their contents,
     run directories and spooled uploads, do count). A directory the server removes while it is walked is walked
     again."""
-    while True:
-        try:
+    for _ in range(20):
+        with contextlib.suppress(FileNotFoundError):
             return _leftovers(tmp)
-        except FileNotFoundError:
-            continue
+    return _leftovers(tmp)
 
 
 def _leftovers(tmp: Path) -> list[str]:

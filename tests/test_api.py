@@ -12,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service import api
 from rlm_service.api import stop_runs
 from rlm_service.repl.workspace import instance_directory
 from tests.conftest import (
@@ -356,7 +357,9 @@ def test_a_run_past_its_time_limit_ends_with_the_timeout_code(fake: FakeOpenAI) 
     assert events[-1].data["code"] == "timeout" and "RLM_RUN_TIMEOUT_S" in events[-1].data["message"]
 
 
-def test_a_stopping_server_cancels_its_runs_and_starts_no_more(fake: FakeOpenAI) -> None:
+def test_a_stopping_server_cancels_its_runs_and_starts_no_more(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """What the server does at its stop signal (`stop_runs`): a run in a cell ends at once with `error`
     `cancelled` saying that the server is shutting down, the open streams are let go only after it has ended,
     and new runs are refused with 503 and Retry-After (for `POST /process` and `/v1/chat/completions` alike),
@@ -364,6 +367,7 @@ def test_a_stopping_server_cancels_its_runs_and_starts_no_more(fake: FakeOpenAI)
     the streams let go before the cancelled runs end."""
     hang = script({"code": ["import time\ntime.sleep(300)"]})
     streams_let_go: list[bool] = []  # whether the run had ended, at each call of `then`
+    monkeypatch.setattr(api, "STOP_RUNS_S", 60)  # however busy the machine, the run ends before that
     with LiveServer(make_settings(fake)) as server:
         with (
             httpx2.Client(timeout=60) as client,

@@ -23,6 +23,7 @@ from mcp_types import CallToolResult, TextContent
 from rlm_service.runs import LiveRun
 from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
+from tests.test_fleet import replicas
 from tests.test_processes import _listening
 
 TOKEN = "mcp-test-token"
@@ -349,4 +350,46 @@ async def test_a_call_waiting_when_the_instance_stops_gets_a_tool_error_saying_s
                 group.start_soon(stop_once_under_way)
                 result = await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
         assert await anyio.to_thread.run_sync(lambda: server.process.wait(60)) == 0
+    assert result.is_error and "shutting down" in answer_text(result)
+
+
+async def test_a_follow_up_through_a_replica_that_stops_gets_a_tool_error_saying_so(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two replicas on PostgreSQL; an MCP follow-up on a session the first keeps goes through the second, and
+    its run hangs in a cell in the first. SIGTERM to the second: the call ends with a tool error saying that the
+    server is shutting down, and the run is cancelled where it runs. Old behaviour caught: the call failed in
+    the client's transport (`SSE stream ended without a response`): the stopping replica had no run of its own
+    to wait for, and ended its streams at once."""
+
+    @asynccontextmanager
+    async def client_of(url: str) -> AsyncIterator[Client]:
+        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120))
+        async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy") as client:
+            yield client
+
+    progress = Progress()
+    with replicas(tmp_path, pg_url) as (keeper, other):
+        async with client_of(keeper.url) as client:
+            first = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "abc"})
+        assert first.structured_content is not None
+        session_id = first.structured_content["session_id"]
+        async with client_of(other.url) as client, anyio.create_task_group() as group:
+
+            async def stop_once_under_way() -> None:
+                with anyio.fail_after(60):
+                    await progress.seen.wait()
+                other.process.send_signal(signal.SIGTERM)
+
+            group.start_soon(stop_once_under_way)
+            result = await client.call_tool(
+                "rlm_run", {"prompt": SLEEPS, "session_id": session_id}, progress_callback=progress
+            )
+        await anyio.to_thread.run_sync(lambda: other.process.wait(60))  # (ended by its SIGTERM, uvicorn's way)
+
+        def follow_up_status() -> str:
+            runs = httpx2.get(f"{keeper.url}/api/runs", timeout=30).json()["runs"]
+            return str(runs[0]["status"]) if len(runs) == 2 else "missing"
+
+        assert await anyio.to_thread.run_sync(lambda: wait_until(lambda: follow_up_status() == "cancelled", 30))
     assert result.is_error and "shutting down" in answer_text(result)

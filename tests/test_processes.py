@@ -324,3 +324,12 @@ def test_a_chat_completion_waiting_when_the_server_stops_is_answered_503_to_retr
         model.stop()
     assert len(refusals) == 1 and refusals[0].status_code == 503
     assert refusals[0].code == "server_shutting_down" and "shutting down" in refusals[0].message
+
+
+def test_ctrl_c_stops_a_one_process_server_with_status_0(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C in a terminal) to `python backend/main.py` with one process: it stops as uvicorn stops,
+    status 0. Mutant caught: uvicorn's server run without catching the KeyboardInterrupt it raises again once it
+    has stopped (the process ended by that signal, status -2)."""
+    with spawn_server(tmp_path) as server:
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(60) == 0

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -79,7 +78,7 @@ def _openapi_schema(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-STOP_RUNS_S = 2.0
+STOP_RUNS_S = 3.0
 """How long a stopping server waits for its cancelled runs to end before it ends the streams left (`stop_runs`)."""
 
 
@@ -200,16 +199,16 @@ def stop_runs(app: FastAPI, then: Callable[[], None]) -> None:
         return
 
     def begin() -> None:
-        app.state.slots.stopping = True
-        app.state.stopping = loop.create_task(_end_runs(app.state.engine, then))
+        app.state.stopping = loop.create_task(_end_runs(app.state.engine, app.state.slots, then))
 
     loop.call_soon_threadsafe(begin)
 
 
-async def _end_runs(engine: Engine, then: Callable[[], None]) -> None:
+async def _end_runs(engine: Engine, slots: RunSlots, then: Callable[[], None]) -> None:
     try:
-        with anyio.move_on_after(STOP_RUNS_S):
-            await asyncio.gather(*(run.wait() for run in engine.cancel_live()))
+        ending = slots.stop() + [run.task for run in engine.cancel_live() if run.task is not None]
+        if ending:
+            await asyncio.wait(ending, timeout=STOP_RUNS_S)  # (not cancelling them, unlike a timeout scope)
             await asyncio.sleep(0.5)  # their last events and answers, on their way to the clients
     finally:
         then()

@@ -97,7 +97,7 @@ class Fleet:
     async def start(self) -> None:
         """Register (raises `StoreUnavailable` when the database cannot be reached) and start the loops."""
         self._loop = asyncio.get_running_loop()
-        await off_loop(self.pulse.start)
+        await asyncio.to_thread(self.pulse.start)
         self.engine.sessions.directory = self
         self._tasks = [asyncio.create_task(self._commands(), name="rlm-fleet-commands")]
         if self.listener is not None:
@@ -116,8 +116,10 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._errands, return_exceptions=True)
         self.engine.sessions.directory = None
-        await off_loop(self.store.flush, STOP_WAIT_S)
-        await off_loop(self.pulse.stop, STOP_WAIT_S)
+        # default threads, not the store's (`off_loop`): these waits have their own limits and must not queue
+        # behind history reads that a database which stopped answering holds
+        await asyncio.to_thread(self.store.flush, STOP_WAIT_S)
+        await asyncio.to_thread(self.pulse.stop, STOP_WAIT_S)
 
     def _wake_soon(self, keys: list[str]) -> None:
         """From the pulse's thread: news of these runs (or of this process's commands)."""

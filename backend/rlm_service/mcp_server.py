@@ -38,7 +38,7 @@ from pydantic import Field
 
 from .capacity import LocalCapacity
 from .config import Settings
-from .engine import Engine, RunSettings
+from .engine import SHUTTING_DOWN, Engine, RunSettings
 from .events import ErrorEvent, Event, EventBase, FinalEvent, StartEvent, SubcallsEvent, is_terminal
 from .fleet import Fleet
 from .inputs import InputTooLarge, RunInput, spool_file
@@ -161,6 +161,8 @@ class RlmTools:
                 f"the prompt has {len(prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
                 f"({settings.rlm_max_prompt_chars:,}): put long text in the input"
             )
+        if self.slots.stopping:
+            raise ToolError("the server is shutting down; call again (another replica may answer)")
         if self.slots.active >= self.slots.limit:
             raise ToolError(
                 f"{self.slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
@@ -204,7 +206,8 @@ class RlmTools:
             run_id = await fleet.follow_up(prompt, RunSettings(session=True), session_id)
         except (SessionUnavailable, StoreUnavailable) as exc:
             raise ToolError(str(exc)) from None
-        terminal = await self._report(ctx, fleet.owned(run_id, detached=False))
+        with self.slots.holding(lambda: fleet.cancel_soon(run_id, SHUTTING_DOWN)):
+            terminal = await self._report(ctx, fleet.owned(run_id, detached=False))
         return result_of(terminal, run_id, session_id)
 
     async def _report(self, ctx: Context[Any, Any], events: AsyncIterator[Event]) -> Event:

@@ -89,7 +89,9 @@ def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] |
     sse-starlette ends the streams still open only after the app's runs have ended (by default it would end them
     at the signal, cutting an MCP call's stream before its answer); uvicorn itself tells an app only after its
     grace for open connections, too late for their runs' ends. The grace (8 s) covers STOP_RUNS_S, then a
-    follower's SHUTDOWN_GRACE_S, and stays under the 10 s that `docker stop` gives."""
+    follower's SHUTDOWN_GRACE_S; the app's own shutdown comes after it (writing what is left of the history,
+    leaving the database's registry of processes), which may take a stop past the 10 s `docker stop` waits
+    when the database does not answer."""
     import uvicorn
     from sse_starlette.sse import AppStatus
 
@@ -111,5 +113,7 @@ def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] |
     AppStatus.enable_automatic_graceful_drain = False  # `end_streams` ends them instead
     try:
         Server(options).run(sockets=sockets)
+    except KeyboardInterrupt:
+        pass  # uvicorn raises Ctrl-C's signal again once it has stopped: the stop was clean
     finally:
         AppStatus.enable_automatic_graceful_drain, AppStatus.should_exit = True, False

@@ -58,6 +58,7 @@ class RunSlots:
         self.limit = capacity.limit
         self.stopping = False
         """Set when the server is asked to stop (`api.stop_runs`): no run starts after that (503)."""
+        self._held: dict[asyncio.Future[None], Callable[[], object]] = {}
         self.reading = 0
         self.reading_limit = max(4 * capacity.limit, 64)
         """Bodies read at once (`/process`, `/v1/chat/completions`, `/mcp`), bounded on their own: slow uploads
@@ -80,6 +81,27 @@ class RunSlots:
             yield
         finally:
             self.reading -= 1
+
+    @contextmanager
+    def holding(self, cancel: Callable[[], object]) -> Iterator[None]:
+        """The block answers a client for a run that another process runs (a follow-up forwarded to the
+        process keeping its session): if the server stops meanwhile, `cancel` is called, and the server waits
+        for the block to end as it waits for its own runs (`stop`)."""
+        done = asyncio.get_running_loop().create_future()
+        self._held[done] = cancel
+        try:
+            yield
+        finally:
+            del self._held[done]
+            done.set_result(None)
+
+    def stop(self) -> list[asyncio.Future[None]]:
+        """The server is stopping: no run starts from now on; the held blocks are told (`holding`). What to wait
+        for before the streams are ended."""
+        self.stopping = True
+        for cancel in self._held.values():
+            cancel()
+        return list(self._held)
 
     def refuse_if_full(self) -> None:
         if self.stopping:
