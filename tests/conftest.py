@@ -640,5 +640,10 @@ def spawn_server(
         yield RealServer(f"http://127.0.0.1:{port}", process, fake, cwd, tmp)
     finally:
         process.terminate()
-        process.wait(10)
-        fake.stop()
+        try:
+            # a clean stop: at most uvicorn's 8 s for open connections, then the last history writes and the
+            # registry's rows, each bounded by 10 s when the database is slow (a machine busy with other suites)
+            process.wait(30)
+        finally:
+            process.kill()
+            fake.stop()
