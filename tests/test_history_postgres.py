@@ -3,12 +3,14 @@ for every server on the database, and a restart of PostgreSQL in the middle of r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -214,3 +216,40 @@ def test_runs_go_on_while_a_frozen_postgresql_holds_history_reads(
     assert ended_while_frozen and events[-1].event == "final"
     assert back_before_the_run_ended == []
     assert came_back == [200] * 40
+
+
+def test_runs_that_keep_their_input_wait_for_a_frozen_postgresql_without_holding_the_others(
+    own_pg_server: PgServer, fake: FakeOpenAI
+) -> None:
+    """While PostgreSQL is frozen (SIGSTOP), four runs that keep their input wait for it (a kept input needs the
+    run's row written first, which waits for the database up to 30 s); on a server whose default threads are
+    four, a fifth run that keeps nothing still starts and ends `final` meanwhile. Old behaviour caught: the
+    input was kept from the thread that makes the run's workspace, a default thread, so the four held all of
+    them and the fifth run waited for the database too."""
+    keep = {"prompt": "task", "input_data": "kept", "settings": {"keep_input": True}}
+    with LiveServer(make_settings(fake, rlm_database_url=own_pg_server.create_database())) as server:
+        assert stream_run(server.url, json_body={"prompt": "task", "input_data": "before"})[1][-1].event == "final"
+        loop: asyncio.AbstractEventLoop = server.app.state.loop
+        loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(4))
+        frozen = own_pg_server.processes()
+        keepers = [threading.Thread(target=stream_run, args=(server.url,), kwargs={"json_body": keep}) for _ in "abcd"]
+        events: list[SseEvent] = []
+        body = {"prompt": "task", "input_data": "during"}
+        run = threading.Thread(target=lambda: events.extend(stream_run(server.url, json_body=body)[1]))
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for keeper in keepers:
+                keeper.start()
+            assert wait_until(lambda: len(server.app.state.engine.runs.live()) == 4, timeout=30)
+            time.sleep(0.5)  # for them to reach their inputs (were one late, the fifth would only be less held)
+            run.start()
+            run.join(20)  # (the old code held it for the 30 s the kept inputs wait)
+            ended_while_frozen = not run.is_alive()
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        run.join(60)
+        for keeper in keepers:
+            keeper.join(120)
+    assert ended_while_frozen and events[-1].event == "final"

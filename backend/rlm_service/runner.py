@@ -46,6 +46,7 @@ from .repl.base import Repl, ReplOptions
 from .repl.workspace import Workspace
 from .runs import LiveRun
 from .sessions import Session, Turn
+from .store import off_loop
 from .tree import RunTree
 
 if TYPE_CHECKING:
@@ -288,14 +289,19 @@ class RunDriver:
         """The run's workspace with its input (made in a thread: taking a worker uid reads /proc), then its
         REPL, started; both go in `setup` at once, for the run to close (a cancelled run still waits for the
         thread, which cannot be stopped, and removes what it made)."""
-        setup.making = asyncio.get_running_loop().run_in_executor(None, self._workspace, run_id, plan)
+        setup.making = asyncio.get_running_loop().run_in_executor(None, self._workspace, plan)
         workspace = await asyncio.shield(setup.making)
+        store = self.engine.store
+        if plan.keep_input and store is not None:
+            # in the store's threads (`off_loop`): a database that does not answer holds one of them, not one of
+            # the default threads that every run's workspace needs
+            await off_loop(store.keep_input, run_id, workspace.input_path)
         setup.repl = self.engine.repls.make(workspace, self._repl_options(plan))
         await setup.repl.start()
         return setup.repl
 
-    def _workspace(self, run_id: str, plan: RunPlan) -> Workspace:
-        """A new workspace holding the run's input (and the input kept in history, if asked)."""
+    def _workspace(self, plan: RunPlan) -> Workspace:
+        """A new workspace holding the run's input."""
         run_input = plan.run_input
         workspace = Workspace.create(isolate_uid=self.engine.repls.isolates_uid)
         try:
@@ -303,9 +309,6 @@ class RunDriver:
                 workspace.adopt_input(run_input.path)
             else:
                 workspace.write_input(run_input.text or "")
-            store = self.engine.store
-            if plan.keep_input and store is not None:
-                store.keep_input(run_id, workspace.input_path)
         except BaseException:
             workspace.remove()
             raise
