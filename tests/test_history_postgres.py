@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -174,20 +175,45 @@ def test_a_read_that_waits_for_a_lock_is_refused_in_seconds(pg_url: str) -> None
     assert isinstance(refused, StoreUnavailable) and "LockNotAvailable" in str(refused)
 
 
+@contextlib.contextmanager
+def _frozen(server: PgServer) -> Iterator[None]:
+    """The PostgreSQL server's processes stopped (SIGSTOP) while the block runs: it keeps its connections and
+    answers nothing, as behind a network that drops packets."""
+    processes = server.processes()
+    for pid in processes:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in processes:
+            os.kill(pid, signal.SIGCONT)
+
+
+class _Run(threading.Thread):
+    """A run that keeps nothing (`stream_run`) in a thread of its own; its events once it has ended."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.events: list[SseEvent] = []
+        self.start()
+
+    def run(self) -> None:
+        self.events = stream_run(self.url, json_body={"prompt": "task", "input_data": "during"})[1]
+
+
 def test_runs_go_on_while_a_frozen_postgresql_holds_history_reads(
     own_pg_server: PgServer, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """PostgreSQL stops answering without closing its connections (its processes stopped with SIGSTOP, as a
-    network that drops packets would leave them), and 40 history reads arrive, more than the event loop's
-    default threads (at most 32), each waiting for the database (a read waits up to a minute here for one of the
-    read pool's connections): a new run meanwhile starts and ends `final` before any read has come back, and
-    the reads are answered once the database is back. Old behaviour caught: the reads ran in the default threads
-    and held them all, and the run, whose workspace is made in one of them, waited for them (19 s with 24 reads
-    during a 20 s freeze, measured with the pool's usual 5 s)."""
+    """PostgreSQL stops answering without closing its connections, and 40 history reads arrive, more than the
+    event loop's default threads (at most 32), each waiting for the database (a read waits up to a minute here
+    for one of the read pool's connections): a new run meanwhile starts and ends `final` before any read has
+    come back, and the reads are answered once the database is back. Old behaviour caught: the reads ran in the
+    default threads and held them all, and the run, whose workspace is made in one of them, waited for them (19 s
+    with 24 reads during a 20 s freeze, measured with the pool's usual 5 s)."""
     monkeypatch.setattr(store_postgres, "READ_TIMEOUT_S", 60)
     with LiveServer(make_settings(fake, rlm_database_url=own_pg_server.create_database())) as server:
         assert stream_run(server.url, json_body={"prompt": "task", "input_data": "before"})[1][-1].event == "final"
-        frozen = own_pg_server.processes()
         came_back: list[int] = []
 
         def read() -> None:
@@ -195,25 +221,17 @@ def test_runs_go_on_while_a_frozen_postgresql_holds_history_reads(
                 came_back.append(httpx2.get(f"{server.url}/api/runs", timeout=120).status_code)
 
         readers = [threading.Thread(target=read, daemon=True) for _ in range(40)]
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with _frozen(own_pg_server):
             for reader in readers:
                 reader.start()
             time.sleep(0.5)  # for the reads to reach the server (were one late, the run would only be less held)
-            events: list[SseEvent] = []
-            body = {"prompt": "task", "input_data": "during"}
-            run = threading.Thread(target=lambda: events.extend(stream_run(server.url, json_body=body)[1]))
-            run.start()
+            run = _Run(server.url)
             run.join(45)  # (the reads hold the old code's threads for 60 s)
             ended_while_frozen, back_before_the_run_ended = not run.is_alive(), list(came_back)
-        finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
         run.join(60)
         for reader in readers:
             reader.join(120)
-    assert ended_while_frozen and events[-1].event == "final"
+    assert ended_while_frozen and run.events[-1].event == "final"
     assert back_before_the_run_ended == []
     assert came_back == [200] * 40
 
@@ -221,35 +239,26 @@ def test_runs_go_on_while_a_frozen_postgresql_holds_history_reads(
 def test_runs_that_keep_their_input_wait_for_a_frozen_postgresql_without_holding_the_others(
     own_pg_server: PgServer, fake: FakeOpenAI
 ) -> None:
-    """While PostgreSQL is frozen (SIGSTOP), four runs that keep their input wait for it (a kept input needs the
-    run's row written first, which waits for the database up to 30 s); on a server whose default threads are
-    four, a fifth run that keeps nothing still starts and ends `final` meanwhile. Old behaviour caught: the
-    input was kept from the thread that makes the run's workspace, a default thread, so the four held all of
-    them and the fifth run waited for the database too."""
+    """While PostgreSQL is frozen, four runs that keep their input wait for it (a kept input needs the run's row
+    written first, which waits for the database up to 30 s); on a server whose default threads are four, a
+    fifth run that keeps nothing still starts and ends `final` meanwhile. Old behaviour caught: the input was
+    kept from the thread that makes the run's workspace, a default thread, so the four held all of them and the
+    fifth run waited for the database too."""
     keep = {"prompt": "task", "input_data": "kept", "settings": {"keep_input": True}}
     with LiveServer(make_settings(fake, rlm_database_url=own_pg_server.create_database())) as server:
         assert stream_run(server.url, json_body={"prompt": "task", "input_data": "before"})[1][-1].event == "final"
         loop: asyncio.AbstractEventLoop = server.app.state.loop
         loop.call_soon_threadsafe(loop.set_default_executor, ThreadPoolExecutor(4))
-        frozen = own_pg_server.processes()
         keepers = [threading.Thread(target=stream_run, args=(server.url,), kwargs={"json_body": keep}) for _ in "abcd"]
-        events: list[SseEvent] = []
-        body = {"prompt": "task", "input_data": "during"}
-        run = threading.Thread(target=lambda: events.extend(stream_run(server.url, json_body=body)[1]))
-        for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with _frozen(own_pg_server):
             for keeper in keepers:
                 keeper.start()
             assert wait_until(lambda: len(server.app.state.engine.runs.live()) == 4, timeout=30)
             time.sleep(0.5)  # for them to reach their inputs (were one late, the fifth would only be less held)
-            run.start()
+            run = _Run(server.url)
             run.join(20)  # (the old code held it for the 30 s the kept inputs wait)
             ended_while_frozen = not run.is_alive()
-        finally:
-            for pid in frozen:
-                os.kill(pid, signal.SIGCONT)
         run.join(60)
         for keeper in keepers:
             keeper.join(120)
-    assert ended_while_frozen and events[-1].event == "final"
+    assert ended_while_frozen and run.events[-1].event == "final"
