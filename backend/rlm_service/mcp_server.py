@@ -161,13 +161,10 @@ class RlmTools:
                 f"the prompt has {len(prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
                 f"({settings.rlm_max_prompt_chars:,}): put long text in the input"
             )
-        if self.slots.stopping:
-            raise ToolError("the server is shutting down; call again (another replica may answer)")
-        if self.slots.active >= self.slots.limit:
-            raise ToolError(
-                f"{self.slots.limit} runs are already in progress (RLM_MAX_CONCURRENT_RUNS); "
-                "try again when one has finished"
-            )
+        try:
+            self.slots.refuse_if_full()  # before the input is read: all runs taken, or the server stopping
+        except HTTPException as exc:
+            raise ToolError(str(exc.detail)) from None
         given = await run_input()
         try:
             if session_id is not None and given.chars:
