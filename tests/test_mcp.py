@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
 from rlm_service.runs import LiveRun
-from tests.conftest import REPO, SUB_MODEL, LiveServer, make_settings, script, spawn_server, wait_until
+from tests.conftest import REPO, SUB_MODEL, LiveServer, RealServer, make_settings, script, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
 from tests.test_fleet import replicas
 from tests.test_processes import _listening
@@ -66,7 +66,7 @@ def http_server(fake: FakeOpenAI) -> Iterator[LiveServer]:
 
 
 @asynccontextmanager
-async def http_client(server: LiveServer, mode: str = "auto", token: str = TOKEN) -> AsyncIterator[Client]:
+async def http_client(server: LiveServer | RealServer, mode: str = "auto", token: str = TOKEN) -> AsyncIterator[Client]:
     http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=httpx2.Timeout(30, read=120))
     async with http, Client(streamable_http_client(f"{server.url}/mcp", http_client=http), mode=mode) as client:
         yield client
@@ -330,25 +330,31 @@ async def test_with_two_server_processes_a_follow_up_is_served_whichever_process
     }
 
 
+async def call_while_stopping(client: Client, arguments: dict[str, Any], server: RealServer) -> CallToolResult:
+    """`rlm_run` with `arguments`, and SIGTERM to `server` once the call's run is under way (its first iteration
+    reported)."""
+    progress = Progress()
+    async with anyio.create_task_group() as group:
+
+        async def stop_once_under_way() -> None:
+            with anyio.fail_after(60):
+                await progress.seen.wait()
+            server.process.send_signal(signal.SIGTERM)
+
+        group.start_soon(stop_once_under_way)
+        result = await client.call_tool("rlm_run", arguments, progress_callback=progress)
+    return result
+
+
 async def test_a_call_waiting_when_the_instance_stops_gets_a_tool_error_saying_so(tmp_path: Path) -> None:
     """SIGTERM to the supervisor of two server processes while an `rlm_run` call's run hangs in a cell: the call
     ends with a tool error saying that the server is shutting down, and the instance exits. Old behaviour
     caught: the call failed in the client's transport, with no result (its run was cancelled only once uvicorn's
     grace for open connections had cut the request)."""
-    progress = Progress()
     with spawn_server(tmp_path, WEB_CONCURRENCY="2") as server:
         assert wait_until(lambda: len(_listening(server)) == 2, timeout=60)
-        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120))
-        async with http, Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client:
-            async with anyio.create_task_group() as group:
-
-                async def stop_once_under_way() -> None:
-                    with anyio.fail_after(60):
-                        await progress.seen.wait()
-                    server.process.send_signal(signal.SIGTERM)
-
-                group.start_soon(stop_once_under_way)
-                result = await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+        async with http_client(server) as client:
+            result = await call_while_stopping(client, {"prompt": SLEEPS}, server)
         assert await anyio.to_thread.run_sync(lambda: server.process.wait(60)) == 0
     assert result.is_error and "shutting down" in answer_text(result)
 
@@ -361,30 +367,13 @@ async def test_a_follow_up_through_a_replica_that_stops_gets_a_tool_error_saying
     server is shutting down, and the run is cancelled where it runs. Old behaviour caught: the call failed in
     the client's transport (`SSE stream ended without a response`): the stopping replica had no run of its own
     to wait for, and ended its streams at once."""
-
-    @asynccontextmanager
-    async def client_of(url: str) -> AsyncIterator[Client]:
-        http = httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120))
-        async with http, Client(streamable_http_client(f"{url}/mcp", http_client=http), mode="legacy") as client:
-            yield client
-
-    progress = Progress()
     with replicas(tmp_path, pg_url) as (keeper, other):
-        async with client_of(keeper.url) as client:
+        async with http_client(keeper, "legacy") as client:
             first = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "abc"})
         assert first.structured_content is not None
         session_id = first.structured_content["session_id"]
-        async with client_of(other.url) as client, anyio.create_task_group() as group:
-
-            async def stop_once_under_way() -> None:
-                with anyio.fail_after(60):
-                    await progress.seen.wait()
-                other.process.send_signal(signal.SIGTERM)
-
-            group.start_soon(stop_once_under_way)
-            result = await client.call_tool(
-                "rlm_run", {"prompt": SLEEPS, "session_id": session_id}, progress_callback=progress
-            )
+        async with http_client(other, "legacy") as client:
+            result = await call_while_stopping(client, {"prompt": SLEEPS, "session_id": session_id}, other)
         await anyio.to_thread.run_sync(lambda: other.process.wait(60))  # (ended by its SIGTERM, uvicorn's way)
 
         def follow_up_status() -> str:
