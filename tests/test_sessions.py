@@ -231,6 +231,34 @@ def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(f
     assert "cancelled while a cell ran" in first_user_message(fake.stats.root_bodies[-1])
 
 
+def test_cancelling_a_question_while_the_repl_lists_its_variables_leaves_the_next_question_working(
+    fake: FakeOpenAI,
+) -> None:
+    """A follow-up starts by listing the session's variables (their reprs, which code defines); cancelled then,
+    the next question must still be answered, and told that the variables are gone. Mutant caught:
+    WorkerRepl.begin_run letting the cancellation through with the worker alive (the listing's late reply was
+    read as the next question's, whose own was then read as a cell's outcome: a protocol error)."""
+    fake.record = True
+    slow = "class Slow:\n    def __repr__(self):\n        __import__('time').sleep(5)\n        return 's'\ns = Slow()"
+    with LiveServer(make_settings(fake)) as server:
+        first = ask(server.url, script({"code": [slow, FINISH.format(expr="1")]}), input_data="abcdef", session=True)
+        session_id = first[0].data["session_id"]
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream(
+                "POST", f"{server.url}/process", json={"prompt": "never asked", "session_id": session_id}
+            ) as response,
+        ):
+            events = parse_sse(response.iter_lines())
+            start = next(events)
+            assert httpx2.post(f"{server.url}/api/runs/{start.data['run_id']}/cancel").status_code == 202
+            rest = list(events)
+        after = ask(server.url, script({"code": [FINISH.format(expr="len(context)")]}), session_id=session_id)
+    assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled"
+    assert after[-1].event == "final" and after[-1].data["answer"] == "6", after[-1].data
+    assert "cancelled while the REPL listed its variables" in first_user_message(fake.stats.root_bodies[-1])
+
+
 def test_a_session_is_kept_even_when_no_cell_ran(fake: FakeOpenAI) -> None:
     """The root model may end (in prose, or on an error) before the REPL finished starting; the session
     named in `start` must still exist. Mutant caught: keeping the REPL only if its start was already done."""

@@ -201,6 +201,14 @@ class WorkerRepl:
                 worker.kill()
                 await worker.reap()
                 self._lost = self._lost or f"the REPL worker {worker.describe_exit()}"
+            except asyncio.CancelledError:
+                # The run was cancelled while the worker listed its variables: its `begun` (or the rest of it)
+                # would be read as the answer to the next message, so the worker is stopped, as mid-cell.
+                worker.kill()
+                self._lost = (
+                    "the run before was cancelled while the REPL listed its variables, which stopped the REPL worker"
+                )
+                raise
         await self._restart(self._lost or "the REPL worker was gone")
         lost, self._lost = self._lost, None
         return RunStart([], restarted=lost)
