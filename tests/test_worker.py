@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rlm_service.repl import protocol
 from rlm_service.repl.base import CellOutcome, Repl, ReplOptions
 from rlm_service.repl.inprocess_repl import InprocessRepl
-from rlm_service.repl.spawner import Zygote
+from rlm_service.repl.spawner import WorkerProcess, Zygote
 from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.worker import load_text
 from rlm_service.repl.workspace import Workspace
@@ -142,6 +145,52 @@ async def test_cancelled_cell_ends_the_worker(repl: Cells) -> None:
         await task
     await repl.close()
     assert wait_until(lambda: pid not in worker_processes(), timeout=10)
+
+
+@pytest.mark.parametrize("when", ["forked", "ready"])
+async def test_a_run_cancelled_while_its_worker_starts_leaves_no_worker(
+    when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cancelled (by its client, or a stopping server) while its worker starts must not leave the worker
+    behind, holding its input in memory: cancelled as soon as the zygote forked it, or while the server waits
+    for its `ready`. Mutants caught: the launch killing the worker only on the errors it expects (each of its
+    two places)."""
+    backend = SubprocessBackend([])
+    workspace = Workspace.create()
+    workspace.write_input("x" * 50_000_000)  # the worker reads it before it says it is ready
+    forked: list[int] = []
+    spawn = backend.zygote.spawn
+
+    async def spawn_then_cancel(cwd: Path, env: dict[str, str]) -> WorkerProcess:
+        process = await spawn(cwd, env)
+        forked.append(process.pid)
+        if when == "forked":
+            _cancel_this_task()  # lands at the launch's next wait, for its channel to the worker
+        return process
+
+    async def read_then_cancel(*args: Any) -> protocol.Message:
+        _cancel_this_task()  # lands while the worker reads its input, before it is ready
+        return await read_message(*args)
+
+    backend.zygote.spawn = spawn_then_cancel  # type: ignore[method-assign]
+    read_message = protocol.read_message
+    if when == "ready":
+        monkeypatch.setattr(protocol, "read_message", read_then_cancel)
+    handle = backend.make(workspace, ReplOptions(memory_mb=1024))
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            await handle.start()
+        assert forked and wait_until(lambda: forked[0] not in worker_processes(), timeout=10)
+    finally:
+        await handle.close()
+        workspace.remove()
+        await backend.close()
+
+
+def _cancel_this_task() -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
 
 
 async def test_inprocess_repl_interrupts_a_python_loop() -> None:

@@ -140,7 +140,14 @@ class ZygoteLauncher:
             process = await self.zygote.spawn(workspace.workdir, worker_environment(workspace.workdir))
         except SpawnError as exc:
             raise ReplError(str(exc)) from exc
-        reader, writer = await asyncio.open_unix_connection(sock=process.channel)
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=process.channel)
+        except BaseException:  # cancelled, most likely: the worker must not outlive the run that asked for it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.channel.close()
+            os.close(process.stderr)
+            raise
         tail: deque[bytes] = deque(maxlen=16)
         drain = asyncio.ensure_future(_drain_stderr(process.stderr, tail))
         self._drains.add(drain)
@@ -170,6 +177,9 @@ class ZygoteLauncher:
             raise ReplError(
                 f"the REPL worker did not start: {worker.describe_exit()}" + (f": {detail}" if detail else "")
             ) from exc
+        except asyncio.CancelledError:  # the run was cancelled while its worker started
+            worker.kill()
+            raise
         if ready.op != "ready":
             worker.kill()
             await worker.reap()
