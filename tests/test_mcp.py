@@ -261,6 +261,34 @@ async def test_cancelling_a_stdio_call_cancels_the_run(fake: FakeOpenAI, tmp_pat
     assert fake.stats.root_requests == 1
 
 
+async def test_over_stdio_on_a_shared_postgresql_a_run_is_cancelled_through_a_replica(
+    fake: FakeOpenAI, pg_url: str, tmp_path: Path
+) -> None:
+    """`rlm-service mcp` recording into the PostgreSQL database of a deployment's replicas: its run is listed by a
+    replica, and cancelled through it (the call ends with a tool error saying so). Old behaviour caught: the stdio
+    server recorded its runs without an owner, so the replica answered 409 "already ended" and, had the stdio
+    process died, the run would have stayed `running` for ever."""
+    progress = Progress()
+    with spawn_server(tmp_path, model_url=fake.url, RLM_DATABASE_URL=pg_url) as replica:
+        async with Client(stdio_params(fake, tmp_path, RLM_DATABASE_URL=pg_url)) as client:
+            async with anyio.create_task_group() as group:
+
+                async def cancel_through_the_replica() -> None:
+                    with anyio.fail_after(60):
+                        await progress.seen.wait()
+                    runs = (await anyio.to_thread.run_sync(lambda: httpx2.get(f"{replica.url}/api/runs"))).json()
+                    run_id = runs["runs"][0]["id"]
+                    answered = await anyio.to_thread.run_sync(
+                        lambda: httpx2.post(f"{replica.url}/api/runs/{run_id}/cancel", timeout=30)
+                    )
+                    assert answered.status_code == 202, answered.text
+
+                group.start_soon(cancel_through_the_replica)
+                with anyio.fail_after(60):
+                    result = await client.call_tool("rlm_run", {"prompt": SLEEPS}, progress_callback=progress)
+    assert result.is_error and "cancelled" in answer_text(result)
+
+
 WHICH_PROCESS = script({"code": ["import os\nanswer.update(content=str(os.getppid()), ready=True)"]})
 
 

@@ -209,11 +209,12 @@ def _make_v1_postgresql(url: str) -> dict[str, list[str]]:
 
 def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg_url: str, tmp_path: Path) -> None:
     """The same runs as the SQLite upgrade above, on PostgreSQL; then the upgraded database keeps a run's input
-    and its session. Mutants: dropping migration 2, or the copy of prompts in migration 3 (as above); dropping
-    migration 6 (the input is not kept)."""
+    and its session; the run its server left running is `unfinished`, as SQLite's store has it. Mutants: dropping
+    migration 2, or the copy of prompts in migration 3 (as above); dropping migration 6 (the input is not kept);
+    dropping migration 8 (the run stays `running` for ever: no process owns it to end it)."""
     old = _make_v1_postgresql(pg_url)
     store = PostgresRunStore(pg_url)
-    _check_upgraded(store, old, lost_status="running")
+    _check_upgraded(store, old, lost_status="unfinished")
     source = tmp_path / "input.txt"
     source.write_bytes("é".encode() * 700_000)  # two chunks
     store.keep_input("f00d000000000004", source)

@@ -25,14 +25,12 @@ from . import __version__
 from .auth import token_check
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
-from .engine import Engine, RunSettings
-from .fleet import Fleet, Launch
+from .engine import Engine
+from .fleet import Fleet
 from .history import history_router
-from .inputs import RunInput
 from .mcp_http import McpHttp
 from .openai_api import openai_router
 from .pageheaders import PageHeadersMiddleware
-from .runs import LiveRun
 from .store import open_store
 from .store_sql import SqlRunStore
 from .streaming import RunSlots, run_router
@@ -105,7 +103,9 @@ def create_app(
         if own:
             await app.state.engine.start()
             if settings.coordinated and isinstance(store, SqlRunStore):
-                fleet = Fleet(settings, store, app.state.engine, launch=_follow_up_launcher(app, slots))
+                fleet = Fleet(
+                    settings, store, app.state.engine, launch=slots.follow_up_launcher(lambda: app.state.engine)
+                )
                 await fleet.start()
         app.state.fleet = fleet
         app.state.loop = asyncio.get_running_loop()
@@ -212,18 +212,6 @@ async def _end_runs(engine: Engine, slots: RunSlots, then: Callable[[], None]) -
             await asyncio.sleep(0.5)  # their last events and answers, on their way to the clients
     finally:
         then()
-
-
-def _follow_up_launcher(app: FastAPI, slots: RunSlots) -> Launch:
-    """How this process starts a follow-up another process asked for: in a run slot, like its own."""
-
-    def launch(prompt: str, run_settings: RunSettings, session_id: str, run_id: str) -> LiveRun:
-        engine: Engine = app.state.engine
-        return slots.start(
-            lambda: engine.launch(prompt, RunInput.from_text(""), run_settings, run_id=run_id, session_id=session_id)
-        )
-
-    return launch
 
 
 def _serve_frontend(app: FastAPI) -> None:

@@ -44,6 +44,7 @@ from .fleet import Fleet
 from .inputs import InputTooLarge, RunInput, spool_file
 from .sessions import SessionUnavailable
 from .store import StoreUnavailable, off_loop, open_store
+from .store_sql import SqlRunStore
 from .streaming import RunSlots
 
 RECENT_RUNS = 20
@@ -348,6 +349,8 @@ def build_server(
 def serve_stdio(settings: Settings) -> None:
     """`rlm-service mcp`: serve the tools over stdin/stdout until the host closes them."""
     engines: list[Engine] = []
+    fleets: list[Fleet] = []
+    slots = RunSlots(LocalCapacity(settings.rlm_max_concurrent_runs))
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[Any]) -> AsyncIterator[None]:
@@ -355,12 +358,21 @@ def serve_stdio(settings: Settings) -> None:
         engine = Engine(settings, store=store)
         await engine.start()
         engines.append(engine)
+        if settings.coordinated and isinstance(store, SqlRunStore):
+            # A history the service's servers share: this process joins them as one of theirs (a heartbeat, its
+            # runs' owner), so that its runs can be followed and cancelled through them, and end as `lost` for
+            # them if it dies, rather than stay `running` in the history for ever.
+            fleet = Fleet(settings, store, engine, launch=slots.follow_up_launcher(lambda: engine))
+            await fleet.start()
+            fleets.append(fleet)
         try:
             yield None
         finally:
             await engine.aclose()  # its runs cancelled, its sessions ended
+            for fleet in fleets:
+                await fleet.stop()
             if store is not None:
                 store.close()
 
-    tools = RlmTools(settings, RunSlots(LocalCapacity(settings.rlm_max_concurrent_runs)), lambda: engines[0])
+    tools = RlmTools(settings, slots, lambda: engines[0], lambda: fleets[0] if fleets else None)
     build_server(tools, local_files=True, lifespan=lifespan).run("stdio")

@@ -191,6 +191,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX commands_target ON commands (target)",
         ),
     ),
+    # A run that a server from before version 7 left `running` when it died has no owner, so no process ever
+    # ends it (fleet_sql.orphans ends the runs whose owner is gone): its followers would wait for ever, and it
+    # could be neither cancelled nor deleted. SQLite's store marks such runs `unfinished` whenever it opens; on
+    # PostgreSQL this step does it once. Every process that records runs into a shared database has an owner
+    # now (the stdio MCP server too).
+    Migration(
+        8,
+        "runs left running by servers from before run owners",
+        sqlite=(),
+        postgresql=("UPDATE runs SET status = 'unfinished' WHERE status = 'running' AND owner IS NULL",),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -25,10 +25,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from .capacity import Capacity
 from .config import Settings
-from .engine import SHUTTING_DOWN, Engine, SettingsRefused, effective_limits
+from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
 from .events import EventBase, lost_event, parse_event
-from .fleet import Fleet
+from .fleet import Fleet, Launch
 from .history import in_store
+from .inputs import RunInput
 from .runs import LiveRun
 from .sessions import SessionUnavailable
 from .store import RunStore, StoreUnavailable, shown_id, valid_run_id
@@ -123,6 +124,18 @@ class RunSlots:
             raise
         run.on_end(lambda _: self.capacity.give())
         return run
+
+    def follow_up_launcher(self, engine: Callable[[], Engine]) -> Launch:
+        """How this process starts a follow-up another process asked for (`Fleet`): in a run slot, like its own."""
+
+        def launch(prompt: str, run_settings: RunSettings, session_id: str, run_id: str) -> LiveRun:
+            return self.start(
+                lambda: engine().launch(
+                    prompt, RunInput.from_text(""), run_settings, run_id=run_id, session_id=session_id
+                )
+            )
+
+        return launch
 
     def _full(self) -> HTTPException:
         return HTTPException(
