@@ -175,6 +175,42 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
     assert unknown.status_code == 404
 
 
+def test_a_follow_up_given_up_on_is_not_started_late_and_the_retry_is_served(pg_url: str, tmp_path: Path) -> None:
+    """A follow-up through the other replica, whose command the keeper of the session takes and then does not
+    answer (here: the keeper is stopped with SIGSTOP, and the command marked taken for it): the asking replica
+    answers 503 after ANSWER_WAIT_S twice. The keeper, resumed, must not start that follow-up (no one would follow
+    or cancel its run, and the session would be busy with it); the client's retry is served. Mutant caught: `_ask`
+    giving up without removing the command (the keeper started it late: the retry got 409)."""
+    hang = script({"code": ["import time\ntime.sleep(300)"]})
+    with ExitStack() as stack:
+        keeper, other = (
+            stack.enter_context(spawn_server(tmp_path / name, RLM_DATABASE_URL=pg_url, RLM_REPLICA_TIMEOUT_S="60"))
+            for name in ("keeper", "other")
+            if (tmp_path / name).mkdir() is None
+        )
+        started = _ask(
+            keeper.url, script({"code": [FINISH.format(expr="1")]}), input_data="abc", settings={"session": True}
+        )
+        session_id = started[0].data["session_id"]
+        answered: list[httpx2.Response] = []
+        keeper.process.send_signal(signal.SIGSTOP)
+        try:
+            asking = threading.Thread(
+                target=lambda: answered.append(post_process(other.url, json={"prompt": hang, "session_id": session_id}))
+            )
+            asking.start()
+            with psycopg.connect(pg_url, autocommit=True) as db:
+                taken = "UPDATE commands SET taken = 0 WHERE kind = 'follow_up' AND taken IS NULL"
+                assert wait_until(lambda: db.execute(taken).rowcount > 0, timeout=30)
+                asking.join(60)
+                db.execute("UPDATE commands SET taken = NULL WHERE kind = 'follow_up'")  # for the keeper to carry out
+        finally:
+            keeper.process.send_signal(signal.SIGCONT)
+        retry = _ask(other.url, script({"code": [FINISH.format(expr="len(context)")]}), session_id=session_id)
+    assert answered[0].status_code == 503 and "did not answer" in answered[0].json()["detail"]
+    assert retry[-1].event == "final" and retry[-1].data["answer"] == "3"
+
+
 def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_url: str, tmp_path: Path) -> None:
     """SIGKILL of the replica that runs a run: the follower on the other replica gets `error` code `lost`
     within RLM_REPLICA_TIMEOUT_S, with the answer the run had started; the run is listed as `lost`; the dead

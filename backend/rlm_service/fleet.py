@@ -161,22 +161,29 @@ class Fleet:
 
     async def _carry_out(self, command: sql.Command) -> None:
         payload = command.payload
-        try:
-            if command.kind == "cancel":
-                run = self.engine.runs.get(str(payload["run_id"]))
-                if run is not None:
-                    run.cancel(str(payload.get("reason") or "cancelled through the API"))
+        if command.kind == "cancel":
+            run = self.engine.runs.get(str(payload["run_id"]))
+            if run is not None:
+                run.cancel(str(payload.get("reason") or "cancelled through the API"))
+            with contextlib.suppress(StoreUnavailable):  # (swept with the old commands otherwise)
                 await off_loop(self.store.transaction, lambda db: sql.remove(db, command.id))
-                return
-            if command.kind == "end_session":
-                result = await self._end_here(str(payload["session_id"]))
-            elif command.kind == "follow_up":
-                result = self._follow_up_here(payload)
-            else:
-                result = {"status": 400, "detail": f"unknown command {command.kind!r}"}
-            await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, result))
+            return
+        if command.kind == "end_session":
+            result = await self._end_here(str(payload["session_id"]))
+        elif command.kind == "follow_up":
+            result = self._follow_up_here(payload)
+        else:
+            result = {"status": 400, "detail": f"unknown command {command.kind!r}"}
+        try:
+            heard = await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, result))
         except StoreUnavailable as exc:
             log.warning("a %s command could not be answered: %s", command.kind, exc)
+            heard = False
+        if not heard and command.kind == "follow_up" and result["status"] == 200:
+            # Its sender answered its client (503) without the run's id: no one would follow or cancel the run.
+            run = self.engine.runs.get(str(payload["run_id"]))
+            if run is not None:
+                run.cancel("the server process that asked for this follow-up stopped waiting for it")
 
     async def _end_here(self, session_id: str) -> dict[str, Any]:
         session = self.engine.sessions.get(session_id)
@@ -308,8 +315,10 @@ class Fleet:
         return row
 
     async def _ask(self, target: str, kind: str, payload: dict[str, Any], session_id: str) -> dict[str, Any]:
-        """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn, and
-        the session reported gone (its process died) or busy (it is alive but did not answer)."""
+        """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn; taken
+        but not answered within another ANSWER_WAIT_S: given up (the target, answering late, then undoes what it
+        did: a follow-up's run is cancelled). Either way the session is reported gone (its process died) or busy
+        (it is alive but did not answer)."""
         dialect = self.store.dialect
         command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
         deadline = time.monotonic() + ANSWER_WAIT_S
@@ -322,7 +331,11 @@ class Fleet:
             late = time.monotonic() - deadline
             if (
                 state == "gone"
-                or (state == "taken" and late >= ANSWER_WAIT_S)
+                or (
+                    state == "taken"
+                    and late >= ANSWER_WAIT_S
+                    and await off_loop(self.store.transaction, lambda db: sql.give_up(db, command_id))
+                )
                 or (
                     state == "waiting"
                     and late >= 0

@@ -198,9 +198,9 @@ def take(db: Db, me: str) -> list[Command]:
     ]
 
 
-def answer(db: Db, command_id: str, result: dict[str, Any]) -> None:
-    """The outcome of a command, for its sender."""
-    db.execute("UPDATE commands SET result = ? WHERE id = ?", (json.dumps(result), command_id))
+def answer(db: Db, command_id: str, result: dict[str, Any]) -> bool:
+    """The outcome of a command, for its sender; False if the sender has stopped waiting for it (`give_up`)."""
+    return db.execute("UPDATE commands SET result = ? WHERE id = ?", (json.dumps(result), command_id)) > 0
 
 
 def outcome(db: Db, command_id: str) -> tuple[Literal["waiting", "taken", "gone"], dict[str, Any] | None]:
@@ -217,6 +217,12 @@ def outcome(db: Db, command_id: str) -> tuple[Literal["waiting", "taken", "gone"
 def withdraw(db: Db, command_id: str) -> bool:
     """Take back a command its target has not taken; False if it has been taken meanwhile."""
     return db.execute("DELETE FROM commands WHERE id = ? AND taken IS NULL", (command_id,)) > 0
+
+
+def give_up(db: Db, command_id: str) -> bool:
+    """Stop waiting for a command its target took but has not answered: removed, so that the target, answering
+    late, learns that no one waits for the answer (`answer`); False if it has been answered meanwhile."""
+    return db.execute("DELETE FROM commands WHERE id = ? AND result IS NULL", (command_id,)) > 0
 
 
 def remove(db: Db, command_id: str) -> None:
