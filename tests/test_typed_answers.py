@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import httpx2
 import pytest
 
-from rlm_service.answers import AnswerSchema
+from rlm_service.answers import CHECK_TIMEOUT_S, AnswerSchema
 from tests.conftest import (
     LiveServer,
     every_call,
     held_until_health_answers,
     make_settings,
+    parse_sse,
     post_process,
     script,
+    spawn_server,
     stream_run,
 )
 from tests.fake_openai import FakeOpenAI
@@ -96,3 +102,44 @@ def test_an_answer_breaking_the_schema_everywhere_is_refused_with_a_few_reasons(
     assert events[-1].event == "final" and events[-1].data["answer_json"] == []
     told = fake.stats.root_bodies[1]["messages"][-1]["content"]
     assert told.count("is not of type 'string'") == 5 and "- and at least 995 more" in told, told
+
+
+def test_an_answer_that_a_pattern_backtracks_on_freezes_nothing(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """`^(a|aa)+$` against forty-eight `a`s and a `!` backtracks for hours, holding Python's interpreter lock the
+    whole time: checked in the server (even in a thread), it froze every request. Checked in a process of its
+    own, it is stopped after CHECK_TIMEOUT_S, the root model is told, and the server answers all along. Mutant
+    caught: the check run in the server's thread (`/health` does not answer within 5 s)."""
+    schema = {"type": "string", "pattern": "^(a|aa)+$"}
+    prompt = script(
+        {"code": ["import json\nanswer.update(content=json.dumps('a' * 48 + '!'), ready=True)"]},
+        {"code": ["answer.update(content='\"aa\"', ready=True)"]},
+    )
+    with spawn_server(tmp_path, model_url=fake.url) as server, httpx2.Client(timeout=60) as client:
+        body = {"prompt": prompt, "settings": {"answer_schema": schema}}
+        with client.stream("POST", f"{server.url}/process", json=body) as response:
+            events = parse_sse(response.iter_lines())
+            next(event for event in events if event.event == "code")
+            time.sleep(1)  # the cell has marked its answer ready: the check is under way
+            health = httpx2.get(f"{server.url}/health", timeout=5)
+            rest = list(events)
+    assert health.status_code == 200
+    assert rest[-1].event == "final" and rest[-1].data["answer_json"] == "aa"
+    told = fake.stats.root_bodies[1]["messages"][-1]["content"]
+    assert f"could not be checked against the schema within {CHECK_TIMEOUT_S:g} s" in told, told
+
+
+def test_answers_too_deep_or_too_large_for_the_check_are_refused_and_the_run_goes_on(fake: FakeOpenAI) -> None:
+    """Old behaviour caught: a RecursionError or an OverflowError from the check ended the run with an
+    `internal` error, its answer lost."""
+    prompt = script(
+        {"code": ["answer.update(content='[' * 100_000 + ']' * 100_000, ready=True)"]},
+        {"code": ["answer.update(content='[1' + '0' * 400 + ']', ready=True)"]},
+        {"code": ["answer.update(content='[1.5]', ready=True)"]},
+    )
+    schema = {"type": "array", "items": {"type": "number", "multipleOf": 0.5}}
+    with LiveServer(make_settings(fake)) as live:
+        _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": schema}})
+    assert events[-1].event == "final" and events[-1].data["answer_json"] == [1.5]
+    deep, large = (body["messages"][-1]["content"] for body in fake.stats.root_bodies[1:3])
+    assert "nested too deeply" in deep, deep
+    assert "OverflowError" in large, large

@@ -7,11 +7,22 @@ carries the parsed value of an answer that satisfies the schema.
 
 Schemas are checked with the `jsonschema` package under the draft they declare (`$schema`; 2020-12 when
 they declare none). References are resolved only inside the schema: nothing is fetched.
+
+The check of an answer runs in a short-lived child process (this file, run as a script), within
+CHECK_TIMEOUT_S and CHECK_MEMORY_BYTES: the client writes the schema and the run's code writes the answer,
+and some pairs take hours to check. A `pattern` that backtracks (`^(a|aa)+$` against forty `a`s and a `!`)
+holds Python's interpreter lock for the whole match, which froze every request of the server when the check
+ran in one of its threads; `uniqueItems` over a large array of objects compares every pair; an answer nested
+a hundred thousand deep exhausts the parser's recursion. Starting the child takes about 0.2 s, once for each
+answer a cell marks ready.
 """
 
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from itertools import islice
 from typing import Any
 
@@ -22,6 +33,10 @@ from referencing.exceptions import Unresolvable
 
 MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
+CHECK_TIMEOUT_S = 10.0
+"""How long the check of one answer may take; past it, the answer is refused as unchecked."""
+CHECK_MEMORY_BYTES = 2 * 1024**3
+"""The address space of the checking process."""
 MAX_COLLECTED_ERRORS = 1000
 """Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
 places, and collecting every one takes tens of seconds."""
@@ -47,7 +62,6 @@ class AnswerSchema:
         except schema_errors.SchemaError as exc:
             raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
         self.schema = schema
-        self._validator: Validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
         self._accepted: tuple[str, Any] | None = None
         """The last answer `problem` found valid, parsed: the run's `final` asks `value` for the same one."""
 
@@ -56,28 +70,34 @@ class AnswerSchema:
         return json.dumps(self.schema, ensure_ascii=False)
 
     def problem(self, content: str) -> str | None:
-        """What is wrong with `content` as an answer (None when it is JSON valid against the schema). Checking an
-        answer of megabytes takes a while: call it in a thread, off the event loop."""
+        """What is wrong with `content` as an answer (None when it is JSON valid against the schema). It waits for
+        the checking process (up to CHECK_TIMEOUT_S): call it in a thread, off the event loop."""
+        request = json.dumps({"schema": self.schema, "content": content}, ensure_ascii=False)
         try:
-            value = json.loads(content)
-        except ValueError as exc:
-            return f"answer['content'] is not valid JSON ({exc}); build it with json.dumps(value)."
-        try:
-            found = list(islice(self._validator.iter_errors(value), MAX_COLLECTED_ERRORS))
-        except Unresolvable as exc:  # a `$ref` is resolved only when an answer reaches it
-            return (
-                f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
-                "references inside the schema work); answer in the shape the schema describes as best you can."
+            done = subprocess.run(
+                [sys.executable, "-I", __file__],
+                input=request.encode("utf-8", "surrogatepass"),
+                capture_output=True,
+                env={},  # nothing of the server's environment (its keys) reaches the child
+                timeout=CHECK_TIMEOUT_S,
+                check=False,
             )
-        if not found:
-            self._accepted = (content, value)
-            return None
-        errors = sorted(found, key=schema_errors.relevance)
-        lines = [f"- at {_where(error.absolute_path)}: {error.message}" for error in errors[:MAX_REPORTED_ERRORS]]
-        if len(errors) > MAX_REPORTED_ERRORS:
-            more = len(errors) - MAX_REPORTED_ERRORS
-            lines.append(f"- and at least {more} more" if len(errors) == MAX_COLLECTED_ERRORS else f"- and {more} more")
-        return "the JSON does not satisfy the schema:\n" + "\n".join(lines)
+        except subprocess.TimeoutExpired:
+            return (
+                f"the answer could not be checked against the schema within {CHECK_TIMEOUT_S:g} s (a `pattern` "
+                "that backtracks on it, most likely); give an answer that is quicker to check."
+            )
+        try:
+            verdict = json.loads(done.stdout)
+            found: str | None = verdict["problem"]
+        except (ValueError, KeyError, TypeError):
+            return (
+                f"the answer could not be checked against the schema: the check ended with status {done.returncode} "
+                "(out of memory, most likely); give a smaller answer."
+            )
+        if found is None:
+            self._accepted = (content, json.loads(content))
+        return found
 
     def value(self, content: str) -> Any:
         """The parsed answer when it satisfies the schema, else None (in a thread, as `problem`). The answer
@@ -87,3 +107,44 @@ class AnswerSchema:
             return None
         assert self._accepted is not None
         return self._accepted[1]
+
+
+def _check(validator: Validator, content: str) -> str | None:
+    """What is wrong with `content` against the validator's schema, or None (in the checking process)."""
+    try:
+        value = json.loads(content)
+    except RecursionError:
+        return "answer['content'] is nested too deeply to be read as JSON."
+    except ValueError as exc:
+        return f"answer['content'] is not valid JSON ({exc}); build it with json.dumps(value)."
+    try:
+        found = list(islice(validator.iter_errors(value), MAX_COLLECTED_ERRORS))
+    except Unresolvable as exc:  # a `$ref` is resolved only when an answer reaches it
+        return (
+            f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
+            "references inside the schema work); answer in the shape the schema describes as best you can."
+        )
+    except (RecursionError, ArithmeticError) as exc:  # too deep for the checker; a number too large for a float
+        return f"the answer cannot be checked against the schema ({type(exc).__name__}: {str(exc)[:200]})."
+    if not found:
+        return None
+    errors = sorted(found, key=schema_errors.relevance)
+    lines = [f"- at {_where(error.absolute_path)}: {error.message}" for error in errors[:MAX_REPORTED_ERRORS]]
+    if len(errors) > MAX_REPORTED_ERRORS:
+        more = len(errors) - MAX_REPORTED_ERRORS
+        lines.append(f"- and at least {more} more" if len(errors) == MAX_COLLECTED_ERRORS else f"- and {more} more")
+    return "the JSON does not satisfy the schema:\n" + "\n".join(lines)
+
+
+def _main() -> None:
+    """The checking process: `{"schema", "content"}` on stdin, `{"problem": str | None}` on stdout."""
+    resource.setrlimit(resource.RLIMIT_AS, (CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES))
+    request = json.loads(sys.stdin.buffer.read())
+    schema = request["schema"]
+    validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
+    validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+    sys.stdout.write(json.dumps({"problem": _check(validator, request["content"])}))
+
+
+if __name__ == "__main__":
+    _main()
