@@ -106,6 +106,17 @@ async def test_depth_three_stops_at_the_limit_and_shares_budgets(fake: FakeOpenA
     assert [e.type for e in events if e.type in ("final", "error")] == ["final"] and not events[-1].ready
 
 
+async def test_more_children_than_slots_each_with_a_child_of_its_own_all_finish(fake: FakeOpenAI) -> None:
+    """Four children at once (twice RLM_SUBCALL_CONCURRENCY), each asking one grandchild: a child holds its slot
+    while its grandchild runs. Mutant caught: one set of slots for every depth (both slots held by children
+    waiting for grandchildren that wait for a slot: the cell hangs until RLM_EXEC_TIMEOUT_S)."""
+    grandchild = nested("Leaf.", {"code": ["answer.update(content='leaf', ready=True)"]})
+    child = nested("Branch.", {"code": [f"answer.update(content='got ' + rlm_query({grandchild!r}), ready=True)"]})
+    prompt = script({"code": [f"answer.update(content=repr(rlm_batch([{child!r}] * 4)), ready=True)"]})
+    events = await run(fake, prompt, rlm_max_depth=3, rlm_subcall_concurrency=2, rlm_exec_timeout_s=60)
+    assert events[-1].type == "final" and events[-1].answer == repr(["got leaf"] * 4)
+
+
 async def test_usage_and_cost_are_summed_over_the_tree(fake: FakeOpenAI) -> None:
     child = nested("Answer.", {"code": ["n = llm_query('count')\nanswer.update(content=n, ready=True)"]})
     prompt = script(

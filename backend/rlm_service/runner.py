@@ -393,7 +393,7 @@ class RunDriver:
         reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
 
         async def child(prompt: str, context: str | None) -> str:
-            async with tree.children:
+            async with tree.children_at(depth):
                 run_id = uuid.uuid4().hex[:16]
                 started = time.monotonic()
 

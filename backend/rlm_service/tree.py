@@ -45,9 +45,13 @@ class RunTree:
         self.iterations_spent = False
         self.last_turn_given = False
         self._nodes: list[tuple[int, RunUsage]] = []
-        self.children = asyncio.Semaphore(subcalls.concurrency)
-        """Child runs in flight at once. Not the sub-call semaphore itself: a child holding a slot of
-        it while its own sub-calls wait for one would deadlock the tree."""
+        self._children: dict[int, asyncio.Semaphore] = {}
+
+    def children_at(self, depth: int) -> asyncio.Semaphore:
+        """The slots of the child runs at `depth` (RLM_SUBCALL_CONCURRENCY of them in flight at once). One set per
+        depth, and not the sub-call semaphore: a run holding a slot waits for its own children, and a set shared
+        with them would deadlock the tree once its slots were all held by runs waiting for a child."""
+        return self._children.setdefault(depth, asyncio.Semaphore(self.subcalls.concurrency))
 
     def can_recurse(self, depth: int) -> bool:
         return depth + 1 < self.limits.max_depth
