@@ -334,14 +334,22 @@ async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> b
     return bytes(body)
 
 
+FORM_FIELDS = ("prompt", "settings", "session_id")
+"""The form fields read into memory (each up to MAX_FIELD_BYTES); `input_data` and `input_file` go to disk, and
+the data of any other field is not kept (a body of a thousand fields of a megabyte each held a gigabyte)."""
+
+
 class _FormReader:
-    """Callbacks for python-multipart: small fields in memory, `input_file` to an `InputSpooler`."""
+    """Callbacks for python-multipart: the small fields in memory, `input_file` and `input_data` each to an
+    `InputSpooler`."""
 
     def __init__(self, limit: int, spool_dir: str | None) -> None:
         self.limit = limit
         self.spool_dir = spool_dir
         self.fields: dict[str, bytearray] = {}
         self.spooler: InputSpooler | None = None
+        self.text: InputSpooler | None = None
+        """`input_data` sent as a form field (the input when no file is sent)."""
         self.files = 0
         self._header_field = bytearray()
         self._header_value = bytearray()
@@ -380,8 +388,14 @@ class _FormReader:
             display = filename.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1] if filename else None
             self.spooler = InputSpooler(self.limit, directory=self.spool_dir, name=display)
             self._target = self.spooler
-        else:
+        elif name == "input_data":
+            if self.text is None:
+                self.text = InputSpooler(self.limit, directory=self.spool_dir)
+            self._target = self.text
+        elif name in FORM_FIELDS:
             self._target = self.fields.setdefault(name, bytearray())
+        else:
+            self._target = None
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         target = self._target
@@ -389,13 +403,21 @@ class _FormReader:
             target.feed(data[start:end])
         elif target is not None:
             target.extend(data[start:end])
-            cap = self.limit if self._name == "input_data" else MAX_FIELD_BYTES
-            if len(target) > cap:
+            if len(target) > MAX_FIELD_BYTES:
                 raise HTTPException(413, f"the form field {self._name!r} is too large")
 
-    def abort(self) -> None:
+    def input(self) -> RunInput:
+        """The run's input: the file if one was sent, else the `input_data` field, else none."""
         if self.spooler is not None:
-            self.spooler.abort()
+            if self.text is not None:
+                self.text.abort()
+            return self.spooler.finish()
+        return self.text.finish() if self.text is not None else RunInput.from_text("")
+
+    def abort(self) -> None:
+        for spooler in (self.spooler, self.text):
+            if spooler is not None:
+                spooler.abort()
 
 
 async def read_multipart(
@@ -421,11 +443,7 @@ async def read_multipart(
             raise HTTPException(422, 'settings: must be a JSON object, e.g. {"max_iterations": 5}') from None
         data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
         request = _validate(data, limits)
-        if reader.spooler is not None:
-            run_input = reader.spooler.finish()
-        else:
-            run_input = RunInput.from_text(fields.get("input_data", ""))
-        return ParsedRequest(request.prompt, run_input, request.settings, request.session_id)
+        return ParsedRequest(request.prompt, reader.input(), request.settings, request.session_id)
     except BaseException as exc:
         reader.abort()
         if isinstance(exc, InputTooLarge):
