@@ -233,7 +233,7 @@ def save_session(db: Db, row: SessionRow) -> None:
     db.execute(
         "INSERT INTO sessions (id, owner, created, last_used, runs, live_run, input_chars, input_lines) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
-        "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run",
+        "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run, gone = NULL",
         (
             row.id,
             row.owner,

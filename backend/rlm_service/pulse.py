@@ -140,8 +140,9 @@ class Pulse:
             self.id,
             self.dead_after_s,
         )
-        self.id = _new_id()
+        old, self.id = self.id, _new_id()
         self._register()
+        self._wake([old])  # the fleet's command loop, waiting for the old id's commands, looks for the new id's
         self._taken_for_dead()
 
     def _sweep(self) -> float:

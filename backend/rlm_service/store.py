@@ -11,8 +11,8 @@ otherwise the order it was recorded in.
 What one run may store is bounded (`RunBudget`): its events are stored whole while their JSON fits in the
 run's budget; past it, every long text in an event is stored cut, with a marker in the text and the original
 lengths under the event's `stored_cut` key. The terminal event is always stored, its `answer` cut only past
-the answer limit. The live stream of the process that runs the run is never cut: only what the history keeps, which is what
-the other processes follow. A delete gives the space back.
+the answer limit. The live stream of the process that runs the run is never cut: only what the history keeps,
+which is what the other processes follow. A delete gives the space back.
 
 The input itself is stored only when the run asked for it (`keep_input`): it can be huge or private.
 
