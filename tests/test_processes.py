@@ -7,6 +7,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -324,6 +325,25 @@ def test_a_chat_completion_waiting_when_the_server_stops_is_answered_503_to_retr
         model.stop()
     assert len(refusals) == 1 and refusals[0].status_code == 503
     assert refusals[0].code == "server_shutting_down" and "shutting down" in refusals[0].message
+
+
+def test_a_request_body_still_arriving_when_the_server_stops_is_answered_503(tmp_path: Path) -> None:
+    """SIGTERM while a `/process` body arrives slowly: the request is answered 503 (send it again) and the server
+    stops. Old behaviour caught: the body was waited for until uvicorn's grace for open connections ran out (8 s),
+    then the request was cut with a bare 500."""
+    with spawn_server(tmp_path) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            head = "POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            sock.sendall(f"{head}Content-Length: 100000\r\n\r\n".encode() + b'{"prompt": "')
+            time.sleep(1)  # the server reads the body, which is far from complete
+            server.process.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := sock.recv(65536):  # up to the end of the connection, which the stopping server closes
+                answer += chunk
+        server.process.wait(60)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"shutting down" in answer
 
 
 def test_ctrl_c_stops_a_one_process_server_with_status_0(tmp_path: Path) -> None:

@@ -60,6 +60,8 @@ class RunSlots:
         self.stopping = False
         """Set when the server is asked to stop (`api.stop_runs`): no run starts after that (503)."""
         self._held: dict[asyncio.Future[None], Callable[[], object]] = {}
+        self._readers: dict[asyncio.Task[Any], bool] = {}
+        """The tasks reading a request body (`reading_body`), and whether `stop` cancelled them."""
         self.reading = 0
         self.reading_limit = max(4 * capacity.limit, 64)
         """Bodies read at once (`/process`, `/v1/chat/completions`, `/mcp`), bounded on their own: slow uploads
@@ -72,16 +74,27 @@ class RunSlots:
 
     @contextmanager
     def reading_body(self) -> Iterator[None]:
-        """Count a request body being read while the block runs; 429 when `reading_limit` are already."""
+        """Count a request body being read while the block runs; 429 when `reading_limit` are already. When the
+        server stops meanwhile (`stop`), the block is cancelled and the request answered 503: a body arriving
+        slowly would otherwise hold the stop until uvicorn's grace ran out and cut it (a bare 500)."""
         if self.reading >= self.reading_limit:
             raise HTTPException(
                 429, "too many request bodies are arriving at once; retry shortly", headers={"Retry-After": "5"}
             )
+        task = asyncio.current_task()
+        assert task is not None
         self.reading += 1
+        self._readers[task] = False
         try:
             yield
+        except asyncio.CancelledError:
+            if not self._readers[task]:
+                raise
+            task.uncancel()  # the cancellation was `stop`'s, and ends here as its answer
+            raise _stopping() from None
         finally:
             self.reading -= 1
+            del self._readers[task]
 
     @contextmanager
     def holding(self, cancel: Callable[[], object]) -> Iterator[None]:
@@ -102,6 +115,9 @@ class RunSlots:
         self.stopping = True
         for cancel in self._held.values():
             cancel()
+        for task in self._readers:
+            self._readers[task] = True
+            task.cancel()
         return list(self._held)
 
     def refuse_if_full(self) -> None:
