@@ -136,6 +136,27 @@ def test_a_run_is_followed_live_and_cancelled_through_another_replica(pg_url: st
     assert listed[0] == listed[1] and listed[0][0]["id"] == run_id
 
 
+def test_a_cancel_through_another_replica_after_the_run_ended_is_answered_409(pg_url: str, tmp_path: Path) -> None:
+    """A run ends with `final` while the history still has it `running` (its row locked here, as a slow database
+    would keep it): a cancel through the other replica must not be answered 202, which promises that the run ends
+    with `cancelled`. Old behaviour caught: the other replica answered 202 once it had left the command, and the
+    run's terminal event stayed `final`."""
+    quick = script({"code": ["answer.update(content='done', ready=True)"]})
+    with replicas(tmp_path, pg_url) as (one, other), psycopg.connect(pg_url) as db:
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{one.url}/process", json={"prompt": quick}) as response,
+        ):
+            run_id = response.headers["x-run-id"]
+            assert wait_until(lambda: db.execute("SELECT 1 FROM runs WHERE id = %s", (run_id,)).fetchall(), 30)
+            db.execute("SELECT 1 FROM runs WHERE id = %s FOR UPDATE", (run_id,))  # its end is not written
+            events = list(parse_sse(response.iter_lines()))
+        cancel = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
+        db.rollback()
+    assert events[-1].event == "final"
+    assert cancel.status_code == 409 and "already ended" in cancel.json()["detail"], cancel.text
+
+
 def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:
     """The session lives in one replica's worker; the other streams a follow-up on it, shows it, refuses a
     second follow-up while one runs (409), and ends it. Mutant: the follow-up route without the fleet (404)."""

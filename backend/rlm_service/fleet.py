@@ -163,10 +163,10 @@ class Fleet:
         payload = command.payload
         if command.kind == "cancel":
             run = self.engine.runs.get(str(payload["run_id"]))
-            if run is not None:
-                run.cancel(str(payload.get("reason") or "cancelled through the API"))
-            with contextlib.suppress(StoreUnavailable):  # (swept with the old commands otherwise)
-                await off_loop(self.store.transaction, lambda db: sql.remove(db, command.id))
+            cancelled = run is not None and run.cancel(str(payload.get("reason") or "cancelled through the API"))
+            outcome = {"status": 202 if cancelled else 409}  # 409: the run had ended first
+            with contextlib.suppress(StoreUnavailable):  # (a sender that does not wait leaves it to the sweep)
+                await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, outcome))
             return
         if command.kind == "end_session":
             result = await self._end_here(str(payload["session_id"]))
@@ -212,27 +212,41 @@ class Fleet:
     # --- what the routes ask of other processes ------------------------------------------------------------
 
     async def cancel(
-        self, run_id: str, reason: str = "cancelled through the API"
+        self, run_id: str, reason: str = "cancelled through the API", *, wait: bool = False
     ) -> Literal["unknown", "ended", "cancelling"]:
-        """Ask the process that runs `run_id` to cancel it."""
+        """Ask the process that runs `run_id` to cancel it. With `wait`, until that process has done it: "ended"
+        if the run ended first (a cancel answered 202 must end the run with `cancelled`), "cancelling" once
+        cancelled, or after ANSWER_WAIT_S without an answer."""
         dialect = self.store.dialect
 
-        def send(db: Db) -> Literal["unknown", "ended", "cancelling"]:
+        def send(db: Db) -> tuple[Literal["unknown", "ended", "cancelling"], str]:
             found = sql.run_owner(db, run_id)
             if found is None:
-                return "unknown"
+                return "unknown", ""
             status, owner = found
             if status != "running" or owner is None:
-                return "ended"
-            sql.send(db, dialect, owner, "cancel", {"run_id": run_id, "reason": reason})
-            return "cancelling"
+                return "ended", ""
+            return "cancelling", sql.send(db, dialect, owner, "cancel", {"run_id": run_id, "reason": reason})
 
         for _ in range(UNKNOWN_TRIES):  # a run only just started may not be written yet
-            sent = await off_loop(self.store.transaction, send)
+            sent, command_id = await off_loop(self.store.transaction, send)
+            if sent == "cancelling" and wait:
+                return await self._cancelled(command_id)
             if sent != "unknown":
                 return sent
             await asyncio.sleep(UNKNOWN_POLL_S)
         return "unknown"
+
+    async def _cancelled(self, command_id: str) -> Literal["ended", "cancelling"]:
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(ANSWER_POLL_S)
+            state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
+            if result is not None or state == "gone":
+                with contextlib.suppress(StoreUnavailable):
+                    await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
+                return "ended" if result is not None and result.get("status") == 409 else "cancelling"
+        return "cancelling"
 
     async def live_elsewhere(self, run_id: str) -> bool:
         """Whether the run is live (in another process: this one's are in its registry). A run another process

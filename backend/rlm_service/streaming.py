@@ -368,7 +368,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         fleet = _fleet(request)
         if run is None and fleet is not None and valid_run_id(run_id):
-            sent = await in_fleet(fleet.cancel, run_id)
+            sent = await in_fleet(lambda: fleet.cancel(run_id, wait=True))
             if sent == "unknown":
                 raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
             if sent == "ended":
