@@ -466,6 +466,12 @@ def descendant_command_lines(root: int | None = None) -> list[tuple[int, bytes]]
     return found
 
 
+def peak_rss(pid: int) -> int:
+    """The peak resident memory of process `pid` so far, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

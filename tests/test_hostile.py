@@ -19,7 +19,15 @@ from typing import Any
 import httpx2
 import pytest
 
-from tests.conftest import RealServer, SseEvent, descendant_commands, spawn_server, wait_until, worker_processes
+from tests.conftest import (
+    RealServer,
+    SseEvent,
+    descendant_commands,
+    peak_rss,
+    spawn_server,
+    wait_until,
+    worker_processes,
+)
 from tests.fake_openai import default_sub_reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,11 +80,6 @@ def health_watch(server: RealServer) -> Iterator[HealthWatch]:
     finally:
         stop.set()
         thread.join(15)
-
-
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 CHANNEL = """

@@ -21,7 +21,17 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
 from rlm_service.runs import LiveRun
-from tests.conftest import REPO, SUB_MODEL, LiveServer, RealServer, make_settings, script, spawn_server, wait_until
+from tests.conftest import (
+    REPO,
+    SUB_MODEL,
+    LiveServer,
+    RealServer,
+    make_settings,
+    peak_rss,
+    script,
+    spawn_server,
+    wait_until,
+)
 from tests.fake_openai import FakeOpenAI
 from tests.test_fleet import replicas
 from tests.test_processes import _listening
@@ -203,11 +213,6 @@ def _server_pid() -> int:
     raise AssertionError("the stdio server process was not found")
 
 
-def _peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
 async def test_over_stdio_a_50_mb_local_file_is_spooled_without_growing_the_server(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
@@ -224,11 +229,11 @@ async def test_over_stdio_a_50_mb_local_file_is_spooled_without_growing_the_serv
         warm = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "warm up"})
         assert answer_text(warm) == "7"
         pid = _server_pid()
-        before = _peak_rss(pid)
+        before = peak_rss(pid)
         result = await client.call_tool(
             "rlm_run", {"prompt": LENGTH, "input_path": str(big)}, progress_callback=progress
         )
-        after = _peak_rss(pid)
+        after = peak_rss(pid)
         missing = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(tmp_path / "nope")})
     assert not result.is_error and answer_text(result) == str(size)
     assert f"{size:,} characters of input" in progress.messages[0]

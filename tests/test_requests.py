@@ -18,6 +18,7 @@ from tests.conftest import (
     LiveServer,
     make_settings,
     parse_sse,
+    peak_rss,
     post_process,
     script,
     spawn_server,
@@ -253,11 +254,6 @@ def test_server_still_serves_after_the_catalogue(servers: dict[str, LiveServer])
     assert response.status_code == 200 and events[-1].event == "final"
 
 
-def _peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-
-
 def test_a_multipart_body_of_many_large_fields_is_not_held_in_memory(fake: FakeOpenAI, tmp_path: Path) -> None:
     """A chunked multipart body (no Content-Length) with 40 unknown fields of 1 MiB and a 40 MB `input_data`
     field: the run gets its input, and the server's peak memory grows by far less than the body. Old behaviour
@@ -282,14 +278,14 @@ def test_a_multipart_body_of_many_large_fields_is_not_held_in_memory(fake: FakeO
             server.url, json_body={"prompt": script({"code": ["answer.update(content='1', ready=True)"]})}
         )
         assert warm[1][-1].event == "final"
-        before = _peak_rss(server.process.pid)
+        before = peak_rss(server.process.pid)
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
         with (
             httpx2.Client(timeout=120) as client,
             client.stream("POST", f"{server.url}/process", content=body(), headers=headers) as response,
         ):
             events = list(parse_sse(response.iter_lines()))
-        after = _peak_rss(server.process.pid)
+        after = peak_rss(server.process.pid)
     assert response.status_code == 200
     assert events[-1].event == "final" and events[-1].data["answer"] == "40000000"
     assert after - before < 30 * 1024 * 1024, f"the server's peak memory grew by {(after - before) >> 20} MiB"
