@@ -90,7 +90,8 @@ class Zygote:
         message = json.dumps({"op": "spawn", "id": request_id, "cwd": str(cwd), "env": env}).encode()
         try:
             socket.send_fds(self._control, [message], [child_end.fileno(), stderr_write])
-            answer = await asyncio.wait_for(reply, 30)
+            async with asyncio.timeout(30):  # (not `wait_for`, which in 3.11 can swallow a cancellation)
+                answer = await reply
         except BaseException:
             parent_end.close()
             os.close(stderr_read)

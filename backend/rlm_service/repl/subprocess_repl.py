@@ -90,8 +90,14 @@ class _Process:
     def kill(self) -> None:
         """SIGKILL the worker's whole process group. Where seccomp did not pin its descendants to that
         group (they could setsid away), also every process of its private uid, if it has one."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
+        try:
             os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # forked an instant ago: no group of its own yet (the zygote has not reaped it)
+            if self.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(self.process.pid, signal.SIGKILL)
+        except PermissionError:
+            pass
         if self.uid is not None and not any(layer.startswith("seccomp") for layer in self.layers):
             kill_uid(self.uid)
         self.writer.close()
@@ -145,6 +151,8 @@ class ZygoteLauncher:
         except BaseException:  # cancelled, most likely: the worker must not outlive the run that asked for it
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process.pid, signal.SIGKILL)  # (in case it had no group of its own yet)
             process.channel.close()
             os.close(process.stderr)
             raise

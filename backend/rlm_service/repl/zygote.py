@@ -52,6 +52,7 @@ _live: set[int] = set()
 
 
 def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
+    os.setsid()  # first: the server kills a worker by its process group, which exists from here on
     from . import sandbox, worker
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -60,7 +61,6 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
     control.close()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
     os.chdir(str(message["cwd"]))
     os.environ.clear()
     environment = message["env"]
