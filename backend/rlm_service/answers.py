@@ -19,12 +19,16 @@ answer a cell marks ready.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 from jsonschema import exceptions as schema_errors
 from jsonschema import validators
@@ -37,9 +41,21 @@ CHECK_TIMEOUT_S = 10.0
 """How long the check of one answer may take; past it, the answer is refused as unchecked."""
 CHECK_MEMORY_BYTES = 2 * 1024**3
 """The address space of the checking process."""
+CHECKS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rlm-answer-check")
+"""The threads that wait for the checking processes (`in_check_thread`): not asyncio's default ones, which
+every run needs for its workspace, and which a few checks waiting their 10 s would otherwise all hold."""
 MAX_COLLECTED_ERRORS = 1000
 """Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
 places, and collecting every one takes tens of seconds."""
+
+
+log = logging.getLogger("rlm_service")
+T = TypeVar("T")
+
+
+async def in_check_thread(call: Callable[[str], T], content: str) -> T:
+    """`AnswerSchema.problem` or `.value` of `content`, in one of the CHECKS threads."""
+    return await asyncio.get_running_loop().run_in_executor(CHECKS, call, content)
 
 
 class SchemaInvalid(ValueError):
@@ -87,10 +103,18 @@ class AnswerSchema:
                 f"the answer could not be checked against the schema within {CHECK_TIMEOUT_S:g} s (a `pattern` "
                 "that backtracks on it, most likely); give an answer that is quicker to check."
             )
+        except OSError as exc:  # no process could be started (out of memory or of file descriptors)
+            log.error("the answer check could not start: %s", exc)
+            return f"the answer could not be checked against the schema now ({exc.strerror}); try again."
         try:
             verdict = json.loads(done.stdout)
             found: str | None = verdict["problem"]
         except (ValueError, KeyError, TypeError):
+            log.warning(
+                "the answer check ended with status %s: %s",
+                done.returncode,
+                done.stderr.decode("utf-8", "replace")[-2000:],
+            )
             return (
                 f"the answer could not be checked against the schema: the check ended with status {done.returncode} "
                 "(out of memory, most likely); give a smaller answer."

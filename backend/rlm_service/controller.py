@@ -23,6 +23,7 @@ from pydantic_ai.usage import RunUsage as AgentUsage
 from pydantic_ai.usage import UsageLimits
 
 from . import prompts
+from .answers import in_check_thread
 from .events import (
     AnswerEvent,
     CodeEvent,
@@ -199,7 +200,7 @@ class Controller:
         returns what the root model is told about it."""
         if self.answer_check is None or not outcome.answer_ready:
             return None
-        problem = await asyncio.to_thread(self.answer_check.problem, outcome.answer_content)
+        problem = await in_check_thread(self.answer_check.problem, outcome.answer_content)
         if problem is None:
             return None
         outcome.answer_ready = False

@@ -171,6 +171,15 @@ class Fleet:
         if command.kind == "end_session":
             result = await self._end_here(str(payload["session_id"]))
         elif command.kind == "follow_up":
+            # Claimed first: a run started for a sender that gave up meanwhile would have to be cancelled, and a
+            # cancel as it starts (listing the session's variables) costs the session its worker.
+            try:
+                claimed = await off_loop(self.store.transaction, lambda db: sql.claim(db, command.id))
+            except StoreUnavailable as exc:
+                log.warning("a follow-up command could not be claimed: %s", exc)
+                return
+            if not claimed:
+                return
             result = self._follow_up_here(payload)
         else:
             result = {"status": 400, "detail": f"unknown command {command.kind!r}"}
@@ -330,16 +339,17 @@ class Fleet:
 
     async def _ask(self, target: str, kind: str, payload: dict[str, Any], session_id: str) -> dict[str, Any]:
         """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn; taken
-        but not answered within another ANSWER_WAIT_S: given up (the target, answering late, then undoes what it
-        did: a follow-up's run is cancelled). Either way the session is reported gone (its process died) or busy
-        (it is alive but did not answer)."""
+        but not answered within another ANSWER_WAIT_S: given up, unless the target has claimed it (a follow-up whose
+        run it is starting: `sql.claim`), which is then waited for; a target answering a command given up on
+        cancels the run it started. Either way the session is reported gone (its process died) or busy (it is
+        alive but did not answer)."""
         dialect = self.store.dialect
         command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
         deadline = time.monotonic() + ANSWER_WAIT_S
         while True:
             await asyncio.sleep(ANSWER_POLL_S)
             state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
-            if result is not None:
+            if result is not None and result.get("status") != sql.STARTING:
                 await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
                 return result
             late = time.monotonic() - deadline

@@ -219,6 +219,17 @@ def withdraw(db: Db, command_id: str) -> bool:
     return db.execute("DELETE FROM commands WHERE id = ? AND taken IS NULL", (command_id,)) > 0
 
 
+STARTING = 102
+"""The status a follow-up's command holds while its target starts the run (`claim`): not an answer yet."""
+
+
+def claim(db: Db, command_id: str) -> bool:
+    """Mark a taken command as being carried out, so that its sender no longer gives up on it; False if the
+    sender already has (then the target does nothing)."""
+    started = json.dumps({"status": STARTING})
+    return db.execute("UPDATE commands SET result = ? WHERE id = ? AND result IS NULL", (started, command_id)) > 0
+
+
 def give_up(db: Db, command_id: str) -> bool:
     """Stop waiting for a command its target took but has not answered: removed, so that the target, answering
     late, learns that no one waits for the answer (`answer`); False if it has been answered meanwhile."""
@@ -233,7 +244,9 @@ def save_session(db: Db, row: SessionRow) -> None:
     db.execute(
         "INSERT INTO sessions (id, owner, created, last_used, runs, live_run, input_chars, input_lines) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, "
-        "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run, gone = NULL",
+        "last_used = excluded.last_used, runs = excluded.runs, live_run = excluded.live_run, "
+        # kept again by a live process (one taken for dead keeps its sessions under its new id): no tombstone
+        "gone = CASE WHEN excluded.owner IN (SELECT id FROM processes) THEN NULL ELSE sessions.gone END",
         (
             row.id,
             row.owner,

@@ -358,14 +358,14 @@ def serve_stdio(settings: Settings) -> None:
         engine = Engine(settings, store=store)
         await engine.start()
         engines.append(engine)
-        if settings.coordinated and isinstance(store, SqlRunStore):
-            # A history the service's servers share: this process joins them as one of theirs (a heartbeat, its
-            # runs' owner), so that its runs can be followed and cancelled through them, and end as `lost` for
-            # them if it dies, rather than stay `running` in the history for ever.
-            fleet = Fleet(settings, store, engine, launch=slots.follow_up_launcher(lambda: engine))
-            await fleet.start()
-            fleets.append(fleet)
         try:
+            if settings.coordinated and isinstance(store, SqlRunStore):
+                # A history the service's servers share: this process joins them as one of theirs (a heartbeat,
+                # its runs' owner), so that its runs can be followed and cancelled through them, and end as `lost`
+                # for them if it dies, rather than stay `running` in the history for ever.
+                fleet = Fleet(settings, store, engine, launch=slots.follow_up_launcher(lambda: engine))
+                await fleet.start()
+                fleets.append(fleet)
             yield None
         finally:
             await engine.aclose()  # its runs cancelled, its sessions ended

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pydantic_ai.settings import ModelSettings
 
 from . import prompts
-from .answers import AnswerSchema
+from .answers import AnswerSchema, in_check_thread
 from .controller import Controller, RunOutcome
 from .events import (
     ChildEvent,
@@ -166,7 +166,7 @@ class RunDriver:
                 outcome = f"error:{code}"
                 raise _Spent(code, message)
             check = plan.answer_check
-            answer_json = await asyncio.to_thread(check.value, result.answer) if check is not None else None
+            answer_json = await in_check_thread(check.value, result.answer) if check is not None else None
             terminal = FinalEvent(
                 run_id=run.id,
                 answer=result.answer,

@@ -77,6 +77,8 @@ class RunSlots:
         """Count a request body being read while the block runs; 429 when `reading_limit` are already. When the
         server stops meanwhile (`stop`), the block is cancelled and the request answered 503: a body arriving
         slowly would otherwise hold the stop until uvicorn's grace ran out and cut it (a bare 500)."""
+        if self.stopping:
+            raise _stopping()
         if self.reading >= self.reading_limit:
             raise HTTPException(
                 429, "too many request bodies are arriving at once; retry shortly", headers={"Retry-After": "5"}

@@ -113,7 +113,8 @@ async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> Async
         try:
             if wait <= 0:
                 raise TimeoutError
-            chunk = await asyncio.wait_for(iterator.__anext__(), wait)
+            async with asyncio.timeout(wait):  # (not `wait_for`, which in 3.11 can swallow a cancellation)
+                chunk = await iterator.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:
