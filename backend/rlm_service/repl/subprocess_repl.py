@@ -90,14 +90,7 @@ class _Process:
     def kill(self) -> None:
         """SIGKILL the worker's whole process group. Where seccomp did not pin its descendants to that
         group (they could setsid away), also every process of its private uid, if it has one."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # forked an instant ago: no group of its own yet (the zygote has not reaped it)
-            if self.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(self.process.pid, signal.SIGKILL)
-        except PermissionError:
-            pass
+        _kill(self.process)
         if self.uid is not None and not any(layer.startswith("seccomp") for layer in self.layers):
             kill_uid(self.uid)
         self.writer.close()
@@ -115,6 +108,19 @@ class _Process:
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr_tail).decode("utf-8", "replace").strip()[-2000:]
+
+
+def _kill(process: WorkerProcess) -> None:
+    """SIGKILL a worker's process group; a worker forked an instant ago has no group of its own yet, and is
+    killed by its pid (which the zygote has not reaped, as it has not reported it dead)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(process.pid, signal.SIGKILL)
+    except PermissionError:
+        pass
 
 
 async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:
@@ -149,10 +155,7 @@ class ZygoteLauncher:
         try:
             reader, writer = await asyncio.open_unix_connection(sock=process.channel)
         except BaseException:  # cancelled, most likely: the worker must not outlive the run that asked for it
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(process.pid, signal.SIGKILL)  # (in case it had no group of its own yet)
+            _kill(process)
             process.channel.close()
             os.close(process.stderr)
             raise
