@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from fastapi import HTTPException
@@ -248,14 +248,12 @@ class Fleet:
 
     async def _cancelled(self, command_id: str) -> Literal["ended", "cancelling"]:
         deadline = time.monotonic() + ANSWER_WAIT_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(ANSWER_POLL_S)
-            state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
-            if result is not None or state == "gone":
-                with contextlib.suppress(StoreUnavailable):
-                    await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
-                return "ended" if result is not None and result.get("status") == 409 else "cancelling"
-        return "cancelling"
+
+        async def past_deadline(state: str) -> bool:
+            return time.monotonic() >= deadline
+
+        result = await self._answer(command_id, past_deadline)
+        return "ended" if result is not None and result.get("status") == 409 else "cancelling"
 
     async def live_elsewhere(self, run_id: str) -> bool:
         """Whether the run is live (in another process: this one's are in its registry). A run another process
@@ -346,33 +344,38 @@ class Fleet:
         dialect = self.store.dialect
         command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
         deadline = time.monotonic() + ANSWER_WAIT_S
-        while True:
-            await asyncio.sleep(ANSWER_POLL_S)
-            state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
-            if result is not None and result.get("status") != sql.STARTING:
-                await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
-                return result
+
+        async def unanswered(state: str) -> bool:
             late = time.monotonic() - deadline
-            if (
-                state == "gone"
-                or (
-                    state == "taken"
-                    and late >= ANSWER_WAIT_S
-                    and await off_loop(self.store.transaction, lambda db: sql.give_up(db, command_id))
-                )
-                or (
-                    state == "waiting"
-                    and late >= 0
-                    and await off_loop(self.store.transaction, lambda db: sql.withdraw(db, command_id))
-                )
-            ):
-                break
+            if state == "taken" and late >= ANSWER_WAIT_S:
+                return await off_loop(self.store.transaction, lambda db: sql.give_up(db, command_id))
+            if state == "waiting" and late >= 0:
+                return await off_loop(self.store.transaction, lambda db: sql.withdraw(db, command_id))
+            return False
+
+        result = await self._answer(command_id, unanswered)
+        if result is not None:
+            return result
         row = await self._find_session(session_id)  # 404 when its process died meanwhile
         return {
             "status": 503,
             "detail": f"the server process that keeps session {row.id} did not answer within "
             f"{ANSWER_WAIT_S:g} s; try again",
         }
+
+    async def _answer(self, command_id: str, stop: Callable[[str], Awaitable[bool]]) -> dict[str, Any] | None:
+        """Wait for a command's answer (its target has answered: the command is then removed), polling every
+        ANSWER_POLL_S; None once the command is gone (its target died) or `stop(state)` gives up on it (state:
+        "waiting", "taken"; a claimed follow-up, status STARTING, is waited for)."""
+        while True:
+            await asyncio.sleep(ANSWER_POLL_S)
+            state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
+            if result is not None and result.get("status") != sql.STARTING:
+                with contextlib.suppress(StoreUnavailable):  # left for the sweep: the answer stands
+                    await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
+                return result
+            if state == "gone" or await stop(state):
+                return None
 
     # --- the session directory (SessionManager calls these) ------------------------------------------------
 
