@@ -153,6 +153,38 @@ def test_without_detach_closing_the_stream_still_cancels(fake: FakeOpenAI, tmp_p
     assert fake.stats.sub_requests < 12
 
 
+def test_a_client_that_leaves_while_its_stream_is_held_up_still_cancels_the_run(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The client stops reading while a 4 MB answer is sent to it, then closes the connection: the stream ends
+    while it is sending, not while it waits for the run's next event, and the run must still be cancelled. Old
+    behaviour caught: the event stream's own generator was closed, but the run's stream inside it was left
+    suspended for the garbage collector, so the run went on (here a cell that sleeps 300 s)."""
+    big = script(
+        {"code": ["answer.update(content='x' * 4_000_000)"]},
+        {"code": ["import time\ntime.sleep(300)"]},
+    )
+    body = json.dumps({"prompt": big}).encode()
+    with LiveServer(history_settings(fake, tmp_path)) as server:
+        engine = server.app.state.engine
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.connect(("127.0.0.1", server.port))
+        head = "POST /process HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        assert b"x-run-id: " in received.lower(), received[:500]
+        run_id = received.decode("latin-1").lower().split("x-run-id: ", 1)[1][:16]
+        assert wait_until(lambda: any(e.type == "code" and e.iteration == 2 for e in engine.runs.get(run_id).events))
+        sock.close()  # with the answer's frame still being sent
+        assert wait_until(lambda: engine.runs.get(run_id).ended, timeout=20)
+        events = engine.runs.get(run_id).events
+    assert events[-1].type == "error" and events[-1].code == "cancelled", events[-1]
+    assert "client disconnected" in events[-1].message
+
+
 def test_cancel_from_a_second_client_ends_the_run_for_every_follower(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.sub_latency = 0.3
     with LiveServer(history_settings(fake, tmp_path, rlm_subcall_concurrency=1)) as server:

@@ -187,11 +187,17 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     """The events' frames, with a pass through the event loop after each: sending to a client that reads fast
     never waits, so a run's thousands of events replayed at once would otherwise be framed and sent while
-    every other request waits."""
+    every other request waits. Closed while it waits to send (the client left, sse-starlette closes it), it
+    closes `events` at once: left at its `yield`, a run's stream would run its clean-up, cancelling the run its
+    client left, only when the garbage collector got to it."""
     if isinstance(events, AsyncIterator):
-        async for event in events:
-            yield frame(event)
-            await asyncio.sleep(0)
+        try:
+            async for event in events:
+                yield frame(event)
+                await asyncio.sleep(0)
+        finally:
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
     else:
         for event in events:
             yield frame(event)
@@ -294,6 +300,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                     settings,
                     fleet.owned(run_id, detached=detached),
                     ping_s=ping_s,
+                    headers={"X-Run-Id": run_id, "X-Session-Id": parsed.session_id},
                     on_shutdown=None if detached else lambda: fleet.cancel_soon(run_id, SHUTTING_DOWN),
                 )
             if parsed.settings.session and parsed.session_id is None:
