@@ -159,7 +159,9 @@ def test_a_cancel_through_another_replica_after_the_run_ended_is_answered_409(pg
 
 def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:
     """The session lives in one replica's worker; the other streams a follow-up on it, shows it, refuses a
-    second follow-up while one runs (409), and ends it. Mutant: the follow-up route without the fleet (404)."""
+    second follow-up while one runs (409), cancels one whose client left, and ends it; no command is left behind.
+    Mutants: the follow-up route without the fleet (404); a cancel that no one waits for answered by the keeper
+    (the answer stayed in the table until the sweep)."""
     first = script(
         {"code": ["records = context.splitlines()\ntotal = sum(int(r) for r in records)"]},
         {"code": [FINISH.format(expr="total")]},
@@ -180,10 +182,21 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
             busy_delete = httpx2.delete(f"{other.url}/api/sessions/{session_id}", timeout=30)
             slow_events = list(parse_sse(lines))
         described = httpx2.get(f"{other.url}/api/sessions/{session_id}", timeout=30).json()
+        with (
+            httpx2.Client(timeout=60) as client,
+            client.stream("POST", f"{other.url}/process", json={"prompt": HANG, "session_id": session_id}) as left,
+        ):
+            left_id = left.headers["x-run-id"]
+            next(left.iter_lines())
+        # the client left: its run is cancelled through the keeper, which waits for no answer
+        assert wait_until(lambda: _status(one.url, left_id) == "cancelled", timeout=30)
         deleted = httpx2.delete(f"{other.url}/api/sessions/{session_id}", timeout=30)
         gone_here = httpx2.get(f"{one.url}/api/sessions/{session_id}", timeout=30)
         gone_there = post_process(other.url, json={"prompt": "x", "session_id": session_id})
         unknown = post_process(other.url, json={"prompt": "x", "session_id": "s0000000000000000"})
+        with psycopg.connect(pg_url) as db:  # each command removed once carried out (not only when the servers stop)
+            commands = db.execute("SELECT kind, result FROM commands").fetchall()
+    assert not commands
     assert started[-1].data["answer"] == str(sum(range(100)))
     assert follow_up[0].event == "start" and follow_up[0].data["session_id"] == session_id
     assert follow_up[-1].event == "final" and follow_up[-1].data["answer"] == "(100, 4950)"
@@ -194,6 +207,12 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
     assert len(described["runs"]) == 3 and described["live_run"] is None
     assert deleted.status_code == 204 and gone_here.status_code == 404 and gone_there.status_code == 404
     assert unknown.status_code == 404
+
+
+def _status(url: str, run_id: str) -> str:
+    response = httpx2.get(f"{url}/api/runs/{run_id}", timeout=30)
+    assert response.status_code == 200, response.text
+    return str(response.json()["run"]["status"])
 
 
 def test_a_follow_up_given_up_on_is_not_started_late_and_the_retry_is_served(pg_url: str, tmp_path: Path) -> None:

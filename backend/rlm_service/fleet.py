@@ -165,8 +165,11 @@ class Fleet:
             run = self.engine.runs.get(str(payload["run_id"]))
             cancelled = run is not None and run.cancel(str(payload.get("reason") or "cancelled through the API"))
             outcome = {"status": 202 if cancelled else 409}  # 409: the run had ended first
-            with contextlib.suppress(StoreUnavailable):  # (a sender that does not wait leaves it to the sweep)
-                await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, outcome))
+            with contextlib.suppress(StoreUnavailable):  # (the sweep removes it then)
+                if payload.get("reply", True):  # (senders of earlier versions all wait)
+                    await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, outcome))
+                else:  # no one waits for the answer
+                    await off_loop(self.store.transaction, lambda db: sql.remove(db, command.id))
             return
         if command.kind == "end_session":
             result = await self._end_here(str(payload["session_id"]))
@@ -235,7 +238,8 @@ class Fleet:
             status, owner = found
             if status != "running" or owner is None:
                 return "ended", ""
-            return "cancelling", sql.send(db, dialect, owner, "cancel", {"run_id": run_id, "reason": reason})
+            payload = {"run_id": run_id, "reason": reason, "reply": wait}
+            return "cancelling", sql.send(db, dialect, owner, "cancel", payload)
 
         for _ in range(UNKNOWN_TRIES):  # a run only just started may not be written yet
             sent, command_id = await off_loop(self.store.transaction, send)
