@@ -6,6 +6,7 @@ PostgreSQL server (tests/pgserver.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -155,6 +156,28 @@ def test_a_cancel_through_another_replica_after_the_run_ended_is_answered_409(pg
         db.rollback()
     assert events[-1].event == "final"
     assert cancel.status_code == 409 and "already ended" in cancel.json()["detail"], cancel.text
+
+
+def test_a_malformed_command_stops_no_later_one(pg_url: str, tmp_path: Path) -> None:
+    """A command its target cannot carry out (here a cancel naming no run, as a replica of another version might
+    send) is answered 500, and the next one is carried out. Old behaviour caught: the KeyError ended the replica's
+    command loop, silently; the cancel after it was answered 202 and never carried out (the run went on)."""
+    with replicas(tmp_path, pg_url) as (one, other), psycopg.connect(pg_url, autocommit=True) as db:
+        first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
+        run_id = first[0].data["run_id"]
+        ((owner,),) = db.execute("SELECT owner FROM runs WHERE id = %s", (run_id,)).fetchall()
+        db.execute(
+            "INSERT INTO commands (id, target, kind, payload, created) VALUES ('bad', %s, 'cancel', '{}', %s)",
+            (owner, time.time()),
+        )
+        db.execute("SELECT pg_notify('rlm_commands', %s)", (owner,))
+        assert wait_until(lambda: db.execute("SELECT result FROM commands WHERE id = 'bad'").fetchall()[0][0], 30)
+        (answered,) = db.execute("SELECT result FROM commands WHERE id = 'bad'").fetchall()[0]
+        cancelled = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
+        assert wait_until(lambda: _status(one.url, run_id) != "running", timeout=20)
+        status = _status(one.url, run_id)
+    assert json.loads(answered)["status"] == 500
+    assert cancelled.status_code == 202 and status == "cancelled"
 
 
 def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:

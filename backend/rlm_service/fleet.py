@@ -146,7 +146,11 @@ class Fleet:
                 woken.clear()
                 commands = await self._take_commands(me)
                 for command in commands:
-                    await self._carry_out(command)
+                    try:
+                        await self._carry_out(command)
+                    except Exception:  # a command that fails (one malformed, say) stops no later one
+                        log.exception("a %s command from another process failed", command.kind)
+                        await self._failed(command)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self._poll_s(commands=True))
 
@@ -158,6 +162,14 @@ class Fleet:
         except StoreUnavailable as exc:
             log.debug("commands: %s", exc)
             return []
+        except Exception:  # (a row this version cannot read): the loop goes on, the sweep removes the row
+            log.exception("the commands of other processes could not be read")
+            return []
+
+    async def _failed(self, command: sql.Command) -> None:
+        failed = {"status": 500, "detail": f"the {command.kind} command failed"}
+        with contextlib.suppress(StoreUnavailable):
+            await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, failed))
 
     async def _carry_out(self, command: sql.Command) -> None:
         payload = command.payload
