@@ -250,10 +250,20 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
 def test_a_run_that_fails_after_the_request_started_is_a_500_with_the_runs_error_code(
     server: LiveServer, model: FakeOpenAI
 ) -> None:
+    """A failed run is not started again by the client: OpenAI's clients retry a 500 twice by default, which
+    here would run the whole task three times (old behaviour: three root requests for a run whose model refused
+    the key); the service retried its model calls already, within the run."""
     model.root = lambda messages, body: (_ for _ in ()).throw(HTTPFault(503, "overloaded"))
     with pytest.raises(openai.InternalServerError) as failed:
         client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": "hello"}])
     assert failed.value.status_code == 500 and failed.value.code == "model_unavailable"
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    model.root = lambda messages, body: (_ for _ in ()).throw(HTTPFault(401, "wrong key"))
+    before = model.stats.root_requests
+    retrying = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=2, timeout=60)
+    with pytest.raises(openai.InternalServerError) as refused:
+        retrying.chat.completions.create(model="rlm", messages=[{"role": "user", "content": "hello"}])
+    assert refused.value.code == "auth" and model.stats.root_requests - before == 1
 
 
 def test_no_model_configured_is_503_and_a_full_server_429(model: FakeOpenAI) -> None:

@@ -274,7 +274,9 @@ async def _complete(request: Request, run: LiveRun) -> Response:
         error = OpenAIError(503, "The server is shutting down: send the request again.", code="server_shutting_down")
         return error.response({"Retry-After": "1"})
     if isinstance(terminal, ErrorEvent):
-        return _run_failed(terminal).response()
+        # OpenAI's clients retry a 500 twice unless told not to: the whole task would run again, while the run
+        # has retried its model calls already (RLM_MODEL_RETRIES)
+        return _run_failed(terminal).response({"x-should-retry": "false"})
     assert isinstance(terminal, FinalEvent)
     return JSONResponse(
         {
