@@ -326,6 +326,41 @@ raw.sendall(len(body).to_bytes(4, 'big') + bytes(4) + body)  # a head of 150 MB,
     server.assert_healthy()
 
 
+def test_requests_sent_faster_than_their_replies_are_read_hold_a_bounded_share_of_the_server(
+    server: RealServer,
+) -> None:
+    """A cell stops its worker's reader of replies, then sends 100 `batch` requests of 100,000 empty prompts
+    each on its channel: each costs the server nothing to read and makes a reply of 10 MB (refusals: the run's
+    sub-call budget is far smaller). Old behaviour caught (the attack pass): every request was served at once and
+    its reply written whatever the worker read, so the server's memory grew by about 11 MB a request (250 of
+    them: 2.8 GB) until the cell's time ran out. Now the replies not yet sent count against the run's 64 MiB
+    budget and at most MAX_REQUESTS_IN_FLIGHT requests are served at once: the cell stalls on its own channel
+    until its time runs out, and the run goes on."""
+    flood = """
+import time
+channel = [c.cell_contents for c in llm_batch.__closure__ if hasattr(c.cell_contents, '__self__')][0].__self__
+class Stuck(dict):
+    def pop(self, *args):
+        time.sleep(10**6)  # the reader of replies stops at its first
+channel._waiting = Stuck()
+channel.send({"op": "batch", "id": 0}, [""])
+for i in range(100):
+    channel.send({"op": "batch", "id": 1000 + i}, [""] * 100_000)
+"""
+    server.assert_healthy()
+    peak_before = peak_rss(server.pid)
+    with health_watch(server) as watch:
+        events = server.run(flood, "print('after the flood', len(context))", exec_timeout_s=10)
+    grown = peak_rss(server.pid) - peak_before
+    print(f"the server's peak memory grew by {grown / 2**20:.0f} MiB")
+    assert grown < 300 * 2**20
+    first, second = outputs(events)[:2]
+    assert "TimeoutError" in (first["error"] or ""), first
+    assert second["stdout"] == "after the flood 9\n" and events[-1].event == "final"
+    assert watch.answers > 0 and watch.slowest < 2.0, watch
+    server.assert_healthy()
+
+
 def test_requests_in_flight_hold_a_bounded_share_of_the_server(server: RealServer) -> None:
     """Eight threads of one cell each call llm_query with a 15 MB prompt while the sub-model takes three
     seconds to answer. The server holds at most 64 MiB of one run's prompts at a time (four of them): the

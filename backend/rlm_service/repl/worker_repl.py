@@ -23,6 +23,9 @@ from .executor import MAX_ANSWER_CHARS, MAX_FIGURE_BYTES, MAX_FIGURES
 
 MAX_VARIABLES = 50
 _REQUESTS = ("batch", "rlm")
+MAX_REQUESTS_IN_FLIGHT = 64
+"""Requests of one worker served at once; past it the server reads no more of them until one is answered (each
+of a well-behaved worker's threads waits for the reply to its one request)."""
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 
@@ -144,6 +147,8 @@ class WorkerRepl:
                         task = asyncio.create_task(self._serve(worker, message, calls))
                         batches.add(task)
                         task.add_done_callback(batches.discard)
+                        if len(batches) >= MAX_REQUESTS_IN_FLIGHT:  # read no more until one is answered
+                            await asyncio.wait(set(batches), return_when=asyncio.FIRST_COMPLETED)
                     elif message.op == "done":
                         outcome = self._outcome(message, started)
                         self._answer_content = outcome.answer_content
@@ -238,8 +243,17 @@ class WorkerRepl:
                 reply["error"] = f"{type(exc).__name__}: {exc}"
             message.texts = []  # the prompts need not wait for the reply to be sent
             del texts
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await _send(worker, reply, results)
+            self._budget.give(message.held)
+            message.held = 0
+            # The reply counts against the budget until it is sent: a worker that sends requests faster than it
+            # reads their replies (100,000 empty prompts make 10 MB of refusals) would otherwise pile them up in
+            # the server's memory. Counted in characters (a reply far over the budget takes all of it).
+            size = await self._budget.take(min(sum(len(result) for result in results), self._budget.capacity))
+            try:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await _send(worker, reply, results)
+            finally:
+                self._budget.give(size)
         finally:
             self._budget.give(message.held)
 
