@@ -233,6 +233,16 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}},
         )
     assert "not a valid JSON Schema" in schema.value.message
+    deep: dict[str, Any] = {"type": "integer"}
+    for _ in range(300):
+        deep = {"not": deep}
+    with pytest.raises(openai.UnprocessableEntityError) as too_deep:  # old: a bare 500, not in OpenAI's shape
+        client(server).chat.completions.create(
+            model="rlm",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": deep}},
+        )
+    assert "nested too deeply" in too_deep.value.message
     with pytest.raises(openai.BadRequestError) as no_task:
         client(server).chat.completions.create(model="rlm", messages=[{"role": "system", "content": "hi"}])
     assert "no user message" in no_task.value.message

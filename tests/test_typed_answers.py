@@ -60,6 +60,11 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": 5}}})
     assert response.status_code == 422
     assert "settings.answer_schema: not a valid JSON Schema" in response.json()["detail"]
+    deep: dict[str, object] = {"type": "integer"}
+    for _ in range(300):  # old behaviour (the attack pass): the check's RecursionError, a bare 500
+        deep = {"not": deep}
+    too_deep = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": deep}})
+    assert too_deep.status_code == 422 and "nested too deeply" in too_deep.json()["detail"], too_deep.text
     assert fake.stats.requests == 0
 
 

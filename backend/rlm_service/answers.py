@@ -77,6 +77,8 @@ class AnswerSchema:
             validator_class.check_schema(schema)
         except schema_errors.SchemaError as exc:
             raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
+        except RecursionError:
+            raise SchemaInvalid("a JSON Schema nested too deeply to be checked") from None
         self.schema = schema
         self._accepted: tuple[str, Any] | None = None
         """The last answer `problem` found valid, parsed: the run's `final` asks `value` for the same one."""
