@@ -68,6 +68,16 @@ def test_a_bad_proxy_is_named_without_its_password(monkeypatch: pytest.MonkeyPat
     assert load_settings(_env_file=None).https_proxy is None
 
 
+def test_a_model_server_url_holding_a_password_is_refused_without_showing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old behaviour (the attack pass): accepted; every run then failed (`internal`), and /api/config showed the
+    password."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_BASE", "https://user:hunter2@models.example/v1")
+    with pytest.raises(ConfigError, match=r"^OPENAI_API_BASE: must not hold a user or password") as error:
+        load_settings(_env_file=None)
+    assert "hunter2" not in str(error.value) and "OPENAI_API_KEY" in str(error.value)
+
+
 def test_a_database_url_picks_postgresql_and_a_bad_one_is_named_without_its_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -181,6 +181,8 @@ class Settings(BaseSettings):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        if "@" in parts.netloc:  # every request would fail (the key goes in a header), and /api/config shows the base
+            raise ValueError("must not hold a user or password: the model server's key goes in OPENAI_API_KEY")
         return value.rstrip("/")
 
     @field_validator("https_proxy", "http_proxy")
@@ -330,8 +332,9 @@ def load_settings(**overrides: object) -> Settings:
         first = exc.errors()[0]
         name = _field_env_name(Settings, tuple(first["loc"]), env_file)
         given = first.get("input")
-        # proxies and database URLs carry passwords
+        # proxies and database URLs carry passwords, as may any URL with an @
         secret = name in ("OPENAI_API_KEY", "RLM_API_TOKEN", "HTTPS_PROXY", "HTTP_PROXY", "RLM_DATABASE_URL")
+        secret = secret or (isinstance(given, str) and "@" in given)
         shown = f" (got {given!r})" if isinstance(given, (str, int, float)) and not secret else ""
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{name}: {message}{shown}") from None
