@@ -205,6 +205,10 @@ function renderOutput(log, evt) {
 }
 
 function renderFigure(log, evt) {
+  if (!evt.data) {  // a run keeps its latest 64 MB of figures whole; older ones come back without their image
+    log.cell(evt.iteration).append(el("p", "muted small", "A figure the server no longer keeps (the run made many)."));
+    return;
+  }
   const image = el("img", "figure");
   image.alt = `Figure made by the code of iteration ${evt.iteration}`;
   image.src = `data:image/png;base64,${evt.data}`;  // only PNG is ever sent

@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from rlm_service import runs as runs_module
-from rlm_service.events import AnswerEvent, EventBase, FinalEvent, RunUsage, ThoughtEvent
+from rlm_service.events import AnswerEvent, EventBase, FigureEvent, FinalEvent, RunUsage, ThoughtEvent
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
 from tests.conftest import (
@@ -295,6 +295,22 @@ def test_a_run_keeps_answers_it_replaced_cut_and_its_followers_get_the_latest_wh
     assert len(answers[0]) < 70_000 and len(answers[1]) < 70_000 and answers[2] == "c" * 3_000_000
     assert replayed[-1].event == "final" and replayed[-1].data["answer"] == "c" * 3_000_000
     assert held < 6_500_000  # the last answer, and `final` with the same text
+
+
+def test_a_run_keeps_a_bounded_amount_of_figures_the_newest_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's figures past LIVE_FIGURE_CHARS are kept without their image, oldest first; the figure as sent stays
+    whole. Old behaviour caught (the attack pass): every figure was kept whole while the run lived, and cells
+    sending eight figures of 2.7 MB each, 120 cells, took the server from 1.2 to 2.9 GB."""
+    monkeypatch.setattr(runs_module, "LIVE_FIGURE_CHARS", 1_000_000)
+    run = LiveRun("0123456789abcdef")
+    sent = [FigureEvent(run_id=run.id, iteration=n, data=str(n % 10) * 300_000) for n in range(10)]
+    for figure in sent:
+        run.emit(figure)
+    kept = [event.data for event in run.events if isinstance(event, FigureEvent)]
+    assert kept[:7] == [""] * 7 and kept[7:] == [figure.data for figure in sent[7:]]
+    assert all(len(figure.data) == 300_000 for figure in sent) and run.chars < 1_000_000
+    run.emit(FigureEvent(run_id=run.id, iteration=10, data="x" * 3_000_000))  # larger than the bound: kept whole
+    assert [len(event.data) for event in run.events if isinstance(event, FigureEvent)][-2:] == [0, 3_000_000]
 
 
 def test_a_large_event_is_framed_once_for_all_its_followers() -> None:

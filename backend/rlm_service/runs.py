@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
-from .events import AnswerEvent, Event, EventBase, is_terminal
+from .events import AnswerEvent, Event, EventBase, FigureEvent, is_terminal
 
 ENDED_KEPT_S = 600.0
 """How long an ended run's events stay in memory for clients that re-attach."""
@@ -33,6 +33,9 @@ ENDED_KEPT_CHARS = 256 * 1024**2
 """How much text (answers, outputs, figures) ended runs keep in memory together (the oldest go first)."""
 SUPERSEDED_ANSWER_CHARS = 64 * 1024
 """How much of an answer a run keeps once a later answer has replaced it."""
+LIVE_FIGURE_CHARS = 64 * 1024**2
+"""How much figure data a run keeps in memory; past it, its oldest figures are kept without their image (every
+cell may send up to 8 figures of 2 MB, and a run may have hundreds of cells)."""
 SHARED_FRAME_CHARS = 64 * 1024
 """Events at least this large have their stream frame made once for all followers (the latest few kept)."""
 FRAMES_KEPT = 4
@@ -65,6 +68,9 @@ class LiveRun:
         self._changed = asyncio.Event()
         self._on_end: list[Callable[[LiveRun], None]] = []
         self._last_answer: int | None = None
+        self._figures: list[int] = []
+        """Where the figures still kept with their image are in `events`, oldest first."""
+        self._figure_chars = 0
         self._frames: OrderedDict[int, bytes] = OrderedDict()
 
     @property
@@ -81,6 +87,8 @@ class LiveRun:
             self._last_answer = len(self.events)
         self.events.append(event)
         self.chars += _chars(event)
+        if isinstance(event, FigureEvent):
+            self._keep_figure(event)
         terminal = is_terminal(event)
         if terminal:
             self.ended_at = time.monotonic()
@@ -101,6 +109,20 @@ class LiveRun:
             self.events[self._last_answer] = cut
             self.chars += _chars(cut) - _chars(previous)
             self._frames.pop(previous.seq, None)
+
+    def _keep_figure(self, event: FigureEvent) -> None:
+        """Count the figure just added, and drop the images of the oldest figures (in copies: what was recorded
+        or sent stays whole) while the run keeps more than LIVE_FIGURE_CHARS of them, the newest always whole."""
+        self._figures.append(len(self.events) - 1)
+        self._figure_chars += len(event.data)
+        while self._figure_chars > LIVE_FIGURE_CHARS and len(self._figures) > 1:
+            oldest = self._figures.pop(0)
+            figure = self.events[oldest]
+            assert isinstance(figure, FigureEvent)
+            self.events[oldest] = figure.model_copy(update={"data": ""})
+            self._figure_chars -= len(figure.data)
+            self.chars -= len(figure.data)
+            self._frames.pop(figure.seq, None)
 
     def frame(self, event: EventBase, encode: Callable[[EventBase], bytes]) -> bytes:
         """`encode(event)`, the event's stream frame; for a large one, made once and shared by its followers."""
