@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+from markdown_it import MarkdownIt
 
 from rlm_service import export as export_module
 from rlm_service.engine import Engine, RunSettings
@@ -85,6 +86,21 @@ def test_store_round_trip_and_pagination(store_factory: Callable[..., SqlRunStor
     assert "## Iteration 1" in markdown and "x = 1" in markdown and "answer 2" in markdown
     assert store.delete("r2") and store.get("r2") is None and not store.delete("r2")
     store.close()
+
+
+def test_output_in_a_markdown_export_cannot_leave_its_code_block() -> None:
+    """Old behaviour caught (the review): the fence was four backticks whenever the text held three, so output
+    with four closed it and put its own heading and HTML in the report."""
+    hostile = "````\n# Injected heading\n<img src=x onerror=alert(1)>\n`````"
+    events = [
+        _start("r1").model_dump(mode="json"),
+        {"type": "output", "iteration": 1, "stdout": hostile, "error": None, "duration_ms": 5, "truncated": False},
+    ]
+    tokens = MarkdownIt().parse(export_markdown(_record("r1", 1000.0), events))
+    fences = [token.content for token in tokens if token.type == "fence"]
+    assert any("# Injected heading" in content and "onerror" in content for content in fences), fences
+    assert not any(token.type == "html_block" for token in tokens)
+    assert all(token.content != "Injected heading" for token in tokens if token.type == "inline")
 
 
 def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore]) -> None:

@@ -7,6 +7,7 @@ add nothing to a report, such as progress counters, say so with `_nothing`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,8 +19,11 @@ Renderer = Callable[[dict[str, Any]], Lines]
 
 
 def _fenced(kind: str, text: object) -> Lines:
+    """`text` in a code block whose fence is longer than any run of backticks in it (CommonMark): output cannot
+    close the block and put its own Markdown or HTML in the report."""
     body = str(text).rstrip()
-    fence = "````" if "```" in body else "```"
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
     return [f"{fence}{kind}", body, fence, ""]
 
 
