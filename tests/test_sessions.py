@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -11,6 +12,8 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service.capacity import LocalCapacity
+from rlm_service.sessions import Session, SessionManager
 from tests.conftest import (
     LiveServer,
     SseEvent,
@@ -272,3 +275,31 @@ def test_a_session_is_kept_even_when_no_cell_ran(fake: FakeOpenAI) -> None:
     assert events[-1].event == "final" and events[-1].data["note"]
     assert described.status_code == 200
     assert again[-1].data["answer"] == "3"
+
+
+class _SlowRepl:
+    async def close(self) -> None:
+        await asyncio.sleep(0.5)
+
+
+class _Workspace:
+    removed = False
+
+    def remove(self) -> None:
+        self.removed = True
+
+
+async def test_ending_a_session_cancelled_midway_still_removes_its_workspace() -> None:
+    """A session's end cancelled while its worker stops (the sweeper cancelled at a stop, say): the end goes on
+    and the manager's close waits for it. Old behaviour caught (the review): the workspace, with the session's
+    input, was left on disk, and its worker uid never given back."""
+    manager = SessionManager(idle_s=600, capacity=LocalCapacity(2))
+    workspace = _Workspace()
+    manager.reserve()
+    manager.add(Session("s1", _SlowRepl(), workspace, 0, 0, "text", ""))  # type: ignore[arg-type]
+    ending = asyncio.ensure_future(manager.end("s1"))
+    await asyncio.sleep(0.1)
+    ending.cancel()
+    await asyncio.gather(ending, return_exceptions=True)
+    await manager.close()
+    assert workspace.removed and manager.get("s1") is None

@@ -133,9 +133,7 @@ class SessionManager:
                 self.capacity.limit,
             )
             self._forget(oldest)
-            closing = asyncio.ensure_future(self._close(oldest))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_soon(oldest)
 
     async def make_room(self) -> None:
         """Before `reserve` in a process of several: when the instance keeps RLM_MAX_SESSIONS sessions and
@@ -206,7 +204,9 @@ class SessionManager:
         if session is None:
             return False
         self._forget(session)
-        await self._close(session)
+        # shielded: a caller cancelled meanwhile (the sweeper at a stop, a fleet command) leaves the close going,
+        # and `close` waits for it; cut short, it would leave the session's input on disk and its uid taken
+        await asyncio.shield(self._close_soon(session))
         return True
 
     def _forget(self, session: Session) -> None:
@@ -214,6 +214,12 @@ class SessionManager:
         self.capacity.give()
         if self.directory is not None:
             self.directory.ended(session.id)
+
+    def _close_soon(self, session: Session) -> asyncio.Future[None]:
+        closing = asyncio.ensure_future(self._close(session))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        return closing
 
     @staticmethod
     async def _close(session: Session) -> None:
@@ -228,7 +234,10 @@ class SessionManager:
     async def _sweep_forever(self) -> None:
         while self._sessions:
             await asyncio.sleep(min(SWEEP_INTERVAL_S, self.idle_s / 4))
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # the next sweep tries again
+                log.exception("ending idle sessions failed")
 
     async def sweep(self) -> None:
         """End the sessions idle for longer than RLM_SESSION_IDLE_S."""
