@@ -23,6 +23,7 @@ from unittest.mock import ANY
 import httpx2
 import psycopg
 
+from rlm_service.fleet import CLAIMED_WAIT_S
 from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
 from tests.pgserver import PgServer
 from tests.test_config import MAIN, clean_env
@@ -272,6 +273,53 @@ def test_a_follow_up_given_up_on_is_not_started_late_and_the_retry_is_served(pg_
         retry = _ask(other.url, script({"code": [FINISH.format(expr="len(context)")]}), session_id=session_id)
     assert answered[0].status_code == 503 and "did not answer" in answered[0].json()["detail"]
     assert retry[-1].event == "final" and retry[-1].data["answer"] == "3"
+
+
+def test_a_claimed_follow_up_whose_answer_never_comes_is_given_up_on(pg_url: str, tmp_path: Path) -> None:
+    """The test plays the process keeping a session (alive: its heartbeat is kept fresh): it takes the follow-up's
+    command and claims it (its run is starting), then never answers, as when its answer cannot be written. The
+    asking replica answers its client 503 after CLAIMED_WAIT_S and removes the command, so that a late answer
+    finds no one waiting (and the keeper cancels the run). Old behaviour caught (the review): the asker waited for
+    the claimed command until the sweep removed it, 600 s later."""
+    now = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+    with replicas(tmp_path, pg_url, count=1) as (asker,), psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute(f"INSERT INTO processes (id, host, pid, started, heartbeat) VALUES ('keeper', 'x', 1, {now}, {now})")
+        db.execute(
+            "INSERT INTO sessions (id, owner, created, last_used, runs, input_chars, input_lines) "
+            "VALUES ('s0123456789abcde', 'keeper', 0, 0, '[]', 0, 0)"
+        )
+        alive = threading.Event()
+
+        def heartbeat() -> None:
+            with psycopg.connect(pg_url, autocommit=True) as beats:
+                while not alive.wait(0.5):
+                    beats.execute(f"UPDATE processes SET heartbeat = {now} WHERE id = 'keeper'")
+
+        beating = threading.Thread(target=heartbeat, daemon=True)
+        beating.start()
+        answered: list[httpx2.Response] = []
+        began = time.monotonic()
+        asking = threading.Thread(
+            target=lambda: answered.append(
+                httpx2.post(f"{asker.url}/process", json={"prompt": "x", "session_id": "s0123456789abcde"}, timeout=60)
+            )
+        )
+        asking.start()
+        claimed: list[str] = []
+
+        def claim() -> bool:
+            taken = "UPDATE commands SET taken = 0, result = '{\"status\": 102}' WHERE target = 'keeper' RETURNING id"
+            claimed.extend(row[0] for row in db.execute(taken).fetchall())
+            return bool(claimed)
+
+        assert wait_until(claim, timeout=30)
+        asking.join(45)
+        waited = time.monotonic() - began
+        late = db.execute("UPDATE commands SET result = '{\"status\": 200}' WHERE id = %s", (claimed[0],)).rowcount
+        alive.set()
+        beating.join(5)
+    assert answered and answered[0].status_code == 503 and "did not answer" in answered[0].json()["detail"]
+    assert CLAIMED_WAIT_S <= waited < CLAIMED_WAIT_S + 15 and late == 0
 
 
 def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_url: str, tmp_path: Path) -> None:

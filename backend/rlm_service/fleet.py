@@ -53,6 +53,8 @@ Launch = Callable[[str, RunSettings, str, str], LiveRun]
 ANSWER_WAIT_S = 5.0
 """How long a process waits for another to take (and answer) a follow-up or the end of a session."""
 ANSWER_POLL_S = 0.05
+CLAIMED_WAIT_S = 15.0
+"""How long a process waits for the answer to a follow-up whose run the other process is starting (`sql.claim`)."""
 STOP_WAIT_S = 10.0
 SIBLING_TRIES = 3
 """Idle sessions of other processes asked to end, one after another, to make room for a new one."""
@@ -361,15 +363,24 @@ class Fleet:
         command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
         deadline = time.monotonic() + ANSWER_WAIT_S
 
+        run_id = payload.get("run_id")
+
         async def unanswered(state: str) -> bool:
             late = time.monotonic() - deadline
+            if late >= CLAIMED_WAIT_S:  # claimed, and no answer came (the target could not write it)
+                await self._abandon(command_id, run_id)
+                return True
             if state == "taken" and late >= ANSWER_WAIT_S:
                 return await off_loop(self.store.transaction, lambda db: sql.give_up(db, command_id))
             if state == "waiting" and late >= 0:
                 return await off_loop(self.store.transaction, lambda db: sql.withdraw(db, command_id))
             return False
 
-        result = await self._answer(command_id, unanswered)
+        try:
+            result = await self._answer(command_id, unanswered)
+        except BaseException:  # cancelled (the client left), or the database failed: no run must start unfollowed
+            self._errand(self._abandon(command_id, run_id))
+            raise
         if result is not None:
             return result
         row = await self._find_session(session_id)  # 404 when its process died meanwhile
@@ -378,6 +389,13 @@ class Fleet:
             "detail": f"the server process that keeps session {row.id} did not answer within "
             f"{ANSWER_WAIT_S:g} s; try again",
         }
+
+    async def _abandon(self, command_id: str, run_id: str | None) -> None:
+        """Take back a command no one waits for any more: removed whatever its state (a target answering it later
+        learns that no one waits, and cancels a run it started), and a follow-up that had started is cancelled."""
+        result = await off_loop(self.store.transaction, lambda db: sql.abandon(db, command_id))
+        if run_id is not None and result is not None and result.get("status") == 200:
+            await self.cancel(run_id, "the client that asked for this follow-up stopped waiting for it")
 
     async def _answer(self, command_id: str, stop: Callable[[str], Awaitable[bool]]) -> dict[str, Any] | None:
         """Wait for a command's answer (its target has answered: the command is then removed), polling every
@@ -461,9 +479,15 @@ class Fleet:
         return self.pulse.timeout_s if commands else RECHECK_S
 
     def _errand(self, coroutine: Any) -> None:
+        """Run `coroutine` on its own; its failure is logged (a cancel that could not be sent, say)."""
         task = asyncio.ensure_future(coroutine)
         self._errands.add(task)
-        task.add_done_callback(self._errands.discard)
+        task.add_done_callback(self._errand_done)
+
+    def _errand_done(self, task: asyncio.Future[Any]) -> None:
+        self._errands.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("an errand for another process failed: %r", task.exception())
 
 
 def _sibling(host: str, pid: int) -> bool:

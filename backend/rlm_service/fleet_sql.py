@@ -240,6 +240,13 @@ def remove(db: Db, command_id: str) -> None:
     db.execute("DELETE FROM commands WHERE id = ?", (command_id,))
 
 
+def abandon(db: Db, command_id: str) -> dict[str, Any] | None:
+    """Remove a command whatever its state (its sender stopped waiting); its answer if it had one."""
+    rows = db.rows("DELETE FROM commands WHERE id = ? RETURNING result", (command_id,))
+    result = rows[0]["result"] if rows else None
+    return json.loads(result) if result is not None else None
+
+
 def save_session(db: Db, row: SessionRow) -> None:
     db.execute(
         "INSERT INTO sessions (id, owner, created, last_used, runs, live_run, input_chars, input_lines) "
