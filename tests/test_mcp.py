@@ -20,6 +20,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, TextContent
 
+from rlm_service import mcp_http
 from rlm_service.runs import LiveRun
 from tests.conftest import (
     REPO,
@@ -162,7 +163,12 @@ async def test_a_failed_run_is_a_tool_error_that_says_why(http_server: LiveServe
     fake.inject("status", role="root", status=500, count=10)
     async with http_client(http_server) as client:
         result = await client.call_tool("rlm_run", {"prompt": "anything"})
+        asked = fake.stats.root_requests
+        blank = await client.call_tool("rlm_run", {"prompt": "   ", "input_text": "data"})
     assert result.is_error and "The run failed (model_unavailable)" in answer_text(result)
+    # old behaviour (the attack pass): a blank prompt started a run, as POST /process does not
+    assert blank.is_error and "must not be empty" in answer_text(blank)
+    assert fake.stats.root_requests == asked
 
 
 async def cancel_a_call(server: LiveServer, mode: str, *, close_first: bool) -> LiveRun:
@@ -194,6 +200,61 @@ async def test_cancelling_an_http_call_cancels_the_run(http_server: LiveServer, 
     terminal = (await cancel_a_call(http_server, mode, close_first=False)).events[-1]
     assert terminal.type == "error" and terminal.code == "cancelled"
     assert fake.stats.root_requests == 1
+
+
+def test_a_2025_host_that_vanishes_mid_call_has_its_run_cancelled(http_server: LiveServer) -> None:
+    """A host of the 2025 protocol (a session kept in the server's memory) starts a call and closes the
+    connection that would carry its result, sending no cancel: nothing can ever receive that result (no event
+    store to resume from), so the run is cancelled. Old behaviour caught (the attack pass): the SDK served the
+    call on, and its run went on holding its slot and calling the model."""
+    headers = {
+        "Authorization": f"Bearer {TOKEN}",
+        "Accept": "application/json, text/event-stream",
+        "Content-Type": "application/json",
+    }
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    engine = http_server.app.state.engine
+    with httpx2.Client(base_url=http_server.url, timeout=30) as client:
+        opened = client.post(
+            "/mcp", headers=headers, json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}
+        )
+        assert opened.status_code == 200, opened.text
+        headers |= {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+        client.post("/mcp", headers=headers, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        call = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "rlm_run", "arguments": {"prompt": SLEEPS}},
+        }
+        with client.stream("POST", "/mcp", headers=headers, json=call) as response:
+            assert response.status_code == 200
+            assert wait_until(lambda: len(engine.runs.live()) == 1, timeout=30)
+            (run,) = engine.runs.live()
+        # the stream is closed here, without a cancel notification; the session itself stays open
+        assert wait_until(lambda: run.ended, timeout=15), "the run went on"
+    assert run.events[-1].type == "error" and run.events[-1].code == "cancelled"
+
+
+def test_the_mcp_sessions_kept_at_once_are_bounded(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_MCP_SESSIONS a new MCP session is refused with 503, and the open ones go on. Old behaviour (the attack
+    pass): the SDK's 10,000, and 8,500 sessions opened with the token took the server from 302 to 626 MB."""
+    monkeypatch.setattr(mcp_http, "MAX_MCP_SESSIONS", 3)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Accept": "application/json, text/event-stream"}
+    hello = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello}
+    with LiveServer(make_settings(fake, rlm_api_token=TOKEN)) as server, httpx2.Client(timeout=30) as client:
+        opened = [client.post(f"{server.url}/mcp", headers=headers, json=initialize) for _ in range(4)]
+        session = {
+            **headers,
+            "mcp-session-id": opened[0].headers["mcp-session-id"],
+            "mcp-protocol-version": "2025-06-18",
+        }
+        listed = client.post(
+            f"{server.url}/mcp", headers=session, json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+        )
+    assert [response.status_code for response in opened] == [200, 200, 200, 503]
+    assert listed.status_code == 200 and "rlm_run" in listed.text
 
 
 def _server_pid() -> int:

@@ -13,6 +13,8 @@ event loop.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -33,10 +35,17 @@ from .mcp_server import RlmTools, build_server
 from .streaming import RunSlots
 from .uploads import BodyLimits, json_too_large, read_json_bytes
 
+log = logging.getLogger("rlm_service")
+
 PATH = "/mcp"
 MAX_BODY_BYTES = 8 * 1024**2
 """The largest `/mcp` body: the MCP SDK parses bodies on the event loop itself, and one this size takes it a few
 tens of milliseconds; larger inputs go as files (stdio) or to `POST /process`."""
+MAX_MCP_SESSIONS = 1000
+"""MCP sessions kept at once (2025-protocol hosts, one process): past it a new one is refused (503). Each holds some
+30 kB of the server's memory; the SDK's default, 10,000, let one holder of the token take 300 MB."""
+MCP_SESSION_IDLE_S = 600.0
+"""An MCP session with no request in flight for this long ends (a call under way keeps it)."""
 
 
 class _RequireToken:
@@ -90,7 +99,7 @@ class _ReadBody:
         except HTTPException as exc:
             await JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)(scope, receive, send)
             return
-        delivered = False
+        delivered = finished = False
 
         async def replay() -> Message:
             nonlocal delivered
@@ -99,7 +108,62 @@ class _ReadBody:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        await self.app(scope, replay, send)
+        async def watched(message: Message) -> None:
+            nonlocal finished
+            finished = finished or (message["type"] == "http.response.body" and not message.get("more_body"))
+            await send(message)
+
+        await self.app(scope, replay, watched)
+        if not finished and "mcp-session-id" in request.headers and (call := _call_id(body)) is not None:
+            # The client left before the call's result: with a session kept here (the 2025 protocol) the SDK would
+            # serve the call on, for no one (there is no event store to resume from), its run holding a slot and
+            # calling the model. It is cancelled as the client would cancel it.
+            await self._cancel_call(scope, call)
+
+    async def _cancel_call(self, scope: Scope, call: str | int) -> None:
+        """Send the SDK the `notifications/cancelled` for request `call` of the request's session."""
+        notice = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "method": "notifications/cancelled",
+                "params": {"requestId": call, "reason": "the client's connection closed before the result"},
+            }
+        ).encode()
+        replaced = (b"content-type", b"content-length", b"accept")
+        headers = [(name, value) for name, value in scope["headers"] if name.lower() not in replaced]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(notice)).encode()),
+            (b"accept", b"application/json, text/event-stream"),
+        ]
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if sent:
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": notice, "more_body": False}
+
+        async def ignore(message: Message) -> None:
+            pass
+
+        try:
+            await self.app({**scope, "headers": headers}, receive, ignore)
+        except Exception:  # the session ended meanwhile, say: then its calls have been cancelled with it
+            log.debug("cancelling an MCP call whose client left", exc_info=True)
+
+
+def _call_id(body: bytes) -> str | int | None:
+    """The id of the `tools/call` request in `body`, if that is what it is."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(message, dict) and message.get("method") == "tools/call":
+        call = message.get("id")
+        return call if isinstance(call, (str, int)) and not isinstance(call, bool) else None
+    return None
 
 
 class McpHttp:
@@ -116,6 +180,8 @@ class McpHttp:
             # connection may live in one process's memory. (Clients of the 2026 protocol revision are served
             # that way anyway; those of the 2025 handshake lose only cancellation by notification there.)
             stateless_http=settings.web_concurrency > 1 or settings.rlm_database_url is not None,
+            max_sessions=MAX_MCP_SESSIONS,
+            session_idle_timeout=MCP_SESSION_IDLE_S,
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
         )
         handler = _ReadBody(self.server.session_manager.handle_request, settings, slots)

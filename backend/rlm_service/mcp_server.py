@@ -157,6 +157,8 @@ class RlmTools:
         problem = settings.setup_problem()
         if problem:
             raise ToolError(problem)
+        if not prompt.strip():  # as POST /process refuses it: a run without a task costs model calls for nothing
+            raise ToolError("the prompt must not be empty: say what to do with the input")
         if len(prompt) > settings.rlm_max_prompt_chars:
             raise ToolError(
                 f"the prompt has {len(prompt):,} characters, more than RLM_MAX_PROMPT_CHARS "
