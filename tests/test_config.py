@@ -167,6 +167,27 @@ def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
     assert "sk-hide-me-123" not in output
 
 
+def test_secrets_are_wiped_from_the_environment_whatever_the_case_of_their_names() -> None:
+    """The settings read `openai_api_key=…` as the key, and RLM_DATABASE_URL holds the database's password: both
+    leave the process's environment (`/proc/<pid>/environ` and `os.environ`). Old behaviour caught (the review):
+    the names were compared exactly, and the database URL was not wiped (0 values wiped, both still there)."""
+    code = (
+        "import os\n"
+        "from rlm_service.security import wipe_secrets_from_environment\n"
+        "print(wipe_secrets_from_environment())\n"
+        "print(open('/proc/self/environ', 'rb').read().count(b'hunter2'))\n"
+        "print(sum('hunter2' in value for value in os.environ.values()))"
+    )
+    env = {
+        **clean_env(),
+        "PYTHONPATH": str(MAIN.parent),
+        "openai_api_key": "sk-hunter2-lower",
+        "RLM_DATABASE_URL": "postgresql://rlm:hunter2@db/rlm",
+    }
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["2", "0", "0"], result.stdout + result.stderr
+
+
 def test_env_example_is_a_valid_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith(("OPENAI_", "RLM_")):

@@ -19,7 +19,8 @@ import os
 
 log = logging.getLogger("rlm_service")
 
-SECRET_VARIABLES = ("OPENAI_API_KEY", "RLM_API_TOKEN")
+SECRET_VARIABLES = ("OPENAI_API_KEY", "RLM_API_TOKEN", "RLM_DATABASE_URL")
+"""Compared without case, as the settings read them (`openai_api_key=…` is the key too)."""
 PR_SET_DUMPABLE = 4
 MIN_SECRET_CHARS = 8
 """Shorter "keys" are placeholders (`x`, `none`), as local servers take: hiding them would garble text."""
@@ -52,18 +53,19 @@ def wipe_secrets_from_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> 
     Returns how many values were wiped in the block.
     """
     wiped = 0
+    secret = {name.upper() for name in names}
     block = _environment_block()
     if block is not None:
         start, contents = block
         offset = 0
         for entry in contents.split(b"\0"):
             name, sep, value = entry.partition(b"=")
-            if sep and name.decode("latin-1") in names and value:
+            if sep and name.decode("latin-1").upper() in secret and value:
                 ctypes.memset(start + offset + len(name) + 1, 0, len(value))
                 wiped += 1
             offset += len(entry) + 1
-    for variable in names:
-        os.environ.pop(variable, None)
+    for variable in [variable for variable in os.environ if variable.upper() in secret]:
+        del os.environ[variable]
     return wiped
 
 
