@@ -217,7 +217,8 @@ class Fleet:
             return {"status": 404, "detail": _no_session(session_id)}
         if session.live_run is not None:
             return {"status": 409, "detail": f"run {session.live_run} of this session is live; cancel it first"}
-        await self.engine.sessions.end(session_id)
+        # not waiting for its worker and files to go: this process's other commands wait meanwhile
+        await self.engine.sessions.end(session_id, wait=False)
         return {"status": 204}
 
     def _follow_up_here(self, payload: dict[str, Any]) -> dict[str, Any]:

@@ -198,15 +198,18 @@ class SessionManager:
         if self.directory is not None and session.id in self._sessions:
             self.directory.saved(session)
 
-    async def end(self, session_id: str) -> bool:
-        """End a session: its worker is killed and its workspace removed. False if there was none."""
+    async def end(self, session_id: str, *, wait: bool = True) -> bool:
+        """End a session: its worker is killed and its workspace removed (with `wait`, before this returns;
+        either way `close` waits for it). False if there was none."""
         session = self._sessions.get(session_id)
         if session is None:
             return False
         self._forget(session)
-        # shielded: a caller cancelled meanwhile (the sweeper at a stop, a fleet command) leaves the close going,
-        # and `close` waits for it; cut short, it would leave the session's input on disk and its uid taken
-        await asyncio.shield(self._close_soon(session))
+        closing = self._close_soon(session)
+        if wait:
+            # shielded: a caller cancelled meanwhile (the sweeper at a stop) leaves the close going, and `close`
+            # waits for it; cut short, it would leave the session's input on disk and its uid taken
+            await asyncio.shield(closing)
         return True
 
     def _forget(self, session: Session) -> None:
