@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from rlm_service import followers
+from rlm_service import fleet_sql, followers
 from rlm_service.events import (
     AnswerEvent,
     CodeEvent,
@@ -473,3 +473,24 @@ def test_a_prompt_with_a_nul_character_is_recorded(store_factory: StoreFactory) 
     assert record.prompt in ("before\0after", "before\ufffdafter")
     assert record.status == "finished" and record.answer == "an answer with \0 in it"
     assert events[0]["code"] == "print('\\0')\0"
+
+
+def test_commands_are_kept_by_the_databases_clock(store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica whose clock runs an hour ahead tidies the commands table: a command another process has just
+    sent stays, and one older than COMMANDS_KEPT_S by the database's clock goes. Old behaviour caught (the review):
+    commands were stamped and tidied by each process's own clock, so the fast replica removed them as they came."""
+    store = store_factory()
+    dialect = store.dialect
+    fresh = store.transaction(lambda db: fleet_sql.send(db, dialect, "p1", "cancel", {"run_id": "r1"}))
+    stale = store.transaction(lambda db: fleet_sql.send(db, dialect, "p1", "cancel", {"run_id": "r2"}))
+    store.transaction(
+        lambda db: db.execute(
+            "UPDATE commands SET created = created - ? WHERE id = ?", (fleet_sql.COMMANDS_KEPT_S + 60, stale)
+        )
+    )
+    real = time.time
+    monkeypatch.setattr(fleet_sql.time, "time", lambda: real() + 3600)
+    store.transaction(lambda db: fleet_sql.tidy(db, dialect, 1800))
+    monkeypatch.undo()
+    assert store.query(lambda db: fleet_sql.outcome(db, fresh))[0] == "waiting"
+    assert store.query(lambda db: fleet_sql.outcome(db, stale))[0] == "gone"

@@ -158,11 +158,12 @@ def end_lost(db: Db, dialect: Dialect, run_id: str, message: str) -> bool:
     return True
 
 
-def tidy(db: Db, idle_s: float) -> None:
-    """Forget the commands nobody removed, and the tombstones of sessions that would have expired by now."""
-    now = time.time()
-    db.execute("DELETE FROM commands WHERE created < ?", (now - COMMANDS_KEPT_S,))
-    db.execute("DELETE FROM sessions WHERE gone IS NOT NULL AND last_used < ?", (now - idle_s,))
+def tidy(db: Db, dialect: Dialect, idle_s: float) -> None:
+    """Forget the commands nobody removed (by the database's clock, as they were sent: a replica whose clock runs
+    ahead must not remove the others' commands as they come), and the tombstones of sessions that would have
+    expired by now."""
+    db.execute(f"DELETE FROM commands WHERE created < {NOW[dialect]} - ?", (COMMANDS_KEPT_S,))
+    db.execute("DELETE FROM sessions WHERE gone IS NOT NULL AND last_used < ?", (time.time() - idle_s,))
 
 
 def run_owner(db: Db, run_id: str) -> tuple[str, str | None] | None:
@@ -175,8 +176,8 @@ def send(db: Db, dialect: Dialect, target: str, kind: str, payload: dict[str, An
     """Ask the process `target` to do something; the command's id."""
     command_id = uuid.uuid4().hex
     db.execute(
-        "INSERT INTO commands (id, target, kind, payload, created) VALUES (?, ?, ?, ?, ?)",
-        (command_id, target, kind, json.dumps(payload), time.time()),
+        f"INSERT INTO commands (id, target, kind, payload, created) VALUES (?, ?, ?, ?, {NOW[dialect]})",
+        (command_id, target, kind, json.dumps(payload)),
     )
     notify(db, dialect, COMMANDS_CHANNEL, [target])
     return command_id

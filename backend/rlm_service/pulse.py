@@ -174,7 +174,7 @@ class Pulse:
 
     def _tidy(self) -> None:
         def work(db: Db) -> list[str]:
-            sql.tidy(db, self.idle_s)
+            sql.tidy(db, self.dialect, self.idle_s)
             return sql.orphans(db, self.dialect)
 
         if ended := self._transaction(work):
