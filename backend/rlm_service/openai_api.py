@@ -157,11 +157,13 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
             chat = await _read_chat(request, limits)
         # in a thread: the conversation is rendered, encoded and hashed, and may be tens of megabytes
         run_settings, run_input, task = await asyncio.to_thread(_prepare, chat, settings)
+        model_settings, stream = chat.model_settings(), chat.stream
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        del chat  # the conversation (up to RLM_MAX_JSON_BYTES) is in the run's input now: not held for the run's length
         slots.refuse_if_full()
         engine: Engine = request.app.state.engine
-        run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=chat.model_settings()))
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=model_settings))
+        if stream:
             shutdown = anyio.Event()  # the server stopping cancels the run: its error chunk, then [DONE]
             return EventSourceResponse(
                 until_shutdown(_chunks(run, include_usage), shutdown, lambda: run.cancel(SHUTTING_DOWN)),
