@@ -251,7 +251,12 @@ class RlmTools:
                 raise ToolError(f"input_path: cannot read {file}: {exc.strerror or exc}") from None
 
         async def make() -> RunInput:
-            return await asyncio.to_thread(spool)
+            spooling = asyncio.ensure_future(asyncio.to_thread(spool))
+            try:
+                return await asyncio.shield(spooling)
+            except asyncio.CancelledError:  # the call was cancelled: the copy, which cannot be stopped, is removed
+                spooling.add_done_callback(_discard_spooled)
+                raise
 
         return make
 
@@ -263,6 +268,11 @@ class RlmTools:
         else:
             runs = [{"id": run.id, "status": "running"} for run in engine.runs.live()]
         return json.dumps({"runs": runs}, ensure_ascii=False)
+
+
+def _discard_spooled(spooling: asyncio.Future[RunInput]) -> None:
+    if not spooling.cancelled() and spooling.exception() is None:
+        spooling.result().discard()
 
 
 def result_of(terminal: Event, run_id: str, session_id: str | None) -> CallToolResult:
