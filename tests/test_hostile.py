@@ -497,6 +497,25 @@ print(len(children), refused, rss // 1024)
     tight.assert_healthy()
 
 
+def test_the_children_of_a_stopped_worker_leave_the_next_worker_its_processes(tight: RealServer) -> None:
+    """A cell starts four children (RLM_WORKER_PROCESSES), the next runs past its time and the worker is stopped
+    with them, and the cell after it starts four threads at once in the restarted worker, which runs as the same
+    uid. Old behaviour caught (the attack pass): the killed children stayed zombies of the machine's first process
+    until it got to them (2 s here), still counted against the uid's processes: "can't start new thread"."""
+    start = "import subprocess\nkids = [subprocess.Popen(['sleep', '600']) for _ in range(4)]\nprint(len(kids))"
+    threads = """
+import threading
+started = [threading.Thread(target=lambda: None) for _ in range(4)]
+for thread in started:
+    thread.start()
+print('threads', len(started))
+"""
+    events = tight.run(start, "while True:\n    pass", threads, exec_timeout_s=3)
+    first, second, third = outputs(events)[:3]
+    assert first["stdout"] == "4\n" and "TimeoutError" in (second["error"] or "")
+    assert third["stdout"] == "threads 4\n", third["error"]
+
+
 def test_a_cell_that_fills_the_disk_is_stopped_and_its_files_go(tight: RealServer) -> None:
     """With RLM_WORKER_DISK_MB=200 a cell writes 50 MB files, 2 GB in all. The server walks the run's
     directory four times a second: past 200 MB it stops the worker, deletes the files and says why in the

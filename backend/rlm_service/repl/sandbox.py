@@ -37,6 +37,7 @@ from .syscalls import (
     PR_CAP_AMBIENT,
     PR_CAP_AMBIENT_CLEAR_ALL,
     PR_CAPBSET_DROP,
+    PR_SET_CHILD_SUBREAPER,
     PR_SET_DUMPABLE,
     PR_SET_KEEPCAPS,
     PR_SET_NO_NEW_PRIVS,
@@ -89,6 +90,11 @@ def die_with_parent(expected_parent: int | None, sig: int = signal.SIGKILL) -> N
     prctl(PR_SET_PDEATHSIG, sig)
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(0)
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants of this process become its children (to reap) rather than the first process's."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def make_non_dumpable() -> None:

@@ -12,7 +12,7 @@ Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descrip
     server → zygote: {"op": "spawn", "id", "cwd", "env"} with two fds: the worker's channel socket and
                      the write end of a pipe for its stderr
     zygote → server: {"op": "spawned", "id", "pid"} or {"op": "failed", "id", "error"};
-                     {"op": "exited", "pid", "returncode"} for every child that ends (negative: a signal)
+                     {"op": "exited", "pid", "returncode"} for every worker that ends (negative: a signal)
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _reap(control: socket.socket) -> None:
             return
         if pid == 0:
             return
-        _live.discard(pid)
-        _send(control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
+        if pid in _live:  # (the others: children of a worker that died, reaped as its subreaper)
+            _live.discard(pid)
+            _send(control, {"op": "exited", "pid": pid, "returncode": os.waitstatus_to_exitcode(status)})
 
 
 def _spawn(control: socket.socket, message: dict[str, object], fds: list[int]) -> None:
@@ -151,6 +152,10 @@ def main() -> None:
     sandbox.die_with_parent(int(sys.argv[2]), signal.SIGTERM)
     sandbox.make_non_dumpable()
     sandbox.set_process_name("rlm-zygote")
+    # The children a stopped worker leaves are the zygote's to reap, at once: reparented to the machine's first
+    # process, they would stay zombies until it got to them, counted against the processes of the worker's uid,
+    # which the next worker of the run uses.
+    sandbox.become_subreaper()
     _preload(json.loads(sys.argv[3]) if len(sys.argv) > 3 else [])
     gc.collect()
     gc.freeze()  # the children's collections then leave the preloaded modules alone: no page copied for them
