@@ -361,6 +361,30 @@ for i in range(100):
     server.assert_healthy()
 
 
+def test_a_worker_that_dies_with_its_requests_at_the_cap_is_seen_at_once(server: RealServer) -> None:
+    """A cell sends 70 requests of one prompt each straight on its channel while the sub-model takes 15 s to
+    answer, and its worker exits two seconds in, while the server serves no more of its requests
+    (MAX_REQUESTS_IN_FLIGHT): the cell ends with the worker's death then, not when a request in flight is
+    answered, and the next cell runs. Old behaviour caught (the review of the cap): the server, reading nothing
+    at the cap, saw the death only once the first reply came, 15 s later."""
+    flood = """
+import os, threading
+channel = [c.cell_contents for c in llm_batch.__closure__ if hasattr(c.cell_contents, '__self__')][0].__self__
+threading.Timer(2, os._exit, (3,)).start()
+for i in range(70):
+    channel.send({"op": "batch", "id": 1000 + i}, [f"question {i}"])
+threading.Event().wait()
+"""
+    server.fake.sub_latency = 15.0
+    try:
+        events = server.run(flood, "print('after', len(context))", exec_timeout_s=20)
+    finally:
+        server.fake.sub_latency = 0.0
+    first, second = outputs(events)[:2]
+    assert "WorkerDied" in (first["error"] or "") and first["duration_ms"] < 12_000, first
+    assert second["stdout"] == "after 9\n"
+
+
 def test_requests_in_flight_hold_a_bounded_share_of_the_server(server: RealServer) -> None:
     """Eight threads of one cell each call llm_query with a 15 MB prompt while the sub-model takes three
     seconds to answer. The server holds at most 64 MiB of one run's prompts at a time (four of them): the

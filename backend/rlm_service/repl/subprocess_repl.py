@@ -100,6 +100,9 @@ class _Process:
             async with asyncio.timeout(2):
                 await self.process.wait()
 
+    async def ended(self) -> None:
+        await self.process.wait()
+
     def describe_exit(self) -> str:
         return _describe_exit(self.process.returncode)
 

@@ -41,6 +41,9 @@ class Worker(Protocol):
     async def reap(self) -> None:
         """Wait (briefly) until the killed or dead worker is gone."""
 
+    async def ended(self) -> None:
+        """Until the worker has ended, by itself or killed."""
+
     def describe_exit(self) -> str:
         """How the worker ended, in words for the root model ("killed by signal 9 …")."""
 
@@ -64,8 +67,8 @@ class Launcher(Protocol):
 
 
 class _Budget:
-    """Bytes of request texts (prompts, contexts) the server holds for one run at once: a request that
-    does not fit waits, unread, until earlier ones are served."""
+    """Bytes of request texts (prompts, contexts) and of replies not yet sent that the server holds for one run
+    at once: a request that does not fit waits, unread, until earlier ones are served."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -148,7 +151,7 @@ class WorkerRepl:
                         batches.add(task)
                         task.add_done_callback(batches.discard)
                         if len(batches) >= MAX_REQUESTS_IN_FLIGHT:  # read no more until one is answered
-                            await asyncio.wait(set(batches), return_when=asyncio.FIRST_COMPLETED)
+                            await _room_or_end(worker, batches)
                     elif message.op == "done":
                         outcome = self._outcome(message, started)
                         self._answer_content = outcome.answer_content
@@ -285,6 +288,18 @@ class WorkerRepl:
             await asyncio.gather(self._watcher, return_exceptions=True)
         if worker is not None:
             await worker.reap()
+
+
+async def _room_or_end(worker: Worker, batches: set[asyncio.Task[None]]) -> None:
+    """Until one of the worker's requests in flight is answered; `ChannelClosed` if the worker ends first (its
+    death is seen at once, not when a request's model calls end, which may take minutes)."""
+    ended = asyncio.ensure_future(worker.ended())
+    try:
+        await asyncio.wait({*batches, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        ended.cancel()
+    if ended.done() and not ended.cancelled():
+        raise protocol.ChannelClosed()
 
 
 async def _send(worker: Worker, head: dict[str, Any], texts: list[str] | list[protocol.Text] | None = None) -> None:
