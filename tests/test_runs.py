@@ -12,7 +12,16 @@ import httpx2
 import pytest
 
 from rlm_service import runs as runs_module
-from rlm_service.events import AnswerEvent, EventBase, FigureEvent, FinalEvent, RunUsage, ThoughtEvent
+from rlm_service.events import (
+    AnswerEvent,
+    ChildEvent,
+    EventBase,
+    FigureEvent,
+    FinalEvent,
+    ParentRef,
+    RunUsage,
+    ThoughtEvent,
+)
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
 from tests.conftest import (
@@ -309,6 +318,13 @@ def test_a_run_keeps_a_bounded_amount_of_figures_the_newest_whole(monkeypatch: p
     kept = [event.data for event in run.events if isinstance(event, FigureEvent)]
     assert kept[:7] == [""] * 7 and kept[7:] == [figure.data for figure in sent[7:]]
     assert all(len(figure.data) == 300_000 for figure in sent) and run.chars < 1_000_000
+    # a child run's figures (rlm_batch) count with the root's (the review: they were kept whole, and uncounted)
+    parent = ParentRef(run_id=run.id, iteration=1)
+    for _ in range(4):
+        figure = {"type": "figure", "iteration": 1, "mime": "image/png", "data": "c" * 300_000}
+        run.emit(ChildEvent(run_id=run.id, depth=1, parent=parent, event="figure", data=figure))
+    images = [len(event.data) if isinstance(event, FigureEvent) else len(event.data["data"]) for event in run.events]
+    assert images[-3:] == [300_000] * 3 and sum(images) == 900_000 and 900_000 <= run.chars < 1_000_000
     run.emit(FigureEvent(run_id=run.id, iteration=10, data="x" * 3_000_000))  # larger than the bound: kept whole
     assert [len(event.data) for event in run.events if isinstance(event, FigureEvent)][-2:] == [0, 3_000_000]
 

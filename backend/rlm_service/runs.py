@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 
-from .events import AnswerEvent, Event, EventBase, FigureEvent, is_terminal
+from .events import AnswerEvent, ChildEvent, Event, EventBase, FigureEvent, is_terminal
 
 ENDED_KEPT_S = 600.0
 """How long an ended run's events stay in memory for clients that re-attach."""
@@ -42,8 +42,25 @@ FRAMES_KEPT = 4
 
 
 def _chars(event: Event) -> int:
-    """About how much memory an event holds: the length of its texts."""
-    return sum(len(value) for value in vars(event).values() if isinstance(value, str))
+    """About how much memory an event holds: the length of its texts (a child run's event's too)."""
+    texts = [*vars(event).values(), *(event.data.values() if isinstance(event, ChildEvent) else ())]
+    return sum(len(value) for value in texts if isinstance(value, str))
+
+
+def _image(event: Event) -> str | None:
+    """The image of a figure event, the root's or a child run's; None for any other event."""
+    if isinstance(event, FigureEvent):
+        return event.data
+    if isinstance(event, ChildEvent) and event.event == "figure" and isinstance(event.data.get("data"), str):
+        return str(event.data["data"])
+    return None
+
+
+def _without_image(event: Event) -> Event:
+    """A copy of a figure event (`_image`) without its image."""
+    if isinstance(event, ChildEvent):
+        return event.model_copy(update={"data": {**event.data, "data": ""}})
+    return event.model_copy(update={"data": ""})
 
 
 def _cut_answer(event: AnswerEvent) -> AnswerEvent:
@@ -87,8 +104,8 @@ class LiveRun:
             self._last_answer = len(self.events)
         self.events.append(event)
         self.chars += _chars(event)
-        if isinstance(event, FigureEvent):
-            self._keep_figure(event)
+        if (image := _image(event)) is not None:
+            self._keep_figure(image)
         terminal = is_terminal(event)
         if terminal:
             self.ended_at = time.monotonic()
@@ -110,18 +127,19 @@ class LiveRun:
             self.chars += _chars(cut) - _chars(previous)
             self._frames.pop(previous.seq, None)
 
-    def _keep_figure(self, event: FigureEvent) -> None:
-        """Count the figure just added, and drop the images of the oldest figures (in copies: what was recorded
-        or sent stays whole) while the run keeps more than LIVE_FIGURE_CHARS of them, the newest always whole."""
+    def _keep_figure(self, image: str) -> None:
+        """Count the figure just added (its `image`), and drop the images of the oldest figures (in copies: what
+        was recorded or sent stays whole) while the run keeps more than LIVE_FIGURE_CHARS of them, the newest
+        always whole. A child run's figures count with the root's."""
         self._figures.append(len(self.events) - 1)
-        self._figure_chars += len(event.data)
+        self._figure_chars += len(image)
         while self._figure_chars > LIVE_FIGURE_CHARS and len(self._figures) > 1:
             oldest = self._figures.pop(0)
             figure = self.events[oldest]
-            assert isinstance(figure, FigureEvent)
-            self.events[oldest] = figure.model_copy(update={"data": ""})
-            self._figure_chars -= len(figure.data)
-            self.chars -= len(figure.data)
+            size = len(_image(figure) or "")
+            self.events[oldest] = _without_image(figure)
+            self._figure_chars -= size
+            self.chars -= size
             self._frames.pop(figure.seq, None)
 
     def frame(self, event: EventBase, encode: Callable[[EventBase], bytes]) -> bytes:
