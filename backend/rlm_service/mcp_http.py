@@ -44,8 +44,9 @@ tens of milliseconds; larger inputs go as files (stdio) or to `POST /process`.""
 MAX_MCP_SESSIONS = 1000
 """MCP sessions kept at once (2025-protocol hosts, one process): past it a new one is refused (503). Each holds some
 30 kB of the server's memory; the SDK's default, 10,000, let one holder of the token take 300 MB."""
-MCP_SESSION_IDLE_S = 600.0
-"""An MCP session with no request in flight for this long ends (a call under way keeps it)."""
+MCP_SESSION_IDLE_S = 1800.0
+"""An MCP session with no request in flight for this long ends (a call under way keeps it). As the SDK's default:
+a host idle longer must start a new session, which the SDK's own client does not do by itself."""
 
 
 class _RequireToken:
@@ -117,7 +118,8 @@ class _ReadBody:
         if not finished and "mcp-session-id" in request.headers and (call := _call_id(body)) is not None:
             # The client left before the call's result: with a session kept here (the 2025 protocol) the SDK would
             # serve the call on, for no one (there is no event store to resume from), its run holding a slot and
-            # calling the model. It is cancelled as the client would cancel it.
+            # calling the model. It is cancelled as the client would cancel it. (With an event store, a client
+            # could come back for the result: this would then have to go.)
             await self._cancel_call(scope, call)
 
     async def _cancel_call(self, scope: Scope, call: str | int) -> None:
