@@ -53,8 +53,9 @@ Launch = Callable[[str, RunSettings, str, str], LiveRun]
 ANSWER_WAIT_S = 5.0
 """How long a process waits for another to take (and answer) a follow-up or the end of a session."""
 ANSWER_POLL_S = 0.05
-CLAIMED_WAIT_S = 15.0
-"""How long a process waits for the answer to a follow-up whose run the other process is starting (`sql.claim`)."""
+CLAIMED_WAIT_S = 20.0
+"""How long after sending a follow-up a process waits for its answer once the other process has claimed it, i.e.
+is starting its run (`sql.claim`); an unclaimed command is given up on after twice ANSWER_WAIT_S."""
 STOP_WAIT_S = 10.0
 SIBLING_TRIES = 3
 """Idle sessions of other processes asked to end, one after another, to make room for a new one."""
@@ -102,6 +103,7 @@ class Fleet:
         await asyncio.to_thread(self.pulse.start)
         self.engine.sessions.directory = self
         self._tasks = [asyncio.create_task(self._commands(), name="rlm-fleet-commands")]
+        self._tasks[0].add_done_callback(_loop_ended)
         if self.listener is not None:
             self._tasks.append(asyncio.create_task(self.listener.run(), name="rlm-fleet-listener"))
         log.info(
@@ -169,9 +171,20 @@ class Fleet:
             return []
 
     async def _failed(self, command: sql.Command) -> None:
+        """After a command failed: a follow-up's run, if it started, is cancelled (its sender will not follow it),
+        and the sender is told (500), or the command removed if no one waits for an answer."""
+        run = self.engine.runs.get(str(command.payload.get("run_id"))) if command.kind == "follow_up" else None
+        if run is not None:
+            run.cancel("the command that started this follow-up failed")
         failed = {"status": 500, "detail": f"the {command.kind} command failed"}
-        with contextlib.suppress(StoreUnavailable):
-            await off_loop(self.store.transaction, lambda db: sql.answer(db, command.id, failed))
+        replied = command.payload.get("reply", True)
+        try:
+            await off_loop(
+                self.store.transaction,
+                lambda db: sql.answer(db, command.id, failed) if replied else sql.remove(db, command.id),
+            )
+        except Exception as exc:  # the sweep removes it; its sender gives up
+            log.warning("a failed %s command could not be answered: %r", command.kind, exc)
 
     async def _carry_out(self, command: sql.Command) -> None:
         payload = command.payload
@@ -356,33 +369,34 @@ class Fleet:
 
     async def _ask(self, target: str, kind: str, payload: dict[str, Any], session_id: str) -> dict[str, Any]:
         """Leave a command for `target` and wait for its answer. Not taken within ANSWER_WAIT_S: withdrawn; taken
-        but not answered within another ANSWER_WAIT_S: given up, unless the target has claimed it (a follow-up whose
-        run it is starting: `sql.claim`), which is then waited for; a target answering a command given up on
+        but not answered within twice that: given up, unless the target has claimed it (a follow-up whose run it is
+        starting: `sql.claim`), which is waited for up to CLAIMED_WAIT_S; a target answering a command given up on
         cancels the run it started. Either way the session is reported gone (its process died) or busy (it is
         alive but did not answer)."""
         dialect = self.store.dialect
         command_id = await off_loop(self.store.transaction, lambda db: sql.send(db, dialect, target, kind, payload))
-        deadline = time.monotonic() + ANSWER_WAIT_S
-
+        sent = time.monotonic()
         run_id = payload.get("run_id")
 
         async def unanswered(state: str) -> bool:
-            late = time.monotonic() - deadline
-            if late >= CLAIMED_WAIT_S:  # claimed, and no answer came (the target could not write it)
-                await self._abandon(command_id, run_id)
-                return True
-            if state == "taken" and late >= ANSWER_WAIT_S:
+            waited = time.monotonic() - sent
+            if state == "claimed":  # its answer may never come (the target could not write it)
+                return waited >= CLAIMED_WAIT_S
+            if state == "taken" and waited >= 2 * ANSWER_WAIT_S:
                 return await off_loop(self.store.transaction, lambda db: sql.give_up(db, command_id))
-            if state == "waiting" and late >= 0:
+            if state == "waiting" and waited >= ANSWER_WAIT_S:
                 return await off_loop(self.store.transaction, lambda db: sql.withdraw(db, command_id))
             return False
 
         try:
             result = await self._answer(command_id, unanswered)
+            # removed whatever its state, so that a target answering later learns that no one waits (and cancels a
+            # run it started); an answer that came just before stands
+            result = result or await off_loop(self.store.transaction, lambda db: sql.abandon(db, command_id))
         except BaseException:  # cancelled (the client left), or the database failed: no run must start unfollowed
             self._errand(self._abandon(command_id, run_id))
             raise
-        if result is not None:
+        if result is not None and result.get("status") != sql.STARTING:
             return result
         row = await self._find_session(session_id)  # 404 when its process died meanwhile
         return {
@@ -392,7 +406,7 @@ class Fleet:
         }
 
     async def _abandon(self, command_id: str, run_id: str | None) -> None:
-        """Take back a command no one waits for any more: removed whatever its state (a target answering it later
+        """Take back a command whose sender stopped waiting: removed whatever its state (a target answering it later
         learns that no one waits, and cancels a run it started), and a follow-up that had started is cancelled."""
         result = await off_loop(self.store.transaction, lambda db: sql.abandon(db, command_id))
         if run_id is not None and result is not None and result.get("status") == 200:
@@ -401,7 +415,7 @@ class Fleet:
     async def _answer(self, command_id: str, stop: Callable[[str], Awaitable[bool]]) -> dict[str, Any] | None:
         """Wait for a command's answer (its target has answered: the command is then removed), polling every
         ANSWER_POLL_S; None once the command is gone (its target died) or `stop(state)` gives up on it (state:
-        "waiting", "taken"; a claimed follow-up, status STARTING, is waited for)."""
+        "waiting", "taken", or "claimed": a follow-up whose run its target is starting, status STARTING)."""
         while True:
             await asyncio.sleep(ANSWER_POLL_S)
             state, result = await off_loop(self.store.query, lambda db: sql.outcome(db, command_id))
@@ -409,7 +423,7 @@ class Fleet:
                 with contextlib.suppress(StoreUnavailable):  # left for the sweep: the answer stands
                     await off_loop(self.store.transaction, lambda db: sql.remove(db, command_id))
                 return result
-            if state == "gone" or await stop(state):
+            if state == "gone" or await stop("claimed" if result is not None else state):
                 return None
 
     # --- the session directory (SessionManager calls these) ------------------------------------------------
@@ -488,7 +502,12 @@ class Fleet:
     def _errand_done(self, task: asyncio.Future[Any]) -> None:
         self._errands.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("an errand for another process failed: %r", task.exception())
+            log.warning("an errand for another process failed", exc_info=task.exception())
+
+
+def _loop_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the loop carrying out other processes' commands stopped: %r", task.exception())
 
 
 def _sibling(host: str, pid: int) -> bool:
