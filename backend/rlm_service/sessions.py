@@ -228,7 +228,10 @@ class SessionManager:
     async def _close(session: Session) -> None:
         with contextlib.suppress(Exception):
             await session.repl.close()
-        await asyncio.to_thread(session.workspace.remove)  # in a thread, as a run's: it may hold many files
+        try:
+            await asyncio.to_thread(session.workspace.remove)  # in a thread, as a run's: it may hold many files
+        except Exception:  # (its close may be awaited by no one)
+            log.exception("session %s: its files could not be removed", session.id)
 
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
