@@ -16,6 +16,7 @@ from rlm_service.repl.inprocess_repl import InprocessRepl
 from rlm_service.repl.spawner import WorkerProcess, Zygote
 from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.worker import load_text
+from rlm_service.repl.worker_repl import _Budget
 from rlm_service.repl.workspace import Workspace
 from tests.conftest import descendant_commands, wait_until, worker_processes
 
@@ -221,3 +222,40 @@ def test_load_text_reads_ascii_and_utf8(tmp_path: object) -> None:
     empty = folder / "e.txt"
     empty.write_bytes(b"")
     assert load_text(str(empty)) == ""
+
+
+async def test_a_large_reply_waiting_for_room_is_not_overtaken_by_smaller_ones() -> None:
+    """The run's budget of held bytes serves in order: a reply that needs the whole budget waits for the
+    requests ahead of it, and smaller ones arriving after it wait behind it. Old behaviour: each waiter took
+    room as soon as it fitted, so a cell whose threads kept small requests in flight could hold a large reply
+    back for ever."""
+    budget = _Budget(10)
+    await budget.take(4)  # a request in flight
+    order: list[str] = []
+
+    async def take(name: str, size: int) -> None:
+        await budget.take(size)
+        order.append(name)
+
+    large = asyncio.ensure_future(take("large", 10))
+    await asyncio.sleep(0.01)
+    small = asyncio.ensure_future(take("small", 1))
+    await asyncio.sleep(0.01)
+    assert order == []  # the small one fits, but the large one came first
+    budget.give(4)
+    await large
+    assert order == ["large"] and not small.done()
+    budget.give(10)
+    await small
+    assert order == ["large", "small"] and budget.used == 1
+
+
+async def test_a_cancelled_wait_for_room_lets_the_next_in_line_through() -> None:
+    budget = _Budget(10)
+    await budget.take(8)
+    stuck = asyncio.ensure_future(budget.take(5))
+    behind = asyncio.ensure_future(budget.take(2))
+    await asyncio.sleep(0.01)
+    assert not behind.done()
+    stuck.cancel()
+    assert await behind == 2 and budget.used == 10

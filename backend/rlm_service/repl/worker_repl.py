@@ -11,6 +11,7 @@ why and that the variables were lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 import time
@@ -68,23 +69,32 @@ class Launcher(Protocol):
 
 class _Budget:
     """Bytes of request texts (prompts, contexts) and of replies not yet sent that the server holds for one run
-    at once: a request that does not fit waits, unread, until earlier ones are served."""
+    at once: a request that does not fit waits, unread, until earlier ones are served. First come, first
+    served: a large reply waiting for room is not overtaken by smaller ones, which could otherwise keep the
+    budget from ever emptying enough for it."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.used = 0
-        self._room = asyncio.Event()
+        self._queue: collections.deque[object] = collections.deque()
+        self._changed = asyncio.Event()
 
     async def take(self, size: int) -> int:
-        while self.used + size > self.capacity:
-            self._room.clear()
-            await self._room.wait()
-        self.used += size
+        turn = object()
+        self._queue.append(turn)
+        try:
+            while self._queue[0] is not turn or self.used + size > self.capacity:
+                self._changed.clear()
+                await self._changed.wait()
+            self.used += size
+        finally:
+            self._queue.remove(turn)
+            self._changed.set()  # the next in line may fit now
         return size
 
     def give(self, size: int) -> None:
         self.used -= size
-        self._room.set()
+        self._changed.set()
 
 
 class WorkerRepl:
