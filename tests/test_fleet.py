@@ -161,23 +161,31 @@ def test_a_cancel_through_another_replica_after_the_run_ended_is_answered_409(pg
 
 def test_a_malformed_command_stops_no_later_one(pg_url: str, tmp_path: Path) -> None:
     """A command its target cannot carry out (here a cancel naming no run, as a replica of another version might
-    send) is answered 500, and the next one is carried out. Old behaviour caught: the KeyError ended the replica's
-    command loop, silently; the cancel after it was answered 202 and never carried out (the run went on)."""
+    send) is answered 500, one whose payload cannot be read 400, and the next one is carried out. Old behaviour
+    caught: the KeyError ended the replica's command loop, silently; the cancel after it was answered 202 and
+    never carried out (the run went on). And the unreadable payload failed every reading of the process's
+    commands, so none of them was carried out until the sweep removed it (600 s)."""
     with replicas(tmp_path, pg_url) as (one, other), psycopg.connect(pg_url, autocommit=True) as db:
         first = start_detached(one.url, STEPS, until=lambda event: event.event == "code")
         run_id = first[0].data["run_id"]
         ((owner,),) = db.execute("SELECT owner FROM runs WHERE id = %s", (run_id,)).fetchall()
         db.execute(
-            "INSERT INTO commands (id, target, kind, payload, created) VALUES ('bad', %s, 'cancel', '{}', %s)",
-            (owner, time.time()),
+            "INSERT INTO commands (id, target, kind, payload, created) VALUES ('unreadable', %s, 'cancel', %s, %s), "
+            "('bad', %s, 'cancel', '{}', %s)",
+            (owner, "{not json", time.time() - 1, owner, time.time()),
         )
         db.execute("SELECT pg_notify('rlm_commands', %s)", (owner,))
-        assert wait_until(lambda: db.execute("SELECT result FROM commands WHERE id = 'bad'").fetchall()[0][0], 30)
-        (answered,) = db.execute("SELECT result FROM commands WHERE id = 'bad'").fetchall()[0]
+
+        def answers() -> dict[str, Any]:
+            rows = db.execute("SELECT id, result FROM commands WHERE id IN ('unreadable', 'bad')").fetchall()
+            return {row[0]: json.loads(row[1]) for row in rows if row[1] is not None}
+
+        assert wait_until(lambda: len(answers()) == 2, 30), answers()
+        answered = answers()
         cancelled = httpx2.post(f"{other.url}/api/runs/{run_id}/cancel", timeout=30)
         assert wait_until(lambda: _status(one.url, run_id) != "running", timeout=20)
         status = _status(one.url, run_id)
-    assert json.loads(answered)["status"] == 500
+    assert answered["bad"]["status"] == 500 and answered["unreadable"]["status"] == 400, answered
     assert cancelled.status_code == 202 and status == "cancelled"
 
 

@@ -166,7 +166,7 @@ class Fleet:
         except StoreUnavailable as exc:
             log.debug("commands: %s", exc)
             return []
-        except Exception:  # (a row this version cannot read): the loop goes on, the sweep removes the row
+        except Exception:  # (an error of the database other than its being unreachable): tried again next time
             log.exception("the commands of other processes could not be read")
             return []
 

@@ -192,11 +192,19 @@ def take(db: Db, me: str) -> list[Command]:
     """The commands waiting for this process, marked taken (a sender that gave up on one has removed it)."""
     rows = db.rows("SELECT id, kind, payload FROM commands WHERE target = ? AND taken IS NULL ORDER BY created", (me,))
     now = time.time()
-    return [
-        Command(str(row["id"]), str(row["kind"]), json.loads(row["payload"]))
-        for row in rows
-        if db.execute("UPDATE commands SET taken = ? WHERE id = ? AND taken IS NULL", (now, row["id"]))
-    ]
+    commands = []
+    for row in rows:
+        if not db.execute("UPDATE commands SET taken = ? WHERE id = ? AND taken IS NULL", (now, row["id"])):
+            continue
+        try:
+            payload = json.loads(row["payload"])
+        except (TypeError, ValueError):
+            payload = None
+        if isinstance(payload, dict):
+            commands.append(Command(str(row["id"]), str(row["kind"]), payload))
+        else:  # answered here, so that it holds up neither its sender nor the commands after it
+            answer(db, str(row["id"]), {"status": 400, "detail": "the command's payload could not be read"})
+    return commands
 
 
 def answer(db: Db, command_id: str, result: dict[str, Any]) -> bool:
