@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -333,8 +334,9 @@ def test_a_claimed_follow_up_whose_answer_never_comes_is_given_up_on(pg_url: str
 def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_url: str, tmp_path: Path) -> None:
     """SIGKILL of the replica that runs a run: the follower on the other replica gets `error` code `lost`
     within RLM_REPLICA_TIMEOUT_S, with the answer the run had started; the run is listed as `lost`; the dead
-    replica's session is reported gone; the other replica's own run goes on to its end. Mutant: no sweeper
-    (the follower waits on, the run stays `running`)."""
+    replica's session is reported gone; a cancel sent through the survivor just after the kill is answered 409
+    (the run ended `lost`, not `cancelled`); the other replica's own run goes on to its end. Mutant: no sweeper
+    (the follower waits on, the run stays `running`). Old behaviour caught: the cancel was answered 202."""
     with replicas(tmp_path, pg_url) as (doomed, survivor):
         hung = start_detached(doomed.url, HANG, until=_second_cell)
         run_id = hung[0].data["run_id"]
@@ -347,7 +349,10 @@ def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_ur
         time.sleep(TIMEOUT_S / 2)  # the doomed replica's heartbeat is fresh
         os.kill(doomed.pid, signal.SIGKILL)
         killed = time.monotonic()
-        rest = follower.result(timeout=TIMEOUT_S + 30)
+        with ThreadPoolExecutor(1) as pool:
+            cancel = pool.submit(httpx2.post, f"{survivor.url}/api/runs/{run_id}/cancel", timeout=60)
+            rest = follower.result(timeout=TIMEOUT_S + 30)
+            cancelled = cancel.result()
         assert follower.ended_at is not None
         took = follower.ended_at - killed
         session = httpx2.get(f"{survivor.url}/api/sessions/{session_id}", timeout=30)
@@ -360,6 +365,7 @@ def test_a_replica_killed_mid_run_ends_its_runs_as_lost_for_every_follower(pg_ur
     assert "died" in rest[0].data["message"] and rest[0].data["answer"] == "started"
     assert rest[0].data["seq"] == hung[-1].data["seq"] + 1
     assert listed[run_id]["status"] == "lost" and listed[run_id]["error"]["code"] == "lost"
+    assert cancelled.status_code == 409 and "already ended" in cancelled.json()["detail"], cancelled.text
     assert session.status_code == 404 and "died" in session.json()["detail"]
     assert follow_up.status_code == 404 and "died" in follow_up.json()["detail"]
     assert own_rest[-1].event == "final" and own_rest[-1].data["answer"] == "all steps"

@@ -256,7 +256,8 @@ class Fleet:
     ) -> Literal["unknown", "ended", "cancelling"]:
         """Ask the process that runs `run_id` to cancel it. With `wait`, until that process has done it: "ended"
         if the run ended first (a cancel answered 202 must end the run with `cancelled`), "cancelling" once
-        cancelled, or after ANSWER_WAIT_S without an answer."""
+        cancelled. A process that died before it answered is known to be dead within RLM_REPLICA_TIMEOUT_S, when
+        its run ends as `lost`: "ended" then; "cancelling" if the run still runs after that long."""
         dialect = self.store.dialect
 
         def send(db: Db) -> tuple[Literal["unknown", "ended", "cancelling"], str]:
@@ -272,20 +273,23 @@ class Fleet:
         for _ in range(UNKNOWN_TRIES):  # a run only just started may not be written yet
             sent, command_id = await off_loop(self.store.transaction, send)
             if sent == "cancelling" and wait:
-                return await self._cancelled(command_id)
+                return await self._cancelled(command_id, run_id)
             if sent != "unknown":
                 return sent
             await asyncio.sleep(UNKNOWN_POLL_S)
         return "unknown"
 
-    async def _cancelled(self, command_id: str) -> Literal["ended", "cancelling"]:
-        deadline = time.monotonic() + ANSWER_WAIT_S
+    async def _cancelled(self, command_id: str, run_id: str) -> Literal["ended", "cancelling"]:
+        deadline = time.monotonic() + ANSWER_WAIT_S + self.pulse.timeout_s
 
         async def past_deadline(state: str) -> bool:
             return time.monotonic() >= deadline
 
         result = await self._answer(command_id, past_deadline)
-        return "ended" if result is not None and result.get("status") == 409 else "cancelling"
+        if result is not None:
+            return "ended" if result.get("status") == 409 else "cancelling"
+        # No answer: the owner died (the sweep removed the command, and ended the run as `lost`), or is stuck.
+        return "cancelling" if await off_loop(self.store.status, run_id) == "running" else "ended"
 
     async def live_elsewhere(self, run_id: str) -> bool:
         """Whether the run is live (in another process: this one's are in its registry). A run another process
