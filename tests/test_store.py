@@ -494,3 +494,29 @@ def test_commands_are_kept_by_the_databases_clock(store_factory: StoreFactory, m
     monkeypatch.undo()
     assert store.query(lambda db: fleet_sql.outcome(db, fresh))[0] == "waiting"
     assert store.query(lambda db: fleet_sql.outcome(db, stale))[0] == "gone"
+
+
+def test_session_tombstones_are_kept_by_the_databases_clock(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process dies keeping two sessions: they become tombstones (asked for, they are reported gone because
+    their process died). A replica whose clock runs an hour ahead tidies the table: a tombstone just made stays,
+    one buried longer ago than a session may stay idle (by the database's clock) goes. Old behaviour caught:
+    tombstones were tidied by the tidying process's clock against the dead process's, so the fast replica removed
+    them at once (the session was then unknown, not gone)."""
+    store = store_factory()
+    dialect = store.dialect
+    store.transaction(lambda db: fleet_sql.register(db, dialect, "p1", "host", 1))
+    for session_id in ("kept", "old"):
+        row = fleet_sql.SessionRow(id=session_id, owner="p1", created=time.time(), last_used=time.time())
+        store.transaction(lambda db, row=row: fleet_sql.save_session(db, row))
+    store.transaction(lambda db: db.execute("UPDATE processes SET heartbeat = heartbeat - 100"))
+    assert store.transaction(lambda db: fleet_sql.bury(db, dialect, "p1", 60, 60)) == []
+    store.transaction(lambda db: db.execute("UPDATE sessions SET last_used = last_used - 1900 WHERE id = 'old'"))
+    real = time.time
+    monkeypatch.setattr(fleet_sql.time, "time", lambda: real() + 3600)
+    store.transaction(lambda db: fleet_sql.tidy(db, dialect, 1800))
+    monkeypatch.undo()
+    kept = store.query(lambda db: fleet_sql.find_session(db, dialect, "kept", 60))
+    assert kept is not None and kept.gone is not None and "died" in kept.gone
+    assert store.query(lambda db: fleet_sql.find_session(db, dialect, "old", 60)) is None

@@ -105,8 +105,8 @@ def bury(db: Db, dialect: Dialect, process_id: str, older_than_s: float, timeout
     )
     rows = db.rows("SELECT id FROM runs WHERE status = 'running' AND owner = ?", (process_id,))
     ended = [str(row["id"]) for row in rows if end_lost(db, dialect, str(row["id"]), message)]
-    db.execute(
-        "UPDATE sessions SET gone = ?, owner = NULL, live_run = NULL WHERE owner = ?",
+    db.execute(  # a tombstone's `last_used` is its burial, by the database's clock (see `tidy`)
+        f"UPDATE sessions SET gone = ?, owner = NULL, live_run = NULL, last_used = {NOW[dialect]} WHERE owner = ?",
         (f"the server process that kept it ({who}) died", process_id),
     )
     db.execute("DELETE FROM commands WHERE target = ?", (process_id,))
@@ -159,11 +159,11 @@ def end_lost(db: Db, dialect: Dialect, run_id: str, message: str) -> bool:
 
 
 def tidy(db: Db, dialect: Dialect, idle_s: float) -> None:
-    """Forget the commands nobody removed (by the database's clock, as they were sent: a replica whose clock runs
-    ahead must not remove the others' commands as they come), and the tombstones of sessions that would have
-    expired by now."""
+    """Forget the commands nobody removed, and the tombstones of sessions buried longer ago than a session may
+    stay idle; both by the database's clock, as they were stamped (a replica whose clock runs ahead must not
+    remove the others' commands as they come, or a tombstone as it is made)."""
     db.execute(f"DELETE FROM commands WHERE created < {NOW[dialect]} - ?", (COMMANDS_KEPT_S,))
-    db.execute("DELETE FROM sessions WHERE gone IS NOT NULL AND last_used < ?", (time.time() - idle_s,))
+    db.execute(f"DELETE FROM sessions WHERE gone IS NOT NULL AND last_used < {NOW[dialect]} - ?", (idle_s,))
 
 
 def run_owner(db: Db, run_id: str) -> tuple[str, str | None] | None:
