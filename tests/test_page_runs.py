@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import httpx2
 import pytest
 
+from rlm_service import runs as runs_module
 from tests.browser import (  # noqa: F401  (fixtures, used by name)
     DroppingProxy,
     browser_fixture,
@@ -341,3 +342,31 @@ def test_a_run_that_ended_long_ago_without_history_is_explained(page: Any, live:
     assert shown_runs(page) == []  # a refresh does not ask again
     assert page.is_enabled("#run-button")
     expect_clean_console(page, "404")
+
+
+PLOT_CELL = "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
+
+
+def test_a_figure_the_server_no_longer_keeps_is_a_note_not_a_broken_image(
+    page: Any, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run keeps its newest figures whole (LIVE_FIGURE_CHARS, here lowered so that only the newest is) and
+    older ones without their image: re-attached to, the run shows a note in their place. Old page caught: an
+    <img> with an empty data: address (a broken image) and no word of what happened."""
+    monkeypatch.setattr(runs_module, "LIVE_FIGURE_CHARS", 1)
+    ready = "answer.update(content='two', ready=True)"
+    prompt = script({"code": [PLOT_CELL]}, {"code": [PLOT_CELL]}, {"code": [ready]})
+    with LiveServer(make_settings(fake)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": prompt, "input_data": "the input"})
+        assert [event.data["iteration"] for event in events if event.event == "figure"] == [1, 2]
+        run_id = events[0].data["run_id"]
+        kept = [event for event in server.app.state.engine.runs.get(run_id).events if event.type == "figure"]
+        assert [bool(figure.data) for figure in kept] == [False, True]  # what the page is about to be sent
+        open_page(page, server, f"#run={run_id}")  # re-attached: the run is replayed from its events route
+        page.wait_for_selector("#answer-badge.ready")
+        first, second = (page.locator(f".card[data-iteration='{n}']") for n in (1, 2))
+        assert first.locator("img").count() == 0
+        assert first.locator("p.muted").inner_text() == "A figure the server no longer keeps (the run made many)."
+        assert second.locator("img.figure").count() == 1
+        assert page.evaluate("document.querySelector(\".card[data-iteration='2'] img.figure\").naturalWidth") > 100
+    expect_clean_console(page)
