@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,6 +30,7 @@ from tests.conftest import (
     RealServer,
     make_settings,
     peak_rss,
+    private_tempdir,
     script,
     spawn_server,
     wait_until,
@@ -325,6 +327,72 @@ async def test_cancelling_a_stdio_call_cancels_the_run(fake: FakeOpenAI, tmp_pat
                 status = runs[0] if runs else {}
     assert status["error"]["code"] == "cancelled"
     assert fake.stats.root_requests == 1
+
+
+LEASE_HOLDER = """
+import fcntl, os, signal, sys
+fd = os.open(sys.argv[1], os.O_WRONLY)
+signal.signal(signal.SIGIO, lambda *_: print('opened', flush=True))  # the kernel's word: someone opens it
+try:
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+except OSError as exc:  # a file system without leases
+    sys.exit(f'no lease: {exc}')
+print('leased', flush=True)
+sys.stdin.readline()
+fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+"""
+"""Holds a write lease on a file: another process's open() of it waits in the kernel until the holder lets go
+(or /proc/sys/fs/lease-break-time passes, 45 s by default). It says `opened` when an open() begins to wait."""
+
+
+def hold_a_lease(path: Path) -> subprocess.Popen[str]:
+    """LEASE_HOLDER on `path`: its lines in `stdout`; a line to its `stdin` lets the lease go."""
+    return subprocess.Popen(
+        [sys.executable, "-c", LEASE_HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+
+
+async def test_a_stdio_call_cancelled_while_its_input_file_is_copied_leaves_no_copy(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The input file's copy (`upload-*.txt` in the server's TMPDIR) is made, then the file is opened: a lease
+    held on the file keeps its open() waiting, the call is cancelled meanwhile, then the copy goes on to its end.
+    The copy is removed once it ends. Old behaviour caught (the review): it stayed on disk until the process
+    exited."""
+    data = tmp_path / "data.txt"
+    data.write_text("some lines\n" * 1000)
+    server_tmp = private_tempdir()
+    holder = hold_a_lease(data)
+    assert holder.stdin is not None and holder.stdout is not None
+
+    def copies() -> list[Path]:
+        return sorted(server_tmp.rglob("upload-*"))
+
+    try:
+        if await anyio.to_thread.run_sync(holder.stdout.readline) != "leased\n":
+            pytest.skip(f"no write lease on a file in {tmp_path} (exit status {holder.wait(10)})")
+        async with Client(stdio_params(fake, tmp_path, TMPDIR=str(server_tmp))) as client:
+            async with anyio.create_task_group() as group:
+
+                async def call() -> None:
+                    await client.call_tool("rlm_run", {"prompt": LENGTH, "input_path": str(data)})
+
+                group.start_soon(call)
+                with anyio.fail_after(30):  # the server's copy is made, and its open() of the file waits
+                    assert await anyio.to_thread.run_sync(holder.stdout.readline) == "opened\n"
+                assert len(copies()) == 1
+                group.cancel_scope.cancel()
+            await client.list_tools()  # answered after the server has read the cancel sent before it
+            holder.stdin.write("\n")  # the lease is let go: the copy is made to its end
+            holder.stdin.flush()
+            assert await anyio.to_thread.run_sync(lambda: holder.wait(30)) == 0
+            await anyio.to_thread.run_sync(lambda: wait_until(lambda: copies() == [], timeout=15))
+            stayed = copies()  # looked at while the server lives: at its exit its instance directory goes
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert stayed == [], "the cancelled call's copy of its input stayed on disk"
+    assert fake.stats.root_requests == 0  # no run started
 
 
 async def test_over_stdio_on_a_shared_postgresql_a_run_is_cancelled_through_a_replica(
