@@ -23,9 +23,24 @@ from unittest.mock import ANY
 
 import httpx2
 import psycopg
+import pytest
 
 from rlm_service.fleet import CLAIMED_WAIT_S
-from tests.conftest import RealServer, SseEvent, parse_sse, post_process, script, spawn_server, stream_run, wait_until
+from rlm_service.repl import workspace as workspace_module
+from tests.conftest import (
+    LiveServer,
+    RealServer,
+    SseEvent,
+    make_settings,
+    parse_sse,
+    post_process,
+    process_alive,
+    script,
+    spawn_server,
+    stream_run,
+    wait_until,
+)
+from tests.fake_openai import FakeOpenAI
 from tests.pgserver import PgServer
 from tests.test_config import MAIN, clean_env
 from tests.test_processes import _listening, _server_processes
@@ -240,6 +255,50 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
     assert len(described["runs"]) == 3 and described["live_run"] is None
     assert deleted.status_code == 204 and gone_here.status_code == 404 and gone_there.status_code == 404
     assert unknown.status_code == 404
+
+
+def test_a_session_ended_through_another_replica_is_answered_while_its_files_are_still_being_removed(
+    pg_url: str, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas (in this process, to hold the removal of the session's workspace as a large one takes
+    seconds): the session is ended through the replica that does not keep it, and while its keeper still removes
+    its files the DELETE is answered 204, the session is gone whichever replica is asked, and the keeper carries
+    out the next command (a cancel of one of its runs, sent through the other replica). The worker is ended, and
+    once the removal goes on the files are gone. Old behaviour caught (the review): the keeper's one command loop
+    waited for the worker and the files; the replica asking gave up after 10 s and, finding the session's row gone,
+    answered the DELETE 404 "no session … it never existed", and the cancel waited too."""
+    where = script({"code": ["import os\nprint(os.getpid(), os.getcwd())"]}, {"code": [FINISH.format(expr="1")]})
+    entered, release = threading.Event(), threading.Event()
+    remove_tree = workspace_module.remove_tree
+    workdir: list[Path] = []
+
+    def held(path: Path) -> None:
+        if workdir and workdir[0].is_relative_to(path):
+            entered.set()
+            release.wait(60)
+        remove_tree(path)
+
+    monkeypatch.setattr(workspace_module, "remove_tree", held)
+    settings = make_settings(fake, rlm_database_url=pg_url, rlm_replica_timeout_s=TIMEOUT_S)
+    with LiveServer(settings) as keeper, LiveServer(settings) as other:
+        try:
+            events = _ask(keeper.url, where, input_data="abc", settings={"session": True})
+            session_id = events[0].data["session_id"]
+            pid, cwd = next(e for e in events if e.event == "output").data["stdout"].split()
+            workdir.append(Path(cwd))
+            hanging = start_detached(keeper.url, HANG, until=_second_cell)[0].data["run_id"]
+            deleted = httpx2.delete(f"{other.url}/api/sessions/{session_id}", timeout=30)
+            assert deleted.status_code == 204, deleted.text
+            for url in (keeper.url, other.url):
+                assert httpx2.get(f"{url}/api/sessions/{session_id}", timeout=30).status_code == 404
+            cancelled = httpx2.post(f"{other.url}/api/runs/{hanging}/cancel", timeout=30)
+            assert cancelled.status_code == 202, cancelled.text
+            assert wait_until(lambda: _status(keeper.url, hanging) == "cancelled", timeout=15)
+            # all of the above before the session's files were removed: its worker is ended first, then they go
+            assert entered.wait(15) and Path(cwd).exists() and not process_alive(int(pid))
+        finally:
+            release.set()
+        assert wait_until(lambda: not Path(cwd).exists(), timeout=15)
 
 
 def _status(url: str, run_id: str) -> str:
