@@ -210,6 +210,10 @@ def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:
         assert client.get(f"/api/runs/{ids[1]}/input").status_code == 404
         assert client.delete(f"/api/runs/{ids[1]}").status_code == 204
         assert client.get(f"/api/runs/{ids[1]}").status_code == 404
+        # nor is it served from memory, where ended runs stay a while (old: its events streamed whole, and a
+        # cancel said 409, "already ended")
+        assert client.get(f"/api/runs/{ids[1]}/events").status_code == 404
+        assert client.post(f"/api/runs/{ids[1]}/cancel").status_code == 404
         assert client.delete(f"/api/runs/{ids[1]}").status_code == 404
 
 

@@ -105,6 +105,7 @@ def history_router() -> APIRouter:
             raise HTTPException(409, message) from None
         if not deleted:
             raise HTTPException(404, f"no run {shown_id(run_id)} in the history")
+        request.app.state.engine.runs.forget(run_id)  # its events are no longer served from memory either
         return Response(status_code=204)
 
     @router.get("/{run_id}/export")

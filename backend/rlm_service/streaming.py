@@ -32,7 +32,7 @@ from .history import in_store
 from .inputs import RunInput
 from .runs import LiveRun
 from .sessions import SessionUnavailable
-from .store import RunStore, StoreUnavailable, shown_id, valid_run_id
+from .store import RunStore, StoreUnavailable, off_loop, shown_id, valid_run_id
 from .uploads import FORM_OVERHEAD_BYTES, BodyLimits, ParsedRequest, json_too_large, read_json, read_multipart
 
 log = logging.getLogger("rlm_service.api")
@@ -347,6 +347,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         start = after if after is not None else _event_number(last_event_id)
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
+        fleet = _fleet(request)
+        if run is not None and run.ended and fleet is not None and not await _still_stored(request, run_id):
+            run = None  # kept in memory after its end, it was deleted through another process since: 404
         if run is not None:
             return event_stream(
                 settings,
@@ -355,7 +358,6 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
                 frame=_shared_frames(run),
                 on_shutdown=lambda: run.cancel(SHUTTING_DOWN),
             )
-        fleet = _fleet(request)
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
         status, found = await _stored_events(request, run_id, start)
@@ -454,6 +456,15 @@ async def _stored_status(request: Request, run_id: str) -> tuple[RunStore, str]:
     if store is None or status is None:
         raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
     return store, status
+
+
+async def _still_stored(request: Request, run_id: str) -> bool:
+    """Whether the history still holds the run (assumed so while the database cannot be reached)."""
+    store: RunStore | None = request.app.state.store
+    try:
+        return store is None or await off_loop(store.status, run_id) is not None
+    except StoreUnavailable:
+        return True
 
 
 async def _stored_events(request: Request, run_id: str, after: int = 0) -> tuple[str, list[dict[str, Any]]]:
