@@ -584,3 +584,25 @@ def test_an_answer_past_its_size_is_reported_cut_and_the_root_model_is_told(serv
     told = json.dumps(server.fake.stats.root_bodies[seen:])
     assert "only the first 4,194,304 are reported" in told
     assert health.answers and health.slowest < 2.0, health
+
+
+def test_the_replies_of_one_batch_are_bounded_together(server: RealServer) -> None:
+    """The sub-model answers every call of an `llm_batch` of eight with 15 MiB, each under the 16 MiB cap of one
+    reply. The batch's replies together stop at 64 MiB (llm.MAX_BATCH_REPLY_BYTES): four come whole, the rest
+    are `Error:` strings that say why, and the server stays responsive. Old behaviour caught (the attack pass):
+    nothing bounded the total; a batch of 120 such replies took the server to 4.6 GB and stalled /health for 25 s
+    while it wrote them to the worker in one go. Here the old code gave the cell all eight."""
+    server.fake.sub = lambda prompt: "y" * (15 * 2**20)
+    try:
+        events = server.run(
+            "r = llm_batch(['p'] * 8)\n"
+            "whole = sum(len(x) == 15 * 2**20 for x in r)\n"
+            "dropped = [x for x in r if x.startswith('Error:')]\n"
+            "print(whole, len(dropped), dropped[0] if dropped else '')"
+        )
+    finally:
+        server.fake.sub = default_sub_reply
+    printed = outputs(events)[0]["stdout"]
+    assert printed.startswith("4 4 Error: the replies of this batch passed 67,108,864 bytes together"), printed[:300]
+    assert events[-1].event == "final"
+    server.assert_healthy()

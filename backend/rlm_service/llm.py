@@ -39,6 +39,10 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 """The largest reply body taken from the model server (a larger one is an error, retried). Parsing a reply holds
 the event loop, and every run and `/health` with it, in a thread too (the JSON parser keeps the GIL): about 30 ms
 at this size, seconds at a few hundred megabytes."""
+MAX_BATCH_REPLY_BYTES = 64 * 1024 * 1024
+"""The replies of one `llm_batch`, together (UTF-8): past it a reply becomes an `Error:` string. Each reply is
+held until the batch ends and then sent to the worker in one message: 120 replies of 15 MiB took the server to
+gigabytes and held the event loop for seconds while it wrote them."""
 KEEPALIVE_S = 30.0
 
 
@@ -270,6 +274,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return retry_after_seconds(headers.get("retry-after"))
 
 
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -350,9 +358,10 @@ class SubcallSession:
         if progress:
             progress(done, failed, total)
         pending = iter(range(allowed))
+        held = 0
 
         async def drain() -> None:
-            nonlocal done, failed
+            nonlocal done, failed, held
             for index in pending:
                 async with self.budget.semaphore:
                     try:
@@ -363,10 +372,19 @@ class SubcallSession:
                         failed += 1
                         self.budget.failed += 1
                     else:
-                        results[index] = completion.text
                         self.usage.add(1, completion.input_tokens, completion.output_tokens)
                         if self.on_cost:
                             self.on_cost(self.model, completion)
+                        size = _utf8_size(completion.text)
+                        if held + size <= MAX_BATCH_REPLY_BYTES:
+                            results[index], held = completion.text, held + size
+                        else:
+                            results[index] = (
+                                f"Error: the replies of this batch passed {MAX_BATCH_REPLY_BYTES:,} bytes together, "
+                                "so this one was dropped: ask for shorter replies, or split the batch"
+                            )
+                            failed += 1
+                            self.budget.failed += 1
                 done += 1
                 if progress:
                     progress(done, failed, total)
