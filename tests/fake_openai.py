@@ -19,7 +19,8 @@ timeouts, malformed JSON, empty `choices`, `content: null`, a cut stream, a slow
 (the request waits until `release()`, then is answered normally: a run in flight for as long as a test
 needs, whatever the machine's speed). With `tls`, it speaks HTTPS. With `loose` set, its replies take
 the looser shape some compatible servers send: a `null` `created`, no `finish_reason`, an unknown
-`service_tier`. With `cost_per_token` set, each reply reports its cost in USD as OpenRouter does
+`service_tier`; with `call_id` set, every tool call of a reply carries that id (as a careless server might).
+With `cost_per_token` set, each reply reports its cost in USD as OpenRouter does
 (`usage.cost`).
 """
 
@@ -187,6 +188,7 @@ class FakeOpenAI:
         self.stats = Stats()
         self.faults: list[Fault] = []
         self.loose = False
+        self.call_id: str | None = None
         self.cost_per_token: float | None = None
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -391,6 +393,8 @@ class FakeOpenAI:
             await self._respond(writer, fault.status, json.dumps({"error": {"message": str(fault)}}).encode())
             return True
         message = self._message(text, code, tools=bool(request.get("tools")))
+        for call in message.get("tool_calls", []) if self.call_id is not None else []:
+            call["id"] = self.call_id
         prompt_tokens = sum(_tokens(json.dumps(m.get("content") or "")) for m in messages)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": _tokens(json.dumps(message)), "total_tokens": 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

@@ -148,6 +148,20 @@ async def test_replies_in_a_looser_shape_are_read(fake: FakeOpenAI) -> None:
     assert events[-1].answer.startswith("sub-model reply")
 
 
+async def test_tool_calls_sharing_an_id_all_run(fake: FakeOpenAI) -> None:
+    """A reply whose two tool calls carry the same id: both cells run, in order, and the next request gives each
+    result an id of its own that matches a call. Old behaviour caught (the attack pass): PydanticAI refused the
+    reply ("tool calls must have unique tool_call_id values") and the run ended as model_unavailable."""
+    fake.call_id = "same"
+    finish = "answer.update(content=str(x), ready=True)"
+    events = await run(fake, script({"code": ["x = 1", "x += 1"]}, {"code": [finish]}))
+    assert events[-1].type == "final" and events[-1].answer == "2", events[-1]
+    second = fake.stats.root_bodies[1]["messages"]
+    calls = [call["id"] for message in second if message["role"] == "assistant" for call in message["tool_calls"]]
+    results = [message["tool_call_id"] for message in second if message["role"] == "tool"]
+    assert len(set(calls[:2])) == 2 and results[:2] == calls[:2], second
+
+
 async def test_connection_refused_is_model_unavailable() -> None:
     with socket.socket() as bound:  # bound, never listening: connections to it are refused
         bound.bind(("127.0.0.1", 0))

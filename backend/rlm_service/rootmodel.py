@@ -136,16 +136,23 @@ class ChatCompletionsModel(Model):
             parts.append(ThinkingPart(content=reasoning))
         if isinstance(content, str) and content:
             parts.append(TextPart(content=content))
+        ids: set[str] = set()
         for index, call in enumerate(message.get("tool_calls") or []):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 continue
             arguments = function.get("arguments")
+            # Each call needs an id of its own (its result is matched to it): a missing or repeated one is replaced.
+            call_id = str(call.get("id") or "")
+            suffix = 0
+            while not call_id or call_id in ids:
+                call_id, suffix = f"call_{index}" + (f"_{suffix}" if suffix else ""), suffix + 1
+            ids.add(call_id)
             parts.append(
                 ToolCallPart(
                     tool_name=str(function.get("name", "")),
                     args=arguments if isinstance(arguments, (str, dict)) else json.dumps(arguments),
-                    tool_call_id=str(call.get("id") or f"call_{index}"),
+                    tool_call_id=call_id,
                 )
             )
         usage_data = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
