@@ -105,6 +105,21 @@ class Follower(threading.Thread):
         return self.events
 
 
+def test_following_a_live_run_past_its_end_through_another_replica_gets_nothing(pg_url: str, tmp_path: Path) -> None:
+    """A client re-attaches through the replica that does not run the run, asking for the events after number
+    1000, more than the run will have: its stream ends empty when the run ends, as it does on the run's own
+    replica and for a past run. Old behaviour caught (the attack pass): it got an `error` numbered 1001, code
+    `lost`, "the run ended without a final event: it is finished", for a run that had finished as usual."""
+    slow = script({"code": ["import time\ntime.sleep(2)"]}, {"code": [FINISH.format(expr="1")]})
+    with replicas(tmp_path, pg_url) as (one, other):
+        run_id = start_detached(one.url, slow, until=lambda event: event.event == "code")[0].data["run_id"]
+        follower = Follower(other.url, run_id, after=1000)
+        past = follower.result(timeout=60)
+        status = _status(one.url, run_id)
+    assert follower.status == 200 and past == [], past
+    assert status == "finished"
+
+
 def _second_cell(event: SseEvent) -> bool:
     return event.event == "code" and event.data["iteration"] == 2
 

@@ -148,11 +148,18 @@ class StoreFollower:
                             yield event
                             if is_terminal(event):
                                 return
+                        if status is not None and seen and await self._seen_to_the_end(run_id, seen):
+                            return  # the client asked for what comes after the end: nothing, as for a past run
                         why = "was deleted" if status is None else f"is {status}"
                         yield lost_event(run_id, seen, f"the run ended without a final event: it {why}")
                         return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self.poll_s())
+
+    async def _seen_to_the_end(self, run_id: str, seen: int) -> bool:
+        """Whether an ended run has no event numbered `seen`, or that event is its terminal one."""
+        last = await self._read(self.store.events, run_id, seen - 1)
+        return not last or is_terminal(parse_event(last[0]))
 
     @staticmethod
     async def _read(call: Callable[..., T], *args: Any, unavailable: Any = None) -> T | Any:
