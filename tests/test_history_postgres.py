@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 from rlm_service import store_postgres
-from rlm_service.store import StoreUnavailable
+from rlm_service.store import RunRecord, StoreUnavailable
 from rlm_service.store_postgres import PostgresRunStore
 from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
@@ -264,3 +264,32 @@ def test_runs_that_keep_their_input_wait_for_a_frozen_postgresql_without_holding
         for keeper in keepers:
             keeper.join(120)
     assert ended_while_frozen and run.events[-1].event == "final"
+
+
+def test_the_first_write_after_a_restart_of_postgresql_succeeds(own_pg_server: PgServer) -> None:
+    """The history writer's connection dies with the server as well; the first write after it is back (deleting
+    a run, which is answered at once, not retried later) is made on a new one. Old behaviour caught (the attack
+    pass): that delete failed with `StoreUnavailable` ("terminating connection due to administrator command"),
+    answered 503 over HTTP, on a server idle since the restart."""
+    store = PostgresRunStore(own_pg_server.create_database())
+    run_id = "0123456789abcdef"
+    try:
+        store.begin(
+            RunRecord(
+                id=run_id,
+                created=time.time(),
+                status="running",
+                prompt="task",
+                settings={},
+                input_chars=1,
+                input_lines=1,
+                input_bytes=1,
+            )
+        )
+        store.abandon(run_id, "unfinished")
+        assert store.flush() and store.status(run_id) == "unfinished"
+        own_pg_server.stop()
+        own_pg_server.start()
+        assert store.delete(run_id) and store.status(run_id) is None
+    finally:
+        store.close()

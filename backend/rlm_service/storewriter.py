@@ -219,6 +219,7 @@ class Writer:
         urgent job that fails is answered with the failure, never kept."""
         if not jobs:
             return []
+        reused = self._db is not None
         try:
             if self._db is None:
                 self._db = self._connect()
@@ -228,8 +229,12 @@ class Writer:
             error, remaining = stuck.error, stuck.remaining
         except Exception as exc:  # the connection could not be opened
             error, remaining = exc, jobs
-        self._failed(error, len(remaining))
         self._disconnect()
+        if reused:
+            # A connection that sat idle may have been closed by the database since (a restart of PostgreSQL):
+            # one more try on a new one before the writes count as failed.
+            return self._attempt(remaining)
+        self._failed(error, len(remaining))
         kept = []
         for job in remaining:
             if not job.urgent:
