@@ -31,6 +31,7 @@ from tests.conftest import (
     parse_sse,
     removal_held_until_health_answers,
     script,
+    spawn_server,
     stream_run,
     ticks_while_read,
     wait_until,
@@ -388,3 +389,37 @@ async def test_a_stream_lets_the_server_serve_others_between_its_events() -> Non
     for source in (events, followed()):
         counts = [count for _, count in await ticks_while_read(_sse(source, sse_frame))]
         assert len(set(counts)) == len(events), counts
+
+
+def test_a_client_that_stops_reading_is_disconnected(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A client re-attaches to a run of 8 MB of output and reads nothing. Once it has accepted no event for
+    RLM_SEND_TIMEOUT_S, the server ends the connection (the kernel does, for the connections of its socket), and
+    the stream's buffered bytes go with it. Old behaviour caught (the attack pass): the stream was dropped, but
+    uvicorn's close waited for the unsent bytes to go out first, so the connection and megabytes of buffer stayed
+    for as long as the client kept it open (200 such clients held 470 MB for minutes)."""
+    big = script(*[{"code": ["print('x' * 400_000)"]} for _ in range(20)], {"code": ["answer.update(ready=True)"]})
+    with spawn_server(
+        tmp_path, model_url=fake.url, RLM_SEND_TIMEOUT_S="2", RLM_MAX_OUTPUT_CHARS="500000", RLM_MAX_ITERATIONS="30"
+    ) as server:
+        _, events = stream_run(server.url, json_body={"prompt": big})
+        run_id = events[0].data["run_id"]
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(f"GET /api/runs/{run_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            client_port = sock.getsockname()[1]
+            assert wait_until(lambda: _server_side_open(port, client_port), timeout=10)
+            assert wait_until(lambda: not _server_side_open(port, client_port), timeout=30)
+            with pytest.raises(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+
+
+def _server_side_open(server_port: int, client_port: int) -> bool:
+    """Whether the server still holds its end of the TCP connection from `client_port` (/proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return True
+    return False

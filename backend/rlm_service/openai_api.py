@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
 
 from .answers import AnswerSchema, SchemaInvalid
 from .auth import token_check
@@ -46,7 +46,7 @@ from .openai_chat import (
     task_of,
 )
 from .runs import LiveRun
-from .streaming import SEP, SHUTDOWN_GRACE_S, RunSlots, until_shutdown
+from .streaming import SEP, RunSlots, sse_response, until_shutdown
 from .uploads import BodyLimits, describe_validation_error, read_json_object
 
 ANSWER_DELTA_CHARS = 1000
@@ -165,15 +165,11 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         run = slots.start(lambda: engine.launch(task, run_input, run_settings, model_settings=model_settings))
         if stream:
             shutdown = anyio.Event()  # the server stopping cancels the run: its error chunk, then [DONE]
-            return EventSourceResponse(
+            return sse_response(
+                settings,
                 until_shutdown(_chunks(run, include_usage), shutdown, lambda: run.cancel(SHUTTING_DOWN)),
-                shutdown_event=shutdown,
-                shutdown_grace_period=SHUTDOWN_GRACE_S,
-                ping=ping_s,
-                sep=SEP,
-                send_timeout=settings.rlm_send_timeout_s,
-                ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                ping_s=ping_s,
+                shutdown=shutdown,
             )
         return await _complete(request, run)
 

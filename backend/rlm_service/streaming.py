@@ -22,6 +22,8 @@ import anyio
 from fastapi import APIRouter, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from .capacity import Capacity
 from .config import Settings
@@ -223,8 +225,20 @@ def event_stream(
     if isinstance(events, AsyncIterator):
         shutdown = anyio.Event()
         events = until_shutdown(events, shutdown, on_shutdown)
-    return EventSourceResponse(
-        _sse(events, frame),
+    return sse_response(settings, _sse(events, frame), ping_s=ping_s, shutdown=shutdown, headers=headers)
+
+
+def sse_response(
+    settings: Settings,
+    body: AsyncIterator[Any],
+    *,
+    ping_s: float,
+    shutdown: anyio.Event | None,
+    headers: dict[str, str] | None = None,
+) -> EventSourceResponse:
+    """The SSE response of every stream: pings, the send timeout, a grace to end on its own at `shutdown`."""
+    return _SseResponse(
+        body,
         shutdown_event=shutdown,
         shutdown_grace_period=SHUTDOWN_GRACE_S if shutdown is not None else 0,
         ping=ping_s,
@@ -233,6 +247,18 @@ def event_stream(
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep=SEP),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})},
     )
+
+
+class _SseResponse(EventSourceResponse):
+    """A client that does not accept an event within RLM_SEND_TIMEOUT_S is dropped with one line in the log:
+    uncaught, sse-starlette's timeout went on to uvicorn, which logged 10 KB of traceback for each such client
+    (and the kernel ends the connection itself, `server.drop_stalled_clients`)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.info("a client that accepted no event for %g s was dropped", self.send_timeout or 0)
 
 
 async def until_shutdown(
