@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -423,3 +424,47 @@ def _server_side_open(server_port: int, client_port: int) -> bool:
         if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
             return True
     return False
+
+
+def test_streams_of_a_past_run_hold_a_page_of_it_each_not_all_of_it(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """Thirty clients re-attach to a past run of 8 MB of output at once and read nothing: each stream holds a page
+    of the run's events (followers.PAGE_CHARS, or one event larger than that) while it waits, not the whole run:
+    the server grew by 4 MiB a stream here. Old behaviour caught (the attack pass, through another replica, which
+    reads the history the same way): every stream read the whole run first, and the server grew by 10-12 MiB a
+    stream, so a reconnect storm multiplied the run's size by its clients."""
+    big = script(*[{"code": ["print('x' * 1_000_000)"]} for _ in range(8)], {"code": ["answer.update(ready=True)"]})
+    clients = 30
+    env = {"RLM_SEND_TIMEOUT_S": "120", "RLM_MAX_OUTPUT_CHARS": "1100000", "RLM_MAX_ITERATIONS": "20"}
+    env["MALLOC_ARENA_MAX"] = "1"  # the memory freed by the threads that read the history is reused, not kept aside
+    with spawn_server(tmp_path, model_url=fake.url, **env) as server:
+        _, events = stream_run(server.url, json_body={"prompt": big})
+        run_id = events[0].data["run_id"]
+    with spawn_server(tmp_path, model_url=fake.url, **env) as server:  # the run is in its history, not its memory
+        port = int(server.url.rsplit(":", 1)[1])
+        before = server.rss()
+        sockets = []
+        try:
+            for _ in range(clients):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(f"GET /api/runs/{run_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                sockets.append(sock)
+            grown = _settled(lambda: server.rss() - before)
+        finally:
+            for sock in sockets:
+                sock.close()
+    assert grown < clients * 6 * 2**20, f"{grown / 2**20:.0f} MiB for {clients} streams"
+
+
+def _settled(read: Callable[[], int], timeout: float = 30) -> int:
+    """The largest of `read()` over a few seconds once it has stopped growing (by 2% over 1 s), or at the deadline."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = read()
+        if now <= last * 1.02:
+            return max(now, last)
+        last = now
+    return last

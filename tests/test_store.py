@@ -345,6 +345,29 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_fac
     store.close()
 
 
+def test_events_are_read_a_page_at_a_time(store_factory: StoreFactory) -> None:
+    """A stream reads a run's events in pages of about `max_chars` of their stored text: events up to the one that
+    brings the page past it (a larger event makes a page of its own), and says whether more may follow."""
+    store = store_factory()
+    run_id = "0123456789abcdef"
+    store.begin(_record(run_id, 1.0))
+    store.record(run_id, _start(run_id))
+    for index in range(6):
+        store.record(run_id, CodeEvent(run_id=run_id, iteration=index + 1, code=str(index) * 100_000))
+    store.record(run_id, _final(run_id, "done"))
+    assert store.flush()
+    pages, after, full = [], 0, True
+    while full:
+        rows, full = store.events_page(run_id, after, 250_000)
+        pages.append([event["seq"] for event in rows])
+        after = rows[-1]["seq"] if rows else after
+    assert pages == [[1, 2, 3, 4], [5, 6, 7], [8]]
+    assert [row["seq"] for row in store.events_page(run_id, 0, 10)[0]] == [1]
+    assert store.events_page(run_id, 8, 250_000) == ([], False)
+    assert store.events_page("feedfacefeedface", 0, 250_000) == ([], False)
+    store.close()
+
+
 @pytest.mark.parametrize("ending", ["unfinished", "deleted"])
 def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, ending: str

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from .events import Event, is_terminal, lost_event, parse_event
-from .store import StoreUnavailable, off_loop
+from .store import RunStore, StoreUnavailable, off_loop
 from .store_sql import SqlRunStore
 
 log = logging.getLogger("rlm_service")
@@ -34,6 +34,9 @@ T = TypeVar("T")
 POLL_SQLITE_S = 0.2
 POLL_WITHOUT_LISTENER_S = 1.0
 RECHECK_S = 5.0
+PAGE_CHARS = 256 * 1024
+"""A stream reads a run's stored events a page at a time, about this much of their text (or one event, if larger):
+not the whole run (each follower of a run with megabytes of figures held a copy of it)."""
 """How long a follower waits without news before it reads anyway and checks that the run still lives."""
 LISTEN_RETRY_FIRST_S = 0.5
 LISTEN_RETRY_MAX_S = 5.0
@@ -113,6 +116,18 @@ class Listener:
             pause = min(pause * 2, LISTEN_RETRY_MAX_S)
 
 
+async def stored_events(store: RunStore, run_id: str, after: int = 0) -> AsyncIterator[Event]:
+    """A run's stored events numbered above `after`, read a page at a time; `StoreUnavailable` as the store raises."""
+    full = True
+    while full:
+        rows, full = await off_loop(store.events_page, run_id, after, PAGE_CHARS)
+        rows.reverse()
+        while rows:  # each event let go of once it is sent
+            event = parse_event(rows.pop())
+            after = event.seq
+            yield event
+
+
 class StoreFollower:
     """Follows runs through the store; `poll_s()` says how long to wait for news before reading anyway."""
 
@@ -129,21 +144,22 @@ class StoreFollower:
         with self.wakeups.watch(run_id) as woken:
             while True:
                 woken.clear()
-                rows = await self._read(self.store.events, run_id, seen)
-                for data in rows or ():
+                rows, full = await self._read(self.store.events_page, run_id, seen, PAGE_CHARS, unavailable=([], False))
+                for data in rows:
                     event = parse_event(data)
                     seen = event.seq
                     yield event
                     if is_terminal(event):
                         return
+                if full:
+                    continue  # the next page at once
                 if rows:
                     checked = time.monotonic()
                 elif time.monotonic() - checked >= RECHECK_S:
                     checked = time.monotonic()
                     status = await self._read(self.store.status, run_id, unavailable="running")
                     if status != "running":
-                        for data in await self._read(self.store.events, run_id, seen) or ():
-                            event = parse_event(data)
+                        async for event in stored_events(self.store, run_id, seen):
                             seen = event.seq
                             yield event
                             if is_terminal(event):

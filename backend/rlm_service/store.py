@@ -164,6 +164,11 @@ class RunStore(Protocol):
     def events(self, run_id: str, after: int = 0) -> builtins.list[dict[str, Any]]:
         """The run's stored events numbered above `after`, in order, each with its `seq`."""
 
+    def events_page(self, run_id: str, after: int, max_chars: int) -> tuple[builtins.list[dict[str, Any]], bool]:
+        """A page of `events` for a stream, so that it holds a page of a run at a time, not the run: the first of
+        them, up to the one whose stored text brings theirs past `max_chars`; and whether the page is full (more
+        may follow)."""
+
     def status(self, run_id: str) -> str | None:
         """The run's status (`running`, `finished`, `failed`, `cancelled`, `unfinished`, `lost`), or None if
         unknown."""

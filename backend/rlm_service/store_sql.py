@@ -28,6 +28,8 @@ from .store import KeptInput, RunBudget, RunRecord, RunStillLive, RunSummary, St
 from .storewriter import Db, Job, Writer, WriteSkipped, in_transaction
 
 DELETE_TIMEOUT_S = 10.0
+PAGE_ROWS = 256
+"""The most events in one page of `events_page`."""
 T = TypeVar("T")
 
 
@@ -207,6 +209,23 @@ class SqlRunStore(ABC):
         with self._reading() as db:
             return _events(db, run_id, after)
 
+    def events_page(self, run_id: str, after: int, max_chars: int) -> tuple[builtins.list[dict[str, Any]], bool]:
+        if not valid_run_id(run_id):
+            return [], False
+        with self._reading() as db:
+            # The sizes first, then the texts of the page only; at most PAGE_ROWS events a page.
+            sizes = db.rows(
+                "SELECT seq, LENGTH(data) AS size FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after, PAGE_ROWS),
+            )
+            total, last = 0, after
+            for row in sizes:
+                if total >= max_chars:
+                    break
+                total, last = total + int(row["size"]), int(row["seq"])
+            rows = _events(db, run_id, after, last) if sizes else []
+        return rows, len(rows) < len(sizes) or len(sizes) == PAGE_ROWS
+
     def status(self, run_id: str) -> str | None:
         if not valid_run_id(run_id):
             return None
@@ -373,8 +392,12 @@ _SUMMARY_COLUMNS = (
 )
 
 
-def _events(db: Db, run_id: str, after: int) -> list[dict[str, Any]]:
-    rows = db.rows("SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, after))
+def _events(db: Db, run_id: str, after: int, through: int | None = None) -> list[dict[str, Any]]:
+    if through is None:
+        rows = db.rows("SELECT seq, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq", (run_id, after))
+    else:
+        query = "SELECT seq, data FROM events WHERE run_id = ? AND seq > ? AND seq <= ? ORDER BY seq"
+        rows = db.rows(query, (run_id, after, through))
     return [{**json.loads(row["data"]), "seq": row["seq"]} for row in rows]
 
 

@@ -30,6 +30,7 @@ from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
 from .events import EventBase, lost_event, parse_event
 from .fleet import Fleet, Launch
+from .followers import PAGE_CHARS, stored_events
 from .history import in_store
 from .inputs import RunInput
 from .runs import LiveRun
@@ -386,12 +387,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             )
         if fleet is not None and valid_run_id(run_id) and await in_fleet(fleet.live_elsewhere, run_id):
             return event_stream(settings, fleet.follow(run_id, start), ping_s=ping_s)
-        status, found = await _stored_events(request, run_id, start)
-        stored = [parse_event(data) for data in found]
-        if status == "unfinished":  # its server stopped before the run ended
-            last = stored[-1].seq if stored else start or 0
-            stored.append(lost_event(run_id, last, "the server stopped before this run ended; it is unfinished"))
-        return event_stream(settings, stored, ping_s=ping_s)
+        store, status = await _stored_status(request, run_id)
+        first = await in_store(store.events_page, run_id, start or 0, PAGE_CHARS)  # 503 now rather than mid-stream
+        return event_stream(settings, _past_run(store, run_id, status, start or 0, first), ping_s=ping_s)
 
     @router.post(
         "/api/runs/{run_id}/cancel",
@@ -493,10 +491,28 @@ async def _still_stored(request: Request, run_id: str) -> bool:
         return True
 
 
-async def _stored_events(request: Request, run_id: str, after: int = 0) -> tuple[str, list[dict[str, Any]]]:
-    """A past run's status and its events after `after` from history; 404 when there is no such run."""
-    store, status = await _stored_status(request, run_id)
-    return status, await in_store(store.events, run_id, after)
+async def _past_run(
+    store: RunStore, run_id: str, status: str, after: int, first: tuple[list[dict[str, Any]], bool]
+) -> AsyncIterator[EventBase]:
+    """A past run's events after `after` from history, a page at a time (`first` is read), and for a run its server
+    left unfinished an `error` `lost` to end it. A database lost midway ends the stream: the client re-attaches."""
+    rows, full = first
+    del first  # held no longer than its events are sent
+    events = [parse_event(data) for data in rows]
+    del rows
+    last = events[-1].seq if events else after
+    while events:
+        yield events.pop(0)
+    if full:
+        try:
+            async for event in stored_events(store, run_id, last):
+                last = event.seq
+                yield event
+        except StoreUnavailable as exc:
+            log.warning("run %s: its stream from the history ended early: %s", run_id, exc)
+            return
+    if status == "unfinished":  # its server stopped before the run ended
+        yield lost_event(run_id, last, "the server stopped before this run ended; it is unfinished")
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:
