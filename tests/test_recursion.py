@@ -6,7 +6,9 @@ import json
 from typing import Any
 
 import httpx2
+import pytest
 
+from rlm_service import llm
 from rlm_service.engine import Engine
 from rlm_service.events import EventBase
 from tests.conftest import LiveServer, make_settings, parse_sse, script, wait_until, worker_processes
@@ -227,3 +229,22 @@ def test_cancelling_the_root_reaches_grandchildren(fake: FakeOpenAI) -> None:
                     break
         assert wait_until(lambda: worker_processes() == [], timeout=30)
         assert wait_until(lambda: server.app.state.slots.active == 0, timeout=30)
+
+
+async def test_the_answers_of_one_rlm_batch_are_bounded_together(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The children's answers are held until the last child ends, then sent to the cell at once: like the replies
+    of an llm_batch they are bounded together (here the bound is lowered to 1,000 bytes; it is 64 MiB). Three
+    children answer 600 characters each: one answer comes whole, the others are `Error:` strings that say why.
+    Old behaviour: nothing bounded them (a child's answer may be 4 Mi characters, and a batch has many)."""
+    monkeypatch.setattr(llm, "MAX_BATCH_REPLY_BYTES", 1000)
+    child = nested("Answer at length.", {"code": ["answer.update(content='y' * 600, ready=True)"]})
+    prompt = script(
+        {"code": [f"r = rlm_batch([{child!r}] * 3)\nprint([len(x) if x == 'y' * 600 else x[:60] for x in r])"]},
+        {"code": ["answer.update(content='done', ready=True)"]},
+    )
+    events = await run(fake, prompt, rlm_max_depth=2)
+    printed = next(event for event in events if event.type == "output").stdout
+    assert printed.count("600") == 1 and printed.count("Error: the replies of this batch passed 1,000 bytes") == 2
+    assert events[-1].type == "final" and events[-1].ready

@@ -274,8 +274,22 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return retry_after_seconds(headers.get("retry-after"))
 
 
-def _utf8_size(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+class BatchReplies:
+    """The replies of one batch (`llm_batch`, `rlm_batch`) kept so far, bounded by MAX_BATCH_REPLY_BYTES."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def keep(self, reply: str) -> str:
+        """`reply` if it fits, else the `Error:` string the cell gets instead."""
+        size = len(reply) if reply.isascii() else len(reply.encode("utf-8", "surrogatepass"))
+        if self.held + size > MAX_BATCH_REPLY_BYTES:
+            return (
+                f"Error: the replies of this batch passed {MAX_BATCH_REPLY_BYTES:,} bytes together, so this one was "
+                "dropped: ask for shorter replies, or split the batch"
+            )
+        self.held += size
+        return reply
 
 
 def _describe(exc: BaseException) -> str:
@@ -358,10 +372,10 @@ class SubcallSession:
         if progress:
             progress(done, failed, total)
         pending = iter(range(allowed))
-        held = 0
+        held = BatchReplies()
 
         async def drain() -> None:
-            nonlocal done, failed, held
+            nonlocal done, failed
             for index in pending:
                 async with self.budget.semaphore:
                     try:
@@ -375,14 +389,8 @@ class SubcallSession:
                         self.usage.add(1, completion.input_tokens, completion.output_tokens)
                         if self.on_cost:
                             self.on_cost(self.model, completion)
-                        size = _utf8_size(completion.text)
-                        if held + size <= MAX_BATCH_REPLY_BYTES:
-                            results[index], held = completion.text, held + size
-                        else:
-                            results[index] = (
-                                f"Error: the replies of this batch passed {MAX_BATCH_REPLY_BYTES:,} bytes together, "
-                                "so this one was dropped: ask for shorter replies, or split the batch"
-                            )
+                        results[index] = held.keep(completion.text)
+                        if results[index] is not completion.text:
                             failed += 1
                             self.budget.failed += 1
                 done += 1

@@ -41,7 +41,7 @@ from .events import (
     StartEvent,
 )
 from .inputs import RunInput
-from .llm import SubcallSession
+from .llm import BatchReplies, SubcallSession
 from .repl.base import Repl, ReplOptions
 from .repl.workspace import Workspace
 from .runs import LiveRun
@@ -391,6 +391,7 @@ class RunDriver:
         """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
         tree, depth = parent.tree, parent.depth + 1
         reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
+        answers = BatchReplies()  # held until every child has answered: bounded together, as llm_batch's replies
 
         async def child(prompt: str, context: str | None) -> str:
             async with tree.children_at(depth):
@@ -430,7 +431,7 @@ class RunDriver:
                     )
                 )
                 if result.answer:
-                    return result.answer
+                    return answers.keep(result.answer)
                 return "Error: the child run ended without an answer."
 
         return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
