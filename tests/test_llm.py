@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from rlm_service.llm import ChatClient, SubcallSession, retry_after_seconds
+from rlm_service import llm
+from rlm_service.llm import ChatClient, Completion, SubcallSession, retry_after_seconds
 from tests.conftest import SUB_MODEL
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
@@ -119,3 +121,35 @@ def test_retry_after_parses_seconds_and_dates() -> None:
     assert retry_after_seconds(None) is None
     assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert retry_after_seconds("soon") is None
+
+
+async def test_replies_held_by_a_run_s_batches_in_flight_are_bounded_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bound on held replies (lowered here to 1,000 bytes; it is 64 MiB) is the run's, over all its batches in
+    flight (a cell's threads may have 64): while one batch holds a reply of 600, another's reply of 600 is dropped,
+    and once the first batch ends the bound is free again. Old behaviour caught (the review): the bound was each
+    batch's, so 64 batches could hold 64 times as much."""
+    monkeypatch.setattr(llm, "MAX_BATCH_REPLY_BYTES", 1000)
+    gates: dict[str, asyncio.Event] = {}
+
+    class Gated:
+        async def complete(self, model: str, prompt: str) -> Completion:
+            await gates.setdefault(prompt, asyncio.Event()).wait()
+            return Completion(text="y" * 600)
+
+    calls = SubcallSession(Gated(), SUB_MODEL)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(calls.batch(["a1", "a2"]))
+    second = asyncio.ensure_future(calls.batch(["b1"]))
+    await asyncio.sleep(0.01)
+    gates["a1"].set()
+    await asyncio.sleep(0.01)
+    gates["b1"].set()
+    (dropped,) = await second
+    gates["a2"].set()
+    held, also_dropped = await first
+    third = asyncio.ensure_future(calls.batch(["c1"]))
+    await asyncio.sleep(0.01)
+    gates["c1"].set()
+    assert held == "y" * 600 and await third == ["y" * 600]
+    assert dropped.startswith("Error: the replies this run's batches hold passed 1,000 bytes")
+    assert also_dropped == dropped
+    assert calls.replies.held == 0

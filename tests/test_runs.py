@@ -412,6 +412,7 @@ def test_a_client_that_stops_reading_is_disconnected(fake: FakeOpenAI, tmp_path:
             client_port = sock.getsockname()[1]
             assert wait_until(lambda: _server_side_open(port, client_port), timeout=10)
             assert wait_until(lambda: not _server_side_open(port, client_port), timeout=30)
+            sock.settimeout(30)
             with pytest.raises(ConnectionResetError):
                 while sock.recv(1 << 20):
                     pass
@@ -450,11 +451,20 @@ def test_streams_of_a_past_run_hold_a_page_of_it_each_not_all_of_it(fake: FakeOp
                 sock.connect(("127.0.0.1", port))
                 sock.sendall(f"GET /api/runs/{run_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
                 sockets.append(sock)
+            # every stream has begun: its first events are on their way (a page read), then it waits
+            assert wait_until(lambda: all(_has_data(sock) for sock in sockets), timeout=30)
             grown = _settled(lambda: server.rss() - before)
         finally:
             for sock in sockets:
                 sock.close()
     assert grown < clients * 6 * 2**20, f"{grown / 2**20:.0f} MiB for {clients} streams"
+
+
+def _has_data(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
 
 
 def _settled(read: Callable[[], int], timeout: float = 30) -> int:

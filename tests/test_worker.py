@@ -259,3 +259,21 @@ async def test_a_cancelled_wait_for_room_lets_the_next_in_line_through() -> None
     assert not behind.done()
     stuck.cancel()
     assert await behind == 2 and budget.used == 10
+
+
+async def test_a_message_cut_midway_gives_its_reservation_back() -> None:
+    """A worker dies while the server reads its request: what the request reserved of the run's budget goes back.
+    Old behaviour caught (the review): it stayed taken for the REPL's life, a session's later runs included, and a
+    reply that needs the whole budget (now first in line) blocked every request after it."""
+    budget = _Budget(100)
+    data = b"".join(protocol.encode({"op": "batch", "id": 1}, ["a" * 40, "b" * 40]))
+    reader = asyncio.StreamReader()
+    reader.feed_data(data[:-10])
+    reader.feed_eof()
+
+    async def reserve(head: dict[str, Any], size: int) -> int:
+        return await budget.take(size)
+
+    with pytest.raises(protocol.ChannelClosed):
+        await protocol.read_message(reader, reserve, budget.give)
+    assert budget.used == 0

@@ -130,7 +130,8 @@ class Settings(BaseSettings):
     """Bytes per second a request body must average once RLM_BODY_TIMEOUT_S has passed."""
     rlm_send_timeout_s: float = Field(30.0, gt=0)
     """A client that takes longer than this to accept one event of a stream is dropped (its run is
-    cancelled unless it was started detached)."""
+    cancelled unless it was started detached); on Linux, any connection whose client accepts none of the data
+    sent to it for this long is closed."""
     rlm_mcp_heartbeat_s: float = Field(10.0, gt=0)
     """An MCP tool call whose run reported nothing for this long sends a progress notification anyway:
     MCP hosts give up on a silent call after tens of seconds."""

@@ -34,10 +34,10 @@ T = TypeVar("T")
 POLL_SQLITE_S = 0.2
 POLL_WITHOUT_LISTENER_S = 1.0
 RECHECK_S = 5.0
+"""How long a follower waits without news before it reads anyway and checks that the run still lives."""
 PAGE_CHARS = 256 * 1024
 """A stream reads a run's stored events a page at a time, about this much of their text (or one event, if larger):
 not the whole run (each follower of a run with megabytes of figures held a copy of it)."""
-"""How long a follower waits without news before it reads anyway and checks that the run still lives."""
 LISTEN_RETRY_FIRST_S = 0.5
 LISTEN_RETRY_MAX_S = 5.0
 
@@ -159,22 +159,26 @@ class StoreFollower:
                     checked = time.monotonic()
                     status = await self._read(self.store.status, run_id, unavailable="running")
                     if status != "running":
-                        async for event in stored_events(self.store, run_id, seen):
-                            seen = event.seq
-                            yield event
-                            if is_terminal(event):
-                                return
-                        if status is not None and seen and await self._seen_to_the_end(run_id, seen):
-                            return  # the client asked for what comes after the end: nothing, as for a past run
+                        try:
+                            async for event in stored_events(self.store, run_id, seen):
+                                seen = event.seq
+                                yield event
+                                if is_terminal(event):
+                                    return
+                            if status is not None and seen and await off_loop(self._seen_to_the_end, run_id, seen):
+                                return  # the client asked for what comes after the end: nothing, as for a past run
+                        except StoreUnavailable as exc:  # the database went away meanwhile: asked again later
+                            log.debug("following a run: %s", exc)
+                            continue
                         why = "was deleted" if status is None else f"is {status}"
                         yield lost_event(run_id, seen, f"the run ended without a final event: it {why}")
                         return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self.poll_s())
 
-    async def _seen_to_the_end(self, run_id: str, seen: int) -> bool:
+    def _seen_to_the_end(self, run_id: str, seen: int) -> bool:
         """Whether an ended run has no event numbered `seen`, or that event is its terminal one."""
-        last = await self._read(self.store.events, run_id, seen - 1)
+        last = self.store.events_page(run_id, seen - 1, 1)[0]
         return not last or is_terminal(parse_event(last[0]))
 
     @staticmethod

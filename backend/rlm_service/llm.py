@@ -274,22 +274,28 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return retry_after_seconds(headers.get("retry-after"))
 
 
-class BatchReplies:
-    """The replies of one batch (`llm_batch`, `rlm_batch`) kept so far, bounded by MAX_BATCH_REPLY_BYTES."""
+class HeldReplies:
+    """The replies that a run's batches in flight (`llm_batch`, `rlm_batch`) hold until they end, bounded together
+    by MAX_BATCH_REPLY_BYTES: a cell's threads may have 64 batches in flight at once."""
 
     def __init__(self) -> None:
         self.held = 0
 
-    def keep(self, reply: str) -> str:
-        """`reply` if it fits, else the `Error:` string the cell gets instead."""
+    def keep(self, reply: str) -> tuple[str, int]:
+        """`reply` and the bytes it holds if it fits, else the `Error:` string the cell gets instead and 0;
+        what is kept is given back (`release`) when its batch ends."""
         size = len(reply) if reply.isascii() else len(reply.encode("utf-8", "surrogatepass"))
         if self.held + size > MAX_BATCH_REPLY_BYTES:
-            return (
-                f"Error: the replies of this batch passed {MAX_BATCH_REPLY_BYTES:,} bytes together, so this one was "
-                "dropped: ask for shorter replies, or split the batch"
+            dropped = (
+                f"Error: the replies this run's batches hold passed {MAX_BATCH_REPLY_BYTES:,} bytes together, so "
+                "this one was dropped: ask for shorter replies, or split the batch"
             )
+            return dropped, 0
         self.held += size
-        return reply
+        return reply, size
+
+    def release(self, size: int) -> None:
+        self.held -= size
 
 
 def _describe(exc: BaseException) -> str:
@@ -353,6 +359,7 @@ class SubcallSession:
         self.budget = budget or SubcallBudget(max_calls, concurrency)
         self.usage = usage if usage is not None else Usage()
         self.on_cost = on_cost
+        self.replies = HeldReplies()
 
     @property
     def failed(self) -> int:
@@ -372,10 +379,10 @@ class SubcallSession:
         if progress:
             progress(done, failed, total)
         pending = iter(range(allowed))
-        held = BatchReplies()
+        held = 0
 
         async def drain() -> None:
-            nonlocal done, failed
+            nonlocal done, failed, held
             for index in pending:
                 async with self.budget.semaphore:
                     try:
@@ -389,8 +396,9 @@ class SubcallSession:
                         self.usage.add(1, completion.input_tokens, completion.output_tokens)
                         if self.on_cost:
                             self.on_cost(self.model, completion)
-                        results[index] = held.keep(completion.text)
-                        if results[index] is not completion.text:
+                        results[index], size = self.replies.keep(completion.text)
+                        held += size
+                        if not size and completion.text:
                             failed += 1
                             self.budget.failed += 1
                 done += 1
@@ -398,6 +406,9 @@ class SubcallSession:
                     progress(done, failed, total)
 
         workers = min(allowed, self.budget.concurrency)
-        if workers:
-            await asyncio.gather(*(drain() for _ in range(workers)))
+        try:
+            if workers:
+                await asyncio.gather(*(drain() for _ in range(workers)))
+        finally:
+            self.replies.release(held)  # the channel's budget counts them from here (`WorkerRepl._serve`)
         return results

@@ -153,7 +153,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # Several processes or replicas on one database find each other here (fleet.py): who is alive
     # (`processes`, each with its heartbeat), which process runs which run (`runs.owner`), which keeps which
     # session (`sessions`), and what one asks another to do (`commands`: cancel a run, end a session, start
-    # a follow-up). A session whose process died stays as a tombstone (`gone`) until it would have expired.
+    # a follow-up). A session whose process died stays as a tombstone (`gone`) for as long as a session may stay
+    # idle, from its burial.
     Migration(
         7,
         "processes, run owners, sessions and commands",

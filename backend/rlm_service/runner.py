@@ -41,7 +41,7 @@ from .events import (
     StartEvent,
 )
 from .inputs import RunInput
-from .llm import BatchReplies, SubcallSession
+from .llm import SubcallSession
 from .repl.base import Repl, ReplOptions
 from .repl.workspace import Workspace
 from .runs import LiveRun
@@ -391,9 +391,10 @@ class RunDriver:
         """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
         tree, depth = parent.tree, parent.depth + 1
         reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
-        answers = BatchReplies()  # held until every child has answered: bounded together, as llm_batch's replies
+        replies, held = parent.subcalls.replies, 0  # held until every child has answered, as llm_batch's replies
 
         async def child(prompt: str, context: str | None) -> str:
+            nonlocal held
             async with tree.children_at(depth):
                 run_id = uuid.uuid4().hex[:16]
                 started = time.monotonic()
@@ -431,7 +432,12 @@ class RunDriver:
                     )
                 )
                 if result.answer:
-                    return answers.keep(result.answer)
+                    answer, size = replies.keep(result.answer)
+                    held += size
+                    return answer
                 return "Error: the child run ended without an answer."
 
-        return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
+        try:
+            return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
+        finally:
+            replies.release(held)

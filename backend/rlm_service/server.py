@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from asyncio.trsock import TransportSocket
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -84,14 +85,15 @@ def serve(settings: Settings, app: FastAPI) -> None:
     run_uvicorn(app, settings, host=settings.host, port=settings.port)
 
 
-def drop_stalled_clients(listener: socket.socket, seconds: float) -> None:
+def drop_stalled_clients(listener: socket.socket | TransportSocket, seconds: float) -> None:
     """Connections accepted on `listener` end, by the kernel, once data sent on them has gone unacknowledged
     (a client that reads nothing: its window stays closed) for `seconds`, RLM_SEND_TIMEOUT_S. A stream whose client
     does not accept an event in that time is dropped by sse-starlette, but uvicorn's close of such a connection
     waits for its unsent bytes (up to an event: a figure is megabytes) to go out, which they never do: the
     connection and its buffer stayed for as long as the client kept it open. Linux only (TCP_USER_TIMEOUT)."""
     if hasattr(socket, "TCP_USER_TIMEOUT") and listener.family in (socket.AF_INET, socket.AF_INET6):
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(int(seconds * 1000), 1))
+        milliseconds = min(max(seconds * 1000, 1), 2**31 - 1)  # (the option is a C int)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(milliseconds))
 
 
 def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None, **config: Any) -> None:
@@ -111,6 +113,12 @@ def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] |
         AppStatus.should_exit = True
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            for server in self.servers:
+                for listener in server.sockets:
+                    drop_stalled_clients(listener, settings.rlm_send_timeout_s)
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             first = not self.should_exit
             super().handle_exit(sig, frame)
@@ -120,10 +128,6 @@ def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] |
     options = uvicorn.Config(
         app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=8, **config
     )
-    if sockets is None:
-        sockets = [options.bind_socket()]
-    for listener in sockets:
-        drop_stalled_clients(listener, settings.rlm_send_timeout_s)
     AppStatus.enable_automatic_graceful_drain = False  # `end_streams` ends them instead
     try:
         Server(options).run(sockets=sockets)

@@ -101,6 +101,9 @@ class PgDb:
     def transient(self, exc: BaseException) -> bool:
         return transient(exc)
 
+    def broken(self) -> bool:
+        return self.connection.broken or self.connection.closed
+
     def close(self) -> None:
         self.connection.close()
 

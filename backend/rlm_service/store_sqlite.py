@@ -81,6 +81,9 @@ class SqliteDb:
     def transient(self, exc: BaseException) -> bool:
         return transient(exc)
 
+    def broken(self) -> bool:
+        return False  # a file: there is no server to close it
+
     def close(self) -> None:
         try:
             self.connection.close()

@@ -58,6 +58,9 @@ class Db(Protocol):
     def transient(self, exc: BaseException) -> bool:
         """Whether a failure may pass by itself (the database cannot be written now): the write is kept."""
 
+    def broken(self) -> bool:
+        """Whether the connection itself is gone (the database server closed it): a new one may work at once."""
+
     def close(self) -> None:
         """Never raises."""
 
@@ -229,10 +232,11 @@ class Writer:
             error, remaining = stuck.error, stuck.remaining
         except Exception as exc:  # the connection could not be opened
             error, remaining = exc, jobs
+        broken = reused and self._db is not None and self._db.broken()
         self._disconnect()
-        if reused:
-            # A connection that sat idle may have been closed by the database since (a restart of PostgreSQL):
-            # one more try on a new one before the writes count as failed.
+        if broken:
+            # A connection that sat idle may have been closed by the database server since (a restart of
+            # PostgreSQL): one more try on a new one before the writes count as failed.
             return self._attempt(remaining)
         self._failed(error, len(remaining))
         kept = []

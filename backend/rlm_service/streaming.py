@@ -251,14 +251,15 @@ def sse_response(
 
 
 class _SseResponse(EventSourceResponse):
-    """A client that does not accept an event within RLM_SEND_TIMEOUT_S is dropped with one line in the log:
-    uncaught, sse-starlette's timeout went on to uvicorn, which logged 10 KB of traceback for each such client
-    (and the kernel ends the connection itself, `server.drop_stalled_clients`)."""
+    """A client that does not accept an event within RLM_SEND_TIMEOUT_S is dropped with a line in the log (and one
+    of uvicorn's, as the response ends unfinished): uncaught, sse-starlette's timeout went on to uvicorn, which
+    logged 10 KB of traceback for each such client. The kernel ends the connection itself
+    (`server.drop_stalled_clients`)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+        except* SendTimeoutError:  # (a group when an event's send and a ping's timed out together)
             log.info("a client that accepted no event for %g s was dropped", self.send_timeout or 0)
 
 

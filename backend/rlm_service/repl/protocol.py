@@ -133,12 +133,15 @@ def check_lengths(lengths: list[int]) -> int:
 
 
 async def read_message(
-    reader: asyncio.StreamReader, reserve: Callable[[dict[str, Any], int], Awaitable[int]]
+    reader: asyncio.StreamReader,
+    reserve: Callable[[dict[str, Any], int], Awaitable[int]],
+    release: Callable[[int], None] | None = None,
 ) -> Message:
     """Read one message from an untrusted writer, holding no more than the caps allow.
 
     `reserve(head, size)` is awaited once the texts' total size is known and before they are read; it
-    returns how much of the reader's budget it took (it may wait for room). Raises `ProtocolError` for a
+    returns how much of the reader's budget it took (it may wait for room), and `release` gives it back if the
+    message cannot be read whole (the writer died, or the read was cancelled). Raises `ProtocolError` for a
     message that breaks the caps and `ChannelClosed` when the other side is gone.
     """
     try:
@@ -151,13 +154,18 @@ async def read_message(
         lengths = parse_lengths(await reader.readexactly(LENGTH.size * count))
         held = await reserve(head, check_lengths(lengths))
         message = Message(head, held=held)
-        for length in lengths:
-            if length == NO_TEXT:
-                message.texts.append(None)
-                continue
-            message.texts.append((await reader.readexactly(length)).decode("utf-8", "replace"))
-            if length > _YIELD_BYTES:
-                await asyncio.sleep(0)  # the bytes were already buffered: let the loop serve others
+        try:
+            for length in lengths:
+                if length == NO_TEXT:
+                    message.texts.append(None)
+                    continue
+                message.texts.append((await reader.readexactly(length)).decode("utf-8", "replace"))
+                if length > _YIELD_BYTES:
+                    await asyncio.sleep(0)  # the bytes were already buffered: let the loop serve others
+        except BaseException:  # the writer died or the read was cancelled midway: what it reserved goes back
+            if release is not None:
+                release(held)
+            raise
         return message
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise ChannelClosed() from exc

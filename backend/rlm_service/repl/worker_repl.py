@@ -237,7 +237,7 @@ class WorkerRepl:
         async def reserve(head: dict[str, Any], size: int) -> int:
             return await self._budget.take(size) if head["op"] in _REQUESTS else 0
 
-        return await protocol.read_message(worker.reader, reserve)
+        return await protocol.read_message(worker.reader, reserve, self._budget.give)
 
     async def _serve(self, worker: Worker, message: protocol.Message, calls: SubCalls) -> None:
         """Answer a worker's `batch` (llm_batch) or `rlm` (rlm_batch) request; it waits for the reply.
