@@ -6,7 +6,6 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -16,16 +15,7 @@ import pytest
 from rlm_service.events import FinalEvent, RunUsage
 from rlm_service.openai_api import ANSWER_DELTA_CHARS, _chunks
 from rlm_service.runs import LiveRun
-from tests.conftest import (
-    LiveServer,
-    SseEvent,
-    make_settings,
-    parse_sse,
-    script,
-    spawn_server,
-    ticks_while_read,
-    wait_until,
-)
+from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, ticks_while_read, wait_until
 from tests.fake_openai import FakeOpenAI, HTTPFault, _first_user_text
 
 TOKEN = "rlm-test-token"
@@ -392,45 +382,3 @@ async def test_a_long_answer_streams_while_the_server_serves_others() -> None:
     read = await ticks_while_read(_chunks(run, include_usage=False))
     deltas = [count for chunk, count in read if '"content":"a' in str(chunk.data)]
     assert len(deltas) == 50 and len(set(deltas)) == 50, deltas
-
-
-def test_waiting_non_streamed_requests_do_not_hold_their_conversation(tmp_path: Path) -> None:
-    """Three non-streamed requests, each with a 40 MiB message, wait on the root model at once: the server holds
-    each conversation once (the run's input), not twice. Old code caught: the request kept its parsed
-    conversation until its run ended, one more copy of every message; the server grew by 2.0 to 2.4 times
-    the messages' size, now by 1.0 (a fixed malloc mmap threshold, so that what is freed leaves the server's
-    resident memory at once and only what is held counts)."""
-    requests, size = 3, 40 * 2**20
-    task = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
-
-    def ask(server_url: str, first: str) -> str | None:
-        reply = openai.OpenAI(base_url=f"{server_url}/v1", api_key="any", max_retries=0, timeout=120).chat.completions
-        messages: Any = [
-            {"role": "user", "content": first},
-            {"role": "assistant", "content": "Noted."},
-            {"role": "user", "content": task},
-        ]
-        return reply.create(model="rlm", messages=messages).choices[0].message.content
-
-    with spawn_server(tmp_path, MALLOC_MMAP_THRESHOLD_=str(2**20)) as server:
-        warm = ask(server.url, "w" * 1000)  # the first run builds what later runs reuse: not part of the growth
-        assert warm is not None and int(warm) > 1000
-        before = server.rss()
-        server.fake.inject("hold", role="root", count=requests)
-        big = "x" * size
-        answers: list[str | None] = []
-        callers = [threading.Thread(target=lambda: answers.append(ask(server.url, big))) for _ in range(requests)]
-        for caller in callers:
-            caller.start()
-        try:
-            assert wait_until(lambda: server.fake.stats.held == requests, timeout=60)  # every run waits on the model
-            # the conversations are read, rendered and copied into the runs' workspaces meanwhile: wait until
-            # what is left is what the waiting requests and their runs hold
-            bound = 1.5 * requests * size
-            held = wait_until(lambda: server.rss() - before < bound, timeout=15)
-            assert held, f"the server grew by {(server.rss() - before) / (requests * size):.2f} times the messages"
-        finally:
-            server.fake.release()
-            for caller in callers:
-                caller.join(60)
-        assert len(answers) == requests and len(set(answers)) == 1 and int(answers[0] or 0) > size
