@@ -73,6 +73,7 @@ def test_two_servers_on_one_database_keep_one_history(pg_url: str, fake: FakeOpe
         assert httpx2.get(f"{one.url}/api/runs/{kept_id}").status_code == 404
         # the replica that ran it keeps its events in memory a while: not to be served once deleted (old: 200)
         assert httpx2.get(f"{one.url}/api/runs/{kept_id}/events").status_code == 404
+        assert httpx2.post(f"{one.url}/api/runs/{kept_id}/cancel").status_code == 404  # not 409, "already ended"
         assert httpx2.get(f"{one.url}/api/runs/{kept_id}/input").status_code == 404
 
 

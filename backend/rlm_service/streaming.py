@@ -414,6 +414,8 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
             await _stored_status(request, run_id)  # 404 if unknown
             raise HTTPException(409, f"run {run_id} has already ended")
         if not run.cancel("cancelled through the API"):
+            if fleet is not None and not await _still_stored(request, run_id):  # deleted through another process
+                raise HTTPException(404, f"no run {shown_id(run_id)} on this server")
             raise HTTPException(409, f"run {run_id} has already ended")
         return JSONResponse({"id": run_id, "status": "cancelling"}, status_code=202)
 
