@@ -116,11 +116,15 @@ class Listener:
             pause = min(pause * 2, LISTEN_RETRY_MAX_S)
 
 
-async def stored_events(store: RunStore, run_id: str, after: int = 0) -> AsyncIterator[Event]:
-    """A run's stored events numbered above `after`, read a page at a time; `StoreUnavailable` as the store raises."""
-    full = True
+async def stored_events(
+    store: RunStore, run_id: str, after: int = 0, first: tuple[list[dict[str, Any]], bool] | None = None
+) -> AsyncIterator[Event]:
+    """A run's stored events numbered above `after`, read a page at a time (starting with `first`, the page after
+    `after` if it is read already); `StoreUnavailable` as the store raises."""
+    page, full = first, True
     while full:
-        rows, full = await off_loop(store.events_page, run_id, after, PAGE_CHARS)
+        rows, full = page if page is not None else await off_loop(store.events_page, run_id, after, PAGE_CHARS)
+        page = None
         rows.reverse()
         while rows:  # each event let go of once it is sent
             event = parse_event(rows.pop())

@@ -28,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from .capacity import Capacity
 from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
-from .events import EventBase, lost_event, parse_event
+from .events import EventBase, lost_event
 from .fleet import Fleet, Launch
 from .followers import PAGE_CHARS, stored_events
 from .history import in_store
@@ -499,21 +499,14 @@ async def _past_run(
 ) -> AsyncIterator[EventBase]:
     """A past run's events after `after` from history, a page at a time (`first` is read), and for a run its server
     left unfinished an `error` `lost` to end it. A database lost midway ends the stream: the client re-attaches."""
-    rows, full = first
-    del first  # held no longer than its events are sent
-    events = [parse_event(data) for data in rows]
-    del rows
-    last = events[-1].seq if events else after
-    while events:
-        yield events.pop(0)
-    if full:
-        try:
-            async for event in stored_events(store, run_id, last):
-                last = event.seq
-                yield event
-        except StoreUnavailable as exc:
-            log.warning("run %s: its stream from the history ended early: %s", run_id, exc)
-            return
+    last = after
+    try:
+        async for event in stored_events(store, run_id, after, first):
+            last = event.seq
+            yield event
+    except StoreUnavailable as exc:
+        log.warning("run %s: its stream from the history ended early: %s", run_id, exc)
+        return
     if status == "unfinished":  # its server stopped before the run ended
         yield lost_event(run_id, last, "the server stopped before this run ended; it is unfinished")
 
