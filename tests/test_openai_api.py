@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from typing import Any
 
@@ -382,3 +384,53 @@ async def test_a_long_answer_streams_while_the_server_serves_others() -> None:
     read = await ticks_while_read(_chunks(run, include_usage=False))
     deltas = [count for chunk, count in read if '"content":"a' in str(chunk.data)]
     assert len(deltas) == 50 and len(set(deltas)) == 50, deltas
+
+
+def test_waiting_non_streamed_requests_do_not_hold_their_conversation(model: FakeOpenAI) -> None:
+    """Two non-streamed requests, each with a 24 MiB message, wait on the root model at once: the server holds
+    each conversation once (the run's input), not twice. Counted by `tracemalloc` (the server runs in this
+    process): what Python holds, not resident memory, which the allocator keeps past a free on a busy machine.
+    The requests are sent from bytes made before tracing began, so that only the server's copies count.
+    Old code caught: the request kept its parsed conversation until its run ended, one more copy of each
+    message (2.0 times their size or more)."""
+    requests, size = 2, 24 * 2**20
+    task = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    messages = [
+        {"role": "user", "content": "x" * size},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": task},
+    ]
+    body = json.dumps({"model": "rlm", "messages": messages}).encode()
+    del messages
+    answers: list[str] = []
+
+    def ask(port: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+        connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        reply = connection.getresponse()
+        answers.append(json.loads(reply.read())["choices"][0]["message"]["content"])
+        connection.close()
+
+    with LiveServer(make_settings(model, rlm_api_token=TOKEN)) as live:
+        ask(live.port)  # the first run builds what later runs reuse: not part of what is counted
+        model.inject("hold", role="root", count=requests)
+        callers = [threading.Thread(target=ask, args=(live.port,)) for _ in range(requests)]
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for caller in callers:
+                caller.start()
+            assert wait_until(lambda: model.stats.held == requests, timeout=60)  # every run waits on the model
+            # the conversations are read, rendered and copied into the runs' workspaces meanwhile: wait until
+            # what is left is what the waiting requests and their runs hold
+            bound = 1.5 * requests * size
+            held = wait_until(lambda: tracemalloc.get_traced_memory()[0] - before < bound, timeout=30)
+            growth = (tracemalloc.get_traced_memory()[0] - before) / (requests * size)
+        finally:
+            tracemalloc.stop()
+            model.release()
+            for caller in callers:
+                caller.join(120)
+        assert held, f"the server holds {growth:.2f} times the messages"
+    assert len(answers) == requests + 1 and int(answers[-1]) > size
