@@ -284,3 +284,17 @@ def test_the_first_write_after_a_restart_of_postgresql_succeeds(own_pg_server: P
         assert store.delete(run_id) and store.status(run_id) is None
     finally:
         store.close()
+
+
+def test_an_ended_run_not_yet_written_to_the_history_is_still_served(pg_url: str, fake: FakeOpenAI) -> None:
+    """A run that ended while its process's history writer was held up (here by a lock on the runs table; after a
+    restart of PostgreSQL, by the writes queued meanwhile) is still followed from that process's memory: the
+    history is asked whether another process deleted it only once what the writer holds is written. Old
+    behaviour caught (the review): its row not written yet read as deleted, and the stream answered 404."""
+    with LiveServer(make_settings(fake, rlm_database_url=pg_url)) as one, psycopg.connect(pg_url) as blocker:
+        blocker.execute("LOCK TABLE runs IN EXCLUSIVE MODE")  # reads go on, the writer waits
+        _, events = stream_run(one.url, json_body={"prompt": "task", "input_data": "data"})
+        assert events[-1].event == "final"
+        threading.Timer(3.0, blocker.rollback).start()  # longer than a follower looks for a run not yet written
+        assert _shape(_stored_stream(one.url, events[0].data["run_id"])) == _shape(events)
+        assert wait_until(lambda: [run["status"] for run in _runs(one.url)] == ["finished"], 10)

@@ -171,6 +171,9 @@ def _stopping() -> HTTPException:
 
 
 SEP = "\n"
+STORED_CHECK_WAIT_S = 5.0
+"""How long a question about a run of this process waits for its history's writer to catch up before asking the
+history whether the run was deleted (then it is assumed not)."""
 SHUTDOWN_GRACE_S = 4.0
 """How long a live stream goes on once the server stops: enough for its run, cancelled, to end with its `error`
 event (also through the database, for a follower of another process's run). After the server's own runs have
@@ -486,10 +489,14 @@ async def _stored_status(request: Request, run_id: str) -> tuple[RunStore, str]:
 
 
 async def _still_stored(request: Request, run_id: str) -> bool:
-    """Whether the history still holds the run (assumed so while the database cannot be reached)."""
+    """Whether the history still holds a run of this process (assumed so while the database cannot be reached).
+    What the history's writer holds is written first: a writer held up (a lock, the writes queued while
+    PostgreSQL restarted) has not written the run's row yet, which is not a delete."""
     store: RunStore | None = request.app.state.store
     try:
-        return store is None or await off_loop(store.status, run_id) is not None
+        if store is None or not await off_loop(store.flush, STORED_CHECK_WAIT_S):
+            return True
+        return await off_loop(store.status, run_id) is not None
     except StoreUnavailable:
         return True
 
