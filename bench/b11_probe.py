@@ -153,12 +153,14 @@ def phases(processes: int, runs: int, work: Path) -> None:
     print("CPU seconds in the burst: " + ", ".join(f"{key} {cores[key] * (ended - began):.2f}" for key in CLASSES))
 
 
-def compare(trees: list[tuple[str, Path]], processes: int, runs: int, rounds: int) -> None:
+def compare(
+    trees: list[tuple[str, Path]], processes: int, runs: int, rounds: int, latency: tuple[float, float] = (1.0, 0.5)
+) -> None:
     prompt = b7_prompt(50)
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + 4), "RLM_SUBCALL_CONCURRENCY": "16", "WEB_CONCURRENCY": str(processes)}
     failed: list[str] = []
     results: dict[str, dict[str, list[float]]] = {name: {"alone": [], "burst": [], "cpu": []} for name, _ in trees}
-    with fake_server(latency=1.0, sub_latency=0.5) as fake, ExitStack() as stack:
+    with fake_server(latency=latency[0], sub_latency=latency[1]) as fake, ExitStack() as stack:
         servers: dict[str, Any] = {}
         for name, tree in trees:
             conftest.REPO = tree  # spawn_server starts `REPO/backend/main.py`
@@ -193,10 +195,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4, help="bursts per tree (--compare)")
     parser.add_argument("--compare", nargs="+", metavar="NAME=DIR")
+    parser.add_argument(
+        "--latency",
+        nargs=2,
+        type=float,
+        default=(1.0, 0.5),
+        metavar=("ROOT_S", "SUB_S"),
+        help="the fake model's latencies (--compare; B7's: 0 0.2)",
+    )
     args = parser.parse_args()
     if args.compare:
         trees = [(name, Path(tree).resolve()) for name, tree in (item.split("=", 1) for item in args.compare)]
-        compare(trees, args.processes, args.runs, args.rounds)
+        compare(trees, args.processes, args.runs, args.rounds, tuple(args.latency))
     else:
         phases(args.processes, args.runs, Path(conftest.private_tempdir()))
 

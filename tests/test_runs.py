@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import httpx2
 import pytest
 
 from rlm_service import runs as runs_module
+from rlm_service.controller import Controller, RunOutcome
 from rlm_service.events import (
     AnswerEvent,
     ChildEvent,
@@ -23,6 +26,7 @@ from rlm_service.events import (
     RunUsage,
     ThoughtEvent,
 )
+from rlm_service.runner import StartLine
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
 from tests.conftest import (
@@ -478,3 +482,71 @@ def _settled(read: Callable[[], int], timeout: float = 30) -> int:
             return max(now, last)
         last = now
     return last
+
+
+async def test_the_start_line_lets_runs_through_one_at_a_time_in_the_order_they_came() -> None:
+    """`StartLine`: one run at a time from its start to its first model request, first come first served; a
+    run's workspace waits until the runs in line with it have gone through; leaving twice is leaving once."""
+    line = StartLine()
+    log: list[str] = []
+    turns = [asyncio.Event() for _ in range(3)]
+
+    async def run(number: int) -> None:
+        leave = await line.enter()
+        log.append(f"in {number}")
+        await turns[number].wait()
+        log.append(f"out {number}")
+        leave()
+        leave()
+
+    async def workspace() -> None:
+        await line.passed()
+        log.append("workspace")
+
+    runs = [asyncio.create_task(run(number)) for number in range(3)]
+    await asyncio.sleep(0.05)
+    made = asyncio.create_task(workspace())  # made while the three are in line: after all three
+    late = asyncio.create_task(run(0))  # a run that came after: not waited for
+    turns[0].set()
+    await asyncio.sleep(0.05)
+    assert log == ["in 0", "out 0", "in 1"]
+    turns[2].set()
+    turns[1].set()
+    await asyncio.wait_for(asyncio.gather(*runs, made, late), 10)
+    assert log == ["in 0", "out 0", "in 1", "out 1", "in 2", "out 2", "workspace", "in 0", "out 0"]
+
+
+async def test_a_run_cancelled_while_in_the_start_line_leaves_it() -> None:
+    line = StartLine()
+    leave = await line.enter()
+    waiting = asyncio.create_task(line.enter())
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    leave()
+    await asyncio.wait_for(line.passed(), 10)
+
+
+def test_a_run_that_fails_before_its_first_model_request_does_not_hold_up_the_runs_after_it(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run leaves the start line at its first model request, or at its end if it never makes one. Mutant
+    caught: `leave_line()` taken out of `RunDriver._fresh`'s `finally` (the next run then waits forever)."""
+    run_controller = Controller.run
+
+    async def failing_first(self: Controller, task_message: str) -> RunOutcome:
+        if "fail before asking" in task_message:
+            raise RuntimeError("no model request made")
+        return await run_controller(self, task_message)
+
+    monkeypatch.setattr(Controller, "run", failing_first)
+    with LiveServer(make_settings(fake)) as server:
+        _, failed = stream_run(server.url, json_body={"prompt": "fail before asking", "input_data": "x"})
+        assert failed[-1].event == "error" and failed[-1].data["code"] == "internal"
+        done = script({"code": ["answer.update(content='done', ready=True)"]})
+        with ThreadPoolExecutor(1) as pool:  # the stream's pings would keep a read timeout from ever firing
+            later = pool.submit(stream_run, server.url, json_body={"prompt": done, "input_data": "x"})
+            try:
+                _, events = later.result(timeout=60)
+            finally:
+                server.server.should_exit = True  # a run waiting in line is cancelled, and its stream ends
+        assert events[-1].event == "final" and events[-1].data["answer"] == "done"

@@ -122,9 +122,11 @@ class Controller:
         children: ChildRunner | None = None,
         answer_check: AnswerCheck | None = None,
         model_settings: ModelSettings | None = None,
+        first_request: Callable[[], None] | None = None,
     ) -> None:
         """`repl`: the REPL, or its start running alongside the first model request: the first cell waits for
-        it, and a failed start fails the run."""
+        it, and a failed start fails the run. `first_request`: called once, as the first model request goes
+        out (the run leaves the start line, `runner.StartLine`)."""
         self.run_id = run_id
         self.agent = agent
         self.protocol = protocol
@@ -140,6 +142,7 @@ class Controller:
         self.answer_check = answer_check
         """Consulted when a cell marks the answer ready: an answer it finds a problem with is not accepted."""
         self.model_settings = model_settings
+        self._first_request = first_request
         """Sent with every request of the root model (temperature, top_p, max_tokens, seed…)."""
         self._told_stop = False
         self.emit = emit
@@ -296,6 +299,9 @@ class Controller:
                     if self.iteration >= self.limits.max_iterations or not self.tree.take_iteration(self.depth):
                         return run.all_messages(), None
                     self.iteration += 1
+                    if self._first_request is not None:
+                        self._first_request()
+                        self._first_request = None
                     node = await run.next(node)
                     if Agent.is_call_tools_node(node):
                         self._note_response(node.model_response)

@@ -140,12 +140,50 @@ async def _started(starting: asyncio.Future[Repl]) -> bool:
     return starting.done() and not starting.cancelled() and starting.exception() is None
 
 
+def _nothing() -> None:
+    pass
+
+
+class StartLine:
+    """New root runs take their first steps one at a time, in the order they came: from the run's start to its
+    first model request (the task's message, the controller, the agent's run). Served as they come, a burst of
+    runs goes breadth-first: each run takes one step before any takes its next, so every first request leaves
+    at the end of the burst's start-up work, every reply comes back at once, and the runs go on in lockstep,
+    each step of each waiting for the same step of all (B11 in BENCHMARKS.md). In line, the first requests
+    leave one after another and the replies come back spread out. The workspace and worker of a run, which its
+    first cell needs only a model reply later, are made once the runs in line with it have sent their requests.
+    """
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()  # fair: waiters acquire it in the order they began to wait
+
+    async def enter(self) -> Callable[[], None]:
+        """Wait for the run's turn; returns how to leave the line (at the first model request, or the run's
+        end, whichever comes first: calls after the first do nothing)."""
+        await self._lock.acquire()
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            if not left:
+                left = True
+                self._lock.release()
+
+        return leave
+
+    async def passed(self) -> None:
+        """Until every run in line now has left it."""
+        async with self._lock:
+            pass
+
+
 class RunDriver:
     """Drives the runs of one engine (which holds the shared clients, agents, REPL backend and sessions)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings
+        self.line = StartLine()
 
     async def drive(self, run: LiveRun, plan: RunPlan, emit: Emit) -> None:
         """The root run, then exactly one `final` or `error`, and the run's log line."""
@@ -243,23 +281,29 @@ class RunDriver:
         self, node: _Node, tree: RunTree, depth: int, run_id: str, plan: RunPlan, emit: Emit, stream: Emit
     ) -> RunOutcome:
         """A run with a workspace and REPL of its own (closed at its end, unless kept as a session). They are
-        made alongside the first model request, which needs neither: a burst of runs sends its model
-        requests first, and the workspaces (a uid, directories, the input) and workers follow while the
-        model answers."""
+        made alongside the first model request, which needs neither: a root run goes through the start line
+        (`StartLine`) to its first request, and its workspace (a uid, directories, the input) and worker
+        follow while the model answers."""
         settings = self.settings
         run_input = plan.run_input
         setup = _Setup()
-        preparing = asyncio.ensure_future(self._prepare(setup, run_id, plan))
+        preparing: asyncio.Future[Repl] | None = None
+        leave_line = _nothing  # children start from a cell of their parent, already past the line
         kept = False
         try:
             emit(self._start_event(run_id, depth, run_input, plan.limits, plan.new_session_id))
+            if depth == 0:
+                leave_line = await self.line.enter()
+            preparing = asyncio.ensure_future(self._prepare(setup, run_id, plan, after_line=depth == 0))
             preview = run_input.head[: settings.rlm_context_preview_chars]
             kind = prompts.describe_kind(run_input.head)
             message = prompts.task_message(
                 plan.prompt, chars=run_input.chars, lines=run_input.lines, kind=kind, preview=preview
             )
             try:
-                return await self._control(node, tree, depth, run_id, plan, preparing, message, emit, stream)
+                return await self._control(
+                    node, tree, depth, run_id, plan, preparing, message, emit, stream, first_request=leave_line
+                )
             finally:
                 if plan.new_session_id and await _started(preparing):
                     assert setup.making is not None
@@ -277,18 +321,23 @@ class RunDriver:
                     )
                     kept = True
         finally:
+            leave_line()
             if not kept:
                 if plan.new_session_id and depth == 0:
                     self.engine.sessions.unreserve(plan.new_session_id)
-                preparing.cancel()
-                await asyncio.gather(preparing, return_exceptions=True)
+                if preparing is not None:
+                    preparing.cancel()
+                    await asyncio.gather(preparing, return_exceptions=True)
                 await setup.close()
             run_input.discard()
 
-    async def _prepare(self, setup: _Setup, run_id: str, plan: RunPlan) -> Repl:
+    async def _prepare(self, setup: _Setup, run_id: str, plan: RunPlan, *, after_line: bool) -> Repl:
         """The run's workspace with its input (made in a thread: taking a worker uid reads /proc), then its
         REPL, started; both go in `setup` at once, for the run to close (a cancelled run still waits for the
-        thread, which cannot be stopped, and removes what it made)."""
+        thread, which cannot be stopped, and removes what it made). `after_line`: once the runs in the start
+        line have sent their first model requests (this run's among them)."""
+        if after_line:
+            await self.line.passed()
         setup.making = asyncio.get_running_loop().run_in_executor(None, self._workspace, plan)
         workspace = await asyncio.shield(setup.making)
         store = self.engine.store
@@ -325,6 +374,8 @@ class RunDriver:
         message: str,
         emit: Emit,
         stream: Emit,
+        *,
+        first_request: Callable[[], None] | None = None,
     ) -> RunOutcome:
         settings = self.settings
         if plan.answer_check is not None:
@@ -353,6 +404,7 @@ class RunDriver:
             children=self.children,
             answer_check=plan.answer_check,
             model_settings=plan.model_settings,
+            first_request=first_request,
         )
         node.controller = controller
         return await controller.run(message)
