@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import time
@@ -290,6 +291,62 @@ def test_an_id_that_cannot_name_a_run_answers_404_on_every_route(tmp_path: Path,
         assert all(len(response.json()["detail"]) < 200 for response in answers.values())
         assert client.get(f"/api/runs/{'a' * 64}/input").status_code == 404
         assert client.get("/health").json() == {"status": "ok"}
+
+
+LONE = "\ud800"
+"""A lone surrogate: JSON may carry one (as the escape `\\ud800`), and Python's parser keeps it, but UTF-8 cannot."""
+
+
+def test_lone_surrogates_from_a_client_or_a_model_reach_the_stream_and_the_history_as_u_fffd(
+    tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """One in a request's prompt kept the run out of the history (its first write failed, then every other);
+    one in its answer schema made `GET /api/runs` answer 500 to everyone while the run was on the page; one in
+    the root model's reply failed the event stream mid-run (and, the connection closed, the run was
+    cancelled). Each is now U+FFFD. Mutants: `EventBase` without its validator (the stream ends at `start`);
+    `launch` storing the prompt as given (the run is missing); `RunSettings` keeping the schema as given and the
+    store reading it back as stored (500)."""
+    thought = script({"text": f"thinking {LONE}", "code": ["answer.update(content='\"done\"', ready=True)"]})
+    body = {
+        "prompt": f"{thought} {LONE}",
+        "input_data": "data",
+        "settings": {"answer_schema": {"type": "string", "description": f"x{LONE}"}},
+    }
+    with (
+        LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server,
+        httpx2.Client(base_url=server.url, timeout=60) as client,
+    ):
+        # json.dumps escapes the surrogate as JSON allows; an HTTP client's encoder cannot send it at all
+        content = json.dumps(body).encode()
+        with client.stream(
+            "POST", "/process", content=content, headers={"Content-Type": "application/json"}
+        ) as response:
+            events = list(parse_sse(response.iter_lines()))
+        assert [event.event for event in events][-1:] == ["final"], events
+        assert [event.data["text"] for event in events if event.event == "thought"] == ["thinking \ufffd"]
+        run_id = events[0].data["run_id"]
+        listed = client.get("/api/runs")
+        assert listed.status_code == 200, listed.text
+        assert [run["id"] for run in listed.json()["runs"]] == [run_id]
+        run = client.get(f"/api/runs/{run_id}").json()
+        assert run["run"]["prompt"] == f"{thought} \ufffd"
+        assert run["run"]["settings"]["answer_schema"]["description"] == "x\ufffd"
+        assert [event["type"] for event in run["events"]][-1] == "final"
+        assert client.get(f"/api/runs/{run_id}/export", params={"format": "md"}).status_code == 200
+
+
+def test_a_lone_surrogate_stored_by_an_older_version_is_listed_as_u_fffd(tmp_path: Path) -> None:
+    """Older versions stored an answer schema's lone surrogate, JSON-escaped, in the run's settings, and every
+    listing of the run then failed to encode. Mutant: the store reading the settings as stored."""
+    store = SqliteRunStore(tmp_path / "h.sqlite3")
+    record = _record("r1", 1000.0)
+    record.settings = {"answer_schema": {"description": f"x{LONE}"}}
+    store.begin(record)
+    store.flush()
+    (listed,) = store.list(limit=5, before=None)
+    assert listed.settings == {"answer_schema": {"description": "x\ufffd"}}
+    json.dumps(listed.to_dict(), ensure_ascii=False).encode()
+    store.close()
 
 
 def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake: FakeOpenAI) -> None:

@@ -25,7 +25,7 @@ from .answers import AnswerSchema
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .controller import Controller, build_agent
-from .events import ErrorCode, EventBase, RunLimits
+from .events import ErrorCode, EventBase, RunLimits, valid_unicode, valid_unicode_json
 from .inputs import RunInput
 from .llm import ChatClient, ModelCallError, SubcallBudget
 from .repl.base import ReplError, backend
@@ -75,9 +75,11 @@ class RunSettings(BaseModel):
     @field_validator("answer_schema")
     @classmethod
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            AnswerSchema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
-        return value
+        if value is None:
+            return None
+        AnswerSchema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
+        # a lone surrogate in it (a JSON "\ud800") would fail every listing of the history that shows the run
+        return valid_unicode_json(value)  # type: ignore[no-any-return]
 
     def answer_check(self) -> AnswerSchema | None:
         return AnswerSchema(self.answer_schema) if self.answer_schema is not None else None
@@ -250,6 +252,7 @@ class Engine:
         (404, 409) for a session that is gone or busy.
         """
         limits = effective_limits(self.settings, settings)
+        prompt = valid_unicode(prompt)  # stored, and shown to the root model, as UTF-8
         run_id = run_id or uuid.uuid4().hex[:16]
         session = self.sessions.claim(session_id, run_id) if session_id is not None else None
         new_session_id = None

@@ -9,10 +9,27 @@ test checks that every consumer (the page, the command line, the Markdown export
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD. JSON may carry one (`"\\ud800"`, from a client's
+    request or a model's reply) and Python's parser keeps it, but UTF-8 cannot encode it: written as it is,
+    it failed the event stream mid-run and the history's writes (a pair of surrogates is parsed as the one
+    character it stands for, so any surrogate left is a lone one)."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+
+
+def valid_unicode_json(value: Any) -> Any:
+    """A JSON value (dicts, lists, strings…) with `valid_unicode` applied to every string in it, keys too."""
+    text = json.dumps(value, ensure_ascii=False)
+    return value if text.isascii() or not _SURROGATE.search(text) else json.loads(valid_unicode(text))
 
 
 class Usage(BaseModel):
@@ -62,6 +79,12 @@ class EventBase(BaseModel):
     """The event's number in its run (1, 2, 3…), set when the run emits it; also the SSE `id:`."""
     ts: float = Field(default_factory=time.time)
     """When the event was created (Unix seconds), so clients can order, time and replay runs."""
+
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        """Every text of an event (a model's reply, its code, an error's message) can be sent and stored."""
+        return valid_unicode(value) if isinstance(value, str) else value
 
 
 class StartEvent(EventBase):

@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal
+from .events import TERMINAL_EVENTS, ErrorEvent, EventBase, FinalEvent, is_terminal, valid_unicode_json
 from .migrations import PREVIEW_CHARS, Dialect
 from .store import KeptInput, RunBudget, RunRecord, RunStillLive, RunSummary, StoreUnavailable, valid_run_id
 from .storewriter import Db, Job, Writer, WriteSkipped, in_transaction
@@ -408,7 +408,8 @@ def _summary(row: Mapping[str, Any]) -> RunSummary:
         status=row["status"],
         prompt_preview=row["prompt_preview"],
         prompt_chars=row["prompt_chars"],
-        settings=json.loads(row["settings"]),
+        # JSON-escaped lone surrogates, as older versions stored them from a request's answer schema
+        settings=valid_unicode_json(json.loads(row["settings"])),
         input_chars=row["input_chars"],
         input_lines=row["input_lines"],
         input_bytes=row["input_bytes"],
