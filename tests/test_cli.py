@@ -759,3 +759,60 @@ def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
     assert f"session {shown}: ask more" in results[0].stderr.decode()
     assert f"live run: {shown}" in results[1].stdout.decode()
     assert f"run {shown} of session {shown} is still going" in results[2].stderr.decode()
+
+
+def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> None:
+    """A server that is not the service, or a broken one, whose events and session carry fields of other types
+    than the service sends: the command ended with a traceback (`ValueError: Cannot specify ',' with 's'` for
+    `"chars": "many"`, `AttributeError` for `"usage": [1]`, `ValueError` for an `expires_at` of NaN), and a
+    `done` of 10**12 sub-calls out of 1, or a child's depth of 10**12, made it build a string of that many
+    characters (a MemoryError; a smaller number printed it). Each such event is now one line, the rest of the
+    run is printed, and the session is listed without what it cannot show. Mutants: `ProgressPrinter.event`
+    without its `except`; `_bar` without its clamp; `_clock` without its `except`."""
+    events = [
+        ("start", {"run_id": "r1", "input": {"chars": "many", "lines": 1}}),
+        ("subcalls", {"run_id": "r1", "done": 10**12, "failed": 0, "total": 1}),
+        ("subcalls", {"run_id": "r1", "done": "x", "total": 3}),
+        ("child", {"run_id": "r1", "depth": 10**12, "event": "code", "data": {"iteration": 1, "code": "x = 1"}}),
+        ("child", {"run_id": "r1", "depth": 1, "event": "start", "data": [1]}),
+        ("final", {"run_id": "r1", "answer": "the answer", "ready": True, "usage": [1], "elapsed_ms": "5"}),
+    ]
+    stream = "".join(
+        f"id: {seq}\nevent: {name}\ndata: {json.dumps(data)}\n\n" for seq, (name, data) in enumerate(events, 1)
+    ).encode()
+    described = {"id": "s1", "runs": 5, "input": {"chars": "x"}, "expires_at": float("nan")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self._send("text/event-stream", stream)
+
+        def do_GET(self) -> None:
+            self._send("application/json", json.dumps(described).encode())  # NaN, as Python's json writes it
+
+        def _send(self, content_type: str, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ran = _cli("run", "task", "--server", url, env=_cli_env())
+        shown = _cli("session", "s1", "--server", url, env=_cli_env())
+    finally:
+        server.shutdown()
+        server.server_close()
+    progress = ran.stderr.decode()
+    assert ran.returncode == 0 and ran.stdout.decode() == "the answer\n", progress
+    assert "Traceback" not in progress and len(progress) < 2000, progress
+    for name in ("start", "subcalls", "child", "final"):
+        assert f"(a {name} event with a field this command cannot read)" in progress, progress
+    assert "↳ child (depth 1000000000000) [1] >>> x = 1" in progress, progress
+    assert shown.returncode == 0 and shown.stdout.decode() == "session s1\nruns: none yet\n", shown.stderr.decode()

@@ -118,8 +118,8 @@ async def _tell_session(client: ServiceClient, output: Output, session_id: str) 
     except Refused as exc:
         output.say(f"the session was not kept: {exc}")
         return
-    expires = info.get("expires_at")
-    until = f", and ends if left idle until {_clock(expires)}" if isinstance(expires, (int, float)) else ""
+    expires = _clock(info.get("expires_at"))
+    until = f", and ends if left idle until {expires}" if expires else ""
     output.say(
         f"session {sid}: ask more with `rlm-service run QUESTION --follow-up {sid} --server {base}`; "
         f"it keeps the input and every variable{until} (`rlm-service session {sid} --end --server {base}` "
@@ -127,8 +127,14 @@ async def _tell_session(client: ServiceClient, output: Output, session_id: str) 
     )
 
 
-def _clock(when: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+def _clock(when: object) -> str | None:
+    """A time the service gave (Unix seconds) as local time; None for what cannot be one (NaN, 1e300, text)."""
+    if not isinstance(when, (int, float)):
+        return None
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 async def attach(args: argparse.Namespace, output: Output, interrupt: Interrupt) -> int:
@@ -160,14 +166,17 @@ async def session(args: argparse.Namespace, output: Output) -> int:
     if output.as_json:
         output.out.write(json_line(info) + "\n")
         return EXIT_OK
-    runs = [printable(str(run)) for run in info.get("runs") or []]
-    source = info.get("input") or {}
+    # what the service sends, of the types it sends them; a field of another type (a server that is not the
+    # service, or a broken one) is left out, where it ended the command with a traceback
+    listed = info.get("runs")
+    runs = [printable(str(run)) for run in listed] if isinstance(listed, list) else []
+    source = info.get("input")
     lines = [f"session {sid}", f"runs: {', '.join(runs) if runs else 'none yet'}"]
     if info.get("live_run"):
         lines.append(f"live run: {printable(str(info['live_run']))}")
-    if isinstance(source, dict) and "chars" in source:
-        lines.append(f"input: {source.get('chars', 0):,} characters, {source.get('lines', 0):,} lines")
-    if isinstance(info.get("expires_at"), (int, float)):
-        lines.append(f"ends if left idle until {_clock(info['expires_at'])}")
+    if isinstance(source, dict) and isinstance(source.get("chars"), int) and isinstance(source.get("lines", 0), int):
+        lines.append(f"input: {source['chars']:,} characters, {source.get('lines', 0):,} lines")
+    if expires := _clock(info.get("expires_at")):
+        lines.append(f"ends if left idle until {expires}")
     output.out.write("\n".join(lines) + "\n")
     return EXIT_OK

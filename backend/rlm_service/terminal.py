@@ -44,6 +44,10 @@ def json_line(value: dict[str, Any]) -> str:
     return _JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
+MAX_INDENT = 16
+"""Levels of indentation a child run's lines get at most, whatever depth a server says it has."""
+
+
 def _first_line(text: object, limit: int) -> str:
     return str(text).strip().split("\n")[0][:limit]
 
@@ -71,8 +75,14 @@ class ProgressPrinter:
     def event(self, name: str, data: dict[str, Any]) -> None:
         """Print one event of the run; events of unknown types, and unknown fields, are ignored."""
         handler = self.HANDLERS.get(name)
-        if handler is not None:
+        if handler is None:
+            return
+        try:
             handler(self, data)
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            # a field of another type than the service sends (`"chars": "many"`, `"usage": [1]`), from a server
+            # that is not the service or a broken one: said in a line, where it ended the command with a traceback
+            self._line(f"(a {name} event with a field this command cannot read)")
 
     def _start(self, data: dict[str, Any]) -> None:
         info = data.get("input") or {}
@@ -129,7 +139,7 @@ class ProgressPrinter:
 
     def _child(self, depth: int, kind: str, data: dict[str, Any]) -> None:
         """A child run's event, indented by depth: its start, cells and end; the rest stays quiet."""
-        prefix = "    " * depth + f"↳ child (depth {depth})"
+        prefix = "    " * min(max(depth, 0), MAX_INDENT) + f"↳ child (depth {depth})"
         if kind == "start":
             self._line(f"{prefix} started on {(data.get('input') or {}).get('chars', 0):,} characters")
         elif kind == "code":
@@ -156,7 +166,7 @@ class ProgressPrinter:
 
     def _bar(self, done: int, failed: int, total: int) -> None:
         width = 30
-        filled = width * done // max(total, 1)
+        filled = min(max(width * done // max(total, 1), 0), width)  # a server's `done` past `total` fills it
         text = f"    sub-calls [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
         text += f" ({failed} failed)" if failed else ""
         if self.live:
