@@ -137,6 +137,30 @@ def test_cli_against_a_server(fake: FakeOpenAI, tmp_path: Path) -> None:
         assert "max_iterations" in too_many.stderr.decode()
 
 
+def test_an_uploaded_file_keeps_its_name(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """`run --input FILE --server` sent the file's name percent-encoded, and the service lists what it was sent
+    (`my notes.txt` as `my%20notes.txt`, `café.txt` as `caf%C3%A9.txt`); a name that is not UTF-8 (`bad\\xff`,
+    bytes a Linux file name may hold) ended the command with a traceback. Names go as browsers send them, the
+    undecodable byte as U+FFFD and a line break as `%0A`. Mutants: the form's default quoting; the form given
+    `file.name` as it is."""
+    names = {
+        b"my notes.txt": "my notes.txt",
+        "café.txt".encode(): "café.txt",
+        b"bad\xff.txt": "bad\ufffd.txt",
+        b"two\nContent-Type: lines.txt": "two%0AContent-Type: lines.txt",  # a line break cannot end the header
+    }
+    prompt = script({"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        for name in names:
+            path = os.fsencode(tmp_path) + b"/" + name
+            with open(path, "wb") as handle:
+                handle.write(b"x" * 1234)
+            ok = _cli("run", prompt, "--input", os.fsdecode(path), "--server", server.url, env=_cli_env(fake))
+            assert ok.returncode == 0 and ok.stdout.decode().strip() == "1234", ok.stderr.decode()
+        listed = httpx2.get(f"{server.url}/api/runs").json()["runs"]
+    assert [run["input_name"] for run in reversed(listed)] == list(names.values())
+
+
 @pytest.mark.parametrize("mode", ["engine", "server"])
 def test_hostile_output_cannot_drive_the_terminal(fake: FakeOpenAI, mode: str) -> None:
     """A cell prints escape sequences (window title, clear screen, clipboard write, 8-bit CSI, carriage

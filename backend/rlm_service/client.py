@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -106,11 +107,15 @@ class ServiceClient:
         @asynccontextmanager
         async def post() -> AsyncIterator[aiohttp.ClientResponse]:
             if file is not None:
-                with open(file, "rb") as handle:  # noqa: ASYNC230 - aiohttp streams it as it reads
-                    form = aiohttp.FormData()
+                # opened by its path as bytes: aiohttp takes a file's name (as text) for a header of its own,
+                # and a name that is not UTF-8 cannot be one (`_shown_name` is the name the form gives)
+                with open(os.fsencode(file), "rb") as handle:  # noqa: ASYNC230 - aiohttp streams it as it reads
+                    # the file's name as it is, as browsers send it: aiohttp's default percent-encodes it, and the
+                    # service, as any form parser, keeps that (`my notes.txt` was listed as `my%20notes.txt`)
+                    form = aiohttp.FormData(quote_fields=False)
                     form.add_field("prompt", prompt)
                     form.add_field("settings", json.dumps(settings))
-                    form.add_field("input_file", handle, filename=file.name, content_type="text/plain")
+                    form.add_field("input_file", handle, filename=_shown_name(file), content_type="text/plain")
                     async with self.http.post(f"{self.base}/process", data=form) as response:
                         yield response
             else:
@@ -399,6 +404,15 @@ class RunStream:
             f"(after event {printable(self.last_id or self._last_name or '?')} of run {run}; "
             f"{self.client.base}/api/runs/{run} shows it)"
         )
+
+
+def _shown_name(file: Path) -> str:
+    """The file's name as a form can carry it. A name that is not UTF-8 (`bad\\xff.txt`) comes from the command
+    line with its bytes as lone surrogates, which cannot be encoded in the form: the upload failed with a
+    traceback. Its undecodable bytes are replaced, as the service does with the file's content; a line break
+    (which would end the part's header) is sent as browsers send it, `%0A`."""
+    name = os.fsencode(file.name).decode("utf-8", "replace")
+    return name.replace("\r", "%0D").replace("\n", "%0A")
 
 
 def _number(event_id: str) -> int | None:
