@@ -12,7 +12,7 @@ import httpx2
 import pytest
 
 from rlm_service.config import ConfigError, Settings, load_settings
-from tests.conftest import script, spawn_server, start_on_free_port, stream_run
+from tests.conftest import free_port, script, spawn_server, start_on_free_port, stream_run
 
 MAIN = Path(__file__).resolve().parents[1] / "backend" / "main.py"
 
@@ -128,6 +128,27 @@ def test_main_fails_at_start_with_one_line() -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Configuration error: RLM_EXEC_TIMEOUT_S:")
+
+
+@pytest.mark.parametrize("where", ["a folder", "a text file", "under a file"])
+def test_a_history_file_that_cannot_be_one_fails_at_start_with_one_line(tmp_path: Path, where: str) -> None:
+    """RLM_HISTORY_DB naming a folder, a file that is not SQLite, or a path under a file: the server printed
+    its first line, then the store's error in a 46-line traceback out of the app's startup, and exited 3.
+    Mutant: `configure` without `location_problem` (that traceback again)."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database\n")
+    path = {"a folder": tmp_path, "a text file": text, "under a file": text / "history.sqlite3"}[where]
+    result = subprocess.run(
+        [sys.executable, str(MAIN)],
+        env=clean_env(RLM_HISTORY_DB=str(path), OPENAI_MODEL_NAME="m", PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"Configuration error: RLM_HISTORY_DB: {path} cannot hold the run history ("), lines
+    assert text.read_text() == "not a database\n"
 
 
 def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:

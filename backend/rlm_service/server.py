@@ -31,6 +31,11 @@ def configure(**overrides: object) -> Settings:
     stderr when the configuration is bad."""
     try:
         settings = load_settings(**overrides)
+        if settings.history_path is not None:
+            from .store_sqlite import location_problem
+
+            if problem := location_problem(settings.history_path):
+                raise ConfigError(f"RLM_HISTORY_DB: {problem}; set it to a file that can be written, or to off")
     except ConfigError as exc:
         print(f"Configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

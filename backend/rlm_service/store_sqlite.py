@@ -91,6 +91,20 @@ class SqliteDb:
             pass
 
 
+def location_problem(path: Path) -> str | None:
+    """Why the history cannot be kept in an SQLite file at `path`, in words; None when it can. Checked at start,
+    where a path that cannot be one (a directory, a file that is not SQLite, a folder that cannot be made)
+    otherwise ended the app's startup with a traceback. Makes the folders and the file, as the store would."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / "inputs").mkdir(exist_ok=True)
+        with closing(sqlite3.connect(path)) as db:
+            db.execute("PRAGMA schema_version").fetchone()  # a file that is not SQLite fails here
+    except (OSError, sqlite3.Error) as exc:
+        return f"{path} cannot hold the run history ({exc})"
+    return None
+
+
 class SqliteRunStore(SqlRunStore):
     """The default store: one SQLite file, one writer thread."""
 
