@@ -162,6 +162,19 @@ def test_an_uploaded_file_keeps_its_name(fake: FakeOpenAI, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("mode", ["engine", "server"])
+def test_an_input_file_that_cannot_be_read_is_said_in_a_line(fake: FakeOpenAI, mode: str) -> None:
+    """An input file the command may not read (`--input /var/log/syslog` without the permission): it ended with
+    a PermissionError's traceback, or, with --server, "no answer from <server>", blaming the server. It is one
+    line and exit 2 now. /proc/self/mem stands for such a file (it opens, and reading its start fails with
+    EIO), as the tests may run as root, who reads any file. Mutant: `_read_input` without its read."""
+    with contextlib.ExitStack() as stack:
+        server = ["--server", stack.enter_context(LiveServer(make_settings(fake))).url] if mode == "server" else []
+        result = _cli("run", "task", "--input", "/proc/self/mem", *server, env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr == "error: cannot read /proc/self/mem: Input/output error\n", stderr
+
+
+@pytest.mark.parametrize("mode", ["engine", "server"])
 def test_hostile_output_cannot_drive_the_terminal(fake: FakeOpenAI, mode: str) -> None:
     """A cell prints escape sequences (window title, clear screen, clipboard write, 8-bit CSI, carriage
     return, backspace) and a U+2028 line separator, and makes them the answer. Neither the progress, the

@@ -40,6 +40,11 @@ def _read_input(path: str | None, *, stdin_is_input: bool = True) -> tuple[str |
     file = Path(path)
     if not file.is_file():
         raise Refused(f"no such file: {path}")
+    try:  # a file the command may not read (its permissions) ended it with a traceback, or, with --server, was
+        with open(file, "rb") as handle:  # blamed on the server ("no answer from ...")
+            handle.read(1)
+    except OSError as exc:
+        raise Refused(f"cannot read {path}: {exc.strerror or exc}") from None
     return None, file
 
 
