@@ -370,6 +370,22 @@ def test_a_long_conversation_is_served_and_its_wrong_message_named(server: LiveS
     assert wrong.value.param == "messages.2998.role" and "messages.2998.role: Input should be" in wrong.value.message
 
 
+def test_an_assistants_refusal_in_the_conversation_is_part_of_the_input(server: LiveServer) -> None:
+    """OpenAI's assistant messages hold text parts and refusal parts; a client replaying a conversation in which
+    the assistant refused was answered 400 ("only text content is supported, not a 'refusal' part"). The
+    refusal is the assistant's text in the input. Mutant: `message_text` reading text parts only."""
+    task = script({"code": ["answer.update(content=str('I will not' in context), ready=True)"]})
+    reply = client(server).chat.completions.create(
+        model="rlm",
+        messages=[
+            {"role": "user", "content": "Do something bad."},
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I will not"}]},
+            {"role": "user", "content": task},
+        ],
+    )
+    assert reply.choices[0].message.content == "True"
+
+
 async def test_a_long_answer_streams_while_the_server_serves_others() -> None:
     """A 4-million-character answer goes out in 4,000 deltas to a client that reads fast, so sending never waits:
     made in one go, they held `/health` for 246 ms. The stream passes through the event loop after each delta.

@@ -39,6 +39,9 @@ class ContentPart(BaseModel):
 
     type: str
     text: StrictStr | None = None
+    refusal: StrictStr | None = None
+    """An assistant's refusal, the other kind of part OpenAI's assistant messages hold (a client that replays a
+    conversation sends it back)."""
 
 
 class ChatMessage(BaseModel):
@@ -116,16 +119,17 @@ class BadConversation(ValueError):
 
 
 def message_text(message: ChatMessage, number: int) -> str:
-    """A message's text; parts other than text are refused."""
+    """A message's text: its text parts, and an assistant's refusals; other parts are refused."""
     if message.content is None:
         return ""
     if isinstance(message.content, str):
         return message.content
     texts = []
     for part in message.content:
-        if part.type != "text" or part.text is None:
+        text = part.text if part.type == "text" else part.refusal if part.type == "refusal" else None
+        if text is None:
             raise BadConversation(f"messages[{number}]: only text content is supported, not a {part.type!r} part")
-        texts.append(part.text)
+        texts.append(text)
     return "\n".join(texts)
 
 
