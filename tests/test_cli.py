@@ -223,6 +223,28 @@ def test_a_wrong_server_says_what_is_wrong(fake: FakeOpenAI) -> None:
             assert "Traceback" not in stderr and "None" not in stderr and len(stderr.strip().split("\n")) == 1
 
 
+def test_a_wrong_server_is_named_with_the_address_each_command_asked(fake: FakeOpenAI) -> None:
+    """A refusal by the wrong server names the address that was asked: `cancel` and `session` named
+    `<server>/process`, which they never ask, and a `--server` with a path had it twice
+    (`http://host/v1/v1/process`). Mutant: `refusal` naming `base + "/process"` again."""
+    env = _cli_env(fake)
+    with LiveServer(make_settings(fake)) as server:
+        base = f"{server.url}/v1"
+        cases = {
+            ("run", "task"): f"{base}/process answered 404",
+            ("attach", "r1"): f"{base}/api/runs/r1/events answered 404",
+            ("cancel", "r1"): f"{base}/api/runs/r1/cancel answered 404",
+            ("session", "s1"): f"{base}/api/sessions/s1 answered 404",
+            ("session", "s1", "--end"): f"{base}/api/sessions/s1 answered 404",
+        }
+        for command, expected in cases.items():
+            result = _cli(*command, "--server", base, env=env)
+            stderr = result.stderr.decode()
+            assert result.returncode == 2 and stderr.startswith(f"error: {expected}"), (command, stderr)
+        cancelled = _cli("cancel", "r1", "--server", fake.url, env=env).stderr.decode()
+        assert cancelled.startswith(f"error: {fake.url}/api/runs/r1/cancel answered 404 with an OpenAI-style error")
+
+
 def test_a_stream_cut_short_is_reported() -> None:
     """A stream that ends without `final` or `error` exits 1 saying after which event of which run."""
     body = b'id: 1\nevent: start\ndata: {"run_id": "r1", "seq": 1}\n\n'

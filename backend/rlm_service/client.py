@@ -137,34 +137,37 @@ class ServiceClient:
 
     async def cancel(self, run_id: str) -> bool:
         """Ask the service to end a run (it ends with `error` `cancelled`); False if it had already ended."""
-        async with self._request("post", self.url("api", "runs", run_id, "cancel")) as (status, body):
+        url = self.url("api", "runs", run_id, "cancel")
+        async with self._request("post", url) as (status, body):
             if status == 202:
                 return True
             if status == 409:
                 return False
             if status == 404 and _service_detail(body):
                 raise Refused(f"{self.base} has no run {printable(run_id)}")
-            raise Refused(self.refusal(status, body, what="cancel"))
+            raise Refused(self.refusal(status, body, what="cancel", url=url))
 
     async def session(self, session_id: str) -> dict[str, Any]:
         """A session: its runs, its live run if any, when it expires if left idle."""
-        async with self._request("get", self.url("api", "sessions", session_id)) as (status, body):
+        url = self.url("api", "sessions", session_id)
+        async with self._request("get", url) as (status, body):
             if status == 200 and body is not None:
                 return body
             if status == 404 and _service_detail(body):
                 raise Refused(self.session_gone(session_id))
-            raise Refused(self.refusal(status, body, what="session"))
+            raise Refused(self.refusal(status, body, what="session", url=url))
 
     async def end_session(self, session_id: str) -> None:
         """End a session: the service stops its REPL and removes its workspace (its input too)."""
-        async with self._request("delete", self.url("api", "sessions", session_id)) as (status, body):
+        url = self.url("api", "sessions", session_id)
+        async with self._request("delete", url) as (status, body):
             if status == 204:
                 return
             if status == 404 and _service_detail(body):
                 raise Refused(self.session_gone(session_id))
             if status == 409:
                 raise Refused(await self.session_busy(session_id, "it cannot end while a run of it is going"))
-            raise Refused(self.refusal(status, body, what="session"))
+            raise Refused(self.refusal(status, body, what="session", url=url))
 
     @asynccontextmanager
     async def _request(self, method: str, url: str) -> AsyncIterator[tuple[int, dict[str, Any] | None]]:
@@ -212,7 +215,7 @@ class ServiceClient:
         reason: str = "",
         content_type: str = "application/json",
         raw: bytes = b"",
-        path: str = "/process",
+        url: str = "",
     ) -> str:
         """What a refusal means, in words, with what to do about it."""
         shown = printable(f"{status} {reason}".strip())
@@ -225,12 +228,13 @@ class ServiceClient:
             return f"the server at {self.base} needs a token ({shown}): pass --token with the server's RLM_API_TOKEN"
         if status in (404, 405) and not _service_detail(body):
             # the service refuses with a reason of its own; a bare 404 or 405 is some other server or path
+            where = url or f"{self.base}/process"
             if body is not None and isinstance(body.get("error"), dict):
                 return (
-                    f"{self.base}{path} answered {shown} with an OpenAI-style error: that looks like a model "
+                    f"{where} answered {shown} with an OpenAI-style error: that looks like a model "
                     "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address"
                 )
-            return f"{self.base}{path} answered {shown}: {_not_the_service(self.base)}"
+            return f"{where} answered {shown}: {_not_the_service(self.base)}"
         detail = _detail(body, content_type, raw)
         return f"the server refused the {what} ({shown}): {detail or 'no reason given'}"
 
@@ -325,10 +329,10 @@ class RunStream:
         """Go on with a 200 event stream; anything else is refused (a first request) or lost (a re-attach)."""
         if response.status == 200 and response.content_type == "text/event-stream":
             return
-        client, path = self.client, urlsplit(str(response.url)).path
+        client, url = self.client, _address(str(response.url))
         if response.status == 200:
             raise Refused(
-                f"{client.base}{path} answered with {printable(response.content_type)}, not an event "
+                f"{url} answered with {printable(response.content_type)}, not an event "
                 f"stream: {_not_the_service(client.base)}"
             )
         raw = await response.content.read(MAX_REFUSAL_BYTES)
@@ -348,7 +352,7 @@ class RunStream:
                 reason=response.reason or "",
                 content_type=response.content_type,
                 raw=raw,
-                path=path,
+                url=url,
             )
             raise RunLost(
                 f"the stream from {client.base} ended before the run finished {self._where()}; "
@@ -371,7 +375,7 @@ class RunStream:
                 reason=response.reason or "",
                 content_type=response.content_type,
                 raw=raw,
-                path=path,
+                url=url,
             )
         )
 
@@ -413,6 +417,11 @@ def _shown_name(file: Path) -> str:
     (which would end the part's header) is sent as browsers send it, `%0A`."""
     name = os.fsencode(file.name).decode("utf-8", "replace")
     return name.replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _address(url: str) -> str:
+    """Where a request went, without its query, for a message to name."""
+    return urlsplit(url)._replace(query="", fragment="").geturl()
 
 
 def _number(event_id: str) -> int | None:
