@@ -245,6 +245,26 @@ def test_a_wrong_server_is_named_with_the_address_each_command_asked(fake: FakeO
         assert cancelled.startswith(f"error: {fake.url}/api/runs/r1/cancel answered 404 with an OpenAI-style error")
 
 
+def test_words_of_the_command_line_that_are_not_utf8_go_with_u_fffd(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A prompt typed in Latin-1 (`caf\\xe9`) or an id with such a byte comes from the command line with its byte
+    as a lone surrogate: `run PROMPT --input FILE --server` (a form) and `cancel`, `attach`, `session ID` (a
+    path) ended with a traceback (UnicodeEncodeError). The byte goes as U+FFFD. Mutant: `main` without
+    `_as_text`."""
+    data = tmp_path / "in.txt"
+    data.write_text("x" * 10)
+    prompt = script({"code": ["answer.update(content=str(len(context)), ready=True)"]}) + " caf\udce9"
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        env = _cli_env(fake)
+        ran = _cli("run", prompt, "--input", str(data), "--server", server.url, env=env)
+        assert ran.returncode == 0 and ran.stdout.decode() == "10\n", ran.stderr.decode()
+        (run,) = httpx2.get(f"{server.url}/api/runs").json()["runs"]
+        assert run["prompt_preview"].endswith(" caf\ufffd")
+        for command in (["cancel", "r\udcff"], ["attach", "r\udcff"], ["session", "s\udcff"]):
+            result = _cli(*command, "--server", server.url, env=env)
+            stderr = result.stderr.decode()
+            assert result.returncode == 2 and "Traceback" not in stderr and "\ufffd" in stderr, (command, stderr)
+
+
 def test_a_stream_cut_short_is_reported() -> None:
     """A stream that ends without `final` or `error` exits 1 saying after which event of which run."""
     body = b'id: 1\nevent: start\ndata: {"run_id": "r1", "seq": 1}\n\n'

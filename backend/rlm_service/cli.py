@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -245,10 +246,25 @@ def _mcp() -> int:
     return EXIT_OK
 
 
+TEXT_ARGUMENTS = ("prompt", "run_id", "session_id", "follow_up", "server", "token")
+"""The arguments that go to a server as text (file paths do not: they name files, whatever their bytes)."""
+
+
+def _as_text(args: argparse.Namespace) -> None:
+    """Arguments that are not UTF-8 (a Latin-1 `café`) come from the command line with their bytes as lone
+    surrogates, which no request can encode: `attach`, `cancel`, `session` with such an id, and `run` with
+    such a prompt and an input file, ended with a traceback. Their undecodable bytes become U+FFFD."""
+    for name in TEXT_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            setattr(args, name, os.fsencode(value).decode("utf-8", "replace"))
+
+
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
     out, err = out or sys.stdout, err or sys.stderr
     args = _parser().parse_args(argv)
+    _as_text(args)
     if args.command == "serve":
         return _serve(args)
     if args.command == "sample":
