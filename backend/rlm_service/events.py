@@ -23,13 +23,20 @@ def valid_unicode(text: str) -> str:
     request or a model's reply) and Python's parser keeps it, but UTF-8 cannot encode it: written as it is,
     it failed the event stream mid-run and the history's writes (a pair of surrogates is parsed as the one
     character it stands for, so any surrogate left is a lone one)."""
-    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")  # a quarter of the time of a search for them (4 ms for 4 Mi characters)
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def valid_unicode_json(value: Any) -> Any:
     """A JSON value (dicts, lists, strings…) with `valid_unicode` applied to every string in it, keys too."""
     text = json.dumps(value, ensure_ascii=False)
-    return value if text.isascii() or not _SURROGATE.search(text) else json.loads(valid_unicode(text))
+    valid = valid_unicode(text)
+    return value if valid is text else json.loads(valid)
 
 
 class Usage(BaseModel):
