@@ -239,6 +239,19 @@ def test_empty_and_non_utf8_files_are_accepted(servers: dict[str, LiveServer]) -
     assert events[-1].data["answer"] == repr("caf\ufffd")
 
 
+def test_a_file_input_left_empty_beside_input_data_leaves_the_text_the_input(servers: dict[str, LiveServer]) -> None:
+    """An HTML form with a text area `input_data` and a file input `input_file` left empty: the browser sends
+    the file part anyway, `filename=""` and no content, and that empty file was the run's input (the text was
+    dropped: 0 characters). Mutant: `_FormReader.input` taking any file part over the text."""
+    prompt = script({"code": ["answer.update(content=context, ready=True)"]})
+    form = {"prompt": (None, prompt), "input_data": (None, "the text"), "input_file": ("", b"")}
+    _, events = stream_run(servers["open"].url, files=form)
+    assert events[0].data["input"] == {"chars": 8, "lines": 1} and events[-1].data["answer"] == "the text"
+    form["input_file"] = ("f.txt", b"the file")  # a file that was chosen is the input, as before
+    _, events = stream_run(servers["open"].url, files=form)
+    assert events[-1].data["answer"] == "the file"
+
+
 def test_other_methods_and_paths_answer_json(servers: dict[str, LiveServer]) -> None:
     url = servers["open"].url
     assert httpx2.get(f"{url}/process").status_code == 405

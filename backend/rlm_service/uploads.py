@@ -408,7 +408,12 @@ class _FormReader:
                 raise HTTPException(413, f"the form field {self._name!r} is too large")
 
     def input(self) -> RunInput:
-        """The run's input: the file if one was sent, else the `input_data` field, else none."""
+        """The run's input: the file if one was sent, else the `input_data` field, else none. An empty file
+        beside an `input_data` field is a form's file input left empty (a browser sends it, `filename=""`,
+        with no content), so the field is the input: the empty file replaced it, and the run got no input."""
+        if self.spooler is not None and self.text is not None and self.spooler.received == 0:
+            self.spooler.abort()
+            self.spooler = None
         if self.spooler is not None:
             if self.text is not None:
                 self.text.abort()
