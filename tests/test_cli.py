@@ -343,6 +343,20 @@ def test_figures_are_saved_when_asked(fake: FakeOpenAI, tmp_path: Path) -> None:
     assert saved.read_bytes().startswith(b"\x89PNG") and f"saved {saved}" in result.stderr.decode()
 
 
+def test_a_figure_that_cannot_be_saved_is_said_and_the_run_goes_on(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """`--save-figures DIR` where DIR is a file (or cannot be written): the first figure ended the command with
+    FileExistsError's traceback, before the answer. Now a line says the figure was not saved, and the run ends
+    as it would. Mutant: `save_figure` without its `except OSError`."""
+    plot = "import matplotlib.pyplot as plt\nplt.hist([1, 2, 2, 3])\nplt.show()"
+    prompt = script({"code": [plot]}, {"code": ["answer.update(content='plotted', ready=True)"]})
+    taken = tmp_path / "figs"
+    taken.write_text("a file")
+    result = _cli("run", prompt, "--save-figures", str(taken), env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and result.stdout.decode() == "plotted\n", stderr
+    assert f"figure 1 was not saved in {taken}: File exists" in stderr and "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("command", [["run", "task"], ["serve"]])
 def test_a_bad_setting_is_one_line(command: list[str]) -> None:
     """`RLM_PRICES='{bad json'` stops the command with one line naming the variable, not a traceback.

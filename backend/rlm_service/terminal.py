@@ -235,9 +235,12 @@ def save_figure(directory: Path, data: dict[str, Any], number: int) -> str:
         return f"figure {number} was not valid base64; not saved"
     if data.get("mime", "image/png") != "image/png" or not png.startswith(b"\x89PNG"):
         return f"figure {number} is not a PNG; not saved"
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"figure-{number}.png"
-    path.write_bytes(png)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+    except OSError as exc:  # a directory that is a file, or cannot be written: the run goes on, said in a line
+        return f"figure {number} was not saved in {directory}: {exc.strerror or exc}"
     return f"saved {path}"
 
 
