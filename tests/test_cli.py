@@ -357,6 +357,24 @@ def test_a_figure_that_cannot_be_saved_is_said_and_the_run_goes_on(fake: FakeOpe
     assert f"figure 1 was not saved in {taken}: File exists" in stderr and "Traceback" not in stderr
 
 
+def test_output_whose_reader_goes_away_ends_the_command_quietly(fake: FakeOpenAI) -> None:
+    """`run ... --json | head -1`: once `head` had its line and left, the next write ended the command with
+    BrokenPipeError's traceback. It exits 1 without a word. The answer (300,000 characters, twice in the JSON
+    lines) is more than a pipe holds, so the command is still writing when the reader goes. Mutant: `main`
+    without its `except BrokenPipeError`."""
+    prompt = script({"code": ["answer.update(content='x' * 300_000, ready=True)"]})
+    command = [sys.executable, "-m", "rlm_service", "run", prompt, "--json"]
+    with subprocess.Popen(
+        command, env=_cli_env(fake), cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert json.loads(process.stdout.readline())["event"] == "start"
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 1, stderr
+    assert stderr == "", stderr
+
+
 @pytest.mark.parametrize("command", [["run", "task"], ["serve"]])
 def test_a_bad_setting_is_one_line(command: list[str]) -> None:
     """`RLM_PRICES='{bad json'` stops the command with one line naming the variable, not a traceback.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -262,6 +263,21 @@ def _as_text(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the command line; returns the exit status."""
+    try:
+        return _main(argv, out, err)
+    except BrokenPipeError:
+        # what reads the output went away (`run ... --json | head -1`): the command leaves quietly, as one that
+        # SIGPIPE ends would (a run of a server, detached, goes on there), where it ended with a traceback.
+        # The streams go to /dev/null, so that their last flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+        return EXIT_ERROR
+
+
+def _main(argv: list[str] | None, out: TextIO | None, err: TextIO | None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     args = _parser().parse_args(argv)
     _as_text(args)
