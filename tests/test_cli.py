@@ -357,6 +357,19 @@ def test_a_figure_that_cannot_be_saved_is_said_and_the_run_goes_on(fake: FakeOpe
     assert f"figure 1 was not saved in {taken}: File exists" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("mode", ["engine", "server"])
+def test_an_empty_prompt_is_refused_in_a_line(fake: FakeOpenAI, mode: str) -> None:
+    """`run "" --input FILE` (an empty shell variable): the service refuses it (422), but the engine in the
+    command ran the root model on no task, turn after turn, and exited 0. Both refuse it now, before anything
+    starts. Mutant: `_check_run` without its prompt check (the engine runs)."""
+    with contextlib.ExitStack() as stack:
+        server = ["--server", stack.enter_context(LiveServer(make_settings(fake))).url] if mode == "server" else []
+        result = _cli("run", "  ", *server, env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr.startswith("error: the prompt is empty"), stderr
+    assert fake.stats.requests == 0
+
+
 def test_output_whose_reader_goes_away_ends_the_command_quietly(fake: FakeOpenAI) -> None:
     """`run ... --json | head -1`: once `head` had its line and left, the next write ended the command with
     BrokenPipeError's traceback. It exits 1 without a word. The answer (300,000 characters, twice in the JSON

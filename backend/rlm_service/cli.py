@@ -52,6 +52,8 @@ def _read_input(path: str | None, *, stdin_is_input: bool = True) -> tuple[str |
 
 def _check_run(args: argparse.Namespace) -> None:
     """What `run` cannot do with these arguments, said before anything starts."""
+    if not args.prompt.strip():  # as the service refuses it (422); the engine here ran the root model on no task
+        raise Refused('the prompt is empty: say what to do with the input, e.g. `run "Summarize" --input notes.txt`')
     if args.follow_up is not None:
         if args.input is not None:
             raise Refused(
