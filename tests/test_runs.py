@@ -121,6 +121,18 @@ def test_after_the_terminal_event_the_rest_is_sent_and_the_stream_closes(fake: F
     assert nothing == []
 
 
+def test_a_reconnect_to_an_after_url_goes_on_from_its_last_event_id(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """An EventSource opened on `/events?after=2` reconnects to that same URL with `Last-Event-ID` of the last
+    event it got: the server went by `?after` alone and sent events 3… again (the README promises each later
+    event exactly once). Whichever of the two is further on counts. Mutant: `?after` taking precedence."""
+    with LiveServer(history_settings(fake, tmp_path)) as server:
+        _, events = stream_run(server.url, json_body={"prompt": "x"})
+        run_id = events[0].data["run_id"]
+        reconnected = follow(server.url, run_id, after=2, last_event_id=len(events) - 2)
+        opened = follow(server.url, run_id, after=len(events) - 2, last_event_id=2)
+    assert seqs(reconnected) == seqs(opened) == [len(events) - 1, len(events)]
+
+
 def test_ended_runs_are_served_from_history_after_a_restart(fake: FakeOpenAI, tmp_path: Path) -> None:
     with LiveServer(history_settings(fake, tmp_path)) as server:
         _, events = stream_run(server.url, json_body={"prompt": "x"})

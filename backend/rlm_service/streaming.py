@@ -375,7 +375,9 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         last_event_id: str | None = Header(None),
     ) -> Any:
         """A run's events from the start (or after `Last-Event-ID` / `?after=N`), then live until it ends."""
-        start = after if after is not None else _event_number(last_event_id)
+        # both say which events the client has; an EventSource opened on `?after=N` reconnects to that same URL
+        # with the header of the last event it got, and `?after` alone sent it N+1… again
+        start = max(after or 0, _event_number(last_event_id))
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         fleet = _fleet(request)
