@@ -51,6 +51,16 @@ def test_each_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch, name: str, 
         load_settings(_env_file=None)
 
 
+@pytest.mark.parametrize("name", ["RLM_EXEC_TIMEOUT_S", "RLM_RUN_TIMEOUT_S", "RLM_MAX_COST_USD"])
+def test_an_infinite_time_or_cost_is_refused_at_start(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """`RLM_EXEC_TIMEOUT_S=inf` was taken: the server started, and every run failed at its first cell with
+    `internal` "OverflowError: cannot convert float infinity to integer". Infinity is refused, in one line that
+    names the variable, for every time and cost. Mutant: the settings without `allow_inf_nan=False`."""
+    monkeypatch.setenv(name, "inf")
+    with pytest.raises(ConfigError, match=f"^{name}: Input should be a finite number"):
+        load_settings(_env_file=None)
+
+
 def test_a_bad_value_in_the_env_file_is_named_as_written_there(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
         monkeypatch.delenv(other, raising=False)

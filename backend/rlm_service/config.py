@@ -61,6 +61,9 @@ class Settings(BaseSettings):
         extra="ignore",
         env_ignore_empty=True,
         populate_by_name=True,
+        # `inf` is a float to Python: RLM_EXEC_TIMEOUT_S=inf started a server whose every run failed with an
+        # `internal` OverflowError; no time or cost here has a meaning as infinity (unset: no limit)
+        allow_inf_nan=False,
     )
 
     openai_api_base: str = Field(
