@@ -370,6 +370,24 @@ def test_an_empty_prompt_is_refused_in_a_line(fake: FakeOpenAI, mode: str) -> No
     assert fake.stats.requests == 0
 
 
+def test_json_lines_name_a_child_event_child(fake: FakeOpenAI) -> None:
+    """With recursion, a `child` event carries a field `event` (its inner event's type), which replaced the
+    line's own `event` in `--json`: the child's start and final came out as `"event": "start"` and
+    `"event": "final"`, so a script taking the first final line (`jq 'select(.event == "final")'`) took the
+    child's answer. Mutant: `Output.event` writing `{"event": name, **data}` again."""
+    child = script({"code": ["answer.update(content='from the child', ready=True)"]})
+    code = f"answer.update(content='root: ' + rlm_query({child!r}, 'ctx'), ready=True)"
+    result = _cli("run", script({"code": [code]}), "--json", env=_cli_env(fake, RLM_MAX_DEPTH="2"))
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert result.returncode == 0, result.stderr.decode()
+    assert [line["event"] for line in lines if line["event"] in ("start", "final")] == ["start", "final"]
+    assert lines[-1]["answer"] == "root: from the child"
+    children = [line for line in lines if line["type"] == "child"]
+    assert children and all(line["event"] == "child" for line in children)
+    kinds = [line["data"]["type"] for line in children]  # the inner event's type is its data's
+    assert kinds[0] == "start" and kinds[-1] == "final", kinds
+
+
 def test_output_whose_reader_goes_away_ends_the_command_quietly(fake: FakeOpenAI) -> None:
     """`run ... --json | head -1`: once `head` had its line and left, the next write ended the command with
     BrokenPipeError's traceback. It exits 1 without a word. The answer (300,000 characters, twice in the JSON
@@ -542,7 +560,10 @@ def _json_events(stdout: bytes) -> list[dict[str, object]]:
 def _server_events(url: str, run_id: str) -> list[dict[str, object]]:
     """The run's events as the service keeps them, shaped as the CLI's --json lines."""
     with httpx2.Client(timeout=60) as client, client.stream("GET", f"{url}/api/runs/{run_id}/events") as response:
-        return [{"event": event.event, **event.data} for event in parse_sse(response.iter_lines())]
+        return [
+            {"event": event.event, **{key: value for key, value in event.data.items() if key != "event"}}
+            for event in parse_sse(response.iter_lines())
+        ]
 
 
 @pytest.mark.parametrize(

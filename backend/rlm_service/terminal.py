@@ -204,7 +204,10 @@ class Output:
             if isinstance(data.get("session_id"), str):
                 self.session_id = data["session_id"]
         if self.as_json:
-            self.out.write(json_line({"event": name, **data}) + "\n")
+            # `event` is the event's name; a `child` event's field of that name (its inner event's type, which is
+            # also its `data.type`) replaced it, so the child's `final` read as the run's own
+            fields = {key: value for key, value in data.items() if key != "event"}
+            self.out.write(json_line({"event": name, **fields}) + "\n")
             self.out.flush()
         else:
             self.progress.event(name, data)
