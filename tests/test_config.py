@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,27 @@ def test_a_history_file_that_cannot_be_one_fails_at_start_with_one_line(tmp_path
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"Configuration error: RLM_HISTORY_DB: {path} cannot hold the run history ("), lines
     assert text.read_text() == "not a database\n"
+
+
+def test_several_processes_on_a_port_in_use_fail_with_one_line(tmp_path: Path) -> None:
+    """WEB_CONCURRENCY=2 on a port another program holds (or a HOST that is no address): the supervisor ended
+    with a 13-line traceback (OSError: Address already in use), where one process gets uvicorn's one line.
+    Mutant: `serve_processes` without its `except OSError`."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, str(MAIN)],
+            env=clean_env(
+                WEB_CONCURRENCY="2", RLM_HISTORY_DB=str(tmp_path / "h.sqlite3"), OPENAI_MODEL_NAME="m", PORT=str(port)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port} (HOST, PORT): [Errno 98] Address already in use" in result.stderr
 
 
 def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
