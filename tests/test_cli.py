@@ -388,6 +388,17 @@ def test_json_lines_name_a_child_event_child(fake: FakeOpenAI) -> None:
     assert kinds[0] == "start" and kinds[-1] == "final", kinds
 
 
+@pytest.mark.parametrize("limit", [["--max-iterations", "0"], ["--max-subcalls", "-3"], ["--exec-timeout", "nan"]])
+def test_a_limit_below_one_is_refused_before_anything_starts(fake: FakeOpenAI, limit: list[str]) -> None:
+    """`run --max-iterations 0` without --server ended with pydantic's ValidationError traceback (the service
+    answers 422 for it). The command refuses such limits as a usage error. Mutant: `--max-iterations` read as
+    a plain int."""
+    result = _cli("run", "task", *limit, env=_cli_env(fake))
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and f"argument {limit[0]}: '{limit[1]}' is not a" in stderr, stderr
+    assert "Traceback" not in stderr and fake.stats.requests == 0
+
+
 def test_output_whose_reader_goes_away_ends_the_command_quietly(fake: FakeOpenAI) -> None:
     """`run ... --json | head -1`: once `head` had its line and left, the next write ended the command with
     BrokenPipeError's traceback. It exits 1 without a word. The answer (300,000 characters, twice in the JSON

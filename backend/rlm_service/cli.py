@@ -151,6 +151,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _cell_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 1 or more")
+    return value
+
+
 def _service_options(required: bool) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
@@ -189,9 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("prompt", help="what to do with the input (with --follow-up: the next question)")
     run.add_argument("--input", "-i", help="the input file ('-' for stdin; stdin is read when piped)")
-    run.add_argument("--max-iterations", type=int)
-    run.add_argument("--max-subcalls", type=int)
-    run.add_argument("--exec-timeout", type=float, help="seconds per code cell")
+    # checked here, as the service checks them: without --server, 0 or NaN ended the command with a traceback
+    run.add_argument("--max-iterations", type=_positive)
+    run.add_argument("--max-subcalls", type=_positive)
+    run.add_argument("--exec-timeout", type=_cell_seconds, help="seconds per code cell (1 or more)")
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
     conversation = run.add_mutually_exclusive_group()
     conversation.add_argument(
