@@ -62,6 +62,19 @@ def test_an_infinite_time_or_cost_is_refused_at_start(monkeypatch: pytest.Monkey
         load_settings(_env_file=None)
 
 
+def test_an_api_token_of_spaces_is_refused_and_one_with_spaces_around_it_is_the_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`RLM_API_TOKEN="  "` started a server that refused every client (a header cannot carry the spaces), with
+    nothing said; spaces around a token kept clients out the same way (found by the attack pass)."""
+    monkeypatch.setenv("RLM_API_TOKEN", "   ")
+    with pytest.raises(ConfigError, match=r"^RLM_API_TOKEN: .*blank"):
+        load_settings(_env_file=None)
+    monkeypatch.setenv("RLM_API_TOKEN", " tok-secret \n")
+    token = load_settings(_env_file=None).rlm_api_token
+    assert token is not None and token.get_secret_value() == "tok-secret"
+
+
 def test_a_bad_value_in_the_env_file_is_named_as_written_there(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for other in ("OPENAI_API_BASE", "OPENAI_BASE_URL"):
         monkeypatch.delenv(other, raising=False)

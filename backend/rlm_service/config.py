@@ -213,6 +213,18 @@ class Settings(BaseSettings):
             raise ValueError("must be a PostgreSQL URL such as postgresql://user:password@host:5432/rlm")
         return SecretStr(url)
 
+    @field_validator("rlm_api_token")
+    @classmethod
+    def _check_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An HTTP header cannot carry a token's leading or trailing spaces, so no client could send one that
+        # has them; a token of spaces only would lock every client out without saying why.
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if not token:
+            raise ValueError("is blank: set a token, or leave it unset for a server open to all")
+        return SecretStr(token)
+
     @field_validator("openai_model_name", "openai_sub_model_name")
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
