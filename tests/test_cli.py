@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -63,14 +63,29 @@ def _cli_env(fake: FakeOpenAI | None = None, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def sse_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
-    """A plain HTTP server that answers every POST with `body` as it is (any line endings), then closes."""
+def canned_server(answers: dict[str, tuple[int, str, bytes]]) -> Iterator[str]:
+    """A plain HTTP server that answers each method it is given (POST, GET, DELETE) with that status, content
+    type and body as they are (any line endings), then closes the connection."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("content-length", "0")))
+            self._answer("POST")
+
+        def do_GET(self) -> None:
+            self._answer("GET")
+
+        def do_DELETE(self) -> None:
+            self._answer("DELETE")
+
+        def _answer(self, method: str) -> None:
+            if method not in answers:
+                self.send_error(501)  # as BaseHTTPRequestHandler answers a method it has no `do_` for
+                return
+            status, content_type, body = answers[method]
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
@@ -85,6 +100,11 @@ def sse_server(status: int, content_type: str, body: bytes) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def sse_server(status: int, content_type: str, body: bytes) -> AbstractContextManager[str]:
+    """`canned_server` answering every POST with `body`."""
+    return canned_server({"POST": (status, content_type, body)})
 
 
 def test_cli_against_the_engine(fake: FakeOpenAI, tmp_path: Path) -> None:
@@ -874,39 +894,17 @@ def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
         "input": {"chars": 1, "lines": 1},
     }
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", "0")))
-            self._send(200, "text/event-stream", stream)
-
-        def do_GET(self) -> None:
-            self._send(200, "application/json", json.dumps(described).encode())
-
-        def do_DELETE(self) -> None:
-            self._send(409, "application/json", json.dumps({"detail": HOSTILE_ID}).encode())
-
-        def _send(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    answers = {
+        "POST": (200, "text/event-stream", stream),
+        "GET": (200, "application/json", json.dumps(described).encode()),
+        "DELETE": (409, "application/json", json.dumps({"detail": HOSTILE_ID}).encode()),
+    }
+    with canned_server(answers) as url:
         results = [
             _cli("run", "task", "--server", url, "--session", env=_cli_env()),
             _cli("session", HOSTILE_ID, "--server", url, env=_cli_env()),
             _cli("session", HOSTILE_ID, "--end", "--server", url, env=_cli_env()),
         ]
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [result.returncode for result in results] == [0, 0, 2]
     shown = r"s\x1b]0;pwned\x07\x9b2J"
     for result in results:
@@ -938,33 +936,14 @@ def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> No
     ).encode()
     described = {"id": "s1", "runs": 5, "input": {"chars": "x"}, "expires_at": float("nan")}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", "0")))
-            self._send("text/event-stream", stream)
-
-        def do_GET(self) -> None:
-            self._send("application/json", json.dumps(described).encode())  # NaN, as Python's json writes it
-
-        def _send(self, content_type: str, body: bytes) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    # NaN in the session, as Python's json writes it
+    answers = {
+        "POST": (200, "text/event-stream", stream),
+        "GET": (200, "application/json", json.dumps(described).encode()),
+    }
+    with canned_server(answers) as url:
         ran = _cli("run", "task", "--server", url, env=_cli_env())
         shown = _cli("session", "s1", "--server", url, env=_cli_env())
-    finally:
-        server.shutdown()
-        server.server_close()
     progress = ran.stderr.decode()
     assert ran.returncode == 0 and ran.stdout.decode() == "the answer\n", progress
     assert "Traceback" not in progress and len(progress) < 2000, progress
