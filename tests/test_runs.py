@@ -538,11 +538,14 @@ async def test_a_run_cancelled_while_in_the_start_line_leaves_it() -> None:
     await asyncio.wait_for(line.passed(), 10)
 
 
+@pytest.mark.parametrize("session", [False, True])
 def test_a_run_that_fails_before_its_first_model_request_does_not_hold_up_the_runs_after_it(
-    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, session: bool
 ) -> None:
-    """A run leaves the start line at its first model request, or at its end if it never makes one. Mutant
-    caught: `leave_line()` taken out of `RunDriver._fresh`'s `finally` (the next run then waits forever)."""
+    """A run leaves the start line at its first model request, or at its end if it never makes one. Mutants
+    caught: `leave_line()` taken out of `RunDriver._fresh`'s `finally` (the next run then waits forever); for a
+    run that asked for a session, out of the inner `finally` (the review: it waited there up to START_WAIT_S,
+    60 s, for its REPL, whose start waited for the line it held)."""
     run_controller = Controller.run
 
     async def failing_first(self: Controller, task_message: str) -> RunOutcome:
@@ -551,14 +554,13 @@ def test_a_run_that_fails_before_its_first_model_request_does_not_hold_up_the_ru
         return await run_controller(self, task_message)
 
     monkeypatch.setattr(Controller, "run", failing_first)
-    with LiveServer(make_settings(fake)) as server:
-        _, failed = stream_run(server.url, json_body={"prompt": "fail before asking", "input_data": "x"})
-        assert failed[-1].event == "error" and failed[-1].data["code"] == "internal"
-        done = script({"code": ["answer.update(content='done', ready=True)"]})
-        with ThreadPoolExecutor(1) as pool:  # the stream's pings would keep a read timeout from ever firing
-            later = pool.submit(stream_run, server.url, json_body={"prompt": done, "input_data": "x"})
-            try:
-                _, events = later.result(timeout=60)
-            finally:
-                server.server.should_exit = True  # a run waiting in line is cancelled, and its stream ends
-        assert events[-1].event == "final" and events[-1].data["answer"] == "done"
+    failing = {"prompt": "fail before asking", "input_data": "x", "settings": {"session": session}}
+    done = {"prompt": script({"code": ["answer.update(content='done', ready=True)"]}), "input_data": "x"}
+    with LiveServer(make_settings(fake)) as server, ThreadPoolExecutor(1) as pool:
+        try:  # in a thread: the stream's pings would keep a read timeout from ever firing
+            _, failed = pool.submit(stream_run, server.url, json_body=failing).result(timeout=30)
+            assert failed[-1].event == "error" and failed[-1].data["code"] == "internal"
+            _, events = pool.submit(stream_run, server.url, json_body=done).result(timeout=30)
+        finally:
+            server.server.should_exit = True  # a run still waiting is cancelled, and its stream ends
+    assert events[-1].event == "final" and events[-1].data["answer"] == "done"

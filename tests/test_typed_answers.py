@@ -19,6 +19,7 @@ from tests.conftest import (
     script,
     spawn_server,
     stream_run,
+    wait_until,
 )
 from tests.fake_openai import FakeOpenAI
 
@@ -34,6 +35,28 @@ def test_final_carries_the_parsed_answer_when_it_satisfies_the_schema(live: Live
     final = events[-1]
     assert final.event == "final" and final.data["ready"] is True
     assert final.data["answer_json"] == {"count": 3}
+
+
+def test_an_escaped_lone_surrogate_in_the_answer_reaches_the_client_and_the_history(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An answer whose JSON escapes a lone surrogate (`"\\ud800"`: plain ASCII text until it is parsed) gets
+    U+FFFD in `answer_json`. Old behaviour caught (the review): the parsed value could not be encoded, the stream
+    broke at the `final` event and the history's writer failed on it."""
+    prompt = script({"code": ['answer.update(content=\'{"a": "x\\\\ud800"}\', ready=True)']})
+    settings = make_settings(fake, rlm_history_db=str(tmp_path / "history.db"))
+    with LiveServer(settings) as live:
+        _, events = stream_run(
+            live.url, json_body={"prompt": prompt, "settings": {"answer_schema": {"type": "object"}}}
+        )
+        assert events[-1].event == "final" and events[-1].data["answer_json"] == {"a": "x\ufffd"}
+        stored = f"{live.url}/api/runs/{events[0].data['run_id']}"
+
+        def final_stored() -> bool:
+            found = httpx2.get(stored, timeout=30).json().get("events") or [{}]
+            return bool(found[-1].get("answer_json") == {"a": "x\ufffd"})
+
+        assert wait_until(final_stored, timeout=30)
 
 
 def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(fake: FakeOpenAI) -> None:

@@ -142,8 +142,8 @@ class Controller:
         self.answer_check = answer_check
         """Consulted when a cell marks the answer ready: an answer it finds a problem with is not accepted."""
         self.model_settings = model_settings
-        self._first_request = first_request
         """Sent with every request of the root model (temperature, top_p, max_tokens, seed…)."""
+        self._first_request = first_request
         self._told_stop = False
         self.emit = emit
         self.iteration = 0

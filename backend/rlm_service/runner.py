@@ -39,6 +39,7 @@ from .events import (
     RunLimits,
     RunUsage,
     StartEvent,
+    valid_unicode_json,
 )
 from .inputs import RunInput
 from .llm import SubcallSession
@@ -205,6 +206,7 @@ class RunDriver:
                 raise _Spent(code, message)
             check = plan.answer_check
             answer_json = await in_check_thread(check.value, result.answer) if check is not None else None
+            answer_json = valid_unicode_json(answer_json)  # the answer's `\ud800` escapes are text until parsed
             terminal = FinalEvent(
                 run_id=run.id,
                 answer=result.answer,
@@ -305,6 +307,7 @@ class RunDriver:
                     node, tree, depth, run_id, plan, preparing, message, emit, stream, first_request=leave_line
                 )
             finally:
+                leave_line()  # before waiting for the REPL, whose start waits for the line
                 if plan.new_session_id and await _started(preparing):
                     assert setup.making is not None
                     self.engine.sessions.add(

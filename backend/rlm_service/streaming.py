@@ -492,11 +492,14 @@ async def _stored_status(request: Request, run_id: str) -> tuple[RunStore, str]:
 
 async def _still_stored(request: Request, run_id: str) -> bool:
     """Whether the history still holds a run of this process (assumed so while the database cannot be reached).
-    What the history's writer holds is written first: a writer held up (a lock, the writes queued while
-    PostgreSQL restarted) has not written the run's row yet, which is not a delete."""
+    A run not found is asked about again once what the history's writer holds is written: a writer held up (a
+    lock, the writes queued while PostgreSQL restarted) has not written the run's row yet, which is not a
+    delete."""
     store: RunStore | None = request.app.state.store
     try:
-        if store is None or not await off_loop(store.flush, STORED_CHECK_WAIT_S):
+        if store is None or await off_loop(store.status, run_id) is not None:
+            return True
+        if not await off_loop(store.flush, STORED_CHECK_WAIT_S):
             return True
         return await off_loop(store.status, run_id) is not None
     except StoreUnavailable:
