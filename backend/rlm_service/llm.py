@@ -297,6 +297,30 @@ class HeldReplies:
     def release(self, size: int) -> None:
         self.held -= size
 
+    def batch(self) -> BatchHold:
+        return BatchHold(self)
+
+
+class BatchHold:
+    """One batch's share of its run's `HeldReplies`: `keep` as theirs, and all it kept given back when the batch
+    ends (`with hold:` around the batch)."""
+
+    def __init__(self, replies: HeldReplies) -> None:
+        self._replies = replies
+        self._size = 0
+
+    def keep(self, reply: str) -> tuple[str, int]:
+        kept, size = self._replies.keep(reply)
+        self._size += size
+        return kept, size
+
+    def __enter__(self) -> BatchHold:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._replies.release(self._size)
+        self._size = 0
+
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
@@ -379,10 +403,10 @@ class SubcallSession:
         if progress:
             progress(done, failed, total)
         pending = iter(range(allowed))
-        held = 0
+        hold = self.replies.batch()
 
         async def drain() -> None:
-            nonlocal done, failed, held
+            nonlocal done, failed
             for index in pending:
                 async with self.budget.semaphore:
                     try:
@@ -396,8 +420,7 @@ class SubcallSession:
                         self.usage.add(1, completion.input_tokens, completion.output_tokens)
                         if self.on_cost:
                             self.on_cost(self.model, completion)
-                        results[index], size = self.replies.keep(completion.text)
-                        held += size
+                        results[index], size = hold.keep(completion.text)
                         if not size and completion.text:
                             failed += 1
                             self.budget.failed += 1
@@ -406,9 +429,7 @@ class SubcallSession:
                     progress(done, failed, total)
 
         workers = min(allowed, self.budget.concurrency)
-        try:
+        with hold:  # the channel's budget counts them once the batch ends (`WorkerRepl._serve`)
             if workers:
                 await asyncio.gather(*(drain() for _ in range(workers)))
-        finally:
-            self.replies.release(held)  # the channel's budget counts them from here (`WorkerRepl._serve`)
         return results

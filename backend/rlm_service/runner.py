@@ -446,10 +446,9 @@ class RunDriver:
         """`rlm_batch` of a run the tree lets recurse: one child run per prompt, concurrently."""
         tree, depth = parent.tree, parent.depth + 1
         reference = ParentRef(run_id=parent.run_id, iteration=parent.iteration)
-        replies, held = parent.subcalls.replies, 0  # held until every child has answered, as llm_batch's replies
+        hold = parent.subcalls.replies.batch()  # held until every child has answered, as llm_batch's replies
 
         async def child(prompt: str, context: str | None) -> str:
-            nonlocal held
             async with tree.children_at(depth):
                 run_id = uuid.uuid4().hex[:16]
                 started = time.monotonic()
@@ -487,12 +486,8 @@ class RunDriver:
                     )
                 )
                 if result.answer:
-                    answer, size = replies.keep(result.answer)
-                    held += size
-                    return answer
+                    return hold.keep(result.answer)[0]
                 return "Error: the child run ended without an answer."
 
-        try:
+        with hold:
             return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
-        finally:
-            replies.release(held)
