@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -141,24 +143,19 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
-    return value
+def _seconds(minimum: float) -> Callable[[str], float]:
+    """An argument type: a number of seconds, `minimum` or more (NaN is refused)."""
 
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds ({minimum:g} or more)")
+        return value
 
-def _cell_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value >= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds of 1 or more")
-    return value
+    return seconds
 
 
 def _service_options(required: bool) -> argparse.ArgumentParser:
@@ -178,7 +175,7 @@ def _follow_options() -> argparse.ArgumentParser:
     options.add_argument("--save-figures", type=Path, metavar="DIR", help="write the run's figures there as PNG files")
     options.add_argument(
         "--reconnect-for",
-        type=_seconds,
+        type=_seconds(0),
         default=120.0,
         metavar="SECONDS",
         help="with --server: how long to keep re-attaching when the connection drops (default 120; 0: do not)",
@@ -202,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
     # checked here, as the service checks them: without --server, 0 or NaN ended the command with a traceback
     run.add_argument("--max-iterations", type=_positive)
     run.add_argument("--max-subcalls", type=_positive)
-    run.add_argument("--exec-timeout", type=_cell_seconds, help="seconds per code cell (1 or more)")
+    run.add_argument("--exec-timeout", type=_seconds(1), help="seconds per code cell (1 or more)")
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
     conversation = run.add_mutually_exclusive_group()
     conversation.add_argument(
