@@ -259,6 +259,24 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
     assert [m.id for m in client(server).models.list()] == ["rlm"]
 
 
+def test_endpoints_this_service_does_not_serve_answer_in_openais_error_shape(server: LiveServer) -> None:
+    """An OpenAI client calling an endpoint the service does not have (embeddings, the legacy completions) gets
+    a 404 it can read, naming what is served; a wrong method on a served path a 405 in the same shape, with
+    `Allow`. Old code: FastAPI's `{"detail": "Not Found"}`, which the SDK shows as a bare status."""
+    with pytest.raises(openai.NotFoundError) as embeddings:
+        client(server).embeddings.create(model="rlm", input="hello")
+    assert embeddings.value.code == "not_found" and embeddings.value.type == "invalid_request_error"
+    assert "/v1/embeddings" in embeddings.value.message and "/v1/chat/completions" in embeddings.value.message
+    with pytest.raises(openai.NotFoundError) as legacy:
+        client(server).completions.create(model="rlm", prompt="hello")
+    assert "/v1/completions" in legacy.value.message
+    wrong = httpx2.get(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed" and "POST" in wrong.json()["error"]["message"]
+    outside = httpx2.get(f"{server.url}/api/nothing-here", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert outside.status_code == 404 and outside.json() == {"detail": "Not Found"}  # the rest of the API as before
+
+
 def test_a_run_that_fails_after_the_request_started_is_a_500_with_the_runs_error_code(
     server: LiveServer, model: FakeOpenAI
 ) -> None:

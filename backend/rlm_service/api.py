@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from . import __version__
@@ -29,7 +31,7 @@ from .engine import Engine
 from .fleet import Fleet
 from .history import history_router
 from .mcp_http import McpHttp
-from .openai_api import openai_router
+from .openai_api import is_openai_path, openai_router, routing_refusal
 from .pageheaders import PageHeadersMiddleware
 from .store import open_store
 from .store_sql import SqlRunStore
@@ -179,11 +181,20 @@ def create_app(
     app.include_router(run_router(settings, slots, ping_s=ping_s), dependencies=[Depends(require_token)])
     app.include_router(history_router(), dependencies=[Depends(require_token)])
     app.include_router(openai_router(settings, slots, ping_s=ping_s))
+    app.exception_handler(StarletteHTTPException)(_http_refusal)
     mcp = McpHttp(settings, slots, lambda: app.state.engine, lambda: getattr(app.state, "fleet", None))
     app.router.routes.append(mcp.route)
     app.openapi = lambda: _openapi_schema(app)  # type: ignore[method-assign]
     _serve_frontend(app)
     return app
+
+
+async def _http_refusal(request: Request, exc: StarletteHTTPException) -> Response:
+    """An HTTP refusal outside any route's own handling (routing's 404 and 405, mostly): in OpenAI's shape under
+    /v1, FastAPI's everywhere else."""
+    if is_openai_path(request.url.path):
+        return routing_refusal(request, exc)
+    return await http_exception_handler(request, exc)
 
 
 def stop_runs(app: FastAPI, then: Callable[[], None]) -> None:

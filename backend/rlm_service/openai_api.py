@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .answers import AnswerSchema, SchemaInvalid
 from .auth import token_check
@@ -60,6 +61,7 @@ _ERROR_KINDS: dict[int, tuple[str, str]] = {
     400: ("invalid_request_error", "invalid_request"),
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
     408: ("invalid_request_error", "request_timeout"),
     413: ("invalid_request_error", "request_too_large"),
     422: ("invalid_request_error", "invalid_value"),
@@ -105,6 +107,27 @@ class OpenAIRoute(APIRoute):
                 return OpenAIError(exc.status_code, message).response(exc.headers)
 
         return route
+
+
+SERVED = "GET /v1/models, GET /v1/models/{model} and POST /v1/chat/completions"
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def routing_refusal(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Routing's refusal of a /v1 request (no such endpoint, or not with this method) in OpenAI's shape, which
+    OpenAI clients read and show; FastAPI's `{"detail": …}` reaches their users as a bare status code."""
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        message = f"this service has no endpoint {method} {path}: it serves {SERVED}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{path} does not take {method}" + (f": use {allowed}" if allowed else "")
+    else:
+        message = str(exc.detail)
+    return OpenAIError(exc.status_code, message).response(exc.headers)
 
 
 def _completion_id(run: LiveRun) -> str:
