@@ -22,7 +22,7 @@ import pytest
 
 from rlm_service.demos import DEMOS, Book, book_records
 from rlm_service.ssereader import SseDecoder, StreamedEvent
-from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script
+from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script, stream_run
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
 HOSTILE = r"\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07\x9b31m\r\x08 x\u2028y"
@@ -770,6 +770,38 @@ def test_attach_and_cancel(fake: FakeOpenAI) -> None:
     assert ended.returncode == 2 and f"run {run_id} has already ended" in ended.stderr.decode()
     assert cancelled.returncode == 0 and f"run {live_id} is being cancelled" in cancelled.stderr.decode()
     assert after.returncode == 1 and _json_events(after.stdout)[-1]["code"] == "cancelled"
+
+
+def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """`attach --after N` with N at or past the last event of a run that has ended (an answer, an error): no
+    event is left to print, and the command says that the run has ended, how (its status in the history), and
+    how to see its events, then exits as the run's own end does (0 for an answer, 1 for an error). Mutant (the
+    old behaviour): re-attaching in vain, then "the server has no more of it, so it will not finish"."""
+
+    def refuse(messages: list[object], body: dict[str, object]) -> dict[str, object]:
+        raise HTTPFault(401, "bad key")
+
+    env = _cli_env(fake)
+    shown = []
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        _, answered = stream_run(
+            server.url, json_body={"prompt": script({"code": ["answer.update(content='done', ready=True)"]})}
+        )
+        fake.root = refuse
+        _, failed = stream_run(server.url, json_body={"prompt": "anything"})
+        for events, status, how in ((answered, 0, "finished with an answer"), (failed, 1, "failed: auth")):
+            run_id, last = str(events[0].data["run_id"]), int(events[-1].data["seq"])
+            for after in (last, last + 5):
+                result = _cli("attach", run_id, "--server", server.url, "--after", str(after), env=env)
+                shown.append((run_id, last, after, status, how, result))
+    assert [answered[-1].event, failed[-1].event] == ["final", "error"]
+    for run_id, last, after, status, how, result in shown:
+        stderr = result.stderr.decode()
+        assert result.returncode == status and result.stdout == b"", stderr
+        assert f"run {run_id} has ended ({how}) and has no events after {after}" in stderr, stderr
+        assert f"its events are numbered 1 to {last}" in stderr, stderr
+        assert f"`rlm-service attach {run_id} --server {server.url} --after {last - 1}` shows the last" in stderr
+        assert "re-attaching" not in stderr and "will not finish" not in stderr, stderr
 
 
 def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: Path) -> None:

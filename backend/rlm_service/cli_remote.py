@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .client import Refused, RunStream, ServiceClient
-from .terminal import EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, Interrupt, Output, json_line, printable
+from .client import Refused, RunOver, RunStream, ServiceClient
+from .terminal import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_REFUSED, Interrupt, Output, json_line, printable
 
 
 class RunCancel:
@@ -78,13 +78,37 @@ async def follow(client: ServiceClient, stream: RunStream, output: Output, inter
     """Print a run's events to its end; its exit status."""
     cancel = RunCancel(client, stream, output)
     interrupt.on_first, interrupt.on_stop = cancel.interrupted, cancel.stopped
-    async for name, data in stream:
-        output.event(name, data)
-        cancel.event_seen()
+    try:
+        async for name, data in stream:
+            output.event(name, data)
+            cancel.event_seen()
+    except RunOver as over:
+        output.say(_ended_before(client, stream, over))
+        # the status its terminal event earns (`Output.status`): `finished` is the run that ended with `final`
+        return EXIT_OK if over.run.get("status") == "finished" else EXIT_ERROR
     if cancel.requested and output.cancelled:
         output.say(f"run {printable(stream.run_id or '?')} cancelled (Ctrl-C)")
         return EXIT_INTERRUPTED
     return output.status
+
+
+def _ended_before(client: ServiceClient, stream: RunStream, over: RunOver) -> str:
+    """The line for a run that has ended with no events after those asked for: how it ended, how to see them."""
+    run, after = printable(stream.run_id or "?"), printable(stream.last_id or "0")
+    status, error = over.run.get("status"), over.run.get("error")
+    if status == "finished":
+        how = "finished with an answer" + (", not marked ready" if over.run.get("ready") is False else "")
+    elif isinstance(error, dict) and error.get("code"):
+        how = f"{status}: {error['code']}"
+    else:
+        how = str(status)
+    said = f"run {run} has ended ({printable(how)}) and has no events after {after}"
+    if over.last < 1:
+        return f"{said}: it has none"
+    return (
+        f"{said}: its events are numbered 1 to {over.last}; `rlm-service attach {run} --server {client.base} "
+        f"--after {over.last - 1}` shows the last one, without --after all of them"
+    )
 
 
 def client_for(args: argparse.Namespace, output: Output) -> ServiceClient:
@@ -138,7 +162,8 @@ def _clock(when: object) -> str | None:
 
 
 async def attach(args: argparse.Namespace, output: Output, interrupt: Interrupt) -> int:
-    """`attach RUN_ID`: a run's events (after `--after N`), then live until it ends."""
+    """`attach RUN_ID`: a run's events (after `--after N`), then live until it ends; for a run that has ended
+    with no events after N, how it ended."""
     async with client_for(args, output) as client:
         return await follow(client, client.attach(args.run_id, args.after), output, interrupt)
 

@@ -4,9 +4,11 @@ Runs it starts are detached (`settings.detach`): a dropped connection does not c
 drops the client re-attaches by itself (`GET /api/runs/{id}/events` with `Last-Event-ID`, the number of
 the last event it received) and goes on, for up to `reconnect_s` seconds without progress. Each event
 reaches the caller exactly once and in order: the server sends only later events, and the client drops
-any it already had. Ending a run is explicit (`cancel`). Whatever goes wrong is said in words a user can
-act on: a URL that is not the service, a missing or wrong token, a refusal and its reason, a session
-that is gone or busy, a stream cut short and where.
+any it already had. A stream that ends with nothing new is a drop only while the run goes on: for a run
+that has ended (its events asked for past its last one) it is `RunOver`. Ending a run is explicit
+(`cancel`). Whatever goes wrong is said in words a user can act on: a URL that is not the service, a
+missing or wrong token, a refusal and its reason, a session that is gone or busy, a stream cut short and
+where.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 """Answers to a re-attach that a later attempt may not get (a proxy or the server restarting)."""
 RETRY_DELAYS_S = (0.0, 0.5, 1.0, 2.0, 4.0)
 """Waits before the re-attach attempts of one outage; the last one repeats."""
+MAX_RUN_BYTES = 64 * 1024**2
+"""What is read of a run as the history has it (`GET /api/runs/{id}`, every event included) to learn how it ended;
+a larger one is taken as a run the service cannot say about."""
 
 
 class Refused(Exception):
@@ -42,6 +47,16 @@ class Refused(Exception):
 
 class RunLost(Exception):
     """The run started but its events could not all be read; the message says where they stopped."""
+
+
+class RunOver(Exception):
+    """The run has ended and has no events after the last one asked for: none will come. `run` is the run as the
+    history has it (its `status`, `error`, `ready`…), `last` the number of its last event (0 for none)."""
+
+    def __init__(self, run: dict[str, Any], last: int) -> None:
+        super().__init__(f"the run has ended ({run.get('status')})")
+        self.run = run
+        self.last = last
 
 
 class _Unavailable(Exception):
@@ -134,6 +149,20 @@ class ServiceClient:
         """`GET /api/runs/{id}/events`: the run's events numbered above `last_id`, then live."""
         headers = {"Last-Event-ID": last_id} if last_id else {}
         return self.http.get(self.url("api", "runs", run_id, "events"), headers=headers)
+
+    async def ended(self, run_id: str) -> RunOver | None:
+        """How a run ended, from the history (`GET /api/runs/{id}`); None while it runs, and when the service
+        cannot say (its history off, the run not written there yet, no answer, an answer not of the service)."""
+        try:
+            async with self.http.get(self.url("api", "runs", run_id)) as response:
+                body = _json_body(await response.content.read(MAX_RUN_BYTES)) if response.status == 200 else None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
+        run, events = (body or {}).get("run"), (body or {}).get("events")
+        if not isinstance(run, dict) or run.get("status") in (None, "running") or not isinstance(events, list):
+            return None
+        numbers = [event.get("seq") for event in events if isinstance(event, dict)]
+        return RunOver(run, max((number for number in numbers if isinstance(number, int)), default=0))
 
     async def cancel(self, run_id: str) -> bool:
         """Ask the service to end a run (it ends with `error` `cancelled`); False if it had already ended."""
@@ -302,6 +331,10 @@ class RunStream:
                     f"{problem} before the run's first event: a detached run may go on there "
                     f"({base}/api/runs lists the runs)"
                 )
+            if clean and not progressed and (over := await self.client.ended(self.run_id)) is not None:
+                # nothing after the last event asked for, and the run has ended: a re-attach would get nothing either
+                self.ended = True
+                raise over
             if not self.last_id:
                 raise RunLost(
                     f"{problem} {self._where()}: the server numbers no events, so the client cannot re-attach"
