@@ -30,6 +30,20 @@ from tests.fake_openai import FakeOpenAI
 LIMIT = 256 * 1024
 JSON = {"content-type": "application/json"}
 
+
+def _given_twice(name: str, part: tuple[str | None, str | bytes]) -> tuple[str, dict[str, Any], int, str]:
+    """A form that gives the field `name` twice (beside a prompt, when it is not the prompt): a malformed body.
+    Mutant (the old parser): two `prompt` parts run as one prompt, their texts joined; two `settings`,
+    `session_id` or `input_data` parts likewise joined; two `input_file` parts refused as two files (422)."""
+    prompt = [] if name == "prompt" else [("prompt", (None, "x"))]
+    return (
+        f"multipart {name} given twice",
+        {"files": [*prompt, (name, part), (name, part)]},
+        400,
+        f"the form field {name!r} is given twice",
+    )
+
+
 CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
     ("invalid JSON", {"content": b"{not json", "headers": JSON}, 400, "not valid JSON"),
     ("truncated JSON", {"content": b'{"prompt": "x"', "headers": JSON}, 400, "not valid JSON"),
@@ -117,6 +131,12 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
         422,
         "one input file",
     ),
+    _given_twice("prompt", (None, "x")),
+    _given_twice("settings", (None, "{}")),
+    _given_twice("session_id", (None, "s1")),
+    _given_twice("input_data", (None, "text")),
+    _given_twice("input_file", ("a.txt", b"1")),
+    _given_twice("file", ("a.txt", b"1")),
     (
         "upload over the limit",
         {"files": {"prompt": (None, "x"), "input_file": ("big.txt", b"z" * (LIMIT + 1))}},

@@ -338,6 +338,9 @@ async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> b
 FORM_FIELDS = ("prompt", "settings", "session_id")
 """The form fields read into memory (each up to MAX_FIELD_BYTES); `input_data` and `input_file` go to disk, and
 the data of any other field is not kept (a body of a thousand fields of a megabyte each held a gigabyte)."""
+ONCE_FIELDS = (*FORM_FIELDS, "input_data", "input_file", "file")
+"""The form fields the service reads, each of which a form gives at most once: a second part of one is refused
+(two `prompt` parts were one prompt, their texts joined)."""
 
 
 class _FormReader:
@@ -352,6 +355,8 @@ class _FormReader:
         self.text: InputSpooler | None = None
         """`input_data` sent as a form field (the input when no file is sent)."""
         self.files = 0
+        self._given: set[str] = set()
+        """The fields of `ONCE_FIELDS` given so far."""
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, bytes] = {}
@@ -382,6 +387,10 @@ class _FormReader:
         name = options.get(b"name", b"").decode("utf-8", "replace")
         filename = options.get(b"filename")
         self._name = name
+        if name in ONCE_FIELDS:
+            if name in self._given:
+                raise HTTPException(400, f"the form field {name!r} is given twice; send each field once")
+            self._given.add(name)
         if name in ("input_file", "file") or (filename is not None and name not in ("prompt", "settings")):
             self.files += 1
             if self.files > 1:
