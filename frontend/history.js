@@ -70,9 +70,11 @@ export async function loadHistory(append = false) {
     return;
   }
   try {
-    const query = append && state.historyBefore ? `?before=${state.historyBefore}` : "";
+    const cursor = append && state.historyBefore;
+    const query = cursor ? `?${new URLSearchParams({ before: cursor.before, before_id: cursor.id })}` : "";
     const page = await (await api(`/api/runs${query}`)).json();
-    state.historyBefore = page.next_before;
+    // both: a page cut by `before` alone skips the runs created at the same time as the last one shown
+    state.historyBefore = page.next_before == null ? null : { before: page.next_before, id: page.next_before_id };
     renderHistory(page.runs, append);
     $("history-more").hidden = !page.next_before;
   } catch (error) {

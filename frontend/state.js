@@ -29,7 +29,7 @@ export const state = {
   startedAt: 0,          // when the run shown started (ms since the epoch), for the elapsed time
   timer: null,
   stickToBottom: true,   // the log follows new output until the user scrolls up
-  historyBefore: null,   // the cursor for "Older runs"
+  historyBefore: null,   // the cursor for "Older runs": {before, id} of the last run listed
   historyGroups: new Map(),   // session id -> its conversation's entry in the history list
   emptyInputAccepted: false,  // the user pressed Run again after the empty-input warning
 };

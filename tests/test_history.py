@@ -218,6 +218,40 @@ def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:
         assert client.delete(f"/api/runs/{ids[1]}").status_code == 404
 
 
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_runs_created_at_the_same_time_are_each_listed_once_across_pages(
+    request: pytest.FixtureRequest, database: str, tmp_path: Path, fake: FakeOpenAI
+) -> None:
+    """Five runs with the same `created` (processes or replicas that start runs at once; written through the
+    store, as the API cannot time them), between a newer and an older run, paged two at a time as a client
+    pages (`before` and `before_id` from the page before): every run is listed once, newest first, ties by id.
+    Old behaviour: pages cut at `created < before` alone, so the tie group's runs after the first page's last
+    one were never listed."""
+    where = (
+        {"rlm_database_url": request.getfixturevalue("pg_url")}
+        if database == "postgresql"
+        else {"rlm_history_db": str(tmp_path / "h.sqlite3")}
+    )
+    with LiveServer(make_settings(fake, **where)) as server:
+        store = server.app.state.store
+        runs = [("newest", 3000.0), *((f"tie{index}", 2000.0) for index in range(5)), ("oldest", 1000.0)]
+        for run_id, created in runs:
+            store.begin(_record(run_id, created))
+        assert store.flush()
+        listed: list[str] = []
+        params: dict[str, object] = {"limit": 2}
+        with httpx2.Client(base_url=server.url, timeout=30) as client:
+            for _ in range(len(runs) + 1):
+                page = client.get("/api/runs", params=params).json()
+                listed += [run["id"] for run in page["runs"]]
+                if page["next_before"] is None:
+                    break
+                params = {"limit": 2, "before": page["next_before"]}
+                if page.get("next_before_id") is not None:
+                    params["before_id"] = page["next_before_id"]
+    assert listed == ["newest", "tie4", "tie3", "tie2", "tie1", "tie0", "oldest"]
+
+
 def test_history_off_answers_404(live: LiveServer) -> None:
     response = httpx2.get(f"{live.url}/api/runs")
     assert response.status_code == 404 and "RLM_HISTORY_DB" in response.json()["detail"]

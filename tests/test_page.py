@@ -11,6 +11,7 @@ import pytest
 
 from rlm_service.demos import DEMOS
 from rlm_service.events import EVENT_TYPES
+from rlm_service.store import RunRecord
 from tests.browser import browser_fixture, expect_clean_console, open_page, page_fixture, start_run, status_is  # noqa: F401  (fixtures, used by name)
 from tests.conftest import REPO, LiveServer, make_settings, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
@@ -462,6 +463,35 @@ def test_every_event_type_has_a_handler_live_replay_and_children(page: Any, live
     assert set(handled["run"]) == shipped
     # a child's own events arrive as `child` events of the root's stream, never nested in one another
     assert set(handled["child"]) == shipped - {"child"}
+
+
+def test_older_runs_lists_every_run_created_at_the_same_time(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
+    """25 runs created at the same time (written through the store: the API cannot time them) and the page's
+    history shows 20: "Older runs" lists the other 5, each once, and is then hidden. Mutant: the page asking
+    for the next page with `before` alone (the 5 are skipped, being created at the same time as the 20th)."""
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        store = server.app.state.store
+        for index in range(25):
+            record = RunRecord(
+                id=f"tie{index:02d}",
+                created=1_700_000_000.0,
+                status="finished",
+                prompt=f"question {index:02d}",
+                settings={},
+                input_chars=0,
+                input_lines=0,
+                input_bytes=0,
+            )
+            store.begin(record)
+        assert store.flush()
+        open_page(page, server)
+        page.wait_for_function("() => document.querySelectorAll('#history li').length === 20")
+        page.click("#history-more")
+        page.wait_for_function("() => document.querySelectorAll('#history li').length >= 25")
+        page.wait_for_selector("#history-more", state="hidden")
+        shown = page.locator("#history .what").all_inner_texts()
+    assert shown == [f"question {index:02d}" for index in reversed(range(25))]
+    expect_clean_console(page)
 
 
 def test_history_replays_a_run_as_it_was_shown_live(page: Any, fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -191,6 +191,9 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
+        # the list's order, (created, id), has its index (migration 9), which replaced the one on created alone
+        indexes = {row[1] for row in db.execute("PRAGMA index_list(runs)")}
+        assert "runs_created_id" in indexes and "runs_created" not in indexes
     again = SqliteRunStore(path)  # opening an up-to-date database changes nothing
     finished, failed, lost = old
     assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
@@ -237,6 +240,8 @@ def test_a_postgresql_database_at_version_1_upgrades_with_every_run_and_event(pg
     store.close()
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+        indexes = {row[0] for row in db.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'runs'")}
+        assert "runs_created_id" in indexes and "runs_created" not in indexes
     again = PostgresRunStore(pg_url)  # opening an up-to-date database changes nothing
     finished, failed, lost = old
     assert [run.id for run in again.list(limit=10, before=None)][2:] == [lost, failed, finished]

@@ -62,13 +62,24 @@ def history_router() -> APIRouter:
         request: Request,
         limit: int = Query(20, ge=1, le=200),
         before: float | None = Query(None, description="`next_before` of the previous page"),
+        before_id: str | None = Query(
+            None, max_length=64, description="`next_before_id` of the previous page (with `before`)"
+        ),
     ) -> dict[str, Any]:
-        """Past runs, newest first, a page at a time. Prompts and answers come as previews (`prompt_preview`,
-        `prompt_chars`, `answer_preview`, `answer_chars`); `GET /api/runs/{id}` has them in full."""
+        """Past runs, newest first (runs created at the same time by id, descending), a page at a time: the next
+        page is `before=next_before&before_id=next_before_id`. Without `before_id`, a page holds runs created
+        before `before` only, and runs created at the same time as the previous page's last one are skipped.
+        Prompts and answers come as previews (`prompt_preview`, `prompt_chars`, `answer_preview`,
+        `answer_chars`); `GET /api/runs/{id}` has them in full."""
         store = await _settled(request)
-        records = await in_store(store.list, limit=limit, before=before)
+        records = await in_store(store.list, limit=limit, before=before, before_id=before_id)
         runs = [record.to_dict() for record in records]
-        return {"runs": runs, "next_before": runs[-1]["created"] if len(runs) == limit else None}
+        last = runs[-1] if len(runs) == limit else None
+        return {
+            "runs": runs,
+            "next_before": last["created"] if last else None,
+            "next_before_id": last["id"] if last else None,
+        }
 
     async def _load(request: Request, run_id: str) -> tuple[RunRecord, list[dict[str, Any]]]:
         found = await in_store((await _settled(request)).get, run_id)

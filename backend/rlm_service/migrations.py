@@ -203,6 +203,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=(),
         postgresql=("UPDATE runs SET status = 'unfinished' WHERE status = 'running' AND owner IS NULL",),
     ),
+    # The history list pages by (created, id), so that runs created at the same time are not skipped at a
+    # page's end: the index follows that order, and serves what `runs_created` served (its first column).
+    Migration(
+        9,
+        "the history list's index orders runs created at the same time by id",
+        (
+            "CREATE INDEX IF NOT EXISTS runs_created_id ON runs (created DESC, id DESC)",
+            "DROP INDEX IF EXISTS runs_created",
+        ),
+    ),
 )
 
 LATEST = MIGRATIONS[-1].version

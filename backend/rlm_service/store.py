@@ -152,8 +152,10 @@ class RunStore(Protocol):
     def abandon(self, run_id: str, status: str) -> None:
         """The run ended without a terminal event (cancelled by its client)."""
 
-    def list(self, *, limit: int, before: float | None) -> list[RunSummary]:
-        """Runs, newest first, created before `before` when given.
+    def list(self, *, limit: int, before: float | None, before_id: str | None = None) -> list[RunSummary]:
+        """Runs, newest first (runs created at the same time by id, descending), created before `before` when
+        given; with `before_id` too, those created at `before` whose id sorts below it as well: the runs after
+        the one listed last, for paging through runs created at the same time.
 
         Every read (`list`, `get`, `events`, `status`, `read_input`) raises `StoreUnavailable` when the database
         cannot be read now (a PostgreSQL server that restarts or cannot be reached)."""

@@ -181,13 +181,18 @@ class SqlRunStore(ABC):
         self._after_delete(run_id)
         return bool(deleted)
 
-    def list(self, *, limit: int, before: float | None) -> list[RunSummary]:
+    def list(self, *, limit: int, before: float | None, before_id: str | None = None) -> list[RunSummary]:
         query = f"SELECT {_SUMMARY_COLUMNS} FROM runs"
         args: tuple[Any, ...] = ()
-        if before is not None:
+        if before is not None and before_id is not None:
+            # created < before, or created = before and id < before_id: as a row value, which both databases
+            # answer from the index on (created DESC, id DESC) without sorting what precedes the page
+            query += " WHERE (created, id) < (?, ?)"
+            args = (before, before_id)
+        elif before is not None:
             query += " WHERE created < ?"
             args = (before,)
-        query += " ORDER BY created DESC LIMIT ?"
+        query += " ORDER BY created DESC, id DESC LIMIT ?"
         with self._reading() as db:
             return [_summary(row) for row in db.rows(query, (*args, limit))]
 
