@@ -804,6 +804,24 @@ def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(fake: Fak
         assert "re-attaching" not in stderr and "will not finish" not in stderr, stderr
 
 
+def test_attach_after_the_last_event_of_an_ended_run_with_a_long_history_says_how_it_ended(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The run as the history has it (`GET /api/runs/{id}`, every event) is read whole to learn how the run
+    ended, however many reads of the connection it takes. Mutant: one `read(n)`, which returns what has
+    arrived so far (a run of a long answer was then "a run the service cannot say about": re-attaching in
+    vain, then "will not finish")."""
+    env = _cli_env(fake)
+    code = "answer.update(content='x' * 400_000, ready=True)"
+    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+        _, events = stream_run(server.url, json_body={"prompt": script({"code": [code]})})
+        run_id, last = str(events[0].data["run_id"]), int(events[-1].data["seq"])
+        result = _cli("attach", run_id, "--server", server.url, "--after", str(last), env=env)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and result.stdout == b"", stderr
+    assert f"run {run_id} has ended (finished with an answer) and has no events after {last}" in stderr, stderr
+
+
 def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: Path) -> None:
     """`run --session` prints the session id (in `start` with --json, and on stderr with the command that
     asks more); `run --follow-up ID` asks it, twice, reading what the first run made; `session ID` lists

@@ -155,7 +155,8 @@ class ServiceClient:
         cannot say (its history off, the run not written there yet, no answer, an answer not of the service)."""
         try:
             async with self.http.get(self.url("api", "runs", run_id)) as response:
-                body = _json_body(await response.content.read(MAX_RUN_BYTES)) if response.status == 200 else None
+                raw = await _read_whole(response, MAX_RUN_BYTES) if response.status == 200 else None
+                body = _json_body(raw) if raw is not None else None
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
         run, events = (body or {}).get("run"), (body or {}).get("events")
@@ -479,6 +480,17 @@ def _not_the_service(base: str) -> str:
     path = urlsplit(base).path
     hint = f" without the path {path!r}" if path else ""
     return f"is {base} the RLM service? Give its base address{hint}, e.g. http://127.0.0.1:8000."
+
+
+async def _read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, however many reads it takes (`read(n)` returns what has arrived so far); None past
+    `limit` bytes."""
+    body = bytearray()
+    async for piece in response.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def _json_body(body: bytes) -> dict[str, Any] | None:
