@@ -34,7 +34,7 @@ JSON = {"content-type": "application/json"}
 def _given_twice(name: str, part: tuple[str | None, str | bytes]) -> tuple[str, dict[str, Any], int, str]:
     """A form that gives the field `name` twice (beside a prompt, when it is not the prompt): a malformed body.
     Mutant (the old parser): two `prompt` parts run as one prompt, their texts joined; two `settings`,
-    `session_id` or `input_data` parts likewise joined; two `input_file` parts refused as two files (422)."""
+    `session_id` or `input_data` parts likewise joined. (Two files, under either name, are two input files.)"""
     prompt = [] if name == "prompt" else [("prompt", (None, "x"))]
     return (
         f"multipart {name} given twice",
@@ -135,8 +135,12 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
     _given_twice("settings", (None, "{}")),
     _given_twice("session_id", (None, "s1")),
     _given_twice("input_data", (None, "text")),
-    _given_twice("input_file", ("a.txt", b"1")),
-    _given_twice("file", ("a.txt", b"1")),
+    (
+        "multipart input_file given twice",
+        {"files": [("prompt", (None, "x")), ("input_file", ("a", b"1")), ("input_file", ("a", b"1"))]},
+        422,
+        "one input file",
+    ),
     (
         "upload over the limit",
         {"files": {"prompt": (None, "x"), "input_file": ("big.txt", b"z" * (LIMIT + 1))}},

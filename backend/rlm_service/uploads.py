@@ -338,9 +338,10 @@ async def read_json_bytes(stream: AsyncIterator[bytes], limits: BodyLimits) -> b
 FORM_FIELDS = ("prompt", "settings", "session_id")
 """The form fields read into memory (each up to MAX_FIELD_BYTES); `input_data` and `input_file` go to disk, and
 the data of any other field is not kept (a body of a thousand fields of a megabyte each held a gigabyte)."""
-ONCE_FIELDS = (*FORM_FIELDS, "input_data", "input_file", "file")
-"""The form fields the service reads, each of which a form gives at most once: a second part of one is refused
-(two `prompt` parts were one prompt, their texts joined)."""
+ONCE_FIELDS = (*FORM_FIELDS, "input_data")
+"""The text fields the service reads, each of which a form gives at most once: a second part of one is refused
+(two `prompt` parts were one prompt, their texts joined). A second file, under either name, is refused as a
+second input file (422), as it was before."""
 
 
 class _FormReader:
