@@ -249,7 +249,10 @@ def test_runs_created_at_the_same_time_are_each_listed_once_across_pages(
                 params = {"limit": 2, "before": page["next_before"]}
                 if page.get("next_before_id") is not None:
                     params["before_id"] = page["next_before_id"]
+            alone = client.get("/api/runs", params={"before_id": "tie2"})
     assert listed == ["newest", "tie4", "tie3", "tie2", "tie1", "tie0", "oldest"]
+    # an id without its time cannot place a page (old: the first page again, so a client paged forever)
+    assert alone.status_code == 422 and "before_id" in alone.json()["detail"]
 
 
 def test_history_off_answers_404(live: LiveServer) -> None:

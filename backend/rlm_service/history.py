@@ -71,6 +71,8 @@ def history_router() -> APIRouter:
         before `before` only, and runs created at the same time as the previous page's last one are skipped.
         Prompts and answers come as previews (`prompt_preview`, `prompt_chars`, `answer_preview`,
         `answer_chars`); `GET /api/runs/{id}` has them in full."""
+        if before_id is not None and before is None:
+            raise HTTPException(422, "before_id places a page only with before (next_before of the page before)")
         store = await _settled(request)
         records = await in_store(store.list, limit=limit, before=before, before_id=before_id)
         runs = [record.to_dict() for record in records]
