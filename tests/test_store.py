@@ -191,13 +191,49 @@ def test_a_database_made_by_the_unversioned_schema_upgrades_with_every_run_and_e
     with closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == LATEST
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # incremental
-        # the list's order, (created, id), has its index (migration 9), which replaced the one on created alone
+        # the list's order, (created, id), has its index (`INDEXES`), which replaced the one on created alone
         indexes = {row[1] for row in db.execute("PRAGMA index_list(runs)")}
         assert "runs_created_id" in indexes and "runs_created" not in indexes
     again = SqliteRunStore(path)  # opening an up-to-date database changes nothing
     finished, failed, lost = old
     assert [run.id for run in again.list(limit=10, before=None)][1:] == [lost, failed, finished]
     again.close()
+
+
+def _as_the_last_release_left_it(execute: Callable[[str], object]) -> None:
+    """The indexes of `runs` as the release before `INDEXES` made them (at the same schema version)."""
+    execute("DROP INDEX IF EXISTS runs_created_id")
+    execute("CREATE INDEX runs_created ON runs (created DESC)")
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_lists_index_changes_without_a_new_schema_version(
+    request: pytest.FixtureRequest, database: str, tmp_path: Path
+) -> None:
+    """A database at the latest version, with the indexes the release before left (on `created` alone), gets
+    the index on (created, id) when it is opened, and keeps its version: servers of that release still open it
+    (a rolling deploy, a rollback). Old behaviour (the index in a step 9): the version became 9, which they refuse."""
+    if database == "sqlite":
+        path = tmp_path / "h.sqlite3"
+        SqliteRunStore(path).close()
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            _as_the_last_release_left_it(db.execute)
+        SqliteRunStore(path).close()
+        with closing(sqlite3.connect(path)) as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            indexes = {str(row[1]) for row in db.execute("PRAGMA index_list(runs)")}
+    else:
+        url = request.getfixturevalue("pg_url")
+        PostgresRunStore(url).close()
+        with psycopg.connect(url, autocommit=True) as pg:
+            _as_the_last_release_left_it(pg.execute)  # type: ignore[arg-type]
+        PostgresRunStore(url).close()
+        with psycopg.connect(url) as pg:
+            version = pg.execute("SELECT version FROM schema_version").fetchall()[0][0]
+            rows = pg.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'runs'").fetchall()
+            indexes = {str(row[0]) for row in rows}
+    assert version == 8  # the version the release before knows
+    assert "runs_created_id" in indexes and "runs_created" not in indexes
 
 
 def _make_v1_postgresql(url: str) -> dict[str, list[str]]:

@@ -203,19 +203,25 @@ MIGRATIONS: tuple[Migration, ...] = (
         sqlite=(),
         postgresql=("UPDATE runs SET status = 'unfinished' WHERE status = 'running' AND owner IS NULL",),
     ),
-    # The history list pages by (created, id), so that runs created at the same time are not skipped at a
-    # page's end: the index follows that order, and serves what `runs_created` served (its first column).
-    Migration(
-        9,
-        "the history list's index orders runs created at the same time by id",
-        (
-            "CREATE INDEX IF NOT EXISTS runs_created_id ON runs (created DESC, id DESC)",
-            "DROP INDEX IF EXISTS runs_created",
-        ),
-    ),
 )
 
 LATEST = MIGRATIONS[-1].version
+
+INDEXES: tuple[str, ...] = (
+    # The history list pages by (created, id), so that runs created at the same time are not skipped at a
+    # page's end: this index follows that order, and serves what `runs_created` (step 1) served.
+    "CREATE INDEX IF NOT EXISTS runs_created_id ON runs (created DESC, id DESC)",
+    "DROP INDEX IF EXISTS runs_created",
+)
+"""Run at an open that finds them not run yet (`_indexes_current`), after the steps, on every dialect:
+changes of indexes only, which no version of the code reads or writes differently, so they raise no schema
+version. A step would: servers of the version before would then refuse the database, and a rolling deploy
+(their replicas restarting on the shared database) or a rollback would stop."""
+
+
+def _indexes_current(found: set[str]) -> bool:
+    """Whether `INDEXES` have run on a database whose table `runs` has the indexes named `found`."""
+    return "runs_created_id" in found and "runs_created" not in found
 
 
 class SchemaTooNew(RuntimeError):
@@ -252,6 +258,16 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _indexes_current({str(row[1]) for row in db.execute("PRAGMA index_list(runs)")}):
+            for statement in INDEXES:
+                db.execute(statement)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
     return found
 
 
@@ -281,6 +297,14 @@ def migrate_postgresql(db: psycopg.Connection[tuple[Any, ...]]) -> int:
                 for statement in step.statements("postgresql"):
                     db.execute(statement)
                 db.execute("UPDATE schema_version SET version = %s", (step.version,))
+    with db.transaction():
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (ADVISORY_LOCK,))
+        rows = db.execute(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'runs'"
+        ).fetchall()
+        if not _indexes_current({str(row[0]) for row in rows}):  # CREATE INDEX IF NOT EXISTS would lock writes
+            for statement in INDEXES:
+                db.execute(statement)
     return found or 0
 
 
