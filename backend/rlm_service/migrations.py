@@ -6,6 +6,9 @@ steps after that one. Each step runs in one transaction together with its new ve
 that is interrupted resumes at the step it stopped in. A database at a version newer than this code knows is
 refused: this code could misread or damage what a newer one wrote.
 
+Indexes that no version of the code depends on are changed outside the steps (`INDEXES`), so that servers
+of the release before, which refuse a newer version, can still open the database.
+
 A database made before versions existed has version 0 and today's tables; step 1 creates the tables only if
 they are missing, so it serves both that database and an empty one.
 
