@@ -230,8 +230,11 @@ def test_a_wrong_server_says_what_is_wrong(fake: FakeOpenAI) -> None:
     env = _cli_env(fake)
     with LiveServer(make_settings(fake)) as server, sse_server(200, "text/html", b"<html></html>") as page:
         cases = {
-            f"{server.url}/v1": "answered 404 Not Found: is ",
-            fake.url: "looks like a model server, which belongs in OPENAI_API_BASE",
+            # the service's own /v1 answers in OpenAI's shape: the path is what is wrong (old: "looks like a
+            # model server" once /v1 answered so, when the address was the service's)
+            f"{server.url}/v1": "base address, without the path '/v1'",
+            fake.url: "a model server belongs in OPENAI_API_BASE",
+            fake.url.removesuffix("/v1"): "looks like a model server, which belongs in OPENAI_API_BASE",
             f"http://127.0.0.1:{free_port()}": "could not connect to",
             "localhost:8000": "is not an http(s) URL",
             page: "answered with text/html, not an event stream",

@@ -260,6 +260,13 @@ class ServiceClient:
             # the service refuses with a reason of its own; a bare 404 or 405 is some other server or path
             where = url or f"{self.base}/process"
             if body is not None and isinstance(body.get("error"), dict):
+                path = urlsplit(self.base).path
+                if path:  # a model server's base, or the service's own OpenAI-compatible endpoint (`/v1`)
+                    return (
+                        f"{where} answered {shown} with an OpenAI-style error: --server wants the RLM service's "
+                        f"base address, without the path {path!r} (e.g. http://127.0.0.1:8000); a model server "
+                        "belongs in OPENAI_API_BASE"
+                    )
                 return (
                     f"{where} answered {shown} with an OpenAI-style error: that looks like a model "
                     "server, which belongs in OPENAI_API_BASE; --server wants the RLM service's address"
