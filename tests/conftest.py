@@ -34,6 +34,7 @@ import uvicorn
 from rlm_service.api import create_app
 from rlm_service.config import Settings
 from rlm_service.repl import workspace as workspace_module
+from rlm_service.store import RunRecord
 from tests.fake_openai import FakeOpenAI
 from tests.pgserver import own_pg_server, pg_server, pg_url, store_factory  # noqa: F401 (fixtures of every test module)
 
@@ -653,3 +654,19 @@ def spawn_server(
         finally:
             process.kill()
             fake.stop()
+
+
+def run_record(run_id: str, created: float, *, prompt: str | None = None, status: str = "running") -> RunRecord:
+    """A run as the history's store takes it (`store.begin`), for tests that write runs without running them:
+    a 3-character input, prompt `task <id>` unless given."""
+    return RunRecord(
+        id=run_id,
+        created=created,
+        status=status,
+        prompt=prompt or f"task {run_id}",
+        settings={},
+        input_chars=3,
+        input_lines=1,
+        input_bytes=3,
+        input_sha256="abc",
+    )

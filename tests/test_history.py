@@ -27,6 +27,7 @@ from tests.conftest import (
     held_until_health_answers,
     make_settings,
     parse_sse,
+    run_record,
     script,
     spawn_server,
     stream_run,
@@ -43,20 +44,6 @@ PLOT = (
 )
 
 
-def _record(run_id: str, created: float) -> RunRecord:
-    return RunRecord(
-        id=run_id,
-        created=created,
-        status="running",
-        prompt=f"task {run_id}",
-        settings={},
-        input_chars=3,
-        input_lines=1,
-        input_bytes=3,
-        input_sha256="abc",
-    )
-
-
 def _start(run_id: str) -> StartEvent:
     limits = RunLimits(
         max_iterations=5, max_subcalls=10, exec_timeout_s=30, subcall_concurrency=4, max_output_chars=800
@@ -67,7 +54,7 @@ def _start(run_id: str) -> StartEvent:
 def test_store_round_trip_and_pagination(store_factory: Callable[..., SqlRunStore]) -> None:
     store = store_factory()
     for index in range(5):
-        store.begin(_record(f"r{index}", 1000.0 + index))
+        store.begin(run_record(f"r{index}", 1000.0 + index))
         store.record(f"r{index}", _start(f"r{index}"))
         store.record(f"r{index}", CodeEvent(run_id=f"r{index}", iteration=1, code="x = 1"))
         store.record(
@@ -97,7 +84,7 @@ def test_output_in_a_markdown_export_cannot_leave_its_code_block() -> None:
         _start("r1").model_dump(mode="json"),
         {"type": "output", "iteration": 1, "stdout": hostile, "error": None, "duration_ms": 5, "truncated": False},
     ]
-    tokens = MarkdownIt().parse(export_markdown(_record("r1", 1000.0), events))
+    tokens = MarkdownIt().parse(export_markdown(run_record("r1", 1000.0), events))
     fences = [token.content for token in tokens if token.type == "fence"]
     assert any("# Injected heading" in content and "onerror" in content for content in fences), fences
     assert not any(token.type == "html_block" for token in tokens)
@@ -109,7 +96,7 @@ def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore])
     once it has ended it is deleted. Mutant caught: the delete without its status check (the run was deleted
     while it went on, and its later events were written for a run the history no longer had)."""
     store = store_factory()
-    store.begin(_record("r1", 1000.0))
+    store.begin(run_record("r1", 1000.0))
     store.record("r1", _start("r1"))
     store.flush()
     with pytest.raises(RunStillLive):
@@ -123,7 +110,7 @@ def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore])
 
 def test_a_run_left_running_is_marked_unfinished(tmp_path: Path) -> None:
     store = SqliteRunStore(tmp_path / "h.sqlite3")
-    store.begin(_record("crashed", 1.0))
+    store.begin(run_record("crashed", 1.0))
     store.record("crashed", _start("crashed"))
     store.close()
     again = SqliteRunStore(tmp_path / "h.sqlite3")
@@ -236,7 +223,7 @@ def test_runs_created_at_the_same_time_are_each_listed_once_across_pages(
         store = server.app.state.store
         runs = [("newest", 3000.0), *((f"tie{index}", 2000.0) for index in range(5)), ("oldest", 1000.0)]
         for run_id, created in runs:
-            store.begin(_record(run_id, created))
+            store.begin(run_record(run_id, created))
         assert store.flush()
         listed: list[str] = []
         params: dict[str, object] = {"limit": 2}
@@ -376,7 +363,7 @@ def test_a_lone_surrogate_stored_by_an_older_version_is_listed_as_u_fffd(tmp_pat
     """Older versions stored an answer schema's lone surrogate, JSON-escaped, in the run's settings, and every
     listing of the run then failed to encode. Mutant: the store reading the settings as stored."""
     store = SqliteRunStore(tmp_path / "h.sqlite3")
-    record = _record("r1", 1000.0)
+    record = run_record("r1", 1000.0)
     record.settings = {"answer_schema": {"description": f"x{LONE}"}}
     store.begin(record)
     store.flush()
@@ -408,7 +395,7 @@ def test_the_history_list_shows_previews_of_a_60_mb_prompt(tmp_path: Path, fake:
         "big0prompt000000",
         FinalEvent(run_id="big0prompt000000", answer="short", ready=True, iterations=1, usage=RunUsage(), elapsed_ms=1),
     )
-    store.begin(_record("small0prompt0000", 2.0))
+    store.begin(run_record("small0prompt0000", 2.0))
     assert store.flush()
     store.close()
     with LiveServer(make_settings(fake, rlm_history_db=str(path))) as server:

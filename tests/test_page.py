@@ -11,9 +11,8 @@ import pytest
 
 from rlm_service.demos import DEMOS
 from rlm_service.events import EVENT_TYPES
-from rlm_service.store import RunRecord
 from tests.browser import browser_fixture, expect_clean_console, open_page, page_fixture, start_run, status_is  # noqa: F401  (fixtures, used by name)
-from tests.conftest import REPO, LiveServer, make_settings, script
+from tests.conftest import REPO, LiveServer, make_settings, run_record, script
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
 pytestmark = pytest.mark.browser
@@ -472,17 +471,8 @@ def test_older_runs_lists_every_run_created_at_the_same_time(page: Any, fake: Fa
     with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
         store = server.app.state.store
         for index in range(25):
-            record = RunRecord(
-                id=f"tie{index:02d}",
-                created=1_700_000_000.0,
-                status="finished",
-                prompt=f"question {index:02d}",
-                settings={},
-                input_chars=0,
-                input_lines=0,
-                input_bytes=0,
-            )
-            store.begin(record)
+            question = f"question {index:02d}"
+            store.begin(run_record(f"tie{index:02d}", 1_700_000_000.0, prompt=question, status="finished"))
         assert store.flush()
         open_page(page, server)
         page.wait_for_function("() => document.querySelectorAll('#history li').length === 20")

@@ -34,6 +34,7 @@ from rlm_service.store import RunBudget, RunRecord
 from rlm_service.store_postgres import PostgresRunStore
 from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
+from tests.conftest import run_record
 
 StoreFactory = Callable[..., SqlRunStore]
 
@@ -91,20 +92,6 @@ def _start(run_id: str) -> StartEvent:
 
 def _final(run_id: str, answer: str) -> FinalEvent:
     return FinalEvent(run_id=run_id, answer=answer, ready=True, iterations=1, usage=RunUsage(), elapsed_ms=5)
-
-
-def _record(run_id: str, created: float, prompt: str | None = None) -> RunRecord:
-    return RunRecord(
-        id=run_id,
-        created=created,
-        status="running",
-        prompt=prompt or f"task {run_id}",
-        settings={},
-        input_chars=3,
-        input_lines=1,
-        input_bytes=3,
-        input_sha256="abc",
-    )
 
 
 def _write_old_runs(execute: Callable[[str, tuple[object, ...]], object]) -> dict[str, list[str]]:
@@ -174,7 +161,7 @@ def _check_upgraded(store: SqlRunStore, old: dict[str, list[str]], *, lost_statu
     assert record.ready is True and record.usage == RunUsage().model_dump()
     assert store.get(failed)[0].answer == "half"  # type: ignore[index]
     assert [event["type"] for event in store.events(finished, after=3)] == ["answer", "final"]
-    store.begin(_record("f00d000000000004", 1003.0))  # and it goes on recording
+    store.begin(run_record("f00d000000000004", 1003.0))  # and it goes on recording
     store.record("f00d000000000004", _start("f00d000000000004"))
     assert store.flush()
     assert [event["seq"] for event in store.events("f00d000000000004")] == [1]
@@ -364,7 +351,7 @@ def test_events_are_numbered_from_one_and_read_after_the_last_one_seen(store_fac
     """An event's own `seq` is its number; without one, the next in the run. Mutant: numbering from 0."""
     store = store_factory()
     run_id = "0123456789abcdef"
-    store.begin(_record(run_id, 1.0))
+    store.begin(run_record(run_id, 1.0))
     assert store.flush() and store.status(run_id) == "running"
     store.record(run_id, _start(run_id))
     store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
@@ -391,7 +378,7 @@ def test_events_are_read_a_page_at_a_time(store_factory: StoreFactory) -> None:
     brings the page past it (a larger event makes a page of its own), and says whether more may follow."""
     store = store_factory()
     run_id = "0123456789abcdef"
-    store.begin(_record(run_id, 1.0))
+    store.begin(run_record(run_id, 1.0))
     store.record(run_id, _start(run_id))
     for index in range(6):
         store.record(run_id, CodeEvent(run_id=run_id, iteration=index + 1, code=str(index) * 100_000))
@@ -419,7 +406,7 @@ def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     monkeypatch.setattr(followers, "RECHECK_S", 0.0)  # check the run's status at every turn, not every 5 s
     store = store_factory()
     run_id = "0123456789abcdef"
-    store.begin(_record(run_id, 1.0))
+    store.begin(run_record(run_id, 1.0))
     store.record(run_id, _start(run_id))
     store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
     assert store.flush()
@@ -444,7 +431,7 @@ def test_a_write_that_breaks_a_constraint_loses_only_itself(store_factory: Store
     """An event of a run that was never begun breaks the events' foreign key; the events around it, written in
     the same transaction, are kept. Mutant: dropping the row-by-row retry of a failed batch."""
     store = store_factory()
-    store.begin(_record("aaaa", 1.0))
+    store.begin(run_record("aaaa", 1.0))
     store.record("aaaa", _start("aaaa"))
     store.record("never-begun", _start("never-begun"))
     store.record("aaaa", _final("aaaa", "kept"))
@@ -463,7 +450,7 @@ def _footprint(path: Path) -> int:
 
 
 def _small_run(store: SqlRunStore) -> None:
-    store.begin(_record("small", 1.0))
+    store.begin(run_record("small", 1.0))
     store.record("small", _start("small"))
     store.record("small", _final("small", "a small answer"))
     assert store.flush()
@@ -472,7 +459,7 @@ def _small_run(store: SqlRunStore) -> None:
 def _big_run(store: SqlRunStore) -> None:
     """A run with a 1 MB answer and four 16 MB answers, then a final one of 16 MB."""
     big = "big"
-    store.begin(_record(big, 2.0))
+    store.begin(run_record(big, 2.0))
     store.record(big, _start(big))
     store.record(big, AnswerEvent(run_id=big, content="é" * 1_000_000, ready=False))  # 2 MB of JSON: within
     for index in range(4):
@@ -529,7 +516,7 @@ def test_a_prompt_with_a_nul_character_is_recorded(store_factory: StoreFactory) 
     every event. Mutant: `_storable` passing texts unchanged (the run's row is refused: the run is not in the
     history at all)."""
     store = store_factory()
-    store.begin(_record("nul", 1.0, prompt="before\0after"))
+    store.begin(run_record("nul", 1.0, prompt="before\0after"))
     store.record("nul", CodeEvent(run_id="nul", iteration=1, code="print('\\0')\0"))
     store.record("nul", _final("nul", "an answer with \0 in it"))
     assert store.flush()
