@@ -22,9 +22,9 @@ from rlm_service import storewriter
 from rlm_service.events import AnswerEvent, CodeEvent
 from rlm_service.store_sqlite import SqliteRunStore
 from rlm_service.storewriter import MAX_BACKLOG
-from tests.conftest import LiveServer, make_settings, script, stream_run, wait_until
+from tests.conftest import LiveServer, make_settings, run_record, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.test_store import _final, _record, _start
+from tests.test_store import _final, _start
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_while_the_disk_is_full_the_waiting_events_are_bounded(
     caplog.set_level(logging.WARNING, logger="rlm_service")
     monkeypatch.setattr(storewriter, "RETRY_FIRST_S", 5.0)
     store = SqliteRunStore(small_disk / "history.sqlite3")
-    store.begin(_record("r", 1.0))
+    store.begin(run_record("r", 1.0))
     store.record("r", _start("r"))
     assert store.flush()
     _fill(small_disk / "filler")

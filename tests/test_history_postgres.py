@@ -21,10 +21,9 @@ import pytest
 from rlm_service import store_postgres
 from rlm_service.store import StoreUnavailable
 from rlm_service.store_postgres import PostgresRunStore
-from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, script, stream_run, wait_until
+from tests.conftest import LiveServer, SseEvent, make_settings, parse_sse, run_record, script, stream_run, wait_until
 from tests.fake_openai import FakeOpenAI
 from tests.pgserver import PgServer
-from tests.test_store import _record
 
 
 def _stored_stream(url: str, run_id: str) -> list[SseEvent]:
@@ -276,7 +275,7 @@ def test_the_first_write_after_a_restart_of_postgresql_succeeds(own_pg_server: P
     store = PostgresRunStore(own_pg_server.create_database())
     run_id = "0123456789abcdef"
     try:
-        store.begin(_record(run_id, time.time()))
+        store.begin(run_record(run_id, time.time()))
         store.abandon(run_id, "unfinished")
         assert store.flush() and store.status(run_id) == "unfinished"
         own_pg_server.stop()
