@@ -28,6 +28,8 @@ that replicas starting together upgrade the database once, one after the other.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -245,8 +247,7 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
         if not step.transactional and _sqlite_version(db) < step.version:
             for statement in step.statements("sqlite"):  # outside the lock: another process may run them too
                 db.execute(statement)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_locked(db):
             # Under the write lock, the version tells what every process has done: a step runs (or, outside a
             # transaction, is recorded) only where nobody has gone past it. A step recorded without that check
             # could set the version back behind another process's later steps, and this process would then
@@ -256,22 +257,25 @@ def migrate_sqlite(db: sqlite3.Connection) -> int:
                     for statement in step.statements("sqlite"):
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {step.version:d}")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-    db.execute("BEGIN IMMEDIATE")
-    try:
+    with _write_locked(db):
         if not _indexes_current({str(row[1]) for row in db.execute("PRAGMA index_list(runs)")}):
             for statement in INDEXES:
                 db.execute(statement)
+    return found
+
+
+@contextmanager
+def _write_locked(db: sqlite3.Connection) -> Iterator[None]:
+    """One transaction holding SQLite's write lock from its start (`BEGIN IMMEDIATE`), committed at the end of
+    the block, rolled back if the block raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return found
 
 
 def migrate_postgresql(db: psycopg.Connection[tuple[Any, ...]]) -> int:
