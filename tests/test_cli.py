@@ -775,18 +775,24 @@ def test_attach_and_cancel(fake: FakeOpenAI) -> None:
     assert after.returncode == 1 and _json_events(after.stdout)[-1]["code"] == "cancelled"
 
 
-def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(fake: FakeOpenAI, tmp_path: Path) -> None:
+@pytest.mark.parametrize("history", ["on", "off"])
+def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(
+    fake: FakeOpenAI, tmp_path: Path, history: str
+) -> None:
     """`attach --after N` with N at or past the last event of a run that has ended (an answer, an error): no
     event is left to print, and the command says that the run has ended, how (its status in the history), and
-    how to see its events, then exits as the run's own end does (0 for an answer, 1 for an error). Mutant (the
-    old behaviour): re-attaching in vain, then "the server has no more of it, so it will not finish"."""
+    how to see its events, then exits as the run's own end does (0 for an answer, 1 for an error). With the
+    history off, the service still has an ended run's events for a while: N the last event says the same.
+    Mutant (the old behaviour): re-attaching in vain, then "the server has no more of it, so it will not
+    finish" (with the history off, still so after the history's answer was fixed)."""
 
     def refuse(messages: list[object], body: dict[str, object]) -> dict[str, object]:
         raise HTTPFault(401, "bad key")
 
     env = _cli_env(fake)
     shown = []
-    with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
+    database = str(tmp_path / "h.sqlite3") if history == "on" else "off"
+    with LiveServer(make_settings(fake, rlm_history_db=database)) as server:
         _, answered = stream_run(
             server.url, json_body={"prompt": script({"code": ["answer.update(content='done', ready=True)"]})}
         )
@@ -794,7 +800,8 @@ def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(fake: Fak
         _, failed = stream_run(server.url, json_body={"prompt": "anything"})
         for events, status, how in ((answered, 0, "finished with an answer"), (failed, 1, "failed: auth")):
             run_id, last = str(events[0].data["run_id"]), int(events[-1].data["seq"])
-            for after in (last, last + 5):
+            # past the last event, only the history can say how many the run has
+            for after in (last, last + 5) if history == "on" else (last,):
                 result = _cli("attach", run_id, "--server", server.url, "--after", str(after), env=env)
                 shown.append((run_id, last, after, status, how, result))
     assert [answered[-1].event, failed[-1].event] == ["final", "error"]
@@ -810,19 +817,20 @@ def test_attach_after_the_last_event_of_an_ended_run_says_how_it_ended(fake: Fak
 def test_attach_after_the_last_event_of_an_ended_run_with_a_long_history_says_how_it_ended(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    """The run as the history has it (`GET /api/runs/{id}`, every event) is read whole to learn how the run
-    ended, however many reads of the connection it takes. Mutant: one `read(n)`, which returns what has
-    arrived so far (a run of a long answer was then "a run the service cannot say about": re-attaching in
-    vain, then "will not finish")."""
+    """Past the last event, the run as the history has it (`GET /api/runs/{id}`, every event) is read whole to
+    learn how the run ended, however many reads of the connection it takes. Mutant: one `read(n)`, which
+    returns what has arrived so far (a run of a long answer was then "a run the service cannot say about":
+    re-attaching in vain, then "will not finish")."""
     env = _cli_env(fake)
     code = "answer.update(content='x' * 400_000, ready=True)"
     with LiveServer(make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))) as server:
         _, events = stream_run(server.url, json_body={"prompt": script({"code": [code]})})
         run_id, last = str(events[0].data["run_id"]), int(events[-1].data["seq"])
-        result = _cli("attach", run_id, "--server", server.url, "--after", str(last), env=env)
+        result = _cli("attach", run_id, "--server", server.url, "--after", str(last + 1), env=env)
     stderr = result.stderr.decode()
     assert result.returncode == 0 and result.stdout == b"", stderr
-    assert f"run {run_id} has ended (finished with an answer) and has no events after {last}" in stderr, stderr
+    assert f"run {run_id} has ended (finished with an answer) and has no events after {last + 1}" in stderr, stderr
+    assert f"its events are numbered 1 to {last}" in stderr, stderr
 
 
 def test_a_session_on_a_service_answers_follow_ups(fake: FakeOpenAI, tmp_path: Path) -> None:

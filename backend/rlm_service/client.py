@@ -39,6 +39,8 @@ RETRY_DELAYS_S = (0.0, 0.5, 1.0, 2.0, 4.0)
 MAX_RUN_BYTES = 64 * 1024**2
 """What is read of a run as the history has it (`GET /api/runs/{id}`, every event included) to learn how it ended;
 a larger one is taken as a run the service cannot say about."""
+ENDED_CHECK_S = 10.0
+"""How long reading a run's terminal event (to learn how the run ended) may take."""
 
 
 class Refused(Exception):
@@ -150,9 +152,14 @@ class ServiceClient:
         headers = {"Last-Event-ID": last_id} if last_id else {}
         return self.http.get(self.url("api", "runs", run_id, "events"), headers=headers)
 
-    async def ended(self, run_id: str) -> RunOver | None:
-        """How a run ended, from the history (`GET /api/runs/{id}`); None while it runs, and when the service
-        cannot say (its history off, the run not written there yet, no answer, an answer not of the service)."""
+    async def ended(self, run_id: str, after: str) -> RunOver | None:
+        """How a run that has nothing after event `after` ended: from that event, when it is the run's terminal
+        one (one event read, the history on or off), else from the history (`GET /api/runs/{id}`, the whole run).
+        None while it runs, and when the service cannot say (its history off, the run not written there yet,
+        no answer, an answer not of the service)."""
+        number = _number(after)
+        if number is not None and number > 0 and (over := await self._ended_with(run_id, number)) is not None:
+            return over
         try:
             async with self.http.get(self.url("api", "runs", run_id)) as response:
                 raw = await _read_whole(response, MAX_RUN_BYTES) if response.status == 200 else None
@@ -164,6 +171,20 @@ class ServiceClient:
             return None
         numbers = [event.get("seq") for event in events if isinstance(event, dict)]
         return RunOver(run, max((number for number in numbers if isinstance(number, int)), default=0))
+
+    async def _ended_with(self, run_id: str, number: int) -> RunOver | None:
+        """The run's end if its event `number` is its terminal event: the events after the one before it."""
+        try:
+            async with asyncio.timeout(ENDED_CHECK_S), self.events_request(run_id, str(number - 1)) as response:
+                if response.status != 200 or response.content_type != "text/event-stream":
+                    return None
+                decoder = SseDecoder()
+                async for piece in response.content.iter_any():
+                    for event in decoder.feed(piece):
+                        return _terminal_over(event, number)
+        except (aiohttp.ClientError, OSError, TimeoutError, EventTooLarge):
+            return None
+        return None
 
     async def cancel(self, run_id: str) -> bool:
         """Ask the service to end a run (it ends with `error` `cancelled`); False if it had already ended."""
@@ -339,7 +360,7 @@ class RunStream:
                     f"{problem} before the run's first event: a detached run may go on there "
                     f"({base}/api/runs lists the runs)"
                 )
-            if clean and not progressed and (over := await self.client.ended(self.run_id)) is not None:
+            if clean and not progressed and (over := await self.client.ended(self.run_id, self.last_id)) is not None:
                 # nothing after the last event asked for, and the run has ended: a re-attach would get nothing either
                 self.ended = True
                 raise over
@@ -500,7 +521,20 @@ async def _read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes | N
     return bytes(body)
 
 
-def _json_body(body: bytes) -> dict[str, Any] | None:
+def _terminal_over(event: StreamedEvent, number: int) -> RunOver | None:
+    """The run's end when `event` is its terminal event numbered `number`, with the status the history gives
+    such a run (`finished`, `cancelled`, `failed`)."""
+    data = _json_body(event.data) if event.id == str(number) else None
+    if data is None or event.name not in ("final", "error"):
+        return None
+    if event.name == "final":
+        return RunOver({"status": "finished", "ready": data.get("ready")}, number)
+    code = data.get("code")
+    error = {"code": code, "message": data.get("message")}
+    return RunOver({"status": "cancelled" if code == "cancelled" else "failed", "error": error}, number)
+
+
+def _json_body(body: bytes | str) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
     except ValueError:
