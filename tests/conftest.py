@@ -127,7 +127,7 @@ def self_signed_certificate(folder: Path, alt_names: str = "DNS:localhost") -> t
 
 def require_tool(name: str, why: str) -> str:
     """The path of a command the test needs: missing, it fails under CI (which installs it) and skips elsewhere."""
-    found = shutil.which(name)
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # (servers, off a user's PATH)
     if found is None:
         message = f"needs the `{name}` command {why} (apt-get install {name})"
         if os.environ.get("CI"):
@@ -597,7 +597,7 @@ def _sockets_to_port(pid: int, port: int) -> int:
     return count
 
 
-def _answers_health(url: str) -> bool:
+def answers_health(url: str) -> bool:
     try:
         return httpx2.get(f"{url}/health", timeout=1).status_code == 200
     except httpx2.TransportError:
@@ -639,7 +639,7 @@ def spawn_server(
         )
 
     try:
-        process, port = start_on_free_port(start, lambda port: _answers_health(f"http://127.0.0.1:{port}"))
+        process, port = start_on_free_port(start, lambda port: answers_health(f"http://127.0.0.1:{port}"))
     except BaseException:
         fake.stop()
         raise

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ROOT_MODEL, SUB_MODEL, RealServer, _answers_health, free_port, spawn_server, wait_until
+from tests.conftest import REPO, ROOT_MODEL, SUB_MODEL, RealServer, answers_health, free_port, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
 from tests.test_hostile import KEY, outputs
 
@@ -107,7 +107,7 @@ def spawn_unprivileged_server(**env_overrides: str) -> Iterator[RealServer]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        if not wait_until(lambda: _answers_health(url), timeout=30):
+        if not wait_until(lambda: answers_health(url), timeout=30):
             raise RuntimeError("the unprivileged server did not start")
         yield RealServer(url, process, fake, home)
     finally:
