@@ -303,3 +303,35 @@ async def test_ending_a_session_cancelled_midway_still_removes_its_workspace() -
     await asyncio.gather(ending, return_exceptions=True)
     await manager.close()
     assert workspace.removed and manager.get("s1") is None
+
+
+def test_a_session_whose_first_run_is_live_is_busy_not_unknown(fake: FakeOpenAI) -> None:
+    """`start` names the session at once: asked about while its first run is live, it is that run's (a follow-up
+    or a delete is refused with 409, as for a follow-up's live run), never a session that does not exist. Old
+    behaviour caught (the attack pass): 404 "it never existed, was deleted, or ended" to all three, until the
+    first run had ended."""
+    hang = script({"code": ["import time\ntime.sleep(60)"]}, {"code": [FINISH.format(expr="1")]})
+    with LiveServer(make_settings(fake)) as server:
+        with (
+            httpx2.Client(timeout=30) as client,
+            client.stream(
+                "POST",
+                f"{server.url}/process",
+                json={"prompt": hang, "input_data": "abc", "settings": {"session": True}},
+            ) as response,
+        ):
+            events = parse_sse(response.iter_lines())
+            start = next(events)
+            run_id, session_id = start.data["run_id"], start.data["session_id"]
+            next(e for e in events if e.event == "code")  # the cell that hangs
+            follow_up = post_process(server.url, json={"prompt": "x", "session_id": session_id})
+            described = httpx2.get(f"{server.url}/api/sessions/{session_id}")
+            deleted = httpx2.delete(f"{server.url}/api/sessions/{session_id}")
+            assert httpx2.post(f"{server.url}/api/runs/{run_id}/cancel").status_code == 202
+            list(events)
+        after = httpx2.get(f"{server.url}/api/sessions/{session_id}")
+    assert follow_up.status_code == 409 and run_id in follow_up.json()["detail"], follow_up.text
+    assert described.status_code == 200, described.text
+    assert described.json()["live_run"] == run_id and described.json()["input"] == {"chars": 3, "lines": 1}
+    assert deleted.status_code == 409 and run_id in deleted.json()["detail"], deleted.text
+    assert after.status_code == 200 and after.json()["runs"] == [run_id] and after.json()["live_run"] is None

@@ -225,11 +225,10 @@ class Fleet:
                 run.cancel("the server process that asked for this follow-up stopped waiting for it")
 
     async def _end_here(self, session_id: str) -> dict[str, Any]:
-        session = self.engine.sessions.get(session_id)
-        if session is None:
+        if (live := self.engine.sessions.live_run(session_id)) is not None:
+            return {"status": 409, "detail": f"run {live} of this session is live; cancel it first"}
+        if self.engine.sessions.get(session_id) is None:
             return {"status": 404, "detail": _no_session(session_id)}
-        if session.live_run is not None:
-            return {"status": 409, "detail": f"run {session.live_run} of this session is live; cancel it first"}
         # not waiting for its worker and files to go: this process's other commands wait meanwhile
         await self.engine.sessions.end(session_id, wait=False)
         return {"status": 204}

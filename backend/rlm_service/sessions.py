@@ -78,6 +78,17 @@ class Session:
         }
 
 
+@dataclass
+class Opening:
+    """A session its first run will keep when it ends, while that run is live: its id is in the run's `start`
+    event already, so a client may ask about it, or follow it up, before the session is kept."""
+
+    run_id: str
+    input_chars: int
+    input_lines: int
+    since: float = field(default_factory=time.time)
+
+
 class SessionDirectory(Protocol):
     """Where the other processes of the instance find this process's sessions (fleet.py)."""
 
@@ -105,6 +116,8 @@ class SessionManager:
         self.directory: SessionDirectory | None = None
         """Set when other processes serve this instance too (fleet.py)."""
         self._sessions: dict[str, Session] = {}
+        self._opening: dict[str, Opening] = {}
+        """The sessions announced by a live first run (`announce`), not yet kept (`add`) or given up (`unreserve`)."""
         self._closing: set[asyncio.Future[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -149,17 +162,20 @@ class SessionManager:
 
     def announce(self, session_id: str, run_id: str, input_chars: int, input_lines: int) -> None:
         """The run `run_id` will keep its REPL as `session_id` (in the room `reserve` made)."""
+        self._opening[session_id] = Opening(run_id, input_chars, input_lines)
         if self.directory is not None:
             self.directory.opened(session_id, run_id, input_chars, input_lines)
 
     def unreserve(self, session_id: str) -> None:
         """The announced session was not kept after all."""
+        self._opening.pop(session_id, None)
         self.capacity.give()
         if self.directory is not None:
             self.directory.ended(session_id)
 
     def add(self, session: Session) -> None:
         """Keep a session, in the room `reserve` made for it."""
+        self._opening.pop(session.id, None)
         self._sessions[session.id] = session
         self._start_sweeper()
         if self.directory is not None:
@@ -168,9 +184,38 @@ class SessionManager:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    def live_run(self, session_id: str) -> str | None:
+        """The live run of a session of this process: a follow-up's, or the first run's while it is live."""
+        session = self._sessions.get(session_id)
+        opening = self._opening.get(session_id)
+        return session.live_run if session is not None else opening.run_id if opening is not None else None
+
+    def describe(self, session_id: str) -> dict[str, object] | None:
+        """A session of this process as `GET /api/sessions/{id}` shows it (one whose first run is live too);
+        None if there is none."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            return session.describe(self.idle_s)
+        opening = self._opening.get(session_id)
+        if opening is None:
+            return None
+        return {
+            "id": session_id,
+            "runs": [],
+            "live_run": opening.run_id,
+            "expires_at": opening.since + self.idle_s,
+            "input": {"chars": opening.input_chars, "lines": opening.input_lines},
+        }
+
     def claim(self, session_id: str, run_id: str) -> Session:
         """The session, marked as running `run_id`; raises `SessionUnavailable` (404, 409)."""
         session = self._sessions.get(session_id)
+        if session is None and (opening := self._opening.get(session_id)) is not None:
+            raise SessionUnavailable(
+                409,
+                f"run {opening.run_id} of session {session_id} is still going (the session is kept when it "
+                "ends); follow it (GET /api/runs/{id}/events) or cancel it first",
+            )
         if session is None:
             raise SessionUnavailable(
                 404,

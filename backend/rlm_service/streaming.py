@@ -428,12 +428,12 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
     async def get_session(request: Request, session_id: str) -> dict[str, Any]:
         """A session: its runs in order, the live one if any, and when it expires if left idle."""
         engine: Engine = request.app.state.engine
-        session = engine.sessions.get(session_id)
-        if session is None and (fleet := _fleet(request)) is not None:
+        described = engine.sessions.describe(session_id)
+        if described is None and (fleet := _fleet(request)) is not None:
             return await in_fleet(fleet.session, session_id)
-        if session is None:
+        if described is None:
             raise HTTPException(404, f"no session {shown_id(session_id)} (it never existed, was deleted, or expired)")
-        return session.describe(engine.sessions.idle_s)
+        return described
 
     @router.delete(
         "/api/sessions/{session_id}",
@@ -444,14 +444,14 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
     async def delete_session(request: Request, session_id: str) -> Response:
         """End a session: its worker is stopped and its workspace (its input included) removed."""
         engine: Engine = request.app.state.engine
+        if (live := engine.sessions.live_run(session_id)) is not None:
+            raise HTTPException(409, f"run {live} of this session is live; cancel it first")
         session = engine.sessions.get(session_id)
         if session is None and (fleet := _fleet(request)) is not None:
             await in_fleet(fleet.end_session, session_id)
             return Response(status_code=204)
         if session is None:
             raise HTTPException(404, f"no session {shown_id(session_id)} (it never existed, was deleted, or expired)")
-        if session.live_run is not None:
-            raise HTTPException(409, f"run {session.live_run} of this session is live; cancel it first")
         await engine.sessions.end(session_id)
         return Response(status_code=204)
 
