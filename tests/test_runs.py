@@ -16,6 +16,7 @@ import pytest
 
 from rlm_service import runs as runs_module
 from rlm_service.controller import Controller, RunOutcome
+from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import (
     AnswerEvent,
     ChildEvent,
@@ -26,6 +27,7 @@ from rlm_service.events import (
     RunUsage,
     ThoughtEvent,
 )
+from rlm_service.inputs import RunInput
 from rlm_service.runner import StartLine
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
@@ -564,3 +566,19 @@ def test_a_run_that_fails_before_its_first_model_request_does_not_hold_up_the_ru
         finally:
             server.server.should_exit = True  # a run still waiting is cancelled, and its stream ends
     assert events[-1].event == "final" and events[-1].data["answer"] == "done"
+
+
+async def test_a_run_cancelled_before_its_task_began_still_ends_with_its_error(fake: FakeOpenAI) -> None:
+    """The server's stop cancels every live run at once (`api.stop_runs`), and a run launched by a request in the
+    same turn of the loop has not begun. Old behaviour caught (the attack pass): its task, cancelled before its
+    first step, never ran the driver: no `error` event (its followers waited for ever), the run stayed live, and
+    the room it had taken for a session was never given back nor used."""
+    async with Engine(make_settings(fake, rlm_max_sessions=1)) as engine:
+        run = engine.launch("x", RunInput.from_text("abc"), RunSettings(session=True))
+        assert run.cancel("the server is stopping")
+        async with asyncio.timeout(30):
+            events = [event async for event in run.follow()]
+        assert [event.type for event in events][-1] == "error"
+        assert events[-1].code == "cancelled" and "the server is stopping" in events[-1].message  # type: ignore[attr-defined]
+        # the session was kept, or its room given back
+        assert engine.runs.live() == [] and engine.sessions.capacity.used == len(engine.sessions)

@@ -19,6 +19,7 @@ that reconnects just after the terminal event still gets it even with history of
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -179,7 +180,14 @@ class LiveRun:
             return False
         if self.cancel_reason is None:
             self.cancel_reason = reason
-        self.task.cancel()
+        coro = self.task.get_coro()
+        if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            # Not begun (launched in this turn of the loop): a task cancelled before its first step never runs its
+            # coroutine, so the driver would neither clean up nor end the run. Its first step is scheduled already,
+            # and callbacks run in the order they were scheduled: the cancel comes right after it.
+            asyncio.get_running_loop().call_soon(self.task.cancel)
+        else:
+            self.task.cancel()
         return True
 
     async def wait(self) -> None:
