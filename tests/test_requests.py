@@ -136,6 +136,14 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
     _given_twice("session_id", (None, "s1")),
     _given_twice("input_data", (None, "text")),
     (
+        # a part with a file name, as some form clients send every field: old behaviour caught (the attack pass):
+        # the session's id became the input file of a new run, and the follow-up was lost without a word
+        "multipart session_id sent as a file part",
+        {"files": {"prompt": (None, "x"), "session_id": ("id.txt", b"s0000000000000000")}},
+        404,
+        "no session 's0000000000000000'",
+    ),
+    (
         "multipart input_file given twice",
         {"files": [("prompt", (None, "x")), ("input_file", ("a", b"1")), ("input_file", ("a", b"1"))]},
         422,

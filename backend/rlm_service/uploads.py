@@ -392,7 +392,9 @@ class _FormReader:
             if name in self._given:
                 raise HTTPException(400, f"the form field {name!r} is given twice; send each field once")
             self._given.add(name)
-        if name in ("input_file", "file") or (filename is not None and name not in ("prompt", "settings")):
+        # a part with a file name is the input file, unless it is one of the text fields (which some form clients
+        # send as file parts too)
+        if name in ("input_file", "file") or (filename is not None and name not in FORM_FIELDS):
             self.files += 1
             if self.files > 1:
                 raise HTTPException(422, "send one input file per request (field input_file)")
