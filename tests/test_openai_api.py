@@ -256,6 +256,9 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
             ],
         )
     assert "only text content" in image.value.message
+    with pytest.raises(openai.BadRequestError) as textless:  # old: "only text content is supported, not a 'text' part"
+        client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": [{"type": "text"}]}])
+    assert "messages[0]: a 'text' part without its 'text' string" in textless.value.message
     assert [m.id for m in client(server).models.list()] == ["rlm"]
 
 

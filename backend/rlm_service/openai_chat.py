@@ -126,9 +126,11 @@ def message_text(message: ChatMessage, number: int) -> str:
         return message.content
     texts = []
     for part in message.content:
-        text = part.text if part.type == "text" else part.refusal if part.type == "refusal" else None
-        if text is None:
+        if part.type not in ("text", "refusal"):
             raise BadConversation(f"messages[{number}]: only text content is supported, not a {part.type!r} part")
+        text = part.text if part.type == "text" else part.refusal
+        if text is None:
+            raise BadConversation(f"messages[{number}]: a {part.type!r} part without its {part.type!r} string")
         texts.append(text)
     return "\n".join(texts)
 
