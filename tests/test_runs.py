@@ -140,8 +140,12 @@ def test_ended_runs_are_served_from_history_after_a_restart(fake: FakeOpenAI, tm
         _, events = stream_run(server.url, json_body={"prompt": "x"})
     with LiveServer(history_settings(fake, tmp_path)) as restarted:
         again = follow(restarted.url, events[0].data["run_id"], after=1)
+        # numbers past what the history's database holds (old behaviour caught, the attack pass: a bare 500)
+        past = follow(restarted.url, events[0].data["run_id"], after=2**64)
+        past_header = follow(restarted.url, events[0].data["run_id"], last_event_id=2**64)
         cancelled = httpx2.post(f"{restarted.url}/api/runs/{events[0].data['run_id']}/cancel")
     assert [e.data for e in again] == [e.data for e in events[1:]]
+    assert past == past_header == []
     assert cancelled.status_code == 409 and "already ended" in cancelled.json()["detail"]
 
 

@@ -174,6 +174,9 @@ SEP = "\n"
 STORED_CHECK_WAIT_S = 5.0
 """How long a question about a run of this process waits for its history's writer to catch up before asking the
 history whether the run was deleted (then it is assumed not)."""
+LAST_EVENT_NUMBER = 2**63 - 1
+"""A client's event number (`?after`, `Last-Event-ID`) is taken as at most this, the largest the history's databases
+hold: any larger one also says the client has every event."""
 SHUTDOWN_GRACE_S = 4.0
 """How long a live stream goes on once the server stops: enough for its run, cancelled, to end with its `error`
 event (also through the database, for a follower of another process's run). After the server's own runs have
@@ -377,7 +380,7 @@ def run_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIRout
         """A run's events from the start (or after `Last-Event-ID` / `?after=N`), then live until it ends."""
         # both say which events the client has; an EventSource opened on `?after=N` reconnects to that same URL
         # with the header of the last event it got, and `?after` alone sent it N+1… again
-        start = max(after or 0, _event_number(last_event_id))
+        start = min(max(after or 0, _event_number(last_event_id)), LAST_EVENT_NUMBER)
         engine: Engine = request.app.state.engine
         run = engine.runs.get(run_id) if valid_run_id(run_id) else None
         fleet = _fleet(request)
