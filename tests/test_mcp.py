@@ -19,6 +19,7 @@ import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 
 from rlm_service import mcp_http
@@ -159,6 +160,18 @@ async def test_over_http_the_token_is_required(http_server: LiveServer) -> None:
     with pytest.raises(Exception):  # noqa: B017 (the SDK wraps the 401 in transport-specific errors)
         async with http_client(http_server, "legacy", token="wrong") as client:
             await client.list_tools()
+
+
+async def test_a_call_too_large_for_mcp_is_refused_with_a_message_the_client_shows(http_server: LiveServer) -> None:
+    """The 413 of a body past /mcp's cap says where large inputs go; the SDK's client shows an error body only when
+    it is a JSON-RPC error. Old behaviour caught (the attack pass): `{"detail": …}` alone, which the host's user saw
+    as "Server returned an error response"."""
+    async with http_client(http_server) as client:
+        with pytest.raises(MCPError) as refused:
+            await client.call_tool("rlm_run", {"prompt": "p", "input_text": "x" * (9 * 2**20)})
+        after = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "abc"})
+    assert "larger than /mcp allows (8,388,608 bytes)" in str(refused.value) and "/process" in str(refused.value)
+    assert answer_text(after) == "3"
 
 
 async def test_a_failed_run_is_a_tool_error_that_says_why(http_server: LiveServer, fake: FakeOpenAI) -> None:

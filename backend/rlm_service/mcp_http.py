@@ -8,19 +8,20 @@ list of hosts would refuse names the service is configured to answer to.
 A POSTed body reaches the SDK only once it has been read like the API's bodies (`_ReadBody`): counted
 against the bodies being read, cut off when it stalls or trickles (408) or passes RLM_MAX_JSON_BYTES (413),
 and refused when it holds more JSON values than any request needs (413), since the SDK parses it on the
-event loop.
+event loop. These refusals, and the token's (401), are JSON-RPC errors, whose message MCP clients show.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import HTTPException
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import INTERNAL_ERROR, INVALID_REQUEST
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -49,6 +50,14 @@ MCP_SESSION_IDLE_S = 1800.0
 a host idle longer must start a new session, which the SDK's own client does not do by itself."""
 
 
+def _refusal(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A request refused before the SDK sees it, as a JSON-RPC error: MCP clients show its message (the SDK's
+    client shows of any other error body only "Server returned an error response"). `detail` too, as the API's
+    refusals have it."""
+    error = {"code": INVALID_REQUEST if status < 500 else INTERNAL_ERROR, "message": detail}
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": error, "detail": detail}, status, headers)
+
+
 class _RequireToken:
     """An ASGI app that lets requests through to `app` only with `Authorization: Bearer <RLM_API_TOKEN>`."""
 
@@ -58,13 +67,11 @@ class _RequireToken:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.token is not None and not bearer_matches(Headers(scope=scope).get("authorization"), self.token):
-            refusal = JSONResponse(
-                {
-                    "detail": "this server needs a token: send 'Authorization: Bearer "
-                    "<RLM_API_TOKEN>' (in an MCP host's configuration: a header)"
-                },
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
+            refusal = _refusal(
+                401,
+                "this server needs a token: send 'Authorization: Bearer <RLM_API_TOKEN>' (in an MCP host's "
+                "configuration: a header)",
+                {"WWW-Authenticate": "Bearer"},
             )
             await refusal(scope, receive, send)
             return
@@ -98,7 +105,7 @@ class _ReadBody:
             with self.slots.reading_body():
                 body = await read_json_bytes(request.stream(), self.limits)
         except HTTPException as exc:
-            await JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)(scope, receive, send)
+            await _refusal(exc.status_code, str(exc.detail), exc.headers)(scope, receive, send)
             return
         delivered = finished = False
 
