@@ -213,6 +213,40 @@ def test_slow_bodies_take_no_run_slot_and_are_cut_off(fake: FakeOpenAI) -> None:
     assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), replies
 
 
+def test_a_request_head_that_never_completes_is_closed_and_served_requests_are_not(tmp_path: Path) -> None:
+    """A connection that sends nothing, one that sends half a head, and one that sends its head a byte at a
+    time (never idle long, never done) are all closed once RLM_BODY_TIMEOUT_S has passed without a whole head,
+    so that idle connections cannot use up the server's file descriptors; a request whose head came in time is
+    not cut however long its run streams, and a kept-alive connection serves its next request. Mutant (uvicorn
+    as it comes): all three stay open, the last while it trickles."""
+    timeout = 1.0
+    with spawn_server(tmp_path, RLM_BODY_TIMEOUT_S=str(timeout)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        idle, half, trickling = (socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3))
+        half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        trickle = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 200
+        trickled, began = 0, time.monotonic()
+        try:
+            while trickled < len(trickle) and time.monotonic() - began < 20:
+                trickling.sendall(trickle[trickled : trickled + 1])
+                trickled += 1
+                time.sleep(0.05)
+        except OSError:  # closed by the server
+            pass
+        closed = [read_reply(sock) for sock in (idle, half, trickling)]
+        for sock in (idle, half, trickling):
+            sock.close()
+        slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": ["answer.update(content='late', ready=True)"]})
+        streamed = stream_run(server.url, json_body={"prompt": slow})
+        with httpx2.Client(timeout=20) as client:
+            first, second = client.get(f"{server.url}/health"), client.get(f"{server.url}/health")
+    assert closed == [b"", b"", b""], closed
+    assert trickled < len(trickle)  # cut while it trickled, not after its head was whole
+    assert streamed[0].status_code == 200 and streamed[1][-1].event == "final"
+    assert streamed[1][-1].data["answer"] == "late"
+    assert first.status_code == second.status_code == 200
+
+
 def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -> None:
     """Mutant caught: CORS `*` by default (any page could read the history)."""
     with (

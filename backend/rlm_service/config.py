@@ -128,7 +128,8 @@ class Settings(BaseSettings):
     process and replica of the service; unset: SQLite at RLM_HISTORY_DB."""
     rlm_body_timeout_s: float = Field(30.0, gt=0)
     """A request body that sends nothing for this long, or arrives slower than RLM_BODY_MIN_RATE after it,
-    is refused with 408."""
+    is refused with 408; a connection whose request head (request line and headers) has not all come this long
+    after it opened, or after the response before it, is closed."""
     rlm_body_min_rate: Size = ByteSize(64 * 1024)
     """Bytes per second a request body must average once RLM_BODY_TIMEOUT_S has passed."""
     rlm_send_timeout_s: float = Field(30.0, gt=0)

@@ -9,6 +9,7 @@ sockets and file descriptors whose ownership uvloop treats differently.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -17,7 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import h11
 from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .capacity import Capacity
 from .config import ENV_FILES, ConfigError, Settings, env_files_found, load_settings
@@ -101,6 +104,44 @@ def drop_stalled_clients(listener: socket.socket | TransportSocket, seconds: flo
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(milliseconds))
 
 
+class RequestHeadDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and headers):
+    `head_timeout_s` after the connection opened, or after the response before it, a connection still
+    waiting for a whole head is closed. uvicorn has none: its keep-alive timer stops at the first byte
+    received, and the app (which times bodies, `uploads`) sees a request only once its head is complete, so a
+    client sending a head a byte at a time, or nothing at all, held its connection (a file descriptor) for as
+    long as it liked, and enough such clients left the server none to accept anyone else with."""
+
+    head_timeout_s = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_deadline: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self.head_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.head_deadline is not None and self.conn.their_state is not h11.IDLE:  # a whole head came
+            self.head_deadline.cancel()
+            self.head_deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # the next request's head (a pipelined one may have come whole already)
+        if self.head_deadline is None and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.head_deadline = self.loop.call_later(self.head_timeout_s, self.head_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+            self.head_deadline = None
+        super().connection_lost(exc)
+
+    def head_late(self) -> None:
+        self.head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
 def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None, **config: Any) -> None:
     """Serve `app` with uvicorn until a signal stops it. The signal goes to the app at once (`stop_runs`), and
     sse-starlette ends the streams still open only after the app's runs have ended (by default it would end them
@@ -130,8 +171,11 @@ def run_uvicorn(app: FastAPI, settings: Settings, sockets: list[socket.socket] |
             if first:
                 stop_runs(app, then=end_streams)
 
+    class Protocol(RequestHeadDeadline):
+        head_timeout_s = settings.rlm_body_timeout_s
+
     options = uvicorn.Config(
-        app, log_level=settings.rlm_log_level, loop="asyncio", timeout_graceful_shutdown=8, **config
+        app, log_level=settings.rlm_log_level, loop="asyncio", http=Protocol, timeout_graceful_shutdown=8, **config
     )
     AppStatus.enable_automatic_graceful_drain = False  # `end_streams` ends them instead
     try:
