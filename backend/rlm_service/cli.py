@@ -197,9 +197,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", help="what to do with the input (with --follow-up: the next question)")
     run.add_argument("--input", "-i", help="the input file ('-' for stdin; stdin is read when piped)")
     # checked here, as the service checks them: without --server, 0 or NaN ended the command with a traceback
-    run.add_argument("--max-iterations", type=_positive)
-    run.add_argument("--max-subcalls", type=_positive)
-    run.add_argument("--exec-timeout", type=_seconds(1), help="seconds per code cell (1 or more)")
+    # they only lower the limits: the server's settings with --server, this command's environment and .env without
+    run.add_argument(
+        "--max-iterations", type=_positive, metavar="N", help="root turns for this run, at most RLM_MAX_ITERATIONS"
+    )
+    run.add_argument(
+        "--max-subcalls", type=_positive, metavar="N", help="sub-LLM calls for this run, at most RLM_MAX_SUBCALLS"
+    )
+    run.add_argument(
+        "--exec-timeout",
+        type=_seconds(1),
+        metavar="SECONDS",
+        help="seconds per code cell (1 or more), at most RLM_EXEC_TIMEOUT_S",
+    )
     run.add_argument("--keep-input", action="store_true", help="keep the input in the run history")
     conversation = run.add_mutually_exclusive_group()
     conversation.add_argument(
