@@ -109,6 +109,8 @@ def test_compose_file_wires_two_replicas_to_postgresql_behind_a_streaming_proxy(
         db_env["POSTGRES_PASSWORD"],
         "/" + db_env["POSTGRES_DB"],
     )
+    # set in the compose file, HOST wins over a .env made from .env.example (127.0.0.1: out of nginx's reach)
+    assert app["environment"]["HOST"] == "0.0.0.0"
     settings = load_settings(_env_file=None, rlm_database_url=url.geturl(), port=app["environment"]["PORT"])
     assert settings.rlm_database_url is not None and settings.history_path is None
 
