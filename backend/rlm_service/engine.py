@@ -111,7 +111,7 @@ def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLi
             continue
         ceiling = getattr(limits, name)
         if value > ceiling:
-            raise SettingsRefused(f"settings.{name} may not exceed the server's {env} ({ceiling:g})")
+            raise SettingsRefused(f"settings.{name} may not exceed {env} ({ceiling:g})")
         setattr(limits, name, value)
     if requested.answer_schema is not None:
         size = len(json.dumps(requested.answer_schema))
