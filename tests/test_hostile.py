@@ -116,6 +116,19 @@ def test_fork_bomb_is_contained(server: RealServer) -> None:
     assert wait_until(lambda: worker_processes(server.pid) == [], timeout=5)
 
 
+def test_a_cell_cannot_hold_more_open_files_than_a_workers_share(server: RealServer) -> None:
+    """A cell that opens descriptors until it cannot gets an error past 1024 (`sandbox.WORKER_OPEN_FILES`), not
+    the server's own limit, which the server raises to its hard limit. Mutant caught: no limit of the worker's
+    own (the cell held as many as the server may: 20,000 here)."""
+    events = server.run(
+        "import os\nheld = []\ntry:\n    while len(held) < 100_000:\n        held.append(os.dup(0))\n"
+        "except OSError as exc:\n    stopped = str(exc)\nanswer.update(content=f'{len(held)} {stopped}', ready=True)"
+    )
+    count, _, reason = events[-1].data["answer"].partition(" ")
+    assert 900 < int(count) < 1024 and "Too many open files" in reason, events[-1].data
+    server.assert_healthy()
+
+
 def test_printing_a_gigabyte_keeps_the_server_flat(server: RealServer) -> None:
     before = server.rss()
     events = server.run("print('x' * 10**9)", "for _ in range(100_000):\n    print('y' * 10_000)")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,6 +246,27 @@ def test_a_request_head_that_never_completes_is_closed_and_served_requests_are_n
     assert streamed[0].status_code == 200 and streamed[1][-1].event == "final"
     assert streamed[1][-1].data["answer"] == "late"
     assert first.status_code == second.status_code == 200
+
+
+def test_a_server_started_with_a_low_limit_of_open_files_takes_hundreds_of_sub_calls_at_once(tmp_path: Path) -> None:
+    """Started with a soft limit of 256 open files (the hard limit left as it is, as many systems start a
+    process with 1024), the server raises it, and a batch of 400 sub-calls at once all come back. Mutant caught:
+    the limit left as it came (the batch's calls past it failed with "Too many open files")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit of open files here ({hard}) is too low to tell")
+    batch = "replies = llm_batch([f'q{i}' for i in range(400)])\nfailed = [r for r in replies if r.startswith('Error')]"
+    with ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        try:
+            server = stack.enter_context(
+                spawn_server(tmp_path, RLM_SUBCALL_CONCURRENCY="400", RLM_MAX_SUBCALLS="400", RLM_MODEL_RETRIES="0")
+            )
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        server.fake.sub_latency = 1.0  # all 400 connections open at once
+        events = server.run(batch, "answer.update(content=f'{len(failed)} failed {failed[:1]}', ready=True)")
+    assert events[-1].event == "final" and events[-1].data["answer"] == "0 failed []", events[-1].data
 
 
 def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import sys
 from asyncio.trsock import TransportSocket
@@ -58,10 +59,25 @@ def configure(**overrides: object) -> Settings:
             Path.cwd(),
         )
     harden_server_process()
+    raise_open_files_limit()
     problem = settings.setup_problem()
     if problem:
         log.warning("%s /health and the UI work; /process answers 503.", problem)
     return settings
+
+
+def raise_open_files_limit() -> None:
+    """Let the server open as many files as its hard limit allows: each stream, sub-call and worker holds
+    descriptors (32 runs of 16 sub-calls each hold 512 connections to the model server alone), and the soft
+    limit many systems start a process with, 1024, is below what the default limits let runs use. The
+    workers get a limit of their own (`sandbox.set_limits`)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (OSError, ValueError) as exc:  # (a hard limit past the kernel's nr_open)
+            log.warning("could not raise the limit of open files from %d: %s", soft, exc)
 
 
 def build_app(settings: Settings, *, runs: Capacity | None = None, sessions: Capacity | None = None) -> FastAPI:

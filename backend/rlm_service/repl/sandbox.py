@@ -78,6 +78,10 @@ class SandboxReport:
 
 
 PR_SET_NAME = 15
+WORKER_OPEN_FILES = 1024
+"""Files (and pipes, and sockets) a worker may hold open at once. Not the server's limit, which it raises to
+its hard limit (`server.raise_open_files_limit`): a run's code would otherwise hold up to that many, kernel
+memory that no other limit counts."""
 
 
 def set_process_name(name: str) -> None:
@@ -182,6 +186,8 @@ def set_limits(options: SandboxOptions, *, own_uid: bool = False) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (options.cpu_seconds, options.cpu_seconds + 5))
     resource.setrlimit(resource.RLIMIT_FSIZE, (options.max_file_bytes, options.max_file_bytes))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    files = min(WORKER_OPEN_FILES, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
     tasks = len(os.listdir("/proc/self/task")) if own_uid else _tasks_of_uid(os.getuid())
     nproc = tasks + 1 + options.processes  # + 1: the channel thread, started after this
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
