@@ -259,6 +259,12 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as textless:  # old: "only text content is supported, not a 'text' part"
         client(server).chat.completions.create(model="rlm", messages=[{"role": "user", "content": [{"type": "text"}]}])
     assert "messages[0]: a 'text' part without its 'text' string" in textless.value.message
+    with pytest.raises(openai.BadRequestError) as yes:  # old: streamed, "yes" taken for true
+        client(server).chat.completions.create(model="rlm", messages=messages, extra_body={"stream": "yes"})
+    assert "stream: Input should be a valid boolean" in yes.value.message
+    with pytest.raises(openai.BadRequestError) as unstreamed:  # old: accepted, the options ignored
+        client(server).chat.completions.create(model="rlm", messages=messages, stream_options={"include_usage": True})
+    assert unstreamed.value.param == "stream_options" and "stream: true" in unstreamed.value.message
     assert [m.id for m in client(server).models.list()] == ["rlm"]
 
 

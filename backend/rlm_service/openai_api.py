@@ -228,6 +228,10 @@ async def _read_chat(request: Request, limits: BodyLimits) -> ChatRequest:
             code="unsupported_value",
             param="n",
         )
+    if chat.stream_options is not None and not chat.stream:
+        raise OpenAIError(
+            400, "stream_options applies only to a stream: send it with stream: true", param="stream_options"
+        )
     return chat
 
 

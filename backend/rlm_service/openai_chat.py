@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic_ai.settings import ModelSettings
 
 from .events import CodeEvent, EventBase, FigureEvent, OutputEvent, StartEvent, ThoughtEvent
@@ -71,7 +71,7 @@ class ResponseFormat(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatRequest(BaseModel):
@@ -81,7 +81,7 @@ class ChatRequest(BaseModel):
 
     model: StrictStr
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False  # (not "yes", nor "false", which lax validation takes for true and false)
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
