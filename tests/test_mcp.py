@@ -39,6 +39,7 @@ from tests.conftest import (
 from tests.fake_openai import FakeOpenAI
 from tests.test_fleet import replicas
 from tests.test_processes import _listening
+from tests.test_runs import start_detached
 
 TOKEN = "mcp-test-token"
 BATCH_THEN_WAIT = script(
@@ -146,6 +147,28 @@ async def test_a_follow_up_with_the_session_id_finds_the_first_runs_variables(ht
         unknown = await client.call_tool("rlm_run", {"prompt": follow_up, "session_id": "no-such-session"})
     assert with_input.is_error and "send no input" in answer_text(with_input)
     assert unknown.is_error and "no-such-session" in answer_text(unknown)
+
+
+async def test_a_call_when_every_session_is_busy_is_answered_without_a_session(fake: FakeOpenAI) -> None:
+    """RLM_MAX_SESSIONS sessions kept, each with a live run: a new call still runs (there are run slots) and
+    says that no session was kept for follow-ups on its answer. Old behaviour (the attack pass): a tool error,
+    "1 sessions are kept (RLM_MAX_SESSIONS) and none is idle; delete one (DELETE /api/sessions/{id})"."""
+    settings = make_settings(fake, rlm_api_token=TOKEN, rlm_max_sessions=1)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with LiveServer(settings) as server:
+        busy = await anyio.to_thread.run_sync(
+            lambda: start_detached(
+                server.url, SLEEPS, until=lambda event: event.event == "code", settings={"session": True}, headers=auth
+            )
+        )
+        async with http_client(server) as client:
+            result = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "abcd"})
+        cancelled = httpx2.post(f"{server.url}/api/runs/{busy[0].data['run_id']}/cancel", headers=auth, timeout=30)
+    assert not result.is_error and answer_text(result) == "4", result
+    assert result.structured_content is not None and "session_id" not in result.structured_content
+    notes = [getattr(block, "text", "") for block in result.content[1:]]
+    assert any("no session was kept for follow-ups" in note and "RLM_MAX_SESSIONS" in note for note in notes), notes
+    assert cancelled.status_code == 202
 
 
 async def test_over_http_the_token_is_required(http_server: LiveServer) -> None:

@@ -76,12 +76,20 @@ def follow(
     return events
 
 
-def start_detached(url: str, prompt: str, *, until: Any) -> list[SseEvent]:
-    """Start a detached run and drop the connection once `until(event)` is true."""
+def start_detached(
+    url: str,
+    prompt: str,
+    *,
+    until: Any,
+    settings: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> list[SseEvent]:
+    """Start a detached run (with more `settings`) and drop the connection once `until(event)` is true."""
     seen: list[SseEvent] = []
+    body = {"prompt": prompt, "settings": {"detach": True, **(settings or {})}}
     with (
-        httpx2.Client(timeout=60) as client,
-        client.stream("POST", f"{url}/process", json={"prompt": prompt, "settings": {"detach": True}}) as response,
+        httpx2.Client(timeout=60, headers=headers) as client,
+        client.stream("POST", f"{url}/process", json=body) as response,
     ):
         for event in parse_sse(response.iter_lines()):
             seen.append(event)

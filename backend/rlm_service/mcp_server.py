@@ -13,7 +13,8 @@ silence. Cancelling the call cancels the run. The resource `rlm://runs` lists re
 Every run keeps its REPL as a session (`settings.session`): the result carries its `session_id`, and a
 call with that `session_id` (and no input) asks a follow-up question on the same input and variables,
 whichever process of the instance the call reaches (the one that keeps the session runs it, `fleet`).
-Sessions end after RLM_SESSION_IDLE_S idle, or when RLM_MAX_SESSIONS would be passed.
+Sessions end after RLM_SESSION_IDLE_S idle, or when RLM_MAX_SESSIONS would be passed. When every session
+kept has a live run, a new call runs without one, and its result says that it cannot be followed up.
 
 The protocol's long-running tasks (`tasks/*`, 2025-11-25) are not offered: SDK 2.3 defines their types
 but does not dispatch them (the 2026-07-28 revision moved them to an extension the SDK does not ship).
@@ -179,9 +180,18 @@ class RlmTools:
             if session_id is None:
                 self.slots.refuse_if_full()  # first: making room may end another process's idle session
                 await self.engine().sessions.make_room()
-            run = self.slots.start(
-                lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
-            )
+            unkept = None
+            try:
+                run = self.slots.start(
+                    lambda: self.engine().launch(prompt, given, RunSettings(session=True), session_id=session_id)
+                )
+            except SessionUnavailable as exc:
+                if session_id is not None or exc.status != 429:
+                    raise
+                # Every session is busy with a run: the answer is what was asked for, a follow-up on it only
+                # an offer, so the call runs without one rather than being refused.
+                run = self.slots.start(lambda: self.engine().launch(prompt, given, RunSettings(session=False)))
+                unkept = f"no session was kept for follow-ups on this answer: {exc}"
         except BaseException as exc:
             given.discard()
             if isinstance(exc, SessionUnavailable):
@@ -195,7 +205,7 @@ class RlmTools:
         finally:
             if not run.ended:
                 run.cancel("the MCP client cancelled the tool call")
-        return result_of(run.events[-1], run.id, run.session_id)
+        return result_of(run.events[-1], run.id, run.session_id, unkept=unkept)
 
     async def _follow_up_elsewhere(
         self, ctx: Context[Any, Any], fleet: Fleet, prompt: str, session_id: str
@@ -275,9 +285,10 @@ def _discard_spooled(spooling: asyncio.Future[RunInput]) -> None:
         spooling.result().discard()
 
 
-def result_of(terminal: Event, run_id: str, session_id: str | None) -> CallToolResult:
+def result_of(terminal: Event, run_id: str, session_id: str | None, *, unkept: str | None = None) -> CallToolResult:
     """The tool's result from the run's terminal event: the final answer (with a note when it was not marked
-    ready); a failed run is a tool error that says why."""
+    ready, and `unkept`, why it has no session, if it has none for that reason); a failed run is a tool error
+    that says why."""
     if isinstance(terminal, ErrorEvent):
         so_far = f"\nThe answer so far:\n{terminal.answer}" if terminal.answer else ""
         raise ToolError(f"The run failed ({terminal.code}): {terminal.message}{so_far}")
@@ -309,6 +320,8 @@ def result_of(terminal: Event, run_id: str, session_id: str | None) -> CallToolR
                 "new prompt, and no input, for a follow-up on the same data)",
             )
         )
+    elif unkept is not None:
+        content.append(TextContent(type="text", text=f"Note: {unkept}"))
     return CallToolResult(content=list(content), structured_content=structured)
 
 
