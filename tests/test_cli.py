@@ -1012,3 +1012,26 @@ def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> No
         assert f"(a {name} event with a field this command cannot read)" in progress, progress
     assert "↳ child (depth 1000000000000) [1] >>> x = 1" in progress, progress
     assert shown.returncode == 0 and shown.stdout.decode() == "session s1\nruns: none yet\n", shown.stderr.decode()
+
+
+def test_json_nested_deeper_than_python_parses_is_said_in_a_line() -> None:
+    """A server whose event, or whose refusal, is JSON nested deeper than Python's parser goes (`json.loads`
+    raises RecursionError, not ValueError): the command ended with a traceback; it now says in a line what
+    it got, as for any event that is not a JSON object or a refusal without a reason."""
+    deep = b'{"a": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    answers = {
+        "POST": (200, "text/event-stream", b"id: 1\nevent: start\ndata: " + deep + b"\n\n"),
+        "GET": (400, "application/json", deep),
+        "DELETE": (400, "application/json", deep),
+    }
+    with canned_server(answers) as url:
+        ran = _cli("run", "task", "--server", url, env=_cli_env())
+        shown = _cli("session", "s1", "--server", url, env=_cli_env())
+        ended = _cli("session", "s1", "--end", "--server", url, env=_cli_env())
+    stderr = ran.stderr.decode()
+    assert ran.returncode == 1 and "Traceback" not in stderr, stderr
+    assert "sent an event whose data is not a JSON object" in stderr, stderr
+    for result in (shown, ended):
+        stderr = result.stderr.decode()
+        assert result.returncode == 2 and "Traceback" not in stderr, stderr
+        assert "the server refused the session (400): no reason given" in stderr, stderr

@@ -497,7 +497,7 @@ def _reason(exc: BaseException) -> str:
 def _json_object(data: str, base: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # nesting deeper than Python's parser goes is no JSON object either
         value = None
     if not isinstance(value, dict):
         raise RunLost(f"{base} sent an event whose data is not a JSON object: {printable(data[:200])!r}")
@@ -537,7 +537,7 @@ def _terminal_over(event: StreamedEvent, number: int) -> RunOver | None:
 def _json_body(body: bytes | str) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested deeper than Python's parser goes: not a body of the service's
         return None
     return parsed if isinstance(parsed, dict) else None
 
