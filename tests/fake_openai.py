@@ -495,6 +495,9 @@ class FakeOpenAI:
         if kind == "malformed":
             await self._respond(writer, 200, b'{"choices": [ this is not json')
             return True
+        if kind == "deep":  # JSON nested deeper than Python's parser goes (a reply, or an error's body)
+            await self._respond(writer, fault.status, b'{"choices": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+            return True
         if kind == "empty_choices":
             payload = {"id": "x", "object": "chat.completion", "choices": []}
             await self._respond(writer, 200, json.dumps(payload).encode())

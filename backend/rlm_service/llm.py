@@ -96,7 +96,7 @@ def _error_detail(raw: bytes, secret: str) -> str:
         message = body.get("error", {}).get("message") if isinstance(body, dict) else None
         if isinstance(message, str):
             text = message
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes: quoted as text
         pass
     return redact(text, secret).strip()[:300]
 
@@ -223,6 +223,8 @@ class ChatClient:
             payload = json.loads(raw)
         except ValueError as exc:
             raise _Retry("the model server sent malformed JSON") from exc
+        except RecursionError as exc:  # raised by Python's parser, unlike the rest of what a reply can be
+            raise _Retry("the model server sent JSON nested too deeply to read") from exc
         return parse(payload)
 
 
