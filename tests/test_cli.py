@@ -21,7 +21,7 @@ import httpx2
 import pytest
 
 from rlm_service.demos import DEMOS, Book, book_records
-from rlm_service.ssereader import SseDecoder, StreamedEvent
+from rlm_service.ssereader import EventTooLarge, SseDecoder, StreamedEvent
 from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script, stream_run
 from tests.fake_openai import FakeOpenAI, HTTPFault
 
@@ -355,6 +355,16 @@ def test_the_decoder_gives_the_same_events_however_the_stream_is_cut() -> None:
     for pieces in cuts:
         decoder = SseDecoder()
         assert [event for piece in pieces for event in decoder.feed(piece)] == expected
+
+
+def test_an_event_of_endless_empty_data_lines_stops_at_the_limit() -> None:
+    """An event's size counts its `data:` lines' ends: a server sending empty `data:` lines without end had the
+    decoder keep one more line each time, past any limit, until the command ran out of memory. Mutant: the
+    size counting only what follows `data:`."""
+    decoder = SseDecoder(max_event_bytes=10_000)
+    with pytest.raises(EventTooLarge, match="larger than 10,000 bytes"):
+        for _ in range(100_000):
+            decoder.feed(b"data:\n" * 10)
 
 
 def test_figures_are_saved_when_asked(fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ class SseDecoder:
         value = value[1:] if value.startswith(" ") else value
         if name == "data":
             self._data.append(value)
-            self._size += len(value)
+            self._size += len(value) + 1  # the line end that joins it: endless empty `data:` lines count too
         elif name == "event":
             self._name = value
         elif name == "id" and "\0" not in value:
