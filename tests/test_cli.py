@@ -357,6 +357,19 @@ def test_the_decoder_gives_the_same_events_however_the_stream_is_cut() -> None:
         assert [event for piece in pieces for event in decoder.feed(piece)] == expected
 
 
+def test_an_event_id_of_more_digits_than_python_converts_is_read() -> None:
+    """A server whose event ids have 5,000 digits (`int()` refuses more than 4,300): the command ended with a
+    traceback at the first event; such an id is now taken as no number and the run is printed."""
+    events = [("start", {"run_id": "r1", "model": "m"}), ("final", {"run_id": "r1", "answer": "ok", "ready": True})]
+    stream = "".join(
+        f"id: {'1' * 5000}{seq}\nevent: {name}\ndata: {json.dumps(data)}\n\n" for seq, (name, data) in enumerate(events)
+    ).encode()
+    with sse_server(200, "text/event-stream", stream) as url:
+        ran = _cli("run", "task", "--server", url, env=_cli_env())
+    stderr = ran.stderr.decode()
+    assert ran.returncode == 0 and ran.stdout.decode() == "ok\n" and "Traceback" not in stderr, stderr
+
+
 def test_an_event_of_endless_empty_data_lines_stops_at_the_limit() -> None:
     """An event's size counts its `data:` lines' ends: a server sending empty `data:` lines without end had the
     decoder keep one more line each time, past any limit, until the command ran out of memory. Mutant: the

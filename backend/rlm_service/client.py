@@ -487,7 +487,12 @@ def _address(url: str) -> str:
 
 
 def _number(event_id: str) -> int | None:
-    return int(event_id) if event_id.isascii() and event_id.isdigit() else None
+    if not (event_id.isascii() and event_id.isdigit()):
+        return None
+    try:
+        return int(event_id)
+    except ValueError:  # more digits than Python converts (4300): no event number of the service's
+        return None
 
 
 def _reason(exc: BaseException) -> str:
