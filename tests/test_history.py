@@ -247,6 +247,25 @@ def test_history_off_answers_404(live: LiveServer) -> None:
     assert response.status_code == 404 and "RLM_HISTORY_DB" in response.json()["detail"]
 
 
+def test_a_history_file_deleted_while_the_server_runs_is_said_and_runs_go_on(tmp_path: Path, fake: FakeOpenAI) -> None:
+    """The history's file deleted under a running server: every history read answered 500 (the read made a new,
+    empty file and failed on its missing tables); it now answers 503 naming the file and what to do, makes no
+    file, and runs go on. Mutant: `_read` connecting without `mode=rw`."""
+    db = tmp_path / "h.sqlite3"
+    body = {"prompt": script({"code": [FINISH]}), "input_data": "abc"}
+    with LiveServer(make_settings(fake, rlm_history_db=str(db))) as server:
+        assert stream_run(server.url, json_body=body)[1][-1].event == "final"
+        run_id = httpx2.get(f"{server.url}/api/runs").json()["runs"][0]["id"]
+        for path in tmp_path.glob("h.sqlite3*"):
+            path.unlink()
+        for route in ("", f"/{run_id}", f"/{run_id}/export?format=md"):
+            response = httpx2.get(f"{server.url}/api/runs{route}")
+            assert response.status_code == 503, (route, response.text)
+            assert f"{db} is gone" in response.json()["detail"] and "restart the server" in response.json()["detail"]
+        assert not db.exists()
+        assert stream_run(server.url, json_body=body)[1][-1].event == "final"
+
+
 def test_a_cancelled_run_is_recorded_as_cancelled(tmp_path: Path, fake: FakeOpenAI) -> None:
     settings = make_settings(fake, rlm_history_db=str(tmp_path / "h.sqlite3"))
     with LiveServer(settings) as server:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .migrations import migrate_sqlite
-from .store import KeptInput, RunBudget, valid_run_id
+from .store import KeptInput, RunBudget, StoreUnavailable, valid_run_id
 from .store_sql import SqlRunStore
 from .storewriter import Db, Job
 
@@ -158,7 +158,20 @@ class SqliteRunStore(SqlRunStore):
 
     @contextmanager
     def _read(self, *, snapshot: bool = False) -> Iterator[Db]:
-        with closing(sqlite3.connect(self.path, timeout=READ_TIMEOUT_S, isolation_level=None)) as connection:
+        # Opened, never created (`mode=rw`): for a file deleted while the server runs, a new one would be an empty
+        # database, whose missing tables fail every read.
+        try:
+            opened = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode=rw", uri=True, timeout=READ_TIMEOUT_S, isolation_level=None
+            )
+        except sqlite3.OperationalError:
+            if self.path.exists():
+                raise
+            raise StoreUnavailable(
+                f"the run history cannot be read: its file {self.path} is gone (deleted while the server runs); "
+                "restart the server to start a new one"
+            ) from None
+        with closing(opened) as connection:
             if snapshot:
                 connection.execute("BEGIN")
             yield SqliteDb(connection)
