@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,9 +64,10 @@ def _cli_env(fake: FakeOpenAI | None = None, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def canned_server(answers: dict[str, tuple[int, str, bytes]]) -> Iterator[str]:
+def canned_server(answers: dict[str, tuple[int, str, bytes]], *, pause_s: float = 0.0) -> Iterator[str]:
     """A plain HTTP server that answers each method it is given (POST, GET, DELETE) with that status, content
-    type and body as they are (any line endings), then closes the connection."""
+    type and body as they are (any line endings), then closes the connection. With `pause_s`, the body's
+    first 20 bytes are sent, then the rest that long after, as a network may deliver a body in pieces."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -87,6 +89,11 @@ def canned_server(answers: dict[str, tuple[int, str, bytes]]) -> Iterator[str]:
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if pause_s:
+                self.wfile.write(body[:20])
+                self.wfile.flush()
+                time.sleep(pause_s)
+                body = body[20:]
             self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
@@ -997,6 +1004,22 @@ def test_what_a_service_says_is_printed_inertly(tmp_path: Path) -> None:
     assert f"session {shown}: ask more" in results[0].stderr.decode()
     assert f"live run: {shown}" in results[1].stdout.decode()
     assert f"run {shown} of session {shown} is still going" in results[2].stderr.decode()
+
+
+def test_answers_that_arrive_in_pieces_are_read_whole() -> None:
+    """A session's description, or a refusal, whose body the network delivers in two pieces: the command read
+    only what had arrived (one `read(n)`), found no JSON in it, and said the server refused the session with
+    a 200, or refused the run giving no reason. Mutant: one `read` of the body."""
+    described = {"id": "s1", "runs": ["r1", "r2"], "expires_at": 2e9, "input": {"chars": 3, "lines": 1}}
+    answers = {
+        "GET": (200, "application/json", json.dumps(described).encode()),
+        "POST": (422, "application/json", json.dumps({"detail": "prompt: must not be empty"}).encode()),
+    }
+    with canned_server(answers, pause_s=0.5) as url:
+        shown = _cli("session", "s1", "--server", url, env=_cli_env())
+        ran = _cli("run", "task", "--server", url, env=_cli_env())
+    assert shown.returncode == 0 and shown.stdout.decode().startswith("session s1\nruns: r1, r2\n"), shown
+    assert ran.returncode == 2 and "(422 Unprocessable Entity): prompt: must not be empty" in ran.stderr.decode(), ran
 
 
 def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> None:

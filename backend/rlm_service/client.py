@@ -225,7 +225,7 @@ class ServiceClient:
         """A short request's status and JSON body; a connection failure is a `Refused` that says so."""
         try:
             async with self.http.request(method, url) as response:
-                body = _json_body(await response.content.read(MAX_REFUSAL_BYTES))
+                body = _json_body(await _read_up_to(response, MAX_REFUSAL_BYTES))
                 yield response.status, body
         except aiohttp.ClientConnectorError as exc:
             raise Refused(self.unreachable(exc)) from None
@@ -397,7 +397,7 @@ class RunStream:
                 f"{url} answered with {printable(response.content_type)}, not an event "
                 f"stream: {_not_the_service(client.base)}"
             )
-        raw = await response.content.read(MAX_REFUSAL_BYTES)
+        raw = await _read_up_to(response, MAX_REFUSAL_BYTES)
         body = _json_body(raw)
         if self.answered:  # a re-attach
             if response.status in RETRY_STATUSES:
@@ -513,6 +513,15 @@ def _not_the_service(base: str) -> str:
     path = urlsplit(base).path
     hint = f" without the path {path!r}" if path else ""
     return f"is {base} the RLM service? Give its base address{hint}, e.g. http://127.0.0.1:8000."
+
+
+async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first `limit` bytes, all of it if shorter, however many reads it takes: one `read(n)` returns
+    what has arrived so far, which for a body the network delivers in pieces is the start of its JSON."""
+    body = bytearray()
+    while len(body) < limit and (piece := await response.content.read(limit - len(body))):
+        body += piece
+    return bytes(body)
 
 
 async def _read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
