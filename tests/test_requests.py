@@ -123,6 +123,12 @@ CATALOGUE: list[tuple[str, dict[str, Any], int, str]] = [
     ),
     ("multipart settings not JSON", {"files": {"prompt": (None, "x"), "settings": (None, "{bad")}}, 422, "settings"),
     ("multipart settings a list", {"files": {"prompt": (None, "x"), "settings": (None, "[1]")}}, 422, "settings"),
+    (
+        "multipart settings nested too deeply",
+        {"files": {"prompt": (None, "x"), "settings": (None, "[" * 50_000 + "]" * 50_000)}},
+        422,
+        "settings: must be a JSON object",
+    ),
     ("multipart without prompt", {"files": {"settings": (None, "{}")}}, 422, "prompt"),
     ("multipart empty prompt", {"files": {"prompt": (None, "")}}, 422, "prompt"),
     (

@@ -457,7 +457,7 @@ async def read_multipart(
         fields = {name: value.decode("utf-8", "replace") for name, value in reader.fields.items()}
         try:
             settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
             raise HTTPException(422, 'settings: must be a JSON object, e.g. {"max_iterations": 5}') from None
         data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
         request = _validate(data, limits)
