@@ -194,6 +194,10 @@ def test_history_api(tmp_path: Path, fake: FakeOpenAI) -> None:
         as_json = client.get(f"/api/runs/{ids[1]}/export").json()
         assert as_json["events"] == run["events"]
         assert client.get(f"/api/runs/{ids[1]}/export", params={"format": "pdf"}).status_code == 422
+        for bad in ("nan", "inf"):  # old: 200, no run from SQLite and every run from PostgreSQL for nan
+            refused = client.get("/api/runs", params={"before": bad})
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["detail"][0]["loc"] == ["query", "before"], refused.text
         assert client.get(f"/api/runs/{ids[3]}/input").text == "keep me"
         assert client.get(f"/api/runs/{ids[1]}/input").status_code == 404
         assert client.delete(f"/api/runs/{ids[1]}").status_code == 204

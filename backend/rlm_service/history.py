@@ -61,7 +61,8 @@ def history_router() -> APIRouter:
     async def list_runs(
         request: Request,
         limit: int = Query(20, ge=1, le=200),
-        before: float | None = Query(None, description="`next_before` of the previous page"),
+        # finite only: NaN placed no page, and each database read it its own way (SQLite none, PostgreSQL every run)
+        before: float | None = Query(None, allow_inf_nan=False, description="`next_before` of the previous page"),
         before_id: str | None = Query(
             None, max_length=64, description="`next_before_id` of the previous page (with `before`)"
         ),
