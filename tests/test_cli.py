@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from rlm_service import client as client_module
 from rlm_service.demos import DEMOS, Book, book_records
 from rlm_service.ssereader import EventTooLarge, SseDecoder, StreamedEvent
 from tests.conftest import REPO, LiveServer, free_port, make_settings, parse_sse, script, stream_run
@@ -1020,6 +1022,31 @@ def test_answers_that_arrive_in_pieces_are_read_whole() -> None:
         ran = _cli("run", "task", "--server", url, env=_cli_env())
     assert shown.returncode == 0 and shown.stdout.decode().startswith("session s1\nruns: r1, r2\n"), shown
     assert ran.returncode == 2 and "(422 Unprocessable Entity): prompt: must not be empty" in ran.stderr.decode(), ran
+
+
+async def test_an_answer_trickled_without_end_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that answers a session's description with a byte every 50 ms, without end: reading it whole
+    (up to its 64 KiB) would hold the command for about an hour, each byte resetting the read timeout; the
+    answer's reading is bounded as a whole (ANSWER_S), and the command says there was no answer."""
+    monkeypatch.setattr(client_module, "ANSWER_S", 1.0)
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n")
+        with contextlib.suppress(OSError):
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with asyncio.timeout(30), client_module.ServiceClient(url, None) as client:
+            with pytest.raises(client_module.Refused, match=r"no answer from .*TimeoutError"):
+                await client.session("s1")
+    finally:
+        server.close()
 
 
 def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> None:

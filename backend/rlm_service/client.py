@@ -39,6 +39,8 @@ RETRY_DELAYS_S = (0.0, 0.5, 1.0, 2.0, 4.0)
 MAX_RUN_BYTES = 64 * 1024**2
 """What is read of a run as the history has it (`GET /api/runs/{id}`, every event included) to learn how it ended;
 a larger one is taken as a run the service cannot say about."""
+ANSWER_S = 60.0
+"""How long reading a short answer (a session, a refusal's reason) may take, however its bytes trickle in."""
 ENDED_CHECK_S = 10.0
 """How long reading a run's terminal event (to learn how the run ended) may take."""
 
@@ -519,8 +521,9 @@ async def _read_up_to(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body's first `limit` bytes, all of it if shorter, however many reads it takes: one `read(n)` returns
     what has arrived so far, which for a body the network delivers in pieces is the start of its JSON."""
     body = bytearray()
-    while len(body) < limit and (piece := await response.content.read(limit - len(body))):
-        body += piece
+    async with asyncio.timeout(ANSWER_S):  # a server trickling bytes would otherwise hold the command forever
+        while len(body) < limit and (piece := await response.content.read(limit - len(body))):
+            body += piece
     return bytes(body)
 
 
