@@ -5,7 +5,6 @@
 
 /** Incremental parser: feed it text in any pieces; it calls onEvent({event, data, id}) per message. */
 export function createSseParser(onEvent) {
-  let buffer = "";
   let name = "";
   let data = [];
   let lastId = "";
@@ -30,25 +29,32 @@ export function createSseParser(onEvent) {
     else if (field === "data") data.push(value);
     else if (field === "id" && !value.includes("\0")) lastId = value;
   };
+  // The pieces of a line not yet ended, joined once it ends: appended to one string and scanned again at each
+  // piece, a large event (a 4 Mi-character answer in 16 KiB pieces) would take time quadratic in its size,
+  // seconds in which the page does not respond.
+  let pending = [];
+  let skipLf = false;  // the last piece ended in "\r": a "\n" opening the next one belongs to it
   return {
     push(text) {
-      buffer += text;
-      let start = 0;
+      if (!text) return;  // a piece cut inside a character decodes to nothing: a "\r" before it still pairs
+      if (skipLf && text.startsWith("\n")) text = text.slice(1);
+      skipLf = false;
       const eol = /\r\n|\r|\n/g;
-      for (;;) {
-        eol.lastIndex = start;
-        const found = eol.exec(buffer);
-        // A "\r" at the very end may be the first half of "\r\n": wait for the next piece.
-        if (!found || (found[0] === "\r" && found.index === buffer.length - 1)) break;
-        line(buffer.slice(start, found.index));
-        start = found.index + found[0].length;
+      let start = 0;
+      for (let found = eol.exec(text); found; found = eol.exec(text)) {
+        pending.push(text.slice(start, found.index));
+        const whole = pending.join("");
+        pending = [];
+        start = eol.lastIndex;
+        skipLf = found[0] === "\r" && start === text.length;
+        line(whole);
       }
-      buffer = buffer.slice(start);
+      if (start < text.length) pending.push(text.slice(start));
     },
     /** The stream ended: a line cut short, or a message without its blank line, is dropped. */
     end() {
-      if (buffer.endsWith("\r")) line(buffer.slice(0, -1));
-      buffer = "";
+      pending = [];
+      skipLf = false;
       name = "";
       data = [];
     },
