@@ -190,6 +190,22 @@ def test_an_uploaded_file_keeps_its_name(fake: FakeOpenAI, tmp_path: Path) -> No
     assert [run["input_name"] for run in reversed(listed)] == list(names.values())
 
 
+def test_an_input_that_is_not_a_regular_file_is_said_to_be_one(tmp_path: Path) -> None:
+    """`--input` naming a directory or a pipe (as `--input <(zcat data.gz)` gives): the command said "no such
+    file" of a path that exists; it now says what the path is and how to give such input."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    missing = tmp_path / "missing.txt"
+    for path, said in (
+        (tmp_path, "is not a regular file (a directory, a pipe or a device)"),
+        (fifo, "is not a regular file (a directory, a pipe or a device)"),
+        (missing, "no such file"),
+    ):
+        result = _cli("run", "task", "--input", str(path), env=_cli_env())
+        stderr = result.stderr.decode()
+        assert result.returncode == 2 and said in stderr and str(path) in stderr, stderr
+
+
 @pytest.mark.parametrize("mode", ["engine", "server"])
 def test_an_input_file_that_cannot_be_read_is_said_in_a_line(fake: FakeOpenAI, mode: str) -> None:
     """An input file the command may not read (`--input /var/log/syslog` without the permission): it ended with

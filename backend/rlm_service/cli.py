@@ -43,6 +43,11 @@ def _read_input(path: str | None, *, stdin_is_input: bool = True) -> tuple[str |
         return None, None
     file = Path(path)
     if not file.is_file():
+        if file.exists():  # a directory, a pipe (`--input <(zcat data.gz)`) or a device: not "no such file"
+            raise Refused(
+                f"{path} is not a regular file (a directory, a pipe or a device): give a file, or pipe the input to "
+                "the command's standard input (--input -)"
+            )
         raise Refused(f"no such file: {path}")
     try:  # a file the command may not read (its permissions) ended it with a traceback, or, with --server, was
         with open(file, "rb") as handle:  # blamed on the server ("no answer from ...")
