@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -1040,11 +1040,9 @@ def test_answers_that_arrive_in_pieces_are_read_whole() -> None:
     assert ran.returncode == 2 and "(422 Unprocessable Entity): prompt: must not be empty" in ran.stderr.decode(), ran
 
 
-async def test_an_answer_trickled_without_end_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A server that answers a session's description with a byte every 50 ms, without end: reading it whole
-    (up to its 64 KiB) would hold the command for about an hour, each byte resetting the read timeout; the
-    answer's reading is bounded as a whole (ANSWER_S), and the command says there was no answer."""
-    monkeypatch.setattr(client_module, "ANSWER_S", 1.0)
+@contextlib.asynccontextmanager
+async def trickling_server() -> AsyncIterator[str]:
+    """A server that answers every request with a JSON body of a byte every 50 ms, for over an hour."""
 
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -1056,13 +1054,29 @@ async def test_an_answer_trickled_without_end_is_given_up_on(monkeypatch: pytest
                 await asyncio.sleep(0.05)
 
     server = await asyncio.start_server(trickle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
-        async with asyncio.timeout(30), client_module.ServiceClient(url, None) as client:
-            with pytest.raises(client_module.Refused, match=r"no answer from .*TimeoutError"):
-                await client.session("s1")
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+
+
+async def test_an_answer_trickled_without_end_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that answers a session's description with a byte every 50 ms, without end: reading it whole
+    (up to its 64 KiB) would hold the command for about an hour, each byte resetting the read timeout; the
+    answer's reading is bounded as a whole (ANSWER_S), and the command says there was no answer."""
+    monkeypatch.setattr(client_module, "ANSWER_S", 1.0)
+    async with trickling_server() as url, asyncio.timeout(30), client_module.ServiceClient(url, None) as client:
+        with pytest.raises(client_module.Refused, match=r"no answer from .*TimeoutError"):
+            await client.session("s1")
+
+
+async def test_a_run_record_trickled_without_end_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How a run ended, asked of the history (`GET /api/runs/{id}`) when its stream ends with nothing new: a
+    server trickling that answer held `attach` for as long as it liked; the reading is bounded as a whole
+    (ANSWER_S), after which the service is taken as unable to say (None), as for any answer it cannot give."""
+    monkeypatch.setattr(client_module, "ANSWER_S", 1.0)
+    async with trickling_server() as url, asyncio.timeout(30), client_module.ServiceClient(url, None) as client:
+        assert await client.ended("r1", "0") is None
 
 
 def test_fields_of_other_types_than_the_service_sends_are_said_in_a_line() -> None:

@@ -40,7 +40,8 @@ MAX_RUN_BYTES = 64 * 1024**2
 """What is read of a run as the history has it (`GET /api/runs/{id}`, every event included) to learn how it ended;
 a larger one is taken as a run the service cannot say about."""
 ANSWER_S = 60.0
-"""How long reading a short answer (a session, a refusal's reason) may take, however its bytes trickle in."""
+"""How long reading an answer (a session, a refusal's reason, a run as the history has it) may take, however its
+bytes trickle in."""
 ENDED_CHECK_S = 10.0
 """How long reading a run's terminal event (to learn how the run ended) may take."""
 
@@ -531,10 +532,11 @@ async def _read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes | N
     """The whole body, however many reads it takes (`read(n)` returns what has arrived so far); None past
     `limit` bytes."""
     body = bytearray()
-    async for piece in response.content.iter_any():
-        body += piece
-        if len(body) > limit:
-            return None
+    async with asyncio.timeout(ANSWER_S):  # a server trickling bytes would otherwise hold the command forever
+        async for piece in response.content.iter_any():
+            body += piece
+            if len(body) > limit:
+                return None
     return bytes(body)
 
 
