@@ -495,6 +495,10 @@ class FakeOpenAI:
         if kind == "malformed":
             await self._respond(writer, 200, b'{"choices": [ this is not json')
             return True
+        if kind == "string_error":  # the error as a string, as Hugging Face's TGI and Ollama's own API send it
+            body = json.dumps({"error": f"injected HTTP {fault.status}", "error_type": "injected"}).encode()
+            await self._respond(writer, fault.status, body)
+            return True
         if kind == "deep":  # JSON nested deeper than Python's parser goes (a reply, or an error's body)
             await self._respond(writer, fault.status, b'{"choices": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
             return True

@@ -38,6 +38,7 @@ TRANSIENT_SUB_FAULTS = [
     {"kind": "malformed"},
     {"kind": "deep", "status": 200},
     {"kind": "deep", "status": 503},
+    {"kind": "string_error", "status": 503},
     {"kind": "empty_choices"},
     {"kind": "null_content"},
     {"kind": "cut_stream"},
@@ -70,6 +71,17 @@ async def test_sub_call_that_keeps_failing_becomes_an_error_slot(fake: FakeOpenA
     assert [line.startswith("Error: ") for line in final.answer.splitlines()] == [True] * 3
     progress = [e for e in events if e.type == "subcalls"][-1]
     assert progress.done == progress.total == progress.failed == 3
+
+
+async def test_an_error_given_as_a_string_is_quoted(fake: FakeOpenAI) -> None:
+    """A model server whose error body is `{"error": "<message>"}` (Hugging Face's TGI, Ollama's own API), not
+    OpenAI's `{"error": {"message": ...}}`: reading it raised AttributeError, so the sub-call's slot said
+    `Error: AttributeError: 'str' object has no attribute 'get'`; the message is now quoted as it is."""
+    fake.inject("string_error", role="sub", status=400, count=1)
+    events = await run(fake, batch_prompt())
+    lines = events[-1].answer.splitlines()
+    quoted = "Error: HTTP 400 from the model server: injected HTTP 400"
+    assert sum(line.startswith(quoted) for line in lines) == 1, lines
 
 
 async def test_one_bad_sub_call_keeps_the_others(fake: FakeOpenAI) -> None:
@@ -105,6 +117,8 @@ async def test_root_fault_is_retried(fake: FakeOpenAI, fault: dict[str, Any]) ->
         ({"kind": "malformed"}, "model_unavailable", 2),
         ({"kind": "deep", "status": 200}, "model_unavailable", 2),
         ({"kind": "deep", "status": 500}, "model_unavailable", 2),
+        ({"kind": "string_error", "status": 401}, "auth", 1),
+        ({"kind": "string_error", "status": 500}, "model_unavailable", 2),
         ({"kind": "empty_choices"}, "model_unavailable", 2),
         ({"kind": "cut_stream"}, "model_unavailable", 2),
         ({"kind": "trickle"}, "model_unavailable", 2),

@@ -93,7 +93,9 @@ def _error_detail(raw: bytes, secret: str) -> str:
     text = raw.decode("utf-8", "replace")
     try:
         body = json.loads(text)
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        error = body.get("error") if isinstance(body, dict) else None
+        # OpenAI's `{"error": {"message": ...}}`, or the message itself (Hugging Face's TGI, Ollama's own API)
+        message = error.get("message") if isinstance(error, dict) else error
         if isinstance(message, str):
             text = message
     except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes: quoted as text
