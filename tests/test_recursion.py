@@ -161,6 +161,23 @@ async def test_a_cost_budget_spent_by_a_root_reply_holds_for_the_cell_it_asks_fo
     assert events[-1].type == "final" and events[-1].cost_usd > 0.001
 
 
+@pytest.mark.parametrize(
+    "reported", [float("nan"), float("inf"), -1.0, 10**400], ids=["nan", "inf", "negative", "past-a-float"]
+)
+async def test_a_reported_cost_that_cannot_be_one_is_not_counted(fake: FakeOpenAI, reported: float) -> None:
+    """An endpoint whose replies report a cost that is not a finite amount of 0 or more (NaN, which Python's
+    JSON parser reads, infinity, a negative amount, an integer past what a float holds): the run's cost became
+    NaN or negative, never at the budget, so RLM_MAX_COST_USD stopped nothing (the sub-calls were made), or
+    infinite, or the run ended with error internal (OverflowError). Such a cost is now taken as not reported,
+    and RLM_PRICES price the reply."""
+    fake.cost_per_token = reported
+    prompt = script({"code": ["print(llm_batch(['a', 'b']))"]}, {"code": ["answer.update(content='x', ready=True)"]})
+    events = await run(fake, prompt, rlm_max_cost_usd=0.001, rlm_prices={"root-model": [1000.0, 1000.0]})
+    output = next(e for e in events if e.type == "output")
+    assert output.stdout.count("cost budget is spent") == 2 and fake.stats.sub_requests == 0
+    assert events[-1].type == "final" and 0.001 < events[-1].cost_usd < 1e9
+
+
 async def test_spent_cost_stops_the_children_and_tells_the_root(fake: FakeOpenAI) -> None:
     child = nested("Work.", *[{"code": [f"x_{i} = llm_query('more {i}')"]} for i in range(10)])
     prompt = script(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import random
 import ssl
 import time
@@ -114,9 +115,17 @@ def first_choice(payload: Any) -> dict[str, Any]:
 
 
 def reported_cost(usage: Any) -> float | None:
-    """The cost in USD a reply's `usage` object reports, when the endpoint reports one (OpenRouter does)."""
+    """The cost in USD a reply's `usage` object reports, when the endpoint reports one (OpenRouter does). Only a
+    finite amount of 0 or more is one: NaN (which Python's JSON parser reads) or a negative amount would leave the
+    run's cost below RLM_MAX_COST_USD for good, and infinity would end every run at once."""
     cost = usage.get("cost") if isinstance(usage, dict) else None
-    return float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) else None
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool):
+        return None
+    try:
+        amount = float(cost)
+    except OverflowError:  # an integer past what a float holds (JSON numbers have no bound)
+        return None
+    return amount if math.isfinite(amount) and amount >= 0 else None
 
 
 def parse_completion(payload: Any) -> Completion:
