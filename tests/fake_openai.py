@@ -21,7 +21,7 @@ needs, whatever the machine's speed). With `tls`, it speaks HTTPS. With `loose` 
 the looser shape some compatible servers send: a `null` `created`, no `finish_reason`, an unknown
 `service_tier`; with `call_id` set, every tool call of a reply carries that id (as a careless server might).
 With `cost_per_token` set, each reply reports its cost in USD as OpenRouter does
-(`usage.cost`).
+(`usage.cost`); `usage_fields` replace fields of every reply's `usage` (counts of another type, say).
 """
 
 from __future__ import annotations
@@ -190,6 +190,7 @@ class FakeOpenAI:
         self.loose = False
         self.call_id: str | None = None
         self.cost_per_token: float | None = None
+        self.usage_fields: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -400,6 +401,7 @@ class FakeOpenAI:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if self.cost_per_token is not None:
             usage["cost"] = usage["total_tokens"] * self.cost_per_token
+        usage.update(self.usage_fields)
         finish = "tool_calls" if message.get("tool_calls") else "stop"
         if request.get("stream"):
             await self._stream(writer, request, message, usage, finish)

@@ -84,6 +84,20 @@ async def test_an_error_given_as_a_string_is_quoted(fake: FakeOpenAI) -> None:
     assert sum(line.startswith(quoted) for line in lines) == 1, lines
 
 
+@pytest.mark.parametrize(
+    "count", ["n/a", float("inf"), [1], -5, 2.5], ids=["text", "inf", "list", "negative", "fraction"]
+)
+async def test_token_counts_of_another_type_leave_the_replies_whole(fake: FakeOpenAI, count: Any) -> None:
+    """Replies whose `usage` counts are not whole numbers of 0 or more (text, Infinity, a list, a negative or
+    fractional number): a sub-call's reply was lost to `Error: ValueError` (or TypeError, OverflowError) and a
+    negative count lowered the run's usage; such a count is now read as 0, as the root model's are, and the
+    replies are whole."""
+    fake.usage_fields = {"prompt_tokens": count, "completion_tokens": count}
+    final = (await run(fake, batch_prompt()))[-1]
+    assert final.type == "final" and final.answer.count("sub-model reply") == 3, final
+    assert final.usage.sub.requests == 3 and final.usage.sub.input_tokens == final.usage.sub.output_tokens == 0
+
+
 async def test_one_bad_sub_call_keeps_the_others(fake: FakeOpenAI) -> None:
     fake.inject("status", role="sub", status=400, count=1)
     events = await run(fake, batch_prompt())

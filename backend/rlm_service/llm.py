@@ -128,6 +128,12 @@ def reported_cost(usage: Any) -> float | None:
     return amount if math.isfinite(amount) and amount >= 0 else None
 
 
+def token_count(value: object) -> int:
+    """A reply's count of tokens when it is one (a whole number of 0 or more), else 0: the count is the endpoint's
+    word, and one of another type must not cost the reply."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def parse_completion(payload: Any) -> Completion:
     """Pull the reply text and usage out of a chat-completions response body."""
     choice = first_choice(payload)
@@ -141,8 +147,8 @@ def parse_completion(payload: Any) -> Completion:
     usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
     return Completion(
         text=str(content),
-        input_tokens=int(usage.get("prompt_tokens") or 0),
-        output_tokens=int(usage.get("completion_tokens") or 0),
+        input_tokens=token_count(usage.get("prompt_tokens")),
+        output_tokens=token_count(usage.get("completion_tokens")),
         cost=reported_cost(usage),
     )
 

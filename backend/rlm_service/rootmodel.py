@@ -35,7 +35,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RequestUsage
 
 from .config import Settings
-from .llm import ChatClient, first_choice, reported_cost
+from .llm import ChatClient, first_choice, reported_cost, token_count
 
 REPORTED_COST = "reported_cost"
 """The key of `ModelResponse.provider_details` that holds the cost in USD the endpoint reported."""
@@ -157,8 +157,8 @@ class ChatCompletionsModel(Model):
             )
         usage_data = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
         usage = RequestUsage(
-            input_tokens=_count(usage_data.get("prompt_tokens")),
-            output_tokens=_count(usage_data.get("completion_tokens")),
+            input_tokens=token_count(usage_data.get("prompt_tokens")),
+            output_tokens=token_count(usage_data.get("completion_tokens")),
         )
         cost = reported_cost(usage_data)
         usage.cost = Decimal(str(cost)) if cost is not None else Decimal(0)
@@ -181,10 +181,6 @@ _FINISH_REASONS: dict[str, Any] = {
     "content_filter": "content_filter",
     "function_call": "tool_call",
 }
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _request_messages(message: ModelRequest) -> list[dict[str, Any]]:
