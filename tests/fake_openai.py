@@ -21,7 +21,8 @@ needs, whatever the machine's speed). With `tls`, it speaks HTTPS. With `loose` 
 the looser shape some compatible servers send: a `null` `created`, no `finish_reason`, an unknown
 `service_tier`; with `call_id` set, every tool call of a reply carries that id (as a careless server might).
 With `cost_per_token` set, each reply reports its cost in USD as OpenRouter does
-(`usage.cost`); `usage_fields` replace fields of every reply's `usage` (counts of another type, say).
+(`usage.cost`); `usage_fields` replace fields of every reply's `usage` (counts of another type, say), and
+`message_fields[role]` fields of every root or sub reply's message.
 """
 
 from __future__ import annotations
@@ -191,6 +192,7 @@ class FakeOpenAI:
         self.call_id: str | None = None
         self.cost_per_token: float | None = None
         self.usage_fields: dict[str, Any] = {}
+        self.message_fields: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -394,6 +396,7 @@ class FakeOpenAI:
             await self._respond(writer, fault.status, json.dumps({"error": {"message": str(fault)}}).encode())
             return True
         message = self._message(text, code, tools=bool(request.get("tools")))
+        message.update(self.message_fields.get(role, {}))
         for call in message.get("tool_calls", []) if self.call_id is not None else []:
             call["id"] = self.call_id
         prompt_tokens = sum(_tokens(json.dumps(m.get("content") or "")) for m in messages)

@@ -98,6 +98,27 @@ async def test_token_counts_of_another_type_leave_the_replies_whole(fake: FakeOp
     assert final.usage.sub.requests == 3 and final.usage.sub.input_tokens == final.usage.sub.output_tokens == 0
 
 
+async def test_content_parts_without_text_are_left_out(fake: FakeOpenAI) -> None:
+    """Replies whose content comes in parts, some with a `text` that is not a string (null, a number): a
+    sub-call's reply was lost to `Error: TypeError`, and the root model's prose read `None…`; the parts with
+    text make the reply, the others are left out."""
+    parts = [{"type": "text", "text": None}, {"type": "text", "text": 5}, {"type": "text", "text": "part"}]
+    fake.message_fields = {"sub": {"content": parts}}
+    final = (await run(fake, batch_prompt()))[-1]
+    assert final.type == "final" and final.answer.splitlines() == ["part"] * 3, final
+    fake.message_fields = {"root": {"content": [{"type": "text", "text": None}, {"type": "text", "text": "prose"}]}}
+    events = await run(fake, batch_prompt(), rlm_max_iterations=1)
+    assert [e.text for e in events if e.type == "thought"] == ["prose"], events
+
+
+async def test_tool_calls_that_are_not_a_list_are_no_calls(fake: FakeOpenAI) -> None:
+    """A root reply whose `tool_calls` is not a list (a number): the run ended with error internal (TypeError:
+    'int' object is not iterable); the reply is read as one without calls, as one whose calls are malformed."""
+    fake.message_fields = {"root": {"tool_calls": 5, "content": "no code"}}
+    events = await run(fake, batch_prompt(), rlm_max_iterations=2)
+    assert events[-1].type == "final" and events[-1].note, events[-1]
+
+
 async def test_one_bad_sub_call_keeps_the_others(fake: FakeOpenAI) -> None:
     fake.inject("status", role="sub", status=400, count=1)
     events = await run(fake, batch_prompt())

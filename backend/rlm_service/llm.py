@@ -134,13 +134,19 @@ def token_count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def content_text(content: Any) -> Any:
+    """A message's content, its parts joined when it comes in parts (some servers send a list): only the parts'
+    texts that are strings, since a part may carry none (an image) or a null."""
+    if not isinstance(content, list):
+        return content
+    return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+
+
 def parse_completion(payload: Any) -> Completion:
     """Pull the reply text and usage out of a chat-completions response body."""
     choice = first_choice(payload)
     message = choice.get("message") or {}
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, list):  # some servers send content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    content = content_text(message.get("content")) if isinstance(message, dict) else None
     if content is None:
         reason = choice.get("finish_reason")
         raise _Retry(f"the model returned no content (finish_reason: {reason})")

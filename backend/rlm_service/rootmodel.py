@@ -35,7 +35,7 @@ from pydantic_ai.settings import ModelSettings
 from pydantic_ai.usage import RequestUsage
 
 from .config import Settings
-from .llm import ChatClient, first_choice, reported_cost, token_count
+from .llm import ChatClient, content_text, first_choice, reported_cost, token_count
 
 REPORTED_COST = "reported_cost"
 """The key of `ModelResponse.provider_details` that holds the cost in USD the endpoint reported."""
@@ -128,16 +128,15 @@ class ChatCompletionsModel(Model):
         message = first_choice(payload).get("message")
         message = message if isinstance(message, dict) else {}
         parts: list[ModelResponsePart] = []
-        content = message.get("content")
-        if isinstance(content, list):  # some servers send content parts
-            content = "".join(str(item.get("text", "")) for item in content if isinstance(item, dict))
+        content = content_text(message.get("content"))
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if isinstance(reasoning, str) and reasoning:
             parts.append(ThinkingPart(content=reasoning))
         if isinstance(content, str) and content:
             parts.append(TextPart(content=content))
         ids: set[str] = set()
-        for index, call in enumerate(message.get("tool_calls") or []):
+        calls = message.get("tool_calls")
+        for index, call in enumerate(calls if isinstance(calls, list) else []):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 continue
