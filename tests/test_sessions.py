@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +205,14 @@ def test_the_history_groups_a_sessions_runs(fake: FakeOpenAI, tmp_path: Path) ->
     assert one["session_id"] == first[0].data["session_id"]
 
 
+@contextmanager
+def streamed_session_run(url: str, prompt: str, input_data: str) -> Iterator[Iterator[SseEvent]]:
+    """A run that keeps its session, its events read as they come while the block runs."""
+    body = {"prompt": prompt, "input_data": input_data, "settings": {"session": True}}
+    with httpx2.Client(timeout=30) as client, client.stream("POST", f"{url}/process", json=body) as response:
+        yield parse_sse(response.iter_lines())
+
+
 def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(fake: FakeOpenAI) -> None:
     """The page starts every run in a session, and its Stop must still stop a cell that hangs. Mutant caught:
     WorkerRepl.execute letting the cancellation through without killing the worker (the cell sleeps on in the
@@ -210,15 +220,7 @@ def test_cancelling_a_question_mid_cell_stops_the_cell_and_the_session_goes_on(f
     fake.record = True
     hang = script({"code": ["import os\nprint(os.getpid(), flush=True)"]}, {"code": ["import time\ntime.sleep(60)"]})
     with LiveServer(make_settings(fake)) as server:
-        with (
-            httpx2.Client(timeout=30) as client,
-            client.stream(
-                "POST",
-                f"{server.url}/process",
-                json={"prompt": hang, "input_data": "abcdef", "settings": {"session": True}},
-            ) as response,
-        ):
-            events = parse_sse(response.iter_lines())
+        with streamed_session_run(server.url, hang, "abcdef") as events:
             start = next(events)
             output = next(e for e in events if e.event == "output")
             next(e for e in events if e.event == "code")  # the second cell, which hangs
@@ -312,15 +314,7 @@ def test_a_session_whose_first_run_is_live_is_busy_not_unknown(fake: FakeOpenAI)
     first run had ended."""
     hang = script({"code": ["import time\ntime.sleep(60)"]}, {"code": [FINISH.format(expr="1")]})
     with LiveServer(make_settings(fake)) as server:
-        with (
-            httpx2.Client(timeout=30) as client,
-            client.stream(
-                "POST",
-                f"{server.url}/process",
-                json={"prompt": hang, "input_data": "abc", "settings": {"session": True}},
-            ) as response,
-        ):
-            events = parse_sse(response.iter_lines())
+        with streamed_session_run(server.url, hang, "abc") as events:
             start = next(events)
             run_id, session_id = start.data["run_id"], start.data["session_id"]
             next(e for e in events if e.event == "code")  # the cell that hangs
