@@ -149,6 +149,35 @@ def test_a_markdown_export_loads_nothing_from_elsewhere_whatever_the_models_wrot
     assert "https://evil.example/a?d=secret" in report  # shown, as a link's address, not loaded
 
 
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "  ```\n```\n![x](https://evil.example/a)",  # an indented fence opens, an unindented one closes
+        "```\n    ```\n```\n![x](https://evil.example/b)",  # four spaces: content, not a closing fence
+        "```\n```\r![x](https://evil.example/c)\n```",  # a lone carriage return ends a line
+        "x\n\t```\n```\n![x](https://evil.example/d)",  # in a child's quote a tab is two columns: a fence
+        "```\n\t```\n```\n![x](https://evil.example/e)",  # and at the top four: content, not a closing fence
+        "\\![x](https://evil.example/f)",  # the backslash before it is escaped itself, not the `!`
+        "\\\\![x](https://evil.example/g)",
+    ],
+)
+def test_a_markdown_export_reads_code_blocks_and_escapes_as_a_renderer_does(hostile: str) -> None:
+    """Where the export's reading of a fence or an escape differs from CommonMark's, prose it leaves raw as
+    code must not be prose to a renderer: each text, as prose, an answer, or a child's output or error,
+    loads no image. Old behaviour (the review): each of these was an image in the report."""
+    events = [
+        _start("r1").model_dump(mode="json"),
+        {"type": "thought", "iteration": 1, "text": hostile},
+        {"type": "child", "depth": 1, "event": "error", "data": {"code": "internal", "message": hostile}},
+        {"type": "child", "depth": 1, "event": "output", "data": {"stdout": "a\r" + hostile, "error": None}},
+    ]
+    record = run_record("r1", 1000.0, prompt=hostile)
+    record.answer = hostile
+    tokens = MarkdownIt().parse(export_markdown(record, events))
+    inline = [child for token in tokens for child in token.children or []]
+    assert [child.attrGet("src") for child in inline if child.type == "image"] == []
+
+
 def test_a_running_run_is_not_deleted(store_factory: Callable[..., SqlRunStore]) -> None:
     """A run still running (here, or in another process of the history) is refused with `RunStillLive` and kept;
     once it has ended it is deleted. Mutant caught: the delete without its status check (the run was deleted

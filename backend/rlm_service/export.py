@@ -27,10 +27,18 @@ def _fenced(kind: str, text: object) -> Lines:
     return [f"{fence}{kind}", body, fence, ""]
 
 
-_FENCE = re.compile(r"(?:(`{3,})[^`]*|(~{3,}).*)$")
-"""A fence that opens a code block at the start of a line (a backtick fence's info string has no backtick)."""
+_LINE_END = re.compile(r"\r\n|\r|\n")
+"""CommonMark's line endings: a renderer takes a lone carriage return for one too."""
+_FENCE_LINE = re.compile(r"([ \t]*)(`{3,}|~{3,})(.*)")
+"""A line that may open or close a code block: its indentation, its fence, and what follows."""
 _TAG = re.compile(r"<(?=[A-Za-z/!?])")
 """Where raw HTML (a tag, a comment, a declaration) would begin."""
+_IMAGE = re.compile(r"(?<!\\)((?:\\\\)*)!\[")
+"""An image's `![`, after an even number of backslashes (which escape one another, not the `!`)."""
+
+
+def _prose(line: str) -> str:
+    return _IMAGE.sub(r"\1\\![", _TAG.sub("&lt;", line))
 
 
 def _inert(text: object, *, inline: bool = False) -> str:
@@ -40,22 +48,31 @@ def _inert(text: object, *, inline: bool = False) -> str:
     cannot send the input out from a Markdown viewer. Code in fenced blocks is left as written; inline code
     shows those two escapes (where a code span ends is not safely known without a whole CommonMark parser).
     `inline`: the text goes on after something else on its first line, which therefore opens no block."""
-    # Where this reading and a renderer's differ, it must take code for prose, never prose for code: only an
-    # unindented fence opens a block here (an indented one may belong to a list item, which a later unindented
-    # line ends, and the block with it), any line of its fence's character alone closes it, and a block left
-    # open is closed, so that the next section of the report starts outside any block.
+    # A block this reading and a renderer's disagree on would leave prose raw, so each fence line is read as
+    # CommonMark reads it or made no fence at all: only an unindented fence opens a block (an indented one may
+    # belong to a list item, which a later unindented line ends, and its block with it; so an indented one is
+    # escaped, `\```, and opens nothing anywhere); a block closes on its fence's character, at least as many,
+    # indented 0-3 spaces, with nothing after but spaces and tabs (a tab in that indentation is escaped too:
+    # inside a child's quote, `> `, it counts as fewer columns than at the start of a line); lines end where a
+    # renderer ends them; and a block left open is closed, so that the next section of the report starts
+    # outside any block.
     lines, fence = [], ""
-    for number, line in enumerate(str(text).split("\n")):
+    for number, line in enumerate(_LINE_END.split(str(text))):
+        shape = _FENCE_LINE.fullmatch(line)
         if fence:
-            closing = line.strip()
-            if closing.startswith(fence) and set(closing) == {fence[0]}:
-                fence = ""
+            if shape and shape[2][0] == fence[0] and len(shape[2]) >= len(fence) and not shape[3].strip(" \t"):
+                if "\t" in shape[1]:
+                    line = f"{shape[1]}\\{shape[2]}{shape[3]}"
+                elif len(shape[1]) <= 3:
+                    fence = ""
             lines.append(line)
-        elif (opening := _FENCE.match(line)) and not (inline and number == 0):
-            fence = opening.group(1) or opening.group(2)
+        elif shape and shape[1]:
+            lines.append(_prose(f"{shape[1]}\\{shape[2]}{shape[3]}"))
+        elif shape and not (inline and number == 0) and (shape[2][0] == "~" or "`" not in shape[3]):
+            fence = shape[2]
             lines.append(line)
         else:
-            lines.append(_TAG.sub("&lt;", line).replace("![", "\\!["))
+            lines.append(_prose(line))
     if fence:
         lines.append(fence)
     return "\n".join(lines)
@@ -118,7 +135,7 @@ def _child(event: dict[str, Any]) -> Lines:
     title = f"**Child run, depth {event.get('depth')}** ({kind}):"
     # every line of the quote marked, those inside an item too: an unmarked one would end the quote and the code
     # block in it, and a child's output would go on as the report's own Markdown
-    lines = "\n".join([title, "", *inner]).split("\n")
+    lines = _LINE_END.split("\n".join([title, "", *inner]))
     return [f"> {line}" if line else ">" for line in lines] + [""]
 
 
