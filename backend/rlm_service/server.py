@@ -19,7 +19,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import h11
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -132,19 +131,29 @@ class RequestHeadDeadline(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.head_deadline: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self.head_late)
+        self.head_deadline: asyncio.TimerHandle | None = None
+        self.await_head()
+
+    def await_head(self) -> None:
+        """Close the connection unless the head of a request after the current one (`scope`, which uvicorn
+        makes anew for each head, upgrades too) has come whole within `head_timeout_s`. After a response the
+        wait starts at once, whatever h11's state: a response sent before its request's body was read (404,
+        413, 401) leaves the rest of that body to come before the next head, within the same time."""
+        self.head_after = self.scope
+        self.head_deadline = self.loop.call_later(self.head_timeout_s, self.head_late)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.head_deadline is not None and self.conn.their_state is not h11.IDLE:  # a whole head came
+        if self.head_deadline is not None and self.scope is not self.head_after:  # a whole head came
             self.head_deadline.cancel()
             self.head_deadline = None
 
     def on_response_complete(self) -> None:
+        answered = self.scope
         super().on_response_complete()
-        # the next request's head (a pipelined one may have come whole already)
-        if self.head_deadline is None and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self.head_deadline = self.loop.call_later(self.head_timeout_s, self.head_late)
+        # unless a pipelined request's head had come whole already
+        if self.head_deadline is None and self.scope is answered and not self.transport.is_closing():
+            self.await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_deadline is not None:
@@ -154,7 +163,7 @@ class RequestHeadDeadline(H11Protocol):
 
     def head_late(self) -> None:
         self.head_deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self.scope is self.head_after and not self.transport.is_closing():
             self.transport.close()
 
 
