@@ -214,6 +214,20 @@ def test_slow_bodies_take_no_run_slot_and_are_cut_off(fake: FakeOpenAI) -> None:
     assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), replies
 
 
+def send_a_byte_at_a_time(sock: socket.socket, data: bytes) -> int:
+    """Send `data` a byte every 50 ms until all is sent, the server closes the connection, or 20 s have passed;
+    how many bytes went."""
+    sent, began = 0, time.monotonic()
+    try:
+        while sent < len(data) and time.monotonic() - began < 20:
+            sock.sendall(data[sent : sent + 1])
+            sent += 1
+            time.sleep(0.05)
+    except OSError:  # closed by the server
+        pass
+    return sent
+
+
 def test_a_request_head_that_never_completes_is_closed_and_served_requests_are_not(tmp_path: Path) -> None:
     """A connection that sends nothing, one that sends half a head, and one that sends its head a byte at a
     time (never idle long, never done) are all closed once RLM_BODY_TIMEOUT_S has passed without a whole head,
@@ -226,14 +240,7 @@ def test_a_request_head_that_never_completes_is_closed_and_served_requests_are_n
         idle, half, trickling = (socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3))
         half.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         trickle = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 200
-        trickled, began = 0, time.monotonic()
-        try:
-            while trickled < len(trickle) and time.monotonic() - began < 20:
-                trickling.sendall(trickle[trickled : trickled + 1])
-                trickled += 1
-                time.sleep(0.05)
-        except OSError:  # closed by the server
-            pass
+        trickled = send_a_byte_at_a_time(trickling, trickle)
         closed = [read_reply(sock) for sock in (idle, half, trickling)]
         for sock in (idle, half, trickling):
             sock.close()
@@ -281,12 +288,8 @@ def test_the_head_after_a_response_sent_before_its_body_was_read_has_a_deadline_
             sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 10\r\n\r\n12345")
             reply = read_reply(sock)
             trickle = b"67890GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 200
-            trickled, began = 0, time.monotonic()
+            trickled = send_a_byte_at_a_time(sock, trickle)
             try:
-                while trickled < len(trickle) and time.monotonic() - began < 20:
-                    sock.sendall(trickle[trickled : trickled + 1])
-                    trickled += 1
-                    time.sleep(0.05)
                 closed = read_reply(sock)
             except OSError:  # closed by the server (reset: the bytes sent last were not read)
                 closed = b""
