@@ -503,11 +503,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def _json_object(data: str, base: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):  # nesting deeper than Python's parser goes is no JSON object either
-        value = None
-    if not isinstance(value, dict):
+    value = _json_body(data)
+    if value is None:
         raise RunLost(f"{base} sent an event whose data is not a JSON object: {printable(data[:200])!r}")
     return value
 
@@ -556,7 +553,7 @@ def _terminal_over(event: StreamedEvent, number: int) -> RunOver | None:
 def _json_body(body: bytes | str) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
-    except (ValueError, RecursionError):  # nested deeper than Python's parser goes: not a body of the service's
+    except (ValueError, RecursionError):  # nested deeper than Python's parser goes: no JSON object either
         return None
     return parsed if isinstance(parsed, dict) else None
 
