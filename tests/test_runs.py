@@ -28,6 +28,7 @@ from rlm_service.events import (
     ThoughtEvent,
 )
 from rlm_service.inputs import RunInput
+from rlm_service.repl.workspace import instance_directory
 from rlm_service.runner import StartLine
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
@@ -594,3 +595,24 @@ async def test_a_run_cancelled_before_its_task_began_still_ends_with_its_error(f
         assert events[-1].code == "cancelled" and "the server is stopping" in events[-1].message  # type: ignore[attr-defined]
         # the session was kept, or its room given back
         assert engine.runs.live() == [] and engine.sessions.capacity.used == len(engine.sessions)
+
+
+async def test_a_run_cancelled_again_while_it_cleans_up_still_removes_its_files(fake: FakeOpenAI) -> None:
+    """A user who presses stop twice, or a cancel that meets the client's disconnect, asks for a second cancel
+    while the run's first one is still being carried out. Old behaviour caught: the second cancel interrupted the
+    run's clean-up, and its directory, with the user's input in it, stayed on disk until the server stopped (seen
+    with two `POST /api/runs/{id}/cancel` a millisecond apart, most tries)."""
+    hang = script({"code": ["import time\ntime.sleep(60)"]})
+    async with Engine(make_settings(fake)) as engine:
+        instance = instance_directory()
+        run = engine.launch(hang, RunInput.from_text("private input"), RunSettings())
+        async with asyncio.timeout(30):
+            async for event in run.follow():
+                if event.type == "code":
+                    break
+            assert [path.name for path in instance.iterdir() if path.name.startswith("run-")]
+            while not run.ended:  # a cancel at every turn of the loop until the run has ended
+                assert run.cancel("pressed again")
+                await asyncio.sleep(0)
+            await run.wait()
+        assert [path.name for path in instance.iterdir() if path.name.startswith("run-")] == []

@@ -178,8 +178,11 @@ class LiveRun:
         """Stop the run; it ends with an `error` event, code `cancelled`. False if it had already ended."""
         if self.ended or self.task is None:
             return False
-        if self.cancel_reason is None:
-            self.cancel_reason = reason
+        if self.cancel_reason is not None:
+            # Asked already (a second press of stop, a cancel meeting the client's disconnect): the run is ending,
+            # and cancelling its task again would interrupt its clean-up (the worker, the files with its input).
+            return True
+        self.cancel_reason = reason
         coro = self.task.get_coro()
         if inspect.iscoroutine(coro) and inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             # Not begun (launched in this turn of the loop): a task cancelled before its first step never runs its
