@@ -270,6 +270,8 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
     assert len(described["runs"]) == 3 and described["live_run"] is None
     assert deleted.status_code == 204 and gone_here.status_code == 404 and gone_there.status_code == 404
     assert unknown.status_code == 404
+    # worded as one process words it, with the idle time configured
+    assert "ended after 1800 s idle (RLM_SESSION_IDLE_S)" in unknown.json()["detail"]
 
 
 def test_a_session_ended_through_another_replica_is_answered_while_its_files_are_still_being_removed(

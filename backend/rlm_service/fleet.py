@@ -35,8 +35,8 @@ from .events import Event, is_terminal
 from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listener, StoreFollower, Wakeups
 from .pulse import Pulse
 from .runs import LiveRun
-from .sessions import Session, SessionUnavailable
-from .store import StoreUnavailable, off_loop, shown_id
+from .sessions import Session, SessionUnavailable, no_session
+from .store import StoreUnavailable, off_loop
 from .store_postgres import PostgresRunStore
 from .store_sql import SqlRunStore
 from .storewriter import Db
@@ -228,7 +228,7 @@ class Fleet:
         if (live := self.engine.sessions.live_run(session_id)) is not None:
             return {"status": 409, "detail": f"run {live} of this session is live; cancel it first"}
         if self.engine.sessions.get(session_id) is None:
-            return {"status": 404, "detail": _no_session(session_id)}
+            return {"status": 404, "detail": no_session(session_id, self.idle_s)}
         # not waiting for its worker and files to go: this process's other commands wait meanwhile
         await self.engine.sessions.end(session_id, wait=False)
         return {"status": 204}
@@ -362,7 +362,7 @@ class Fleet:
             self.store.query, lambda db: sql.find_session(db, dialect, session_id, self.pulse.dead_after_s)
         )
         if row is None:
-            raise SessionUnavailable(404, _no_session(session_id))
+            raise SessionUnavailable(404, no_session(session_id, self.idle_s))
         if row.gone is not None or row.owner is None or not row.owner_alive:
             why = row.gone or "the server process that kept it died"
             raise SessionUnavailable(
@@ -522,10 +522,3 @@ def _sibling(host: str, pid: int) -> bool:
             return int(stat.read().rsplit(b")", 1)[1].split()[1]) == os.getppid()
     except (OSError, ValueError, IndexError):
         return False
-
-
-def _no_session(session_id: str) -> str:
-    return (
-        f"no session {shown_id(session_id)}: it never existed, was deleted, or ended after its idle time "
-        "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session"
-    )

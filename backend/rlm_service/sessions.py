@@ -38,6 +38,14 @@ class SessionUnavailable(Exception):
         self.status = status
 
 
+def no_session(session_id: str, idle_s: float) -> str:
+    """Why a session is not there, in the same words whichever process or store answers."""
+    return (
+        f"no session {shown_id(session_id)}: it never existed, was deleted, or ended after {idle_s:g} s idle "
+        "(RLM_SESSION_IDLE_S); start a new run with the input and settings.session"
+    )
+
+
 @dataclass
 class Turn:
     """One question of a session and how it ended."""
@@ -217,12 +225,7 @@ class SessionManager:
                 "ends); follow it (GET /api/runs/{id}/events) or cancel it first",
             )
         if session is None:
-            raise SessionUnavailable(
-                404,
-                f"no session {shown_id(session_id)}: it never existed, was deleted, or ended "
-                f"after {self.idle_s:g} s idle (RLM_SESSION_IDLE_S); start a new run "
-                "with the input and settings.session",
-            )
+            raise SessionUnavailable(404, no_session(session_id, self.idle_s))
         if session.live_run is not None:
             raise SessionUnavailable(
                 409,
