@@ -265,6 +265,10 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as unstreamed:  # old: accepted, the options ignored
         client(server).chat.completions.create(model="rlm", messages=messages, stream_options={"include_usage": True})
     assert unstreamed.value.param == "stream_options" and "stream: true" in unstreamed.value.message
+    for huge in ({"max_tokens": 10**23}, {"seed": 2**64}):  # old: accepted, the run failed at its first request
+        with pytest.raises(openai.BadRequestError) as too_large:
+            client(server).chat.completions.create(model="rlm", messages=messages, extra_body=huge)
+        assert f"{next(iter(huge))}: Input should be less than or equal to" in too_large.value.message
     assert [m.id for m in client(server).models.list()] == ["rlm"]
 
 

@@ -86,9 +86,11 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    # bounded as model servers read them (llama.cpp and vLLM take 32- and 64-bit integers): a larger number is
+    # refused here rather than failing the run at its first model request
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     response_format: ResponseFormat | None = None
 
     def model_settings(self) -> ModelSettings:
