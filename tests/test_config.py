@@ -175,10 +175,12 @@ def test_a_history_file_that_cannot_be_one_fails_at_start_with_one_line(tmp_path
     assert text.read_text() == "not a database\n"
 
 
-def test_several_processes_on_a_port_in_use_fail_with_one_line(tmp_path: Path) -> None:
-    """WEB_CONCURRENCY=2 on a port another program holds (or a HOST that is no address): the supervisor ended
-    with a 13-line traceback (OSError: Address already in use), where one process gets uvicorn's one line.
-    Mutant: `serve_processes` without its `except OSError`."""
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_port_in_use_fails_with_one_line_naming_host_and_port(tmp_path: Path, processes: str) -> None:
+    """A port another program holds (or a HOST that is no address): with WEB_CONCURRENCY=2 the supervisor ended
+    with a 13-line traceback (OSError: Address already in use); one process started the app, then ended with
+    uvicorn's line, which named neither HOST nor PORT. Mutants: `serve_processes` without its `except OSError`;
+    `serve` without `check_address`."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -186,7 +188,10 @@ def test_several_processes_on_a_port_in_use_fail_with_one_line(tmp_path: Path) -
         result = subprocess.run(
             [sys.executable, str(MAIN)],
             env=clean_env(
-                WEB_CONCURRENCY="2", RLM_HISTORY_DB=str(tmp_path / "h.sqlite3"), OPENAI_MODEL_NAME="m", PORT=str(port)
+                WEB_CONCURRENCY=processes,
+                RLM_HISTORY_DB=str(tmp_path / "h.sqlite3"),
+                OPENAI_MODEL_NAME="m",
+                PORT=str(port),
             ),
             capture_output=True,
             text=True,

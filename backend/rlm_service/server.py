@@ -105,7 +105,26 @@ def serve(settings: Settings, app: FastAPI) -> None:
 
         serve_processes(settings, processes)
         return
+    try:
+        check_address(settings.host, settings.port)
+    except OSError as exc:  # one line naming them, as with several processes (uvicorn's named neither)
+        log.error("cannot listen on %s:%s (HOST, PORT): %s", settings.host, settings.port, exc)
+        raise SystemExit(1) from None
     run_uvicorn(app, settings, host=settings.host, port=settings.port)
+
+
+def check_address(host: str, port: int) -> None:
+    """Raise OSError when uvicorn could not listen on `host`:`port` (a port in use, a HOST that is no address of
+    this machine): each address the host names is bound as asyncio binds it, then let go. uvicorn found out only
+    after the app's startup, and said so in a line that named neither variable."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
 
 
 def drop_stalled_clients(listener: socket.socket | TransportSocket, seconds: float) -> None:
