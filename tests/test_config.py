@@ -175,6 +175,26 @@ def test_a_history_file_that_cannot_be_one_fails_at_start_with_one_line(tmp_path
     assert text.read_text() == "not a database\n"
 
 
+def test_a_database_that_cannot_be_reached_fails_at_start_with_one_line() -> None:
+    """RLM_DATABASE_URL naming a port where no PostgreSQL listens: the app's startup waited for it (30 s), then
+    ended the start with a 40-line traceback of its lifespan. Mutant: `configure` without `reach_problem`."""
+    result = subprocess.run(
+        [sys.executable, str(MAIN)],
+        env=clean_env(
+            RLM_DATABASE_URL=f"postgresql://rlm:hunter2@127.0.0.1:{free_port()}/rlm",
+            OPENAI_MODEL_NAME="m",
+            PORT=str(free_port()),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Configuration error: RLM_DATABASE_URL: the database cannot be reached: "), result.stderr
+    assert "hunter2" not in result.stderr
+
+
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_a_port_in_use_fails_with_one_line_naming_host_and_port(tmp_path: Path, processes: str) -> None:
     """A port another program holds (or a HOST that is no address): with WEB_CONCURRENCY=2 the supervisor ended

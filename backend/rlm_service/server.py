@@ -17,7 +17,7 @@ import sys
 from asyncio.trsock import TransportSocket
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -40,11 +40,15 @@ def configure(**overrides: object) -> Settings:
             if problem := location_problem(settings.history_path):
                 raise ConfigError(f"RLM_HISTORY_DB: {problem}; set it to a file that can be written, or to off")
     except ConfigError as exc:
-        print(f"Configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        bad_configuration(exc)
     logging.basicConfig(level=settings.rlm_log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai"):  # one line per request would drown the one line per run
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if settings.rlm_database_url is not None:  # after the logging's set-up: the wait for the database is logged
+        from .store_postgres import reach_problem
+
+        if problem := reach_problem(settings.rlm_database_url.get_secret_value()):
+            bad_configuration(problem)
     read = env_files_found()
     if read:
         log.info(
@@ -63,6 +67,12 @@ def configure(**overrides: object) -> Settings:
     if problem:
         log.warning("%s /health and the UI work; /process answers 503.", problem)
     return settings
+
+
+def bad_configuration(problem: object) -> NoReturn:
+    """End the start with status 2 and one line on stderr."""
+    print(f"Configuration error: {problem}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def raise_open_files_limit() -> None:

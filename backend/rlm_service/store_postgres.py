@@ -230,6 +230,17 @@ def _connect_at_start(url: str, wait_s: float) -> psycopg.Connection[tuple[Any, 
             time.sleep(1.0)
 
 
+def reach_problem(url: str, wait_s: float = START_WAIT_S) -> str | None:
+    """Why the history cannot be kept at `url`: the database cannot be reached within `wait_s` (a wrong host, port,
+    name or password); None once it can. Checked at start, before the server's app starts (whose store, failing
+    there, ended the start with a traceback of its lifespan)."""
+    try:
+        with _connect_at_start(url, wait_s):
+            return None
+    except StoreUnavailable as exc:
+        return str(exc)
+
+
 def _announce(db: Db, run_ids: list[str]) -> None:
     """In the writer's transaction: which runs have new events (delivered when it commits)."""
     notify(db, "postgresql", EVENTS_CHANNEL, run_ids)
