@@ -316,6 +316,41 @@ def test_other_origins_get_no_cors_headers_unless_configured(fake: FakeOpenAI) -
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_a_configured_origin_may_use_the_openai_and_mcp_clients_from_a_page(fake: FakeOpenAI) -> None:
+    """A page of an allowed origin calling the service with the official clients: their preflights ask for
+    headers of their own, and the MCP client reads its session's id off the first response. Old behaviour
+    caught: only Authorization, Content-Type and Last-Event-ID were allowed (the browser refused both clients'
+    requests), and no header was exposed (an MCP client in a browser never saw its session)."""
+    origin = {"Origin": "https://app.example"}
+    openai_headers = "authorization, content-type, x-stainless-lang, x-stainless-retry-count, x-stainless-timeout"
+    mcp_headers = "authorization, content-type, accept, mcp-protocol-version, mcp-session-id, last-event-id"
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "page", "version": "1"}},
+    }
+    with LiveServer(make_settings(fake, rlm_cors_origins=["https://app.example"])) as server:
+        preflights = {
+            path: httpx2.options(
+                f"{server.url}{path}",
+                headers={**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked},
+            )
+            for path, asked in (("/v1/chat/completions", openai_headers), ("/mcp", mcp_headers))
+        }
+        initialized = httpx2.post(
+            f"{server.url}/mcp",
+            json=initialize,
+            headers={**origin, "Accept": "application/json, text/event-stream"},
+        )
+    for preflight in preflights.values():
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert initialized.status_code == 200 and initialized.headers["mcp-session-id"]
+    exposed = initialized.headers["access-control-expose-headers"].lower()
+    assert "mcp-session-id" in exposed and "x-run-id" in exposed
+
+
 def test_a_loopback_server_answers_only_loopback_host_names(fake: FakeOpenAI) -> None:
     """DNS rebinding: a page at http://attacker.example:PORT whose name now points to 127.0.0.1 sends
     `Host: attacker.example:PORT`. Mutant caught: no Host check."""

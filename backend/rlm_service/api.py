@@ -139,7 +139,12 @@ def create_app(
             allow_origins=settings.rlm_cors_origins,
             allow_credentials=False,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            # Any request header: the official clients send headers of their own (the OpenAI SDK's
+            # `X-Stainless-*`, MCP's `Mcp-Session-Id` and `Mcp-Protocol-Version`), and none is a credential a
+            # browser adds by itself (the token is a bearer header a page must set). The origins are the gate.
+            allow_headers=["*"],
+            # what a page reads off the responses: an MCP client the session it was given, its run's id, a wait
+            expose_headers=["Mcp-Session-Id", "X-Run-ID", "Retry-After"],
         )
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts)
     app.add_middleware(PageHeadersMiddleware)
