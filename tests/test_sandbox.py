@@ -68,6 +68,11 @@ ATTACKS = textwrap.dedent("""
         "open_by_handle_at": call("open_by_handle_at", -100, handle, 0),
         "kcmp": call("kcmp", own, victim, 0, 0, 0),
         "socket": call("socket", 2, 1, 0),
+        "shmget": call("shmget", 0x524C4D, 4096, 0),  # no IPC_CREAT: without the filter, ENOENT, nothing made
+        "shmat": call("shmat", 0, None, 0),
+        "msgget": call("msgget", 0x524C4D, 0),
+        "semget": call("semget", 0x524C4D, 1, 0),
+        "mq_open": call("mq_open", b"rlm-no-such-queue", os.O_RDONLY, 0, None),
         "ok: kill own group": call("kill", 0, 0),
         "ok: kill self": call("kill", own, 0),
         "ok: kill own group by id": call("kill", -own, 0),
@@ -128,7 +133,10 @@ def test_a_worker_with_other_confinement_may_still_signal_its_children_but_never
     """Without strict signals (a worker with a uid of its own, or inside Landlock's signal scope, where the
     kernel keeps it from other processes) the filter still refuses the protected pids, every group but
     its own, and the calls that reach into another process. Mutant: drop the protected-pid rule of
-    `rt_sigqueueinfo` → "sigqueue victim" says ok."""
+    `rt_sigqueueinfo` → "sigqueue victim" says ok. System V IPC and POSIX message queues are refused too: their
+    objects outlive the process (the attack pass: a run left 768 MB of shared memory segments in RAM after it
+    ended, owned by no process, and could have gone on to fill the machine's memory); without that rule they
+    say "No such file or directory" or "Invalid argument" here."""
     results = attack(victim, "loose")
     for name in (
         "kill victim",
@@ -150,6 +158,11 @@ def test_a_worker_with_other_confinement_may_still_signal_its_children_but_never
         "open_by_handle_at",
         "kcmp",
         "socket",
+        "shmget",
+        "shmat",
+        "msgget",
+        "semget",
+        "mq_open",
     ):
         assert results[name] in ("Operation not permitted", "Permission denied"), (name, results[name])
     assert results["kill victim thread"] == "ok"  # the kernel, not this filter, stops that in this mode

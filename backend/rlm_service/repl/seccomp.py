@@ -77,6 +77,26 @@ DENIED = (
     # memory outside the address-space limit
     "memfd_create",
     "memfd_secret",
+    # System V IPC and POSIX message queues: objects of the host's IPC namespace that outlive the process (a
+    # run's shared memory stays in RAM, counted nowhere, after the run), and that reach other processes' objects
+    "shmget",
+    "shmat",
+    "shmdt",
+    "shmctl",
+    "msgget",
+    "msgsnd",
+    "msgrcv",
+    "msgctl",
+    "semget",
+    "semop",
+    "semtimedop",
+    "semctl",
+    "mq_open",
+    "mq_unlink",
+    "mq_timedsend",
+    "mq_timedreceive",
+    "mq_notify",
+    "mq_getsetattr",
     # the machine's state (all need capabilities the worker does not have)
     "quotactl",
     "quotactl_fd",
