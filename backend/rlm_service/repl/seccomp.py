@@ -8,6 +8,8 @@ libseccomp's tables and every rule against the kernel.
 The first rule that matches decides:
 - another architecture than ours: the process is killed; on x86_64, the x32 ABI: refused;
 - `DENIED`: always refused (`socket` too when networking is off);
+- `socketpair` when networking is off: only a Unix stream or seqpacket pair (a datagram socket can send to
+  any named Unix socket of the host);
 - `clone3` looks unimplemented (libc falls back to `clone`, whose flags a filter can read); `clone` with
   namespace flags is refused;
 - signals (`kill`, `tgkill`, `rt_sigqueueinfo`, `rt_tgsigqueueinfo`): never to a protected pid (the server,
@@ -132,6 +134,11 @@ ON_SELF_ONLY = (
 )
 _NAMESPACE_FLAGS = 0x7E020000
 _PRIO_USER, _IOPRIO_WHO_USER = 2, 3
+_AF_UNIX = 1
+_SOCK_DATAGRAM_BITS = 0b1010
+"""Set in the socket types that are not connection-oriented (SOCK_DGRAM 2, SOCK_RAW 3, SOCK_PACKET 10); clear in
+SOCK_STREAM (1) and SOCK_SEQPACKET (5). The flags above the type's four bits (SOCK_NONBLOCK, SOCK_CLOEXEC) are
+not among them."""
 
 _RET_ALLOW = 0x7FFF0000
 _RET_KILL_PROCESS = 0x80000000
@@ -223,6 +230,18 @@ def build_seccomp_filter(
     for name in denied:
         after = program.when_syscall(numbers[name])
         program.ret(_errno(errno.EACCES) if name == "socket" else eperm)
+        program.place(after)
+
+    if not network:
+        # A datagram pair could still send to any named Unix datagram socket of the host (sendto, or connect then
+        # send: /dev/log, a service's socket). Stream and seqpacket pairs are connected to each other for good.
+        after = program.when_syscall(numbers["socketpair"])
+        allowed, refused = program.label(), program.label()
+        program.load(_arg(0))
+        program.jump(_JMP_JEQ, _AF_UNIX, None, refused)
+        program.load(_arg(1))
+        program.jump(_JMP_JSET, _SOCK_DATAGRAM_BITS, refused, allowed)
+        program.allow_or(_errno(errno.EACCES), allowed, refused)
         program.place(after)
 
     after = program.when_syscall(numbers["clone3"])

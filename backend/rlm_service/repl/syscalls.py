@@ -27,6 +27,7 @@ ARCH = platform.machine()
 SYSCALLS = {
     "x86_64": dict(
         socket=41,
+        socketpair=53,
         ptrace=101,
         kill=62,
         tkill=200,
@@ -130,6 +131,7 @@ SYSCALLS = {
     ),
     "aarch64": dict(
         socket=198,
+        socketpair=199,
         ptrace=117,
         kill=129,
         tkill=130,
