@@ -579,6 +579,55 @@ for n in range(40):
     tight.assert_healthy()
 
 
+def test_files_nested_past_a_paths_length_do_not_escape_the_disk_cap(tight: RealServer) -> None:
+    """A cell nests 17 directories of 250-character names (a path past 4,096 characters), then writes 400 MB
+    beside them with RLM_WORKER_DISK_MB=200. The server's walk cannot list the deepest directory by its path: the
+    worker is stopped for it and every file goes, the deep ones too. Old behaviour caught (the attack pass): the
+    walk raised ENAMETOOLONG, which ended the run's disk watch for good, and the run wrote 1.8 GB past a 1 GB cap."""
+    nest_and_fill = """
+import os, time
+fd = os.open('.', os.O_RDONLY)
+for _ in range(17):
+    os.mkdir('d' * 250, dir_fd=fd)
+    deeper = os.open('d' * 250, os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = deeper
+time.sleep(1)
+block = b'x' * 50_000_000
+for n in range(8):
+    with open(f'part{n}.bin', 'wb') as f:
+        f.write(block)
+"""
+    events = tight.run(nest_and_fill, "import time\ntime.sleep(2)", "import os\nprint(sorted(os.listdir('.')))")
+    first, second, third = outputs(events)[:3]
+    stopped = next((output["error"] for output in (first, second) if output["error"]), "")
+    assert "DiskLimit" in stopped and "4,096 characters" in stopped and "deleted" in stopped, (first, second)
+    assert third["stdout"] == "[]\n" and events[-1].event == "final"
+    tight.assert_healthy()
+
+
+def test_a_run_whose_files_nest_deeper_than_rmtree_recurses_leaves_none(server: RealServer) -> None:
+    """A cell nests 1,500 directories (a 3,000-character path, which the disk walk lists). When the run ends its
+    directory goes all the same. Old behaviour caught (the attack pass): shutil.rmtree recursed once a level and
+    raised RecursionError, so the run's input and files stayed on disk after it (the next runs could leave as many,
+    past every disk cap) and its uid was never given back."""
+    nest = """
+import os
+fd = os.open('.', os.O_RDONLY)
+for _ in range(1500):
+    os.mkdir('d', dir_fd=fd)
+    deeper = os.open('d', os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    fd = deeper
+print('nested')
+"""
+    assert server.tmp is not None
+    events = server.run(nest)
+    assert outputs(events)[0]["stdout"] == "nested\n" and events[-1].event == "final"
+    assert wait_until(lambda: not list(server.tmp.glob("rlm-instance-*/run-*")), timeout=30)
+    server.assert_healthy()
+
+
 def test_one_file_cannot_pass_the_disk_cap(tight: RealServer) -> None:
     events = tight.run("open('big.bin', 'wb').write(b'x' * 300_000_000)")
     assert "File too large" in (outputs(events)[0]["error"] or ""), outputs(events)[0]

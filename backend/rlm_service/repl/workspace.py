@@ -18,6 +18,8 @@ that run's.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import pwd
@@ -36,6 +38,7 @@ _INSTANCE_PREFIX = "rlm-instance-"
 _STAGING_PREFIX = "rlm-starting-"
 MAX_ENTRIES = 100_000
 """Files and directories a run may keep in its working directory."""
+_TOO_DEEP = "are nested deeper than the server can walk (a path past 4,096 characters)"
 _TOKEN = f"{os.getpid()}-{secrets.token_hex(8)}\n"
 """Written into each uid's lock file by the process that takes it: who held it last."""
 
@@ -244,11 +247,86 @@ def remove_stale_instances(base: Path) -> list[Path]:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete `path` and everything under it, also directories a run made unreadable or unwritable."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete `path` and everything under it, also directories a run made unreadable or unwritable, and trees
+    nested deeper than `shutil.rmtree` goes (it recurses once a level: a chain of a few thousand directories, made
+    in a fraction of a second, raised RecursionError and stayed)."""
+    with contextlib.suppress(RecursionError):
+        shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path) and os.geteuid() != 0:
         _open_up(path)
-        shutil.rmtree(path, ignore_errors=True)
+        with contextlib.suppress(RecursionError):
+            shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        _remove_deep(path)
+
+
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _remove_deep(path: Path) -> None:
+    """Delete the directory `path` and everything under it however deep, without recursion and holding two
+    descriptors at a time: each directory is entered by its descriptor and left through "..", which must be the
+    directory it was entered from (else nothing more is deleted: nothing outside `path` is ever touched)."""
+    try:
+        fd = os.open(path, _DIRECTORY)
+    except OSError:
+        return
+    above: list[tuple[str, tuple[int, int], list[str]]] = []
+    """For each directory entered below `path`: its name, its parent's identity, the parent's subdirectories left."""
+    try:
+        pending = _unlink_files(fd)
+        while pending or above:
+            if pending:
+                name = pending.pop()
+                try:
+                    child = _open_directory(name, fd)
+                except OSError:
+                    continue
+                parent = os.fstat(fd)
+                above.append((name, (parent.st_dev, parent.st_ino), pending))
+                os.close(fd)
+                fd, pending = child, _unlink_files(child)
+                continue
+            name, identity, pending = above.pop()
+            parent_fd = os.open("..", _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent_fd
+            parent = os.fstat(fd)
+            if (parent.st_dev, parent.st_ino) != identity:
+                return
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=fd)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Delete what the directory `fd` holds but directories; returns their names."""
+    directories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except OSError:
+                continue
+    return directories
+
+
+def _open_directory(name: str, parent: int) -> int:
+    try:
+        return os.open(name, _DIRECTORY, dir_fd=parent)
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+        os.chmod(name, 0o700, dir_fd=parent)  # a run cannot hide a directory from a server of its own uid
+        return os.open(name, _DIRECTORY, dir_fd=parent)
 
 
 def _open_up(path: Path) -> None:
@@ -327,12 +405,20 @@ class Workspace:
                     listing = list(os.scandir(directory))
                 except OSError:
                     return "include a directory the server cannot read"
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                return _TOO_DEEP
             for entry in listing:
                 entries += 1
                 try:
                     info = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    return _TOO_DEEP
                 used += info.st_blocks * 512
                 if stat.S_ISDIR(info.st_mode):
                     stack.append(entry.path)
@@ -351,7 +437,9 @@ class Workspace:
                 Path(entry.path).unlink(missing_ok=True)
 
     def remove(self) -> None:
-        remove_tree(self.root)
-        if self.worker_uid is not None:
-            UID_POOL.give_back(self.worker_uid)
-            self.worker_uid = None
+        try:
+            remove_tree(self.root)
+        finally:
+            if self.worker_uid is not None:
+                UID_POOL.give_back(self.worker_uid)
+                self.worker_uid = None
