@@ -433,6 +433,19 @@ print(len(replies), all(r.startswith('sub-model reply') for r in replies))
     server.assert_healthy()
 
 
+def test_calls_past_the_sub_call_budget_add_no_event_each(server: RealServer) -> None:
+    """With a budget of one sub-call, a cell calls llm_query 2,000 times: the 1,999 refused calls come back at once,
+    and their progress is throttled as any other (a few events), the last one giving the cell's totals. Old
+    behaviour caught (the attack pass): each refused call added a `subcalls` event, a thousand a second, which the
+    run held in memory and wrote to the history (14,000 events in 15 s; 20 cells of 300 s would make millions)."""
+    events = server.run("for _ in range(2000):\n    llm_query('x')", max_subcalls=1)
+    progress = [event.data for event in events if event.event == "subcalls"]
+    assert 0 < len(progress) < 200, len(progress)
+    last = progress[-1]
+    assert (last["done"], last["failed"], last["total"]) == (2000, 1999, 2000), last
+    assert events[-1].event == "final"
+
+
 def test_a_too_large_llm_batch_is_refused_in_the_cell(server: RealServer) -> None:
     events = server.run("llm_batch(['x' * 17_000_000])", "llm_batch(['y' * 10_000_000] * 7)")
     first, second = outputs(events)[:2]

@@ -66,12 +66,17 @@ class RunOutcome:
 
 
 class _CellProgress:
-    """Throttled `subcalls` events for one cell, summed over the batches it sends."""
+    """Throttled `subcalls` events for one cell, summed over the batches it sends: the start and the end of each
+    batch that sends calls, and between them one event per PROGRESS_INTERVAL_S at most. A batch that sends none
+    (every prompt refused: the budget is spent, or it has none) is throttled as a whole: a cell calling llm_query
+    in a loop past the budget would otherwise add an event per call to the run, in memory and in the history
+    (a thousand a second). `flush` shows what the last events left out, when the cell ends."""
 
     def __init__(self, emit: Callable[[int, int, int], None]) -> None:
         self._emit = emit
         self.done = self.failed = self.total = 0
         self._last = 0.0
+        self._shown = (0, 0, 0)
 
     def batch_reporter(self) -> Callable[[int, int, int], None]:
         base_done, base_failed, base_total = self.done, self.failed, self.total
@@ -81,12 +86,23 @@ class _CellProgress:
             nonlocal first
             self.done, self.failed, self.total = base_done + done, base_failed + failed, base_total + total
             now = time.monotonic()
-            if first or self.done >= self.total or now - self._last >= PROGRESS_INTERVAL_S:
-                first = False
+            starts = first and done < total
+            ends = not first and self.done >= self.total
+            first = False
+            if starts or ends or now - self._last >= PROGRESS_INTERVAL_S:
                 self._last = now
-                self._emit(self.done, self.failed, self.total)
+                self._show()
 
         return report
+
+    def flush(self) -> None:
+        """The cell ended: show its totals if the last event did not."""
+        if (self.done, self.failed, self.total) != self._shown:
+            self._show()
+
+    def _show(self) -> None:
+        self._shown = (self.done, self.failed, self.total)
+        self._emit(self.done, self.failed, self.total)
 
 
 class AnswerCheck(Protocol):
@@ -182,11 +198,12 @@ class Controller:
         repl = await self._ready_repl()  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self.cells += 1
-        self._progress = _CellProgress(self._emit_progress)
+        progress = self._progress = _CellProgress(self._emit_progress)
         try:
             outcome = await repl.execute(code, self.limits.exec_timeout_s, self)
         finally:
             self._progress = None
+        progress.flush()
         refusal = await self._check_answer(outcome)
         self._report_outcome(outcome)
         report = prompts.cell_report(outcome, turns_left=self.limits.max_iterations - self.iteration)
