@@ -171,6 +171,26 @@ answer['content'] = repr(found)
     server.assert_healthy()
 
 
+def test_the_hosts_private_keys_are_out_of_reach(server: RealServer) -> None:
+    """The directories of the host's TLS private keys are refused, however the worker is confined. Old behaviour
+    caught (the attack pass, a root server whose Python installation only root can read, so that its workers keep
+    CAP_DAC_READ_SEARCH within Landlock's rules): Landlock let them read all of /etc/ssl and /etc/pki, and a key
+    of mode 600 in /etc/ssl/private was read whole."""
+    cell = """
+import os
+for path in ('/etc/ssl/private', '/etc/pki/tls/private', '/etc/pki/CA/private'):
+    try:
+        print(path, 'LISTED', os.listdir(path))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        print(path, 'refused', type(exc).__name__)
+"""
+    printed = outputs(server.run(cell))[0]["stdout"]
+    assert "LISTED" not in printed, printed
+    server.assert_healthy()
+
+
 def test_writes_outside_the_worker_directory_fail(server: RealServer) -> None:
     targets = [
         str(Path(tempfile.gettempdir()) / "rlm-evil.txt"),
