@@ -139,6 +139,25 @@ def test_printing_a_gigabyte_keeps_the_server_flat(server: RealServer) -> None:
     server.assert_healthy()
 
 
+def test_writing_to_the_stderr_descriptor_without_end_is_read_at_a_bounded_pace(server: RealServer) -> None:
+    """A cell writes to descriptor 2 (the pipe whose last kilobytes the server keeps for a crash's error) for 3 s:
+    the server reads it at 6.4 MB/s at most (`STDERR_PAUSE_S`), so the cell gets a few tens of MB through, and
+    `/health` keeps answering. Old behaviour caught (the attack pass): the server read all it was given, 7.6 GB in
+    10 s, three quarters of a core of its event loop; here the old code let the cell write gigabytes."""
+    cell = """
+import os, time
+block, written, end = b'E' * 65536, 0, time.monotonic() + 3
+while time.monotonic() < end:
+    written += os.write(2, block)
+print(written)
+"""
+    with health_watch(server) as health:
+        events = server.run(cell)
+    assert int(outputs(events)[0]["stdout"]) < 100 * 2**20, outputs(events)[0]
+    assert health.answers and health.slowest < 2.0, health
+    server.assert_healthy()
+
+
 def test_secrets_are_out_of_reach(server: RealServer) -> None:
     env_file = server.cwd / ".env"
     attack = f"""

@@ -126,6 +126,13 @@ def _kill(process: WorkerProcess) -> None:
         pass
 
 
+STDERR_BURST_BYTES = 64 * 1024
+STDERR_PAUSE_S = 0.01
+"""After each STDERR_BURST_BYTES of a worker's stderr, its reading waits this long: a worker's stderr is read
+at 6.4 MB/s at most, and one that writes to it without end waits for the pipe (the attack pass: a cell writing
+to descriptor 2 in a loop had the server read 760 MB/s, three quarters of a core of its event loop)."""
+
+
 async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:
     """Keep the last few kilobytes a worker wrote to its stderr, for the error if it crashes."""
     loop = asyncio.get_running_loop()
@@ -134,8 +141,13 @@ async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:
         transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
         try:
             with contextlib.suppress(Exception):
+                burst = 0
                 while chunk := await reader.read(4096):
                     tail.append(chunk)
+                    burst += len(chunk)
+                    if burst >= STDERR_BURST_BYTES:
+                        burst = 0
+                        await asyncio.sleep(STDERR_PAUSE_S)
         finally:
             transport.close()
 
