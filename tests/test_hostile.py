@@ -158,6 +158,17 @@ print(written)
     server.assert_healthy()
 
 
+def test_line_separators_in_output_leave_the_event_stream_readable_line_by_line(server: RealServer) -> None:
+    """A cell prints and answers NEL, U+2028 and U+2029, which JSON leaves raw: the stream carries them escaped,
+    so a reader that splits lines as `str.splitlines` does (httpx's `iter_lines`, which `server.run` reads with)
+    still gets whole events, and the text comes back as it was. Old behaviour caught (the attack pass): the raw
+    characters cut the output event in two for such readers, and the run's stream failed to parse."""
+    breaks = "a\x85b\u2028c\u2029d"
+    events = server.run(f"print({breaks!r})\nanswer['content'] = {breaks!r}")
+    assert outputs(events)[0]["stdout"] == breaks + "\n"
+    assert events[-1].event == "final" and events[-1].data["answer"] == breaks
+
+
 def test_secrets_are_out_of_reach(server: RealServer) -> None:
     env_file = server.cwd / ".env"
     attack = f"""

@@ -33,6 +33,7 @@ from .fleet import Fleet, Launch
 from .followers import PAGE_CHARS, stored_events
 from .history import in_store
 from .inputs import RunInput
+from .openai_chat import sse_safe
 from .runs import LiveRun
 from .sessions import SessionUnavailable
 from .store import RunStore, StoreUnavailable, off_loop, shown_id, valid_run_id
@@ -188,7 +189,7 @@ def sse_frame(event: EventBase) -> bytes:
     """One event as an SSE frame. Its data, one JSON text, holds no line break, so it is a single `data:` line
     as it is (sse-starlette's encoder would scan all of it for line breaks to split, for every client)."""
     head = f"id: {event.seq}{SEP}event: {event.type}{SEP}data: "
-    return head.encode() + event.model_dump_json().encode() + (SEP + SEP).encode()
+    return head.encode() + sse_safe(event.model_dump_json()).encode() + (SEP + SEP).encode()
 
 
 async def _sse(
