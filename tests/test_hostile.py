@@ -169,6 +169,15 @@ def test_line_separators_in_output_leave_the_event_stream_readable_line_by_line(
     assert events[-1].event == "final" and events[-1].data["answer"] == breaks
 
 
+def test_the_kernel_ends_a_worker_before_the_server_when_memory_runs_out(server: RealServer) -> None:
+    """Workers carry the highest out-of-memory score adjustment (the zygote sets it, its children inherit it),
+    and the server keeps its own: out of memory, the kernel ends a run's worker, not the server and every run
+    with it. Mutant caught: the zygote without it (the worker's adjustment was the server's, 0)."""
+    printed = outputs(server.run("print(open('/proc/self/oom_score_adj').read().strip())"))[0]["stdout"]
+    assert printed.strip() == "1000", printed
+    assert Path(f"/proc/{server.pid}/oom_score_adj").read_text().strip() != "1000"
+
+
 def test_secrets_are_out_of_reach(server: RealServer) -> None:
     env_file = server.cwd / ".env"
     attack = f"""

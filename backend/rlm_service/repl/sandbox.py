@@ -20,6 +20,7 @@ None of it needs privileges: an unprivileged server gets every layer but the uid
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -99,6 +100,15 @@ def die_with_parent(expected_parent: int | None, sig: int = signal.SIGKILL) -> N
 def become_subreaper() -> None:
     """Orphaned descendants of this process become its children (to reap) rather than the first process's."""
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def first_to_go_out_of_memory() -> None:
+    """Make this process (and the children it forks, which inherit it) the kernel's first choice when the machine
+    runs out of memory, ahead of the server, whose death would end every run: a worker holds up to
+    RLM_WORKER_MEMORY_MB, more than the server holds, but the server can still be the largest process (many
+    runs' events, small worker limits). Raising one's own score needs no privilege."""
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
+        adj.write("1000")
 
 
 def make_non_dumpable() -> None:

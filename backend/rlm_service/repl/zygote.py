@@ -150,6 +150,7 @@ def main() -> None:
 
     control = socket.socket(fileno=int(sys.argv[1]))
     sandbox.die_with_parent(int(sys.argv[2]), signal.SIGTERM)
+    sandbox.first_to_go_out_of_memory()  # while its /proc files are still its own (non-dumpable: root's)
     sandbox.make_non_dumpable()
     sandbox.set_process_name("rlm-zygote")
     # The children a stopped worker leaves are the zygote's to reap, at once: reparented to the machine's first
