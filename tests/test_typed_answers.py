@@ -37,6 +37,20 @@ def test_final_carries_the_parsed_answer_when_it_satisfies_the_schema(live: Live
     assert final.data["answer_json"] == {"count": 3}
 
 
+def test_a_dict_put_in_the_answer_becomes_json_text(live: LiveServer) -> None:
+    """The root model sets `answer['content']` to a dict rather than to `json.dumps` of it: the answer is that
+    dict's JSON, and satisfies the schema. Old behaviour caught: Python's repr, `{'count': 3}`, was the answer,
+    refused as not JSON (and shown as such to clients without a schema)."""
+    prompt = script({"code": ["answer.update(content={'count': len(context), 'note': 'é'}, ready=True)"]})
+    _, events = stream_run(
+        live.url, json_body={"prompt": prompt, "input_data": "abc", "settings": {"answer_schema": SCHEMA}}
+    )
+    final = events[-1]
+    assert final.event == "final" and final.data["ready"] is True
+    assert final.data["answer"] == '{"count": 3, "note": "é"}'
+    assert final.data["answer_json"] == {"count": 3, "note": "é"}
+
+
 def test_an_escaped_lone_surrogate_in_the_answer_reaches_the_client_and_the_history(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:

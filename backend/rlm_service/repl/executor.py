@@ -10,6 +10,7 @@ import ast
 import base64
 import builtins
 import io
+import json
 import linecache
 import reprlib
 import sys
@@ -281,6 +282,10 @@ class CellRunner:
         content = value.get("content", "")
         if isinstance(content, str):
             content = str.__str__(content)  # a plain str, whatever subclass of str it was
+        elif type(content) in (dict, list) and (text := _json_text(content)) is not None:
+            # JSON rather than Python's repr: what a typed answer needs, and what readers of the API can parse
+            content = text
+            notes.append("answer['content'] was converted to a str of JSON.")
         else:
             try:
                 content = "" if content is None else str.__str__(str(content))
@@ -307,6 +312,15 @@ class CellRunner:
             content = content[:MAX_ANSWER_CHARS]
         self._answer = (content, ready)
         return notes
+
+
+def _json_text(value: dict[Any, Any] | list[Any]) -> str | None:
+    """`value` as JSON text, or None where JSON cannot hold it (keys or values of other types, cycles, nesting
+    deeper than the interpreter's recursion limit)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        return None
 
 
 def as_sub_calls(batch: Callable[[list[str]], R]) -> Callable[[list[str], list[str | None]], R]:
