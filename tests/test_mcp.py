@@ -203,7 +203,10 @@ async def test_a_failed_run_is_a_tool_error_that_says_why(http_server: LiveServe
         result = await client.call_tool("rlm_run", {"prompt": "anything"})
         asked = fake.stats.root_requests
         blank = await client.call_tool("rlm_run", {"prompt": "   ", "input_text": "data"})
+        # old behaviour: the argument, stdio's only, was dropped, and the run went on with no input
+        path = await client.call_tool("rlm_run", {"prompt": "count the lines", "input_path": "/var/log/app.log"})
     assert result.is_error and "The run failed (model_unavailable)" in answer_text(result)
+    assert path.is_error and "input_path" in answer_text(path) and "input_text" in answer_text(path)
     # old behaviour (the attack pass): a blank prompt started a run, as POST /process does not
     assert blank.is_error and "must not be empty" in answer_text(blank)
     assert fake.stats.root_requests == asked

@@ -36,6 +36,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent
 from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 
 from .capacity import LocalCapacity
 from .config import Settings
@@ -353,8 +354,17 @@ def build_server(
     else:
 
         async def rlm_run(
-            prompt: Prompt, ctx: Context[Any, Any], input_text: InputText = "", session_id: SessionId = None
+            prompt: Prompt,
+            ctx: Context[Any, Any],
+            input_text: InputText = "",
+            session_id: SessionId = None,
+            input_path: SkipJsonSchema[str | None] = None,  # taken only to be refused: not in the tool's schema
         ) -> CallToolResult:
+            if input_path:  # else ignored, the run would have gone on with no input at all
+                raise ToolError(
+                    "input_path names a file on the server's machine and is served over stdio only "
+                    "(rlm-service mcp); over HTTP, send the input's text in input_text"
+                )
             return await tools.run(ctx, prompt, tools.text_input(input_text), session_id)
 
         server.add_tool(rlm_run, name="rlm_run", description=TOOL_DESCRIPTION.format(path=""))
