@@ -24,7 +24,7 @@ from rlm_service.controller import extract_code_blocks
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import EventBase
 from rlm_service.repl.workspace import Workspace, instance_directory
-from tests.conftest import folded, make_settings
+from tests.conftest import folded, make_settings, script
 from tests.fake_openai import FakeOpenAI
 
 Turn = list[Any]
@@ -327,6 +327,20 @@ async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: 
     assert types(events) == ["start", "error"]
     assert events[-1].code == "internal" and "out of processes" in events[-1].message  # type: ignore[attr-defined]
     assert requests == [1]  # one root request, then the cell found no worker
+
+
+@pytest.mark.parametrize(("network", "told"), [("off", "the network is not"), ("on", "so is the network")])
+async def test_the_root_model_is_told_whether_its_cells_have_the_network(
+    fake: FakeOpenAI, network: str, told: str
+) -> None:
+    """Old behaviour caught: "the network is not" available whatever RLM_WORKER_NETWORK said, so with it on the
+    root model would not fetch what a task pointed it to."""
+    done = script({"code": ["answer.update(content='ok', ready=True)"]})
+    async with Engine(make_settings(fake, rlm_worker_network=network)) as engine:
+        events = [event async for event in engine.run(done, "input")]
+    assert events[-1].type == "final"
+    system = fake.stats.root_bodies[0]["messages"][0]
+    assert system["role"] == "system" and told in system["content"]
 
 
 def test_the_system_prompt_teaches_figures_markdown_and_the_method_by_example() -> None:

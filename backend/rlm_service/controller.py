@@ -139,6 +139,7 @@ class Controller:
         answer_check: AnswerCheck | None = None,
         model_settings: ModelSettings | None = None,
         first_request: Callable[[], None] | None = None,
+        network: bool = False,
     ) -> None:
         """`repl`: the REPL, or its start running alongside the first model request: the first cell waits for
         it, and a failed start fails the run. `first_request`: called once, as the first model request goes
@@ -147,6 +148,8 @@ class Controller:
         self.agent = agent
         self.protocol = protocol
         self.limits = limits
+        self.network = network
+        """Whether its cells can open connections: the root model is told so."""
         self._repl = repl
         self.subcalls = subcalls
         self.usage = usage
@@ -248,7 +251,9 @@ class Controller:
     # --- the root model's side ---------------------------------------------------------------
 
     def _instructions(self) -> str:
-        return prompts.system_prompt(self.protocol, self.limits, can_recurse=self.tree.can_recurse(self.depth))
+        return prompts.system_prompt(
+            self.protocol, self.limits, can_recurse=self.tree.can_recurse(self.depth), network=self.network
+        )
 
     def _usage_limits(self) -> UsageLimits:
         # Our own iteration count is the real limit; this only keeps PydanticAI from stopping at 50.

@@ -19,7 +19,7 @@ In the REPL you have:
 - `answer`: a dict {{"content": str, "ready": bool}}. The run ends after the first cell that leaves
   answer["ready"] True, and answer["content"] is what the user gets.
 Variables survive from cell to cell, also after an error. The standard library, numpy and matplotlib
-are available; the network is not. Figures a cell leaves open (matplotlib.pyplot) are shown to the user
+are available; {network}. Figures a cell leaves open (matplotlib.pyplot) are shown to the user
 under that cell. A cell may run for {exec_timeout_s:g} s at most. You have {max_iterations} turns and
 {max_subcalls} sub-model calls in all. Only the first {max_output_chars} characters or so of a cell's
 output come back to you, so print summaries and samples, never the whole input.
@@ -82,9 +82,11 @@ be answered. To read or summarize a piece that fits in the sub-model's window, l
 and faster."""
 
 
-def system_prompt(protocol: str, limits: RunLimits, *, can_recurse: bool = False) -> str:
+def system_prompt(protocol: str, limits: RunLimits, *, can_recurse: bool = False, network: bool = False) -> str:
+    """`network`: whether the cells can open connections (RLM_WORKER_NETWORK=on, or the in-process REPL)."""
     template = TEXT_SYSTEM_PROMPT if protocol == "text" else TOOLS_SYSTEM_PROMPT
     text = template.format(
+        network="so is the network" if network else "the network is not",
         max_iterations=limits.max_iterations,
         max_subcalls=limits.max_subcalls,
         exec_timeout_s=limits.exec_timeout_s,
