@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import tempfile
 import threading
@@ -214,6 +215,49 @@ def test_stalled_body_is_refused(servers: dict[str, LiveServer]) -> None:
             reply += more
     assert reply.startswith(b"HTTP/1.1 408") and b"stalled" in reply, reply
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("path", ["/process", "/v1/chat/completions", "/mcp"])
+def test_a_client_gone_before_its_body_is_complete_is_refused_not_an_application_error(
+    servers: dict[str, LiveServer], path: str
+) -> None:
+    """A client sends part of a JSON body and closes its connection (a phone losing its network mid-upload). The
+    request ends as a refusal that says so, sent to no one. Old behaviour caught: starlette's ClientDisconnect went
+    up to uvicorn, which logged each such client as "Exception in ASGI application" with 50 lines of traceback."""
+    server = servers["open"]
+    messages: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b'{"prompt": "x", "input_data": "', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", b"1000")]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", server.port),
+    }
+    asyncio.run(server.app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400, sent
+    assert b"closed the connection before the request body was complete" in b"".join(
+        message.get("body", b"") for message in sent[1:]
+    )
+    assert server.app.state.slots.reading == 0
 
 
 def test_runs_beyond_the_limit_are_refused(fake: FakeOpenAI) -> None:

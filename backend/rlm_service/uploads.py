@@ -23,6 +23,7 @@ from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from . import jsonbody
 from .config import Settings
@@ -117,6 +118,12 @@ async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> Async
                 chunk = await iterator.__anext__()
         except StopAsyncIteration:
             return
+        except ClientDisconnect:
+            # No one to answer, but a refusal ends the request as every other one does (cleaned up, one access log
+            # line); uncaught, uvicorn logged it as an error of the application, with 50 lines of traceback.
+            raise HTTPException(
+                400, f"the client closed the connection before the request body was complete ({received:,} bytes)"
+            ) from None
         except TimeoutError:
             raise HTTPException(
                 408,
