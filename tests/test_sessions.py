@@ -14,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from rlm_service import sessions
 from rlm_service.capacity import LocalCapacity
 from rlm_service.sessions import Session, SessionManager
 from tests.conftest import (
@@ -329,3 +330,29 @@ def test_a_session_whose_first_run_is_live_is_busy_not_unknown(fake: FakeOpenAI)
     assert described.json()["live_run"] == run_id and described.json()["input"] == {"chars": 3, "lines": 1}
     assert deleted.status_code == 409 and run_id in deleted.json()["detail"], deleted.text
     assert after.status_code == 200 and after.json()["runs"] == [run_id] and after.json()["live_run"] is None
+
+
+def test_a_long_session_keeps_and_shows_only_its_latest_questions(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session followed up again and again: each follow-up's root model is told the latest TURNS_SHOWN questions
+    (and how many came before), with ANSWER_CHARS_SHOWN characters of each answer, and the session keeps no more
+    text than that. Old behaviour caught: every earlier question and whole answer was kept for the session's life
+    (100 kB answers: 20 MB after 200 follow-ups, for a session that never went idle) and told to the root model
+    (434,000 characters of first message by then, past the context window of most models)."""
+    monkeypatch.setattr(sessions, "TURNS_SHOWN", 3)
+    fake.record = True
+    long_answer = script({"code": ["answer.update(content='q' + 'a' * 9_999, ready=True)"]})
+    with LiveServer(make_settings(fake)) as server:
+        session_id = ask(server.url, long_answer, input_data="x", session=True)[0].data["session_id"]
+        for _ in range(5):
+            assert ask(server.url, long_answer, session_id=session_id)[-1].event == "final"
+        told = first_user_message(fake.stats.root_bodies[-1])
+        session = server.app.state.engine.sessions.get(session_id)
+        assert session is not None and len(session.describe(1)["runs"]) == 6
+        held = sum(len(turn.prompt) + len(turn.answer) for turn in session.turns)
+    assert "(2 earlier questions not shown)" in told
+    assert told.count("Q: scripted task") == 3 and "\n3. Q: " in told and "\n2. Q: " not in told
+    assert f"a … [{10_000 - sessions.ANSWER_CHARS_SHOWN:,} more characters]" in told
+    assert len(told) < 3 * (sessions.ANSWER_CHARS_SHOWN + len(long_answer)) + 2000, len(told)
+    assert held <= 3 * (sessions.ANSWER_CHARS_SHOWN + len(long_answer)), held

@@ -110,28 +110,28 @@ def task_message(prompt: str, *, chars: int, lines: int, kind: str, preview: str
 def follow_up_message(
     prompt: str,
     *,
-    earlier: list[tuple[str, str, bool]],
+    earlier: list[tuple[str, str, bool, int]],
     variables: list[str],
     chars: int,
     lines: int,
     kind: str,
     preview: str,
     restarted: str | None = None,
-    answer_chars: int = 2000,
+    not_shown: int = 0,
 ) -> str:
-    """A follow-up's first message: the new task, the earlier questions and answers, and the REPL's
-    variables (one line each), never the input itself nor the earlier transcripts."""
+    """A follow-up's first message: the new task, the latest earlier questions and their answers (`earlier`:
+    question, the answer's first characters, whether it was ready, the answer's length; `not_shown` earlier
+    ones before them), and the REPL's variables (one line each), never the input itself nor the earlier
+    transcripts."""
     parts = [
         f"Task: {prompt}",
         "",
         "This is a follow-up question in the same REPL. Earlier questions and their final answers:",
     ]
-    for number, (question, answer, ready) in enumerate(earlier, 1):
-        cut = (
-            answer
-            if len(answer) <= answer_chars
-            else (answer[:answer_chars] + f" … [{len(answer) - answer_chars:,} more characters]")
-        )
+    if not_shown:
+        parts.append(f"({not_shown:,} earlier question{'s' if not_shown != 1 else ''} not shown)")
+    for number, (question, answer, ready, length) in enumerate(earlier, not_shown + 1):
+        cut = answer if length <= len(answer) else f"{answer} … [{length - len(answer):,} more characters]"
         state = "" if ready else " (not marked ready)"
         parts += [f"{number}. Q: {question}", f"   A{state}: {cut or '(no answer)'}"]
     parts.append("")

@@ -255,7 +255,7 @@ class RunDriver:
         if session is not None:  # before the terminal event, so a follow-up sent on seeing it finds the session free
             answer = terminal.answer if isinstance(terminal, FinalEvent) else (node.answer() or "")
             self.engine.sessions.release(
-                session, Turn(run.id, plan.prompt, answer or "", isinstance(terminal, FinalEvent) and terminal.ready)
+                session, Turn.of(run.id, plan.prompt, answer or "", isinstance(terminal, FinalEvent) and terminal.ready)
             )
         emit(terminal)
 
@@ -267,7 +267,8 @@ class RunDriver:
         began = await session.repl.begin_run(BEGIN_TIMEOUT_S)
         message = prompts.follow_up_message(
             plan.prompt,
-            earlier=[(turn.prompt, turn.answer, turn.ready) for turn in session.turns],
+            earlier=[(turn.prompt, turn.answer, turn.ready, turn.answer_chars) for turn in session.shown_turns()],
+            not_shown=len(session.turns) - len(session.shown_turns()),
             variables=began.variables,
             chars=session.input_chars,
             lines=session.input_lines,

@@ -27,7 +27,10 @@ log = logging.getLogger("rlm_service")
 
 SWEEP_INTERVAL_S = 30.0
 ANSWER_CHARS_SHOWN = 2000
-"""Characters of each earlier answer that a follow-up's root model is shown."""
+"""Characters of each earlier answer that a follow-up's root model is shown (and that the session keeps)."""
+TURNS_SHOWN = 20
+"""Earlier questions (the latest) that a follow-up's root model is shown, with their answers; a session keeps the
+text of those only, and of the others their run's id."""
 
 
 class SessionUnavailable(Exception):
@@ -48,12 +51,18 @@ def no_session(session_id: str, idle_s: float) -> str:
 
 @dataclass
 class Turn:
-    """One question of a session and how it ended."""
+    """One question of a session and how it ended: the first ANSWER_CHARS_SHOWN characters of its answer, and how
+    long the answer was."""
 
     run_id: str
     prompt: str
     answer: str = ""
     ready: bool = False
+    answer_chars: int = 0
+
+    @classmethod
+    def of(cls, run_id: str, prompt: str, answer: str, ready: bool) -> Turn:
+        return cls(run_id, prompt, answer[:ANSWER_CHARS_SHOWN], ready, len(answer))
 
 
 @dataclass
@@ -72,6 +81,10 @@ class Session:
     last_used: float = field(default_factory=time.time)
     lost: str | None = None
     """Why the REPL had to be restarted since the last run (its worker died): the variables are gone."""
+
+    def shown_turns(self) -> list[Turn]:
+        """The latest TURNS_SHOWN questions: those a follow-up's root model is told about."""
+        return self.turns[-TURNS_SHOWN:]
 
     def expires_at(self, idle_s: float) -> float:
         return self.last_used + idle_s
@@ -239,8 +252,12 @@ class SessionManager:
         return session
 
     def release(self, session: Session, turn: Turn) -> None:
-        """A run of the session ended: record its question and answer, and start its idle time."""
+        """A run of the session ended: record its question and answer, and start its idle time. A question no
+        longer shown to follow-ups (TURNS_SHOWN) is kept as its run's id only."""
         session.turns.append(turn)
+        if len(session.turns) > TURNS_SHOWN:
+            hidden = session.turns[-TURNS_SHOWN - 1]
+            hidden.prompt = hidden.answer = ""
         session.live_run = None
         session.last_used = time.time()
         if self.directory is not None and session.id in self._sessions:
