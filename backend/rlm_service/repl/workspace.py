@@ -278,14 +278,18 @@ def _remove_deep(path: Path) -> None:
         while pending or above:
             if pending:
                 name = pending.pop()
+                parent = os.fstat(fd)
                 try:
                     child = _open_directory(name, fd)
                 except OSError:
                     continue
-                parent = os.fstat(fd)
                 above.append((name, (parent.st_dev, parent.st_ino), pending))
                 os.close(fd)
-                fd, pending = child, _unlink_files(child)
+                fd = child  # at once: `fd` is always the one descriptor the `finally` below closes
+                try:
+                    pending = _unlink_files(fd)
+                except OSError:  # not listed (out of descriptors, say): left, and the rest still goes
+                    pending = []
                 continue
             name, identity, pending = above.pop()
             parent_fd = os.open("..", _DIRECTORY, dir_fd=fd)
