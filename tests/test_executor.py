@@ -139,3 +139,17 @@ def test_bounded_text_keeps_head_and_tail_of_a_flood() -> None:
     text = sink.getvalue()
     assert sink.total == 1_000_007
     assert len(text) <= 100 and text.endswith("THE END") and "cut" in text
+
+
+def test_a_dict_or_list_answer_becomes_json_only_where_json_can_hold_it() -> None:
+    """Old behaviour caught: NaN became `NaN`, which JSON has not (a typed answer's readers refuse it), under a
+    note saying it was JSON; and a dict subclass whose `items` raised (the encoder calls it) made the cell runner
+    itself raise, past "never raises for errors in the code itself"."""
+    repl = runner()
+    result = repl.run("answer['content'] = {'count': 3, 'names': ['é']}")
+    assert result.answer_content == '{"count": 3, "names": ["é"]}'
+    result = repl.run("answer['content'] = {'x': float('nan')}")
+    assert result.answer_content == "{'x': nan}" and "answer['content'] was converted to str." in result.notes
+    code = "class D(dict):\n    def items(self):\n        raise KeyError('boom')\nanswer['content'] = [D(a=1)]"
+    result = repl.run(code)
+    assert result.error is None and result.answer_content == "[{'a': 1}]"

@@ -315,11 +315,12 @@ class CellRunner:
 
 
 def _json_text(value: dict[Any, Any] | list[Any]) -> str | None:
-    """`value` as JSON text, or None where JSON cannot hold it (keys or values of other types, cycles, nesting
-    deeper than the interpreter's recursion limit)."""
+    """`value` as JSON text, or None where JSON cannot hold it (keys or values of other types, NaN and infinities,
+    cycles, nesting deeper than the interpreter's recursion limit) or where generated code it holds raises (the
+    `items` of a dict subclass, which the encoder calls)."""
     try:
-        return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except Exception:
         return None
 
 
