@@ -221,6 +221,32 @@ def test_a_port_in_use_fails_with_one_line_naming_host_and_port(tmp_path: Path, 
     assert f"cannot listen on 127.0.0.1:{port} (HOST, PORT): [Errno 98] Address already in use" in result.stderr
 
 
+def test_the_address_check_skips_a_family_the_machine_has_no_sockets_of(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOST=localhost where IPv6 is turned off: /etc/hosts still names ::1, whose socket cannot be made, and
+    uvicorn (asyncio) skips it and listens on 127.0.0.1. Old behaviour caught: the check raised, so the server
+    refused to start where it would have served; with no family left, it still says why."""
+    from rlm_service.server import check_address
+
+    port = free_port()
+    both = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", port, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+    ]
+    make = socket.socket
+
+    def without_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return make(family, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "socket", without_ipv6)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+    check_address("localhost", port)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both[:1])
+    with pytest.raises(OSError, match="Address family not supported"):
+        check_address("::1", port)
+
+
 def test_main_honours_host_and_port_and_hides_the_key(tmp_path: Path) -> None:
     env = clean_env(
         HOST="127.0.0.1",

@@ -125,16 +125,26 @@ def serve(settings: Settings, app: FastAPI) -> None:
 
 def check_address(host: str, port: int) -> None:
     """Raise OSError when uvicorn could not listen on `host`:`port` (a port in use, a HOST that is no address of
-    this machine): each address the host names is bound as asyncio binds it, then let go. uvicorn found out only
-    after the app's startup, and said so in a line that named neither variable."""
+    this machine): each address the host names is bound as asyncio binds it, then let go. A family the machine
+    makes no socket of (IPv6 turned off, where `localhost` still names ::1) is skipped, as asyncio skips it,
+    unless no address is left."""
+    bound, unsupported = 0, None
     for family, kind, proto, _, address in socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     ):
-        with socket.socket(family, kind, proto) as probe:
+        try:
+            probe = socket.socket(family, kind, proto)
+        except OSError as exc:
+            unsupported = exc
+            continue
+        with probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
+        bound += 1
+    if not bound and unsupported is not None:
+        raise unsupported
 
 
 def drop_stalled_clients(listener: socket.socket | TransportSocket, seconds: float) -> None:
