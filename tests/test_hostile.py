@@ -141,7 +141,7 @@ def test_printing_a_gigabyte_keeps_the_server_flat(server: RealServer) -> None:
 
 def test_writing_to_the_stderr_descriptor_without_end_is_read_at_a_bounded_pace(server: RealServer) -> None:
     """A cell writes to descriptor 2 (the pipe whose last kilobytes the server keeps for a crash's error) for 3 s:
-    the server reads it at 6.4 MB/s at most (`STDERR_PAUSE_S`), so the cell gets a few tens of MB through, and
+    the server reads it at 6.5 MB/s at most (`STDERR_PAUSE_S`), so the cell gets a few tens of MB through, and
     `/health` keeps answering. Old behaviour caught (the attack pass): the server read all it was given, 7.6 GB in
     10 s, three quarters of a core of its event loop; here the old code let the cell write gigabytes."""
     cell = """

@@ -69,8 +69,8 @@ class _CellProgress:
     """Throttled `subcalls` events for one cell, summed over the batches it sends: the start and the end of each
     batch that sends calls, and between them one event per PROGRESS_INTERVAL_S at most. A batch that sends none
     (every prompt refused: the budget is spent, or it has none) is throttled as a whole: a cell calling llm_query
-    in a loop past the budget would otherwise add an event per call to the run, in memory and in the history
-    (a thousand a second). `flush` shows what the last events left out, when the cell ends."""
+    in a loop past the budget would otherwise add an event per call to the run, in memory and in the history.
+    `flush` shows what the last events left out, when the cell ends."""
 
     def __init__(self, emit: Callable[[int, int, int], None]) -> None:
         self._emit = emit

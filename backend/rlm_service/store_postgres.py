@@ -232,8 +232,8 @@ def _connect_at_start(url: str, wait_s: float) -> psycopg.Connection[tuple[Any, 
 
 def reach_problem(url: str, wait_s: float = START_WAIT_S) -> str | None:
     """Why the history cannot be kept at `url`: the database cannot be reached within `wait_s` (a wrong host, port,
-    name or password); None once it can. Checked at start, before the server's app starts (whose store, failing
-    there, ended the start with a traceback of its lifespan)."""
+    name or password); None once it can. Checked at start, before the server's app starts, so that a bad URL ends
+    the start with one line rather than a traceback of the app's lifespan."""
     try:
         with _connect_at_start(url, wait_s):
             return None

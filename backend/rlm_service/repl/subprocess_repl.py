@@ -129,8 +129,8 @@ def _kill(process: WorkerProcess) -> None:
 STDERR_BURST_BYTES = 64 * 1024
 STDERR_PAUSE_S = 0.01
 """After each STDERR_BURST_BYTES of a worker's stderr, its reading waits this long: a worker's stderr is read
-at 6.4 MB/s at most, and one that writes to it without end waits for the pipe (the attack pass: a cell writing
-to descriptor 2 in a loop had the server read 760 MB/s, three quarters of a core of its event loop)."""
+at 6.5 MB/s at most, and one that writes to it without end waits for the pipe rather than keep the event loop
+every run shares busy reading."""
 
 
 async def _drain_stderr(fd: int, tail: deque[bytes]) -> None:

@@ -248,8 +248,8 @@ def remove_stale_instances(base: Path) -> list[Path]:
 
 def remove_tree(path: Path) -> None:
     """Delete `path` and everything under it, also directories a run made unreadable or unwritable, and trees
-    nested deeper than `shutil.rmtree` goes (it recurses once a level: a chain of a few thousand directories, made
-    in a fraction of a second, raised RecursionError and stayed)."""
+    nested deeper than `shutil.rmtree` goes (it recurses once a level, and raises RecursionError past the
+    interpreter's limit)."""
     with contextlib.suppress(RecursionError):
         shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path) and os.geteuid() != 0:
