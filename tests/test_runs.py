@@ -603,16 +603,20 @@ async def test_a_run_cancelled_again_while_it_cleans_up_still_removes_its_files(
     run's clean-up, and its directory, with the user's input in it, stayed on disk until the server stopped (seen
     with two `POST /api/runs/{id}/cancel` a millisecond apart, most tries)."""
     hang = script({"code": ["import time\ntime.sleep(60)"]})
+
+    def run_directories() -> set[str]:
+        return {path.name for path in instance_directory().iterdir() if path.name.startswith("run-")}
+
     async with Engine(make_settings(fake)) as engine:
-        instance = instance_directory()
+        before = run_directories()  # another test's, if any: not this run's to remove
         run = engine.launch(hang, RunInput.from_text("private input"), RunSettings())
         async with asyncio.timeout(30):
             async for event in run.follow():
                 if event.type == "code":
                     break
-            assert [path.name for path in instance.iterdir() if path.name.startswith("run-")]
+            assert run_directories() - before
             while not run.ended:  # a cancel at every turn of the loop until the run has ended
                 assert run.cancel("pressed again")
                 await asyncio.sleep(0)
             await run.wait()
-        assert [path.name for path in instance.iterdir() if path.name.startswith("run-")] == []
+        assert run_directories() - before == set()
