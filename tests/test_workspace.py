@@ -68,3 +68,26 @@ def test_a_tree_deeper_than_rmtree_goes_is_deleted_without_following_its_links(t
     workspace_module.remove_tree(root)
     assert not root.exists()
     assert (outside / "keep").read_text() == "kept"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a uid of its own per run: the server as root")
+def test_a_uid_whose_files_stay_is_not_given_out_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's files that could not all be deleted keep its worker uid taken: a later run given the uid would own
+    what is left of them. Old behaviour caught (the review): the uid was given back whatever the deletion did."""
+    run = workspace_module.Workspace.create()
+    kept = run.worker_uid
+    assert kept is not None
+    monkeypatch.setattr(workspace_module, "remove_tree", lambda path: None)  # nothing deleted
+    run.remove()
+    monkeypatch.undo()
+    taken: list[int] = []
+    try:
+        # uids are given out lowest first: the first at or past `kept` would be `kept` if it were free
+        while not taken or taken[-1] < kept:
+            taken.append(workspace_module.UID_POOL.take())
+        assert taken[-1] != kept
+    finally:
+        for uid in taken:
+            workspace_module.UID_POOL.give_back(uid)
+        workspace_module.remove_tree(run.root)
+        workspace_module.UID_POOL.give_back(kept)

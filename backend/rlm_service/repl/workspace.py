@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import pwd
 import secrets
@@ -30,6 +31,8 @@ import stat
 import tempfile
 import threading
 from pathlib import Path
+
+log = logging.getLogger("rlm_service")
 
 _UID_BASE = 61000
 _UID_COUNT = 4000
@@ -441,9 +444,18 @@ class Workspace:
                 Path(entry.path).unlink(missing_ok=True)
 
     def remove(self) -> None:
-        try:
-            remove_tree(self.root)
-        finally:
-            if self.worker_uid is not None:
-                UID_POOL.give_back(self.worker_uid)
-                self.worker_uid = None
+        """Delete the run's files, then give its uid back. A uid whose files could not all be deleted stays taken
+        until the server stops: given to a later run, it would own what is left of this run's."""
+        remove_tree(self.root)
+        if self.worker_uid is None:
+            return
+        if os.path.lexists(self.root):
+            log.warning(
+                "the files of a run stay in %s (not all could be deleted); its worker uid %d is not given "
+                "out again until the server stops",
+                self.root,
+                self.worker_uid,
+            )
+        else:
+            UID_POOL.give_back(self.worker_uid)
+        self.worker_uid = None
