@@ -243,5 +243,14 @@ def json_schema() -> dict[str, Any]:
     return _ADAPTER.json_schema()
 
 
+def sse_safe(text: str) -> str:
+    """JSON text with the line breaks that JSON leaves raw and SSE does not split at (NEL, U+2028, U+2029) escaped:
+    readers that split lines as Python's `str.splitlines` does (httpx's `iter_lines`) would cut an event there.
+    Each is looked for with `in` first: most texts hold none, and a regular expression is far slower."""
+    if "\x85" not in text and "\u2028" not in text and "\u2029" not in text:
+        return text
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 if __name__ == "__main__":
     print(json.dumps(json_schema(), indent=1))

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from pydantic_ai.settings import ModelSettings
 
-from .events import CodeEvent, EventBase, FigureEvent, OutputEvent, StartEvent, ThoughtEvent
+from .events import CodeEvent, EventBase, FigureEvent, OutputEvent, StartEvent, ThoughtEvent, sse_safe
 
 MODEL_ID = "rlm"
 TASK_EDGE_CHARS = 2000
@@ -219,12 +219,3 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
 def dumps(value: Any) -> str:
     """Compact JSON for a stream's `data:` line, with nothing in it that a line reader splits at (`sse_safe`)."""
     return sse_safe(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-
-
-def sse_safe(text: str) -> str:
-    """JSON text with the line breaks that JSON leaves raw and SSE does not split at (NEL, U+2028, U+2029) escaped:
-    readers that split lines as Python's `str.splitlines` does (httpx's `iter_lines`) would cut an event there.
-    Each is looked for with `in` first: most texts hold none, and a regular expression is far slower."""
-    if "\x85" not in text and "\u2028" not in text and "\u2029" not in text:
-        return text
-    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

@@ -28,12 +28,11 @@ from starlette.types import Receive, Scope, Send
 from .capacity import Capacity
 from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
-from .events import EventBase, lost_event
+from .events import EventBase, lost_event, sse_safe
 from .fleet import Fleet, Launch
 from .followers import PAGE_CHARS, stored_events
 from .history import in_store
 from .inputs import RunInput
-from .openai_chat import sse_safe
 from .runs import LiveRun
 from .sessions import SessionUnavailable
 from .store import RunStore, StoreUnavailable, off_loop, shown_id, valid_run_id
