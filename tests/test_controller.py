@@ -329,14 +329,21 @@ async def test_a_worker_that_cannot_start_fails_the_run_at_its_first_cell(fake: 
     assert requests == [1]  # one root request, then the cell found no worker
 
 
-@pytest.mark.parametrize(("network", "told"), [("off", "the network is not"), ("on", "so is the network")])
+@pytest.mark.parametrize(
+    ("repl", "network", "told"),
+    [
+        ("subprocess", "off", "the network is not"),
+        ("subprocess", "on", "so is the network"),
+        ("inprocess", "off", "so is the network"),  # code in the server's own process: nothing keeps it off
+    ],
+)
 async def test_the_root_model_is_told_whether_its_cells_have_the_network(
-    fake: FakeOpenAI, network: str, told: str
+    fake: FakeOpenAI, repl: str, network: str, told: str
 ) -> None:
-    """Old behaviour caught: "the network is not" available whatever RLM_WORKER_NETWORK said, so with it on the
-    root model would not fetch what a task pointed it to."""
+    """Old behaviour caught: "the network is not" available whatever RLM_WORKER_NETWORK and RLM_REPL said, so with
+    it on the root model would not fetch what a task pointed it to."""
     done = script({"code": ["answer.update(content='ok', ready=True)"]})
-    async with Engine(make_settings(fake, rlm_worker_network=network)) as engine:
+    async with Engine(make_settings(fake, rlm_repl=repl, rlm_worker_network=network)) as engine:
         events = [event async for event in engine.run(done, "input")]
     assert events[-1].type == "final"
     system = fake.stats.root_bodies[0]["messages"][0]

@@ -409,7 +409,7 @@ class RunDriver:
             answer_check=plan.answer_check,
             model_settings=plan.model_settings,
             first_request=first_request,
-            network=settings.rlm_worker_network == "on" or settings.rlm_repl == "inprocess",
+            network=settings.rlm_worker_network == "on" or not self.engine.repls.keeps_off_network,
         )
         node.controller = controller
         return await controller.run(message)

@@ -92,6 +92,8 @@ class ReplBackend(Protocol):
 
     isolates_uid: bool
     """Whether its code runs as a uid of its own per run (the workspace is then made for that uid)."""
+    keeps_off_network: bool
+    """Whether its code is kept off the network when RLM_WORKER_NETWORK is off (the root model is told which)."""
 
     async def start(self) -> None:
         """Get ready before the first run (warm what the first run would otherwise wait for)."""

@@ -179,6 +179,7 @@ class InprocessBackend:
     """`RLM_REPL=inprocess`: nothing shared; each REPL is a namespace in the server."""
 
     isolates_uid = False
+    keeps_off_network = False
 
     def __init__(self, preload: list[str]) -> None:
         self.preload = preload

@@ -252,6 +252,7 @@ class SubprocessBackend:
     """`RLM_REPL=subprocess`: one zygote per engine; each REPL's worker is forked from it."""
 
     isolates_uid = True
+    keeps_off_network = True
 
     def __init__(self, preload: list[str]) -> None:
         self.zygote = Zygote(preload)
