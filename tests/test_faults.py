@@ -183,6 +183,40 @@ async def test_root_null_content_ends_the_run_with_model_unavailable(fake: FakeO
     assert events[-1].code == "model_unavailable" and "token limit" in events[-1].message
 
 
+def _root_call(name: str, arguments: str) -> dict[str, Any]:
+    call = {"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"content": None, "tool_calls": [call]}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "message", "said"),
+    [
+        ("tools", _root_call("run_python", "{code: print(1)"), ["'run_python' wrongly 3 times", "Invalid JSON"]),
+        ("tools", _root_call("run_python", '{"source": "x"}'), ["wrongly 3 times", "code: Field required"]),
+        ("tools", _root_call("python", '{"code": "x"}'), ["'python' wrongly 3 times", "Available tools: 'run_python'"]),
+        ("text", _root_call("run_python", '{"code": "x"}'), ["'run_python' 3 times", "offered none"]),
+        ("tools", {"content": ""}, ["empty (neither text nor code) 3 times"]),
+        ("text", {"content": ""}, ["empty (neither text nor code) 3 times"]),
+    ],
+    ids=["invalid-json", "wrong-argument", "unknown-tool", "tool-call-in-text", "empty-tools", "empty-text"],
+)
+async def test_root_replies_that_cannot_be_used_are_said_in_words(
+    protocol: str, message: dict[str, Any], said: list[str]
+) -> None:
+    """A root model whose replies cannot be acted on, again and again: tool calls with arguments that are not JSON
+    or lack `code`, calls of a tool that does not exist (or any tool, with the text protocol), empty replies (as a
+    small model on llama.cpp sends). The run ended with PydanticAI's words, "Tool 'run_python' exceeded max retries
+    count of 2. Consider raising the retry limit, or see the docs on tool retries: https://pydantic.dev/…" or
+    "Exceeded maximum output retries (2)", which named a setting the service has not and not what the model sent."""
+    with FakeOpenAI(root=lambda messages, body: {"text": "", "code": []}) as fake:
+        fake.message_fields = {"root": message}
+        events = await run(fake, "anything", rlm_root_protocol=protocol, rlm_max_iterations=5)
+    error = events[-1]
+    assert error.type == "error" and error.code == "model_unavailable", error
+    assert all(words in error.message for words in said), error.message
+    assert "pydantic" not in error.message and "retry limit" not in error.message, error.message
+
+
 async def test_a_server_quoting_the_key_back_does_not_reach_code_or_events(fake: FakeOpenAI) -> None:
     def quoting(prompt: str) -> str:
         raise HTTPFault(401, "Incorrect API key provided: sk-test-key. Find your key at your account page.")

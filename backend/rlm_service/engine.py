@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
@@ -133,7 +134,9 @@ def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
         return "auth", f"The model server refused the API key: {exc}. Check OPENAI_API_KEY."
     if isinstance(exc, ModelCallError):
         return ("auth" if exc.kind == "auth" else "model_unavailable"), str(exc)
-    if isinstance(exc, (ai_exceptions.ModelAPIError, ai_exceptions.UnexpectedModelBehavior)):
+    if isinstance(exc, ai_exceptions.UnexpectedModelBehavior):
+        return "model_unavailable", f"The root model failed: {_misbehaviour(exc)}"
+    if isinstance(exc, ai_exceptions.ModelAPIError):
         return "model_unavailable", f"The root model failed: {exc}"
     if isinstance(exc, SessionUnavailable):
         return "internal", str(exc)
@@ -142,6 +145,44 @@ def classify_error(exc: BaseException) -> tuple[ErrorCode, str]:
     if isinstance(exc, TimeoutError):
         return "timeout", "The run took too long."
     return "internal", f"Internal error: {type(exc).__name__}: {exc}"
+
+
+_TOOL_RETRIES = re.compile(r"Tool '(.*)' exceeded max retries count of (\d+)")
+_OUTPUT_RETRIES = re.compile(r"Exceeded maximum output retries \((\d+)\)")
+
+
+def _misbehaviour(exc: ai_exceptions.UnexpectedModelBehavior) -> str:
+    """What the root model did wrong, said for the user: PydanticAI's words for a tool call it could not run, or
+    for replies with neither text nor a tool call, name its own retry setting and documentation, which the user of
+    the service has no use for, and not what the model sent."""
+    cause = exc.__cause__
+    tool = _TOOL_RETRIES.fullmatch(exc.message.split(". Consider raising", 1)[0])
+    if tool is not None:
+        name, times = tool.group(1), int(tool.group(2)) + 1
+        if isinstance(cause, ValidationError):
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}"
+                for error in cause.errors(include_url=False)[:3]
+            )
+            why = f"its arguments were not JSON with one string, `code` ({problems})"
+        elif "No tools available" in str(cause):
+            return (
+                f"it called a tool {name!r} {times} times in a row, though it is offered none with "
+                "RLM_ROOT_PROTOCOL=text (its code goes in ```python blocks), and was told so each time."
+            )
+        else:
+            why = str(cause or "it could not be run").rstrip(".")
+        return (
+            f"it called the tool {name!r} wrongly {times} times in a row, and was told why each time: {why}. "
+            "Try a root model that calls tools reliably, or RLM_ROOT_PROTOCOL=text."
+        )
+    output = _OUTPUT_RETRIES.fullmatch(exc.message)
+    if output is not None:
+        return (
+            f"its replies were empty (neither text nor code) {int(output.group(1)) + 1} times in a row, "
+            "though it was asked again each time."
+        )
+    return str(exc)
 
 
 class Engine:
