@@ -481,3 +481,20 @@ def test_waiting_non_streamed_requests_do_not_hold_their_conversation(model: Fak
                 caller.join(120)
         assert held, f"the server holds {growth:.2f} times the messages"
     assert len(answers) == requests + 1 and int(answers[-1]) > size
+
+
+def test_a_run_without_code_says_why_it_has_no_answer(server: LiveServer) -> None:
+    """A root model that writes no code (as a small local model often does): the run's final has no answer and a
+    note saying why, which /process and MCP show. An OpenAI client got an empty content and nothing else; the note
+    is now the message's `reasoning_content`, and the stream's last reasoning delta."""
+    messages: Any = [{"role": "user", "content": "Say hello."}]
+    reply = client(server).chat.completions.create(model="rlm", messages=messages)
+    message = reply.choices[0].message
+    assert message.content == "" and reply.choices[0].finish_reason == "length"
+    assert (message.model_extra or {}).get("reasoning_content", "").startswith("Note: The root model wrote no code")
+    reasoning = [
+        (chunk.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+        for chunk in client(server).chat.completions.create(model="rlm", messages=messages, stream=True)
+        if chunk.choices
+    ]
+    assert "Note: The root model wrote no code" in reasoning[-2], reasoning[-3:]

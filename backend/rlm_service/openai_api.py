@@ -2,7 +2,8 @@
 
 Any OpenAI client can use the service as a model: the conversation is the run's input, the last user
 message its task (`openai_chat` says how), and the reply's content is the run's final answer.
-`finish_reason` is `stop` when the answer was marked ready, `length` when limits ended the run first;
+`finish_reason` is `stop` when the answer was marked ready, `length` when limits ended the run first (and when
+the run has a note, why its answer cannot be trusted or why it has none, the message's `reasoning_content` says it);
 `usage` adds up the root and the sub-model tokens. With `stream: true` the run's progress arrives as
 `reasoning_content` deltas while it works, then the answer as `content` deltas, then `data: [DONE]`.
 `response_format` `json_schema` (or `json_object`) becomes the run's answer schema. `temperature`,
@@ -312,7 +313,7 @@ async def _complete(request: Request, run: LiveRun) -> Response:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": terminal.answer, "refusal": None},
+                    "message": _message(terminal),
                     "finish_reason": "stop" if terminal.ready else "length",
                     "logprobs": None,
                 }
@@ -320,6 +321,15 @@ async def _complete(request: Request, run: LiveRun) -> Response:
             "usage": _usage(terminal.usage),
         }
     )
+
+
+def _message(terminal: FinalEvent) -> dict[str, Any]:
+    """The reply's message: the answer, and the run's note (why its answer cannot be trusted, or why it has none:
+    the root model wrote no code) as `reasoning_content`, where a stream sends the run's progress."""
+    message: dict[str, Any] = {"role": "assistant", "content": terminal.answer, "refusal": None}
+    if terminal.note:
+        message["reasoning_content"] = f"Note: {terminal.note}"
+    return message
 
 
 async def _disconnected(request: Request) -> None:
@@ -352,6 +362,8 @@ async def _chunks(run: LiveRun, include_usage: bool) -> AsyncIterator[ServerSent
                     last_subcalls = now
                     yield chunk({"reasoning_content": subcalls_text(event.done, event.failed, event.total)})
             elif isinstance(event, FinalEvent):
+                if event.note:
+                    yield chunk({"reasoning_content": f"\nNote: {event.note}\n"})
                 for start in range(0, len(event.answer), ANSWER_DELTA_CHARS):
                     yield chunk({"content": event.answer[start : start + ANSWER_DELTA_CHARS]})
                     await asyncio.sleep(0)  # thousands of deltas go out at once: let the loop serve others between
