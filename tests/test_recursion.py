@@ -266,3 +266,19 @@ async def test_the_answers_of_one_rlm_batch_are_bounded_together(
     assert printed.count("600") == 1
     assert printed.count("Error: the replies this run's batches hold passed 1,000 byte") == 2
     assert events[-1].type == "final" and events[-1].ready
+
+
+async def test_a_child_without_code_says_why_it_has_no_answer(fake: FakeOpenAI) -> None:
+    """A child whose root model writes no code (a small model on a local server, often): its final carried no
+    note and rlm_query gave "Error: the child run ended without an answer." with no word of why; the note (no code
+    was written) is now in both, as it is in a root run's final."""
+    child_prompt = nested("Look.", {"text": "I will not write code."}, {"text": "Still no code."})
+    prompt = script(
+        {"code": [f"r = rlm_query({child_prompt!r}, context='abc')\nprint(r)"]},
+        {"code": ["answer.update(content=r, ready=True)"]},
+    )
+    events = await run(fake, prompt, rlm_max_depth=2)
+    child_final = [k for k in children(events) if k.event == "final"]
+    assert len(child_final) == 1 and child_final[0].data["note"].startswith("The root model wrote no code")
+    answer = events[-1].answer
+    assert answer.startswith("Error: the child run ended without an answer: The root model wrote no code"), answer

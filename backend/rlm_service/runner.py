@@ -485,11 +485,12 @@ class RunDriver:
                         iterations=result.iterations,
                         usage=own,
                         elapsed_ms=int((time.monotonic() - started) * 1000),
+                        note=result.note,
                     )
                 )
                 if result.answer:
                     return hold.keep(result.answer)[0]
-                return "Error: the child run ended without an answer."
+                return "Error: the child run ended without an answer" + (f": {result.note}" if result.note else ".")
 
         with hold:
             return list(await asyncio.gather(*(child(p, c) for p, c in zip(prompts_, contexts, strict=True))))
