@@ -17,6 +17,7 @@ Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descrip
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -24,6 +25,8 @@ import select
 import signal
 import socket
 import sys
+import traceback
+from typing import NoReturn
 
 MAX_MESSAGE = 1024 * 1024
 
@@ -51,7 +54,23 @@ _live: set[int] = set()
 """Workers forked and not yet reaped."""
 
 
-def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
+def _child(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> NoReturn:
+    """Become a worker, and never return into the zygote's code: an exception there (the run's directory deleted
+    by a run that was cancelled as its worker was forked, so `chdir` fails) would run the zygote's `finally` in
+    this process, which kills the process group of every live worker, other runs' included."""
+    status = 1
+    try:
+        _become_worker(message, fds, control, zygote)
+        status = 0
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()  # to the worker's stderr once it is set up: the server shows its tail
+            sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _become_worker(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
     os.setsid()  # first: the server kills a worker by its process group, which exists from here on
     from . import sandbox, worker
 
@@ -61,11 +80,6 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
     control.close()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.chdir(str(message["cwd"]))
-    os.environ.clear()
-    environment = message["env"]
-    assert isinstance(environment, dict)
-    os.environ.update({str(k): str(v) for k, v in environment.items()})
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -73,10 +87,12 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
     if channel_fd != CHANNEL_FD:
         os.dup2(channel_fd, CHANNEL_FD)
     os.closerange(CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))  # the wake-up pipe, stray descriptors: all
-    try:
-        worker.main(CHANNEL_FD, expected_parent=zygote)
-    finally:
-        os._exit(0)
+    os.chdir(str(message["cwd"]))
+    os.environ.clear()
+    environment = message["env"]
+    assert isinstance(environment, dict)
+    os.environ.update({str(k): str(v) for k, v in environment.items()})
+    worker.main(CHANNEL_FD, expected_parent=zygote)
 
 
 def _reap(control: socket.socket) -> None:
