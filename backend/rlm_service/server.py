@@ -117,10 +117,16 @@ def serve(settings: Settings, app: FastAPI) -> None:
         return
     try:
         check_address(settings.host, settings.port)
-    except OSError as exc:  # one line naming them, as with several processes (uvicorn's named neither)
-        log.error("cannot listen on %s:%s (HOST, PORT): %s", settings.host, settings.port, exc)
-        raise SystemExit(1) from None
+    except OSError as exc:
+        refuse_address(settings, exc)
     run_uvicorn(app, settings, host=settings.host, port=settings.port)
+
+
+def refuse_address(settings: Settings, problem: OSError) -> NoReturn:
+    """End the start when HOST:PORT cannot be listened on, with one line naming both variables (uvicorn's line, or
+    the traceback of a bind, named neither); one process or several, the same words."""
+    log.error("cannot listen on %s:%s (HOST, PORT): %s", settings.host, settings.port, problem)
+    raise SystemExit(1) from None
 
 
 def check_address(host: str, port: int) -> None:

@@ -47,9 +47,10 @@ def serve_processes(settings: Settings, count: int) -> None:
     """Serve on HOST:PORT with `count` processes until SIGTERM or SIGINT; restart any that dies."""
     try:
         holder = _reserve(settings.host, settings.port)
-    except OSError as exc:  # a port in use, a HOST that is no address: one line, as uvicorn's (a traceback was)
-        log.error("cannot listen on %s:%s (HOST, PORT): %s", settings.host, settings.port, exc)
-        raise SystemExit(1) from None
+    except OSError as exc:  # a port in use, a HOST that is no address
+        from .server import refuse_address
+
+        refuse_address(settings, exc)
     address = (settings.host, holder.getsockname()[1])
     runs = multiprocessing.RawArray("i", count)  # no lock: see `capacity`
     sessions = multiprocessing.RawArray("i", count)
