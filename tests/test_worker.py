@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from rlm_service.repl import protocol
-from rlm_service.repl.base import CellOutcome, Repl, ReplOptions
+from rlm_service.repl import protocol, subprocess_repl
+from rlm_service.repl.base import CellOutcome, Repl, ReplError, ReplOptions
 from rlm_service.repl.inprocess_repl import InprocessRepl
 from rlm_service.repl.spawner import WorkerProcess, Zygote
 from rlm_service.repl.subprocess_repl import SubprocessBackend
@@ -209,6 +211,35 @@ async def test_a_worker_that_cannot_start_takes_no_other_worker_with_it() -> Non
             assert b"FileNotFoundError" in stderr.read()
     finally:
         await cells.close()
+        workspace.remove()
+        await backend.close()
+
+
+async def test_a_worker_that_fails_to_start_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error of a worker that dies before it is ready carries the end of what it wrote to stderr (here the
+    traceback of its `chdir`, its directory deleted), even when the server reads that pipe late (as on a busy
+    event loop; here its reading starts 0.2 s late). Old behaviour: the tail was taken the moment the worker's
+    exit was known, while the pipe still held what it wrote last: the error ended at the exit status."""
+    drain = subprocess_repl._drain_stderr
+
+    async def late_drain(fd: int, tail: deque[bytes]) -> None:
+        await asyncio.sleep(0.2)
+        await drain(fd, tail)
+
+    monkeypatch.setattr(subprocess_repl, "_drain_stderr", late_drain)
+    backend = SubprocessBackend([])
+    workspace = Workspace.create()
+    workspace.write_input("abc")
+    handle = backend.make(workspace, ReplOptions(memory_mb=1024))
+    shutil.rmtree(workspace.workdir)
+    try:
+        with pytest.raises(ReplError) as failed:
+            await handle.start()
+        message = str(failed.value)
+        assert message.startswith("the REPL worker did not start: the worker process exited with status 1")
+        assert "FileNotFoundError" in message and str(workspace.workdir) in message, message
+    finally:
+        await handle.close()
         workspace.remove()
         await backend.close()
 

@@ -78,12 +78,14 @@ class _Process:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         stderr_tail: deque[bytes],
+        stderr_drain: asyncio.Future[None],
         uid: int | None,
     ) -> None:
         self.process = process
         self.reader = reader
         self.writer = writer
         self.stderr_tail = stderr_tail
+        self.stderr_drain = stderr_drain
         self.uid = uid
         self.layers: list[str] = []
 
@@ -109,7 +111,10 @@ class _Process:
     def killed_by_memory(self) -> bool:
         return self.process.returncode == -signal.SIGKILL
 
-    def stderr_text(self) -> str:
+    async def stderr_text(self) -> str:
+        """The end of what the worker wrote to stderr, once it has all been read (the pipe still holds its last
+        lines when its exit is known), or after two seconds if something else holds the pipe open."""
+        await asyncio.wait({self.stderr_drain}, timeout=2)
         return b"".join(self.stderr_tail).decode("utf-8", "replace").strip()[-2000:]
 
 
@@ -178,7 +183,7 @@ class ZygoteLauncher:
         drain = asyncio.ensure_future(_drain_stderr(process.stderr, tail))
         self._drains.add(drain)
         drain.add_done_callback(self._drains.discard)
-        worker = _Process(process, reader, writer, tail, workspace.worker_uid)
+        worker = _Process(process, reader, writer, tail, drain, workspace.worker_uid)
         size = workspace.input_path.stat().st_size
         writer.writelines(
             protocol.encode(
@@ -199,7 +204,7 @@ class ZygoteLauncher:
         except (protocol.ChannelClosed, protocol.ProtocolError, ConnectionError, TimeoutError) as exc:
             worker.kill()
             await worker.reap()
-            detail = worker.stderr_text()
+            detail = await worker.stderr_text()
             raise ReplError(
                 f"the REPL worker did not start: {worker.describe_exit()}" + (f": {detail}" if detail else "")
             ) from exc
