@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,7 +205,8 @@ async def test_a_worker_that_cannot_start_takes_no_other_worker_with_it() -> Non
         assert (await cells.execute("kept = len(context)", 10)).error is None
         failed = await backend.zygote.spawn(workspace.root / "deleted", {})
         failed.channel.close()
-        assert await failed.wait() == 1
+        async with asyncio.timeout(30):
+            assert await failed.wait() == 1
         outcome = await cells.execute("kept", 10)
         assert outcome.error is None and outcome.stdout == "3", outcome
         with os.fdopen(failed.stderr, "rb") as stderr:
@@ -213,6 +215,20 @@ async def test_a_worker_that_cannot_start_takes_no_other_worker_with_it() -> Non
         await cells.close()
         workspace.remove()
         await backend.close()
+
+
+async def test_a_worker_that_dies_at_once_is_seen_to_end(zygote: Zygote, tmp_path: Path) -> None:
+    """The zygote reports a worker that dies at once right behind the worker's `spawned`; when the server read
+    both together (its event loop busy meanwhile, here for 0.5 s), the exit came before the spawn had made the
+    future that waits for it, and was dropped: the worker's end was never known (a launch waited its two seconds
+    and said the worker "stopped answering"; this test waited forever)."""
+    await zygote.start()
+    asyncio.get_running_loop().call_soon(time.sleep, 0.5)  # busy while the worker is forked and dies
+    failed = await zygote.spawn(tmp_path / "missing", {})
+    failed.channel.close()
+    os.close(failed.stderr)
+    async with asyncio.timeout(30):
+        assert await failed.wait() == 1
 
 
 async def test_a_worker_that_fails_to_start_says_why(monkeypatch: pytest.MonkeyPatch) -> None:

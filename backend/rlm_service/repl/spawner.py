@@ -104,9 +104,7 @@ class Zygote:
             parent_end.close()
             os.close(stderr_read)
             raise SpawnError(f"the zygote could not fork a worker: {answer.get('error')}")
-        pid = int(answer["pid"])
-        exited = self._exits.setdefault(pid, self._loop.create_future())
-        return WorkerProcess(pid, parent_end, stderr_read, exited)
+        return WorkerProcess(int(answer["pid"]), parent_end, stderr_read, answer["exited"])
 
     def _running(self) -> bool:
         return self._process is not None and self._process.returncode is None and self._control is not None
@@ -177,12 +175,15 @@ class Zygote:
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "exited":
-            pid = int(message["pid"])
-            assert self._loop is not None
-            exited = self._exits.pop(pid, None) or self._loop.create_future()
-            if not exited.done():
+            exited = self._exits.pop(int(message["pid"]), None)
+            if exited is not None and not exited.done():
                 exited.set_result(int(message["returncode"]))
             return
+        if op == "spawned":
+            # A worker that dies at once is reported right behind its `spawned`, often in the same read, before the
+            # spawn that asked for it resumes: the future of its exit must exist from here, not from there.
+            assert self._loop is not None
+            message["exited"] = self._exits[int(message["pid"])] = self._loop.create_future()
         future = self._pending.get(0 if op == "ready" else int(message.get("id", -1)))
         if future is not None and not future.done():
             future.set_result(message)
