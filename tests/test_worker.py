@@ -50,15 +50,19 @@ class Cells:
 
 
 @pytest.fixture
-async def zygote() -> AsyncIterator[Zygote]:
+async def backend() -> AsyncIterator[SubprocessBackend]:
     backend = SubprocessBackend([])
-    yield backend.zygote
+    yield backend
     await backend.close()
 
 
 @pytest.fixture
-async def repl() -> AsyncIterator[Cells]:
-    backend = SubprocessBackend([])
+def zygote(backend: SubprocessBackend) -> Zygote:
+    return backend.zygote
+
+
+@pytest.fixture
+async def repl(backend: SubprocessBackend) -> AsyncIterator[Cells]:
     workspace = Workspace.create()
     workspace.write_input("line one\nline two\n")
     handle = backend.make(workspace, ReplOptions(memory_mb=1024))
@@ -66,7 +70,6 @@ async def repl() -> AsyncIterator[Cells]:
     yield Cells(handle, workspace)
     await handle.close()
     workspace.remove()
-    await backend.close()
 
 
 async def test_cells_share_a_namespace_and_reach_the_server(repl: Cells) -> None:
@@ -191,30 +194,22 @@ async def test_a_run_cancelled_while_its_worker_starts_leaves_no_worker(
         await backend.close()
 
 
-async def test_a_worker_that_cannot_start_takes_no_other_worker_with_it() -> None:
+async def test_a_worker_that_cannot_start_takes_no_other_worker_with_it(
+    backend: SubprocessBackend, repl: Cells
+) -> None:
     """A run cancelled as its worker is forked deletes its directory at once, so the new worker's `chdir` fails.
     That exception went up into the zygote's own code in the forked process, whose clean-up killed the process
     group of every live worker: another run's cell died with "killed by signal 9" (seen as a flaky recursion
     test, a child run ending while its REPL started). The failed worker now exits with status 1 and says why."""
-    backend = SubprocessBackend([])
-    workspace = Workspace.create()
-    workspace.write_input("abc")
-    cells = Cells(backend.make(workspace, ReplOptions(memory_mb=1024)), workspace)
-    try:
-        await cells.repl.start()
-        assert (await cells.execute("kept = len(context)", 10)).error is None
-        failed = await backend.zygote.spawn(workspace.root / "deleted", {})
-        failed.channel.close()
-        async with asyncio.timeout(30):
-            assert await failed.wait() == 1
-        outcome = await cells.execute("kept", 10)
-        assert outcome.error is None and outcome.stdout == "3", outcome
-        with os.fdopen(failed.stderr, "rb") as stderr:
-            assert b"FileNotFoundError" in stderr.read()
-    finally:
-        await cells.close()
-        workspace.remove()
-        await backend.close()
+    assert (await repl.execute("kept = len(context)", 10)).error is None
+    failed = await backend.zygote.spawn(repl.workspace.root / "deleted", {})
+    failed.channel.close()
+    async with asyncio.timeout(30):
+        assert await failed.wait() == 1
+    outcome = await repl.execute("kept", 10)
+    assert outcome.error is None and outcome.stdout == "18", outcome
+    with os.fdopen(failed.stderr, "rb") as stderr:
+        assert b"FileNotFoundError" in stderr.read()
 
 
 async def test_a_worker_that_dies_at_once_is_seen_to_end(zygote: Zygote, tmp_path: Path) -> None:
