@@ -23,13 +23,14 @@ from rlm_service.events import (
     EventBase,
     FigureEvent,
     FinalEvent,
+    OutputEvent,
     ParentRef,
     RunUsage,
     ThoughtEvent,
 )
 from rlm_service.inputs import RunInput
-from rlm_service.repl.workspace import instance_directory
-from rlm_service.runner import StartLine
+from rlm_service.repl.workspace import Workspace, instance_directory
+from rlm_service.runner import RunDriver, RunPlan, StartLine
 from rlm_service.runs import LiveRun, RunRegistry
 from rlm_service.streaming import _sse, sse_frame
 from tests.conftest import (
@@ -37,6 +38,7 @@ from tests.conftest import (
     SseEvent,
     make_settings,
     parse_sse,
+    process_alive,
     removal_held_until_health_answers,
     script,
     spawn_server,
@@ -620,3 +622,38 @@ async def test_a_run_cancelled_again_while_it_cleans_up_still_removes_its_files(
                 await asyncio.sleep(0)
             await run.wait()
         assert run_directories() - before == set()
+
+
+async def test_a_run_cancelled_just_as_it_ends_still_stops_its_worker_and_removes_its_files(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that leaves (or stops the run, or a server that stops) just as the run has its answer cancels it
+    at the first wait of its clean-up. Old behaviour caught: the cancellation cut the clean-up short there, and
+    the run's worker went on running (its input in memory), its directory (the input) stayed on disk and its uid
+    stayed taken, until the server stopped."""
+    made: list[Workspace] = []
+    make_workspace = RunDriver._workspace
+    control = RunDriver._control
+    launched: list[LiveRun] = []
+
+    def workspace(self: RunDriver, plan: RunPlan) -> Workspace:
+        made.append(make_workspace(self, plan))
+        return made[-1]
+
+    async def answered_then_left(self: RunDriver, *args: Any, **kwargs: Any) -> RunOutcome:
+        outcome = await control(self, *args, **kwargs)
+        launched[0].cancel("the client disconnected")  # the run's clean-up comes next
+        return outcome
+
+    monkeypatch.setattr(RunDriver, "_workspace", workspace)
+    monkeypatch.setattr(RunDriver, "_control", answered_then_left)
+    done = script({"code": ["import os\nprint(os.getpid())\nanswer.update(content='done', ready=True)"]})
+    async with Engine(make_settings(fake)) as engine:
+        launched.append(run := engine.launch(done, RunInput.from_text("private input"), RunSettings()))
+        async with asyncio.timeout(30):
+            await run.wait()
+        assert run.events[-1].type == "error" and run.events[-1].code == "cancelled"  # type: ignore[attr-defined]
+        worker = int(next(event.stdout for event in run.events if isinstance(event, OutputEvent)))
+        assert wait_until(lambda: not process_alive(worker), timeout=10), "the run's worker is still running"
+        assert [workspace.root.exists() for workspace in made] == [False]
+        assert made[0].worker_uid is None  # given back (a server that is not root has none to give)

@@ -19,9 +19,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic_ai.settings import ModelSettings
 
@@ -143,6 +143,32 @@ async def _started(starting: asyncio.Future[Repl]) -> bool:
 
 def _nothing() -> None:
     pass
+
+
+async def _close(setup: _Setup, preparing: asyncio.Future[Repl] | None) -> None:
+    """Stop a run's REPL start if it is still going, then close what it made."""
+    if preparing is not None:
+        preparing.cancel()
+        await asyncio.gather(preparing, return_exceptions=True)
+    await setup.close()
+
+
+async def _to_its_end(work: Coroutine[Any, Any, None]) -> None:
+    """Await `work` to its end, in a task of its own: a cancellation of the caller meanwhile does not cut it short,
+    and is raised once it is done."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+        else:
+            break
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 class StartLine:
@@ -326,14 +352,16 @@ class RunDriver:
                     kept = True
         finally:
             leave_line()
-            if not kept:
-                if plan.new_session_id and depth == 0:
-                    self.engine.sessions.unreserve(plan.new_session_id)
-                if preparing is not None:
-                    preparing.cancel()
-                    await asyncio.gather(preparing, return_exceptions=True)
-                await setup.close()
-            run_input.discard()
+            try:
+                if not kept:
+                    if plan.new_session_id and depth == 0:
+                        self.engine.sessions.unreserve(plan.new_session_id)
+                    # To its end even if the run is cancelled meanwhile (its client leaves or stops it, the server
+                    # stops, a parent's cell is cancelled, just as the run ends): cut short at its first wait, it
+                    # left the worker running, the run's files (its input) on disk and its uid taken.
+                    await _to_its_end(_close(setup, preparing))
+            finally:
+                run_input.discard()
 
     async def _prepare(self, setup: _Setup, run_id: str, plan: RunPlan, *, after_line: bool) -> Repl:
         """The run's workspace with its input (made in a thread: taking a worker uid reads /proc), then its
