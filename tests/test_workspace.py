@@ -6,6 +6,7 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,3 +92,32 @@ def test_a_uid_whose_files_stay_is_not_given_out_again(monkeypatch: pytest.Monke
             workspace_module.UID_POOL.give_back(uid)
         workspace_module.remove_tree(run.root)
         workspace_module.UID_POOL.give_back(kept)
+
+
+def test_a_workspace_that_cannot_be_made_leaves_no_directory_and_gives_its_uid_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run's workspace whose working directory cannot be made (the disk filled up between its two directories,
+    say) fails the run. Old behaviour caught: the run's directory stayed, and its worker uid stayed taken, until the
+    server stopped."""
+    pool = workspace_module.UID_POOL
+    taken: list[int] = []
+    take, make_directory = pool.take, os.mkdir
+
+    def take_and_note() -> int:
+        taken.append(take())
+        return taken[-1]
+
+    def mkdir(path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(path) == "work":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        make_directory(path, *args, **kwargs)
+
+    before = set(workspace_module.instance_directory().iterdir())
+    monkeypatch.setattr(pool, "take", take_and_note)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OSError, match="No space left"):
+        workspace_module.Workspace.create()
+    monkeypatch.undo()
+    assert set(workspace_module.instance_directory().iterdir()) == before
+    assert not any(uid in pool._held for uid in taken)

@@ -368,10 +368,14 @@ class Workspace:
                 UID_POOL.give_back(uid)
             raise
         workspace = cls(root, worker_uid=uid)
-        workspace.workdir.mkdir(mode=0o700)
-        if uid is not None:
-            os.chmod(root, 0o711)
-            os.chown(workspace.workdir, uid, uid)
+        try:
+            workspace.workdir.mkdir(mode=0o700)
+            if uid is not None:
+                os.chmod(root, 0o711)
+                os.chown(workspace.workdir, uid, uid)
+        except BaseException:  # (a full disk, say) the run fails; its directory and uid must not stay taken
+            workspace.remove()
+            raise
         return workspace
 
     def adopt_input(self, source: Path) -> None:
