@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -253,6 +255,26 @@ async def test_a_worker_that_fails_to_start_says_why(monkeypatch: pytest.MonkeyP
         await handle.close()
         workspace.remove()
         await backend.close()
+
+
+async def test_a_worker_gone_for_a_while_is_not_killed_by_a_pid_another_process_has_now(repl: Cells) -> None:
+    """A session's worker that ends while the session is idle (the kernel's OOM killer takes workers first, or the
+    run's code made it exit) is reaped by the zygote, and its pid given to the next process that starts once pids
+    wrap around (32,768 of them by default). Ending the session later killed the worker's process group by that
+    pid. Old behaviour caught: the process group that had the pid now, here a process of this test's (another
+    run's worker, or any process of the host, the server being root), was killed."""
+    worker = repl.repl._worker  # type: ignore[attr-defined]
+    outcome = await repl.execute("import os, threading\nthreading.Timer(0.2, os._exit, [0]).start()", 10)
+    assert outcome.error is None, outcome
+    assert await asyncio.wait_for(worker.process.wait(), 10) == 0  # reported ended by the zygote: its pid is free
+    other = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)  # a group's leader
+    try:
+        worker.process.pid = other.pid  # as if the kernel had given the worker's pid to it
+        await repl.close()  # the session ends
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            other.terminate()  # ended by this, it was left alone
+    assert await other.wait() == -signal.SIGTERM, "another process's group was killed"
 
 
 def _cancel_this_task() -> None:

@@ -53,6 +53,9 @@ class WorkerProcess:
     channel: socket.socket
     stderr: int
     exited: asyncio.Future[int] = field(repr=False)
+    started: int | None = None
+    """When it started (`zygote.start_time`), as the zygote saw it before it could end: its pid may be another
+    process's once it has ended and been reaped."""
 
     @property
     def returncode(self) -> int | None:
@@ -104,7 +107,10 @@ class Zygote:
             parent_end.close()
             os.close(stderr_read)
             raise SpawnError(f"the zygote could not fork a worker: {answer.get('error')}")
-        return WorkerProcess(int(answer["pid"]), parent_end, stderr_read, answer["exited"])
+        started = answer.get("started")
+        return WorkerProcess(
+            int(answer["pid"]), parent_end, stderr_read, answer["exited"], started if isinstance(started, int) else None
+        )
 
     def _running(self) -> bool:
         return self._process is not None and self._process.returncode is None and self._control is not None

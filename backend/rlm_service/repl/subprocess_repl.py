@@ -24,6 +24,7 @@ from .base import Repl, ReplError, ReplOptions, register
 from .spawner import BASE_ENVIRONMENT, SpawnError, WorkerProcess, Zygote
 from .worker_repl import Stop, Worker, WorkerRepl
 from .workspace import Workspace, kill_uid
+from .zygote import start_time
 
 log = logging.getLogger("rlm_service")
 
@@ -121,6 +122,11 @@ class _Process:
 def _kill(process: WorkerProcess) -> None:
     """SIGKILL a worker's process group; a worker forked an instant ago has no group of its own yet, and is
     killed by its pid (which the zygote has not reaped, as it has not reported it dead)."""
+    if process.started is not None and start_time(process.pid) not in (None, process.started):
+        # The worker ended and was reaped (a session's worker, killed while the session was idle, say), and its pid
+        # is another process's now (pids wrap around; one is given out again only once no process is left in the
+        # group it names): that group, another run's worker or any process of the host's, is not this one's.
+        return
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:

@@ -11,7 +11,7 @@ goes away, the zygote kills every worker's process group (a worker's descendants
 Control channel (a SOCK_SEQPACKET socket: one datagram per message, file descriptors attached):
     server → zygote: {"op": "spawn", "id", "cwd", "env"} with two fds: the worker's channel socket and
                      the write end of a pipe for its stderr
-    zygote → server: {"op": "spawned", "id", "pid"} or {"op": "failed", "id", "error"};
+    zygote → server: {"op": "spawned", "id", "pid", "started"} or {"op": "failed", "id", "error"};
                      {"op": "exited", "pid", "returncode"} for every worker that ends (negative: a signal)
 """
 
@@ -95,6 +95,16 @@ def _become_worker(message: dict[str, object], fds: list[int], control: socket.s
     worker.main(CHANNEL_FD, expected_parent=zygote)
 
 
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), None if there is none: with the pid, which the kernel
+    gives out again once it is free, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _reap(control: socket.socket) -> None:
     while True:
         try:
@@ -118,7 +128,7 @@ def _spawn(control: socket.socket, message: dict[str, object], fds: list[int]) -
         if pid == 0:
             _child(message, fds, control, zygote)
         _live.add(pid)
-        _send(control, {"op": "spawned", "id": message.get("id"), "pid": pid})
+        _send(control, {"op": "spawned", "id": message.get("id"), "pid": pid, "started": start_time(pid)})
     for fd in fds:
         os.close(fd)
 
