@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import httpx2
 import pytest
 
 from rlm_service import llm
-from rlm_service.engine import Engine
+from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import EventBase
+from rlm_service.inputs import RunInput
+from rlm_service.repl.workspace import Workspace
+from rlm_service.runner import RunDriver, RunPlan
+from rlm_service.runs import LiveRun
 from tests.conftest import LiveServer, make_settings, parse_sse, script, wait_until, worker_processes
 from tests.fake_openai import FakeOpenAI
 
@@ -282,3 +288,44 @@ async def test_a_child_without_code_says_why_it_has_no_answer(fake: FakeOpenAI) 
     assert len(child_final) == 1 and child_final[0].data["note"].startswith("The root model wrote no code")
     answer = events[-1].answer
     assert answer.startswith("Error: the child run ended without an answer: The root model wrote no code"), answer
+
+
+async def test_a_run_cancelled_while_a_child_run_starts_ends_once_the_child_has_cleaned_up(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run cancelled (its client left, the server stops) while a child run's workspace is being made: the child is
+    cancelled with the cell, and its clean-up waits for the workspace to remove it. Old behaviour caught: the cell
+    cancelled the child without waiting for it, so the run ended (its slot given back; at a stop, the server went on
+    to stop its zygote and remove the run files) while the child's workspace was still being made, its uid taken."""
+    made: list[Workspace] = []
+    making: list[RunPlan] = []
+    at_end: list[tuple[int, list[bool]]] = []
+    launched: list[LiveRun] = []
+    make_workspace = RunDriver._workspace
+    loop = asyncio.get_running_loop()
+
+    def workspace(self: RunDriver, plan: RunPlan) -> Workspace:
+        if plan.run_input.text != "the child's context":
+            made.append(make_workspace(self, plan))
+            return made[-1]
+        making.append(plan)
+        try:
+            loop.call_soon_threadsafe(launched[0].cancel, "the client disconnected")
+            time.sleep(2)  # a slow disk, say: the child's workspace is still being made when the run is cancelled
+            made.append(make_workspace(self, plan))
+            return made[-1]
+        finally:
+            making.remove(plan)
+
+    monkeypatch.setattr(RunDriver, "_workspace", workspace)
+    child = nested("Count.", {"code": ["answer.update(content=str(len(context)), ready=True)"]})
+    prompt = script({"code": [f'r = rlm_query({child!r}, "the child\'s context")']})
+    async with Engine(make_settings(fake, rlm_max_depth=2)) as engine:
+        launched.append(run := engine.launch(prompt, RunInput.from_text("root input"), RunSettings()))
+        run.on_end(lambda _: at_end.append((len(making), [workspace.root.exists() for workspace in made])))
+        async with asyncio.timeout(30):
+            await run.wait()
+    assert run.events[-1].type == "error" and run.events[-1].code == "cancelled"  # type: ignore[attr-defined]
+    child_events = [event.event for event in children(run.events)]
+    assert child_events[:1] == ["start"] and not {"final", "error"} & set(child_events)  # cancelled as it started
+    assert at_end == [(0, [False, False])], "the run ended before its child's workspace was made and removed"

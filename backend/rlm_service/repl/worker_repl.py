@@ -190,6 +190,10 @@ class WorkerRepl:
         finally:
             for task in batches:
                 task.cancel()
+            if batches:
+                # and waited for: a child run (`rlm_batch`) cleans up as it is cancelled (its worker, its files, its
+                # uid), which must be done before its run can end (and a stopping server remove the run files)
+                await asyncio.gather(*batches, return_exceptions=True)
         reason, self._stopped_because = self._stopped_because or reason, None
         await self._restart(reason[:300])
         return CellOutcome(
