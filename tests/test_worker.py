@@ -23,7 +23,7 @@ from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.worker import load_text
 from rlm_service.repl.worker_repl import _Budget
 from rlm_service.repl.workspace import Workspace
-from tests.conftest import descendant_commands, wait_until, worker_processes
+from tests.conftest import descendant_commands, descendants, wait_until, worker_processes
 
 
 class Echo:
@@ -275,6 +275,16 @@ async def test_a_worker_gone_for_a_while_is_not_killed_by_a_pid_another_process_
         with contextlib.suppress(ProcessLookupError):
             other.terminate()  # ended by this, it was left alone
     assert await other.wait() == -signal.SIGTERM, "another process's group was killed"
+
+
+async def test_a_worker_ends_with_its_zygote(repl: Cells) -> None:
+    """A worker gets SIGKILL when the zygote that forked it dies, so none outlives it (the zygote's own end kills
+    them all; a zygote killed cannot). Old behaviour, with a uid of its own (a root server): the uid switch
+    cleared the parent-death signal, and the worker went on serving cells with the run's input in memory."""
+    pid = repl.repl._worker.process.pid  # type: ignore[attr-defined]
+    zygote = next(process.ppid for process in descendants() if process.pid == pid)
+    os.kill(zygote, signal.SIGKILL)
+    assert wait_until(lambda: pid not in worker_processes(), timeout=10)
 
 
 def _cancel_this_task() -> None:

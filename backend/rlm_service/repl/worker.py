@@ -180,6 +180,7 @@ def main(fd: int, *, expected_parent: int) -> None:
     except sandbox.SandboxError as exc:
         protocol.send_blocking(sock, {"op": "failed", "error": str(exc)})
         return
+    sandbox.die_with_parent(expected_parent)  # again: the switch to the run's uid cleared it (prctl(2))
     try:
         context = load_text(init["input_path"])
     except MemoryError:
