@@ -287,6 +287,37 @@ async def test_a_worker_ends_with_its_zygote(repl: Cells) -> None:
     assert wait_until(lambda: pid not in worker_processes(), timeout=10)
 
 
+async def test_a_worker_stopped_between_runs_is_told_to_the_next_run_only(backend: SubprocessBackend) -> None:
+    """A session's worker stopped by the disk watch while the session is idle (a thread of its last cell went on
+    writing): the next run is told why its variables are gone, and a cell of that run which times out later is
+    told it timed out. Old behaviour: the next run read "killed by signal 9", and the disk's reason waited, to be
+    given to the next cell that lost its worker (here: a timeout reported as DiskLimit)."""
+    workspace = Workspace.create()
+    workspace.write_input("abc")
+    cells = Cells(backend.make(workspace, ReplOptions(memory_mb=1024, disk_mb=1)), workspace)
+    try:
+        await cells.repl.start()
+        worker = cells.repl._worker  # type: ignore[attr-defined]
+        writes_later = (
+            "import threading, time\n"
+            "def write():\n"
+            "    time.sleep(0.3)\n"
+            "    for name in 'ab':\n"
+            "        open(name, 'wb').write(b'x' * 700_000)\n"
+            "threading.Thread(target=write).start()"
+        )
+        assert (await cells.execute(writes_later, 10)).error is None
+        async with asyncio.timeout(30):
+            await worker.process.wait()
+        start = await cells.repl.begin_run(10)
+        assert start.restarted is not None and start.restarted.startswith("DiskLimit"), start
+        outcome = await cells.execute("while True:\n    pass", 1)
+        assert outcome.error is not None and outcome.error.startswith("TimeoutError"), outcome.error
+    finally:
+        await cells.close()
+        workspace.remove()
+
+
 def _cancel_this_task() -> None:
     task = asyncio.current_task()
     assert task is not None

@@ -137,6 +137,7 @@ class WorkerRepl:
 
     async def _restart(self, reason: str) -> None:
         self._lost = reason
+        self._stopped_because = None  # told now, not to a later cell that loses a worker of its own
         if self._worker is not None:
             self._worker.kill()
             await self._worker.reap()
@@ -222,7 +223,7 @@ class WorkerRepl:
             except (TimeoutError, protocol.ProtocolError, protocol.ChannelClosed, ConnectionError):
                 worker.kill()
                 await worker.reap()
-                self._lost = self._lost or f"the REPL worker {worker.describe_exit()}"
+                self._lost = self._lost or self._stopped_because or worker.describe_exit()
             except asyncio.CancelledError:
                 # The run was cancelled while the worker listed its variables: its `begun` (or the rest of it)
                 # would be read as the answer to the next message, so the worker is stopped, as mid-cell.
