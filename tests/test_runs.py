@@ -657,3 +657,46 @@ async def test_a_run_cancelled_just_as_it_ends_still_stops_its_worker_and_remove
         assert wait_until(lambda: not process_alive(worker), timeout=10), "the run's worker is still running"
         assert [workspace.root.exists() for workspace in made] == [False]
         assert made[0].worker_uid is None  # given back (a server that is not root has none to give)
+
+
+async def test_a_session_run_cancelled_while_it_waits_for_its_repl_at_its_end_ends_cancelled_and_keeps_it(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that asked for a session and had its answer before its REPL was up waits for the REPL at its end,
+    to keep it as the session. Old behaviour caught: a cancel that came then (the user pressing stop, the client
+    leaving) was swallowed: the cancel was accepted, and the run went on to end `final`."""
+    prepare, control = RunDriver._prepare, RunDriver._control
+    waiting = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def slow_prepare(self: RunDriver, *args: Any, **kwargs: Any) -> Any:
+        waiting.set()
+        await go_on.wait()
+        return await prepare(self, *args, **kwargs)
+
+    async def answered_at_once(self: RunDriver, *args: Any, **kwargs: Any) -> RunOutcome:
+        return RunOutcome(answer="done", ready=True, iterations=1)
+
+    monkeypatch.setattr(RunDriver, "_prepare", slow_prepare)
+    monkeypatch.setattr(RunDriver, "_control", answered_at_once)
+    async with Engine(make_settings(fake)) as engine:
+        run = engine.launch("x", RunInput.from_text("abc"), RunSettings(session=True))
+        async with asyncio.timeout(30):
+            await waiting.wait()
+            for _ in range(10):  # the run is past its answer, waiting for the REPL
+                await asyncio.sleep(0)
+            assert not run.ended
+            assert run.cancel("pressed stop")
+            await asyncio.sleep(0.05)
+            go_on.set()
+            await run.wait()
+        assert run.events[-1].type == "error" and run.events[-1].code == "cancelled"  # type: ignore[attr-defined]
+        monkeypatch.setattr(RunDriver, "_control", control)
+        follow_up = engine.launch(
+            script({"code": ["answer.update(content=context, ready=True)"]}),
+            RunInput.from_text(""),
+            session_id=run.session_id,
+        )
+        async with asyncio.timeout(30):
+            await follow_up.wait()
+        assert follow_up.events[-1].type == "final" and follow_up.events[-1].answer == "abc"  # type: ignore[attr-defined]

@@ -97,6 +97,8 @@ class _Setup:
 
     making: asyncio.Future[Workspace] | None = None
     repl: Repl | None = None
+    kept: bool = False
+    """Both went to a new session, which closes them."""
 
     async def close(self) -> None:
         """Close the REPL and remove the workspace, waiting for a thread still making it. The removal runs in
@@ -136,7 +138,7 @@ async def _started(starting: asyncio.Future[Repl]) -> bool:
     """Whether the REPL started, waiting for a start still under way (a run can end before its first cell;
     its session still gets the REPL)."""
     if not starting.done():
-        with contextlib.suppress(Exception, asyncio.CancelledError):
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(starting), START_WAIT_S)
     return starting.done() and not starting.cancelled() and starting.exception() is None
 
@@ -318,7 +320,6 @@ class RunDriver:
         setup = _Setup()
         preparing: asyncio.Future[Repl] | None = None
         leave_line = _nothing  # children start from a cell of their parent, already past the line
-        kept = False
         try:
             emit(self._start_event(run_id, depth, run_input, plan.limits, plan.new_session_id))
             if depth == 0:
@@ -335,25 +336,33 @@ class RunDriver:
                 )
             finally:
                 leave_line()  # before waiting for the REPL, whose start waits for the line
-                if plan.new_session_id and await _started(preparing):
-                    assert setup.making is not None
-                    self.engine.sessions.add(
-                        Session(
-                            id=plan.new_session_id,
-                            repl=preparing.result(),
-                            workspace=setup.making.result(),
-                            input_chars=run_input.chars,
-                            input_lines=run_input.lines,
-                            input_kind=kind,
-                            preview=preview,
-                            live_run=run_id,
-                        )
-                    )
-                    kept = True
+                if plan.new_session_id:
+                    session_id, starting = plan.new_session_id, preparing
+
+                    async def keep() -> None:
+                        if await _started(starting):
+                            assert setup.making is not None
+                            self.engine.sessions.add(
+                                Session(
+                                    id=session_id,
+                                    repl=starting.result(),
+                                    workspace=setup.making.result(),
+                                    input_chars=run_input.chars,
+                                    input_lines=run_input.lines,
+                                    input_kind=kind,
+                                    preview=preview,
+                                    live_run=run_id,
+                                )
+                            )
+                            setup.kept = True
+
+                    # to its end even if the run is cancelled meanwhile (then raised): the run ends `cancelled`
+                    # and its session is kept, as for a cancel that comes earlier
+                    await _to_its_end(keep())
         finally:
             leave_line()
             try:
-                if not kept:
+                if not setup.kept:
                     if plan.new_session_id and depth == 0:
                         self.engine.sessions.unreserve(plan.new_session_id)
                     # To its end even if the run is cancelled meanwhile (its client leaves or stops it, the server
