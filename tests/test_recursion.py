@@ -290,8 +290,9 @@ async def test_a_child_without_code_says_why_it_has_no_answer(fake: FakeOpenAI) 
     assert answer.startswith("Error: the child run ended without an answer: The root model wrote no code"), answer
 
 
+@pytest.mark.parametrize("repl", ["subprocess", "inprocess"])
 async def test_a_run_cancelled_while_a_child_run_starts_ends_once_the_child_has_cleaned_up(
-    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, repl: str
 ) -> None:
     """A run cancelled (its client left, the server stops) while a child run's workspace is being made: the child is
     cancelled with the cell, and its clean-up waits for the workspace to remove it. Old behaviour caught: the cell
@@ -320,7 +321,7 @@ async def test_a_run_cancelled_while_a_child_run_starts_ends_once_the_child_has_
     monkeypatch.setattr(RunDriver, "_workspace", workspace)
     child = nested("Count.", {"code": ["answer.update(content=str(len(context)), ready=True)"]})
     prompt = script({"code": [f'r = rlm_query({child!r}, "the child\'s context")']})
-    async with Engine(make_settings(fake, rlm_max_depth=2)) as engine:
+    async with Engine(make_settings(fake, rlm_max_depth=2, rlm_repl=repl)) as engine:
         launched.append(run := engine.launch(prompt, RunInput.from_text("root input"), RunSettings()))
         run.on_end(lambda _: at_end.append((len(making), [workspace.root.exists() for workspace in made])))
         async with asyncio.timeout(30):

@@ -56,6 +56,8 @@ class InprocessRepl:
         self._context = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._calls: set[concurrent.futures.Future[list[str]]] = set()
+        self._serving: set[asyncio.Task[Any]] = set()
+        """The loop's tasks serving the cell's calls, to wait for once cancelled."""
         self._thread: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -85,7 +87,7 @@ class InprocessRepl:
     def _call(self, coroutine: Any) -> list[str]:
         """Run a coroutine on the server's loop from the cell's thread, and wait for it."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._served(coroutine), self._loop)
         self._calls.add(future)
         try:
             results: list[str] = future.result()
@@ -93,9 +95,24 @@ class InprocessRepl:
         finally:
             self._calls.discard(future)
 
-    def _cancel_calls(self) -> None:
+    async def _served(self, coroutine: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        self._serving.add(task)
+        try:
+            return await coroutine
+        finally:
+            self._serving.discard(task)
+
+    async def _cancel_calls(self) -> None:
+        """Cancel the cell's calls and wait for them: a child run (`rlm_batch`) cleans up as it is cancelled (its
+        worker, its files, its uid), which must be done before its parent's run can end."""
         for future in list(self._calls):
             future.cancel()
+        serving = list(self._serving)
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
 
     async def begin_run(self, timeout: float) -> RunStart:
         """Reset `answer` and list the namespace's variables (in a thread: their reprs are user code)."""
@@ -133,8 +150,8 @@ class InprocessRepl:
         except TimeoutError:
             return await self._stop_cell(thread, done, started, timeout)
         except asyncio.CancelledError:
-            self._cancel_calls()
             _interrupt(thread)
+            await self._cancel_calls()
             raise
         finally:
             self._thread = None
@@ -145,8 +162,8 @@ class InprocessRepl:
     async def _stop_cell(
         self, thread: threading.Thread, done: asyncio.Future[CellOutcome], started: float, timeout: float
     ) -> CellOutcome:
-        self._cancel_calls()
         _interrupt(thread)
+        await self._cancel_calls()
         message = f"TimeoutError: the cell ran for more than {timeout:g} s and was stopped (RLM_EXEC_TIMEOUT_S)."
         restarted = False
         try:
@@ -169,9 +186,9 @@ class InprocessRepl:
         )
 
     async def close(self) -> None:
-        self._cancel_calls()
         if self._thread is not None:
             _interrupt(self._thread)
+        await self._cancel_calls()
         self._runner = None
 
 
