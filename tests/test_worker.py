@@ -18,7 +18,7 @@ import pytest
 from rlm_service.repl import protocol, subprocess_repl
 from rlm_service.repl.base import CellOutcome, Repl, ReplError, ReplOptions
 from rlm_service.repl.inprocess_repl import InprocessRepl
-from rlm_service.repl.spawner import WorkerProcess, Zygote
+from rlm_service.repl.spawner import SpawnError, WorkerProcess, Zygote
 from rlm_service.repl.subprocess_repl import SubprocessBackend
 from rlm_service.repl.worker import load_text
 from rlm_service.repl.worker_repl import _Budget
@@ -407,3 +407,39 @@ async def test_a_message_cut_midway_gives_its_reservation_back() -> None:
     with pytest.raises(protocol.ChannelClosed):
         await protocol.read_message(reader, reserve, budget.give)
     assert budget.used == 0
+
+
+async def test_a_burst_of_spawns_faster_than_the_zygote_reads_them_all_get_a_worker(
+    zygote: Zygote, tmp_path: Path
+) -> None:
+    """Spawn requests go to the zygote over a socket that holds a few hundred kilobytes of them (a hundred or so
+    with a large environment); a burst larger than that, sent faster than the zygote forks, filled it. Old
+    behaviour caught: the spawns past it failed with BlockingIOError (their runs ended with an internal error)."""
+    await zygote.start()
+    environment = {"PADDING": "x" * 4000}  # a socket's worth in a few dozen requests
+    spawned = await asyncio.wait_for(
+        asyncio.gather(*(zygote.spawn(tmp_path / "missing", environment) for _ in range(300))), 120
+    )
+    for worker in spawned:
+        worker.channel.close()
+        os.close(worker.stderr)
+    async with asyncio.timeout(60):
+        assert {await worker.wait() for worker in spawned} == {1}  # each forked, and ended at its missing directory
+
+
+async def test_spawns_waiting_for_room_fail_at_once_when_the_zygote_goes(zygote: Zygote, tmp_path: Path) -> None:
+    """Spawns waiting for room on the zygote's socket when the zygote goes (here: closed, as at the server's stop)
+    fail at once, not at their 30 s timeout."""
+    await zygote.start()
+    environment = {"PADDING": "x" * 4000}
+    spawns = [asyncio.ensure_future(zygote.spawn(tmp_path / "missing", environment)) for _ in range(300)]
+    await asyncio.sleep(0)  # every spawn has sent its request or waits for room
+    await zygote.close()
+    async with asyncio.timeout(10):
+        outcomes = await asyncio.gather(*spawns, return_exceptions=True)
+    assert {type(outcome) for outcome in outcomes} <= {WorkerProcess, SpawnError}
+    assert any(isinstance(outcome, SpawnError) for outcome in outcomes)
+    for outcome in outcomes:
+        if isinstance(outcome, WorkerProcess):
+            outcome.channel.close()
+            os.close(outcome.stderr)

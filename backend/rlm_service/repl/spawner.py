@@ -77,6 +77,8 @@ class Zygote:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._starting: asyncio.Lock | None = None
+        self._sending = asyncio.Lock()
+        self._writable: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Start the zygote now rather than at the first spawn."""
@@ -92,8 +94,8 @@ class Zygote:
         self._pending[request_id] = reply
         message = json.dumps({"op": "spawn", "id": request_id, "cwd": str(cwd), "env": env}).encode()
         try:
-            socket.send_fds(self._control, [message], [child_end.fileno(), stderr_write])
             async with asyncio.timeout(30):  # (not `wait_for`, which in 3.11 can swallow a cancellation)
+                await self._send(message, [child_end.fileno(), stderr_write], reply)
                 answer = await reply
         except BaseException:
             parent_end.close()
@@ -111,6 +113,34 @@ class Zygote:
         return WorkerProcess(
             int(answer["pid"]), parent_end, stderr_read, answer["exited"], started if isinstance(started, int) else None
         )
+
+    async def _send(self, message: bytes, fds: list[int], reply: asyncio.Future[dict[str, Any]]) -> None:
+        """Send a request to the zygote, one sender at a time in the order they came, waiting for room when a
+        burst has filled the socket (a few hundred kilobytes) faster than the zygote reads. Not sent if the zygote
+        is lost meanwhile: `reply` then says so."""
+        async with self._sending:
+            while not reply.done():
+                assert self._control is not None and self._loop is not None
+                try:
+                    socket.send_fds(self._control, [message], fds)
+                    return
+                except BlockingIOError:
+                    await self._room(self._control, self._loop)
+
+    async def _room(self, control: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        """Until the control socket can take more, or the zygote is lost (`_lost`)."""
+        self._writable = loop.create_future()
+        loop.add_writer(control.fileno(), self._wake)
+        try:
+            await self._writable
+        finally:
+            self._writable = None
+            if self._control is control:
+                loop.remove_writer(control.fileno())
+
+    def _wake(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
 
     def _running(self) -> bool:
         return self._process is not None and self._process.returncode is None and self._control is not None
@@ -198,8 +228,10 @@ class Zygote:
         """The zygote died: its workers die with it (PDEATHSIG); fail whatever waited on it."""
         if self._control is not None and self._loop is not None:
             self._loop.remove_reader(self._control.fileno())
+            self._loop.remove_writer(self._control.fileno())
             self._control.close()
         self._control = None
+        self._wake()
         for future in self._pending.values():
             if not future.done():
                 future.set_result({"op": "failed", "error": "the worker zygote exited"})
