@@ -16,7 +16,7 @@ import pytest
 
 from rlm_service import runs as runs_module
 from rlm_service.controller import Controller, RunOutcome
-from rlm_service.engine import Engine, RunSettings
+from rlm_service.engine import Engine, EngineClosed, RunSettings
 from rlm_service.events import (
     AnswerEvent,
     ChildEvent,
@@ -700,3 +700,22 @@ async def test_a_session_run_cancelled_while_it_waits_for_its_repl_at_its_end_en
         async with asyncio.timeout(30):
             await follow_up.wait()
         assert follow_up.events[-1].type == "final" and follow_up.events[-1].answer == "abc"  # type: ignore[attr-defined]
+
+
+async def test_an_engine_that_is_closing_refuses_new_runs(fake: FakeOpenAI) -> None:
+    """From Python (`Engine`), a run asked for once `aclose` has begun is refused. Old behaviour caught: it was
+    launched, started the workers' zygote again after the engine had stopped it (a process that outlived the
+    engine) and made its files in a run directory already given back."""
+    hang = script({"code": ["import time\ntime.sleep(60)"]})
+    engine = Engine(make_settings(fake))
+    await engine.start()
+    live = engine.launch(hang, RunInput.from_text("abc"), RunSettings())
+    closing = asyncio.ensure_future(engine.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(EngineClosed, match="closing or closed"):
+        engine.launch("x", RunInput.from_text("abc"), RunSettings())
+    async with asyncio.timeout(30):
+        await closing
+    assert live.events[-1].type == "error" and live.events[-1].code == "cancelled"  # type: ignore[attr-defined]
+    with pytest.raises(EngineClosed):
+        engine.launch("x", RunInput.from_text("abc"), RunSettings())

@@ -90,6 +90,10 @@ class SettingsRefused(ValueError):
     """A per-run setting above the server's limit."""
 
 
+class EngineClosed(RuntimeError):
+    """A run asked of an engine that is closing or closed."""
+
+
 def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLimits:
     requested = requested or RunSettings()
     limits = RunLimits(
@@ -216,6 +220,7 @@ class Engine:
         self._agent: Agent[Controller, str] | None = None
         self._child_agent: Agent[Controller, str] | None = None
         self._driver = RunDriver(self)
+        self._closing = False
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -231,7 +236,10 @@ class Engine:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Cancel the live runs (each ends with its `error` event), end the sessions, stop the workers."""
+        """Cancel the live runs (each ends with its `error` event), end the sessions, stop the workers. Runs asked
+        for from now on are refused (`EngineClosed`): one started meanwhile would start the workers' zygote again,
+        which then outlived the engine, and put its files where nothing removes them."""
+        self._closing = True
         await asyncio.gather(*(run.wait() for run in self.cancel_live()))
         await self.sessions.close()
         await self.repls.close()
@@ -290,8 +298,10 @@ class Engine:
         `cancelled`. With `session_id` the run is a follow-up on that session's REPL (`run_input` unused).
         `model_settings` (temperature, top_p, max_tokens, seed…) go with every request of the root model.
         Raises `SettingsRefused` for per-run settings above the server's limits, and `SessionUnavailable`
-        (404, 409) for a session that is gone or busy.
+        (404, 409) for a session that is gone or busy, and `EngineClosed` once `aclose` has begun.
         """
+        if self._closing:
+            raise EngineClosed("the engine is closing or closed: it starts no new run")
         limits = effective_limits(self.settings, settings)
         prompt = valid_unicode(prompt)  # stored, and shown to the root model, as UTF-8
         run_id = run_id or uuid.uuid4().hex[:16]
