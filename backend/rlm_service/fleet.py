@@ -34,6 +34,7 @@ from .engine import RunSettings, SettingsRefused
 from .events import Event, is_terminal
 from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listener, StoreFollower, Wakeups
 from .pulse import Pulse
+from .repl.procstat import stat_fields
 from .runs import LiveRun
 from .sessions import Session, SessionUnavailable, no_session
 from .store import StoreUnavailable, off_loop
@@ -517,8 +518,4 @@ def _sibling(host: str, pid: int) -> bool:
     """Whether the process `pid` of `host` is one of this process's supervisor (`WEB_CONCURRENCY`)."""
     if host != socket.gethostname():
         return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[1]) == os.getppid()
-    except (OSError, ValueError, IndexError):
-        return False
+    return stat_fields(pid, 4) == (os.getppid(),)

@@ -17,6 +17,8 @@ import ctypes
 import logging
 import os
 
+from .repl.procstat import stat_fields
+
 log = logging.getLogger("rlm_service")
 
 SECRET_VARIABLES = ("OPENAI_API_KEY", "RLM_API_TOKEN", "RLM_DATABASE_URL")
@@ -36,15 +38,11 @@ def redact(text: str, secret: str | None) -> str:
 
 def _environment_block() -> tuple[int, bytes] | None:
     """The address and contents of this process's original environment block."""
-    try:
-        with open("/proc/self/stat", "rb") as handle:
-            stat = handle.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        # Fields after the command name start at field 3; env_start and env_end are fields 50 and 51.
-        env_start, env_end = int(fields[50 - 3]), int(fields[51 - 3])
-        return env_start, ctypes.string_at(env_start, env_end - env_start)
-    except (OSError, ValueError, IndexError):
+    bounds = stat_fields("self", 50, 51)  # env_start, env_end
+    if bounds is None:
         return None
+    env_start, env_end = bounds
+    return env_start, ctypes.string_at(env_start, env_end - env_start)
 
 
 def wipe_secrets_from_environment(names: tuple[str, ...] = SECRET_VARIABLES) -> int:

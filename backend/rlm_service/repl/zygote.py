@@ -28,6 +28,8 @@ import sys
 import traceback
 from typing import NoReturn
 
+from .procstat import stat_fields
+
 MAX_MESSAGE = 1024 * 1024
 
 
@@ -98,11 +100,8 @@ def _become_worker(message: dict[str, object], fds: list[int], control: socket.s
 def start_time(pid: int) -> int | None:
     """When process `pid` started (clock ticks after boot), None if there is none: with the pid, which the kernel
     gives out again once it is free, it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return int(stat.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
+    fields = stat_fields(pid, 22)
+    return fields[0] if fields is not None else None
 
 
 def _reap(control: socket.socket) -> None:
