@@ -168,10 +168,15 @@ def free_port() -> int:
 
 
 def start_on_free_port(
-    start: Callable[[int], subprocess.Popen[bytes]], ready: Callable[[int], bool], timeout: float = 60
+    start: Callable[[int], subprocess.Popen[bytes]],
+    ready: Callable[[int], bool],
+    timeout: float = 60,
+    *,
+    stderr: Path | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a server process on a free port and wait until `ready(port)`. Another process on the machine
-    may take the port between our check and the server's bind: the server then exits, and we try another."""
+    may take the port between our check and the server's bind: the server then exits, and we try another.
+    `stderr`: the file the server writes its stderr to, whose end a server that never gets ready is failed with."""
     for _ in range(3):
         port = free_port()
         process = start(port)
@@ -183,7 +188,10 @@ def start_on_free_port(
         if process.poll() is None:
             process.kill()
             process.wait(10)
-            raise RuntimeError(f"the server did not become ready within {timeout:g} s")
+            said = stderr.read_text(errors="replace")[-3000:] if stderr is not None and stderr.exists() else ""
+            raise RuntimeError(
+                f"the server did not become ready within {timeout:g} s" + (f"; its stderr:\n{said}" if said else "")
+            )
     raise RuntimeError("the server exited at start three times (is the port taken each time?)")
 
 
@@ -629,17 +637,22 @@ def spawn_server(
         }
     )
 
+    stderr = cwd / "server-stderr.txt"  # (quiet at RLM_LOG_LEVEL=warning: what a failed start says)
+
     def start(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "backend" / "main.py")],
-            cwd=cwd,
-            env={**env, "PORT": str(port)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL if env["RLM_LOG_LEVEL"] == "warning" else None,
-        )
+        with stderr.open("ab") as errors:
+            return subprocess.Popen(
+                [sys.executable, str(REPO / "backend" / "main.py")],
+                cwd=cwd,
+                env={**env, "PORT": str(port)},
+                stdout=subprocess.DEVNULL,
+                stderr=errors if env["RLM_LOG_LEVEL"] == "warning" else None,
+            )
 
     try:
-        process, port = start_on_free_port(start, lambda port: answers_health(f"http://127.0.0.1:{port}"))
+        process, port = start_on_free_port(
+            start, lambda port: answers_health(f"http://127.0.0.1:{port}"), stderr=stderr
+        )
     except BaseException:
         fake.stop()
         raise

@@ -931,7 +931,8 @@ def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> No
     env = _cli_env(fake)
     data = tmp_path / "in.txt"
     data.write_text("x")
-    slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": ["answer.update(content='1', ready=True)"]})
+    # held at its sub-call until both refusals are in: a run that sleeps a while ended first on a busy machine
+    slow = script({"code": ["llm_query('held')"]}, {"code": ["answer.update(content='1', ready=True)"]})
     done = script({"code": ["answer.update(content='1', ready=True)"]})
     with LiveServer(make_settings(fake)) as server:
         with_input = _cli("run", "q", "--follow-up", "s1", "--input", str(data), "--server", server.url, env=env)
@@ -939,6 +940,7 @@ def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> No
         both = _cli("run", "q", "--follow-up", "s1", "--session", "--server", server.url, env=env)
         one = _cli("run", done, "--server", server.url, "--session", "--json", env=env)
         session_id = str(_json_events(one.stdout)[0]["session_id"])
+        fake.inject("hold", role="sub")
         with (
             httpx2.Client(timeout=60) as client,
             client.stream("POST", f"{server.url}/process", json={"prompt": slow, "session_id": session_id}) as response,
@@ -947,6 +949,7 @@ def test_follow_ups_are_refused_in_words(fake: FakeOpenAI, tmp_path: Path) -> No
             live_id = next(events).data["run_id"]
             busy = _cli("run", "q", "--follow-up", session_id, "--server", server.url, env=env)
             busy_end = _cli("session", session_id, "--end", "--server", server.url, env=env)
+            fake.release()
             list(events)
     assert with_input.returncode == 2 and "give no --input" in with_input.stderr.decode()
     assert local.returncode == 2 and "--follow-up needs --server" in local.stderr.decode()
