@@ -392,9 +392,9 @@ raw.sendall(len(body).to_bytes(4, 'big') + bytes(4) + body)  # a head of 150 MB,
     assert "ProtocolError" in first["error"] and "replaced" in first["error"], first["error"]
     assert first["duration_ms"] < 15_000
     assert second["stdout"] == "after the flood 9\n" and events[-1].event == "final"
-    # On a quiet machine no answer takes 100 ms; the bound allows a loaded one and still catches the mutant,
-    # whose stall lasts tens of seconds.
-    assert watch.answers > 0 and watch.slowest < 2.0, watch
+    # On a quiet machine no answer takes 100 ms; the bound allows a loaded one (2.3 s seen with eight tests at
+    # once on two cores) and still catches the mutant, whose stall lasts tens of seconds.
+    assert watch.answers > 0 and watch.slowest < 5.0, watch
     assert peak_rss(server.pid) - peak_before < 100 * 2**20
     server.assert_healthy()
 
