@@ -78,7 +78,6 @@ class Zygote:
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._starting: asyncio.Lock | None = None
         self._sending = asyncio.Lock()
-        self._writable: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Start the zygote now rather than at the first spawn."""
@@ -125,22 +124,25 @@ class Zygote:
                     socket.send_fds(self._control, [message], fds)
                     return
                 except BlockingIOError:
-                    await self._room(self._control, self._loop)
+                    await self._room(self._control, self._loop, reply)
 
-    async def _room(self, control: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        """Until the control socket can take more, or the zygote is lost (`_lost`)."""
-        self._writable = loop.create_future()
-        loop.add_writer(control.fileno(), self._wake)
+    async def _room(
+        self, control: socket.socket, loop: asyncio.AbstractEventLoop, reply: asyncio.Future[dict[str, Any]]
+    ) -> None:
+        """Until the control socket can take more, or the zygote is lost (`_lost` answers `reply`)."""
+        writable: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not writable.done():
+                writable.set_result(None)
+
+        loop.add_writer(control.fileno(), wake)
         try:
-            await self._writable
+            either: set[asyncio.Future[Any]] = {writable, reply}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._writable = None
-            if self._control is control:
+            if self._control is control:  # (`_lost` removed it before closing the socket)
                 loop.remove_writer(control.fileno())
-
-    def _wake(self) -> None:
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
 
     def _running(self) -> bool:
         return self._process is not None and self._process.returncode is None and self._control is not None
@@ -231,7 +233,6 @@ class Zygote:
             self._loop.remove_writer(self._control.fileno())
             self._control.close()
         self._control = None
-        self._wake()
         for future in self._pending.values():
             if not future.done():
                 future.set_result({"op": "failed", "error": "the worker zygote exited"})
