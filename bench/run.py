@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import benchmarks as b
-from bench import fleet_bench
+from bench import busy_cells, fleet_bench
 from bench import resources as r
 from bench.common import ROOT, Stat, fake_server, machine
 
@@ -543,6 +543,32 @@ def b6_sessions_rows() -> list[dict[str, str]]:
     ]
 
 
+def bench_b13() -> list[dict[str, str]]:
+    work = b.temp_dir()
+    try:
+        with fake_server(latency=1.0, sub_latency=0.5) as server:
+            s = repeat(
+                REPEATS,
+                lambda: busy_cells.b13_beside_computing_cells(
+                    server, runs=16, batch=50, spinners=8, spin_s=12, work=work
+                ),
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [
+        row(
+            "B13",
+            "16 concurrent runs at realistic latencies (B11's) beside 8 runs whose cell computes: total wall ÷ "
+            "the same burst's alone; the slowest `/health` answer during it",
+            f"{s['ratio'].show(unit='×')} ({s['beside_s'].show(unit=' s')} vs {s['alone_s'].show(unit=' s')}); "
+            f"{s['health_max_ms'].show('{:.0f}', ' ms')}",
+            "≤ 1.1×",
+            s["ratio"].median <= 1.1,
+            s.failures,
+        )
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "B1": bench_b1,
     "B2": bench_b2,
@@ -555,6 +581,7 @@ BENCHMARKS: dict[str, Callable[[], list[dict[str, str]]]] = {
     "B10": bench_b10,
     "B11": bench_b11,
     "B12": bench_b12,
+    "B13": bench_b13,
 }
 
 

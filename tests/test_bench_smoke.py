@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import benchmarks as b
-from bench import fleet_bench
+from bench import busy_cells, fleet_bench
 from bench.common import fake_server
 
 
@@ -96,3 +96,11 @@ def test_b12_every_follower_of_the_killed_replica_hears_lost(tmp_path: Path, pg_
         )
     assert result["followers"] == 4 and result["lost"] == 4
     assert result["others"] == result["others_final"] == 2
+
+
+def test_b13_measures_beside_cells_that_are_computing(tmp_path: Path) -> None:
+    """Mutant caught: computing runs whose cell does not compute (it prints and ends at once), so that the
+    burst's runs had nothing beside them."""
+    with fake_server(latency=0.05, sub_latency=0.02) as server:
+        result = busy_cells.b13_beside_computing_cells(server, runs=2, batch=4, spinners=2, spin_s=10, work=tmp_path)
+    assert result["failures"] == 0 and result["health_max_ms"] > 0

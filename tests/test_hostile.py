@@ -7,6 +7,7 @@ checks that the attack failed, that the server is still up, and that the next ru
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 import time
@@ -177,6 +178,29 @@ def test_the_kernel_ends_a_worker_before_the_server_when_memory_runs_out(server:
     assert printed.strip() == "1000", printed
     own = Path("/proc/self/oom_score_adj").read_text()  # what the server started with
     assert Path(f"/proc/{server.pid}/oom_score_adj").read_text() == own
+
+
+def test_cells_compute_at_a_lower_priority_than_the_server(server: RealServer) -> None:
+    """A worker runs 10 nice levels below the server (the zygote lowers its own, its children inherit it), and
+    shares the zygote's scheduling group: where the kernel weighs sessions first (autogroup), the group's weight
+    is lowered the same way, so that cells computing in many runs leave the server the CPU it needs. Mutants
+    caught: the zygote without it (the worker's niceness was the server's); workers in sessions of their own
+    (`setsid`: each its own group, of the default weight)."""
+    code = """
+import os
+print(os.getpriority(os.PRIO_PROCESS, 0))
+print(os.getsid(0) == os.getpid())
+try:
+    print(open('/proc/self/autogroup').read().strip())
+except OSError:
+    print('no autogroup')
+"""
+    niceness, leads_a_session, group = outputs(server.run(code))[0]["stdout"].splitlines()
+    assert int(niceness) == min(os.getpriority(os.PRIO_PROCESS, server.pid) + 10, 19)
+    assert leads_a_session == "False"
+    if group != "no autogroup":
+        assert group.endswith(f"nice {niceness}"), group
+        assert Path(f"/proc/{server.pid}/autogroup").read_text().strip() != group
 
 
 def test_secrets_are_out_of_reach(server: RealServer) -> None:

@@ -29,6 +29,7 @@ import signal
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 from .seccomp import apply_seccomp
@@ -109,6 +110,28 @@ def first_to_go_out_of_memory() -> None:
     runs' events, small worker limits). Raising one's own score needs no privilege."""
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as adj:
         adj.write("1000")
+
+
+WORKER_NICE = 10
+"""How much lower than the server's the CPU priority of the zygote and its workers is."""
+
+
+def yield_cpu_to_the_server() -> None:
+    """Lower this process's CPU priority below the server's, and its children's (they inherit it): cells that
+    compute for long then take what the server leaves, and the server keeps what it needs to stream every
+    run's events and to start new runs. Where the kernel weighs processes by session first (autogroup), a
+    niceness only counts within the session: the workers stay in the zygote's session, and its weight is
+    lowered the same way. Lowering one's own priority needs no privilege."""
+    niceness = os.nice(WORKER_NICE)
+    for _ in range(5):
+        try:
+            with open("/proc/self/autogroup", "w") as group:
+                group.write(str(niceness))
+            return
+        except BlockingIOError:  # another process set a group's weight within the last 100 ms
+            time.sleep(0.1)
+        except OSError:  # a kernel without autogroup
+            return
 
 
 def make_non_dumpable() -> None:

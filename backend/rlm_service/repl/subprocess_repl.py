@@ -1,7 +1,7 @@
 """`RLM_REPL=subprocess`: each run's code runs in its own confined worker process on this machine.
 
 The zygote forks the worker with an empty environment (an allow-list, not a copy of ours), in the run's
-working directory, in a new session so that killing the process group takes every child along; the
+working directory, in a process group of its own so that killing the group takes every child along; the
 worker confines itself (`sandbox`) before it reads its first cell. The run's disk use is watched, and a
 run whose files pass RLM_WORKER_DISK_MB has its worker stopped. Everything else a worker REPL does (the
 channel, serving sub-calls, restarts) is `worker_repl.WorkerRepl`'s.

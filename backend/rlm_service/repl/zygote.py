@@ -73,7 +73,9 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
 
 
 def _become_worker(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
-    os.setsid()  # first: the server kills a worker by its process group, which exists from here on
+    # First: the server kills a worker by its process group, which exists from here on. The worker stays in the
+    # zygote's session, which has no terminal, and shares its weight with the scheduler (`yield_cpu_to_the_server`).
+    os.setpgid(0, 0)
     from . import sandbox, worker
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -175,7 +177,9 @@ def main() -> None:
 
     control = socket.socket(fileno=int(sys.argv[1]))
     sandbox.die_with_parent(int(sys.argv[2]), signal.SIGTERM)
-    sandbox.first_to_go_out_of_memory()  # while its /proc files are still its own (non-dumpable: root's)
+    # While its /proc files are still its own (non-dumpable: root's):
+    sandbox.first_to_go_out_of_memory()
+    sandbox.yield_cpu_to_the_server()
     sandbox.make_non_dumpable()
     sandbox.set_process_name("rlm-zygote")
     # The children a stopped worker leaves are the zygote's to reap, at once: reparented to the machine's first
