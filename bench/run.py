@@ -620,7 +620,7 @@ def render(rows: dict[str, list[dict[str, str]]], machine_line: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7, B9 … B12 (B8 comes with B7)")
+    parser.add_argument("which", nargs="*", default=list(BENCHMARKS), help="B1 … B7, B9 … B13 (B8 comes with B7)")
     args = parser.parse_args()
     wanted = list(dict.fromkeys(bench_of(name.upper()) for name in args.which))
     unknown = [name for name in wanted if name not in BENCHMARKS]
