@@ -180,13 +180,7 @@ def test_the_kernel_ends_a_worker_before_the_server_when_memory_runs_out(server:
     assert Path(f"/proc/{server.pid}/oom_score_adj").read_text() == own
 
 
-def test_cells_compute_at_a_lower_priority_than_the_server(server: RealServer) -> None:
-    """A worker runs 10 nice levels below the server (the zygote lowers its own, its children inherit it), and
-    shares the zygote's scheduling group: where the kernel weighs sessions first (autogroup), the group's weight
-    is lowered the same way, so that cells computing in many runs leave the server the CPU it needs. Mutants
-    caught: the zygote without it (the worker's niceness was the server's); workers in sessions of their own
-    (`setsid`: each its own group, of the default weight)."""
-    code = """
+PRIORITY_CELL = """
 import os
 print(os.getpriority(os.PRIO_PROCESS, 0))
 print(os.getsid(0) == os.getpid())
@@ -194,13 +188,36 @@ try:
     print(open('/proc/self/autogroup').read().strip())
 except OSError:
     print('no autogroup')
+for raise_back in (lambda: os.setpriority(os.PRIO_PROCESS, 0, 0), lambda: open('/proc/self/autogroup', 'w').write('0')):
+    try:
+        raise_back()
+        print('RAISED')
+    except OSError as exc:
+        print('refused', type(exc).__name__)
 """
-    niceness, leads_a_session, group = outputs(server.run(code))[0]["stdout"].splitlines()
+
+
+def assert_cells_yield_the_cpu(server: RealServer) -> None:
+    """A cell runs 10 nice levels below the server, leads no session, and its scheduling group (autogroup, where
+    the kernel has it) is weighted as low and is not the server's; the cell can raise neither back."""
+    niceness, leads_a_session, group, *raising = outputs(server.run(PRIORITY_CELL))[0]["stdout"].splitlines()
+    refused = "refused PermissionError"
+    assert raising == [refused, "refused FileNotFoundError" if group == "no autogroup" else refused], raising
     assert int(niceness) == min(os.getpriority(os.PRIO_PROCESS, server.pid) + 10, 19)
     assert leads_a_session == "False"
     if group != "no autogroup":
         assert group.endswith(f"nice {niceness}"), group
         assert Path(f"/proc/{server.pid}/autogroup").read_text().strip() != group
+
+
+def test_cells_compute_at_a_lower_priority_than_the_server(server: RealServer) -> None:
+    """Workers run 10 nice levels below the server (the zygote lowers its own, its children inherit it), and
+    share the zygote's scheduling group: where the kernel weighs sessions first (autogroup), the group's weight
+    is lowered the same way, so that cells computing in many runs leave the server the CPU it needs; a cell can
+    raise neither back (an unprivileged process may set its group's weight back to the default). Mutants
+    caught: the zygote without it (the worker's niceness was the server's); workers in sessions of their own
+    (`setsid`: each its own group, of the default weight)."""
+    assert_cells_yield_the_cpu(server)
 
 
 def test_secrets_are_out_of_reach(server: RealServer) -> None:
