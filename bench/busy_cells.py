@@ -37,23 +37,35 @@ def spin_prompt(seconds: float) -> str:
     )
 
 
-async def _spin(client: httpx2.AsyncClient, url: str, seconds: float) -> tuple[bool, float]:
-    """One computing run: whether it spun and ended ready, and when it ended (monotonic)."""
-    spun = ready = False
-    async with client.stream("POST", f"{url}/process", json={"prompt": spin_prompt(seconds)}) as response:
-        async for sse in httpx2.EventSource(response):
-            data = json.loads(sse.data) if sse.data else {}
-            spun = spun or (sse.event == "output" and "spun" in data.get("stdout", ""))
-            ready = sse.event == "final" and data.get("ready") is True
-    return spun and ready, time.monotonic()
+async def _spin(client: httpx2.AsyncClient, url: str, seconds: float) -> float | None:
+    """One computing run: when its cell stopped computing (monotonic: its output came), None if it did not
+    compute and end ready."""
+    spun: float | None = None
+    ready = False
+    try:
+        async with client.stream("POST", f"{url}/process", json={"prompt": spin_prompt(seconds)}) as response:
+            async for sse in httpx2.EventSource(response):
+                data = json.loads(sse.data) if sse.data else {}
+                if sse.event == "output" and "spun" in data.get("stdout", "") and spun is None:
+                    spun = time.monotonic()
+                ready = sse.event == "final" and data.get("ready") is True
+    except httpx2.HTTPError:
+        return None
+    return spun if ready else None
 
 
-async def _health(client: httpx2.AsyncClient, url: str, stop: asyncio.Event, times: list[float]) -> None:
+async def _health(client: httpx2.AsyncClient, url: str, stop: asyncio.Event, times: list[float]) -> int:
+    """Asks `/health` every 0.2 s until `stop`, noting how long each answer took; returns how many failed."""
+    failed = 0
     while not stop.is_set():
         began = time.perf_counter()
-        await client.get(f"{url}/health")
+        try:
+            failed += (await client.get(f"{url}/health")).status_code != 200
+        except httpx2.HTTPError:
+            failed += 1
         times.append(time.perf_counter() - began)
         await asyncio.sleep(0.2)
+    return failed
 
 
 async def _beside(url: str, *, runs: int, batch: int, spinners: int, spin_s: float) -> dict[str, Any]:
@@ -66,10 +78,10 @@ async def _beside(url: str, *, runs: int, batch: int, spinners: int, spin_s: flo
         watch = (await burst(url, b7_prompt(batch), runs, batch=batch, failed=failed))[0]
         burst_ended = time.monotonic()
         stop.set()
-        await probe
-        spun = await asyncio.gather(*spinning)
-    # A computing run that ended before the burst did leaves a burst measured partly beside idle workers.
-    failures = len(failed) + sum(1 for ok, ended in spun if not ok or ended < burst_ended)
+        unhealthy = await probe
+        stopped = await asyncio.gather(*spinning)
+    # A cell that stopped computing before the burst ended leaves it measured partly beside idle workers.
+    failures = len(failed) + unhealthy + sum(1 for when in stopped if when is None or when < burst_ended)
     return {"beside_s": watch.seconds, "health_max_s": max(health), "failures": failures}
 
 
@@ -81,13 +93,16 @@ def b13_beside_computing_cells(
     slowest `/health` answer during it. A service from the source tree `tree`."""
     import tests.conftest as conftest
 
-    conftest.REPO = tree  # spawn_server starts `REPO/backend/main.py`
     env = {"RLM_MAX_CONCURRENT_RUNS": str(runs + spinners + 4), "RLM_SUBCALL_CONCURRENCY": "16"}
     failed: list[str] = []
-    with conftest.spawn_server(work, model_url=server.url, **env) as srv:
-        asyncio.run(burst(srv.url, b7_prompt(batch), runs, batch=batch, failed=failed))  # opens the connections
-        alone = asyncio.run(burst(srv.url, b7_prompt(batch), runs, batch=batch, failed=failed))[0].seconds
-        beside = asyncio.run(_beside(srv.url, runs=runs, batch=batch, spinners=spinners, spin_s=spin_s))
+    own, conftest.REPO = conftest.REPO, tree  # spawn_server starts `REPO/backend/main.py`
+    try:
+        with conftest.spawn_server(work, model_url=server.url, **env) as srv:
+            asyncio.run(burst(srv.url, b7_prompt(batch), runs, batch=batch, failed=failed))  # opens connections
+            alone = asyncio.run(burst(srv.url, b7_prompt(batch), runs, batch=batch, failed=failed))[0].seconds
+            beside = asyncio.run(_beside(srv.url, runs=runs, batch=batch, spinners=spinners, spin_s=spin_s))
+    finally:
+        conftest.REPO = own
     return {
         "alone_s": alone,
         "beside_s": beside["beside_s"],

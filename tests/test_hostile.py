@@ -181,43 +181,54 @@ def test_the_kernel_ends_a_worker_before_the_server_when_memory_runs_out(server:
 
 
 PRIORITY_CELL = """
-import os
+import os, subprocess, sys
+def group():
+    try:
+        return open('/proc/self/autogroup').read().strip()
+    except OSError:
+        return 'no autogroup'
 print(os.getpriority(os.PRIO_PROCESS, 0))
 print(os.getsid(0) == os.getpid())
-try:
-    print(open('/proc/self/autogroup').read().strip())
-except OSError:
-    print('no autogroup')
+print(group())
 for raise_back in (lambda: os.setpriority(os.PRIO_PROCESS, 0, 0), lambda: open('/proc/self/autogroup', 'w').write('0')):
     try:
         raise_back()
         print('RAISED')
     except OSError as exc:
         print('refused', type(exc).__name__)
+# A program it starts is dumpable again, and owns its /proc files.
+program = subprocess.run([sys.executable, '-c', "open('/proc/self/autogroup', 'w').write('0')"], capture_output=True)
+print('program', 'RAISED' if program.returncode == 0 else 'refused')
+print(group())
 """
 
 
-def assert_cells_yield_the_cpu(server: RealServer) -> None:
-    """A cell runs 10 nice levels below the server, leads no session, and its scheduling group (autogroup, where
-    the kernel has it) is weighted as low and is not the server's; the cell can raise neither back."""
-    niceness, leads_a_session, group, *raising = outputs(server.run(PRIORITY_CELL))[0]["stdout"].splitlines()
+def cells_yield_the_cpu(server: RealServer) -> bool:
+    """A cell runs 10 nice levels below the server and leads no session; its scheduling group (autogroup, where
+    the kernel has it) is not the server's, and is weighted 10 levels below it; the cell's own process can raise
+    neither back. Returns whether a program the cell started could not set the group's weight back either."""
+    printed = outputs(server.run(PRIORITY_CELL))[0]["stdout"].splitlines()
+    niceness, leads_a_session, group, *raising, program, group_after = printed
     refused = "refused PermissionError"
     assert raising == [refused, "refused FileNotFoundError" if group == "no autogroup" else refused], raising
     assert int(niceness) == min(os.getpriority(os.PRIO_PROCESS, server.pid) + 10, 19)
     assert leads_a_session == "False"
-    if group != "no autogroup":
-        assert group.endswith(f"nice {niceness}"), group
-        assert Path(f"/proc/{server.pid}/autogroup").read_text().strip() != group
+    if group == "no autogroup":
+        return program == "program refused"
+    servers = Path(f"/proc/{server.pid}/autogroup").read_text().split()
+    assert group.split()[0] != servers[0] and group.split()[-1] == str(min(int(servers[-1]) + 10, 19)), group
+    return program == "program refused" and group_after == group
 
 
 def test_cells_compute_at_a_lower_priority_than_the_server(server: RealServer) -> None:
     """Workers run 10 nice levels below the server (the zygote lowers its own, its children inherit it), and
     share the zygote's scheduling group: where the kernel weighs sessions first (autogroup), the group's weight
-    is lowered the same way, so that cells computing in many runs leave the server the CPU it needs; a cell can
-    raise neither back (an unprivileged process may set its group's weight back to the default). Mutants
-    caught: the zygote without it (the worker's niceness was the server's); workers in sessions of their own
-    (`setsid`: each its own group, of the default weight)."""
-    assert_cells_yield_the_cpu(server)
+    is lowered the same way, so that cells computing in many runs leave the server the CPU it needs. A cell can
+    raise neither back, nor can a program it starts (an unprivileged process may set its group's weight back to
+    the default; Landlock keeps it from /proc's files). Mutants caught: the zygote without it (the worker's
+    niceness was the server's); workers in sessions of their own (`setsid`: each its own group, of the default
+    weight)."""
+    assert cells_yield_the_cpu(server)
 
 
 def test_secrets_are_out_of_reach(server: RealServer) -> None:

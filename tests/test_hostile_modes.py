@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import REPO, ROOT_MODEL, SUB_MODEL, RealServer, answers_health, free_port, spawn_server, wait_until
 from tests.fake_openai import FakeOpenAI
-from tests.test_hostile import KEY, assert_cells_yield_the_cpu, outputs
+from tests.test_hostile import KEY, cells_yield_the_cpu, outputs
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts servers as other users")
 
@@ -219,9 +219,10 @@ print(len(children), refused)
 
 def test_a_worker_of_the_servers_uid_cannot_take_back_the_cpu_it_yields(docker_on_an_old_kernel: RealServer) -> None:
     """Sharing the server's uid, without Landlock, a cell still runs below the server's priority and cannot
-    raise its own or its group's: its /proc files are root's (it is not dumpable), and lowering a niceness
-    needs a privilege it does not have."""
-    assert_cells_yield_the_cpu(docker_on_an_old_kernel)
+    raise its niceness or its group's weight: its /proc files are root's (it is not dumpable), and lowering a
+    niceness needs a privilege it does not have. A program it starts is dumpable and can set the group's weight
+    back to the default (SECURITY.md says so): not asserted either way here."""
+    cells_yield_the_cpu(docker_on_an_old_kernel)
 
 
 def test_without_landlock_a_worker_keeps_no_capability(tmp_path: Path) -> None:

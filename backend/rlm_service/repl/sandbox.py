@@ -116,21 +116,26 @@ WORKER_NICE = 10
 """How much lower than the server's the CPU priority of the zygote and its workers is."""
 
 
-def yield_cpu_to_the_server() -> None:
-    """Lower this process's CPU priority below the server's, and its children's (they inherit it): cells that
-    compute for long then take what the server leaves, and the server keeps what it needs to stream every
-    run's events and to start new runs. Where the kernel weighs processes by session first (autogroup), a
-    niceness only counts within the session: the workers stay in the zygote's session, and its weight is
-    lowered the same way. Lowering one's own priority needs no privilege."""
-    niceness = os.nice(WORKER_NICE)
-    for _ in range(5):
+def yield_cpu_to_the_server(server: int) -> None:
+    """Lower this process's CPU priority below the server's (`server`, a pid), and its children's (they inherit
+    it): cells that compute for long then take what the server leaves, and the server keeps what it needs to
+    stream every run's events and to start new runs. Where the kernel weighs processes by session first
+    (autogroup), a niceness only counts within the session: the workers stay in the zygote's session, whose
+    weight is set as far below the server's session's. Lowering one's own priority needs no privilege."""
+    os.nice(WORKER_NICE)
+    try:
+        with open(f"/proc/{server}/autogroup") as group:
+            server_nice = int(group.read().split()[-1])  # "/autogroup-<n> nice <nice>"
+    except (OSError, ValueError, IndexError):  # a kernel without autogroup
+        return
+    for _ in range(20):
         try:
             with open("/proc/self/autogroup", "w") as group:
-                group.write(str(niceness))
+                group.write(str(min(server_nice + WORKER_NICE, 19)))
             return
-        except BlockingIOError:  # another process set a group's weight within the last 100 ms
+        except BlockingIOError:  # another unprivileged process set a group's weight within the last 100 ms
             time.sleep(0.1)
-        except OSError:  # a kernel without autogroup
+        except OSError:
             return
 
 

@@ -176,10 +176,11 @@ def main() -> None:
     from . import sandbox
 
     control = socket.socket(fileno=int(sys.argv[1]))
-    sandbox.die_with_parent(int(sys.argv[2]), signal.SIGTERM)
+    server = int(sys.argv[2])
+    sandbox.die_with_parent(server, signal.SIGTERM)
     # While its /proc files are still its own (non-dumpable: root's):
     sandbox.first_to_go_out_of_memory()
-    sandbox.yield_cpu_to_the_server()
+    sandbox.yield_cpu_to_the_server(server)
     sandbox.make_non_dumpable()
     sandbox.set_process_name("rlm-zygote")
     # The children a stopped worker leaves are the zygote's to reap, at once: reparented to the machine's first
