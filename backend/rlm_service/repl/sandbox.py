@@ -135,7 +135,7 @@ def yield_cpu_to_the_server(server: int) -> None:
             return
         except BlockingIOError:  # another unprivileged process set a group's weight within the last 100 ms
             time.sleep(0.1)
-        except OSError:
+        except OSError:  # (a weight above the default, under a server's session niced below 0, needs privilege)
             return
 
 

@@ -74,7 +74,7 @@ def _child(message: dict[str, object], fds: list[int], control: socket.socket, z
 
 def _become_worker(message: dict[str, object], fds: list[int], control: socket.socket, zygote: int) -> None:
     # First: the server kills a worker by its process group, which exists from here on. The worker stays in the
-    # zygote's session, which has no terminal, and shares its weight with the scheduler (`yield_cpu_to_the_server`).
+    # zygote's session, which has no terminal, and so shares its scheduling weight (`yield_cpu_to_the_server`).
     os.setpgid(0, 0)
     from . import sandbox, worker
 
