@@ -126,7 +126,7 @@ def yield_cpu_to_the_server(server: int) -> None:
     try:
         with open(f"/proc/{server}/autogroup") as group:
             server_nice = int(group.read().split()[-1])  # "/autogroup-<n> nice <nice>"
-    except (OSError, ValueError, IndexError):  # a kernel without autogroup
+    except (OSError, ValueError, IndexError):  # a kernel without autogroup; or an empty file: in a CPU cgroup
         return
     for _ in range(20):
         try:
