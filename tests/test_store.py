@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from rlm_service import fleet_sql, followers
+from rlm_service import fleet_sql, followers, streaming
 from rlm_service.events import (
     AnswerEvent,
     CodeEvent,
@@ -30,7 +30,7 @@ from rlm_service.events import (
     ThoughtEvent,
 )
 from rlm_service.migrations import LATEST, MIGRATIONS, SchemaTooNew, migrate_sqlite
-from rlm_service.store import RunBudget, RunRecord
+from rlm_service.store import RunBudget, RunRecord, off_loop
 from rlm_service.store_postgres import PostgresRunStore
 from rlm_service.store_sql import SqlRunStore
 from rlm_service.store_sqlite import SqliteRunStore
@@ -424,6 +424,42 @@ def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     assert [event.type for event in seen] == expected
     assert isinstance(seen[-1], ErrorEvent) and seen[-1].code == "lost" and seen[-1].seq == (3 if seen[:-1] else 1)
     assert ending in seen[-1].message
+    store.close()
+
+
+@pytest.mark.parametrize("after", [3, 5])
+def test_a_client_that_saw_events_its_dead_server_never_stored_still_gets_lost(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, after: int
+) -> None:
+    """A server streams events to its client before its writer stores them. Killed in between, it leaves the
+    client holding events numbered past the stored ones; the sweep then stores `lost` after the stored ones
+    (here: 2 stored, `lost` stored as 3, the client saw up to 3 or 5). The client re-attaches to another process
+    after the last event it saw, and must still get a terminal event, numbered after it: through a follower
+    while the run was live when the stream began, and from history once it has ended. Mutant: the follower's
+    "nothing after the end" check also for such runs (the stream ended with no terminal event; B12's smoke
+    test saw it on a busy machine)."""
+    monkeypatch.setattr(followers, "RECHECK_S", 0.0)
+    store = store_factory()
+    run_id = "0123456789abcdef"
+    store.begin(run_record(run_id, 1.0))
+    store.record(run_id, _start(run_id))
+    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
+    assert store.flush()
+    dialect = store.dialect
+    assert store.transaction(lambda db: fleet_sql.end_lost(db, dialect, run_id, "its process died"))
+
+    async def follow() -> list[EventBase]:
+        follower = followers.StoreFollower(store, followers.Wakeups(), lambda: 0.01)
+        return [event async for event in follower.follow(run_id, after=after)]
+
+    async def from_history() -> list[EventBase]:
+        first = await off_loop(store.events_page, run_id, after, followers.PAGE_CHARS)
+        return [event async for event in streaming._past_run(store, run_id, "lost", after, first)]
+
+    for read in (follow, from_history):
+        seen = asyncio.run(asyncio.wait_for(read(), 30))
+        assert [(event.type, event.seq) for event in seen] == [("error", after + 1)], read
+        assert isinstance(seen[0], ErrorEvent) and seen[0].code == "lost"
     store.close()
 
 

@@ -35,6 +35,9 @@ POLL_SQLITE_S = 0.2
 POLL_WITHOUT_LISTENER_S = 1.0
 RECHECK_S = 5.0
 """How long a follower waits without news before it reads anyway and checks that the run still lives."""
+OWNER_DIED = ("lost", "unfinished")
+"""The statuses of a run whose process stopped before it ended the run. Its clients may have been streamed events
+that it never stored: one that re-attaches after the stored events is owed a terminal event all the same."""
 PAGE_CHARS = 256 * 1024
 """A stream reads a run's stored events a page at a time, about this much of their text (or one event, if larger):
 not the whole run (each follower of a run with megabytes of figures held a copy of it)."""
@@ -169,7 +172,11 @@ class StoreFollower:
                                 yield event
                                 if is_terminal(event):
                                     return
-                            if status is not None and seen and await off_loop(self._seen_to_the_end, run_id, seen):
+                            if (
+                                status not in (None, *OWNER_DIED)
+                                and seen
+                                and await off_loop(self._seen_to_the_end, run_id, seen)
+                            ):
                                 return  # the client asked for what comes after the end: nothing, as for a past run
                         except StoreUnavailable as exc:  # the database went away meanwhile: asked again later
                             log.debug("following a run: %s", exc)

@@ -524,6 +524,8 @@ async def _past_run(
         return
     if status == "unfinished":  # its server stopped before the run ended
         yield lost_event(run_id, last, "the server stopped before this run ended; it is unfinished")
+    elif status == "lost" and last == after:  # asked after its stored `lost` (see followers.OWNER_DIED)
+        yield lost_event(run_id, last, "the run was lost: the server process that ran it stopped without ending it")
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:
