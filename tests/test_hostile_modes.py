@@ -125,7 +125,7 @@ def docker_on_an_old_kernel() -> Iterator[RealServer]:
 
 
 SIGNAL_THE_SERVER = """
-import ctypes, os, platform, signal, struct
+import ctypes, fcntl, os, platform, signal, socket, struct
 NUMBERS = {'x86_64': dict(kill=62, tgkill=234, tkill=200, rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_open=434,
                           prlimit64=302, setpriority=141, sched_setaffinity=203),
            'aarch64': dict(kill=129, tgkill=131, tkill=130, rt_sigqueueinfo=138, rt_tgsigqueueinfo=240,
@@ -147,6 +147,15 @@ def attempt(fn):
     except OSError as exc:
         return exc.strerror
 
+def sigio(pid, own):
+    # the kernel signals a descriptor's owner itself (SIGIO: deadly) when it becomes ready
+    a, b = socket.socketpair()
+    own(a, pid)
+    fcntl.fcntl(a, fcntl.F_SETFL, fcntl.fcntl(a, fcntl.F_GETFL) | os.O_ASYNC)
+    b.send(b'x')
+
+by_fcntl = lambda a, pid: fcntl.fcntl(a, fcntl.F_SETOWN, pid)
+by_ioctl = lambda a, pid: fcntl.ioctl(a, 0x8901, struct.pack('i', pid))  # FIOSETOWN
 probe = ctypes.create_string_buffer(128)
 struct.pack_into('iii', probe, 0, 0, 0, -1)  # signal 0 (permission only), SI_QUEUE
 stop = ctypes.create_string_buffer(128)
@@ -170,6 +179,8 @@ results = {
     'open the zygote memory': attempt(lambda: open(f'/proc/{zygote}/mem', 'r+b')),
     'open the server memory': attempt(lambda: open(f'/proc/{server}/mem', 'rb')),
     'SIGSTOP the server by sigqueue': call('rt_sigqueueinfo', server, signal.SIGSTOP, stop),
+    'SIGIO the server as a socket owner': attempt(lambda: sigio(server, by_fcntl)),
+    'SIGIO the zygote as a socket owner': attempt(lambda: sigio(zygote, by_ioctl)),
 }
 print(json.dumps(results))
 """
@@ -182,7 +193,8 @@ def test_a_worker_of_the_servers_uid_cannot_signal_or_reach_the_server(docker_on
     memory is refused, and a real SIGSTOP by rt_sigqueueinfo leaves the server answering. Today's filter
     checked `kill` against the server's pid only: `rt_sigqueueinfo(server, SIGSTOP)` stopped it. Mutants:
     `strict_signals=False` in `sandbox.apply` → the signal rows say SENT and the server stops; drop
-    `make_non_dumpable` in the zygote → "open the zygote memory" says SENT."""
+    `make_non_dumpable` in the zygote → "open the zygote memory" says SENT; no `SIGNAL_OWNERS` rule in
+    seccomp → the kernel's SIGIO to a socket's owner ends the server (the attack pass found it)."""
     server = docker_on_an_old_kernel
     events = server.run("import json\n" + SIGNAL_THE_SERVER)
     output = outputs(events)[0]

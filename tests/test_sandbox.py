@@ -46,7 +46,15 @@ ATTACKS = textwrap.dedent("""
     handle, mount = ctypes.create_string_buffer(256), ctypes.c_int()
     pair = (ctypes.c_int * 2)()
     struct.pack_into("I", handle, 0, 128)
+    kept = socket.socketpair()
+    owned = kept[0].fileno()
+    owner = ctypes.c_int(victim)
     results = {
+        "fcntl F_SETOWN victim": call("fcntl", owned, 8, victim),
+        "fcntl F_SETOWN_EX victim": call("fcntl", owned, 15, struct.pack("ii", 1, victim)),
+        "ioctl FIOSETOWN victim": call("ioctl", owned, 0x8901, ctypes.byref(owner)),
+        "ioctl SIOCSPGRP victim": call("ioctl", owned, 0x8902, ctypes.byref(owner)),
+        "ok: fcntl F_GETFL": call("fcntl", owned, 3, 0),
         "kill victim": call("kill", victim, 0),
         "kill victim thread": call("kill", victim_thread, 0),
         "kill everyone": call("kill", -1, 0),
@@ -173,6 +181,10 @@ def test_a_worker_with_other_confinement_may_still_signal_its_children_but_never
         "msgget",
         "semget",
         "mq_open",
+        "fcntl F_SETOWN victim",
+        "fcntl F_SETOWN_EX victim",
+        "ioctl FIOSETOWN victim",
+        "ioctl SIOCSPGRP victim",
     ):
         assert results[name] in ("Operation not permitted", "Permission denied"), (name, results[name])
     assert results["kill victim thread"] == "ok"  # the kernel, not this filter, stops that in this mode
@@ -194,10 +206,12 @@ def test_syscall_numbers_match_libseccomp() -> None:
 
 
 def test_the_filter_covers_every_denied_call_on_this_architecture() -> None:
-    from rlm_service.repl.seccomp import DENIED, ON_SELF_ONLY, SIGNALS
+    from rlm_service.repl.seccomp import DENIED, ON_SELF_ONLY, SIGNAL_OWNERS, SIGNALS
 
     missing = [
-        name for name in (*SIGNALS, *ON_SELF_ONLY, "pidfd_open", "clone", "clone3") if name not in SYSCALLS[ARCH]
+        name
+        for name in (*SIGNALS, *ON_SELF_ONLY, *SIGNAL_OWNERS, "pidfd_open", "clone", "clone3")
+        if name not in SYSCALLS[ARCH]
     ]
     assert not missing
     assert len([name for name in DENIED if name in SYSCALLS[ARCH]]) >= len(DENIED) - 4  # x86-only calls

@@ -18,6 +18,9 @@ The first rule that matches decides:
   group: any other pid could be a thread of the server, and `kill` with a thread id stops the whole server;
 - `pidfd_open` of a protected pid is refused, and with `strict_signals` of any pid but the worker's own
   (`pidfd_send_signal` and `pidfd_getfd` always are);
+- `fcntl` `F_SETOWN`/`F_SETOWN_EX` and `ioctl` `FIOSETOWN`/`SIOCSPGRP`, which name the process the kernel
+  signals when a descriptor is ready (SIGIO by default, deadly): the kernel sends it itself, past the rules on
+  the signal calls above, to any process of the same uid;
 - calls that act on a process named by pid (`prlimit64`, `sched_set*`, `migrate_pages`, `move_pages`,
   `setpriority`, `ioprio_set`) may act only on the worker itself, or its group: a process of the same uid
   could otherwise lower the server's limits or priority.
@@ -132,6 +135,8 @@ ON_SELF_ONLY = (
     "migrate_pages",
     "move_pages",
 )
+SIGNAL_OWNERS = {"fcntl": (8, 15), "ioctl": (0x8901, 0x8902)}
+"""The commands that set a descriptor's owner, by call: F_SETOWN, F_SETOWN_EX; FIOSETOWN, SIOCSPGRP."""
 _NAMESPACE_FLAGS = 0x7E020000
 _PRIO_USER, _IOPRIO_WHO_USER = 2, 3
 _AF_UNIX = 1
@@ -271,6 +276,16 @@ def build_seccomp_filter(
                 program.jump(_JMP_JEQ, -own, allowed, refused)
             else:
                 program.goto(allowed)
+        program.allow_or(eperm, allowed, refused)
+        program.place(after)
+
+    for name, commands in SIGNAL_OWNERS.items():
+        after = program.when_syscall(numbers[name])
+        allowed, refused = program.label(), program.label()
+        program.load(_arg(1))
+        for command in commands:
+            program.jump(_JMP_JEQ, command, refused)
+        program.goto(allowed)
         program.allow_or(eperm, allowed, refused)
         program.place(after)
 

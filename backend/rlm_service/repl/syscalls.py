@@ -28,6 +28,8 @@ SYSCALLS = {
     "x86_64": dict(
         socket=41,
         socketpair=53,
+        fcntl=72,
+        ioctl=16,
         ptrace=101,
         kill=62,
         tkill=200,
@@ -132,6 +134,8 @@ SYSCALLS = {
     "aarch64": dict(
         socket=198,
         socketpair=199,
+        fcntl=25,
+        ioctl=29,
         ptrace=117,
         kill=129,
         tkill=130,
