@@ -93,7 +93,8 @@ def test_an_answer_that_is_not_json_is_never_accepted_and_the_root_reads_why(fak
 def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     live: LiveServer, fake: FakeOpenAI
 ) -> None:
-    """Mutant caught: `RunSettings` not checking the schema (the run starts and the fake model is asked)."""
+    """Mutants caught: `RunSettings` not checking the schema (the run starts and the fake model is asked); no
+    cap on the schema's objects (the wide schema is refused for its size, after the check, a different message)."""
     response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": 5}}})
     assert response.status_code == 422
     assert "settings.answer_schema: not a valid JSON Schema" in response.json()["detail"]
@@ -102,6 +103,11 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
         deep = {"not": deep}
     too_deep = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": deep}})
     assert too_deep.status_code == 422 and "nested too deeply" in too_deep.json()["detail"], too_deep.text
+    # old behaviour (the attack pass): 48,000 properties checked one by one, 16 s of CPU before the refusal
+    wide = {"type": "object", "properties": {f"p{i}": {} for i in range(48_000)}}
+    too_wide = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": wide}})
+    assert too_wide.status_code == 422, too_wide.text
+    assert "a JSON Schema of 48,002 objects, more than the 1,000 allowed" in too_wide.json()["detail"]
     assert fake.stats.requests == 0
 
 

@@ -47,10 +47,27 @@ every run needs for its workspace, and which a few checks waiting their 10 s wou
 MAX_COLLECTED_ERRORS = 1000
 """Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
 places, and collecting every one takes tens of seconds."""
+MAX_SCHEMA_OBJECTS = 1000
+"""The most JSON objects an answer schema may hold. Checking a schema against its metaschema costs some 0.3 ms of
+CPU per object, in a thread of the pool every run needs: one of 48,000 (half a megabyte) took 16 s of it (the attack
+pass). A schema for an answer rarely needs more than a few hundred."""
 
 
 log = logging.getLogger("rlm_service")
 T = TypeVar("T")
+
+
+def _objects(value: Any) -> int:
+    """How many JSON objects `value` holds, itself included (without recursion: it may nest deeply)."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            count += 1
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count
 
 
 async def in_check_thread(call: Callable[[str], T], content: str) -> T:
@@ -72,6 +89,8 @@ class AnswerSchema:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema."""
+        if (objects := _objects(schema)) > MAX_SCHEMA_OBJECTS:
+            raise SchemaInvalid(f"a JSON Schema of {objects:,} objects, more than the {MAX_SCHEMA_OBJECTS:,} allowed")
         validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
         try:
             validator_class.check_schema(schema)
