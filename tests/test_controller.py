@@ -137,6 +137,23 @@ async def test_tool_calls_of_one_reply_run_in_order(fake: FakeOpenAI) -> None:
     assert events[-1].answer == "[0, 1, 2, 3, 4]"
 
 
+async def test_one_reply_runs_at_most_twenty_cells(fake: FakeOpenAI) -> None:
+    """A reply with 25 calls runs the first 20 in order; the model is told that the other 5 did not run, and its
+    next reply runs cells again. Mutant: no cap (25 `code` events; the attack pass's reply of 10,000 calls ran them
+    all, the server's memory growing by 400 MB)."""
+    seen: list[list[ModelMessage]] = []
+    model = scripted(
+        [code("ran = []"), *[code(f"ran.append({i})") for i in range(24)]],
+        [code("answer.update(content=str(len(ran)), ready=True)")],
+        seen=seen,
+    )
+    events = await collect(fake, model)
+    assert types(events).count("code") == 21
+    assert events[-1].type == "final" and events[-1].answer == "19" and events[-1].ready
+    skipped = [text for text in tool_returns(seen[1]) if text.startswith("Not run")]
+    assert len(skipped) == 5 and "at most 20 cells" in skipped[0]
+
+
 async def test_iteration_limit_ends_with_best_answer_not_ready(fake: FakeOpenAI) -> None:
     model = scripted(*[[code(f"answer['content'] = 'draft {i}'")] for i in range(10)])
     events = await collect(fake, model, rlm_max_iterations=3)

@@ -47,6 +47,10 @@ Emit = Callable[[EventBase], None]
 # A block may be left open at the end of a reply (small models, or a reply cut at its token limit).
 _FENCE = re.compile(r"```(?:repl|python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 PROGRESS_INTERVAL_S = 0.1
+MAX_CELLS_PER_REPLY = 20
+"""Cells one root reply may run (tool calls, or fenced blocks with the text protocol); the rest are answered "not
+run". Turns are capped by RLM_MAX_ITERATIONS, but a reply of 16 MiB could hold 100,000 calls: one of 10,000 took
+the server from 122 to 527 MB and made the next root request 82 MB (the attack pass)."""
 
 
 def extract_code_blocks(text: str) -> tuple[list[str], str]:
@@ -167,6 +171,7 @@ class Controller:
         self.emit = emit
         self.iteration = 0
         self.cells = 0
+        self._turn_cells = (0, 0)  # (iteration, cells run in it): MAX_CELLS_PER_REPLY
         self.answer = ("", False)
         self.last_prose = ""
         self._progress: _CellProgress | None = None
@@ -198,6 +203,11 @@ class Controller:
         """Run one cell, emit its events, and return the report the root model reads."""
         if self.answer[1]:
             return prompts.SKIPPED_AFTER_READY
+        turn, ran = self._turn_cells
+        ran = ran + 1 if turn == self.iteration else 1
+        if ran > MAX_CELLS_PER_REPLY:
+            return prompts.skipped_past_the_cap(MAX_CELLS_PER_REPLY)
+        self._turn_cells = (self.iteration, ran)
         repl = await self._ready_repl()  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self.cells += 1

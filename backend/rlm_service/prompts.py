@@ -205,6 +205,11 @@ RESET_READY_CODE = 'answer["ready"] = False'
 
 SKIPPED_AFTER_READY = "Not run: the answer was already marked ready by an earlier cell."
 
+
+def skipped_past_the_cap(cap: int) -> str:
+    return f"Not run: one reply may run at most {cap} cells. Send the rest in your next reply, or join them."
+
+
 REMINDER_TOOLS = (
     "The answer is not marked ready yet, and the run only ends with answer['ready'] = True. Keep working "
     "by calling run_python: build the answer in answer['content'], check it, then set answer['ready'] = True."
