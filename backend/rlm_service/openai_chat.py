@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 from pydantic_ai.settings import ModelSettings
 
 from .events import CodeEvent, EventBase, FigureEvent, OutputEvent, StartEvent, ThoughtEvent, sse_safe
@@ -66,6 +66,12 @@ class ResponseFormat(BaseModel):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:  # as OpenAI refuses it: a missing parameter
+            raise ValueError("type json_schema needs json_schema: {'name': ..., 'schema': {...}}")
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -113,7 +119,8 @@ class ChatRequest(BaseModel):
             return None
         if fmt.type == "json_object":
             return {"type": "object"}
-        return fmt.json_schema.schema_ if fmt.json_schema is not None else {}
+        assert fmt.json_schema is not None  # (checked as the request was read)
+        return fmt.json_schema.schema_
 
 
 class BadConversation(ValueError):
