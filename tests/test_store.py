@@ -396,6 +396,22 @@ def test_events_are_read_a_page_at_a_time(store_factory: StoreFactory) -> None:
     store.close()
 
 
+def _run_with_a_cell(store: SqlRunStore) -> str:
+    """A running run with its `start` and one `code` event stored; its id."""
+    run_id = "0123456789abcdef"
+    store.begin(run_record(run_id, 1.0))
+    store.record(run_id, _start(run_id))
+    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
+    assert store.flush()
+    return run_id
+
+
+async def _follow(store: SqlRunStore, run_id: str, after: int) -> list[EventBase]:
+    """Every event a follower in another process streams of the run after `after`."""
+    follower = followers.StoreFollower(store, followers.Wakeups(), lambda: 0.01)
+    return [event async for event in follower.follow(run_id, after=after)]
+
+
 @pytest.mark.parametrize("ending", ["unfinished", "deleted"])
 def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, ending: str
@@ -405,19 +421,14 @@ def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     Mutant: the follower returning at the status check without it (the stream ends after `code`)."""
     monkeypatch.setattr(followers, "RECHECK_S", 0.0)  # check the run's status at every turn, not every 5 s
     store = store_factory()
-    run_id = "0123456789abcdef"
-    store.begin(run_record(run_id, 1.0))
-    store.record(run_id, _start(run_id))
-    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
-    assert store.flush()
+    run_id = _run_with_a_cell(store)
     store.abandon(run_id, "unfinished")
     if ending == "deleted":  # a running run cannot be deleted: one its process left unfinished can
         assert store.flush() and store.delete(run_id)
     assert store.flush()
 
     async def follow() -> list[EventBase]:
-        follower = followers.StoreFollower(store, followers.Wakeups(), lambda: 0.01)
-        return [event async for event in follower.follow(run_id, after=1 if ending == "unfinished" else 0)]
+        return await _follow(store, run_id, after=1 if ending == "unfinished" else 0)
 
     seen = asyncio.run(asyncio.wait_for(follow(), 30))
     expected = ["code", "error"] if ending == "unfinished" else ["error"]
@@ -440,17 +451,12 @@ def test_a_client_that_saw_events_its_dead_server_never_stored_still_gets_lost(
     test saw it on a busy machine)."""
     monkeypatch.setattr(followers, "RECHECK_S", 0.0)
     store = store_factory()
-    run_id = "0123456789abcdef"
-    store.begin(run_record(run_id, 1.0))
-    store.record(run_id, _start(run_id))
-    store.record(run_id, CodeEvent(run_id=run_id, iteration=1, code="a"))
-    assert store.flush()
+    run_id = _run_with_a_cell(store)
     dialect = store.dialect
     assert store.transaction(lambda db: fleet_sql.end_lost(db, dialect, run_id, "its process died"))
 
     async def follow() -> list[EventBase]:
-        follower = followers.StoreFollower(store, followers.Wakeups(), lambda: 0.01)
-        return [event async for event in follower.follow(run_id, after=after)]
+        return await _follow(store, run_id, after=after)
 
     async def from_history() -> list[EventBase]:
         first = await off_loop(store.events_page, run_id, after, followers.PAGE_CHARS)
