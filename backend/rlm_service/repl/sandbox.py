@@ -125,9 +125,12 @@ def yield_cpu_to_the_server(server: int) -> None:
     os.nice(WORKER_NICE)
     try:
         with open(f"/proc/{server}/autogroup") as group:
-            server_nice = int(group.read().split()[-1])  # "/autogroup-<n> nice <nice>"
-    except (OSError, ValueError, IndexError):  # a kernel without autogroup; or an empty file: in a CPU cgroup
+            shown = group.read().split()  # "/autogroup-<n> nice <nice>"
+    except OSError:  # a kernel without autogroup
         return
+    # Nothing is shown for the root group, the session of init's that a server in a container may never have left
+    # (as in CI); it weighs as niceness 0.
+    server_nice = int(shown[-1]) if shown else 0
     for _ in range(20):
         try:
             with open("/proc/self/autogroup", "w") as group:
