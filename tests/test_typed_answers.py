@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
+from rlm_service import engine as engine_module
 from rlm_service.answers import CHECK_TIMEOUT_S, AnswerSchema
 from tests.conftest import (
     LiveServer,
@@ -107,8 +108,44 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     wide = {"type": "object", "properties": {f"p{i}": {} for i in range(48_000)}}
     too_wide = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": wide}})
     assert too_wide.status_code == 422, too_wide.text
-    assert "a JSON Schema of 48,002 objects, more than the 1,000 allowed" in too_wide.json()["detail"]
+    assert "a JSON Schema of more than 1,000 objects" in too_wide.json()["detail"]
     assert fake.stats.requests == 0
+
+
+def test_schemas_too_large_to_check_quickly_are_refused_at_once(live: LiveServer, fake: FakeOpenAI) -> None:
+    """The metaschema asks some arrays for unique items, compared pair by pair when their types mix; and every value
+    costs some checking. Old behaviour caught (the review): a `type` of 4,000 mixed items took 3.6 s of CPU before
+    its refusal, and ten of them in one schema, half a minute."""
+    mixed = [i if i % 2 else str(i) for i in range(4000)]
+    started = time.monotonic()
+    long_array = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": mixed}}})
+    assert long_array.status_code == 422, long_array.text
+    assert "a JSON Schema with an array of 4,000 items, more than the 500 allowed" in long_array.json()["detail"]
+    many = {"properties": {f"p{i}": {"enum": mixed[:490]} for i in range(20)}}
+    many_values = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": many}})
+    assert many_values.status_code == 422, many_values.text
+    assert "a JSON Schema of more than 5,000 values" in many_values.json()["detail"]
+    assert time.monotonic() - started < 10  # (the old checks: tens of seconds)
+    assert fake.stats.requests == 0
+
+
+def test_a_schema_is_checked_once_and_off_the_event_loop(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema is checked once per request (some 0.3 s of CPU for the largest allowed), in a thread, also when
+    the body is large enough to be parsed by a child process. Mutants caught: the large body's settings validated
+    on the event loop (the health check times out); the engine checking the schema again as it launches the run
+    (two checks)."""
+    checks: list[object] = []
+    real = engine_module.check_schema
+    monkeypatch.setattr(engine_module, "check_schema", lambda schema: checks.append(schema) or real(schema))
+    prompt = script({"code": ["answer.update(content='{\"count\": 2}', ready=True)"]})
+    body = {"prompt": prompt, "input_data": "x" * 1_500_000, "settings": {"answer_schema": SCHEMA}}
+    with (
+        LiveServer(make_settings(fake)) as live,
+        held_until_health_answers(monkeypatch, live.url, engine_module, "check_schema", every_call, "schema check"),
+    ):
+        _, events = stream_run(live.url, json_body=body)
+    assert events[-1].event == "final" and events[-1].data["answer_json"] == {"count": 2}
+    assert checks == [SCHEMA]
 
 
 def test_a_schema_larger_than_a_prompt_may_be_is_refused(fake: FakeOpenAI) -> None:

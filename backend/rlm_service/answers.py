@@ -49,30 +49,40 @@ MAX_COLLECTED_ERRORS = 1000
 places, and collecting every one takes tens of seconds."""
 MAX_SCHEMA_OBJECTS = 1000
 """The most JSON objects an answer schema may hold. Checking a schema against its metaschema costs some 0.3 ms of
-CPU per object, in a thread of the pool every run needs: one of 48,000 (half a megabyte) took 16 s of it (the attack
-pass). A schema for an answer rarely needs more than a few hundred."""
+CPU per object: one of 48,000 (half a megabyte) took 16 s of it (the attack pass). A schema for an answer rarely
+needs more than a few hundred."""
+MAX_SCHEMA_VALUES = 5000
+"""The most JSON values (objects, arrays, strings, numbers...) an answer schema may hold."""
+MAX_SCHEMA_ARRAY = 500
+"""The most items of one array in an answer schema. The metaschema asks some arrays for unique items (`type`,
+draft-04's `enum`), which are compared pair by pair when they mix types: 4,000 took 3.6 s (the review), 500 take
+some 0.05 s, and MAX_SCHEMA_VALUES leaves room for ten of them."""
 
 
 log = logging.getLogger("rlm_service")
 T = TypeVar("T")
 
 
-def _objects(value: Any) -> int:
-    """How many JSON objects `value` holds, itself included (without recursion: it may nest deeply)."""
-    count, pending = 0, [value]
+def _too_large(schema: Any) -> str | None:
+    """Why `schema` is too large to be checked, if it is (walked without recursion: it may nest deeply)."""
+    objects, values, pending = 0, 0, [schema]
     while pending:
         item = pending.pop()
+        values += 1
         if isinstance(item, dict):
-            count += 1
+            objects += 1
             pending.extend(item.values())
         elif isinstance(item, list):
+            if len(item) > MAX_SCHEMA_ARRAY:
+                return f"a JSON Schema with an array of {len(item):,} items, more than the {MAX_SCHEMA_ARRAY:,} allowed"
             pending.extend(item)
-    return count
-
-
-async def in_check_thread(call: Callable[[str], T], content: str) -> T:
-    """`AnswerSchema.problem` or `.value` of `content`, in one of the CHECKS threads."""
-    return await asyncio.get_running_loop().run_in_executor(CHECKS, call, content)
+        if values > MAX_SCHEMA_VALUES:  # too many already: the rest need not be walked
+            break
+    if objects > MAX_SCHEMA_OBJECTS:
+        return f"a JSON Schema of more than {MAX_SCHEMA_OBJECTS:,} objects"
+    if values > MAX_SCHEMA_VALUES:
+        return f"a JSON Schema of more than {MAX_SCHEMA_VALUES:,} values"
+    return None
 
 
 class SchemaInvalid(ValueError):
@@ -84,20 +94,29 @@ def _where(path: Any) -> str:
     return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
 
 
+def check_schema(schema: dict[str, Any]) -> None:
+    """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema, or one too large to be
+    checked. It takes up to some 0.3 s of CPU: call it off the event loop."""
+    if (reason := _too_large(schema)) is not None:
+        raise SchemaInvalid(reason)
+    validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
+    try:
+        validator_class.check_schema(schema)
+    except schema_errors.SchemaError as exc:
+        raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
+    except RecursionError:
+        raise SchemaInvalid("a JSON Schema nested too deeply to be checked") from None
+
+
+async def in_check_thread(call: Callable[[str], T], content: str) -> T:
+    """`AnswerSchema.problem` or `.value` of `content`, in one of the CHECKS threads."""
+    return await asyncio.get_running_loop().run_in_executor(CHECKS, call, content)
+
+
 class AnswerSchema:
-    """A checked JSON Schema, and the check of answers against it."""
+    """The check of answers against a JSON Schema that `check_schema` accepted."""
 
     def __init__(self, schema: dict[str, Any]) -> None:
-        """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema."""
-        if (objects := _objects(schema)) > MAX_SCHEMA_OBJECTS:
-            raise SchemaInvalid(f"a JSON Schema of {objects:,} objects, more than the {MAX_SCHEMA_OBJECTS:,} allowed")
-        validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
-        try:
-            validator_class.check_schema(schema)
-        except schema_errors.SchemaError as exc:
-            raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
-        except RecursionError:
-            raise SchemaInvalid("a JSON Schema nested too deeply to be checked") from None
         self.schema = schema
         self._accepted: tuple[str, Any] | None = None
         """The last answer `problem` found valid, parsed: the run's `final` asks `value` for the same one."""

@@ -22,7 +22,7 @@ from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 
-from .answers import AnswerSchema
+from .answers import AnswerSchema, check_schema
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .controller import Controller, build_agent
@@ -78,11 +78,12 @@ class RunSettings(BaseModel):
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return None
-        AnswerSchema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
+        check_schema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
         # a lone surrogate in it (a JSON "\ud800") would fail every listing of the history that shows the run
         return valid_unicode_json(value)  # type: ignore[no-any-return]
 
     def answer_check(self) -> AnswerSchema | None:
+        """The check of the run's answers (the schema was checked when these settings were made)."""
         return AnswerSchema(self.answer_schema) if self.answer_schema is not None else None
 
 

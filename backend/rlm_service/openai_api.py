@@ -29,7 +29,6 @@ from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .answers import AnswerSchema, SchemaInvalid
 from .auth import token_check
 from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
@@ -261,12 +260,14 @@ def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInp
     """The run's settings, input and task; refusals as OpenAI errors."""
     schema = chat.answer_schema()
     try:
-        if schema is not None:
-            AnswerSchema(schema)
         run_settings = RunSettings(answer_schema=schema)
         effective_limits(settings, run_settings)
-    except (SchemaInvalid, SettingsRefused) as exc:
-        message = str(exc).removeprefix("settings.answer_schema: ")
+    except (ValidationError, SettingsRefused) as exc:
+        if isinstance(exc, ValidationError):  # pydantic keeps the SchemaInvalid the schema's check raised
+            first = exc.errors()[0]
+            message = str(first.get("ctx", {}).get("error", first["msg"]))
+        else:
+            message = str(exc).removeprefix("settings.answer_schema: ")
         raise OpenAIError(422, f"response_format.json_schema.schema: {message}", param="response_format") from None
     try:
         text, last_user = render(chat.messages)

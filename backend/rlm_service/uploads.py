@@ -305,7 +305,7 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
                 path=Path(described["path"]),
                 sha256=described["sha256"],
             )
-        request = _checked(answer["fields"], limits)
+        request = await asyncio.to_thread(_checked, answer["fields"], limits)  # the answer schema's check takes CPU
         return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings, request.session_id)
     except BaseException:
         if run_input is not None:
