@@ -438,20 +438,23 @@ def test_a_follower_of_a_run_that_ends_without_a_terminal_event_gets_lost(
     store.close()
 
 
-@pytest.mark.parametrize("after", [3, 5])
+@pytest.mark.parametrize("after", [4, 6])
 def test_a_client_that_saw_events_its_dead_server_never_stored_still_gets_lost(
     store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, after: int
 ) -> None:
     """A server streams events to its client before its writer stores them. Killed in between, it leaves the
     client holding events numbered past the stored ones; the sweep then stores `lost` after the stored ones
-    (here: 2 stored, `lost` stored as 3, the client saw up to 3 or 5). The client re-attaches to another process
-    after the last event it saw, and must still get a terminal event, numbered after it: through a follower
-    while the run was live when the stream began, and from history once it has ended. Mutant: the follower's
-    "nothing after the end" check also for such runs (the stream ended with no terminal event; B12's smoke
-    test saw it on a busy machine)."""
+    (here: 3 stored, the last a draft answer, `lost` stored as 4 with that answer; the client saw up to 4 or 6).
+    The client re-attaches to another process after the last event it saw, and must still get the stored `lost`,
+    numbered after it: through a follower while the run was live when the stream began, and from history once it
+    has ended. Mutants: the follower's "nothing after the end" check also for such runs (the stream ended with no
+    terminal event; B12's smoke test saw it on a busy machine); a new `lost` in place of the stored one (without
+    the answer, as the review found)."""
     monkeypatch.setattr(followers, "RECHECK_S", 0.0)
     store = store_factory()
     run_id = _run_with_a_cell(store)
+    store.record(run_id, AnswerEvent(run_id=run_id, content="draft", ready=False))
+    assert store.flush()
     dialect = store.dialect
     assert store.transaction(lambda db: fleet_sql.end_lost(db, dialect, run_id, "its process died"))
 
@@ -465,7 +468,8 @@ def test_a_client_that_saw_events_its_dead_server_never_stored_still_gets_lost(
     for read in (follow, from_history):
         seen = asyncio.run(asyncio.wait_for(read(), 30))
         assert [(event.type, event.seq) for event in seen] == [("error", after + 1)], read
-        assert isinstance(seen[0], ErrorEvent) and seen[0].code == "lost"
+        assert isinstance(seen[0], ErrorEvent) and seen[0].code == "lost", seen
+        assert (seen[0].message, seen[0].answer) == ("its process died", "draft"), seen
     store.close()
 
 

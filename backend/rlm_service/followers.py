@@ -135,6 +135,21 @@ async def stored_events(
             yield event
 
 
+async def owed_lost(store: RunStore, run_id: str, seen: int, why: str) -> Event:
+    """The `error` `lost` that ends the stream of a run its process left (OWNER_DIED), for a client that has events
+    up to `seen`: the one stored as the run was found lost (with the answer it had started), numbered after them;
+    or a new one (`why`) when none is stored. A client that saw the stored one and asks again gets it again, one
+    number further: it may have seen events of that number that the dead process streamed and never stored."""
+    try:
+        stored = await off_loop(store.last_event, run_id)
+    except StoreUnavailable as exc:
+        log.debug("following a run: %s", exc)
+        stored = None
+    if stored is not None and stored["type"] == "error" and stored.get("code") == "lost":
+        return parse_event(stored).model_copy(update={"seq": seen + 1})
+    return lost_event(run_id, seen, why)
+
+
 class StoreFollower:
     """Follows runs through the store; `poll_s()` says how long to wait for news before reading anyway."""
 
@@ -181,8 +196,9 @@ class StoreFollower:
                         except StoreUnavailable as exc:  # the database went away meanwhile: asked again later
                             log.debug("following a run: %s", exc)
                             continue
-                        why = "was deleted" if status is None else f"is {status}"
-                        yield lost_event(run_id, seen, f"the run ended without a final event: it {why}")
+                        ending = "was deleted" if status is None else f"is {status}"
+                        why = f"the run ended without a final event: it {ending}"
+                        yield await owed_lost(self.store, run_id, seen, why)
                         return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), self.poll_s())

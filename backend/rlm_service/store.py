@@ -171,6 +171,9 @@ class RunStore(Protocol):
         them, up to the one whose stored text brings theirs past `max_chars`; and whether the page is full (more
         may follow)."""
 
+    def last_event(self, run_id: str) -> dict[str, Any] | None:
+        """The run's stored event of the highest number (with its `seq`), or None."""
+
     def status(self, run_id: str) -> str | None:
         """The run's status (`running`, `finished`, `failed`, `cancelled`, `unfinished`, `lost`), or None if
         unknown."""

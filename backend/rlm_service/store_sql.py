@@ -231,6 +231,13 @@ class SqlRunStore(ABC):
             rows = _events(db, run_id, after, last) if sizes else []
         return rows, len(rows) < len(sizes) or len(sizes) == PAGE_ROWS
 
+    def last_event(self, run_id: str) -> dict[str, Any] | None:
+        if not valid_run_id(run_id):
+            return None
+        with self._reading() as db:
+            rows = db.rows("SELECT seq, data FROM events WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,))
+        return {**json.loads(rows[0]["data"]), "seq": rows[0]["seq"]} if rows else None
+
     def status(self, run_id: str) -> str | None:
         if not valid_run_id(run_id):
             return None

@@ -30,7 +30,7 @@ from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
 from .events import EventBase, lost_event, sse_safe
 from .fleet import Fleet, Launch
-from .followers import PAGE_CHARS, stored_events
+from .followers import PAGE_CHARS, owed_lost, stored_events
 from .history import in_store
 from .inputs import RunInput
 from .runs import LiveRun
@@ -524,8 +524,8 @@ async def _past_run(
         return
     if status == "unfinished":  # its server stopped before the run ended
         yield lost_event(run_id, last, "the server stopped before this run ended; it is unfinished")
-    elif status == "lost" and last == after:  # asked after its stored `lost` (see followers.OWNER_DIED)
-        yield lost_event(run_id, last, "the run was lost: the server process that ran it stopped without ending it")
+    elif status == "lost" and last == after:  # asked after its stored `lost`
+        yield await owed_lost(store, run_id, last, "the server process that ran it stopped without ending it")
 
 
 async def _read_request(request: Request, settings: Settings, limits: BodyLimits) -> ParsedRequest:
