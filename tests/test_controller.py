@@ -20,6 +20,7 @@ from pydantic_ai.messages import (
 )
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
+from rlm_service import prompts
 from rlm_service.controller import extract_code_blocks
 from rlm_service.engine import Engine, RunSettings
 from rlm_service.events import EventBase
@@ -152,6 +153,29 @@ async def test_one_reply_runs_at_most_twenty_cells(fake: FakeOpenAI) -> None:
     assert events[-1].type == "final" and events[-1].answer == "19" and events[-1].ready
     skipped = [text for text in tool_returns(seen[1]) if text.startswith("Not run")]
     assert len(skipped) == 5 and "at most 20 cells" in skipped[0]
+    assert skipped[1:] == ["Not run."] * 4  # each call is owed a return: the reason is said once
+
+
+async def test_one_text_reply_runs_at_most_twenty_blocks(fake: FakeOpenAI) -> None:
+    """With the text protocol, a reply of 10,000 blocks runs the first 20, and the model reads their reports and
+    one line for the rest. Mutants: no cap for blocks (10,001 `code` events); a report for each block not run (the
+    review: 100,000 of them made the next request 15 MB)."""
+    seen: list[list[ModelMessage]] = []
+
+    def respond(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        seen.append(list(messages))
+        if len(seen) == 1:
+            blocks = ["```repl\nran = []\n```", *(f"```repl\nran.append({i})\n```" for i in range(9_999))]
+            return ModelResponse(parts=[TextPart("\n".join(blocks))])
+        return ModelResponse(parts=[TextPart("```repl\nanswer.update(content=str(len(ran)), ready=True)\n```")])
+
+    events = await collect(fake, FunctionModel(respond), rlm_root_protocol="text")
+    assert types(events).count("code") == 21
+    assert events[-1].type == "final" and events[-1].answer == "19" and events[-1].ready
+    feedback = user_prompts(seen[1])[-1]
+    assert "[block 20]" in feedback and "[block 21]" not in feedback
+    assert feedback.endswith("[blocks 21 to 10000]\n" + prompts.skipped_past_the_cap(20))
+    assert len(feedback) < 20_000
 
 
 async def test_iteration_limit_ends_with_best_answer_not_ready(fake: FakeOpenAI) -> None:
@@ -370,7 +394,6 @@ async def test_the_root_model_is_told_whether_its_cells_have_the_network(
 def test_the_system_prompt_teaches_figures_markdown_and_the_method_by_example() -> None:
     """What a weak root model needs most (#20): matplotlib and that open figures reach the user, that the
     answer is Markdown read on its own, and one worked example of look → chunk → batch → verify → ready."""
-    from rlm_service import prompts
     from rlm_service.events import RunLimits
 
     limits = RunLimits(

@@ -205,9 +205,9 @@ class Controller:
             return prompts.SKIPPED_AFTER_READY
         turn, ran = self._turn_cells
         ran = ran + 1 if turn == self.iteration else 1
-        if ran > MAX_CELLS_PER_REPLY:
-            return prompts.skipped_past_the_cap(MAX_CELLS_PER_REPLY)
         self._turn_cells = (self.iteration, ran)
+        if ran > MAX_CELLS_PER_REPLY:  # said in full once; a reply of 100,000 calls is owed as many returns
+            return prompts.skipped_past_the_cap(MAX_CELLS_PER_REPLY) if ran == MAX_CELLS_PER_REPLY + 1 else "Not run."
         repl = await self._ready_repl()  # raises the start's error, if it failed
         self.emit(CodeEvent(run_id=self.run_id, iteration=self.iteration, code=code))
         self.cells += 1
@@ -364,9 +364,12 @@ class Controller:
             blocks = extract_code_blocks(reply)[0] if self.protocol == "text" else []
             if blocks:
                 reports = []
-                for number, code in enumerate(blocks, 1):
+                for number, code in enumerate(blocks[:MAX_CELLS_PER_REPLY], 1):
                     report = await self.run_cell(code)
                     reports.append(f"[block {number}]\n{report}" if len(blocks) > 1 else report)
+                if len(blocks) > MAX_CELLS_PER_REPLY:
+                    skipped = f"blocks {MAX_CELLS_PER_REPLY + 1} to {len(blocks)}"
+                    reports.append(f"[{skipped}]\n{prompts.skipped_past_the_cap(MAX_CELLS_PER_REPLY)}")
                 self._emit_usage()
                 message = "\n\n".join(reports)
                 continue
