@@ -11,10 +11,11 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
-from tests.conftest import answers_health, require_tool, script, start_on_free_port, stream_run
+from tests.conftest import answers_health, require_tool, script, start_on_free_port, stream_run, wait_until
 from tests.test_fleet import FINISH, HANG, Follower, _ask, _runs, replicas
 from tests.test_runs import start_detached
 
@@ -90,7 +91,13 @@ def test_through_the_compose_files_proxy_runs_stream_live_and_are_followed_cance
         session_id = started[0].data["session_id"]
         # one of the two is served by the replica that does not keep the session
         follow_ups = [_ask(url, script({"code": [FINISH.format(expr="n * 2")]}), session_id=session_id) for _ in "ab"]
-        listed = [_runs(url) for _ in range(2)]
+        listed: list[list[dict[str, Any]]] = []
+
+        def listed_alike() -> bool:  # by both replicas in turn: a run's end is stored just after it is streamed
+            listed[:] = [_runs(url) for _ in range(2)]
+            return listed[0] == listed[1] and all(run["status"] != "running" for run in listed[0])
+
+        assert wait_until(listed_alike, timeout=15), listed
     assert [event.event for event in live][:2] == ["start", "code"] and live[-1].event == "code"
     assert cancelled.status_code == 202
     assert rest[-1].event == "error" and rest[-1].data["code"] == "cancelled", rest

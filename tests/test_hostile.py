@@ -208,7 +208,7 @@ def cells_yield_the_cpu(server: RealServer) -> bool:
     the kernel weighs sessions first) is not the server's, and is weighted 10 levels below it; the cell's own
     process can raise neither back. Returns whether a program the cell started could not set the group's weight
     back either. /proc shows no group for the root one, that of init's session, which a server in a container (as
-    in CI) may never have left; it weighs as niceness 0."""
+    in CI) may never have left; its processes are weighed by their own niceness there."""
     printed = outputs(server.run(PRIORITY_CELL))[0]["stdout"].splitlines()
     niceness, leads_a_session, group, *raising, program, group_after = printed
     refused = "refused PermissionError"
@@ -217,7 +217,8 @@ def cells_yield_the_cpu(server: RealServer) -> bool:
     assert leads_a_session == "False"
     if group == "no autogroup":
         return program == "program refused"
-    servers = Path(f"/proc/{server.pid}/autogroup").read_text().split() or ["(the root group)", "0"]
+    root_group = ["(the root group)", str(os.getpriority(os.PRIO_PROCESS, server.pid))]  # weighed by niceness there
+    servers = Path(f"/proc/{server.pid}/autogroup").read_text().split() or root_group
     assert group.split()[0] != servers[0] and group.split()[-1] == str(min(int(servers[-1]) + 10, 19)), group
     return program == "program refused" and group_after == group
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
 
+from rlm_service import answers
 from rlm_service import engine as engine_module
 from rlm_service.answers import CHECK_TIMEOUT_S, AnswerSchema
 from tests.conftest import (
@@ -112,38 +116,58 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     assert fake.stats.requests == 0
 
 
-def test_schemas_too_large_to_check_quickly_are_refused_at_once(live: LiveServer, fake: FakeOpenAI) -> None:
-    """The metaschema asks some arrays for unique items, compared pair by pair when their types mix; and every value
-    costs some checking. Old behaviour caught (the review): a `type` of 4,000 mixed items took 3.6 s of CPU before
-    its refusal, and ten of them in one schema, half a minute."""
+def test_schemas_too_large_or_too_slow_to_check_are_refused(
+    live: LiveServer, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metaschema asks some arrays for unique items, compared pair by pair when their types mix, and compiles
+    every `pattern`: a schema past the caps is refused before its check, and one whose check takes too long, at
+    the check's time limit, while the server goes on serving. Old behaviour caught (the review): a `type` of 4,000
+    mixed items took 3.6 s of CPU in a server thread; a `pattern` of 1,500 case-insensitive character classes, some
+    10 s (every one the check compiles)."""
     mixed = [i if i % 2 else str(i) for i in range(4000)]
-    started = time.monotonic()
     long_array = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"type": mixed}}})
     assert long_array.status_code == 422, long_array.text
-    assert "a JSON Schema with an array of 4,000 items, more than the 500 allowed" in long_array.json()["detail"]
-    many = {"properties": {f"p{i}": {"enum": mixed[:490]} for i in range(20)}}
+    assert "a JSON Schema with an array of 4,000 items, more than the 1,000 allowed" in long_array.json()["detail"]
+    many = {"properties": {f"p{i}": {"enum": mixed[:990]} for i in range(11)}}
     many_values = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": many}})
     assert many_values.status_code == 422, many_values.text
-    assert "a JSON Schema of more than 5,000 values" in many_values.json()["detail"]
-    assert time.monotonic() - started < 10  # (the old checks: tens of seconds)
+    assert "a JSON Schema of more than 10,000 values" in many_values.json()["detail"]
+    monkeypatch.setattr(answers, "SCHEMA_CHECK_TIMEOUT_S", 1.0)
+    slow = {"type": "string", "pattern": "(?i)" + "[\\0-\\U0010ffff]" * 1500}
+    with ThreadPoolExecutor(1) as pool:
+        refusal = pool.submit(post_process, live.url, json={"prompt": "count", "settings": {"answer_schema": slow}})
+        assert httpx2.get(f"{live.url}/health", timeout=5).status_code == 200  # (the check waits in a thread)
+        too_slow = refusal.result()
+    assert too_slow.status_code == 422, too_slow.text
+    assert "the JSON Schema could not be checked within 1 s" in too_slow.json()["detail"]
     assert fake.stats.requests == 0
 
 
-def test_a_schema_is_checked_once_and_off_the_event_loop(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The schema is checked once per request (some 0.3 s of CPU for the largest allowed), in a thread, also when
-    the body is large enough to be parsed by a child process. Mutants caught: the large body's settings validated
-    on the event loop (the health check times out); the engine checking the schema again as it launches the run
-    (two checks)."""
+@pytest.mark.parametrize("body", ["large JSON", "form"])
+def test_a_schema_is_checked_once_and_off_the_event_loop(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, body: str
+) -> None:
+    """The schema is checked once per request (a process, up to seconds), from a thread, also when the body is
+    large enough to be parsed by a child process, or is a form. Mutants caught: the large body's settings, or the
+    form's, validated on the event loop (the health check times out); the engine checking the schema again as it
+    launches the run (two checks)."""
     checks: list[object] = []
     real = engine_module.check_schema
     monkeypatch.setattr(engine_module, "check_schema", lambda schema: checks.append(schema) or real(schema))
     prompt = script({"code": ["answer.update(content='{\"count\": 2}', ready=True)"]})
-    body = {"prompt": prompt, "input_data": "x" * 1_500_000, "settings": {"answer_schema": SCHEMA}}
+    request: dict[str, Any] = (
+        {"json_body": {"prompt": prompt, "input_data": "x" * 1_500_000, "settings": {"answer_schema": SCHEMA}}}
+        if body == "large JSON"
+        else {
+            "data": {"prompt": prompt, "settings": json.dumps({"answer_schema": SCHEMA})},
+            "files": {"input_file": ("a.txt", b"hello")},
+        }
+    )
     with (
         LiveServer(make_settings(fake)) as live,
         held_until_health_answers(monkeypatch, live.url, engine_module, "check_schema", every_call, "schema check"),
     ):
-        _, events = stream_run(live.url, json_body=body)
+        _, events = stream_run(live.url, **request)
     assert events[-1].event == "final" and events[-1].data["answer_json"] == {"count": 2}
     assert checks == [SCHEMA]
 

@@ -15,6 +15,10 @@ holds Python's interpreter lock for the whole match, which froze every request o
 ran in one of its threads; `uniqueItems` over a large array of objects compares every pair; an answer nested
 a hundred thousand deep exhausts the parser's recursion. Starting the child takes about 0.2 s, once for each
 answer a cell marks ready.
+
+The schema itself is checked the same way, once, as the request that brings it is read (`check_schema`, within
+SCHEMA_CHECK_TIMEOUT_S): the metaschema compiles every `pattern`, and a pattern of 5,000 characters can take
+seconds to compile (the review). Schemas too large to be worth a process are refused before one starts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -39,11 +44,18 @@ MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
 CHECK_TIMEOUT_S = 10.0
 """How long the check of one answer may take; past it, the answer is refused as unchecked."""
+SCHEMA_CHECK_TIMEOUT_S = 5.0
+"""How long the check of a schema may take; past it, the schema is refused. Valid schemas of the sizes allowed take
+well under a second, but some shapes take far longer (a `pattern` of 5,000 characters, 2 s: the review)."""
 CHECK_MEMORY_BYTES = 2 * 1024**3
 """The address space of the checking process."""
+CHECK_NICE = 10
+"""How much lower than the server's the checking process's CPU priority is: many checks at once, each up to its
+time limit, leave the server the CPU it needs to serve every run."""
 CHECKS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rlm-answer-check")
 """The threads that wait for the checking processes (`in_check_thread`): not asyncio's default ones, which
-every run needs for its workspace, and which a few checks waiting their 10 s would otherwise all hold."""
+every run needs for its workspace, and which a few checks waiting their 10 s would otherwise all hold. The
+requests that may bring a schema are read in them too."""
 MAX_COLLECTED_ERRORS = 1000
 """Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
 places, and collecting every one takes tens of seconds."""
@@ -51,12 +63,12 @@ MAX_SCHEMA_OBJECTS = 1000
 """The most JSON objects an answer schema may hold. Checking a schema against its metaschema costs some 0.3 ms of
 CPU per object: one of 48,000 (half a megabyte) took 16 s of it (the attack pass). A schema for an answer rarely
 needs more than a few hundred."""
-MAX_SCHEMA_VALUES = 5000
+MAX_SCHEMA_VALUES = 10_000
 """The most JSON values (objects, arrays, strings, numbers...) an answer schema may hold."""
-MAX_SCHEMA_ARRAY = 500
-"""The most items of one array in an answer schema. The metaschema asks some arrays for unique items (`type`,
-draft-04's `enum`), which are compared pair by pair when they mix types: 4,000 took 3.6 s (the review), 500 take
-some 0.05 s, and MAX_SCHEMA_VALUES leaves room for ten of them."""
+MAX_SCHEMA_ARRAY = 1000
+"""The most items of one array in an answer schema (OpenAI's structured outputs allow an `enum` of 1,000). The
+metaschema asks some arrays for unique items (`type`, draft-04's `enum`), which are compared pair by pair when
+their items are not all of one sortable kind: 4,000 took 3.6 s (the review), 1,000 about 0.2 s."""
 
 
 log = logging.getLogger("rlm_service")
@@ -95,22 +107,71 @@ def _where(path: Any) -> str:
 
 
 def check_schema(schema: dict[str, Any]) -> None:
-    """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema, or one too large to be
-    checked. It takes up to some 0.3 s of CPU: call it off the event loop."""
+    """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema, is too large to be checked,
+    or cannot be checked within SCHEMA_CHECK_TIMEOUT_S. It waits for the checking process: call it off the event
+    loop (in a CHECKS thread)."""
     if (reason := _too_large(schema)) is not None:
         raise SchemaInvalid(reason)
+    try:
+        found = _in_child({"schema": schema}, SCHEMA_CHECK_TIMEOUT_S)
+    except _Unchecked as exc:
+        raise SchemaInvalid(f"the JSON Schema could not be checked {exc}: its patterns are the likely cause") from None
+    if found is not None:
+        raise SchemaInvalid(found)
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """What is wrong with `schema` against its draft's metaschema, or None (in the checking process)."""
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
     try:
         validator_class.check_schema(schema)
-    except schema_errors.SchemaError as exc:
-        raise SchemaInvalid(f"not a valid JSON Schema: {exc.message} (at {_where(exc.absolute_path)})") from None
+    except schema_errors.SchemaError as exc:  # (the message quotes the value, which may be large)
+        return f"not a valid JSON Schema: {_cut(exc.message)} (at {_where(exc.absolute_path)})"
     except RecursionError:
-        raise SchemaInvalid("a JSON Schema nested too deeply to be checked") from None
+        return "a JSON Schema nested too deeply to be checked"
+    return None
 
 
-async def in_check_thread(call: Callable[[str], T], content: str) -> T:
-    """`AnswerSchema.problem` or `.value` of `content`, in one of the CHECKS threads."""
-    return await asyncio.get_running_loop().run_in_executor(CHECKS, call, content)
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
+class _Unchecked(Exception):
+    """The checking process gave no verdict; the message says why, as the end of "could not be checked …"."""
+
+
+def _in_child(request: dict[str, Any], timeout: float) -> str | None:
+    """The problem that the checking process (`_main`) finds with `request`, or None; raises `_Unchecked`."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", __file__],
+            input=json.dumps(request, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+            capture_output=True,
+            env={},  # nothing of the server's environment (its keys) reaches the child
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise _Unchecked(f"within {timeout:g} s") from None
+    except OSError as exc:  # no process could be started (out of memory or of file descriptors)
+        log.error("a JSON Schema check could not start: %s", exc)
+        raise _Unchecked(f"now ({exc.strerror})") from None
+    try:
+        found: str | None = json.loads(done.stdout)["problem"]
+    except (ValueError, KeyError, TypeError):
+        log.warning(
+            "a JSON Schema check ended with status %s: %s",
+            done.returncode,
+            done.stderr.decode("utf-8", "replace")[-2000:],
+        )
+        raise _Unchecked(f"(the check ended with status {done.returncode}, out of memory most likely)") from None
+    return found
+
+
+async def in_check_thread(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` in one of the CHECKS threads: `AnswerSchema.problem` or `.value`, or the reading of a request
+    that may bring a schema."""
+    return await asyncio.get_running_loop().run_in_executor(CHECKS, call, *args)
 
 
 class AnswerSchema:
@@ -128,36 +189,12 @@ class AnswerSchema:
     def problem(self, content: str) -> str | None:
         """What is wrong with `content` as an answer (None when it is JSON valid against the schema). It waits for
         the checking process (up to CHECK_TIMEOUT_S): call it in a thread, off the event loop."""
-        request = json.dumps({"schema": self.schema, "content": content}, ensure_ascii=False)
         try:
-            done = subprocess.run(
-                [sys.executable, "-I", __file__],
-                input=request.encode("utf-8", "surrogatepass"),
-                capture_output=True,
-                env={},  # nothing of the server's environment (its keys) reaches the child
-                timeout=CHECK_TIMEOUT_S,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
+            found = _in_child({"schema": self.schema, "content": content}, CHECK_TIMEOUT_S)
+        except _Unchecked as exc:
             return (
-                f"the answer could not be checked against the schema within {CHECK_TIMEOUT_S:g} s (a `pattern` "
-                "that backtracks on it, most likely); give an answer that is quicker to check."
-            )
-        except OSError as exc:  # no process could be started (out of memory or of file descriptors)
-            log.error("the answer check could not start: %s", exc)
-            return f"the answer could not be checked against the schema now ({exc.strerror}); try again."
-        try:
-            verdict = json.loads(done.stdout)
-            found: str | None = verdict["problem"]
-        except (ValueError, KeyError, TypeError):
-            log.warning(
-                "the answer check ended with status %s: %s",
-                done.returncode,
-                done.stderr.decode("utf-8", "replace")[-2000:],
-            )
-            return (
-                f"the answer could not be checked against the schema: the check ended with status {done.returncode} "
-                "(out of memory, most likely); give a smaller answer."
+                f"the answer could not be checked against the schema {exc}: give an answer that is quicker to check "
+                "(a `pattern` that backtracks on it is the likely cause) or smaller, or try again."
             )
         if found is None:
             self._accepted = (content, json.loads(content))
@@ -201,10 +238,19 @@ def _check(validator: Validator, content: str) -> str | None:
 
 
 def _main() -> None:
-    """The checking process: `{"schema", "content"}` on stdin, `{"problem": str | None}` on stdout."""
+    """The checking process: `{"schema", "content"}` (an answer's check) or `{"schema"}` (the schema's) on stdin,
+    `{"problem": str | None}` on stdout."""
     resource.setrlimit(resource.RLIMIT_AS, (CHECK_MEMORY_BYTES, CHECK_MEMORY_BYTES))
-    request = json.loads(sys.stdin.buffer.read())
+    os.nice(CHECK_NICE)
+    try:
+        request = json.loads(sys.stdin.buffer.read())
+    except RecursionError:  # (a schema; the answer is a string in it)
+        sys.stdout.write(json.dumps({"problem": "a JSON Schema nested too deeply to be checked"}))
+        return
     schema = request["schema"]
+    if "content" not in request:
+        sys.stdout.write(json.dumps({"problem": _schema_problem(schema)}))
+        return
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
     validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
     sys.stdout.write(json.dumps({"problem": _check(validator, request["content"])}))

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_ai import Agent
 from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
@@ -41,6 +41,11 @@ from .store import RunRecord, RunStore
 log = logging.getLogger("rlm_service")
 SHUTTING_DOWN = "the server is shutting down"
 """Why the runs still live when the server stops are cancelled."""
+
+
+SCHEMA_CHECKED = "schema_checked"
+"""Validation context of settings whose answer schema was checked already (`RunSettings.model_validate(…,
+context={SCHEMA_CHECKED: True})`): the check takes a process and up to seconds."""
 
 
 class RunSettings(BaseModel):
@@ -75,10 +80,11 @@ class RunSettings(BaseModel):
 
     @field_validator("answer_schema")
     @classmethod
-    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _valid_schema(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if value is None:
             return None
-        check_schema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
+        if not (info.context or {}).get(SCHEMA_CHECKED):  # (a process of ours checked it, and sends it on)
+            check_schema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
         # a lone surrogate in it (a JSON "\ud800") would fail every listing of the history that shows the run
         return valid_unicode_json(value)  # type: ignore[no-any-return]
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from fastapi import HTTPException
 
 from . import fleet_sql as sql
-from .engine import RunSettings, SettingsRefused
+from .engine import SCHEMA_CHECKED, RunSettings, SettingsRefused
 from .events import Event, is_terminal
 from .followers import POLL_SQLITE_S, POLL_WITHOUT_LISTENER_S, RECHECK_S, Listener, StoreFollower, Wakeups
 from .pulse import Pulse
@@ -236,7 +236,7 @@ class Fleet:
 
     def _follow_up_here(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            run_settings = RunSettings.model_validate(payload["settings"])
+            run_settings = RunSettings.model_validate(payload["settings"], context={SCHEMA_CHECKED: True})
             self.launch(str(payload["prompt"]), run_settings, str(payload["session_id"]), str(payload["run_id"]))
         except SessionUnavailable as exc:
             return {"status": exc.status, "detail": str(exc)}

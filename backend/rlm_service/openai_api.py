@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .answers import in_check_thread
 from .auth import token_check
 from .config import Settings
 from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
@@ -179,7 +180,7 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         with slots.reading_body():
             chat = await _read_chat(request, limits)
         # in a thread: the conversation is rendered, encoded and hashed, and may be tens of megabytes
-        run_settings, run_input, task = await asyncio.to_thread(_prepare, chat, settings)
+        run_settings, run_input, task = await in_check_thread(_prepare, chat, settings)  # (a schema's check)
         model_settings, stream = chat.model_settings(), chat.stream
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         del chat  # the conversation (up to RLM_MAX_JSON_BYTES) is in the run's input now: not held for the run's length

@@ -26,6 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from . import jsonbody
+from .answers import in_check_thread
 from .config import Settings
 from .engine import RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
@@ -156,6 +157,16 @@ def _checked(data: object, limits: BodyLimits) -> ProcessRequest:
     return _validate(data, limits)
 
 
+def _form_request(fields: dict[str, str], limits: BodyLimits) -> ProcessRequest:
+    """The request a form's text fields make (in a worker thread: its settings may hold a schema to check)."""
+    try:
+        settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
+        raise HTTPException(422, 'settings: must be a JSON object, e.g. {"max_iterations": 5}') from None
+    data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
+    return _validate(data, limits)
+
+
 def _loads(body: bytes) -> Any:
     """A small JSON body's document (in a worker thread), refused like the parser process refuses it."""
     if jsonbody.too_many_values(body):
@@ -211,7 +222,7 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
     head, rest = await _head(stream, limits)
     if rest is not None:
         return await _parse_in_child(head, rest, limits)
-    return await asyncio.to_thread(_parse_inline, head, limits)
+    return await in_check_thread(_parse_inline, head, limits)  # (checking a schema waits for a process)
 
 
 async def _child_parser(*args: str) -> asyncio.subprocess.Process:
@@ -305,7 +316,7 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
                 path=Path(described["path"]),
                 sha256=described["sha256"],
             )
-        request = await asyncio.to_thread(_checked, answer["fields"], limits)  # the answer schema's check takes CPU
+        request = await in_check_thread(_checked, answer["fields"], limits)
         return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings, request.session_id)
     except BaseException:
         if run_input is not None:
@@ -462,12 +473,7 @@ async def read_multipart(
             parser.write(chunk)
         parser.finalize()
         fields = {name: value.decode("utf-8", "replace") for name, value in reader.fields.items()}
-        try:
-            settings = json.loads(fields["settings"]) if fields.get("settings", "").strip() else {}
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
-            raise HTTPException(422, 'settings: must be a JSON object, e.g. {"max_iterations": 5}') from None
-        data = {"settings": settings} | {name: fields[name] for name in ("prompt", "session_id") if name in fields}
-        request = _validate(data, limits)
+        request = await in_check_thread(_form_request, fields, limits)
         return ParsedRequest(request.prompt, reader.input(), request.settings, request.session_id)
     except BaseException as exc:
         reader.abort()

@@ -126,11 +126,11 @@ def yield_cpu_to_the_server(server: int) -> None:
     try:
         with open(f"/proc/{server}/autogroup") as group:
             shown = group.read().split()  # "/autogroup-<n> nice <nice>"
-    except OSError:  # a kernel without autogroup
+        # Nothing is shown for the root group, the session of init's that a server in a container may never have
+        # left (as in CI): its processes are weighed one by one there, the server by its own niceness.
+        server_nice = int(shown[-1]) if shown else os.getpriority(os.PRIO_PROCESS, server)
+    except (OSError, ValueError):  # a kernel without autogroup
         return
-    # Nothing is shown for the root group, the session of init's that a server in a container may never have left
-    # (as in CI); it weighs as niceness 0.
-    server_nice = int(shown[-1]) if shown else 0
     for _ in range(20):
         try:
             with open("/proc/self/autogroup", "w") as group:
