@@ -223,18 +223,20 @@ def test_a_malformed_command_stops_no_later_one(pg_url: str, tmp_path: Path) -> 
 def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: str, tmp_path: Path) -> None:
     """The session lives in one replica's worker; the other streams a follow-up on it, shows it, refuses a
     second follow-up while one runs (409), cancels one whose client left, and ends it; no command is left behind.
+    The first follow-up carries an answer schema, which the keeper applies (`answer_json`).
     Mutants: the follow-up route without the fleet (404); a cancel that no one waits for answered by the keeper
     (the answer stayed in the table until the sweep)."""
     first = script(
         {"code": ["records = context.splitlines()\ntotal = sum(int(r) for r in records)"]},
         {"code": [FINISH.format(expr="total")]},
     )
-    second = script({"code": [FINISH.format(expr="(len(records), total)")]})
+    second = script({"code": [FINISH.format(expr="[len(records), total]")]})
+    pair = {"type": "array", "items": {"type": "integer"}}  # checked by the replica that took the request
     slow = script({"code": ["import time\ntime.sleep(3)"]}, {"code": [FINISH.format(expr="1")]})
     with replicas(tmp_path, pg_url) as (one, other):
         started = _ask(one.url, first, input_data="\n".join(str(i) for i in range(100)), settings={"session": True})
         session_id = started[0].data["session_id"]
-        follow_up = _ask(other.url, second, session_id=session_id)
+        follow_up = _ask(other.url, second, session_id=session_id, settings={"answer_schema": pair})
         with (
             httpx2.Client(timeout=60) as client,
             client.stream("POST", f"{other.url}/process", json={"prompt": slow, "session_id": session_id}) as live,
@@ -262,7 +264,7 @@ def test_a_follow_up_and_its_session_are_served_through_another_replica(pg_url: 
     assert not commands
     assert started[-1].data["answer"] == str(sum(range(100)))
     assert follow_up[0].event == "start" and follow_up[0].data["session_id"] == session_id
-    assert follow_up[-1].event == "final" and follow_up[-1].data["answer"] == "(100, 4950)"
+    assert follow_up[-1].event == "final" and follow_up[-1].data["answer_json"] == [100, 4950]
     assert _seqs(follow_up) == list(range(1, len(follow_up) + 1))
     assert busy.status_code == 409 and "still going" in busy.json()["detail"]
     assert busy_delete.status_code == 409 and slow_events[-1].event == "final"
