@@ -113,6 +113,11 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     too_wide = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": wide}})
     assert too_wide.status_code == 422, too_wide.text
     assert "a JSON Schema of more than 1,000 objects" in too_wide.json()["detail"]
+    nested: object = 1
+    for _ in range(260):  # old behaviour (the attack pass): accepted, then every listing of the history was a 500
+        nested = [nested]
+    deep_const = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": {"const": nested}}})
+    assert deep_const.status_code == 422 and "nested too deeply" in deep_const.json()["detail"], deep_const.text
     assert fake.stats.requests == 0
 
 

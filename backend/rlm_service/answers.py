@@ -65,6 +65,9 @@ CPU per object: one of 48,000 (half a megabyte) took 16 s of it (the attack pass
 needs more than a few hundred."""
 MAX_SCHEMA_VALUES = 10_000
 """The most JSON values (objects, arrays, strings, numbers...) an answer schema may hold."""
+MAX_SCHEMA_DEPTH = 64
+"""The deepest an answer schema may nest. The metaschema does not look inside `const` or `enum`: a value 260 deep
+there was accepted, and then every listing of the history failed to serialize the run's settings (the attack pass)."""
 MAX_SCHEMA_ARRAY = 1000
 """The most items of one array in an answer schema (OpenAI's structured outputs allow an `enum` of 1,000). The
 metaschema asks some arrays for unique items (`type`, draft-04's `enum`), which are compared pair by pair when
@@ -77,17 +80,19 @@ T = TypeVar("T")
 
 def _too_large(schema: Any) -> str | None:
     """Why `schema` is too large to be checked, if it is (walked without recursion: it may nest deeply)."""
-    objects, values, pending = 0, 0, [schema]
+    objects, values, pending = 0, 0, [(schema, 1)]
     while pending:
-        item = pending.pop()
+        item, depth = pending.pop()
         values += 1
+        if depth > MAX_SCHEMA_DEPTH:  # (a value nested deeper than this could not be shown in the history either)
+            return f"a JSON Schema nested too deeply (more than {MAX_SCHEMA_DEPTH} levels)"
         if isinstance(item, dict):
             objects += 1
-            pending.extend(item.values())
+            pending.extend((value, depth + 1) for value in item.values())
         elif isinstance(item, list):
             if len(item) > MAX_SCHEMA_ARRAY:
                 return f"a JSON Schema with an array of {len(item):,} items, more than the {MAX_SCHEMA_ARRAY:,} allowed"
-            pending.extend(item)
+            pending.extend((value, depth + 1) for value in item)
         if values > MAX_SCHEMA_VALUES:  # too many already: the rest need not be walked
             break
     if objects > MAX_SCHEMA_OBJECTS:
