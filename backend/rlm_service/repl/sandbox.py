@@ -129,7 +129,7 @@ def yield_cpu_to_the_server(server: int) -> None:
         # Nothing is shown for the root group, the session of init's that a server in a container may never have
         # left (as in CI): its processes are weighed one by one there, the server by its own niceness.
         server_nice = int(shown[-1]) if shown else os.getpriority(os.PRIO_PROCESS, server)
-    except (OSError, ValueError):  # a kernel without autogroup
+    except (OSError, ValueError):  # a kernel without autogroup, or a file it does not write this way
         return
     for _ in range(20):
         try:
