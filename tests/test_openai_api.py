@@ -245,6 +245,13 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": deep}},
         )
     assert "nested too deeply" in too_deep.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as looped:  # old (the attack pass): no answer could pass
+        client(server).chat.completions.create(
+            model="rlm",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
+        )
+    assert "refers back to itself at $" in looped.value.message
     with pytest.raises(openai.BadRequestError) as no_schema:  # old (the attack pass): run with any JSON answer
         client(server).chat.completions.create(model="rlm", messages=messages, response_format={"type": "json_schema"})
     assert no_schema.value.param == "response_format" and "needs json_schema" in no_schema.value.message

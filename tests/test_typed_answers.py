@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -121,6 +123,51 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     assert fake.stats.requests == 0
 
 
+def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_inside(
+    live: LiveServer, fake: FakeOpenAI
+) -> None:
+    """Old behaviour caught (the attack pass): `"$schema": 5` crashed the checking process, and the refusal blamed
+    memory and patterns; a `$ref` looping back without going into the value, or one that resolves nowhere, was
+    accepted, and then every answer's check failed; a reference to an http address was fetched by the server
+    (jsonschema's default registry), once for every answer checked. Recursion through the value's items is fine."""
+    hits: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, format: str, *args: Any) -> None:  # (quiet)
+            pass
+
+    remote = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=remote.serve_forever, daemon=True).start()
+    address = f"http://127.0.0.1:{remote.server_address[1]}/schema.json"
+    refused = {
+        "$schema must be a string, the URI of a draft (at $.$schema)": {"$schema": 5},
+        "it refers back to itself at $ without going into": {"$ref": "#"},
+        "it refers back to itself at $.properties.a without": {"properties": {"a": {"$ref": "#/properties/a"}}},
+        "refers back to itself at $.$ref": {
+            "$ref": "#/$defs/a",
+            "$defs": {"a": {"allOf": [{"$ref": "#/$defs/b"}]}, "b": {"$ref": "#/$defs/a"}},
+        },
+        "its reference '#/$defs/none' (at $.items.$ref) cannot be resolved": {"items": {"$ref": "#/$defs/none"}},
+        f"its reference '{address}' (at $.$ref) cannot be resolved": {"$ref": address},
+    }
+    try:
+        for reason, schema in refused.items():
+            response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": schema}})
+            assert response.status_code == 422 and reason in response.json()["detail"], (schema, response.text)
+        assert AnswerSchema({"$ref": address}).problem("1") is not None  # (a schema another replica checked)
+    finally:
+        remote.shutdown()
+    assert hits == [] and fake.stats.requests == 0
+    tree = {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}, "required": ["kids"]}
+    prompt = script({"code": ['answer.update(content=\'{"kids": [{"kids": []}]}\', ready=True)']})
+    _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": tree}})
+    assert events[-1].event == "final" and events[-1].data["answer_json"] == {"kids": [{"kids": []}]}
+
+
 def test_schemas_too_large_or_too_slow_to_check_are_refused(
     live: LiveServer, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,7 +205,9 @@ def test_a_schema_is_checked_once_and_off_the_event_loop(
     launches the run (two checks)."""
     checks: list[object] = []
     real = engine_module.check_schema
-    monkeypatch.setattr(engine_module, "check_schema", lambda schema: checks.append(schema) or real(schema))
+    monkeypatch.setattr(
+        engine_module, "check_schema", lambda schema, max_chars: checks.append(schema) or real(schema, max_chars)
+    )
     prompt = script({"code": ["answer.update(content='{\"count\": 2}', ready=True)"]})
     request: dict[str, Any] = (
         {"json_body": {"prompt": prompt, "input_data": "x" * 1_500_000, "settings": {"answer_schema": SCHEMA}}}
@@ -177,11 +226,62 @@ def test_a_schema_is_checked_once_and_off_the_event_loop(
     assert checks == [SCHEMA]
 
 
-def test_a_schema_larger_than_a_prompt_may_be_is_refused(fake: FakeOpenAI) -> None:
+def test_a_schema_larger_than_a_prompt_may_be_is_refused_before_its_check(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old behaviour caught (the attack pass): the length was compared only after the check's process had run,
+    up to its 5 s."""
+    checks: list[object] = []
+    monkeypatch.setattr(answers, "_in_child", lambda request, timeout: checks.append(request))
     huge = {"type": "object", "description": "x" * 2000}
     with LiveServer(make_settings(fake, rlm_max_prompt_chars=1000)) as live:
         response = post_process(live.url, json={"prompt": "count", "settings": {"answer_schema": huge}})
-    assert response.status_code == 422 and "RLM_MAX_PROMPT_CHARS" in response.json()["detail"]
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith("settings.answer_schema: 2,037 characters of JSON, more than RLM_MAX")
+    assert checks == []
+
+
+def test_schemas_waiting_for_their_check_hold_up_no_other_request_and_no_run(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While two schema checks run (held here) and as many as may wait, one more request with a schema is refused at
+    once (429, Retry-After); a run already going still has its answer checked, and a request without a schema
+    is read and run. Old behaviour caught (the attack pass): the checks of 60 such requests delayed a running run's
+    answer check from 3.6 s to 12.5 s (one pool of threads for both), and no number of them was ever refused."""
+    real = answers._in_child
+    held = threading.Event()
+    holding: list[object] = []
+
+    def check(request: dict[str, Any], timeout: float) -> str | None:
+        if request["schema"].get("title") == "slow":
+            holding.append(request)
+            held.wait(30)
+        return real(request, timeout)
+
+    monkeypatch.setattr(answers, "_in_child", check)
+    monkeypatch.setattr(answers, "_RUNNING", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(answers, "_ADMITTED", threading.BoundedSemaphore(2))
+    answer = {"code": ["answer.update(content='{\"count\": 2}', ready=True)"]}
+    fake.inject("hold", role="root")
+    with LiveServer(make_settings(fake)) as live, ThreadPoolExecutor(3) as pool:
+        going = pool.submit(
+            stream_run, live.url, json_body={"prompt": script(answer), "settings": {"answer_schema": SCHEMA}}
+        )
+        assert wait_until(lambda: fake.stats.held == 1), "the first run's root model was not asked"
+        slow = {"prompt": script(answer), "settings": {"answer_schema": SCHEMA | {"title": "slow"}}}
+        waiting = [pool.submit(stream_run, live.url, json_body=slow) for _ in range(2)]
+        assert wait_until(lambda: len(holding) == 2), "the slow checks did not start"
+        busy = post_process(live.url, json=slow)
+        assert busy.status_code == 429 and busy.headers["Retry-After"] == "5", busy.text
+        assert "answer schemas are being checked or waiting" in busy.json()["detail"]
+        _, plain = stream_run(live.url, json_body={"prompt": script(answer)})
+        assert plain[-1].event == "final" and plain[-1].data["answer"] == '{"count": 2}'
+        fake.release()
+        _, events = going.result()
+        assert events[-1].event == "final" and events[-1].data["answer_json"] == {"count": 2}
+        held.set()
+        for later in waiting:
+            assert later.result()[1][-1].data["answer_json"] == {"count": 2}
 
 
 def test_an_answer_is_checked_off_the_event_loop(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:

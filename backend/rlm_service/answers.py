@@ -6,7 +6,10 @@ not accepted (ready goes back to False) and the root model reads what is wrong. 
 carries the parsed value of an answer that satisfies the schema.
 
 Schemas are checked with the `jsonschema` package under the draft they declare (`$schema`; 2020-12 when
-they declare none). References are resolved only inside the schema: nothing is fetched.
+they declare none). References are resolved only inside the schema and the drafts' own metaschemas: nothing is
+fetched (jsonschema's default registry fetches any `http` reference, and the server's network is not the
+client's to reach). A schema whose reference cannot be resolved, or loops back to where it started without
+going into the value (`{"$ref": "#"}`: every answer's check would recurse until it fails), is refused.
 
 The check of an answer runs in a short-lived child process (this file, run as a script), within
 CHECK_TIMEOUT_S and CHECK_MEMORY_BYTES: the client writes the schema and the run's code writes the answer,
@@ -30,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -38,7 +42,9 @@ from typing import Any, TypeVar
 from jsonschema import exceptions as schema_errors
 from jsonschema import validators
 from jsonschema.protocols import Validator
+from jsonschema_specifications import REGISTRY as DRAFTS
 from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012, specification_with
 
 MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
@@ -53,9 +59,19 @@ CHECK_NICE = 10
 """How much lower than the server's the checking process's CPU priority is: many checks at once, each up to its
 time limit, leave the server the CPU it needs to serve every run."""
 CHECKS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="rlm-answer-check")
-"""The threads that wait for the checking processes (`in_check_thread`): not asyncio's default ones, which
-every run needs for its workspace, and which a few checks waiting their 10 s would otherwise all hold. The
-requests that may bring a schema are read in them too."""
+"""The threads that wait for the checks of the answers of runs (`in_check_thread`): not asyncio's default ones,
+which every run needs for its workspace, and which a few checks waiting their 10 s would otherwise all hold."""
+READS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rlm-request-read")
+"""The threads that read the requests that may bring a schema, and wait for its check (`in_read_thread`): apart
+from CHECKS, so that requests with schemas slow to check never delay the runs already going (the attack pass: 60
+of them held a run's answer check from 3.6 s to 12.5 s when they shared the threads)."""
+SCHEMA_CHECKS_AT_ONCE = 4
+"""The most schema checks (processes) that run at once; more wait, up to SCHEMA_CHECKS_WAITING."""
+SCHEMA_CHECKS_WAITING = 16
+"""The most schema checks that wait for their turn; a request whose schema would be one more is refused at once
+(503, `ChecksBusy`), so that schemas slow to check hold few READS threads and every other request is read."""
+_ADMITTED = threading.BoundedSemaphore(SCHEMA_CHECKS_AT_ONCE + SCHEMA_CHECKS_WAITING)
+_RUNNING = threading.BoundedSemaphore(SCHEMA_CHECKS_AT_ONCE)
 MAX_COLLECTED_ERRORS = 1000
 """Violations collected to pick those from: an answer of a few megabytes can break a schema in millions of
 places, and collecting every one takes tens of seconds."""
@@ -106,34 +122,172 @@ class SchemaInvalid(ValueError):
     """The answer schema itself is not a valid JSON Schema."""
 
 
+class ChecksBusy(RuntimeError):
+    """The schema was not checked: too many are being checked already (not a ValueError: pydantic lets it through
+    to the request's reader, which answers 503)."""
+
+
 def _where(path: Any) -> str:
     """A JSON path like `$.items[2].price` (`$` is the whole value)."""
     return "$" + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
 
 
-def check_schema(schema: dict[str, Any]) -> None:
-    """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema, is too large to be checked,
-    or cannot be checked within SCHEMA_CHECK_TIMEOUT_S. It waits for the checking process: call it off the event
-    loop (in a CHECKS thread)."""
+def too_long(schema: dict[str, Any], max_chars: int) -> str | None:
+    """Why `schema` is too long for the root model to read every turn (`RLM_MAX_PROMPT_CHARS`), if it is."""
+    size = len(json.dumps(schema))
+    if size <= max_chars:
+        return None
+    return (
+        f"{size:,} characters of JSON, more than RLM_MAX_PROMPT_CHARS ({max_chars:,}): the root model reads it "
+        "every turn"
+    )
+
+
+def check_schema(schema: dict[str, Any], max_chars: int | None = None) -> None:
+    """Raises `SchemaInvalid` (with the reason) when `schema` is not a valid JSON Schema, is too large to be checked
+    (or longer than `max_chars` characters of JSON), or cannot be checked within SCHEMA_CHECK_TIMEOUT_S. It waits
+    for the checking process: call it off the event loop (`in_read_thread`)."""
     if (reason := _too_large(schema)) is not None:
         raise SchemaInvalid(reason)
+    if max_chars is not None and (reason := too_long(schema, max_chars)) is not None:  # (nested 64 deep at most)
+        raise SchemaInvalid(reason)
+    if not _ADMITTED.acquire(blocking=False):
+        raise ChecksBusy(
+            f"{SCHEMA_CHECKS_AT_ONCE + SCHEMA_CHECKS_WAITING} answer schemas are being checked or waiting for their "
+            "check; try again in a few seconds"
+        )
     try:
-        found = _in_child({"schema": schema}, SCHEMA_CHECK_TIMEOUT_S)
+        with _RUNNING:
+            found = _in_child({"schema": schema}, SCHEMA_CHECK_TIMEOUT_S)
     except _Unchecked as exc:
         raise SchemaInvalid(f"the JSON Schema could not be checked {exc}: its patterns are the likely cause") from None
+    finally:
+        _ADMITTED.release()
     if found is not None:
         raise SchemaInvalid(found)
 
 
 def _schema_problem(schema: dict[str, Any]) -> str | None:
     """What is wrong with `schema` against its draft's metaschema, or None (in the checking process)."""
+    if not isinstance(schema.get("$schema", ""), str):  # (`validator_for` fails on anything else)
+        return "not a valid JSON Schema: $schema must be a string, the URI of a draft (at $.$schema)"
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
     try:
         validator_class.check_schema(schema)
     except schema_errors.SchemaError as exc:  # (the message quotes the value, which may be large)
         return f"not a valid JSON Schema: {_cut(exc.message)} (at {_where(exc.absolute_path)})"
-    except RecursionError:
+    except RecursionError:  # (never seen within MAX_SCHEMA_DEPTH; a check that fails is reported, not crashed)
         return "a JSON Schema nested too deeply to be checked"
+    return _reference_problem(schema, ignores_ref_siblings=validator_class in _REF_ALONE)
+
+
+_REF_ALONE = (
+    validators.Draft3Validator,
+    validators.Draft4Validator,
+    validators.Draft6Validator,
+    validators.Draft7Validator,
+)
+"""The drafts in which `$ref` replaces the other keywords of its object."""
+_IN_PLACE = {"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "dependencies"}
+"""The keywords whose subschemas apply to the value itself (the others apply to its items or properties)."""
+_INTO = {
+    "properties",
+    "patternProperties",
+    "additionalProperties",
+    "propertyNames",
+    "unevaluatedProperties",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "contains",
+    "unevaluatedItems",
+}
+_REFS = ("$ref", "$dynamicRef", "$recursiveRef")
+
+
+def _subschemas(node: dict[str, Any], keyword: str) -> list[tuple[str, Any]]:
+    """The subschemas under `node[keyword]`, each with its path, for a keyword of _IN_PLACE or _INTO."""
+    value = node[keyword]
+    if isinstance(value, list):
+        return [(f"{keyword}[{index}]", item) for index, item in enumerate(value)]
+    if isinstance(value, dict) and keyword in ("properties", "patternProperties", "dependentSchemas", "dependencies"):
+        return [(f"{keyword}.{name}", item) for name, item in value.items()]
+    return [(keyword, value)]
+
+
+def _reference_problem(schema: dict[str, Any], *, ignores_ref_siblings: bool) -> str | None:
+    """A `$ref` of `schema` that cannot be resolved, or a loop of references and keywords that apply to the value
+    itself (the check of any answer that reaches it recurses until it fails); None when there is neither.
+
+    The schema's objects are walked from its root as the validator would reach them, resolving references the way
+    jsonschema does (`referencing`, each subschema a possible new base URI); the loops are cycles of the graph of
+    the in-place edges. A reference the validator resolves only at run time (`$dynamicRef`, `$recursiveRef`) is
+    followed where it resolves statically, and never refused."""
+    specification = specification_with(schema.get("$schema", ""), default=DRAFT202012)
+    pending = [(schema, DRAFTS.resolver_with_root(specification.create_resource(schema)), "$")]
+    where: dict[int, str] = {}
+    in_place: dict[int, list[int]] = {}
+    while pending:
+        node, resolver, path = pending.pop()
+        if id(node) in where:
+            continue
+        where[id(node)] = path
+        edges = in_place.setdefault(id(node), [])
+        for keyword in _REFS:
+            reference = node.get(keyword)
+            if not isinstance(reference, str):
+                continue
+            try:
+                resolved = resolver.lookup(reference)
+            except Unresolvable:
+                if keyword != "$ref":
+                    continue
+                return (
+                    f"not a usable JSON Schema: its reference {_cut(reference, 100)!r} (at {path}.$ref) cannot be "
+                    "resolved: only references inside the schema work"
+                )
+            if isinstance(resolved.contents, dict):
+                edges.append(id(resolved.contents))
+                pending.append((resolved.contents, resolved.resolver, f"{path}.{keyword}"))
+        if ignores_ref_siblings and "$ref" in node:
+            continue
+        for keyword in sorted(node.keys() & (_IN_PLACE | _INTO)):
+            for step, child in _subschemas(node, keyword):
+                if not isinstance(child, dict):  # (true, false, or a draft-4 list of names under `dependencies`)
+                    continue
+                if keyword in _IN_PLACE:
+                    edges.append(id(child))
+                pending.append((child, resolver.in_subresource(specification.create_resource(child)), f"{path}.{step}"))
+    looped = _cycle(in_place)
+    if looped is None:
+        return None
+    return (
+        f"not a usable JSON Schema: it refers back to itself at {where[looped]} without going into the value's "
+        "items or properties, so no value could ever be checked against it"
+    )
+
+
+def _cycle(edges: dict[int, list[int]]) -> int | None:
+    """A node on a cycle of the directed graph `edges`, or None (depth first, without recursion)."""
+    done: set[int] = set()
+    for start in edges:
+        if start in done:
+            continue
+        on_path = {start}
+        stack = [(start, iter(edges[start]))]
+        while stack:
+            node, children = stack[-1]
+            for child in children:
+                if child in on_path:
+                    return child
+                if child not in done:
+                    on_path.add(child)
+                    stack.append((child, iter(edges.get(child, ()))))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(node)
+                done.add(node)
     return None
 
 
@@ -174,9 +328,13 @@ def _in_child(request: dict[str, Any], timeout: float) -> str | None:
 
 
 async def in_check_thread(call: Callable[..., T], *args: Any) -> T:
-    """`call(*args)` in one of the CHECKS threads: `AnswerSchema.problem` or `.value`, or the reading of a request
-    that may bring a schema."""
+    """`call(*args)` in one of the CHECKS threads: `AnswerSchema.problem` or `.value`."""
     return await asyncio.get_running_loop().run_in_executor(CHECKS, call, *args)
+
+
+async def in_read_thread(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)` in one of the READS threads: the reading of a request that may bring a schema to check."""
+    return await asyncio.get_running_loop().run_in_executor(READS, call, *args)
 
 
 class AnswerSchema:
@@ -253,7 +411,7 @@ def _main() -> None:
         sys.stdout.write(json.dumps({"problem": _schema_problem(schema)}))
         return
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
-    validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+    validator = validator_class(schema, registry=DRAFTS, format_checker=validator_class.FORMAT_CHECKER)
     sys.stdout.write(json.dumps({"problem": _check(validator, request["content"])}))
 
 

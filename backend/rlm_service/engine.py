@@ -8,7 +8,6 @@ from its workspace to its terminal event, is `runner.RunDriver`'s (its docstring
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -22,7 +21,7 @@ from pydantic_ai import exceptions as ai_exceptions
 from pydantic_ai.models import Model
 from pydantic_ai.settings import ModelSettings
 
-from .answers import AnswerSchema, check_schema
+from .answers import AnswerSchema, check_schema, too_long
 from .capacity import Capacity, LocalCapacity
 from .config import Settings
 from .controller import Controller, build_agent
@@ -46,6 +45,9 @@ SHUTTING_DOWN = "the server is shutting down"
 SCHEMA_CHECKED = "schema_checked"
 """Validation context of settings whose answer schema was checked already (`RunSettings.model_validate(…,
 context={SCHEMA_CHECKED: True})`): the check takes a process and up to seconds."""
+SCHEMA_MAX_CHARS = "schema_max_chars"
+"""Validation context: the server's RLM_MAX_PROMPT_CHARS, which a schema longer than is refused before its check
+starts a process (`{SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars}`; `effective_limits` refuses it too)."""
 
 
 class RunSettings(BaseModel):
@@ -83,8 +85,9 @@ class RunSettings(BaseModel):
     def _valid_schema(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
         if value is None:
             return None
-        if not (info.context or {}).get(SCHEMA_CHECKED):  # (a process of ours checked it, and sends it on)
-            check_schema(value)  # raises SchemaInvalid, a ValueError: 422 with its reason
+        context = info.context or {}
+        if not context.get(SCHEMA_CHECKED):  # (a process of ours checked it, and sends it on)
+            check_schema(value, context.get(SCHEMA_MAX_CHARS))  # raises SchemaInvalid, a ValueError: 422, its reason
         # a lone surrogate in it (a JSON "\ud800") would fail every listing of the history that shows the run
         return valid_unicode_json(value)  # type: ignore[no-any-return]
 
@@ -125,14 +128,9 @@ def effective_limits(settings: Settings, requested: RunSettings | None) -> RunLi
         if value > ceiling:
             raise SettingsRefused(f"settings.{name} may not exceed {env} ({ceiling:g})")
         setattr(limits, name, value)
-    if requested.answer_schema is not None:
-        size = len(json.dumps(requested.answer_schema))
-        if size > settings.rlm_max_prompt_chars:
-            raise SettingsRefused(
-                f"settings.answer_schema: {size:,} characters of JSON, more than "
-                f"RLM_MAX_PROMPT_CHARS ({settings.rlm_max_prompt_chars:,}): the root model reads "
-                "it every turn"
-            )
+    schema = requested.answer_schema
+    if schema is not None and (reason := too_long(schema, settings.rlm_max_prompt_chars)) is not None:
+        raise SettingsRefused(f"settings.answer_schema: {reason}")
     return limits
 
 

@@ -29,10 +29,10 @@ from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .answers import in_check_thread
+from .answers import ChecksBusy, in_read_thread
 from .auth import token_check
 from .config import Settings
-from .engine import SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
+from .engine import SCHEMA_MAX_CHARS, SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
 from .events import ErrorEvent, FinalEvent, RunUsage, SubcallsEvent
 from .inputs import RunInput
 from .openai_chat import (
@@ -180,7 +180,7 @@ def openai_router(settings: Settings, slots: RunSlots, *, ping_s: float) -> APIR
         with slots.reading_body():
             chat = await _read_chat(request, limits)
         # in a thread: the conversation is rendered, encoded and hashed, and may be tens of megabytes
-        run_settings, run_input, task = await in_check_thread(_prepare, chat, settings)  # (a schema's check)
+        run_settings, run_input, task = await in_read_thread(_prepare, chat, settings)  # (a schema's check)
         model_settings, stream = chat.model_settings(), chat.stream
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         del chat  # the conversation (up to RLM_MAX_JSON_BYTES) is in the run's input now: not held for the run's length
@@ -261,7 +261,8 @@ def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInp
     """The run's settings, input and task; refusals as OpenAI errors."""
     schema = chat.answer_schema()
     try:
-        run_settings = RunSettings(answer_schema=schema)
+        context = {SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars}
+        run_settings = RunSettings.model_validate({"answer_schema": schema}, context=context)
         effective_limits(settings, run_settings)
     except (ValidationError, SettingsRefused) as exc:
         if isinstance(exc, ValidationError):  # pydantic keeps the SchemaInvalid the schema's check raised
@@ -270,6 +271,8 @@ def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInp
         else:
             message = str(exc).removeprefix("settings.answer_schema: ")
         raise OpenAIError(422, f"response_format.json_schema.schema: {message}", param="response_format") from None
+    except ChecksBusy as exc:
+        raise HTTPException(429, f"response_format: {exc}", headers={"Retry-After": "5"}) from None
     try:
         text, last_user = render(chat.messages)
     except BadConversation as exc:

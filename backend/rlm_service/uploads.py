@@ -26,9 +26,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from . import jsonbody
-from .answers import in_check_thread
+from .answers import ChecksBusy, in_read_thread
 from .config import Settings
-from .engine import RunSettings
+from .engine import SCHEMA_MAX_CHARS, RunSettings
 from .inputs import InputSpooler, InputTooLarge, RunInput
 from .repl.workspace import instance_directory
 
@@ -138,9 +138,11 @@ async def body_chunks(stream: AsyncIterator[bytes], limits: BodyLimits) -> Async
 
 def _validate(data: object, limits: BodyLimits) -> ProcessRequest:
     try:
-        request = ProcessRequest.model_validate(data)
+        request = ProcessRequest.model_validate(data, context={SCHEMA_MAX_CHARS: limits.prompt_chars})
     except ValidationError as exc:
         raise HTTPException(422, describe_validation_error(exc)) from None
+    except ChecksBusy as exc:
+        raise HTTPException(429, f"settings.answer_schema: {exc}", headers={"Retry-After": "5"}) from None
     if len(request.prompt) > limits.prompt_chars:
         raise HTTPException(
             422,
@@ -222,7 +224,7 @@ async def read_json(stream: AsyncIterator[bytes], limits: BodyLimits) -> ParsedR
     head, rest = await _head(stream, limits)
     if rest is not None:
         return await _parse_in_child(head, rest, limits)
-    return await in_check_thread(_parse_inline, head, limits)  # (checking a schema waits for a process)
+    return await in_read_thread(_parse_inline, head, limits)  # (checking a schema waits for a process)
 
 
 async def _child_parser(*args: str) -> asyncio.subprocess.Process:
@@ -316,7 +318,7 @@ async def _parse_in_child(head: bytes, rest: AsyncIterator[bytes], limits: BodyL
                 path=Path(described["path"]),
                 sha256=described["sha256"],
             )
-        request = await in_check_thread(_checked, answer["fields"], limits)
+        request = await in_read_thread(_checked, answer["fields"], limits)
         return ParsedRequest(request.prompt, run_input or RunInput.from_text(""), request.settings, request.session_id)
     except BaseException:
         if run_input is not None:
@@ -473,7 +475,7 @@ async def read_multipart(
             parser.write(chunk)
         parser.finalize()
         fields = {name: value.decode("utf-8", "replace") for name, value in reader.fields.items()}
-        request = await in_check_thread(_form_request, fields, limits)
+        request = await in_read_thread(_form_request, fields, limits)
         return ParsedRequest(request.prompt, reader.input(), request.settings, request.session_id)
     except BaseException as exc:
         reader.abort()
