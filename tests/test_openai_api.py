@@ -252,6 +252,14 @@ def test_refusals_come_in_openais_error_shape(server: LiveServer) -> None:
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
         )
     assert "refers back to itself at $" in looped.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as long_schema:
+        client(server).chat.completions.create(
+            model="rlm",
+            messages=messages,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"title": "x" * 100_000}}},
+        )
+    assert long_schema.value.param == "response_format"
+    assert "100,013 characters of JSON, more than RLM_MAX_PROMPT_CHARS (100,000)" in long_schema.value.message
     with pytest.raises(openai.BadRequestError) as no_schema:  # old (the attack pass): run with any JSON answer
         client(server).chat.completions.create(model="rlm", messages=messages, response_format={"type": "json_schema"})
     assert no_schema.value.param == "response_format" and "needs json_schema" in no_schema.value.message

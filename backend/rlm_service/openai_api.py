@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .answers import ChecksBusy, in_read_thread
 from .auth import token_check
 from .config import Settings
-from .engine import SCHEMA_MAX_CHARS, SHUTTING_DOWN, Engine, RunSettings, SettingsRefused, effective_limits
+from .engine import SCHEMA_MAX_CHARS, SHUTTING_DOWN, Engine, RunSettings
 from .events import ErrorEvent, FinalEvent, RunUsage, SubcallsEvent
 from .inputs import RunInput
 from .openai_chat import (
@@ -261,15 +261,11 @@ def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInp
     """The run's settings, input and task; refusals as OpenAI errors."""
     schema = chat.answer_schema()
     try:
-        context = {SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars}
+        context = {SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars}  # (the only setting a request here may bring)
         run_settings = RunSettings.model_validate({"answer_schema": schema}, context=context)
-        effective_limits(settings, run_settings)
-    except (ValidationError, SettingsRefused) as exc:
-        if isinstance(exc, ValidationError):  # pydantic keeps the SchemaInvalid the schema's check raised
-            first = exc.errors()[0]
-            message = str(first.get("ctx", {}).get("error", first["msg"]))
-        else:
-            message = str(exc).removeprefix("settings.answer_schema: ")
+    except ValidationError as exc:  # pydantic keeps the SchemaInvalid the schema's check raised
+        first = exc.errors()[0]
+        message = str(first.get("ctx", {}).get("error", first["msg"]))
         raise OpenAIError(422, f"response_format.json_schema.schema: {message}", param="response_format") from None
     except ChecksBusy as exc:
         raise HTTPException(429, f"response_format: {exc}", headers={"Retry-After": "5"}) from None
