@@ -15,7 +15,7 @@ import pytest
 
 from rlm_service import answers
 from rlm_service import engine as engine_module
-from rlm_service.answers import CHECK_TIMEOUT_S, AnswerSchema
+from rlm_service.answers import CHECK_TIMEOUT_S, AnswerSchema, check_schema
 from tests.conftest import (
     LiveServer,
     every_call,
@@ -30,6 +30,8 @@ from tests.conftest import (
 )
 from tests.fake_openai import FakeOpenAI
 
+DRAFT4 = "http://json-schema.org/draft-04/schema#"
+DRAFT2019 = "https://json-schema.org/draft/2019-09/schema"
 SCHEMA = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0}}, "required": ["count"]}
 
 
@@ -153,6 +155,22 @@ def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_ins
         },
         "its reference '#/$defs/none' (at $.items.$ref) cannot be resolved": {"items": {"$ref": "#/$defs/none"}},
         f"its reference '{address}' (at $.$ref) cannot be resolved": {"$ref": address},
+        # the review of the above: what each draft applies in place, references resolved at run time, and the
+        # shapes of draft 4 that its metaschema lets through and every answer's check then failed on
+        "a $ref must be a string (at $.$ref)": {"$schema": DRAFT4, "allOf": [{"$ref": "#"}], "$ref": None},
+        "patternProperties['('] at $ is not a regular expression": {"$schema": DRAFT4, "patternProperties": {"(": {}}},
+        "draft 3 of JSON Schema is not supported": {"$schema": "http://json-schema.org/draft-03/schema#"},
+        "refers back to itself at $ without": {"$schema": DRAFT2019, "allOf": [{"$recursiveRef": "#/$defs/x"}]},
+        "refers back to itself at $.allOf[0].$ref without": {  # (`x` is met first through `p`, where `#n` is `a`)
+            "$id": "http://e.com/r",
+            "properties": {"p": {"$ref": "http://e.com/a"}},
+            "allOf": [{"$ref": "http://e.com/b"}],
+            "$defs": {
+                "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, "$dynamicRef": "#n"},
+                "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
+                "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
+            },
+        },
     }
     try:
         for reason, schema in refused.items():
@@ -166,6 +184,89 @@ def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_ins
     prompt = script({"code": ['answer.update(content=\'{"kids": [{"kids": []}]}\', ready=True)']})
     _, events = stream_run(live.url, json_body={"prompt": prompt, "settings": {"answer_schema": tree}})
     assert events[-1].event == "final" and events[-1].data["answer_json"] == {"kids": [{"kids": []}]}
+
+
+ACCEPTED = [  # (schema, an answer it accepts, one it refuses): references of each kind, in the drafts that have them
+    (
+        {
+            "$schema": DRAFT4,
+            "id": "http://e.com/r",
+            "definitions": {"a": {"id": "#n", "type": "integer"}},
+            "items": {"$ref": "#n"},
+        },
+        [1],
+        ["1"],
+    ),
+    (
+        {
+            "$schema": "HTTP://json-schema.org/draft-07/schema#",
+            "definitions": {"a": {"$id": "#n", "type": "integer"}},
+            "items": {"$ref": "#n"},
+        },
+        [1],
+        ["1"],
+    ),
+    (
+        {
+            "$schema": DRAFT4,
+            "$ref": "#/definitions/n",
+            "definitions": {"n": {"type": "integer"}},
+            "allOf": [{"$ref": "#"}],
+        },
+        1,
+        "1",
+    ),
+    (
+        {
+            "$schema": DRAFT2019,
+            "$recursiveAnchor": True,
+            "type": "object",
+            "properties": {"kids": {"items": {"$recursiveRef": "#"}}},
+        },
+        {"kids": [{"kids": []}]},
+        {"kids": [1]},
+    ),
+    (
+        {"$dynamicAnchor": "node", "type": "object", "properties": {"kids": {"items": {"$dynamicRef": "#node"}}}},
+        {"kids": [{}]},
+        {"kids": [1]},
+    ),
+    (
+        {
+            "$defs": {"a b": {"type": "string"}, "c/d": {"type": "integer"}},
+            "prefixItems": [{"$ref": "#/$defs/a%20b"}, {"$ref": "#/$defs/c~1d"}],
+        },
+        ["x", 1],
+        ["x", "1"],
+    ),
+    (
+        {
+            "$defs": {
+                "node": {
+                    "type": "object",
+                    "properties": {"next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
+                }
+            },
+            "$ref": "#/$defs/node",
+        },
+        {"next": {"next": None}},
+        {"next": 1},
+    ),
+    ({"items": {"$ref": "https://json-schema.org/draft/2020-12/schema"}}, [{"type": "string"}], [{"type": 5}]),
+]
+
+
+@pytest.mark.parametrize("schema, good, bad", ACCEPTED)
+def test_a_schema_whose_references_resolve_is_accepted_and_checks_answers(
+    schema: dict[str, Any], good: Any, bad: Any
+) -> None:
+    """Valid schemas of each draft that the references' walk must not refuse, each then checking answers as
+    jsonschema does. Old behaviour caught (the review of the walk): the walk took its rules from the `$schema` as
+    written (the second, a draft 7 in capitals, was refused), followed `$ref`'s siblings in draft 4 (the third)."""
+    check_schema(schema)
+    answer = AnswerSchema(schema)
+    assert answer.problem(json.dumps(good)) is None
+    assert (answer.problem(json.dumps(bad)) or "").startswith("the JSON does not satisfy the schema")
 
 
 def test_schemas_too_large_or_too_slow_to_check_are_refused(

@@ -30,21 +30,25 @@ import asyncio
 import json
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, TypeVar
+from urllib.parse import urldefrag
 
 from jsonschema import exceptions as schema_errors
 from jsonschema import validators
 from jsonschema.protocols import Validator
 from jsonschema_specifications import REGISTRY as DRAFTS
+from referencing import Specification
 from referencing.exceptions import Unresolvable
-from referencing.jsonschema import DRAFT202012, specification_with
+from referencing.jsonschema import DRAFT202012, lookup_recursive_ref, specification_with
 
 MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
@@ -69,7 +73,7 @@ SCHEMA_CHECKS_AT_ONCE = 4
 """The most schema checks (processes) that run at once; more wait, up to SCHEMA_CHECKS_WAITING."""
 SCHEMA_CHECKS_WAITING = 16
 """The most schema checks that wait for their turn; a request whose schema would be one more is refused at once
-(503, `ChecksBusy`), so that schemas slow to check hold few READS threads and every other request is read."""
+(429, `ChecksBusy`), so that schemas slow to check hold few READS threads and every other request is read."""
 _ADMITTED = threading.BoundedSemaphore(SCHEMA_CHECKS_AT_ONCE + SCHEMA_CHECKS_WAITING)
 _RUNNING = threading.BoundedSemaphore(SCHEMA_CHECKS_AT_ONCE)
 MAX_COLLECTED_ERRORS = 1000
@@ -124,7 +128,7 @@ class SchemaInvalid(ValueError):
 
 class ChecksBusy(RuntimeError):
     """The schema was not checked: too many are being checked already (not a ValueError: pydantic lets it through
-    to the request's reader, which answers 503)."""
+    to the request's reader, which answers 429)."""
 
 
 def _where(path: Any) -> str:
@@ -172,92 +176,123 @@ def _schema_problem(schema: dict[str, Any]) -> str | None:
     if not isinstance(schema.get("$schema", ""), str):  # (`validator_for` fails on anything else)
         return "not a valid JSON Schema: $schema must be a string, the URI of a draft (at $.$schema)"
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
+    if validator_class is validators.Draft3Validator:  # (referencing fails to crawl some of its schemas)
+        return "draft 3 of JSON Schema is not supported: declare draft-04 or later in $schema (at $.$schema)"
     try:
         validator_class.check_schema(schema)
     except schema_errors.SchemaError as exc:  # (the message quotes the value, which may be large)
         return f"not a valid JSON Schema: {_cut(exc.message)} (at {_where(exc.absolute_path)})"
     except RecursionError:  # (never seen within MAX_SCHEMA_DEPTH; a check that fails is reported, not crashed)
         return "a JSON Schema nested too deeply to be checked"
-    return _reference_problem(schema, ignores_ref_siblings=validator_class in _REF_ALONE)
+    try:
+        return _reference_problem(schema, validator_class)
+    except ValueError as exc:  # a pointer or an `$id` that is not one (`#/allOf/x`, `http://[::1`)
+        return f"not a usable JSON Schema: a reference or an $id in it cannot be resolved ({_cut(str(exc), 200)})"
 
 
-_REF_ALONE = (
-    validators.Draft3Validator,
-    validators.Draft4Validator,
-    validators.Draft6Validator,
-    validators.Draft7Validator,
-)
-"""The drafts in which `$ref` replaces the other keywords of its object."""
-_IN_PLACE = {"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas", "dependencies"}
-"""The keywords whose subschemas apply to the value itself (the others apply to its items or properties)."""
-_INTO = {
-    "properties",
-    "patternProperties",
-    "additionalProperties",
-    "propertyNames",
-    "unevaluatedProperties",
-    "items",
-    "prefixItems",
-    "additionalItems",
-    "contains",
-    "unevaluatedItems",
+@dataclass(frozen=True)
+class _Keywords:
+    """A draft's keywords that hold subschemas, by whether they apply to the value itself or to its parts."""
+
+    in_place: frozenset[str]
+    into: frozenset[str]
+    dynamic: str | None = None
+    """The draft's reference resolved at run time: 2019-09's `$recursiveRef`, 2020-12's `$dynamicRef`."""
+    ref_alone: bool = False
+    """`$ref` replaces the other keywords of its object (drafts 4 to 7)."""
+
+
+_INTO_4 = frozenset({"properties", "patternProperties", "additionalProperties", "items", "additionalItems"})
+_INTO_6 = _INTO_4 | {"contains", "propertyNames"}
+_APPLY_4 = frozenset({"allOf", "anyOf", "oneOf", "not", "dependencies"})
+_APPLY_2019 = frozenset({"allOf", "anyOf", "oneOf", "not", "if", "then", "else", "dependentSchemas"})
+_INTO_2019 = _INTO_6 | {"unevaluatedItems", "unevaluatedProperties"}
+_KEYWORDS: dict[type[Validator], _Keywords] = {
+    validators.Draft4Validator: _Keywords(_APPLY_4, _INTO_4, ref_alone=True),
+    validators.Draft6Validator: _Keywords(_APPLY_4, _INTO_6, ref_alone=True),
+    validators.Draft7Validator: _Keywords(_APPLY_4 | {"if", "then", "else"}, _INTO_6, ref_alone=True),
+    validators.Draft201909Validator: _Keywords(_APPLY_2019, _INTO_2019, dynamic="$recursiveRef"),
+    validators.Draft202012Validator: _Keywords(
+        _APPLY_2019, _INTO_2019 - {"additionalItems"} | {"prefixItems"}, dynamic="$dynamicRef"
+    ),
 }
-_REFS = ("$ref", "$dynamicRef", "$recursiveRef")
+"""What the walk of a schema's references follows, for each draft jsonschema knows (others are checked as 2020-12)."""
 
 
-def _subschemas(node: dict[str, Any], keyword: str) -> list[tuple[str, Any]]:
-    """The subschemas under `node[keyword]`, each with its path, for a keyword of _IN_PLACE or _INTO."""
+def _subschemas(node: dict[str, Any], keyword: str) -> list[tuple[str, dict[str, Any]]]:
+    """The subschemas under `node[keyword]` that are objects, each with its path (true and false hold none, and
+    draft 4's `dependencies` may hold lists of names)."""
     value = node[keyword]
     if isinstance(value, list):
-        return [(f"{keyword}[{index}]", item) for index, item in enumerate(value)]
-    if isinstance(value, dict) and keyword in ("properties", "patternProperties", "dependentSchemas", "dependencies"):
-        return [(f"{keyword}.{name}", item) for name, item in value.items()]
-    return [(keyword, value)]
+        found = [(f"{keyword}[{index}]", item) for index, item in enumerate(value)]
+    elif isinstance(value, dict) and keyword in ("properties", "patternProperties", "dependentSchemas", "dependencies"):
+        found = [(f"{keyword}.{name}", item) for name, item in value.items()]
+    else:
+        found = [(keyword, value)]
+    return [(step, item) for step, item in found if isinstance(item, dict)]
 
 
-def _reference_problem(schema: dict[str, Any], *, ignores_ref_siblings: bool) -> str | None:
-    """A `$ref` of `schema` that cannot be resolved, or a loop of references and keywords that apply to the value
-    itself (the check of any answer that reaches it recurses until it fails); None when there is neither.
+def _reference_problem(schema: dict[str, Any], validator_class: type[Validator]) -> str | None:
+    """A `$ref` of `schema` that cannot be resolved, a pattern that is not a regular expression, or a loop of
+    references and keywords that apply to the value itself (the check of any answer that reaches it recurses until
+    it fails); None when there is none of these.
 
-    The schema's objects are walked from its root as the validator would reach them, resolving references the way
-    jsonschema does (`referencing`, each subschema a possible new base URI); the loops are cycles of the graph of
-    the in-place edges. A reference the validator resolves only at run time (`$dynamicRef`, `$recursiveRef`) is
-    followed where it resolves statically, and never refused."""
-    specification = specification_with(schema.get("$schema", ""), default=DRAFT202012)
-    pending = [(schema, DRAFTS.resolver_with_root(specification.create_resource(schema)), "$")]
+    The schema's objects are walked from its root as the validator reaches them, resolving references as jsonschema
+    does (`referencing`, each subschema a possible new base URI); the loops are the cycles of the graph of in-place
+    edges. A reference resolved at run time (`$recursiveRef`, `$dynamicRef`) may land on any anchor of its name
+    that the walk met, so it is given an edge to each of them: a loop through one that the validator would never
+    take is refused too (no such schema is known to be of use)."""
+    keywords = _KEYWORDS.get(validator_class, _KEYWORDS[validators.Draft202012Validator])
+    specification = _specification(validator_class)
+    registry, uri = _registry(schema, specification)
+    pending = [(schema, registry.resolver(base_uri=uri), "$")]
     where: dict[int, str] = {}
     in_place: dict[int, list[int]] = {}
+    anchors: dict[str, list[int]] = {}  # by name ("" for 2019-09's `$recursiveAnchor: true`)
+    dynamic: list[tuple[int, str]] = []
     while pending:
         node, resolver, path = pending.pop()
         if id(node) in where:
             continue
         where[id(node)] = path
         edges = in_place.setdefault(id(node), [])
-        for keyword in _REFS:
-            reference = node.get(keyword)
+        if (problem := _bad_pattern(node, path)) is not None:
+            return problem
+        if "$ref" in node:
+            reference = node["$ref"]
             if not isinstance(reference, str):
-                continue
+                return f"not a usable JSON Schema: a $ref must be a string (at {path}.$ref)"
             try:
                 resolved = resolver.lookup(reference)
             except Unresolvable:
-                if keyword != "$ref":
-                    continue
                 return (
                     f"not a usable JSON Schema: its reference {_cut(reference, 100)!r} (at {path}.$ref) cannot be "
                     "resolved: only references inside the schema work"
                 )
             if isinstance(resolved.contents, dict):
                 edges.append(id(resolved.contents))
-                pending.append((resolved.contents, resolved.resolver, f"{path}.{keyword}"))
-        if ignores_ref_siblings and "$ref" in node:
-            continue
-        for keyword in sorted(node.keys() & (_IN_PLACE | _INTO)):
+                pending.append((resolved.contents, resolved.resolver, f"{path}.$ref"))
+            if keywords.ref_alone:
+                continue
+        if keywords.dynamic is not None:
+            name = _dynamic(node, keywords.dynamic, anchors)
+            if name is not None:
+                dynamic.append((id(node), name))
+                try:  # (where it resolves statically, what it refers to is walked too)
+                    resolved = lookup_recursive_ref(resolver) if name == "" else resolver.lookup(node[keywords.dynamic])
+                except Unresolvable:
+                    pass
+                else:
+                    if isinstance(resolved.contents, dict):
+                        edges.append(id(resolved.contents))
+                        pending.append((resolved.contents, resolved.resolver, f"{path}.{keywords.dynamic}"))
+        for keyword in sorted(node.keys() & (keywords.in_place | keywords.into)):
             for step, child in _subschemas(node, keyword):
-                if not isinstance(child, dict):  # (true, false, or a draft-4 list of names under `dependencies`)
-                    continue
-                if keyword in _IN_PLACE:
+                if keyword in keywords.in_place:
                     edges.append(id(child))
                 pending.append((child, resolver.in_subresource(specification.create_resource(child)), f"{path}.{step}"))
+    for node_id, name in dynamic:
+        in_place[node_id].extend(anchors.get(name, ()))
     looped = _cycle(in_place)
     if looped is None:
         return None
@@ -265,6 +300,50 @@ def _reference_problem(schema: dict[str, Any], *, ignores_ref_siblings: bool) ->
         f"not a usable JSON Schema: it refers back to itself at {where[looped]} without going into the value's "
         "items or properties, so no value could ever be checked against it"
     )
+
+
+def _registry(schema: dict[str, Any], specification: Specification[Any]) -> tuple[Any, str]:
+    """The drafts' metaschemas and `schema`, with every subschema of it that has an `$id` or an anchor; and the
+    schema's base URI. jsonschema's own (`Registry.resolver_with_root`) is not crawled ahead: it crawls the whole
+    schema again for each reference to an `$id` or an anchor (1.5 s of CPU for 500 of them, the review)."""
+    root = specification.create_resource(schema)
+    uri = root.id() or ""
+    return DRAFTS.with_resource(uri, root).crawl(), uri
+
+
+def _specification(validator_class: type[Validator]) -> Specification[Any]:
+    """How the validator's draft resolves references (the dialect of its metaschema)."""
+    meta = validator_class.META_SCHEMA
+    return specification_with(str(meta.get("$id") or meta.get("id") or ""), default=DRAFT202012)
+
+
+def _dynamic(node: dict[str, Any], keyword: str, anchors: dict[str, list[int]]) -> str | None:
+    """Notes the anchor `node` declares for `keyword` (`$dynamicRef`, `$recursiveRef`) in `anchors`; the name its own
+    such reference looks for, if it has one ("" for `$recursiveRef`)."""
+    if keyword == "$recursiveRef":
+        if node.get("$recursiveAnchor") is True:
+            anchors.setdefault("", []).append(id(node))
+        return "" if isinstance(node.get(keyword), str) else None
+    if isinstance(anchor := node.get("$dynamicAnchor"), str):
+        anchors.setdefault(anchor, []).append(id(node))
+    reference = node.get(keyword)
+    return urldefrag(reference).fragment if isinstance(reference, str) else None
+
+
+def _bad_pattern(node: dict[str, Any], path: str) -> str | None:
+    """A `pattern` or `patternProperties` name of `node` that Python's `re` cannot compile (draft 4's metaschema does
+    not check them, and every check of an answer that met one failed)."""
+    patterns = [("pattern", node.get("pattern"))]
+    if isinstance(node.get("patternProperties"), dict):
+        patterns += [(f"patternProperties[{name!r}]", name) for name in node["patternProperties"]]
+    for where, pattern in patterns:
+        if not isinstance(pattern, str):
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            return f"not a usable JSON Schema: {_cut(where, 100)} at {path} is not a regular expression ({exc})"
+    return None
 
 
 def _cycle(edges: dict[int, list[int]]) -> int | None:
@@ -385,11 +464,16 @@ def _check(validator: Validator, content: str) -> str | None:
         found = list(islice(validator.iter_errors(value), MAX_COLLECTED_ERRORS))
     except Unresolvable as exc:  # a `$ref` is resolved only when an answer reaches it
         return (
-            f"the answer cannot be checked: the schema's reference {exc} cannot be resolved (only "
+            f"the answer cannot be checked: the schema's reference {_cut(str(exc), 200)} cannot be resolved (only "
             "references inside the schema work); answer in the shape the schema describes as best you can."
         )
-    except (RecursionError, ArithmeticError) as exc:  # too deep for the checker; a number too large for a float
-        return f"the answer cannot be checked against the schema ({type(exc).__name__}: {str(exc)[:200]})."
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # any failure of the checker is the verdict, not a crash
+        # RecursionError (too deep for it), OverflowError (a number too large for a float), and what a schema the
+        # walk let through can still raise: the recursion of a loop only jsonschema's `unevaluatedProperties` takes
+        # surfaces from the `rpds` extension as pyo3's PanicException, which is not an Exception (the review).
+        return f"the answer cannot be checked against the schema ({type(exc).__name__}: {_cut(str(exc), 200)})."
     if not found:
         return None
     errors = sorted(found, key=schema_errors.relevance)
@@ -411,7 +495,8 @@ def _main() -> None:
         sys.stdout.write(json.dumps({"problem": _schema_problem(schema)}))
         return
     validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
-    validator = validator_class(schema, registry=DRAFTS, format_checker=validator_class.FORMAT_CHECKER)
+    registry, _ = _registry(schema, _specification(validator_class))
+    validator = validator_class(schema, registry=registry, format_checker=validator_class.FORMAT_CHECKER)
     sys.stdout.write(json.dumps({"problem": _check(validator, request["content"])}))
 
 
