@@ -14,6 +14,7 @@ import httpx2
 import openai
 import pytest
 
+from rlm_service import answers
 from rlm_service.events import FinalEvent, RunUsage
 from rlm_service.openai_api import ANSWER_DELTA_CHARS, _chunks
 from rlm_service.runs import LiveRun
@@ -189,6 +190,26 @@ def test_structured_output_returns_schema_valid_json(server: LiveServer) -> None
     )
     assert json.loads(reply.choices[0].message.content or "") == {"lines": 2, "first": "--- user ---"}
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_json_object_asks_for_a_json_object_and_starts_no_schema_check(
+    server: LiveServer, model: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`response_format: json_object`: an answer that is not a JSON object is refused until the root gives one. Its
+    schema is ours, so no process checks it (mutant caught: `SCHEMA_CHECKED` not passed, one schema check)."""
+    checks: list[dict[str, Any]] = []
+    real = answers._in_child
+    monkeypatch.setattr(answers, "_in_child", lambda request, timeout: checks.append(request) or real(request, timeout))
+    prompt = script(
+        {"code": ["answer.update(content='[1, 2]', ready=True)"]},
+        {"code": ["answer.update(content='{\"n\": 2}', ready=True)"]},
+    )
+    reply = client(server).chat.completions.create(
+        model="rlm", messages=[{"role": "user", "content": prompt}], response_format={"type": "json_object"}
+    )
+    assert json.loads(reply.choices[0].message.content or "") == {"n": 2}
+    assert "[1, 2] is not of type 'object'" in model.stats.root_bodies[1]["messages"][-1]["content"]
+    assert [check["content"] for check in checks] == ["[1, 2]", '{"n": 2}']  # (the answers' checks only)
 
 
 def test_an_answer_that_violates_the_schema_is_refused_until_the_root_fixes_it(

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .answers import ChecksBusy, in_read_thread
 from .auth import token_check
 from .config import Settings
-from .engine import SCHEMA_MAX_CHARS, SHUTTING_DOWN, Engine, RunSettings
+from .engine import SCHEMA_CHECKED, SCHEMA_MAX_CHARS, SHUTTING_DOWN, Engine, RunSettings
 from .events import ErrorEvent, FinalEvent, RunUsage, SubcallsEvent
 from .inputs import RunInput
 from .openai_chat import (
@@ -260,8 +260,10 @@ def _chat_request(data: dict[str, Any]) -> ChatRequest:
 def _prepare(chat: ChatRequest, settings: Settings) -> tuple[RunSettings, RunInput, str]:
     """The run's settings, input and task; refusals as OpenAI errors."""
     schema = chat.answer_schema()
+    # `json_object` asks for our own `{"type": "object"}`: nothing to check (a check takes a process)
+    json_object = chat.response_format is not None and chat.response_format.type == "json_object"
     try:
-        context = {SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars}  # (the only setting a request here may bring)
+        context = {SCHEMA_MAX_CHARS: settings.rlm_max_prompt_chars, SCHEMA_CHECKED: json_object}
         run_settings = RunSettings.model_validate({"answer_schema": schema}, context=context)
     except ValidationError as exc:  # pydantic keeps the SchemaInvalid the schema's check raised
         first = exc.errors()[0]
