@@ -161,12 +161,27 @@ def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_ins
         "patternProperties['('] at $ is not a regular expression": {"$schema": DRAFT4, "patternProperties": {"(": {}}},
         "draft 3 of JSON Schema is not supported": {"$schema": "http://json-schema.org/draft-03/schema#"},
         "refers back to itself at $ without": {"$schema": DRAFT2019, "allOf": [{"$recursiveRef": "#/$defs/x"}]},
+        "its reference '#nope' (at $.items.$dynamicRef) cannot be resolved": {"items": {"$dynamicRef": "#nope"}},
+        "from $, 203 references and keywords that apply to the value itself follow each other, more than the 100": {
+            "$ref": "#/$defs/0",
+            "$defs": {str(i): {"allOf": [{"$ref": f"#/$defs/{i + 1}"}]} for i in range(101)} | {"101": {}},
+        },
         "refers back to itself at $.allOf[0].$ref without": {  # (`x` is met first through `p`, where `#n` is `a`)
             "$id": "http://e.com/r",
             "properties": {"p": {"$ref": "http://e.com/a"}},
             "allOf": [{"$ref": "http://e.com/b"}],
             "$defs": {
                 "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, "$dynamicRef": "#n"},
+                "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
+                "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
+            },
+        },
+        "it refers back to itself at $.allOf[0].$ref without": {  # the same with a `$ref`, also resolved at run time
+            "$id": "http://e.com/r",
+            "properties": {"p": {"$ref": "http://e.com/a"}},
+            "allOf": [{"$ref": "http://e.com/b"}],
+            "$defs": {
+                "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, "$ref": "#n"},
                 "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
                 "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
             },
@@ -253,6 +268,39 @@ ACCEPTED = [  # (schema, an answer it accepts, one it refuses): references of ea
         {"next": 1},
     ),
     ({"items": {"$ref": "https://json-schema.org/draft/2020-12/schema"}}, [{"type": "string"}], [{"type": 5}]),
+    (  # a `$dynamicRef` that lands on a plain `$anchor` is a plain reference
+        {
+            "$id": "https://e.com/root",
+            "$dynamicAnchor": "base",
+            "allOf": [{"$ref": "lib#/$defs/use"}],
+            "$defs": {
+                "lib": {
+                    "$id": "https://e.com/lib",
+                    "$defs": {"use": {"$dynamicRef": "#base"}, "b": {"$anchor": "base", "type": "object"}},
+                }
+            },
+        },
+        {},
+        1,
+    ),
+    (  # a `$recursiveRef` in a resource without `$recursiveAnchor` stays in it
+        {
+            "$schema": DRAFT2019,
+            "$id": "https://e.com/root",
+            "$recursiveAnchor": True,
+            "allOf": [{"$ref": "x#/$defs/d"}],
+            "$defs": {
+                "x": {
+                    "$id": "https://e.com/x",
+                    "type": "object",
+                    "properties": {"next": {"$ref": "#/$defs/d"}},
+                    "$defs": {"d": {"$recursiveRef": "#"}},
+                }
+            },
+        },
+        {"next": {"next": {}}},
+        {"next": 1},
+    ),
 ]
 
 

@@ -48,7 +48,7 @@ from jsonschema.protocols import Validator
 from jsonschema_specifications import REGISTRY as DRAFTS
 from referencing import Specification
 from referencing.exceptions import Unresolvable
-from referencing.jsonschema import DRAFT202012, lookup_recursive_ref, specification_with
+from referencing.jsonschema import DRAFT202012, specification_with
 
 MAX_REPORTED_ERRORS = 5
 """Violations listed to the root model for one answer (the most relevant first)."""
@@ -88,6 +88,10 @@ MAX_SCHEMA_VALUES = 10_000
 MAX_SCHEMA_DEPTH = 64
 """The deepest an answer schema may nest. The metaschema does not look inside `const` or `enum`: a value 260 deep
 there was accepted, and then every listing of the history failed to serialize the run's settings (the attack pass)."""
+MAX_SCHEMA_CHAIN = 100
+"""The most references and keywords that apply to the value itself (`allOf`, `$ref`...) that may follow each other in an
+answer schema: jsonschema follows each with a few calls of its own, and a chain of 250 links of `allOf` and `$ref`
+ran out of Python's recursion limit in the check of every answer (the review)."""
 MAX_SCHEMA_ARRAY = 1000
 """The most items of one array in an answer schema (OpenAI's structured outputs allow an `enum` of 1,000). The
 metaschema asks some arrays for unique items (`type`, draft-04's `enum`), which are compared pair by pair when
@@ -233,23 +237,23 @@ def _subschemas(node: dict[str, Any], keyword: str) -> list[tuple[str, dict[str,
 
 
 def _reference_problem(schema: dict[str, Any], validator_class: type[Validator]) -> str | None:
-    """A `$ref` of `schema` that cannot be resolved, a pattern that is not a regular expression, or a loop of
+    """A reference of `schema` that cannot be resolved, a pattern that is not a regular expression, a loop of
     references and keywords that apply to the value itself (the check of any answer that reaches it recurses until
-    it fails); None when there is none of these.
+    it fails), or a chain of them longer than MAX_SCHEMA_CHAIN; None when there is none of these.
 
     The schema's objects are walked from its root as the validator reaches them, resolving references as jsonschema
     does (`referencing`, each subschema a possible new base URI); the loops are the cycles of the graph of in-place
-    edges. A reference resolved at run time (`$recursiveRef`, `$dynamicRef`) may land on any anchor of its name
-    that the walk met, so it is given an edge to each of them: a loop through one that the validator would never
-    take is refused too (no such schema is known to be of use)."""
+    edges. A reference that lands on a dynamic anchor (2020-12's `$dynamicAnchor`, 2019-09's `$recursiveAnchor`) is
+    resolved at run time to one of that name, so it is given an edge to each the walk met: a loop through one that
+    the validator would never take is refused too (no such schema is known to be of use)."""
     keywords = _KEYWORDS.get(validator_class, _KEYWORDS[validators.Draft202012Validator])
     specification = _specification(validator_class)
     registry, uri = _registry(schema, specification)
     pending = [(schema, registry.resolver(base_uri=uri), "$")]
     where: dict[int, str] = {}
     in_place: dict[int, list[int]] = {}
-    anchors: dict[str, list[int]] = {}  # by name ("" for 2019-09's `$recursiveAnchor: true`)
-    dynamic: list[tuple[int, str]] = []
+    anchors: dict[str, list[int]] = {}  # the dynamic anchors by name ("" for 2019-09's `$recursiveAnchor: true`)
+    dynamic: list[tuple[int, str]] = []  # the objects whose reference lands on a dynamic anchor, and its name
     while pending:
         node, resolver, path = pending.pop()
         if id(node) in where:
@@ -258,34 +262,28 @@ def _reference_problem(schema: dict[str, Any], validator_class: type[Validator])
         edges = in_place.setdefault(id(node), [])
         if (problem := _bad_pattern(node, path)) is not None:
             return problem
-        if "$ref" in node:
-            reference = node["$ref"]
+        if (name := _dynamic_anchor(node)) is not None:
+            anchors.setdefault(name, []).append(id(node))
+        for keyword in ("$ref", keywords.dynamic):
+            if keyword is None or keyword not in node:
+                continue
+            reference = node[keyword]
             if not isinstance(reference, str):
-                return f"not a usable JSON Schema: a $ref must be a string (at {path}.$ref)"
-            try:
-                resolved = resolver.lookup(reference)
+                return f"not a usable JSON Schema: a {keyword} must be a string (at {path}.{keyword})"
+            try:  # (`$recursiveRef` is always "#", and lands elsewhere only on a `$recursiveAnchor`)
+                resolved = resolver.lookup("#" if keyword == "$recursiveRef" else reference)
             except Unresolvable:
                 return (
-                    f"not a usable JSON Schema: its reference {_cut(reference, 100)!r} (at {path}.$ref) cannot be "
-                    "resolved: only references inside the schema work"
+                    f"not a usable JSON Schema: its reference {_cut(reference, 100)!r} "
+                    f"(at {_cut(path, 200)}.{keyword}) cannot be resolved: only references inside the schema work"
                 )
-            if isinstance(resolved.contents, dict):
-                edges.append(id(resolved.contents))
-                pending.append((resolved.contents, resolved.resolver, f"{path}.$ref"))
-            if keywords.ref_alone:
-                continue
-        if keywords.dynamic is not None:
-            name = _dynamic(node, keywords.dynamic, anchors)
-            if name is not None:
-                dynamic.append((id(node), name))
-                try:  # (where it resolves statically, what it refers to is walked too)
-                    resolved = lookup_recursive_ref(resolver) if name == "" else resolver.lookup(node[keywords.dynamic])
-                except Unresolvable:
-                    pass
-                else:
-                    if isinstance(resolved.contents, dict):
-                        edges.append(id(resolved.contents))
-                        pending.append((resolved.contents, resolved.resolver, f"{path}.{keywords.dynamic}"))
+            if isinstance(target := resolved.contents, dict):
+                edges.append(id(target))
+                pending.append((target, resolved.resolver, f"{path}.{keyword}"))
+                if (name := _lands_on_dynamic_anchor(keyword, reference, target)) is not None:
+                    dynamic.append((id(node), name))
+        if keywords.ref_alone and "$ref" in node:
+            continue
         for keyword in sorted(node.keys() & (keywords.in_place | keywords.into)):
             for step, child in _subschemas(node, keyword):
                 if keyword in keywords.in_place:
@@ -294,12 +292,38 @@ def _reference_problem(schema: dict[str, Any], validator_class: type[Validator])
     for node_id, name in dynamic:
         in_place[node_id].extend(anchors.get(name, ()))
     looped = _cycle(in_place)
-    if looped is None:
-        return None
-    return (
-        f"not a usable JSON Schema: it refers back to itself at {where[looped]} without going into the value's "
-        "items or properties, so no value could ever be checked against it"
-    )
+    if looped is not None:
+        return (
+            f"not a usable JSON Schema: it refers back to itself at {_cut(where[looped], 200)} without going into the "
+            "value's "
+            "items or properties, so no value could ever be checked against it"
+        )
+    length, start = _longest_chain(in_place)
+    if length > MAX_SCHEMA_CHAIN:
+        return (
+            f"not a usable JSON Schema: from {_cut(where[start], 200)}, {length} references and keywords that apply to "
+            "the value "
+            f"itself follow each other, more than the {MAX_SCHEMA_CHAIN} its check can follow"
+        )
+    return None
+
+
+def _dynamic_anchor(node: dict[str, Any]) -> str | None:
+    """The name of the dynamic anchor `node` declares, if it declares one ("" for `$recursiveAnchor: true`)."""
+    if node.get("$recursiveAnchor") is True:
+        return ""
+    anchor = node.get("$dynamicAnchor")
+    return anchor if isinstance(anchor, str) else None
+
+
+def _lands_on_dynamic_anchor(keyword: str, reference: str, target: dict[str, Any]) -> str | None:
+    """The name of the dynamic anchor a reference found statically at `target`, if it is one: the validator then
+    resolves it at run time, to the outermost anchor of that name in the value's path (referencing does so for a
+    `$ref` too)."""
+    if keyword == "$recursiveRef":
+        return "" if target.get("$recursiveAnchor") is True else None
+    fragment = urldefrag(reference).fragment
+    return fragment if fragment and target.get("$dynamicAnchor") == fragment else None
 
 
 def _registry(schema: dict[str, Any], specification: Specification[Any]) -> tuple[Any, str]:
@@ -315,19 +339,6 @@ def _specification(validator_class: type[Validator]) -> Specification[Any]:
     """How the validator's draft resolves references (the dialect of its metaschema)."""
     meta = validator_class.META_SCHEMA
     return specification_with(str(meta.get("$id") or meta.get("id") or ""), default=DRAFT202012)
-
-
-def _dynamic(node: dict[str, Any], keyword: str, anchors: dict[str, list[int]]) -> str | None:
-    """Notes the anchor `node` declares for `keyword` (`$dynamicRef`, `$recursiveRef`) in `anchors`; the name its own
-    such reference looks for, if it has one ("" for `$recursiveRef`)."""
-    if keyword == "$recursiveRef":
-        if node.get("$recursiveAnchor") is True:
-            anchors.setdefault("", []).append(id(node))
-        return "" if isinstance(node.get(keyword), str) else None
-    if isinstance(anchor := node.get("$dynamicAnchor"), str):
-        anchors.setdefault(anchor, []).append(id(node))
-    reference = node.get(keyword)
-    return urldefrag(reference).fragment if isinstance(reference, str) else None
 
 
 def _bad_pattern(node: dict[str, Any], path: str) -> str | None:
@@ -368,6 +379,22 @@ def _cycle(edges: dict[int, list[int]]) -> int | None:
                 on_path.discard(node)
                 done.add(node)
     return None
+
+
+def _longest_chain(edges: dict[int, list[int]]) -> tuple[int, int]:
+    """The most edges of a path of the directed graph `edges`, which has no cycle, and the node it starts from."""
+    longest: dict[int, int] = {}
+    for start in edges:
+        stack = [(start, False)]
+        while stack:
+            node, children_done = stack.pop()
+            if children_done:
+                longest[node] = max((1 + longest[child] for child in edges.get(node, ())), default=0)
+            elif node not in longest:
+                stack.append((node, True))
+                stack.extend((child, False) for child in edges.get(node, ()) if child not in longest)
+    start = max(longest, key=longest.__getitem__)
+    return longest[start], start
 
 
 def _cut(text: str, limit: int = 300) -> str:
