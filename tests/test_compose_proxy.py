@@ -79,7 +79,12 @@ def test_through_the_compose_files_proxy_runs_stream_live_and_are_followed_cance
     say `X-Accel-Buffering: no`, which nginx obeys; the conf's `off` covers proxies that do not."""
     summed = script({"code": [FINISH.format(expr="sum(int(line) for line in context.splitlines())")]})
     lines = "\n".join(str(number) for number in range(400_000))  # 2.7 MB
-    with replicas(tmp_path, pg_url) as servers, proxy(tmp_path, [_port(server.url) for server in servers]) as url:
+    # (RLM_REPLICA_TIMEOUT_S at its default: nothing dies here, and the 3 s of the failover tests can take a replica
+    # whose heartbeat came late on a loaded machine for dead, its session then reported gone)
+    with (
+        replicas(tmp_path, pg_url, timeout_s=15.0) as servers,
+        proxy(tmp_path, [_port(server.url) for server in servers]) as url,
+    ):
         live = start_detached(url, HANG, until=lambda event: event.event == "code" and event.data["iteration"] == 2)
         run_id = live[0].data["run_id"]
         follower = Follower(url, run_id, after=live[-1].data["seq"])

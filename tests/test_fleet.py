@@ -59,8 +59,9 @@ FINISH = "answer.update(content=str({expr}), ready=True)"
 
 
 @contextmanager
-def replicas(tmp_path: Path, url: str, count: int = 2) -> Iterator[list[RealServer]]:
-    """`count` servers, each its own process on its own port, on the database at `url`."""
+def replicas(tmp_path: Path, url: str, count: int = 2, timeout_s: float = TIMEOUT_S) -> Iterator[list[RealServer]]:
+    """`count` servers, each its own process on its own port, on the database at `url`, with RLM_REPLICA_TIMEOUT_S
+    `timeout_s`."""
     with ExitStack() as stack:
         servers = []
         for index in range(count):
@@ -69,7 +70,7 @@ def replicas(tmp_path: Path, url: str, count: int = 2) -> Iterator[list[RealServ
             servers.append(
                 stack.enter_context(
                     spawn_server(
-                        cwd, RLM_DATABASE_URL=url, RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(TIMEOUT_S)
+                        cwd, RLM_DATABASE_URL=url, RLM_MAX_ITERATIONS="100", RLM_REPLICA_TIMEOUT_S=str(timeout_s)
                     )
                 )
             )
