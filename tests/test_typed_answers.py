@@ -125,6 +125,21 @@ def test_a_schema_that_is_not_a_json_schema_is_refused_before_the_run_starts(
     assert fake.stats.requests == 0
 
 
+def _loop_at_run_time(reference: str) -> dict[str, Any]:
+    """A schema whose `x` refers to `#n` (with `reference`), a dynamic anchor: through `p`, where the walk meets `x`
+    first, `#n` is `a`; through `allOf`, it is `b`, and `b` applies `x` in place: a loop only at run time."""
+    return {
+        "$id": "http://e.com/r",
+        "properties": {"p": {"$ref": "http://e.com/a"}},
+        "allOf": [{"$ref": "http://e.com/b"}],
+        "$defs": {
+            "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, reference: "#n"},
+            "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
+            "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
+        },
+    }
+
+
 def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_inside(
     live: LiveServer, fake: FakeOpenAI
 ) -> None:
@@ -166,26 +181,8 @@ def test_a_schema_no_answer_could_satisfy_is_refused_and_its_references_stay_ins
             "$ref": "#/$defs/0",
             "$defs": {str(i): {"allOf": [{"$ref": f"#/$defs/{i + 1}"}]} for i in range(101)} | {"101": {}},
         },
-        "refers back to itself at $.allOf[0].$ref without": {  # (`x` is met first through `p`, where `#n` is `a`)
-            "$id": "http://e.com/r",
-            "properties": {"p": {"$ref": "http://e.com/a"}},
-            "allOf": [{"$ref": "http://e.com/b"}],
-            "$defs": {
-                "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, "$dynamicRef": "#n"},
-                "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
-                "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
-            },
-        },
-        "it refers back to itself at $.allOf[0].$ref without": {  # the same with a `$ref`, also resolved at run time
-            "$id": "http://e.com/r",
-            "properties": {"p": {"$ref": "http://e.com/a"}},
-            "allOf": [{"$ref": "http://e.com/b"}],
-            "$defs": {
-                "x": {"$id": "http://e.com/x", "$defs": {"d": {"$dynamicAnchor": "n"}}, "$ref": "#n"},
-                "a": {"$id": "http://e.com/a", "$dynamicAnchor": "n", "properties": {"q": {"$ref": "http://e.com/x"}}},
-                "b": {"$id": "http://e.com/b", "$dynamicAnchor": "n", "allOf": [{"$ref": "http://e.com/x"}]},
-            },
-        },
+        "refers back to itself at $.allOf[0].$ref without": _loop_at_run_time("$dynamicRef"),
+        "it refers back to itself at $.allOf[0].$ref without": _loop_at_run_time("$ref"),  # (resolved at run time too)
     }
     try:
         for reason, schema in refused.items():
