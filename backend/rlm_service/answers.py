@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -291,19 +292,16 @@ def _reference_problem(schema: dict[str, Any], validator_class: type[Validator])
                 pending.append((child, resolver.in_subresource(specification.create_resource(child)), f"{path}.{step}"))
     for node_id, name in dynamic:
         in_place[node_id].extend(anchors.get(name, ()))
-    looped = _cycle(in_place)
-    if looped is not None:
-        return (
-            f"not a usable JSON Schema: it refers back to itself at {_cut(where[looped], 200)} without going into the "
-            "value's "
-            "items or properties, so no value could ever be checked against it"
-        )
     length, start = _longest_chain(in_place)
+    if length == math.inf:
+        return (
+            f"not a usable JSON Schema: it refers back to itself at {_cut(where[start], 200)} without going into the "
+            "value's items or properties, so no value could ever be checked against it"
+        )
     if length > MAX_SCHEMA_CHAIN:
         return (
-            f"not a usable JSON Schema: from {_cut(where[start], 200)}, {length} references and keywords that apply to "
-            "the value "
-            f"itself follow each other, more than the {MAX_SCHEMA_CHAIN} its check can follow"
+            f"not a usable JSON Schema: from {_cut(where[start], 200)}, {length:.0f} references and keywords that "
+            f"apply to the value itself follow each other, more than the {MAX_SCHEMA_CHAIN} its check can follow"
         )
     return None
 
@@ -357,42 +355,28 @@ def _bad_pattern(node: dict[str, Any], path: str) -> str | None:
     return None
 
 
-def _cycle(edges: dict[int, list[int]]) -> int | None:
-    """A node on a cycle of the directed graph `edges`, or None (depth first, without recursion)."""
-    done: set[int] = set()
-    for start in edges:
-        if start in done:
+def _longest_chain(edges: dict[int, list[int]]) -> tuple[float, int]:
+    """The most edges of a path of the directed graph `edges`, and the node it starts from; infinite, with a node
+    on the cycle, where a cycle makes paths endless (depth first, without recursion)."""
+    longest: dict[int, int] = {}
+    for first in edges:
+        if first in longest:
             continue
-        on_path = {start}
-        stack = [(start, iter(edges[start]))]
+        on_path = {first}
+        stack = [(first, iter(edges[first]))]
         while stack:
             node, children = stack[-1]
             for child in children:
                 if child in on_path:
-                    return child
-                if child not in done:
+                    return math.inf, child
+                if child not in longest:
                     on_path.add(child)
-                    stack.append((child, iter(edges.get(child, ()))))
+                    stack.append((child, iter(edges[child])))
                     break
             else:
                 stack.pop()
                 on_path.discard(node)
-                done.add(node)
-    return None
-
-
-def _longest_chain(edges: dict[int, list[int]]) -> tuple[int, int]:
-    """The most edges of a path of the directed graph `edges`, which has no cycle, and the node it starts from."""
-    longest: dict[int, int] = {}
-    for start in edges:
-        stack = [(start, False)]
-        while stack:
-            node, children_done = stack.pop()
-            if children_done:
-                longest[node] = max((1 + longest[child] for child in edges.get(node, ())), default=0)
-            elif node not in longest:
-                stack.append((node, True))
-                stack.extend((child, False) for child in edges.get(node, ()) if child not in longest)
+                longest[node] = max((1 + longest[child] for child in edges[node]), default=0)
     start = max(longest, key=longest.__getitem__)
     return longest[start], start
 
