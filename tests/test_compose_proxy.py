@@ -16,7 +16,7 @@ from typing import Any
 import httpx2
 
 from tests.conftest import answers_health, require_tool, script, start_on_free_port, stream_run, wait_until
-from tests.test_fleet import FINISH, HANG, Follower, _ask, _runs, replicas
+from tests.test_fleet import FINISH, HANG, NO_DEATH_TIMEOUT_S, Follower, _ask, _runs, replicas
 from tests.test_runs import start_detached
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,10 +79,8 @@ def test_through_the_compose_files_proxy_runs_stream_live_and_are_followed_cance
     say `X-Accel-Buffering: no`, which nginx obeys; the conf's `off` covers proxies that do not."""
     summed = script({"code": [FINISH.format(expr="sum(int(line) for line in context.splitlines())")]})
     lines = "\n".join(str(number) for number in range(400_000))  # 2.7 MB
-    # (RLM_REPLICA_TIMEOUT_S at its default: nothing dies here, and the 3 s of the failover tests can take a replica
-    # whose heartbeat came late on a loaded machine for dead, its session then reported gone)
     with (
-        replicas(tmp_path, pg_url, timeout_s=15.0) as servers,
+        replicas(tmp_path, pg_url, timeout_s=NO_DEATH_TIMEOUT_S) as servers,
         proxy(tmp_path, [_port(server.url) for server in servers]) as url,
     ):
         live = start_detached(url, HANG, until=lambda event: event.event == "code" and event.data["iteration"] == 2)

@@ -48,6 +48,9 @@ from tests.test_runs import follow, start_detached
 
 TIMEOUT_S = 3.0
 """RLM_REPLICA_TIMEOUT_S of these tests."""
+NO_DEATH_TIMEOUT_S = 15.0
+"""RLM_REPLICA_TIMEOUT_S (its default) of tests in which no replica dies: at TIMEOUT_S a replica whose heartbeat came
+late on a loaded machine (two suites at once) can be taken for dead, and its sessions are then reported gone."""
 STEPS = script(
     *[{"code": [f"import time\ntime.sleep(0.3)\nprint('step {i}')"]} for i in range(40)],
     {"code": ["answer.update(content='all steps', ready=True)"]},

@@ -37,7 +37,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.fake_openai import FakeOpenAI
-from tests.test_fleet import replicas
+from tests.test_fleet import NO_DEATH_TIMEOUT_S, replicas
 from tests.test_processes import _listening
 from tests.test_runs import start_detached
 
@@ -569,9 +569,7 @@ async def test_a_follow_up_through_a_replica_that_stops_gets_a_tool_error_saying
     server is shutting down, and the run is cancelled where it runs. Old behaviour caught: the call failed in
     the client's transport (`SSE stream ended without a response`): the stopping replica had no run of its own
     to wait for, and ended its streams at once."""
-    # (RLM_REPLICA_TIMEOUT_S at its default: nothing here dies, and at the 3 s of the failover tests a keeper whose
-    # heartbeat came late under a loaded machine's two suites was taken for dead, its session reported gone)
-    with replicas(tmp_path, pg_url, timeout_s=15.0) as (keeper, other):
+    with replicas(tmp_path, pg_url, timeout_s=NO_DEATH_TIMEOUT_S) as (keeper, other):
         async with http_client(keeper, "legacy") as client:
             first = await client.call_tool("rlm_run", {"prompt": LENGTH, "input_text": "abc"})
         assert first.structured_content is not None
